@@ -1,0 +1,209 @@
+"""Typed, validated records that round-trip through YAML and JSON.
+
+Every config and store record is a dataclass deriving from `Record`. Loading validates
+each field against its annotation and names the offending field on error:
+
+    >>> DumpConfig.from_dict({"batch_size": "eight"})
+    ConfigError: DumpConfig.batch_size: expected int, got str 'eight'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["ConfigError", "Record", "apply_overrides", "build"]
+
+R = TypeVar("R", bound="Record")
+
+
+class ConfigError(ValueError):
+    """A config or record failed validation; the message names the field and the fix."""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) in (list, dict):
+        return f"{get_origin(tp).__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`; build nested records; raise ConfigError."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        arms = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(arms) < len(get_args(tp)):
+            return None
+        if len(arms) == 1:  # Optional[X]: report X's own, more precise, error
+            return _coerce(value, arms[0], where)
+        for arm in arms:
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (arg,) = get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = get_args(tp) or (Any, Any)
+        return {_coerce(k, kt, f"{where} key"): _coerce(v, vt, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, Record):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+        return tp.from_dict(value, _where=where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass
+class Record:
+    """Base for every schema record: validated construction, dict / YAML / JSON round trip."""
+
+    def __post_init__(self) -> None:
+        # Validate the fields of records built in Python too, not only those loaded from files.
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}"))
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses raise ConfigError naming the field."""
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any], _where: str | None = None) -> R:
+        where = _where or cls.__name__
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
+        hints = get_type_hints(cls)
+        kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [n for n in required if n not in kwargs]
+        if missing:
+            raise ConfigError(f"{where}: missing required field(s) {missing}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_json(cls: type[R], text: str) -> R:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_yaml(cls: type[R], text: str) -> R:
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    def save(self, path: str | Path) -> Path:
+        """Write as YAML or JSON, chosen by the file extension."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() if path.suffix == ".json" else self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls: type[R], path: str | Path, overrides: dict[str, Any] | None = None) -> R:
+        """Read a YAML / JSON file, apply dotted-key overrides (CLI flags), validate."""
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"config file {path}: cannot parse: {e}") from e
+        data = data or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of {cls.__name__} fields")
+        try:
+            return cls.from_dict(apply_overrides(data, overrides or {}))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `data` with dotted keys (`teacher.name_or_path`) set; None means unset."""
+    out = json.loads(json.dumps(data))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {key}: {p} is not a mapping")
+        node[leaf] = _plain(value)
+    return out
+
+
+def build(cls: type[R], config: str | Path | None, overrides: dict[str, Any]) -> R:
+    """What every CLI does: `--config file.yaml` (optional) with flags overriding the file."""
+    if config is not None:
+        return cls.load(config, overrides)
+    return cls.from_dict(apply_overrides({}, overrides))
+

@@ -1,0 +1,247 @@
+"""The records every stage agrees on: data rows, model / data / alignment specs, the store's
+own description, and the configs of `dump`, `train`, `eval` and `demo`."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .base import ConfigError, Record
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DEFAULT_TEMPLATE",
+    "Example",
+    "ModelSpec",
+    "SyntheticSpec",
+    "DataSpec",
+    "AlignSpec",
+    "KVGeometry",
+    "StoreSpec",
+    "TeacherSpec",
+    "DumpConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "DemoConfig",
+]
+
+# Bump when the on-disk store layout changes; readers refuse stores of another version.
+SCHEMA_VERSION = 1
+
+# The prompt / reasoning / answer segments are the three placeholders, in this order; the
+# rendered text's character spans per segment come from where they are substituted.
+DEFAULT_TEMPLATE = "Question: {question}\nReasoning:\n{reasoning}\n#### {answer}"
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class Example(Record):
+    """One data row: a question, its gold reasoning trace and its final answer."""
+
+    id: str
+    question: str
+    reasoning: str
+    answer: str
+
+    def validate(self) -> None:
+        if not self.id:
+            raise ConfigError("Example.id: must be a non-empty string")
+
+
+@dataclass
+class ModelSpec(Record):
+    """A model to load with `from_pretrained`: a hub id or a local directory."""
+
+    name_or_path: str
+    revision: str | None = None
+    dtype: Dtype = "float32"
+    prompt_template: str = DEFAULT_TEMPLATE
+    name: str | None = None  # short name in the store; default: last path component
+
+    def validate(self) -> None:
+        pos = [self.prompt_template.find("{" + k + "}") for k in ("question", "reasoning", "answer")]
+        if min(pos) < 0 or pos != sorted(pos):
+            raise ConfigError(
+                "ModelSpec.prompt_template: must contain {question}, {reasoning} and {answer} "
+                f"in that order, got {self.prompt_template!r}"
+            )
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"ModelSpec.name: {self.name!r} may hold only letters, digits, '_', '.', '-'")
+
+    @property
+    def short_name(self) -> str:
+        if self.name:
+            return self.name
+        base = os.path.basename(os.path.normpath(self.name_or_path))
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", base) or "model"
+
+
+@dataclass
+class SyntheticSpec(Record):
+    """The built-in multi-step arithmetic word problems (deterministic by seed)."""
+
+    n_train: int = 4000
+    n_test: int = 200
+    seed: int = 0
+    style: Literal["sentences", "equations"] = "equations"
+    min_steps: int = 2
+    max_steps: int = 2
+    max_number: int = 9
+
+    def validate(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ConfigError(f"SyntheticSpec: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if self.max_number < 2:
+            raise ConfigError(f"SyntheticSpec.max_number: must be >= 2, got {self.max_number}")
+
+
+@dataclass
+class DataSpec(Record):
+    """Where rows come from: `synthetic`, a local .jsonl/.parquet (GSM8K format), or a local
+    directory / hub id loaded with `datasets.load_dataset`."""
+
+    source: str = "synthetic"
+    split: str = "train"
+    config_name: str | None = None  # hub data set config, e.g. "main" for openai/gsm8k
+    limit: int | None = None  # first N rows after loading
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"DataSpec.limit: must be >= 1 or null, got {self.limit}")
+
+
+@dataclass
+class AlignSpec(Record):
+    """How a teacher's KV is put onto the student's geometry."""
+
+    layer_map: Literal["ratio"] = "ratio"  # l_s -> l_s * (L_t - 1) / (L_s - 1), interpolated
+    time_map: Literal["identity"] = "identity"  # same tokenizer and text
+    keys: Literal["pre_rope"] = "pre_rope"  # see DESIGN.md "Why pre-RoPE keys"
+
+
+@dataclass
+class KVGeometry(Record):
+    """A model's KV geometry, read from its config: width per layer is D = H * d."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass
+class StoreSpec(Record):
+    """The store's root record: what every shard of every teacher was aligned onto."""
+
+    student: ModelSpec
+    geometry: KVGeometry
+    tokenizer_fingerprint: str
+    data: DataSpec
+    data_fingerprint: str
+    num_shards: int
+    kv_dtype: Dtype = "float16"
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass
+class TeacherSpec(Record):
+    """One teacher's record in the store: model, alignment and the layer map used."""
+
+    name: str
+    model: ModelSpec
+    geometry: KVGeometry  # the teacher's own; stored width is geometry.width
+    align: AlignSpec
+    layer_map: list[list[float]]  # [L_s][L_t] weights; row l_s mixes teacher layers
+    fingerprint: str
+
+
+@dataclass
+class DumpConfig(Record):
+    """`kvdistill dump`: one array task = one teacher x one shard of the data set."""
+
+    teacher: ModelSpec
+    student: ModelSpec
+    store: str
+    data: DataSpec = field(default_factory=DataSpec)
+    shard: int = 0
+    num_shards: int = 1
+    batch_size: int = 16
+    max_len: int = 1024
+    on_too_long: Literal["error", "skip"] = "error"
+    align: AlignSpec = field(default_factory=AlignSpec)
+    kv_dtype: Dtype = "float16"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.num_shards < 1 or not 0 <= self.shard < self.num_shards:
+            raise ConfigError(f"DumpConfig.shard: need 0 <= shard < num_shards, got {self.shard} of {self.num_shards}")
+        if self.batch_size < 1 or self.max_len < 1:
+            raise ConfigError("DumpConfig: batch_size and max_len must be >= 1")
+
+
+@dataclass
+class TrainConfig(Record):
+    """`kvdistill train`: a student trained from the store; no teacher is loaded."""
+
+    store: str
+    student: ModelSpec
+    out: str
+    teachers: list[str] | None = None  # default: every teacher in the store
+    teacher_weights: dict[str, float] | None = None  # fixed fusion; default equal
+    kv_weight: float = 1.0  # 0 gives the CE-only baseline
+    ce_weight: float = 1.0
+    kv_norm: Literal["layer_std", "none"] = "layer_std"
+    lr: float = 1e-3
+    adapter_lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    max_steps: int = 200
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    shuffle_buffer: int = 256
+    num_workers: int = 0
+    log_every: int = 10
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1:
+            raise ConfigError("TrainConfig: max_steps and batch_size must be >= 1")
+        if self.kv_weight < 0 or self.ce_weight < 0:
+            raise ConfigError("TrainConfig: kv_weight and ce_weight must be >= 0")
+        if self.teacher_weights is not None and any(w < 0 for w in self.teacher_weights.values()):
+            raise ConfigError("TrainConfig.teacher_weights: weights must be >= 0")
+
+
+@dataclass
+class EvalConfig(Record):
+    """`kvdistill eval`: greedy answers with the KV cache, accuracy and gold perplexity."""
+
+    model: str
+    data: DataSpec = field(default_factory=lambda: DataSpec(split="test"))
+    prompt_template: str | None = None  # default: the one the model was trained with
+    batch_size: int = 64
+    max_new_tokens: int = 64
+    out: str | None = None  # write metrics (and predictions) as JSON here
+    device: str = "auto"
+
+
+@dataclass
+class DemoConfig(Record):
+    """`kvdistill demo`: the whole pipeline on synthetic data and tiny models, on CPU."""
+
+    out: str = "demo-out"
+    data: DataSpec = field(default_factory=DataSpec)
+    num_shards: int = 2
+    teacher_steps: int = 600
+    student_steps: int = 300
+    batch_size: int = 32
+    seed: int = 0
+    kv_weight: float = 1.0
