@@ -10,6 +10,7 @@ each field against its annotation and names the offending field on error:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 from pathlib import Path
@@ -20,6 +21,9 @@ import yaml
 __all__ = ["ConfigError", "Record", "apply_overrides", "build"]
 
 R = TypeVar("R", bound="Record")
+
+# Resolving annotations is the slow part of building a record; cache it per class.
+_hints = functools.cache(get_type_hints)
 
 
 class ConfigError(ValueError):
@@ -112,7 +116,7 @@ class Record:
 
     def __post_init__(self) -> None:
         # Validate the fields of records built in Python too, not only those loaded from files.
-        hints = get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}"))
         self.validate()
@@ -129,7 +133,7 @@ class Record:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
-        hints = get_type_hints(cls)
+        hints = _hints(cls)
         kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
         required = [
             f.name

@@ -35,6 +35,8 @@ SCHEMA_VERSION = 1
 DEFAULT_TEMPLATE = "Question: {question}\nReasoning:\n{reasoning}\n#### {answer}"
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+# What the store holds K/V as (numpy / zarr have no bfloat16; quantised codecs come later).
+KVDtype = Literal["float16", "float32"]
 
 
 @dataclass
@@ -92,6 +94,8 @@ class SyntheticSpec(Record):
     max_number: int = 9
 
     def validate(self) -> None:
+        if self.n_train < 1 or self.n_test < 1:
+            raise ConfigError(f"SyntheticSpec: n_train and n_test must be >= 1, got {self.n_train}, {self.n_test}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ConfigError(f"SyntheticSpec: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if self.max_number < 2:
@@ -146,7 +150,7 @@ class StoreSpec(Record):
     data: DataSpec
     data_fingerprint: str
     num_shards: int
-    kv_dtype: Dtype = "float16"
+    kv_dtype: KVDtype = "float16"
     schema_version: int = SCHEMA_VERSION
 
 
@@ -176,7 +180,7 @@ class DumpConfig(Record):
     max_len: int = 1024
     on_too_long: Literal["error", "skip"] = "error"
     align: AlignSpec = field(default_factory=AlignSpec)
-    kv_dtype: Dtype = "float16"
+    kv_dtype: KVDtype = "float16"
     device: str = "auto"
 
     def validate(self) -> None:

@@ -1,0 +1,79 @@
+"""Capture a model's per-layer keys and values during its own forward pass.
+
+Keys are captured *before RoPE* (DESIGN.md "Why pre-RoPE keys"): the output of `k_proj`, or
+of `k_norm` where the architecture normalises keys before rotating them (Qwen3). Values are
+`v_proj` outputs. Both are head-flattened to D = H_kv * d. The same code serves the teacher
+at dump time (under inference_mode) and the student at train time (with gradients)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from kvdistill.align import flatten_heads
+from kvdistill.schemas import KVGeometry
+
+__all__ = ["kv_geometry", "decoder", "capture_kv", "forward_kv"]
+
+
+def kv_geometry(config) -> KVGeometry:
+    """KV geometry from a transformers config: GQA / MQA aware, explicit head_dim honoured."""
+    heads = config.num_attention_heads
+    return KVGeometry(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def decoder(model):
+    """The decoder stack (no LM head) of a causal LM, a peft wrapper of one, or the stack itself."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    if hasattr(model, "layers"):
+        return model
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "layers"):
+        return inner
+    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+@contextmanager
+def capture_kv(model):
+    """Within the block, every forward of `model` fills out["k"], out["v"]: lists (one per layer)
+    of [B, T, D] tensors. Hooks are removed on exit, also on error."""
+    out: dict[str, list[torch.Tensor | None]] = {}
+    handles = []
+    layers = decoder(model).layers
+    out["k"] = [None] * len(layers)
+    out["v"] = [None] * len(layers)
+
+    def hook(kind: str, i: int, heads: bool):
+        def fn(_module, _inp, output):
+            out[kind][i] = flatten_heads(output) if heads else output
+
+        return fn
+
+    try:
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            k_norm = getattr(attn, "k_norm", None)
+            if isinstance(k_norm, torch.nn.Module):  # Qwen3: key = rope(k_norm(k_proj(x) as heads))
+                handles.append(k_norm.register_forward_hook(hook("k", i, heads=True)))
+            else:
+                handles.append(attn.k_proj.register_forward_hook(hook("k", i, heads=False)))
+            handles.append(attn.v_proj.register_forward_hook(hook("v", i, heads=False)))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_kv(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the decoder stack only (the LM head is not needed) and return
+    k, v: [B, T, L, D] pre-RoPE keys and values of every layer."""
+    with capture_kv(model) as cap:
+        decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return torch.stack(cap["k"], dim=2), torch.stack(cap["v"], dim=2)

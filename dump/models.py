@@ -1,0 +1,75 @@
+"""Loading models and tokenizers by hub id or local path (the same `from_pretrained` call),
+devices, and fingerprints that pin down exactly which model / tokenizer produced a store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from kvdistill.schemas import ModelSpec
+
+__all__ = ["resolve_device", "load_model", "load_config", "load_tokenizer", "tokenizer_fingerprint", "model_fingerprint"]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_config(spec: ModelSpec):
+    return AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+
+
+def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
+    """A causal LM in eval mode, in spec.dtype, on `device` (hub id or local directory)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype)
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(spec: ModelSpec):
+    tok = AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision)
+    if not tok.is_fast:
+        raise ValueError(
+            f"{spec.name_or_path}: tokenizer {type(tok).__name__} is a slow tokenizer without "
+            "character offsets; kvdistill needs a fast (tokenizers-backed) tokenizer"
+        )
+    return tok
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Texts that exercise digits, spaces, newlines, punctuation and non-ASCII characters.
+_PROBES = [
+    "Question: Mia has 1,234 apples.\nReasoning:\n7+15=<<7+15=22>>22\n#### 22",
+    "  two  spaces,\ttabs\r\nand   runs... ¿Qué? naïve café 東京 👍 $3.50 -7 1e5",
+    "The answer is 42. 'll 's 're <|endoftext|>",
+]
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """What the tokenizer *does*: its vocabulary, special tokens and the ids it gives a set of
+    probe texts. Two tokenizers with one fingerprint tokenize alike, however they were loaded
+    (transformers may rebuild a hub tokenizer in another class)."""
+    probes = [tok(t, add_special_tokens=False)["input_ids"] for t in _PROBES]
+    return _sha([sorted(tok.get_vocab().items()), tok.eos_token, tok.pad_token, probes])
+
+
+def model_fingerprint(model, spec: ModelSpec, extra=None) -> str:
+    """Config + revision + prompt template + a sample of every weight tensor + `extra`."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    h.update(_sha([spec.revision, spec.prompt_template, spec.dtype, extra]).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,74 @@
+"""Render an example through a prompt template with known character spans per segment, and
+tokenize it with offsets so every token knows its segment (never guessed afterwards)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvdistill.schemas import Example
+
+__all__ = ["SEGMENTS", "Rendered", "Encoded", "render", "prompt_text", "encode"]
+
+SEGMENTS = ("prompt", "reasoning", "answer")  # segment id = index in this tuple
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    spans: dict[str, tuple[int, int]]  # segment -> [start, end) character span
+
+
+@dataclass(frozen=True)
+class Encoded:
+    sample_id: str
+    input_ids: np.ndarray  # [T] int32, ends with EOS
+    segment_ids: np.ndarray  # [T] uint8, index into SEGMENTS
+    loss_mask: np.ndarray  # [T] bool: reasoning + answer tokens (what CE and generation learn)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _pieces(template: str) -> tuple[str, str, str, str]:
+    head, rest = template.split("{question}", 1)
+    mid1, rest = rest.split("{reasoning}", 1)
+    mid2, tail = rest.split("{answer}", 1)
+    return head, mid1, mid2, tail
+
+
+def render(template: str, ex: Example) -> Rendered:
+    """`template` holds {question}, {reasoning}, {answer} in order (ModelSpec validates it).
+    Substitution is literal (no str.format), so braces in the data are safe."""
+    head, mid1, mid2, tail = _pieces(template)
+    prompt = head + ex.question + mid1
+    r0, r1 = len(prompt), len(prompt) + len(ex.reasoning)
+    text = prompt + ex.reasoning + mid2 + ex.answer + tail
+    return Rendered(text, {"prompt": (0, r0), "reasoning": (r0, r1), "answer": (r1, len(text))})
+
+
+def prompt_text(template: str, question: str) -> str:
+    """What a model is given at generation time: everything before the reasoning."""
+    head, mid1, _, _ = _pieces(template)
+    return head + question + mid1
+
+
+def encode(tokenizer, template: str, ex: Example) -> Encoded:
+    """Tokenize the rendered example (+ EOS) with offsets; label each token by the segment
+    holding its first character."""
+    r = render(template, ex)
+    enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
+    if "offset_mapping" not in enc:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} returns no offsets; load a fast tokenizer "
+            "(AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
+    starts = np.array([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+    bounds = np.array([r.spans["reasoning"][0], r.spans["answer"][0]])
+    seg = np.searchsorted(bounds, starts, side="right").astype(np.uint8)  # [T]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token; set one so generation can stop")
+    ids = np.array([*enc["input_ids"], tokenizer.eos_token_id], dtype=np.int32)
+    seg = np.append(seg, np.uint8(2))
+    return Encoded(ex.id, ids, seg, seg > 0)

@@ -1,0 +1,3 @@
+from kvdistill.cli import main
+
+raise SystemExit(main())

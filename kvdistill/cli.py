@@ -1,0 +1,54 @@
+"""`kvdistill <stage> ...`: one console script; each stage owns its CLI module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvdistill.dump import cli as dump_cli
+from kvdistill.schemas import ConfigError, DemoConfig
+from kvdistill.schemas.cli import Flag, add_flags, config_from_args
+from kvdistill.store import cli as store_cli
+from kvdistill.train import cli as train_cli
+
+DEMO_FLAGS: list[Flag] = [
+    ("--out", "out", str, "output directory (models, store.zarr, runs, summary.json, training.png)"),
+    ("--num-shards", "num_shards", int, "shards per teacher"),
+    ("--teacher-steps", "teacher_steps", int, "CE steps for each tiny teacher"),
+    ("--student-steps", "student_steps", int, "steps for each student run"),
+    ("--kv-weight", "kv_weight", float, "KV loss weight of the distilled student"),
+    ("--seed", "seed", int, "seed"),
+]
+
+
+def demo_main(args: argparse.Namespace) -> int:
+    from kvdistill.demo import run_demo
+
+    run_demo(config_from_args(DemoConfig, args, DEMO_FLAGS), progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvdistill", description="Distil teacher reasoning into a student through its KV cache, offline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    dump_cli.add_parser(sub)
+    store_cli.add_parser(sub)
+    train_cli.add_parser(sub)
+    demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(demo, DEMO_FLAGS)
+    demo.set_defaults(func=demo_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"kvdistill {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

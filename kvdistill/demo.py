@@ -1,0 +1,181 @@
+"""`kvdistill demo`: the whole pipeline on one CPU machine, no network.
+
+synthetic arithmetic data -> a BPE tokenizer trained on it -> two tiny teachers of other
+geometries (Qwen2 with GQA, Llama), briefly trained and cached -> both dumped over N shards by
+the local array executor into DIR/store.zarr -> finalize -> a student trained from the store
+(CE + KV) and a CE-only baseline with the same seed and steps -> evaluation of all four ->
+a table, DIR/summary.json and DIR/training.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from kvdistill import tiny  # noqa: E402
+from kvdistill.data import data_fingerprint, load_examples  # noqa: E402
+from kvdistill.jobs import dump_tasks, run_local  # noqa: E402
+from kvdistill.schemas import DemoConfig, DumpConfig, EvalConfig, ModelSpec, TrainConfig  # noqa: E402
+from kvdistill.store import finalize, format_inspect, inspect  # noqa: E402
+from kvdistill.train.eval import evaluate  # noqa: E402
+from kvdistill.train.loop import train  # noqa: E402
+
+__all__ = ["TEACHERS", "STUDENT", "run_demo"]
+
+# Teachers differ from the student in depth, heads and head_dim; teacher-llama's KV width
+# equals the student's (identity adapter), teacher-qwen2's does not (linear adapter).
+TEACHERS = {
+    "teacher-qwen2": dict(arch="qwen2", layers=6, hidden=128, heads=4, kv_heads=2, head_dim=32),
+    "teacher-llama": dict(arch="llama", layers=4, hidden=128, heads=8, kv_heads=2, head_dim=16),
+}
+STUDENT = dict(arch="qwen2", layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16)
+
+
+def _cached(path: Path, recipe: dict[str, Any]) -> bool:
+    marker = path / "kvdistill_recipe.json"
+    return marker.exists() and json.loads(marker.read_text()) == recipe
+
+
+def _mark(path: Path, recipe: dict[str, Any]) -> None:
+    (path / "kvdistill_recipe.json").write_text(json.dumps(recipe, indent=1))
+
+
+def _plot(runs: dict[str, Path], out: Path) -> Path:
+    rows = {name: [json.loads(line) for line in (p / "metrics.jsonl").open()] for name, p in runs.items()}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, r in rows.items():
+        axes[0].plot([x["step"] for x in r], [x["ce"] for x in r], label=name)
+    axes[0].set(title="CE on reasoning + answer", xlabel="step", yscale="log")
+    axes[0].legend()
+    kv = next((r for r in rows.values() if "kv_k" in r[0]), None)
+    if kv:
+        axes[1].plot([x["step"] for x in kv], [x["kv_k"] for x in kv], label="K")
+        axes[1].plot([x["step"] for x in kv], [x["kv_v"] for x in kv], label="V")
+        axes[1].set(title="KV loss (layer-std normalised MSE)", xlabel="step")
+        axes[1].legend()
+        grid = torch.tensor([x["kv_k_layers"] for x in kv]).T  # [L, logged steps]
+        im = axes[2].imshow(grid, aspect="auto", origin="lower", extent=(kv[0]["step"], kv[-1]["step"], -0.5, grid.shape[0] - 0.5))
+        axes[2].set(title="K loss per student layer", xlabel="step", ylabel="layer")
+        fig.colorbar(im, ax=axes[2])
+    fig.tight_layout()
+    path = out / "training.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "demo_config.yaml")
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t
+        times[stage] = round(time.perf_counter() - t, 1)
+        print(f"[demo] {stage}: {times[stage]:.1f}s", flush=True)
+        t = time.perf_counter()
+
+    train_rows = load_examples(cfg.data)
+    test_data = type(cfg.data).from_dict({**cfg.data.to_dict(), "split": "test", "limit": None})
+    models = out / "models"
+    template = ModelSpec(name_or_path="x").prompt_template
+    base = {"data": data_fingerprint(train_rows), "seed": cfg.seed, "template": template}
+
+    tok_dir = models / "tokenizer"
+    if not _cached(tok_dir, base):
+        tok = tiny.train_tokenizer(tiny.corpus(train_rows, template))
+        tok.save_pretrained(tok_dir)
+        _mark(tok_dir, base)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+
+    for name, geo in TEACHERS.items():
+        path = models / name
+        recipe = {**base, **geo, "steps": cfg.teacher_steps, "batch_size": cfg.batch_size}
+        if _cached(path, recipe):
+            print(f"[demo] {name}: trained copy found in {path}, reusing it")
+            continue
+        model = tiny.build_model(tokenizer=tok, seed=cfg.seed, **geo)
+        tiny.train_lm(model, tok, train_rows, template, steps=cfg.teacher_steps, batch_size=cfg.batch_size, seed=cfg.seed, desc=f"train {name}", progress=progress)
+        tiny.save(model, tok, path)
+        _mark(path, recipe)
+    student_init = models / "student-init"
+    recipe = {**base, **STUDENT}
+    if not _cached(student_init, recipe):
+        tiny.save(tiny.build_model(tokenizer=tok, seed=cfg.seed + 1, **STUDENT), tok, student_init)
+        _mark(student_init, recipe)
+    lap("teachers")
+
+    store = out / "store.zarr"
+    student = ModelSpec(name_or_path=str(student_init), name="student")
+    teachers = [ModelSpec(name_or_path=str(models / n), name=n) for n in TEACHERS]
+    dump_base = DumpConfig(teacher=teachers[0], student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, device="cpu")
+    run_local(dump_tasks(dump_base, teachers), progress=progress)
+    lap("dump")
+    finalize(store)
+    store_info = inspect(store)
+    print(format_inspect(store_info))
+    lap("finalize")
+
+    runs = {"student-kv": cfg.kv_weight, "student-ce": 0.0}
+    train_summaries = {}
+    for name, kv_weight in runs.items():
+        tcfg = TrainConfig(
+            store=str(store), student=student, out=str(out / "runs" / name), kv_weight=kv_weight,
+            max_steps=cfg.student_steps, batch_size=cfg.batch_size, seed=cfg.seed, lr=3e-3, device="cpu",
+        )
+        train_summaries[name] = train(tcfg, progress=progress)
+        lap(f"train {name}")
+
+    evals = {}
+    for name in [*TEACHERS, *runs]:
+        path = models / name if name in TEACHERS else out / "runs" / name
+        evals[name] = evaluate(EvalConfig(model=str(path), data=test_data, out=str(out / "eval" / f"{name}.json"), device="cpu"), progress=progress)
+    lap("eval")
+    plot = _plot({n: out / "runs" / n for n in runs}, out)
+
+    table = []
+    for name, ev in evals.items():
+        ts = train_summaries.get(name, {})
+        table.append({
+            "model": name,
+            "accuracy": ev["accuracy"],
+            "perplexity": ev["perplexity"],
+            "final_kv_loss": (ts["final_kv_k"] + ts["final_kv_v"]) / 2 if ts.get("final_kv_k") is not None else None,
+        })
+    summary = {
+        "config": cfg.to_dict(),
+        "results": table,
+        "train": train_summaries,
+        "store": {"path": str(store), "bytes": store_info["bytes"], "bytes_per_token": store_info["bytes_per_token"], "teachers": store_info["teachers"]},
+        "seconds": times,
+        "total_seconds": round(sum(times.values()), 1),
+        "plot": str(plot),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = ["", f"{'model':<16} {'accuracy':>9} {'perplexity':>11} {'final KV loss':>14}"]
+    for r in s["results"]:
+        kv = f"{r['final_kv_loss']:.4f}" if r["final_kv_loss"] is not None else "-"
+        lines.append(f"{r['model']:<16} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {kv:>14}")
+    st = s["store"]
+    lines.append(f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)")
+    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()) + f"; total {s['total_seconds']:.0f}s")
+    lines.append(f"plot: {s['plot']}")
+    return "\n".join(lines)
+

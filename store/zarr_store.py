@@ -1,0 +1,438 @@
+"""The zarr v3 KV store: one writer per shard, atomic shard commit, readers, finalize, inspect.
+
+Layout (self-describing: plain `zarr.open_group` and `pyarrow.parquet` read all of it):
+
+    OUT.zarr/                       attrs["kvdistill"] = {schema_version, store_spec}
+      teachers/<name>/              attrs["kvdistill"] = {teacher_spec}
+        shard-00000/                attrs["kvdistill"] = {complete, samples, rows, crc32, ...}
+          k, v        [N, L_s, D_t] K/V on the student's token grid, all samples concatenated
+          input_ids   [N] int32     the student's tokens (the grid k and v are aligned to)
+          loss_mask   [N] bool      reasoning + answer tokens
+          offsets     [n + 1] int64 sample j is rows offsets[j]:offsets[j+1]
+          sample_ids  [n] str
+      index.parquet                 written by `finalize`
+
+Each array task writes one shard of one teacher under a hidden sibling directory
+(`.OUT.zarr.partial/`) and renames it into place when complete, so a visible shard is always
+a complete one and a killed task leaves nothing visible behind. The student tokens live in
+each teacher's shard (tiny next to K/V) so a shard is readable alone and no two tasks ever
+write the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from kvdistill.schemas import SCHEMA_VERSION, StoreSpec, TeacherSpec
+
+__all__ = [
+    "StoreError",
+    "shard_name",
+    "init_store",
+    "init_teacher",
+    "read_store_spec",
+    "read_teacher_specs",
+    "shard_is_complete",
+    "ShardWriter",
+    "ShardReader",
+    "finalize",
+    "inspect",
+    "format_inspect",
+]
+
+KEY = "kvdistill"
+INDEX = "index.parquet"
+CHUNK_BYTES = 1 << 20  # read unit: ~1 MiB chunks
+CHUNKS_PER_SHARD = 16  # write unit: zarr shard = 16 chunks
+
+
+class StoreError(RuntimeError):
+    """The store is missing, incomplete, or inconsistent; the message names what and where."""
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def _teacher_dir(path: Path, teacher: str) -> Path:
+    return Path(path) / "teachers" / teacher
+
+
+def _partial_dir(path: Path, teacher: str) -> Path:
+    path = Path(path).absolute()
+    return path.parent / f".{path.name}.partial" / teacher
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: store has {a!r}, this run has {b!r}")
+    return out
+
+
+# Fields of StoreSpec that must agree between every task writing into one store. The student's
+# path may differ (a moved checkpoint); its geometry and tokenizer may not.
+_STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fingerprint", "num_shards", "kv_dtype")
+
+
+def init_store(path: str | Path, spec: StoreSpec) -> None:
+    """Create the store root with its spec, or check that an existing store agrees with it."""
+    path = Path(path)
+    root = zarr.open_group(path, mode="a")
+    have = root.attrs.get(KEY)
+    if have is None:
+        root.attrs[KEY] = {"schema_version": SCHEMA_VERSION, "store_spec": spec.to_dict()}
+        zarr.open_group(path / "teachers", mode="a")
+        return
+    old = {k: have["store_spec"].get(k) for k in _STORE_KEYS}
+    new = {k: spec.to_dict()[k] for k in _STORE_KEYS}
+    problems = _diff(old, new)
+    if problems:
+        raise StoreError(
+            f"store {path} was built for another student / data set / layout:\n  "
+            + "\n  ".join(problems)
+            + "\nwrite into a new --store, or run with the settings the store was built with"
+        )
+
+
+def init_teacher(path: str | Path, spec: TeacherSpec) -> None:
+    """Create teachers/<name> with its spec, or check that the existing one agrees."""
+    group = zarr.open_group(_teacher_dir(path, spec.name), mode="a")
+    have = group.attrs.get(KEY)
+    if have is None:
+        group.attrs[KEY] = {"teacher_spec": spec.to_dict()}
+        return
+    old = TeacherSpec.from_dict(have["teacher_spec"])
+    if old.fingerprint != spec.fingerprint or old.layer_map != spec.layer_map:
+        problems = _diff(old.to_dict(), spec.to_dict())
+        raise StoreError(
+            f"store {path}: teacher {spec.name!r} already holds shards of another teacher setup:\n  "
+            + "\n  ".join(problems)
+            + "\ngive this teacher another name (--teacher-name) or use a new --store"
+        )
+
+
+def read_store_spec(path: str | Path) -> StoreSpec:
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"{path} is not a kvdistill store (no zarr.json); run `kvdistill dump` first")
+    have = zarr.open_group(path, mode="r").attrs.get(KEY)
+    if have is None:
+        raise StoreError(f"{path} is a zarr group but not a kvdistill store (no '{KEY}' attribute)")
+    if have["schema_version"] != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has store schema version {have['schema_version']}, this kvdistill reads "
+            f"version {SCHEMA_VERSION}; re-dump or install the matching kvdistill"
+        )
+    return StoreSpec.from_dict(have["store_spec"])
+
+
+def read_teacher_specs(path: str | Path) -> dict[str, TeacherSpec]:
+    tdir = Path(path) / "teachers"
+    out = {}
+    for d in sorted(tdir.iterdir()) if tdir.exists() else []:
+        if (d / "zarr.json").exists():
+            out[d.name] = TeacherSpec.from_dict(zarr.open_group(d, mode="r").attrs[KEY]["teacher_spec"])
+    return out
+
+
+def _shard_attrs(path: Path) -> dict | None:
+    if not (path / "zarr.json").exists():
+        return None
+    return zarr.open_group(path, mode="r").attrs.get(KEY)
+
+
+def shard_is_complete(path: str | Path, teacher: str, shard: int) -> bool:
+    attrs = _shard_attrs(_teacher_dir(path, teacher) / shard_name(shard))
+    return bool(attrs and attrs.get("complete"))
+
+
+def _kv_codec() -> BloscCodec:
+    # Byte shuffle groups the exponent bytes of float16 / float32 together: ~1.3-2x better zstd.
+    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+
+
+class ShardWriter:
+    """Write one shard of one teacher; visible in the store only after a successful close.
+
+        with ShardWriter(store, "teacher-a", shard=3, num_layers=4, width=64) as w:
+            w.write("id-1", k, v, input_ids, loss_mask)   # k, v: [T, L, D]
+
+    An exception inside the block discards the partial shard (nothing visible is touched).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        teacher: str,
+        shard: int,
+        *,
+        num_layers: int,
+        width: int,
+        dtype: str = "float16",
+    ) -> None:
+        self.path, self.teacher, self.shard = Path(path), teacher, shard
+        self.final = _teacher_dir(path, teacher) / shard_name(shard)
+        if self.final.exists():
+            raise StoreError(f"{self.final} already exists; a complete shard is never rewritten")
+        partial = _partial_dir(path, teacher)
+        partial.mkdir(parents=True, exist_ok=True)
+        for stale in partial.glob(f"{shard_name(shard)}.*"):  # left by a killed earlier attempt
+            shutil.rmtree(stale)
+        self.tmp = partial / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}"
+        self.L, self.D, self.dtype = num_layers, width, np.dtype(dtype)
+        row_bytes = num_layers * width * self.dtype.itemsize
+        self.chunk_rows = max(1, CHUNK_BYTES // row_bytes)
+        self.shard_rows = self.chunk_rows * CHUNKS_PER_SHARD
+        self.group = zarr.open_group(self.tmp, mode="w")
+        kv = dict(
+            shape=(0, num_layers, width),
+            chunks=(self.chunk_rows, num_layers, width),
+            shards=(self.shard_rows, num_layers, width),
+            dtype=self.dtype,
+            compressors=_kv_codec(),
+        )
+        self.arrays = {"k": self.group.create_array("k", **kv), "v": self.group.create_array("v", **kv)}
+        tok_chunk = 1 << 18
+        for name, dt in (("input_ids", np.int32), ("loss_mask", np.bool_)):
+            self.arrays[name] = self.group.create_array(
+                name, shape=(0,), chunks=(tok_chunk,), shards=(tok_chunk * 4,), dtype=dt
+            )
+        self._buf: dict[str, list[np.ndarray]] = {n: [] for n in self.arrays}
+        self._buf_rows = 0
+        self.rows = 0
+        self.sample_ids: list[str] = []
+        self.offsets = [0]
+        self.crc = dict.fromkeys(self.arrays, 0)
+        self.closed = False
+
+    def write(self, sample_id: str, k: np.ndarray, v: np.ndarray, input_ids: np.ndarray, loss_mask: np.ndarray) -> None:
+        """k, v: [T, L, D]; input_ids, loss_mask: [T]. Cast to the store dtype here."""
+        T = len(input_ids)
+        if k.shape != (T, self.L, self.D) or v.shape != (T, self.L, self.D) or len(loss_mask) != T:
+            raise ValueError(
+                f"sample {sample_id}: expected k, v of shape {(T, self.L, self.D)} and {T} mask "
+                f"entries, got k {k.shape}, v {v.shape}, mask {len(loss_mask)}"
+            )
+        row = {
+            "k": np.ascontiguousarray(k, dtype=self.dtype),
+            "v": np.ascontiguousarray(v, dtype=self.dtype),
+            "input_ids": np.asarray(input_ids, dtype=np.int32),
+            "loss_mask": np.asarray(loss_mask, dtype=np.bool_),
+        }
+        for name, arr in row.items():
+            self._buf[name].append(arr)
+            self.crc[name] = zlib.crc32(arr.tobytes(), self.crc[name])
+        self._buf_rows += T
+        self.rows += T
+        self.sample_ids.append(sample_id)
+        self.offsets.append(self.rows)
+        if self._buf_rows >= self.shard_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        # Append whole zarr shards only (each written once); keep the remainder buffered.
+        n = self._buf_rows if final else (self._buf_rows // self.shard_rows) * self.shard_rows
+        if n == 0:
+            return
+        for name, parts in self._buf.items():
+            block = np.concatenate(parts)
+            self.arrays[name].append(block[:n])
+            self._buf[name] = [block[n:]] if n < len(block) else []
+        self._buf_rows -= n
+
+    def close(self, extra_attrs: dict[str, Any] | None = None) -> Path:
+        """Flush, write offsets / ids / completion record, and move the shard into place."""
+        self._flush(final=True)
+        n = len(self.sample_ids)
+        self.group.create_array("offsets", data=np.asarray(self.offsets, dtype=np.int64))
+        ids = self.group.create_array("sample_ids", shape=(n,), dtype=str)
+        if n:
+            ids[:] = np.asarray(self.sample_ids, dtype=str)
+        self.group.attrs[KEY] = {
+            "complete": True,
+            "teacher": self.teacher,
+            "shard": self.shard,
+            "samples": n,
+            "rows": self.rows,
+            "crc32": self.crc,
+            **(extra_attrs or {}),
+        }
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(self.tmp, self.final)  # atomic: the shard appears complete or not at all
+        except OSError as e:
+            if shard_is_complete(self.path, self.teacher, self.shard):  # a duplicate task won
+                shutil.rmtree(self.tmp)
+            else:
+                raise StoreError(f"cannot move {self.tmp} to {self.final}: {e}") from e
+        self.closed = True
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.closed:
+            return
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardReader:
+    """Read one complete shard of one teacher: offsets, sample ids, and row blocks."""
+
+    def __init__(self, path: str | Path, teacher: str, shard: int) -> None:
+        self.dir = _teacher_dir(path, teacher) / shard_name(shard)
+        attrs = _shard_attrs(self.dir)
+        if not attrs or not attrs.get("complete"):
+            raise StoreError(
+                f"{self.dir} is missing or incomplete; re-run `kvdistill dump --shard {shard}` "
+                f"for teacher {teacher!r}, then `kvdistill store finalize`"
+            )
+        self.attrs = attrs
+        self.group = zarr.open_group(self.dir, mode="r")
+        self.offsets = self.group["offsets"][:]  # [n + 1]
+        self.sample_ids = [str(s) for s in self.group["sample_ids"][:]]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask")) -> dict[str, np.ndarray]:
+        """Token rows [start, stop) of the given arrays (one read per array)."""
+        return {n: self.group[n][start:stop] for n in names}
+
+
+def finalize(path: str | Path) -> Path:
+    """Check every teacher has every shard complete and identical sample ids across teachers,
+    then write index.parquet and consolidated metadata. Refuses (StoreError) otherwise."""
+    path = Path(path)
+    spec = read_store_spec(path)
+    teachers = read_teacher_specs(path)
+    if not teachers:
+        raise StoreError(f"store {path} holds no teachers yet; run `kvdistill dump` first")
+    problems = []
+    for name in teachers:
+        for i in range(spec.num_shards):
+            d = _teacher_dir(path, name) / shard_name(i)
+            if not d.exists():
+                partial = list(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))
+                state = "partial (its task did not finish)" if partial else "missing"
+                problems.append(f"teacher {name!r} {shard_name(i)}: {state}")
+            elif not shard_is_complete(path, name, i):
+                problems.append(f"teacher {name!r} {shard_name(i)}: incomplete")
+    if problems:
+        raise StoreError(
+            f"cannot finalize {path}: {len(problems)} shard(s) not complete:\n  "
+            + "\n  ".join(problems)
+            + "\nre-run those dump tasks (`kvdistill dump --shard I ...`), then finalize again"
+        )
+    cols: dict[str, list] = {k: [] for k in ("teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop", "length")}
+    for i in range(spec.num_shards):
+        first = None
+        for name in teachers:
+            r = ShardReader(path, name, i)
+            if first is None:
+                first = (name, r.sample_ids, r.offsets)
+            elif r.sample_ids != first[1] or not np.array_equal(r.offsets, first[2]):
+                raise StoreError(
+                    f"{shard_name(i)}: teacher {name!r} holds other samples (or lengths) than "
+                    f"teacher {first[0]!r}; every teacher must be dumped from the same data, "
+                    "split, num_shards and student tokenizer"
+                )
+            n = len(r)
+            cols["teacher"] += [name] * n
+            cols["shard"] += [i] * n
+            cols["sample_id"] += r.sample_ids
+            cols["sample_index"] += list(range(n))
+            cols["row_start"] += r.offsets[:-1].tolist()
+            cols["row_stop"] += r.offsets[1:].tolist()
+            cols["length"] += np.diff(r.offsets).tolist()
+    tmp = path / f".{INDEX}.tmp"
+    pq.write_table(pa.table(cols), tmp)
+    os.replace(tmp, path / INDEX)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "consolidated metadata is not yet part of the v3 spec"
+        zarr.consolidate_metadata(str(path))
+    return path / INDEX
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """Layout summary: per teacher shards complete, samples, tokens, bytes, bytes/token."""
+    path = Path(path)
+    spec = read_store_spec(path)
+    out: dict[str, Any] = {
+        "store": str(path),
+        "student": spec.student.name_or_path,
+        "geometry": spec.geometry.to_dict(),
+        "kv_dtype": spec.kv_dtype,
+        "num_shards": spec.num_shards,
+        "finalized": (path / INDEX).exists(),
+        "teachers": {},
+    }
+    for name, t in read_teacher_specs(path).items():
+        done = [i for i in range(spec.num_shards) if shard_is_complete(path, name, i)]
+        samples = tokens = 0
+        for i in done:
+            a = _shard_attrs(_teacher_dir(path, name) / shard_name(i))
+            samples += a["samples"]
+            tokens += a["rows"]
+        nbytes = _du(_teacher_dir(path, name))
+        raw = tokens * 2 * spec.geometry.num_layers * t.geometry.width * np.dtype(spec.kv_dtype).itemsize
+        out["teachers"][name] = {
+            "model": t.model.name_or_path,
+            "width": t.geometry.width,
+            "shards_complete": len(done),
+            "samples": samples,
+            "tokens": tokens,
+            "bytes": nbytes,
+            "bytes_per_token": nbytes / tokens if tokens else float("nan"),
+            "compression_ratio": raw / nbytes if nbytes else float("nan"),
+        }
+    out["bytes"] = _du(path)
+    total_tokens = sum(t["tokens"] for t in out["teachers"].values())
+    out["bytes_per_token"] = out["bytes"] / total_tokens if total_tokens else float("nan")
+    return out
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    g = info["geometry"]
+    lines = [
+        f"store {info['store']}  ({'finalized' if info['finalized'] else 'NOT finalized'})",
+        f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x "
+        f"{g['head_dim']} dims; K/V stored as {info['kv_dtype']}; {info['num_shards']} shards",
+        f"{'teacher':<20} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} {'bytes':>12} {'B/token':>9} {'ratio':>6}",
+    ]
+    for name, t in info["teachers"].items():
+        lines.append(
+            f"{name:<20} {t['width']:>6} {t['shards_complete']:>4}/{info['num_shards']:<3} {t['samples']:>8} "
+            f"{t['tokens']:>10} {t['bytes']:>12,} {t['bytes_per_token']:>9.1f} {t['compression_ratio']:>6.2f}"
+        )
+    lines.append(f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers)")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""`kvdistill train` (student from the store; no teacher is loaded) and `kvdistill eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kvdistill.schemas import EvalConfig, TrainConfig
+from kvdistill.schemas.cli import Flag, add_flags, config_from_args
+
+TRAIN_FLAGS: list[Flag] = [
+    ("--store", "store", str, "finalized KV store to stream from"),
+    ("--student", "student.name_or_path", str, "student: hub id or local checkpoint (the one the store was dumped for)"),
+    ("--out", "out", str, "run directory: metrics.jsonl, final/ checkpoint"),
+    ("--kv-weight", "kv_weight", float, "weight of the KV loss (0: CE-only baseline)"),
+    ("--ce-weight", "ce_weight", float, "weight of the CE loss"),
+    ("--kv-norm", "kv_norm", str, "layer_std (default) | none"),
+    ("--learning-rate", "lr", float, "student learning rate"),
+    ("--adapter-learning-rate", "adapter_lr", float, "adapter learning rate"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    ("--per-device-train-batch-size", "batch_size", int, "batch size per process"),
+    ("--max-steps", "max_steps", int, "optimizer steps"),
+    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps of the cosine schedule"),
+    ("--max-grad-norm", "grad_clip", float, "gradient clipping (0: off)"),
+    ("--seed", "seed", int, "seed for init order, shuffling and dropout"),
+    ("--shuffle-buffer", "shuffle_buffer", int, "samples held for shuffling within shards"),
+    ("--num-workers", "num_workers", int, "dataloader worker processes"),
+    ("--logging-steps", "log_every", int, "write metrics every N steps"),
+    ("--device", "device", str, "auto | cpu"),
+]
+
+EVAL_FLAGS: list[Flag] = [
+    ("--model", "model", str, "a training run directory or any checkpoint (hub id or path)"),
+    ("--data", "data.source", str, "'synthetic', a .jsonl/.parquet, or a data set dir / hub id"),
+    ("--split", "data.split", str, "split (default test)"),
+    ("--data-config", "data.config_name", str, "hub data set config"),
+    ("--limit", "data.limit", int, "first N rows"),
+    ("--batch-size", "batch_size", int, "generation batch size"),
+    ("--max-new-tokens", "max_new_tokens", int, "generation budget per question"),
+    ("--out", "out", str, "write metrics and predictions as JSON here"),
+    ("--device", "device", str, "auto | cpu | cuda"),
+]
+
+
+def add_parser(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("train", help="train a student from the KV store (no teacher is loaded)", description=__doc__, formatter_class=fmt)
+    add_flags(p, TRAIN_FLAGS)
+    p.set_defaults(func=train_main)
+    e = sub.add_parser("eval", help="greedy-decode answers: accuracy and gold perplexity", formatter_class=fmt)
+    add_flags(e, EVAL_FLAGS)
+    e.set_defaults(func=eval_main)
+
+
+def train_main(args: argparse.Namespace) -> int:
+    from .loop import train
+
+    cfg = config_from_args(TrainConfig, args, TRAIN_FLAGS)
+    summary = train(cfg, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    from .eval import evaluate
+
+    cfg = config_from_args(EvalConfig, args, EVAL_FLAGS)
+    result = evaluate(cfg, progress=not args.no_progress)
+    print(f"{result['model']}: accuracy {result['accuracy']:.3f} on {result['n']} questions, perplexity {result['perplexity']:.3f}")
+    return 0

@@ -1,0 +1,185 @@
+"""The training recipe: a student learns from the KV store; no teacher model is ever built.
+
+    train(TrainConfig(store="out.zarr", student=ModelSpec("path/or/hub-id"), out="runs/a"))
+
+setup: accelerate (CPU, one GPU, DDP), the student from `from_pretrained`, checks that the
+store was built for this student's tokenizer and geometry, adapters, AdamW + cosine schedule,
+the shard stream (rank x worker split). train: CE + fused KV losses, grad clipping, metrics
+every `log_every` steps to metrics.jsonl. save: the student via `save_pretrained` (+ the
+tokenizer), adapters.pt, and the config as train_config.yaml, under RUN_DIR/final.
+
+Raises StoreError for an unfinalised store or one built for another student, and
+FloatingPointError on a non-finite loss (naming the term and the sample ids).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+from kvdistill.dump.capture import kv_geometry
+from kvdistill.dump.models import load_tokenizer, tokenizer_fingerprint
+from kvdistill.schemas import TrainConfig
+from kvdistill.store import StoreError, read_store_spec, read_teacher_specs
+
+from .distiller import Distiller
+from .stream import KVStream, collate
+
+__all__ = ["train"]
+
+
+def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
+    store = Path(cfg.store)
+    spec = read_store_spec(store)
+    if not (store / "index.parquet").exists():
+        raise StoreError(f"store {store} is not finalized; run `kvdistill store finalize {store}` first")
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp != spec.tokenizer_fingerprint:
+        raise StoreError(
+            f"store {store} was built for a student tokenizer with fingerprint {spec.tokenizer_fingerprint} "
+            f"({spec.student.name_or_path}); {cfg.student.name_or_path} has {fp}. Train the student the "
+            "store was dumped for, or re-dump with --student pointing at this one"
+        )
+    g = kv_geometry(student.config)
+    if g != spec.geometry:
+        raise StoreError(f"store {store} holds K/V for student geometry {spec.geometry}, this student has {g}")
+    teachers = read_teacher_specs(store)
+    chosen = cfg.teachers or sorted(teachers)
+    missing = [t for t in chosen if t not in teachers]
+    if missing:
+        raise StoreError(f"store {store} has no teacher(s) {missing}; it holds {sorted(teachers)}")
+    return spec, {t: teachers[t] for t in chosen}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    tokenizer = load_tokenizer(cfg.student)
+    student = AutoModelForCausalLM.from_pretrained(
+        cfg.student.name_or_path, revision=cfg.student.revision, dtype=getattr(torch, cfg.student.dtype)
+    )
+    spec, teachers = _check_store(cfg, tokenizer, student)
+    model = Distiller(
+        student,
+        {t: s.geometry.width for t, s in teachers.items()},
+        spec.geometry.num_layers,
+        spec.geometry.width,
+        teacher_weights=cfg.teacher_weights,
+        kv_weight=cfg.kv_weight,
+        ce_weight=cfg.ce_weight,
+        kv_norm=cfg.kv_norm,
+    )
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.student.parameters(), "lr": cfg.lr},
+            {"params": model.adapters.parameters(), "lr": cfg.adapter_lr},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
+    stream = KVStream(
+        cfg.store,
+        list(teachers),
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        read_kv=cfg.kv_weight > 0,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loader = DataLoader(
+        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=lambda s: collate(s, pad_id)
+    )
+    # The stream already splits shards by rank, so the loader is not handed to accelerate.
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "train_config.yaml")
+    metrics_f = (out / "metrics.jsonl").open("w") if accelerator.is_main_process else None
+    history: list[dict[str, Any]] = []
+    step, epoch, tokens = 0, 0, 0
+    bar = tqdm(total=cfg.max_steps, desc=f"train {out.name}", disable=not (progress and accelerator.is_main_process))
+    model.train()
+    while step < cfg.max_steps:
+        stream.set_epoch(epoch)
+        step_at_epoch_start = step
+        for batch in loader:
+            kv = {t: (k.to(accelerator.device), v.to(accelerator.device)) for t, (k, v) in batch["kv"].items()}
+            losses = model(
+                batch["input_ids"].to(accelerator.device),
+                batch["attention_mask"].to(accelerator.device),
+                batch["loss_mask"].to(accelerator.device),
+                kv,
+            )
+            for name in ("ce", "kv_k", "kv_v"):
+                if name in losses and not math.isfinite(losses[name].item()):
+                    raise FloatingPointError(
+                        f"step {step}: loss term {name} is {losses[name].item()} on samples {batch['sample_ids']}"
+                    )
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(losses["loss"])
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            tokens += int(batch["attention_mask"].sum())
+            row = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "tokens": tokens}
+            row.update({k: round(v.item(), 6) for k, v in losses.items() if v.dim() == 0})
+            if "kv_k_layers" in losses:
+                row["kv_k_layers"] = [round(x, 6) for x in losses["kv_k_layers"].tolist()]
+                row["kv_v_layers"] = [round(x, 6) for x in losses["kv_v_layers"].tolist()]
+            history.append(row)
+            if metrics_f and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                metrics_f.write(json.dumps(row) + "\n")
+                metrics_f.flush()
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce", "kv_k", "kv_v") if k in row})
+            if step >= cfg.max_steps:
+                break
+        if step == step_at_epoch_start:
+            raise StoreError(f"store {cfg.store} yielded no samples for rank {accelerator.process_index}")
+        epoch += 1
+    bar.close()
+
+    final = out / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.student.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        torch.save(unwrapped.adapters.state_dict(), final / "adapters.pt")
+        cfg.save(final / "train_config.yaml")
+        metrics_f.close()
+    tail = history[-max(1, min(20, len(history))) :]
+
+    def avg(key: str) -> float | None:
+        vals = [r[key] for r in tail if key in r]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "run": str(out),
+        "checkpoint": str(final),
+        "steps": step,
+        "epochs_started": epoch,
+        "tokens": tokens,
+        "teachers": list(teachers),
+        "final_ce": avg("ce"),
+        "final_kv_k": avg("kv_k"),
+        "final_kv_v": avg("kv_v"),
+        "first_kv_k": history[0].get("kv_k") if history else None,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,124 @@
+"""Streaming input for the trainer: shards of every teacher, zipped by sample, split across
+ranks x dataloader workers, shuffled by seed per epoch (shard order + a shuffle buffer).
+
+Reads are sequential blocks of whole samples (one zarr read per array per block), never a
+random access per sample."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kvdistill.store import ShardReader, StoreError, read_store_spec, read_teacher_specs, shard_name
+
+__all__ = ["KVStream", "collate"]
+
+
+class KVStream(IterableDataset):
+    """Yields {"sample_id", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}.
+
+    Every (rank, worker) reads a disjoint set of shards; shard i of every teacher holds the same
+    samples in the same order (the dump guarantees it; checked here anyway)."""
+
+    def __init__(
+        self,
+        store: str | Path,
+        teachers: list[str],
+        *,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        read_kv: bool = True,
+        block_samples: int = 64,
+    ) -> None:
+        self.store = Path(store)
+        self.spec = read_store_spec(store)
+        known = read_teacher_specs(store)
+        missing = [t for t in teachers if t not in known]
+        if missing:
+            raise StoreError(f"store {store} has no teacher(s) {missing}; it holds {sorted(known)}")
+        self.teachers = list(teachers)
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        self.read_kv, self.block_samples = read_kv, block_samples
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shards_for(self, worker: int, num_workers: int) -> list[int]:
+        readers = self.world_size * num_workers
+        if self.spec.num_shards < readers:
+            raise ValueError(
+                f"store has {self.spec.num_shards} shards but {self.world_size} ranks x {num_workers} "
+                f"workers = {readers} readers; some would get no data. Dump with --num-shards >= "
+                f"{readers} or use fewer processes / --num-workers"
+            )
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.spec.num_shards)
+        return [int(s) for s in order[self.rank * num_workers + worker :: readers]]
+
+    def _samples(self, shard: int) -> Iterator[dict[str, Any]]:
+        readers = [ShardReader(self.store, t, shard) for t in self.teachers]
+        first = readers[0]
+        for t, r in zip(self.teachers[1:], readers[1:], strict=True):
+            if r.sample_ids != first.sample_ids or not np.array_equal(r.offsets, first.offsets):
+                raise StoreError(
+                    f"{shard_name(shard)}: teacher {t!r} holds other samples than {self.teachers[0]!r}; "
+                    "was every teacher dumped from the same data and num_shards?"
+                )
+        names = ("k", "v", "input_ids", "loss_mask") if self.read_kv else ("input_ids", "loss_mask")
+        off = first.offsets
+        for j0 in range(0, len(first), self.block_samples):
+            j1 = min(j0 + self.block_samples, len(first))
+            r0, r1 = int(off[j0]), int(off[j1])
+            blocks = [r.rows(r0, r1, names if i == 0 else ("k", "v")) for i, r in enumerate(readers) if self.read_kv or i == 0]
+            for j in range(j0, j1):
+                a, b = int(off[j]) - r0, int(off[j + 1]) - r0
+                kv = {t: (blk["k"][a:b], blk["v"][a:b]) for t, blk in zip(self.teachers, blocks, strict=True)} if self.read_kv else {}
+                yield {
+                    "sample_id": first.sample_ids[j],
+                    "input_ids": blocks[0]["input_ids"][a:b],
+                    "loss_mask": blocks[0]["loss_mask"][a:b],
+                    "kv": kv,
+                }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        buf: list[dict[str, Any]] = []
+        for shard in self.shards_for(worker, num_workers):
+            for sample in self._samples(shard):
+                buf.append(sample)
+                if len(buf) >= self.shuffle_buffer:
+                    yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest sample; masks mark real tokens. Never truncates."""
+    B, T = len(samples), max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.bool)
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for t, (k0, _) in samples[0]["kv"].items():
+        shape = (B, T, *k0.shape[1:])
+        kv[t] = (torch.zeros(shape), torch.zeros(shape))
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n] = torch.from_numpy(s["input_ids"].astype(np.int64))
+        attn[i, :n] = 1
+        loss_mask[i, :n] = torch.from_numpy(s["loss_mask"])
+        for t, (k, v) in s["kv"].items():
+            kv[t][0][i, :n] = torch.from_numpy(k.astype(np.float32))
+            kv[t][1][i, :n] = torch.from_numpy(v.astype(np.float32))
+    return {"sample_ids": [s["sample_id"] for s in samples], "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
