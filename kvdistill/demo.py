@@ -74,7 +74,9 @@ def _plot(runs: dict[str, Path], out: Path) -> Path:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars; ours show the stages
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "demo_config.yaml")

@@ -244,7 +244,7 @@ class DemoConfig(Record):
     out: str = "demo-out"
     data: DataSpec = field(default_factory=DataSpec)
     num_shards: int = 2
-    teacher_steps: int = 600
+    teacher_steps: int = 300
     student_steps: int = 300
     batch_size: int = 32
     seed: int = 0

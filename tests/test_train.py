@@ -1,0 +1,169 @@
+"""The trainer: streams the store, never builds a teacher, learns; losses and stream alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvdistill import tiny
+from kvdistill.data import load_examples
+from kvdistill.schemas import DataSpec, EvalConfig, ModelSpec, SyntheticSpec, TrainConfig
+from kvdistill.store import StoreError
+from kvdistill.train.distiller import KVAdapter
+from kvdistill.train.eval import evaluate
+from kvdistill.train.loop import train
+from kvdistill.train.losses import layer_std_norm, masked_ce, masked_mse
+from kvdistill.train.stream import KVStream, collate
+
+
+def _train_cfg(tiny_store, out, **kw) -> TrainConfig:
+    base = dict(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(out), batch_size=8, max_steps=30, warmup_steps=3, log_every=1, device="cpu", shuffle_buffer=16)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_trainer_never_instantiates_a_teacher(tiny_store, tmp_path, monkeypatch):
+    """Every from_pretrained call and every model construction is recorded: only the student."""
+    loaded, built = [], []
+    orig_fp = transformers.PreTrainedModel.from_pretrained.__func__
+    orig_post = transformers.PreTrainedModel.post_init
+
+    def from_pretrained(cls, path, *a, **kw):
+        loaded.append(str(path))
+        return orig_fp(cls, path, *a, **kw)
+
+    def post_init(self):
+        built.append((type(self).__name__, self.config.num_hidden_layers, self.config.hidden_size))
+        return orig_post(self)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(transformers.PreTrainedModel, "post_init", post_init)
+    train(_train_cfg(tiny_store, tmp_path / "run", max_steps=3), progress=False)
+    teacher_paths = {t.name_or_path for t in tiny_store["teachers"]}
+    assert loaded == [tiny_store["student"].name_or_path]
+    assert not teacher_paths & set(loaded)
+    student_cfg = transformers.AutoConfig.from_pretrained(tiny_store["student"].name_or_path)
+    assert built and all(b == ("Qwen2ForCausalLM", student_cfg.num_hidden_layers, student_cfg.hidden_size) or b[0] == "Qwen2Model" for b in built)
+    # Resident parameters: exactly student + adapters (64->32 and 16->32 per layer, for K and V).
+    adapters = torch.load(tmp_path / "run" / "final" / "adapters.pt")
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    n_adapter = sum(v.numel() for v in adapters.values())
+    assert n_adapter == 2 * 2 * (64 * 32 + 16 * 32)  # {K,V} x 2 layers x (teacher-a + teacher-b)
+    assert sum(p.numel() for p in student.parameters()) < 200_000  # the tiny student, not a teacher
+
+
+def test_end_to_end_dump_store_train_eval_kv_loss_falls(tiny_store, tmp_path):
+    summary = train(_train_cfg(tiny_store, tmp_path / "kv"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "kv" / "metrics.jsonl").open()]
+    assert len(rows) == 30 and summary["steps"] == 30
+    kv = np.array([r["kv_k"] + r["kv_v"] for r in rows])
+    assert np.isfinite(kv).all() and (kv > 0).all()
+    assert kv[-5:].mean() < 0.8 * kv[:5].mean(), kv
+    assert len(rows[0]["kv_k_layers"]) == 2
+    final = tmp_path / "kv" / "final"
+    assert (final / "config.json").exists() and (final / "adapters.pt").exists() and (final / "train_config.yaml").exists()
+    data = DataSpec(split="test", limit=8, synthetic=tiny_store["data"].synthetic)
+    result = evaluate(EvalConfig(model=str(tmp_path / "kv"), data=data, max_new_tokens=24, device="cpu", out=str(tmp_path / "eval.json")), progress=False)
+    assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0
+    assert 1.0 < result["perplexity"] < 1e4
+    preds = json.loads((tmp_path / "eval.json").read_text())["predictions"]
+    assert len(preds) == 8 and all(p["text"] is not None for p in preds)
+
+
+def test_ce_only_baseline_reads_no_kv_and_has_no_adapters(tiny_store, tmp_path):
+    summary = train(_train_cfg(tiny_store, tmp_path / "ce", kv_weight=0.0, max_steps=5), progress=False)
+    assert summary["final_kv_k"] is None and np.isfinite(summary["final_ce"])
+    assert torch.load(tmp_path / "ce" / "final" / "adapters.pt") == {}
+
+
+def test_training_refuses_a_store_built_for_another_student_tokenizer(tiny_store, tmp_path):
+    rows = load_examples(DataSpec(synthetic=SyntheticSpec(n_train=50, n_test=5, seed=7)))
+    other_tok = tiny.train_tokenizer(tiny.corpus(rows, ModelSpec(name_or_path="x").prompt_template), vocab_size=300)
+    other = tiny.save(tiny.build_model("qwen2", other_tok, layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16), other_tok, tmp_path / "other")
+    with pytest.raises(StoreError, match="tokenizer"):
+        train(_train_cfg(tiny_store, tmp_path / "x", student=ModelSpec(name_or_path=str(other))), progress=False)
+
+
+def test_training_refuses_an_unfinalized_store(tiny_store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store["store"], copy)
+    (copy / "index.parquet").unlink()
+    with pytest.raises(StoreError, match="not finalized"):
+        train(_train_cfg(tiny_store, tmp_path / "x", store=str(copy)), progress=False)
+
+
+def test_stream_splits_shards_disjointly_across_ranks_and_covers_every_sample(tiny_store):
+    teachers = ["teacher-a", "teacher-b"]
+    seen = []
+    for rank in range(2):
+        ids = [s["sample_id"] for s in KVStream(tiny_store["store"], teachers, rank=rank, world_size=2, shuffle_buffer=4)]
+        seen.append(ids)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(ex.id for ex in load_examples(tiny_store["data"]))
+    with pytest.raises(ValueError, match="3 ranks"):
+        next(iter(KVStream(tiny_store["store"], teachers, rank=0, world_size=3)))
+
+
+def test_stream_zips_teachers_and_reshuffles_per_epoch(tiny_store):
+    stream = KVStream(tiny_store["store"], ["teacher-a", "teacher-b"], seed=3, shuffle_buffer=64)
+    first = list(stream)
+    s = first[0]
+    assert s["kv"]["teacher-a"][0].shape == (len(s["input_ids"]), 2, 64)
+    assert s["kv"]["teacher-b"][1].shape == (len(s["input_ids"]), 2, 16)
+    assert [x["sample_id"] for x in list(stream)] == [x["sample_id"] for x in first]  # same epoch, same order
+    stream.set_epoch(1)
+    assert [x["sample_id"] for x in stream] != [x["sample_id"] for x in first]
+    batch = collate(first[:4], pad_id=0)
+    T = max(len(x["input_ids"]) for x in first[:4])
+    assert batch["input_ids"].shape == (4, T) and batch["kv"]["teacher-a"][0].shape == (4, T, 2, 64)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths == [len(x["input_ids"]) for x in first[:4]]  # padded, never truncated
+    for i, n in enumerate(lengths):
+        assert not batch["kv"]["teacher-a"][0][i, n:].any() and not batch["loss_mask"][i, n:].any()
+
+
+def test_masked_ce_ignores_positions_outside_the_loss_mask():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    ids = torch.randint(0, 11, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    base = masked_ce(logits, ids, mask)
+    changed = logits.clone()
+    changed[0, 4:] += 100.0  # predicts targets 5 (masked out) and beyond: no effect
+    changed[1, 2:] -= 50.0
+    assert torch.allclose(base, masked_ce(changed, ids, mask))
+    ref = torch.nn.functional.cross_entropy(logits[0, 1:4], ids[0, 2:5], reduction="sum") + torch.nn.functional.cross_entropy(logits[1, 0:2], ids[1, 1:3], reduction="sum")
+    assert torch.allclose(base, ref / 5)
+
+
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 10_000), pad=st.integers(0, 4))
+def test_layer_std_norm_standardises_each_layer_over_valid_positions_only(seed, pad):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 3, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1])[:, None] + 3.0
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 6 - pad :] = False
+    x_garbage = x.clone()
+    x_garbage[~mask] = 1e6
+    z = layer_std_norm(x_garbage, mask)
+    valid = z[mask]  # [N, L, D]
+    torch.testing.assert_close(valid.mean(dim=(0, 2)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(valid.std(dim=(0, 2), unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
+    mse, per_layer = masked_mse(z, torch.zeros_like(z), mask)
+    torch.testing.assert_close(per_layer, torch.ones(3), atol=1e-3, rtol=0)  # = variance of each layer
+    assert torch.isclose(mse, per_layer.mean())
+
+
+def test_kv_adapter_is_identity_without_parameters_when_widths_match():
+    a = KVAdapter(3, 16, 16)
+    x = torch.randn(2, 4, 3, 16)
+    assert a.weight is None and torch.equal(a(x), x)
+    b = KVAdapter(3, 64, 16)
+    assert b(torch.randn(2, 4, 3, 64)).shape == (2, 4, 3, 16)
