@@ -11,10 +11,10 @@ FLAGS: list[Flag] = [
     ("--teacher", "teacher.name_or_path", str, "teacher: hub id or local checkpoint directory"),
     ("--teacher-name", "teacher.name", str, "teacher's name in the store (default: last path component)"),
     ("--teacher-revision", "teacher.revision", str, "hub revision (branch, tag or commit) of the teacher"),
-    ("--teacher-dtype", "teacher.dtype", str, "float32 | bfloat16 | float16 (default float32)"),
+    ("--teacher-dtype", "teacher.dtype", str, "float32 | bfloat16 | float16"),
     ("--student", "student.name_or_path", str, "student: hub id or local directory (its tokenizer + config are read; no weights)"),
     ("--data", "data.source", str, "'synthetic', a GSM8K-format .jsonl/.parquet, or a data set dir / hub id"),
-    ("--split", "data.split", str, "data set split (default train)"),
+    ("--split", "data.split", str, "data set split"),
     ("--data-config", "data.config_name", str, "hub data set config, e.g. 'main' for openai/gsm8k"),
     ("--limit", "data.limit", int, "use the first N rows"),
     ("--store", "store", str, "the zarr store to write into, e.g. out.zarr"),
@@ -22,7 +22,7 @@ FLAGS: list[Flag] = [
     ("--num-shards", "num_shards", int, "how many shards the data set is split into"),
     ("--batch-size", "batch_size", int, "teacher forward batch size"),
     ("--max-len", "max_len", int, "longest sample in tokens; longer ones are an error (or see --on-too-long)"),
-    ("--on-too-long", "on_too_long", str, "error (default) | skip: skip and count samples over --max-len"),
+    ("--on-too-long", "on_too_long", str, "error | skip: skip and count samples over --max-len"),
     ("--kv-dtype", "kv_dtype", str, "float16 (default) | float32: dtype of stored K/V"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:1"),
 ]
@@ -33,9 +33,8 @@ def add_parser(sub) -> None:
         "dump",
         help="run one teacher over one shard of the data and write its aligned K/V into the store",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_flags(p, FLAGS)
+    add_flags(p, FLAGS, DumpConfig)
     p.set_defaults(func=main)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvdistill.data import DataError
 from kvdistill.dump import cli as dump_cli
 from kvdistill.schemas import ConfigError, DemoConfig
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
+from kvdistill.store import StoreError
 from kvdistill.store import cli as store_cli
 from kvdistill.train import cli as train_cli
 
@@ -34,9 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     dump_cli.add_parser(sub)
     store_cli.add_parser(sub)
     train_cli.add_parser(sub)
-    demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_flags(demo, DEMO_FLAGS)
+    demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)")
+    add_flags(demo, DEMO_FLAGS, DemoConfig)
     demo.set_defaults(func=demo_main)
     return parser
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kvdistill {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except (StoreError, DataError) as e:
+        print(f"kvdistill {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

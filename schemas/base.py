@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -21,6 +22,22 @@ import yaml
 __all__ = ["ConfigError", "Record", "apply_overrides", "build"]
 
 R = TypeVar("R", bound="Record")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: `1e-3` is a float (PyYAML's YAML 1.1 rules read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
 
 # Resolving annotations is the slow part of building a record; cache it per class.
 _hints = functools.cache(get_type_hints)
@@ -160,7 +177,7 @@ class Record:
 
     @classmethod
     def from_yaml(cls: type[R], text: str) -> R:
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(load_yaml(text) or {})
 
     def save(self, path: str | Path) -> Path:
         """Write as YAML or JSON, chosen by the file extension."""
@@ -177,7 +194,7 @@ class Record:
             raise ConfigError(f"config file {path} does not exist")
         text = path.read_text()
         try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"config file {path}: cannot parse: {e}") from e
         data = data or {}

@@ -14,7 +14,7 @@ TRAIN_FLAGS: list[Flag] = [
     ("--out", "out", str, "run directory: metrics.jsonl, final/ checkpoint"),
     ("--kv-weight", "kv_weight", float, "weight of the KV loss (0: CE-only baseline)"),
     ("--ce-weight", "ce_weight", float, "weight of the CE loss"),
-    ("--kv-norm", "kv_norm", str, "layer_std (default) | none"),
+    ("--kv-norm", "kv_norm", str, "layer_std | none"),
     ("--learning-rate", "lr", float, "student learning rate"),
     ("--adapter-learning-rate", "adapter_lr", float, "adapter learning rate"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
@@ -32,7 +32,7 @@ TRAIN_FLAGS: list[Flag] = [
 EVAL_FLAGS: list[Flag] = [
     ("--model", "model", str, "a training run directory or any checkpoint (hub id or path)"),
     ("--data", "data.source", str, "'synthetic', a .jsonl/.parquet, or a data set dir / hub id"),
-    ("--split", "data.split", str, "split (default test)"),
+    ("--split", "data.split", str, "split"),
     ("--data-config", "data.config_name", str, "hub data set config"),
     ("--limit", "data.limit", int, "first N rows"),
     ("--batch-size", "batch_size", int, "generation batch size"),
@@ -43,12 +43,11 @@ EVAL_FLAGS: list[Flag] = [
 
 
 def add_parser(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("train", help="train a student from the KV store (no teacher is loaded)", description=__doc__, formatter_class=fmt)
-    add_flags(p, TRAIN_FLAGS)
+    p = sub.add_parser("train", help="train a student from the KV store (no teacher is loaded)", description=__doc__)
+    add_flags(p, TRAIN_FLAGS, TrainConfig)
     p.set_defaults(func=train_main)
-    e = sub.add_parser("eval", help="greedy-decode answers: accuracy and gold perplexity", formatter_class=fmt)
-    add_flags(e, EVAL_FLAGS)
+    e = sub.add_parser("eval", help="greedy-decode answers: accuracy and gold perplexity")
+    add_flags(e, EVAL_FLAGS, EvalConfig)
     e.set_defaults(func=eval_main)
 
 

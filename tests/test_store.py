@@ -1,0 +1,425 @@
+"""The zarr KV store: readable with plain tools, atomic shards, finalize, inspect, chunking.
+
+Everything that mutates works on a copy of the session store (`store_copy`); `tiny_store`
+itself is shared by other test files and only ever read here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from kvdistill.dump.run import run_dump
+from kvdistill.schemas import DumpConfig
+from kvdistill.store import (
+    ShardReader,
+    ShardWriter,
+    StoreError,
+    finalize,
+    format_inspect,
+    init_store,
+    init_teacher,
+    inspect,
+    read_store_spec,
+    read_teacher_specs,
+    shard_is_complete,
+    shard_name,
+)
+from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD, KEY, _partial_dir
+
+TEACHER_WIDTH = {"teacher-a": 64, "teacher-b": 16}  # D_t = H * d of the conftest teachers
+STUDENT_LAYERS = 2
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path) -> Path:
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store["store"], dst)
+    return dst
+
+
+def dump_config(tiny_store, store: Path, teacher: int, shard: int) -> DumpConfig:
+    """The config conftest dumped (teacher, shard) of `tiny_store` with, pointed at `store`."""
+    return DumpConfig(
+        teacher=tiny_store["teachers"][teacher],
+        student=tiny_store["student"],
+        store=str(store),
+        data=tiny_store["data"],
+        shard=shard,
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+    )
+
+
+def sample(rng: np.random.Generator, T: int, L: int, D: int) -> dict[str, np.ndarray]:
+    return {
+        "k": rng.standard_normal((T, L, D)).astype(np.float32),  # [T, L, D]
+        "v": rng.standard_normal((T, L, D)).astype(np.float32),
+        "input_ids": rng.integers(0, 300, T).astype(np.int64),  # [T]
+        "loss_mask": rng.random(T) < 0.5,
+    }
+
+
+def file_mtimes(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+# --- the on-disk format, read without kvdistill ------------------------------------------------
+
+PLAIN_READER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import pyarrow.parquet as pq
+    import zarr
+
+    path = sys.argv[1]
+    root = zarr.open_group(path, mode="r")
+    out = {"root_attrs": dict(root.attrs), "teachers": {}}
+    for name in sorted(root["teachers"].group_keys()):
+        t = root["teachers"][name]
+        shards = {}
+        for sname in sorted(t.group_keys()):
+            s = t[sname]
+            k, v = s["k"][:], s["v"][:]
+            shards[sname] = {
+                "k_shape": list(k.shape), "v_shape": list(v.shape), "dtype": str(k.dtype),
+                "finite": bool(np.isfinite(k).all() and np.isfinite(v).all()),
+                "input_ids": len(s["input_ids"][:]), "loss_mask": len(s["loss_mask"][:]),
+                "offsets": s["offsets"][:].tolist(),
+                "sample_ids": [str(x) for x in s["sample_ids"][:]],
+                "attrs": dict(s.attrs),
+            }
+        out["teachers"][name] = {"attrs": dict(t.attrs), "shards": shards}
+    out["index"] = pq.read_table(path + "/index.parquet").to_pylist()
+    loaded = sorted(m for m in sys.modules if m == "kvdistill" or m.startswith("kvdistill."))
+    assert "kvdistill" not in sys.modules, loaded
+    out["kvdistill_modules"] = loaded
+    print(json.dumps(out))
+    """
+)
+
+
+def test_store_opens_with_zarr_and_pyarrow_alone_and_its_layout_is_consistent(tiny_store, examples):
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_READER, str(tiny_store["store"])],
+        capture_output=True, text=True, cwd="/", timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["kvdistill_modules"] == []
+    assert got["root_attrs"][KEY]["store_spec"]["num_shards"] == 2
+    assert sorted(got["teachers"]) == sorted(TEACHER_WIDTH)
+
+    index = got["index"]
+    data_ids = sorted(ex.id for ex in examples)
+    per_shard_ids: dict[str, dict[str, list[str]]] = {}
+    for name, t in got["teachers"].items():
+        assert t["attrs"][KEY]["teacher_spec"]["name"] == name
+        assert sorted(t["shards"]) == [shard_name(0), shard_name(1)]
+        seen = []
+        for sname, s in t["shards"].items():
+            offsets = s["offsets"]
+            N = offsets[-1]
+            assert s["k_shape"] == s["v_shape"] == [N, STUDENT_LAYERS, TEACHER_WIDTH[name]]
+            assert s["dtype"] == "float16" and s["finite"]
+            assert s["input_ids"] == s["loss_mask"] == N
+            assert offsets[0] == 0 and (np.diff(offsets) > 0).all()
+            assert len(s["sample_ids"]) == len(offsets) - 1
+            assert s["attrs"][KEY]["complete"] is True
+            assert s["attrs"][KEY]["samples"] == len(s["sample_ids"])
+            assert s["attrs"][KEY]["rows"] == N
+            rows = sorted(
+                (r for r in index if r["teacher"] == name and r["shard"] == int(sname[-5:])),
+                key=lambda r: r["sample_index"],
+            )
+            assert [r["sample_id"] for r in rows] == s["sample_ids"]
+            assert [r["row_start"] for r in rows] == offsets[:-1]
+            assert [r["row_stop"] for r in rows] == offsets[1:]
+            assert [r["length"] for r in rows] == np.diff(offsets).tolist()
+            per_shard_ids.setdefault(sname, {})[name] = s["sample_ids"]
+            seen += s["sample_ids"]
+        assert sorted(seen) == data_ids  # every sample exactly once per teacher
+    for sname, by_teacher in per_shard_ids.items():
+        assert by_teacher["teacher-a"] == by_teacher["teacher-b"], sname
+    assert len(index) == len(TEACHER_WIDTH) * len(data_ids)
+
+
+# --- finalize ----------------------------------------------------------------------------------
+
+
+def test_finalize_refuses_a_store_with_a_missing_shard_and_names_it(store_copy):
+    shutil.rmtree(store_copy / "teachers" / "teacher-b" / shard_name(1))
+    with pytest.raises(StoreError) as e:
+        finalize(store_copy)
+    msg = str(e.value)
+    assert "'teacher-b' shard-00001: missing" in msg
+    assert "teacher-a" not in msg and "shard-00000" not in msg  # only the missing one is named
+
+
+def test_finalize_refuses_a_shard_that_is_present_but_not_marked_complete(store_copy):
+    shard = zarr.open_group(store_copy / "teachers" / "teacher-a" / shard_name(0), mode="r+")
+    shard.attrs[KEY] = {**shard.attrs[KEY], "complete": False}
+    assert not shard_is_complete(store_copy, "teacher-a", 0)
+    with pytest.raises(StoreError, match=r"'teacher-a' shard-00000: incomplete"):
+        finalize(store_copy)
+    with pytest.raises(StoreError, match="missing or incomplete"):
+        ShardReader(store_copy, "teacher-a", 0)
+
+
+def test_finalize_refuses_teachers_whose_shard_holds_other_samples(store_copy):
+    # Overwrite teacher-b's shard 1 with teacher-b's shard 0: same width, other sample ids.
+    tdir = store_copy / "teachers" / "teacher-b"
+    shutil.rmtree(tdir / shard_name(1))
+    shutil.copytree(tdir / shard_name(0), tdir / shard_name(1))
+    with pytest.raises(StoreError, match=r"shard-00001: teacher 'teacher-b' holds other samples"):
+        finalize(store_copy)
+
+
+def test_finalize_rewrites_an_index_that_matches_the_shards(store_copy, tiny_store):
+    (store_copy / "index.parquet").unlink()
+    index = finalize(store_copy)
+    assert index == store_copy / "index.parquet"
+    assert pq.read_table(index).equals(pq.read_table(tiny_store["store"] / "index.parquet"))
+
+
+# --- atomic shards -----------------------------------------------------------------------------
+
+
+def test_an_exception_inside_the_writer_leaves_no_shard_and_no_partial_dir(tmp_path):
+    store = tmp_path / "s.zarr"
+    rng = np.random.default_rng(0)
+    with pytest.raises(RuntimeError, match="task killed"), ShardWriter(store, "t", 0, num_layers=2, width=8) as w:
+        for i in range(2):
+            w.write(f"id-{i}", **sample(rng, 5, 2, 8))
+        assert w.tmp.exists()  # the partial shard is being written under the hidden sibling
+        raise RuntimeError("task killed")
+    assert not (store / "teachers" / "t" / shard_name(0)).exists()
+    assert not shard_is_complete(store, "t", 0)
+    assert list(_partial_dir(store, "t").iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_closed_shard_is_visible_complete_and_reads_back_what_was_written(tmp_path, dtype):
+    store = tmp_path / "s.zarr"
+    rng = np.random.default_rng(1)
+    samples = {"a": sample(rng, 5, 2, 8), "b": sample(rng, 3, 2, 8)}
+    with ShardWriter(store, "t", 0, num_layers=2, width=8, dtype=dtype) as w:
+        for sid, s in samples.items():
+            w.write(sid, **s)
+        assert not (store / "teachers" / "t" / shard_name(0)).exists()  # invisible until closed
+        assert not shard_is_complete(store, "t", 0)
+    assert shard_is_complete(store, "t", 0)
+    assert list(_partial_dir(store, "t").iterdir()) == []
+
+    r = ShardReader(store, "t", 0)
+    assert r.sample_ids == ["a", "b"] and len(r) == 2
+    assert r.offsets.tolist() == [0, 5, 8]
+    assert r.attrs["samples"] == 2 and r.attrs["rows"] == 8 and r.attrs["teacher"] == "t"
+    got = r.rows(0, 8)
+    for name in ("k", "v"):
+        want = np.concatenate([s[name] for s in samples.values()]).astype(np.dtype(dtype))
+        assert got[name].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got[name], want)
+    assert got["input_ids"].dtype == np.int32
+    np.testing.assert_array_equal(got["input_ids"], np.concatenate([s["input_ids"] for s in samples.values()]))
+    assert got["loss_mask"].dtype == np.bool_
+    np.testing.assert_array_equal(got["loss_mask"], np.concatenate([s["loss_mask"] for s in samples.values()]))
+    np.testing.assert_array_equal(r.rows(5, 8, ("k",))["k"], samples["b"]["k"].astype(dtype))
+
+
+def test_samples_straddling_zarr_shard_boundaries_read_back_exactly(tmp_path):
+    # A 1 MiB row gives 1-row chunks and 16-row zarr shards: 7 samples of 5 rows cross them.
+    L, D = 1, CHUNK_BYTES // 4
+    rng = np.random.default_rng(2)
+    ks = [np.arange(5 * D, dtype=np.float32).reshape(5, L, D) + 1000 * i for i in range(7)]
+    with ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=L, width=D, dtype="float32") as w:
+        assert (w.chunk_rows, w.shard_rows) == (1, CHUNKS_PER_SHARD)
+        for i, k in enumerate(ks):
+            w.write(f"id-{i}", k, -k, rng.integers(0, 9, 5), np.ones(5, bool))
+    r = ShardReader(tmp_path / "s.zarr", "t", 0)
+    assert r.offsets.tolist() == list(range(0, 36, 5))
+    got = r.rows(0, 35, ("k", "v"))
+    np.testing.assert_array_equal(got["k"], np.concatenate(ks))
+    np.testing.assert_array_equal(got["v"], -np.concatenate(ks))
+
+
+def test_a_writer_refuses_a_sample_of_the_wrong_shape_and_a_complete_shard(tmp_path):
+    store = tmp_path / "s.zarr"
+    rng = np.random.default_rng(3)
+    with ShardWriter(store, "t", 0, num_layers=2, width=8) as w:
+        s = sample(rng, 4, 2, 8)
+        with pytest.raises(ValueError, match=r"sample bad: expected k, v of shape \(4, 2, 8\)"):
+            w.write("bad", s["k"][:, :1], s["v"], s["input_ids"], s["loss_mask"])
+        w.write("ok", **s)
+    with pytest.raises(StoreError, match="already exists; a complete shard is never rewritten"):
+        ShardWriter(store, "t", 0, num_layers=2, width=8)
+    assert ShardReader(store, "t", 0).sample_ids == ["ok"]
+
+
+def test_a_killed_tasks_leftovers_are_discarded_by_the_next_writer(tmp_path):
+    store = tmp_path / "s.zarr"
+    leftover = _partial_dir(store, "t") / f"{shard_name(0)}.deadhost-4242"
+    (leftover / "k").mkdir(parents=True)
+    (leftover / "k" / "c").write_bytes(b"half a chunk")
+    other_shard = _partial_dir(store, "t") / f"{shard_name(1)}.otherhost-1"  # another task's
+    other_shard.mkdir()
+    with ShardWriter(store, "t", 0, num_layers=1, width=4) as w:
+        assert not leftover.exists()
+        w.write("x", np.ones((2, 1, 4), np.float32), np.zeros((2, 1, 4), np.float32), [1, 2], [True, False])
+    assert other_shard.exists()  # a writer touches only its own shard's leftovers
+    assert shard_is_complete(store, "t", 0)
+    assert ShardReader(store, "t", 0).rows(0, 2, ("input_ids",))["input_ids"].tolist() == [1, 2]
+
+
+def test_finalize_reports_a_shard_that_exists_only_as_partial_as_partial(store_copy):
+    shutil.rmtree(store_copy / "teachers" / "teacher-a" / shard_name(1))
+    (_partial_dir(store_copy, "teacher-a") / f"{shard_name(1)}.deadhost-4242" / "k").mkdir(parents=True)
+    with pytest.raises(StoreError, match=r"'teacher-a' shard-00001: partial"):
+        finalize(store_copy)
+
+
+def test_a_killed_dump_task_is_redone_into_the_same_shard(store_copy, tiny_store):
+    shard = store_copy / "teachers" / "teacher-a" / shard_name(1)
+    shutil.rmtree(shard)
+    leftover = _partial_dir(store_copy, "teacher-a") / f"{shard_name(1)}.deadhost-4242"
+    (leftover / "k").mkdir(parents=True)
+    result = run_dump(dump_config(tiny_store, store_copy, 0, 1), progress=False)
+    assert result.status == "written" and result.samples == 24
+    assert not leftover.exists()
+    finalize(store_copy)
+    redone, orig = ShardReader(store_copy, "teacher-a", 1), ShardReader(tiny_store["store"], "teacher-a", 1)
+    assert redone.sample_ids == orig.sample_ids
+    np.testing.assert_array_equal(redone.offsets, orig.offsets)
+    n = int(orig.offsets[-1])
+    for name, arr in orig.rows(0, n).items():
+        np.testing.assert_array_equal(redone.rows(0, n, (name,))[name], arr)
+
+
+def test_rerunning_a_complete_dump_task_is_a_no_op(store_copy, tiny_store):
+    shard = store_copy / "teachers" / "teacher-b" / shard_name(0)
+    before = file_mtimes(shard)
+    result = run_dump(dump_config(tiny_store, store_copy, 1, 0), progress=False)
+    assert result.status == "already complete"
+    assert (result.teacher, result.shard, result.samples) == ("teacher-b", 0, 0)
+    assert "already complete, nothing to do" in result.summary()
+    assert file_mtimes(shard) == before
+    assert not _partial_dir(store_copy, "teacher-b").exists()  # no writer was even started
+
+
+# --- store and teacher specs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("data_fingerprint", "0123456789abcdef"), ("num_shards", 3), ("kv_dtype", "float32"), ("tokenizer_fingerprint", "other")],
+)
+def test_init_store_refuses_a_store_built_for_another_setup_and_names_the_field(store_copy, field, value):
+    spec = read_store_spec(store_copy)
+    before = getattr(spec, field)
+    with pytest.raises(StoreError) as e:
+        init_store(store_copy, dataclasses.replace(spec, **{field: value}))
+    assert f"{field}: store has {before!r}, this run has {value!r}" in str(e.value)
+    assert read_store_spec(store_copy) == spec  # refused, not overwritten
+
+
+def test_init_store_names_the_nested_geometry_field_and_accepts_a_moved_student(store_copy):
+    spec = read_store_spec(store_copy)
+    g = dataclasses.replace(spec.geometry, num_layers=4)
+    with pytest.raises(StoreError, match=r"geometry\.num_layers: store has 2, this run has 4"):
+        init_store(store_copy, dataclasses.replace(spec, geometry=g))
+    moved = dataclasses.replace(spec, student=dataclasses.replace(spec.student, name_or_path="/moved/student"))
+    init_store(store_copy, moved)  # only the path differs: accepted
+    assert read_store_spec(store_copy) == spec
+
+
+def test_init_teacher_refuses_a_name_reused_for_another_teacher(store_copy):
+    spec = read_teacher_specs(store_copy)["teacher-a"]
+    init_teacher(store_copy, spec)  # the same teacher again: fine
+    with pytest.raises(StoreError) as e:
+        init_teacher(store_copy, dataclasses.replace(spec, fingerprint="feedfacefeedface"))
+    msg = str(e.value)
+    assert "teacher 'teacher-a' already holds shards of another teacher setup" in msg
+    assert f"fingerprint: store has {spec.fingerprint!r}, this run has 'feedfacefeedface'" in msg
+    assert read_teacher_specs(store_copy)["teacher-a"] == spec
+
+
+def test_read_store_spec_refuses_a_directory_that_is_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="is not a kvdistill store"):
+        read_store_spec(tmp_path)
+    zarr.open_group(tmp_path / "g.zarr", mode="w")
+    with pytest.raises(StoreError, match="not a kvdistill store"):
+        read_store_spec(tmp_path / "g.zarr")
+
+
+# --- inspect -----------------------------------------------------------------------------------
+
+
+def test_inspect_counts_shards_samples_tokens_and_bytes_per_teacher(tiny_store, examples):
+    store = tiny_store["store"]
+    info = inspect(store)
+    index = pq.read_table(store / "index.parquet").to_pylist()
+    assert info["finalized"] is True and info["num_shards"] == 2 and info["kv_dtype"] == "float16"
+    assert info["geometry"] == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16}
+    assert sorted(info["teachers"]) == sorted(TEACHER_WIDTH)
+    for name, t in info["teachers"].items():
+        tokens = sum(r["length"] for r in index if r["teacher"] == name)
+        assert t["width"] == TEACHER_WIDTH[name]
+        assert t["shards_complete"] == 2
+        assert t["samples"] == len(examples) == 48
+        assert t["tokens"] == tokens > 0
+        assert t["bytes"] > 0
+        assert t["bytes_per_token"] == pytest.approx(t["bytes"] / tokens)
+    total_tokens = sum(t["tokens"] for t in info["teachers"].values())
+    assert info["bytes"] > sum(t["bytes"] for t in info["teachers"].values())  # + index, root
+    assert info["bytes_per_token"] == pytest.approx(info["bytes"] / total_tokens)
+    text = format_inspect(info)
+    assert "(finalized)" in text
+    for name, t in info["teachers"].items():
+        line = next(line for line in text.splitlines() if line.startswith(name))
+        assert f" {t['tokens']} " in line and " 2/2 " in line
+
+
+def test_inspect_shows_a_store_in_progress_as_not_finalized(store_copy):
+    (store_copy / "index.parquet").unlink()
+    shutil.rmtree(store_copy / "teachers" / "teacher-b" / shard_name(1))
+    info = inspect(store_copy)
+    assert info["finalized"] is False
+    assert info["teachers"]["teacher-b"]["shards_complete"] == 1
+    assert info["teachers"]["teacher-b"]["samples"] == 24
+    assert info["teachers"]["teacher-a"]["shards_complete"] == 2
+    assert "NOT finalized" in format_inspect(info)
+
+
+# --- chunking ----------------------------------------------------------------------------------
+
+
+def test_kv_arrays_are_chunked_by_rows_sharded_by_16_chunks_and_blosc_zstd(tiny_store):
+    for name, D in TEACHER_WIDTH.items():
+        k = zarr.open_group(tiny_store["store"] / "teachers" / name / shard_name(0), mode="r")["k"]
+        rows = max(1, CHUNK_BYTES // (STUDENT_LAYERS * D * 2))  # float16: 2 bytes
+        assert k.chunks == (rows, STUDENT_LAYERS, D)
+        assert k.shards == (CHUNKS_PER_SHARD * rows, STUDENT_LAYERS, D)
+        (codec,) = k.compressors
+        assert type(codec).__name__ == "BloscCodec"
+        assert codec.cname.value == "zstd" and codec.shuffle.value == "shuffle"
+
+
+def test_a_row_wider_than_a_chunk_still_gets_one_row_chunks(tmp_path):
+    w = ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=3, width=CHUNK_BYTES, dtype="float32")
+    try:
+        assert w.arrays["k"].chunks == (1, 3, CHUNK_BYTES)
+        assert w.arrays["k"].shards == (CHUNKS_PER_SHARD, 3, CHUNK_BYTES)
+    finally:
+        w.abort()
+    assert not w.tmp.exists()
