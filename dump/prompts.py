@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from kvdistill.schemas import Example
 
-__all__ = ["SEGMENTS", "Rendered", "Encoded", "render", "prompt_text", "encode"]
+__all__ = ["SEGMENTS", "Rendered", "Encoded", "render", "prompt_text", "encode", "pad_batch"]
 
 SEGMENTS = ("prompt", "reasoning", "answer")  # segment id = index in this tuple
 
@@ -26,6 +27,7 @@ class Encoded:
     input_ids: np.ndarray  # [T] int32, ends with EOS
     segment_ids: np.ndarray  # [T] uint8, index into SEGMENTS
     loss_mask: np.ndarray  # [T] bool: reasoning + answer tokens (what CE and generation learn)
+    offsets: np.ndarray  # [T, 2] int64 character span of each token; EOS is (len, len)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -64,11 +66,24 @@ def encode(tokenizer, template: str, ex: Example) -> Encoded:
             f"tokenizer {type(tokenizer).__name__} returns no offsets; load a fast tokenizer "
             "(AutoTokenizer.from_pretrained(..., use_fast=True))"
         )
-    starts = np.array([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+    offsets = np.array(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    offsets = np.concatenate([offsets, [[len(r.text), len(r.text)]]])  # EOS: empty span at the end
+    starts = offsets[:-1, 0]
     bounds = np.array([r.spans["reasoning"][0], r.spans["answer"][0]])
     seg = np.searchsorted(bounds, starts, side="right").astype(np.uint8)  # [T]
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token; set one so generation can stop")
     ids = np.array([*enc["input_ids"], tokenizer.eos_token_id], dtype=np.int32)
     seg = np.append(seg, np.uint8(2))
-    return Encoded(ex.id, ids, seg, seg > 0)
+    return Encoded(ex.id, ids, seg, seg > 0, offsets)
+
+
+def pad_batch(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D int arrays: ids [B, T] long, mask [B, T] long."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask

@@ -3,23 +3,29 @@
     run_dump(DumpConfig(teacher=..., student=..., data=..., store="out.zarr", shard=3, num_shards=8))
 
 Steps: load rows, take this task's contiguous slice (identical for every teacher), render and
-tokenize with the student's tokenizer, teacher-forced forward of the decoder stack only (no LM
-head) under inference_mode in length-sorted padded batches, capture pre-RoPE K and V,
-layer-map onto the student's depth, drop padding, write the shard and commit it atomically.
+tokenize for the student (the grid K/V is stored on) and for the teacher (its own tokenizer and
+template), teacher-forced forward of the decoder stack only (no LM head) under inference_mode
+in length-sorted padded batches, capture pre-RoPE K and V, layer-map (and optionally project)
+the whole batch, then per sample drop padding and time-map onto the student's tokens
+(identity / char overlap / per-segment resampling), write the shard and commit it atomically.
 A complete shard makes the task a no-op; a sample over max_len is an error or a counted skip.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kvdistill.align import apply_layer_map, ratio_layer_map
+from kvdistill.align.cka import layer_map_from_json
+from kvdistill.align.layers import ratio_layer_map
+from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map
 from kvdistill.data import data_fingerprint, load_examples
 from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
 from kvdistill.store import ShardWriter, init_store, init_teacher, shard_is_complete
@@ -33,7 +39,7 @@ from .models import (
     resolve_device,
     tokenizer_fingerprint,
 )
-from .prompts import Encoded, encode
+from .prompts import encode, pad_batch
 
 __all__ = ["DumpResult", "partition", "run_dump"]
 
@@ -68,14 +74,33 @@ def partition(examples: list[Example], shard: int, num_shards: int) -> list[Exam
     return examples[n * shard // num_shards : n * (shard + 1) // num_shards]
 
 
-def _pad(batch: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(e) for e in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, e in enumerate(batch):  # right padding: causal attention keeps valid positions exact
-        ids[i, : len(e)] = torch.from_numpy(e.input_ids.astype(np.int64))
-        mask[i, : len(e)] = 1
-    return ids, mask
+def _layer_map(cfg: DumpConfig, L_t: int, L_s: int) -> tuple[torch.Tensor, list | None]:
+    """W [L_s, L_t] and, for a calibrated map, its similarity matrix."""
+    if cfg.align.layer_map == "ratio":
+        return ratio_layer_map(L_t, L_s), None
+    path = Path(cfg.align.layer_map)
+    if not path.exists():
+        raise FileNotFoundError(f"layer map {path} does not exist; make it with `kvdistill align calibrate`")
+    d = json.loads(path.read_text())
+    return layer_map_from_json(d, L_t, L_s), d.get("similarity")
+
+
+def _projection(cfg: DumpConfig, L_s: int, D_t: int) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
+    """PCA from `kvdistill align calibrate --pca D`: means [L_s, D_t], components [L_s, D_t, D]."""
+    if cfg.align.projection is None:
+        return None, None
+    z = np.load(cfg.align.projection)
+    arrays = {name: torch.from_numpy(z[name]) for name in ("k_mean", "k_components", "v_mean", "v_components")}
+    dim = arrays["k_components"].shape[-1]
+    for part in ("k", "v"):
+        if arrays[f"{part}_mean"].shape != (L_s, D_t) or arrays[f"{part}_components"].shape != (L_s, D_t, dim):
+            raise ValueError(
+                f"projection {cfg.align.projection}: {part} has mean {tuple(arrays[f'{part}_mean'].shape)} and "
+                f"components {tuple(arrays[f'{part}_components'].shape)}; this teacher needs ({L_s}, {D_t}) and "
+                f"({L_s}, {D_t}, D). Recompute it with `kvdistill align calibrate --pca` for this teacher and student"
+            )
+    info = {"dim": dim, "k_explained_variance": z["k_evr"].sum(-1).tolist(), "v_explained_variance": z["v_evr"].sum(-1).tolist()}
+    return arrays, info
 
 
 def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
@@ -87,17 +112,18 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     examples = load_examples(cfg.data)
     rows = partition(examples, cfg.shard, cfg.num_shards)
     s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
-    s_fp, t_fp = tokenizer_fingerprint(s_tok), tokenizer_fingerprint(t_tok)
-    if s_fp != t_fp or cfg.teacher.prompt_template != cfg.student.prompt_template:
-        raise NotImplementedError(
-            f"teacher {name}: its tokenizer or prompt template differs from the student's; only the "
-            "identity time map (same tokenizer, same rendered text) is implemented so far. Use a "
-            "teacher with the student's tokenizer and template."
-        )
+    s_fp = tokenizer_fingerprint(s_tok)
+    kind = resolve_time_map(
+        cfg.align.time_map,
+        same_tokenizer=s_fp == tokenizer_fingerprint(t_tok),
+        same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
+    )
     device = resolve_device(cfg.device)
     teacher = load_model(cfg.teacher, device)
     g_t, g_s = kv_geometry(teacher.config), kv_geometry(load_config(cfg.student))
-    W = ratio_layer_map(g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
+    W, similarity = _layer_map(cfg, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
+    proj, proj_info = _projection(cfg, g_s.num_layers, g_t.width)
+    width = proj_info["dim"] if proj_info else g_t.width
 
     init_store(
         cfg.store,
@@ -118,42 +144,53 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
             model=cfg.teacher,
             geometry=g_t,
             align=cfg.align,
+            time_map=kind,
             layer_map=W.tolist(),
-            fingerprint=model_fingerprint(teacher, cfg.teacher, cfg.align.to_dict()),
+            width=width,
+            fingerprint=model_fingerprint(teacher, cfg.teacher, [cfg.align.to_dict(), W.tolist(), proj_info]),
+            layer_similarity=similarity,
+            projection=proj_info,
         ),
+        arrays={k: v.numpy() for k, v in proj.items()} if proj else None,
     )
 
-    encoded, skipped = [], []
+    pairs, skipped = [], []  # (student grid, teacher input) per sample
     for ex in rows:
-        e = encode(s_tok, cfg.student.prompt_template, ex)
-        if len(e) > cfg.max_len:
+        s = encode(s_tok, cfg.student.prompt_template, ex)
+        t = s if kind == "identity" else encode(t_tok, cfg.teacher.prompt_template, ex)
+        if max(len(s), len(t)) > cfg.max_len:
             if cfg.on_too_long == "error":
                 raise ValueError(
-                    f"teacher {name}: sample {ex.id} has {len(e)} tokens > max_len {cfg.max_len}; "
-                    "raise --max-len, or pass --on-too-long skip to skip (and count) such samples"
+                    f"teacher {name}: sample {ex.id} has {len(t)} teacher / {len(s)} student tokens > max_len "
+                    f"{cfg.max_len}; raise --max-len, or pass --on-too-long skip to skip (and count) such samples"
                 )
             skipped.append(ex.id)
             continue
-        encoded.append(e)
-    # Length-sorted batches cut padding; the order depends only on the student's tokens, so it
+        pairs.append((s, t))
+    # Length-sorted batches cut padding. The order depends only on the student's tokens, so it
     # is the same for every teacher (the trainer zips shards positionally).
-    encoded.sort(key=len)
-    pad_id = s_tok.pad_token_id if s_tok.pad_token_id is not None else s_tok.eos_token_id
-    tokens = sum(len(e) for e in encoded)
+    pairs.sort(key=lambda p: len(p[0]))
+    pad_id = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id
+    W_dev = W.to(device)
+    proj_dev = {k: v.to(device) for k, v in proj.items()} if proj else None
+    tokens = sum(len(t) for _, t in pairs)
 
-    with ShardWriter(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=g_t.width, dtype=cfg.kv_dtype) as w:
+    with ShardWriter(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, dtype=cfg.kv_dtype) as w:
         bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"dump {name}[{cfg.shard}]", disable=not progress)
-        for i in range(0, len(encoded), cfg.batch_size):
-            batch = encoded[i : i + cfg.batch_size]
-            ids, mask = _pad(batch, pad_id)
+        for i in range(0, len(pairs), cfg.batch_size):
+            batch = pairs[i : i + cfg.batch_size]
+            ids, mask = pad_batch([t.input_ids for _, t in batch], pad_id)
             with torch.inference_mode():
-                k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T, L_t, D_t]
-                k = apply_layer_map(W, k).float().cpu().numpy()  # [B, T, L_s, D_t]
-                v = apply_layer_map(W, v).float().cpu().numpy()
-            for j, e in enumerate(batch):
-                T = len(e)
-                w.write(e.sample_id, k[j, :T], v[j, :T], e.input_ids, e.loss_mask)
+                k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T_t, L_t, D_t]
+                k = map_layers(k, W_dev, proj_dev and (proj_dev["k_mean"], proj_dev["k_components"]))  # [B, T_t, L_s, D]
+                v = map_layers(v, W_dev, proj_dev and (proj_dev["v_mean"], proj_dev["v_components"]))
+                for j, (s, t) in enumerate(batch):
+                    tmap = build_time_map(kind, s.offsets, t.offsets, s.segment_ids, t.segment_ids)
+                    kj, vj = k[j, : len(t)], v[j, : len(t)]
+                    if tmap is not None:
+                        kj, vj = tmap.apply(kj), tmap.apply(vj)  # [T_s, L_s, D]
+                    w.write(s.sample_id, kj.float().cpu().numpy(), vj.float().cpu().numpy(), s.input_ids, s.loss_mask)
             bar.update(int(mask.sum()))
         bar.close()
         w.close(extra_attrs={"skipped": skipped, "max_len": cfg.max_len})
-    return DumpResult(name, cfg.shard, "written", len(encoded), tokens, skipped, time.perf_counter() - t0)
+    return DumpResult(name, cfg.shard, "written", len(pairs), sum(len(s) for s, _ in pairs), skipped, time.perf_counter() - t0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvdistill.align import cli as align_cli
 from kvdistill.data import DataError
 from kvdistill.dump import cli as dump_cli
 from kvdistill.schemas import ConfigError, DemoConfig
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvdistill", description="Distil teacher reasoning into a student through its KV cache, offline.")
     sub = parser.add_subparsers(dest="command", required=True)
     dump_cli.add_parser(sub)
+    align_cli.add_parser(sub)
     store_cli.add_parser(sub)
     train_cli.add_parser(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)")

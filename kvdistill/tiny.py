@@ -25,11 +25,11 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from kvdistill.dump.prompts import encode, render
+from kvdistill.dump.prompts import encode, pad_batch, render
 from kvdistill.schemas import Example
 from kvdistill.train.losses import masked_ce
 
-__all__ = ["ARCHS", "train_tokenizer", "build_model", "train_lm", "pad_batch"]
+__all__ = ["ARCHS", "train_tokenizer", "build_model", "train_lm"]
 
 ARCHS = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -103,17 +103,6 @@ def build_model(
     )
     torch.manual_seed(seed)
     return model_cls(config).float()
-
-
-def pad_batch(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D int arrays: ids [B, T] long, mask [B, T] long."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def train_lm(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .base import ConfigError, Record
 
@@ -22,6 +22,7 @@ __all__ = [
     "StoreSpec",
     "TeacherSpec",
     "DumpConfig",
+    "CalibrateConfig",
     "TrainConfig",
     "EvalConfig",
     "DemoConfig",
@@ -120,11 +121,23 @@ class DataSpec(Record):
 
 @dataclass
 class AlignSpec(Record):
-    """How a teacher's KV is put onto the student's geometry."""
+    """How a teacher's KV is put onto the student's geometry.
 
-    layer_map: Literal["ratio"] = "ratio"  # l_s -> l_s * (L_t - 1) / (L_s - 1), interpolated
-    time_map: Literal["identity"] = "identity"  # same tokenizer and text
+    time_map "auto" picks from the data: identity (same tokenizer, same rendered text),
+    char_overlap (same text, other tokenizer: IoU of character spans), or segment_linear
+    (other text, e.g. another prompt template or reasoning style: linear resampling within
+    each prompt / reasoning / answer segment). The store records the choice."""
+
+    # "ratio" (l_s * (L_t - 1) / (L_s - 1), interpolated), or a layermap.json written by
+    # `kvdistill align calibrate` (CKA top-k)
+    layer_map: str = "ratio"
+    time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = "auto"
     keys: Literal["pre_rope"] = "pre_rope"  # see DESIGN.md "Why pre-RoPE keys"
+    projection: str | None = None  # a PCA .npz from `kvdistill align calibrate --pca D`
+
+    def validate(self) -> None:
+        if self.layer_map != "ratio" and not self.layer_map.endswith(".json"):
+            raise ConfigError(f"AlignSpec.layer_map: 'ratio' or a layermap .json file, got {self.layer_map!r}")
 
 
 @dataclass
@@ -156,14 +169,18 @@ class StoreSpec(Record):
 
 @dataclass
 class TeacherSpec(Record):
-    """One teacher's record in the store: model, alignment and the layer map used."""
+    """One teacher's record in the store: model, alignment as resolved, and what is stored."""
 
     name: str
     model: ModelSpec
-    geometry: KVGeometry  # the teacher's own; stored width is geometry.width
-    align: AlignSpec
+    geometry: KVGeometry  # the teacher's own
+    align: AlignSpec  # as configured
+    time_map: Literal["identity", "char_overlap", "segment_linear"]  # as resolved
     layer_map: list[list[float]]  # [L_s][L_t] weights; row l_s mixes teacher layers
+    width: int  # stored K/V width: geometry.width, or the PCA dimension
     fingerprint: str
+    layer_similarity: list[list[float]] | None = None  # [L_s][L_t] CKA, when calibrated
+    projection: dict[str, Any] | None = None  # PCA: dim and explained variance, when used
 
 
 @dataclass
@@ -188,6 +205,29 @@ class DumpConfig(Record):
             raise ConfigError(f"DumpConfig.shard: need 0 <= shard < num_shards, got {self.shard} of {self.num_shards}")
         if self.batch_size < 1 or self.max_len < 1:
             raise ConfigError("DumpConfig: batch_size and max_len must be >= 1")
+
+
+@dataclass
+class CalibrateConfig(Record):
+    """`kvdistill align calibrate`: a CKA layer map (and optionally a PCA projection) for one
+    teacher and student, from a calibration sample."""
+
+    teacher: ModelSpec
+    student: ModelSpec
+    data: DataSpec = field(default_factory=DataSpec)
+    samples: int = 64
+    top_k: int = 2
+    out: str = "layermap.json"
+    pca: int | None = None  # fit a D-dim PCA per layer of the layer-mapped teacher K and V
+    time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = "auto"
+    batch_size: int = 8
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.samples < 1 or self.top_k < 1:
+            raise ConfigError("CalibrateConfig: samples and top_k must be >= 1")
+        if self.pca is not None and self.pca < 1:
+            raise ConfigError(f"CalibrateConfig.pca: must be >= 1 or null, got {self.pca}")
 
 
 @dataclass

@@ -111,12 +111,17 @@ def init_store(path: str | Path, spec: StoreSpec) -> None:
         )
 
 
-def init_teacher(path: str | Path, spec: TeacherSpec) -> None:
-    """Create teachers/<name> with its spec, or check that the existing one agrees."""
+def init_teacher(path: str | Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Create teachers/<name> with its spec (and `arrays`, e.g. the PCA projection the K/V were
+    reduced with, as teachers/<name>/projection/<array>), or check the existing one agrees."""
     group = zarr.open_group(_teacher_dir(path, spec.name), mode="a")
     have = group.attrs.get(KEY)
     if have is None:
-        group.attrs[KEY] = {"teacher_spec": spec.to_dict()}
+        if arrays:
+            proj = group.require_group("projection")
+            for key, arr in arrays.items():
+                proj.create_array(key, data=np.asarray(arr), overwrite=True)
+        group.attrs[KEY] = {"teacher_spec": spec.to_dict()}  # last: marks the group as initialised
         return
     old = TeacherSpec.from_dict(have["teacher_spec"])
     if old.fingerprint != spec.fingerprint or old.layer_map != spec.layer_map:
@@ -404,10 +409,11 @@ def inspect(path: str | Path) -> dict[str, Any]:
             samples += a["samples"]
             tokens += a["rows"]
         nbytes = _du(_teacher_dir(path, name))
-        raw = tokens * 2 * spec.geometry.num_layers * t.geometry.width * np.dtype(spec.kv_dtype).itemsize
+        raw = tokens * 2 * spec.geometry.num_layers * t.width * np.dtype(spec.kv_dtype).itemsize
         out["teachers"][name] = {
             "model": t.model.name_or_path,
-            "width": t.geometry.width,
+            "time_map": t.time_map,
+            "width": t.width,
             "shards_complete": len(done),
             "samples": samples,
             "tokens": tokens,
@@ -427,11 +433,11 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"store {info['store']}  ({'finalized' if info['finalized'] else 'NOT finalized'})",
         f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x "
         f"{g['head_dim']} dims; K/V stored as {info['kv_dtype']}; {info['num_shards']} shards",
-        f"{'teacher':<20} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} {'bytes':>12} {'B/token':>9} {'ratio':>6}",
+        f"{'teacher':<20} {'time map':<14} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} {'bytes':>12} {'B/token':>9} {'ratio':>6}",
     ]
     for name, t in info["teachers"].items():
         lines.append(
-            f"{name:<20} {t['width']:>6} {t['shards_complete']:>4}/{info['num_shards']:<3} {t['samples']:>8} "
+            f"{name:<20} {t['time_map']:<14} {t['width']:>6} {t['shards_complete']:>4}/{info['num_shards']:<3} {t['samples']:>8} "
             f"{t['tokens']:>10} {t['bytes']:>12,} {t['bytes_per_token']:>9.1f} {t['compression_ratio']:>6.2f}"
         )
     lines.append(f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers)")

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvdistill import tiny
+from kvdistill.align.layers import apply_layer_map
+from kvdistill.align.time import char_overlap_time_map
 from kvdistill.data import load_examples
+from kvdistill.dump.capture import forward_kv
 from kvdistill.dump.prompts import encode
 from kvdistill.dump.run import partition, run_dump
-from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, DumpConfig, ModelSpec, SyntheticSpec
-from kvdistill.store import ShardReader
+from kvdistill.schemas import (
+    DEFAULT_TEMPLATE,
+    AlignSpec,
+    DataSpec,
+    DumpConfig,
+    ModelSpec,
+    SyntheticSpec,
+    TrainConfig,
+)
+from kvdistill.store import ShardReader, finalize, read_teacher_specs
+from kvdistill.train.loop import train
 
 
 def _cfg(tiny_store, tmp_path, **kw) -> DumpConfig:
@@ -19,7 +33,7 @@ def _cfg(tiny_store, tmp_path, **kw) -> DumpConfig:
 
 
 def test_a_sample_over_max_len_is_an_error_naming_it_and_the_fix(tiny_store, tmp_path):
-    with pytest.raises(ValueError, match=r"sample synth-train-\d+ has \d+ tokens > max_len 30; raise --max-len"):
+    with pytest.raises(ValueError, match=r"sample synth-train-\d+ has \d+ teacher / \d+ student tokens > max_len 30; raise --max-len"):
         run_dump(_cfg(tiny_store, tmp_path, max_len=30), progress=False)
     assert not (tmp_path / "s.zarr" / "teachers" / "teacher-a" / "shard-00000").exists()
 
@@ -45,12 +59,88 @@ def test_partition_is_contiguous_disjoint_and_covers_every_row(examples):
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_a_teacher_with_another_tokenizer_is_refused_until_cross_tokenizer_alignment(tiny_store, tmp_path):
-    rows = load_examples(DataSpec(synthetic=SyntheticSpec(n_train=50, n_test=5, seed=9)))
-    tok = tiny.train_tokenizer(tiny.corpus(rows, DEFAULT_TEMPLATE), vocab_size=290)
-    other = tiny.save(tiny.build_model("llama", tok, layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16), tok, tmp_path / "other")
-    with pytest.raises(NotImplementedError, match="tokenizer or prompt template differs"):
-        run_dump(_cfg(tiny_store, tmp_path, teacher=ModelSpec(name_or_path=str(other))), progress=False)
-    odd = ModelSpec(name_or_path=tiny_store["teachers"][0].name_or_path, prompt_template="Q: {question}\nA: {reasoning} => {answer}")
-    with pytest.raises(NotImplementedError, match="prompt template"):
-        run_dump(_cfg(tiny_store, tmp_path, teacher=odd), progress=False)
+THINK = "Solve it step by step.\nQuestion: {question}\nReasoning:\n{reasoning}\nFinal answer: {answer}"
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_teacher(tmp_path_factory):
+    """A Llama teacher with its own, differently sized BPE vocabulary."""
+    rows = load_examples(DataSpec(synthetic=SyntheticSpec(n_train=300, n_test=5, seed=9)))
+    tok = tiny.train_tokenizer(tiny.corpus(rows, DEFAULT_TEMPLATE), vocab_size=420)
+    model = tiny.build_model("llama", tok, layers=3, hidden=32, heads=2, kv_heads=1, head_dim=16)
+    return tiny.save(model, tok, tmp_path_factory.mktemp("other-tok"))
+
+
+def _teacher_kv(path: str, template: str, ex, layer_map) -> torch.Tensor:
+    """The teacher's own K [T_t, L_s, D] for one sample, layer-mapped (independent of the dump)."""
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    e = encode(tok, template, ex)
+    ids = torch.as_tensor(e.input_ids, dtype=torch.long)[None]
+    with torch.no_grad():
+        k, _ = forward_kv(model, ids, torch.ones_like(ids))
+    return apply_layer_map(torch.tensor(layer_map, dtype=torch.float64), k[0]), e
+
+
+def test_cross_tokenizer_teacher_is_char_overlap_aligned_onto_every_student_token(tiny_store, tmp_path, other_tokenizer_teacher):
+    teacher = ModelSpec(name_or_path=str(other_tokenizer_teacher), name="other-tok")
+    run_dump(_cfg(tiny_store, tmp_path, teacher=teacher, num_shards=1), progress=False)
+    spec = read_teacher_specs(tmp_path / "s.zarr")["other-tok"]
+    assert spec.time_map == "char_overlap"
+    reader = ShardReader(tmp_path / "s.zarr", "other-tok", 0)
+    s_tok = AutoTokenizer.from_pretrained(tiny_store["student"].name_or_path)
+    by_id = {ex.id: ex for ex in load_examples(tiny_store["data"])}
+    for j, sid in enumerate(reader.sample_ids):
+        rows = reader.rows(int(reader.offsets[j]), int(reader.offsets[j + 1]), ("input_ids", "k"))
+        student = encode(s_tok, DEFAULT_TEMPLATE, by_id[sid])
+        assert np.array_equal(rows["input_ids"], student.input_ids)  # the time axis is the student's
+        assert rows["k"].shape == (len(student), 2, 16)
+    # One sample against an independent computation: K_s = A @ K_t with A from the two tokenizations.
+    sid = reader.sample_ids[0]
+    k_t, t_enc = _teacher_kv(str(other_tokenizer_teacher), DEFAULT_TEMPLATE, by_id[sid], spec.layer_map)
+    s_enc = encode(s_tok, DEFAULT_TEMPLATE, by_id[sid])
+    assert len(t_enc) != len(s_enc) or not np.array_equal(t_enc.input_ids, s_enc.input_ids)
+    expected = torch.einsum("st,tld->sld", char_overlap_time_map(s_enc.offsets, t_enc.offsets).dense(), k_t.double())
+    got = reader.rows(0, int(reader.offsets[1]), ("k",))["k"]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-5)
+
+
+def test_training_runs_on_a_cross_tokenizer_and_dual_prompt_store(tiny_store, tmp_path, other_tokenizer_teacher):
+    store = str(tmp_path / "s.zarr")
+    plain = tiny_store["teachers"][0]
+    think = ModelSpec(name_or_path=plain.name_or_path, name="teacher-a-think", prompt_template=THINK)
+    other = ModelSpec(name_or_path=str(other_tokenizer_teacher), name="other-tok")
+    for t in (plain, think, other):
+        for shard in range(2):
+            run_dump(_cfg(tiny_store, tmp_path, teacher=t, num_shards=2, shard=shard), progress=False)
+    finalize(store)
+    specs = read_teacher_specs(store)
+    assert {n: s.time_map for n, s in specs.items()} == {"teacher-a": "identity", "teacher-a-think": "segment_linear", "other-tok": "char_overlap"}
+    summary = train(TrainConfig(store=store, student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=4, warmup_steps=1, device="cpu"), progress=False)
+    assert summary["steps"] == 4 and summary["teachers"] == ["other-tok", "teacher-a", "teacher-a-think"]
+    assert np.isfinite(summary["final_kv_k"]) and summary["final_kv_k"] > 0
+
+
+def test_a_dual_prompt_teacher_is_resampled_per_segment_with_endpoints_exact(tiny_store, tmp_path):
+    plain = tiny_store["teachers"][0]
+    think = ModelSpec(name_or_path=plain.name_or_path, name="think", prompt_template=THINK)
+    run_dump(_cfg(tiny_store, tmp_path, teacher=think, num_shards=1), progress=False)
+    spec = read_teacher_specs(tmp_path / "s.zarr")["think"]
+    reader = ShardReader(tmp_path / "s.zarr", "think", 0)
+    ex = {e.id: e for e in load_examples(tiny_store["data"])}[reader.sample_ids[0]]
+    k_t, t_enc = _teacher_kv(plain.name_or_path, THINK, ex, spec.layer_map)
+    got = reader.rows(0, int(reader.offsets[1]), ("k",))["k"]  # [T_s, L_s, D]
+    s_seg = reader.rows(0, int(reader.offsets[1]), ("input_ids",))["input_ids"]
+    s_enc = encode(AutoTokenizer.from_pretrained(tiny_store["student"].name_or_path), DEFAULT_TEMPLATE, ex)
+    assert np.array_equal(s_seg, s_enc.input_ids) and len(s_enc) != len(t_enc)
+    # Each segment's first and last student token take exactly the teacher's first / last token
+    # of the same segment (linear resampling preserves endpoints; segments never mix).
+    for seg in range(3):
+        (s_idx,), (t_idx,) = np.nonzero(s_enc.segment_ids == seg), np.nonzero(t_enc.segment_ids == seg)
+        for a, b in ((s_idx[0], t_idx[0]), (s_idx[-1], t_idx[-1])):
+            np.testing.assert_allclose(got[a], k_t[b].numpy(), rtol=0, atol=1e-6)
+
+
+def test_forcing_identity_onto_another_tokenizer_is_a_clear_error(tiny_store, tmp_path, other_tokenizer_teacher):
+    teacher = ModelSpec(name_or_path=str(other_tokenizer_teacher))
+    with pytest.raises(ValueError, match="time_map 'identity' needs the student's tokenizer"):
+        run_dump(_cfg(tiny_store, tmp_path, teacher=teacher, align=AlignSpec(time_map="identity")), progress=False)

@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 
 from kvdistill.data import load_examples
 from kvdistill.dump.models import load_model, load_tokenizer, resolve_device
-from kvdistill.dump.prompts import encode, prompt_text
+from kvdistill.dump.prompts import encode, pad_batch, prompt_text
 from kvdistill.schemas import DEFAULT_TEMPLATE, EvalConfig, ModelSpec, TrainConfig
-from kvdistill.tiny import pad_batch
 
 from .answers import answers_match, extract_answer
 from .losses import masked_ce

@@ -73,7 +73,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     spec, teachers = _check_store(cfg, tokenizer, student)
     model = Distiller(
         student,
-        {t: s.geometry.width for t, s in teachers.items()},
+        {t: s.width for t, s in teachers.items()},
         spec.geometry.num_layers,
         spec.geometry.width,
         teacher_weights=cfg.teacher_weights,
