@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kvdistill.align import cli as align_cli
@@ -21,6 +22,7 @@ DEMO_FLAGS: list[Flag] = [
     ("--student-steps", "student_steps", int, "steps for each student run"),
     ("--kv-weight", "kv_weight", float, "KV loss weight of the distilled student"),
     ("--seed", "seed", int, "seed"),
+    ("--extra-teachers", "extra_teachers", lambda s: [x for x in s.split(",") if x], "comma list: cross-tokenizer, dual-prompt"),
 ]
 
 
@@ -55,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kvdistill {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    except (StoreError, DataError) as e:
-        print(f"kvdistill {args.command}: {e}", file=sys.stderr)
+    except (StoreError, DataError, ValueError, FileNotFoundError, NotImplementedError) as e:
+        # Input problems: the message names the problem and the fix; a traceback would bury it.
+        if os.environ.get("KVDISTILL_DEBUG"):
+            raise
+        print(f"kvdistill {args.command}: {type(e).__name__}: {e}\n(set KVDISTILL_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,6 +38,11 @@ TEACHERS = {
     "teacher-llama": dict(arch="llama", layers=4, hidden=128, heads=8, kv_heads=2, head_dim=16),
 }
 STUDENT = dict(arch="qwen2", layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16)
+# Optional: a teacher with its own tokenizer (another vocabulary size) ...
+CROSS_TOKENIZER = dict(arch="llama", layers=4, hidden=128, heads=4, kv_heads=2, head_dim=32)
+CROSS_VOCAB = 512
+# ... and teacher-qwen2 read under another prompt (a dual-prompt pair with teacher-qwen2).
+THINK_TEMPLATE = "Think step by step.\nQuestion: {question}\nReasoning:\n{reasoning}\n#### {answer}"
 
 
 def _cached(path: Path, recipe: dict[str, Any]) -> bool:
@@ -81,13 +86,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "demo_config.yaml")
     times: dict[str, float] = {}
-    t = time.perf_counter()
+    t_stage = time.perf_counter()
 
     def lap(stage: str) -> None:
-        nonlocal t
-        times[stage] = round(time.perf_counter() - t, 1)
+        nonlocal t_stage
+        times[stage] = round(time.perf_counter() - t_stage, 1)
         print(f"[demo] {stage}: {times[stage]:.1f}s", flush=True)
-        t = time.perf_counter()
+        t_stage = time.perf_counter()
 
     train_rows = load_examples(cfg.data)
     test_data = type(cfg.data).from_dict({**cfg.data.to_dict(), "split": "test", "limit": None})
@@ -102,15 +107,25 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         _mark(tok_dir, base)
     tok = AutoTokenizer.from_pretrained(tok_dir)
 
-    for name, geo in TEACHERS.items():
+    tokenizers = {name: tok_dir for name in TEACHERS}
+    recipes = dict(TEACHERS)
+    if "cross-tokenizer" in cfg.extra_teachers:
+        xtok_dir = models / "tokenizer-xtok"
+        if not _cached(xtok_dir, {**base, "vocab": CROSS_VOCAB}):
+            tiny.train_tokenizer(tiny.corpus(train_rows, template), vocab_size=CROSS_VOCAB).save_pretrained(xtok_dir)
+            _mark(xtok_dir, {**base, "vocab": CROSS_VOCAB})
+        tokenizers["teacher-xtok"] = xtok_dir
+        recipes["teacher-xtok"] = CROSS_TOKENIZER
+    for name, geo in recipes.items():
         path = models / name
-        recipe = {**base, **geo, "steps": cfg.teacher_steps, "batch_size": cfg.batch_size}
+        recipe = {**base, **geo, "steps": cfg.teacher_steps, "batch_size": cfg.batch_size, "tokenizer": str(tokenizers[name])}
         if _cached(path, recipe):
             print(f"[demo] {name}: trained copy found in {path}, reusing it")
             continue
-        model = tiny.build_model(tokenizer=tok, seed=cfg.seed, **geo)
-        tiny.train_lm(model, tok, train_rows, template, steps=cfg.teacher_steps, batch_size=cfg.batch_size, seed=cfg.seed, desc=f"train {name}", progress=progress)
-        tiny.save(model, tok, path)
+        t_tok = AutoTokenizer.from_pretrained(tokenizers[name])
+        model = tiny.build_model(tokenizer=t_tok, seed=cfg.seed, **geo)
+        tiny.train_lm(model, t_tok, train_rows, template, steps=cfg.teacher_steps, batch_size=cfg.batch_size, seed=cfg.seed, desc=f"train {name}", progress=progress)
+        tiny.save(model, t_tok, path)
         _mark(path, recipe)
     student_init = models / "student-init"
     recipe = {**base, **STUDENT}
@@ -121,7 +136,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
     store = out / "store.zarr"
     student = ModelSpec(name_or_path=str(student_init), name="student")
-    teachers = [ModelSpec(name_or_path=str(models / n), name=n) for n in TEACHERS]
+    teachers = [ModelSpec(name_or_path=str(models / n), name=n) for n in recipes]
+    if "dual-prompt" in cfg.extra_teachers:
+        teachers.append(ModelSpec(name_or_path=str(models / "teacher-qwen2"), name="teacher-qwen2-think", prompt_template=THINK_TEMPLATE))
     dump_base = DumpConfig(teacher=teachers[0], student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, device="cpu")
     run_local(dump_tasks(dump_base, teachers), progress=progress)
     lap("dump")
@@ -141,9 +158,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         lap(f"train {name}")
 
     evals = {}
-    for name in [*TEACHERS, *runs]:
-        path = models / name if name in TEACHERS else out / "runs" / name
-        evals[name] = evaluate(EvalConfig(model=str(path), data=test_data, out=str(out / "eval" / f"{name}.json"), device="cpu"), progress=progress)
+    for spec in teachers:
+        evals[spec.name] = evaluate(
+            EvalConfig(model=spec.name_or_path, data=test_data, prompt_template=spec.prompt_template, out=str(out / "eval" / f"{spec.name}.json"), device="cpu"),
+            progress=progress,
+        )
+    for name in runs:
+        evals[name] = evaluate(EvalConfig(model=str(out / "runs" / name), data=test_data, out=str(out / "eval" / f"{name}.json"), device="cpu"), progress=progress)
     lap("eval")
     plot = _plot({n: out / "runs" / n for n in runs}, out)
 
@@ -171,10 +192,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = ["", f"{'model':<16} {'accuracy':>9} {'perplexity':>11} {'final KV loss':>14}"]
+    lines = ["", f"{'model':<20} {'accuracy':>9} {'perplexity':>11} {'final KV loss':>14}"]
     for r in s["results"]:
         kv = f"{r['final_kv_loss']:.4f}" if r["final_kv_loss"] is not None else "-"
-        lines.append(f"{r['model']:<16} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {kv:>14}")
+        lines.append(f"{r['model']:<20} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {kv:>14}")
     st = s["store"]
     lines.append(f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()) + f"; total {s['total_seconds']:.0f}s")

@@ -289,3 +289,7 @@ class DemoConfig(Record):
     batch_size: int = 32
     seed: int = 0
     kv_weight: float = 1.0
+    # Optional extra teachers: "cross-tokenizer" (a Llama teacher with its own, larger BPE
+    # vocabulary: char-overlap time map) and "dual-prompt" (teacher-qwen2 again under a
+    # step-by-step template: per-segment resampling).
+    extra_teachers: list[Literal["cross-tokenizer", "dual-prompt"]] = field(default_factory=list)

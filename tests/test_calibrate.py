@@ -1,0 +1,70 @@
+"""`kvdistill align calibrate`: CKA layer map + heatmap + PCA, consumed by `kvdistill dump`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from kvdistill.cli import main
+from kvdistill.store import ShardReader, finalize, read_teacher_specs
+from kvdistill.train.loop import train
+from kvdistill.schemas import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "layermap.json"
+    teacher = tiny_store["teachers"][0].name_or_path  # 3 layers, D = 64
+    student = tiny_store["student"].name_or_path  # 2 layers, D = 32
+    rc = main(["align", "calibrate", "--teacher", teacher, "--student", student, "--samples", "12",
+               "--top-k", "2", "--pca", "8", "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_calibrate_writes_the_similarity_matrix_the_top_k_map_a_heatmap_and_a_pca(calibrated):
+    d = json.loads(calibrated.read_text())
+    assert d["method"] == "debiased_linear_cka" and d["teacher_layers"] == 3 and d["student_layers"] == 2
+    sim, W = np.array(d["similarity"]), np.array(d["map"])
+    assert sim.shape == (2, 3) and np.isfinite(sim).all() and (sim <= 1 + 1e-9).all()
+    assert W.shape == (2, 3) and np.allclose(W.sum(1), 1) and ((W > 0).sum(1) <= 2).all()
+    for s in range(2):  # the kept layers are the most similar ones
+        kept = set(np.nonzero(W[s])[0])
+        assert kept <= set(np.argsort(-sim[s])[:2])
+    assert d["meta"]["tokens"] > 0 and d["meta"]["time_map"] == "identity"
+    assert calibrated.with_suffix(".png").stat().st_size > 1000
+    z = np.load(calibrated.with_name("layermap-pca8.npz"))
+    assert z["k_components"].shape == (2, 64, 8) and z["v_mean"].shape == (2, 64)
+    assert (np.diff(z["k_evr"], axis=-1) <= 1e-12).all() and (z["k_evr"].sum(-1) <= 1 + 1e-9).all()
+
+
+def test_dump_uses_the_calibrated_map_and_projection_and_the_store_records_them(tiny_store, calibrated, tmp_path):
+    store = tmp_path / "s.zarr"
+    teacher = tiny_store["teachers"][0]
+    for shard in range(2):
+        rc = main(["dump", "--teacher", teacher.name_or_path, "--teacher-name", "a-cka", "--student", tiny_store["student"].name_or_path,
+                   "--store", str(store), "--num-shards", "2", "--shard", str(shard), "--layer-map", str(calibrated),
+                   "--projection", str(calibrated.with_name("layermap-pca8.npz")), "--limit", "48", "--device", "cpu", "--no-progress"])
+        assert rc == 0
+    finalize(store)
+    spec = read_teacher_specs(store)["a-cka"]
+    d = json.loads(calibrated.read_text())
+    assert spec.layer_map == d["map"] and spec.layer_similarity == d["similarity"]
+    assert spec.width == 8 and spec.projection["dim"] == 8 and len(spec.projection["k_explained_variance"]) == 2
+    assert ShardReader(store, "a-cka", 0).group["k"].shape[1:] == (2, 8)
+    proj = zarr.open_group(store / "teachers" / "a-cka" / "projection", mode="r")
+    np.testing.assert_array_equal(proj["k_components"][:], np.load(calibrated.with_name("layermap-pca8.npz"))["k_components"])
+    summary = train(TrainConfig(store=str(store), student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=3, device="cpu"), progress=False)
+    assert summary["steps"] == 3 and np.isfinite(summary["final_kv_k"])
+
+
+def test_a_layer_map_for_another_depth_is_a_clear_error(tiny_store, calibrated, tmp_path, capsys):
+    other = tiny_store["teachers"][1].name_or_path  # 2 layers, not 3
+    rc = main(["dump", "--teacher", other, "--student", tiny_store["student"].name_or_path, "--store", str(tmp_path / "x.zarr"),
+               "--layer-map", str(calibrated), "--device", "cpu", "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "3-layer teacher" in err and "2 layers" in err and "kvdistill align calibrate" in err
