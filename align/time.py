@@ -27,6 +27,7 @@ __all__ = [
     "char_overlap_time_map",
     "linear_resample_time_map",
     "segment_time_map",
+    "stack_time_maps",
 ]
 
 
@@ -338,3 +339,32 @@ def segment_time_map(student_segments, teacher_segments) -> TimeMap:
     return _time_map(
         np.concatenate(rows), np.concatenate(cols), np.concatenate(ws), (T_s, T_t), "segment_linear"
     )
+
+
+def stack_time_maps(maps: list[TimeMap | None], teacher_lengths: list[int], T_pad: int) -> TimeMap:
+    """One block-diagonal map for a padded batch, so a whole batch is aligned in one `apply`:
+    input x.reshape(B * T_pad, ...) (sample j's teacher step t at row j * T_pad + t), output
+    [sum_j T_s_j, ...] with the samples' student steps concatenated in batch order. `None`
+    stands for the identity over that sample's `teacher_lengths[j]` steps (padding dropped)."""
+    rows, cols, weights, kinds = [], [], [], set()
+    offset = 0
+    for j, (m, T_t) in enumerate(zip(maps, teacher_lengths, strict=True)):
+        if T_t > T_pad:
+            raise ValueError(f"sample {j} has {T_t} teacher steps > padded length {T_pad}")
+        if m is None:
+            r = torch.arange(T_t, dtype=torch.int64)
+            rows.append(r + offset)
+            cols.append(r + j * T_pad)
+            weights.append(torch.ones(T_t, dtype=torch.float64))
+            offset += T_t
+            kinds.add("identity")
+            continue
+        if m.shape[1] != T_t:
+            raise ValueError(f"sample {j}: map expects {m.shape[1]} teacher steps, the sample has {T_t}")
+        rows.append(m.rows + offset)
+        cols.append(m.cols + j * T_pad)
+        weights.append(m.weights)
+        offset += m.shape[0]
+        kinds.add(m.kind)
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    return TimeMap(torch.cat(rows), torch.cat(cols), torch.cat(weights), (offset, len(maps) * T_pad), kind)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from kvdistill.align.cka import layer_map_from_json
 from kvdistill.align.layers import ratio_layer_map
 from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map
+from kvdistill.align.time import stack_time_maps
 from kvdistill.data import data_fingerprint, load_examples
 from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
 from kvdistill.store import ShardWriter, init_store, init_teacher, shard_is_complete
@@ -55,15 +56,21 @@ class DumpResult:
     tokens: int = 0
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    teacher_tokens: int = 0
+    # seconds per phase: load (models, data, tokenization), forward, align, write
+    phases: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         if self.status != "written":
             return f"teacher {self.teacher} shard {self.shard}: {self.status}, nothing to do"
         rate = self.tokens / self.seconds if self.seconds else float("nan")
         skip = f", skipped {len(self.skipped)} over max_len" if self.skipped else ""
+        fwd = self.phases.get("forward", 0.0)
+        split = ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items())
+        align = f"; align = {self.phases.get('align', 0) / fwd:.1%} of forward" if fwd else ""
         return (
             f"teacher {self.teacher} shard {self.shard}: {self.samples} samples, {self.tokens} tokens "
-            f"in {self.seconds:.1f}s ({rate:,.0f} tok/s){skip}"
+            f"in {self.seconds:.1f}s ({rate:,.0f} tok/s){skip} [{split}{align}]"
         )
 
 
@@ -172,25 +179,67 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     pairs.sort(key=lambda p: len(p[0]))
     pad_id = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id
     W_dev = W.to(device)
-    proj_dev = {k: v.to(device) for k, v in proj.items()} if proj else None
+    proj_kv = None  # K and V are aligned side by side: one block-diagonal projection for both
+    if proj:
+        zeros = torch.zeros_like(proj["k_components"])
+        proj_kv = (
+            torch.cat([proj["k_mean"], proj["v_mean"]], dim=-1).to(device),  # [L_s, 2D_t]
+            torch.cat([torch.cat([proj["k_components"], zeros], -1), torch.cat([zeros, proj["v_components"]], -1)], 1).to(device),
+        )  # [L_s, 2D_t, 2D]
     tokens = sum(len(t) for _, t in pairs)
 
+    store_dtype = getattr(torch, cfg.kv_dtype)
+    phases = {"load": time.perf_counter() - t0, "forward": 0.0, "align": 0.0, "write": 0.0}
+    clock = _Clock(device, phases)
     with ShardWriter(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, dtype=cfg.kv_dtype) as w:
         bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"dump {name}[{cfg.shard}]", disable=not progress)
         for i in range(0, len(pairs), cfg.batch_size):
             batch = pairs[i : i + cfg.batch_size]
             ids, mask = pad_batch([t.input_ids for _, t in batch], pad_id)
             with torch.inference_mode():
-                k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T_t, L_t, D_t]
-                k = map_layers(k, W_dev, proj_dev and (proj_dev["k_mean"], proj_dev["k_components"]))  # [B, T_t, L_s, D]
-                v = map_layers(v, W_dev, proj_dev and (proj_dev["v_mean"], proj_dev["v_components"]))
-                for j, (s, t) in enumerate(batch):
-                    tmap = build_time_map(kind, s.offsets, t.offsets, s.segment_ids, t.segment_ids)
-                    kj, vj = k[j, : len(t)], v[j, : len(t)]
-                    if tmap is not None:
-                        kj, vj = tmap.apply(kj), tmap.apply(vj)  # [T_s, L_s, D]
-                    w.write(s.sample_id, kj.float().cpu().numpy(), vj.float().cpu().numpy(), s.input_ids, s.loss_mask)
+                with clock("forward"):
+                    k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T_t, L_t, D_t]
+                with clock("align"):
+                    # K and V side by side: one layer map and one time map for both.
+                    kv = map_layers(torch.cat([k, v], dim=-1), W_dev, proj_kv)  # [B, T_t, L_s, 2D]
+                    B, T_pad = kv.shape[:2]
+                    tmaps = [build_time_map(kind, s.offsets, t.offsets, s.segment_ids, t.segment_ids) for s, t in batch]
+                    tmap = stack_time_maps(tmaps, [len(t) for _, t in batch], T_pad)
+                    kv = tmap.apply(kv.reshape(B * T_pad, *kv.shape[2:]))  # [sum T_s, L_s, 2D]
+                with clock("write"):
+                    kv = kv.to(store_dtype).cpu().numpy()
+                    start = 0
+                    for s, _ in batch:
+                        rows = kv[start : start + len(s)]
+                        w.write(s.sample_id, rows[..., :width], rows[..., width:], s.input_ids, s.loss_mask)
+                        start += len(s)
             bar.update(int(mask.sum()))
         bar.close()
-        w.close(extra_attrs={"skipped": skipped, "max_len": cfg.max_len})
-    return DumpResult(name, cfg.shard, "written", len(pairs), sum(len(s) for s, _ in pairs), skipped, time.perf_counter() - t0)
+        with clock("write"):
+            w.close(extra_attrs={"skipped": skipped, "max_len": cfg.max_len})
+    return DumpResult(
+        name, cfg.shard, "written", len(pairs), sum(len(s) for s, _ in pairs), skipped,
+        time.perf_counter() - t0, teacher_tokens=tokens, phases=phases,
+    )
+
+
+class _Clock:
+    """`with clock("forward"): ...` adds the block's wall time to phases["forward"] (synchronising
+    CUDA so asynchronous kernels are charged to the phase that launched them)."""
+
+    def __init__(self, device: torch.device, phases: dict[str, float]) -> None:
+        self.cuda, self.phases, self.name, self.t = device.type == "cuda", phases, "", 0.0
+
+    def __call__(self, name: str) -> _Clock:
+        self.name = name
+        return self
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.phases[self.name] += time.perf_counter() - self.t

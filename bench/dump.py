@@ -1,0 +1,137 @@
+"""Dump throughput, measured side by side in one run on the same samples and batches:
+
+  bare     the teacher's decoder stack alone (no hooks, no LM head), inference_mode
+  dump     our full dump task (capture, layer map, time map, cast, compress, write, commit)
+  naive    one sample at a time: forward with capture, then torch.save of K and V per sample
+
+and the alignment cost (layer map + time map + projection) as a share of the teacher forward,
+for the three time maps: identity (same tokenizer and text), char_overlap (a teacher with its
+own tokenizer) and segment_linear (the same teacher under another prompt template).
+
+    python bench/dump.py --size small --samples 512      # numbers for BENCHMARKS.md
+
+Teachers are random-weight real architectures (throughput does not depend on training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from kvdistill import tiny
+from kvdistill.data import load_examples
+from kvdistill.dump.capture import decoder, forward_kv
+from kvdistill.dump.models import load_model, load_tokenizer
+from kvdistill.dump.prompts import encode, pad_batch
+from kvdistill.dump.run import run_dump
+from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, DumpConfig, ModelSpec, SyntheticSpec
+from kvdistill.store import inspect
+
+SIZES = {  # teacher geometries; the student is always the demo's
+    "tiny": dict(layers=6, hidden=128, heads=4, kv_heads=2, head_dim=32),
+    "small": dict(layers=8, hidden=512, heads=8, kv_heads=2, head_dim=64),
+}
+STUDENT = dict(layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16)
+THINK = "Think step by step.\nQuestion: {question}\nReasoning:\n{reasoning}\n#### {answer}"
+
+
+def build(root: Path, size: str, data: DataSpec) -> dict[str, ModelSpec]:
+    rows = load_examples(data)
+    texts = tiny.corpus(rows, DEFAULT_TEMPLATE)
+    tok, xtok = tiny.train_tokenizer(texts, vocab_size=384), tiny.train_tokenizer(texts, vocab_size=512)
+    paths = {
+        "teacher": tiny.save(tiny.build_model("qwen2", tok, **SIZES[size]), tok, root / "teacher"),
+        "xtok": tiny.save(tiny.build_model("llama", xtok, **SIZES[size]), xtok, root / "xtok"),
+        "student": tiny.save(tiny.build_model("qwen2", tok, **STUDENT), tok, root / "student"),
+    }
+    return {
+        "identity": ModelSpec(name_or_path=str(paths["teacher"]), name="identity"),
+        "char_overlap": ModelSpec(name_or_path=str(paths["xtok"]), name="char_overlap"),
+        "segment_linear": ModelSpec(name_or_path=str(paths["teacher"]), name="segment_linear", prompt_template=THINK),
+        "student": ModelSpec(name_or_path=str(paths["student"])),
+    }
+
+
+def batches(spec: ModelSpec, data: DataSpec, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The dump's own batches: student-length order, padded the same way."""
+    tok = load_tokenizer(spec)
+    enc = sorted((encode(tok, spec.prompt_template, ex) for ex in load_examples(data)), key=len)
+    return [pad_batch([e.input_ids for e in enc[i : i + batch_size]], tok.pad_token_id) for i in range(0, len(enc), batch_size)]
+
+
+def bare_forward(spec: ModelSpec, data: DataSpec, batch_size: int) -> tuple[int, float]:
+    model = load_model(spec)
+    stack, work = decoder(model), batches(spec, data, batch_size)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for ids, mask in work:
+            stack(input_ids=ids, attention_mask=mask, use_cache=False)
+    return sum(int(m.sum()) for _, m in work), time.perf_counter() - t0
+
+
+def naive(spec: ModelSpec, data: DataSpec, out: Path) -> tuple[int, float]:
+    model, tok = load_model(spec), load_tokenizer(spec)
+    enc = [encode(tok, spec.prompt_template, ex) for ex in load_examples(data)]
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for e in enc:
+            ids = torch.as_tensor(e.input_ids, dtype=torch.long)[None]
+            k, v = forward_kv(model, ids, torch.ones_like(ids))
+            torch.save({"k": k[0].half(), "v": v[0].half()}, out / f"{e.sample_id}.pt")
+    return sum(len(e) for e in enc), time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    data = DataSpec(synthetic=SyntheticSpec(n_train=args.samples, n_test=16))
+    root = Path(tempfile.mkdtemp(prefix="kvdistill-bench-"))
+    specs = build(root / "models", args.size, data)
+    g = SIZES[args.size]
+    print(f"teacher {args.size}: {g}; {args.samples} samples, batch {args.batch_size}, {args.threads} threads, device cpu\n")
+
+    tok_bare, s_bare = bare_forward(specs["identity"], data, args.batch_size)
+    results = {}
+    for kind in ("identity", "char_overlap", "segment_linear"):
+        cfg = DumpConfig(teacher=specs[kind], student=specs["student"], store=str(root / "store.zarr"), data=data, batch_size=args.batch_size, device="cpu")
+        results[kind] = run_dump(cfg, progress=False)
+    tok_naive, s_naive = naive(specs["identity"], data, root / "naive")
+
+    r = results["identity"]
+    steady = r.phases["forward"] + r.phases["align"] + r.phases["write"]
+    rate = {"bare": tok_bare / s_bare, "dump": r.teacher_tokens / steady, "dump_wall": r.teacher_tokens / r.seconds, "naive": tok_naive / s_naive}
+    print(f"{'path':<34} {'tokens/s':>10} {'vs bare':>8}")
+    print(f"{'bare teacher forward':<34} {rate['bare']:>10,.0f} {1.0:>8.2f}")
+    print(f"{'kvdistill dump (steady state)':<34} {rate['dump']:>10,.0f} {rate['dump'] / rate['bare']:>8.2f}")
+    print(f"{'kvdistill dump (incl. loading)':<34} {rate['dump_wall']:>10,.0f} {rate['dump_wall'] / rate['bare']:>8.2f}")
+    print(f"{'naive per-sample torch.save':<34} {rate['naive']:>10,.0f} {rate['naive'] / rate['bare']:>8.2f}")
+    print(f"dump / naive: {rate['dump'] / rate['naive']:.2f}x\n")
+
+    print(f"{'time map':<16} {'forward s':>10} {'align s':>8} {'align/forward':>14} {'write s':>8}")
+    for kind, res in results.items():
+        ph = res.phases
+        print(f"{kind:<16} {ph['forward']:>10.2f} {ph['align']:>8.2f} {ph['align'] / ph['forward']:>14.1%} {ph['write']:>8.2f}")
+    info = inspect(root / "store.zarr")
+    print()
+    for name, t in info["teachers"].items():
+        print(f"store {name:<16} {t['bytes_per_token']:>8.1f} bytes/token (compression {t['compression_ratio']:.2f}x)")
+    naive_bytes = sum(f.stat().st_size for f in (root / "naive").iterdir())
+    print(f"naive torch.save files   {naive_bytes / tok_naive:>8.1f} bytes/token (teacher depth, uncompressed)")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
