@@ -17,6 +17,7 @@ from kvdistill.align.time import (
     identity_time_map,
     linear_resample_time_map,
     segment_time_map,
+    stack_time_maps,
 )
 from kvdistill.data import load_examples
 from kvdistill.dump.prompts import SEGMENTS, encode, render
@@ -363,3 +364,21 @@ def test_segment_map_between_two_reasoning_styles(two_tokenizers):
     assert n_prompt == int((enc_t.segment_ids == 0).sum())
     A = m.dense()
     assert torch.equal(A[:n_prompt, :n_prompt], torch.eye(n_prompt, dtype=torch.float64))
+
+
+@settings(deadline=None, max_examples=30)
+@given(lengths=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9), st.booleans()), min_size=1, max_size=5), seed=st.integers(0, 2**16))
+def test_stacked_batch_map_equals_each_sample_aligned_alone(lengths, seed):
+    """The dump aligns a padded batch in one apply; it must equal aligning each sample alone."""
+    T_pad = max(max(t for _, t, _ in lengths), 1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), T_pad, 3, generator=g)  # [B, T_pad, D]
+    maps, t_lengths, expected = [], [], []
+    for j, (T_s, T_t, identity) in enumerate(lengths):
+        m = None if identity else linear_resample_time_map(T_t, T_s)
+        maps.append(m)
+        t_lengths.append(T_t)
+        expected.append(x[j, :T_t] if m is None else m.apply(x[j, :T_t]))
+    stacked = stack_time_maps(maps, t_lengths, T_pad)
+    out = stacked.apply(x.reshape(-1, 3))
+    assert torch.equal(out, torch.cat(expected))
