@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,32 +192,51 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
     store_dtype = getattr(torch, cfg.kv_dtype)
     phases = {"load": time.perf_counter() - t0, "forward": 0.0, "align": 0.0, "write": 0.0}
     clock = _Clock(device, phases)
-    with ShardWriter(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, dtype=cfg.kv_dtype) as w:
+    batches = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
+
+    def time_maps(batch):  # CPU-only work on offsets: built for batch i+1 while batch i runs
+        T_pad = max(len(t) for _, t in batch)
+        maps = [build_time_map(kind, s.offsets, t.offsets, s.segment_ids, t.segment_ids) for s, t in batch]
+        return stack_time_maps(maps, [len(t) for _, t in batch], T_pad)
+
+    def write(batch, kv):  # compression + zarr writes overlap the next forward
+        start = 0
+        for s, _ in batch:
+            rows = kv[start : start + len(s)]
+            w.write(s.sample_id, rows[..., :width], rows[..., width:], s.input_ids, s.loss_mask)
+            start += len(s)
+
+    with (
+        ShardWriter(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, dtype=cfg.kv_dtype) as w,
+        ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
+        ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
+    ):
         bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"dump {name}[{cfg.shard}]", disable=not progress)
-        for i in range(0, len(pairs), cfg.batch_size):
-            batch = pairs[i : i + cfg.batch_size]
+        next_maps = maps_pool.submit(time_maps, batches[0]) if batches else None
+        pending: Future | None = None  # at most one batch waits for the writer (bounded memory)
+        for b, batch in enumerate(batches):
+            maps = next_maps
+            if b + 1 < len(batches):
+                next_maps = maps_pool.submit(time_maps, batches[b + 1])
             ids, mask = pad_batch([t.input_ids for _, t in batch], pad_id)
             with torch.inference_mode():
                 with clock("forward"):
                     k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T_t, L_t, D_t]
                 with clock("align"):
-                    # K and V side by side: one layer map and one time map for both.
+                    # K and V side by side: one layer map and one block-diagonal time map for both.
                     kv = map_layers(torch.cat([k, v], dim=-1), W_dev, proj_kv)  # [B, T_t, L_s, 2D]
-                    B, T_pad = kv.shape[:2]
-                    tmaps = [build_time_map(kind, s.offsets, t.offsets, s.segment_ids, t.segment_ids) for s, t in batch]
-                    tmap = stack_time_maps(tmaps, [len(t) for _, t in batch], T_pad)
-                    kv = tmap.apply(kv.reshape(B * T_pad, *kv.shape[2:]))  # [sum T_s, L_s, 2D]
+                    kv = maps.result().apply(kv.reshape(-1, *kv.shape[2:]))  # [sum T_s, L_s, 2D]
                 with clock("write"):
                     kv = kv.to(store_dtype).cpu().numpy()
-                    start = 0
-                    for s, _ in batch:
-                        rows = kv[start : start + len(s)]
-                        w.write(s.sample_id, rows[..., :width], rows[..., width:], s.input_ids, s.loss_mask)
-                        start += len(s)
+                    if pending is not None:
+                        pending.result()  # re-raises a writer error here
+                    pending = writer.submit(write, batch, kv)
             bar.update(int(mask.sum()))
-        bar.close()
         with clock("write"):
+            if pending is not None:
+                pending.result()
             w.close(extra_attrs={"skipped": skipped, "max_len": cfg.max_len})
+        bar.close()
     return DumpResult(
         name, cfg.shard, "written", len(pairs), sum(len(s) for s, _ in pairs), skipped,
         time.perf_counter() - t0, teacher_tokens=tokens, phases=phases,

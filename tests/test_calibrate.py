@@ -9,9 +9,9 @@ import pytest
 import zarr
 
 from kvdistill.cli import main
+from kvdistill.schemas import TrainConfig
 from kvdistill.store import ShardReader, finalize, read_teacher_specs
 from kvdistill.train.loop import train
-from kvdistill.schemas import TrainConfig
 
 
 @pytest.fixture(scope="module")
