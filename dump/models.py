@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -20,12 +21,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _check_source(spec: ModelSpec) -> None:
+    """A path that does not exist is a clear error, not a confusing hub lookup."""
+    p = spec.name_or_path
+    if p.startswith(("/", ".", "~")) and not Path(p).expanduser().exists():
+        raise FileNotFoundError(f"model {p} does not exist; give an existing checkpoint directory or a hub id (org/name)")
+
+
 def load_config(spec: ModelSpec):
+    _check_source(spec)
     return AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
 
 
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
     """A causal LM in eval mode, in spec.dtype, on `device` (hub id or local directory)."""
+    _check_source(spec)
     model = AutoModelForCausalLM.from_pretrained(
         spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype)
     )
@@ -33,6 +43,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
 
 
 def load_tokenizer(spec: ModelSpec):
+    _check_source(spec)
     tok = AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision)
     if not tok.is_fast:
         raise ValueError(

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +46,7 @@ from .models import (
 )
 from .prompts import encode, pad_batch
 
-__all__ = ["DumpResult", "partition", "run_dump"]
+__all__ = ["DumpResult", "Preempted", "partition", "run_dump"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,34 @@ def _projection(cfg: DumpConfig, L_s: int, D_t: int) -> tuple[dict[str, torch.Te
     return arrays, info
 
 
+class Preempted(SystemExit):
+    """SIGTERM (SLURM preemption / scancel) arrived: unwinds like an exception, so the partial
+    shard is discarded and nothing visible is left; the requeued task redoes the shard."""
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """In the main thread, turn SIGTERM into `Preempted` (exit code 143) for the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Preempted(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
+    with _sigterm_unwinds():
+        return _run_dump(cfg, progress)
+
+
+def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
     t0 = time.perf_counter()
     name = cfg.teacher.short_name
     if shard_is_complete(cfg.store, name, cfg.shard):

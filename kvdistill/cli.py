@@ -9,6 +9,7 @@ import sys
 from kvdistill.align import cli as align_cli
 from kvdistill.data import DataError
 from kvdistill.dump import cli as dump_cli
+from kvdistill.jobs import cli as jobs_cli
 from kvdistill.schemas import ConfigError, DemoConfig
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 from kvdistill.store import StoreError
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     dump_cli.add_parser(sub)
     align_cli.add_parser(sub)
     store_cli.add_parser(sub)
+    jobs_cli.add_parser(sub)
     train_cli.add_parser(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)")
     add_flags(demo, DEMO_FLAGS, DemoConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from .base import ConfigError, Record
@@ -21,7 +21,10 @@ __all__ = [
     "KVGeometry",
     "StoreSpec",
     "TeacherSpec",
+    "DumpTask",
     "DumpConfig",
+    "SlurmSpec",
+    "JobsConfig",
     "CalibrateConfig",
     "TrainConfig",
     "EvalConfig",
@@ -183,15 +186,14 @@ class TeacherSpec(Record):
     projection: dict[str, Any] | None = None  # PCA: dim and explained variance, when used
 
 
-@dataclass
-class DumpConfig(Record):
-    """`kvdistill dump`: one array task = one teacher x one shard of the data set."""
+@dataclass(kw_only=True)
+class DumpTask(Record):
+    """Everything a dump array task needs except which teacher and which shard: the part the
+    tasks of one job array share (see JobsConfig)."""
 
-    teacher: ModelSpec
     student: ModelSpec
     store: str
     data: DataSpec = field(default_factory=DataSpec)
-    shard: int = 0
     num_shards: int = 1
     batch_size: int = 16
     max_len: int = 1024
@@ -201,10 +203,75 @@ class DumpConfig(Record):
     device: str = "auto"
 
     def validate(self) -> None:
-        if self.num_shards < 1 or not 0 <= self.shard < self.num_shards:
-            raise ConfigError(f"DumpConfig.shard: need 0 <= shard < num_shards, got {self.shard} of {self.num_shards}")
+        if self.num_shards < 1:
+            raise ConfigError(f"{type(self).__name__}.num_shards: must be >= 1, got {self.num_shards}")
         if self.batch_size < 1 or self.max_len < 1:
-            raise ConfigError("DumpConfig: batch_size and max_len must be >= 1")
+            raise ConfigError(f"{type(self).__name__}: batch_size and max_len must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DumpConfig(DumpTask):
+    """`kvdistill dump`: one array task = one teacher x one shard of the data set."""
+
+    teacher: ModelSpec
+    shard: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.shard < self.num_shards:
+            raise ConfigError(f"DumpConfig.shard: need 0 <= shard < num_shards, got {self.shard} of {self.num_shards}")
+
+
+@dataclass
+class SlurmSpec(Record):
+    """sbatch resources of one job (array task, finalize or training)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus: int = 1  # per node (--gres=gpu:N); 0 for CPU-only jobs
+    cpus: int = 8  # --cpus-per-task
+    mem: str = "64G"
+    time: str = "04:00:00"
+    requeue: bool = True  # preempted tasks come back and finish their shard
+    max_parallel: int | None = None  # array throttle: --array=0-N%P
+    extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. "--constraint=a100"
+
+
+@dataclass
+class JobsConfig(Record):
+    """`kvdistill jobs slurm | local | status`: every teacher x shard of one store, plus the
+    finalize step and optionally the student's training job after it."""
+
+    teachers: list[ModelSpec]
+    dump: DumpTask
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    jobs_dir: str = "kvdistill-jobs"  # sbatch scripts, per-teacher dump configs, logs
+    workers: int = 1  # `kvdistill jobs local`: processes on this machine
+    train: TrainConfig | None = None
+    train_slurm: SlurmSpec = field(default_factory=SlurmSpec)
+
+    def validate(self) -> None:
+        if not self.teachers:
+            raise ConfigError("JobsConfig.teachers: list at least one teacher")
+        names = [t.short_name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"JobsConfig.teachers: names {dup} repeat; give each teacher a distinct `name`")
+        if self.workers < 1:
+            raise ConfigError(f"JobsConfig.workers: must be >= 1, got {self.workers}")
+
+    def task(self, teacher: ModelSpec, shard: int) -> DumpConfig:
+        return DumpConfig(teacher=teacher, shard=shard, **{f: getattr(self.dump, f) for f in _fields(DumpTask)})
+
+    def tasks(self) -> list[DumpConfig]:
+        """Array order: task id = teacher_index * num_shards + shard."""
+        return [self.task(t, i) for t in self.teachers for i in range(self.dump.num_shards)]
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
 
 
 @dataclass

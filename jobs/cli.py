@@ -1,0 +1,68 @@
+"""`kvdistill jobs local | slurm | status`: run every teacher x shard dump task of a store on
+this machine, as SLURM job arrays (+ finalize, + optional training), and see what is missing."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvdistill.schemas import JobsConfig
+from kvdistill.schemas.cli import Flag, add_flags, config_from_args
+
+FLAGS: list[Flag] = [
+    ("--jobs-dir", "jobs_dir", str, "where sbatch scripts, per-teacher configs and logs go"),
+    ("--workers", "workers", int, "local: worker processes (torch threads are split among them)"),
+    ("--num-shards", "dump.num_shards", int, "shards per teacher"),
+    ("--store", "dump.store", str, "the zarr store"),
+]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("jobs", help="run dump arrays locally or on SLURM; status of a store", description=__doc__)
+    jsub = p.add_subparsers(dest="jobs_command", required=True)
+    local = jsub.add_parser("local", help="run every dump task here as N processes, then finalize")
+    add_flags(local, FLAGS, JobsConfig)
+    local.add_argument("--no-finalize", action="store_true", help="do not finalize the store afterwards")
+    local.set_defaults(func=local_main)
+    slurm = jsub.add_parser("slurm", help="write sbatch scripts (one array per teacher, finalize, train); --submit submits them")
+    add_flags(slurm, FLAGS, JobsConfig)
+    slurm.add_argument("--submit", action="store_true", help="submit with sbatch (default: print what would be submitted)")
+    slurm.set_defaults(func=slurm_main)
+    status = jsub.add_parser("status", help="per teacher x shard: complete / partial / missing, and what to resubmit")
+    status.add_argument("--store", required=True, help="the zarr store")
+    status.add_argument("--config", help="the jobs config (names teachers that have not started yet)")
+    status.set_defaults(func=status_main)
+
+
+def local_main(args: argparse.Namespace) -> int:
+    from kvdistill.store import finalize, format_inspect, inspect
+
+    from .local import run_local
+
+    cfg = config_from_args(JobsConfig, args, FLAGS)
+    run_local(cfg.tasks(), workers=cfg.workers, progress=not args.no_progress)
+    if not args.no_finalize:
+        finalize(cfg.dump.store)
+        print(format_inspect(inspect(cfg.dump.store)))
+    return 0
+
+
+def slurm_main(args: argparse.Namespace) -> int:
+    from .slurm import submit, write_scripts
+
+    cfg = config_from_args(JobsConfig, args, FLAGS)
+    scripts = write_scripts(cfg, args.config)
+    for name, path in scripts.items():
+        print(f"wrote {name}: {path}")
+    for name, argv, job_id in submit(scripts, dry_run=not args.submit):
+        print(f"{name}: {' '.join(argv)}" + (f"  -> job {job_id}" if job_id else "  (not submitted)"))
+    if not args.submit:
+        print("nothing submitted; add --submit to submit these")
+    return 0
+
+
+def status_main(args: argparse.Namespace) -> int:
+    from .status import format_status, status
+
+    cfg = JobsConfig.load(args.config) if args.config else None
+    print(format_status(status(args.store, cfg)))
+    return 0
