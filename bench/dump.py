@@ -30,7 +30,16 @@ from kvdistill.dump.capture import decoder, forward_kv
 from kvdistill.dump.models import load_model, load_tokenizer
 from kvdistill.dump.prompts import encode, pad_batch
 from kvdistill.dump.run import run_dump
-from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, DumpConfig, ModelSpec, SyntheticSpec
+from kvdistill.jobs.local import run_local
+from kvdistill.schemas import (
+    DEFAULT_TEMPLATE,
+    DataSpec,
+    DumpConfig,
+    DumpTask,
+    JobsConfig,
+    ModelSpec,
+    SyntheticSpec,
+)
 from kvdistill.store import inspect
 
 SIZES = {  # teacher geometries; the student is always the demo's
@@ -94,6 +103,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--workers", type=int, default=2, help="also time the local executor with 1 vs this many workers (0: skip)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
@@ -130,7 +140,17 @@ def main() -> None:
         print(f"store {name:<16} {t['bytes_per_token']:>8.1f} bytes/token (compression {t['compression_ratio']:.2f}x)")
     naive_bytes = sum(f.stat().st_size for f in (root / "naive").iterdir())
     print(f"naive torch.save files   {naive_bytes / tok_naive:>8.1f} bytes/token (teacher depth, uncompressed)")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (this process; workers not included)")
+    if args.workers > 1:
+        # The same 4 shards of one teacher: 1 process using every core vs N processes splitting them.
+        seconds = {}
+        for n in (1, args.workers):
+            cfg = JobsConfig(teachers=[specs["identity"]], dump=DumpTask(student=specs["student"], store=str(root / f"workers{n}.zarr"), data=data, num_shards=4, batch_size=args.batch_size, device="cpu"))
+            t0 = time.perf_counter()
+            run_local(cfg.tasks(), workers=n, progress=False)
+            seconds[n] = time.perf_counter() - t0
+        print(f"\nlocal executor, 4 shards: 1 worker {seconds[1]:.1f}s, {args.workers} workers {seconds[args.workers]:.1f}s "
+              f"-> {seconds[1] / seconds[args.workers]:.2f}x (process start-up included)")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,8 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             if b + 1 < len(batches):
                 next_maps = maps_pool.submit(time_maps, batches[b + 1])
             ids, mask = pad_batch([t.input_ids for _, t in batch], pad_id)
+            if device.type == "cuda":  # pinned host memory: the copy overlaps queued kernels
+                ids, mask = ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
             with torch.inference_mode():
                 with clock("forward"):
                     k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T_t, L_t, D_t]
