@@ -148,6 +148,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         return DumpResult(name, cfg.shard, "already complete")
 
     examples = load_examples(cfg.data)
+    data_fp = data_fingerprint(examples)
     rows = partition(examples, cfg.shard, cfg.num_shards)
     s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
     s_fp = tokenizer_fingerprint(s_tok)
@@ -170,27 +171,27 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             geometry=g_s,
             tokenizer_fingerprint=s_fp,
             data=cfg.data,
-            data_fingerprint=data_fingerprint(examples),
+            data_fingerprint=data_fp,
             num_shards=cfg.num_shards,
             kv_dtype=cfg.kv_dtype,
+            teacher_kv_dtype=cfg.teacher_kv_dtype,
         ),
     )
-    init_teacher(
-        cfg.store,
-        TeacherSpec(
-            name=name,
-            model=cfg.teacher,
-            geometry=g_t,
-            align=cfg.align,
-            time_map=kind,
-            layer_map=W.tolist(),
-            width=width,
-            fingerprint=model_fingerprint(teacher, cfg.teacher, [cfg.align.to_dict(), W.tolist(), proj_info]),
-            layer_similarity=similarity,
-            projection=proj_info,
-        ),
-        arrays={k: v.numpy() for k, v in proj.items()} if proj else None,
+    codec = cfg.teacher_kv_dtype.get(name, cfg.kv_dtype)
+    tspec = TeacherSpec(
+        name=name,
+        model=cfg.teacher,
+        geometry=g_t,
+        align=cfg.align,
+        time_map=kind,
+        layer_map=W.tolist(),
+        width=width,
+        fingerprint=model_fingerprint(teacher, cfg.teacher, [cfg.align.to_dict(), W.tolist(), proj_info, codec]),
+        kv_dtype=codec,
+        layer_similarity=similarity,
+        projection=proj_info,
     )
+    init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
 
     pairs, skipped = [], []  # (student grid, teacher input) per sample
     for ex in rows:
@@ -219,7 +220,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         )  # [L_s, 2D_t, 2D]
     tokens = sum(len(t) for _, t in pairs)
 
-    store_dtype = getattr(torch, cfg.kv_dtype)
+    transfer_dtype = torch.float16 if codec == "float16" else torch.float32  # codecs encode on the host
     phases = {"load": time.perf_counter() - t0, "forward": 0.0, "align": 0.0, "write": 0.0}
     clock = _Clock(device, phases)
     batches = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
@@ -237,7 +238,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             start += len(s)
 
     with (
-        ShardWriter(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, dtype=cfg.kv_dtype) as w,
+        ShardWriter(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec) as w,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
     ):
@@ -259,7 +260,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
                     kv = map_layers(torch.cat([k, v], dim=-1), W_dev, proj_kv)  # [B, T_t, L_s, 2D]
                     kv = maps.result().apply(kv.reshape(-1, *kv.shape[2:]))  # [sum T_s, L_s, 2D]
                 with clock("write"):
-                    kv = kv.to(store_dtype).cpu().numpy()
+                    kv = kv.to(transfer_dtype).cpu().numpy()
                     if pending is not None:
                         pending.result()  # re-raises a writer error here
                     pending = writer.submit(write, batch, kv)
@@ -267,7 +268,8 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         with clock("write"):
             if pending is not None:
                 pending.result()
-            w.close(extra_attrs={"skipped": skipped, "max_len": cfg.max_len})
+            # The fingerprints let `store verify` tell a shard written by another setup (stale).
+            w.close(extra_attrs={"skipped": skipped, "max_len": cfg.max_len, "fingerprint": tspec.fingerprint, "data_fingerprint": data_fp})
         bar.close()
     return DumpResult(
         name, cfg.shard, "written", len(pairs), sum(len(s) for s, _ in pairs), skipped,

@@ -28,15 +28,24 @@ class _Loader(yaml.SafeLoader):
     """YAML 1.2 floats: `1e-3` is a float (PyYAML's YAML 1.1 rules read it as a string)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string the loader would read back as a float (e.g. "0E0")."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."),
+    )
 
 
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 # Resolving annotations is the slow part of building a record; cache it per class.
@@ -169,7 +178,7 @@ class Record:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self.to_dict())
 
     @classmethod
     def from_json(cls: type[R], text: str) -> R:

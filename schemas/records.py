@@ -39,8 +39,10 @@ SCHEMA_VERSION = 1
 DEFAULT_TEMPLATE = "Question: {question}\nReasoning:\n{reasoning}\n#### {answer}"
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-# What the store holds K/V as (numpy / zarr have no bfloat16; quantised codecs come later).
-KVDtype = Literal["float16", "float32"]
+# How the store holds K/V: float16 / float32 as is, bfloat16 as its bit pattern (uint16),
+# int8 / int4 quantised KIVI style (keys per channel, values per token) with scales beside;
+# see store/codecs.py for the exact layout and the dequantisation formula.
+KVDtype = Literal["float16", "float32", "bfloat16", "int8", "int4"]
 
 
 @dataclass
@@ -166,8 +168,12 @@ class StoreSpec(Record):
     data: DataSpec
     data_fingerprint: str
     num_shards: int
-    kv_dtype: KVDtype = "float16"
+    kv_dtype: KVDtype = "float16"  # the store's codec ...
+    teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... and per-teacher overrides
     schema_version: int = SCHEMA_VERSION
+
+    def codec(self, teacher: str) -> str:
+        return self.teacher_kv_dtype.get(teacher, self.kv_dtype)
 
 
 @dataclass
@@ -182,6 +188,7 @@ class TeacherSpec(Record):
     layer_map: list[list[float]]  # [L_s][L_t] weights; row l_s mixes teacher layers
     width: int  # stored K/V width: geometry.width, or the PCA dimension
     fingerprint: str
+    kv_dtype: KVDtype = "float16"  # this teacher's codec
     layer_similarity: list[list[float]] | None = None  # [L_s][L_t] CKA, when calibrated
     projection: dict[str, Any] | None = None  # PCA: dim and explained variance, when used
 
@@ -199,7 +206,8 @@ class DumpTask(Record):
     max_len: int = 1024
     on_too_long: Literal["error", "skip"] = "error"
     align: AlignSpec = field(default_factory=AlignSpec)
-    kv_dtype: KVDtype = "float16"
+    kv_dtype: KVDtype = "float16"  # codec of every teacher ...
+    teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... unless named here
     device: str = "auto"
 
     def validate(self) -> None:

@@ -1,5 +1,9 @@
-"""The KV store: zarr v3 shards with atomic commit, readers, finalize (index.parquet), inspect."""
+"""The KV store: zarr v3 shards with atomic commit, readers, finalize (index.parquet), inspect;
+and the same records as webdataset tars (store/wds.py)."""
 
+from kvdistill.schemas import StoreSpec, TeacherSpec
+
+from .wds import is_wds_store, read_wds_meta, wds_samples, wds_to_zarr, zarr_to_wds  # noqa: E402
 from .zarr_store import (
     ShardReader,
     ShardWriter,
@@ -15,7 +19,20 @@ from .zarr_store import (
     shard_name,
 )
 
+
+def open_specs(path) -> tuple[StoreSpec, dict[str, TeacherSpec]]:
+    """(StoreSpec, {teacher: TeacherSpec}) of a zarr or a webdataset store."""
+    if is_wds_store(path):
+        return read_wds_meta(path)
+    return read_store_spec(path), read_teacher_specs(path)
+
+
 __all__ = [
+    "open_specs",
+    "is_wds_store",
+    "wds_samples",
+    "wds_to_zarr",
+    "zarr_to_wds",
     "ShardReader",
     "ShardWriter",
     "StoreError",

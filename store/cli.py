@@ -1,13 +1,16 @@
-"""`kvdistill store finalize | inspect`: close a store after its dump tasks, look inside it."""
+"""`kvdistill store finalize | inspect | verify | stats | plan`: close a store after its dump
+tasks, look inside it, check every byte of it, summarise its K/V, or size one before dumping."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from .plan import KV_DTYPES
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("store", help="finalize or inspect a KV store", description=__doc__)
+    p = sub.add_parser("store", help="finalize, inspect, verify, summarise or plan a KV store", description=__doc__)
     ssub = p.add_subparsers(dest="store_command", required=True)
     f = ssub.add_parser("finalize", help="check every shard is complete, write index.parquet and consolidated metadata")
     f.add_argument("store", help="path to the store, e.g. out.zarr")
@@ -16,6 +19,35 @@ def add_parser(sub) -> None:
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=inspect_main)
+    v = ssub.add_parser(
+        "verify",
+        help="re-read everything: shards complete, checksums, NaN/Inf, shapes, same samples per teacher, index; exit 1 on any problem",
+    )
+    v.add_argument("store")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    v.set_defaults(func=verify_main)
+    s = ssub.add_parser("stats", help="per-layer mean / std / absmax of every teacher's K and V (dask)")
+    s.add_argument("store")
+    s.add_argument("--teacher", action="append", help="only this teacher (repeatable; default: all)")
+    s.add_argument("--png", help="also plot per-layer std and absmax to this PNG")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=stats_main)
+    pl = ssub.add_parser(
+        "plan",
+        help="estimate rows, GiB per teacher and a --num-shards before dumping (configs + tokenizer only, no weights)",
+    )
+    pl.add_argument("--teacher", action="append", required=True, help="teacher hub id or checkpoint dir (repeatable)")
+    pl.add_argument("--student", required=True, help="student hub id or checkpoint dir: its tokenizer sets the rows")
+    pl.add_argument("--student-template", help="the student's prompt template (default: the built-in one)")
+    pl.add_argument("--data", required=True, help="'synthetic', a GSM8K-format .jsonl/.parquet, or a data set dir / hub id")
+    pl.add_argument("--split", default="train", help="data set split (default: train)")
+    pl.add_argument("--data-config", help="hub data set config, e.g. 'main' for openai/gsm8k")
+    pl.add_argument("--limit", type=int, help="use the first N rows")
+    pl.add_argument("--kv-dtype", default="float16", choices=KV_DTYPES, help="codec of the stored K/V (default: float16)")
+    pl.add_argument("--num-shards", type=int, help="shards per teacher (default: the suggestion)")
+    pl.add_argument("--target-shard-gib", type=float, default=1.0, help="suggest shards of about this size on disk (default: 1)")
+    pl.add_argument("--compression", type=float, help="expected compression ratio (default: 1.3 for float codecs, 1.0 quantised)")
+    pl.set_defaults(func=plan_main)
 
 
 def finalize_main(args: argparse.Namespace) -> int:
@@ -32,4 +64,68 @@ def inspect_main(args: argparse.Namespace) -> int:
 
     info = inspect(args.store)
     print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+    return 0
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    from .verify import format_problems, verify
+    from .zarr_store import inspect
+
+    problems = verify(args.store, progress=not args.no_progress)
+    if problems:
+        print(format_problems(problems))
+        return 1
+    info = inspect(args.store)
+    rows = sum(t["tokens"] for t in info["teachers"].values())
+    print(f"ok: {len(info['teachers'])} teachers x {info['num_shards']} shards, {rows:,} rows verified")
+    return 0
+
+
+def stats_main(args: argparse.Namespace) -> int:
+    from .stats import format_stats, plot_stats, stats
+
+    info = stats(args.store, teachers=args.teacher)
+    print(json.dumps(info, indent=1) if args.json else format_stats(info))
+    if args.png:
+        print(f"wrote {plot_stats(info, args.png)}")
+    return 0
+
+
+def plan_main(args: argparse.Namespace) -> int:
+    from kvdistill.data import load_examples
+    from kvdistill.dump.capture import kv_geometry
+    from kvdistill.dump.models import load_config, load_tokenizer
+    from kvdistill.dump.prompts import encode
+    from kvdistill.schemas import DataSpec, ModelSpec
+
+    from .plan import codec_bytes_per_value, format_plan, plan
+
+    student = ModelSpec(name_or_path=args.student, **({"prompt_template": args.student_template} if args.student_template else {}))
+    examples = load_examples(DataSpec(source=args.data, split=args.split, config_name=args.data_config, limit=args.limit))
+    if not examples:
+        raise ValueError(f"data {args.data} split {args.split} holds no rows; nothing to plan")
+    tok = load_tokenizer(student)
+    lengths = [len(encode(tok, student.prompt_template, ex)) for ex in examples]  # student grid rows
+    s_cfg = load_config(student)
+    t_cfgs = {ModelSpec(name_or_path=t).short_name: load_config(ModelSpec(name_or_path=t)) for t in args.teacher}
+
+    def estimate(num_shards: int | None) -> dict:
+        return {
+            name: plan(
+                cfg,
+                s_cfg,
+                num_samples=len(lengths),
+                mean_tokens=sum(lengths) / len(lengths),
+                codec_bytes_per_value=codec_bytes_per_value(args.kv_dtype, kv_geometry(s_cfg).num_layers, kv_geometry(cfg).width),
+                num_shards=num_shards,
+                target_shard_bytes=int(args.target_shard_gib * 2**30),
+                compression_ratio=args.compression,
+            )
+            for name, cfg in t_cfgs.items()
+        }
+
+    # Every teacher shares num_shards; by default the largest teacher's suggestion.
+    plans = estimate(args.num_shards or max(p["suggested_num_shards"] for p in estimate(None).values()))
+    print(format_plan(plans, codec=args.kv_dtype))
+    print(f"longest sample: {max(lengths):,} student tokens (dump's --max-len must cover the teacher's tokens too)")
     return 0

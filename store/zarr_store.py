@@ -37,6 +37,8 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from kvdistill.schemas import SCHEMA_VERSION, StoreSpec, TeacherSpec
 
+from . import codecs
+
 __all__ = [
     "StoreError",
     "shard_name",
@@ -88,7 +90,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 # Fields of StoreSpec that must agree between every task writing into one store. The student's
 # path may differ (a moved checkpoint); its geometry and tokenizer may not.
-_STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fingerprint", "num_shards", "kv_dtype")
+_STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fingerprint", "num_shards", "kv_dtype", "teacher_kv_dtype")
 
 
 def init_store(path: str | Path, spec: StoreSpec) -> None:
@@ -176,10 +178,13 @@ def _kv_codec() -> BloscCodec:
 class ShardWriter:
     """Write one shard of one teacher; visible in the store only after a successful close.
 
-        with ShardWriter(store, "teacher-a", shard=3, num_layers=4, width=64) as w:
-            w.write("id-1", k, v, input_ids, loss_mask)   # k, v: [T, L, D]
+        with ShardWriter(store, "teacher-a", shard=3, num_layers=4, width=64, codec="int8") as w:
+            w.write("id-1", k, v, input_ids, loss_mask)   # k, v: [T, L, D] float16 / float32
 
-    An exception inside the block discards the partial shard (nothing visible is touched).
+    K and V are stored with `codec` (store/codecs.py): float16 / float32 as is, bfloat16 as its
+    bits, int8 / int4 quantised with scale arrays beside (`k_scale`, ...), all plain zarr
+    arrays. An exception inside the block discards the partial shard (nothing visible is
+    touched).
     """
 
     def __init__(
@@ -190,8 +195,10 @@ class ShardWriter:
         *,
         num_layers: int,
         width: int,
-        dtype: str = "float16",
+        codec: str = "float16",
     ) -> None:
+        if codec not in ("float32", *codecs.CODECS):
+            raise ValueError(f"unknown K/V codec {codec!r}; choose one of {['float32', *codecs.CODECS]}")
         self.path, self.teacher, self.shard = Path(path), teacher, shard
         self.final = _teacher_dir(path, teacher) / shard_name(shard)
         if self.final.exists():
@@ -201,49 +208,35 @@ class ShardWriter:
         for stale in partial.glob(f"{shard_name(shard)}.*"):  # left by a killed earlier attempt
             shutil.rmtree(stale)
         self.tmp = partial / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}"
-        self.L, self.D, self.dtype = num_layers, width, np.dtype(dtype)
-        row_bytes = num_layers * width * self.dtype.itemsize
-        self.chunk_rows = max(1, CHUNK_BYTES // row_bytes)
+        self.L, self.D, self.codec = num_layers, width, codec
+        row_bytes = 4 * num_layers * width if codec == "float32" else codecs.bytes_per_row(codec, num_layers, width, part="k")
+        # Chunks of ~1 MiB (the read unit), whole key-scale groups; zarr shards of 16 chunks (the write unit).
+        self.chunk_rows = max(codecs.GROUP, int(CHUNK_BYTES // row_bytes) // codecs.GROUP * codecs.GROUP)
         self.shard_rows = self.chunk_rows * CHUNKS_PER_SHARD
         self.group = zarr.open_group(self.tmp, mode="w")
-        kv = dict(
-            shape=(0, num_layers, width),
-            chunks=(self.chunk_rows, num_layers, width),
-            shards=(self.shard_rows, num_layers, width),
-            dtype=self.dtype,
-            compressors=_kv_codec(),
-        )
-        self.arrays = {"k": self.group.create_array("k", **kv), "v": self.group.create_array("v", **kv)}
-        tok_chunk = 1 << 18
-        for name, dt in (("input_ids", np.int32), ("loss_mask", np.bool_)):
-            self.arrays[name] = self.group.create_array(
-                name, shape=(0,), chunks=(tok_chunk,), shards=(tok_chunk * 4,), dtype=dt
-            )
-        self._buf: dict[str, list[np.ndarray]] = {n: [] for n in self.arrays}
+        self.arrays: dict[str, zarr.Array] = {}
+        self.aux: dict[str, list[str]] = {"k": [], "v": []}  # scale arrays per part
+        self._buf: dict[str, list[np.ndarray]] = {n: [] for n in ("k", "v", "input_ids", "loss_mask")}
         self._buf_rows = 0
         self.rows = 0
         self.sample_ids: list[str] = []
         self.offsets = [0]
-        self.crc = dict.fromkeys(self.arrays, 0)
+        self.crc: dict[str, int] = {}
         self.closed = False
 
     def write(self, sample_id: str, k: np.ndarray, v: np.ndarray, input_ids: np.ndarray, loss_mask: np.ndarray) -> None:
-        """k, v: [T, L, D]; input_ids, loss_mask: [T]. Cast to the store dtype here."""
+        """k, v: [T, L, D]; input_ids, loss_mask: [T]. Encoded with the codec at flush."""
         T = len(input_ids)
         if k.shape != (T, self.L, self.D) or v.shape != (T, self.L, self.D) or len(loss_mask) != T:
             raise ValueError(
                 f"sample {sample_id}: expected k, v of shape {(T, self.L, self.D)} and {T} mask "
                 f"entries, got k {k.shape}, v {v.shape}, mask {len(loss_mask)}"
             )
-        row = {
-            "k": np.ascontiguousarray(k, dtype=self.dtype),
-            "v": np.ascontiguousarray(v, dtype=self.dtype),
-            "input_ids": np.asarray(input_ids, dtype=np.int32),
-            "loss_mask": np.asarray(loss_mask, dtype=np.bool_),
-        }
-        for name, arr in row.items():
-            self._buf[name].append(arr)
-            self.crc[name] = zlib.crc32(arr.tobytes(), self.crc[name])
+        kv_dtype = np.float16 if self.codec == "float16" else np.float32
+        self._buf["k"].append(np.ascontiguousarray(k, dtype=kv_dtype))
+        self._buf["v"].append(np.ascontiguousarray(v, dtype=kv_dtype))
+        self._buf["input_ids"].append(np.asarray(input_ids, dtype=np.int32))
+        self._buf["loss_mask"].append(np.asarray(loss_mask, dtype=np.bool_))
         self._buf_rows += T
         self.rows += T
         self.sample_ids.append(sample_id)
@@ -251,14 +244,45 @@ class ShardWriter:
         if self._buf_rows >= self.shard_rows:
             self._flush(final=False)
 
+    def _encode(self, part: str, block: np.ndarray) -> dict[str, np.ndarray]:
+        """Stored arrays for a block of K or V rows: {array name: data}."""
+        if self.codec in ("float16", "float32"):
+            return {part: block}
+        return {part if suffix == "" else f"{part}_{suffix}": arr for suffix, arr in codecs.encode(self.codec, part, block.astype(np.float32)).items()}
+
+    def _append(self, name: str, data: np.ndarray, rows: int) -> None:
+        if name not in self.arrays:
+            # Row-indexed arrays chunk like K / V; group-indexed scales (one row per GROUP rows) proportionally.
+            lead = self.chunk_rows if len(data) == rows or name in ("input_ids", "loss_mask") else max(1, self.chunk_rows // codecs.GROUP)
+            if data.ndim == 1:
+                lead = 1 << 18
+            chunks = (lead, *data.shape[1:])
+            self.arrays[name] = self.group.create_array(
+                name,
+                shape=(0, *data.shape[1:]),
+                chunks=chunks,
+                shards=(chunks[0] * CHUNKS_PER_SHARD, *chunks[1:]),
+                dtype=data.dtype,
+                compressors=_kv_codec() if data.ndim > 1 else "auto",
+            )
+            if name[0] in "kv" and "_" in name and name.split("_", 1)[1] not in self.aux[name[0]]:
+                self.aux[name[0]].append(name.split("_", 1)[1])
+            self.crc[name] = 0
+        data = np.ascontiguousarray(data)
+        self.arrays[name].append(data)
+        self.crc[name] = zlib.crc32(data.tobytes(), self.crc[name])
+
     def _flush(self, final: bool) -> None:
-        # Append whole zarr shards only (each written once); keep the remainder buffered.
+        # Append whole zarr shards only (each written once); keep the remainder buffered. Blocks
+        # start at multiples of shard_rows, hence of the key-scale group size.
         n = self._buf_rows if final else (self._buf_rows // self.shard_rows) * self.shard_rows
-        if n == 0:
+        if n == 0 and self.arrays:
             return
         for name, parts in self._buf.items():
-            block = np.concatenate(parts)
-            self.arrays[name].append(block[:n])
+            block = np.concatenate(parts) if parts else np.zeros((0, self.L, self.D) if name in "kv" else (0,), np.float32 if name in "kv" else (np.int32 if name == "input_ids" else np.bool_))
+            stored = self._encode(name, block[:n]) if name in ("k", "v") else {name: block[:n]}
+            for array_name, data in stored.items():
+                self._append(array_name, data, n)
             self._buf[name] = [block[n:]] if n < len(block) else []
         self._buf_rows -= n
 
@@ -276,6 +300,9 @@ class ShardWriter:
             "shard": self.shard,
             "samples": n,
             "rows": self.rows,
+            "codec": self.codec,
+            "width": self.D,
+            "scales": self.aux,
             "crc32": self.crc,
             **(extra_attrs or {}),
         }
@@ -326,8 +353,20 @@ class ShardReader:
         return len(self.sample_ids)
 
     def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask")) -> dict[str, np.ndarray]:
-        """Token rows [start, stop) of the given arrays (one read per array)."""
-        return {n: self.group[n][start:stop] for n in names}
+        """Token rows [start, stop) of the given arrays (one read per stored array); K and V
+        come back decoded: float16 / float32 as stored, quantised codecs as float32."""
+        return {n: self._kv(n, start, stop) if n in ("k", "v") else self.group[n][start:stop] for n in names}
+
+    def _kv(self, part: str, start: int, stop: int) -> np.ndarray:
+        codec = self.attrs.get("codec", "float16")
+        data = self.group[part][start:stop]
+        if codec in ("float16", "float32"):
+            return data
+        arrays = {"": data}
+        if self.attrs["scales"][part]:
+            a, b = codecs.scale_rows(codec, part, start, stop)
+            arrays.update({aux: self.group[f"{part}_{aux}"][a:b] for aux in self.attrs["scales"][part]})
+        return codecs.decode(codec, part, arrays, start, self.attrs["width"])
 
 
 def finalize(path: str | Path) -> Path:
@@ -398,6 +437,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "geometry": spec.geometry.to_dict(),
         "kv_dtype": spec.kv_dtype,
         "num_shards": spec.num_shards,
+        "fingerprints": {"tokenizer": spec.tokenizer_fingerprint, "data": spec.data_fingerprint},
         "finalized": (path / INDEX).exists(),
         "teachers": {},
     }
@@ -409,9 +449,12 @@ def inspect(path: str | Path) -> dict[str, Any]:
             samples += a["samples"]
             tokens += a["rows"]
         nbytes = _du(_teacher_dir(path, name))
-        raw = tokens * 2 * spec.geometry.num_layers * t.width * np.dtype(spec.kv_dtype).itemsize
+        raw = tokens * 2 * spec.geometry.num_layers * t.width * 2  # as plain float16
         out["teachers"][name] = {
             "model": t.model.name_or_path,
+            "codec": t.kv_dtype,
+            "fingerprint": t.fingerprint,
+            "shards_partial": sum(1 for i in range(spec.num_shards) if i not in done and any(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))),
             "time_map": t.time_map,
             "width": t.width,
             "shards_complete": len(done),
@@ -429,16 +472,23 @@ def inspect(path: str | Path) -> dict[str, Any]:
 
 def format_inspect(info: dict[str, Any]) -> str:
     g = info["geometry"]
+    fp = info["fingerprints"]
     lines = [
         f"store {info['store']}  ({'finalized' if info['finalized'] else 'NOT finalized'})",
         f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x "
-        f"{g['head_dim']} dims; K/V stored as {info['kv_dtype']}; {info['num_shards']} shards",
-        f"{'teacher':<20} {'time map':<14} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} {'bytes':>12} {'B/token':>9} {'ratio':>6}",
+        f"{g['head_dim']} dims; {info['num_shards']} shards; tokenizer {fp['tokenizer']}, data {fp['data']}",
+        f"{'teacher':<20} {'time map':<14} {'codec':<8} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} "
+        f"{'bytes':>12} {'B/token':>9} {'ratio':>6}  fingerprint",
     ]
     for name, t in info["teachers"].items():
+        partial = f" ({t['shards_partial']} partial)" if t["shards_partial"] else ""
         lines.append(
-            f"{name:<20} {t['time_map']:<14} {t['width']:>6} {t['shards_complete']:>4}/{info['num_shards']:<3} {t['samples']:>8} "
-            f"{t['tokens']:>10} {t['bytes']:>12,} {t['bytes_per_token']:>9.1f} {t['compression_ratio']:>6.2f}"
+            f"{name:<20} {t['time_map']:<14} {t['codec']:<8} {t['width']:>6} {t['shards_complete']:>4}/{info['num_shards']:<3} "
+            f"{t['samples']:>8} {t['tokens']:>10} {t['bytes']:>12,} {t['bytes_per_token']:>9.1f} "
+            f"{t['compression_ratio']:>6.2f}  {t['fingerprint']}{partial}"
         )
-    lines.append(f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers)")
+    lines.append(
+        f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers); "
+        "ratio = plain float16 bytes / bytes on disk"
+    )
     return "\n".join(lines)

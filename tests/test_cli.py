@@ -59,7 +59,7 @@ def test_dump_shards_then_finalize_and_inspect_what_the_store_holds(dump_yaml, t
     table = capsys.readouterr().out
     assert "(finalized)" in table
     row = next(line.split() for line in table.splitlines() if line.startswith("teacher-a "))
-    assert row[1:5] == ["identity", "64", "2/2", "48"]  # time map, width, shards, samples
+    assert row[1:6] == ["identity", "float16", "64", "2/2", "48"]  # time map, codec, width, shards, samples
 
     assert main(["store", "inspect", str(store), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

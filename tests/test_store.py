@@ -214,7 +214,7 @@ def test_a_closed_shard_is_visible_complete_and_reads_back_what_was_written(tmp_
     store = tmp_path / "s.zarr"
     rng = np.random.default_rng(1)
     samples = {"a": sample(rng, 5, 2, 8), "b": sample(rng, 3, 2, 8)}
-    with ShardWriter(store, "t", 0, num_layers=2, width=8, dtype=dtype) as w:
+    with ShardWriter(store, "t", 0, num_layers=2, width=8, codec=dtype) as w:
         for sid, s in samples.items():
             w.write(sid, **s)
         assert not (store / "teachers" / "t" / shard_name(0)).exists()  # invisible until closed
@@ -239,19 +239,21 @@ def test_a_closed_shard_is_visible_complete_and_reads_back_what_was_written(tmp_
 
 
 def test_samples_straddling_zarr_shard_boundaries_read_back_exactly(tmp_path):
-    # A 1 MiB row gives 1-row chunks and 16-row zarr shards: 7 samples of 5 rows cross them.
-    L, D = 1, CHUNK_BYTES // 4
+    # A 32 KiB row gives 32-row chunks (one key-scale group) and 512-row zarr shards: 7 samples
+    # of 100 rows cross both.
+    L, D = 1, CHUNK_BYTES // 128
     rng = np.random.default_rng(2)
-    ks = [np.arange(5 * D, dtype=np.float32).reshape(5, L, D) + 1000 * i for i in range(7)]
-    with ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=L, width=D, dtype="float32") as w:
-        assert (w.chunk_rows, w.shard_rows) == (1, CHUNKS_PER_SHARD)
+    ks = [np.arange(100 * D, dtype=np.float32).reshape(100, L, D) + 1000 * i for i in range(7)]
+    with ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=L, width=D, codec="float32") as w:
+        assert (w.chunk_rows, w.shard_rows) == (32, 32 * CHUNKS_PER_SHARD)
         for i, k in enumerate(ks):
-            w.write(f"id-{i}", k, -k, rng.integers(0, 9, 5), np.ones(5, bool))
+            w.write(f"id-{i}", k, -k, rng.integers(0, 9, 100), np.ones(100, bool))
     r = ShardReader(tmp_path / "s.zarr", "t", 0)
-    assert r.offsets.tolist() == list(range(0, 36, 5))
-    got = r.rows(0, 35, ("k", "v"))
+    assert r.offsets.tolist() == list(range(0, 701, 100))
+    got = r.rows(0, 700, ("k", "v"))
     np.testing.assert_array_equal(got["k"], np.concatenate(ks))
     np.testing.assert_array_equal(got["v"], -np.concatenate(ks))
+    np.testing.assert_array_equal(r.rows(490, 530, ("k",))["k"], np.concatenate(ks)[490:530])
 
 
 def test_a_writer_refuses_a_sample_of_the_wrong_shape_and_a_complete_shard(tmp_path):
@@ -407,7 +409,7 @@ def test_inspect_shows_a_store_in_progress_as_not_finalized(store_copy):
 def test_kv_arrays_are_chunked_by_rows_sharded_by_16_chunks_and_blosc_zstd(tiny_store):
     for name, D in TEACHER_WIDTH.items():
         k = zarr.open_group(tiny_store["store"] / "teachers" / name / shard_name(0), mode="r")["k"]
-        rows = max(1, CHUNK_BYTES // (STUDENT_LAYERS * D * 2))  # float16: 2 bytes
+        rows = max(32, CHUNK_BYTES // (STUDENT_LAYERS * D * 2) // 32 * 32)  # float16: 2 bytes; whole 32-row groups
         assert k.chunks == (rows, STUDENT_LAYERS, D)
         assert k.shards == (CHUNKS_PER_SHARD * rows, STUDENT_LAYERS, D)
         (codec,) = k.compressors
@@ -415,11 +417,13 @@ def test_kv_arrays_are_chunked_by_rows_sharded_by_16_chunks_and_blosc_zstd(tiny_
         assert codec.cname.value == "zstd" and codec.shuffle.value == "shuffle"
 
 
-def test_a_row_wider_than_a_chunk_still_gets_one_row_chunks(tmp_path):
-    w = ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=3, width=CHUNK_BYTES, dtype="float32")
+def test_a_row_wider_than_a_chunk_still_gets_one_group_of_rows_per_chunk(tmp_path):
+    w = ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=3, width=CHUNK_BYTES // 64, codec="float32")
     try:
-        assert w.arrays["k"].chunks == (1, 3, CHUNK_BYTES)
-        assert w.arrays["k"].shards == (CHUNKS_PER_SHARD, 3, CHUNK_BYTES)
+        w.write("a", np.zeros((2, 3, CHUNK_BYTES // 64)), np.zeros((2, 3, CHUNK_BYTES // 64)), np.zeros(2), np.ones(2))
+        w._flush(final=True)
+        assert w.arrays["k"].chunks == (32, 3, CHUNK_BYTES // 64)
+        assert w.arrays["k"].shards == (32 * CHUNKS_PER_SHARD, 3, CHUNK_BYTES // 64)
     finally:
         w.abort()
     assert not w.tmp.exists()

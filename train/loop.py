@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 from kvdistill.dump.capture import kv_geometry
 from kvdistill.dump.models import load_tokenizer, tokenizer_fingerprint
 from kvdistill.schemas import TrainConfig
-from kvdistill.store import StoreError, read_store_spec, read_teacher_specs
+from kvdistill.store import StoreError, open_specs
 
 from .distiller import Distiller
 from .stream import KVStream, collate
@@ -40,7 +40,7 @@ __all__ = ["train"]
 
 def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
     store = Path(cfg.store)
-    spec = read_store_spec(store)
+    spec, teachers = open_specs(store)
     if not (store / "index.parquet").exists():
         raise StoreError(f"store {store} is not finalized; run `kvdistill store finalize {store}` first")
     fp = tokenizer_fingerprint(tokenizer)
@@ -53,7 +53,6 @@ def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
     g = kv_geometry(student.config)
     if g != spec.geometry:
         raise StoreError(f"store {store} holds K/V for student geometry {spec.geometry}, this student has {g}")
-    teachers = read_teacher_specs(store)
     chosen = cfg.teachers or sorted(teachers)
     missing = [t for t in chosen if t not in teachers]
     if missing:

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kvdistill.store import ShardReader, StoreError, read_store_spec, read_teacher_specs, shard_name
+from kvdistill.store import (
+    ShardReader,
+    StoreError,
+    is_wds_store,
+    open_specs,
+    shard_name,
+    wds_samples,
+)
 
 __all__ = ["KVStream", "collate"]
 
@@ -39,8 +46,8 @@ class KVStream(IterableDataset):
         block_samples: int = 64,
     ) -> None:
         self.store = Path(store)
-        self.spec = read_store_spec(store)
-        known = read_teacher_specs(store)
+        self.spec, known = open_specs(store)
+        self.wds = is_wds_store(store)
         missing = [t for t in teachers if t not in known]
         if missing:
             raise StoreError(f"store {store} has no teacher(s) {missing}; it holds {sorted(known)}")
@@ -65,6 +72,9 @@ class KVStream(IterableDataset):
         return [int(s) for s in order[self.rank * num_workers + worker :: readers]]
 
     def _samples(self, shard: int) -> Iterator[dict[str, Any]]:
+        if self.wds:  # sequential tar records, every teacher in lockstep
+            yield from wds_samples(self.store, self.teachers, shard)
+            return
         readers = [ShardReader(self.store, t, shard) for t in self.teachers]
         first = readers[0]
         for t, r in zip(self.teachers[1:], readers[1:], strict=True):

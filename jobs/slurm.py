@@ -1,0 +1,238 @@
+"""SLURM job arrays for a store: one sbatch array per teacher (task id = shard), a CPU finalize
+job that waits for all of them, and optionally the student's training job after finalize.
+
+    scripts = write_scripts(cfg)            # jobs_dir/dump-<teacher>.sbatch, finalize.sbatch, ...
+    submit(scripts, dry_run=True)           # the sbatch command lines, nothing submitted
+
+The scripts run `sys.executable -m kvdistill ...` so a job uses the environment that wrote it;
+a task whose shard is already complete exits at once, so resubmitting an array only redoes what
+is missing (`kvdistill jobs status` prints the `--array=` to resubmit)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from kvdistill.schemas import DumpConfig, JobsConfig, ModelSpec, SlurmSpec
+
+__all__ = ["write_scripts", "submit", "array_spec"]
+
+# finalize only reads offsets and sample ids of every shard: one core, little memory.
+FINALIZE_RESOURCES = {"cpus": 1, "mem": "4G", "time": "01:00:00"}
+MAIN_PROCESS_PORT = 29500
+
+
+def array_spec(task_ids: list[int], max_parallel: int | None = None) -> str:
+    """[0, 1, 2, 3, 7, 9, 10] -> "0-3,7,9-10" (+ "%P": at most P tasks run at once)."""
+    ids = sorted(set(task_ids))
+    if not ids:
+        raise ValueError("array_spec: no task ids; nothing to submit")
+    if ids[0] < 0:
+        raise ValueError(f"array_spec: task ids must be >= 0, got {ids[0]}")
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive ids
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    spec = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"{spec}%{max_parallel}" if max_parallel else spec
+
+
+def _local_path(value: str) -> str:
+    """Absolute path if `value` exists here (a local checkpoint or data file), else unchanged
+    (a hub id): jobs may start in another working directory."""
+    return str(Path(value).absolute()) if value and Path(value).exists() else value
+
+
+def _absolute_model(spec: ModelSpec) -> ModelSpec:
+    return dataclasses.replace(spec, name_or_path=_local_path(spec.name_or_path))
+
+
+def _portable(task: DumpConfig, store: str) -> DumpConfig:
+    """The task with absolute local paths (store, checkpoints, data, layer map, projection)."""
+    align = task.align
+    return dataclasses.replace(
+        task,
+        store=store,
+        teacher=_absolute_model(task.teacher),
+        student=_absolute_model(task.student),
+        data=dataclasses.replace(task.data, source=_local_path(task.data.source)),
+        align=dataclasses.replace(
+            align,
+            layer_map=align.layer_map if align.layer_map == "ratio" else _local_path(align.layer_map),
+            projection=_local_path(align.projection) if align.projection else None,
+        ),
+    )
+
+
+def _sbatch_lines(res: SlurmSpec, *, job_name: str, output: Path, array: str | None = None) -> list[str]:
+    opts = [f"--job-name={job_name}"]
+    if array is not None:
+        opts.append(f"--array={array}")
+    opts.append(f"--output={output}")
+    if res.requeue:
+        opts.append("--requeue")
+    for key in ("partition", "account", "qos"):
+        if getattr(res, key):
+            opts.append(f"--{key}={getattr(res, key)}")
+    opts.append(f"--nodes={res.nodes}")
+    if res.gpus > 0:
+        opts.append(f"--gres=gpu:{res.gpus}")
+    opts += [f"--cpus-per-task={res.cpus}", f"--mem={res.mem}", f"--time={res.time}", *res.extra]
+    return [f"#SBATCH {o}" for o in opts]
+
+
+def _script(header: list[str], sbatch: list[str], body: list[str]) -> str:
+    # #SBATCH lines must precede the first command; comments may sit among them.
+    return "\n".join(["#!/bin/bash", *(f"# {h}" for h in header), *sbatch, "", "set -euo pipefail", *body, ""])
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def write_scripts(cfg: JobsConfig, config_path: str | None = None) -> dict[str, Path]:
+    """Write jobs_dir/{dump-<teacher>.sbatch, finalize.sbatch[, train.sbatch]} and the configs
+    they run (jobs_dir/configs/*.yaml); return {"dump-<teacher>": path, ..., "finalize": path,
+    "train": path} in submission order."""
+    jobs = Path(cfg.jobs_dir).absolute()
+    configs, logs = jobs / "configs", jobs / "logs"
+    configs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    py = shlex.quote(sys.executable)
+    store = str(Path(cfg.dump.store).absolute())
+    origin = f"from {config_path}" if config_path else "from a JobsConfig"
+    N = cfg.dump.num_shards
+    scripts: dict[str, Path] = {}
+
+    for teacher in cfg.teachers:
+        name = teacher.short_name
+        task = _portable(cfg.task(teacher, 0), store)
+        yaml = task.save(configs / f"dump-{name}.yaml")
+        header = [
+            f"kvdistill dump array for teacher {name}: task i writes shard i of {N} into",
+            f"{store}. Written by `kvdistill jobs slurm` {origin}.",
+            "A task whose shard is complete exits at once; resubmit missing shards with",
+            f"`sbatch --array=<ids> {jobs / f'dump-{name}.sbatch'}` (see `kvdistill jobs status`).",
+        ]
+        sbatch = _sbatch_lines(
+            cfg.slurm,
+            job_name=f"kvd-dump-{name}",
+            array=array_spec(list(range(N)), cfg.slurm.max_parallel),
+            output=logs / f"dump-{name}-%A_%a.out",  # %A job id, %a task id (= shard)
+        )
+        body = [
+            'if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK; fi',
+            f"exec {py} -m kvdistill dump --config {shlex.quote(str(yaml))} --shard $SLURM_ARRAY_TASK_ID --no-progress",
+        ]
+        scripts[f"dump-{name}"] = _write(jobs / f"dump-{name}.sbatch", _script(header, sbatch, body))
+
+    # Same partition / account / qos as the dumps, but CPU only and small; no extra options
+    # (they usually name GPU constraints).
+    fin = dataclasses.replace(cfg.slurm, nodes=1, gpus=0, requeue=False, max_parallel=None, extra=[], **FINALIZE_RESOURCES)
+    sbatch = _sbatch_lines(fin, job_name="kvd-finalize", output=logs / "finalize-%j.out")
+    header = [
+        f"kvdistill finalize: check every shard of every teacher is complete and write {store}/index.parquet.",
+        "Submitted with --dependency=afterok:<every dump array>, so it starts once all tasks succeeded.",
+    ]
+    body = [f"exec {py} -m kvdistill store finalize {shlex.quote(store)}"]
+    scripts["finalize"] = _write(jobs / "finalize.sbatch", _script(header, sbatch, body))
+
+    if cfg.train is not None:
+        scripts["train"] = _write_train(cfg, jobs, py, store)
+    return scripts
+
+
+def _write_train(cfg: JobsConfig, jobs: Path, py: str, store: str) -> Path:
+    train = dataclasses.replace(
+        cfg.train,
+        store=str(Path(cfg.train.store).absolute()),
+        out=str(Path(cfg.train.out).absolute()),
+        student=_absolute_model(cfg.train.student),
+    )
+    if train.store != store:
+        raise ValueError(
+            f"JobsConfig.train.store {train.store} is not the store the dump arrays write "
+            f"({store}); set train.store to dump.store"
+        )
+    yaml = shlex.quote(str(train.save(jobs / "configs" / "train.yaml")))
+    res = cfg.train_slurm
+    G = res.gpus
+    sbatch = _sbatch_lines(res, job_name="kvd-train", output=jobs / "logs" / "train-%j.out")
+    header = [f"kvdistill train from {store} into {train.out}.", "Submitted with --dependency=afterok:<finalize>."]
+    if G == 0 or res.nodes * G == 1:
+        body = [f"exec {py} -m kvdistill train --config {yaml} --no-progress"]
+    else:
+        sbatch.insert(sbatch.index(f"#SBATCH --nodes={res.nodes}") + 1, "#SBATCH --ntasks-per-node=1")
+        launch = (
+            f"exec {py} -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES "
+            f"--num_processes $((SLURM_NNODES * {G})) --machine_rank $SLURM_NODEID "
+            f"--main_process_ip $MASTER_ADDR --main_process_port {MAIN_PROCESS_PORT} "
+            f"-m kvdistill train --config {yaml} --no-progress"
+        )
+        body = [
+            f"# one accelerate launcher per node ({res.nodes} nodes x {G} GPUs); node 0 hosts the rendezvous",
+            'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+            "# single quotes: each node expands its own $SLURM_NODEID inside srun, not the batch shell",
+            f"srun bash -c {shlex.quote(launch)}",
+        ]
+    return _write(jobs / "train.sbatch", _script(header, sbatch, body))
+
+
+def _job_id(stdout: str) -> str | None:
+    """`sbatch --parsable` prints "123" or "123;cluster"."""
+    lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
+    m = re.fullmatch(r"(\d+)(?:;\S+)?", lines[-1]) if lines else None
+    return m.group(1) if m else None
+
+
+def submit(scripts: dict[str, Path], *, dry_run: bool) -> list[tuple[str, list[str], str | None]]:
+    """sbatch every dump array, then finalize after all of them (afterok), then train after
+    finalize. Returns (name, sbatch argv, job id or None when dry_run) per job; in a dry run
+    the dependency ids are placeholders like <dump-teacher-a>."""
+    unknown = [n for n in scripts if not n.startswith("dump-") and n not in ("finalize", "train")]
+    if unknown:
+        raise ValueError(f"submit: unknown script name(s) {unknown}; expected dump-<teacher>, finalize, train")
+    order = [n for n in scripts if n.startswith("dump-")] + [n for n in ("finalize", "train") if n in scripts]
+    ids: dict[str, str] = {}
+    out = []
+    for name in order:
+        if name == "finalize":
+            after = [ids[n] for n in order if n.startswith("dump-")]
+        elif name == "train":
+            after = [ids["finalize"]] if "finalize" in ids else []
+        else:
+            after = []
+        argv = ["sbatch", "--parsable"]
+        if after:
+            argv.append("--dependency=afterok:" + ":".join(after))
+        argv.append(str(scripts[name]))
+        if dry_run:
+            ids[name] = f"<{name}>"
+            out.append((name, argv, None))
+            continue
+        done = ", ".join(f"{n} = job {ids[n]}" for n in ids) or "nothing"
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        except FileNotFoundError as e:
+            raise RuntimeError(
+                f"`{shlex.join(argv)}`: sbatch not found; run on a SLURM login node, or use "
+                "`kvdistill jobs local` / a dry run"
+            ) from e
+        job = _job_id(proc.stdout) if proc.returncode == 0 else None
+        if job is None:
+            raise RuntimeError(
+                f"`{shlex.join(argv)}` failed (exit {proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip() or 'no output'}\n"
+                f"already submitted: {done}"
+            )
+        ids[name] = job
+        out.append((name, argv, job))
+    return out

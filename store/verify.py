@@ -1,0 +1,370 @@
+"""`kvdistill store verify`: re-read every byte of a store and report what is wrong with it.
+
+    problems = verify("out.zarr")          # [] when the store is sound
+    print(format_problems(problems))
+
+Checks, per teacher and shard (each problem names its teacher, shard, what and the fix):
+
+- every shard 0..num_shards-1 is present and complete, and holds the teacher / shard its
+  place says; no shard lies beyond num_shards;
+- stale shards: the fingerprint a shard was written with (attrs `fingerprint`,
+  `data_fingerprint`) equals the teacher's and the store's;
+- the arrays are there with consistent shapes: k, v [rows, L_s, width] (decoded), input_ids
+  and loss_mask [rows], offsets [samples + 1] from 0 up to rows, unique sample ids;
+- crc32 of every array the shard's `crc32` attribute lists, recomputed from the stored
+  (encoded) data in row order; a chunk that does not decode is a problem, not a crash;
+- decoded K/V are finite (no NaN / Inf), read through `ShardReader.rows`;
+- shard i holds the same sample ids and lengths for every teacher;
+- index.parquet exists ("not finalized" otherwise) and agrees with every shard.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+from tqdm.auto import tqdm
+
+from kvdistill.schemas import StoreSpec, TeacherSpec
+
+from .zarr_store import (
+    INDEX,
+    KEY,
+    ShardReader,
+    StoreError,
+    _partial_dir,
+    _teacher_dir,
+    read_store_spec,
+    read_teacher_specs,
+    shard_name,
+)
+
+__all__ = ["Problem", "verify", "format_problems"]
+
+REQUIRED = ("k", "v", "input_ids", "loss_mask", "offsets", "sample_ids")
+INDEX_COLUMNS = ("teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop", "length")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a store: where (teacher / shard, None for the whole store), what, fix."""
+
+    teacher: str | None
+    shard: int | None
+    what: str
+    fix: str
+
+    @property
+    def where(self) -> str:
+        if self.teacher is None:
+            return "store"
+        return f"teacher {self.teacher!r}" + ("" if self.shard is None else f" {shard_name(self.shard)}")
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}; {self.fix}"
+
+
+def _redump(teacher: str, shard: int, delete: bool = True) -> str:
+    rerun = (
+        f"re-run its dump task (`kvdistill dump --teacher-name {teacher} --shard {shard} ...`), "
+        "then `kvdistill store finalize`"
+    )
+    return f"delete the shard ({shard_name(shard)} of teacher {teacher!r}), {rerun}" if delete else rerun[0].upper() + rerun[1:]
+
+
+def _blocks(arr: zarr.Array) -> int:
+    """Rows per read: one zarr shard (the write unit) when sharded, else one chunk."""
+    rows = (arr.shards or arr.chunks)[0] if arr.ndim else 1
+    return max(1, rows)
+
+
+def _crc32(arr: zarr.Array) -> int:
+    """zlib.crc32 of the stored values in row order, as ShardWriter computes it while writing."""
+    if arr.ndim == 0:
+        return zlib.crc32(np.ascontiguousarray(arr[()]).tobytes())
+    crc, step = 0, _blocks(arr)
+    for start in range(0, arr.shape[0], step):
+        crc = zlib.crc32(np.ascontiguousarray(arr[start : start + step]).tobytes(), crc)
+    return crc
+
+
+def _decode_error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def verify(path: str | Path, progress: bool = False) -> list[Problem]:
+    """Every problem of the store at `path` ([] when sound). Reads every stored array once for
+    the checksums, and K / V a second time, decoded through ShardReader, for NaN / Inf."""
+    path = Path(path)
+    try:
+        spec = read_store_spec(path)
+    except StoreError as e:
+        return [Problem(None, None, str(e), "point at a store written by `kvdistill dump`")]
+    problems: list[Problem] = []
+    teachers = read_teacher_specs(path)
+    if not teachers:
+        problems.append(Problem(None, None, "holds no teachers", "run `kvdistill dump` into it"))
+    index = _read_index(path, problems)
+    first: dict[int, tuple[str, list[str], np.ndarray]] = {}  # shard -> (teacher, ids, offsets)
+    bar = tqdm(total=len(teachers) * spec.num_shards, desc="verify", unit="shard", disable=not progress)
+    for name, tspec in teachers.items():
+        for i in range(spec.num_shards):
+            bar.set_postfix_str(f"{name} {shard_name(i)}")
+            found = _verify_shard(path, spec, tspec, i, problems)
+            bar.update()
+            rows = index.pop((name, i), None) if index is not None else None
+            if found is None:  # already reported; its index rows cannot be checked against it
+                continue
+            ids, offsets = found
+            if i not in first:
+                first[i] = (name, ids, offsets)
+            else:
+                _compare_teachers(name, i, ids, offsets, first[i], problems)
+            if index is not None:
+                _compare_index(name, i, ids, offsets, rows, problems)
+        problems += _extra_shards(path, name, spec.num_shards)
+    bar.close()
+    for (name, i), rows in sorted((index or {}).items()):
+        problems.append(
+            Problem(
+                name, i,
+                f"index.parquet lists {len(rows['sample_id'])} samples of a shard the store does not hold",
+                f"run `kvdistill store finalize {path}` again",
+            )
+        )
+    return problems
+
+
+def _read_index(path: Path, problems: list[Problem]) -> dict[tuple[str, int], dict[str, np.ndarray]] | None:
+    """index.parquet grouped by (teacher, shard), each group's columns in sample order."""
+    fix = f"run `kvdistill store finalize {path}`"
+    if not (path / INDEX).exists():
+        problems.append(Problem(None, None, "not finalized: no index.parquet", fix))
+        return None
+    try:
+        table = pq.read_table(path / INDEX)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        problems.append(Problem(None, None, f"index.parquet is unreadable ({_decode_error(e)})", fix + " again"))
+        return None
+    missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
+    if missing:
+        problems.append(Problem(None, None, f"index.parquet lacks columns {missing}", fix + " again"))
+        return None
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in INDEX_COLUMNS}
+    names, code = np.unique(cols["teacher"].astype(str), return_inverse=True)
+    order = np.lexsort((cols["sample_index"], cols["shard"], code))
+    key = np.stack([code[order], cols["shard"][order]])  # [2, n], sorted
+    cuts = np.flatnonzero(np.any(key[:, 1:] != key[:, :-1], axis=0)) + 1
+    out = {}
+    for rows in np.split(order, cuts) if len(order) else []:
+        r0 = rows[0]
+        out[(str(names[code[r0]]), int(cols["shard"][r0]))] = {c: cols[c][rows] for c in INDEX_COLUMNS}
+    return out
+
+
+def _verify_shard(
+    path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, problems: list[Problem]
+) -> tuple[list[str], np.ndarray] | None:
+    """Check one shard; return its (sample ids, offsets) when they are sound enough to compare
+    with other teachers and the index."""
+    name = tspec.name
+    d = _teacher_dir(path, name) / shard_name(i)
+
+    def report(what: str, fix: str | None = None) -> None:
+        problems.append(Problem(name, i, what, fix or _redump(name, i)))
+
+    if not d.exists():
+        partial = any(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))
+        report("partial: its dump task did not finish" if partial else "missing", _redump(name, i, delete=False))
+        return None
+    try:
+        group = zarr.open_group(d, mode="r")
+        attrs = group.attrs.get(KEY)
+    except (OSError, ValueError) as e:  # unreadable / corrupt zarr.json
+        report(f"metadata unreadable ({_decode_error(e)})")
+        return None
+    if not attrs or not attrs.get("complete"):
+        report("incomplete (no completion record)")
+        return None
+    if attrs.get("teacher", name) != name or attrs.get("shard", i) != i:
+        report(f"holds {shard_name(attrs.get('shard', i))} of teacher {attrs.get('teacher')!r}, not this one")
+    if attrs.get("fingerprint") not in (None, tspec.fingerprint):
+        report(
+            f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, "
+            f"teacher spec has {tspec.fingerprint})"
+        )
+    if attrs.get("data_fingerprint") not in (None, spec.data_fingerprint):
+        report(
+            f"stale: written from other data (data fingerprint {attrs['data_fingerprint']}, "
+            f"store has {spec.data_fingerprint})"
+        )
+    if attrs.get("codec") not in (None, tspec.kv_dtype):
+        report(f"stale: K/V stored as {attrs['codec']}, the teacher's codec is {tspec.kv_dtype}")
+    if attrs.get("width") not in (None, tspec.width):
+        report(f"K/V width {attrs['width']} in its record, the teacher spec says {tspec.width}")
+    missing = [a for a in REQUIRED if a not in group]
+    if missing:
+        report(f"lacks arrays {missing}")
+        return None
+    if not all(isinstance(attrs.get(a), int) for a in ("rows", "samples")):
+        report(f"completion record lacks its row / sample counts: {sorted(attrs)}")
+        return None
+    rows, samples = attrs["rows"], attrs["samples"]
+
+    try:
+        offsets = group["offsets"][:]  # [n + 1]
+        ids = [str(s) for s in group["sample_ids"][:]]  # [n]
+    except Exception as e:  # any codec error of a corrupt chunk is a finding
+        report(f"offsets / sample_ids do not decode ({_decode_error(e)})")
+        return None
+    sound = _check_offsets(offsets, ids, rows, samples, report)
+
+    L_s, width = spec.geometry.num_layers, tspec.width
+    for a in ("input_ids", "loss_mask"):
+        if group[a].shape != (rows,):
+            report(f"{a} has shape {group[a].shape}, expected ({rows},) (the shard's row count)")
+    for a in ("k", "v"):
+        shape = group[a].shape
+        # Quantised layouts may pack the last axis; the decoded shape is checked below.
+        if len(shape) != 3 or shape[:2] != (rows, L_s):
+            report(f"{a} has shape {shape}, expected [{rows}, {L_s}, ...] (rows, student layers)")
+            sound = False
+
+    undecodable = set()
+    for a, want in (attrs.get("crc32") or {}).items():
+        if a not in group:
+            report(f"array {a!r} listed in the crc32 record is missing")
+            continue
+        try:
+            got = _crc32(group[a])
+        except Exception as e:  # any codec error of a corrupt chunk is a finding
+            report(f"{a} does not decode ({_decode_error(e)}): a corrupt or truncated chunk file")
+            undecodable.add(a)
+            continue
+        if got != want:
+            report(f"crc32 mismatch in {a}: stored data gives {got}, written as {want}")
+
+    kv = tuple(a for a in ("k", "v") if not any(u == a or u.startswith(f"{a}_") for u in undecodable))
+    if sound and kv:
+        _check_values(path, name, i, rows, L_s, width, kv, _blocks(group["k"]), report)
+    return (ids, offsets) if sound else None
+
+
+def _check_offsets(offsets: np.ndarray, ids: list[str], rows: int, samples: int, report) -> bool:
+    sound = True
+    if len(offsets) != samples + 1:
+        report(f"offsets has {len(offsets)} entries, expected samples + 1 = {samples + 1}")
+        sound = False
+    elif len(offsets) and (offsets[0] != 0 or offsets[-1] != rows):
+        report(f"offsets run from {offsets[0]} to {offsets[-1]}, expected 0 to rows = {rows}")
+        sound = False
+    if len(offsets) > 1 and np.any(np.diff(offsets) < 0):
+        j = int(np.flatnonzero(np.diff(offsets) < 0)[0])
+        report(f"offsets decrease at sample {j}: {offsets[j]} -> {offsets[j + 1]}")
+        sound = False
+    if len(ids) != samples:
+        report(f"sample_ids has {len(ids)} entries, expected {samples}")
+        sound = False
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = sorted({s for s in ids if s in seen or seen.add(s)})
+        report(f"sample ids repeat: {dup[:5]}{' ...' if len(dup) > 5 else ''}")
+        sound = False
+    return sound
+
+
+def _check_values(path, name, i, rows, L_s, width, kv, step, report) -> None:
+    """Decoded K/V: shape [rows, L_s, width] and finite, read in blocks through ShardReader."""
+    try:
+        reader = ShardReader(path, name, i)
+        bad = dict.fromkeys(kv, 0)
+        first_bad: dict[str, int] = {}
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = reader.rows(start, stop, kv)
+            for a in kv:
+                x = block[a]  # [stop - start, L_s, width]
+                if x.shape != (stop - start, L_s, width):
+                    report(f"{a} decodes to rows of shape {x.shape[1:]}, expected ({L_s}, {width}) (student layers, teacher width)")
+                    return
+                nonfinite = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)  # [rows]
+                if nonfinite.any():
+                    bad[a] += int(np.count_nonzero(~np.isfinite(x)))
+                    first_bad.setdefault(a, start + int(np.flatnonzero(nonfinite)[0]))
+    except Exception as e:  # any codec error of a corrupt chunk is a finding
+        report(f"{'/'.join(kv)} do not decode ({_decode_error(e)}): a corrupt or truncated chunk file")
+        return
+    for a, n in bad.items():
+        if n:
+            report(f"{a} holds {n} non-finite value(s) (NaN / Inf), the first in row {first_bad[a]}")
+
+
+def _compare_teachers(name, i, ids, offsets, ref, problems: list[Problem]) -> None:
+    ref_name, ref_ids, ref_offsets = ref
+    fix = (
+        "every teacher must be dumped from the same data, split, num_shards and student "
+        f"tokenizer; {_redump(name, i)}"
+    )
+    if ids != ref_ids:
+        j = next((j for j, (a, b) in enumerate(zip(ids, ref_ids, strict=False)) if a != b), min(len(ids), len(ref_ids)))
+        problems.append(
+            Problem(name, i, f"holds other sample ids than teacher {ref_name!r} ({len(ids)} vs {len(ref_ids)} "
+                    f"samples, first difference at sample {j})", fix)
+        )
+    elif not np.array_equal(offsets, ref_offsets):
+        j = int(np.flatnonzero(offsets != ref_offsets)[0])
+        problems.append(
+            Problem(name, i, f"holds the samples of teacher {ref_name!r} with other lengths (offset {j}: "
+                    f"{offsets[j]} vs {ref_offsets[j]})", fix)
+        )
+
+
+def _compare_index(name, i, ids, offsets, rows, problems: list[Problem]) -> None:
+    fix = "run `kvdistill store finalize` again (it rewrites index.parquet from the shards)"
+    if rows is None:
+        problems.append(Problem(name, i, "index.parquet has no rows for this shard", fix))
+        return
+    want = {
+        "sample_id": np.asarray(ids, dtype=object),
+        "sample_index": np.arange(len(ids)),
+        "row_start": offsets[:-1],
+        "row_stop": offsets[1:],
+        "length": np.diff(offsets),
+    }
+    if len(rows["sample_id"]) != len(ids):
+        problems.append(Problem(name, i, f"index.parquet lists {len(rows['sample_id'])} samples, the shard holds {len(ids)}", fix))
+        return
+    for c, w in want.items():
+        have = rows[c].astype(str) if c == "sample_id" else rows[c]
+        diff = np.flatnonzero(have != (w.astype(str) if c == "sample_id" else w))
+        if len(diff):
+            j = int(diff[0])
+            problems.append(
+                Problem(name, i, f"index.parquet disagrees with the shard on {c} at {len(diff)} sample(s), "
+                        f"first sample {j} ({ids[j]!r}): index has {have[j]!r}, shard has {w[j]!r}", fix)
+            )
+
+
+def _extra_shards(path: Path, name: str, num_shards: int) -> list[Problem]:
+    tdir = _teacher_dir(path, name)
+    out = []
+    for d in sorted(tdir.glob("shard-*")):
+        suffix = d.name.removeprefix("shard-")
+        if not (suffix.isdigit() and int(suffix) < num_shards):
+            out.append(
+                Problem(name, None, f"{d.name} lies beyond the store's {num_shards} shards",
+                        f"delete {d} (left by a run with another --num-shards)")
+            )
+    return out
+
+
+def format_problems(problems: list[Problem]) -> str:
+    lines = [f"{len(problems)} problem(s):"]
+    for p in problems:
+        lines.append(f"  {p.where}: {p.what}")
+        lines.append(f"      fix: {p.fix}")
+    return "\n".join(lines)

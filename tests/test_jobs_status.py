@@ -1,0 +1,103 @@
+"""`kvdistill jobs status`: complete / partial / missing shards per teacher and the exact
+`--array=` that resubmits only those."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kvdistill.jobs.status import format_status, shard_states, status
+from kvdistill.schemas import DumpTask, JobsConfig, ModelSpec, SlurmSpec
+from kvdistill.store.zarr_store import _partial_dir, shard_name
+
+
+@pytest.fixture
+def store(tiny_store, tmp_path) -> Path:
+    """A private copy of the finalized tiny store (2 teachers x 2 shards) to damage."""
+    return Path(shutil.copytree(tiny_store["store"], tmp_path / "tiny.zarr"))
+
+
+def jobs_config(tiny_store, store: Path, tmp_path: Path, teachers: list[ModelSpec] | None = None, **slurm) -> JobsConfig:
+    return JobsConfig(
+        teachers=teachers or tiny_store["teachers"],
+        dump=DumpTask(student=tiny_store["student"], store=str(store), data=tiny_store["data"], num_shards=2),
+        slurm=SlurmSpec(**slurm),
+        jobs_dir=str(tmp_path / "jobs"),
+    )
+
+
+def test_complete_store_reports_every_shard_complete_with_rows_and_no_resubmit(store):
+    info = status(store)
+    assert info["complete"] and info["finalized"] and info["num_shards"] == 2
+    assert list(info["teachers"]) == ["teacher-a", "teacher-b"]
+    for t in info["teachers"].values():
+        assert t["array"] is None and t["resubmit"] is None and t["missing"] == t["partial"] == []
+        assert [s["state"] for s in t["shards"]] == ["complete", "complete"]
+        assert sum(s["samples"] for s in t["shards"]) == 48  # conftest.DATA: 48 training rows
+        assert all(s["rows"] > s["samples"] and s["bytes"] > 0 for s in t["shards"])
+    table = format_status(info)
+    assert "resubmit" not in table and "--array" not in table
+    assert "all 2 shards of every teacher are complete" in table
+    assert f"kvdistill store finalize {store}" in table
+
+
+def test_deleted_and_partial_shards_are_listed_with_the_exact_array_to_resubmit(store, tiny_store, tmp_path):
+    shutil.rmtree(store / "teachers" / "teacher-a" / shard_name(1))
+    # teacher-b shard 0: its task was killed mid-write (the completed copy is gone, a leftover remains)
+    shutil.rmtree(store / "teachers" / "teacher-b" / shard_name(0))
+    leftover = _partial_dir(store, "teacher-b") / f"{shard_name(0)}.node7-12345"
+    leftover.mkdir(parents=True)
+    (leftover / "k.bin").write_bytes(b"\0" * 1000)
+
+    states = shard_states(store, ["teacher-a", "teacher-b"], 2)
+    assert [s["state"] for s in states["teacher-a"]] == ["complete", "missing"]
+    assert [s["state"] for s in states["teacher-b"]] == ["partial", "complete"]
+    assert states["teacher-a"][1] == {"shard": 1, "state": "missing", "rows": None, "samples": None, "bytes": 0}
+    assert states["teacher-b"][0]["bytes"] == 1000 and states["teacher-b"][0]["rows"] is None
+
+    info = status(store)
+    a, b = info["teachers"]["teacher-a"], info["teachers"]["teacher-b"]
+    assert not info["complete"]
+    assert (a["missing"], a["partial"], a["array"]) == ([1], [], "--array=1")
+    assert (b["missing"], b["partial"], b["array"]) == ([], [0], "--array=0")
+    assert a["resubmit"] is None  # no jobs config: the store does not know where the scripts are
+
+    cfg = jobs_config(tiny_store, store, tmp_path)
+    info = status(store, cfg)
+    jobs = tmp_path / "jobs"
+    assert info["teachers"]["teacher-a"]["resubmit"] == f"sbatch --array=1 {jobs / 'dump-teacher-a.sbatch'}"
+    assert info["teachers"]["teacher-b"]["resubmit"] == f"sbatch --array=0 {jobs / 'dump-teacher-b.sbatch'}"
+
+    table = format_status(info)
+    row = {tuple(line.split()[:3]) for line in table.splitlines()}
+    assert {("teacher-a", "1", "missing"), ("teacher-b", "0", "partial"), ("teacher-a", "0", "complete")} <= row
+    assert f"sbatch --array=1 {jobs / 'dump-teacher-a.sbatch'}" in table
+    assert f"sbatch --array=0 {jobs / 'dump-teacher-b.sbatch'}" in table
+    assert "are complete" not in table
+
+
+def test_teacher_not_in_the_store_yet_has_every_shard_missing(store, tiny_store, tmp_path):
+    late = ModelSpec(name_or_path=tiny_store["teachers"][0].name_or_path, name="teacher-c")
+    cfg = jobs_config(tiny_store, store, tmp_path, teachers=[*tiny_store["teachers"], late], max_parallel=4)
+    info = status(store, cfg)
+    c = info["teachers"]["teacher-c"]
+    assert [s["state"] for s in c["shards"]] == ["missing", "missing"]
+    assert c["array"] == "--array=0-1%4"  # the config's throttle carries over
+    assert c["resubmit"] == f"sbatch --array=0-1%4 {tmp_path / 'jobs' / 'dump-teacher-c.sbatch'}"
+    assert info["teachers"]["teacher-a"]["array"] is None
+    assert "teacher-c" in format_status(info) and not info["complete"]
+
+
+def test_status_before_any_dump_lists_every_shard_missing(tiny_store, tmp_path):
+    cfg = jobs_config(tiny_store, tmp_path / "not-yet.zarr", tmp_path)
+    info = status(tmp_path / "not-yet.zarr", cfg)
+    assert {n: t["array"] for n, t in info["teachers"].items()} == {"teacher-a": "--array=0-1", "teacher-b": "--array=0-1"}
+
+
+def test_config_with_another_shard_count_than_the_store_is_refused(store, tiny_store, tmp_path):
+    cfg = jobs_config(tiny_store, store, tmp_path)
+    cfg.dump.num_shards = 3
+    with pytest.raises(ValueError, match="store .* has 2 shards per teacher, the jobs config says 3"):
+        status(store, cfg)
