@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=inspect_main)
+    c = ssub.add_parser("convert", help="convert between the zarr and webdataset backends (direction from the source)")
+    c.add_argument("src", help="a finalized zarr store, or a webdataset store (a directory with kvdistill.json)")
+    c.add_argument("dst", help="the new store")
+    c.set_defaults(func=convert_main)
     v = ssub.add_parser(
         "verify",
         help="re-read everything: shards complete, checksums, NaN/Inf, shapes, same samples per teacher, index; exit 1 on any problem",
@@ -128,4 +132,14 @@ def plan_main(args: argparse.Namespace) -> int:
     plans = estimate(args.num_shards or max(p["suggested_num_shards"] for p in estimate(None).values()))
     print(format_plan(plans, codec=args.kv_dtype))
     print(f"longest sample: {max(lengths):,} student tokens (dump's --max-len must cover the teacher's tokens too)")
+    return 0
+
+
+def convert_main(args: argparse.Namespace) -> int:
+    from .wds import is_wds_store, wds_to_zarr, zarr_to_wds
+
+    if is_wds_store(args.src):
+        print(f"webdataset -> zarr: wrote {wds_to_zarr(args.src, args.dst)}")
+    else:
+        print(f"zarr -> webdataset: wrote {zarr_to_wds(args.src, args.dst)}")
     return 0

@@ -1,0 +1,98 @@
+"""The webdataset backend: same records as the zarr store, readable with plain webdataset,
+streamable by the trainer, convertible both ways, and never unpickling anything."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from kvdistill.cli import main
+from kvdistill.schemas import TrainConfig
+from kvdistill.store import ShardReader, StoreError, wds_samples
+from kvdistill.store.verify import verify
+from kvdistill.train.loop import train
+from kvdistill.train.stream import KVStream
+
+TEACHERS = ["teacher-a", "teacher-b"]
+
+
+@pytest.fixture(scope="module")
+def wds_store(tiny_store, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("wds") / "tiny.wds"
+    assert main(["store", "convert", str(tiny_store["store"]), str(dst)]) == 0
+    return dst
+
+
+def test_converted_tars_hold_the_zarr_records_and_open_with_plain_webdataset(tiny_store, wds_store):
+    code = f"""
+import io, json, sys
+import numpy as np, webdataset as wds
+out = []
+for rec in wds.WebDataset({str(wds_store / "teachers" / "teacher-a" / "shard-00001.tar")!r}, shardshuffle=False, empty_check=False):
+    k = np.load(io.BytesIO(rec["k.npy"]), allow_pickle=False)
+    out.append([rec["__key__"], list(k.shape), str(k.dtype), json.loads(rec["json"])["tokens"]])
+print(json.dumps({{"records": out, "kvdistill": sorted(m for m in sys.modules if m.split(".")[0] == "kvdistill")}}))
+"""
+    res = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout)
+    assert res["kvdistill"] == []
+    r = ShardReader(tiny_store["store"], "teacher-a", 1)
+    assert [x[0] for x in res["records"]] == r.sample_ids
+    assert [x[1] for x in res["records"]] == [[int(b - a), 2, 64] for a, b in zip(r.offsets[:-1], r.offsets[1:], strict=True)]
+    assert {x[2] for x in res["records"]} == {"float16"}
+
+
+def test_wds_samples_equal_the_zarr_rows_for_every_teacher(tiny_store, wds_store):
+    zarr_stream = KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1)
+    for shard in range(2):
+        got = list(wds_samples(wds_store, TEACHERS, shard))
+        want = list(zarr_stream._samples(shard))
+        assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(g["input_ids"], w["input_ids"]) and np.array_equal(g["loss_mask"], w["loss_mask"])
+            for t in TEACHERS:
+                assert np.array_equal(g["kv"][t][0], w["kv"][t][0]) and np.array_equal(g["kv"][t][1], w["kv"][t][1])
+
+
+def test_the_trainer_streams_a_webdataset_store(tiny_store, wds_store, tmp_path):
+    summary = train(TrainConfig(store=str(wds_store), student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=3, device="cpu"), progress=False)
+    assert summary["steps"] == 3 and np.isfinite(summary["final_kv_k"])
+
+
+def test_converting_back_gives_an_identical_verified_zarr_store(tiny_store, wds_store, tmp_path):
+    back = tmp_path / "back.zarr"
+    assert main(["store", "convert", str(wds_store), str(back)]) == 0
+    assert verify(back) == []
+    for t in TEACHERS:
+        for shard in range(2):
+            a, b = ShardReader(tiny_store["store"], t, shard), ShardReader(back, t, shard)
+            assert a.sample_ids == b.sample_ids
+            n = int(a.offsets[-1])
+            for name, x in a.rows(0, n).items():
+                assert np.array_equal(x, b.rows(0, n)[name]), name
+
+
+def test_an_object_dtype_npy_in_a_tar_is_refused_not_unpickled(tmp_path, wds_store):
+    bad = tmp_path / "bad.wds"
+    import shutil
+
+    shutil.copytree(wds_store, bad)
+    tar_path = bad / "teachers" / "teacher-a" / "shard-00000.tar"
+    with tarfile.open(tar_path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    key = members[0][0].name.split(".")[0]
+    with tarfile.open(tar_path, "w") as tf:
+        for m, data in members:
+            if m.name == f"{key}.k.npy":
+                data = buf.getvalue()
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    with pytest.raises(StoreError, match="cannot be read without pickle"):
+        list(wds_samples(bad, ["teacher-a"], 0))
