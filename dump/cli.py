@@ -29,6 +29,7 @@ FLAGS: list[Flag] = [
     ("--max-len", "max_len", int, "longest sample in tokens; longer ones are an error (or see --on-too-long)"),
     ("--on-too-long", "on_too_long", str, "error | skip: skip and count samples over --max-len"),
     ("--kv-dtype", "kv_dtype", str, "codec of stored K/V: float16 | float32 | bfloat16 | int8 | int4 (KIVI-style, scales beside)"),
+    ("--backend", "backend", str, "zarr | webdataset (one .tar per task; float16 / float32 only)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:1"),
 ]
 

@@ -33,7 +33,7 @@ from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_ma
 from kvdistill.align.time import stack_time_maps
 from kvdistill.data import data_fingerprint, load_examples
 from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
-from kvdistill.store import ShardWriter, init_store, init_teacher, shard_is_complete
+from kvdistill.store import ShardWriter, WdsShardWriter, init_store, init_teacher, shard_is_complete
 
 from .capture import forward_kv, kv_geometry
 from .models import (
@@ -175,6 +175,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             num_shards=cfg.num_shards,
             kv_dtype=cfg.kv_dtype,
             teacher_kv_dtype=cfg.teacher_kv_dtype,
+            backend=cfg.backend,
         ),
     )
     codec = cfg.teacher_kv_dtype.get(name, cfg.kv_dtype)
@@ -238,7 +239,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             start += len(s)
 
     with (
-        ShardWriter(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec) as w,
+        (WdsShardWriter if cfg.backend == "webdataset" else ShardWriter)(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec) as w,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
     ):

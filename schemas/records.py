@@ -170,6 +170,7 @@ class StoreSpec(Record):
     num_shards: int
     kv_dtype: KVDtype = "float16"  # the store's codec ...
     teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... and per-teacher overrides
+    backend: Literal["zarr", "webdataset"] = "zarr"  # how shards are stored (metadata is zarr JSON either way)
     schema_version: int = SCHEMA_VERSION
 
     def codec(self, teacher: str) -> str:
@@ -208,6 +209,7 @@ class DumpTask(Record):
     align: AlignSpec = field(default_factory=AlignSpec)
     kv_dtype: KVDtype = "float16"  # codec of every teacher ...
     teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... unless named here
+    backend: Literal["zarr", "webdataset"] = "zarr"  # webdataset: one .tar per task (float16 / float32)
     device: str = "auto"
 
     def validate(self) -> None:

@@ -3,7 +3,7 @@ and the same records as webdataset tars (store/wds.py)."""
 
 from kvdistill.schemas import StoreSpec, TeacherSpec
 
-from .wds import is_wds_store, read_wds_meta, wds_samples, wds_to_zarr, zarr_to_wds  # noqa: E402
+from .wds import WdsShardWriter, is_wds_store, wds_samples, wds_to_zarr, zarr_to_wds  # noqa: E402
 from .zarr_store import (
     ShardReader,
     ShardWriter,
@@ -21,15 +21,14 @@ from .zarr_store import (
 
 
 def open_specs(path) -> tuple[StoreSpec, dict[str, TeacherSpec]]:
-    """(StoreSpec, {teacher: TeacherSpec}) of a zarr or a webdataset store."""
-    if is_wds_store(path):
-        return read_wds_meta(path)
+    """(StoreSpec, {teacher: TeacherSpec}) of a store, either backend."""
     return read_store_spec(path), read_teacher_specs(path)
 
 
 __all__ = [
     "open_specs",
     "is_wds_store",
+    "WdsShardWriter",
     "wds_samples",
     "wds_to_zarr",
     "zarr_to_wds",

@@ -32,17 +32,19 @@ and for int4 values: q = unpacked codes [n, L, D], s / z = np.repeat(v_scale[a:b
 
 Quantisation: int8 is symmetric absmax (scale = absmax / 127, q = rint(x / scale) in
 -127..127); int4 is asymmetric min / max (zero = group min, scale = (max - min) / 15,
-q = rint((x - zero) / scale)), because 4-bit absmax loses a level to the sign and half its
-range to channel offsets (keys carry a k_proj bias). Scales are rounded *up* and zeros *down*
-to float16, so no code clips: every element is within scale / 2 of its input. A group of zeros
-or of one constant has scale 0 and decodes exactly (int8) or to its float16-rounded value (int4).
+q = rint((x - zero) / scale) in 0..15). On 16 levels absmax wastes range on the sign and on
+offsets (K and V carry the projections' biases): on a trained teacher's K / V symmetric int4
+loses 7.9% / 9.4%, asymmetric 5.3% / 7.4%; at int8 a zero point would cost 1/16 byte a value
+for 0.43% -> 0.31%, so int8 stays symmetric. Scales are rounded *up* and zeros *down* to
+float16, so no code clips: every element is within scale / 2 of its input. A group of zeros
+has scale 0 and decodes to exact zeros; a constant group to within float16 rounding of it.
 
-Relative Frobenius error on K / V of a trained tiny Qwen2 teacher (bench/store.py): int8 about
-0.5%, int4 about 5% (K) and 7.5% (V). float16 / bfloat16 round to nearest even, bit for bit as
-numpy's and torch's casts. Inputs must be finite (NaN / Inf raise: quantisation would hide them)
-and fit the codec's range: float16 and int4 store values or zeros as float16 (|x| <= 65504),
-int8 stores absmax / 127 as float16 (|x| <= 65504 * 127); out of range raises and names
-bfloat16, which holds the float32 range.
+Relative Frobenius error on K / V of a trained tiny Qwen2 teacher (bench/store.py): int8
+0.43% / 0.51%, int4 5.3% / 7.4%. float16 / bfloat16 round to nearest even, bit for bit as
+numpy's and torch's casts. Inputs must be finite (NaN / Inf raise: quantisation would hide
+them) and fit the codec's range: float16 and int4 hold values or zeros in float16 (|x| up to
+about 65504), int8 holds absmax / 127 in float16 (|x| <= 65504 * 127); out of range raises and
+names bfloat16, which holds the float32 range.
 """
 
 from __future__ import annotations
@@ -181,10 +183,10 @@ def _groups(x: np.ndarray, part: str) -> np.ndarray:
     if part == "k":
         pad = -n % GROUP
         xp = np.pad(x, ((0, pad), (0, 0), (0, 0)), mode="edge") if pad else x
-        return xp.reshape(-1, GROUP, *x.shape[1:])
+        return xp.reshape(-(-n // GROUP), GROUP, *x.shape[1:])
     pad = -D % GROUP
     xp = np.pad(x, ((0, 0), (0, 0), (0, pad)), mode="edge") if pad else x
-    return xp.reshape(n, x.shape[1], -1, GROUP)
+    return xp.reshape(n, x.shape[1], -(-D // GROUP), GROUP)
 
 
 def _expand(p: np.ndarray, part: str, n: int, D: int, first_row: int = 0) -> np.ndarray:

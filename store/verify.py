@@ -20,6 +20,7 @@ Checks, per teacher and shard (each problem names its teacher, shard, what and t
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,8 @@ def _verify_shard(
     def report(what: str, fix: str | None = None) -> None:
         problems.append(Problem(name, i, what, fix or _redump(name, i)))
 
+    if spec.backend == "webdataset":
+        return _verify_tar(path, spec, tspec, i, report)
     if not d.exists():
         partial = any(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))
         report("partial: its dump task did not finish" if partial else "missing", _redump(name, i, delete=False))
@@ -252,6 +255,56 @@ def _verify_shard(
     if sound and kv:
         _check_values(path, name, i, rows, L_s, width, kv, _blocks(group["k"]), report)
     return (ids, offsets) if sound else None
+
+
+def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report) -> tuple[list[str], np.ndarray] | None:
+    """A webdataset shard: the tar's crc32 against its completion record, then every record
+    decoded (pickle-free): ids, lengths, shapes and finiteness against the record."""
+    import zlib
+
+    from .wds import wds_samples
+
+    name = tspec.name
+    d = _teacher_dir(path, name) / shard_name(i)
+    tar, sidecar = d.with_name(d.name + ".tar"), d.with_name(d.name + ".json")
+    if not tar.exists():
+        partial = any(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))
+        report("partial: its dump task did not finish" if partial else "missing", _redump(name, i, delete=False))
+        return None
+    if not sidecar.exists():
+        report(f"{tar.name} has no completion record {sidecar.name}")
+        return None
+    attrs = json.loads(sidecar.read_text())
+    if attrs.get("fingerprint") not in (None, tspec.fingerprint):
+        report(f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, teacher spec has {tspec.fingerprint})")
+    crc = 0
+    with tar.open("rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    if crc != attrs["crc32"]["tar"]:
+        report(f"{tar.name}: crc32 {crc} != recorded {attrs['crc32']['tar']} (the file changed after it was written)")
+        return None
+    ids, offsets = attrs["sample_ids"], np.asarray(attrs["offsets"], dtype=np.int64)
+    if not _check_offsets(offsets, ids, attrs["rows"], attrs["samples"], report):
+        return None
+    try:
+        for j, s in enumerate(wds_samples(path, [name], i)):
+            k, v = s["kv"][name]
+            T = int(offsets[j + 1] - offsets[j]) if j < len(ids) else -1
+            if j >= len(ids) or s["sample_id"] != ids[j] or len(s["input_ids"]) != T:
+                report(f"record {j} ({s['sample_id']}) disagrees with the completion record")
+                return None
+            if k.shape != (T, spec.geometry.num_layers, tspec.width) or v.shape != k.shape:
+                report(f"record {s['sample_id']}: k {k.shape}, v {v.shape}, expected {(T, spec.geometry.num_layers, tspec.width)}")
+                return None
+            if not (np.isfinite(k).all() and np.isfinite(v).all()):
+                report(f"record {s['sample_id']}: non-finite K/V")
+        if j + 1 != len(ids):
+            report(f"{tar.name} holds {j + 1} records, its completion record {len(ids)}")
+    except (StoreError, OSError, ValueError) as e:
+        report(f"{tar.name} cannot be read: {_decode_error(e)}")
+        return None
+    return ids, offsets
 
 
 def _check_offsets(offsets: np.ndarray, ids: list[str], rows: int, samples: int, report) -> bool:
@@ -353,7 +406,7 @@ def _extra_shards(path: Path, name: str, num_shards: int) -> list[Problem]:
     tdir = _teacher_dir(path, name)
     out = []
     for d in sorted(tdir.glob("shard-*")):
-        suffix = d.name.removeprefix("shard-")
+        suffix = d.name.removeprefix("shard-").removesuffix(".tar").removesuffix(".json")  # webdataset shards
         if not (suffix.isdigit() and int(suffix) < num_shards):
             out.append(
                 Problem(name, None, f"{d.name} lies beyond the store's {num_shards} shards",

@@ -1,18 +1,21 @@
-"""The webdataset backend: the same logical records as the zarr store, as tar shards for
-sequential streaming (object stores, `curl | tar`), written with webdataset's TarWriter and
-read with its WebDataset pipeline.
+"""The webdataset backend: the same logical records as the zarr store, as one tar per dump
+task, for sequential streaming (object stores, `curl | tar`), written with webdataset's
+TarWriter and read with its WebDataset pipeline. The store's metadata (StoreSpec, TeacherSpec)
+is the same zarr JSON as the zarr backend's, so every metadata tool works on both:
 
-    OUT.wds/
-      kvdistill.json                 {"schema_version", "store_spec", "teachers": {name: TeacherSpec}}
-      index.parquet                  as in the zarr store
-      teachers/<name>/shard-00000.tar    one per array task; one record per sample:
-          <id>.k.npy, <id>.v.npy         [T, L_s, D] float16 / float32
-          <id>.input_ids.npy, <id>.loss_mask.npy   [T]
-          <id>.json                      {"sample_id", "teacher", "shard", "tokens"}
+    OUT/                             zarr.json: StoreSpec with backend "webdataset"
+      index.parquet                  as in the zarr store (written by finalize)
+      teachers/<name>/               zarr.json: TeacherSpec
+        shard-00000.tar              one record per sample:
+            <id>.k.npy, <id>.v.npy           [T, L_s, D] float16 / float32
+            <id>.input_ids.npy, <id>.loss_mask.npy   [T]
+            <id>.json                        {"sample_id", "teacher", "shard", "tokens"}
+        shard-00000.json             completion record: samples, rows, offsets, sample_ids, crc32
 
-A tar is written under a temporary name and renamed when complete. Records are decoded with
+A tar is written in the store's hidden partial directory and renamed into place after its
+completion record is written, so a visible tar is complete. Records are decoded with
 `np.load(..., allow_pickle=False)` only: an object-dtype array (which would need pickle) or any
-other member is refused. Quantised codecs are zarr-only for now.
+other member is refused. Quantised codecs are zarr-only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import io
 import json
 import os
 import shutil
+import socket
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,13 +33,13 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from kvdistill.schemas import SCHEMA_VERSION, StoreSpec, TeacherSpec
-
 from .zarr_store import (
-    INDEX,
     ShardReader,
     ShardWriter,
     StoreError,
+    _partial_dir,
+    _teacher_dir,
+    finalize,
     init_store,
     init_teacher,
     read_store_spec,
@@ -42,25 +47,17 @@ from .zarr_store import (
     shard_name,
 )
 
-__all__ = ["META", "is_wds_store", "WdsShardWriter", "wds_samples", "read_wds_meta", "zarr_to_wds", "wds_to_zarr"]
+__all__ = ["is_wds_store", "WdsShardWriter", "wds_samples", "zarr_to_wds", "wds_to_zarr"]
 
-META = "kvdistill.json"
 ARRAYS = ("k", "v", "input_ids", "loss_mask")
 
 
 def is_wds_store(path: str | Path) -> bool:
-    return (Path(path) / META).exists()
+    return (Path(path) / "zarr.json").exists() and read_store_spec(path).backend == "webdataset"
 
 
 def _tar(root: Path, teacher: str, shard: int) -> Path:
-    return Path(root) / "teachers" / teacher / f"{shard_name(shard)}.tar"
-
-
-def read_wds_meta(path: str | Path) -> tuple[StoreSpec, dict[str, TeacherSpec]]:
-    meta = json.loads((Path(path) / META).read_text())
-    if meta["schema_version"] != SCHEMA_VERSION:
-        raise StoreError(f"{path} has store schema version {meta['schema_version']}, this kvdistill reads {SCHEMA_VERSION}")
-    return StoreSpec.from_dict(meta["store_spec"]), {n: TeacherSpec.from_dict(t) for n, t in meta["teachers"].items()}
+    return _teacher_dir(root, teacher) / f"{shard_name(shard)}.tar"
 
 
 class WdsShardWriter:
@@ -70,13 +67,20 @@ class WdsShardWriter:
         if codec not in ("float16", "float32"):
             raise ValueError(f"the webdataset backend stores float16 or float32 K/V, not {codec!r}; use the zarr backend for quantised codecs")
         self.final = _tar(Path(root), teacher, shard)
+        self.sidecar = self.final.with_suffix(".json")
         if self.final.exists():
             raise StoreError(f"{self.final} already exists; a complete shard is never rewritten")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.final.with_name(f".{self.final.name}.{os.getpid()}.partial")
-        self.teacher, self.shard, self.L, self.D, self.dtype = teacher, shard, num_layers, width, np.dtype(codec)
+        self.sidecar.unlink(missing_ok=True)  # a record whose tar never arrived
+        partial = _partial_dir(root, teacher)
+        partial.mkdir(parents=True, exist_ok=True)
+        for stale in partial.glob(f"{shard_name(shard)}.*"):  # left by a killed earlier attempt
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        self.tmp = partial / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}.tar"
+        self.teacher, self.shard, self.L, self.D, self.codec = teacher, shard, num_layers, width, codec
+        self.dtype = np.dtype(codec)
         self.writer = wds.TarWriter(str(self.tmp))
-        self.samples = self.rows = 0
+        self.sample_ids: list[str] = []
+        self.offsets = [0]
         self.closed = False
 
     def write(self, sample_id: str, k: np.ndarray, v: np.ndarray, input_ids: np.ndarray, loss_mask: np.ndarray) -> None:
@@ -93,12 +97,23 @@ class WdsShardWriter:
             "loss_mask.npy": np.asarray(loss_mask, dtype=np.bool_),
             "json": {"sample_id": sample_id, "teacher": self.teacher, "shard": self.shard, "tokens": T},
         })
-        self.samples += 1
-        self.rows += T
+        self.sample_ids.append(sample_id)
+        self.offsets.append(self.offsets[-1] + T)
 
     def close(self, extra_attrs: dict[str, Any] | None = None) -> Path:
         self.writer.close()
-        os.replace(self.tmp, self.final)  # atomic: the tar appears complete or not at all
+        crc = 0
+        with self.tmp.open("rb") as f:
+            while block := f.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+        record = {
+            "complete": True, "teacher": self.teacher, "shard": self.shard, "samples": len(self.sample_ids),
+            "rows": self.offsets[-1], "codec": self.codec, "width": self.D, "crc32": {"tar": crc},
+            "sample_ids": self.sample_ids, "offsets": self.offsets, **(extra_attrs or {}),
+        }
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.sidecar.write_text(json.dumps(record))
+        os.replace(self.tmp, self.final)  # atomic, and last: a visible tar is a complete shard
         self.closed = True
         return self.final
 
@@ -147,39 +162,32 @@ def wds_samples(root: str | Path, teachers: list[str], shard: int) -> Iterator[d
         }
 
 
-def zarr_to_wds(src: str | Path, dst: str | Path) -> Path:
-    """Convert a finalized zarr store into the webdataset layout (same records, same order)."""
-    src, dst = Path(src), Path(dst)
+def _convert(src: Path, dst: Path, backend: str, writer_cls) -> Path:
     spec, teachers = read_store_spec(src), read_teacher_specs(src)
-    if not (src / INDEX).exists():
-        raise StoreError(f"{src} is not finalized; run `kvdistill store finalize {src}` first")
-    dst.mkdir(parents=True, exist_ok=True)
+    init_store(dst, type(spec).from_dict({**spec.to_dict(), "backend": backend}))
     for name, t in teachers.items():
+        codec = t.kv_dtype if backend == "zarr" or t.kv_dtype in ("float16", "float32") else "float32"
+        init_teacher(dst, type(t).from_dict({**t.to_dict(), "kv_dtype": codec}))
         for i in range(spec.num_shards):
-            r = ShardReader(src, name, i)
-            codec = r.attrs.get("codec", "float16")
-            with WdsShardWriter(dst, name, i, num_layers=spec.geometry.num_layers, width=t.width, codec=codec if codec in ("float16", "float32") else "float32") as w:
-                for j, sid in enumerate(r.sample_ids):
-                    x = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]))
-                    w.write(sid, x["k"], x["v"], x["input_ids"], x["loss_mask"])
-    shutil.copy(src / INDEX, dst / INDEX)
-    meta = {"schema_version": SCHEMA_VERSION, "store_spec": spec.to_dict(), "teachers": {n: t.to_dict() for n, t in teachers.items()}}
-    (dst / META).write_text(json.dumps(meta, indent=1))  # last: marks the converted store complete
-    return dst
-
-
-def wds_to_zarr(src: str | Path, dst: str | Path) -> Path:
-    """Convert a webdataset store back into a zarr store (then finalize it)."""
-    from .zarr_store import finalize
-
-    spec, teachers = read_wds_meta(src)
-    init_store(dst, spec)
-    for name, t in teachers.items():
-        init_teacher(dst, t)
-        for i in range(spec.num_shards):
-            with ShardWriter(dst, name, i, num_layers=spec.geometry.num_layers, width=t.width, codec=t.kv_dtype if t.kv_dtype in ("float16", "float32") else "float32") as w:
-                for s in wds_samples(src, [name], i):
+            with writer_cls(dst, name, i, num_layers=spec.geometry.num_layers, width=t.width, codec=codec) as w:
+                for s in (wds_samples(src, [name], i) if spec.backend == "webdataset" else _zarr_samples(src, name, i)):
                     k, v = s["kv"][name]
                     w.write(s["sample_id"], k, v, s["input_ids"], s["loss_mask"])
     finalize(dst)
-    return Path(dst)
+    return dst
+
+
+def _zarr_samples(src: Path, teacher: str, shard: int) -> Iterator[dict[str, Any]]:
+    r = ShardReader(src, teacher, shard)
+    for j, sid in enumerate(r.sample_ids):
+        x = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]))
+        yield {"sample_id": sid, "input_ids": x["input_ids"], "loss_mask": x["loss_mask"], "kv": {teacher: (x["k"], x["v"])}}
+
+
+def zarr_to_wds(src: str | Path, dst: str | Path) -> Path:
+    """Same records, same order, as tars (quantised teachers are stored decoded, float32)."""
+    return _convert(Path(src), Path(dst), "webdataset", WdsShardWriter)
+
+
+def wds_to_zarr(src: str | Path, dst: str | Path) -> Path:
+    return _convert(Path(src), Path(dst), "zarr", ShardWriter)

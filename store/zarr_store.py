@@ -21,6 +21,7 @@ write the same file.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -160,12 +161,17 @@ def read_teacher_specs(path: str | Path) -> dict[str, TeacherSpec]:
 
 
 def _shard_attrs(path: Path) -> dict | None:
-    if not (path / "zarr.json").exists():
-        return None
-    return zarr.open_group(path, mode="r").attrs.get(KEY)
+    """The completion record of a shard: zarr attrs, or the JSON beside a webdataset tar."""
+    if (path / "zarr.json").exists():
+        return zarr.open_group(path, mode="r").attrs.get(KEY)
+    tar, sidecar = path.with_name(path.name + ".tar"), path.with_name(path.name + ".json")
+    if tar.exists() and sidecar.exists():
+        return json.loads(sidecar.read_text())
+    return None
 
 
 def shard_is_complete(path: str | Path, teacher: str, shard: int) -> bool:
+    """Either backend: a zarr shard group, or a tar with its completion record."""
     attrs = _shard_attrs(_teacher_dir(path, teacher) / shard_name(shard))
     return bool(attrs and attrs.get("complete"))
 
@@ -381,7 +387,7 @@ def finalize(path: str | Path) -> Path:
     for name in teachers:
         for i in range(spec.num_shards):
             d = _teacher_dir(path, name) / shard_name(i)
-            if not d.exists():
+            if not (d.exists() or d.with_name(d.name + ".tar").exists()):
                 partial = list(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))
                 state = "partial (its task did not finish)" if partial else "missing"
                 problems.append(f"teacher {name!r} {shard_name(i)}: {state}")
@@ -397,7 +403,7 @@ def finalize(path: str | Path) -> Path:
     for i in range(spec.num_shards):
         first = None
         for name in teachers:
-            r = ShardReader(path, name, i)
+            r = ShardReader(path, name, i) if spec.backend == "zarr" else _TarIndex(path, name, i)
             if first is None:
                 first = (name, r.sample_ids, r.offsets)
             elif r.sample_ids != first[1] or not np.array_equal(r.offsets, first[2]):
@@ -421,6 +427,17 @@ def finalize(path: str | Path) -> Path:
         warnings.simplefilter("ignore")  # "consolidated metadata is not yet part of the v3 spec"
         zarr.consolidate_metadata(str(path))
     return path / INDEX
+
+
+class _TarIndex:
+    """sample_ids / offsets of a webdataset shard, from the JSON written beside its tar."""
+
+    def __init__(self, path: Path, teacher: str, shard: int) -> None:
+        attrs = _shard_attrs(_teacher_dir(path, teacher) / shard_name(shard))
+        self.sample_ids, self.offsets = attrs["sample_ids"], np.asarray(attrs["offsets"], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
 
 
 def _du(path: Path) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kvdistill.cli import main
-from kvdistill.schemas import TrainConfig
+from kvdistill.schemas import DumpConfig, TrainConfig
 from kvdistill.store import ShardReader, StoreError, wds_samples
 from kvdistill.store.verify import verify
 from kvdistill.train.loop import train
@@ -75,6 +75,23 @@ def test_converting_back_gives_an_identical_verified_zarr_store(tiny_store, wds_
             n = int(a.offsets[-1])
             for name, x in a.rows(0, n).items():
                 assert np.array_equal(x, b.rows(0, n)[name]), name
+
+
+def test_dump_tasks_write_one_tar_each_and_finalize_like_a_zarr_store(tiny_store, tmp_path):
+    store = tmp_path / "direct"
+    for t in tiny_store["teachers"]:
+        cfg = DumpConfig(teacher=t, student=tiny_store["student"], store=str(store), data=tiny_store["data"], num_shards=2, batch_size=8, device="cpu")
+        cfg.save(tmp_path / f"{t.name}.yaml")
+        for shard in range(2):
+            assert main(["dump", "--config", str(tmp_path / f"{t.name}.yaml"), "--shard", str(shard), "--backend", "webdataset", "--no-progress"]) == 0
+    assert sorted(p.name for p in (store / "teachers" / "teacher-a").glob("*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
+    assert main(["store", "finalize", str(store)]) == 0
+    assert verify(store) == []
+    for shard in range(2):  # the same records as the zarr dump of the same tasks
+        want = list(KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1)._samples(shard))
+        got = list(wds_samples(store, TEACHERS, shard))
+        assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
+        assert all(np.array_equal(g["kv"][t][0], w["kv"][t][0]) for g, w in zip(got, want, strict=True) for t in TEACHERS)
 
 
 def test_an_object_dtype_npy_in_a_tar_is_refused_not_unpickled(tmp_path, wds_store):
