@@ -176,9 +176,11 @@ def shard_is_complete(path: str | Path, teacher: str, shard: int) -> bool:
     return bool(attrs and attrs.get("complete"))
 
 
-def _kv_codec() -> BloscCodec:
-    # Byte shuffle groups the exponent bytes of float16 / float32 together: ~1.3-2x better zstd.
-    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+def _kv_codec(chunk_bytes: int) -> BloscCodec:
+    # Byte shuffle groups the exponent bytes of float16 / bfloat16 together, and one blosc block
+    # per chunk (instead of blosc's small default blocks) lets zstd see the whole chunk:
+    # +16-18% compression on K/V of a trained teacher (bench/store.py).
+    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, blocksize=int(chunk_bytes))
 
 
 class ShardWriter:
@@ -269,7 +271,7 @@ class ShardWriter:
                 chunks=chunks,
                 shards=(chunks[0] * CHUNKS_PER_SHARD, *chunks[1:]),
                 dtype=data.dtype,
-                compressors=_kv_codec() if data.ndim > 1 else "auto",
+                compressors=_kv_codec(chunks[0] * data[:1].nbytes) if data.ndim > 1 else "auto",
             )
             if name[0] in "kv" and "_" in name and name.split("_", 1)[1] not in self.aux[name[0]]:
                 self.aux[name[0]].append(name.split("_", 1)[1])

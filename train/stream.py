@@ -43,7 +43,6 @@ class KVStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         read_kv: bool = True,
-        block_samples: int = 64,
     ) -> None:
         self.store = Path(store)
         self.spec, known = open_specs(store)
@@ -54,7 +53,7 @@ class KVStream(IterableDataset):
         self.teachers = list(teachers)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
-        self.read_kv, self.block_samples = read_kv, block_samples
+        self.read_kv = read_kv
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -85,8 +84,12 @@ class KVStream(IterableDataset):
                 )
         names = ("k", "v", "input_ids", "loss_mask") if self.read_kv else ("input_ids", "loss_mask")
         off = first.offsets
-        for j0 in range(0, len(first), self.block_samples):
-            j1 = min(j0 + self.block_samples, len(first))
+        # Read spans of whole zarr chunks (about four): a chunk straddling two spans is the only
+        # one decompressed twice.
+        span = 4 * (first.group["k"].chunks[0] if self.read_kv else first.group["input_ids"].chunks[0])
+        j0 = 0
+        while j0 < len(first):
+            j1 = min(max(j0 + 1, int(np.searchsorted(off, off[j0] + span, side="left"))), len(first))
             r0, r1 = int(off[j0]), int(off[j1])
             blocks = [r.rows(r0, r1, names if i == 0 else ("k", "v")) for i, r in enumerate(readers) if self.read_kv or i == 0]
             for j in range(j0, j1):
@@ -98,6 +101,7 @@ class KVStream(IterableDataset):
                     "loss_mask": blocks[0]["loss_mask"][a:b],
                     "kv": kv,
                 }
+            j0 = j1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -1,0 +1,297 @@
+"""K/V codecs of the store side by side, in one run, on the same teacher K/V rows:
+
+  float16, bfloat16   lossless containers (bf16 as uint16 bit patterns)
+  int8, int4          KIVI-style quantisation (keys per channel, values per token; store/codecs.py)
+
+each written to zarr v3 arrays chunked like ShardWriter (~1 MiB chunks, shards of 16 chunks,
+rows appended in whole shards) under each compressor: blosc-zstd with byte shuffle (the
+store's today), blosc-zstd with bit shuffle, plain zstd, and both blosc shuffles with the whole
+chunk as one blosc block ("/chunk": byte or bit planes of the chunk, then one zstd frame), and
+no compressor (zarr's own cost).
+
+Per variant: stored bytes, compression ratio vs raw 16-bit K/V, write MB/s (encode + compress
++ write), read MB/s (read + decompress + decode, in the training stream's blocks of 64
+samples; page cache dropped with posix_fadvise first, then warm), the raw read rate of the
+same files (`open().read()`, cold and warm) and the relative Frobenius error of K and V.
+MB/s are logical: float16 bytes of the K/V delivered, whatever the codec stores.
+
+    python bench/store.py --samples 200       # numbers for BENCHMARKS.md
+
+K/V come from a tiny Qwen2 teacher (6 layers, hidden 128, 4 q / 2 kv heads, head_dim 32) trained
+--steps steps on the synthetic data (random-init K/V are not representative; --steps 0 uses them),
+captured with `forward_kv` on --samples samples: the teacher's own layers, no layer map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from transformers.utils import logging as hf_logging
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from kvdistill import tiny
+from kvdistill.data import load_examples
+from kvdistill.dump.capture import forward_kv
+from kvdistill.dump.prompts import encode, pad_batch
+from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, SyntheticSpec
+from kvdistill.store import codecs
+from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD
+
+TEACHER = dict(layers=6, hidden=128, heads=4, kv_heads=2, head_dim=32)
+# name -> compressor for a chunk of `nbytes` bytes. blosc's default block (`blocksize=0`, tens of
+# KiB) splits a chunk; "/chunk" makes the whole chunk one block (one zstd frame over the shuffled
+# chunk, i.e. byte planes + zstd), which sees the repeats across tokens further apart.
+COMPRESSORS = {
+    "blosc-shuffle": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle),
+    "blosc-bitshuffle": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
+    "zstd": lambda nbytes: ZstdCodec(level=3),
+    "blosc-shuffle/chunk": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
+    "blosc-bitshuffle/chunk": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle, blocksize=nbytes),
+    "none": lambda nbytes: None,  # zarr's own read cost, without decompression
+}
+BLOCK_SAMPLES = 64  # the training stream reads rows of 64 samples at a time
+
+
+def teacher_kv(samples: int, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k, v: [N, L, D] float32 of `samples` samples concatenated; offsets [samples + 1]."""
+    rows = load_examples(DataSpec(synthetic=SyntheticSpec(n_train=max(samples, 2000), n_test=16, seed=seed)))
+    tok = tiny.train_tokenizer(tiny.corpus(rows, DEFAULT_TEMPLATE))
+    model = tiny.build_model("qwen2", tok, seed=seed, **TEACHER)
+    if steps:
+        losses = tiny.train_lm(model, tok, rows, DEFAULT_TEMPLATE, steps=steps, seed=seed, desc="train teacher", progress=False)
+        print(f"teacher trained {steps} steps: CE {losses[0]:.2f} -> {np.mean(losses[-10:]):.2f}")
+    enc = [encode(tok, DEFAULT_TEMPLATE, ex) for ex in rows[:samples]]
+    ks, vs = [], []
+    with torch.inference_mode():
+        for i in range(0, len(enc), 32):
+            ids, mask = pad_batch([e.input_ids for e in enc[i : i + 32]], tok.pad_token_id)
+            k, v = forward_kv(model, ids, mask)  # [B, T, L, D]
+            for j in range(len(ids)):
+                n = int(mask[j].sum())
+                ks.append(k[j, :n].numpy())  # right padding: the sample's rows come first
+                vs.append(v[j, :n].numpy())
+    offsets = np.cumsum([0] + [len(x) for x in ks])
+    return np.concatenate(ks), np.concatenate(vs), offsets
+
+
+def layout(codec: str, part: str, L: int, D: int) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Per stored array: (shape of one stored row, chunk rows), chunked like ShardWriter: ~1 MiB
+    chunks of the main array, a multiple of GROUP rows so key-scale groups never straddle one."""
+    main_row = (L, D) if codec != "int4" else (L, -(-D // 2))
+    itemsize = codecs.stored_dtype(codec).itemsize
+    rows = max(codecs.GROUP, CHUNK_BYTES // (int(np.prod(main_row)) * itemsize) // codecs.GROUP * codecs.GROUP)
+    out = {"": (main_row, rows)}
+    for name in codecs.array_names(codec)[1:]:
+        out[name] = ((L, D), rows // codecs.GROUP) if part == "k" else ((L, -(-D // codecs.GROUP)), rows)
+    return out
+
+
+def create(group, codec: str, part: str, L: int, D: int, compressor: str) -> dict[str, zarr.Array]:
+    arrays = {}
+    for name, (row, rows) in layout(codec, part, L, D).items():
+        dtype = np.dtype(codecs.stored_dtype(codec) if name == "" else np.float16)
+        arrays[name] = group.create_array(
+            f"{part}_{name}" if name else part,
+            shape=(0, *row),
+            chunks=(rows, *row),
+            shards=(rows * CHUNKS_PER_SHARD, *row),
+            dtype=dtype,
+            compressors=COMPRESSORS[compressor](rows * int(np.prod(row)) * dtype.itemsize),
+        )
+        arrays[name].attrs["kvdistill_codec"] = codecs.describe(codec, part)
+    return arrays
+
+
+def write(path: Path, codec: str, compressor: str, kv: dict[str, np.ndarray]) -> float:
+    """Encode and append whole shards of rows, as ShardWriter does; seconds."""
+    t0 = time.perf_counter()
+    group = zarr.open_group(path, mode="w")
+    for part, x in kv.items():
+        N, L, D = x.shape
+        arrays = create(group, codec, part, L, D, compressor)
+        shard_rows = layout(codec, part, L, D)[""][1] * CHUNKS_PER_SHARD
+        for r0 in range(0, N, shard_rows):
+            for name, arr in codecs.encode(codec, part, x[r0 : r0 + shard_rows]).items():
+                arrays[name].append(arr)
+    return time.perf_counter() - t0
+
+
+def read(path: Path, codec: str, bounds: list[int], D: int) -> tuple[dict[str, np.ndarray], float, float]:
+    """Decode rows [bounds[i], bounds[i + 1]) block by block, as ShardReader.rows would:
+    (k, v float32 [N, L, D], seconds, of which decoding)."""
+    t0 = time.perf_counter()
+    t_decode = 0.0
+    group = zarr.open_group(path, mode="r")
+    out = {}
+    for part in ("k", "v"):
+        arrays = {name: group[f"{part}_{name}" if name else part] for name in codecs.array_names(codec)}
+        blocks = []
+        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
+            got = {"": arrays[""][r0:r1]}
+            for name in codecs.array_names(codec)[1:]:
+                s0, s1 = codecs.scale_rows(codec, part, r0, r1)
+                got[name] = arrays[name][s0:s1]
+            t1 = time.perf_counter()
+            blocks.append(codecs.decode(codec, part, got, r0, D))
+            t_decode += time.perf_counter() - t1
+        out[part] = np.concatenate(blocks)
+    return out, time.perf_counter() - t0, t_decode
+
+
+def files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def drop_cache(path: Path) -> None:
+    """Evict the files from the page cache (written back first), so the next read hits the disk."""
+    for p in files(path):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(path: Path) -> float:
+    t0 = time.perf_counter()
+    for p in files(path):
+        with open(p, "rb") as f:
+            f.read()
+    return time.perf_counter() - t0
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], offsets: np.ndarray, repeats: int) -> dict:
+    path = root / f"{codec}-{compressor.replace('/', '-')}.zarr"
+    logical = sum(x.size for x in kv.values()) * 2  # float16 bytes of K and V
+    w = []
+    for _ in range(repeats):
+        shutil.rmtree(path, ignore_errors=True)
+        w.append(write(path, codec, compressor, kv))
+    stored = sum(p.stat().st_size for p in files(path))
+    N, L, D = kv["k"].shape
+    stream = [int(r) for r in offsets[::BLOCK_SAMPLES]] + ([int(offsets[-1])] if (len(offsets) - 1) % BLOCK_SAMPLES else [])
+    shard_rows = layout(codec, "k", L, D)[""][1] * CHUNKS_PER_SHARD
+    aligned = [*range(0, N, shard_rows), N]
+    cold, warm, decode, whole, raw_cold, raw_warm = [], [], [], [], [], []
+    for _ in range(repeats):
+        drop_cache(path)
+        raw_cold.append(raw_read(path))
+        raw_warm.append(raw_read(path))
+        drop_cache(path)
+        got, s, _ = read(path, codec, stream, D)
+        cold.append(s)
+        _, s, s_decode = read(path, codec, stream, D)
+        warm.append(s)
+        decode.append(s_decode / s)
+        whole.append(read(path, codec, aligned, D)[1])
+    return {
+        "codec": codec,
+        "compressor": compressor,
+        "stored": stored,
+        "ratio": logical / stored,
+        "write": logical / min(w) / 1e6,
+        "read_cold": logical / min(cold) / 1e6,
+        "read_warm": logical / min(warm) / 1e6,
+        "decode_share": float(np.median(decode)),
+        "read_aligned": logical / min(whole) / 1e6,
+        "raw_cold": stored / min(raw_cold) / 1e6,
+        "raw_warm": stored / min(raw_warm) / 1e6,
+        "err_k": rel_err(got["k"], kv["k"]),
+        "err_v": rel_err(got["v"], kv["v"]),
+    }
+
+
+HEADER = (
+    f"{'codec':<9} {'compressor':<22} {'stored MB':>9} {'vs raw16':>8} {'vs bf16':>7} {'write':>6} "
+    f"{'read cold':>9} {'warm':>6} {'decode':>6} {'aligned':>7} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'err K':>7} {'err V':>7}"
+)
+
+
+def row(r: dict, bf16_stored: int) -> str:
+    return (
+        f"{r['codec']:<9} {r['compressor']:<22} {r['stored'] / 1e6:>9.2f} {r['ratio']:>7.2f}x {bf16_stored / r['stored']:>6.2f}x "
+        f"{r['write']:>6.0f} {r['read_cold']:>9.0f} {r['read_warm']:>6.0f} {r['decode_share']:>6.0%} {r['read_aligned']:>7.0f} "
+        f"{r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_cold'] / r['raw_cold']:>7.0%} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
+    )
+
+
+TARGETS = {  # codec: (min ratio vs raw 16-bit, max relative error)
+    "bfloat16": (1.25, None),
+    "int8": (1.9, 0.01),
+    "int4": (3.5, 0.08),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--steps", type=int, default=150, help="teacher training steps (0: random-init K/V)")
+    p.add_argument("--repeats", type=int, default=3, help="timings are the best of this many")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir, removed)")
+    args = p.parse_args()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    k, v, offsets = teacher_kv(args.samples, args.steps, args.seed)
+    kv = {"k": k, "v": v}
+    N, L, D = k.shape
+    print(
+        f"K/V of a {'trained (' + str(args.steps) + ' steps)' if args.steps else 'RANDOM-INIT'} Qwen2 teacher {TEACHER}: "
+        f"{args.samples} samples, N={N} rows, L={L}, D={D}; raw 16-bit K+V {N * L * D * 4 / 1e6:.2f} MB; "
+        f"MB/s are float16 bytes delivered, best of {args.repeats}\n"
+    )
+    root = args.dir or Path(tempfile.mkdtemp(prefix="kvdistill-bench-store-"))
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for codec in codecs.CODECS:
+            for compressor in COMPRESSORS:
+                results.append(measure(root, codec, compressor, kv, offsets, args.repeats))
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    best = {c: min((r for r in results if r["codec"] == c), key=lambda r: r["stored"]) for c in codecs.CODECS}
+    bf16 = best["bfloat16"]["stored"]
+    print(HEADER)
+    for r in results:
+        print(row(r, bf16))
+    print("\nbest (fewest bytes) compressor per codec")
+    print(HEADER)
+    for c in codecs.CODECS:
+        print(row(best[c], bf16))
+    print(
+        "\nvs raw16: logical 16-bit K+V bytes / stored bytes (raw float16 and raw bfloat16 are the same size); "
+        "vs bf16: stored bytes of the best bfloat16 variant / stored bytes.\n"
+        "MB/s: write = encode + compress + zarr append; read = zarr read + decompress + decode, logical float16 MB/s, "
+        f"in the stream's blocks of {BLOCK_SAMPLES} samples, page cache dropped (cold) or not (warm); decode = share "
+        "of the warm read spent in codecs.decode; aligned = warm, in blocks of whole zarr shards; raw = open().read() "
+        "of the same files, MB/s of stored bytes; read/raw = read cold / raw cold."
+    )
+    print("\ntargets")
+    for c, (ratio, err) in TARGETS.items():
+        r = best[c]
+        ok = r["ratio"] >= ratio and (err is None or max(r["err_k"], r["err_v"]) <= err)
+        err_txt = f" at <= {err:.0%} error (K {r['err_k']:.2%}, V {r['err_v']:.2%})" if err else ""
+        print(f"  {c:<9} >= {ratio}x{err_txt}: {r['ratio']:.2f}x  {'met' if ok else 'MISSED'}")
+    for c in codecs.CODECS:
+        r = best[c]
+        frac = r["read_cold"] / r["raw_cold"]
+        print(f"  {c:<9} read >= 50% of raw read rate: {frac:.0%} (cold), {r['read_warm'] / r['raw_warm']:.0%} (warm)  {'met' if frac >= 0.5 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
