@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     pl.add_argument("--split", default="train", help="data set split (default: train)")
     pl.add_argument("--data-config", help="hub data set config, e.g. 'main' for openai/gsm8k")
     pl.add_argument("--limit", type=int, help="use the first N rows")
-    pl.add_argument("--kv-dtype", default="float16", choices=KV_DTYPES, help="codec of the stored K/V (default: float16)")
+    pl.add_argument("--kv-dtype", "--codec", dest="kv_dtype", default="float16", choices=KV_DTYPES, help="codec of the stored K/V (default: float16)")
     pl.add_argument("--num-shards", type=int, help="shards per teacher (default: the suggestion)")
     pl.add_argument("--target-shard-gib", type=float, default=1.0, help="suggest shards of about this size on disk (default: 1)")
     pl.add_argument("--compression", type=float, help="expected compression ratio (default: 1.3 for float codecs, 1.0 quantised)")
