@@ -82,23 +82,25 @@ class KVStream(IterableDataset):
                     f"{shard_name(shard)}: teacher {t!r} holds other samples than {self.teachers[0]!r}; "
                     "was every teacher dumped from the same data and num_shards?"
                 )
-        names = ("k", "v", "input_ids", "loss_mask") if self.read_kv else ("input_ids", "loss_mask")
+        # Token ids and masks are a few bytes per token: read them for the whole shard once
+        # (their chunks span far more rows than a K/V read span).
+        tokens = first.rows(0, int(first.offsets[-1]), ("input_ids", "loss_mask"))
         off = first.offsets
         # Read spans of whole zarr chunks (about four): a chunk straddling two spans is the only
         # one decompressed twice.
-        span = 4 * (first.group["k"].chunks[0] if self.read_kv else first.group["input_ids"].chunks[0])
+        span = 4 * first.group["k"].chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
         j0 = 0
         while j0 < len(first):
             j1 = min(max(j0 + 1, int(np.searchsorted(off, off[j0] + span, side="left"))), len(first))
             r0, r1 = int(off[j0]), int(off[j1])
-            blocks = [r.rows(r0, r1, names if i == 0 else ("k", "v")) for i, r in enumerate(readers) if self.read_kv or i == 0]
+            blocks = [r.rows(r0, r1, ("k", "v")) for r in readers] if self.read_kv else []
             for j in range(j0, j1):
                 a, b = int(off[j]) - r0, int(off[j + 1]) - r0
                 kv = {t: (blk["k"][a:b], blk["v"][a:b]) for t, blk in zip(self.teachers, blocks, strict=True)} if self.read_kv else {}
                 yield {
                     "sample_id": first.sample_ids[j],
-                    "input_ids": blocks[0]["input_ids"][a:b],
-                    "loss_mask": blocks[0]["loss_mask"][a:b],
+                    "input_ids": tokens["input_ids"][r0 + a : r0 + b],
+                    "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
                     "kv": kv,
                 }
             j0 = j1
