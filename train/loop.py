@@ -14,6 +14,7 @@ FloatingPointError on a non-finite loss (naming the term and the sample ids).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -110,6 +111,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     metrics_f = (out / "metrics.jsonl").open("w") if accelerator.is_main_process else None
     history: list[dict[str, Any]] = []
     step, epoch, tokens = 0, 0, 0
+    shards_read: set[int] = set()
+    samples_read = 0
     bar = tqdm(total=cfg.max_steps, desc=f"train {out.name}", disable=not (progress and accelerator.is_main_process))
     model.train()
     while step < cfg.max_steps:
@@ -136,6 +139,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             sched.step()
             step += 1
             tokens += int(batch["attention_mask"].sum())
+            shards_read.update(batch["shards"])
+            samples_read += len(batch["sample_ids"])
             row = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "tokens": tokens}
             row.update({k: round(v.item(), 6) for k, v in losses.items() if v.dim() == 0})
             if "kv_k_layers" in losses:
@@ -155,6 +160,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     bar.close()
 
     final = out / "final"
+    # What this rank did: which shards it read and a checksum of the parameters it ended with
+    # (under DDP every rank must end with the same parameters and read disjoint shards).
+    params = torch.cat([p.detach().double().flatten().cpu() for p in accelerator.unwrap_model(model).parameters()])
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    (out / "ranks" / f"rank-{accelerator.process_index}.json").write_text(json.dumps({
+        "process_index": accelerator.process_index,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "shards": sorted(shards_read),
+        "samples": samples_read,
+        "param_sum": float(params.sum()),
+        "param_sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+    }))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)

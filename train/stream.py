@@ -72,7 +72,8 @@ class KVStream(IterableDataset):
 
     def _samples(self, shard: int) -> Iterator[dict[str, Any]]:
         if self.wds:  # sequential tar records, every teacher in lockstep
-            yield from wds_samples(self.store, self.teachers, shard)
+            for sample in wds_samples(self.store, self.teachers, shard):
+                yield {**sample, "shard": shard}
             return
         readers = [ShardReader(self.store, t, shard) for t in self.teachers]
         first = readers[0]
@@ -99,6 +100,7 @@ class KVStream(IterableDataset):
                 kv = {t: (blk["k"][a:b], blk["v"][a:b]) for t, blk in zip(self.teachers, blocks, strict=True)} if self.read_kv else {}
                 yield {
                     "sample_id": first.sample_ids[j],
+                    "shard": shard,
                     "input_ids": tokens["input_ids"][r0 + a : r0 + b],
                     "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
                     "kv": kv,
@@ -137,4 +139,4 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         for t, (k, v) in s["kv"].items():
             kv[t][0][i, :n] = torch.from_numpy(k.astype(np.float32))
             kv[t][1][i, :n] = torch.from_numpy(v.astype(np.float32))
-    return {"sample_ids": [s["sample_id"] for s in samples], "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
+    return {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
