@@ -330,6 +330,9 @@ class TrainConfig(Record):
     shuffle_buffer: int = 256
     num_workers: int = 0
     log_every: int = 10
+    save_every: int = 0  # checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps
+    stop_at_step: int | None = None  # stop cleanly after this step (a time-limited job); --resume goes on
+    resume: str | None = None  # a run directory (its latest checkpoint) or one checkpoint directory
     device: str = "auto"
 
     def validate(self) -> None:

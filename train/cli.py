@@ -26,6 +26,9 @@ TRAIN_FLAGS: list[Flag] = [
     ("--shuffle-buffer", "shuffle_buffer", int, "samples held for shuffling within shards"),
     ("--num-workers", "num_workers", int, "dataloader worker processes"),
     ("--logging-steps", "log_every", int, "write metrics every N steps"),
+    ("--save-steps", "save_every", int, "checkpoint every N steps (0: only the final model)"),
+    ("--stop-at-step", "stop_at_step", int, "stop cleanly after this step (time-limited jobs); --resume continues"),
+    ("--resume", "resume", str, "a run directory (latest checkpoint) or a checkpoint directory to continue from"),
     ("--device", "device", str, "auto | cpu"),
 ]
 

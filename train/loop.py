@@ -61,6 +61,23 @@ def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
     return spec, {t: teachers[t] for t in chosen}
 
 
+def _save_checkpoint(accelerator, path: Path, step: int, epoch: int, tokens: int, batches_in_epoch: int) -> None:
+    accelerator.save_state(str(path))  # model + adapters, optimizer, scheduler, RNG states
+    if accelerator.is_main_process:
+        pos = {"step": step, "epoch": epoch, "tokens": tokens, "batches_in_epoch": batches_in_epoch}
+        (path / "loader.json").write_text(json.dumps(pos))
+    accelerator.wait_for_everyone()
+
+
+def _latest_checkpoint(path: Path) -> Path:
+    if (path / "loader.json").exists():
+        return path
+    found = sorted((path / "checkpoints").glob("step-*/loader.json"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under {path}; train with --save-every N to write them")
+    return found[-1].parent
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     accelerator = Accelerator(cpu=cfg.device == "cpu")
@@ -108,17 +125,29 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.yaml")
-    metrics_f = (out / "metrics.jsonl").open("w") if accelerator.is_main_process else None
+    step, epoch, tokens, skip = 0, 0, 0, 0
+    if cfg.resume:
+        ckpt = _latest_checkpoint(Path(cfg.resume))
+        accelerator.load_state(str(ckpt))  # model + adapters, optimizer, scheduler, RNG states
+        pos = json.loads((ckpt / "loader.json").read_text())
+        step, epoch, tokens, skip = pos["step"], pos["epoch"], pos["tokens"], pos["batches_in_epoch"]
+        print(f"resuming from {ckpt} at step {step} (epoch {epoch}, batch {skip})", flush=True)
+    metrics_f = (out / "metrics.jsonl").open("a" if cfg.resume else "w") if accelerator.is_main_process else None
     history: list[dict[str, Any]] = []
-    step, epoch, tokens = 0, 0, 0
     shards_read: set[int] = set()
     samples_read = 0
-    bar = tqdm(total=cfg.max_steps, desc=f"train {out.name}", disable=not (progress and accelerator.is_main_process))
+    last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {out.name}", disable=not (progress and accelerator.is_main_process))
     model.train()
-    while step < cfg.max_steps:
+    while step < last:
         stream.set_epoch(epoch)
         step_at_epoch_start = step
+        batches_in_epoch = 0
         for batch in loader:
+            batches_in_epoch += 1
+            if skip:  # resuming mid-epoch: the stream is deterministic, so replay its position
+                skip -= 1
+                continue
             kv = {t: (k.to(accelerator.device), v.to(accelerator.device)) for t, (k, v) in batch["kv"].items()}
             losses = model(
                 batch["input_ids"].to(accelerator.device),
@@ -152,9 +181,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 metrics_f.flush()
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce", "kv_k", "kv_v") if k in row})
-            if step >= cfg.max_steps:
+            if cfg.save_every and step % cfg.save_every == 0:
+                _save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", step, epoch, tokens, batches_in_epoch)
+            if step >= last:
                 break
-        if step == step_at_epoch_start:
+        if step == step_at_epoch_start and not skip:
             raise StoreError(f"store {cfg.store} yielded no samples for rank {accelerator.process_index}")
         epoch += 1
     bar.close()
