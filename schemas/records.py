@@ -319,6 +319,7 @@ class TrainConfig(Record):
     kv_weight: float = 1.0  # 0 gives the CE-only baseline
     ce_weight: float = 1.0
     kv_norm: Literal["layer_std", "none"] = "layer_std"
+    kv_loss: Literal["mse", "smooth_l1", "cosine"] = "mse"
     lr: float = 1e-3
     adapter_lr: float = 1e-3
     weight_decay: float = 0.0

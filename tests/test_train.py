@@ -185,3 +185,37 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_identical_to_an_uninte
     # and the run did change the weights (the comparison is not between two untouched models)
     init = transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path).state_dict()
     assert not all(torch.equal(a[k], init[k]) for k in a)
+
+
+@pytest.mark.parametrize("kv_loss", ["mse", "smooth_l1", "cosine"])
+def test_padding_contributes_exactly_nothing_to_any_loss_term(tiny_store, kv_loss):
+    """Perturb every padded position (teacher K/V to NaN, pad token ids to another token): every
+    loss term is bit-for-bit unchanged."""
+    from kvdistill.train.distiller import Distiller
+
+    torch.manual_seed(0)
+    student = transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path).eval()
+    model = Distiller(student, {"teacher-a": 64, "teacher-b": 16}, 2, 32, kv_loss=kv_loss)
+    samples = list(KVStream(tiny_store["store"], ["teacher-a", "teacher-b"], shuffle_buffer=1))[:6]
+    batch = collate(samples, pad_id=0)
+    pad = ~batch["attention_mask"].bool()
+    assert pad.any()
+
+    def losses(b):
+        with torch.no_grad():
+            out = model(b["input_ids"], b["attention_mask"], b["loss_mask"], b["kv"])
+        return {k: v for k, v in out.items() if v.dim() == 0}
+
+    before = losses(batch)
+    kv = {t: (k.masked_fill(pad[:, :, None, None], float("nan")), v.masked_fill(pad[:, :, None, None], float("nan"))) for t, (k, v) in batch["kv"].items()}
+    after = losses({**batch, "input_ids": batch["input_ids"].masked_fill(pad, 7), "kv": kv})
+    assert before.keys() == after.keys() == {"ce", "kv_k", "kv_v", "loss"}
+    for name in before:
+        assert torch.isfinite(before[name]) and torch.equal(before[name], after[name]), name
+
+
+@pytest.mark.parametrize("kv_loss", ["smooth_l1", "cosine"])
+def test_each_kv_loss_kind_trains_with_a_finite_falling_loss(tiny_store, tmp_path, kv_loss):
+    train(_train_cfg(tiny_store, tmp_path / kv_loss, kv_loss=kv_loss, max_steps=25), progress=False)
+    kv = np.array([json.loads(line)["kv_k"] for line in (tmp_path / kv_loss / "metrics.jsonl").open()])
+    assert np.isfinite(kv).all() and kv[-5:].mean() < 0.85 * kv[:5].mean(), kv

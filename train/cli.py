@@ -15,6 +15,7 @@ TRAIN_FLAGS: list[Flag] = [
     ("--kv-weight", "kv_weight", float, "weight of the KV loss (0: CE-only baseline)"),
     ("--ce-weight", "ce_weight", float, "weight of the CE loss"),
     ("--kv-norm", "kv_norm", str, "layer_std | none"),
+    ("--kv-loss", "kv_loss", str, "mse | smooth_l1 | cosine"),
     ("--learning-rate", "lr", float, "student learning rate"),
     ("--adapter-learning-rate", "adapter_lr", float, "adapter learning rate"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay"),

@@ -10,7 +10,7 @@ from torch import nn
 
 from kvdistill.dump.capture import capture_kv
 
-from .losses import layer_std_norm, masked_ce, masked_mse
+from .losses import layer_std_norm, masked_ce, masked_kv_loss
 
 __all__ = ["KVAdapter", "Distiller"]
 
@@ -57,6 +57,7 @@ class Distiller(nn.Module):
         kv_weight: float = 1.0,
         ce_weight: float = 1.0,
         kv_norm: str = "layer_std",
+        kv_loss: str = "mse",
     ) -> None:
         super().__init__()
         self.student = student
@@ -67,7 +68,7 @@ class Distiller(nn.Module):
             raise ValueError(f"teacher_weights {w} must name only teachers {self.teachers} with some weight > 0")
         total = sum(w.get(t, 0.0) for t in self.teachers)
         self.fusion = {t: w.get(t, 0.0) / total for t in self.teachers}
-        self.kv_weight, self.ce_weight, self.kv_norm = kv_weight, ce_weight, kv_norm
+        self.kv_weight, self.ce_weight, self.kv_norm, self.kv_loss = kv_weight, ce_weight, kv_norm, kv_loss
         self.adapters = nn.ModuleDict()
         if kv_weight > 0:
             for t, width in teacher_widths.items():
@@ -95,7 +96,7 @@ class Distiller(nn.Module):
                     for t in self.teachers
                     if self.fusion[t] > 0
                 )
-                mse, per_layer = masked_mse(self._norm(student_kv[part], mask), target, mask)
+                mse, per_layer = masked_kv_loss(self._norm(student_kv[part], mask), target, mask, self.kv_loss)
                 out[f"kv_{part}"], out[f"kv_{part}_layers"] = mse, per_layer.detach()
                 loss = loss + self.kv_weight * mse
         out["loss"] = loss

@@ -97,6 +97,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         kv_weight=cfg.kv_weight,
         ce_weight=cfg.ce_weight,
         kv_norm=cfg.kv_norm,
+        kv_loss=cfg.kv_loss,
     )
     opt = torch.optim.AdamW(
         [
@@ -157,8 +158,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             )
             for name in ("ce", "kv_k", "kv_v"):
                 if name in losses and not math.isfinite(losses[name].item()):
+                    layers = losses.get(f"{name}_layers")
+                    bad = [i for i, x in enumerate(layers.tolist()) if not math.isfinite(x)] if layers is not None else []
+                    where = f" in student layer(s) {bad}" if bad else ""
                     raise FloatingPointError(
-                        f"step {step}: loss term {name} is {losses[name].item()} on samples {batch['sample_ids']}"
+                        f"step {step}: loss term {name} is {losses[name].item()}{where} on samples {batch['sample_ids']}; "
+                        "check those samples in the store (`kvdistill store verify`) or lower the learning rate"
                     )
             opt.zero_grad(set_to_none=True)
             accelerator.backward(losses["loss"])
