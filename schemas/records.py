@@ -320,6 +320,10 @@ class TrainConfig(Record):
     ce_weight: float = 1.0
     kv_norm: Literal["layer_std", "none"] = "layer_std"
     kv_loss: Literal["mse", "smooth_l1", "cosine"] = "mse"
+    lora_r: int = 0  # > 0: train LoRA adapters (peft) instead of every weight
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lr: float = 1e-3
     adapter_lr: float = 1e-3
     weight_decay: float = 0.0

@@ -219,3 +219,24 @@ def test_each_kv_loss_kind_trains_with_a_finite_falling_loss(tiny_store, tmp_pat
     train(_train_cfg(tiny_store, tmp_path / kv_loss, kv_loss=kv_loss, max_steps=25), progress=False)
     kv = np.array([json.loads(line)["kv_k"] for line in (tmp_path / kv_loss / "metrics.jsonl").open()])
     assert np.isfinite(kv).all() and kv[-5:].mean() < 0.85 * kv[:5].mean(), kv
+
+
+def test_lora_trains_only_adapters_and_its_checkpoint_reloads_and_evaluates_the_same(tiny_store, tmp_path):
+    from peft import PeftModel
+
+    summary = train(_train_cfg(tiny_store, tmp_path / "lora", lora_r=4, lora_alpha=8, max_steps=8, lr=1e-2), progress=False)
+    assert np.isfinite(summary["final_kv_k"])
+    final = tmp_path / "lora" / "final"
+    assert (final / "lora" / "adapter_config.json").exists() and (final / "config.json").exists()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path).state_dict()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    # only attention projections moved (LoRA targets); the MLPs and embeddings are the base's
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+    reloaded = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path), final / "lora").eval()
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reloaded(ids).logits, rtol=1e-5, atol=1e-5)
+    data = DataSpec(split="test", limit=4, synthetic=tiny_store["data"].synthetic)
+    ppl = [evaluate(EvalConfig(model=str(p), data=data, max_new_tokens=8, device="cpu"), progress=False)["perplexity"] for p in (tmp_path / "lora", final)]
+    assert ppl[0] == ppl[1] and np.isfinite(ppl[0])

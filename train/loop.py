@@ -14,6 +14,7 @@ FloatingPointError on a non-finite loss (naming the term and the sample ids).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -88,6 +89,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         cfg.student.name_or_path, revision=cfg.student.revision, dtype=getattr(torch, cfg.student.dtype)
     )
     spec, teachers = _check_store(cfg, tokenizer, student)
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
+        student = get_peft_model(student, lora)  # K/V capture reaches through to the base model
     model = Distiller(
         student,
         {t: s.width for t, s in teachers.items()},
@@ -212,7 +218,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.student.save_pretrained(final)
+        if cfg.lora_r > 0:  # the adapter in peft format, and the merged model for eval / serving
+            unwrapped.student.save_pretrained(final / "lora")
+            tokenizer.save_pretrained(final / "lora")
+            merged = copy.deepcopy(unwrapped.student).merge_and_unload()
+            merged.save_pretrained(final)
+        else:
+            unwrapped.student.save_pretrained(final)
         tokenizer.save_pretrained(final)
         torch.save(unwrapped.adapters.state_dict(), final / "adapters.pt")
         cfg.save(final / "train_config.yaml")
