@@ -316,6 +316,8 @@ class TrainConfig(Record):
     out: str
     teachers: list[str] | None = None  # default: every teacher in the store
     teacher_weights: dict[str, float] | None = None  # fixed fusion; default equal
+    fusion: Literal["fixed", "similarity"] = "fixed"  # similarity: per token, softmax of cosine / temperature
+    fusion_temperature: float = 0.1
     kv_weight: float = 1.0  # 0 gives the CE-only baseline
     ce_weight: float = 1.0
     kv_norm: Literal["layer_std", "none"] = "layer_std"

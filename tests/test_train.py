@@ -240,3 +240,25 @@ def test_lora_trains_only_adapters_and_its_checkpoint_reloads_and_evaluates_the_
     data = DataSpec(split="test", limit=4, synthetic=tiny_store["data"].synthetic)
     ppl = [evaluate(EvalConfig(model=str(p), data=data, max_new_tokens=8, device="cpu"), progress=False)["perplexity"] for p in (tmp_path / "lora", final)]
     assert ppl[0] == ppl[1] and np.isfinite(ppl[0])
+
+
+def test_similarity_routing_weights_sum_to_one_and_favour_the_teacher_that_matches_the_student():
+    from kvdistill.train.distiller import Distiller
+
+    model = Distiller(torch.nn.Linear(1, 1), {"a": 8, "b": 8}, 3, 8, fusion="similarity", temperature=0.05)
+    z_s = torch.randn(2, 5, 3, 8)
+    z_t = torch.stack([z_s + 0.01 * torch.randn_like(z_s), torch.randn_like(z_s)])  # a ~ student, b unrelated
+    w = model.route(z_s, z_t, ["a", "b"])  # [2, B, T, L]
+    torch.testing.assert_close(w.sum(0), torch.ones(2, 5, 3))
+    assert (w[0] > 0.9).float().mean() > 0.95 and not w.requires_grad
+    fixed = Distiller(torch.nn.Linear(1, 1), {"a": 8, "b": 8}, 3, 8, teacher_weights={"a": 3.0, "b": 1.0})
+    assert fixed.route(z_s, z_t, ["a", "b"]).flatten().tolist() == [0.75, 0.25]
+
+
+def test_similarity_fusion_trains_and_logs_router_weights(tiny_store, tmp_path):
+    train(_train_cfg(tiny_store, tmp_path / "sim", fusion="similarity", max_steps=25), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").open()]
+    kv = np.array([r["kv_k"] for r in rows])
+    assert np.isfinite(kv).all() and kv[-5:].mean() < 0.85 * kv[:5].mean(), kv
+    for r in rows:
+        assert abs(r["route_k_teacher-a"] + r["route_k_teacher-b"] - 1) < 1e-4

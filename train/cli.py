@@ -16,6 +16,8 @@ TRAIN_FLAGS: list[Flag] = [
     ("--ce-weight", "ce_weight", float, "weight of the CE loss"),
     ("--kv-norm", "kv_norm", str, "layer_std | none"),
     ("--kv-loss", "kv_loss", str, "mse | smooth_l1 | cosine"),
+    ("--fusion", "fusion", str, "fixed | similarity (per-token routing by cosine to the student's KV)"),
+    ("--fusion-temperature", "fusion_temperature", float, "softmax temperature of similarity routing"),
     ("--lora-r", "lora_r", int, "LoRA rank (peft); 0 trains every weight"),
     ("--lora-alpha", "lora_alpha", int, "LoRA alpha"),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),

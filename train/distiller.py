@@ -58,6 +58,8 @@ class Distiller(nn.Module):
         ce_weight: float = 1.0,
         kv_norm: str = "layer_std",
         kv_loss: str = "mse",
+        fusion: str = "fixed",
+        temperature: float = 0.1,
     ) -> None:
         super().__init__()
         self.student = student
@@ -69,12 +71,25 @@ class Distiller(nn.Module):
         total = sum(w.get(t, 0.0) for t in self.teachers)
         self.fusion = {t: w.get(t, 0.0) / total for t in self.teachers}
         self.kv_weight, self.ce_weight, self.kv_norm, self.kv_loss = kv_weight, ce_weight, kv_norm, kv_loss
+        if fusion not in ("fixed", "similarity"):
+            raise ValueError(f"unknown fusion {fusion!r}; choose fixed or similarity")
+        self.fusion_mode, self.temperature = fusion, temperature
         self.adapters = nn.ModuleDict()
         if kv_weight > 0:
             for t, width in teacher_widths.items():
                 self.adapters[_key(t)] = nn.ModuleDict(
                     {"k": KVAdapter(num_layers, width, student_width), "v": KVAdapter(num_layers, width, student_width)}
                 )
+
+    def route(self, z_s: torch.Tensor, z_t: torch.Tensor, teachers: list[str]) -> torch.Tensor:
+        """Fusion weights over teachers. fixed: the configured weights. similarity: per token
+        and layer, softmax over teachers of cosine(student, adapted teacher) / temperature,
+        detached (routing picks the target; it is not itself trained)."""
+        if self.fusion_mode == "fixed":
+            return torch.tensor([self.fusion[t] for t in teachers], dtype=z_t.dtype, device=z_t.device).view(-1, 1, 1, 1)
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity(z_s[None], z_t, dim=-1)  # [N, B, T, L]
+            return torch.softmax(cos / self.temperature, dim=0)
 
     def _norm(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return layer_std_norm(x, mask) if self.kv_norm == "layer_std" else x
@@ -90,14 +105,17 @@ class Distiller(nn.Module):
         loss = self.ce_weight * out["ce"]
         if self.kv_weight > 0:
             mask = attention_mask.bool()
+            teachers = [t for t in self.teachers if self.fusion[t] > 0]
             for i, part in enumerate(("k", "v")):
-                target = sum(
-                    self.fusion[t] * self._norm(self.adapters[_key(t)][part](kv[t][i].to(logits.dtype)), mask)
-                    for t in self.teachers
-                    if self.fusion[t] > 0
-                )
-                mse, per_layer = masked_kv_loss(self._norm(student_kv[part], mask), target, mask, self.kv_loss)
+                z_s = self._norm(student_kv[part], mask)  # [B, T, L, D_s]
+                z_t = torch.stack([self._norm(self.adapters[_key(t)][part](kv[t][i].to(logits.dtype)), mask) for t in teachers])  # [N, B, T, L, D_s]
+                w = self.route(z_s, z_t, teachers)  # [N, B, T, L] or [N, 1, 1, 1]
+                target = (w[..., None] * z_t).sum(0)
+                mse, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss)
                 out[f"kv_{part}"], out[f"kv_{part}_layers"] = mse, per_layer.detach()
+                if self.fusion_mode == "similarity":  # mean routing weight per teacher, over real tokens
+                    for t, wt in zip(teachers, w, strict=True):
+                        out[f"route_{part}_{t}"] = wt[mask].mean().detach()
                 loss = loss + self.kv_weight * mse
         out["loss"] = loss
         return out

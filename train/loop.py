@@ -104,6 +104,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         ce_weight=cfg.ce_weight,
         kv_norm=cfg.kv_norm,
         kv_loss=cfg.kv_loss,
+        fusion=cfg.fusion,
+        temperature=cfg.fusion_temperature,
     )
     opt = torch.optim.AdamW(
         [
