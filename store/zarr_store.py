@@ -21,12 +21,14 @@ write the same file.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
 import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +96,27 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 _STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fingerprint", "num_shards", "kv_dtype", "teacher_kv_dtype")
 
 
+@contextmanager
+def _metadata_lock(path: Path):
+    """Serialise metadata creation between the array tasks that start together (they would
+    otherwise race to create the same zarr groups). An flock on a file beside the store."""
+    lock_dir = _partial_dir(path, "").parent
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "metadata.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def init_store(path: str | Path, spec: StoreSpec) -> None:
     """Create the store root with its spec, or check that an existing store agrees with it."""
-    path = Path(path)
+    with _metadata_lock(Path(path)):
+        _init_store(Path(path), spec)
+
+
+def _init_store(path: Path, spec: StoreSpec) -> None:
     root = zarr.open_group(path, mode="a")
     have = root.attrs.get(KEY)
     if have is None:
@@ -117,6 +137,11 @@ def init_store(path: str | Path, spec: StoreSpec) -> None:
 def init_teacher(path: str | Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] | None = None) -> None:
     """Create teachers/<name> with its spec (and `arrays`, e.g. the PCA projection the K/V were
     reduced with, as teachers/<name>/projection/<array>), or check the existing one agrees."""
+    with _metadata_lock(Path(path)):
+        _init_teacher(Path(path), spec, arrays)
+
+
+def _init_teacher(path: Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] | None) -> None:
     group = zarr.open_group(_teacher_dir(path, spec.name), mode="a")
     have = group.attrs.get(KEY)
     if have is None:

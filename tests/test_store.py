@@ -427,3 +427,22 @@ def test_a_row_wider_than_a_chunk_still_gets_one_group_of_rows_per_chunk(tmp_pat
     finally:
         w.abort()
     assert not w.tmp.exists()
+
+
+def test_array_tasks_that_start_together_initialise_one_store_without_racing(tmp_path):
+    """Found by the real SLURM array: two tasks creating the same new store at once made zarr
+    raise ContainsGroupError in one of them. Metadata creation is serialised with a file lock."""
+    import multiprocessing as mp
+
+    from kvdistill.schemas import AlignSpec, DataSpec, KVGeometry, ModelSpec, StoreSpec, TeacherSpec
+    from kvdistill.store import init_store, init_teacher, read_store_spec, read_teacher_specs
+
+    geo = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=8)
+    spec = StoreSpec(student=ModelSpec(name_or_path="s"), geometry=geo, tokenizer_fingerprint="t", data=DataSpec(), data_fingerprint="d", num_shards=8)
+    tspec = TeacherSpec(name="t", model=ModelSpec(name_or_path="t"), geometry=geo, align=AlignSpec(), time_map="identity",
+                        layer_map=[[1.0, 0.0], [0.0, 1.0]], width=16, fingerprint="f")
+    path = str(tmp_path / "race.zarr")
+    with mp.get_context("spawn").Pool(4) as pool:  # library functions only: children import nothing of the tests
+        pool.starmap(init_store, [(path, spec)] * 8)
+        pool.starmap(init_teacher, [(path, tspec)] * 8)
+    assert read_store_spec(path) == spec and read_teacher_specs(path) == {"t": tspec}
