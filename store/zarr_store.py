@@ -250,6 +250,9 @@ class ShardWriter:
         self.arrays: dict[str, zarr.Array] = {}
         self.aux: dict[str, list[str]] = {"k": [], "v": []}  # scale arrays per part
         self._buf: dict[str, list[np.ndarray]] = {n: [] for n in ("k", "v", "input_ids", "loss_mask")}
+        kv_empty = np.zeros((0, num_layers, width), np.float16 if codec == "float16" else np.float32)
+        # An empty shard still gets every array (with the codec's layout).
+        self._empty = {"k": kv_empty, "v": kv_empty, "input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.bool_)}
         self._buf_rows = 0
         self.rows = 0
         self.sample_ids: list[str] = []
@@ -277,33 +280,34 @@ class ShardWriter:
         if self._buf_rows >= self.shard_rows:
             self._flush(final=False)
 
-    def _encode(self, part: str, block: np.ndarray) -> dict[str, np.ndarray]:
-        """Stored arrays for a block of K or V rows: {array name: data}."""
-        if self.codec in ("float16", "float32"):
-            return {part: block}
-        return {part if suffix == "" else f"{part}_{suffix}": arr for suffix, arr in codecs.encode(self.codec, part, block.astype(np.float32)).items()}
+    def _encode(self, name: str, block: np.ndarray) -> dict[str, np.ndarray]:
+        """Stored arrays for a block of rows: {suffix: data}; "" is the array itself, other
+        suffixes are K / V scale arrays stored as `<name>_<suffix>`."""
+        if name in ("k", "v") and self.codec not in ("float16", "float32"):
+            return codecs.encode(self.codec, name, block.astype(np.float32))
+        return {"": block}
 
-    def _append(self, name: str, data: np.ndarray, rows: int) -> None:
-        if name not in self.arrays:
-            # Row-indexed arrays chunk like K / V; group-indexed scales (one row per GROUP rows) proportionally.
-            lead = self.chunk_rows if len(data) == rows or name in ("input_ids", "loss_mask") else max(1, self.chunk_rows // codecs.GROUP)
-            if data.ndim == 1:
-                lead = 1 << 18
+    def _append(self, name: str, suffix: str, data: np.ndarray, rows: int) -> None:
+        key = f"{name}_{suffix}" if suffix else name
+        if key not in self.arrays:
+            # Row-indexed arrays chunk like K / V; key scales (one row per GROUP rows) proportionally;
+            # 1-D token arrays in large chunks.
+            lead = 1 << 18 if data.ndim == 1 else self.chunk_rows if len(data) == rows else max(1, self.chunk_rows // codecs.GROUP)
             chunks = (lead, *data.shape[1:])
-            self.arrays[name] = self.group.create_array(
-                name,
+            self.arrays[key] = self.group.create_array(
+                key,
                 shape=(0, *data.shape[1:]),
                 chunks=chunks,
                 shards=(chunks[0] * CHUNKS_PER_SHARD, *chunks[1:]),
                 dtype=data.dtype,
                 compressors=_kv_codec(chunks[0] * data[:1].nbytes) if data.ndim > 1 else "auto",
             )
-            if name[0] in "kv" and "_" in name and name.split("_", 1)[1] not in self.aux[name[0]]:
-                self.aux[name[0]].append(name.split("_", 1)[1])
-            self.crc[name] = 0
+            if suffix:
+                self.aux[name].append(suffix)
+            self.crc[key] = 0
         data = np.ascontiguousarray(data)
-        self.arrays[name].append(data)
-        self.crc[name] = zlib.crc32(data.tobytes(), self.crc[name])
+        self.arrays[key].append(data)
+        self.crc[key] = zlib.crc32(data.tobytes(), self.crc[key])
 
     def _flush(self, final: bool) -> None:
         # Append whole zarr shards only (each written once); keep the remainder buffered. Blocks
@@ -312,10 +316,9 @@ class ShardWriter:
         if n == 0 and self.arrays:
             return
         for name, parts in self._buf.items():
-            block = np.concatenate(parts) if parts else np.zeros((0, self.L, self.D) if name in "kv" else (0,), np.float32 if name in "kv" else (np.int32 if name == "input_ids" else np.bool_))
-            stored = self._encode(name, block[:n]) if name in ("k", "v") else {name: block[:n]}
-            for array_name, data in stored.items():
-                self._append(array_name, data, n)
+            block = np.concatenate(parts) if parts else self._empty[name]
+            for suffix, data in self._encode(name, block[:n]).items():
+                self._append(name, suffix, data, n)
             self._buf[name] = [block[n:]] if n < len(block) else []
         self._buf_rows -= n
 
