@@ -3,7 +3,7 @@ and the same records as webdataset tars (store/wds.py)."""
 
 from kvdistill.schemas import StoreSpec, TeacherSpec
 
-from .wds import WdsShardWriter, is_wds_store, wds_samples, wds_to_zarr, zarr_to_wds  # noqa: E402
+from .wds import WdsShardWriter, is_wds_store, wds_samples, wds_stream, wds_to_zarr, zarr_to_wds  # noqa: E402
 from .zarr_store import (
     ShardReader,
     ShardWriter,
@@ -30,6 +30,7 @@ __all__ = [
     "is_wds_store",
     "WdsShardWriter",
     "wds_samples",
+    "wds_stream",
     "wds_to_zarr",
     "zarr_to_wds",
     "ShardReader",

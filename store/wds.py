@@ -21,6 +21,7 @@ other member is refused. Quantised codecs are zarr-only.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -47,7 +48,7 @@ from .zarr_store import (
     shard_name,
 )
 
-__all__ = ["is_wds_store", "WdsShardWriter", "wds_samples", "zarr_to_wds", "wds_to_zarr"]
+__all__ = ["is_wds_store", "WdsShardWriter", "wds_samples", "wds_stream", "zarr_to_wds", "wds_to_zarr"]
 
 ARRAYS = ("k", "v", "input_ids", "loss_mask")
 
@@ -132,7 +133,7 @@ class WdsShardWriter:
 
 def _decode(sample: dict[str, Any]) -> dict[str, Any]:
     """Only our members, only pickle-free npy."""
-    out: dict[str, Any] = {"sample_id": sample["__key__"]}
+    out: dict[str, Any] = {"sample_id": sample["__key__"], "url": sample.get("__url__")}
     unknown = sorted(k for k in sample if not k.startswith("__") and k not in {f"{a}.npy" for a in ARRAYS} | {"json"})
     if unknown:
         raise StoreError(f"{sample.get('__url__')}: record {sample['__key__']} has unexpected members {unknown}")
@@ -156,6 +157,41 @@ def wds_samples(root: str | Path, teachers: list[str], shard: int) -> Iterator[d
         head = records[0]
         yield {
             "sample_id": head["sample_id"],
+            "input_ids": head["input_ids"],
+            "loss_mask": head["loss_mask"],
+            "kv": {t: (r["k"], r["v"]) for t, r in zip(teachers, records, strict=True)},
+        }
+
+
+def wds_stream(root: str | Path, teachers: list[str], shards: list[int], *, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
+    """The samples of `shards` (in this order, the same list on every rank and worker) through
+    one webdataset pipeline per teacher: the `nodesplitter` stage keeps this rank's shards
+    (shards[rank::world_size], the trainer's rank as accelerate reports it), webdataset's
+    `split_by_worker` those of this DataLoader worker; records of the teachers are zipped, and
+    every pipeline sees the same shard list, so they stay in lockstep (checked per sample)."""
+
+    def by_rank(src):
+        yield from itertools.islice(src, rank, None, world_size)
+
+    pipes = [
+        wds.WebDataset(
+            [str(_tar(Path(root), t, s)) for s in shards],
+            shardshuffle=False,
+            nodesplitter=by_rank,
+            workersplitter=wds.split_by_worker,
+            empty_check=False,
+        ).map(_decode)
+        for t in teachers
+    ]
+    for records in zip(*pipes, strict=True):
+        ids = {r["sample_id"] for r in records}
+        shard = int(Path(records[0]["url"]).stem.removeprefix("shard-"))
+        if len(ids) != 1:
+            raise StoreError(f"{shard_name(shard)}: teachers {teachers} hold other samples at one position ({sorted(ids)})")
+        head = records[0]
+        yield {
+            "sample_id": head["sample_id"],
+            "shard": shard,
             "input_ids": head["input_ids"],
             "loss_mask": head["loss_mask"],
             "kv": {t: (r["k"], r["v"]) for t, r in zip(teachers, records, strict=True)},

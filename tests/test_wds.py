@@ -113,3 +113,35 @@ def test_an_object_dtype_npy_in_a_tar_is_refused_not_unpickled(tmp_path, wds_sto
             tf.addfile(m, io.BytesIO(data))
     with pytest.raises(StoreError, match="cannot be read without pickle"):
         list(wds_samples(bad, ["teacher-a"], 0))
+
+
+def _stream_ids(store, **kw) -> list[str]:
+    from torch.utils.data import DataLoader
+
+    stream = KVStream(store, TEACHERS, shuffle_buffer=1, **{k: v for k, v in kw.items() if k != "num_workers"})
+    loader = DataLoader(stream, batch_size=None, num_workers=kw.get("num_workers", 0))
+    return [s["sample_id"] for s in loader]
+
+
+@pytest.mark.parametrize("split", ["ranks", "workers"])
+def test_webdataset_pipelines_split_shards_by_rank_and_worker_disjointly(tiny_store, wds_store, split):
+    everything = _stream_ids(tiny_store["store"])
+    if split == "ranks":
+        parts = [_stream_ids(wds_store, rank=r, world_size=2) for r in range(2)]
+    else:  # webdataset's split_by_worker inside DataLoader workers
+        parts = [_stream_ids(wds_store, num_workers=2)]
+        assert len(parts[0]) == len(everything)
+        parts = [[i for i in parts[0] if i in set(ShardReader(tiny_store["store"], "teacher-a", s).sample_ids)] for s in range(2)]
+    assert all(parts) and sum(map(len, parts)) == len(everything)
+    assert set().union(*map(set, parts)) == set(everything)
+    assert len(set(parts[0]) & set(parts[1])) == 0
+
+
+def test_webdataset_stream_yields_the_zarr_stream_samples_in_the_same_order(tiny_store, wds_store):
+    a = list(KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1, seed=3))
+    b = list(KVStream(wds_store, TEACHERS, shuffle_buffer=1, seed=3))
+    assert [s["sample_id"] for s in a] == [s["sample_id"] for s in b]
+    assert [s["shard"] for s in a] == [s["shard"] for s in b]
+    for x, y in zip(a, b, strict=True):
+        for t in TEACHERS:
+            assert np.array_equal(x["kv"][t][0], y["kv"][t][0])

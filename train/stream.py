@@ -21,10 +21,21 @@ from kvdistill.store import (
     is_wds_store,
     open_specs,
     shard_name,
-    wds_samples,
+    wds_stream,
 )
 
-__all__ = ["KVStream", "collate"]
+__all__ = ["KVStream", "collate", "READ_SPAN_CHUNKS", "read_spans"]
+
+READ_SPAN_CHUNKS = 16  # rows per K/V read: this many zarr chunks (one zarr shard), whole samples
+
+
+def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
+    """Samples [j0, j1) per read: whole samples, about `span` rows each (at least one sample)."""
+    n, j0 = len(offsets) - 1, 0
+    while j0 < n:
+        j1 = min(max(j0 + 1, int(np.searchsorted(offsets, offsets[j0] + span, side="left"))), n)
+        yield j0, j1
+        j0 = j1
 
 
 class KVStream(IterableDataset):
@@ -59,7 +70,8 @@ class KVStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shards_for(self, worker: int, num_workers: int) -> list[int]:
+    def epoch_order(self, num_workers: int) -> list[int]:
+        """Every shard, in this epoch's seeded order (the same on every rank and worker)."""
         readers = self.world_size * num_workers
         if self.spec.num_shards < readers:
             raise ValueError(
@@ -67,14 +79,15 @@ class KVStream(IterableDataset):
                 f"workers = {readers} readers; some would get no data. Dump with --num-shards >= "
                 f"{readers} or use fewer processes / --num-workers"
             )
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.spec.num_shards)
-        return [int(s) for s in order[self.rank * num_workers + worker :: readers]]
+        return [int(s) for s in np.random.default_rng([self.seed, self.epoch]).permutation(self.spec.num_shards)]
+
+    def shards_for(self, worker: int, num_workers: int) -> list[int]:
+        """This (rank, worker)'s shards of a zarr store (a webdataset store is split by its
+        pipeline: `store.wds_stream`)."""
+        readers = self.world_size * num_workers
+        return self.epoch_order(num_workers)[self.rank * num_workers + worker :: readers]
 
     def _samples(self, shard: int) -> Iterator[dict[str, Any]]:
-        if self.wds:  # sequential tar records, every teacher in lockstep
-            for sample in wds_samples(self.store, self.teachers, shard):
-                yield {**sample, "shard": shard}
-            return
         readers = [ShardReader(self.store, t, shard) for t in self.teachers]
         first = readers[0]
         for t, r in zip(self.teachers[1:], readers[1:], strict=True):
@@ -87,12 +100,11 @@ class KVStream(IterableDataset):
         # (their chunks span far more rows than a K/V read span).
         tokens = first.rows(0, int(first.offsets[-1]), ("input_ids", "loss_mask"))
         off = first.offsets
-        # Read spans of whole zarr chunks (about four): a chunk straddling two spans is the only
-        # one decompressed twice.
-        span = 4 * first.group["k"].chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
-        j0 = 0
-        while j0 < len(first):
-            j1 = min(max(j0 + 1, int(np.searchsorted(off, off[j0] + span, side="left"))), len(first))
+        # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each zarr read has a
+        # fixed cost of about a millisecond, and a chunk straddling two spans is the only one
+        # decompressed twice (bench/store.py measures the policy).
+        span = READ_SPAN_CHUNKS * first.group["k"].chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
+        for j0, j1 in read_spans(off, span):
             r0, r1 = int(off[j0]), int(off[j1])
             blocks = [r.rows(r0, r1, ("k", "v")) for r in readers] if self.read_kv else []
             for j in range(j0, j1):
@@ -105,18 +117,20 @@ class KVStream(IterableDataset):
                     "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
                     "kv": kv,
                 }
-            j0 = j1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         buf: list[dict[str, Any]] = []
-        for shard in self.shards_for(worker, num_workers):
-            for sample in self._samples(shard):
-                buf.append(sample)
-                if len(buf) >= self.shuffle_buffer:
-                    yield buf.pop(rng.randrange(len(buf)))
+        if self.wds:  # webdataset pipelines: sequential tar records, split by rank and worker
+            samples = wds_stream(self.store, self.teachers, self.epoch_order(num_workers), rank=self.rank, world_size=self.world_size)
+        else:
+            samples = (s for shard in self.shards_for(worker, num_workers) for s in self._samples(shard))
+        for sample in samples:
+            buf.append(sample)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
         rng.shuffle(buf)
         yield from buf
 
