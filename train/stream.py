@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,19 +105,31 @@ class KVStream(IterableDataset):
         # fixed cost of about a millisecond, and a chunk straddling two spans is the only one
         # decompressed twice (bench/store.py measures the policy).
         span = READ_SPAN_CHUNKS * first.group["k"].chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
-        for j0, j1 in read_spans(off, span):
-            r0, r1 = int(off[j0]), int(off[j1])
-            blocks = [r.rows(r0, r1, ("k", "v")) for r in readers] if self.read_kv else []
-            for j in range(j0, j1):
-                a, b = int(off[j]) - r0, int(off[j + 1]) - r0
-                kv = {t: (blk["k"][a:b], blk["v"][a:b]) for t, blk in zip(self.teachers, blocks, strict=True)} if self.read_kv else {}
-                yield {
-                    "sample_id": first.sample_ids[j],
-                    "shard": shard,
-                    "input_ids": tokens["input_ids"][r0 + a : r0 + b],
-                    "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
-                    "kv": kv,
-                }
+        spans = list(read_spans(off, span))
+        parts = [(r, part) for r in readers for part in ("k", "v")] if self.read_kv else []
+        # Every teacher's K and V of a span are read concurrently (zarr releases the GIL while
+        # it decompresses), and the next span while this one is consumed.
+        with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(max(1, len(parts))) as arrays:
+
+            def read(j0: int, j1: int) -> list[np.ndarray]:
+                r0, r1 = int(off[j0]), int(off[j1])
+                return [f.result()[p] for f, (_, p) in zip([arrays.submit(r.rows, r0, r1, (p,)) for r, p in parts], parts, strict=True)]
+
+            pending = ahead.submit(read, *spans[0]) if spans else None
+            for i, (j0, j1) in enumerate(spans):
+                blocks = pending.result()
+                if i + 1 < len(spans):
+                    pending = ahead.submit(read, *spans[i + 1])
+                r0 = int(off[j0])
+                for j in range(j0, j1):
+                    a, b = int(off[j]) - r0, int(off[j + 1]) - r0
+                    yield {
+                        "sample_id": first.sample_ids[j],
+                        "shard": shard,
+                        "input_ids": tokens["input_ids"][r0 + a : r0 + b],
+                        "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
+                        "kv": {t: (blocks[2 * i][a:b], blocks[2 * i + 1][a:b]) for i, t in enumerate(self.teachers)} if self.read_kv else {},
+                    }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
