@@ -43,10 +43,19 @@ from kvdistill import tiny
 from kvdistill.data import load_examples
 from kvdistill.dump.capture import forward_kv
 from kvdistill.dump.prompts import encode, pad_batch
-from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, SyntheticSpec
-from kvdistill.store import codecs
+from kvdistill.schemas import (
+    DEFAULT_TEMPLATE,
+    AlignSpec,
+    DataSpec,
+    KVGeometry,
+    ModelSpec,
+    StoreSpec,
+    SyntheticSpec,
+    TeacherSpec,
+)
+from kvdistill.store import ShardWriter, codecs, finalize, init_store, init_teacher
 from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD
-from kvdistill.train.stream import READ_SPAN_CHUNKS, read_spans
+from kvdistill.train.stream import READ_SPAN_CHUNKS, KVStream, read_spans
 
 TEACHER = dict(layers=6, hidden=128, heads=4, kv_heads=2, head_dim=32)
 # name -> compressor for a chunk of `nbytes` bytes. blosc's default block (`blocksize=0`, tens of
@@ -214,6 +223,46 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
     }
 
 
+def stream_store(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.ndarray, teachers: int) -> Path:
+    """A real store (ShardWriter, the store's compressor) holding the K/V as `teachers` teachers."""
+    path = root / f"stream-{codec}-{teachers}.zarr"
+    shutil.rmtree(path, ignore_errors=True)
+    N, L, D = kv["k"].shape
+    geom = KVGeometry(num_layers=L, num_kv_heads=TEACHER["kv_heads"], head_dim=TEACHER["head_dim"])
+    spec = StoreSpec(student=ModelSpec("bench"), geometry=geom, tokenizer_fingerprint="bench", data=DataSpec(), data_fingerprint="bench", num_shards=1, kv_dtype=codec)
+    init_store(path, spec)
+    ids, mask = np.zeros(N, np.int32), np.ones(N, np.bool_)
+    eye = [[float(i == j) for j in range(L)] for i in range(L)]
+    for t in range(teachers):
+        name = f"teacher-{t}"
+        init_teacher(path, TeacherSpec(name=name, model=ModelSpec("bench"), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=D, fingerprint="bench", kv_dtype=codec))
+        with ShardWriter(path, name, 0, num_layers=L, width=D, codec=codec) as w:
+            for j in range(len(offsets) - 1):
+                a, b = int(offsets[j]), int(offsets[j + 1])
+                w.write(f"s{j}", kv["k"][a:b], kv["v"][a:b], ids[a:b], mask[a:b])
+    finalize(path)
+    return path
+
+
+def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.ndarray, teachers: int, repeats: int) -> dict:
+    """KVStream (what the trainer iterates: spans, concurrent K/V reads, read-ahead) over a real
+    store, cold, against open().read() of the same files."""
+    path = stream_store(root, codec, kv, offsets, teachers)
+    names = [f"teacher-{t}" for t in range(teachers)]
+    logical = sum(x.size for x in kv.values()) * 2 * teachers
+    stored = sum(p.stat().st_size for p in files(path))
+    cold, raw = [], []
+    for _ in range(repeats):
+        drop_cache(path)
+        raw.append(raw_read(path))
+        drop_cache(path)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in KVStream(path, names, shuffle_buffer=1))
+        cold.append(time.perf_counter() - t0)
+    assert n == len(offsets) - 1
+    return {"codec": codec, "teachers": teachers, "stored": stored, "read": logical / min(cold) / 1e6, "raw": stored / min(raw) / 1e6, "read_vs_raw": min(raw) / min(cold)}
+
+
 HEADER = (
     f"{'codec':<9} {'compressor':<22} {'stored MB':>9} {'vs raw16':>8} {'vs bf16':>7} {'write':>6} "
     f"{'read cold':>9} {'warm':>6} {'decode':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'err K':>7} {'err V':>7}"
@@ -260,6 +309,7 @@ def main() -> None:
         for codec in codecs.CODECS:
             for compressor in COMPRESSORS:
                 results.append(measure(root, codec, compressor, kv, offsets, args.repeats))
+        streams = [measure_stream(root, c, kv, offsets, t, args.repeats) for c in codecs.CODECS for t in (1, 2)]
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -282,6 +332,10 @@ def main() -> None:
         "stored bytes; read/raw = raw cold time / read cold time for the same stored bytes (read cold x stored / "
         "logical / raw cold)."
     )
+    print("\nthe training stream (KVStream over a real store written by ShardWriter, cold; raw = open().read() of its files)")
+    print(f"{'codec':<9} {'teachers':>8} {'stored MB':>9} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}")
+    for r in streams:
+        print(f"{r['codec']:<9} {r['teachers']:>8} {r['stored'] / 1e6:>9.2f} {r['read']:>9.0f} {r['raw']:>9.0f} {r['read_vs_raw']:>7.0%}")
     print("\ntargets")
     for c, (ratio, err) in TARGETS.items():
         r = best[c]
