@@ -35,7 +35,8 @@ from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
 
 from .distiller import Distiller
-from .stream import KVStream, collate
+from .report import resolve_trackers, tracker_config, tracker_values
+from .stream import KVStream, collate, shuffle_kv
 
 __all__ = ["train"]
 
@@ -81,7 +82,10 @@ def _latest_checkpoint(path: Path) -> Path:
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
+    accelerator = Accelerator(
+        cpu=cfg.device == "cpu", log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
+    )
     set_seed(cfg.seed)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student)
@@ -125,8 +129,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         read_kv=cfg.kv_weight > 0,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate_fn(samples):
+        if cfg.kv_control == "shuffled":  # negative control: each sample gets another's teacher K/V
+            samples = shuffle_kv(samples, cfg.seed)
+        return collate(samples, pad_id)
+
     loader = DataLoader(
-        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=lambda s: collate(s, pad_id)
+        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn,
+        drop_last=cfg.kv_control == "shuffled",  # a short last batch may hold one sample: none to swap with
     )
     # The stream already splits shards by rank, so the loader is not handed to accelerate.
     model, opt, sched = accelerator.prepare(model, opt, sched)
@@ -134,6 +145,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.yaml")
+    if trackers:
+        accelerator.init_trackers(out.name, config=tracker_config(cfg.to_dict()))
     step, epoch, tokens, skip = 0, 0, 0, 0
     if cfg.resume:
         ckpt = _latest_checkpoint(Path(cfg.resume))
@@ -192,6 +205,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if metrics_f and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
+            if trackers and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                accelerator.log(tracker_values(row), step=step)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce", "kv_k", "kv_v") if k in row})
             if cfg.save_every and step % cfg.save_every == 0:
@@ -231,6 +246,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         torch.save(unwrapped.adapters.state_dict(), final / "adapters.pt")
         cfg.save(final / "train_config.yaml")
         metrics_f.close()
+    if trackers:
+        accelerator.end_training()  # flushes and closes the trackers
     tail = history[-max(1, min(20, len(history))) :]
 
     def avg(key: str) -> float | None:
