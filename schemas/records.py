@@ -456,4 +456,4 @@ class CompareConfig(Record):
         if (self.store is None) != (self.student is None):
             raise ConfigError("CompareConfig: give `store` and `student` together (or neither, for the demo's)")
         if self.store is not None and self.eval_data is None:
-            raise ConfigError("CompareConfig.eval_data: with your own `store`, name the evaluation data")
+            raise ConfigError("CompareConfig.eval_data: with your own `store`, name the evaluation data (eval_data: {source: ..., split: test} in --config)")
