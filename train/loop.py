@@ -6,7 +6,7 @@ setup: accelerate (CPU, one GPU, DDP), the student from `from_pretrained`, check
 store was built for this student's tokenizer and geometry, adapters, AdamW + cosine schedule,
 the shard stream (rank x worker split). train: CE + fused KV losses, grad clipping, metrics
 every `log_every` steps to metrics.jsonl. save: the student via `save_pretrained` (+ the
-tokenizer), adapters.pt, and the config as train_config.yaml, under RUN_DIR/final.
+tokenizer), adapters.pt (+ router.pt with fusion router), and the config as train_config.yaml, under RUN_DIR/final.
 
 Raises StoreError for an unfinalised store or one built for another student, and
 FloatingPointError on a non-finite loss (naming the term and the sample ids).
@@ -34,11 +34,11 @@ from kvdistill.dump.models import load_tokenizer, tokenizer_fingerprint
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
 
-from .distiller import Distiller
+from .distiller import LOSS_TERMS, build_distiller
 from .report import resolve_trackers, tracker_config, tracker_values
 from .stream import KVStream, collate, shuffle_kv
 
-__all__ = ["train"]
+__all__ = ["train", "build_model"]
 
 
 def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
@@ -80,14 +80,10 @@ def _latest_checkpoint(path: Path) -> Path:
     return found[-1].parent
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
-    accelerator = Accelerator(
-        cpu=cfg.device == "cpu", log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
-    )
-    set_seed(cfg.seed)
-    out = Path(cfg.out)
+def build_model(cfg: TrainConfig):
+    """(tokenizer, Distiller, store spec, {teacher: TeacherSpec}): the student (LoRA-wrapped when
+    lora_r > 0), checked against the store, inside the Distiller `train` optimises. Shared with
+    `kvdistill train diagnose`, so both build exactly the same model."""
     tokenizer = load_tokenizer(cfg.student)
     student = AutoModelForCausalLM.from_pretrained(
         cfg.student.name_or_path, revision=cfg.student.revision, dtype=getattr(torch, cfg.student.dtype)
@@ -98,26 +94,25 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
         student = get_peft_model(student, lora)  # K/V capture reaches through to the base model
-    model = Distiller(
-        student,
-        {t: s.width for t, s in teachers.items()},
-        spec.geometry.num_layers,
-        spec.geometry.width,
-        teacher_weights=cfg.teacher_weights,
-        kv_weight=cfg.kv_weight,
-        ce_weight=cfg.ce_weight,
-        kv_norm=cfg.kv_norm,
-        kv_loss=cfg.kv_loss,
-        fusion=cfg.fusion,
-        temperature=cfg.fusion_temperature,
+    return tokenizer, build_distiller(cfg, student, spec, teachers), spec, teachers
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
+    accelerator = Accelerator(
+        cpu=cfg.device == "cpu", log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
     )
-    opt = torch.optim.AdamW(
-        [
-            {"params": model.student.parameters(), "lr": cfg.lr},
-            {"params": model.adapters.parameters(), "lr": cfg.adapter_lr},
-        ],
-        weight_decay=cfg.weight_decay,
-    )
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    tokenizer, model, spec, teachers = build_model(cfg)
+    groups = [
+        {"params": model.student.parameters(), "lr": cfg.lr},
+        {"params": model.adapters.parameters(), "lr": cfg.adapter_lr},
+    ]
+    if model.router is not None:
+        groups.append({"params": model.router.parameters(), "lr": cfg.router_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
     stream = KVStream(
         cfg.store,
@@ -176,8 +171,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 batch["attention_mask"].to(accelerator.device),
                 batch["loss_mask"].to(accelerator.device),
                 kv,
+                step=step,  # warm-ups and layer annealing
             )
-            for name in ("ce", "kv_k", "kv_v"):
+            for name in LOSS_TERMS:
                 if name in losses and not math.isfinite(losses[name].item()):
                     layers = losses.get(f"{name}_layers")
                     bad = [i for i, x in enumerate(layers.tolist()) if not math.isfinite(x)] if layers is not None else []
@@ -244,6 +240,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             unwrapped.student.save_pretrained(final)
         tokenizer.save_pretrained(final)
         torch.save(unwrapped.adapters.state_dict(), final / "adapters.pt")
+        if unwrapped.router is not None:
+            torch.save(unwrapped.router.state_dict(), final / "router.pt")
         cfg.save(final / "train_config.yaml")
         metrics_f.close()
     if trackers:
