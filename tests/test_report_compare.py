@@ -169,7 +169,6 @@ def test_tracker_values_and_config_are_flat_scalars():
 
 
 def test_tensorboard_tracker_writes_the_same_scalars_as_metrics_jsonl(tiny_store, tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"

@@ -186,6 +186,7 @@ def _heatmap(rows: list[dict[str, Any]], key: str) -> str:
     steps = [r["step"] for r in have]
     im = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, width - 0.5))
     ax.set(title=f"{key} per student layer", xlabel="step", ylabel="layer")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return _png(fig)
@@ -211,7 +212,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        return f"{x:.{digits}f}"
+        return f"{x:.{digits + 1}g}"  # learning rates and losses alike
     return html.escape(str(x))
 
 
