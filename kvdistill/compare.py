@@ -195,19 +195,16 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
 def format_compare(result: dict[str, Any]) -> str:
     conf = round(100 * result["confidence"])
 
-    def ci(s: dict[str, Any] | None) -> str:
-        return f"{s['mean']:+.3f} ± {s['ci']:.3f}" if s else "-"
+    def ci(s: dict[str, Any] | None, sign: str = "") -> str:
+        return f"{s['mean']:{sign}.3f} ± {s['ci']:.3f}" if s else "-"
 
-    lines = [
-        "",
-        f"{result['seeds']} seeds per arm; mean ± {conf}% CI (Student t, t = {result['t_quantile']:.3f}); Δ: paired difference to ce",
-        f"{'arm':<16} {'accuracy':>16} {'Δ accuracy':>16} {'perplexity':>16} {'Δ perplexity':>16}",
-    ]
+    rows = [["arm", "accuracy", "Δ accuracy", "perplexity", "Δ perplexity"]]
     for name, a in result["arms"].items():
         vs = a.get("vs_ce") or {}
-        lines.append(
-            f"{name:<16} {a['accuracy']['mean']:>8.3f} ± {a['accuracy']['ci']:<5.3f} {ci(vs.get('accuracy')):>16} "
-            f"{a['perplexity']['mean']:>8.3f} ± {a['perplexity']['ci']:<5.3f} {ci(vs.get('perplexity')):>16}"
-        )
+        rows.append([name, ci(a["accuracy"]), ci(vs.get("accuracy"), "+"), ci(a["perplexity"]), ci(vs.get("perplexity"), "+")])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["", f"{result['seeds']} seeds per arm; mean ± {conf}% CI (Student t, t = {result['t_quantile']:.3f}); Δ: paired difference to ce"]
+    for r in rows:
+        lines.append("  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))]))
     lines.append(f"wall time {result['seconds']:.0f}s")
     return "\n".join(lines)
