@@ -288,3 +288,19 @@ def test_tiny_compare_pairs_arms_with_ce_by_seed_and_reuses_finished_runs(tiny_s
     # The run report can carry the compare table.
     run = tmp_path / "cmp" / "runs" / "kv-shuffled" / "seed-0"
     assert "Δ perplexity vs ce" in run_report(run, compare=tmp_path / "cmp")
+
+
+def test_default_arms_are_valid_train_configs_with_their_overrides(tiny_store, tmp_path):
+    from kvdistill.compare import ARMS, arm_configs
+
+    cfg = CompareConfig(out=str(tmp_path), seeds=2, steps=7)
+    assert cfg.arms == list(ARMS)
+    plan = arm_configs(cfg, str(tiny_store["store"]), tiny_store["student"], {"lr": 3e-3})
+    assert list(plan) == list(ARMS) and all(list(seeds) == [0, 1] for seeds in plan.values())
+    got = {name: seeds[1] for name, seeds in plan.items()}
+    assert got["ce"].kv_weight == 0.0 and got["kv-fixed"].kv_weight == 1.0
+    assert got["kv-single"].teachers == ["teacher-qwen2"]
+    assert (got["kv-similarity"].fusion, got["kv-router"].fusion) == ("similarity", "router")
+    assert got["kv-shuffled"].kv_control == "shuffled" and got["kv-fixed"].kv_control == "none"
+    assert all(c.seed == 1 and c.max_steps == 7 and c.lr == 3e-3 for c in got.values())
+    assert len({c.out for c in got.values()}) == len(got)
