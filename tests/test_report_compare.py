@@ -304,3 +304,15 @@ def test_default_arms_are_valid_train_configs_with_their_overrides(tiny_store, t
     assert got["kv-shuffled"].kv_control == "shuffled" and got["kv-fixed"].kv_control == "none"
     assert all(c.seed == 1 and c.max_steps == 7 and c.lr == 3e-3 for c in got.values())
     assert len({c.out for c in got.values()}) == len(got)
+
+
+@pytest.mark.parametrize(
+    "argv, flags",
+    [(["compare", "--help"], ["--seeds", "--arms", "--steps", "--out", "--store", "--config"]), (["report", "--help"], ["RUN_DIR", "--out", "--compare"])],
+)
+def test_compare_and_report_help(argv, flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f in out for f in flags)
