@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -117,14 +118,16 @@ def test_each_fusion_and_adapter_trains_with_a_finite_falling_loss(tiny_store, f
 
 def test_a_router_run_with_attention_weights_and_annealing_logs_every_term_and_saves_the_router(tiny_store, tmp_path):
     out = tmp_path / "router"
-    cfg = _cfg(tiny_store, out, fusion="router", adapter="headwise", kv_attn_weight="student", kv_attn_warmup_steps=4, layer_anneal_steps=6, max_steps=8)
+    cfg = _cfg(tiny_store, out, fusion="router", adapter="headwise", kv_attn_weight="student", kv_attn_warmup_steps=3, layer_anneal_steps=4, max_steps=6, save_every=4)
     train(cfg, progress=False)
+    ckpt = safetensors.torch.load_file(out / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert any(k.startswith("router.") for k in ckpt) and any(".mix" in k for k in ckpt)  # the checkpoint holds router and adapters
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-    assert len(rows) == 8
+    assert len(rows) == 6
     for r in rows:
         assert {"ce", "kv_k", "kv_v", "cka", "router_entropy", "loss"} <= r.keys() and np.isfinite(r["loss"])
         assert abs(r["route_k_teacher-a"] + r["route_k_teacher-b"] - 1) < 1e-5
-    # step 0 (first row): only layer 0 is annealed in, so kv_k = per-layer[0] / 2; from step 6 on both count
+    # step 0 (first row): only layer 0 is annealed in, so kv_k = per-layer[0] / 2; from step 4 on both count
     assert abs(rows[0]["kv_k"] - rows[0]["kv_k_layers"][0] / 2) < 1e-5
     assert abs(rows[-1]["kv_k"] - np.mean(rows[-1]["kv_k_layers"])) < 1e-5
     spec, teachers = open_specs(tiny_store["store"])
@@ -272,6 +275,8 @@ def test_diagnose_reports_every_term_with_gradient_norms_and_suggested_weights(t
 
     cfg = _cfg(tiny_store, tmp_path / "diag", fusion="router", router_entropy_weight=0.1, kv_weight=2.0, teacher_weights={"teacher-a": 3.0, "teacher-b": 1.0})
     result = diagnose(cfg, batches=2)
+    with capsys.disabled():  # visible with pytest -s
+        print("\n" + format_table(result))
     assert result["batches"] == 2
     assert set(result["terms"]) == {"ce", "kv_k", "kv_v", "kv", "cka", "router_entropy"}
     t = result["terms"]
@@ -290,3 +295,11 @@ def test_diagnose_reports_every_term_with_gradient_norms_and_suggested_weights(t
     assert main(["train", "diagnose", "--config", str(tmp_path / "c.yaml"), "--batches", "1"]) == 0
     printed = capsys.readouterr().out
     assert "router_entropy" in printed and "suggested weights" in printed
+
+
+def test_a_non_finite_cka_term_stops_training_and_is_named(tiny_store, tmp_path, monkeypatch):
+    from kvdistill.train import losses
+
+    monkeypatch.setattr(losses, "debiased_cka", lambda x, y: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match=r"step 0: loss term cka is nan"):
+        train(_cfg(tiny_store, tmp_path / "nan", max_steps=2), progress=False)

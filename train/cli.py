@@ -8,6 +8,16 @@ import json
 from kvdistill.schemas import EvalConfig, TrainConfig
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 
+
+def _layers(text: str) -> str | list[int]:
+    if text in ("middle", "last"):
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected middle, last or comma-separated layer indices, got {text!r}") from None
+
+
 TRAIN_FLAGS: list[Flag] = [
     ("--store", "store", str, "finalized KV store to stream from"),
     ("--student", "student.name_or_path", str, "student: hub id or local checkpoint (the one the store was dumped for)"),
@@ -26,7 +36,7 @@ TRAIN_FLAGS: list[Flag] = [
     ("--kv-attn-weight", "kv_attn_weight", str, "none | student (weight tokens by the student's attention to them; eager attention)"),
     ("--kv-attn-warmup-steps", "kv_attn_warmup_steps", int, "linear warm-up from uniform token weights"),
     ("--cka-weight", "cka_weight", float, "weight of 1 - debiased CKA(student K|V, fused target) (0: off)"),
-    ("--cka-layers", "cka_layers", lambda s: s if s in ("middle", "last") else [int(x) for x in s.split(",")], "middle | last | comma list of student layers"),
+    ("--cka-layers", "cka_layers", _layers, "middle | last | comma list of student layers, e.g. 0,3"),
     ("--layer-anneal-steps", "layer_anneal_steps", int, "phase deeper layers into the KV loss over N steps (0: off)"),
     ("--lora-r", "lora_r", int, "LoRA rank (peft); 0 trains every weight"),
     ("--lora-alpha", "lora_alpha", int, "LoRA alpha"),

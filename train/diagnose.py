@@ -63,9 +63,12 @@ def diagnose(cfg: TrainConfig, batches: int = 4) -> dict[str, Any]:
     for batch in itertools.islice(loader, batches):
         kv = {t: (k.to(device), v.to(device)) for t, (k, v) in batch["kv"].items()}
         losses = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device), kv, step=0)
-        terms = {t: losses[t] for t in LOSS_TERMS if t in losses}
-        if "kv_k" in terms:
-            terms["kv"] = terms["kv_k"] + terms["kv_v"]
+        terms = {}
+        for t in LOSS_TERMS:
+            if t in losses:
+                terms[t] = losses[t]
+            if t == "kv_v" and t in losses:
+                terms["kv"] = losses["kv_k"] + losses["kv_v"]
         for name, value in terms.items():
             grads = torch.autograd.grad(value, student + aux, retain_graph=True, allow_unused=True)
             row = acc.setdefault(name, {"value": [], "grad_student": [], "grad_adapters": []})
