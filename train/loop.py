@@ -4,8 +4,10 @@
 
 setup: accelerate (CPU, one GPU, DDP), the student from `from_pretrained`, checks that the
 store was built for this student's tokenizer and geometry, adapters, AdamW + cosine schedule,
-the shard stream (rank x worker split). train: CE + fused KV losses, grad clipping, metrics
-every `log_every` steps to metrics.jsonl. save: the student via `save_pretrained` (+ the
+the shard stream (rank x worker split; with kv_control="shuffled", each batch's teacher K/V
+deranged across its samples: the negative control). train: CE + fused KV losses, grad
+clipping, metrics every `log_every` steps to metrics.jsonl (and to the accelerate trackers in
+`report_to`). save: the student via `save_pretrained` (+ the
 tokenizer), adapters.pt (+ router.pt with fusion router), and the config as train_config.yaml, under RUN_DIR/final.
 
 Raises StoreError for an unfinalised store or one built for another student, and
