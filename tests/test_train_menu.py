@@ -69,7 +69,7 @@ def test_headwise_adapter_at_init_outputs_the_group_average_of_teacher_heads_wit
     x = torch.randn(B, T, L, h_t * d)
     heads = x.view(B, T, L, h_t, d)
     expected = torch.cat([(heads[..., 0, :] + heads[..., 1, :]) / 2, (heads[..., 2, :] + heads[..., 3, :]) / 2], dim=-1)
-    torch.testing.assert_close(a(x), expected, rtol=0, atol=1e-6)
+    assert torch.equal(a(x), expected)  # exact: halves of sums, identity maps
     # GQA teacher 8 heads x 64 -> student 2 x 32: far fewer parameters than one flat map
     hw, flat = HeadwiseAdapter(L, (8, 64), (2, 32)), KVAdapter(L, 512, 64)
     n_hw, n_flat = (sum(p.numel() for p in m.parameters()) for m in (hw, flat))

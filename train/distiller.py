@@ -45,7 +45,7 @@ class KVAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             return x
-        return torch.einsum("btld,lde->btle", x, self.weight)
+        return torch.einsum("btld,lde->btle", x.to(self.weight.dtype), self.weight)
 
 
 def head_mixer_init(h_t: int, h_s: int) -> torch.Tensor:
@@ -81,7 +81,7 @@ class HeadwiseAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, L, _ = x.shape
-        x = x.view(B, T, L, self.h_t, self.d_t)
+        x = x.to(self.proj.dtype).view(B, T, L, self.h_t, self.d_t)
         mixed = torch.einsum("btlhd,ljh->btljd", x, self.mix)  # [B, T, L, H_s, d_t]
         return torch.einsum("btljd,ljde->btlje", mixed, self.proj).reshape(B, T, L, self.h_s * self.d_s)
 
@@ -271,7 +271,8 @@ class Distiller(nn.Module):
             h = res.hidden_states[-1]  # [B, T, hidden]
             n = mask.sum(dim=1, keepdim=True).clamp_min(1)
             pooled = torch.where(mask[..., None], h, 0.0).sum(dim=1) / n  # [B, hidden]; mean over real tokens
-            router_w = self.router(pooled.detach())  # [B, G, N]; the router learns, the student is not pushed by it
+            # [B, G, N]; detached: the router learns, the student is not pushed around by it
+            router_w = self.router(pooled.detach().to(self.router.mlp[0].weight.dtype))
             entropy = -(router_w * torch.log(router_w.clamp_min(1e-12))).sum(-1).mean()
             out["router_entropy"] = entropy
             if self.router_entropy_weight:
