@@ -97,6 +97,11 @@ def arm_configs(cfg: CompareConfig, store: str, student: ModelSpec, base: dict[s
     unknown = [a for a in cfg.arms if a not in arms]
     if unknown:
         raise ConfigError(f"CompareConfig.arms: unknown arm(s) {unknown}; known: {sorted(arms)} (define more in arm_overrides)")
+    managed = {"store", "student", "out", "seed", "max_steps", "device"}  # set per run by compare
+    for where, overrides in [("train", cfg.train), *((f"arm {a!r}", arms[a]) for a in cfg.arms)]:
+        clash = sorted(managed & set(overrides))
+        if clash:
+            raise ConfigError(f"CompareConfig {where}: {clash} are set by compare itself (store/student, out, seeds, steps, device); drop them")
     out: dict[str, dict[int, TrainConfig]] = {}
     for name in cfg.arms:
         out[name] = {}

@@ -252,6 +252,9 @@ def test_compare_config_round_trips_and_refuses_bad_plans(tiny_store, tmp_path):
     bad = CompareConfig.from_dict({**cfg.to_dict(), "arm_overrides": {"kv-cos": {"kv_loss": "l7"}}})
     with pytest.raises(ConfigError, match="arm 'kv-cos'.*kv_loss"):
         run_compare(bad, progress=False)
+    bad = CompareConfig.from_dict({**cfg.to_dict(), "train": {"max_steps": 50}})
+    with pytest.raises(ConfigError, match=r"\['max_steps'\] are set by compare itself"):
+        run_compare(bad, progress=False)
     assert not (tmp_path / "runs").exists()  # refused before any run
 
 
