@@ -102,7 +102,7 @@ def test_each_fusion_and_adapter_trains_with_a_finite_falling_loss(tiny_store, f
     batch = _batch(tiny_store, 4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     rows = []
-    for step in range(8):
+    for step in range(6):
         out = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["kv"], step=step)
         rows.append({k: v.item() for k, v in out.items() if v.dim() == 0})
         opt.zero_grad()
@@ -273,7 +273,7 @@ def test_diagnose_reports_every_term_with_gradient_norms_and_suggested_weights(t
     from kvdistill.cli import main
     from kvdistill.train.diagnose import diagnose, format_table
 
-    cfg = _cfg(tiny_store, tmp_path / "diag", fusion="router", router_entropy_weight=0.1, kv_weight=2.0, teacher_weights={"teacher-a": 3.0, "teacher-b": 1.0})
+    cfg = _cfg(tiny_store, tmp_path / "diag", fusion="router", router_entropy_weight=0.1, kv_weight=2.0, teacher_weights={"teacher-a": 3.0, "teacher-b": 1.0}, batch_size=4)
     result = diagnose(cfg, batches=2)
     with capsys.disabled():  # visible with pytest -s
         print("\n" + format_table(result))
