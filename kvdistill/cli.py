@@ -10,7 +10,7 @@ from kvdistill.align import cli as align_cli
 from kvdistill.data import DataError
 from kvdistill.dump import cli as dump_cli
 from kvdistill.jobs import cli as jobs_cli
-from kvdistill.schemas import ConfigError, DemoConfig
+from kvdistill.schemas import CompareConfig, ConfigError, DemoConfig
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 from kvdistill.store import StoreError
 from kvdistill.store import cli as store_cli
@@ -27,10 +27,37 @@ DEMO_FLAGS: list[Flag] = [
 ]
 
 
+COMPARE_FLAGS: list[Flag] = [
+    ("--out", "out", str, "output directory (runs/<arm>/seed-<n>, compare.json, compare.html)"),
+    ("--seeds", "seeds", int, "seeds per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom)"),
+    ("--arms", "arms", lambda s: [x for x in s.split(",") if x], "comma list of arms; 'ce' is required (differences are paired against it)"),
+    ("--steps", "steps", int, "optimizer steps per run"),
+    ("--max-new-tokens", "max_new_tokens", int, "generation budget per eval question"),
+    ("--demo-out", "demo.out", str, "where the embedded demo (teachers, store) is built or reused"),
+    ("--store", "store", str, "a finalized store instead of the demo's (with --student and eval_data in --config)"),
+    ("--student", "student.name_or_path", str, "the student that --store was dumped for"),
+    ("--device", "device", str, "auto | cpu | cuda"),
+]
+
+
 def demo_main(args: argparse.Namespace) -> int:
     from kvdistill.demo import run_demo
 
     run_demo(config_from_args(DemoConfig, args, DEMO_FLAGS), progress=not args.no_progress)
+    return 0
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    from kvdistill.compare import run_compare
+
+    run_compare(config_from_args(CompareConfig, args, COMPARE_FLAGS), progress=not args.no_progress)
+    return 0
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from kvdistill.train.report import write_report
+
+    print(f"wrote {write_report(args.run, args.out, args.compare)}")
     return 0
 
 
@@ -45,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)")
     add_flags(demo, DEMO_FLAGS, DemoConfig)
     demo.set_defaults(func=demo_main)
+    compare = sub.add_parser(
+        "compare", help="train and evaluate arms (ce, kv-*, shuffled control) over seeds: mean, 95%% CI, paired difference to ce"
+    )
+    add_flags(compare, COMPARE_FLAGS, CompareConfig)
+    compare.set_defaults(func=compare_main)
+    report = sub.add_parser("report", help="one self-contained HTML page for a training run (curves, per-layer heatmap, routing, eval)")
+    report.add_argument("run", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")
+    report.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    report.add_argument("--compare", metavar="DIR", help="a `kvdistill compare` output directory: add its table")
+    report.set_defaults(func=report_main)
     return parser
 
 

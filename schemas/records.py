@@ -29,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "EvalConfig",
     "DemoConfig",
+    "CompareConfig",
 ]
 
 # Bump when the on-disk store layout changes; readers refuse stores of another version.
@@ -316,8 +317,21 @@ class TrainConfig(Record):
     out: str
     teachers: list[str] | None = None  # default: every teacher in the store
     teacher_weights: dict[str, float] | None = None  # fixed fusion; default equal
-    fusion: Literal["fixed", "similarity"] = "fixed"  # similarity: per token, softmax of cosine / temperature
+    # fixed: teacher_weights; similarity: per token, softmax of cosine / temperature;
+    # router: a small MLP on the student's pooled last hidden state, softmax per sample
+    fusion: Literal["fixed", "similarity", "router"] = "fixed"
     fusion_temperature: float = 0.1
+    router_groups: int = 1  # 1: one weight vector per sample; 3: one per shallow / middle / deep third of the layers
+    router_hidden: int = 64  # width of the router MLP's hidden layer
+    router_entropy_weight: float = 0.01  # loss -= weight * entropy: > 0 rewards spreading over teachers
+    router_lr: float = 1e-3
+    # flat: one D_t x D_s map per layer; headwise: teacher kv-head mixer + per-head d_t x d_s map
+    adapter: Literal["flat", "headwise"] = "flat"
+    kv_attn_weight: Literal["none", "student"] = "none"  # student: weight tokens by the attention they receive
+    kv_attn_warmup_steps: int = 1000  # linear warm-up from uniform token weights
+    cka_weight: float = 0.05  # 1 - debiased linear CKA of student K|V and the fused target
+    cka_layers: Literal["middle", "last"] | list[int] = "middle"
+    layer_anneal_steps: int = 0  # > 0: KV loss phases in deeper layers linearly over these steps
     kv_weight: float = 1.0  # 0 gives the CE-only baseline
     ce_weight: float = 1.0
     kv_norm: Literal["layer_std", "none"] = "layer_std"
@@ -341,6 +355,13 @@ class TrainConfig(Record):
     stop_at_step: int | None = None  # stop cleanly after this step (a time-limited job); --resume goes on
     resume: str | None = None  # a run directory (its latest checkpoint) or one checkpoint directory
     device: str = "auto"
+    # Trackers besides metrics.jsonl (the source of truth), through accelerate: e.g.
+    # ["tensorboard"], ["wandb"]; "all" / "auto": every one accelerate finds installed.
+    report_to: list[str] = field(default_factory=list)
+    # "shuffled": a negative control; each sample is supervised with the teacher K/V of another
+    # sample of its batch (seeded derangement), resampled in time to its own length. Each
+    # epoch's last batch is dropped when short (a one-sample batch cannot be deranged).
+    kv_control: Literal["none", "shuffled"] = "none"
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1:
@@ -349,6 +370,21 @@ class TrainConfig(Record):
             raise ConfigError("TrainConfig: kv_weight and ce_weight must be >= 0")
         if self.teacher_weights is not None and any(w < 0 for w in self.teacher_weights.values()):
             raise ConfigError("TrainConfig.teacher_weights: weights must be >= 0")
+        if self.router_groups not in (1, 3):
+            raise ConfigError(f"TrainConfig.router_groups: 1 (one weight vector) or 3 (shallow / middle / deep), got {self.router_groups}")
+        if self.router_hidden < 1:
+            raise ConfigError(f"TrainConfig.router_hidden: must be >= 1, got {self.router_hidden}")
+        if self.cka_weight < 0:
+            raise ConfigError(f"TrainConfig.cka_weight: must be >= 0, got {self.cka_weight}")
+        if isinstance(self.cka_layers, list) and (not self.cka_layers or min(self.cka_layers) < 0):
+            raise ConfigError(f"TrainConfig.cka_layers: 'middle', 'last' or a non-empty list of student layer indices >= 0, got {self.cka_layers}")
+        if self.kv_attn_warmup_steps < 0 or self.layer_anneal_steps < 0:
+            raise ConfigError("TrainConfig: kv_attn_warmup_steps and layer_anneal_steps must be >= 0")
+        if self.kv_control == "shuffled" and (self.batch_size < 2 or self.kv_weight == 0):
+            raise ConfigError(
+                f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs "
+                f"batch_size >= 2 and kv_weight > 0 (got {self.batch_size}, {self.kv_weight})"
+            )
 
 
 @dataclass
@@ -380,3 +416,44 @@ class DemoConfig(Record):
     # vocabulary: char-overlap time map) and "dual-prompt" (teacher-qwen2 again under a
     # step-by-step template: per-segment resampling).
     extra_teachers: list[Literal["cross-tokenizer", "dual-prompt"]] = field(default_factory=list)
+
+
+COMPARE_ARMS = ["ce", "kv-single", "kv-fixed", "kv-similarity", "kv-router", "kv-shuffled"]
+
+
+@dataclass
+class CompareConfig(Record):
+    """`kvdistill compare`: train and evaluate every arm (a name -> TrainConfig overrides) once
+    per seed on one store, and report each arm as mean and 95% CI over seeds, plus its paired
+    difference to the `ce` arm. Default: the embedded demo's data, teachers and store."""
+
+    out: str = "compare-out"
+    seeds: int = 3  # seeds 0 .. seeds-1; a seed sets the shuffle order and the adapters' init
+    arms: list[str] = field(default_factory=lambda: list(COMPARE_ARMS))
+    # Adds or replaces arms: name -> TrainConfig overrides, e.g. {"kv-cos": {"kv_loss": "cosine"}}.
+    arm_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps: int = 300  # optimizer steps per run
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides shared by every arm
+    # The embedded default: `kvdistill demo` with this config is run first for its teachers and
+    # store, or reused when DIR/summary.json records the same config.
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    store: str | None = None  # a finalized store to use instead of building the demo's
+    student: ModelSpec | None = None  # the student that store was dumped for (with `store`)
+    eval_data: DataSpec | None = None  # default: the test split of the demo's data
+    max_new_tokens: int = 64
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.seeds < 2:
+            raise ConfigError(f"CompareConfig.seeds: a confidence interval needs >= 2 seeds, got {self.seeds}")
+        if self.steps < 1:
+            raise ConfigError(f"CompareConfig.steps: must be >= 1, got {self.steps}")
+        if "ce" not in self.arms:
+            raise ConfigError(f"CompareConfig.arms: differences are paired against the 'ce' arm; add it to {self.arms}")
+        dup = sorted({a for a in self.arms if self.arms.count(a) > 1})
+        if dup:
+            raise ConfigError(f"CompareConfig.arms: {dup} listed twice")
+        if (self.store is None) != (self.student is None):
+            raise ConfigError("CompareConfig: give `store` and `student` together (or neither, for the demo's)")
+        if self.store is not None and self.eval_data is None:
+            raise ConfigError("CompareConfig.eval_data: with your own `store`, name the evaluation data (eval_data: {source: ..., split: test} in --config)")

@@ -8,6 +8,16 @@ import json
 from kvdistill.schemas import EvalConfig, TrainConfig
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 
+
+def _layers(text: str) -> str | list[int]:
+    if text in ("middle", "last"):
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected middle, last or comma-separated layer indices, got {text!r}") from None
+
+
 TRAIN_FLAGS: list[Flag] = [
     ("--store", "store", str, "finalized KV store to stream from"),
     ("--student", "student.name_or_path", str, "student: hub id or local checkpoint (the one the store was dumped for)"),
@@ -16,8 +26,18 @@ TRAIN_FLAGS: list[Flag] = [
     ("--ce-weight", "ce_weight", float, "weight of the CE loss"),
     ("--kv-norm", "kv_norm", str, "layer_std | none"),
     ("--kv-loss", "kv_loss", str, "mse | smooth_l1 | cosine"),
-    ("--fusion", "fusion", str, "fixed | similarity (per-token routing by cosine to the student's KV)"),
+    ("--fusion", "fusion", str, "fixed | similarity (per-token routing by cosine to the student's KV) | router (learned, per sample)"),
     ("--fusion-temperature", "fusion_temperature", float, "softmax temperature of similarity routing"),
+    ("--router-groups", "router_groups", int, "router: 1 weight vector per sample, or 3 (shallow / middle / deep layers)"),
+    ("--router-hidden", "router_hidden", int, "router MLP hidden width"),
+    ("--router-entropy-weight", "router_entropy_weight", float, "loss -= weight x router entropy (> 0: against collapse onto one teacher)"),
+    ("--router-learning-rate", "router_lr", float, "router learning rate"),
+    ("--adapter", "adapter", str, "flat (D_t x D_s per layer) | headwise (kv-head mixer + per-head d_t x d_s)"),
+    ("--kv-attn-weight", "kv_attn_weight", str, "none | student (weight tokens by the student's attention to them; eager attention)"),
+    ("--kv-attn-warmup-steps", "kv_attn_warmup_steps", int, "linear warm-up from uniform token weights"),
+    ("--cka-weight", "cka_weight", float, "weight of 1 - debiased CKA(student K|V, fused target) (0: off)"),
+    ("--cka-layers", "cka_layers", _layers, "middle | last | comma list of student layers, e.g. 0,3"),
+    ("--layer-anneal-steps", "layer_anneal_steps", int, "phase deeper layers into the KV loss over N steps (0: off)"),
     ("--lora-r", "lora_r", int, "LoRA rank (peft); 0 trains every weight"),
     ("--lora-alpha", "lora_alpha", int, "LoRA alpha"),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),
@@ -55,6 +75,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a student from the KV store (no teacher is loaded)", description=__doc__)
     add_flags(p, TRAIN_FLAGS, TrainConfig)
     p.set_defaults(func=train_main)
+    tsub = p.add_subparsers(dest="train_command", required=False, metavar="{diagnose}")
+    d = tsub.add_parser(
+        "diagnose",
+        help="loss terms and their gradient norms at init, with suggested weights (no step is taken)",
+        description="Build what `train` builds, run a few batches without stepping, and print each loss term's value and gradient norm.",
+    )
+    add_flags(d, TRAIN_FLAGS, TrainConfig)
+    d.add_argument("--batches", type=int, default=4, help="batches to average over (default: 4)")
+    d.set_defaults(func=diagnose_main)
     e = sub.add_parser("eval", help="greedy-decode answers: accuracy and gold perplexity")
     add_flags(e, EVAL_FLAGS, EvalConfig)
     e.set_defaults(func=eval_main)
@@ -66,6 +95,14 @@ def train_main(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, args, TRAIN_FLAGS)
     summary = train(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def diagnose_main(args: argparse.Namespace) -> int:
+    from .diagnose import diagnose, format_table
+
+    cfg = config_from_args(TrainConfig, args, TRAIN_FLAGS)
+    print(format_table(diagnose(cfg, batches=args.batches)))
     return 0
 
 

@@ -1,8 +1,10 @@
 """The student plus what turns stored teacher K/V into its targets: per-teacher, per-layer
-adapters, fixed-weight fusion, and the losses. One module, so DDP / FSDP wrap one forward."""
+adapters (flat or head-wise), fusion over teachers (fixed, similarity or a learned router),
+and the losses. One module, so DDP / FSDP wrap one forward."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -10,9 +12,20 @@ from torch import nn
 
 from kvdistill.dump.capture import capture_kv
 
-from .losses import layer_std_norm, masked_ce, masked_kv_loss
+from .losses import (
+    attention_key_weights,
+    layer_anneal_weights,
+    layer_std_norm,
+    masked_ce,
+    masked_cka_loss,
+    masked_kv_loss,
+    warmup_mix,
+)
 
-__all__ = ["KVAdapter", "Distiller"]
+__all__ = ["KVAdapter", "HeadwiseAdapter", "Router", "Distiller", "build_distiller", "head_mixer_init", "LOSS_TERMS"]
+
+# Every scalar loss term forward() may return (besides the total "loss").
+LOSS_TERMS = ("ce", "kv_k", "kv_v", "cka", "router_entropy")
 
 
 class KVAdapter(nn.Module):
@@ -32,19 +45,107 @@ class KVAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             return x
-        return torch.einsum("btld,lde->btle", x, self.weight)
+        return torch.einsum("btld,lde->btle", x.to(self.weight.dtype), self.weight)
+
+
+def head_mixer_init(h_t: int, h_s: int) -> torch.Tensor:
+    """[H_s, H_t] row-stochastic: student head j averages the teacher heads whose slice of
+    [0, 1) (head i covers [i / H_t, (i + 1) / H_t)) overlaps its own, weighted by the overlap.
+    H_t a multiple of H_s: the plain group average of its H_t / H_s teacher heads (the GQA
+    grouping); H_s a multiple of H_t: a copy of the one teacher head it lies in."""
+    edges_t = torch.arange(h_t + 1, dtype=torch.float64) / h_t
+    edges_s = torch.arange(h_s + 1, dtype=torch.float64) / h_s
+    lo = torch.maximum(edges_s[:-1, None], edges_t[None, :-1])
+    hi = torch.minimum(edges_s[1:, None], edges_t[None, 1:])
+    overlap = (hi - lo).clamp_min(0)  # [H_s, H_t]
+    return (overlap / overlap.sum(dim=1, keepdim=True)).float()
+
+
+class HeadwiseAdapter(nn.Module):
+    """Keeps the head structure: x [B, T, L, H_t * d_t] -> [B, T, L, H_s * d_s] by a per-layer
+    head mixer [L, H_s, H_t] (init `head_mixer_init`), then a per-(layer, student head) linear
+    map d_t -> d_s (identity when d_t == d_s, semi-orthogonal otherwise).
+    L * H_s * (H_t + d_t * d_s) parameters instead of the flat L * H_t * d_t * H_s * d_s."""
+
+    def __init__(self, num_layers: int, teacher_heads: tuple[int, int], student_heads: tuple[int, int]) -> None:
+        super().__init__()
+        (self.h_t, self.d_t), (self.h_s, self.d_s) = teacher_heads, student_heads
+        self.mix = nn.Parameter(head_mixer_init(self.h_t, self.h_s).repeat(num_layers, 1, 1))  # [L, H_s, H_t]
+        proj = torch.empty(num_layers, self.h_s, self.d_t, self.d_s)
+        for m in proj.view(-1, self.d_t, self.d_s):
+            if self.d_t == self.d_s:
+                nn.init.eye_(m)
+            else:
+                nn.init.orthogonal_(m)
+        self.proj = nn.Parameter(proj)  # [L, H_s, d_t, d_s]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, L, _ = x.shape
+        x = x.to(self.proj.dtype).view(B, T, L, self.h_t, self.d_t)
+        mixed = torch.einsum("btlhd,ljh->btljd", x, self.mix)  # [B, T, L, H_s, d_t]
+        return torch.einsum("btljd,ljde->btlje", mixed, self.proj).reshape(B, T, L, self.h_s * self.d_s)
+
+
+class Router(nn.Module):
+    """Teacher weights per sample from the student's pooled last hidden state: an MLP
+    hidden -> GELU -> groups * N logits, softmax over the N teachers. The last layer starts
+    at zero weight and bias log(initial weights), so the router begins as the fixed fusion.
+    groups 3: one weight vector per shallow / middle / deep third of the student layers
+    (layer l is in group floor(3 l / L))."""
+
+    def __init__(self, hidden_size: int, init_weights: list[float], num_layers: int, groups: int = 1, width: int = 64) -> None:
+        super().__init__()
+        if groups not in (1, 3):
+            raise ValueError(f"router groups must be 1 or 3, got {groups}")
+        if num_layers < groups:
+            raise ValueError(f"router_groups {groups} needs at least {groups} student layers, the student has {num_layers}; use router_groups 1")
+        self.n, self.groups = len(init_weights), groups
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, groups * self.n))
+        nn.init.zeros_(self.mlp[2].weight)
+        with torch.no_grad():
+            self.mlp[2].bias.copy_(torch.tensor([math.log(w) for w in init_weights]).repeat(groups))
+        self.register_buffer("layer_group", torch.arange(num_layers) * groups // num_layers, persistent=False)  # [L]
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, hidden] -> teacher weights [B, G, N] (rows sum to 1)."""
+        return torch.softmax(self.mlp(pooled).view(len(pooled), self.groups, self.n), dim=-1)
 
 
 def _key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)  # nn.ModuleDict keys may not hold "."
 
 
-class Distiller(nn.Module):
-    """forward(batch) -> {"loss", "ce", "kv_k", "kv_v", "kv_k_layers", "kv_v_layers"}.
+def _make_adapter(num_layers: int, width: int, student_width: int, heads_t, heads_s) -> nn.Module:
+    if heads_t is None:
+        return KVAdapter(num_layers, width, student_width)
+    return HeadwiseAdapter(num_layers, heads_t, heads_s)
 
-    loss = ce_weight * CE(reasoning + answer) + kv_weight * (MSE_K + MSE_V), with the KV target
-    the fixed-weight fusion over teachers of adapter(teacher K/V), every term masked to real
-    tokens, and (kv_norm="layer_std") each layer standardised on both sides before the MSE."""
+
+def _use_eager_attention(student: nn.Module) -> None:
+    """Attention probabilities are only returned by the eager kernel (sdpa / flash fuse them)."""
+    base = student.get_base_model() if hasattr(student, "get_base_model") else student  # peft
+    if not hasattr(base, "set_attn_implementation"):
+        raise TypeError(f"kv_attn_weight 'student' needs a transformers model; got {type(base).__name__}")
+    base.set_attn_implementation("eager")
+    if base.config._attn_implementation != "eager":
+        raise ValueError(f"could not switch {type(base).__name__} to eager attention; kv_attn_weight 'student' needs it")
+
+
+class Distiller(nn.Module):
+    """forward(batch, step) -> {"loss", "ce", "kv_k", "kv_v", "kv_k_layers", "kv_v_layers",
+    "cka" (cka_weight > 0), "router_entropy" (fusion router), "route_{k|v}_{teacher}"}.
+
+    loss = ce_weight * CE(reasoning + answer) + kv_weight * (KV_K + KV_V) + cka_weight * CKA
+           - router_entropy_weight * H(router weights)
+    with the KV target the fusion over teachers of adapter(teacher K/V), every term masked to
+    real tokens, and (kv_norm="layer_std") each layer standardised on both sides first.
+    KV_K = mean over layers l of a_l(step) * loss_l, loss_l the (attention-weighted, when
+    kv_attn_weight="student") per-token loss of layer l and a_l the annealing weights
+    (`layer_anneal_weights`; 1 when off). CKA = mean over K and V and over `cka_layers` of
+    1 - debiased linear CKA(student K|V, fused target) over the batch's real tokens; K|V
+    rather than the layer output since the target lives in K/V space. The entropy term
+    rewards entropy (a positive weight lowers the loss as the weights spread), against the
+    router collapsing onto one teacher. step None: every schedule is complete."""
 
     def __init__(
         self,
@@ -60,6 +161,18 @@ class Distiller(nn.Module):
         kv_loss: str = "mse",
         fusion: str = "fixed",
         temperature: float = 0.1,
+        adapter: str = "flat",
+        teacher_heads: dict[str, tuple[int, int]] | None = None,
+        student_heads: tuple[int, int] | None = None,
+        router_groups: int = 1,
+        router_hidden: int = 64,
+        router_entropy_weight: float = 0.0,
+        hidden_size: int | None = None,
+        kv_attn_weight: str = "none",
+        kv_attn_warmup_steps: int = 1000,
+        cka_weight: float = 0.0,
+        cka_layers: str | list[int] = "middle",
+        layer_anneal_steps: int = 0,
     ) -> None:
         super().__init__()
         self.student = student
@@ -70,23 +183,63 @@ class Distiller(nn.Module):
             raise ValueError(f"teacher_weights {w} must name only teachers {self.teachers} with some weight > 0")
         total = sum(w.get(t, 0.0) for t in self.teachers)
         self.fusion = {t: w.get(t, 0.0) / total for t in self.teachers}
+        self.active = [t for t in self.teachers if self.fusion[t] > 0]
         self.kv_weight, self.ce_weight, self.kv_norm, self.kv_loss = kv_weight, ce_weight, kv_norm, kv_loss
-        if fusion not in ("fixed", "similarity"):
-            raise ValueError(f"unknown fusion {fusion!r}; choose fixed or similarity")
+        if fusion not in ("fixed", "similarity", "router"):
+            raise ValueError(f"unknown fusion {fusion!r}; choose fixed, similarity or router")
+        if adapter not in ("flat", "headwise"):
+            raise ValueError(f"unknown adapter {adapter!r}; choose flat or headwise")
+        if kv_attn_weight not in ("none", "student"):
+            raise ValueError(f"unknown kv_attn_weight {kv_attn_weight!r}; choose none or student")
         self.fusion_mode, self.temperature = fusion, temperature
+        self.num_layers = num_layers
+        self.router_entropy_weight = router_entropy_weight
+        self.kv_attn_weight, self.kv_attn_warmup_steps = kv_attn_weight, kv_attn_warmup_steps
+        self.cka_weight, self.layer_anneal_steps = cka_weight, layer_anneal_steps
+        self.cka_layers = self._resolve_layers(cka_layers, num_layers)
         self.adapters = nn.ModuleDict()
+        self.router: Router | None = None
         if kv_weight > 0:
             for t, width in teacher_widths.items():
+                heads_t = None
+                if adapter == "headwise":
+                    if not teacher_heads or t not in teacher_heads or student_heads is None:
+                        raise ValueError(f"adapter 'headwise' needs teacher_heads[{t!r}] and student_heads as (num_kv_heads, head_dim)")
+                    heads_t = teacher_heads[t]
+                    if heads_t[0] * heads_t[1] != width or student_heads[0] * student_heads[1] != student_width:
+                        raise ValueError(f"teacher {t}: heads {heads_t} do not make its width {width}, or student heads {student_heads} not {student_width}")
                 self.adapters[_key(t)] = nn.ModuleDict(
-                    {"k": KVAdapter(num_layers, width, student_width), "v": KVAdapter(num_layers, width, student_width)}
+                    {p: _make_adapter(num_layers, width, student_width, heads_t, student_heads) for p in ("k", "v")}
                 )
+            if fusion == "router":
+                hidden = hidden_size or student.config.hidden_size
+                self.router = Router(hidden, [self.fusion[t] for t in self.active], num_layers, router_groups, router_hidden)
+            if kv_attn_weight == "student":
+                _use_eager_attention(student)
 
-    def route(self, z_s: torch.Tensor, z_t: torch.Tensor, teachers: list[str]) -> torch.Tensor:
+    @staticmethod
+    def _resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
+        if spec == "middle":
+            return [num_layers // 2]
+        if spec == "last":
+            return [num_layers - 1]
+        if isinstance(spec, str):
+            raise ValueError(f"unknown cka_layers {spec!r}; choose middle, last or a list of layer indices")
+        bad = [i for i in spec if not 0 <= i < num_layers]
+        if bad or not spec:
+            raise ValueError(f"cka_layers {list(spec)}: indices must lie in 0..{num_layers - 1} (the student has {num_layers} layers)")
+        return sorted(set(spec))
+
+    def route(self, z_s: torch.Tensor, z_t: torch.Tensor, teachers: list[str], router_w: torch.Tensor | None = None) -> torch.Tensor:
         """Fusion weights over teachers. fixed: the configured weights. similarity: per token
         and layer, softmax over teachers of cosine(student, adapted teacher) / temperature,
-        detached (routing picks the target; it is not itself trained)."""
+        detached (routing picks the target; it is not itself trained). router: the router's
+        per-sample weights router_w [B, G, N] spread over each group's layers -> [N, B, 1, L]
+        (trained through the KV loss)."""
         if self.fusion_mode == "fixed":
             return torch.tensor([self.fusion[t] for t in teachers], dtype=z_t.dtype, device=z_t.device).view(-1, 1, 1, 1)
+        if self.fusion_mode == "router":
+            return router_w[:, self.router.layer_group].permute(2, 0, 1)[:, :, None, :]  # [N, B, 1, L]
         with torch.no_grad():
             cos = torch.nn.functional.cosine_similarity(z_s[None], z_t, dim=-1)  # [N, B, T, L]
             return torch.softmax(cos / self.temperature, dim=0)
@@ -94,28 +247,96 @@ class Distiller(nn.Module):
     def _norm(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return layer_std_norm(x, mask) if self.kv_norm == "layer_std" else x
 
-    def forward(self, input_ids, attention_mask, loss_mask, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        if self.kv_weight > 0:
-            with capture_kv(self.student) as cap:
-                logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
-            student_kv = {"k": torch.stack(cap["k"], dim=2), "v": torch.stack(cap["v"], dim=2)}  # [B, T, L, D_s]
-        else:
+    def forward(self, input_ids, attention_mask, loss_mask, kv: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None):
+        mask = attention_mask.bool()
+        if self.kv_weight == 0:
             logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+            out = {"ce": masked_ce(logits, input_ids, loss_mask)}
+            out["loss"] = self.ce_weight * out["ce"]
+            return out
+        extra = {}
+        if self.router is not None:
+            extra["output_hidden_states"] = True  # the pooled state comes from this same forward
+        if self.kv_attn_weight == "student":
+            extra["output_attentions"] = True
+        with capture_kv(self.student) as cap:
+            res = self.student(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        logits = res.logits
+        student_kv = {"k": torch.stack(cap["k"], dim=2), "v": torch.stack(cap["v"], dim=2)}  # [B, T, L, D_s]
         out = {"ce": masked_ce(logits, input_ids, loss_mask)}
         loss = self.ce_weight * out["ce"]
-        if self.kv_weight > 0:
-            mask = attention_mask.bool()
-            teachers = [t for t in self.teachers if self.fusion[t] > 0]
-            for i, part in enumerate(("k", "v")):
-                z_s = self._norm(student_kv[part], mask)  # [B, T, L, D_s]
-                z_t = torch.stack([self._norm(self.adapters[_key(t)][part](kv[t][i].to(logits.dtype)), mask) for t in teachers])  # [N, B, T, L, D_s]
-                w = self.route(z_s, z_t, teachers)  # [N, B, T, L] or [N, 1, 1, 1]
-                target = (w[..., None] * z_t).sum(0)
-                mse, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss)
-                out[f"kv_{part}"], out[f"kv_{part}_layers"] = mse, per_layer.detach()
-                if self.fusion_mode == "similarity":  # mean routing weight per teacher, over real tokens
-                    for t, wt in zip(teachers, w, strict=True):
-                        out[f"route_{part}_{t}"] = wt[mask].mean().detach()
-                loss = loss + self.kv_weight * mse
+        teachers = self.active
+        router_w = None
+        if self.router is not None:
+            h = res.hidden_states[-1]  # [B, T, hidden]
+            n = mask.sum(dim=1, keepdim=True).clamp_min(1)
+            pooled = torch.where(mask[..., None], h, 0.0).sum(dim=1) / n  # [B, hidden]; mean over real tokens
+            # [B, G, N]; detached: the router learns, the student is not pushed around by it
+            router_w = self.router(pooled.detach().to(self.router.mlp[0].weight.dtype))
+            entropy = -(router_w * torch.log(router_w.clamp_min(1e-12))).sum(-1).mean()
+            out["router_entropy"] = entropy
+            if self.router_entropy_weight:
+                loss = loss - self.router_entropy_weight * entropy
+        tok_w = None
+        if self.kv_attn_weight == "student":
+            tok_w = warmup_mix(attention_key_weights(res.attentions, mask), step, self.kv_attn_warmup_steps).to(logits.dtype)
+        layer_w = layer_anneal_weights(self.num_layers, step, self.layer_anneal_steps).to(device=logits.device, dtype=logits.dtype)
+        cka = []
+        for i, part in enumerate(("k", "v")):
+            z_s = self._norm(student_kv[part], mask)  # [B, T, L, D_s]
+            z_t = torch.stack([self._norm(self.adapters[_key(t)][part](kv[t][i].to(logits.dtype)), mask) for t in teachers])  # [N, B, T, L, D_s]
+            w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
+            target = (w[..., None] * z_t).sum(0)
+            _, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss, weights=tok_w)
+            term = (layer_w * per_layer).mean()
+            out[f"kv_{part}"], out[f"kv_{part}_layers"] = term, per_layer.detach()
+            if self.fusion_mode != "fixed":  # mean routing weight per teacher, over real tokens
+                for t, wt in zip(teachers, w, strict=True):
+                    out[f"route_{part}_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
+            loss = loss + self.kv_weight * term
+            if self.cka_weight > 0:
+                cka.append(masked_cka_loss(z_s, target, mask, self.cka_layers))
+        if cka:
+            out["cka"] = torch.stack(cka).mean()
+            loss = loss + self.cka_weight * out["cka"]
         out["loss"] = loss
         return out
+
+
+def build_distiller(cfg, student: nn.Module, spec, teachers: dict) -> Distiller:
+    """The Distiller `train` builds from a TrainConfig, the store's StoreSpec and the chosen
+    TeacherSpecs. Refuses the head-wise adapter for a teacher stored through a PCA projection."""
+    heads = None
+    if cfg.adapter == "headwise" and cfg.kv_weight > 0:
+        for name, t in teachers.items():
+            if t.projection is not None or t.width != t.geometry.width:
+                raise ValueError(
+                    f"teacher {name}: stored through a PCA projection (width {t.width}, its own K/V are "
+                    f"{t.geometry.num_kv_heads} heads x {t.geometry.head_dim}), so its head structure is gone and "
+                    "adapter 'headwise' cannot map heads; use --adapter flat, or re-dump this teacher without align.projection"
+                )
+        heads = {name: (t.geometry.num_kv_heads, t.geometry.head_dim) for name, t in teachers.items()}
+    return Distiller(
+        student,
+        {t: s.width for t, s in teachers.items()},
+        spec.geometry.num_layers,
+        spec.geometry.width,
+        teacher_weights=cfg.teacher_weights,
+        kv_weight=cfg.kv_weight,
+        ce_weight=cfg.ce_weight,
+        kv_norm=cfg.kv_norm,
+        kv_loss=cfg.kv_loss,
+        fusion=cfg.fusion,
+        temperature=cfg.fusion_temperature,
+        adapter=cfg.adapter,
+        teacher_heads=heads,
+        student_heads=(spec.geometry.num_kv_heads, spec.geometry.head_dim),
+        router_groups=cfg.router_groups,
+        router_hidden=cfg.router_hidden,
+        router_entropy_weight=cfg.router_entropy_weight,
+        kv_attn_weight=cfg.kv_attn_weight,
+        kv_attn_warmup_steps=cfg.kv_attn_warmup_steps,
+        cka_weight=cfg.cka_weight,
+        cka_layers=cfg.cka_layers,
+        layer_anneal_steps=cfg.layer_anneal_steps,
+    )

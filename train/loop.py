@@ -4,9 +4,11 @@
 
 setup: accelerate (CPU, one GPU, DDP), the student from `from_pretrained`, checks that the
 store was built for this student's tokenizer and geometry, adapters, AdamW + cosine schedule,
-the shard stream (rank x worker split). train: CE + fused KV losses, grad clipping, metrics
-every `log_every` steps to metrics.jsonl. save: the student via `save_pretrained` (+ the
-tokenizer), adapters.pt, and the config as train_config.yaml, under RUN_DIR/final.
+the shard stream (rank x worker split; with kv_control="shuffled", each batch's teacher K/V
+deranged across its samples: the negative control). train: CE + fused KV losses, grad
+clipping, metrics every `log_every` steps to metrics.jsonl (and to the accelerate trackers in
+`report_to`). save: the student via `save_pretrained` (+ the
+tokenizer), adapters.pt (+ router.pt with fusion router), and the config as train_config.yaml, under RUN_DIR/final.
 
 Raises StoreError for an unfinalised store or one built for another student, and
 FloatingPointError on a non-finite loss (naming the term and the sample ids).
@@ -34,10 +36,11 @@ from kvdistill.dump.models import load_tokenizer, tokenizer_fingerprint
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
 
-from .distiller import Distiller
-from .stream import KVStream, collate
+from .distiller import LOSS_TERMS, build_distiller
+from .report import resolve_trackers, tracker_config, tracker_values
+from .stream import KVStream, collate, shuffle_kv
 
-__all__ = ["train"]
+__all__ = ["train", "build_model"]
 
 
 def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
@@ -79,11 +82,10 @@ def _latest_checkpoint(path: Path) -> Path:
     return found[-1].parent
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
-    set_seed(cfg.seed)
-    out = Path(cfg.out)
+def build_model(cfg: TrainConfig):
+    """(tokenizer, Distiller, store spec, {teacher: TeacherSpec}): the student (LoRA-wrapped when
+    lora_r > 0), checked against the store, inside the Distiller `train` optimises. Shared with
+    `kvdistill train diagnose`, so both build exactly the same model."""
     tokenizer = load_tokenizer(cfg.student)
     student = AutoModelForCausalLM.from_pretrained(
         cfg.student.name_or_path, revision=cfg.student.revision, dtype=getattr(torch, cfg.student.dtype)
@@ -94,26 +96,25 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
         student = get_peft_model(student, lora)  # K/V capture reaches through to the base model
-    model = Distiller(
-        student,
-        {t: s.width for t, s in teachers.items()},
-        spec.geometry.num_layers,
-        spec.geometry.width,
-        teacher_weights=cfg.teacher_weights,
-        kv_weight=cfg.kv_weight,
-        ce_weight=cfg.ce_weight,
-        kv_norm=cfg.kv_norm,
-        kv_loss=cfg.kv_loss,
-        fusion=cfg.fusion,
-        temperature=cfg.fusion_temperature,
+    return tokenizer, build_distiller(cfg, student, spec, teachers), spec, teachers
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
+    accelerator = Accelerator(
+        cpu=cfg.device == "cpu", log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
     )
-    opt = torch.optim.AdamW(
-        [
-            {"params": model.student.parameters(), "lr": cfg.lr},
-            {"params": model.adapters.parameters(), "lr": cfg.adapter_lr},
-        ],
-        weight_decay=cfg.weight_decay,
-    )
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    tokenizer, model, spec, teachers = build_model(cfg)
+    groups = [
+        {"params": model.student.parameters(), "lr": cfg.lr},
+        {"params": model.adapters.parameters(), "lr": cfg.adapter_lr},
+    ]
+    if model.router is not None:
+        groups.append({"params": model.router.parameters(), "lr": cfg.router_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
     stream = KVStream(
         cfg.store,
@@ -125,8 +126,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         read_kv=cfg.kv_weight > 0,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate_fn(samples):
+        if cfg.kv_control == "shuffled":  # negative control: each sample gets another's teacher K/V
+            samples = shuffle_kv(samples, cfg.seed)
+        return collate(samples, pad_id)
+
     loader = DataLoader(
-        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=lambda s: collate(s, pad_id)
+        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn,
+        drop_last=cfg.kv_control == "shuffled",  # a short last batch may hold one sample: none to swap with
     )
     # The stream already splits shards by rank, so the loader is not handed to accelerate.
     model, opt, sched = accelerator.prepare(model, opt, sched)
@@ -134,6 +142,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.yaml")
+    if trackers:
+        accelerator.init_trackers(out.name, config=tracker_config(cfg.to_dict()))
     step, epoch, tokens, skip = 0, 0, 0, 0
     if cfg.resume:
         ckpt = _latest_checkpoint(Path(cfg.resume))
@@ -163,8 +173,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 batch["attention_mask"].to(accelerator.device),
                 batch["loss_mask"].to(accelerator.device),
                 kv,
+                step=step,  # warm-ups and layer annealing
             )
-            for name in ("ce", "kv_k", "kv_v"):
+            for name in LOSS_TERMS:
                 if name in losses and not math.isfinite(losses[name].item()):
                     layers = losses.get(f"{name}_layers")
                     bad = [i for i, x in enumerate(layers.tolist()) if not math.isfinite(x)] if layers is not None else []
@@ -192,6 +203,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if metrics_f and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
+            if trackers and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                accelerator.log(tracker_values(row), step=step)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce", "kv_k", "kv_v") if k in row})
             if cfg.save_every and step % cfg.save_every == 0:
@@ -229,8 +242,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             unwrapped.student.save_pretrained(final)
         tokenizer.save_pretrained(final)
         torch.save(unwrapped.adapters.state_dict(), final / "adapters.pt")
+        if unwrapped.router is not None:
+            torch.save(unwrapped.router.state_dict(), final / "router.pt")
         cfg.save(final / "train_config.yaml")
         metrics_f.close()
+    if trackers:
+        accelerator.end_training()  # flushes and closes the trackers
     tail = history[-max(1, min(20, len(history))) :]
 
     def avg(key: str) -> float | None:

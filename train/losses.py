@@ -1,13 +1,23 @@
 """Loss components, each a pure function of tensors and masks (testable alone).
 
-Shapes: logits [B, T, V]; input_ids, masks [B, T]; K/V [B, T, L, D]."""
+Shapes: logits [B, T, V]; input_ids, masks [B, T]; K/V [B, T, L, D]; attention [B, H, T, T]."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["masked_ce", "layer_std_norm", "masked_kv_loss", "masked_mse"]
+__all__ = [
+    "masked_ce",
+    "layer_std_norm",
+    "masked_kv_loss",
+    "masked_mse",
+    "debiased_cka",
+    "masked_cka_loss",
+    "attention_key_weights",
+    "warmup_mix",
+    "layer_anneal_weights",
+]
 
 
 def masked_ce(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -30,23 +40,114 @@ def layer_std_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> to
     return (x - mean) / (var + eps).sqrt()
 
 
-def masked_kv_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, kind: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+def masked_kv_loss(
+    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, kind: str = "mse", weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A K or V loss over valid positions of a, b [B, T, L, D]; padded positions contribute
     exactly nothing (selected away, so even NaN there cannot leak in).
     kind: "mse" | "smooth_l1" (Huber, beta 1) | "cosine" (1 - cosine similarity per token).
+    weights [B, T, L] (optional): per-token, per-layer weights with mean 1 over real tokens
+    (see `attention_key_weights`); the loss of a layer is then mean(weight * per-token loss).
     Returns (scalar loss, per-layer loss [L])."""
-    a, b = a[mask], b[mask]  # [N, L, D] real tokens only
-    if kind == "mse":
-        per_layer = ((a - b) ** 2).mean(dim=(0, 2)) if len(a) else a.new_zeros(a.shape[1])
-    elif kind == "smooth_l1":
-        per_layer = F.smooth_l1_loss(a, b, reduction="none").mean(dim=(0, 2)) if len(a) else a.new_zeros(a.shape[1])
-    elif kind == "cosine":
-        per_layer = (1 - F.cosine_similarity(a, b, dim=-1)).mean(dim=0) if len(a) else a.new_zeros(a.shape[1])
-    else:
+    if kind not in ("mse", "smooth_l1", "cosine"):
         raise ValueError(f"unknown KV loss {kind!r}; choose mse, smooth_l1 or cosine")
+    a, b = a[mask], b[mask]  # [N, L, D] real tokens only
+    if not len(a):
+        per_layer = a.new_zeros(a.shape[1])
+    elif weights is None:
+        if kind == "mse":
+            per_layer = ((a - b) ** 2).mean(dim=(0, 2))
+        elif kind == "smooth_l1":
+            per_layer = F.smooth_l1_loss(a, b, reduction="none").mean(dim=(0, 2))
+        else:
+            per_layer = (1 - F.cosine_similarity(a, b, dim=-1)).mean(dim=0)
+    else:
+        if kind == "mse":
+            per_token = ((a - b) ** 2).mean(dim=2)  # [N, L]
+        elif kind == "smooth_l1":
+            per_token = F.smooth_l1_loss(a, b, reduction="none").mean(dim=2)
+        else:
+            per_token = 1 - F.cosine_similarity(a, b, dim=-1)
+        per_layer = (weights[mask] * per_token).mean(dim=0)
     return per_layer.mean(), per_layer
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared error over valid positions of a, b [B, T, L, D]: (scalar, per layer [L])."""
     return masked_kv_loss(a, b, mask, "mse")
+
+
+def _hsic_terms(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x = x - x.mean(dim=0)  # [N, D]; the unbiased HSIC is translation invariant, centring avoids cancellation
+    sq = (x * x).sum(dim=1)  # [N] = diag(K)
+    colsum = x.sum(dim=0)  # [D]
+    k1 = x @ colsum - sq  # [N] = K~ 1
+    sum_k = colsum @ colsum - sq.sum()  # 1^T K~ 1
+    return x, sq, k1, sum_k
+
+
+def _hsic_u(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    (xa, sqa, k1a, sa), (xb, sqb, k1b, sb) = a, b
+    n = xa.shape[0]
+    cross = xa.T @ xb  # [D1, D2]
+    tr_kl = (cross * cross).sum() - (sqa * sqb).sum()
+    return (tr_kl + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1a @ k1b)) / (n * (n - 3))
+
+
+def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Debiased linear CKA of x [N, D1] and y [N, D2], differentiable (align.cka.linear_cka
+    detaches and returns a float). Same estimator, in feature space and float64: unbiased HSIC
+    (Song et al. 2012), HSIC(x, y) / sqrt(HSIC(x, x) HSIC(y, y)). Needs N >= 4. Returns a 0-d
+    tensor in x's dtype."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"debiased_cka needs x [N, D1] and y [N, D2] over the same tokens, got {tuple(x.shape)}, {tuple(y.shape)}")
+    if x.shape[0] < 4:
+        raise ValueError(f"debiased CKA needs at least 4 real tokens, got {x.shape[0]}; use a larger batch")
+    a, b = _hsic_terms(x.double()), _hsic_terms(y.double())
+    return (_hsic_u(a, b) / (_hsic_u(a, a) * _hsic_u(b, b)).sqrt()).to(x.dtype)
+
+
+def masked_cka_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """mean over `layers` of 1 - debiased_cka(a[:, :, l], b[:, :, l]) over the real tokens of
+    a, b [B, T, L, D] (padded positions selected away). Every real token of the batch is one
+    row: CKA compares how the two sides arrange the same tokens, whatever their widths."""
+    a, b = a[mask], b[mask]  # [N, L, D]
+    return torch.stack([1 - debiased_cka(a[:, i], b[:, i]) for i in layers]).mean()
+
+
+def attention_key_weights(attentions: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Per-token, per-layer weights [B, T, L] from the student's attention probabilities
+    (one [B, H, T_q, T_k] per layer): the attention mass each key position receives, averaged
+    over heads and over the sample's real queries, then divided by its mean over the sample's
+    real tokens (mean 1 per sample, hence over the batch). Padded queries and keys get weight 0
+    and cannot leak in, even as NaN. Detached: the weights pick what to match, they are not
+    trained."""
+    with torch.no_grad():
+        q = mask[:, None, :, None]  # [B, 1, T_q, 1]
+        n = mask.sum(dim=1, keepdim=True)  # [B, 1]
+        out = []
+        for p in attentions:
+            mass = torch.where(q, p.float(), 0.0).sum(dim=(1, 2)) / (p.shape[1] * n)  # [B, T_k]
+            mass = torch.where(mask, mass, 0.0)
+            out.append(mass / (mass.sum(dim=1, keepdim=True) / n))
+        return torch.stack(out, dim=2)  # [B, T, L]
+
+
+def warmup_mix(weights: torch.Tensor, step: int | None, warmup_steps: int) -> torch.Tensor:
+    """Linear warm-up from uniform weights (1 everywhere) at step 0 to `weights` at
+    step >= warmup_steps: 1 + min(step / warmup_steps, 1) * (weights - 1). step None or
+    warmup_steps 0: `weights` as they are."""
+    if step is None or warmup_steps <= 0 or step >= warmup_steps:
+        return weights
+    return 1 + (step / warmup_steps) * (weights - 1)
+
+
+def layer_anneal_weights(num_layers: int, step: int | None, anneal_steps: int) -> torch.Tensor:
+    """Per-layer weights [L] of the KV loss: shallow layers first. Layer 0 has weight 1 from
+    the start; layer l >= 1 ramps linearly from 0 at step (l - 1) * S / (L - 1) to 1 at step
+    l * S / (L - 1), S = anneal_steps, i.e. a_l(step) = clamp(step * (L - 1) / S - l + 1, 0, 1).
+    Every layer has weight 1 from step S on (and when S is 0 or step is None)."""
+    if step is None or anneal_steps <= 0 or num_layers == 1:
+        return torch.ones(num_layers)
+    layers = torch.arange(num_layers, dtype=torch.float64)
+    return (step * (num_layers - 1) / anneal_steps - layers + 1).clamp(0, 1).float()

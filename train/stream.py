@@ -7,6 +7,7 @@ random access per sample."""
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from kvdistill.align.time import linear_resample_time_map
 from kvdistill.store import (
     ShardReader,
     StoreError,
@@ -25,7 +27,7 @@ from kvdistill.store import (
     wds_stream,
 )
 
-__all__ = ["KVStream", "collate", "READ_SPAN_CHUNKS", "read_spans"]
+__all__ = ["KVStream", "collate", "derangement", "shuffle_kv", "READ_SPAN_CHUNKS", "read_spans"]
 
 READ_SPAN_CHUNKS = 16  # rows per K/V read: this many zarr chunks (one zarr shard), whole samples
 
@@ -167,3 +169,32 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
             kv[t][0][i, :n] = torch.from_numpy(k.astype(np.float32))
             kv[t][1][i, :n] = torch.from_numpy(v.astype(np.float32))
     return {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random permutation of range(n) with no fixed point (rejection sampling:
+    about e tries on average)."""
+    if n < 2:
+        raise ValueError(f"cannot derange {n} item(s): every sample needs another one to take K/V from; use batch_size >= 2")
+    while True:
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return perm
+
+
+def shuffle_kv(samples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The shuffled-KV negative control: sample i keeps its tokens but takes the teacher K/V of
+    sample perm[i] != i of the same batch, linearly resampled in time onto its own length, so
+    every real token still has a target. perm is a derangement seeded by `seed` and the batch's
+    sample ids (the same batch gets the same swap in any worker and on resume)."""
+    ids = "\0".join(str(s["sample_id"]) for s in samples)
+    perm = derangement(len(samples), np.random.default_rng([seed, zlib.crc32(ids.encode())]))
+    out = []
+    for s, j in zip(samples, perm, strict=True):
+        T_s = len(s["input_ids"])
+        kv = {}
+        for t, (k, v) in samples[j]["kv"].items():  # [T_j, L, D]
+            tm = linear_resample_time_map(len(k), T_s)
+            kv[t] = tuple(tm.apply(torch.from_numpy(x.astype(np.float32))).numpy() for x in (k, v))  # [T_s, L, D]
+        out.append({**s, "kv": kv, "kv_from": samples[j]["sample_id"]})
+    return out

@@ -1,0 +1,319 @@
+"""Seeing a run: experiment trackers during training, and one self-contained HTML page after it.
+
+    kvdistill report runs/kv               # -> runs/kv/report.html
+    kvdistill report runs/kv --compare compare-out --out kv.html
+
+The page shows the run's train_config.yaml, a curve per scalar term of metrics.jsonl (the
+source of truth; any term a trainer adds is picked up), a heatmap over steps for every
+per-layer list (`kv_k_layers`, `kv_v_layers`, ...), the routing weights (`route_k_<teacher>`,
+`route_v_<teacher>`), the evaluation JSON(s) found in the run directory, and a compare table.
+Plots are matplotlib (Agg) PNGs embedded as base64, so the file travels alone. A piece that is
+missing is said so on the page; only a directory without metrics.jsonl is an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = [
+    "resolve_trackers",
+    "tracker_config",
+    "tracker_values",
+    "read_metrics",
+    "run_report",
+    "compare_report",
+    "write_report",
+]
+
+# Row keys that are positions, not loss terms.
+_AXES = ("step", "epoch", "tokens")
+
+
+# ----------------------------------------------------------------------------- trackers
+
+
+def resolve_trackers(report_to: list[str]) -> list[str]:
+    """TrainConfig.report_to -> accelerate `log_with` names. "all" / "auto": every tracker
+    accelerate finds installed (maybe none). A named tracker must be one accelerate knows and
+    be installed: accelerate itself would skip a missing one silently."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = [str(t) for t in get_available_trackers()]
+    if any(name in ("all", "auto") for name in report_to):
+        return available
+    out = []
+    for name in report_to:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(
+                f"report_to: unknown tracker {name!r}; choose from {sorted(LOGGER_TYPE_TO_CLASS)} or 'all' "
+                "(metrics.jsonl is always written)"
+            )
+        if name not in available:
+            raise ValueError(f"report_to: tracker {name!r} is not installed; `pip install {name}` or drop it from report_to")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def tracker_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config flattened to the scalar hyperparameters trackers accept (dotted keys;
+    lists and None as text)."""
+    flat: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(tracker_config(v, f"{key}."))
+        elif isinstance(v, (bool, int, float, str)):
+            flat[key] = v
+        else:
+            flat[key] = json.dumps(v)
+    return flat
+
+
+def tracker_values(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl row as tracker scalars: per-layer lists become `<term>/<layer>`."""
+    out: dict[str, float] = {}
+    for k, v in row.items():
+        if k == "step":
+            continue
+        if isinstance(v, list):
+            out.update({f"{k}/{i}": float(x) for i, x in enumerate(v)})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading a run
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{run} has no metrics.jsonl; point `kvdistill report` at a training run directory (--out of `kvdistill train`)")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i} is not JSON ({e}); was the run killed mid-write? remove that line") from e
+    return rows
+
+
+def _scalar_terms(rows: list[dict[str, Any]]) -> list[str]:
+    terms: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k in _AXES or k.startswith("route_") or k in terms:
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                terms.append(k)
+    return terms
+
+
+def _layer_terms(rows: list[dict[str, Any]]) -> list[str]:
+    terms: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) and k not in terms:
+                terms.append(k)
+    return terms
+
+
+def _evals(run: Path) -> dict[str, dict[str, Any]]:
+    """Every JSON in the run directory (or its eval/) that reads as a `kvdistill eval` result."""
+    found = {}
+    for path in sorted([*run.glob("*.json"), *run.glob("eval/*.json")]):
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and "accuracy" in data and "perplexity" in data:
+            found[str(path.relative_to(run))] = data
+    return found
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _curves(rows: list[dict[str, Any]], terms: list[str]) -> str:
+    n = len(terms)
+    cols = min(3, n)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5 * cols, 3.2 * math.ceil(n / cols)), squeeze=False)
+    for ax, term in zip(axes.flat, terms, strict=False):
+        x, y = _series(rows, term)
+        ax.plot(x, y)
+        ax.set(title=term, xlabel="step")
+        if term != "lr" and y and min(y) > 0 and max(y) / min(y) > 20:
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _heatmap(rows: list[dict[str, Any]], key: str) -> str:
+    have = [r for r in rows if isinstance(r.get(key), list)]
+    width = max(len(r[key]) for r in have)
+    grid = np.full((width, len(have)), np.nan)  # [L, logged steps]
+    for j, r in enumerate(have):
+        grid[: len(r[key]), j] = r[key]
+    fig, ax = plt.subplots(figsize=(10, 0.4 * width + 2))
+    steps = [r["step"] for r in have]
+    im = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, width - 0.5))
+    ax.set(title=f"{key} per student layer", xlabel="step", ylabel="layer")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _routes(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    parts = sorted({k.split("_")[1] for k in keys})  # route_<part>_<teacher>
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 3.5), squeeze=False)
+    for ax, part in zip(axes.flat, parts, strict=True):
+        for k in keys:
+            if k.startswith(f"route_{part}_"):
+                ax.plot(*_series(rows, k), label=k[len(f"route_{part}_") :])
+        ax.set(title=f"mean routing weight, {part.upper()}", xlabel="step", ylim=(0, 1))
+        ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits + 1}g}"  # learning rates and losses alike
+    return html.escape(str(x))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">{html.escape(what)}</p>'
+
+
+def _page(title: str, sections: list[tuple[str, str]]) -> str:
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"
+        ".missing{color:#a60;font-style:italic}img{max-width:100%}"
+    )
+    body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
+    return f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>'
+
+
+def _ci(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    if not stat:
+        return "-"
+    return f"{stat['mean']:.{digits}f} ± {stat['ci']:.{digits}f}"
+
+
+def _compare_section(compare: dict[str, Any]) -> str:
+    conf = int(round(100 * compare["confidence"]))
+    header = ["arm", "seeds", f"accuracy (mean ± {conf}% CI)", "Δ accuracy vs ce", f"perplexity (mean ± {conf}% CI)", "Δ perplexity vs ce"]
+    rows = []
+    for name, arm in compare["arms"].items():
+        vs = arm.get("vs_ce") or {}
+        rows.append([name, len(arm["runs"]), _ci(arm["accuracy"]), _ci(vs.get("accuracy")), _ci(arm["perplexity"]), _ci(vs.get("perplexity"))])
+    note = (
+        f"<p>n = {compare['seeds']} seeds per arm. CI half-width = t x s / sqrt(n), with s the sample standard "
+        f"deviation and t = {compare['t_quantile']:.4f} the two-sided {conf}% Student t quantile at n - 1 degrees "
+        "of freedom. Δ: the mean over seeds of (arm - ce) on the same seed, with its own CI.</p>"
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2))
+    names = list(compare["arms"])
+    for ax, metric in zip(axes, ("accuracy", "perplexity"), strict=True):
+        for i, name in enumerate(names):
+            arm = compare["arms"][name]
+            vals = [r[metric] for r in arm["runs"]]
+            ax.plot(vals, [i] * len(vals), "o", color="#999", ms=4)
+            ax.errorbar(arm[metric]["mean"], i, xerr=arm[metric]["ci"], fmt="s", color="C0", capsize=4)
+        ax.set(yticks=range(len(names)), yticklabels=names, title=f"{metric}: seeds (grey), mean ± {conf}% CI", xlabel=metric)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    return _table(header, rows) + note + _png(fig)
+
+
+def run_report(run: str | Path, compare: str | Path | None = None) -> str:
+    """The HTML page for one training run (and a compare directory's table)."""
+    run = Path(run)
+    rows = read_metrics(run)
+    sections: list[tuple[str, str]] = []
+    cfg_file = run / "train_config.yaml"
+    sections.append(("Config", f"<pre>{html.escape(cfg_file.read_text())}</pre>" if cfg_file.exists() else _missing(f"no train_config.yaml in {run}")))
+    if not rows:
+        sections.append(("Losses", _missing("metrics.jsonl is empty: the run logged no step yet")))
+    else:
+        terms = _scalar_terms(rows)
+        last = rows[-1]
+        summary = _table(["step", *terms], [[last["step"], *[last.get(t) for t in terms]]])
+        sections.append(("Losses", f"<p>{len(rows)} logged steps; last row:</p>{summary}" + (_curves(rows, terms) if terms else _missing("no scalar terms logged"))))
+        layer_terms = _layer_terms(rows)
+        sections.append(("Per-layer loss", "".join(_heatmap(rows, k) for k in layer_terms) if layer_terms else _missing("no per-layer terms (kv_k_layers, ...) logged: a CE-only run has none")))
+        routes = sorted({k for r in rows for k in r if k.startswith("route_")})
+        sections.append(("Routing weights", _routes(rows, routes) if routes else _missing("no routing weights logged: fixed fusion (or CE only) routes nothing")))
+    evals = _evals(run)
+    if evals:
+        table = _table(["file", "n", "accuracy", "perplexity"], [[f, e.get("n"), e["accuracy"], e["perplexity"]] for f, e in evals.items()])
+    else:
+        table = _missing(f"no evaluation JSON in {run}; run `kvdistill eval --model {run} --out {run}/eval.json`")
+    sections.append(("Evaluation", table))
+    if compare is not None:
+        sections.append(("Comparison", _compare_file_section(Path(compare))))
+    return _page(f"kvdistill run {run}", sections)
+
+
+def _compare_file_section(compare: Path) -> str:
+    path = compare / "compare.json" if compare.is_dir() else compare
+    if not path.exists():
+        return _missing(f"no compare.json at {compare}; run `kvdistill compare --out {compare}`")
+    return _compare_section(json.loads(path.read_text()))
+
+
+def compare_report(compare: dict[str, Any]) -> str:
+    """The HTML page of a `kvdistill compare` result (compare.json's content)."""
+    cfg = f"<pre>{html.escape(json.dumps(compare['config'], indent=1))}</pre>"
+    return _page("kvdistill compare", [("Arms over seeds", _compare_section(compare)), ("Config", cfg)])
+
+
+def write_report(run: str | Path, out: str | Path | None = None, compare: str | Path | None = None) -> Path:
+    out = Path(out) if out else Path(run) / "report.html"
+    page = run_report(run, compare)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
