@@ -231,19 +231,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "param_sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
     }))
     accelerator.wait_for_everyone()
+    # Every rank takes part: under FSDP the full weights are gathered onto rank 0 (the
+    # FULL_STATE_DICT of jobs/accelerate/fsdp.yaml); otherwise it is the module's own state dict.
+    state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
         if cfg.lora_r > 0:  # the adapter in peft format, and the merged model for eval / serving
             unwrapped.student.save_pretrained(final / "lora")
             tokenizer.save_pretrained(final / "lora")
             merged = copy.deepcopy(unwrapped.student).merge_and_unload()
             merged.save_pretrained(final)
         else:
-            unwrapped.student.save_pretrained(final)
+            unwrapped.student.save_pretrained(final, state_dict=part("student."))
         tokenizer.save_pretrained(final)
-        torch.save(unwrapped.adapters.state_dict(), final / "adapters.pt")
+        torch.save(part("adapters."), final / "adapters.pt")
         if unwrapped.router is not None:
-            torch.save(unwrapped.router.state_dict(), final / "router.pt")
+            torch.save(part("router."), final / "router.pt")
         cfg.save(final / "train_config.yaml")
         metrics_f.close()
     if trackers:
