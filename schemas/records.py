@@ -21,6 +21,7 @@ __all__ = [
     "KVGeometry",
     "StoreSpec",
     "TeacherSpec",
+    "LatentSpec",
     "DumpTask",
     "DumpConfig",
     "SlurmSpec",
@@ -178,6 +179,23 @@ class StoreSpec(Record):
 
 
 @dataclass
+class LatentSpec(Record):
+    """KaVa latent mode at dump time: the teacher's reasoning KV compressed to `slots` tokens
+    per layer and KV head with R-KV scores `lam * importance + (1 - lam) * redundancy`
+    (dump/rkv.py), and optionally its last hidden state before the answer (CODI)."""
+
+    slots: int = 24  # M: latent tokens, i.e. kept reasoning positions per (layer, KV head)
+    lam: float = 0.1  # weight of attention importance against redundancy (R-KV's lambda)
+    codi_hidden: bool = True  # also store the final-norm hidden state before the first answer token
+
+    def validate(self) -> None:
+        if self.slots < 1:
+            raise ConfigError(f"LatentSpec.slots: must be >= 1, got {self.slots}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"LatentSpec.lam: must lie in [0, 1], got {self.lam}")
+
+
+@dataclass
 class TeacherSpec(Record):
     """One teacher's record in the store: model, alignment as resolved, and what is stored."""
 
@@ -192,6 +210,7 @@ class TeacherSpec(Record):
     kv_dtype: KVDtype = "float16"  # this teacher's codec
     layer_similarity: list[list[float]] | None = None  # [L_s][L_t] CKA, when calibrated
     projection: dict[str, Any] | None = None  # PCA: dim and explained variance, when used
+    latent: LatentSpec | None = None  # compressed reasoning KV stored per sample (latent_* arrays)
 
 
 @dataclass(kw_only=True)
@@ -211,6 +230,7 @@ class DumpTask(Record):
     teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... unless named here
     backend: Literal["zarr", "webdataset"] = "zarr"  # webdataset: one .tar per task (float16 / float32)
     device: str = "auto"
+    latent: LatentSpec | None = None  # also store R-KV compressed reasoning KV (KaVa latent mode)
 
     def validate(self) -> None:
         if self.num_shards < 1:
