@@ -361,10 +361,20 @@ class TrainConfig(Record):
     stop_at_step: int | None = None  # stop cleanly after this step (a time-limited job); --resume goes on
     resume: str | None = None  # a run directory (its latest checkpoint) or one checkpoint directory
     device: str = "auto"
+    # mode "latent" (KaVa, train/latent.py): question -> M latent slots refined by Jacobi
+    # iterations -> answer; M comes from the store (the teachers' LatentSpec.slots).
+    mode: Literal["cot", "latent"] = "cot"
+    latent_iterations: int = 3  # T: Jacobi iterations (each one forward of question + latents)
+    codi_weight: float = 10.0  # alpha1: CODI hidden-state distillation (latent mode)
+    cot_weight: float = 1.0  # latent mode: teacher-mode CE on the written chain, same backbone
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1:
             raise ConfigError("TrainConfig: max_steps and batch_size must be >= 1")
+        if self.latent_iterations < 1:
+            raise ConfigError(f"TrainConfig.latent_iterations: must be >= 1, got {self.latent_iterations}")
+        if self.codi_weight < 0 or self.cot_weight < 0:
+            raise ConfigError("TrainConfig: codi_weight and cot_weight must be >= 0")
         if self.kv_weight < 0 or self.ce_weight < 0:
             raise ConfigError("TrainConfig: kv_weight and ce_weight must be >= 0")
         if self.teacher_weights is not None and any(w < 0 for w in self.teacher_weights.values()):
@@ -382,6 +392,12 @@ class EvalConfig(Record):
     max_new_tokens: int = 64
     out: str | None = None  # write metrics (and predictions) as JSON here
     device: str = "auto"
+    mode: Literal["cot", "latent"] = "cot"  # latent: question -> M latents (Jacobi) -> answer
+    latent_iterations: int | None = None  # latent mode: Jacobi iterations T; default: as trained
+
+    def validate(self) -> None:
+        if self.latent_iterations is not None and self.latent_iterations < 1:
+            raise ConfigError(f"EvalConfig.latent_iterations: must be >= 1 or null, got {self.latent_iterations}")
 
 
 @dataclass
@@ -400,3 +416,8 @@ class DemoConfig(Record):
     # vocabulary: char-overlap time map) and "dual-prompt" (teacher-qwen2 again under a
     # step-by-step template: per-segment resampling).
     extra_teachers: list[Literal["cross-tokenizer", "dual-prompt"]] = field(default_factory=list)
+    # mode "latent": dump with R-KV compression to latent_slots, train latent students with and
+    # without the KV loss, compare with a CoT student.
+    mode: Literal["cot", "latent"] = "cot"
+    latent_slots: int = 8
+    latent_iterations: int = 3
