@@ -30,6 +30,10 @@ __all__ = ["KVStream", "collate"]
 class KVStream(IterableDataset):
     """Yields {"sample_id", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}.
 
+    With read_latent (KaVa latent mode) also "segment_ids" [T] and "latent": {teacher: {"k",
+    "v": [M, L, D] float32, "mask": [M] bool, "hidden": [H] (only if stored)}}; every teacher
+    must have been dumped with latent on (StoreError otherwise).
+
     Every (rank, worker) reads a disjoint set of shards; shard i of every teacher holds the same
     samples in the same order (the dump guarantees it; checked here anyway)."""
 
@@ -43,6 +47,7 @@ class KVStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         read_kv: bool = True,
+        read_latent: bool = False,
     ) -> None:
         self.store = Path(store)
         self.spec, known = open_specs(store)
@@ -54,6 +59,14 @@ class KVStream(IterableDataset):
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
         self.read_kv = read_kv
+        self.read_latent = read_latent
+        if read_latent:
+            plain = [t for t in teachers if known[t].latent is None]
+            if plain:
+                raise StoreError(
+                    f"store {store}: teacher(s) {plain} were dumped without latent mode; re-dump them with "
+                    "`kvdistill dump --latent-slots M` (or `latent:` in the dump config) to train latent tokens"
+                )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,6 +86,12 @@ class KVStream(IterableDataset):
     def _samples(self, shard: int) -> Iterator[dict[str, Any]]:
         if self.wds:  # sequential tar records, every teacher in lockstep
             for sample in wds_samples(self.store, self.teachers, shard):
+                if self.read_latent:
+                    _check_latent_sample(sample, self.teachers, shard)
+                    sample["latent"] = {t: _contract(x) for t, x in sample["latent"].items()}
+                else:
+                    sample.pop("latent", None)
+                    sample.pop("segment_ids", None)
                 yield {**sample, "shard": shard}
             return
         readers = [ShardReader(self.store, t, shard) for t in self.teachers]
@@ -85,7 +104,8 @@ class KVStream(IterableDataset):
                 )
         # Token ids and masks are a few bytes per token: read them for the whole shard once
         # (their chunks span far more rows than a K/V read span).
-        tokens = first.rows(0, int(first.offsets[-1]), ("input_ids", "loss_mask"))
+        token_names = ("input_ids", "loss_mask", "segment_ids") if self.read_latent else ("input_ids", "loss_mask")
+        tokens = first.rows(0, int(first.offsets[-1]), token_names)
         off = first.offsets
         # Read spans of whole zarr chunks (about four): a chunk straddling two spans is the only
         # one decompressed twice.
@@ -95,16 +115,21 @@ class KVStream(IterableDataset):
             j1 = min(max(j0 + 1, int(np.searchsorted(off, off[j0] + span, side="left"))), len(first))
             r0, r1 = int(off[j0]), int(off[j1])
             blocks = [r.rows(r0, r1, ("k", "v")) for r in readers] if self.read_kv else []
+            latent = [r.latent(j0, j1) for r in readers] if self.read_latent else []
             for j in range(j0, j1):
                 a, b = int(off[j]) - r0, int(off[j + 1]) - r0
                 kv = {t: (blk["k"][a:b], blk["v"][a:b]) for t, blk in zip(self.teachers, blocks, strict=True)} if self.read_kv else {}
-                yield {
+                sample = {
                     "sample_id": first.sample_ids[j],
                     "shard": shard,
                     "input_ids": tokens["input_ids"][r0 + a : r0 + b],
                     "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
                     "kv": kv,
                 }
+                if self.read_latent:
+                    sample["segment_ids"] = tokens["segment_ids"][r0 + a : r0 + b]
+                    sample["latent"] = {t: _contract({n: x[j - j0] for n, x in lat.items()}) for t, lat in zip(self.teachers, latent, strict=True)}
+                yield sample
             j0 = j1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -121,8 +146,29 @@ class KVStream(IterableDataset):
         yield from buf
 
 
+def _contract(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One teacher's latent record as the trainer sees it (the kept positions stay in the store)."""
+    out = {"k": x["k"].astype(np.float32), "v": x["v"].astype(np.float32), "mask": x["mask"].astype(np.bool_)}
+    if "hidden" in x:
+        out["hidden"] = x["hidden"].astype(np.float32)
+    return out
+
+
+def _check_latent_sample(sample: dict[str, Any], teachers: list[str], shard: int) -> None:
+    if "segment_ids" not in sample:
+        raise StoreError(
+            f"{shard_name(shard)}: sample {sample['sample_id']} has no segment_ids (written before kvdistill stored "
+            "them); re-dump into a new --store to use latent mode"
+        )
+    missing = [t for t in teachers if t not in sample.get("latent", {})]
+    if missing:
+        raise StoreError(f"{shard_name(shard)}: teacher(s) {missing} hold no latent K/V; re-dump them with --latent-slots M")
+
+
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the longest sample; masks mark real tokens. Never truncates."""
+    """Right-pad to the longest sample; masks mark real tokens. Never truncates. Samples read with
+    read_latent also give "segment_ids" [B, T] long (padding -1) and "latent": {teacher: {"k",
+    "v" [B, M, L, D] float32, "mask" [B, M] bool, "hidden" [B, H] float32 or None}}."""
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
@@ -139,4 +185,19 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         for t, (k, v) in s["kv"].items():
             kv[t][0][i, :n] = torch.from_numpy(k.astype(np.float32))
             kv[t][1][i, :n] = torch.from_numpy(v.astype(np.float32))
-    return {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
+    batch = {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
+    if "latent" in samples[0]:
+        seg = torch.full((B, T), -1, dtype=torch.long)
+        for i, s in enumerate(samples):
+            seg[i, : len(s["segment_ids"])] = torch.from_numpy(s["segment_ids"].astype(np.int64))
+        batch["segment_ids"] = seg
+        batch["latent"] = {}
+        for t, x0 in samples[0]["latent"].items():
+            rows = [s["latent"][t] for s in samples]
+            batch["latent"][t] = {
+                "k": torch.from_numpy(np.stack([r["k"] for r in rows]).astype(np.float32)),
+                "v": torch.from_numpy(np.stack([r["v"] for r in rows]).astype(np.float32)),
+                "mask": torch.from_numpy(np.stack([r["mask"] for r in rows])),
+                "hidden": torch.from_numpy(np.stack([r["hidden"] for r in rows]).astype(np.float32)) if "hidden" in x0 else None,
+            }
+    return batch
