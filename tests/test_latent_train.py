@@ -4,14 +4,38 @@ store contract: latent[teacher] = {"k", "v": [B, M, L_s, D_t], "mask": [B, M], "
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import DATA
 
+from kvdistill.cli import main
 from kvdistill.dump.capture import decoder
 from kvdistill.dump.prompts import encode, pad_batch
-from kvdistill.schemas import DEFAULT_TEMPLATE
-from kvdistill.train.latent import LatentStudent, jacobi, latent_generate, split_segments
+from kvdistill.jobs import dump_tasks, run_local
+from kvdistill.schemas import (
+    DEFAULT_TEMPLATE,
+    DataSpec,
+    DumpConfig,
+    EvalConfig,
+    LatentSpec,
+    ModelSpec,
+    TrainConfig,
+)
+from kvdistill.store import StoreError, finalize
+from kvdistill.train.eval import evaluate
+from kvdistill.train.latent import (
+    LatentStudent,
+    jacobi,
+    latent_generate,
+    load_latent,
+    save_latent,
+    split_segments,
+    train_latent,
+)
 
 M = 5
 
@@ -198,3 +222,135 @@ def test_latent_student_trains_with_finite_falling_loss_on_a_hand_made_batch(stu
         assert all(torch.isfinite(torch.tensor(r[k])) for r in rows)
         assert rows[-1][k] < 0.9 * rows[0][k], (k, rows[0][k], rows[-1][k])
     assert model.head.init.grad is not None and model.head.proj[0].weight.grad.abs().sum() > 0
+
+
+# --- on a real dumped store ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latent_store(tmp_path_factory, make_model, student_path):
+    """Two teachers of other geometries than the student (D_s = 32, H_s = 32), dumped with R-KV
+    compression to M slots: teacher-a Qwen2 3 layers, D_t = 64, H_t = 64 (linear adapter and
+    CODI map); teacher-b Llama 2 layers, D_t = 16, H_t = 64."""
+    teachers = [
+        ModelSpec(name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)), name="teacher-a"),
+        ModelSpec(name_or_path=str(make_model("llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16)), name="teacher-b"),
+    ]
+    student = ModelSpec(name_or_path=str(student_path), name="student")
+    store = tmp_path_factory.mktemp("latent-stores") / "lat.zarr"
+    base = DumpConfig(teacher=teachers[0], student=student, store=str(store), data=DATA, num_shards=2, batch_size=8, latent=LatentSpec(slots=M), device="cpu")
+    run_local(dump_tasks(base, teachers), progress=False)
+    finalize(store)
+    return {"store": store, "student": student}
+
+
+def _cfg(latent_store, out, **kw) -> TrainConfig:
+    base = dict(
+        store=str(latent_store["store"]), student=latent_store["student"], out=str(out), mode="latent", batch_size=8, max_steps=20,
+        warmup_steps=1, log_every=1, lr=3e-3, device="cpu", shuffle_buffer=16,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def latent_run(latent_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lat"
+    return out, train_latent(_cfg(latent_store, out), progress=False)
+
+
+def test_latent_training_on_a_dumped_store_has_finite_falling_losses_and_saves_the_latent_head(latent_run):
+    out, summary = latent_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert len(rows) == 20 and summary["steps"] == 20 and summary["slots"] == M
+    for k in ("loss", "ce_answer", "ce_cot", "codi", "kv_k", "kv_v"):
+        x = np.array([r[k] for r in rows])
+        assert np.isfinite(x).all() and x[-4:].mean() < 0.9 * x[:4].mean(), (k, x)
+    assert len(rows[0]["kv_k_iters"]) == 3 and len(rows[0]["kv_k_layers"]) == 2
+    state = torch.load(out / "final" / "latent.pt")
+    assert state["slots"] == M and state["iterations"] == 3 and state["hidden"] == 32
+    # teacher-a: D 64 -> 32 adapters, teacher-b: 16 -> 32; both CODI maps 32 -> 64 (H_t = 64)
+    assert state["adapters"]["teacher_a.k.weight"].shape == (2, 64, 32) and state["adapters"]["teacher_b.v.weight"].shape == (2, 16, 32)
+    assert state["codi"]["teacher_a.weight"].shape == (64, 32)
+
+
+def test_kv_loss_off_reads_no_adapters_and_still_trains(latent_store, tmp_path):
+    summary = train_latent(_cfg(latent_store, tmp_path / "codi", kv_weight=0.0, max_steps=3), progress=False)
+    assert summary["final_kv_k"] is None and np.isfinite(summary["final_codi"])
+    assert torch.load(tmp_path / "codi" / "final" / "latent.pt")["adapters"] == {}
+
+
+def test_a_saved_latent_head_reloads_to_the_same_logits_and_answers(student_path, tokenizer, examples, tmp_path):
+    model = _model(student_path, tokenizer)
+    with torch.no_grad():  # move the head off its initialisation
+        for p in model.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.student.save_pretrained(tmp_path)
+    save_latent(model, tmp_path / "latent.pt")
+    head, iterations = load_latent(tmp_path)
+    student = _student(tmp_path)
+    b = _batch(tokenizer, examples)
+    q, qm, a, am = split_segments(b["input_ids"], b["segment_ids"], tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref = jacobi(model.student, model.head, q, qm, 3, tail_ids=a, tail_mask=am)["logits"]
+        got = jacobi(student, head, q, qm, iterations, tail_ids=a, tail_mask=am)["logits"]
+    assert iterations == 3 and torch.equal(ref, got)
+    gens = [latent_generate(m, h, q, qm, 3, 10, tokenizer.eos_token_id, tokenizer.pad_token_id)["tokens"] for m, h in ((model.student, model.head), (student, head))]
+    assert torch.equal(*gens)
+    with pytest.raises(FileNotFoundError, match="--mode latent"):
+        load_latent(student_path)
+
+
+def test_a_latent_run_evaluates_identically_from_its_run_dir_and_from_final(latent_run, tmp_path):
+    out, _ = latent_run
+    data = DataSpec(split="test", limit=4, synthetic=DATA.synthetic)
+    results = []
+    for i, model in enumerate((out, out / "final")):
+        r = evaluate(EvalConfig(model=str(model), mode="latent", data=data, max_new_tokens=12, batch_size=4, device="cpu", out=str(tmp_path / f"{i}.json")), progress=False)
+        results.append((r, json.loads((tmp_path / f"{i}.json").read_text())["predictions"]))
+    (a, pa), (b, pb) = results
+    assert a["perplexity"] == b["perplexity"] and np.isfinite(a["perplexity"])
+    assert [p["text"] for p in pa] == [p["text"] for p in pb] and a["accuracy"] == b["accuracy"]
+
+
+def test_eval_reports_forward_passes_and_generated_tokens_per_question_in_both_modes(latent_run, student_path):
+    """batch_size 1, decoder calls counted with a hook: latent = per question T (gold-answer
+    perplexity) + T + G - 1 (generation); CoT = 1 (gold perplexity) + G (prefill + G - 1 steps)."""
+    out, _ = latent_run
+    data = DataSpec(split="test", limit=3, synthetic=DATA.synthetic)
+    calls = []
+    orig = transformers.PreTrainedModel.post_init
+
+    def post_init(self):  # hook every model eval builds
+        orig(self)
+        if hasattr(self, "layers"):
+            self.register_forward_hook(lambda *_: calls.append(1))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(transformers.PreTrainedModel, "post_init", post_init)
+    try:
+        for mode, model, extra in (("latent", out, 3), ("cot", student_path, 1)):
+            calls.clear()
+            r = evaluate(EvalConfig(model=str(model), mode=mode, data=data, max_new_tokens=9, batch_size=1, device="cpu"), progress=False)
+            assert r["n"] == 3 and 1 <= r["generated_tokens_per_question"] <= 9
+            expected = r["generated_tokens_per_question"] + (2 if mode == "latent" else 0)  # T + G - 1 with T = 3
+            assert r["forward_passes_per_question"] == pytest.approx(expected)
+            assert len(calls) == pytest.approx(3 * (extra + r["forward_passes_per_question"]))
+    finally:
+        mp.undo()
+
+
+def test_cli_latent_mode_takes_the_kava_recipe_where_not_given_and_evaluates(latent_store, tmp_path, capsys):
+    run = tmp_path / "cli"
+    args = ["train", "--mode", "latent", "--store", str(latent_store["store"]), "--student", latent_store["student"].name_or_path,
+            "--out", str(run), "--max-steps", "2", "--per-device-train-batch-size", "4", "--lora-r", "8", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    cfg = TrainConfig.load(run / "final" / "train_config.yaml")
+    assert (cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps) == ("latent", 8, 32, 0.1, 0.1, 2.0, 1)
+    assert (run / "final" / "lora" / "adapter_config.json").exists() and (run / "final" / "latent.pt").exists()
+    assert main(["eval", "--mode", "latent", "--model", str(run), "--limit", "2", "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
+    assert "forward passes" in capsys.readouterr().out
+
+
+def test_latent_training_refuses_a_store_dumped_without_latent(tiny_store, tmp_path):
+    with pytest.raises(StoreError, match="latent"):
+        train_latent(TrainConfig(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(tmp_path / "x"), mode="latent", max_steps=1, device="cpu"), progress=False)
