@@ -680,15 +680,15 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"store {info['store']}  ({'finalized' if info['finalized'] else 'NOT finalized'})",
         f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x "
         f"{g['head_dim']} dims; {info['num_shards']} shards; tokenizer {fp['tokenizer']}, data {fp['data']}",
-        f"{'teacher':<20} {'time map':<14} {'codec':<8} {'width':>6} {'latent':>6} {'shards':>8} {'samples':>8} {'tokens':>10} "
-        f"{'bytes':>12} {'B/token':>9} {'ratio':>6}  fingerprint",
+        f"{'teacher':<20} {'time map':<14} {'codec':<8} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} "
+        f"{'bytes':>12} {'B/token':>9} {'ratio':>6} {'latent':>6}  fingerprint",
     ]
     for name, t in info["teachers"].items():
         partial = f" ({t['shards_partial']} partial)" if t["shards_partial"] else ""
         lines.append(
-            f"{name:<20} {t['time_map']:<14} {t['codec']:<8} {t['width']:>6} {t['latent_slots'] or '-':>6} {t['shards_complete']:>4}/{info['num_shards']:<3} "
+            f"{name:<20} {t['time_map']:<14} {t['codec']:<8} {t['width']:>6} {t['shards_complete']:>4}/{info['num_shards']:<3} "
             f"{t['samples']:>8} {t['tokens']:>10} {t['bytes']:>12,} {t['bytes_per_token']:>9.1f} "
-            f"{t['compression_ratio']:>6.2f}  {t['fingerprint']}{partial}"
+            f"{t['compression_ratio']:>6.2f} {t['latent_slots'] or '-':>6}  {t['fingerprint']}{partial}"
         )
     lines.append(
         f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers); "

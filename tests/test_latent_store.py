@@ -157,7 +157,8 @@ def test_verify_passes_and_catches_a_broken_mask(latent_store, tmp_path):
     assert verify(latent_store, progress=False) == []
     info = inspect(latent_store)
     assert info["teachers"]["teacher"]["latent_slots"] == ShardReader(latent_store, "teacher", 0).attrs["latent"]["slots"]
-    assert " latent" in format_inspect(info).splitlines()[2]
+    line = next(x for x in format_inspect(info).splitlines() if x.startswith("teacher ") and " identity " in x)
+    assert " latent " in format_inspect(info).splitlines()[2] and line.split()[-2] == str(info["teachers"]["teacher"]["latent_slots"])
     # a copy with one mask entry flipped: verify names it
     import shutil
 
