@@ -237,3 +237,72 @@ def test_jobs_config_passes_latent_to_every_task(models):
 def test_pad_batch_of_answer_masks_is_boolean_per_token():
     ids, _ = pad_batch([np.array([False, True]), np.array([True])], 0)
     assert ids.bool().tolist() == [[False, True], [True, False]]
+
+
+def _latent_sample(rng, M, L, D, R, L_t=3, H_t=2, hidden=True):
+    """One writer input with R real slots (R <= M)."""
+    pos = np.full((M, L_t, H_t), -1, np.int32)
+    pos[:R] = np.arange(R)[:, None, None] + 5
+    k = rng.standard_normal((M, L, D)).astype(np.float32)
+    k[R:] = 0
+    out = {"k": k, "v": -k, "mask": np.arange(M) < R, "pos": pos}
+    if hidden:
+        out["hidden"] = rng.standard_normal(7).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("codec", ["float32", "float16", "bfloat16", "int8"])
+def test_writer_round_trips_latent_across_zarr_shard_flushes(tmp_path, monkeypatch, codec):
+    """Latent arrays flushed in whole zarr shards mid-write and the rest at close read back per
+    sample; they keep the codec's float member (float32 exact, others float16 / bfloat16)."""
+    from kvdistill.store import zarr_store
+
+    monkeypatch.setattr(zarr_store, "CHUNK_BYTES", 4 * 4 * 2 * 8 * 2)  # a latent chunk of 2 samples, zarr shard of 32
+    rng = np.random.default_rng(0)
+    M, L, D, n = 4, 2, 8, 70
+    written = []
+    with ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=L, width=D, codec=codec, latent_slots=M) as w:
+        for j in range(n):
+            lat = _latent_sample(rng, M, L, D, R=j % (M + 1))
+            written.append(lat)
+            T = 3
+            w.write(f"id-{j}", np.ones((T, L, D), np.float32), np.ones((T, L, D), np.float32), [1, 2, 3], [0, 1, 1], [0, 1, 2], lat)
+    r = ShardReader(tmp_path / "s.zarr", "t", 0)
+    assert r.attrs["latent"] == {"slots": M, "codec": {"float32": "float32", "bfloat16": "bfloat16"}.get(codec, "float16"), "hidden": True}
+    got = r.latent(0, n)
+    tol = {"float32": 0, "float16": 1e-3, "int8": 1e-3, "bfloat16": 1e-2}[codec]
+    for j, lat in enumerate(written):
+        np.testing.assert_allclose(got["k"][j], lat["k"], rtol=tol, atol=tol)
+        np.testing.assert_allclose(got["v"][j], lat["v"], rtol=tol, atol=tol)
+        assert np.array_equal(got["mask"][j], lat["mask"]) and np.array_equal(got["pos"][j], lat["pos"])
+        assert np.array_equal(got["hidden"][j], lat["hidden"])
+    assert np.array_equal(r.latent(33, 35)["pos"], got["pos"][33:35])
+    assert np.array_equal(r.rows(0, 6, ("segment_ids",))["segment_ids"], [0, 1, 2, 0, 1, 2])
+
+
+def test_writer_refuses_inconsistent_latent_input_naming_the_problem(tmp_path):
+    rng = np.random.default_rng(0)
+    kv = np.zeros((2, 1, 4), np.float32)
+    with ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=1, width=4, latent_slots=3) as w:
+        with pytest.raises(ValueError, match="pass latent="):
+            w.write("a", kv, kv, [1, 2], [0, 1], [0, 2])
+        bad = _latent_sample(rng, 3, 1, 4, R=2)
+        bad["mask"] = np.array([True, True, True])  # slot 2 is padding in pos
+        with pytest.raises(ValueError, match="pos must be >= 0 exactly at the mask"):
+            w.write("b", kv, kv, [1, 2], [0, 1], [0, 2], bad)
+        with pytest.raises(ValueError, match=r"latent k has shape \(2, 1, 4\), expected \(3, 1, 4\)"):
+            w.write("c", kv, kv, [1, 2], [0, 1], [0, 2], {**_latent_sample(rng, 3, 1, 4, R=2), "k": np.zeros((2, 1, 4))})
+        w.write("d", kv, kv, [1, 2], [0, 1], [0, 2], _latent_sample(rng, 3, 1, 4, R=2))
+        with pytest.raises(ValueError, match="for every sample of a shard or for none"):
+            w.write("e", kv, kv, [1, 2], [0, 1], None, _latent_sample(rng, 3, 1, 4, R=2))
+    with ShardWriter(tmp_path / "s2.zarr", "t", 0, num_layers=1, width=4) as w, pytest.raises(ValueError, match="no latent_slots"):
+        w.write("a", kv, kv, [1, 2], [0, 1], [0, 2], _latent_sample(rng, 3, 1, 4, R=2))
+
+
+def test_an_empty_latent_shard_still_has_every_array(tmp_path):
+    with ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=2, width=4, latent_slots=3):
+        pass
+    r = ShardReader(tmp_path / "s.zarr", "t", 0)
+    lat = r.latent(0, 0)
+    assert lat["k"].shape == (0, 3, 2, 4) and lat["mask"].shape == (0, 3) and "hidden" not in lat
+    assert r.rows(0, 0, ("segment_ids",))["segment_ids"].shape == (0,)
