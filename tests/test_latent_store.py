@@ -306,3 +306,15 @@ def test_an_empty_latent_shard_still_has_every_array(tmp_path):
     lat = r.latent(0, 0)
     assert lat["k"].shape == (0, 3, 2, 4) and lat["mask"].shape == (0, 3) and "hidden" not in lat
     assert r.rows(0, 0, ("segment_ids",))["segment_ids"].shape == (0,)
+
+
+def test_converting_between_backends_keeps_segment_ids_and_latent_arrays(latent_store, tmp_path):
+    from kvdistill.store import wds_to_zarr, zarr_to_wds
+
+    back = wds_to_zarr(zarr_to_wds(latent_store, tmp_path / "w"), tmp_path / "z.zarr")
+    assert verify(back, progress=False) == []
+    a, b = ShardReader(latent_store, "teacher", 1), ShardReader(back, "teacher", 1)
+    for x, y in zip(a.latent(0, len(a)).values(), b.latent(0, len(b)).values(), strict=True):
+        assert np.array_equal(x, y)
+    n = int(a.offsets[-1])
+    assert np.array_equal(a.rows(0, n, ("segment_ids",))["segment_ids"], b.rows(0, n, ("segment_ids",))["segment_ids"])
