@@ -286,6 +286,8 @@ def _check_latent(lat, tspec: TeacherSpec, L_s: int, width: int, samples: int, o
     """Shapes, mask / position consistency, time order and finiteness of one shard's latent arrays
     (decoded, every sample). `segment_ids` (identity time map only: teacher and student grids
     agree) also checks every kept position lies in its sample's reasoning segment."""
+    if samples == 0:  # an empty shard's latent arrays carry no per-sample geometry to check
+        return
     M, g = tspec.latent.slots, tspec.geometry
     want = {"k": (samples, M, L_s, width), "v": (samples, M, L_s, width), "mask": (samples, M), "pos": (samples, M, g.num_layers, g.num_kv_heads)}
     if hidden:
@@ -455,7 +457,8 @@ def _compare_teachers(name, i, ids, offsets, ref, problems: list[Problem]) -> No
 def _compare_index(name, i, ids, offsets, rows, problems: list[Problem]) -> None:
     fix = "run `kvdistill store finalize` again (it rewrites index.parquet from the shards)"
     if rows is None:
-        problems.append(Problem(name, i, "index.parquet has no rows for this shard", fix))
+        if ids:  # an empty shard has no rows in the index, rightly
+            problems.append(Problem(name, i, "index.parquet has no rows for this shard", fix))
         return
     want = {
         "sample_id": np.asarray(ids, dtype=object),
