@@ -340,3 +340,19 @@ def test_cli_latent_mode_takes_the_kava_recipe_where_not_given_and_evaluates(lat
 def test_latent_training_refuses_a_teacher_dumped_without_latent(latent_store, tmp_path):
     with pytest.raises(StoreError, match=r"\['teacher-plain'\] were dumped without latent compression; re-dump"):
         train_latent(_cfg(latent_store, tmp_path / "x", teachers=None), progress=False)
+
+
+def test_a_latent_run_stopped_and_resumed_ends_bitwise_identical_to_an_uninterrupted_one(latent_store, tmp_path):
+    """Mid-epoch (48 samples / batch 4 = 12 batches an epoch): checkpoint at step 2, stop at 3,
+    resume from step 2 to 4."""
+    common = dict(max_steps=4, batch_size=4, shuffle_buffer=8)
+    train_latent(_cfg(latent_store, tmp_path / "straight", **common), progress=False)
+    train_latent(_cfg(latent_store, tmp_path / "cut", save_every=2, stop_at_step=3, **common), progress=False)
+    assert (tmp_path / "cut" / "checkpoints" / "step-0000002" / "loader.json").exists()
+    train_latent(_cfg(latent_store, tmp_path / "cut", save_every=2, resume=str(tmp_path / "cut"), **common), progress=False)
+    a, b = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / r / "final").state_dict() for r in ("straight", "cut"))
+    init = transformers.AutoModelForCausalLM.from_pretrained(latent_store["student"].name_or_path).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], init[k]) for k in a)
+    la, lb = (torch.load(tmp_path / r / "final" / "latent.pt") for r in ("straight", "cut"))
+    for part in ("head", "adapters", "codi"):
+        assert la[part].keys() == lb[part].keys() and all(torch.equal(la[part][k], lb[part][k]) for k in la[part]), part

@@ -47,7 +47,7 @@ def resolve_checkpoint(model: str) -> tuple[str, str]:
 
 def generated_lengths(new_tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Tokens generated per row of new_tokens [B, G], up to and including the first EOS
-    (a row without EOS ran to the budget or to the batch's end: all G)."""
+    (a row without EOS ran to the budget: all G)."""
     is_eos = new_tokens == eos_id
     first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], new_tokens.shape[1], dtype=torch.long))
     return first.long()
