@@ -198,11 +198,15 @@ def test_stream_and_collate_return_the_contract_shapes(latent_store, slots):
     assert "latent" not in collate([plain], pad_id=0)
 
 
-def test_a_store_without_latent_or_segment_ids_is_refused_with_the_fix(tiny_store, tmp_path):
+def test_a_store_without_latent_or_segment_ids_is_refused_with_the_fix(models, tmp_path):
+    teacher, student = models
+    plain = tmp_path / "plain.zarr"
+    run_dump(DumpConfig(teacher=teacher, student=student, store=str(plain), data=DATA.from_dict({**DATA.to_dict(), "limit": 2}), device="cpu"), progress=False)
+    assert ShardReader(plain, "teacher", 0).rows(0, 3, ("segment_ids",))["segment_ids"].shape == (3,)  # stored without latent too
     with pytest.raises(StoreError, match="without latent mode; re-dump"):
-        KVStream(tiny_store["store"], ["teacher-a"], read_latent=True)
+        KVStream(plain, ["teacher"], read_latent=True)
     with pytest.raises(StoreError, match="--latent-slots"):
-        ShardReader(tiny_store["store"], "teacher-a", 0).latent(0, 1)
+        ShardReader(plain, "teacher", 0).latent(0, 1)
     with ShardWriter(tmp_path / "old.zarr", "t", 0, num_layers=1, width=4) as w:  # as written before segment_ids
         w.write("x", np.ones((2, 1, 4), np.float32), np.zeros((2, 1, 4), np.float32), [1, 2], [True, False])
     with pytest.raises(StoreError, match="no segment_ids.*re-dump"):
