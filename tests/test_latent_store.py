@@ -333,3 +333,29 @@ def test_a_latent_store_with_an_empty_shard_verifies(models, tmp_path):
     finalize(tmp_path / "s.zarr")
     assert len(ShardReader(tmp_path / "s.zarr", "teacher", 0)) == 0
     assert verify(tmp_path / "s.zarr", progress=False) == []
+
+
+def test_latent_slots_get_the_same_pca_projection_as_the_full_kv_and_padding_stays_zero(models, tmp_path):
+    """With a projection the heads mix, so compare where they cannot differ: in a chain shorter
+    than M every head keeps every reasoning token, and slot m is the projected full K/V at pos[m]."""
+    teacher, student = models
+    rng = np.random.default_rng(0)
+    L, D, dim = 2, 32, 12
+    arrays = {f"{p}_{a}": rng.standard_normal(shape).astype(np.float32) for p in "kv" for a, shape in (("mean", (L, D)), ("components", (L, D, dim)))}
+    arrays |= {"k_evr": np.full((L, dim), 0.01, np.float32), "v_evr": np.full((L, dim), 0.01, np.float32)}
+    np.savez(tmp_path / "pca.npz", **arrays)
+    store = tmp_path / "p.zarr"
+    data = DATA.from_dict({**DATA.to_dict(), "limit": 8})
+    run_dump(DumpConfig(teacher=teacher, student=student, store=str(store), data=data, device="cpu", kv_dtype="float32",
+                        align={"projection": str(tmp_path / "pca.npz")}, latent=LatentSpec(slots=40)), progress=False)
+    r = ShardReader(store, "teacher", 0)
+    lat = r.latent(0, len(r))
+    assert lat["k"].shape == (len(r), 40, 2, dim)
+    for j in range(len(r)):
+        real = lat["mask"][j]
+        assert 0 < real.sum() < 40  # every chain is shorter than 40 tokens here
+        rows = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), ("k", "v"))
+        p = lat["pos"][j][real][:, 0, 0]
+        for part in ("k", "v"):
+            np.testing.assert_allclose(lat[part][j][real], rows[part][p], rtol=1e-5, atol=1e-5)
+            assert (lat[part][j][~real] == 0).all()  # not -mean @ components
