@@ -257,12 +257,6 @@ def test_latent_training_on_a_dumped_store_has_finite_falling_losses_and_saves_t
     assert state["codi"]["teacher_a.weight"].shape == (64, 32)
 
 
-def test_kv_loss_off_reads_no_adapters_and_still_trains(latent_store, tmp_path):
-    summary = train_latent(_cfg(latent_store, tmp_path / "codi", kv_weight=0.0, max_steps=3), progress=False)
-    assert summary["final_kv_k"] is None and np.isfinite(summary["final_codi"])
-    assert torch.load(tmp_path / "codi" / "final" / "latent.pt")["adapters"] == {}
-
-
 def test_a_saved_latent_head_reloads_to_the_same_logits_and_answers(student_path, tokenizer, examples, tmp_path):
     model = _model(student_path, tokenizer)
     with torch.no_grad():  # move the head off its initialisation
@@ -324,15 +318,19 @@ def test_eval_reports_forward_passes_and_generated_tokens_per_question_in_both_m
 
 
 def test_cli_latent_mode_takes_the_kava_recipe_where_not_given_and_evaluates(latent_store, tmp_path, capsys):
+    """Also the CODI-only run (--kv-weight 0): no adapters saved, no KV terms logged."""
     run = tmp_path / "cli"
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("teachers: [teacher-a, teacher-b]\nweight_decay: 0.0\n")  # the file's setting wins over the recipe
     args = ["train", "--mode", "latent", "--store", str(latent_store["store"]), "--student", latent_store["student"].name_or_path, "--config", str(cfg_file),
-            "--out", str(run), "--max-steps", "2", "--per-device-train-batch-size", "4", "--lora-r", "8", "--device", "cpu", "--no-progress"]
+            "--out", str(run), "--max-steps", "2", "--per-device-train-batch-size", "4", "--lora-r", "8", "--kv-weight", "0", "--device", "cpu", "--no-progress"]
     assert main(args) == 0
     cfg = TrainConfig.load(run / "final" / "train_config.yaml")
     assert (cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps) == ("latent", 8, 32, 0.1, 0.0, 2.0, 1)
-    assert (run / "final" / "lora" / "adapter_config.json").exists() and (run / "final" / "latent.pt").exists()
+    assert (run / "final" / "lora" / "adapter_config.json").exists()
+    assert torch.load(run / "final" / "latent.pt")["adapters"] == {}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert "kv_k" not in rows[-1] and np.isfinite(rows[-1]["codi"]) and np.isfinite(rows[-1]["ce_answer"])
     assert main(["eval", "--mode", "latent", "--model", str(run), "--limit", "2", "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
     assert "forward passes" in capsys.readouterr().out
 
