@@ -14,7 +14,7 @@ import torch
 from kvdistill.align import flatten_heads
 from kvdistill.schemas import KVGeometry
 
-__all__ = ["kv_geometry", "decoder", "capture_kv", "forward_kv"]
+__all__ = ["kv_geometry", "decoder", "capture_kv", "forward_kv", "forward_kv_importance"]
 
 
 def kv_geometry(config) -> KVGeometry:
@@ -77,3 +77,42 @@ def forward_kv(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     with capture_kv(model) as cap:
         decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return torch.stack(cap["k"], dim=2), torch.stack(cap["v"], dim=2)
+
+
+def forward_kv_importance(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, queries: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`forward_kv` plus what R-KV compression needs (KaVa latent mode, dump/rkv.py):
+    k, v [B, T, L, D]; importance [B, L, H_kv, T], the attention the `queries` [B, T] bool pay
+    each key per KV head; hidden [B, T, hidden] the last layer's output after the final norm.
+
+    The model must run eager attention (`model.set_attn_implementation("eager")`): only eager
+    returns the probabilities. Each layer's [B, H_q, T, T] map is reduced in a hook as soon as
+    it exists, so the extra memory is one layer's T^2 map, not L of them."""
+    from .rkv import importance_from_attention
+
+    H_kv = kv_geometry(model.config).num_kv_heads
+    layers = decoder(model).layers
+    imp: list[torch.Tensor | None] = [None] * len(layers)
+
+    def hook(i: int):
+        def fn(_module, _inp, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise RuntimeError(
+                    f"layer {i} returned no attention probabilities (attention implementation "
+                    f"{model.config._attn_implementation!r}); latent mode needs eager attention"
+                )
+            imp[i] = importance_from_attention(weights, queries, H_kv)
+
+        return fn
+
+    handles = [layer.self_attn.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with capture_kv(model) as cap:
+            out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    k, v = torch.stack(cap["k"], dim=2), torch.stack(cap["v"], dim=2)
+    return k, v, torch.stack(imp, dim=1), out.last_hidden_state

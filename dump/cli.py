@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvdistill.schemas import DumpConfig
+from kvdistill.schemas import DumpConfig, LatentSpec
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 
 FLAGS: list[Flag] = [
@@ -31,6 +31,13 @@ FLAGS: list[Flag] = [
     ("--kv-dtype", "kv_dtype", str, "codec of stored K/V: float16 | float32 | bfloat16 | int8 | int4 (KIVI-style, scales beside)"),
     ("--backend", "backend", str, "zarr | webdataset (one .tar per task; float16 / float32 only)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:1"),
+    # Any --latent-* flag turns latent mode on (its other fields keep LatentSpec's defaults).
+    ("--latent-slots", "latent.slots", int, "KaVa latent mode: also store the reasoning K/V R-KV-compressed to M slots per layer and "
+     f"KV head (needs eager attention: T^2 memory per layer) (default when on: {LatentSpec().slots})"),
+    ("--latent-lambda", "latent.lam", float, "latent mode: R-KV score = lambda * importance + (1 - lambda) * redundancy "
+     f"(default when on: {LatentSpec().lam})"),
+    ("--latent-codi-hidden", "latent.codi_hidden", bool, "latent mode: also store the teacher's hidden state before the answer "
+     f"(default when on: {LatentSpec().codi_hidden})"),
 ]
 
 

@@ -9,6 +9,13 @@ in length-sorted padded batches, capture pre-RoPE K and V, layer-map (and option
 the whole batch, then per sample drop padding and time-map onto the student's tokens
 (identity / char overlap / per-segment resampling), write the shard and commit it atomically.
 A complete shard makes the task a no-op; a sample over max_len is an error or a counted skip.
+
+With `latent` (KaVa latent mode) the teacher runs eager attention (only then: eager materialises
+a [B, H_q, T, T] probability map per layer, reduced layer by layer in a hook, so a batch costs
+one such map more memory and eager's slower kernels) and every sample also gets its reasoning
+K/V compressed by R-KV (dump/rkv.py) on the teacher's own time grid (compression replaces the
+time map here), layer-mapped / projected like the full K/V, plus the final-norm hidden state
+before the first answer token (CODI). The full K/V are written as before.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from kvdistill.data import data_fingerprint, load_examples
 from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
 from kvdistill.store import ShardWriter, WdsShardWriter, init_store, init_teacher, shard_is_complete
 
-from .capture import forward_kv, kv_geometry
+from .capture import forward_kv, forward_kv_importance, kv_geometry
 from .models import (
     load_config,
     load_model,
@@ -44,7 +51,10 @@ from .models import (
     resolve_device,
     tokenizer_fingerprint,
 )
-from .prompts import encode, pad_batch
+from .prompts import SEGMENTS, encode, pad_batch
+from .rkv import compress
+
+REASONING, ANSWER = SEGMENTS.index("reasoning"), SEGMENTS.index("answer")
 
 __all__ = ["DumpResult", "Preempted", "partition", "run_dump"]
 
@@ -159,6 +169,8 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
     )
     device = resolve_device(cfg.device)
     teacher = load_model(cfg.teacher, device)
+    if cfg.latent is not None:  # only eager attention returns the probabilities R-KV scores with
+        teacher.set_attn_implementation("eager")
     g_t, g_s = kv_geometry(teacher.config), kv_geometry(load_config(cfg.student))
     W, similarity = _layer_map(cfg, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
     proj, proj_info = _projection(cfg, g_s.num_layers, g_t.width)
@@ -187,10 +199,11 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         time_map=kind,
         layer_map=W.tolist(),
         width=width,
-        fingerprint=model_fingerprint(teacher, cfg.teacher, [cfg.align.to_dict(), W.tolist(), proj_info, codec]),
+        fingerprint=model_fingerprint(teacher, cfg.teacher, [cfg.align.to_dict(), W.tolist(), proj_info, codec, cfg.latent and cfg.latent.to_dict()]),
         kv_dtype=codec,
         layer_similarity=similarity,
         projection=proj_info,
+        latent=cfg.latent,
     )
     init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
 
@@ -231,15 +244,51 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         maps = [build_time_map(kind, s.offsets, t.offsets, s.segment_ids, t.segment_ids) for s, t in batch]
         return stack_time_maps(maps, [len(t) for _, t in batch], T_pad)
 
-    def write(batch, kv):  # compression + zarr writes overlap the next forward
+    def write(batch, kv, latent):  # compression + zarr writes overlap the next forward
         start = 0
-        for s, _ in batch:
+        for b, (s, _) in enumerate(batch):
             rows = kv[start : start + len(s)]
-            w.write(s.sample_id, rows[..., :width], rows[..., width:], s.input_ids, s.loss_mask)
+            lat = None
+            if latent is not None:
+                lat = {"k": latent["kv"][b, ..., :width], "v": latent["kv"][b, ..., width:], "mask": latent["mask"][b], "pos": latent["pos"][b]}
+                if "hidden" in latent:
+                    lat["hidden"] = latent["hidden"][b]
+            w.write(s.sample_id, rows[..., :width], rows[..., width:], s.input_ids, s.loss_mask, s.segment_ids, lat)
             start += len(s)
 
+    def compress_batch(batch, k, v, importance, hidden):
+        """Per sample R-KV on the teacher's grid, then one layer map (+ projection) for the batch."""
+        lat = cfg.latent
+        out = [
+            compress(k[b, : len(t)], v[b, : len(t)], importance[b, ..., : len(t)],
+                     torch.as_tensor(t.segment_ids == REASONING, device=k.device), lat.slots, lat.lam)
+            for b, (_, t) in enumerate(batch)
+        ]
+        mask = torch.stack([o["mask"] for o in out])  # [B, M]
+        kv = torch.stack([torch.cat([o["k"], o["v"]], dim=-1) for o in out])  # [B, M, L_t, 2D_t]
+        # Padding slots stay exactly 0 (a projection would move them to -mean @ components).
+        kv = map_layers(kv, W_dev, proj_kv) * mask[:, :, None, None]  # [B, M, L_s, 2D]
+        res = {
+            "kv": kv.to(transfer_dtype).cpu().numpy(),
+            "mask": mask.cpu().numpy(),
+            "pos": torch.stack([o["pos"] for o in out]).to(torch.int32).cpu().numpy(),  # [B, M, L_t, H_t]
+        }
+        if lat.codi_hidden:
+            before = []
+            for s, t in batch:
+                first = int(np.argmax(t.segment_ids == ANSWER))
+                if first == 0:
+                    raise ValueError(f"teacher {name}: sample {s.sample_id} starts with its answer; no token precedes it for the CODI hidden state")
+                before.append(first - 1)
+            rows = torch.as_tensor(before, device=hidden.device)
+            res["hidden"] = hidden[torch.arange(len(batch), device=hidden.device), rows].float().cpu().numpy()  # [B, H]
+        return res
+
     with (
-        (WdsShardWriter if cfg.backend == "webdataset" else ShardWriter)(cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec) as w,
+        (WdsShardWriter if cfg.backend == "webdataset" else ShardWriter)(
+            cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec,
+            latent_slots=cfg.latent.slots if cfg.latent else None,
+        ) as w,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
     ):
@@ -254,9 +303,18 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             if device.type == "cuda":  # pinned host memory: the copy overlaps queued kernels
                 ids, mask = ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
             with torch.inference_mode():
+                latent = None
                 with clock("forward"):
-                    k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T_t, L_t, D_t]
+                    if cfg.latent is None:
+                        k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T_t, L_t, D_t]
+                    else:
+                        answers, _ = pad_batch([t.segment_ids == ANSWER for _, t in batch], 0)
+                        k, v, importance, hidden = forward_kv_importance(
+                            teacher, ids.to(device), mask.to(device), answers.bool().to(device)
+                        )  # importance [B, L_t, H_t, T_t], hidden [B, T_t, H]
                 with clock("align"):
+                    if cfg.latent is not None:
+                        latent = compress_batch(batch, k, v, importance, hidden)
                     # K and V side by side: one layer map and one block-diagonal time map for both.
                     kv = map_layers(torch.cat([k, v], dim=-1), W_dev, proj_kv)  # [B, T_t, L_s, 2D]
                     kv = maps.result().apply(kv.reshape(-1, *kv.shape[2:]))  # [sum T_s, L_s, 2D]
@@ -264,7 +322,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
                     kv = kv.to(transfer_dtype).cpu().numpy()
                     if pending is not None:
                         pending.result()  # re-raises a writer error here
-                    pending = writer.submit(write, batch, kv)
+                    pending = writer.submit(write, batch, kv, latent)
             bar.update(int(mask.sum()))
         with clock("write"):
             if pending is not None:

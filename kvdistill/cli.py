@@ -24,6 +24,9 @@ DEMO_FLAGS: list[Flag] = [
     ("--kv-weight", "kv_weight", float, "KV loss weight of the distilled student"),
     ("--seed", "seed", int, "seed"),
     ("--extra-teachers", "extra_teachers", lambda s: [x for x in s.split(",") if x], "comma list: cross-tokenizer, dual-prompt"),
+    ("--mode", "mode", str, "cot | latent (KaVa: latent students with / without the KV loss vs a CoT student)"),
+    ("--latent-slots", "latent_slots", int, "latent mode: M, compressed reasoning slots per teacher"),
+    ("--latent-iterations", "latent_iterations", int, "latent mode: Jacobi iterations T"),
 ]
 
 

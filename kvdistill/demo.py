@@ -5,6 +5,12 @@ geometries (Qwen2 with GQA, Llama), briefly trained and cached -> both dumped ov
 the local array executor into DIR/store.zarr -> finalize -> a student trained from the store
 (CE + KV) and a CE-only baseline with the same seed and steps -> evaluation of all four ->
 a table, DIR/summary.json and DIR/training.png.
+
+`--mode latent` (KaVa): the same tokenizer, teachers and student, dumped with R-KV latent
+compression (DumpTask.latent, `latent_slots` slots) into DIR/store-latent.zarr -> a latent
+student with the KV loss (CODI + KV), one without it (CODI only) and a CoT student (CE + KV on
+the written chain) from that store -> eval of all three: accuracy, perplexity, forward passes
+and generated tokens per question -> a table and DIR/summary-latent.json.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from transformers import AutoTokenizer  # noqa: E402
 from kvdistill import tiny  # noqa: E402
 from kvdistill.data import data_fingerprint, load_examples  # noqa: E402
 from kvdistill.jobs import dump_tasks, run_local  # noqa: E402
-from kvdistill.schemas import DemoConfig, DumpConfig, EvalConfig, ModelSpec, TrainConfig  # noqa: E402
+from kvdistill.schemas import DemoConfig, DumpConfig, EvalConfig, LatentSpec, ModelSpec, TrainConfig  # noqa: E402
 from kvdistill.store import finalize, format_inspect, inspect  # noqa: E402
 from kvdistill.train.eval import evaluate  # noqa: E402
+from kvdistill.train.latent import train_latent  # noqa: E402
 from kvdistill.train.loop import train  # noqa: E402
 
-__all__ = ["TEACHERS", "STUDENT", "run_demo"]
+__all__ = ["TEACHERS", "STUDENT", "run_demo", "run_latent_demo"]
 
 # Teachers differ from the student in depth, heads and head_dim; teacher-llama's KV width
 # equals the student's (identity adapter), teacher-qwen2's does not (linear adapter).
@@ -78,22 +85,9 @@ def _plot(runs: dict[str, Path], out: Path) -> Path:
     return path
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars; ours show the stages
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "demo_config.yaml")
-    times: dict[str, float] = {}
-    t_stage = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal t_stage
-        times[stage] = round(time.perf_counter() - t_stage, 1)
-        print(f"[demo] {stage}: {times[stage]:.1f}s", flush=True)
-        t_stage = time.perf_counter()
-
+def _models(cfg: DemoConfig, out: Path, progress: bool) -> tuple[ModelSpec, list[ModelSpec], dict[str, Any], Any]:
+    """The tokenizer, the teachers (briefly trained) and the student's initial weights, each
+    cached under DIR/models by its recipe. Returns (student, teachers, recipes, test data)."""
     train_rows = load_examples(cfg.data)
     test_data = type(cfg.data).from_dict({**cfg.data.to_dict(), "split": "test", "limit": None})
     models = out / "models"
@@ -132,13 +126,41 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     if not _cached(student_init, recipe):
         tiny.save(tiny.build_model(tokenizer=tok, seed=cfg.seed + 1, **STUDENT), tok, student_init)
         _mark(student_init, recipe)
-    lap("teachers")
-
-    store = out / "store.zarr"
     student = ModelSpec(name_or_path=str(student_init), name="student")
     teachers = [ModelSpec(name_or_path=str(models / n), name=n) for n in recipes]
     if "dual-prompt" in cfg.extra_teachers:
         teachers.append(ModelSpec(name_or_path=str(models / "teacher-qwen2"), name="teacher-qwen2-think", prompt_template=THINK_TEMPLATE))
+    return student, teachers, recipes, test_data
+
+
+class _Laps:
+    """Wall time per demo stage, printed as each one ends."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        self.times[stage] = round(time.perf_counter() - self.t, 1)
+        print(f"[demo] {stage}: {self.times[stage]:.1f}s", flush=True)
+        self.t = time.perf_counter()
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars; ours show the stages
+    if cfg.mode == "latent":
+        return run_latent_demo(cfg, progress)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "demo_config.yaml")
+    lap = _Laps()
+    times = lap.times
+    student, teachers, _, test_data = _models(cfg, out, progress)
+    lap("teachers")
+
+    store = out / "store.zarr"
     dump_base = DumpConfig(teacher=teachers[0], student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, device="cpu")
     run_local(dump_tasks(dump_base, teachers), progress=progress)
     lap("dump")
@@ -189,6 +211,95 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_summary(summary))
     return summary
+
+
+def run_latent_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
+    """KaVa latent mode on the demo's models: latent students with and without the KV loss
+    against a CoT student, all from one latent-compressed store; accuracy vs cost per question."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "demo_config-latent.yaml")
+    lap = _Laps()
+    student, teachers, _, test_data = _models(cfg, out, progress)
+    lap("teachers")
+
+    store = out / "store-latent.zarr"
+    latent = LatentSpec(slots=cfg.latent_slots)
+    dump_base = DumpConfig(
+        teacher=teachers[0], student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, latent=latent, device="cpu"
+    )
+    run_local(dump_tasks(dump_base, teachers), progress=progress)
+    lap("dump (latent)")
+    finalize(store)
+    store_info = inspect(store)
+    print(format_inspect(store_info))
+    lap("finalize")
+
+    # Paper recipe where it fits a tiny model: weight decay 0.1, grad clip 2.0, 5% warm-up,
+    # alpha1 = 10 (CODI); full fine-tuning instead of LoRA r=128 (the student is 64 wide).
+    common = dict(
+        store=str(store), student=student, max_steps=cfg.student_steps, batch_size=cfg.batch_size, seed=cfg.seed, lr=3e-3,
+        weight_decay=0.1, grad_clip=2.0, warmup_steps=max(1, cfg.student_steps // 20), device="cpu",
+    )
+    runs = {
+        "latent-kv": dict(mode="latent", kv_weight=cfg.kv_weight, latent_iterations=cfg.latent_iterations),
+        "latent-codi": dict(mode="latent", kv_weight=0.0, latent_iterations=cfg.latent_iterations),
+        "cot-kv": dict(mode="cot", kv_weight=cfg.kv_weight),
+    }
+    train_summaries = {}
+    for name, kw in runs.items():
+        tcfg = TrainConfig(**common, out=str(out / "runs-latent" / name), **kw)
+        train_summaries[name] = (train_latent if tcfg.mode == "latent" else train)(tcfg, progress=progress)
+        lap(f"train {name}")
+
+    table = []
+    for name, kw in runs.items():
+        ev = evaluate(
+            EvalConfig(model=str(out / "runs-latent" / name), data=test_data, mode=kw["mode"], out=str(out / "eval-latent" / f"{name}.json"), device="cpu"),
+            progress=progress,
+        )
+        ts = train_summaries[name]
+        table.append({
+            "model": name,
+            "mode": kw["mode"],
+            "accuracy": ev["accuracy"],
+            "perplexity": ev["perplexity"],
+            "forward_passes_per_question": ev["forward_passes_per_question"],
+            "generated_tokens_per_question": ev["generated_tokens_per_question"],
+            "final_kv_loss": (ts["final_kv_k"] + ts["final_kv_v"]) / 2 if ts.get("final_kv_k") is not None else None,
+        })
+    lap("eval")
+    summary = {
+        "config": cfg.to_dict(),
+        "results": table,
+        "train": train_summaries,
+        "store": {"path": str(store), "bytes": store_info["bytes"], "bytes_per_token": store_info["bytes_per_token"], "teachers": store_info["teachers"]},
+        "seconds": lap.times,
+        "total_seconds": round(sum(lap.times.values()), 1),
+    }
+    (out / "summary-latent.json").write_text(json.dumps(summary, indent=1))
+    print(format_latent_summary(summary))
+    return summary
+
+
+def format_latent_summary(s: dict[str, Any]) -> str:
+    c = s["config"]
+    lines = [
+        "",
+        f"latent: M = {c['latent_slots']} slots, T = {c['latent_iterations']} Jacobi iterations; perplexity: latent = gold answer "
+        "| question + latents, cot = gold reasoning + answer | question",
+        f"{'model':<12} {'mode':<7} {'accuracy':>9} {'perplexity':>11} {'fwd/question':>13} {'tokens/question':>16} {'final KV loss':>14}",
+    ]
+    for r in s["results"]:
+        kv = f"{r['final_kv_loss']:.4f}" if r["final_kv_loss"] is not None else "-"
+        lines.append(
+            f"{r['model']:<12} {r['mode']:<7} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {r['forward_passes_per_question']:>13.1f} "
+            f"{r['generated_tokens_per_question']:>16.1f} {kv:>14}"
+        )
+    st = s["store"]
+    lines.append(f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)")
+    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()) + f"; total {s['total_seconds']:.0f}s")
+    return "\n".join(lines)
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "KVGeometry",
     "StoreSpec",
     "TeacherSpec",
+    "LatentSpec",
     "DumpTask",
     "DumpConfig",
     "SlurmSpec",
@@ -179,6 +180,23 @@ class StoreSpec(Record):
 
 
 @dataclass
+class LatentSpec(Record):
+    """KaVa latent mode at dump time: the teacher's reasoning KV compressed to `slots` tokens
+    per layer and KV head with R-KV scores `lam * importance + (1 - lam) * redundancy`
+    (dump/rkv.py), and optionally its last hidden state before the answer (CODI)."""
+
+    slots: int = 24  # M: latent tokens, i.e. kept reasoning positions per (layer, KV head)
+    lam: float = 0.1  # weight of attention importance against redundancy (R-KV's lambda)
+    codi_hidden: bool = True  # also store the final-norm hidden state before the first answer token
+
+    def validate(self) -> None:
+        if self.slots < 1:
+            raise ConfigError(f"LatentSpec.slots: must be >= 1, got {self.slots}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"LatentSpec.lam: must lie in [0, 1], got {self.lam}")
+
+
+@dataclass
 class TeacherSpec(Record):
     """One teacher's record in the store: model, alignment as resolved, and what is stored."""
 
@@ -193,6 +211,7 @@ class TeacherSpec(Record):
     kv_dtype: KVDtype = "float16"  # this teacher's codec
     layer_similarity: list[list[float]] | None = None  # [L_s][L_t] CKA, when calibrated
     projection: dict[str, Any] | None = None  # PCA: dim and explained variance, when used
+    latent: LatentSpec | None = None  # compressed reasoning KV stored per sample (latent_* arrays)
 
 
 @dataclass(kw_only=True)
@@ -212,6 +231,7 @@ class DumpTask(Record):
     teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... unless named here
     backend: Literal["zarr", "webdataset"] = "zarr"  # webdataset: one .tar per task (float16 / float32)
     device: str = "auto"
+    latent: LatentSpec | None = None  # also store R-KV compressed reasoning KV (KaVa latent mode)
 
     def validate(self) -> None:
         if self.num_shards < 1:
@@ -362,10 +382,20 @@ class TrainConfig(Record):
     # sample of its batch (seeded derangement), resampled in time to its own length. Each
     # epoch's last batch is dropped when short (a one-sample batch cannot be deranged).
     kv_control: Literal["none", "shuffled"] = "none"
+    # mode "latent" (KaVa, train/latent.py): question -> M latent slots refined by Jacobi
+    # iterations -> answer; M comes from the store (the teachers' LatentSpec.slots).
+    mode: Literal["cot", "latent"] = "cot"
+    latent_iterations: int = 3  # T: Jacobi iterations (each one forward of question + latents)
+    codi_weight: float = 10.0  # alpha1: CODI hidden-state distillation (latent mode)
+    cot_weight: float = 1.0  # latent mode: teacher-mode CE on the written chain, same backbone
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1:
             raise ConfigError("TrainConfig: max_steps and batch_size must be >= 1")
+        if self.latent_iterations < 1:
+            raise ConfigError(f"TrainConfig.latent_iterations: must be >= 1, got {self.latent_iterations}")
+        if self.codi_weight < 0 or self.cot_weight < 0:
+            raise ConfigError("TrainConfig: codi_weight and cot_weight must be >= 0")
         if self.kv_weight < 0 or self.ce_weight < 0:
             raise ConfigError("TrainConfig: kv_weight and ce_weight must be >= 0")
         if self.teacher_weights is not None and any(w < 0 for w in self.teacher_weights.values()):
@@ -398,6 +428,12 @@ class EvalConfig(Record):
     max_new_tokens: int = 64
     out: str | None = None  # write metrics (and predictions) as JSON here
     device: str = "auto"
+    mode: Literal["cot", "latent"] = "cot"  # latent: question -> M latents (Jacobi) -> answer
+    latent_iterations: int | None = None  # latent mode: Jacobi iterations T; default: as trained
+
+    def validate(self) -> None:
+        if self.latent_iterations is not None and self.latent_iterations < 1:
+            raise ConfigError(f"EvalConfig.latent_iterations: must be >= 1 or null, got {self.latent_iterations}")
 
 
 @dataclass
@@ -416,6 +452,11 @@ class DemoConfig(Record):
     # vocabulary: char-overlap time map) and "dual-prompt" (teacher-qwen2 again under a
     # step-by-step template: per-segment resampling).
     extra_teachers: list[Literal["cross-tokenizer", "dual-prompt"]] = field(default_factory=list)
+    # mode "latent": dump with R-KV compression to latent_slots, train latent students with and
+    # without the KV loss, compare with a CoT student.
+    mode: Literal["cot", "latent"] = "cot"
+    latent_slots: int = 8
+    latent_iterations: int = 3
 
 
 COMPARE_ARMS = ["ce", "kv-single", "kv-fixed", "kv-similarity", "kv-router", "kv-shuffled"]

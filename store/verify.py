@@ -14,6 +14,12 @@ Checks, per teacher and shard (each problem names its teacher, shard, what and t
 - crc32 of every array the shard's `crc32` attribute lists, recomputed from the stored
   (encoded) data in row order; a chunk that does not decode is a problem, not a crash;
 - decoded K/V are finite (no NaN / Inf), read through `ShardReader.rows`;
+- segment_ids, where stored, have one entry per row, each 0 / 1 / 2;
+- latent mode (teacher spec `latent`): latent_k / latent_v [samples, M, L_s, width], latent_mask
+  [samples, M], latent_pos [samples, M, L_t, H_t] and codi_hidden [samples, H] are there with
+  M the spec's slots; the mask is exactly where latent_pos >= 0 (-1 elsewhere), real slots come
+  first, positions ascend per (layer, head) and lie inside the sample's reasoning segment where
+  the time map is identity; no NaN / Inf;
 - shard i holds the same sample ids and lengths for every teacher;
 - index.parquet exists ("not finalized" otherwise) and agrees with every shard.
 """
@@ -254,7 +260,66 @@ def _verify_shard(
     kv = tuple(a for a in ("k", "v") if not any(u == a or u.startswith(f"{a}_") for u in undecodable))
     if sound and kv:
         _check_values(path, name, i, rows, L_s, width, kv, _blocks(group["k"]), report)
+    seg = None
+    if "segment_ids" in group and "segment_ids" not in undecodable:
+        seg = group["segment_ids"][:]
+        if seg.shape != (rows,):
+            report(f"segment_ids has shape {seg.shape}, expected ({rows},)")
+            seg = None
+        elif seg.size and seg.max() > 2:
+            report(f"segment_ids hold {int(seg.max())}; only 0 (prompt), 1 (reasoning), 2 (answer) exist")
+    if tspec.latent is not None and sound and not any(u.startswith(("latent_", "codi_")) for u in undecodable):
+        if "latent" not in attrs or any(a not in group for a in ("latent_k", "latent_v", "latent_mask", "latent_pos")):
+            report("lacks the latent arrays its teacher spec asks for (latent_k, latent_v, latent_mask, latent_pos)")
+        else:
+            try:
+                lat = ShardReader(path, name, i).latent(0, samples)
+            except Exception as e:  # any codec error of a corrupt chunk is a finding
+                report(f"latent arrays do not decode ({_decode_error(e)})")
+            else:
+                tokens = seg if tspec.time_map == "identity" else None
+                _check_latent(lat, tspec, L_s, width, samples, offsets, tokens, bool(attrs["latent"].get("hidden")), report)
     return (ids, offsets) if sound else None
+
+
+def _check_latent(lat, tspec: TeacherSpec, L_s: int, width: int, samples: int, offsets, segment_ids, hidden: bool, report) -> None:
+    """Shapes, mask / position consistency, time order and finiteness of one shard's latent arrays
+    (decoded, every sample). `segment_ids` (identity time map only: teacher and student grids
+    agree) also checks every kept position lies in its sample's reasoning segment."""
+    if samples == 0:  # an empty shard's latent arrays carry no per-sample geometry to check
+        return
+    M, g = tspec.latent.slots, tspec.geometry
+    want = {"k": (samples, M, L_s, width), "v": (samples, M, L_s, width), "mask": (samples, M), "pos": (samples, M, g.num_layers, g.num_kv_heads)}
+    if hidden:
+        want["hidden"] = (samples, lat["hidden"].shape[-1] if "hidden" in lat else -1)
+    elif tspec.latent.codi_hidden:
+        report("lacks codi_hidden, which its teacher spec's latent.codi_hidden asks for")
+    bad = [f"{a} {lat[a].shape if a in lat else 'missing'} (expected {w})" for a, w in want.items() if a not in lat or lat[a].shape != w]
+    if bad:
+        report("latent arrays of the wrong shape: " + ", ".join(bad))
+        return
+    pos, mask = lat["pos"], lat["mask"]
+    real = pos >= 0  # [n, M, L_t, H_t]
+    wrong = ~np.all((real == mask[:, :, None, None]) & (real | (pos == -1)), axis=(1, 2, 3))  # [n]
+    if wrong.any():
+        report(f"latent_mask disagrees with latent_pos >= 0, or padding positions are not -1 (first in sample {int(np.flatnonzero(wrong)[0])})")
+        return
+    if np.any(mask[:, 1:] & ~mask[:, :-1]):
+        report("latent_mask has a padding slot before a real one; real slots come first")
+    both = real[:, 1:] & real[:, :-1]
+    if np.any(both & (pos[:, 1:] <= pos[:, :-1])):
+        j = int(np.flatnonzero(np.any(both & (pos[:, 1:] <= pos[:, :-1]), axis=(1, 2, 3)))[0])
+        report(f"latent_pos of sample {j} do not ascend in time within a (layer, head)")
+    if segment_ids is not None:
+        for j in range(samples):
+            p = pos[j][real[j]]
+            T = int(offsets[j + 1] - offsets[j])
+            if p.size and (p.max() >= T or np.any(segment_ids[offsets[j] + p] != 1)):
+                report(f"latent_pos of sample {j} point outside its reasoning segment")
+                break
+    for a in ("k", "v", "hidden"):
+        if a in lat and not np.isfinite(lat[a]).all():
+            report(f"latent {a} holds {int(np.count_nonzero(~np.isfinite(lat[a])))} non-finite value(s) (NaN / Inf)")
 
 
 def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report) -> tuple[list[str], np.ndarray] | None:
@@ -287,6 +352,8 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
     ids, offsets = attrs["sample_ids"], np.asarray(attrs["offsets"], dtype=np.int64)
     if not _check_offsets(offsets, ids, attrs["rows"], attrs["samples"], report):
         return None
+    latents: list[dict[str, np.ndarray]] = []
+    segs: list = []
     try:
         for j, s in enumerate(wds_samples(path, [name], i)):
             k, v = s["kv"][name]
@@ -299,8 +366,19 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
                 return None
             if not (np.isfinite(k).all() and np.isfinite(v).all()):
                 report(f"record {s['sample_id']}: non-finite K/V")
+            if tspec.latent is not None:
+                if name not in s.get("latent", {}):
+                    report(f"record {s['sample_id']} lacks the latent members its teacher spec asks for")
+                    return None
+                latents.append(s["latent"][name])
+                segs.append(s.get("segment_ids"))
         if j + 1 != len(ids):
             report(f"{tar.name} holds {j + 1} records, its completion record {len(ids)}")
+        if latents:
+            hidden = all("hidden" in x for x in latents)
+            lat = {a: np.stack([x[a] for x in latents]) for a in ("k", "v", "mask", "pos", *(("hidden",) if hidden else ()))}
+            seg = np.concatenate(segs) if tspec.time_map == "identity" and all(x is not None for x in segs) else None
+            _check_latent(lat, tspec, spec.geometry.num_layers, tspec.width, len(latents), offsets, seg, hidden, report)
     except (StoreError, OSError, ValueError) as e:
         report(f"{tar.name} cannot be read: {_decode_error(e)}")
         return None
@@ -379,7 +457,8 @@ def _compare_teachers(name, i, ids, offsets, ref, problems: list[Problem]) -> No
 def _compare_index(name, i, ids, offsets, rows, problems: list[Problem]) -> None:
     fix = "run `kvdistill store finalize` again (it rewrites index.parquet from the shards)"
     if rows is None:
-        problems.append(Problem(name, i, "index.parquet has no rows for this shard", fix))
+        if ids:  # an empty shard has no rows in the index, rightly
+            problems.append(Problem(name, i, "index.parquet has no rows for this shard", fix))
         return
     want = {
         "sample_id": np.asarray(ids, dtype=object),

@@ -8,8 +8,16 @@ Layout (self-describing: plain `zarr.open_group` and `pyarrow.parquet` read all 
           k, v        [N, L_s, D_t] K/V on the student's token grid, all samples concatenated
           input_ids   [N] int32     the student's tokens (the grid k and v are aligned to)
           loss_mask   [N] bool      reasoning + answer tokens
+          segment_ids [N] uint8     0 prompt, 1 reasoning, 2 answer (dump.prompts.SEGMENTS)
           offsets     [n + 1] int64 sample j is rows offsets[j]:offsets[j+1]
           sample_ids  [n] str
+          latent_k, latent_v [n, M, L_s, D_t]  KaVa latent mode only (teacher spec `latent`): per
+                                    sample, the teacher's R-KV compressed reasoning K/V
+                                    (dump/rkv.py), layer-mapped like k / v
+          latent_mask [n, M] bool   False = padding slot (a chain shorter than M)
+          latent_pos  [n, M, L_t, H_t] int32  kept teacher positions per teacher layer and
+                                    KV head, ascending; -1 = padding
+          codi_hidden [n, H_t] float32  teacher's final-norm hidden state before the answer
       index.parquet                 written by `finalize`
 
 Each array task writes one shard of one teacher under a hidden sibling directory
@@ -212,12 +220,18 @@ class ShardWriter:
     """Write one shard of one teacher; visible in the store only after a successful close.
 
         with ShardWriter(store, "teacher-a", shard=3, num_layers=4, width=64, codec="int8") as w:
-            w.write("id-1", k, v, input_ids, loss_mask)   # k, v: [T, L, D] float16 / float32
+            w.write("id-1", k, v, input_ids, loss_mask, segment_ids)   # k, v: [T, L, D] float16 / float32
 
     K and V are stored with `codec` (store/codecs.py): float16 / float32 as is, bfloat16 as its
     bits, int8 / int4 quantised with scale arrays beside (`k_scale`, ...), all plain zarr
     arrays. An exception inside the block discards the partial shard (nothing visible is
     touched).
+
+    With `latent_slots=M` every write also takes `latent={"k", "v": [M, L, D], "mask": [M],
+    "pos": [M, L_t, H_t], "hidden": [H] (optional, all samples or none)}`, stored per sample
+    (see the module docstring). The latent K/V keep the codec's float member: float32 as
+    float32, bfloat16 as its bits, float16 / int8 / int4 as float16 (M rows per sample are a
+    small part of the shard, and int8 / int4 scale groups of 32 rows would straddle samples).
     """
 
     def __init__(
@@ -229,6 +243,7 @@ class ShardWriter:
         num_layers: int,
         width: int,
         codec: str = "float16",
+        latent_slots: int | None = None,
     ) -> None:
         if codec not in ("float32", *codecs.CODECS):
             raise ValueError(f"unknown K/V codec {codec!r}; choose one of {['float32', *codecs.CODECS]}")
@@ -252,22 +267,50 @@ class ShardWriter:
         self._buf: dict[str, list[np.ndarray]] = {n: [] for n in ("k", "v", "input_ids", "loss_mask")}
         kv_empty = np.zeros((0, num_layers, width), np.float16 if codec == "float16" else np.float32)
         # An empty shard still gets every array (with the codec's layout).
-        self._empty = {"k": kv_empty, "v": kv_empty, "input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.bool_)}
+        self._empty = {"k": kv_empty, "v": kv_empty, "input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.bool_), "segment_ids": np.zeros(0, np.uint8)}
         self._buf_rows = 0
         self.rows = 0
         self.sample_ids: list[str] = []
         self.offsets = [0]
         self.crc: dict[str, int] = {}
         self.closed = False
+        self.has_segments: bool | None = None  # decided by the first write
+        self.M = latent_slots
+        self.latent_codec = latent_codec(codec)
+        self._lat: dict[str, list[np.ndarray]] = {}  # latent arrays per sample, flushed in whole zarr shards
+        self._lat_samples = 0  # flushed
+        self.has_hidden: bool | None = None
 
-    def write(self, sample_id: str, k: np.ndarray, v: np.ndarray, input_ids: np.ndarray, loss_mask: np.ndarray) -> None:
-        """k, v: [T, L, D]; input_ids, loss_mask: [T]. Encoded with the codec at flush."""
+    def write(
+        self,
+        sample_id: str,
+        k: np.ndarray,
+        v: np.ndarray,
+        input_ids: np.ndarray,
+        loss_mask: np.ndarray,
+        segment_ids: np.ndarray | None = None,
+        latent: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """k, v: [T, L, D]; input_ids, loss_mask, segment_ids: [T]; latent: see the class
+        docstring. Encoded with the codec at flush."""
         T = len(input_ids)
         if k.shape != (T, self.L, self.D) or v.shape != (T, self.L, self.D) or len(loss_mask) != T:
             raise ValueError(
                 f"sample {sample_id}: expected k, v of shape {(T, self.L, self.D)} and {T} mask "
                 f"entries, got k {k.shape}, v {v.shape}, mask {len(loss_mask)}"
             )
+        if self.has_segments is None:
+            self.has_segments = segment_ids is not None
+            if self.has_segments:
+                self._buf["segment_ids"] = []
+        if (segment_ids is not None) != self.has_segments or (segment_ids is not None and len(segment_ids) != T):
+            raise ValueError(
+                f"sample {sample_id}: segment_ids must be given for every sample of a shard or for none, "
+                f"with one entry per token ({T}); got {None if segment_ids is None else len(segment_ids)}"
+            )
+        if segment_ids is not None:
+            self._buf["segment_ids"].append(np.asarray(segment_ids, dtype=np.uint8))
+        self._add_latent(sample_id, latent)
         kv_dtype = np.float16 if self.codec == "float16" else np.float32
         self._buf["k"].append(np.ascontiguousarray(k, dtype=kv_dtype))
         self._buf["v"].append(np.ascontiguousarray(v, dtype=kv_dtype))
@@ -279,6 +322,69 @@ class ShardWriter:
         self.offsets.append(self.rows)
         if self._buf_rows >= self.shard_rows:
             self._flush(final=False)
+
+    def _add_latent(self, sample_id: str, latent: dict[str, np.ndarray] | None) -> None:
+        if (latent is None) != (self.M is None):
+            raise ValueError(
+                f"sample {sample_id}: " + ("latent arrays given but the writer has no latent_slots"
+                                          if self.M is None else f"the writer stores {self.M} latent slots per sample; pass latent=")
+            )
+        if latent is None:
+            return
+        M, L, D = self.M, self.L, self.D
+        if self.has_hidden is None:
+            self.has_hidden = latent.get("hidden") is not None
+            self._lat = {n: [] for n in ("latent_k", "latent_v", "latent_mask", "latent_pos", *(("codi_hidden",) if self.has_hidden else ()))}
+        pos = np.asarray(latent["pos"], dtype=np.int32)
+        mask = np.asarray(latent["mask"], dtype=np.bool_)
+        problems = []
+        for part in ("k", "v"):
+            if latent[part].shape != (M, L, D):
+                problems.append(f"latent {part} has shape {latent[part].shape}, expected {(M, L, D)}")
+        if mask.shape != (M,) or pos.ndim != 3 or pos.shape[0] != M:
+            problems.append(f"latent mask {mask.shape} / pos {pos.shape}, expected ({M},) / ({M}, L_t, H_t)")
+        elif not np.array_equal(np.all(pos >= 0, axis=(1, 2)), mask) or not np.all((pos >= 0) | (pos == -1)):
+            problems.append("latent pos must be >= 0 exactly at the mask's slots and -1 at padding slots")
+        if (latent.get("hidden") is not None) != self.has_hidden:
+            problems.append("codi hidden states must be given for every sample of a shard or for none")
+        if problems:
+            raise ValueError(f"sample {sample_id}: " + "; ".join(problems))
+        self._lat["latent_k"].append(np.asarray(latent["k"], dtype=np.float32))
+        self._lat["latent_v"].append(np.asarray(latent["v"], dtype=np.float32))
+        self._lat["latent_mask"].append(mask)
+        self._lat["latent_pos"].append(pos)
+        if self.has_hidden:
+            self._lat["codi_hidden"].append(np.asarray(latent["hidden"], dtype=np.float32))
+        per_shard = self._latent_chunk() * CHUNKS_PER_SHARD
+        if len(self._lat["latent_k"]) >= per_shard:
+            self._flush_latent(per_shard)
+
+    def _latent_chunk(self) -> int:
+        """Samples per latent chunk: ~1 MiB of latent K."""
+        return max(1, int(CHUNK_BYTES // (self.M * self.L * self.D * np.dtype(np.float32 if self.latent_codec == "float32" else np.uint16).itemsize)))
+
+    def _flush_latent(self, n: int) -> None:
+        """Append the first n buffered samples of every latent array (whole zarr shards, or the rest at close)."""
+        chunk = self._latent_chunk()
+        for name, parts in self._lat.items():
+            block = np.stack(parts[:n]) if n else None
+            self._lat[name] = parts[n:]
+            if block is None:
+                continue
+            if name in ("latent_k", "latent_v"):  # [n, M, L, D]
+                enc = block if self.latent_codec == "float32" else codecs.encode(self.latent_codec, name[-1], block.reshape(-1, self.L, self.D))[""]
+                block = enc.reshape(block.shape)
+            if name not in self.arrays:
+                chunks = (chunk, *block.shape[1:])
+                self.arrays[name] = self.group.create_array(
+                    name, shape=(0, *block.shape[1:]), chunks=chunks, shards=(chunk * CHUNKS_PER_SHARD, *block.shape[1:]),
+                    dtype=block.dtype, compressors=_kv_codec(chunk * block[:1].nbytes),
+                )
+                self.crc[name] = 0
+            block = np.ascontiguousarray(block)
+            self.arrays[name].append(block)
+            self.crc[name] = zlib.crc32(block.tobytes(), self.crc[name])
+        self._lat_samples += n
 
     def _encode(self, name: str, block: np.ndarray) -> dict[str, np.ndarray]:
         """Stored arrays for a block of rows: {suffix: data}; "" is the array itself, other
@@ -324,8 +430,21 @@ class ShardWriter:
 
     def close(self, extra_attrs: dict[str, Any] | None = None) -> Path:
         """Flush, write offsets / ids / completion record, and move the shard into place."""
+        if self.has_segments is None:  # no sample written: the shard still has every array
+            self._buf["segment_ids"] = []
         self._flush(final=True)
         n = len(self.sample_ids)
+        if self.M is not None:
+            if self.has_hidden is None:  # empty shard
+                self._lat = {a: [] for a in ("latent_k", "latent_v", "latent_mask", "latent_pos")}
+            self._flush_latent(len(self._lat["latent_k"]))
+            for name in ("latent_k", "latent_v", "latent_mask", "latent_pos"):
+                if name not in self.arrays:  # no sample: empty arrays of the right rank
+                    dt = np.float32 if self.latent_codec == "float32" else codecs.stored_dtype(self.latent_codec)
+                    shape = {"latent_k": (0, self.M, self.L, self.D), "latent_v": (0, self.M, self.L, self.D),
+                             "latent_mask": (0, self.M), "latent_pos": (0, self.M, 0, 0)}[name]
+                    dtype = {"latent_mask": np.bool_, "latent_pos": np.int32}.get(name, dt)
+                    self.group.create_array(name, shape=shape, dtype=dtype)
         self.group.create_array("offsets", data=np.asarray(self.offsets, dtype=np.int64))
         ids = self.group.create_array("sample_ids", shape=(n,), dtype=str)
         if n:
@@ -340,6 +459,7 @@ class ShardWriter:
             "width": self.D,
             "scales": self.aux,
             "crc32": self.crc,
+            **({"latent": {"slots": self.M, "codec": self.latent_codec, "hidden": bool(self.has_hidden)}} if self.M is not None else {}),
             **(extra_attrs or {}),
         }
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -369,6 +489,11 @@ class ShardWriter:
             self.abort()
 
 
+def latent_codec(codec: str) -> str:
+    """How a shard of K/V codec `codec` stores its latent K/V (see ShardWriter)."""
+    return codec if codec in ("float32", "bfloat16") else "float16"
+
+
 class ShardReader:
     """Read one complete shard of one teacher: offsets, sample ids, and row blocks."""
 
@@ -391,7 +516,37 @@ class ShardReader:
     def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask")) -> dict[str, np.ndarray]:
         """Token rows [start, stop) of the given arrays (one read per stored array); K and V
         come back decoded: float16 / float32 as stored, quantised codecs as float32."""
+        if "segment_ids" in names and "segment_ids" not in self.group:
+            raise StoreError(
+                f"{self.dir} has no segment_ids (written before kvdistill stored them); re-dump this "
+                "teacher into a new --store to use latent mode"
+            )
         return {n: self._kv(n, start, stop) if n in ("k", "v") else self.group[n][start:stop] for n in names}
+
+    @property
+    def has_latent(self) -> bool:
+        return "latent" in self.attrs
+
+    def latent(self, j0: int, j1: int) -> dict[str, np.ndarray]:
+        """Latent arrays of samples [j0, j1): "k", "v" float32 [n, M, L_s, D], "mask" [n, M]
+        bool, "pos" [n, M, L_t, H_t] int32, and "hidden" float32 [n, H] when stored."""
+        if not self.has_latent:
+            raise StoreError(
+                f"{self.dir} holds no latent (compressed reasoning) K/V; re-dump this teacher with "
+                "`kvdistill dump --latent-slots M` (or `latent:` in the dump config) into a new --store"
+            )
+        info = self.attrs["latent"]
+        out = {}
+        for part in ("k", "v"):
+            x = self.group[f"latent_{part}"][j0:j1]
+            if info["codec"] != "float32":
+                x = codecs.decode(info["codec"], part, {"": x.reshape(-1, *x.shape[2:])}, 0, x.shape[-1]).reshape(x.shape)
+            out[part] = x
+        out["mask"] = self.group["latent_mask"][j0:j1]
+        out["pos"] = self.group["latent_pos"][j0:j1]
+        if info["hidden"]:
+            out["hidden"] = self.group["codi_hidden"][j0:j1]
+        return out
 
     def _kv(self, part: str, start: int, stop: int) -> np.ndarray:
         codec = self.attrs.get("codec", "float16")
@@ -504,6 +659,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
             "shards_partial": sum(1 for i in range(spec.num_shards) if i not in done and any(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))),
             "time_map": t.time_map,
             "width": t.width,
+            "latent_slots": t.latent.slots if t.latent else None,
             "shards_complete": len(done),
             "samples": samples,
             "tokens": tokens,
@@ -525,17 +681,17 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x "
         f"{g['head_dim']} dims; {info['num_shards']} shards; tokenizer {fp['tokenizer']}, data {fp['data']}",
         f"{'teacher':<20} {'time map':<14} {'codec':<8} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} "
-        f"{'bytes':>12} {'B/token':>9} {'ratio':>6}  fingerprint",
+        f"{'bytes':>12} {'B/token':>9} {'ratio':>6} {'latent':>6}  fingerprint",
     ]
     for name, t in info["teachers"].items():
         partial = f" ({t['shards_partial']} partial)" if t["shards_partial"] else ""
         lines.append(
             f"{name:<20} {t['time_map']:<14} {t['codec']:<8} {t['width']:>6} {t['shards_complete']:>4}/{info['num_shards']:<3} "
             f"{t['samples']:>8} {t['tokens']:>10} {t['bytes']:>12,} {t['bytes_per_token']:>9.1f} "
-            f"{t['compression_ratio']:>6.2f}  {t['fingerprint']}{partial}"
+            f"{t['compression_ratio']:>6.2f} {t['latent_slots'] or '-':>6}  {t['fingerprint']}{partial}"
         )
     lines.append(
         f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers); "
-        "ratio = plain float16 bytes / bytes on disk"
+        "ratio = plain float16 bytes / bytes on disk; latent = M compressed reasoning slots per sample (KaVa latent mode)"
     )
     return "\n".join(lines)

@@ -1,11 +1,17 @@
-"""`kvdistill train` (student from the store; no teacher is loaded) and `kvdistill eval`."""
+"""`kvdistill train` (student from the store; no teacher is loaded) and `kvdistill eval`.
+
+`--mode latent` (KaVa, train/latent.py) takes the paper's recipe for every setting neither a
+flag nor --config gives: LoRA r 128, alpha 32, dropout 0.1 (q, k, v, o), weight decay 0.1, grad
+clip 2.0, warm-up 5% of the steps; CODI weight 10 and KV weight 1 are the defaults anyway."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from kvdistill.schemas import EvalConfig, TrainConfig
+from kvdistill.schemas.base import load_yaml
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 
 
@@ -17,6 +23,9 @@ def _layers(text: str) -> str | list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected middle, last or comma-separated layer indices, got {text!r}") from None
 
+# KaVa's setup: LoRA r 128 / alpha 32 / dropout 0.1 on q, k, v, o; weight decay 0.1; grad
+# clip 2.0; alpha1 (CODI) 10 and alpha2 (KV) 1 are TrainConfig's own defaults.
+LATENT_RECIPE: dict[str, Any] = {"lora_r": 128, "lora_alpha": 32, "lora_dropout": 0.1, "weight_decay": 0.1, "grad_clip": 2.0}
 
 TRAIN_FLAGS: list[Flag] = [
     ("--store", "store", str, "finalized KV store to stream from"),
@@ -56,6 +65,10 @@ TRAIN_FLAGS: list[Flag] = [
     ("--stop-at-step", "stop_at_step", int, "stop cleanly after this step (time-limited jobs); --resume continues"),
     ("--resume", "resume", str, "a run directory (latest checkpoint) or a checkpoint directory to continue from"),
     ("--device", "device", str, "auto | cpu"),
+    ("--mode", "mode", str, "cot (KV on the written chain) | latent (KaVa: question -> M latents -> answer)"),
+    ("--latent-iterations", "latent_iterations", int, "latent mode: Jacobi iterations T"),
+    ("--codi-weight", "codi_weight", float, "latent mode: CODI hidden-state loss weight (alpha1)"),
+    ("--cot-weight", "cot_weight", float, "latent mode: weight of CE on the written chain (teacher mode)"),
 ]
 
 EVAL_FLAGS: list[Flag] = [
@@ -68,6 +81,8 @@ EVAL_FLAGS: list[Flag] = [
     ("--max-new-tokens", "max_new_tokens", int, "generation budget per question"),
     ("--out", "out", str, "write metrics and predictions as JSON here"),
     ("--device", "device", str, "auto | cpu | cuda"),
+    ("--mode", "mode", str, "cot | latent (a checkpoint trained with --mode latent)"),
+    ("--latent-iterations", "latent_iterations", int, "latent mode: Jacobi iterations T (default: as trained)"),
 ]
 
 
@@ -93,7 +108,12 @@ def train_main(args: argparse.Namespace) -> int:
     from .loop import train
 
     cfg = config_from_args(TrainConfig, args, TRAIN_FLAGS)
-    summary = train(cfg, progress=not args.no_progress)
+    if cfg.mode == "latent":
+        from .latent import train_latent
+
+        summary = train_latent(latent_recipe(cfg, args), progress=not args.no_progress)
+    else:
+        summary = train(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -104,6 +124,15 @@ def diagnose_main(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, args, TRAIN_FLAGS)
     print(format_table(diagnose(cfg, batches=args.batches)))
     return 0
+def latent_recipe(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """cfg with LATENT_RECIPE (and warm-up = 5% of max_steps) for every field that neither a
+    flag nor the --config file set."""
+    given = {key for _, key, _, _ in TRAIN_FLAGS if getattr(args, key) is not None}
+    if args.config:
+        with open(args.config) as f:
+            given |= set(load_yaml(f.read()) or {})
+    recipe = {**LATENT_RECIPE, "warmup_steps": max(1, round(0.05 * cfg.max_steps))}
+    return TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in recipe.items() if k not in given}})
 
 
 def eval_main(args: argparse.Namespace) -> int:
@@ -111,5 +140,9 @@ def eval_main(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(EvalConfig, args, EVAL_FLAGS)
     result = evaluate(cfg, progress=not args.no_progress)
-    print(f"{result['model']}: accuracy {result['accuracy']:.3f} on {result['n']} questions, perplexity {result['perplexity']:.3f}")
+    print(
+        f"{result['model']} ({result['mode']}): accuracy {result['accuracy']:.3f} on {result['n']} questions, "
+        f"perplexity {result['perplexity']:.3f}, {result['forward_passes_per_question']:.1f} forward passes and "
+        f"{result['generated_tokens_per_question']:.1f} generated tokens per question"
+    )
     return 0

@@ -44,6 +44,10 @@ def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
 class KVStream(IterableDataset):
     """Yields {"sample_id", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}.
 
+    With read_latent (KaVa latent mode) also "segment_ids" [T] and "latent": {teacher: {"k",
+    "v": [M, L, D] float32, "mask": [M] bool, "hidden": [H] (only if stored)}}; every teacher
+    must have been dumped with latent on (StoreError otherwise).
+
     Every (rank, worker) reads a disjoint set of shards; shard i of every teacher holds the same
     samples in the same order (the dump guarantees it; checked here anyway)."""
 
@@ -57,6 +61,7 @@ class KVStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         read_kv: bool = True,
+        read_latent: bool = False,
     ) -> None:
         self.store = Path(store)
         self.spec, known = open_specs(store)
@@ -68,6 +73,14 @@ class KVStream(IterableDataset):
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
         self.read_kv = read_kv
+        self.read_latent = read_latent
+        if read_latent:
+            plain = [t for t in teachers if known[t].latent is None]
+            if plain:
+                raise StoreError(
+                    f"store {store}: teacher(s) {plain} were dumped without latent mode; re-dump them with "
+                    "`kvdistill dump --latent-slots M` (or `latent:` in the dump config) to train latent tokens"
+                )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -101,7 +114,8 @@ class KVStream(IterableDataset):
                 )
         # Token ids and masks are a few bytes per token: read them for the whole shard once
         # (their chunks span far more rows than a K/V read span).
-        tokens = first.rows(0, int(first.offsets[-1]), ("input_ids", "loss_mask"))
+        token_names = ("input_ids", "loss_mask", "segment_ids") if self.read_latent else ("input_ids", "loss_mask")
+        tokens = first.rows(0, int(first.offsets[-1]), token_names)
         off = first.offsets
         # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each zarr read has a
         # fixed cost of about a millisecond, and a chunk straddling two spans is the only one
@@ -109,29 +123,46 @@ class KVStream(IterableDataset):
         span = READ_SPAN_CHUNKS * first.group["k"].chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
         spans = list(read_spans(off, span))
         parts = [(r, part) for r in readers for part in ("k", "v")] if self.read_kv else []
-        # Every teacher's K and V of a span are read concurrently (zarr releases the GIL while
-        # it decompresses), and the next span while this one is consumed.
-        with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(max(1, len(parts))) as arrays:
+        # Every teacher's K and V (and latent records) of a span are read concurrently (zarr
+        # releases the GIL while it decompresses), and the next span while this one is consumed.
+        workers = len(parts) + (len(readers) if self.read_latent else 0)
+        with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(max(1, workers)) as arrays:
 
-            def read(j0: int, j1: int) -> list[np.ndarray]:
+            def read(j0: int, j1: int) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
                 r0, r1 = int(off[j0]), int(off[j1])
-                return [f.result()[p] for f, (_, p) in zip([arrays.submit(r.rows, r0, r1, (p,)) for r, p in parts], parts, strict=True)]
+                kv = [arrays.submit(r.rows, r0, r1, (p,)) for r, p in parts]
+                latent = [arrays.submit(r.latent, j0, j1) for r in readers] if self.read_latent else []
+                return [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
 
             pending = ahead.submit(read, *spans[0]) if spans else None
             for i, (j0, j1) in enumerate(spans):
-                blocks = pending.result()
+                blocks, latent = pending.result()
                 if i + 1 < len(spans):
                     pending = ahead.submit(read, *spans[i + 1])
                 r0 = int(off[j0])
                 for j in range(j0, j1):
                     a, b = int(off[j]) - r0, int(off[j + 1]) - r0
-                    yield {
+                    sample = {
                         "sample_id": first.sample_ids[j],
                         "shard": shard,
                         "input_ids": tokens["input_ids"][r0 + a : r0 + b],
                         "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
-                        "kv": {t: (blocks[2 * i][a:b], blocks[2 * i + 1][a:b]) for i, t in enumerate(self.teachers)} if self.read_kv else {},
+                        "kv": {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)} if self.read_kv else {},
                     }
+                    if self.read_latent:
+                        sample["segment_ids"] = tokens["segment_ids"][r0 + a : r0 + b]
+                        sample["latent"] = {t: _contract({k: x[j - j0] for k, x in lat.items()}) for t, lat in zip(self.teachers, latent, strict=True)}
+                    yield sample
+
+    def _wds_view(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """A webdataset sample as the zarr path gives it: latent records only with read_latent."""
+        if self.read_latent:
+            _check_latent_sample(sample, self.teachers, sample["shard"])
+            sample["latent"] = {t: _contract(x) for t, x in sample["latent"].items()}
+        else:
+            sample.pop("latent", None)
+            sample.pop("segment_ids", None)
+        return sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -139,7 +170,7 @@ class KVStream(IterableDataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         buf: list[dict[str, Any]] = []
         if self.wds:  # webdataset pipelines: sequential tar records, split by rank and worker
-            samples = wds_stream(self.store, self.teachers, self.epoch_order(num_workers), rank=self.rank, world_size=self.world_size)
+            samples = map(self._wds_view, wds_stream(self.store, self.teachers, self.epoch_order(num_workers), rank=self.rank, world_size=self.world_size))
         else:
             samples = (s for shard in self.shards_for(worker, num_workers) for s in self._samples(shard))
         for sample in samples:
@@ -150,8 +181,29 @@ class KVStream(IterableDataset):
         yield from buf
 
 
+def _contract(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One teacher's latent record as the trainer sees it (the kept positions stay in the store)."""
+    out = {"k": x["k"].astype(np.float32), "v": x["v"].astype(np.float32), "mask": x["mask"].astype(np.bool_)}
+    if "hidden" in x:
+        out["hidden"] = x["hidden"].astype(np.float32)
+    return out
+
+
+def _check_latent_sample(sample: dict[str, Any], teachers: list[str], shard: int) -> None:
+    if "segment_ids" not in sample:
+        raise StoreError(
+            f"{shard_name(shard)}: sample {sample['sample_id']} has no segment_ids (written before kvdistill stored "
+            "them); re-dump into a new --store to use latent mode"
+        )
+    missing = [t for t in teachers if t not in sample.get("latent", {})]
+    if missing:
+        raise StoreError(f"{shard_name(shard)}: teacher(s) {missing} hold no latent K/V; re-dump them with --latent-slots M")
+
+
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the longest sample; masks mark real tokens. Never truncates."""
+    """Right-pad to the longest sample; masks mark real tokens. Never truncates. Samples read with
+    read_latent also give "segment_ids" [B, T] long (padding -1) and "latent": {teacher: {"k",
+    "v" [B, M, L, D] float32, "mask" [B, M] bool, "hidden" [B, H] float32 or None}}."""
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
@@ -168,7 +220,22 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         for t, (k, v) in s["kv"].items():
             kv[t][0][i, :n] = torch.from_numpy(k.astype(np.float32))
             kv[t][1][i, :n] = torch.from_numpy(v.astype(np.float32))
-    return {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
+    batch = {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
+    if "latent" in samples[0]:
+        seg = torch.full((B, T), -1, dtype=torch.long)
+        for i, s in enumerate(samples):
+            seg[i, : len(s["segment_ids"])] = torch.from_numpy(s["segment_ids"].astype(np.int64))
+        batch["segment_ids"] = seg
+        batch["latent"] = {}
+        for t, x0 in samples[0]["latent"].items():
+            rows = [s["latent"][t] for s in samples]
+            batch["latent"][t] = {
+                "k": torch.from_numpy(np.stack([r["k"] for r in rows]).astype(np.float32)),
+                "v": torch.from_numpy(np.stack([r["v"] for r in rows]).astype(np.float32)),
+                "mask": torch.from_numpy(np.stack([r["mask"] for r in rows])),
+                "hidden": torch.from_numpy(np.stack([r["hidden"] for r in rows]).astype(np.float32)) if "hidden" in x0 else None,
+            }
+    return batch
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
