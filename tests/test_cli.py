@@ -152,3 +152,17 @@ def test_python_dash_m_kvdistill_help_works():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: kvdistill")
     assert "dump" in proc.stdout and "train" in proc.stdout
+
+
+def test_train_flags_reach_trackers_and_the_negative_control():
+    import argparse
+
+    from kvdistill.schemas import TrainConfig
+    from kvdistill.schemas.cli import add_flags, config_from_args
+    from kvdistill.train.cli import TRAIN_FLAGS
+
+    p = argparse.ArgumentParser()
+    add_flags(p, TRAIN_FLAGS, TrainConfig)
+    args = p.parse_args(["--store", "s.zarr", "--student", "s", "--out", "o", "--report-to", "tensorboard,wandb", "--kv-control", "shuffled"])
+    cfg = config_from_args(TrainConfig, args, TRAIN_FLAGS)
+    assert cfg.report_to == ["tensorboard", "wandb"] and cfg.kv_control == "shuffled"

@@ -69,6 +69,8 @@ TRAIN_FLAGS: list[Flag] = [
     ("--latent-iterations", "latent_iterations", int, "latent mode: Jacobi iterations T"),
     ("--codi-weight", "codi_weight", float, "latent mode: CODI hidden-state loss weight (alpha1)"),
     ("--cot-weight", "cot_weight", float, "latent mode: weight of CE on the written chain (teacher mode)"),
+    ("--report-to", "report_to", lambda s: [x for x in s.split(",") if x], "trackers besides metrics.jsonl, comma list (tensorboard, wandb, ...) | all"),
+    ("--kv-control", "kv_control", str, "none | shuffled (negative control: each sample gets another sample's teacher K/V)"),
 ]
 
 EVAL_FLAGS: list[Flag] = [
