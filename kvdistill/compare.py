@@ -38,6 +38,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "kv-similarity": {"fusion": "similarity"},
     "kv-router": {"fusion": "router"},
     "kv-shuffled": {"kv_control": "shuffled"},  # negative control: another sample's K/V
+    # KaVa latent mode (train/latent.py; the store needs R-KV compressed K/V, `dump
+    # --latent-slots`; the demo's is built when one of these arms is asked for). Not in the
+    # default arm list: a latent step costs T + 1 forwards. Recipe: weight decay 0.1, clip 2.0.
+    "latent-codi": {"mode": "latent", "kv_weight": 0.0, "weight_decay": 0.1, "grad_clip": 2.0},  # CODI, no KV loss
+    "latent-kv": {"mode": "latent", "weight_decay": 0.1, "grad_clip": 2.0},
+    "latent-shuffled": {"mode": "latent", "kv_control": "shuffled", "weight_decay": 0.1, "grad_clip": 2.0},  # control
 }
 CONFIDENCE = 0.95
 
@@ -91,8 +97,16 @@ def mean_ci(values: list[float], confidence: float = CONFIDENCE) -> dict[str, An
 # ----------------------------------------------------------------------------- runs
 
 
-def arm_configs(cfg: CompareConfig, store: str, student: ModelSpec, base: dict[str, Any]) -> dict[str, dict[int, TrainConfig]]:
-    """arm -> seed -> TrainConfig; every config is built (and validated) before anything runs."""
+def latent_arms(cfg: CompareConfig) -> list[str]:
+    arms = {**ARMS, **cfg.arm_overrides}
+    return [a for a in cfg.arms if arms.get(a, {}).get("mode") == "latent"]
+
+
+def arm_configs(
+    cfg: CompareConfig, store: str, student: ModelSpec, base: dict[str, Any], latent_store: str | None = None
+) -> dict[str, dict[int, TrainConfig]]:
+    """arm -> seed -> TrainConfig; every config is built (and validated) before anything runs.
+    Latent-mode arms train from `latent_store` (default: `store`)."""
     arms = {**ARMS, **cfg.arm_overrides}
     unknown = [a for a in cfg.arms if a not in arms]
     if unknown:
@@ -106,7 +120,8 @@ def arm_configs(cfg: CompareConfig, store: str, student: ModelSpec, base: dict[s
     for name in cfg.arms:
         out[name] = {}
         for seed in range(cfg.seeds):
-            fields = {**base, **cfg.train, **arms[name], "store": store, "student": student.to_dict(), "max_steps": cfg.steps,
+            arm_store = (latent_store or store) if arms[name].get("mode") == "latent" else store
+            fields = {**base, **cfg.train, **arms[name], "store": arm_store, "student": student.to_dict(), "max_steps": cfg.steps,
                       "seed": seed, "device": cfg.device, "out": str(Path(cfg.out) / "runs" / name / f"seed-{seed}")}
             try:
                 out[name][seed] = TrainConfig.from_dict(fields)
@@ -134,6 +149,7 @@ def _demo_store(cfg: CompareConfig, progress: bool) -> tuple[str, ModelSpec, Dat
 
 def _run_one(tcfg: TrainConfig, ecfg: EvalConfig, progress: bool) -> dict[str, Any]:
     from kvdistill.train.eval import evaluate
+    from kvdistill.train.latent import train_latent
     from kvdistill.train.loop import train
 
     run = Path(tcfg.out)
@@ -143,7 +159,7 @@ def _run_one(tcfg: TrainConfig, ecfg: EvalConfig, progress: bool) -> dict[str, A
         if TrainConfig.load(run / "train_config.yaml") == tcfg and done["eval_config"] == ecfg.to_dict():
             print(f"[compare] {run}: done before with this config, reusing it", flush=True)
             return done
-    summary = train(tcfg, progress=progress)
+    summary = (train_latent if tcfg.mode == "latent" else train)(tcfg, progress=progress)
     result = evaluate(ecfg, progress=progress)
     done = {"train": summary, "eval": result, "eval_config": ecfg.to_dict()}
     record.write_text(json.dumps(done, indent=1))
@@ -159,7 +175,13 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     else:
         store, student, eval_data = _demo_store(cfg, progress)
         base = {"lr": 3e-3, "batch_size": cfg.demo.batch_size}  # the demo's student settings
-    plan = arm_configs(cfg, store, student, base)
+    latent_store = None
+    if latent_arms(cfg) and cfg.store is None:  # the demo's teachers, dumped with R-KV compression
+        from kvdistill.demo import _models, dump_latent_store
+
+        demo_student, teachers, _, _ = _models(cfg.demo, Path(cfg.demo.out), progress)
+        latent_store = str(dump_latent_store(cfg.demo, Path(cfg.demo.out), demo_student, teachers, progress))
+    plan = arm_configs(cfg, store, student, base, latent_store)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "compare_config.yaml")
@@ -167,7 +189,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     for name, seeds in plan.items():
         runs[name] = []
         for seed, tcfg in seeds.items():
-            ecfg = EvalConfig(model=tcfg.out, data=eval_data, max_new_tokens=cfg.max_new_tokens, out=str(Path(tcfg.out) / "eval.json"), device=cfg.device)
+            ecfg = EvalConfig(model=tcfg.out, data=eval_data, max_new_tokens=cfg.max_new_tokens, out=str(Path(tcfg.out) / "eval.json"), device=cfg.device, mode=tcfg.mode)
             done = _run_one(tcfg, ecfg, progress)
             ev, tr = done["eval"], done["train"]
             runs[name].append({"seed": seed, "run": tcfg.out, "accuracy": ev["accuracy"], "perplexity": ev["perplexity"], "n_eval": ev["n"],

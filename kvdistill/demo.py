@@ -213,6 +213,20 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def dump_latent_store(cfg: DemoConfig, out: Path, student: ModelSpec, teachers: list[ModelSpec], progress: bool = True) -> Path:
+    """DIR/store-latent.zarr: the demo's teachers dumped with R-KV compression to
+    cfg.latent_slots slots (and the full K/V), finalized. Complete shards of an earlier run are
+    skipped; a store dumped with other settings is refused by the store's fingerprints."""
+    store = out / "store-latent.zarr"
+    latent = LatentSpec(slots=cfg.latent_slots)
+    dump_base = DumpConfig(
+        teacher=teachers[0], student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, latent=latent, device="cpu"
+    )
+    run_local(dump_tasks(dump_base, teachers), progress=progress)
+    finalize(store)
+    return store
+
+
 def run_latent_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """KaVa latent mode on the demo's models: latent students with and without the KV loss
     against a CoT student, all from one latent-compressed store; accuracy vs cost per question."""
@@ -223,14 +237,8 @@ def run_latent_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     student, teachers, _, test_data = _models(cfg, out, progress)
     lap("teachers")
 
-    store = out / "store-latent.zarr"
-    latent = LatentSpec(slots=cfg.latent_slots)
-    dump_base = DumpConfig(
-        teacher=teachers[0], student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, latent=latent, device="cpu"
-    )
-    run_local(dump_tasks(dump_base, teachers), progress=progress)
+    store = dump_latent_store(cfg, out, student, teachers, progress)
     lap("dump (latent)")
-    finalize(store)
     store_info = inspect(store)
     print(format_inspect(store_info))
     lap("finalize")

@@ -354,3 +354,42 @@ def test_a_latent_run_stopped_and_resumed_ends_bitwise_identical_to_an_uninterru
     la, lb = (torch.load(tmp_path / r / "final" / "latent.pt") for r in ("straight", "cut"))
     for part in ("head", "adapters", "codi"):
         assert la[part].keys() == lb[part].keys() and all(torch.equal(la[part][k], lb[part][k]) for k in la[part]), part
+
+
+def test_shuffled_latent_control_swaps_compressed_kv_between_samples_and_keeps_the_rest():
+    from kvdistill.train.stream import shuffle_latent
+
+    rng = np.random.default_rng(0)
+    samples = [
+        {"sample_id": f"s{i}", "input_ids": np.arange(3 + i), "latent": {"t": {"k": rng.normal(size=(M, 2, 4)), "v": rng.normal(size=(M, 2, 4)),
+                                                                             "mask": rng.random(M) > 0.3, "hidden": np.full(6, float(i))}}}
+        for i in range(4)
+    ]
+    out = shuffle_latent(samples, seed=3)
+    assert [o["kv_from"] for o in out] == [o["kv_from"] for o in shuffle_latent(samples, seed=3)]  # seeded
+    assert sorted(o["kv_from"] for o in out) == [s["sample_id"] for s in samples]
+    for s, o in zip(samples, out, strict=True):
+        src = next(x for x in samples if x["sample_id"] == o["kv_from"])
+        assert o["kv_from"] != s["sample_id"]
+        for n in ("k", "v", "mask"):
+            assert np.array_equal(o["latent"]["t"][n], src["latent"]["t"][n])
+        assert np.array_equal(o["latent"]["t"]["hidden"], s["latent"]["t"]["hidden"]) and np.array_equal(o["input_ids"], s["input_ids"])
+
+
+def test_compare_runs_latent_arms_on_a_latent_store(latent_store, tmp_path):
+    from kvdistill.compare import run_compare
+    from kvdistill.schemas import CompareConfig, DataSpec
+
+    data = DataSpec.from_dict({**DATA.to_dict(), "split": "test", "limit": 3})
+    cfg = CompareConfig(out=str(tmp_path / "cmp"), seeds=2, arms=["ce", "latent-codi", "latent-shuffled"], steps=2, store=str(latent_store["store"]),
+                        student=latent_store["student"], eval_data=data, max_new_tokens=4, device="cpu",
+                        train={"batch_size": 4, "warmup_steps": 1, "shuffle_buffer": 8, "log_every": 1, "teachers": ["teacher-a", "teacher-b"]})
+    result = run_compare(cfg, progress=False)
+    for arm in ("latent-codi", "latent-shuffled"):
+        assert [r["seed"] for r in result["arms"][arm]["runs"]] == [0, 1]
+        run = tmp_path / "cmp" / "runs" / arm / "seed-0"
+        assert (run / "final" / "latent.pt").exists()
+        ev = json.loads((run / "eval.json").read_text())
+        assert ev["mode"] == "latent" and ev["n"] == 3
+    assert TrainConfig.load(tmp_path / "cmp" / "runs" / "latent-shuffled" / "seed-1" / "train_config.yaml").kv_control == "shuffled"
+    assert "vs_ce" in result["arms"]["latent-codi"]

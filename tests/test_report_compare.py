@@ -297,14 +297,18 @@ def test_default_arms_are_valid_train_configs_with_their_overrides(tiny_store, t
     from kvdistill.compare import ARMS, arm_configs
 
     cfg = CompareConfig(out=str(tmp_path), seeds=2, steps=7)
-    assert cfg.arms == list(ARMS)
-    plan = arm_configs(cfg, str(tiny_store["store"]), tiny_store["student"], {"lr": 3e-3})
+    latent = ["latent-codi", "latent-kv", "latent-shuffled"]  # opt-in: they need a latent store
+    assert cfg.arms == [a for a in ARMS if a not in latent]
+    cfg = CompareConfig(out=str(tmp_path), seeds=2, steps=7, arms=list(ARMS))
+    plan = arm_configs(cfg, str(tiny_store["store"]), tiny_store["student"], {"lr": 3e-3}, latent_store="latent.zarr")
     assert list(plan) == list(ARMS) and all(list(seeds) == [0, 1] for seeds in plan.values())
+    assert {plan[a][0].store for a in latent} == {"latent.zarr"} and plan["kv-fixed"][0].store == str(tiny_store["store"])
     got = {name: seeds[1] for name, seeds in plan.items()}
     assert got["ce"].kv_weight == 0.0 and got["kv-fixed"].kv_weight == 1.0
     assert got["kv-single"].teachers == ["teacher-qwen2"]
     assert (got["kv-similarity"].fusion, got["kv-router"].fusion) == ("similarity", "router")
     assert got["kv-shuffled"].kv_control == "shuffled" and got["kv-fixed"].kv_control == "none"
+    assert {got[a].mode for a in latent} == {"latent"} and (got["latent-codi"].kv_weight, got["latent-shuffled"].kv_control) == (0.0, "shuffled")
     assert all(c.seed == 1 and c.max_steps == 7 and c.lr == 3e-3 for c in got.values())
     assert len({c.out for c in got.values()}) == len(got)
 

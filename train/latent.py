@@ -60,7 +60,7 @@ from kvdistill.store import StoreError
 from .distiller import KVAdapter, _key
 from .loop import _check_store, _latest_checkpoint, _save_checkpoint
 from .losses import layer_std_norm, masked_ce, masked_kv_loss
-from .stream import KVStream, collate
+from .stream import KVStream, collate, shuffle_latent
 
 __all__ = ["LatentHead", "LatentStudent", "jacobi", "latent_generate", "split_segments", "load_latent", "train_latent"]
 
@@ -395,7 +395,16 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         read_kv=False,
         read_latent=True,
     )
-    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=lambda s: collate(s, pad_id))
+
+    def collate_fn(samples):
+        if cfg.kv_control == "shuffled":  # negative control: each sample gets another's compressed K/V
+            samples = shuffle_latent(samples, cfg.seed)
+        return collate(samples, pad_id)
+
+    loader = DataLoader(
+        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn,
+        drop_last=cfg.kv_control == "shuffled",  # a short last batch may hold one sample: none to swap with
+    )
     model, opt, sched = accelerator.prepare(model, opt, sched)
 
     if accelerator.is_main_process:

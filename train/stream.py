@@ -27,7 +27,7 @@ from kvdistill.store import (
     wds_stream,
 )
 
-__all__ = ["KVStream", "collate", "derangement", "shuffle_kv", "READ_SPAN_CHUNKS", "read_spans"]
+__all__ = ["KVStream", "collate", "derangement", "shuffle_kv", "shuffle_latent", "READ_SPAN_CHUNKS", "read_spans"]
 
 READ_SPAN_CHUNKS = 16  # rows per K/V read: this many zarr chunks (one zarr shard), whole samples
 
@@ -254,8 +254,7 @@ def shuffle_kv(samples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]
     sample perm[i] != i of the same batch, linearly resampled in time onto its own length, so
     every real token still has a target. perm is a derangement seeded by `seed` and the batch's
     sample ids (the same batch gets the same swap in any worker and on resume)."""
-    ids = "\0".join(str(s["sample_id"]) for s in samples)
-    perm = derangement(len(samples), np.random.default_rng([seed, zlib.crc32(ids.encode())]))
+    perm = _batch_derangement(samples, seed)
     out = []
     for s, j in zip(samples, perm, strict=True):
         T_s = len(s["input_ids"])
@@ -264,4 +263,22 @@ def shuffle_kv(samples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]
             tm = linear_resample_time_map(len(k), T_s)
             kv[t] = tuple(tm.apply(torch.from_numpy(x.astype(np.float32))).numpy() for x in (k, v))  # [T_s, L, D]
         out.append({**s, "kv": kv, "kv_from": samples[j]["sample_id"]})
+    return out
+
+
+def _batch_derangement(samples: list[dict[str, Any]], seed: int) -> np.ndarray:
+    """The control's swap: a derangement seeded by `seed` and the batch's sample ids."""
+    ids = "\0".join(str(s["sample_id"]) for s in samples)
+    return derangement(len(samples), np.random.default_rng([seed, zlib.crc32(ids.encode())]))
+
+
+def shuffle_latent(samples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The shuffled-KV control of latent mode: sample i keeps its tokens and its CODI hidden
+    state but takes the compressed teacher K/V (k, v and slot mask, per teacher) of sample
+    perm[i] != i of the same batch (M slots: no resampling needed); same seeding as shuffle_kv."""
+    perm = _batch_derangement(samples, seed)
+    out = []
+    for s, j in zip(samples, perm, strict=True):
+        latent = {t: {**x, **{n: samples[j]["latent"][t][n] for n in ("k", "v", "mask")}} for t, x in s["latent"].items()}
+        out.append({**s, "latent": latent, "kv_from": samples[j]["sample_id"]})
     return out
