@@ -349,7 +349,7 @@ class TrainConfig(Record):
     adapter: Literal["flat", "headwise"] = "flat"
     kv_attn_weight: Literal["none", "student"] = "none"  # student: weight tokens by the attention they receive
     kv_attn_warmup_steps: int = 1000  # linear warm-up from uniform token weights
-    cka_weight: float = 0.05  # 1 - debiased linear CKA of student K|V and the fused target
+    cka_weight: float = 0.05  # 1 - debiased linear CKA of student K|V and the fused target (mode cot; latent mode has no CKA term)
     cka_layers: Literal["middle", "last"] | list[int] = "middle"
     layer_anneal_steps: int = 0  # > 0: KV loss phases in deeper layers linearly over these steps
     kv_weight: float = 1.0  # 0 gives the CE-only baseline
@@ -415,6 +415,15 @@ class TrainConfig(Record):
                 f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs "
                 f"batch_size >= 2 and kv_weight > 0 (got {self.batch_size}, {self.kv_weight})"
             )
+        if self.mode == "latent":  # options of the written-chain trainer that latent mode does not have
+            cot_only = {"fusion": (self.fusion, "fixed"), "adapter": (self.adapter, "flat"), "kv_attn_weight": (self.kv_attn_weight, "none"),
+                        "layer_anneal_steps": (self.layer_anneal_steps, 0)}
+            bad = {k: v for k, (v, off) in cot_only.items() if v != off}
+            if bad:
+                raise ConfigError(
+                    f"TrainConfig: {bad} apply to mode 'cot' only; latent mode fuses teachers with fixed weights through flat "
+                    "adapters and has no attention weighting or layer annealing. Drop them or train with --mode cot"
+                )
 
 
 @dataclass

@@ -393,3 +393,12 @@ def test_compare_runs_latent_arms_on_a_latent_store(latent_store, tmp_path):
         assert ev["mode"] == "latent" and ev["n"] == 3
     assert TrainConfig.load(tmp_path / "cmp" / "runs" / "latent-shuffled" / "seed-1" / "train_config.yaml").kv_control == "shuffled"
     assert "vs_ce" in result["arms"]["latent-codi"]
+
+
+@pytest.mark.parametrize("option", [{"fusion": "router"}, {"adapter": "headwise"}, {"kv_attn_weight": "student"}, {"layer_anneal_steps": 10}])
+def test_latent_mode_refuses_options_only_the_written_chain_trainer_has(option):
+    from kvdistill.schemas import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(option))):
+        TrainConfig(store="s.zarr", student=ModelSpec(name_or_path="s"), out="o", mode="latent", **option)
+    TrainConfig(store="s.zarr", student=ModelSpec(name_or_path="s"), out="o", mode="cot", **option)  # fine there

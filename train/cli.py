@@ -44,7 +44,7 @@ TRAIN_FLAGS: list[Flag] = [
     ("--adapter", "adapter", str, "flat (D_t x D_s per layer) | headwise (kv-head mixer + per-head d_t x d_s)"),
     ("--kv-attn-weight", "kv_attn_weight", str, "none | student (weight tokens by the student's attention to them; eager attention)"),
     ("--kv-attn-warmup-steps", "kv_attn_warmup_steps", int, "linear warm-up from uniform token weights"),
-    ("--cka-weight", "cka_weight", float, "weight of 1 - debiased CKA(student K|V, fused target) (0: off)"),
+    ("--cka-weight", "cka_weight", float, "weight of 1 - debiased CKA(student K|V, fused target) (0: off; cot mode only)"),
     ("--cka-layers", "cka_layers", _layers, "middle | last | comma list of student layers, e.g. 0,3"),
     ("--layer-anneal-steps", "layer_anneal_steps", int, "phase deeper layers into the KV loss over N steps (0: off)"),
     ("--lora-r", "lora_r", int, "LoRA rank (peft); 0 trains every weight"),
