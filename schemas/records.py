@@ -375,6 +375,9 @@ class TrainConfig(Record):
     stop_at_step: int | None = None  # stop cleanly after this step (a time-limited job); --resume goes on
     resume: str | None = None  # a run directory (its latest checkpoint) or one checkpoint directory
     device: str = "auto"
+    # autocast: "auto" = bf16 on a GPU that has it, none on CPU (bf16 matmuls are ~6x slower
+    # there), or what `accelerate launch --mixed_precision` / its config says when launched so
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Trackers besides metrics.jsonl (the source of truth), through accelerate: e.g.
     # ["tensorboard"], ["wandb"]; "all" / "auto": every one accelerate finds installed.
     report_to: list[str] = field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -262,3 +263,34 @@ def test_similarity_fusion_trains_and_logs_router_weights(tiny_store, tmp_path):
     assert np.isfinite(kv).all() and kv[-5:].mean() < 0.85 * kv[:5].mean(), kv
     for r in rows:
         assert abs(r["route_k_teacher-a"] + r["route_k_teacher-b"] - 1) < 1e-4
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision in
+    it; a training job is one process, this test file is not."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("precision, want", [("auto", "no"), ("bf16", "bf16")])
+def test_mixed_precision_is_off_on_cpu_by_default_and_bf16_autocast_trains(tiny_store, tmp_path, precision, want, fresh_accelerator_state):
+    cfg = TrainConfig(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=2,
+                      device="cpu", mixed_precision=precision)
+    summary = train(cfg, progress=False)
+    rank = json.loads((tmp_path / "run" / "ranks" / "rank-0.json").read_text())
+    assert rank["mixed_precision"] == want
+    assert math.isfinite(summary["final_ce"]) and math.isfinite(summary["final_kv_k"])
+
+
+def test_mixed_precision_auto_defers_to_accelerate_launch(monkeypatch, tiny_store):
+    from kvdistill.train.loop import mixed_precision
+
+    cfg = TrainConfig(store="s.zarr", student=tiny_store["student"], out="o", device="cpu")
+    assert mixed_precision(cfg) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert mixed_precision(cfg) is None  # accelerate reads the launcher's choice itself
+    assert mixed_precision(TrainConfig.from_dict({**cfg.to_dict(), "mixed_precision": "bf16"})) == "bf16"

@@ -65,6 +65,7 @@ TRAIN_FLAGS: list[Flag] = [
     ("--stop-at-step", "stop_at_step", int, "stop cleanly after this step (time-limited jobs); --resume continues"),
     ("--resume", "resume", str, "a run directory (latest checkpoint) or a checkpoint directory to continue from"),
     ("--device", "device", str, "auto | cpu"),
+    ("--mixed-precision", "mixed_precision", str, "auto (bf16 on a GPU that has it, none on CPU) | no | bf16 | fp16"),
     ("--mode", "mode", str, "cot (KV on the written chain) | latent (KaVa: question -> M latents -> answer)"),
     ("--latent-iterations", "latent_iterations", int, "latent mode: Jacobi iterations T"),
     ("--codi-weight", "codi_weight", float, "latent mode: CODI hidden-state loss weight (alpha1)"),

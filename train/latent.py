@@ -58,7 +58,7 @@ from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
 from .distiller import KVAdapter, _key
-from .loop import _check_store, _latest_checkpoint, _save_checkpoint
+from .loop import _check_store, _latest_checkpoint, _save_checkpoint, mixed_precision
 from .losses import layer_std_norm, masked_ce, masked_kv_loss
 from .stream import KVStream, collate, shuffle_latent
 
@@ -344,7 +344,7 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """The latent-mode recipe: setup, train, save (train/loop.py's shape, its store checks
     and checkpoint helpers)."""
     t0 = time.perf_counter()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
     set_seed(cfg.seed)
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student)

@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,21 @@ def build_model(cfg: TrainConfig):
     return tokenizer, build_distiller(cfg, student, spec, teachers), spec, teachers
 
 
+def mixed_precision(cfg: TrainConfig) -> str | None:
+    """Accelerator's mixed_precision for cfg: None leaves it to `accelerate launch` / its config."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
     accelerator = Accelerator(
-        cpu=cfg.device == "cpu", log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
+        cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg), log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
     )
     set_seed(cfg.seed)
     out = Path(cfg.out)
@@ -225,6 +236,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "process_index": accelerator.process_index,
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision,
         "shards": sorted(shards_read),
         "samples": samples_read,
         "param_sum": float(params.sum()),
