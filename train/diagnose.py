@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
 from .distiller import LOSS_TERMS
 from .loop import build_model
-from .stream import KVStream, collate, shuffle_kv
+from .stream import KVStream, train_loader
 
 __all__ = ["diagnose", "format_table"]
 
@@ -53,10 +52,7 @@ def diagnose(cfg: TrainConfig, batches: int = 4) -> dict[str, Any]:
     stream = KVStream(cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, read_kv=cfg.kv_weight > 0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def collate_fn(samples):  # as in train, the shuffled-KV control included
-        return collate(shuffle_kv(samples, cfg.seed) if cfg.kv_control == "shuffled" else samples, pad_id)
-
-    loader = DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate_fn, drop_last=cfg.kv_control == "shuffled")
+    loader = train_loader(stream, cfg, pad_id)  # as in train, the shuffled-KV control included
     weights = {"ce": cfg.ce_weight, "kv": cfg.kv_weight, "kv_k": cfg.kv_weight, "kv_v": cfg.kv_weight, "cka": cfg.cka_weight, "router_entropy": -cfg.router_entropy_weight}
     acc: dict[str, dict[str, list[float]]] = {}
     n = 0

@@ -22,10 +22,20 @@ from .losses import (
     warmup_mix,
 )
 
-__all__ = ["KVAdapter", "HeadwiseAdapter", "Router", "Distiller", "build_distiller", "head_mixer_init", "LOSS_TERMS"]
+__all__ = ["fixed_weights", "KVAdapter", "HeadwiseAdapter", "Router", "Distiller", "build_distiller", "head_mixer_init", "LOSS_TERMS"]
 
 # Every scalar loss term forward() may return (besides the total "loss").
 LOSS_TERMS = ("ce", "kv_k", "kv_v", "cka", "router_entropy")
+
+
+def fixed_weights(teacher_weights: dict[str, float] | None, teachers: list[str]) -> dict[str, float]:
+    """Fixed fusion weights over `teachers`, normalised to sum 1 (default: equal)."""
+    w = teacher_weights or dict.fromkeys(teachers, 1.0)
+    unknown = sorted(set(w) - set(teachers))
+    if unknown or not any(w.get(t, 0) > 0 for t in teachers):
+        raise ValueError(f"teacher_weights {w} must name only teachers {teachers} with some weight > 0")
+    total = sum(w.get(t, 0.0) for t in teachers)
+    return {t: w.get(t, 0.0) / total for t in teachers}
 
 
 class KVAdapter(nn.Module):
@@ -177,12 +187,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.student = student
         self.teachers = list(teacher_widths)
-        w = teacher_weights or dict.fromkeys(self.teachers, 1.0)
-        unknown = sorted(set(w) - set(self.teachers))
-        if unknown or not any(w.get(t, 0) > 0 for t in self.teachers):
-            raise ValueError(f"teacher_weights {w} must name only teachers {self.teachers} with some weight > 0")
-        total = sum(w.get(t, 0.0) for t in self.teachers)
-        self.fusion = {t: w.get(t, 0.0) / total for t in self.teachers}
+        self.fusion = fixed_weights(teacher_weights, self.teachers)
         self.active = [t for t in self.teachers if self.fusion[t] > 0]
         self.kv_weight, self.ce_weight, self.kv_norm, self.kv_loss = kv_weight, ce_weight, kv_norm, kv_loss
         if fusion not in ("fixed", "similarity", "router"):

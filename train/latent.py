@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
@@ -57,10 +56,10 @@ from kvdistill.dump.models import load_tokenizer
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
-from .distiller import KVAdapter, _key
+from .distiller import KVAdapter, _key, fixed_weights
 from .loop import _check_store, _latest_checkpoint, _save_checkpoint, mixed_precision
 from .losses import layer_std_norm, masked_ce, masked_kv_loss
-from .stream import KVStream, collate, shuffle_latent
+from .stream import KVStream, shuffle_latent, train_loader
 
 __all__ = ["LatentHead", "LatentStudent", "jacobi", "latent_generate", "split_segments", "load_latent", "train_latent"]
 
@@ -217,12 +216,7 @@ class LatentStudent(nn.Module):
         self.head = LatentHead(hidden, slots, scale=float(emb.detach().std()))
         self.iterations, self.pad_id = iterations, pad_id
         self.teachers = list(teacher_widths)
-        w = teacher_weights or dict.fromkeys(self.teachers, 1.0)
-        unknown = sorted(set(w) - set(self.teachers))
-        if unknown or not any(w.get(t, 0) > 0 for t in self.teachers):
-            raise ValueError(f"teacher_weights {w} must name only teachers {self.teachers} with some weight > 0")
-        total = sum(w.get(t, 0.0) for t in self.teachers)
-        self.weights = {t: w.get(t, 0.0) / total for t in self.teachers}
+        self.weights = fixed_weights(teacher_weights, self.teachers)
         self.kv_weight, self.codi_weight, self.answer_weight, self.cot_weight = kv_weight, codi_weight, answer_weight, cot_weight
         self.kv_norm, self.kv_loss = kv_norm, kv_loss
         self.adapters = nn.ModuleDict()
@@ -395,16 +389,7 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         read_kv=False,
         read_latent=True,
     )
-
-    def collate_fn(samples):
-        if cfg.kv_control == "shuffled":  # negative control: each sample gets another's compressed K/V
-            samples = shuffle_latent(samples, cfg.seed)
-        return collate(samples, pad_id)
-
-    loader = DataLoader(
-        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn,
-        drop_last=cfg.kv_control == "shuffled",  # a short last batch may hold one sample: none to swap with
-    )
+    loader = train_loader(stream, cfg, pad_id, shuffle_latent)  # "shuffled": another sample's compressed K/V
     model, opt, sched = accelerator.prepare(model, opt, sched)
 
     if accelerator.is_main_process:

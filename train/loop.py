@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
@@ -39,7 +38,7 @@ from kvdistill.store import StoreError, open_specs
 
 from .distiller import LOSS_TERMS, build_distiller
 from .report import resolve_trackers, tracker_config, tracker_values
-from .stream import KVStream, collate, shuffle_kv
+from .stream import KVStream, shuffle_kv, train_loader
 
 __all__ = ["train", "build_model"]
 
@@ -138,15 +137,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def collate_fn(samples):
-        if cfg.kv_control == "shuffled":  # negative control: each sample gets another's teacher K/V
-            samples = shuffle_kv(samples, cfg.seed)
-        return collate(samples, pad_id)
-
-    loader = DataLoader(
-        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn,
-        drop_last=cfg.kv_control == "shuffled",  # a short last batch may hold one sample: none to swap with
-    )
+    loader = train_loader(stream, cfg, pad_id, shuffle_kv)  # kv_control "shuffled": each sample gets another's teacher K/V
     # The stream already splits shards by rank, so the loader is not handed to accelerate.
     model, opt, sched = accelerator.prepare(model, opt, sched)
 

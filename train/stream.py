@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kvdistill.align.time import linear_resample_time_map
 from kvdistill.store import (
@@ -27,7 +27,7 @@ from kvdistill.store import (
     wds_stream,
 )
 
-__all__ = ["KVStream", "collate", "derangement", "shuffle_kv", "shuffle_latent", "READ_SPAN_CHUNKS", "read_spans"]
+__all__ = ["KVStream", "collate", "train_loader", "derangement", "shuffle_kv", "shuffle_latent", "READ_SPAN_CHUNKS", "read_spans"]
 
 READ_SPAN_CHUNKS = 16  # rows per K/V read: this many zarr chunks (one zarr shard), whole samples
 
@@ -282,3 +282,15 @@ def shuffle_latent(samples: list[dict[str, Any]], seed: int) -> list[dict[str, A
         latent = {t: {**x, **{n: samples[j]["latent"][t][n] for n in ("k", "v", "mask")}} for t, x in s["latent"].items()}
         out.append({**s, "latent": latent, "kv_from": samples[j]["sample_id"]})
     return out
+
+
+def train_loader(stream: KVStream, cfg, pad_id: int, control=shuffle_kv) -> DataLoader:
+    """The trainer's DataLoader over `stream` (TrainConfig cfg): padded batches, and with
+    kv_control "shuffled" the negative control `control` (shuffle_kv, or shuffle_latent in
+    latent mode) applied before padding; a short last batch is then dropped (a one-sample batch
+    has no other sample to swap with). The stream splits shards by rank itself."""
+
+    def collate_fn(samples):
+        return collate(control(samples, cfg.seed) if cfg.kv_control == "shuffled" else samples, pad_id)
+
+    return DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn, drop_last=cfg.kv_control == "shuffled")
