@@ -35,6 +35,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "ce": {"kv_weight": 0.0},  # the baseline every difference is paired against
     "kv-single": {"teachers": ["teacher-qwen2"]},  # the demo's deeper teacher alone
     "kv-fixed": {"fusion": "fixed"},  # every teacher, equal fixed weights
+    "kv-headwise": {"fusion": "fixed", "adapter": "headwise"},  # kv-fixed with structured adapters (A/B)
     "kv-similarity": {"fusion": "similarity"},
     "kv-router": {"fusion": "router"},
     "kv-shuffled": {"kv_control": "shuffled"},  # negative control: another sample's K/V

@@ -471,7 +471,7 @@ class DemoConfig(Record):
     latent_iterations: int = 3
 
 
-COMPARE_ARMS = ["ce", "kv-single", "kv-fixed", "kv-similarity", "kv-router", "kv-shuffled"]
+COMPARE_ARMS = ["ce", "kv-single", "kv-fixed", "kv-headwise", "kv-similarity", "kv-router", "kv-shuffled"]
 
 
 @dataclass
