@@ -16,6 +16,8 @@ dropped with posix_fadvise first, then warm), the raw read rate of the same file
 (`open().read()`, cold and warm) and the relative Frobenius error of K and V. MB/s are
 logical: float16 bytes of the K/V delivered, whatever the codec stores. read/raw compares the
 two ways of getting the same stored bytes off the disk: raw read time / reader time (cold).
+The reader is store/rows.py (ShardReader's K/V path); zarr/raw times zarr's own slicing of the
+same arrays side by side, and the two must return the same bits.
 
     python bench/store.py --samples 200       # numbers for BENCHMARKS.md
 
@@ -53,7 +55,8 @@ from kvdistill.schemas import (
     SyntheticSpec,
     TeacherSpec,
 )
-from kvdistill.store import ShardWriter, codecs, finalize, init_store, init_teacher
+from kvdistill.store import ShardWriter, codecs, finalize, init_store, init_teacher, read_kv
+from kvdistill.store.rows import ShardedRows
 from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD
 from kvdistill.train.stream import READ_SPAN_CHUNKS, KVStream, read_spans
 
@@ -67,6 +70,8 @@ COMPRESSORS = {
     "zstd": lambda nbytes: ZstdCodec(level=3),
     "blosc-shuffle/chunk": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
     "blosc-bitshuffle/chunk": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle, blocksize=nbytes),
+    "blosc-lz4/chunk": lambda nbytes: BloscCodec(cname="lz4", clevel=9, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
+    "blosc-lz4hc/chunk": lambda nbytes: BloscCodec(cname="lz4hc", clevel=5, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
     "none": lambda nbytes: None,  # zarr's own read cost, without decompression
 }
 
@@ -135,26 +140,19 @@ def write(path: Path, codec: str, compressor: str, kv: dict[str, np.ndarray]) ->
     return time.perf_counter() - t0
 
 
-def read(path: Path, codec: str, bounds: list[int], D: int) -> tuple[dict[str, np.ndarray], float, float]:
-    """Decode rows [bounds[i], bounds[i + 1]) block by block, as ShardReader.rows would:
-    (k, v float32 [N, L, D], seconds, of which decoding)."""
+def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tuple[dict[str, np.ndarray], float]:
+    """Decode rows [bounds[i], bounds[i + 1]) block by block with ShardReader's `read_kv`, the
+    main K / V array read by `reader`: "rows" (store/rows.py, what ShardReader uses) or "zarr"
+    (zarr's own slicing): (k, v float32 [N, L, D], seconds)."""
     t0 = time.perf_counter()
-    t_decode = 0.0
     group = zarr.open_group(path, mode="r")
     out = {}
     for part in ("k", "v"):
         arrays = {name: group[f"{part}_{name}" if name else part] for name in codecs.array_names(codec)}
-        blocks = []
-        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
-            got = {"": arrays[""][r0:r1]}
-            for name in codecs.array_names(codec)[1:]:
-                s0, s1 = codecs.scale_rows(codec, part, r0, r1)
-                got[name] = arrays[name][s0:s1]
-            t1 = time.perf_counter()  # float16 / float32 go to the trainer as stored (ShardReader._kv)
-            blocks.append(got[""] if codec in ("float16", "float32") else codecs.decode(codec, part, got, r0, D))
-            t_decode += time.perf_counter() - t1
-        out[part] = np.concatenate(blocks)
-    return out, time.perf_counter() - t0, t_decode
+        fast = ShardedRows(arrays[""], path / part) if reader == "rows" else None
+        out[part] = [read_kv(arrays, codec, part, r0, r1, D, fast) for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True)]
+    seconds = time.perf_counter() - t0  # the trainer takes blocks as they come: no concatenation timed
+    return {part: np.concatenate(blocks) for part, blocks in out.items()}, seconds
 
 
 def files(path: Path) -> list[Path]:
@@ -195,17 +193,20 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
     N, L, D = kv["k"].shape
     spans = list(read_spans(offsets, READ_SPAN_CHUNKS * layout(codec, "k", L, D)[""][1]))
     stream = [int(offsets[j0]) for j0, _ in spans] + [int(offsets[-1])]
-    cold, warm, decode, raw_cold, raw_warm = [], [], [], [], []
+    cold, warm, raw_cold, raw_warm, zarr_cold = [], [], [], [], []
     for _ in range(repeats):
         drop_cache(path)
         raw_cold.append(raw_read(path))
         raw_warm.append(raw_read(path))
         drop_cache(path)
-        got, s, _ = read(path, codec, stream, D)
+        got, s = read(path, codec, stream, D, "rows")
         cold.append(s)
-        _, s, s_decode = read(path, codec, stream, D)
+        _, s = read(path, codec, stream, D, "rows")
         warm.append(s)
-        decode.append(s_decode / s)
+        drop_cache(path)
+        via_zarr, s = read(path, codec, stream, D, "zarr")
+        zarr_cold.append(s)
+    assert all(np.array_equal(via_zarr[p], got[p]) for p in got), "store/rows.py and zarr disagree"
     return {
         "codec": codec,
         "compressor": compressor,
@@ -214,8 +215,8 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
         "write": logical / min(w) / 1e6,
         "read_cold": logical / min(cold) / 1e6,
         "read_warm": logical / min(warm) / 1e6,
-        "decode_share": float(np.median(decode)),
         "read_vs_raw": min(raw_cold) / min(cold),  # same stored bytes: raw time / reader time
+        "zarr_vs_raw": min(raw_cold) / min(zarr_cold),
         "raw_cold": stored / min(raw_cold) / 1e6,
         "raw_warm": stored / min(raw_warm) / 1e6,
         "err_k": rel_err(got["k"], kv["k"]),
@@ -265,15 +266,15 @@ def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: n
 
 HEADER = (
     f"{'codec':<9} {'compressor':<22} {'stored MB':>9} {'vs raw16':>8} {'vs bf16':>7} {'write':>6} "
-    f"{'read cold':>9} {'warm':>6} {'decode':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'err K':>7} {'err V':>7}"
+    f"{'read cold':>9} {'warm':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'zarr/raw':>8} {'err K':>7} {'err V':>7}"
 )
 
 
 def row(r: dict, bf16_stored: int) -> str:
     return (
         f"{r['codec']:<9} {r['compressor']:<22} {r['stored'] / 1e6:>9.2f} {r['ratio']:>7.2f}x {bf16_stored / r['stored']:>6.2f}x "
-        f"{r['write']:>6.0f} {r['read_cold']:>9.0f} {r['read_warm']:>6.0f} {r['decode_share']:>6.0%} "
-        f"{r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_vs_raw']:>7.0%} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
+        f"{r['write']:>6.0f} {r['read_cold']:>9.0f} {r['read_warm']:>6.0f} "
+        f"{r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_vs_raw']:>7.0%} {r['zarr_vs_raw']:>7.0%} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
     )
 
 
@@ -291,6 +292,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timings are the best of this many")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir, removed)")
+    p.add_argument("--codecs", default=",".join(codecs.CODECS), help="comma-separated subset of the K/V codecs")
+    p.add_argument("--compressors", default=",".join(COMPRESSORS), help="comma-separated subset of " + ", ".join(COMPRESSORS))
     args = p.parse_args()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(min(4, os.cpu_count() or 1))
@@ -304,33 +307,38 @@ def main() -> None:
     )
     root = args.dir or Path(tempfile.mkdtemp(prefix="kvdistill-bench-store-"))
     root.mkdir(parents=True, exist_ok=True)
+    chosen = [c for c in args.codecs.split(",") if c]
+    unknown = [c for c in chosen if c not in codecs.CODECS] + [c for c in args.compressors.split(",") if c not in COMPRESSORS]
+    if unknown:
+        p.error(f"unknown codec / compressor {unknown}; codecs: {list(codecs.CODECS)}, compressors: {list(COMPRESSORS)}")
     results = []
     try:
-        for codec in codecs.CODECS:
-            for compressor in COMPRESSORS:
+        for codec in chosen:
+            for compressor in args.compressors.split(","):
                 results.append(measure(root, codec, compressor, kv, offsets, args.repeats))
-        streams = [measure_stream(root, c, kv, offsets, t, args.repeats) for c in codecs.CODECS for t in (1, 2)]
+        streams = [measure_stream(root, c, kv, offsets, t, args.repeats) for c in chosen for t in (1, 2)]
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
 
-    best = {c: min((r for r in results if r["codec"] == c), key=lambda r: r["stored"]) for c in codecs.CODECS}
-    bf16 = best["bfloat16"]["stored"]
+    best = {c: min((r for r in results if r["codec"] == c), key=lambda r: r["stored"]) for c in chosen}
+    bf16 = best["bfloat16"]["stored"] if "bfloat16" in best else float("nan")
     print(HEADER)
     for r in results:
         print(row(r, bf16))
     print("\nbest (fewest bytes) compressor per codec")
     print(HEADER)
-    for c in codecs.CODECS:
+    for c in chosen:
         print(row(best[c], bf16))
     print(
         "\nvs raw16: logical 16-bit K+V bytes / stored bytes (raw float16 and raw bfloat16 are the same size); "
         "vs bf16: stored bytes of the best bfloat16 variant / stored bytes.\n"
-        "MB/s: write = encode + compress + zarr append; read = zarr read + decompress + decode, logical float16 MB/s, "
+        "MB/s: write = encode + compress + zarr append; read = store/rows.py read + decompress + decode chunk by chunk "
+        "(ShardReader's read_kv), logical float16 MB/s, "
         f"in the stream's read spans ({READ_SPAN_CHUNKS} chunks of whole samples), page cache dropped (cold) or not "
-        "(warm); decode = share of the warm read spent in codecs.decode; raw = open().read() of the same files, MB/s of "
+        "(warm); raw = open().read() of the same files, MB/s of "
         "stored bytes; read/raw = raw cold time / read cold time for the same stored bytes (read cold x stored / "
-        "logical / raw cold)."
+        "logical / raw cold); zarr/raw = the same with zarr's own slicing as the reader."
     )
     print("\nthe training stream (KVStream over a real store written by ShardWriter, cold; raw = open().read() of its files)")
     print(f"{'codec':<9} {'teachers':>8} {'stored MB':>9} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}")
@@ -338,11 +346,13 @@ def main() -> None:
         print(f"{r['codec']:<9} {r['teachers']:>8} {r['stored'] / 1e6:>9.2f} {r['read']:>9.0f} {r['raw']:>9.0f} {r['read_vs_raw']:>7.0%}")
     print("\ntargets")
     for c, (ratio, err) in TARGETS.items():
+        if c not in best:
+            continue
         r = best[c]
         ok = r["ratio"] >= ratio and (err is None or max(r["err_k"], r["err_v"]) <= err)
         err_txt = f" at <= {err:.0%} error (K {r['err_k']:.2%}, V {r['err_v']:.2%})" if err else ""
         print(f"  {c:<9} >= {ratio}x{err_txt}: {r['ratio']:.2f}x  {'met' if ok else 'MISSED'}")
-    for c in codecs.CODECS:
+    for c in chosen:
         r = best[c]
         frac = r["read_vs_raw"]
         logical = r["read_cold"] / r["raw_cold"]

@@ -49,6 +49,8 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from kvdistill.schemas import SCHEMA_VERSION, StoreSpec, TeacherSpec
 
 from . import codecs
+from .errors import StoreError
+from .rows import ShardedRows
 
 __all__ = [
     "StoreError",
@@ -60,6 +62,7 @@ __all__ = [
     "shard_is_complete",
     "ShardWriter",
     "ShardReader",
+    "read_kv",
     "finalize",
     "inspect",
     "format_inspect",
@@ -69,10 +72,6 @@ KEY = "kvdistill"
 INDEX = "index.parquet"
 CHUNK_BYTES = 1 << 20  # read unit: ~1 MiB chunks
 CHUNKS_PER_SHARD = 16  # write unit: zarr shard = 16 chunks
-
-
-class StoreError(RuntimeError):
-    """The store is missing, incomplete, or inconsistent; the message names what and where."""
 
 
 def shard_name(shard: int) -> str:
@@ -509,6 +508,9 @@ class ShardReader:
         self.group = zarr.open_group(self.dir, mode="r")
         self.offsets = self.group["offsets"][:]  # [n + 1]
         self.sample_ids = [str(s) for s in self.group["sample_ids"][:]]
+        # K / V rows straight from the shard files (store/rows.py) where the layout is ShardWriter's;
+        # zarr for anything else (the same values, slower).
+        self.fast = {p: ShardedRows(self.group[p], self.dir / p) for p in ("k", "v") if ShardedRows.supports(self.group[p])}
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -550,14 +552,30 @@ class ShardReader:
 
     def _kv(self, part: str, start: int, stop: int) -> np.ndarray:
         codec = self.attrs.get("codec", "float16")
-        data = self.group[part][start:stop]
-        if codec in ("float16", "float32"):
-            return data
-        arrays = {"": data}
-        if self.attrs["scales"][part]:
-            a, b = codecs.scale_rows(codec, part, start, stop)
-            arrays.update({aux: self.group[f"{part}_{aux}"][a:b] for aux in self.attrs["scales"][part]})
-        return codecs.decode(codec, part, arrays, start, self.attrs["width"])
+        names = self.attrs["scales"][part] if codec in ("int8", "int4") else []
+        arrays = {"": self.group[part], **{aux: self.group[f"{part}_{aux}"] for aux in names}}
+        return read_kv(arrays, codec, part, start, stop, self.attrs["width"], self.fast.get(part))
+
+
+def read_kv(arrays: dict[str, zarr.Array], codec: str, part: str, start: int, stop: int, width: int, fast: ShardedRows | None = None) -> np.ndarray:
+    """Rows [start, stop) of K or V decoded: float16 / float32 as stored, the other codecs as
+    float32. arrays: the main array ("") and its scale arrays by codecs.array_names' names; with
+    `fast` (store/rows.py over arrays[""]) the chunks are decoded as they decompress."""
+    if codec in ("float16", "float32"):
+        return fast(start, stop) if fast else arrays[""][start:stop]
+    scales, s0 = {}, 0
+    if len(arrays) > 1:
+        s0, s1 = codecs.scale_rows(codec, part, start, stop)
+        scales = {aux: a[s0:s1] for aux, a in arrays.items() if aux}
+
+    def decode(x: np.ndarray, r0: int) -> np.ndarray:  # stored rows [r0, r0 + len(x)) -> float32
+        got = {"": x}
+        if scales:
+            lo, hi = codecs.scale_rows(codec, part, r0, r0 + len(x))
+            got.update({aux: sc[lo - s0 : hi - s0] for aux, sc in scales.items()})
+        return codecs.decode(codec, part, got, r0, width)
+
+    return fast(start, stop, decode) if fast else decode(arrays[""][start:stop], start)
 
 
 def finalize(path: str | Path) -> Path:

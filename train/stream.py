@@ -217,9 +217,9 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         ids[i, :n] = torch.from_numpy(s["input_ids"].astype(np.int64))
         attn[i, :n] = 1
         loss_mask[i, :n] = torch.from_numpy(s["loss_mask"])
-        for t, (k, v) in s["kv"].items():
-            kv[t][0][i, :n] = torch.from_numpy(k.astype(np.float32))
-            kv[t][1][i, :n] = torch.from_numpy(v.astype(np.float32))
+        for t, (k, v) in s["kv"].items():  # copy_ casts float16 on the way (no float32 temporary)
+            kv[t][0][i, :n] = torch.from_numpy(k)
+            kv[t][1][i, :n] = torch.from_numpy(v)
     batch = {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
     if "latent" in samples[0]:
         seg = torch.full((B, T), -1, dtype=torch.long)
