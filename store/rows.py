@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import google_crc32c
@@ -118,41 +119,45 @@ class ShardedRows:
             out = np.empty((max(0, stop - start), *probe.shape[1:]), probe.dtype)
         if stop <= start:
             return out
-        futures = []  # a shard's chunks decompress while the next shard's bytes are read
-        for s in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
-            base = s * self.shard_rows
-            c0 = (max(start, base) - base) // self.chunk_rows
-            c1 = (min(stop, base + self.shard_rows) - 1 - base) // self.chunk_rows + 1
-            name = self._shard_file(s)
-            if not name.exists():  # zarr writes no file for a shard of fill values only
-                futures += [_pool().submit(self._chunk, base + c * self.chunk_rows, None, name, start, stop, out, decode) for c in range(c0, c1)]
-                continue
-            blob = None
-            with open(name, "rb") as f:
-                index = self._index(f, name)[c0:c1]
-                present = index[:, 0] != _MISSING
-                if present.any():
-                    lo, hi = int(index[present, 0].min()), int((index[present, 0] + index[present, 1]).max())
-                    f.seek(lo)
-                    blob = memoryview(f.read(hi - lo))
-                    if len(blob) != hi - lo:
-                        raise CorruptShard(f"{name}: chunk bytes {lo}..{hi} run past the end of the file (truncated?); run `kvdistill store verify`")
-            for c, (off, nbytes) in zip(range(c0, c1), index, strict=True):
-                data = None if off == _MISSING else blob[int(off) - lo : int(off + nbytes) - lo]
-                futures.append(_pool().submit(self._chunk, base + c * self.chunk_rows, data, name, start, stop, out, decode))
-        for future in futures:
-            future.result()
+        # Every chunk is one job on the pool: read its bytes (pread releases the GIL), decompress,
+        # decode; so reading one chunk overlaps decompressing another.
+        futures = []
+        with ExitStack() as files:
+            try:
+                for s in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
+                    base = s * self.shard_rows
+                    c0 = (max(start, base) - base) // self.chunk_rows
+                    c1 = (min(stop, base + self.shard_rows) - 1 - base) // self.chunk_rows + 1
+                    name = self._shard_file(s)
+                    if not name.exists():  # zarr writes no file for a shard of fill values only
+                        index, fd = np.full((c1 - c0, 2), _MISSING, np.uint64), -1
+                    else:
+                        f = files.enter_context(open(name, "rb"))
+                        index, fd = self._index(f, name)[c0:c1], f.fileno()
+                    for c, (off, nbytes) in zip(range(c0, c1), index, strict=True):
+                        where = None if off == _MISSING else (fd, int(off), int(nbytes))
+                        futures.append(_pool().submit(self._chunk, base + c * self.chunk_rows, where, name, start, stop, out, decode))
+                for future in futures:
+                    future.result()
+            finally:
+                for future in futures:  # no job may outlive its file
+                    future.cancel() or future.exception()
         return out
 
-    def _chunk(self, row0: int, data: memoryview | None, name: Path, start: int, stop: int, out: np.ndarray, decode: Decode | None) -> None:
-        """The chunk starting at row row0 (its stored bytes, or None if unwritten) into its rows of out."""
+    def _chunk(self, row0: int, where: tuple[int, int, int] | None, name: Path, start: int, stop: int, out: np.ndarray, decode: Decode | None) -> None:
+        """The chunk starting at row row0, stored at `where` = (open file, offset, bytes) or
+        unwritten (None), into its rows of out."""
         a, b = max(start, row0), min(stop, row0 + self.chunk_rows)  # the rows of this chunk we want
         direct = decode is None and a == row0 and b == row0 + self.chunk_rows  # decompress straight into out
         buf = out[a - start : b - start] if direct else np.empty((self.chunk_rows, *self.row_shape), self.dtype)
-        if data is None:
+        if where is None:
             buf[...] = self.fill
         else:
-            self._decompress(data, buf, name, row0)
+            fd, off, nbytes = where
+            data = os.pread(fd, nbytes, off)
+            if len(data) != nbytes:
+                raise CorruptShard(f"{name}: chunk at row {row0} runs past the end of the file (truncated?); run `kvdistill store verify`")
+            self._decompress(memoryview(data), buf, name, row0)
         if not direct:
             rows = buf[a - row0 : b - row0]
             out[a - start : b - start] = rows if decode is None else decode(rows, a)
