@@ -46,11 +46,21 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 def _pool() -> ThreadPoolExecutor:
-    # One pool per process (a DataLoader worker gets its own after fork: created lazily).
+    """One pool per process, made on first use."""
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="kvdistill-rows")
     return _POOL
+
+
+def _forget_pool() -> None:
+    # A forked child (a DataLoader worker) inherits the pool object but none of its threads:
+    # submitting to it would wait forever. The child makes its own.
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 class ShardedRows:

@@ -129,3 +129,27 @@ def test_a_truncated_or_index_corrupted_shard_file_raises(tmp_path):
     f.write_bytes(raw[:40])  # shorter than the 68-byte index of 4 chunks
     with pytest.raises(CorruptShard, match="shorter than its"):
         ShardedRows(arr, tmp_path / "t.zarr" / "k")(0, 8)
+
+
+def _read_in_child(path, queue):
+    arr = zarr.open_array(path / "k", mode="r")
+    queue.put(ShardedRows(arr, path / "k")(0, N).tobytes())
+
+
+def test_a_forked_worker_reads_after_the_parent_used_the_pool(tmp_path):
+    # DataLoader workers are forked: an inherited thread pool has no threads in the child.
+    import multiprocessing as mp
+
+    arr, x = sharded(tmp_path / "p.zarr", "blosc")
+    ShardedRows(arr, tmp_path / "p.zarr" / "k")(0, N)  # the parent's pool now exists
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(tmp_path / "p.zarr", queue))
+    child.start()
+    try:
+        got = queue.get(timeout=30)  # without the at-fork reset the child waits forever
+        child.join(timeout=30)
+    finally:
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0 and got == x.tobytes()
