@@ -49,7 +49,9 @@ def _pool() -> ThreadPoolExecutor:
     """One pool per process, made on first use."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="kvdistill-rows")
+        # The cores this process may use (a SLURM task's cpuset, not the node's count); a read
+        # span is 16 chunks, so more than 8 threads buy nothing.
+        _POOL = ThreadPoolExecutor(min(8, len(os.sched_getaffinity(0))), thread_name_prefix="kvdistill-rows")
     return _POOL
 
 
