@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
-from kvdistill.store import ShardReader, ShardWriter, StoreError, codecs, read_kv
-from kvdistill.store import zarr_store
+from kvdistill.store import ShardReader, ShardWriter, StoreError, codecs, read_kv, zarr_store
 from kvdistill.store.errors import CorruptShard
 from kvdistill.store.rows import ShardedRows
 
