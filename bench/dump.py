@@ -9,6 +9,7 @@ for the three time maps: identity (same tokenizer and text), char_overlap (a tea
 own tokenizer) and segment_linear (the same teacher under another prompt template).
 
     python bench/dump.py --size small --samples 512      # numbers for BENCHMARKS.md
+    python bench/dump.py --size medium --samples 4096 --device cuda   # on a GPU (bfloat16 by default there)
 
 Teachers are random-weight real architectures (throughput does not depend on training).
 """
@@ -45,12 +46,13 @@ from kvdistill.store import inspect
 SIZES = {  # teacher geometries; the student is always the demo's
     "tiny": dict(layers=6, hidden=128, heads=4, kv_heads=2, head_dim=32),
     "small": dict(layers=8, hidden=512, heads=8, kv_heads=2, head_dim=64),
+    "medium": dict(layers=16, hidden=1024, heads=16, kv_heads=4, head_dim=64),  # for a GPU
 }
 STUDENT = dict(layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16)
 THINK = "Think step by step.\nQuestion: {question}\nReasoning:\n{reasoning}\n#### {answer}"
 
 
-def build(root: Path, size: str, data: DataSpec) -> dict[str, ModelSpec]:
+def build(root: Path, size: str, data: DataSpec, dtype: str) -> dict[str, ModelSpec]:
     rows = load_examples(data)
     texts = tiny.corpus(rows, DEFAULT_TEMPLATE)
     tok, xtok = tiny.train_tokenizer(texts, vocab_size=384), tiny.train_tokenizer(texts, vocab_size=512)
@@ -60,9 +62,9 @@ def build(root: Path, size: str, data: DataSpec) -> dict[str, ModelSpec]:
         "student": tiny.save(tiny.build_model("qwen2", tok, **STUDENT), tok, root / "student"),
     }
     return {
-        "identity": ModelSpec(name_or_path=str(paths["teacher"]), name="identity"),
-        "char_overlap": ModelSpec(name_or_path=str(paths["xtok"]), name="char_overlap"),
-        "segment_linear": ModelSpec(name_or_path=str(paths["teacher"]), name="segment_linear", prompt_template=THINK),
+        "identity": ModelSpec(name_or_path=str(paths["teacher"]), name="identity", dtype=dtype),
+        "char_overlap": ModelSpec(name_or_path=str(paths["xtok"]), name="char_overlap", dtype=dtype),
+        "segment_linear": ModelSpec(name_or_path=str(paths["teacher"]), name="segment_linear", prompt_template=THINK, dtype=dtype),
         "student": ModelSpec(name_or_path=str(paths["student"])),
     }
 
@@ -74,26 +76,33 @@ def batches(spec: ModelSpec, data: DataSpec, batch_size: int) -> list[tuple[torc
     return [pad_batch([e.input_ids for e in enc[i : i + batch_size]], tok.pad_token_id) for i in range(0, len(enc), batch_size)]
 
 
-def bare_forward(spec: ModelSpec, data: DataSpec, batch_size: int) -> tuple[int, float]:
-    model = load_model(spec)
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def bare_forward(spec: ModelSpec, data: DataSpec, batch_size: int, device: str) -> tuple[int, float]:
+    model = load_model(spec, device)
     stack, work = decoder(model), batches(spec, data, batch_size)
-    t0 = time.perf_counter()
+    _sync(device)
+    t0 = time.perf_counter()  # host batches copied per step, as the dump does
     with torch.inference_mode():
         for ids, mask in work:
-            stack(input_ids=ids, attention_mask=mask, use_cache=False)
+            stack(input_ids=ids.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True), use_cache=False)
+    _sync(device)
     return sum(int(m.sum()) for _, m in work), time.perf_counter() - t0
 
 
-def naive(spec: ModelSpec, data: DataSpec, out: Path) -> tuple[int, float]:
-    model, tok = load_model(spec), load_tokenizer(spec)
+def naive(spec: ModelSpec, data: DataSpec, out: Path, device: str) -> tuple[int, float]:
+    model, tok = load_model(spec, device), load_tokenizer(spec)
     enc = [encode(tok, spec.prompt_template, ex) for ex in load_examples(data)]
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for e in enc:
-            ids = torch.as_tensor(e.input_ids, dtype=torch.long)[None]
+            ids = torch.as_tensor(e.input_ids, dtype=torch.long, device=device)[None]
             k, v = forward_kv(model, ids, torch.ones_like(ids))
-            torch.save({"k": k[0].half(), "v": v[0].half()}, out / f"{e.sample_id}.pt")
+            torch.save({"k": k[0].half().cpu(), "v": v[0].half().cpu()}, out / f"{e.sample_id}.pt")
     return sum(len(e) for e in enc), time.perf_counter() - t0
 
 
@@ -103,22 +112,25 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--workers", type=int, default=2, help="also time the local executor with 1 vs this many workers (0: skip)")
+    p.add_argument("--workers", type=int, default=2, help="also time the local executor with 1 vs this many workers (0: skip; CPU only)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="teacher dtype (default: bfloat16 on a GPU, float32 on CPU)")
     args = p.parse_args()
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     data = DataSpec(synthetic=SyntheticSpec(n_train=args.samples, n_test=16))
     root = Path(tempfile.mkdtemp(prefix="kvdistill-bench-"))
-    specs = build(root / "models", args.size, data)
+    specs = build(root / "models", args.size, data, dtype)
     g = SIZES[args.size]
-    print(f"teacher {args.size}: {g}; {args.samples} samples, batch {args.batch_size}, {args.threads} threads, device cpu\n")
+    print(f"teacher {args.size}: {g}; {args.samples} samples, batch {args.batch_size}, {args.threads} threads, device {args.device}, {dtype}\n")
 
-    tok_bare, s_bare = bare_forward(specs["identity"], data, args.batch_size)
+    tok_bare, s_bare = bare_forward(specs["identity"], data, args.batch_size, args.device)
     results = {}
     for kind in ("identity", "char_overlap", "segment_linear"):
-        cfg = DumpConfig(teacher=specs[kind], student=specs["student"], store=str(root / "store.zarr"), data=data, batch_size=args.batch_size, device="cpu")
+        cfg = DumpConfig(teacher=specs[kind], student=specs["student"], store=str(root / "store.zarr"), data=data, batch_size=args.batch_size, device=args.device)
         results[kind] = run_dump(cfg, progress=False)
-    tok_naive, s_naive = naive(specs["identity"], data, root / "naive")
+    tok_naive, s_naive = naive(specs["identity"], data, root / "naive", args.device)
 
     r = results["identity"]
     steady = r.phases["forward"] + r.phases["align"] + r.phases["write"]
@@ -141,7 +153,7 @@ def main() -> None:
     naive_bytes = sum(f.stat().st_size for f in (root / "naive").iterdir())
     print(f"naive torch.save files   {naive_bytes / tok_naive:>8.1f} bytes/token (teacher depth, uncompressed)")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (this process; workers not included)")
-    if args.workers > 1:
+    if args.workers > 1 and args.device == "cpu":
         # The same 4 shards of one teacher: 1 process using every core vs N processes splitting them.
         seconds = {}
         for n in (1, args.workers):
