@@ -4,10 +4,11 @@
   int8, int4          KIVI-style quantisation (keys per channel, values per token; store/codecs.py)
 
 each written to zarr v3 arrays chunked like ShardWriter (~1 MiB chunks, shards of 16 chunks,
-rows appended in whole shards) under each compressor: blosc-zstd with byte shuffle (the
-store's today), blosc-zstd with bit shuffle, plain zstd, and both blosc shuffles with the whole
-chunk as one blosc block ("/chunk": byte or bit planes of the chunk, then one zstd frame), and
-no compressor (zarr's own cost).
+rows appended in whole shards) under each compressor: blosc-zstd (level 3) with byte or bit
+shuffle, plain zstd, both blosc shuffles with the whole chunk as one blosc block ("/chunk":
+byte or bit planes of the chunk, then one zstd frame), the same at zstd level 1 ("/chunk/l1":
+the store's default, ShardWriter's byte-shuffle variant), blosc-lz4 / lz4hc as a read-speed
+reference, and no compressor (zarr's own cost).
 
 Per variant: stored bytes, compression ratio vs raw 16-bit K/V, write MB/s (encode + compress
 + write), read MB/s (read + decompress + decode, in the training stream's read spans:
@@ -70,6 +71,9 @@ COMPRESSORS = {
     "zstd": lambda nbytes: ZstdCodec(level=3),
     "blosc-shuffle/chunk": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
     "blosc-bitshuffle/chunk": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle, blocksize=nbytes),
+    # zstd level 1, the store's default (StoreSpec.compression_level): ~4x faster to compress.
+    "blosc-shuffle/chunk/l1": lambda nbytes: BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
+    "blosc-bitshuffle/chunk/l1": lambda nbytes: BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle, blocksize=nbytes),
     "blosc-lz4/chunk": lambda nbytes: BloscCodec(cname="lz4", clevel=9, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
     "blosc-lz4hc/chunk": lambda nbytes: BloscCodec(cname="lz4hc", clevel=5, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
     "none": lambda nbytes: None,  # zarr's own read cost, without decompression

@@ -188,6 +188,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             kv_dtype=cfg.kv_dtype,
             teacher_kv_dtype=cfg.teacher_kv_dtype,
             backend=cfg.backend,
+            compression_level=cfg.compression_level,
         ),
     )
     codec = cfg.teacher_kv_dtype.get(name, cfg.kv_dtype)
@@ -288,6 +289,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         (WdsShardWriter if cfg.backend == "webdataset" else ShardWriter)(
             cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec,
             latent_slots=cfg.latent.slots if cfg.latent else None,
+            **({} if cfg.backend == "webdataset" else {"compression_level": cfg.compression_level}),
         ) as w,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,

@@ -173,6 +173,7 @@ class StoreSpec(Record):
     kv_dtype: KVDtype = "float16"  # the store's codec ...
     teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... and per-teacher overrides
     backend: Literal["zarr", "webdataset"] = "zarr"  # how shards are stored (metadata is zarr JSON either way)
+    compression_level: int = 1  # blosc-zstd level of K/V chunks (0-9); each zarr array records its own
     schema_version: int = SCHEMA_VERSION
 
     def codec(self, teacher: str) -> str:
@@ -230,6 +231,10 @@ class DumpTask(Record):
     kv_dtype: KVDtype = "float16"  # codec of every teacher ...
     teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... unless named here
     backend: Literal["zarr", "webdataset"] = "zarr"  # webdataset: one .tar per task (float16 / float32)
+    # blosc-zstd level of the K/V chunks, 0 (none) to 9. Level 1 compresses ~4x faster than 3
+    # (~420 vs ~90 MB/s a core) for 1-5% more bytes: at 3 the writer, not the forward, would bound
+    # a GPU dump (bench/store.py, BENCHMARKS.md).
+    compression_level: int = 1
     device: str = "auto"
     latent: LatentSpec | None = None  # also store R-KV compressed reasoning KV (KaVa latent mode)
 
@@ -238,6 +243,8 @@ class DumpTask(Record):
             raise ConfigError(f"{type(self).__name__}.num_shards: must be >= 1, got {self.num_shards}")
         if self.batch_size < 1 or self.max_len < 1:
             raise ConfigError(f"{type(self).__name__}: batch_size and max_len must be >= 1")
+        if not 0 <= self.compression_level <= 9:
+            raise ConfigError(f"{type(self).__name__}.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}")
 
 
 @dataclass(kw_only=True)

@@ -208,11 +208,11 @@ def shard_is_complete(path: str | Path, teacher: str, shard: int) -> bool:
     return bool(attrs and attrs.get("complete"))
 
 
-def _kv_codec(chunk_bytes: int) -> BloscCodec:
+def _kv_codec(chunk_bytes: int, level: int) -> BloscCodec:
     # Byte shuffle groups the exponent bytes of float16 / bfloat16 together, and one blosc block
     # per chunk (instead of blosc's small default blocks) lets zstd see the whole chunk:
     # +16-18% compression on K/V of a trained teacher (bench/store.py).
-    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, blocksize=int(chunk_bytes))
+    return BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.shuffle, blocksize=int(chunk_bytes))
 
 
 class ShardWriter:
@@ -243,6 +243,7 @@ class ShardWriter:
         width: int,
         codec: str = "float16",
         latent_slots: int | None = None,
+        compression_level: int = 1,
     ) -> None:
         if codec not in ("float32", *codecs.CODECS):
             raise ValueError(f"unknown K/V codec {codec!r}; choose one of {['float32', *codecs.CODECS]}")
@@ -256,6 +257,9 @@ class ShardWriter:
             shutil.rmtree(stale)
         self.tmp = partial / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}"
         self.L, self.D, self.codec = num_layers, width, codec
+        if not 0 <= compression_level <= 9:
+            raise ValueError(f"compression_level: blosc levels are 0 (none) to 9, got {compression_level}")
+        self.level = compression_level
         row_bytes = 4 * num_layers * width if codec == "float32" else codecs.bytes_per_row(codec, num_layers, width, part="k")
         # Chunks of ~1 MiB (the read unit), whole key-scale groups; zarr shards of 16 chunks (the write unit).
         self.chunk_rows = max(codecs.GROUP, int(CHUNK_BYTES // row_bytes) // codecs.GROUP * codecs.GROUP)
@@ -377,7 +381,7 @@ class ShardWriter:
                 chunks = (chunk, *block.shape[1:])
                 self.arrays[name] = self.group.create_array(
                     name, shape=(0, *block.shape[1:]), chunks=chunks, shards=(chunk * CHUNKS_PER_SHARD, *block.shape[1:]),
-                    dtype=block.dtype, compressors=_kv_codec(chunk * block[:1].nbytes),
+                    dtype=block.dtype, compressors=_kv_codec(chunk * block[:1].nbytes, self.level),
                 )
                 self.crc[name] = 0
             block = np.ascontiguousarray(block)
@@ -405,7 +409,7 @@ class ShardWriter:
                 chunks=chunks,
                 shards=(chunks[0] * CHUNKS_PER_SHARD, *chunks[1:]),
                 dtype=data.dtype,
-                compressors=_kv_codec(chunks[0] * data[:1].nbytes) if data.ndim > 1 else "auto",
+                compressors=_kv_codec(chunks[0] * data[:1].nbytes, self.level) if data.ndim > 1 else "auto",
             )
             if suffix:
                 self.aux[name].append(suffix)

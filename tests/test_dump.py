@@ -17,6 +17,7 @@ from kvdistill.dump.run import partition, run_dump
 from kvdistill.schemas import (
     DEFAULT_TEMPLATE,
     AlignSpec,
+    ConfigError,
     DataSpec,
     DumpConfig,
     ModelSpec,
@@ -144,3 +145,19 @@ def test_forcing_identity_onto_another_tokenizer_is_a_clear_error(tiny_store, tm
     teacher = ModelSpec(name_or_path=str(other_tokenizer_teacher))
     with pytest.raises(ValueError, match="time_map 'identity' needs the student's tokenizer"):
         run_dump(_cfg(tiny_store, tmp_path, teacher=teacher, align=AlignSpec(time_map="identity")), progress=False)
+
+
+@pytest.mark.parametrize("level", [1, 5])
+def test_the_compression_level_reaches_the_stored_kv_and_reads_back_the_same(tiny_store, tmp_path, level):
+    res = run_dump(_cfg(tiny_store, tmp_path, kv_dtype="float16", num_shards=2, compression_level=level), progress=False)
+    r = ShardReader(tmp_path / "s.zarr", res.teacher, 0)
+    (blosc,) = [c for c in r.group["k"].metadata.codecs[0].codecs if type(c).__name__ == "BloscCodec"]
+    assert blosc.clevel == level and blosc.cname.value == "zstd"
+    ref = ShardReader(tiny_store["store"], res.teacher, 0)  # the fixture's store: float16, default level
+    n = int(ref.offsets[-1])
+    assert r.sample_ids == ref.sample_ids and np.array_equal(r.rows(0, n, ("k",))["k"], ref.rows(0, n, ("k",))["k"])
+
+
+def test_a_compression_level_outside_blosc_range_is_refused(tiny_store, tmp_path):
+    with pytest.raises(ConfigError, match=r"compression_level: blosc levels are 0 \(none\) to 9, got 10"):
+        _cfg(tiny_store, tmp_path, compression_level=10)
