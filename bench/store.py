@@ -228,31 +228,34 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
     }
 
 
-def stream_store(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.ndarray, teachers: int) -> Path:
-    """A real store (ShardWriter, the store's compressor) holding the K/V as `teachers` teachers."""
-    path = root / f"stream-{codec}-{teachers}.zarr"
+def stream_store(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.ndarray, teachers: int, shards: int = 1) -> Path:
+    """A real store (ShardWriter, the store's compressor) holding the K/V as `teachers` teachers,
+    the samples split into `shards` contiguous shards."""
+    path = root / f"stream-{codec}-{teachers}-{shards}.zarr"
     shutil.rmtree(path, ignore_errors=True)
     N, L, D = kv["k"].shape
     geom = KVGeometry(num_layers=L, num_kv_heads=TEACHER["kv_heads"], head_dim=TEACHER["head_dim"])
-    spec = StoreSpec(student=ModelSpec("bench"), geometry=geom, tokenizer_fingerprint="bench", data=DataSpec(), data_fingerprint="bench", num_shards=1, kv_dtype=codec)
+    spec = StoreSpec(student=ModelSpec("bench"), geometry=geom, tokenizer_fingerprint="bench", data=DataSpec(), data_fingerprint="bench", num_shards=shards, kv_dtype=codec)
     init_store(path, spec)
     ids, mask = np.zeros(N, np.int32), np.ones(N, np.bool_)
     eye = [[float(i == j) for j in range(L)] for i in range(L)]
+    bounds = np.linspace(0, len(offsets) - 1, shards + 1).astype(int)  # samples per shard
     for t in range(teachers):
         name = f"teacher-{t}"
         init_teacher(path, TeacherSpec(name=name, model=ModelSpec("bench"), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=D, fingerprint="bench", kv_dtype=codec))
-        with ShardWriter(path, name, 0, num_layers=L, width=D, codec=codec) as w:
-            for j in range(len(offsets) - 1):
-                a, b = int(offsets[j]), int(offsets[j + 1])
-                w.write(f"s{j}", kv["k"][a:b], kv["v"][a:b], ids[a:b], mask[a:b])
+        for i in range(shards):
+            with ShardWriter(path, name, i, num_layers=L, width=D, codec=codec) as w:
+                for j in range(bounds[i], bounds[i + 1]):
+                    a, b = int(offsets[j]), int(offsets[j + 1])
+                    w.write(f"s{j}", kv["k"][a:b], kv["v"][a:b], ids[a:b], mask[a:b])
     finalize(path)
     return path
 
 
-def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.ndarray, teachers: int, repeats: int) -> dict:
-    """KVStream (what the trainer iterates: spans, concurrent K/V reads, read-ahead) over a real
-    store, cold, against open().read() of the same files."""
-    path = stream_store(root, codec, kv, offsets, teachers)
+def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.ndarray, teachers: int, repeats: int, shards: int = 1) -> dict:
+    """KVStream (what the trainer iterates: spans, concurrent K/V reads, read-ahead across
+    shards) over a real store, cold, against open().read() of the same files."""
+    path = stream_store(root, codec, kv, offsets, teachers, shards)
     names = [f"teacher-{t}" for t in range(teachers)]
     logical = sum(x.size for x in kv.values()) * 2 * teachers
     stored = sum(p.stat().st_size for p in files(path))
@@ -265,7 +268,7 @@ def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: n
         n = sum(1 for _ in KVStream(path, names, shuffle_buffer=1))
         cold.append(time.perf_counter() - t0)
     assert n == len(offsets) - 1
-    return {"codec": codec, "teachers": teachers, "stored": stored, "read": logical / min(cold) / 1e6, "raw": stored / min(raw) / 1e6, "read_vs_raw": min(raw) / min(cold)}
+    return {"codec": codec, "teachers": teachers, "shards": shards, "stored": stored, "read": logical / min(cold) / 1e6, "raw": stored / min(raw) / 1e6, "read_vs_raw": min(raw) / min(cold)}
 
 
 HEADER = (
@@ -297,6 +300,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir, removed)")
     p.add_argument("--codecs", default=",".join(codecs.CODECS), help="comma-separated subset of the K/V codecs")
+    p.add_argument("--stream-shards", type=int, default=8, help="the stream is also timed over the samples split into this many shards")
     p.add_argument("--compressors", default=",".join(COMPRESSORS), help="comma-separated subset of " + ", ".join(COMPRESSORS))
     args = p.parse_args()
     hf_logging.disable_progress_bar()
@@ -320,7 +324,7 @@ def main() -> None:
         for codec in chosen:
             for compressor in args.compressors.split(","):
                 results.append(measure(root, codec, compressor, kv, offsets, args.repeats))
-        streams = [measure_stream(root, c, kv, offsets, t, args.repeats) for c in chosen for t in (1, 2)]
+        streams = [measure_stream(root, c, kv, offsets, t, args.repeats, n) for c in chosen for t in (1, 2) for n in (1, args.stream_shards)]
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -345,9 +349,9 @@ def main() -> None:
         "logical / raw cold); zarr/raw = the same with zarr's own slicing as the reader."
     )
     print("\nthe training stream (KVStream over a real store written by ShardWriter, cold; raw = open().read() of its files)")
-    print(f"{'codec':<9} {'teachers':>8} {'stored MB':>9} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}")
+    print(f"{'codec':<9} {'teachers':>8} {'shards':>6} {'stored MB':>9} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}")
     for r in streams:
-        print(f"{r['codec']:<9} {r['teachers']:>8} {r['stored'] / 1e6:>9.2f} {r['read']:>9.0f} {r['raw']:>9.0f} {r['read_vs_raw']:>7.0%}")
+        print(f"{r['codec']:<9} {r['teachers']:>8} {r['shards']:>6} {r['stored'] / 1e6:>9.2f} {r['read']:>9.0f} {r['raw']:>9.0f} {r['read_vs_raw']:>7.0%}")
     print("\ntargets")
     for c, (ratio, err) in TARGETS.items():
         if c not in best:

@@ -64,6 +64,7 @@ __all__ = [
     "ShardReader",
     "read_kv",
     "finalize",
+    "open_root",
     "inspect",
     "format_inspect",
 ]
@@ -194,8 +195,8 @@ def read_teacher_specs(path: str | Path) -> dict[str, TeacherSpec]:
 
 def _shard_attrs(path: Path) -> dict | None:
     """The completion record of a shard: zarr attrs, or the JSON beside a webdataset tar."""
-    if (path / "zarr.json").exists():
-        return zarr.open_group(path, mode="r").attrs.get(KEY)
+    if (path / "zarr.json").exists():  # the group's zarr v3 metadata document, read directly (no zarr round trip)
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {}).get(KEY)
     tar, sidecar = path.with_name(path.name + ".tar"), path.with_name(path.name + ".json")
     if tar.exists() and sidecar.exists():
         return json.loads(sidecar.read_text())
@@ -500,7 +501,10 @@ def latent_codec(codec: str) -> str:
 class ShardReader:
     """Read one complete shard of one teacher: offsets, sample ids, and row blocks."""
 
-    def __init__(self, path: str | Path, teacher: str, shard: int) -> None:
+    def __init__(self, path: str | Path, teacher: str, shard: int, group: zarr.Group | None = None) -> None:
+        """`group`: this shard's group from a store root opened once with consolidated metadata
+        (`open_root`), so no array's metadata is read from disk again; checked against the
+        shard's own record on disk, which must be the same (else the store needs `finalize`)."""
         self.dir = _teacher_dir(path, teacher) / shard_name(shard)
         attrs = _shard_attrs(self.dir)
         if not attrs or not attrs.get("complete"):
@@ -508,13 +512,29 @@ class ShardReader:
                 f"{self.dir} is missing or incomplete; re-run `kvdistill dump --shard {shard}` "
                 f"for teacher {teacher!r}, then `kvdistill store finalize`"
             )
+        if group is not None and group.attrs.get(KEY) != attrs:
+            raise StoreError(
+                f"{self.dir} was rewritten after the store's metadata was consolidated; "
+                f"run `kvdistill store finalize {path}` again"
+            )
         self.attrs = attrs
-        self.group = zarr.open_group(self.dir, mode="r")
-        self.offsets = self.group["offsets"][:]  # [n + 1]
-        self.sample_ids = [str(s) for s in self.group["sample_ids"][:]]
-        # K / V rows straight from the shard files (store/rows.py) where the layout is ShardWriter's;
-        # zarr for anything else (the same values, slower).
-        self.fast = {p: ShardedRows(self.group[p], self.dir / p) for p in ("k", "v") if ShardedRows.supports(self.group[p])}
+        self.group = group if group is not None else zarr.open_group(self.dir, mode="r")
+        self._arrays: dict[str, zarr.Array] = dict(self.group.arrays())  # every array's metadata, read once
+        self.offsets = self.array("offsets")[:]  # [n + 1]
+        self.sample_ids = [str(s) for s in self.array("sample_ids")[:]]
+        # Rows straight from the shard files (store/rows.py) where the layout is ShardWriter's
+        # (K, V and the token arrays); zarr for anything else (the same values, slower).
+        self.fast = {
+            n: ShardedRows(self.array(n), self.dir / n)
+            for n in ("k", "v", "input_ids", "loss_mask", "segment_ids")
+            if n in self._arrays and ShardedRows.supports(self._arrays[n])
+        }
+
+    def array(self, name: str) -> zarr.Array:
+        try:
+            return self._arrays[name]
+        except KeyError:
+            raise StoreError(f"{self.dir} has no array {name!r}; it holds {sorted(self._arrays)}") from None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -522,12 +542,12 @@ class ShardReader:
     def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask")) -> dict[str, np.ndarray]:
         """Token rows [start, stop) of the given arrays (one read per stored array); K and V
         come back decoded: float16 / float32 as stored, quantised codecs as float32."""
-        if "segment_ids" in names and "segment_ids" not in self.group:
+        if "segment_ids" in names and "segment_ids" not in self._arrays:
             raise StoreError(
                 f"{self.dir} has no segment_ids (written before kvdistill stored them); re-dump this "
                 "teacher into a new --store to use latent mode"
             )
-        return {n: self._kv(n, start, stop) if n in ("k", "v") else self.group[n][start:stop] for n in names}
+        return {n: self._kv(n, start, stop) if n in ("k", "v") else self.fast[n](start, stop) if n in self.fast else self.array(n)[start:stop] for n in names}
 
     @property
     def has_latent(self) -> bool:
@@ -544,20 +564,20 @@ class ShardReader:
         info = self.attrs["latent"]
         out = {}
         for part in ("k", "v"):
-            x = self.group[f"latent_{part}"][j0:j1]
+            x = self.array(f"latent_{part}")[j0:j1]
             if info["codec"] != "float32":
                 x = codecs.decode(info["codec"], part, {"": x.reshape(-1, *x.shape[2:])}, 0, x.shape[-1]).reshape(x.shape)
             out[part] = x
-        out["mask"] = self.group["latent_mask"][j0:j1]
-        out["pos"] = self.group["latent_pos"][j0:j1]
+        out["mask"] = self.array("latent_mask")[j0:j1]
+        out["pos"] = self.array("latent_pos")[j0:j1]
         if info["hidden"]:
-            out["hidden"] = self.group["codi_hidden"][j0:j1]
+            out["hidden"] = self.array("codi_hidden")[j0:j1]
         return out
 
     def _kv(self, part: str, start: int, stop: int) -> np.ndarray:
         codec = self.attrs.get("codec", "float16")
         names = self.attrs["scales"][part] if codec in ("int8", "int4") else []
-        arrays = {"": self.group[part], **{aux: self.group[f"{part}_{aux}"] for aux in names}}
+        arrays = {"": self.array(part), **{aux: self.array(f"{part}_{aux}") for aux in names}}
         return read_kv(arrays, codec, part, start, stop, self.attrs["width"], self.fast.get(part))
 
 
@@ -580,6 +600,19 @@ def read_kv(arrays: dict[str, zarr.Array], codec: str, part: str, start: int, st
         return codecs.decode(codec, part, got, r0, width)
 
     return fast(start, stop, decode) if fast else decode(arrays[""][start:stop], start)
+
+
+def open_root(path: str | Path) -> zarr.Group:
+    """The store's root group with the metadata `finalize` consolidated: child groups and arrays
+    then open without reading their metadata from disk (a shard's ~10 metadata reads cost more
+    than reading a small shard's data)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "consolidated metadata is not yet part of the v3 spec"
+            root = zarr.open_group(path, mode="r", use_consolidated=True)
+    except ValueError as e:
+        raise StoreError(f"store {path} has no consolidated metadata ({e}); run `kvdistill store finalize {path}`") from e
+    return root
 
 
 def finalize(path: str | Path) -> Path:

@@ -88,11 +88,14 @@ def test_shard_reader_decodes_every_codec_like_zarr_does(tmp_path, monkeypatch, 
         for j in range(40):
             T = int(rng.integers(5, 60))
             k, v = rng.normal(size=(2, T, L, D)).astype(np.float32)
-            w.write(f"s{j}", k, v, np.zeros(T, np.int32), np.ones(T, bool))
+            w.write(f"s{j}", k, v, rng.integers(0, 500, T).astype(np.int32), rng.random(T) < 0.7, rng.integers(0, 3, T).astype(np.uint8))
     r = ShardReader(tmp_path / "s.zarr", "t", 0)
-    assert set(r.fast) == {"k", "v"} and r.group["k"].shards[0] > r.group["k"].chunks[0]
+    assert {"k", "v", "input_ids", "loss_mask"} <= set(r.fast) and r.group["k"].shards[0] > r.group["k"].chunks[0]
     n = int(r.offsets[-1])
     for a, b in [(0, n), (3, 4), (31, 97), (n - 50, n), (500, 500)]:
+        for name in ("input_ids", "loss_mask", "segment_ids"):  # the token arrays take the same path
+            got = r.rows(a, b, (name,))[name]
+            assert got.dtype == r.group[name].dtype and np.array_equal(got, r.group[name][a:b])
         for part in ("k", "v"):
             names = r.attrs["scales"][part] if codec in ("int8", "int4") else []
             arrays = {"": r.group[part], **{s: r.group[f"{part}_{s}"] for s in names}}

@@ -51,7 +51,7 @@ def test_wds_samples_equal_the_zarr_rows_for_every_teacher(tiny_store, wds_store
     zarr_stream = KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1)
     for shard in range(2):
         got = list(wds_samples(wds_store, TEACHERS, shard))
-        want = list(zarr_stream._samples(shard))
+        want = list(zarr_stream._zarr_samples([shard]))
         assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
         for g, w in zip(got, want, strict=True):
             assert np.array_equal(g["input_ids"], w["input_ids"]) and np.array_equal(g["loss_mask"], w["loss_mask"])
@@ -88,7 +88,7 @@ def test_dump_tasks_write_one_tar_each_and_finalize_like_a_zarr_store(tiny_store
     assert main(["store", "finalize", str(store)]) == 0
     assert verify(store) == []
     for shard in range(2):  # the same records as the zarr dump of the same tasks
-        want = list(KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1)._samples(shard))
+        want = list(KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1)._zarr_samples([shard]))
         got = list(wds_samples(store, TEACHERS, shard))
         assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
         assert all(np.array_equal(g["kv"][t][0], w["kv"][t][0]) for g, w in zip(got, want, strict=True) for t in TEACHERS)

@@ -22,6 +22,7 @@ from kvdistill.store import (
     ShardReader,
     StoreError,
     is_wds_store,
+    open_root,
     open_specs,
     shard_name,
     wds_stream,
@@ -103,8 +104,9 @@ class KVStream(IterableDataset):
         readers = self.world_size * num_workers
         return self.epoch_order(num_workers)[self.rank * num_workers + worker :: readers]
 
-    def _samples(self, shard: int) -> Iterator[dict[str, Any]]:
-        readers = [ShardReader(self.store, t, shard) for t in self.teachers]
+    def _open(self, root, shard: int) -> dict[str, Any]:
+        """One shard, ready to read: every teacher's reader, the token arrays, the read spans."""
+        readers = [ShardReader(self.store, t, shard, group=root[f"teachers/{t}/{shard_name(shard)}"]) for t in self.teachers]
         first = readers[0]
         for t, r in zip(self.teachers[1:], readers[1:], strict=True):
             if r.sample_ids != first.sample_ids or not np.array_equal(r.offsets, first.offsets):
@@ -115,44 +117,65 @@ class KVStream(IterableDataset):
         # Token ids and masks are a few bytes per token: read them for the whole shard once
         # (their chunks span far more rows than a K/V read span).
         token_names = ("input_ids", "loss_mask", "segment_ids") if self.read_latent else ("input_ids", "loss_mask")
-        tokens = first.rows(0, int(first.offsets[-1]), token_names)
         off = first.offsets
-        # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each zarr read has a
-        # fixed cost of about a millisecond, and a chunk straddling two spans is the only one
-        # decompressed twice (bench/store.py measures the policy).
+        # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each read has a fixed
+        # cost, and a chunk straddling two spans is the only one decompressed twice
+        # (bench/store.py measures the policy).
         span = READ_SPAN_CHUNKS * first.group["k"].chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
-        spans = list(read_spans(off, span))
-        parts = [(r, part) for r in readers for part in ("k", "v")] if self.read_kv else []
-        # Every teacher's K and V (and latent records) of a span are read concurrently (zarr
-        # releases the GIL while it decompresses), and the next span while this one is consumed.
-        workers = len(parts) + (len(readers) if self.read_latent else 0)
-        with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(max(1, workers)) as arrays:
+        return {
+            "shard": shard,
+            "readers": readers,
+            "ids": first.sample_ids,
+            "off": off,
+            "tokens": first.rows(0, int(off[-1]), token_names),
+            "spans": list(read_spans(off, span)),
+        }
 
-            def read(j0: int, j1: int) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
-                r0, r1 = int(off[j0]), int(off[j1])
+    def _zarr_samples(self, shards: list[int]) -> Iterator[dict[str, Any]]:
+        """The samples of `shards` in order. Reads run one step ahead in a background thread,
+        across shard boundaries too: while the trainer consumes a span, the next span (or the
+        next shard's opening, token arrays and first span) is read, and every teacher's K and V
+        of a span are read concurrently (the K/V reader decompresses outside the GIL)."""
+        n_parts = 2 * len(self.teachers) if self.read_kv else 0
+        workers = max(1, n_parts + (len(self.teachers) if self.read_latent else 0))
+        with ThreadPoolExecutor(1, thread_name_prefix="kvdistill-ahead") as ahead, ThreadPoolExecutor(workers, thread_name_prefix="kvdistill-arrays") as arrays:
+
+            def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
+                r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
+                parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
                 kv = [arrays.submit(r.rows, r0, r1, (p,)) for r, p in parts]
-                latent = [arrays.submit(r.latent, j0, j1) for r in readers] if self.read_latent else []
+                latent = [arrays.submit(r.latent, j0, j1) for r in sh["readers"]] if self.read_latent else []
                 return [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
 
-            pending = ahead.submit(read, *spans[0]) if spans else None
-            for i, (j0, j1) in enumerate(spans):
-                blocks, latent = pending.result()
-                if i + 1 < len(spans):
-                    pending = ahead.submit(read, *spans[i + 1])
-                r0 = int(off[j0])
-                for j in range(j0, j1):
-                    a, b = int(off[j]) - r0, int(off[j + 1]) - r0
-                    sample = {
-                        "sample_id": first.sample_ids[j],
-                        "shard": shard,
-                        "input_ids": tokens["input_ids"][r0 + a : r0 + b],
-                        "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
-                        "kv": {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)} if self.read_kv else {},
-                    }
-                    if self.read_latent:
-                        sample["segment_ids"] = tokens["segment_ids"][r0 + a : r0 + b]
-                        sample["latent"] = {t: _contract({k: x[j - j0] for k, x in lat.items()}) for t, lat in zip(self.teachers, latent, strict=True)}
-                    yield sample
+            root = open_root(self.store)  # consolidated metadata: no per-array metadata reads per shard
+            units = ((sh, j0, j1) for shard in shards for sh in (self._open(root, shard),) for j0, j1 in sh["spans"])
+
+            def fetch():  # only ever runs on `ahead`, one at a time: `units` advances there
+                unit = next(units, None)
+                return None if unit is None else (unit, read(*unit))
+
+            pending = ahead.submit(fetch)
+            while (got := pending.result()) is not None:
+                pending = ahead.submit(fetch)
+                (sh, j0, j1), (blocks, latent) = got
+                yield from self._span_samples(sh, j0, j1, blocks, latent)
+
+    def _span_samples(self, sh: dict[str, Any], j0: int, j1: int, blocks: list[np.ndarray], latent: list[dict[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
+        off, tokens = sh["off"], sh["tokens"]
+        r0 = int(off[j0])
+        for j in range(j0, j1):
+            a, b = int(off[j]) - r0, int(off[j + 1]) - r0
+            sample = {
+                "sample_id": sh["ids"][j],
+                "shard": sh["shard"],
+                "input_ids": tokens["input_ids"][r0 + a : r0 + b],
+                "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
+                "kv": {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)} if self.read_kv else {},
+            }
+            if self.read_latent:
+                sample["segment_ids"] = tokens["segment_ids"][r0 + a : r0 + b]
+                sample["latent"] = {t: _contract({k: x[j - j0] for k, x in lat.items()}) for t, lat in zip(self.teachers, latent, strict=True)}
+            yield sample
 
     def _wds_view(self, sample: dict[str, Any]) -> dict[str, Any]:
         """A webdataset sample as the zarr path gives it: latent records only with read_latent."""
@@ -172,7 +195,7 @@ class KVStream(IterableDataset):
         if self.wds:  # webdataset pipelines: sequential tar records, split by rank and worker
             samples = map(self._wds_view, wds_stream(self.store, self.teachers, self.epoch_order(num_workers), rank=self.rank, world_size=self.world_size))
         else:
-            samples = (s for shard in self.shards_for(worker, num_workers) for s in self._samples(shard))
+            samples = self._zarr_samples(self.shards_for(worker, num_workers))
         for sample in samples:
             buf.append(sample)
             if len(buf) >= self.shuffle_buffer:
