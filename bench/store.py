@@ -78,6 +78,7 @@ COMPRESSORS = {
     "blosc-lz4hc/chunk": lambda nbytes: BloscCodec(cname="lz4hc", clevel=5, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
     "none": lambda nbytes: None,  # zarr's own read cost, without decompression
 }
+STORE_COMPRESSOR = "blosc-shuffle/chunk/l1"  # what ShardWriter writes by default
 
 
 def teacher_kv(samples: int, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -352,20 +353,23 @@ def main() -> None:
     print(f"{'codec':<9} {'teachers':>8} {'shards':>6} {'stored MB':>9} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}")
     for r in streams:
         print(f"{r['codec']:<9} {r['teachers']:>8} {r['shards']:>6} {r['stored'] / 1e6:>9.2f} {r['read']:>9.0f} {r['raw']:>9.0f} {r['read_vs_raw']:>7.0%}")
-    print("\ntargets")
+    # Targets are judged on what a user gets: the store's own compressor (ShardWriter's: byte
+    # shuffle, whole-chunk blocks, zstd level 1) when it was measured, else the smallest variant.
+    store = {c: next((r for r in results if r["codec"] == c and r["compressor"] == STORE_COMPRESSOR), best[c]) for c in chosen}
+    print(f"\ntargets (on {STORE_COMPRESSOR}, the store's compressor, where measured)")
     for c, (ratio, err) in TARGETS.items():
-        if c not in best:
+        if c not in store:
             continue
-        r = best[c]
+        r = store[c]
         ok = r["ratio"] >= ratio and (err is None or max(r["err_k"], r["err_v"]) <= err)
         err_txt = f" at <= {err:.0%} error (K {r['err_k']:.2%}, V {r['err_v']:.2%})" if err else ""
-        print(f"  {c:<9} >= {ratio}x{err_txt}: {r['ratio']:.2f}x  {'met' if ok else 'MISSED'}")
+        print(f"  {c:<9} {r['compressor']}: >= {ratio}x{err_txt}: {r['ratio']:.2f}x  {'met' if ok else 'MISSED'}")
     for c in chosen:
-        r = best[c]
+        r = store[c]
         frac = r["read_vs_raw"]
         logical = r["read_cold"] / r["raw_cold"]
         print(
-            f"  {c:<9} read >= 50% of raw read rate: {frac:.0%} of the raw rate on the same stored bytes "
+            f"  {c:<9} {r['compressor']}: read >= 50% of raw read rate: {frac:.0%} of the raw rate on the same stored bytes "
             f"({logical:.0%} counting logical float16 MB/s against stored MB/s)  {'met' if frac >= 0.5 else 'MISSED'}"
         )
 
