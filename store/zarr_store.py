@@ -65,6 +65,7 @@ __all__ = [
     "read_kv",
     "finalize",
     "open_root",
+    "read_index",
     "inspect",
     "format_inspect",
 ]
@@ -501,10 +502,19 @@ def latent_codec(codec: str) -> str:
 class ShardReader:
     """Read one complete shard of one teacher: offsets, sample ids, and row blocks."""
 
-    def __init__(self, path: str | Path, teacher: str, shard: int, group: zarr.Group | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        teacher: str,
+        shard: int,
+        group: zarr.Group | None = None,
+        index: tuple[np.ndarray, list[str]] | None = None,
+    ) -> None:
         """`group`: this shard's group from a store root opened once with consolidated metadata
         (`open_root`), so no array's metadata is read from disk again; checked against the
-        shard's own record on disk, which must be the same (else the store needs `finalize`)."""
+        shard's own record on disk, which must be the same (else the store needs `finalize`).
+        `index`: (offsets, sample ids) of the shard from index.parquet (`read_index`), instead
+        of reading its offsets and sample_ids arrays (both written by the same finalize)."""
         self.dir = _teacher_dir(path, teacher) / shard_name(shard)
         attrs = _shard_attrs(self.dir)
         if not attrs or not attrs.get("complete"):
@@ -520,8 +530,16 @@ class ShardReader:
         self.attrs = attrs
         self.group = group if group is not None else zarr.open_group(self.dir, mode="r")
         self._arrays: dict[str, zarr.Array] = dict(self.group.arrays())  # every array's metadata, read once
-        self.offsets = self.array("offsets")[:]  # [n + 1]
-        self.sample_ids = [str(s) for s in self.array("sample_ids")[:]]
+        if index is None:
+            self.offsets = self.array("offsets")[:]  # [n + 1]
+            self.sample_ids = [str(s) for s in self.array("sample_ids")[:]]
+        else:
+            self.offsets, self.sample_ids = index
+            if len(self.sample_ids) != attrs["samples"] or int(self.offsets[-1]) != attrs["rows"]:
+                raise StoreError(
+                    f"{self.dir}: index.parquet lists {len(self.sample_ids)} samples / {int(self.offsets[-1])} rows, "
+                    f"the shard holds {attrs['samples']} / {attrs['rows']}; run `kvdistill store finalize {path}` again"
+                )
         # Rows straight from the shard files (store/rows.py) where the layout is ShardWriter's
         # (K, V and the token arrays); zarr for anything else (the same values, slower).
         self.fast = {
@@ -600,6 +618,24 @@ def read_kv(arrays: dict[str, zarr.Array], codec: str, part: str, start: int, st
         return codecs.decode(codec, part, got, r0, width)
 
     return fast(start, stop, decode) if fast else decode(arrays[""][start:stop], start)
+
+
+def read_index(path: str | Path, teachers: list[str]) -> dict[tuple[str, int], tuple[np.ndarray, list[str]]]:
+    """index.parquet as {(teacher, shard): (offsets [n + 1] int64, sample ids [n])}; a shard
+    with no samples has no entry (its offsets are [0])."""
+    f = Path(path) / INDEX
+    if not f.exists():
+        raise StoreError(f"store {path} is not finalized (no {INDEX}); run `kvdistill store finalize {path}`")
+    t = pq.read_table(f, columns=["teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop"], filters=[("teacher", "in", list(teachers))])
+    t = t.sort_by([("teacher", "ascending"), ("shard", "ascending"), ("sample_index", "ascending")])
+    teacher, shard = t["teacher"].to_pylist(), t["shard"].to_numpy()
+    ids, start, stop = t["sample_id"].to_pylist(), t["row_start"].to_numpy(), t["row_stop"].to_numpy()
+    out, a = {}, 0
+    for b in range(1, len(ids) + 1):
+        if b == len(ids) or teacher[b] != teacher[a] or shard[b] != shard[a]:
+            out[(teacher[a], int(shard[a]))] = (np.append(start[a:b], stop[b - 1]).astype(np.int64), ids[a:b])
+            a = b
+    return out
 
 
 def open_root(path: str | Path) -> zarr.Group:

@@ -29,6 +29,7 @@ from kvdistill.store import (
     init_store,
     init_teacher,
     inspect,
+    read_index,
     read_store_spec,
     read_teacher_specs,
     shard_is_complete,
@@ -446,3 +447,20 @@ def test_array_tasks_that_start_together_initialise_one_store_without_racing(tmp
         pool.starmap(init_store, [(path, spec)] * 8)
         pool.starmap(init_teacher, [(path, tspec)] * 8)
     assert read_store_spec(path) == spec and read_teacher_specs(path) == {"t": tspec}
+
+
+def test_read_index_gives_every_shards_own_offsets_and_sample_ids(tiny_store):
+    index = read_index(tiny_store["store"], ["teacher-a", "teacher-b"])
+    for teacher in ("teacher-a", "teacher-b"):
+        for shard in range(2):
+            r = ShardReader(tiny_store["store"], teacher, shard)
+            offsets, ids = index[(teacher, shard)]
+            assert offsets.dtype == np.int64 and np.array_equal(offsets, r.offsets) and ids == r.sample_ids
+
+
+def test_a_stale_index_is_refused_naming_the_shard_and_the_fix(store_copy):
+    t = pq.read_table(store_copy / "index.parquet")
+    keep = [not (row["teacher"] == "teacher-a" and row["shard"] == 1 and row["sample_index"] == 0) for row in t.to_pylist()]
+    pq.write_table(t.filter(keep), store_copy / "index.parquet")
+    with pytest.raises(StoreError, match=r"shard-00001: index.parquet lists \d+ samples / \d+ rows, the shard holds .*store finalize"):
+        ShardReader(store_copy, "teacher-a", 1, index=read_index(store_copy, ["teacher-a"])[("teacher-a", 1)])

@@ -24,6 +24,7 @@ from kvdistill.store import (
     is_wds_store,
     open_root,
     open_specs,
+    read_index,
     shard_name,
     wds_stream,
 )
@@ -104,9 +105,13 @@ class KVStream(IterableDataset):
         readers = self.world_size * num_workers
         return self.epoch_order(num_workers)[self.rank * num_workers + worker :: readers]
 
-    def _open(self, root, shard: int) -> dict[str, Any]:
+    def _open(self, root, index, shard: int) -> dict[str, Any]:
         """One shard, ready to read: every teacher's reader, the token arrays, the read spans."""
-        readers = [ShardReader(self.store, t, shard, group=root[f"teachers/{t}/{shard_name(shard)}"]) for t in self.teachers]
+        empty = (np.zeros(1, np.int64), [])
+        readers = [
+            ShardReader(self.store, t, shard, group=root[f"teachers/{t}/{shard_name(shard)}"], index=index.get((t, shard), empty))
+            for t in self.teachers
+        ]
         first = readers[0]
         for t, r in zip(self.teachers[1:], readers[1:], strict=True):
             if r.sample_ids != first.sample_ids or not np.array_equal(r.offsets, first.offsets):
@@ -147,8 +152,10 @@ class KVStream(IterableDataset):
                 latent = [arrays.submit(r.latent, j0, j1) for r in sh["readers"]] if self.read_latent else []
                 return [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
 
-            root = open_root(self.store)  # consolidated metadata: no per-array metadata reads per shard
-            units = ((sh, j0, j1) for shard in shards for sh in (self._open(root, shard),) for j0, j1 in sh["spans"])
+            # Consolidated metadata and index.parquet, read once: opening a shard then reads no
+            # metadata, offsets or sample ids from disk (a few ms a shard and teacher otherwise).
+            root, index = open_root(self.store), read_index(self.store, self.teachers)
+            units = ((sh, j0, j1) for shard in shards for sh in (self._open(root, index, shard),) for j0, j1 in sh["spans"])
 
             def fetch():  # only ever runs on `ahead`, one at a time: `units` advances there
                 unit = next(units, None)
