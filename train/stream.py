@@ -126,7 +126,7 @@ class KVStream(IterableDataset):
         # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each read has a fixed
         # cost, and a chunk straddling two spans is the only one decompressed twice
         # (bench/store.py measures the policy).
-        span = READ_SPAN_CHUNKS * first.group["k"].chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
+        span = READ_SPAN_CHUNKS * first.array("k").chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
         return {
             "shard": shard,
             "readers": readers,
