@@ -20,7 +20,7 @@ two ways of getting the same stored bytes off the disk: raw read time / reader t
 The reader is store/rows.py (ShardReader's K/V path); zarr/raw times zarr's own slicing of the
 same arrays side by side, and the two must return the same bits.
 
-    python bench/store.py --samples 200       # numbers for BENCHMARKS.md
+    python bench/store.py --samples 600 --repeats 2     # numbers for BENCHMARKS.md (~3 min on 2 cores)
 
 K/V come from a tiny Qwen2 teacher (6 layers, hidden 128, 4 q / 2 kv heads, head_dim 32) trained
 --steps steps on the synthetic data (random-init K/V are not representative; --steps 0 uses them),
