@@ -729,6 +729,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "student": spec.student.name_or_path,
         "geometry": spec.geometry.to_dict(),
         "kv_dtype": spec.kv_dtype,
+        "compression_level": spec.compression_level,
         "num_shards": spec.num_shards,
         "fingerprints": {"tokenizer": spec.tokenizer_fingerprint, "data": spec.data_fingerprint},
         "finalized": (path / INDEX).exists(),
@@ -770,7 +771,8 @@ def format_inspect(info: dict[str, Any]) -> str:
     lines = [
         f"store {info['store']}  ({'finalized' if info['finalized'] else 'NOT finalized'})",
         f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x "
-        f"{g['head_dim']} dims; {info['num_shards']} shards; tokenizer {fp['tokenizer']}, data {fp['data']}",
+        f"{g['head_dim']} dims; {info['num_shards']} shards; K/V blosc-zstd level {info['compression_level']}; "
+        f"tokenizer {fp['tokenizer']}, data {fp['data']}",
         f"{'teacher':<20} {'time map':<14} {'codec':<8} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} "
         f"{'bytes':>12} {'B/token':>9} {'ratio':>6} {'latent':>6}  fingerprint",
     ]

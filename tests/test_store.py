@@ -372,8 +372,9 @@ def test_inspect_counts_shards_samples_tokens_and_bytes_per_teacher(tiny_store, 
     store = tiny_store["store"]
     info = inspect(store)
     index = pq.read_table(store / "index.parquet").to_pylist()
-    assert info["finalized"] is True and info["num_shards"] == 2 and info["kv_dtype"] == "float16"
+    assert info["finalized"] is True and info["num_shards"] == 2 and info["kv_dtype"] == "float16" and info["compression_level"] == 1
     assert info["geometry"] == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16}
+    assert "K/V blosc-zstd level 1" in format_inspect(info).splitlines()[1]
     assert sorted(info["teachers"]) == sorted(TEACHER_WIDTH)
     for name, t in info["teachers"].items():
         tokens = sum(r["length"] for r in index if r["teacher"] == name)
