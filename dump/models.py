@@ -53,6 +53,11 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
+def pad_token_id(tok) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

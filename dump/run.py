@@ -48,6 +48,7 @@ from .models import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    pad_token_id,
     resolve_device,
     tokenizer_fingerprint,
 )
@@ -224,7 +225,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
     # Length-sorted batches cut padding. The order depends only on the student's tokens, so it
     # is the same for every teacher (the trainer zips shards positionally).
     pairs.sort(key=lambda p: len(p[0]))
-    pad_id = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id
+    pad_id = pad_token_id(t_tok)
     W_dev = W.to(device)
     proj_kv = None  # K and V are aligned side by side: one block-diagonal projection for both
     if proj:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
+from kvdistill.dump.models import pad_token_id
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
@@ -50,7 +51,7 @@ def diagnose(cfg: TrainConfig, batches: int = 4) -> dict[str, Any]:
     if model.router is not None:
         aux += [p for p in model.router.parameters() if p.requires_grad]
     stream = KVStream(cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, read_kv=cfg.kv_weight > 0)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
 
     loader = train_loader(stream, cfg, pad_id)  # as in train, the shuffled-KV control included
     weights = {"ce": cfg.ce_weight, "kv": cfg.kv_weight, "kv_k": cfg.kv_weight, "kv_v": cfg.kv_weight, "cka": cfg.cka_weight, "router_entropy": -cfg.router_entropy_weight}

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvdistill.data import load_examples
-from kvdistill.dump.models import load_model, load_tokenizer, resolve_device
+from kvdistill.dump.models import load_model, load_tokenizer, pad_token_id, resolve_device
 from kvdistill.dump.prompts import encode, pad_batch, prompt_text
 from kvdistill.schemas import DEFAULT_TEMPLATE, EvalConfig, ModelSpec, TrainConfig
 
@@ -72,6 +72,14 @@ def _finish(cfg: EvalConfig, preds: list[dict], nll: float, n_tok: int, forwards
     return result
 
 
+def _setup(cfg: EvalConfig, ckpt: str, template: str):
+    """(device, tokenizer, model on device, test examples, pad id) for either eval mode."""
+    spec = ModelSpec(name_or_path=ckpt, prompt_template=template)
+    device = resolve_device(cfg.device)
+    tok = load_tokenizer(spec)
+    return device, tok, load_model(spec, device), load_examples(cfg.data), pad_token_id(tok)
+
+
 @torch.inference_mode()
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.mode == "latent":
@@ -79,12 +87,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     ckpt, template = resolve_checkpoint(cfg.model)
     template = cfg.prompt_template or template
-    spec = ModelSpec(name_or_path=ckpt, prompt_template=template)
-    device = resolve_device(cfg.device)
-    tok = load_tokenizer(spec)
-    model = load_model(spec, device)
-    examples = load_examples(cfg.data)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device, tok, model, examples, pad_id = _setup(cfg, ckpt, template)
 
     preds, nll, n_tok, forwards, gen_tokens = [], 0.0, 0, 0, 0
     bar = tqdm(total=len(examples), desc=f"eval {Path(cfg.model).name}", disable=not progress)
@@ -136,13 +139,8 @@ def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
     template = cfg.prompt_template or template
     head, trained_iters = load_latent(ckpt)
     iterations = cfg.latent_iterations or trained_iters
-    spec = ModelSpec(name_or_path=ckpt, prompt_template=template)
-    device = resolve_device(cfg.device)
-    tok = load_tokenizer(spec)
-    model = load_model(spec, device)
+    device, tok, model, examples, pad_id = _setup(cfg, ckpt, template)
     head = head.to(device)
-    examples = load_examples(cfg.data)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     preds, nll, n_tok, forwards, gen_tokens = [], 0.0, 0, 0, 0
     bar = tqdm(total=len(examples), desc=f"eval latent {Path(cfg.model).name}", disable=not progress)

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from kvdistill.dump.capture import capture_kv, decoder
-from kvdistill.dump.models import load_tokenizer
+from kvdistill.dump.models import load_tokenizer, pad_token_id
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
@@ -352,7 +352,7 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
         student = get_peft_model(student, lora)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     model = LatentStudent(
         student,
         slots,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from kvdistill.dump.capture import kv_geometry
-from kvdistill.dump.models import load_tokenizer, tokenizer_fingerprint
+from kvdistill.dump.models import load_tokenizer, pad_token_id, tokenizer_fingerprint
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
 
@@ -135,7 +135,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         world_size=accelerator.num_processes,
         read_kv=cfg.kv_weight > 0,
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
 
     loader = train_loader(stream, cfg, pad_id, shuffle_kv)  # kv_control "shuffled": each sample gets another's teacher K/V
     # The stream already splits shards by rank, so the loader is not handed to accelerate.
