@@ -245,6 +245,11 @@ class DumpTask(Record):
             raise ConfigError(f"{type(self).__name__}: batch_size and max_len must be >= 1")
         if not 0 <= self.compression_level <= 9:
             raise ConfigError(f"{type(self).__name__}.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}")
+        if self.backend == "webdataset" and self.compression_level != 1:
+            raise ConfigError(
+                f"{type(self).__name__}.compression_level: webdataset tars store K/V uncompressed, so level "
+                f"{self.compression_level} would be ignored; drop it, or use backend zarr"
+            )
 
 
 @dataclass(kw_only=True)

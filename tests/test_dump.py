@@ -161,3 +161,8 @@ def test_the_compression_level_reaches_the_stored_kv_and_reads_back_the_same(tin
 def test_a_compression_level_outside_blosc_range_is_refused(tiny_store, tmp_path):
     with pytest.raises(ConfigError, match=r"compression_level: blosc levels are 0 \(none\) to 9, got 10"):
         _cfg(tiny_store, tmp_path, compression_level=10)
+
+
+def test_a_compression_level_with_the_uncompressed_webdataset_backend_is_refused(tiny_store, tmp_path):
+    with pytest.raises(ConfigError, match="webdataset tars store K/V uncompressed, so level 3 would be ignored"):
+        _cfg(tiny_store, tmp_path, backend="webdataset", compression_level=3)
