@@ -628,14 +628,14 @@ def read_index(path: str | Path, teachers: list[str]) -> dict[tuple[str, int], t
         raise StoreError(f"store {path} is not finalized (no {INDEX}); run `kvdistill store finalize {path}`")
     t = pq.read_table(f, columns=["teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop"], filters=[("teacher", "in", list(teachers))])
     t = t.sort_by([("teacher", "ascending"), ("shard", "ascending"), ("sample_index", "ascending")])
-    teacher, shard = t["teacher"].to_pylist(), t["shard"].to_numpy()
+    teacher, shard = t["teacher"].to_numpy(zero_copy_only=False), t["shard"].to_numpy()
     ids, start, stop = t["sample_id"].to_pylist(), t["row_start"].to_numpy(), t["row_stop"].to_numpy()
-    out, a = {}, 0
-    for b in range(1, len(ids) + 1):
-        if b == len(ids) or teacher[b] != teacher[a] or shard[b] != shard[a]:
-            out[(teacher[a], int(shard[a]))] = (np.append(start[a:b], stop[b - 1]).astype(np.int64), ids[a:b])
-            a = b
-    return out
+    cuts = np.flatnonzero((teacher[1:] != teacher[:-1]) | (shard[1:] != shard[:-1])) + 1  # a loop per shard, not per row
+    bounds = [0, *cuts.tolist(), len(ids)] if len(ids) else []
+    return {
+        (str(teacher[a]), int(shard[a])): (np.append(start[a:b], stop[b - 1]).astype(np.int64), ids[a:b])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    }
 
 
 def open_root(path: str | Path) -> zarr.Group:
