@@ -18,7 +18,10 @@ dropped with posix_fadvise first, then warm), the raw read rate of the same file
 logical: float16 bytes of the K/V delivered, whatever the codec stores. read/raw compares the
 two ways of getting the same stored bytes off the disk: raw read time / reader time (cold).
 The reader is store/rows.py (ShardReader's K/V path); zarr/raw times zarr's own slicing of the
-same arrays side by side, and the two must return the same bits.
+same arrays side by side, and the two must return the same bits. codes/raw times what the
+training stream reads: int8 / int4 codes and scales as stored, which the trainer dequantises on
+its device (train/quant.py); "dequant" is that step timed with torch on this CPU, and it must
+give the reader's float32 bit for bit.
 
     python bench/store.py --samples 600 --repeats 2     # numbers for BENCHMARKS.md (~3 min on 2 cores)
 
@@ -59,6 +62,7 @@ from kvdistill.schemas import (
 from kvdistill.store import ShardWriter, codecs, finalize, init_store, init_teacher, read_kv
 from kvdistill.store.rows import ShardedRows
 from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD
+from kvdistill.train.quant import collate_quant
 from kvdistill.train.stream import READ_SPAN_CHUNKS, KVStream, read_spans
 
 TEACHER = dict(layers=6, hidden=128, heads=4, kv_heads=2, head_dim=32)
@@ -145,19 +149,34 @@ def write(path: Path, codec: str, compressor: str, kv: dict[str, np.ndarray]) ->
     return time.perf_counter() - t0
 
 
-def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tuple[dict[str, np.ndarray], float]:
-    """Decode rows [bounds[i], bounds[i + 1]) block by block with ShardReader's `read_kv`, the
-    main K / V array read by `reader`: "rows" (store/rows.py, what ShardReader uses) or "zarr"
-    (zarr's own slicing): (k, v float32 [N, L, D], seconds)."""
+def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tuple[dict[str, list], float]:
+    """Rows [bounds[i], bounds[i + 1]) block by block with ShardReader's `read_kv`, the arrays
+    read by `reader`: "rows" (store/rows.py, what ShardReader uses) or "zarr" (zarr's own
+    slicing), decoded to float32 on the CPU; or "codes": store/rows.py, int8 / int4 left as
+    stored (`QuantRows`, what the training stream hands the trainer to dequantise on its device).
+    ({"k", "v": [block]}, seconds)."""
     t0 = time.perf_counter()
     group = zarr.open_group(path, mode="r")
     out = {}
     for part in ("k", "v"):
-        arrays = {name: group[f"{part}_{name}" if name else part] for name in codecs.array_names(codec)}
-        fast = ShardedRows(arrays[""], path / part) if reader == "rows" else None
-        out[part] = [read_kv(arrays, codec, part, r0, r1, D, fast) for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True)]
-    seconds = time.perf_counter() - t0  # the trainer takes blocks as they come: no concatenation timed
-    return {part: np.concatenate(blocks) for part, blocks in out.items()}, seconds
+        names = {name: f"{part}_{name}" if name else part for name in codecs.array_names(codec)}
+        arrays = {name: ShardedRows(group[a], path / a) if reader != "zarr" else group[a] for name, a in names.items()}
+        fast = arrays[""] if reader != "zarr" else None
+        out[part] = [read_kv(arrays, codec, part, r0, r1, D, fast, decode=reader != "codes") for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True)]
+    return out, time.perf_counter() - t0  # the trainer takes blocks as they come: no concatenation timed
+
+
+def dequantise(blocks: dict[str, list]) -> tuple[dict[str, np.ndarray], float]:
+    """The trainer's side of "codes": every block as a one-sample QuantKV, dequantised by torch
+    here on the CPU (on a GPU this runs on the device). ({"k", "v": float32 [N, L, D]}, seconds)."""
+    t0 = time.perf_counter()
+    out = {part: [collate_quant([b], len(b)).dequantise()[0] if isinstance(b, codecs.QuantRows) else b for b in bl] for part, bl in blocks.items()}
+    seconds = time.perf_counter() - t0
+    return {part: np.concatenate([np.asarray(b, np.float32) for b in bl]) for part, bl in out.items()}, seconds
+
+
+def joined(blocks: dict[str, list]) -> dict[str, np.ndarray]:
+    return {part: np.concatenate(bl) for part, bl in blocks.items()}
 
 
 def files(path: Path) -> list[Path]:
@@ -198,20 +217,27 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
     N, L, D = kv["k"].shape
     spans = list(read_spans(offsets, READ_SPAN_CHUNKS * layout(codec, "k", L, D)[""][1]))
     stream = [int(offsets[j0]) for j0, _ in spans] + [int(offsets[-1])]
-    cold, warm, raw_cold, raw_warm, zarr_cold = [], [], [], [], []
+    cold, warm, raw_cold, raw_warm, zarr_cold, codes_cold, deq = [], [], [], [], [], [], []
     for _ in range(repeats):
         drop_cache(path)
         raw_cold.append(raw_read(path))
         raw_warm.append(raw_read(path))
         drop_cache(path)
-        got, s = read(path, codec, stream, D, "rows")
+        blocks, s = read(path, codec, stream, D, "rows")
         cold.append(s)
         _, s = read(path, codec, stream, D, "rows")
         warm.append(s)
         drop_cache(path)
         via_zarr, s = read(path, codec, stream, D, "zarr")
         zarr_cold.append(s)
+        drop_cache(path)
+        stored_blocks, s = read(path, codec, stream, D, "codes")
+        codes_cold.append(s)
+        via_codes, s = dequantise(stored_blocks)
+        deq.append(s)
+    got, via_zarr = joined(blocks), joined(via_zarr)
     assert all(np.array_equal(via_zarr[p], got[p]) for p in got), "store/rows.py and zarr disagree"
+    assert all(np.array_equal(via_codes[p], got[p].astype(np.float32)) for p in got), "dequantising on the trainer's side disagrees with the reader"
     return {
         "codec": codec,
         "compressor": compressor,
@@ -222,6 +248,8 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
         "read_warm": logical / min(warm) / 1e6,
         "read_vs_raw": min(raw_cold) / min(cold),  # same stored bytes: raw time / reader time
         "zarr_vs_raw": min(raw_cold) / min(zarr_cold),
+        "codes_vs_raw": min(raw_cold) / min(codes_cold),  # what the training stream reads
+        "dequant": logical / min(deq) / 1e6 if codec in ("int8", "int4") else float("nan"),
         "raw_cold": stored / min(raw_cold) / 1e6,
         "raw_warm": stored / min(raw_warm) / 1e6,
         "err_k": rel_err(got["k"], kv["k"]),
@@ -274,15 +302,16 @@ def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: n
 
 HEADER = (
     f"{'codec':<9} {'compressor':<22} {'stored MB':>9} {'vs raw16':>8} {'vs bf16':>7} {'write':>6} "
-    f"{'read cold':>9} {'warm':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'zarr/raw':>8} {'err K':>7} {'err V':>7}"
+    f"{'read cold':>9} {'warm':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'zarr/raw':>8} {'codes/raw':>9} {'dequant':>7} {'err K':>7} {'err V':>7}"
 )
 
 
 def row(r: dict, bf16_stored: int) -> str:
+    deq = f"{r['dequant']:>7.0f}" if r["dequant"] == r["dequant"] else f"{'-':>7}"
     return (
         f"{r['codec']:<9} {r['compressor']:<22} {r['stored'] / 1e6:>9.2f} {r['ratio']:>7.2f}x {bf16_stored / r['stored']:>6.2f}x "
         f"{r['write']:>6.0f} {r['read_cold']:>9.0f} {r['read_warm']:>6.0f} "
-        f"{r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_vs_raw']:>7.0%} {r['zarr_vs_raw']:>7.0%} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
+        f"{r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_vs_raw']:>7.0%} {r['zarr_vs_raw']:>7.0%} {r['codes_vs_raw']:>8.0%} {deq} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
     )
 
 
@@ -347,7 +376,9 @@ def main() -> None:
         f"in the stream's read spans ({READ_SPAN_CHUNKS} chunks of whole samples), page cache dropped (cold) or not "
         "(warm); raw = open().read() of the same files, MB/s of "
         "stored bytes; read/raw = raw cold time / read cold time for the same stored bytes (read cold x stored / "
-        "logical / raw cold); zarr/raw = the same with zarr's own slicing as the reader."
+        "logical / raw cold); zarr/raw = the same with zarr's own slicing as the reader; codes/raw = the same "
+        "for what the training stream reads: int8 / int4 codes and scales left as stored (other codecs as read/raw); "
+        "dequant = torch dequantising those codes on this CPU, logical MB/s (the trainer's side: on a GPU it runs there)."
     )
     print("\nthe training stream (KVStream over a real store written by ShardWriter, cold; raw = open().read() of its files)")
     print(f"{'codec':<9} {'teachers':>8} {'shards':>6} {'stored MB':>9} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}")
@@ -366,12 +397,14 @@ def main() -> None:
         print(f"  {c:<9} {r['compressor']}: >= {ratio}x{err_txt}: {r['ratio']:.2f}x  {'met' if ok else 'MISSED'}")
     for c in chosen:
         r = store[c]
-        frac = r["read_vs_raw"]
         logical = r["read_cold"] / r["raw_cold"]
-        print(
-            f"  {c:<9} {r['compressor']}: read >= 50% of raw read rate: {frac:.0%} of the raw rate on the same stored bytes "
-            f"({logical:.0%} counting logical float16 MB/s against stored MB/s)  {'met' if frac >= 0.5 else 'MISSED'}"
-        )
+        if c in ("int8", "int4"):  # the stream reads codes; the trainer dequantises them on its device
+            frac = r["codes_vs_raw"]
+            how = f"the training stream's read (codes + scales, dequantised on the trainer's device); decoded to float32 on this CPU: {r['read_vs_raw']:.0%}"
+        else:
+            frac = r["read_vs_raw"]
+            how = f"{logical:.0%} counting logical float16 MB/s against stored MB/s"
+        print(f"  {c:<9} {r['compressor']}: read >= 50% of raw read rate: {frac:.0%} of the raw rate on the same stored bytes ({how})  {'met' if frac >= 0.5 else 'MISSED'}")
 
 
 if __name__ == "__main__":

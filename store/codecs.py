@@ -49,11 +49,14 @@ names bfloat16, which holds the float32 range.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 __all__ = [
     "CODECS",
     "GROUP",
+    "QuantRows",
     "array_names",
     "bytes_per_row",
     "decode",
@@ -305,3 +308,53 @@ def _dequantise(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, part:
         c = full * GROUP
         fill(out[:, :, c:], q[:, :, c:], s[:, :, full:], None if z is None else z[:, :, full:])
     return out
+
+
+@dataclass(frozen=True)
+class QuantRows:
+    """Rows [first_row, first_row + n) of a quantised K or V (int8 / int4) as stored: the codes
+    and the scale (and zero) rows they need (`scale_rows`), not yet dequantised. The training
+    stream hands these to the trainer, which dequantises on its device (train/quant.py): 1 or
+    1/2 byte an element crosses to it instead of 4. `decode()` gives float32 here instead."""
+
+    codec: str
+    part: str
+    width: int  # D: channels of a dequantised row
+    first_row: int  # index of codes[0] in the shard: key-scale groups are aligned to it
+    codes: np.ndarray  # [n, L, D] int8, or [n, L, ceil(D/2)] uint8 (int4)
+    scale: np.ndarray  # float16: k [groups, L, D], v [n, L, ceil(D/32)]
+    zero: np.ndarray | None = None  # int4 only, shaped like scale
+
+    def __post_init__(self) -> None:
+        _check(self.codec, self.part)
+        if self.codec not in ("int8", "int4"):
+            raise ValueError(f"QuantRows holds int8 / int4 codes, not {self.codec}")
+        if (self.zero is None) != (self.codec == "int8"):
+            raise ValueError(f"{self.codec} {self.part}: {'int4 needs' if self.zero is None else 'int8 has no'} zero points")
+        lo, hi = scale_rows(self.codec, self.part, self.first_row, self.first_row + len(self.codes))
+        if len(self.scale) != hi - lo:
+            raise ValueError(f"{self.codec} {self.part}: rows [{self.first_row}, {self.first_row + len(self.codes)}) need {hi - lo} scale rows, got {len(self.scale)}")
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dequantised shape [n, L, D]."""
+        return (len(self.codes), self.codes.shape[1], self.width)
+
+    def __getitem__(self, rows: slice) -> QuantRows:
+        """Rows [a, b) of these (a view: no copy), with the scale rows they need."""
+        a, b, step = rows.indices(len(self.codes))
+        if step != 1:
+            raise ValueError("QuantRows slices contiguous rows only")
+        b = max(a, b)
+        lo0 = scale_rows(self.codec, self.part, self.first_row, self.first_row)[0]
+        lo, hi = scale_rows(self.codec, self.part, self.first_row + a, self.first_row + b)
+        params = {n: x[lo - lo0 : hi - lo0] for n, x in (("scale", self.scale), ("zero", self.zero)) if x is not None}
+        return QuantRows(self.codec, self.part, self.width, self.first_row + a, self.codes[a:b], **params)
+
+    def decode(self) -> np.ndarray:
+        """float32 [n, L, D], as `decode` gives it."""
+        arrays = {"": self.codes, "scale": self.scale, **({"zero": self.zero} if self.zero is not None else {})}
+        return decode(self.codec, self.part, arrays, self.first_row, self.width)

@@ -118,6 +118,13 @@ class ShardedRows:
             raise CorruptShard(f"{name}: shard index fails its crc32c check (corrupt or truncated); run `kvdistill store verify`")
         return np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard, 2)
 
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """rows[a:b] == rows(a, b): the array's own slicing, for code that takes either."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"{self.path}: ShardedRows reads contiguous row ranges [a:b] only")
+        a, b, _ = rows.indices(self.shape[0])
+        return self(a, b)
+
     def __call__(self, start: int, stop: int, decode: Decode | None = None) -> np.ndarray:
         """Rows [start, stop) (clipped to the array like a zarr slice), as stored, or through
         `decode`: (stored rows x [n, ...], index of x's first row) -> decoded rows [n, ...] of one

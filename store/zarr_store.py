@@ -544,7 +544,7 @@ class ShardReader:
         # (K, V and the token arrays); zarr for anything else (the same values, slower).
         self.fast = {
             n: ShardedRows(self.array(n), self.dir / n)
-            for n in ("k", "v", "input_ids", "loss_mask", "segment_ids")
+            for n in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero", "input_ids", "loss_mask", "segment_ids")
             if n in self._arrays and ShardedRows.supports(self._arrays[n])
         }
 
@@ -557,15 +557,16 @@ class ShardReader:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
-    def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask")) -> dict[str, np.ndarray]:
+    def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask"), decode: bool = True) -> dict[str, np.ndarray | codecs.QuantRows]:
         """Token rows [start, stop) of the given arrays (one read per stored array); K and V
-        come back decoded: float16 / float32 as stored, quantised codecs as float32."""
+        come back decoded: float16 / float32 as stored, quantised codecs as float32, or with
+        decode=False as stored (int8 / int4: `codecs.QuantRows`, codes and scales)."""
         if "segment_ids" in names and "segment_ids" not in self._arrays:
             raise StoreError(
                 f"{self.dir} has no segment_ids (written before kvdistill stored them); re-dump this "
                 "teacher into a new --store to use latent mode"
             )
-        return {n: self._kv(n, start, stop) if n in ("k", "v") else self.fast[n](start, stop) if n in self.fast else self.array(n)[start:stop] for n in names}
+        return {n: self._kv(n, start, stop, decode) if n in ("k", "v") else self.fast[n](start, stop) if n in self.fast else self.array(n)[start:stop] for n in names}
 
     @property
     def has_latent(self) -> bool:
@@ -592,32 +593,39 @@ class ShardReader:
             out["hidden"] = self.array("codi_hidden")[j0:j1]
         return out
 
-    def _kv(self, part: str, start: int, stop: int) -> np.ndarray:
+    def _kv(self, part: str, start: int, stop: int, decode: bool = True) -> np.ndarray | codecs.QuantRows:
         codec = self.attrs.get("codec", "float16")
-        names = self.attrs["scales"][part] if codec in ("int8", "int4") else []
-        arrays = {"": self.array(part), **{aux: self.array(f"{part}_{aux}") for aux in names}}
-        return read_kv(arrays, codec, part, start, stop, self.attrs["width"], self.fast.get(part))
+        aux = self.attrs["scales"][part] if codec in ("int8", "int4") else []
+        # Scales and zeros through store/rows.py too where their layout allows (zarr otherwise).
+        arrays = {"": self.array(part), **{a: self.fast.get(f"{part}_{a}") or self.array(f"{part}_{a}") for a in aux}}
+        return read_kv(arrays, codec, part, start, stop, self.attrs["width"], self.fast.get(part), decode)
 
 
-def read_kv(arrays: dict[str, zarr.Array], codec: str, part: str, start: int, stop: int, width: int, fast: ShardedRows | None = None) -> np.ndarray:
+def read_kv(
+    arrays: dict[str, zarr.Array | ShardedRows], codec: str, part: str, start: int, stop: int, width: int, fast: ShardedRows | None = None, decode: bool = True
+) -> np.ndarray | codecs.QuantRows:
     """Rows [start, stop) of K or V decoded: float16 / float32 as stored, the other codecs as
-    float32. arrays: the main array ("") and its scale arrays by codecs.array_names' names; with
-    `fast` (store/rows.py over arrays[""]) the chunks are decoded as they decompress."""
+    float32; with decode=False int8 / int4 come back as stored (`codecs.QuantRows`). arrays:
+    the main array ("") and its scale arrays by codecs.array_names' names (zarr arrays or
+    store/rows.py readers); with `fast` (store/rows.py over arrays[""]) the chunks are decoded
+    as they decompress."""
     if codec in ("float16", "float32"):
         return fast(start, stop) if fast else arrays[""][start:stop]
     scales, s0 = {}, 0
     if len(arrays) > 1:
         s0, s1 = codecs.scale_rows(codec, part, start, stop)
         scales = {aux: a[s0:s1] for aux, a in arrays.items() if aux}
+    if not decode and codec in ("int8", "int4"):
+        return codecs.QuantRows(codec, part, width, start, fast(start, stop) if fast else arrays[""][start:stop], **scales)
 
-    def decode(x: np.ndarray, r0: int) -> np.ndarray:  # stored rows [r0, r0 + len(x)) -> float32
+    def decode_rows(x: np.ndarray, r0: int) -> np.ndarray:  # stored rows [r0, r0 + len(x)) -> float32
         got = {"": x}
         if scales:
             lo, hi = codecs.scale_rows(codec, part, r0, r0 + len(x))
             got.update({aux: sc[lo - s0 : hi - s0] for aux, sc in scales.items()})
         return codecs.decode(codec, part, got, r0, width)
 
-    return fast(start, stop, decode) if fast else decode(arrays[""][start:stop], start)
+    return fast(start, stop, decode_rows) if fast else decode_rows(arrays[""][start:stop], start)
 
 
 def read_index(path: str | Path, teachers: list[str]) -> dict[tuple[str, int], tuple[np.ndarray, list[str]]]:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from kvdistill.jobs.local import run_local
 from kvdistill.schemas import DumpTask, JobsConfig, TrainConfig
 from kvdistill.store import ShardReader, finalize, inspect, read_store_spec, read_teacher_specs
+from kvdistill.store.codecs import QuantRows
 from kvdistill.store.verify import verify
 from kvdistill.train.loop import train
+from kvdistill.train.quant import QuantKV, kv_to_device
+from kvdistill.train.stream import KVStream, collate, shuffle_kv
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +55,27 @@ def test_a_quantised_store_verifies_and_trains(tiny_store, quantised_store, tmp_
     assert verify(quantised_store) == []
     summary = train(TrainConfig(store=str(quantised_store), student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=3, device="cpu"), progress=False)
     assert summary["steps"] == 3 and np.isfinite(summary["final_kv_k"])
+
+
+def test_the_stream_moves_codes_and_the_device_batch_equals_the_decoded_one(quantised_store):
+    """The trainer's batch of a quantised store: codes and scales through the stream and collate
+    (1 or 1/2 byte an element), dequantised by kv_to_device into exactly the float32 batch the
+    CPU decoder gives."""
+    teachers = ["teacher-a", "teacher-b"]
+    samples = list(KVStream(quantised_store, teachers, shuffle_buffer=1))[:6]
+    assert all(isinstance(x, QuantRows) for s in samples for pair in s["kv"].values() for x in pair)
+    decoded = [{**s, "kv": {t: (k.decode(), v.decode()) for t, (k, v) in s["kv"].items()}} for s in samples]
+    quant, ref = collate(samples, pad_id=0), collate(decoded, pad_id=0)
+    assert isinstance(quant["kv"]["teacher-a"][0], QuantKV) and quant["kv"]["teacher-b"][1].codes.dtype == torch.uint8
+    got = kv_to_device(quant["kv"], "cpu")
+    for t in teachers:
+        for part in (0, 1):
+            assert torch.equal(got[t][part], ref["kv"][t][part])
+    # and the stream's rows are the reader's decoded rows (ShardReader.rows, decode=True)
+    r = ShardReader(quantised_store, "teacher-b", samples[0]["shard"])
+    j = r.sample_ids.index(samples[0]["sample_id"])
+    want = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), ("k", "v"))
+    assert np.array_equal(decoded[0]["kv"]["teacher-b"][0], want["k"]) and np.array_equal(decoded[0]["kv"]["teacher-b"][1], want["v"])
+    # the shuffled-KV control dequantises the other sample's rows before resampling them
+    shuffled = shuffle_kv(samples, seed=0)
+    assert all(x.dtype == np.float32 for s in shuffled for pair in s["kv"].values() for x in pair)

@@ -26,6 +26,7 @@ from kvdistill.store import StoreError
 
 from .distiller import LOSS_TERMS
 from .loop import build_model
+from .quant import kv_to_device
 from .stream import KVStream, train_loader
 
 __all__ = ["diagnose", "format_table"]
@@ -58,7 +59,7 @@ def diagnose(cfg: TrainConfig, batches: int = 4) -> dict[str, Any]:
     acc: dict[str, dict[str, list[float]]] = {}
     n = 0
     for batch in itertools.islice(loader, batches):
-        kv = {t: (k.to(device), v.to(device)) for t, (k, v) in batch["kv"].items()}
+        kv = kv_to_device(batch["kv"], device)  # int8 / int4 dequantised there
         losses = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device), kv, step=0)
         terms = {}
         for t in LOSS_TERMS:

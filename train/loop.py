@@ -37,6 +37,7 @@ from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
 
 from .distiller import LOSS_TERMS, build_distiller
+from .quant import kv_to_device
 from .report import resolve_trackers, tracker_config, tracker_values
 from .stream import KVStream, shuffle_kv, train_loader
 
@@ -169,7 +170,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if skip:  # resuming mid-epoch: the stream is deterministic, so replay its position
                 skip -= 1
                 continue
-            kv = {t: (k.to(accelerator.device), v.to(accelerator.device)) for t, (k, v) in batch["kv"].items()}
+            kv = kv_to_device(batch["kv"], accelerator.device)  # int8 / int4 dequantised there
             losses = model(
                 batch["input_ids"].to(accelerator.device),
                 batch["attention_mask"].to(accelerator.device),

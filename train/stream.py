@@ -28,6 +28,9 @@ from kvdistill.store import (
     shard_name,
     wds_stream,
 )
+from kvdistill.store.codecs import QuantRows
+
+from .quant import collate_quant
 
 __all__ = ["KVStream", "collate", "train_loader", "derangement", "shuffle_kv", "shuffle_latent", "READ_SPAN_CHUNKS", "read_spans"]
 
@@ -44,7 +47,9 @@ def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
 
 
 class KVStream(IterableDataset):
-    """Yields {"sample_id", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}.
+    """Yields {"sample_id", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}:
+    K and V float16 / float32 as stored, or for an int8 / int4 teacher as stored
+    (`store.codecs.QuantRows`; `.decode()` gives float32), dequantised on the trainer's device.
 
     With read_latent (KaVa latent mode) also "segment_ids" [T] and "latent": {teacher: {"k",
     "v": [M, L, D] float32, "mask": [M] bool, "hidden": [H] (only if stored)}}; every teacher
@@ -148,7 +153,9 @@ class KVStream(IterableDataset):
             def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
                 r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
                 parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
-                kv = [arrays.submit(r.rows, r0, r1, (p,)) for r, p in parts]
+                # int8 / int4 K/V stay as stored (codes + scales): the trainer dequantises them
+                # on its device (train/quant.py), so the read moves compressed-size bytes.
+                kv = [arrays.submit(r.rows, r0, r1, (p,), False) for r, p in parts]
                 latent = [arrays.submit(r.latent, j0, j1) for r in sh["readers"]] if self.read_latent else []
                 return [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
 
@@ -231,7 +238,9 @@ def _check_latent_sample(sample: dict[str, Any], teachers: list[str], shard: int
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the longest sample; masks mark real tokens. Never truncates. Samples read with
+    """Right-pad to the longest sample; masks mark real tokens. Never truncates. "kv": {teacher:
+    (k, v)} float32 [B, T, L, D], or for int8 / int4 teachers `train.quant.QuantKV` (as stored;
+    `kv_to_device` moves and dequantises it). Samples read with
     read_latent also give "segment_ids" [B, T] long (padding -1) and "latent": {teacher: {"k",
     "v" [B, M, L, D] float32, "mask" [B, M] bool, "hidden" [B, H] float32 or None}}."""
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
@@ -240,6 +249,9 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     loss_mask = torch.zeros((B, T), dtype=torch.bool)
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for t, (k0, _) in samples[0]["kv"].items():
+        if isinstance(k0, QuantRows):  # int8 / int4 as stored: dequantised on the trainer's device
+            kv[t] = tuple(collate_quant([s["kv"][t][p] for s in samples], T) for p in (0, 1))
+            continue
         shape = (B, T, *k0.shape[1:])
         kv[t] = (torch.zeros(shape), torch.zeros(shape))
     for i, s in enumerate(samples):
@@ -248,6 +260,8 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         attn[i, :n] = 1
         loss_mask[i, :n] = torch.from_numpy(s["loss_mask"])
         for t, (k, v) in s["kv"].items():  # copy_ casts float16 on the way (no float32 temporary)
+            if isinstance(k, QuantRows):
+                continue
             kv[t][0][i, :n] = torch.from_numpy(k)
             kv[t][1][i, :n] = torch.from_numpy(v)
     batch = {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
@@ -291,9 +305,14 @@ def shuffle_kv(samples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]
         kv = {}
         for t, (k, v) in samples[j]["kv"].items():  # [T_j, L, D]
             tm = linear_resample_time_map(len(k), T_s)
-            kv[t] = tuple(tm.apply(torch.from_numpy(x.astype(np.float32))).numpy() for x in (k, v))  # [T_s, L, D]
+            kv[t] = tuple(tm.apply(torch.from_numpy(_floats(x))).numpy() for x in (k, v))  # [T_s, L, D]
         out.append({**s, "kv": kv, "kv_from": samples[j]["sample_id"]})
     return out
+
+
+def _floats(x: np.ndarray | QuantRows) -> np.ndarray:
+    """One sample's K or V as float32 rows (int8 / int4 dequantised here)."""
+    return x.decode() if isinstance(x, QuantRows) else x.astype(np.float32)
 
 
 def _batch_derangement(samples: list[dict[str, Any]], seed: int) -> np.ndarray:
