@@ -310,7 +310,7 @@ def _dequantise(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, part:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compare with np.array_equal
 class QuantRows:
     """Rows [first_row, first_row + n) of a quantised K or V (int8 / int4) as stored: the codes
     and the scale (and zero) rows they need (`scale_rows`), not yet dequantised. The training
@@ -349,10 +349,17 @@ class QuantRows:
         if step != 1:
             raise ValueError("QuantRows slices contiguous rows only")
         b = max(a, b)
-        lo0 = scale_rows(self.codec, self.part, self.first_row, self.first_row)[0]
-        lo, hi = scale_rows(self.codec, self.part, self.first_row + a, self.first_row + b)
-        params = {n: x[lo - lo0 : hi - lo0] for n, x in (("scale", self.scale), ("zero", self.zero)) if x is not None}
-        return QuantRows(self.codec, self.part, self.width, self.first_row + a, self.codes[a:b], **params)
+        if self.part == "v":  # a scale row per row
+            lo, hi = a, b
+        else:  # scale_rows, relative to this one's first group (inline: the stream slices every sample)
+            r0, g0 = self.first_row, self.first_row // GROUP
+            lo = (r0 + a) // GROUP - g0
+            hi = -(-(r0 + b) // GROUP) - g0 if b > a else lo
+        out = object.__new__(QuantRows)  # already consistent: skip __post_init__'s checks
+        fields = {**vars(self), "first_row": self.first_row + a, "codes": self.codes[a:b], "scale": self.scale[lo:hi]}
+        fields["zero"] = None if self.zero is None else self.zero[lo:hi]
+        out.__dict__.update(fields)
+        return out
 
     def decode(self) -> np.ndarray:
         """float32 [n, L, D], as `decode` gives it."""

@@ -72,6 +72,9 @@ __all__ = [
 
 KEY = "kvdistill"
 INDEX = "index.parquet"
+INDEX_SCHEMA = pa.schema(
+    [("teacher", pa.string()), ("shard", pa.int64()), ("sample_id", pa.string()), ("sample_index", pa.int64()), ("row_start", pa.int64()), ("row_stop", pa.int64()), ("length", pa.int64())]
+)
 CHUNK_BYTES = 1 << 20  # read unit: ~1 MiB chunks
 CHUNKS_PER_SHARD = 16  # write unit: zarr shard = 16 chunks
 
@@ -559,8 +562,8 @@ class ShardReader:
 
     def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask"), decode: bool = True) -> dict[str, np.ndarray | codecs.QuantRows]:
         """Token rows [start, stop) of the given arrays (one read per stored array); K and V
-        come back decoded: float16 / float32 as stored, quantised codecs as float32, or with
-        decode=False as stored (int8 / int4: `codecs.QuantRows`, codes and scales)."""
+        come back decoded: float16 / float32 as stored, the other codecs as float32; decode=False
+        leaves int8 / int4 as stored (`codecs.QuantRows`: codes and scales)."""
         if "segment_ids" in names and "segment_ids" not in self._arrays:
             raise StoreError(
                 f"{self.dir} has no segment_ids (written before kvdistill stored them); re-dump this "
@@ -705,7 +708,7 @@ def finalize(path: str | Path) -> Path:
             cols["row_stop"] += r.offsets[1:].tolist()
             cols["length"] += np.diff(r.offsets).tolist()
     tmp = path / f".{INDEX}.tmp"
-    pq.write_table(pa.table(cols), tmp)
+    pq.write_table(pa.table(cols, schema=INDEX_SCHEMA), tmp)  # typed even with no rows at all
     os.replace(tmp, path / INDEX)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "consolidated metadata is not yet part of the v3 spec"

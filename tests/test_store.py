@@ -36,6 +36,7 @@ from kvdistill.store import (
     shard_name,
 )
 from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD, KEY, _partial_dir
+from kvdistill.train.stream import KVStream
 
 TEACHER_WIDTH = {"teacher-a": 64, "teacher-b": 16}  # D_t = H * d of the conftest teachers
 STUDENT_LAYERS = 2
@@ -465,3 +466,16 @@ def test_a_stale_index_is_refused_naming_the_shard_and_the_fix(store_copy):
     pq.write_table(t.filter(keep), store_copy / "index.parquet")
     with pytest.raises(StoreError, match=r"shard-00001: index.parquet lists \d+ samples / \d+ rows, the shard holds .*store finalize"):
         ShardReader(store_copy, "teacher-a", 1, index=read_index(store_copy, ["teacher-a"])[("teacher-a", 1)])
+
+
+def test_a_store_of_empty_shards_finalizes_to_a_typed_index_and_streams_nothing(tiny_store, tmp_path):
+    spec, teacher = read_store_spec(tiny_store["store"]), read_teacher_specs(tiny_store["store"])["teacher-a"]
+    store = tmp_path / "empty.zarr"
+    init_store(store, spec)
+    init_teacher(store, teacher)
+    for i in range(spec.num_shards):
+        ShardWriter(store, "teacher-a", i, num_layers=STUDENT_LAYERS, width=TEACHER_WIDTH["teacher-a"]).close()
+    finalize(store)
+    assert pq.read_schema(store / "index.parquet").field("row_start").type == "int64"
+    assert read_index(store, ["teacher-a"]) == {}
+    assert list(KVStream(store, ["teacher-a"], shuffle_buffer=1)) == []

@@ -28,7 +28,7 @@ from kvdistill.store.codecs import GROUP, QuantRows
 __all__ = ["QuantKV", "collate_quant", "kv_to_device"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compare with torch.equal
 class QuantKV:
     """A padded batch of one teacher's K or V as stored. dequantise() -> float32 [B, T, L, D]."""
 
