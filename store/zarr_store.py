@@ -563,7 +563,7 @@ class ShardReader:
     def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask"), decode: bool = True) -> dict[str, np.ndarray | codecs.QuantRows]:
         """Token rows [start, stop) of the given arrays (one read per stored array); K and V
         come back decoded: float16 / float32 as stored, the other codecs as float32; decode=False
-        leaves int8 / int4 as stored (`codecs.QuantRows`: codes and scales)."""
+        leaves them as stored (bfloat16 bit patterns as uint16, int8 / int4 as `codecs.QuantRows`)."""
         if "segment_ids" in names and "segment_ids" not in self._arrays:
             raise StoreError(
                 f"{self.dir} has no segment_ids (written before kvdistill stored them); re-dump this "
@@ -608,11 +608,12 @@ def read_kv(
     arrays: dict[str, zarr.Array | ShardedRows], codec: str, part: str, start: int, stop: int, width: int, fast: ShardedRows | None = None, decode: bool = True
 ) -> np.ndarray | codecs.QuantRows:
     """Rows [start, stop) of K or V decoded: float16 / float32 as stored, the other codecs as
-    float32; with decode=False int8 / int4 come back as stored (`codecs.QuantRows`). arrays:
+    float32; with decode=False as stored: bfloat16 as its uint16 bit patterns, int8 / int4 as
+    `codecs.QuantRows`. arrays:
     the main array ("") and its scale arrays by codecs.array_names' names (zarr arrays or
     store/rows.py readers); with `fast` (store/rows.py over arrays[""]) the chunks are decoded
     as they decompress."""
-    if codec in ("float16", "float32"):
+    if codec in ("float16", "float32") or (codec == "bfloat16" and not decode):
         return fast(start, stop) if fast else arrays[""][start:stop]
     scales, s0 = {}, 0
     if len(arrays) > 1:

@@ -1,6 +1,6 @@
-"""Quantised K/V batches dequantised on the trainer's device (train/quant.py) are
-store/codecs.decode bit for bit, sample by sample, whatever the rows' alignment to the shard's
-key-scale groups; padding rows are exact zeros."""
+"""K/V batches cross to the trainer's device as stored (train/quant.py) and arrive as the
+reader's float32: quantised ones are store/codecs.decode bit for bit, sample by sample,
+whatever the rows' alignment to the shard's key-scale groups; padding rows are exact zeros."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvdistill.store import codecs
+from kvdistill.schemas import AlignSpec, DataSpec, KVGeometry, ModelSpec, StoreSpec, TeacherSpec
+from kvdistill.store import ShardReader, ShardWriter, codecs, finalize, init_store, init_teacher
 from kvdistill.store.codecs import QuantRows
 from kvdistill.train.quant import QuantKV, collate_quant, kv_to_device
+from kvdistill.train.stream import KVStream, collate
 
 
 def stored(codec: str, part: str, x: np.ndarray) -> QuantRows:
@@ -79,3 +81,44 @@ def test_samples_of_other_codecs_in_one_batch_are_refused():
     x = np.zeros((32, 1, 4), np.float32)
     with pytest.raises(ValueError, match="one codec"):
         collate_quant([stored("int8", "k", x), stored("int4", "k", x)], 32)
+
+
+@pytest.fixture(scope="module")
+def codec_store(tmp_path_factory):
+    """One shard, a teacher per codec, the same random K/V in each (D = 40: partial scale groups)."""
+    path = tmp_path_factory.mktemp("codecs") / "s.zarr"
+    L, H, d = 3, 2, 20
+    geom = KVGeometry(num_layers=L, num_kv_heads=H, head_dim=d)
+    init_store(path, StoreSpec(student=ModelSpec("s"), geometry=geom, tokenizer_fingerprint="t", data=DataSpec(), data_fingerprint="d", num_shards=1))
+    rng = np.random.default_rng(3)
+    samples = [rng.normal(size=(2, int(rng.integers(5, 70)), L, H * d)).astype(np.float32) for _ in range(12)]
+    eye = [[float(i == j) for j in range(L)] for i in range(L)]
+    for codec in codecs.CODECS:
+        init_teacher(path, TeacherSpec(name=codec, model=ModelSpec(codec), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=H * d, fingerprint=codec, kv_dtype=codec))
+        with ShardWriter(path, codec, 0, num_layers=L, width=H * d, codec=codec) as w:
+            for j, (k, v) in enumerate(samples):
+                w.write(f"s{j}", k, v, np.zeros(len(k), np.int32), np.ones(len(k), np.bool_))
+    finalize(path)
+    return path
+
+
+STORED = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+
+
+def test_every_codec_crosses_as_stored_and_arrives_as_the_readers_float32(codec_store):
+    samples = list(KVStream(codec_store, list(codecs.CODECS), shuffle_buffer=1))
+    batch = collate(samples[:5], pad_id=0)
+    on_device = kv_to_device(batch["kv"], "cpu")
+    r = ShardReader(codec_store, "float16", 0)  # the same samples, offsets and order in every teacher
+    for codec in codecs.CODECS:
+        reader = ShardReader(codec_store, codec, 0)
+        for p, part in enumerate(("k", "v")):
+            sent = batch["kv"][codec][p]
+            assert (sent.codes if isinstance(sent, QuantKV) else sent).dtype == STORED[codec]
+            got = on_device[codec][p]
+            assert got.dtype == torch.float32 and got.shape == (5, batch["input_ids"].shape[1], 3, 40)
+            for i, s in enumerate(samples[:5]):
+                j = r.sample_ids.index(s["sample_id"])
+                want = reader.rows(int(r.offsets[j]), int(r.offsets[j + 1]), (part,))[part].astype(np.float32)
+                assert np.array_equal(got[i, : len(want)].numpy(), want), f"{codec} {part} sample {s['sample_id']}"
+                assert not got[i, len(want) :].any()

@@ -1,4 +1,6 @@
-"""Quantised K/V batches, dequantised on the trainer's device.
+"""K/V batches as stored, made float32 on the trainer's device.
+
+float16 / bfloat16 batches are moved in 16 bits and cast there (`kv_to_device`).
 
 For an int8 / int4 teacher the stream yields each sample's K and V as stored
 (`store.codecs.QuantRows`: codes plus their scale / zero rows). `collate` pads them into a
@@ -92,9 +94,9 @@ def collate_quant(rows: list[QuantRows], T: int) -> QuantKV:
 
 
 def kv_to_device(kv: dict[str, tuple], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A batch's {teacher: (k, v)} on `device` as float tensors: float batches are moved,
-    quantised ones (`QuantKV`) moved as stored, then dequantised there."""
+    """A batch's {teacher: (k, v)} on `device` as float32: moved as stored (16-bit floats, or
+    int8 / int4 `QuantKV`), then cast or dequantised there."""
     out = {}
     for t, pair in kv.items():
-        out[t] = tuple(x.to(device).dequantise() if isinstance(x, QuantKV) else x.to(device) for x in pair)
+        out[t] = tuple(x.to(device).dequantise() if isinstance(x, QuantKV) else x.to(device).to(torch.float32) for x in pair)
     return out

@@ -48,8 +48,9 @@ def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
 
 class KVStream(IterableDataset):
     """Yields {"sample_id", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}:
-    K and V float16 / float32 as stored, or for an int8 / int4 teacher as stored
-    (`store.codecs.QuantRows`; `.decode()` gives float32), dequantised on the trainer's device.
+    K and V as stored, made float32 on the trainer's device: float16 / float32 numpy arrays,
+    bfloat16 as torch.bfloat16 tensors, int8 / int4 as `store.codecs.QuantRows` (`.decode()`
+    gives float32).
 
     With read_latent (KaVa latent mode) also "segment_ids" [T] and "latent": {teacher: {"k",
     "v": [M, L, D] float32, "mask": [M] bool, "hidden": [H] (only if stored)}}; every teacher
@@ -153,11 +154,11 @@ class KVStream(IterableDataset):
             def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
                 r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
                 parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
-                # int8 / int4 K/V stay as stored (codes + scales): the trainer dequantises them
-                # on its device (train/quant.py), so the read moves compressed-size bytes.
+                # K/V stay as stored (16-bit floats, int8 / int4 codes + scales) until the trainer's
+                # device: the read, collate and the copy move stored-size bytes (train/quant.py).
                 kv = [arrays.submit(r.rows, r0, r1, (p,), False) for r, p in parts]
                 latent = [arrays.submit(r.latent, j0, j1) for r in sh["readers"]] if self.read_latent else []
-                return [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
+                return [_as_stored(f.result()[p], r.attrs.get("codec", "float16")) for f, (r, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
 
             # Consolidated metadata and index.parquet, read once: opening a shard then reads no
             # metadata, offsets or sample ids from disk (a few ms a shard and teacher otherwise).
@@ -218,6 +219,12 @@ class KVStream(IterableDataset):
         yield from buf
 
 
+def _as_stored(x: np.ndarray | QuantRows, codec: str) -> np.ndarray | torch.Tensor | QuantRows:
+    """A read block as the stream yields it: bfloat16 bit patterns as a torch.bfloat16 tensor
+    (numpy has no bfloat16), anything else as read."""
+    return torch.from_numpy(x).view(torch.bfloat16) if codec == "bfloat16" else x
+
+
 def _contract(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One teacher's latent record as the trainer sees it (the kept positions stay in the store)."""
     out = {"k": x["k"].astype(np.float32), "v": x["v"].astype(np.float32), "mask": x["mask"].astype(np.bool_)}
@@ -239,8 +246,8 @@ def _check_latent_sample(sample: dict[str, Any], teachers: list[str], shard: int
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-pad to the longest sample; masks mark real tokens. Never truncates. "kv": {teacher:
-    (k, v)} float32 [B, T, L, D], or for int8 / int4 teachers `train.quant.QuantKV` (as stored;
-    `kv_to_device` moves and dequantises it). Samples read with
+    (k, v)} [B, T, L, D] as stored (float16, bfloat16 or float32 tensors; int8 / int4 as
+    `train.quant.QuantKV`); `kv_to_device` moves them and makes them float32 there. Samples read with
     read_latent also give "segment_ids" [B, T] long (padding -1) and "latent": {teacher: {"k",
     "v" [B, M, L, D] float32, "mask" [B, M] bool, "hidden" [B, H] float32 or None}}."""
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
@@ -253,17 +260,18 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
             kv[t] = tuple(collate_quant([s["kv"][t][p] for s in samples], T) for p in (0, 1))
             continue
         shape = (B, T, *k0.shape[1:])
-        kv[t] = (torch.zeros(shape), torch.zeros(shape))
+        dtype = k0.dtype if isinstance(k0, torch.Tensor) else torch.from_numpy(k0[:0]).dtype  # as stored: cast on the device
+        kv[t] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         ids[i, :n] = torch.from_numpy(s["input_ids"].astype(np.int64))
         attn[i, :n] = 1
         loss_mask[i, :n] = torch.from_numpy(s["loss_mask"])
-        for t, (k, v) in s["kv"].items():  # copy_ casts float16 on the way (no float32 temporary)
+        for t, (k, v) in s["kv"].items():
             if isinstance(k, QuantRows):
                 continue
-            kv[t][0][i, :n] = torch.from_numpy(k)
-            kv[t][1][i, :n] = torch.from_numpy(v)
+            kv[t][0][i, :n] = torch.as_tensor(k)
+            kv[t][1][i, :n] = torch.as_tensor(v)
     batch = {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
     if "latent" in samples[0]:
         seg = torch.full((B, T), -1, dtype=torch.long)
@@ -310,9 +318,11 @@ def shuffle_kv(samples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]
     return out
 
 
-def _floats(x: np.ndarray | QuantRows) -> np.ndarray:
+def _floats(x: np.ndarray | torch.Tensor | QuantRows) -> np.ndarray:
     """One sample's K or V as float32 rows (int8 / int4 dequantised here)."""
-    return x.decode() if isinstance(x, QuantRows) else x.astype(np.float32)
+    if isinstance(x, QuantRows):
+        return x.decode()
+    return x.float().numpy() if isinstance(x, torch.Tensor) else x.astype(np.float32)
 
 
 def _batch_derangement(samples: list[dict[str, Any]], seed: int) -> np.ndarray:
