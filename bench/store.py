@@ -19,9 +19,9 @@ logical: float16 bytes of the K/V delivered, whatever the codec stores. read/raw
 two ways of getting the same stored bytes off the disk: raw read time / reader time (cold).
 The reader is store/rows.py (ShardReader's K/V path); zarr/raw times zarr's own slicing of the
 same arrays side by side, and the two must return the same bits. codes/raw times what the
-training stream reads: int8 / int4 codes and scales as stored, which the trainer dequantises on
-its device (train/quant.py); "dequant" is that step timed with torch on this CPU, and it must
-give the reader's float32 bit for bit.
+training stream reads: K/V as stored (bfloat16 bit patterns, int8 / int4 codes and scales),
+which the trainer makes float32 on its device (train/quant.py); "dequant" is that step timed
+with torch on this CPU, and it must give the reader's float32 bit for bit.
 
     python bench/store.py --samples 600 --repeats 2     # numbers for BENCHMARKS.md (~3 min on 2 cores)
 
@@ -152,8 +152,9 @@ def write(path: Path, codec: str, compressor: str, kv: dict[str, np.ndarray]) ->
 def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tuple[dict[str, list], float]:
     """Rows [bounds[i], bounds[i + 1]) block by block with ShardReader's `read_kv`, the arrays
     read by `reader`: "rows" (store/rows.py, what ShardReader uses) or "zarr" (zarr's own
-    slicing), decoded to float32 on the CPU; or "codes": store/rows.py, int8 / int4 left as
-    stored (`QuantRows`, what the training stream hands the trainer to dequantise on its device).
+    slicing), decoded (float16 stays float16, the others float32) on the CPU; or "codes":
+    store/rows.py, left as stored (bfloat16 bits, int8 / int4 `QuantRows`: what the training
+    stream hands the trainer to make float32 on its device).
     ({"k", "v": [block]}, seconds). The arrays are opened (their metadata read) before the clock
     starts, as the stream opens a store once: the time is the rows' alone."""
     group = zarr.open_group(path, mode="r")
@@ -169,13 +170,21 @@ def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tupl
     return out, time.perf_counter() - t0  # the trainer takes blocks as they come: no concatenation timed
 
 
-def dequantise(blocks: dict[str, list]) -> tuple[dict[str, np.ndarray], float]:
-    """The trainer's side of "codes": every block as a one-sample QuantKV, dequantised by torch
-    here on the CPU (on a GPU this runs on the device). ({"k", "v": float32 [N, L, D]}, seconds)."""
+def to_float(blocks: dict[str, list], codec: str) -> tuple[dict[str, np.ndarray], float]:
+    """The trainer's side of "codes": every block as stored made float32 by torch, here on the
+    CPU (on a GPU this runs on the device): int8 / int4 as a one-sample QuantKV dequantised,
+    bfloat16 bit patterns viewed as torch.bfloat16 and cast. ({"k", "v": float32 [N, L, D]}, seconds)."""
+
+    def one(b):
+        if isinstance(b, codecs.QuantRows):
+            return collate_quant([b], len(b)).dequantise()[0]
+        x = torch.from_numpy(b)
+        return (x.view(torch.bfloat16) if codec == "bfloat16" else x).to(torch.float32)
+
     t0 = time.perf_counter()
-    out = {part: [collate_quant([b], len(b)).dequantise()[0] if isinstance(b, codecs.QuantRows) else b for b in bl] for part, bl in blocks.items()}
+    out = {part: [one(b) for b in bl] for part, bl in blocks.items()}
     seconds = time.perf_counter() - t0
-    return {part: np.concatenate([np.asarray(b, np.float32) for b in bl]) for part, bl in out.items()}, seconds
+    return {part: torch.cat(bl).numpy() for part, bl in out.items()}, seconds
 
 
 def joined(blocks: dict[str, list]) -> dict[str, np.ndarray]:
@@ -236,7 +245,7 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
         drop_cache(path)
         stored_blocks, s = read(path, codec, stream, D, "codes")
         codes_cold.append(s)
-        via_codes, s = dequantise(stored_blocks)
+        via_codes, s = to_float(stored_blocks, codec)
         deq.append(s)
     got, via_zarr = joined(blocks), joined(via_zarr)
     assert all(np.array_equal(via_zarr[p], got[p]) for p in got), "store/rows.py and zarr disagree"
@@ -252,7 +261,7 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
         "read_vs_raw": min(raw_cold) / min(cold),  # same stored bytes: raw time / reader time
         "zarr_vs_raw": min(raw_cold) / min(zarr_cold),
         "codes_vs_raw": min(raw_cold) / min(codes_cold),  # what the training stream reads
-        "dequant": logical / min(deq) / 1e6 if codec in ("int8", "int4") else float("nan"),
+        "dequant": logical / min(deq) / 1e6,
         "raw_cold": stored / min(raw_cold) / 1e6,
         "raw_warm": stored / min(raw_warm) / 1e6,
         "err_k": rel_err(got["k"], kv["k"]),
@@ -319,7 +328,7 @@ HEADER = (
 
 
 def row(r: dict, bf16_stored: int) -> str:
-    deq = f"{r['dequant']:>7.0f}" if r["dequant"] == r["dequant"] else f"{'-':>7}"
+    deq = f"{r['dequant']:>7.0f}"
     return (
         f"{r['codec']:<9} {r['compressor']:<22} {r['stored'] / 1e6:>9.2f} {r['ratio']:>7.2f}x {bf16_stored / r['stored']:>6.2f}x "
         f"{r['write']:>6.0f} {r['read_cold']:>9.0f} {r['read_warm']:>6.0f} "
@@ -390,8 +399,9 @@ def main() -> None:
         "(warm); raw = open().read() of the same files, MB/s of "
         "stored bytes; read/raw = raw cold time / read cold time for the same stored bytes (read cold x stored / "
         "logical / raw cold); zarr/raw = the same with zarr's own slicing as the reader; codes/raw = the same "
-        "for what the training stream reads: int8 / int4 codes and scales left as stored (other codecs as read/raw); "
-        "dequant = torch dequantising those codes on this CPU, logical MB/s (the trainer's side: on a GPU it runs there)."
+        "for what the training stream reads: K/V as stored (bfloat16 bit patterns, int8 / int4 codes and scales; "
+        "float16 as read/raw); dequant = torch making those float32 on this CPU (int8 / int4 dequantised, 16-bit floats cast), "
+        "logical MB/s (the trainer's side: on a GPU it runs on the device)."
     )
     if streams:
         print(
@@ -418,9 +428,9 @@ def main() -> None:
     for c in chosen:
         r = store[c]
         logical = r["read_cold"] / r["raw_cold"]
-        if c in ("int8", "int4"):  # the stream reads codes; the trainer dequantises them on its device
+        if c != "float16":  # the stream reads them as stored; the trainer makes them float32 on its device
             frac = r["codes_vs_raw"]
-            how = f"the training stream's read (codes + scales, dequantised on the trainer's device); decoded to float32 on this CPU: {r['read_vs_raw']:.0%}"
+            how = f"the training stream's read: as stored, made float32 on the trainer's device; decoded to float32 on this CPU: {r['read_vs_raw']:.0%}"
         else:
             frac = r["read_vs_raw"]
             how = f"{logical:.0%} counting logical float16 MB/s against stored MB/s"

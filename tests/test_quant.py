@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kvdistill.schemas import AlignSpec, DataSpec, KVGeometry, ModelSpec, StoreSpec, TeacherSpec
 from kvdistill.store import ShardReader, ShardWriter, codecs, finalize, init_store, init_teacher
 from kvdistill.store.codecs import QuantRows
-from kvdistill.train.quant import QuantKV, collate_quant, kv_to_device
+from kvdistill.train.quant import QuantKV, collate_quant, kv_as_stored, kv_to_device
 from kvdistill.train.stream import KVStream, collate
 
 
@@ -122,3 +122,20 @@ def test_every_codec_crosses_as_stored_and_arrives_as_the_readers_float32(codec_
                 want = reader.rows(int(r.offsets[j]), int(r.offsets[j + 1]), (part,))[part].astype(np.float32)
                 assert np.array_equal(got[i, : len(want)].numpy(), want), f"{codec} {part} sample {s['sample_id']}"
                 assert not got[i, len(want) :].any()
+
+
+def test_kv_transfer_auto_hands_over_as_stored_on_an_accelerator_and_decoded_on_the_cpu():
+    assert kv_as_stored("auto", torch.device("cuda")) and not kv_as_stored("auto", torch.device("cpu"))
+    assert kv_as_stored("stored", "cpu") and not kv_as_stored("decoded", "cuda")
+    with pytest.raises(ValueError, match="auto, stored or decoded"):
+        kv_as_stored("fast", "cpu")
+
+
+def test_the_decoded_stream_gives_float32_from_the_reader(codec_store):
+    for stored in (True, False):
+        s = next(iter(KVStream(codec_store, list(codecs.CODECS), shuffle_buffer=1, kv_as_stored=stored)))
+        kinds = {c: type(s["kv"][c][0]).__name__ + ":" + str(s["kv"][c][0].dtype) for c in codecs.CODECS if not isinstance(s["kv"][c][0], QuantRows)}
+        if stored:
+            assert kinds == {"float16": "ndarray:float16", "bfloat16": "Tensor:torch.bfloat16"} and isinstance(s["kv"]["int4"][1], QuantRows)
+        else:
+            assert kinds == {"float16": "ndarray:float16", "bfloat16": "ndarray:float32", "int8": "ndarray:float32", "int4": "ndarray:float32"}

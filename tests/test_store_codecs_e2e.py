@@ -51,10 +51,18 @@ def test_the_reader_decodes_close_to_the_float16_store(tiny_store, quantised_sto
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound
 
 
-def test_a_quantised_store_verifies_and_trains(tiny_store, quantised_store, tmp_path):
+def test_a_quantised_store_verifies_and_trains_the_same_however_kv_reaches_the_device(tiny_store, quantised_store, tmp_path):
+    """kv_transfer "stored" (codes to the device, dequantised there: what a GPU run does) and
+    "decoded" (float32 from the reader threads: the CPU default) feed the same bits, so the
+    same seeded run gives the same losses."""
     assert verify(quantised_store) == []
-    summary = train(TrainConfig(store=str(quantised_store), student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=3, device="cpu"), progress=False)
-    assert summary["steps"] == 3 and np.isfinite(summary["final_kv_k"])
+    runs = {
+        how: train(TrainConfig(store=str(quantised_store), student=tiny_store["student"], out=str(tmp_path / how), batch_size=8, max_steps=3, device="cpu", kv_transfer=how), progress=False)
+        for how in ("stored", "decoded")
+    }
+    assert runs["stored"]["steps"] == 3 and np.isfinite(runs["stored"]["final_kv_k"])
+    for term in ("final_ce", "final_kv_k", "final_kv_v"):
+        assert runs["stored"][term] == runs["decoded"][term], term
 
 
 def test_the_stream_moves_codes_and_the_device_batch_equals_the_decoded_one(quantised_store):

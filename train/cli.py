@@ -60,6 +60,7 @@ TRAIN_FLAGS: list[Flag] = [
     ("--seed", "seed", int, "seed for init order, shuffling and dropout"),
     ("--shuffle-buffer", "shuffle_buffer", int, "samples held for shuffling within shards"),
     ("--num-workers", "num_workers", int, "dataloader worker processes"),
+    ("--kv-transfer", "kv_transfer", str, "auto | stored (K/V to the device as stored, made float32 there) | decoded (float32 from the reader threads)"),
     ("--logging-steps", "log_every", int, "write metrics every N steps"),
     ("--save-steps", "save_every", int, "checkpoint every N steps (0: only the final model)"),
     ("--stop-at-step", "stop_at_step", int, "stop cleanly after this step (time-limited jobs); --resume continues"),

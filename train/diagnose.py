@@ -26,7 +26,7 @@ from kvdistill.store import StoreError
 
 from .distiller import LOSS_TERMS
 from .loop import build_model
-from .quant import kv_to_device
+from .quant import kv_as_stored, kv_to_device
 from .stream import KVStream, train_loader
 
 __all__ = ["diagnose", "format_table"]
@@ -51,7 +51,7 @@ def diagnose(cfg: TrainConfig, batches: int = 4) -> dict[str, Any]:
     aux = [p for p in model.adapters.parameters() if p.requires_grad]
     if model.router is not None:
         aux += [p for p in model.router.parameters() if p.requires_grad]
-    stream = KVStream(cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, read_kv=cfg.kv_weight > 0)
+    stream = KVStream(cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, read_kv=cfg.kv_weight > 0, kv_as_stored=kv_as_stored(cfg.kv_transfer, device))
     pad_id = pad_token_id(tokenizer)
 
     loader = train_loader(stream, cfg, pad_id)  # as in train, the shuffled-KV control included

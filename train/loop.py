@@ -37,7 +37,7 @@ from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
 
 from .distiller import LOSS_TERMS, build_distiller
-from .quant import kv_to_device
+from .quant import kv_as_stored, kv_to_device
 from .report import resolve_trackers, tracker_config, tracker_values
 from .stream import KVStream, shuffle_kv, train_loader
 
@@ -135,6 +135,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         read_kv=cfg.kv_weight > 0,
+        kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
     )
     pad_id = pad_token_id(tokenizer)
 

@@ -27,7 +27,7 @@ import torch
 
 from kvdistill.store.codecs import GROUP, QuantRows
 
-__all__ = ["QuantKV", "collate_quant", "kv_to_device"]
+__all__ = ["QuantKV", "collate_quant", "kv_as_stored", "kv_to_device"]
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare with torch.equal
@@ -100,3 +100,11 @@ def kv_to_device(kv: dict[str, tuple], device) -> dict[str, tuple[torch.Tensor, 
     for t, pair in kv.items():
         out[t] = tuple(x.to(device).dequantise() if isinstance(x, QuantKV) else x.to(device).to(torch.float32) for x in pair)
     return out
+
+
+def kv_as_stored(kv_transfer: str, device: torch.device) -> bool:
+    """TrainConfig.kv_transfer for a trainer on `device`: hand K/V over as stored? ("auto": on an
+    accelerator yes; on the CPU no, the reader threads decode while the step runs)."""
+    if kv_transfer not in ("auto", "stored", "decoded"):
+        raise ValueError(f"kv_transfer must be auto, stored or decoded, got {kv_transfer!r}")
+    return kv_transfer == "stored" or (kv_transfer == "auto" and torch.device(device).type != "cpu")

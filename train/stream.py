@@ -48,9 +48,10 @@ def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
 
 class KVStream(IterableDataset):
     """Yields {"sample_id", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}:
-    K and V as stored, made float32 on the trainer's device: float16 / float32 numpy arrays,
-    bfloat16 as torch.bfloat16 tensors, int8 / int4 as `store.codecs.QuantRows` (`.decode()`
-    gives float32).
+    with kv_as_stored K and V as stored, to be made float32 on the trainer's device: float16 /
+    float32 numpy arrays, bfloat16 as torch.bfloat16 tensors, int8 / int4 as
+    `store.codecs.QuantRows` (`.decode()` gives float32); without, float16 / float32 as stored
+    and the other codecs decoded to float32 numpy arrays here.
 
     With read_latent (KaVa latent mode) also "segment_ids" [T] and "latent": {teacher: {"k",
     "v": [M, L, D] float32, "mask": [M] bool, "hidden": [H] (only if stored)}}; every teacher
@@ -70,6 +71,7 @@ class KVStream(IterableDataset):
         world_size: int = 1,
         read_kv: bool = True,
         read_latent: bool = False,
+        kv_as_stored: bool = True,
     ) -> None:
         self.store = Path(store)
         self.spec, known = open_specs(store)
@@ -81,6 +83,7 @@ class KVStream(IterableDataset):
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
         self.read_kv = read_kv
+        self.kv_as_stored = kv_as_stored
         self.read_latent = read_latent
         if read_latent:
             plain = [t for t in teachers if known[t].latent is None]
@@ -154,11 +157,15 @@ class KVStream(IterableDataset):
             def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
                 r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
                 parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
-                # K/V stay as stored (16-bit floats, int8 / int4 codes + scales) until the trainer's
-                # device: the read, collate and the copy move stored-size bytes (train/quant.py).
-                kv = [arrays.submit(r.rows, r0, r1, (p,), False) for r, p in parts]
+                # kv_as_stored: K/V stay as stored (16-bit floats, int8 / int4 codes + scales) until
+                # the trainer's device, so the read, collate and the copy move stored-size bytes
+                # (train/quant.py); else they are decoded to float32 here, on the reader threads.
+                kv = [arrays.submit(r.rows, r0, r1, (p,), not self.kv_as_stored) for r, p in parts]
                 latent = [arrays.submit(r.latent, j0, j1) for r in sh["readers"]] if self.read_latent else []
-                return [_as_stored(f.result()[p], r.attrs.get("codec", "float16")) for f, (r, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
+                blocks = [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)]
+                if self.kv_as_stored:
+                    blocks = [_as_stored(x, r.attrs.get("codec", "float16")) for x, (r, _) in zip(blocks, parts, strict=True)]
+                return blocks, [f.result() for f in latent]
 
             # Consolidated metadata and index.parquet, read once: opening a shard then reads no
             # metadata, offsets or sample ids from disk (a few ms a shard and teacher otherwise).
