@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -115,12 +116,22 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="also time the local executor with 1 vs this many workers (0: skip; CPU only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="teacher dtype (default: bfloat16 on a GPU, float32 on CPU)")
+    p.add_argument("--dir", type=Path, default=None, help="where to write models and stores (default: a temp dir, removed)")
     args = p.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
+    root = args.dir or Path(tempfile.mkdtemp(prefix="kvdistill-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, root, dtype)
+    finally:  # models, stores and the naive files: gigabytes at --size medium
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
     data = DataSpec(synthetic=SyntheticSpec(n_train=args.samples, n_test=16))
-    root = Path(tempfile.mkdtemp(prefix="kvdistill-bench-"))
     specs = build(root / "models", args.size, data, dtype)
     g = SIZES[args.size]
     print(f"teacher {args.size}: {g}; {args.samples} samples, batch {args.batch_size}, {args.threads} threads, device {args.device}, {dtype}\n")
