@@ -23,7 +23,7 @@ training stream reads: K/V as stored (bfloat16 bit patterns, int8 / int4 codes a
 which the trainer makes float32 on its device (train/quant.py); "dequant" is that step timed
 with torch on this CPU, and it must give the reader's float32 bit for bit.
 
-    python bench/store.py --samples 600 --repeats 2     # numbers for BENCHMARKS.md (~3 min on 2 cores)
+    python bench/store.py --samples 600 --repeats 2     # numbers for BENCHMARKS.md (~6 min on 2 cores)
 
 K/V come from a tiny Qwen2 teacher (6 layers, hidden 128, 4 q / 2 kv heads, head_dim 32) trained
 --steps steps on the synthetic data (random-init K/V are not representative; --steps 0 uses them),
