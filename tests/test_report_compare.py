@@ -216,6 +216,9 @@ def test_report_picks_up_every_term_layers_routes_and_eval(tmp_path):
         assert f"<th>{term}</th>" in page
     assert "kv_weight: 1.0" in page and "0.625" in page and "eval.json" in page and "notes.json" not in page
     assert "missing" not in page.split("<h2>Losses")[1]
+    (run / "eval").mkdir()
+    (run / "eval" / "killed.json").write_text('{"accuracy": 0.5, "perpl')  # an eval killed mid-write
+    assert "left out, not readable as JSON" in run_report(run) and "eval/killed.json" in run_report(run)
 
 
 def test_report_states_missing_pieces_and_refuses_a_dir_without_metrics(tmp_path):

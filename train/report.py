@@ -132,17 +132,21 @@ def _layer_terms(rows: list[dict[str, Any]]) -> list[str]:
     return terms
 
 
-def _evals(run: Path) -> dict[str, dict[str, Any]]:
-    """Every JSON in the run directory (or its eval/) that reads as a `kvdistill eval` result."""
-    found = {}
+def _evals(run: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Every JSON in the run directory (or its eval/) that reads as a `kvdistill eval` result,
+    and the .json files that do not parse at all ({file: why}: a killed eval leaves a truncated
+    one; the report says so rather than leaving a result out unseen)."""
+    found, unreadable = {}, {}
     for path in sorted([*run.glob("*.json"), *run.glob("eval/*.json")]):
+        name = str(path.relative_to(run))
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            unreadable[name] = str(e)
             continue
         if isinstance(data, dict) and "accuracy" in data and "perplexity" in data:
-            found[str(path.relative_to(run))] = data
-    return found
+            found[name] = data
+    return found, unreadable
 
 
 # ----------------------------------------------------------------------------- plots
@@ -287,11 +291,14 @@ def run_report(run: str | Path, compare: str | Path | None = None) -> str:
         sections.append(("Per-layer loss", "".join(_heatmap(rows, k) for k in layer_terms) if layer_terms else _missing("no per-layer terms (kv_k_layers, ...) logged: a CE-only run has none")))
         routes = sorted({k for r in rows for k in r if k.startswith("route_")})
         sections.append(("Routing weights", _routes(rows, routes) if routes else _missing("no routing weights logged: fixed fusion (or CE only) routes nothing")))
-    evals = _evals(run)
+    evals, unreadable = _evals(run)
     if evals:
         table = _table(["file", "n", "accuracy", "perplexity"], [[f, e.get("n"), e["accuracy"], e["perplexity"]] for f, e in evals.items()])
     else:
         table = _missing(f"no evaluation JSON in {run}; run `kvdistill eval --model {run} --out {run}/eval.json`")
+    if unreadable:
+        listed = "; ".join(f"{f} ({why})" for f, why in unreadable.items())
+        table += _missing(f"left out, not readable as JSON (an interrupted eval? re-run it): {listed}")
     sections.append(("Evaluation", table))
     if compare is not None:
         sections.append(("Comparison", _compare_file_section(Path(compare))))
