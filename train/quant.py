@@ -61,9 +61,11 @@ class QuantKV:
             expand = lambda p: p[rows, self.group]  # noqa: E731  [B, T, L, D]
         else:  # per token, GROUP channels a scale
             expand = lambda p: p.repeat_interleave(GROUP, dim=-1)[..., : self.width]  # noqa: E731
-        x = q.to(torch.float32) * expand(self.scale).to(torch.float32)
+        # In place, the float16 parameters promoted exactly by the ops: 6 bytes an element at
+        # the peak (the output + one expanded parameter) instead of 14 with float32 copies.
+        x = q.to(torch.float32).mul_(expand(self.scale))
         if self.zero is not None:
-            x += expand(self.zero).to(torch.float32)
+            x.add_(expand(self.zero))
         return x
 
 
