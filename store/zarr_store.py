@@ -609,10 +609,9 @@ def read_kv(
 ) -> np.ndarray | codecs.QuantRows:
     """Rows [start, stop) of K or V decoded: float16 / float32 as stored, the other codecs as
     float32; with decode=False as stored: bfloat16 as its uint16 bit patterns, int8 / int4 as
-    `codecs.QuantRows`. arrays:
-    the main array ("") and its scale arrays by codecs.array_names' names (zarr arrays or
-    store/rows.py readers); with `fast` (store/rows.py over arrays[""]) the chunks are decoded
-    as they decompress."""
+    `codecs.QuantRows`. arrays: the main array ("") and its scale arrays by
+    codecs.array_names' names (zarr arrays or store/rows.py readers); with `fast`
+    (store/rows.py over arrays[""]) the chunks are decoded as they decompress."""
     if codec in ("float16", "float32") or (codec == "bfloat16" and not decode):
         return fast(start, stop) if fast else arrays[""][start:stop]
     scales, s0 = {}, 0
