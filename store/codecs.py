@@ -338,11 +338,6 @@ class QuantRows:
     def __len__(self) -> int:
         return len(self.codes)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The dequantised shape [n, L, D]."""
-        return (len(self.codes), self.codes.shape[1], self.width)
-
     def __getitem__(self, rows: slice) -> QuantRows:
         """Rows [a, b) of these (a view: no copy), with the scale rows they need."""
         a, b, step = rows.indices(len(self.codes))
