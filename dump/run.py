@@ -40,7 +40,14 @@ from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_ma
 from kvdistill.align.time import stack_time_maps
 from kvdistill.data import data_fingerprint, load_examples
 from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
-from kvdistill.store import ShardWriter, WdsShardWriter, init_store, init_teacher, shard_is_complete
+from kvdistill.store import (
+    ShardWriter,
+    WdsShardWriter,
+    compression,
+    init_store,
+    init_teacher,
+    shard_is_complete,
+)
 
 from .capture import forward_kv, forward_kv_importance, kv_geometry
 from .models import (
@@ -189,7 +196,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             kv_dtype=cfg.kv_dtype,
             teacher_kv_dtype=cfg.teacher_kv_dtype,
             backend=cfg.backend,
-            compression_level=cfg.compression_level,
+            **compression(cfg),
         ),
     )
     codec = cfg.teacher_kv_dtype.get(name, cfg.kv_dtype)
@@ -290,7 +297,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         (WdsShardWriter if cfg.backend == "webdataset" else ShardWriter)(
             cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec,
             latent_slots=cfg.latent.slots if cfg.latent else None,
-            **({} if cfg.backend == "webdataset" else {"compression_level": cfg.compression_level}),
+            **({} if cfg.backend == "webdataset" else compression(cfg)),
         ) as w,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,

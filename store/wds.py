@@ -43,6 +43,7 @@ from .zarr_store import (
     StoreError,
     _partial_dir,
     _teacher_dir,
+    compression,
     finalize,
     init_store,
     init_teacher,
@@ -267,7 +268,7 @@ def _convert(src: Path, dst: Path, backend: str, writer_cls) -> Path:
         init_teacher(dst, type(t).from_dict({**t.to_dict(), "kv_dtype": codec}))
         for i in range(spec.num_shards):
             slots = t.latent.slots if t.latent else None
-            level = {"compression_level": spec.compression_level} if backend == "zarr" else {}
+            level = compression(spec) if backend == "zarr" else {}
             with writer_cls(dst, name, i, num_layers=spec.geometry.num_layers, width=t.width, codec=codec, latent_slots=slots, **level) as w:
                 for s in (wds_samples(src, [name], i) if spec.backend == "webdataset" else _zarr_samples(src, name, i)):
                     k, v = s["kv"][name]

@@ -63,6 +63,7 @@ __all__ = [
     "ShardWriter",
     "ShardReader",
     "read_kv",
+    "compression",
     "finalize",
     "open_root",
     "read_index",
@@ -213,11 +214,19 @@ def shard_is_complete(path: str | Path, teacher: str, shard: int) -> bool:
     return bool(attrs and attrs.get("complete"))
 
 
-def _kv_codec(chunk_bytes: int, level: int) -> BloscCodec:
+def compression(rec: StoreSpec | Any) -> dict[str, Any]:
+    """ShardWriter's compression arguments from a StoreSpec or DumpTask."""
+    return {"compression_level": rec.compression_level, "blosc_shuffle": rec.blosc_shuffle}
+
+
+_SHUFFLE = {"byte": BloscShuffle.shuffle, "bit": BloscShuffle.bitshuffle}
+
+
+def _kv_codec(chunk_bytes: int, level: int, shuffle: str) -> BloscCodec:
     # Byte shuffle groups the exponent bytes of float16 / bfloat16 together, and one blosc block
     # per chunk (instead of blosc's small default blocks) lets zstd see the whole chunk:
     # +16-18% compression on K/V of a trained teacher (bench/store.py).
-    return BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.shuffle, blocksize=int(chunk_bytes))
+    return BloscCodec(cname="zstd", clevel=level, shuffle=_SHUFFLE[shuffle], blocksize=int(chunk_bytes))
 
 
 class ShardWriter:
@@ -249,6 +258,7 @@ class ShardWriter:
         codec: str = "float16",
         latent_slots: int | None = None,
         compression_level: int = 1,
+        blosc_shuffle: str = "byte",
     ) -> None:
         if codec not in ("float32", *codecs.CODECS):
             raise ValueError(f"unknown K/V codec {codec!r}; choose one of {['float32', *codecs.CODECS]}")
@@ -264,7 +274,9 @@ class ShardWriter:
         self.L, self.D, self.codec = num_layers, width, codec
         if not 0 <= compression_level <= 9:
             raise ValueError(f"compression_level: blosc levels are 0 (none) to 9, got {compression_level}")
-        self.level = compression_level
+        if blosc_shuffle not in _SHUFFLE:
+            raise ValueError(f"blosc_shuffle: 'byte' or 'bit', got {blosc_shuffle!r}")
+        self.level, self.shuffle = compression_level, blosc_shuffle
         row_bytes = 4 * num_layers * width if codec == "float32" else codecs.bytes_per_row(codec, num_layers, width, part="k")
         # Chunks of ~1 MiB (the read unit), whole key-scale groups; zarr shards of 16 chunks (the write unit).
         self.chunk_rows = max(codecs.GROUP, int(CHUNK_BYTES // row_bytes) // codecs.GROUP * codecs.GROUP)
@@ -386,7 +398,7 @@ class ShardWriter:
                 chunks = (chunk, *block.shape[1:])
                 self.arrays[name] = self.group.create_array(
                     name, shape=(0, *block.shape[1:]), chunks=chunks, shards=(chunk * CHUNKS_PER_SHARD, *block.shape[1:]),
-                    dtype=block.dtype, compressors=_kv_codec(chunk * block[:1].nbytes, self.level),
+                    dtype=block.dtype, compressors=_kv_codec(chunk * block[:1].nbytes, self.level, self.shuffle),
                 )
                 self.crc[name] = 0
             block = np.ascontiguousarray(block)
@@ -414,7 +426,7 @@ class ShardWriter:
                 chunks=chunks,
                 shards=(chunks[0] * CHUNKS_PER_SHARD, *chunks[1:]),
                 dtype=data.dtype,
-                compressors=_kv_codec(chunks[0] * data[:1].nbytes, self.level) if data.ndim > 1 else "auto",
+                compressors=_kv_codec(chunks[0] * data[:1].nbytes, self.level, self.shuffle) if data.ndim > 1 else "auto",
             )
             if suffix:
                 self.aux[name].append(suffix)
@@ -741,6 +753,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "geometry": spec.geometry.to_dict(),
         "kv_dtype": spec.kv_dtype,
         "compression_level": spec.compression_level,
+        "blosc_shuffle": spec.blosc_shuffle,
         "num_shards": spec.num_shards,
         "fingerprints": {"tokenizer": spec.tokenizer_fingerprint, "data": spec.data_fingerprint},
         "finalized": (path / INDEX).exists(),
@@ -782,7 +795,7 @@ def format_inspect(info: dict[str, Any]) -> str:
     lines = [
         f"store {info['store']}  ({'finalized' if info['finalized'] else 'NOT finalized'})",
         f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x "
-        f"{g['head_dim']} dims; {info['num_shards']} shards; K/V blosc-zstd level {info['compression_level']}; "
+        f"{g['head_dim']} dims; {info['num_shards']} shards; K/V blosc-zstd level {info['compression_level']}, {info['blosc_shuffle']} shuffle; "
         f"tokenizer {fp['tokenizer']}, data {fp['data']}",
         f"{'teacher':<20} {'time map':<14} {'codec':<8} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} "
         f"{'bytes':>12} {'B/token':>9} {'ratio':>6} {'latent':>6}  fingerprint",

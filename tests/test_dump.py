@@ -24,7 +24,7 @@ from kvdistill.schemas import (
     SyntheticSpec,
     TrainConfig,
 )
-from kvdistill.store import ShardReader, finalize, read_teacher_specs
+from kvdistill.store import ShardReader, finalize, inspect, read_teacher_specs
 from kvdistill.train.loop import train
 
 
@@ -147,12 +147,13 @@ def test_forcing_identity_onto_another_tokenizer_is_a_clear_error(tiny_store, tm
         run_dump(_cfg(tiny_store, tmp_path, teacher=teacher, align=AlignSpec(time_map="identity")), progress=False)
 
 
-@pytest.mark.parametrize("level", [1, 5])
-def test_the_compression_level_reaches_the_stored_kv_and_reads_back_the_same(tiny_store, tmp_path, level):
-    res = run_dump(_cfg(tiny_store, tmp_path, kv_dtype="float16", num_shards=2, compression_level=level), progress=False)
+@pytest.mark.parametrize("level, shuffle", [(1, "byte"), (5, "bit")])
+def test_the_compression_level_and_shuffle_reach_the_stored_kv_and_read_back_the_same(tiny_store, tmp_path, level, shuffle):
+    res = run_dump(_cfg(tiny_store, tmp_path, kv_dtype="float16", num_shards=2, compression_level=level, blosc_shuffle=shuffle), progress=False)
     r = ShardReader(tmp_path / "s.zarr", res.teacher, 0)
     (blosc,) = [c for c in r.group["k"].metadata.codecs[0].codecs if type(c).__name__ == "BloscCodec"]
-    assert blosc.clevel == level and blosc.cname.value == "zstd"
+    assert blosc.clevel == level and blosc.cname.value == "zstd" and blosc.shuffle.value == {"byte": "shuffle", "bit": "bitshuffle"}[shuffle]
+    assert "k" in r.fast and inspect(tmp_path / "s.zarr")["blosc_shuffle"] == shuffle
     ref = ShardReader(tiny_store["store"], res.teacher, 0)  # the fixture's store: float16, default level
     n = int(ref.offsets[-1])
     assert r.sample_ids == ref.sample_ids and np.array_equal(r.rows(0, n, ("k",))["k"], ref.rows(0, n, ("k",))["k"])
@@ -164,5 +165,7 @@ def test_a_compression_level_outside_blosc_range_is_refused(tiny_store, tmp_path
 
 
 def test_a_compression_level_with_the_uncompressed_webdataset_backend_is_refused(tiny_store, tmp_path):
-    with pytest.raises(ConfigError, match="webdataset tars store K/V uncompressed, so level 3 would be ignored"):
+    with pytest.raises(ConfigError, match="webdataset tars store K/V uncompressed, so level 3 / byte shuffle would be ignored"):
         _cfg(tiny_store, tmp_path, backend="webdataset", compression_level=3)
+    with pytest.raises(ConfigError, match="level 1 / bit shuffle would be ignored"):
+        _cfg(tiny_store, tmp_path, backend="webdataset", blosc_shuffle="bit")
