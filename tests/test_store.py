@@ -81,6 +81,7 @@ def file_mtimes(path: Path) -> dict[str, int]:
 PLAIN_READER = textwrap.dedent(
     """
     import json, sys
+    import dask.array as da
     import numpy as np
     import pyarrow.parquet as pq
     import zarr
@@ -94,7 +95,9 @@ PLAIN_READER = textwrap.dedent(
         for sname in sorted(t.group_keys()):
             s = t[sname]
             k, v = s["k"][:], s["v"][:]
+            lazy = da.from_zarr(s["k"])  # dask over the same sharded array, chunk by chunk
             shards[sname] = {
+                "dask_equal": bool((lazy.astype("float32").sum(axis=(1, 2)).compute() == k.astype("float32").sum(axis=(1, 2))).all()),
                 "k_shape": list(k.shape), "v_shape": list(v.shape), "dtype": str(k.dtype),
                 "finite": bool(np.isfinite(k).all() and np.isfinite(v).all()),
                 "input_ids": len(s["input_ids"][:]), "loss_mask": len(s["loss_mask"][:]),
@@ -112,7 +115,7 @@ PLAIN_READER = textwrap.dedent(
 )
 
 
-def test_store_opens_with_zarr_and_pyarrow_alone_and_its_layout_is_consistent(tiny_store, examples):
+def test_store_opens_with_zarr_dask_and_pyarrow_alone_and_its_layout_is_consistent(tiny_store, examples):
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_READER, str(tiny_store["store"])],
         capture_output=True, text=True, cwd="/", timeout=120,
@@ -134,7 +137,7 @@ def test_store_opens_with_zarr_and_pyarrow_alone_and_its_layout_is_consistent(ti
             offsets = s["offsets"]
             N = offsets[-1]
             assert s["k_shape"] == s["v_shape"] == [N, STUDENT_LAYERS, TEACHER_WIDTH[name]]
-            assert s["dtype"] == "float16" and s["finite"]
+            assert s["dtype"] == "float16" and s["finite"] and s["dask_equal"]
             assert s["input_ids"] == s["loss_mask"] == N
             assert offsets[0] == 0 and (np.diff(offsets) > 0).all()
             assert len(s["sample_ids"]) == len(offsets) - 1
