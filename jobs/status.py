@@ -12,9 +12,9 @@ from kvdistill.schemas import JobsConfig
 from kvdistill.store.zarr_store import (
     INDEX,
     _du,
-    _partial_dir,
-    _shard_attrs,
-    _teacher_dir,
+    partial_dir,
+    shard_attrs,
+    teacher_dir,
     read_store_spec,
     read_teacher_specs,
     shard_name,
@@ -33,9 +33,9 @@ def shard_states(store: str | Path, teachers: list[str], num_shards: int) -> dic
     for name in teachers:
         rows = []
         for i in range(num_shards):
-            final = _teacher_dir(store, name) / shard_name(i)
-            attrs = _shard_attrs(final)
-            leftovers = list(_partial_dir(store, name).glob(f"{shard_name(i)}.*"))
+            final = teacher_dir(store, name) / shard_name(i)
+            attrs = shard_attrs(final)
+            leftovers = list(partial_dir(store, name).glob(f"{shard_name(i)}.*"))
             if attrs and attrs.get("complete"):
                 row = {"state": "complete", "rows": attrs["rows"], "samples": attrs["samples"], "bytes": _du(final)}
             elif leftovers or final.exists():  # a visible but unmarked shard is as good as partial

@@ -10,14 +10,16 @@ chunks on two threads (bench/store.py).
 `ShardedRows(array)` reads exactly the layout `ShardWriter` writes and nothing else:
 
     one `sharding_indexed` codec, sharded along rows only, index at the end (bytes + crc32c),
-    inner codecs `bytes` (little endian) and optionally `blosc` or `zstd`
+    inner codecs `bytes` (little endian), optionally `blosc` or `zstd`, then `crc32c`
 
 For rows [a, b) it reads the covered byte range of each shard file with one read, checks the
-shard index's crc32c as zarr does, and decompresses every chunk on a thread pool (blosc
-releases the GIL) directly into the output where a chunk lies inside the range. Chunks zarr
-left unwritten (all fill value) read as the fill value. `ShardedRows.supports(array)` says
-whether an array has this layout; `ShardReader` uses zarr for anything else (the same values,
-only slower), and tests check both readers agree bit for bit.
+shard index's crc32c and every chunk's crc32c as zarr does, and decompresses every chunk on a
+thread pool (blosc releases the GIL) directly into the output where a chunk lies inside the
+range. ShardWriter writes every chunk, so a missing shard file or index entry is damage and
+raises CorruptShard naming store, teacher, shard, array and chunk (zarr would read the fill
+value). `ShardedRows.supports(array)` says whether an array has this layout; `ShardReader`
+uses zarr for anything else (`zarr_read`, after `check_chunks_present`), and tests check both
+readers agree bit for bit.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from .errors import CorruptShard
 
-__all__ = ["ShardedRows"]
+__all__ = ["ShardedRows", "ZarrRows", "check_chunks_present", "checked_reader", "describe", "missing_chunks"]
 
 Decode = Callable[[np.ndarray, int], np.ndarray]  # (stored rows, first row index) -> decoded rows
 _MISSING = 2**64 - 1  # index entry of a chunk zarr did not write (all fill value)
@@ -65,6 +67,75 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
+def describe(array_dir: str | Path) -> str:
+    """'store S: teacher 'T' shard-00003: array k' for an array folder inside a store."""
+    p = Path(array_dir)
+    if len(p.parts) >= 4 and p.parts[-4] == "teachers":
+        return f"store {Path(*p.parts[:-4])}: teacher {p.parts[-3]!r} {p.parts[-2]}: array {p.parts[-1]}"
+    return f"array {p}"
+
+
+def _chunk_files(array: zarr.Array, path: Path) -> list[Path]:
+    """The files zarr stores `array` in (one per shard for a sharded array)."""
+    grid = [-(-s // c) if s else 0 for s, c in zip(array.shape, array.shards or array.chunks, strict=True)]
+    return [path / array.metadata.encode_chunk_key(idx) for idx in np.ndindex(*grid)]
+
+
+def missing_chunks(array: zarr.Array, path: str | Path) -> list[str]:
+    """What of `array` is missing on disk: chunk (shard) files, and for ShardWriter's sharded
+    layout chunks absent from a shard's index. ShardWriter writes every chunk, so each is damage
+    (zarr would read it as the fill value)."""
+    path, out = Path(path), []
+    fast = ShardedRows(array, path) if ShardedRows.supports(array) else None
+    for s, f in enumerate(_chunk_files(array, path)):
+        if not f.exists():
+            out.append(f"chunk file {f} is missing (deleted or lost)")
+        elif fast is not None:
+            rows = min(array.shape[0], (s + 1) * fast.shard_rows) - s * fast.shard_rows
+            try:
+                with open(f, "rb") as fh:
+                    index = fast._index(fh, f)[: -(-rows // fast.chunk_rows)]
+            except CorruptShard:
+                out.append(f"shard file {f}: its chunk index is truncated or fails its crc32c check")
+                continue
+            out += [f"chunk {s * fast.per_shard + c} is missing from shard file {f}" for c in np.flatnonzero(index[:, 0] == _MISSING)]
+    return out
+
+
+def check_chunks_present(array: zarr.Array, path: str | Path) -> None:
+    """Raise CorruptShard naming the first missing chunk of `array` (see missing_chunks)."""
+    missing = missing_chunks(array, path)
+    if missing:
+        raise CorruptShard(f"{describe(path)}: {missing[0]}; re-dump this shard (`kvdistill store verify` names the command)")
+
+
+class ZarrRows:
+    """zarr's reading of an array ShardedRows does not support (offsets, sample ids, arrays of
+    other layouts), with every chunk file checked present on first read and zarr's crc32c
+    errors as CorruptShard. rows[a:b] == array[a:b]."""
+
+    def __init__(self, array: zarr.Array, path: str | Path) -> None:
+        self.array, self.path, self.checked = array, Path(path), False
+        self.shape = array.shape
+
+    def __getitem__(self, sl) -> np.ndarray:
+        if not self.checked:
+            check_chunks_present(self.array, self.path)
+            self.checked = True
+        try:
+            return self.array[sl]
+        except (ValueError, RuntimeError, OSError) as e:  # zarr: "Stored and computed checksum do not match"
+            raise CorruptShard(f"{describe(self.path)}: a chunk fails its crc32c check or does not decode ({e}); run `kvdistill store verify`") from e
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        return self[start:stop]
+
+
+def checked_reader(array: zarr.Array, path: str | Path) -> ShardedRows | ZarrRows:
+    """The fast reader where the layout allows, else zarr's; both check every chunk."""
+    return ShardedRows(array, path) if ShardedRows.supports(array) else ZarrRows(array, path)
+
+
 class ShardedRows:
     """rows = ShardedRows(group["k"], shard_dir / "k"); x = rows(a, b)  # == group["k"][a:b]"""
 
@@ -78,8 +149,8 @@ class ShardedRows:
         self.chunk_rows, self.shard_rows = array.chunks[0], array.shards[0]
         self.per_shard = self.shard_rows // self.chunk_rows
         self.chunk_bytes = self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self.compressor = next((type(c).__name__ for c in sharding.codecs[1:]), None)  # BloscCodec, ZstdCodec or None
-        self.fill = array.fill_value
+        self.compressor = next((type(c).__name__ for c in sharding.codecs[1:-1]), None)  # BloscCodec, ZstdCodec or None
+        self.where = describe(self.path)
 
     @staticmethod
     def supports(array: zarr.Array) -> bool:
@@ -88,10 +159,11 @@ class ShardedRows:
             return False
         s = codecs[0]
         inner_ok = (
-            len(s.codecs) in (1, 2)
+            len(s.codecs) in (2, 3)
             and isinstance(s.codecs[0], BytesCodec)
             and (s.codecs[0].endian is None or s.codecs[0].endian.value == "little")
-            and all(isinstance(c, BloscCodec | ZstdCodec) for c in s.codecs[1:])
+            and all(isinstance(c, BloscCodec | ZstdCodec) for c in s.codecs[1:-1])
+            and isinstance(s.codecs[-1], Crc32cCodec)
         )
         index_ok = (
             s.index_location == ShardingCodecIndexLocation.end
@@ -111,11 +183,11 @@ class ShardedRows:
         n = 16 * self.per_shard + 4
         f.seek(0, os.SEEK_END)
         if f.tell() < n:
-            raise CorruptShard(f"{name}: {f.tell()} bytes, shorter than its {n}-byte shard index (truncated?); run `kvdistill store verify`")
+            raise CorruptShard(f"{self.where}: shard file {name}: {f.tell()} bytes, shorter than its {n}-byte index (truncated?); run `kvdistill store verify`")
         f.seek(-n, os.SEEK_END)
         raw = f.read(n)
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise CorruptShard(f"{name}: shard index fails its crc32c check (corrupt or truncated); run `kvdistill store verify`")
+            raise CorruptShard(f"{self.where}: shard file {name}: its chunk index fails its crc32c check (corrupt or truncated); run `kvdistill store verify`")
         return np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard, 2)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
@@ -148,14 +220,14 @@ class ShardedRows:
                     c0 = (max(start, base) - base) // self.chunk_rows
                     c1 = (min(stop, base + self.shard_rows) - 1 - base) // self.chunk_rows + 1
                     name = self._shard_file(s)
-                    if not name.exists():  # zarr writes no file for a shard of fill values only
-                        index, fd = np.full((c1 - c0, 2), _MISSING, np.uint64), -1
-                    else:
-                        f = files.enter_context(open(name, "rb"))
-                        index, fd = self._index(f, name)[c0:c1], f.fileno()
+                    if not name.exists():  # ShardWriter writes every shard file: this one was lost
+                        raise CorruptShard(f"{self.where}: shard file {name} (rows {base}-{base + self.shard_rows - 1}) is missing (deleted or lost); run `kvdistill store verify`")
+                    f = files.enter_context(open(name, "rb"))
+                    index, fd = self._index(f, name)[c0:c1], f.fileno()
                     for c, (off, nbytes) in zip(range(c0, c1), index, strict=True):
-                        where = None if off == _MISSING else (fd, int(off), int(nbytes))
-                        futures.append(_pool().submit(self._chunk, base + c * self.chunk_rows, where, name, start, stop, out, decode))
+                        if off == _MISSING:  # every chunk is written (write_empty_chunks): this one was lost
+                            raise CorruptShard(f"{self.where}: chunk {base // self.chunk_rows + c} (rows from {base + c * self.chunk_rows}) is missing from shard file {name}; run `kvdistill store verify`")
+                        futures.append(_pool().submit(self._chunk, base + c * self.chunk_rows, (fd, int(off), int(nbytes)), name, start, stop, out, decode))
                 for future in futures:
                     future.result()
             finally:
@@ -163,20 +235,21 @@ class ShardedRows:
                     future.cancel() or future.exception()
         return out
 
-    def _chunk(self, row0: int, where: tuple[int, int, int] | None, name: Path, start: int, stop: int, out: np.ndarray, decode: Decode | None) -> None:
-        """The chunk starting at row row0, stored at `where` = (open file, offset, bytes) or
-        unwritten (None), into its rows of out."""
+    def _chunk(self, row0: int, where: tuple[int, int, int], name: Path, start: int, stop: int, out: np.ndarray, decode: Decode | None) -> None:
+        """The chunk starting at row row0, stored at `where` = (open file, offset, bytes), into
+        its rows of out, after its crc32c (the last 4 bytes) is checked."""
         a, b = max(start, row0), min(stop, row0 + self.chunk_rows)  # the rows of this chunk we want
         direct = decode is None and a == row0 and b == row0 + self.chunk_rows  # decompress straight into out
         buf = out[a - start : b - start] if direct else np.empty((self.chunk_rows, *self.row_shape), self.dtype)
-        if where is None:
-            buf[...] = self.fill
-        else:
-            fd, off, nbytes = where
-            data = os.pread(fd, nbytes, off)
-            if len(data) != nbytes:
-                raise CorruptShard(f"{name}: chunk at row {row0} runs past the end of the file (truncated?); run `kvdistill store verify`")
-            self._decompress(memoryview(data), buf, name, row0)
+        fd, off, nbytes = where
+        data = os.pread(fd, nbytes, off)
+        chunk = f"chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name}"
+        if len(data) != nbytes or nbytes < 4:
+            raise CorruptShard(f"{self.where}: {chunk} runs past the end of the file (truncated?); run `kvdistill store verify`")
+        body = memoryview(data)[:-4]
+        if google_crc32c.value(np.frombuffer(data, np.uint8)[:-4]) != int.from_bytes(data[-4:], "little"):  # ~20 GB/s: no copy
+            raise CorruptShard(f"{self.where}: {chunk} fails its crc32c check (corrupt on disk); run `kvdistill store verify`")
+        self._decompress(body, buf, name, row0)
         if not direct:
             rows = buf[a - row0 : b - row0]
             out[a - start : b - start] = rows if decode is None else decode(rows, a)
@@ -198,4 +271,4 @@ class ShardedRows:
             else:
                 raise ValueError(f"{len(data)} bytes, expected {self.chunk_bytes}")
         except (RuntimeError, ValueError) as e:
-            raise CorruptShard(f"{name}: chunk at row {row0} does not decode ({e}); run `kvdistill store verify`") from e
+            raise CorruptShard(f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name} does not decode ({e}); run `kvdistill store verify`") from e

@@ -21,14 +21,15 @@ import numpy as np
 import zarr
 
 from . import codecs
+from .rows import check_chunks_present
 from .zarr_store import (
     KEY,
     StoreError,
-    _teacher_dir,
     read_store_spec,
     read_teacher_specs,
     shard_is_complete,
     shard_name,
+    teacher_dir,
 )
 
 __all__ = ["stats", "format_stats", "plot_stats"]
@@ -89,7 +90,12 @@ def stats(path: str | Path, teachers: list[str] | None = None) -> dict[str, Any]
         parts: dict[str, list[da.Array]] = {"k": [], "v": []}
         rows = 0
         for i in shards:
-            group = zarr.open_group(_teacher_dir(path, name) / shard_name(i), mode="r")
+            group = zarr.open_group(teacher_dir(path, name) / shard_name(i), mode="r")
+            # dask reads through plain zarr, which checks every chunk's crc32c but reads a
+            # missing chunk as the fill value: refuse that first.
+            for a in group.array_keys():
+                if a in ("k", "v") or a.startswith(("k_", "v_")):
+                    check_chunks_present(group[a], teacher_dir(path, name) / shard_name(i) / a)
             for a in parts:
                 if group[a].shape[0]:
                     parts[a].append(_lazy(group, a, width))

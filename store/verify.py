@@ -38,16 +38,18 @@ from tqdm.auto import tqdm
 
 from kvdistill.schemas import StoreSpec, TeacherSpec
 
+from .errors import CorruptShard
+from .rows import checked_reader, missing_chunks
 from .zarr_store import (
     INDEX,
     KEY,
     ShardReader,
     StoreError,
-    _partial_dir,
-    _teacher_dir,
+    partial_dir,
     read_store_spec,
     read_teacher_specs,
     shard_name,
+    teacher_dir,
 )
 
 __all__ = ["Problem", "verify", "format_problems"]
@@ -89,13 +91,14 @@ def _blocks(arr: zarr.Array) -> int:
     return max(1, rows)
 
 
-def _crc32(arr: zarr.Array) -> int:
-    """zlib.crc32 of the stored values in row order, as ShardWriter computes it while writing."""
+def _crc32(arr: zarr.Array, path: Path) -> int:
+    """zlib.crc32 of the stored values in row order, as ShardWriter computes it while writing;
+    read through the checked readers (every chunk's crc32c, no missing chunk)."""
     if arr.ndim == 0:
         return zlib.crc32(np.ascontiguousarray(arr[()]).tobytes())
-    crc, step = 0, _blocks(arr)
+    crc, step, reader = 0, _blocks(arr), checked_reader(arr, path)
     for start in range(0, arr.shape[0], step):
-        crc = zlib.crc32(np.ascontiguousarray(arr[start : start + step]).tobytes(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(reader[start : start + step]).tobytes(), crc)
     return crc
 
 
@@ -179,7 +182,7 @@ def _verify_shard(
     """Check one shard; return its (sample ids, offsets) when they are sound enough to compare
     with other teachers and the index."""
     name = tspec.name
-    d = _teacher_dir(path, name) / shard_name(i)
+    d = teacher_dir(path, name) / shard_name(i)
 
     def report(what: str, fix: str | None = None) -> None:
         problems.append(Problem(name, i, what, fix or _redump(name, i)))
@@ -187,7 +190,7 @@ def _verify_shard(
     if spec.backend == "webdataset":
         return _verify_tar(path, spec, tspec, i, report)
     if not d.exists():
-        partial = any(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))
+        partial = any(partial_dir(path, name).glob(f"{shard_name(i)}.*"))
         report("partial: its dump task did not finish" if partial else "missing", _redump(name, i, delete=False))
         return None
     try:
@@ -244,12 +247,23 @@ def _verify_shard(
             sound = False
 
     undecodable = set()
+    for a in sorted(group.array_keys()):
+        gone = missing_chunks(group[a], d / a)
+        if gone:
+            report(f"array {a}: " + "; ".join(gone[:3]) + (f" (and {len(gone) - 3} more)" if len(gone) > 3 else ""))
+            undecodable.add(a)
     for a, want in (attrs.get("crc32") or {}).items():
         if a not in group:
             report(f"array {a!r} listed in the crc32 record is missing")
             continue
+        if a in undecodable:
+            continue
         try:
-            got = _crc32(group[a])
+            got = _crc32(group[a], d / a)
+        except CorruptShard as e:
+            report(f"{a}: {str(e).split(': ', 3)[-1]}")
+            undecodable.add(a)
+            continue
         except Exception as e:  # any codec error of a corrupt chunk is a finding
             report(f"{a} does not decode ({_decode_error(e)}): a corrupt or truncated chunk file")
             undecodable.add(a)
@@ -330,10 +344,10 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
     from .wds import wds_samples
 
     name = tspec.name
-    d = _teacher_dir(path, name) / shard_name(i)
+    d = teacher_dir(path, name) / shard_name(i)
     tar, sidecar = d.with_name(d.name + ".tar"), d.with_name(d.name + ".json")
     if not tar.exists():
-        partial = any(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))
+        partial = any(partial_dir(path, name).glob(f"{shard_name(i)}.*"))
         report("partial: its dump task did not finish" if partial else "missing", _redump(name, i, delete=False))
         return None
     if not sidecar.exists():
@@ -482,7 +496,7 @@ def _compare_index(name, i, ids, offsets, rows, problems: list[Problem]) -> None
 
 
 def _extra_shards(path: Path, name: str, num_shards: int) -> list[Problem]:
-    tdir = _teacher_dir(path, name)
+    tdir = teacher_dir(path, name)
     out = []
     for d in sorted(tdir.glob("shard-*")):
         suffix = d.name.removeprefix("shard-").removesuffix(".tar").removesuffix(".json")  # webdataset shards

@@ -41,15 +41,15 @@ from .zarr_store import (
     ShardReader,
     ShardWriter,
     StoreError,
-    _partial_dir,
-    _teacher_dir,
     compression,
     finalize,
     init_store,
     init_teacher,
+    partial_dir,
     read_store_spec,
     read_teacher_specs,
     shard_name,
+    teacher_dir,
 )
 
 __all__ = ["is_wds_store", "WdsShardWriter", "wds_samples", "wds_stream", "zarr_to_wds", "wds_to_zarr"]
@@ -63,7 +63,7 @@ def is_wds_store(path: str | Path) -> bool:
 
 
 def _tar(root: Path, teacher: str, shard: int) -> Path:
-    return _teacher_dir(root, teacher) / f"{shard_name(shard)}.tar"
+    return teacher_dir(root, teacher) / f"{shard_name(shard)}.tar"
 
 
 class WdsShardWriter:
@@ -81,7 +81,7 @@ class WdsShardWriter:
         if self.final.exists():
             raise StoreError(f"{self.final} already exists; a complete shard is never rewritten")
         self.sidecar.unlink(missing_ok=True)  # a record whose tar never arrived
-        partial = _partial_dir(root, teacher)
+        partial = partial_dir(root, teacher)
         partial.mkdir(parents=True, exist_ok=True)
         for stale in partial.glob(f"{shard_name(shard)}.*"):  # left by a killed earlier attempt
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()

@@ -20,23 +20,29 @@ Layout (self-describing: plain `zarr.open_group` and `pyarrow.parquet` read all 
           codi_hidden [n, H_t] float32  teacher's final-norm hidden state before the answer
       index.parquet                 written by `finalize`
 
-Each array task writes one shard of one teacher under a hidden sibling directory
-(`.OUT.zarr.partial/`) and renames it into place when complete, so a visible shard is always
-a complete one and a killed task leaves nothing visible behind. The student tokens live in
-each teacher's shard (tiny next to K/V) so a shard is readable alone and no two tasks ever
-write the same file.
+Each array task writes one shard of one teacher under the store's hidden `.partial/<teacher>/`
+folder and renames it into place when complete, so a visible shard is always a complete one
+and a killed task leaves nothing visible behind. One writer owns a (teacher, shard) at a time:
+it holds `.partial/<teacher>/shard-NNNNN.lock` (store/lock.py) from before it touches anything
+until its shard is in place; a second writer of the same shard fails naming the owner, or
+waits (`on_busy`). The student tokens live in each teacher's shard (tiny next to K/V) so a
+shard is readable alone and no two tasks ever write the same file.
+
+Integrity: every chunk of every array carries a crc32c (zarr v3's `crc32c` codec, inside the
+shard for sharded arrays), which plain zarr checks on every read and store/rows.py checks too;
+every chunk is written (`write_empty_chunks`), so a chunk missing on disk is always damage and
+every kvdistill reader refuses it instead of reading zarr's fill value.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import socket
 import warnings
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +50,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from kvdistill.schemas import SCHEMA_VERSION, StoreSpec, TeacherSpec
 
 from . import codecs
-from .errors import StoreError
-from .rows import ShardedRows
+from .errors import ShardComplete, StoreError
+from .lock import FileLock
+from .rows import ShardedRows, ZarrRows, checked_reader
 
 __all__ = [
     "StoreError",
     "shard_name",
+    "teacher_dir",
+    "partial_dir",
+    "partial_attempts",
+    "shard_lock",
+    "shard_attrs",
     "init_store",
     "init_teacher",
     "read_store_spec",
@@ -84,13 +96,36 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
-def _teacher_dir(path: Path, teacher: str) -> Path:
+def teacher_dir(path: str | Path, teacher: str) -> Path:
     return Path(path) / "teachers" / teacher
 
 
-def _partial_dir(path: Path, teacher: str) -> Path:
-    path = Path(path).absolute()
-    return path.parent / f".{path.name}.partial" / teacher
+PARTIAL = ".partial"  # inside the store: shards being written, their locks, the metadata lock
+
+
+def partial_dir(path: str | Path, teacher: str) -> Path:
+    """Where shards of `teacher` are written before they are complete (and their lock files)."""
+    return Path(path).absolute() / PARTIAL / teacher
+
+
+def partial_attempts(path: str | Path, teacher: str, shard: int) -> list[Path]:
+    """Unfinished attempts at a shard (a killed task's, or one still running), not its lock file."""
+    return sorted(p for p in partial_dir(path, teacher).glob(f"{shard_name(shard)}.*") if p.suffix != ".lock")
+
+
+def shard_lock(path: str | Path, teacher: str, shard: int, on_busy: str = "fail") -> FileLock:
+    """The lock that makes one process the only writer of (teacher, shard); not yet acquired."""
+    return FileLock(partial_dir(path, teacher) / f"{shard_name(shard)}.lock", f"teacher {teacher!r} {shard_name(shard)} of store {path}", on_busy)
+
+
+def remove_empty_partial_dirs(path: str | Path, teacher: str) -> None:
+    """After a commit: drop `.partial/<teacher>/` and `.partial/` if nothing is left in them
+    (another task may be creating its own there at the same moment: then they stay)."""
+    for d in (partial_dir(path, teacher), partial_dir(path, teacher).parent):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (another task's lock or attempt), or gone already
+            return
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -112,15 +147,12 @@ _STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fing
 @contextmanager
 def _metadata_lock(path: Path):
     """Serialise metadata creation between the array tasks that start together (they would
-    otherwise race to create the same zarr groups). An flock on a file beside the store."""
-    lock_dir = _partial_dir(path, "").parent
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / "metadata.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    otherwise race to create the same zarr groups). An flock inside the store (store/lock.py)."""
+    lock = FileLock(Path(path).absolute() / PARTIAL / "metadata.lock", f"metadata of store {path}", on_busy="wait", poll=0.05)
+    with lock:
+        yield
+    with suppress(OSError):  # not empty: a shard is being written
+        lock.path.parent.rmdir()  # .partial/
 
 
 def init_store(path: str | Path, spec: StoreSpec) -> None:
@@ -139,12 +171,35 @@ def _init_store(path: Path, spec: StoreSpec) -> None:
     old = {k: have["store_spec"].get(k) for k in _STORE_KEYS}
     new = {k: spec.to_dict()[k] for k in _STORE_KEYS}
     problems = _diff(old, new)
+    if problems and not _holds_shards(path):
+        # Nothing was ever committed (e.g. a first run failed after creating the metadata): the
+        # metadata describes no data, so a corrected run may replace it.
+        shutil.rmtree(path / "teachers", ignore_errors=True)
+        root.attrs[KEY] = {"schema_version": SCHEMA_VERSION, "store_spec": spec.to_dict()}
+        zarr.open_group(path / "teachers", mode="a")
+        return
     if problems:
         raise StoreError(
             f"store {path} was built for another student / data set / layout:\n  "
             + "\n  ".join(problems)
-            + "\nwrite into a new --store, or run with the settings the store was built with"
+            + "\nwrite into a new --store, or run with the settings the store was built with "
+            "(a store with no complete shard yet is re-initialised by the next run)"
         )
+
+
+def _holds_shards(path: Path) -> bool:
+    """Any complete shard of any teacher, or any shard being written (its lock held)?"""
+    tdir = path / "teachers"
+    if tdir.exists() and any(p.name.startswith("shard-") for t in tdir.iterdir() if t.is_dir() for p in t.iterdir()):
+        return True
+    for lock_file in (path.absolute() / PARTIAL).glob("*/shard-*.lock"):
+        lock = FileLock(lock_file, str(lock_file))
+        try:
+            lock.acquire()
+        except StoreError:
+            return True  # a live writer: its shard would land in a store re-made under it
+        lock.release(unlink=False)
+    return False
 
 
 def init_teacher(path: str | Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] | None = None) -> None:
@@ -155,7 +210,7 @@ def init_teacher(path: str | Path, spec: TeacherSpec, arrays: dict[str, np.ndarr
 
 
 def _init_teacher(path: Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] | None) -> None:
-    group = zarr.open_group(_teacher_dir(path, spec.name), mode="a")
+    group = zarr.open_group(teacher_dir(path, spec.name), mode="a")
     have = group.attrs.get(KEY)
     if have is None:
         if arrays:
@@ -198,7 +253,7 @@ def read_teacher_specs(path: str | Path) -> dict[str, TeacherSpec]:
     return out
 
 
-def _shard_attrs(path: Path) -> dict | None:
+def shard_attrs(path: Path) -> dict | None:
     """The completion record of a shard: zarr attrs, or the JSON beside a webdataset tar."""
     if (path / "zarr.json").exists():  # the group's zarr v3 metadata document, read directly (no zarr round trip)
         return json.loads((path / "zarr.json").read_text()).get("attributes", {}).get(KEY)
@@ -210,7 +265,7 @@ def _shard_attrs(path: Path) -> dict | None:
 
 def shard_is_complete(path: str | Path, teacher: str, shard: int) -> bool:
     """Either backend: a zarr shard group, or a tar with its completion record."""
-    attrs = _shard_attrs(_teacher_dir(path, teacher) / shard_name(shard))
+    attrs = shard_attrs(teacher_dir(path, teacher) / shard_name(shard))
     return bool(attrs and attrs.get("complete"))
 
 
@@ -222,11 +277,18 @@ def compression(rec: StoreSpec | Any) -> dict[str, Any]:
 _SHUFFLE = {"byte": BloscShuffle.shuffle, "bit": BloscShuffle.bitshuffle}
 
 
-def _kv_codec(chunk_bytes: int, level: int, shuffle: str) -> BloscCodec:
+def _kv_codec(chunk_bytes: int, level: int, shuffle: str) -> list:
     # Byte shuffle groups the exponent bytes of float16 / bfloat16 together, and one blosc block
     # per chunk (instead of blosc's small default blocks) lets zstd see the whole chunk:
-    # +16-18% compression on K/V of a trained teacher (bench/store.py).
-    return BloscCodec(cname="zstd", clevel=level, shuffle=_SHUFFLE[shuffle], blocksize=int(chunk_bytes))
+    # +16-18% compression on K/V of a trained teacher (bench/store.py). crc32c last: the
+    # checksum of the bytes on disk, checked before anything decompresses them.
+    return [BloscCodec(cname="zstd", clevel=level, shuffle=_SHUFFLE[shuffle], blocksize=int(chunk_bytes)), Crc32cCodec()]
+
+
+SMALL_CODECS = [ZstdCodec(level=0), Crc32cCodec()]  # token arrays, offsets, ids, masks
+# Every chunk is written even when it holds only the fill value (a loss mask of zeros, a K of
+# zeros), so a chunk missing on disk is always damage, never "all fill value".
+WRITE_ALL = {"write_empty_chunks": True}
 
 
 class ShardWriter:
@@ -259,23 +321,20 @@ class ShardWriter:
         latent_slots: int | None = None,
         compression_level: int = 1,
         blosc_shuffle: str = "byte",
+        on_busy: str = "fail",
     ) -> None:
         if codec not in ("float32", *codecs.CODECS):
             raise ValueError(f"unknown K/V codec {codec!r}; choose one of {['float32', *codecs.CODECS]}")
-        self.path, self.teacher, self.shard = Path(path), teacher, shard
-        self.final = _teacher_dir(path, teacher) / shard_name(shard)
-        if self.final.exists():
-            raise StoreError(f"{self.final} already exists; a complete shard is never rewritten")
-        partial = _partial_dir(path, teacher)
-        partial.mkdir(parents=True, exist_ok=True)
-        for stale in partial.glob(f"{shard_name(shard)}.*"):  # left by a killed earlier attempt
-            shutil.rmtree(stale)
-        self.tmp = partial / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}"
-        self.L, self.D, self.codec = num_layers, width, codec
         if not 0 <= compression_level <= 9:
             raise ValueError(f"compression_level: blosc levels are 0 (none) to 9, got {compression_level}")
         if blosc_shuffle not in _SHUFFLE:
             raise ValueError(f"blosc_shuffle: 'byte' or 'bit', got {blosc_shuffle!r}")
+        self.path, self.teacher, self.shard = Path(path), teacher, shard
+        self.final = teacher_dir(path, teacher) / shard_name(shard)
+        self.closed = False
+        self.lock = acquire_shard(path, teacher, shard, on_busy)  # released by close / abort
+        self.tmp = partial_dir(path, teacher) / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}"
+        self.L, self.D, self.codec = num_layers, width, codec
         self.level, self.shuffle = compression_level, blosc_shuffle
         row_bytes = 4 * num_layers * width if codec == "float32" else codecs.bytes_per_row(codec, num_layers, width, part="k")
         # Chunks of ~1 MiB (the read unit), whole key-scale groups; zarr shards of 16 chunks (the write unit).
@@ -293,7 +352,6 @@ class ShardWriter:
         self.sample_ids: list[str] = []
         self.offsets = [0]
         self.crc: dict[str, int] = {}
-        self.closed = False
         self.has_segments: bool | None = None  # decided by the first write
         self.M = latent_slots
         self.latent_codec = latent_codec(codec)
@@ -398,7 +456,7 @@ class ShardWriter:
                 chunks = (chunk, *block.shape[1:])
                 self.arrays[name] = self.group.create_array(
                     name, shape=(0, *block.shape[1:]), chunks=chunks, shards=(chunk * CHUNKS_PER_SHARD, *block.shape[1:]),
-                    dtype=block.dtype, compressors=_kv_codec(chunk * block[:1].nbytes, self.level, self.shuffle),
+                    dtype=block.dtype, compressors=_kv_codec(chunk * block[:1].nbytes, self.level, self.shuffle), config=WRITE_ALL,
                 )
                 self.crc[name] = 0
             block = np.ascontiguousarray(block)
@@ -426,7 +484,8 @@ class ShardWriter:
                 chunks=chunks,
                 shards=(chunks[0] * CHUNKS_PER_SHARD, *chunks[1:]),
                 dtype=data.dtype,
-                compressors=_kv_codec(chunks[0] * data[:1].nbytes, self.level, self.shuffle) if data.ndim > 1 else "auto",
+                compressors=_kv_codec(chunks[0] * data[:1].nbytes, self.level, self.shuffle) if data.ndim > 1 else SMALL_CODECS,
+                config=WRITE_ALL,
             )
             if suffix:
                 self.aux[name].append(suffix)
@@ -464,9 +523,9 @@ class ShardWriter:
                     shape = {"latent_k": (0, self.M, self.L, self.D), "latent_v": (0, self.M, self.L, self.D),
                              "latent_mask": (0, self.M), "latent_pos": (0, self.M, 0, 0)}[name]
                     dtype = {"latent_mask": np.bool_, "latent_pos": np.int32}.get(name, dt)
-                    self.group.create_array(name, shape=shape, dtype=dtype)
-        self.group.create_array("offsets", data=np.asarray(self.offsets, dtype=np.int64))
-        ids = self.group.create_array("sample_ids", shape=(n,), dtype=str)
+                    self.group.create_array(name, shape=shape, dtype=dtype, compressors=SMALL_CODECS, config=WRITE_ALL)
+        self.group.create_array("offsets", data=np.asarray(self.offsets, dtype=np.int64), compressors=SMALL_CODECS, config=WRITE_ALL)
+        ids = self.group.create_array("sample_ids", shape=(n,), dtype=str, compressors=SMALL_CODECS, config=WRITE_ALL)
         if n:
             ids[:] = np.asarray(self.sample_ids, dtype=str)
         self.group.attrs[KEY] = {
@@ -483,19 +542,15 @@ class ShardWriter:
             **(extra_attrs or {}),
         }
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(self.tmp, self.final)  # atomic: the shard appears complete or not at all
-        except OSError as e:
-            if shard_is_complete(self.path, self.teacher, self.shard):  # a duplicate task won
-                shutil.rmtree(self.tmp)
-            else:
-                raise StoreError(f"cannot move {self.tmp} to {self.final}: {e}") from e
+        os.rename(self.tmp, self.final)  # atomic: the shard appears complete or not at all (we own it: no one else renames here)
         self.closed = True
+        release_shard(self.lock, self.path, self.teacher)
         return self.final
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.closed = True
+        release_shard(self.lock, self.path, self.teacher)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -507,6 +562,28 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def acquire_shard(path: str | Path, teacher: str, shard: int, on_busy: str = "fail") -> FileLock:
+    """Become the only writer of (teacher, shard): take its lock (ShardBusy if another live
+    writer has it and on_busy is "fail"), refuse a shard that is complete already
+    (ShardComplete: a task we waited for finished it), and discard what killed earlier attempts
+    left. Both backends' writers start here."""
+    lock = shard_lock(path, teacher, shard, on_busy).acquire()
+    try:
+        if shard_is_complete(path, teacher, shard) or (teacher_dir(path, teacher) / shard_name(shard)).exists():
+            raise ShardComplete(f"teacher {teacher!r} {shard_name(shard)} of store {path} is complete already; a complete shard is never rewritten")
+        for stale in partial_attempts(path, teacher, shard):  # a killed earlier attempt's: no live writer holds it
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    except BaseException:
+        release_shard(lock, path, teacher)
+        raise
+    return lock
+
+
+def release_shard(lock: FileLock, path: str | Path, teacher: str) -> None:
+    lock.release()
+    remove_empty_partial_dirs(path, teacher)
 
 
 def latent_codec(codec: str) -> str:
@@ -530,8 +607,8 @@ class ShardReader:
         shard's own record on disk, which must be the same (else the store needs `finalize`).
         `index`: (offsets, sample ids) of the shard from index.parquet (`read_index`), instead
         of reading its offsets and sample_ids arrays (both written by the same finalize)."""
-        self.dir = _teacher_dir(path, teacher) / shard_name(shard)
-        attrs = _shard_attrs(self.dir)
+        self.dir = teacher_dir(path, teacher) / shard_name(shard)
+        attrs = shard_attrs(self.dir)
         if not attrs or not attrs.get("complete"):
             raise StoreError(
                 f"{self.dir} is missing or incomplete; re-run `kvdistill dump --shard {shard}` "
@@ -545,9 +622,15 @@ class ShardReader:
         self.attrs = attrs
         self.group = group if group is not None else zarr.open_group(self.dir, mode="r")
         self._arrays: dict[str, zarr.Array] = dict(self.group.arrays())  # every array's metadata, read once
+        # Rows straight from the shard files (store/rows.py) where the layout is ShardWriter's
+        # sharded one; zarr for anything else (the same values, slower). Both check every
+        # chunk's crc32c and refuse a missing chunk.
+        readers = {n: checked_reader(a, self.dir / n) for n, a in self._arrays.items()}
+        self.fast = {n: r for n, r in readers.items() if isinstance(r, ShardedRows)}
+        self._zarr = {n: r for n, r in readers.items() if isinstance(r, ZarrRows)}
         if index is None:
-            self.offsets = self.array("offsets")[:]  # [n + 1]
-            self.sample_ids = [str(s) for s in self.array("sample_ids")[:]]
+            self.offsets = self.reader("offsets")[:]  # [n + 1]
+            self.sample_ids = [str(s) for s in self.reader("sample_ids")[:]]
         else:
             self.offsets, self.sample_ids = index
             if len(self.sample_ids) != attrs["samples"] or int(self.offsets[-1]) != attrs["rows"]:
@@ -555,19 +638,17 @@ class ShardReader:
                     f"{self.dir}: index.parquet lists {len(self.sample_ids)} samples / {int(self.offsets[-1])} rows, "
                     f"the shard holds {attrs['samples']} / {attrs['rows']}; run `kvdistill store finalize {path}` again"
                 )
-        # Rows straight from the shard files (store/rows.py) where the layout is ShardWriter's
-        # (K, V and the token arrays); zarr for anything else (the same values, slower).
-        self.fast = {
-            n: ShardedRows(self.array(n), self.dir / n)
-            for n in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero", "input_ids", "loss_mask", "segment_ids")
-            if n in self._arrays and ShardedRows.supports(self._arrays[n])
-        }
 
     def array(self, name: str) -> zarr.Array:
         try:
             return self._arrays[name]
         except KeyError:
             raise StoreError(f"{self.dir} has no array {name!r}; it holds {sorted(self._arrays)}") from None
+
+    def reader(self, name: str) -> ShardedRows | ZarrRows:
+        """The checked reader of an array: reader(name)[a:b] == array(name)[a:b] for intact data."""
+        self.array(name)
+        return self.fast.get(name) or self._zarr[name]
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -581,7 +662,7 @@ class ShardReader:
                 f"{self.dir} has no segment_ids (written before kvdistill stored them); re-dump this "
                 "teacher into a new --store to use latent mode"
             )
-        return {n: self._kv(n, start, stop, decode) if n in ("k", "v") else self.fast[n](start, stop) if n in self.fast else self.array(n)[start:stop] for n in names}
+        return {n: self._kv(n, start, stop, decode) if n in ("k", "v") else self.reader(n)[start:stop] for n in names}
 
     @property
     def has_latent(self) -> bool:
@@ -598,21 +679,21 @@ class ShardReader:
         info = self.attrs["latent"]
         out = {}
         for part in ("k", "v"):
-            x = self.array(f"latent_{part}")[j0:j1]
+            x = self.reader(f"latent_{part}")[j0:j1]
             if info["codec"] != "float32":
                 x = codecs.decode(info["codec"], part, {"": x.reshape(-1, *x.shape[2:])}, 0, x.shape[-1]).reshape(x.shape)
             out[part] = x
-        out["mask"] = self.array("latent_mask")[j0:j1]
-        out["pos"] = self.array("latent_pos")[j0:j1]
+        out["mask"] = self.reader("latent_mask")[j0:j1]
+        out["pos"] = self.reader("latent_pos")[j0:j1]
         if info["hidden"]:
-            out["hidden"] = self.array("codi_hidden")[j0:j1]
+            out["hidden"] = self.reader("codi_hidden")[j0:j1]
         return out
 
     def _kv(self, part: str, start: int, stop: int, decode: bool = True) -> np.ndarray | codecs.QuantRows:
         codec = self.attrs.get("codec", "float16")
         aux = self.attrs["scales"][part] if codec in ("int8", "int4") else []
         # Scales and zeros through store/rows.py too where their layout allows (zarr otherwise).
-        arrays = {"": self.array(part), **{a: self.fast.get(f"{part}_{a}") or self.array(f"{part}_{a}") for a in aux}}
+        arrays = {"": self.reader(part), **{a: self.reader(f"{part}_{a}") for a in aux}}
         return read_kv(arrays, codec, part, start, stop, self.attrs["width"], self.fast.get(part), decode)
 
 
@@ -685,9 +766,9 @@ def finalize(path: str | Path) -> Path:
     problems = []
     for name in teachers:
         for i in range(spec.num_shards):
-            d = _teacher_dir(path, name) / shard_name(i)
+            d = teacher_dir(path, name) / shard_name(i)
             if not (d.exists() or d.with_name(d.name + ".tar").exists()):
-                partial = list(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))
+                partial = partial_attempts(path, name, i)
                 state = "partial (its task did not finish)" if partial else "missing"
                 problems.append(f"teacher {name!r} {shard_name(i)}: {state}")
             elif not shard_is_complete(path, name, i):
@@ -697,6 +778,12 @@ def finalize(path: str | Path) -> Path:
             f"cannot finalize {path}: {len(problems)} shard(s) not complete:\n  "
             + "\n  ".join(problems)
             + "\nre-run those dump tasks (`kvdistill dump --shard I ...`), then finalize again"
+        )
+    empty = [name for name in teachers if not any((shard_attrs(teacher_dir(path, name) / shard_name(i)) or {}).get("rows") for i in range(spec.num_shards))]
+    if empty:
+        raise StoreError(
+            f"cannot finalize {path}: teacher(s) {empty} hold 0 rows in all {spec.num_shards} shard(s); the dumps read no "
+            "samples (an empty data file or a filter that left none?): fix the data, delete the store and dump again"
         )
     cols: dict[str, list] = {k: [] for k in ("teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop", "length")}
     for i in range(spec.num_shards):
@@ -732,7 +819,7 @@ class _TarIndex:
     """sample_ids / offsets of a webdataset shard, from the JSON written beside its tar."""
 
     def __init__(self, path: Path, teacher: str, shard: int) -> None:
-        attrs = _shard_attrs(_teacher_dir(path, teacher) / shard_name(shard))
+        attrs = shard_attrs(teacher_dir(path, teacher) / shard_name(shard))
         self.sample_ids, self.offsets = attrs["sample_ids"], np.asarray(attrs["offsets"], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -763,16 +850,16 @@ def inspect(path: str | Path) -> dict[str, Any]:
         done = [i for i in range(spec.num_shards) if shard_is_complete(path, name, i)]
         samples = tokens = 0
         for i in done:
-            a = _shard_attrs(_teacher_dir(path, name) / shard_name(i))
+            a = shard_attrs(teacher_dir(path, name) / shard_name(i))
             samples += a["samples"]
             tokens += a["rows"]
-        nbytes = _du(_teacher_dir(path, name))
+        nbytes = _du(teacher_dir(path, name))
         raw = tokens * 2 * spec.geometry.num_layers * t.width * 2  # as plain float16
         out["teachers"][name] = {
             "model": t.model.name_or_path,
             "codec": t.kv_dtype,
             "fingerprint": t.fingerprint,
-            "shards_partial": sum(1 for i in range(spec.num_shards) if i not in done and any(_partial_dir(path, name).glob(f"{shard_name(i)}.*"))),
+            "shards_partial": sum(1 for i in range(spec.num_shards) if i not in done and partial_attempts(path, name, i)),
             "time_map": t.time_map,
             "width": t.width,
             "latent_slots": t.latent.slots if t.latent else None,

@@ -18,7 +18,7 @@ from kvdistill.cli import main
 from kvdistill.jobs.local import LocalRunError, run_local
 from kvdistill.schemas import DataSpec, DumpTask, JobsConfig, ModelSpec, SyntheticSpec
 from kvdistill.store import ShardReader, StoreError, finalize, shard_is_complete
-from kvdistill.store.zarr_store import _partial_dir
+from kvdistill.store.zarr_store import partial_dir
 
 
 def _jobs(tiny_store, store: Path, **dump) -> JobsConfig:
@@ -95,7 +95,7 @@ def _interrupt(cfg: JobsConfig, store: Path, sig: int) -> subprocess.CompletedPr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "kvdistill", "dump", "--config", str(store.parent / f"task-{sig}.yaml"), "--no-progress"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = _partial_dir(store, task.teacher.short_name)
+    partial = partial_dir(store, task.teacher.short_name)
     deadline = time.time() + 120
     while not (partial.exists() and any(partial.iterdir())):  # the shard writer has started
         assert proc.poll() is None, proc.communicate()
@@ -116,7 +116,7 @@ def test_an_interrupted_task_leaves_no_visible_shard_and_the_rerun_completes_it_
     done = _interrupt(cfg, store, sig)
     assert done.returncode == (143 if sig == signal.SIGTERM else -9), done.stderr[-2000:]
     assert not (store / "teachers" / name / "shard-00000").exists()
-    leftovers = list(_partial_dir(store, name).glob("shard-00000.*"))
+    leftovers = list(partial_dir(store, name).glob("shard-00000.*"))
     if sig == signal.SIGTERM:
         assert leftovers == []  # unwound cleanly: the partial shard was discarded
     else:
@@ -126,6 +126,6 @@ def test_an_interrupted_task_leaves_no_visible_shard_and_the_rerun_completes_it_
     # The requeued task: discards any leftover, redoes the shard, and it equals the reference.
     rerun = type(cfg)(teachers=cfg.teachers, dump=DumpTask(**{**cfg.dump.to_dict(), "store": str(store)}))
     assert [r.status for r in run_local(rerun.tasks(), progress=False)] == ["written"]
-    assert list(_partial_dir(store, name).glob("shard-00000.*")) == []
+    assert list(partial_dir(store, name).glob("shard-00000.*")) == []
     finalize(store)
     _same_shard(store, root / "ref.zarr", name, 0)

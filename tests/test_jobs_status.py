@@ -10,7 +10,7 @@ import pytest
 
 from kvdistill.jobs.status import format_status, shard_states, status
 from kvdistill.schemas import DumpTask, JobsConfig, ModelSpec, SlurmSpec
-from kvdistill.store.zarr_store import _partial_dir, shard_name
+from kvdistill.store.zarr_store import partial_dir, shard_name
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_deleted_and_partial_shards_are_listed_with_the_exact_array_to_resubmit(
     shutil.rmtree(store / "teachers" / "teacher-a" / shard_name(1))
     # teacher-b shard 0: its task was killed mid-write (the completed copy is gone, a leftover remains)
     shutil.rmtree(store / "teachers" / "teacher-b" / shard_name(0))
-    leftover = _partial_dir(store, "teacher-b") / f"{shard_name(0)}.node7-12345"
+    leftover = partial_dir(store, "teacher-b") / f"{shard_name(0)}.node7-12345"
     leftover.mkdir(parents=True)
     (leftover / "k.bin").write_bytes(b"\0" * 1000)
 

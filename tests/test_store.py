@@ -35,8 +35,7 @@ from kvdistill.store import (
     shard_is_complete,
     shard_name,
 )
-from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD, KEY, _partial_dir
-from kvdistill.train.stream import KVStream
+from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD, KEY, partial_dir
 
 TEACHER_WIDTH = {"teacher-a": 64, "teacher-b": 16}  # D_t = H * d of the conftest teachers
 STUDENT_LAYERS = 2
@@ -211,7 +210,7 @@ def test_an_exception_inside_the_writer_leaves_no_shard_and_no_partial_dir(tmp_p
         raise RuntimeError("task killed")
     assert not (store / "teachers" / "t" / shard_name(0)).exists()
     assert not shard_is_complete(store, "t", 0)
-    assert list(_partial_dir(store, "t").iterdir()) == []
+    assert not (store / ".partial").exists()  # the attempt, its lock and their folders are gone
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -225,7 +224,9 @@ def test_a_closed_shard_is_visible_complete_and_reads_back_what_was_written(tmp_
         assert not (store / "teachers" / "t" / shard_name(0)).exists()  # invisible until closed
         assert not shard_is_complete(store, "t", 0)
     assert shard_is_complete(store, "t", 0)
-    assert list(_partial_dir(store, "t").iterdir()) == []
+    assert not (store / ".partial").exists()  # nothing left behind after a commit
+    assert sorted(p.name for p in store.iterdir()) == ["teachers"]  # (no init_store here: a bare writer)
+    assert sorted(p.name for p in store.parent.iterdir()) == ["s.zarr"]  # nothing beside the store
 
     r = ShardReader(store, "t", 0)
     assert r.sample_ids == ["a", "b"] and len(r) == 2
@@ -269,17 +270,17 @@ def test_a_writer_refuses_a_sample_of_the_wrong_shape_and_a_complete_shard(tmp_p
         with pytest.raises(ValueError, match=r"sample bad: expected k, v of shape \(4, 2, 8\)"):
             w.write("bad", s["k"][:, :1], s["v"], s["input_ids"], s["loss_mask"])
         w.write("ok", **s)
-    with pytest.raises(StoreError, match="already exists; a complete shard is never rewritten"):
+    with pytest.raises(StoreError, match="is complete already; a complete shard is never rewritten"):
         ShardWriter(store, "t", 0, num_layers=2, width=8)
     assert ShardReader(store, "t", 0).sample_ids == ["ok"]
 
 
 def test_a_killed_tasks_leftovers_are_discarded_by_the_next_writer(tmp_path):
     store = tmp_path / "s.zarr"
-    leftover = _partial_dir(store, "t") / f"{shard_name(0)}.deadhost-4242"
+    leftover = partial_dir(store, "t") / f"{shard_name(0)}.deadhost-4242"
     (leftover / "k").mkdir(parents=True)
     (leftover / "k" / "c").write_bytes(b"half a chunk")
-    other_shard = _partial_dir(store, "t") / f"{shard_name(1)}.otherhost-1"  # another task's
+    other_shard = partial_dir(store, "t") / f"{shard_name(1)}.otherhost-1"  # another task's
     other_shard.mkdir()
     with ShardWriter(store, "t", 0, num_layers=1, width=4) as w:
         assert not leftover.exists()
@@ -291,7 +292,7 @@ def test_a_killed_tasks_leftovers_are_discarded_by_the_next_writer(tmp_path):
 
 def test_finalize_reports_a_shard_that_exists_only_as_partial_as_partial(store_copy):
     shutil.rmtree(store_copy / "teachers" / "teacher-a" / shard_name(1))
-    (_partial_dir(store_copy, "teacher-a") / f"{shard_name(1)}.deadhost-4242" / "k").mkdir(parents=True)
+    (partial_dir(store_copy, "teacher-a") / f"{shard_name(1)}.deadhost-4242" / "k").mkdir(parents=True)
     with pytest.raises(StoreError, match=r"'teacher-a' shard-00001: partial"):
         finalize(store_copy)
 
@@ -299,7 +300,7 @@ def test_finalize_reports_a_shard_that_exists_only_as_partial_as_partial(store_c
 def test_a_killed_dump_task_is_redone_into_the_same_shard(store_copy, tiny_store):
     shard = store_copy / "teachers" / "teacher-a" / shard_name(1)
     shutil.rmtree(shard)
-    leftover = _partial_dir(store_copy, "teacher-a") / f"{shard_name(1)}.deadhost-4242"
+    leftover = partial_dir(store_copy, "teacher-a") / f"{shard_name(1)}.deadhost-4242"
     (leftover / "k").mkdir(parents=True)
     result = run_dump(dump_config(tiny_store, store_copy, 0, 1), progress=False)
     assert result.status == "written" and result.samples == 24
@@ -321,7 +322,7 @@ def test_rerunning_a_complete_dump_task_is_a_no_op(store_copy, tiny_store):
     assert (result.teacher, result.shard, result.samples) == ("teacher-b", 0, 0)
     assert "already complete, nothing to do" in result.summary()
     assert file_mtimes(shard) == before
-    assert not _partial_dir(store_copy, "teacher-b").exists()  # no writer was even started
+    assert not partial_dir(store_copy, "teacher-b").exists()  # no writer was even started
 
 
 # --- store and teacher specs -------------------------------------------------------------------
@@ -418,8 +419,8 @@ def test_kv_arrays_are_chunked_by_rows_sharded_by_16_chunks_and_blosc_zstd(tiny_
         rows = max(32, CHUNK_BYTES // (STUDENT_LAYERS * D * 2) // 32 * 32)  # float16: 2 bytes; whole 32-row groups
         assert k.chunks == (rows, STUDENT_LAYERS, D)
         assert k.shards == (CHUNKS_PER_SHARD * rows, STUDENT_LAYERS, D)
-        (codec,) = k.compressors
-        assert type(codec).__name__ == "BloscCodec"
+        codec, crc = k.compressors  # every chunk checksummed, as plain zarr checks it
+        assert type(codec).__name__ == "BloscCodec" and type(crc).__name__ == "Crc32cCodec"
         assert codec.cname.value == "zstd" and codec.shuffle.value == "shuffle"
 
 
@@ -471,14 +472,13 @@ def test_a_stale_index_is_refused_naming_the_shard_and_the_fix(store_copy):
         ShardReader(store_copy, "teacher-a", 1, index=read_index(store_copy, ["teacher-a"])[("teacher-a", 1)])
 
 
-def test_a_store_of_empty_shards_finalizes_to_a_typed_index_and_streams_nothing(tiny_store, tmp_path):
+def test_a_teacher_of_empty_shards_is_refused_by_finalize_naming_it(tiny_store, tmp_path):
     spec, teacher = read_store_spec(tiny_store["store"]), read_teacher_specs(tiny_store["store"])["teacher-a"]
     store = tmp_path / "empty.zarr"
     init_store(store, spec)
     init_teacher(store, teacher)
     for i in range(spec.num_shards):
         ShardWriter(store, "teacher-a", i, num_layers=STUDENT_LAYERS, width=TEACHER_WIDTH["teacher-a"]).close()
-    finalize(store)
-    assert pq.read_schema(store / "index.parquet").field("row_start").type == "int64"
-    assert read_index(store, ["teacher-a"]) == {}
-    assert list(KVStream(store, ["teacher-a"], shuffle_buffer=1)) == []
+    with pytest.raises(StoreError, match=r"teacher\(s\) \['teacher-a'\] hold 0 rows in all 2 shard\(s\)"):
+        finalize(store)
+    assert not (store / "index.parquet").exists()

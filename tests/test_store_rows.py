@@ -1,31 +1,34 @@
 """store/rows.py, the K/V hot-loop reader: the same bits as zarr for every row range, layout and
-codec; unwritten chunks read as the fill value; corrupt shard files raise, naming the file."""
+codec; a missing chunk or shard file and every corrupt byte raise, naming the file."""
 
 from __future__ import annotations
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from kvdistill.store import ShardReader, ShardWriter, StoreError, codecs, read_kv, zarr_store
 from kvdistill.store.errors import CorruptShard
-from kvdistill.store.rows import ShardedRows
+from kvdistill.store.rows import ShardedRows, missing_chunks
 
 COMPRESSORS = {
     "blosc": lambda: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, blocksize=8 * 3 * 4 * 2),
     "zstd": lambda: ZstdCodec(level=1),
     "none": lambda: None,
 }
+WRITE_ALL = {"write_empty_chunks": True}
 N, CHUNK, SHARD = 203, 8, 32  # rows; the last zarr shard and its last chunk are partial
 
 
 def sharded(path, compressor: str, dtype=np.float16, data=None) -> tuple[zarr.Array, np.ndarray]:
     x = np.random.default_rng(0).normal(size=(N, 3, 4)).astype(dtype) if data is None else data
     a = zarr.open_group(path, mode="w").create_array(
-        "k", shape=x.shape, chunks=(CHUNK, 3, 4), shards=(SHARD, 3, 4), dtype=x.dtype, compressors=COMPRESSORS[compressor]()
+        "k", shape=x.shape, chunks=(CHUNK, 3, 4), shards=(SHARD, 3, 4), dtype=x.dtype,
+        compressors=[c for c in (COMPRESSORS[compressor](), Crc32cCodec()) if c is not None], config=WRITE_ALL,
     )
     a[:] = x
     return a, x
@@ -61,20 +64,40 @@ def test_a_decode_applied_chunk_by_chunk_equals_decoding_the_whole_range(array):
     assert len(calls) > 3 and sum(n for r0, n in calls[1:-1]) == 145  # probe (0 rows), the chunks, the reference
 
 
-def test_unwritten_chunks_and_shards_read_as_the_fill_value(tmp_path):
+def test_chunks_of_fill_values_are_written_so_a_missing_chunk_or_shard_file_is_refused(tmp_path):
     x = np.random.default_rng(1).normal(size=(N, 3, 4)).astype(np.float16)
-    x[8:16] = 0  # one whole chunk of fill values: zarr writes no bytes for it
-    x[64:96] = 0  # one whole zarr shard: no file at all
+    x[8:16] = 0  # one whole chunk of fill values: written all the same (write_empty_chunks)
+    x[64:96] = 0  # one whole zarr shard of them: its file exists
     arr, _ = sharded(tmp_path / "z.zarr", "blosc", data=x)
-    assert not (tmp_path / "z.zarr" / "k" / "c" / "2" / "0" / "0").exists()
-    assert np.array_equal(ShardedRows(arr, tmp_path / "z.zarr" / "k")(0, N), x)
+    shard2 = tmp_path / "z.zarr" / "k" / "c" / "2" / "0" / "0"
+    assert shard2.exists() and missing_chunks(arr, tmp_path / "z.zarr" / "k") == []
+    rows = ShardedRows(arr, tmp_path / "z.zarr" / "k")
+    assert np.array_equal(rows(0, N), x)
+    shard2.unlink()  # zarr would now read rows 64-95 as zeros
+    assert np.array_equal(arr[64:96], np.zeros((32, 3, 4), np.float16))
+    with pytest.raises(CorruptShard, match=r"shard file .*c/2/0/0 \(rows 64-95\) is missing"):
+        rows(60, 70)
+    assert rows(0, 64).shape == (64, 3, 4)  # the other shards still read
+    assert missing_chunks(arr, tmp_path / "z.zarr" / "k") == [f"chunk file {shard2} is missing (deleted or lost)"]
+
+    f = _shard_file(arr)  # shard 0: mark its chunk 1 "not written" in the index (and re-seal the index crc)
+    raw = bytearray(f.read_bytes())
+    index = np.frombuffer(bytes(raw[-68:-4]), "<u8").copy().reshape(4, 2)
+    index[1] = 2**64 - 1
+    raw[-68:-4] = index.tobytes()
+    raw[-4:] = google_crc32c.value(bytes(raw[-68:-4])).to_bytes(4, "little")
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CorruptShard, match=r"chunk 1 \(rows from 8\) is missing from shard file .*c/0/0/0"):
+        rows(0, 20)
+    assert "chunk 1 is missing from shard file" in missing_chunks(arr, tmp_path / "z.zarr" / "k")[0]
 
 
 def test_other_layouts_are_not_claimed(tmp_path):
     g = zarr.open_group(tmp_path / "o.zarr", mode="w")
     plain = g.create_array("plain", shape=(64, 3, 4), chunks=(8, 3, 4), dtype=np.float16)
     both_axes = g.create_array("both", shape=(64, 4, 4), chunks=(8, 2, 4), shards=(32, 4, 4), dtype=np.float16)
-    assert not ShardedRows.supports(plain) and not ShardedRows.supports(both_axes)
+    no_crc = g.create_array("no_crc", shape=(64, 4, 4), chunks=(8, 4, 4), shards=(32, 4, 4), dtype=np.float16)  # unchecked chunks
+    assert not ShardedRows.supports(plain) and not ShardedRows.supports(both_axes) and not ShardedRows.supports(no_crc)
     with pytest.raises(ValueError, match="read it with zarr"):
         ShardedRows(plain, tmp_path / "o.zarr" / "plain")
 
@@ -108,17 +131,24 @@ def _shard_file(arr) -> tuple:
     return arr.store.root / "k" / "c" / "0" / "0" / "0"
 
 
-def test_a_chunk_that_does_not_decode_raises_naming_the_shard_file(tmp_path):
-    # (A flipped byte inside a zstd stream can decode to wrong values without an error, in zarr
-    # too: the shard's crc32 record, checked by `kvdistill store verify`, is what catches those.)
-    arr, _ = sharded(tmp_path / "f.zarr", "blosc")
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_a_flipped_byte_anywhere_in_a_chunk_fails_its_crc32c_naming_the_chunk_and_file(tmp_path, compressor):
+    arr, x = sharded(tmp_path / "f.zarr", compressor)
     f = _shard_file(arr)
-    raw = bytearray(f.read_bytes())
-    raw[5] ^= 0xFF  # the first chunk's blosc header: its decoded size
-    f.write_bytes(bytes(raw))
-    with pytest.raises(CorruptShard, match=r"c/0/0/0.*(does not decode|crc)") as e:
-        ShardedRows(arr, tmp_path / "f.zarr" / "k")(0, 8)
-    assert isinstance(e.value, StoreError) and "store verify" in str(e.value)
+    raw = f.read_bytes()
+    rows = ShardedRows(arr, tmp_path / "f.zarr" / "k")
+    first = int(np.frombuffer(raw[-68:-4], "<u8")[1])  # bytes of chunk 0 (body + its 4-byte crc)
+    for at in (0, 5, first // 2, first - 5, first - 1):  # header, body, the stored crc itself
+        bad = bytearray(raw)
+        bad[at] ^= 0x10
+        f.write_bytes(bytes(bad))
+        with pytest.raises(CorruptShard, match=r"array .*k: chunk 0 \(rows from 0\) in shard file .*c/0/0/0 fails its crc32c check") as e:
+            rows(0, 8)
+        assert isinstance(e.value, StoreError) and "store verify" in str(e.value)
+        with pytest.raises(ValueError, match="checksum"):  # plain zarr refuses it too
+            arr[0:8]
+    f.write_bytes(raw)
+    assert np.array_equal(rows(0, N), x)
 
 
 def test_a_truncated_or_index_corrupted_shard_file_raises(tmp_path):
