@@ -235,6 +235,31 @@ class ShardedRows:
                     future.cancel() or future.exception()
         return out
 
+    def check(self) -> None:
+        """Check every chunk's crc32c (and that none is missing) without decompressing: for the
+        arrays of a shard a reader does not otherwise read, so damage anywhere is refused."""
+        for s in range(-(-self.shape[0] // self.shard_rows)):
+            name = self._shard_file(s)
+            if not name.exists():
+                raise CorruptShard(f"{self.where}: shard file {name} is missing (deleted or lost); run `kvdistill store verify`")
+            rows = min(self.shape[0], (s + 1) * self.shard_rows) - s * self.shard_rows
+            with open(name, "rb") as f:
+                index = self._index(f, name)[: -(-rows // self.chunk_rows)]
+                for c, (off, nbytes) in enumerate(index):
+                    row0 = s * self.shard_rows + c * self.chunk_rows
+                    if off == _MISSING:
+                        raise CorruptShard(f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) is missing from shard file {name}; run `kvdistill store verify`")
+                    self._checked(os.pread(f.fileno(), int(nbytes), int(off)), int(nbytes), name, row0)
+
+    def _checked(self, data: bytes, nbytes: int, name: Path, row0: int) -> memoryview:
+        """The chunk's body after its crc32c (the last 4 bytes) is checked."""
+        chunk = f"chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name}"
+        if len(data) != nbytes or nbytes < 4:
+            raise CorruptShard(f"{self.where}: {chunk} runs past the end of the file (truncated?); run `kvdistill store verify`")
+        if google_crc32c.value(np.frombuffer(data, np.uint8)[:-4]) != int.from_bytes(data[-4:], "little"):  # ~20 GB/s: no copy
+            raise CorruptShard(f"{self.where}: {chunk} fails its crc32c check (corrupt on disk); run `kvdistill store verify`")
+        return memoryview(data)[:-4]
+
     def _chunk(self, row0: int, where: tuple[int, int, int], name: Path, start: int, stop: int, out: np.ndarray, decode: Decode | None) -> None:
         """The chunk starting at row row0, stored at `where` = (open file, offset, bytes), into
         its rows of out, after its crc32c (the last 4 bytes) is checked."""
@@ -242,14 +267,7 @@ class ShardedRows:
         direct = decode is None and a == row0 and b == row0 + self.chunk_rows  # decompress straight into out
         buf = out[a - start : b - start] if direct else np.empty((self.chunk_rows, *self.row_shape), self.dtype)
         fd, off, nbytes = where
-        data = os.pread(fd, nbytes, off)
-        chunk = f"chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name}"
-        if len(data) != nbytes or nbytes < 4:
-            raise CorruptShard(f"{self.where}: {chunk} runs past the end of the file (truncated?); run `kvdistill store verify`")
-        body = memoryview(data)[:-4]
-        if google_crc32c.value(np.frombuffer(data, np.uint8)[:-4]) != int.from_bytes(data[-4:], "little"):  # ~20 GB/s: no copy
-            raise CorruptShard(f"{self.where}: {chunk} fails its crc32c check (corrupt on disk); run `kvdistill store verify`")
-        self._decompress(body, buf, name, row0)
+        self._decompress(self._checked(os.pread(fd, nbytes, off), nbytes, name, row0), buf, name, row0)
         if not direct:
             rows = buf[a - row0 : b - row0]
             out[a - start : b - start] = rows if decode is None else decode(rows, a)

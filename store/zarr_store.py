@@ -622,6 +622,7 @@ class ShardReader:
         self.attrs = attrs
         self.group = group if group is not None else zarr.open_group(self.dir, mode="r")
         self._arrays: dict[str, zarr.Array] = dict(self.group.arrays())  # every array's metadata, read once
+        self.names = tuple(sorted(self._arrays))
         # Rows straight from the shard files (store/rows.py) where the layout is ShardWriter's
         # sharded one; zarr for anything else (the same values, slower). Both check every
         # chunk's crc32c and refuse a missing chunk.
@@ -638,6 +639,21 @@ class ShardReader:
                     f"{self.dir}: index.parquet lists {len(self.sample_ids)} samples / {int(self.offsets[-1])} rows, "
                     f"the shard holds {attrs['samples']} / {attrs['rows']}; run `kvdistill store finalize {path}` again"
                 )
+
+    def check_unread(self, read: set[str]) -> None:
+        """Check the chunks of every array not in `read` (crc32c, none missing), without
+        decoding them: a reader that reads only some arrays still refuses a damaged shard. The
+        offsets and sample ids, when they came from index.parquet, must also agree with it."""
+        for name in sorted(set(self._arrays) - read):
+            r = self.reader(name)
+            if isinstance(r, ShardedRows):
+                r.check()
+            else:
+                got = r[:]
+                if name == "offsets" and not np.array_equal(got, self.offsets):
+                    raise StoreError(f"{self.dir}: its offsets differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again")
+                if name == "sample_ids" and [str(x) for x in got] != self.sample_ids:
+                    raise StoreError(f"{self.dir}: its sample ids differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again")
 
     def array(self, name: str) -> zarr.Array:
         try:

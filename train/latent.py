@@ -57,7 +57,7 @@ from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
 from .distiller import KVAdapter, _key, fixed_weights
-from .loop import _check_store, _latest_checkpoint, _save_checkpoint, mixed_precision
+from .loop import _check_epoch, _check_store, _resume, _save_checkpoint, _with_last, mixed_precision
 from .losses import layer_std_norm, masked_ce, masked_kv_loss
 from .stream import KVStream, shuffle_latent, train_loader
 
@@ -395,13 +395,7 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.yaml")
-    step, epoch, tokens, skip = 0, 0, 0, 0
-    if cfg.resume:
-        ckpt = _latest_checkpoint(Path(cfg.resume))
-        accelerator.load_state(str(ckpt))
-        pos = json.loads((ckpt / "loader.json").read_text())
-        step, epoch, tokens, skip = pos["step"], pos["epoch"], pos["tokens"], pos["batches_in_epoch"]
-        print(f"resuming from {ckpt} at step {step} (epoch {epoch}, batch {skip})", flush=True)
+    step, epoch, tokens, skip = _resume(cfg, accelerator)
     metrics_f = (out / "metrics.jsonl").open("a" if cfg.resume else "w") if accelerator.is_main_process else None
     history: list[dict[str, Any]] = []
     last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
@@ -410,12 +404,10 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     dev = accelerator.device
     while step < last:
         stream.set_epoch(epoch)
-        step_at_epoch_start = step
         batches_in_epoch = 0
-        for batch in loader:
+        for batch, end_of_epoch in _with_last(loader):
             batches_in_epoch += 1
-            if skip:  # resuming mid-epoch: the stream is deterministic, so replay its position
-                skip -= 1
+            if batches_in_epoch <= skip:  # resuming mid-epoch: the stream is deterministic, so replay its position
                 continue
             latent = {
                 t: {k: (None if x is None else x.to(dev)) for k, x in lat.items()} for t, lat in batch["latent"].items()
@@ -447,12 +439,11 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce_answer", "codi", "kv_k") if k in row})
             if cfg.save_every and step % cfg.save_every == 0:
-                _save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", step, epoch, tokens, batches_in_epoch)
+                _save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", step, epoch, tokens, batches_in_epoch, end_of_epoch)
             if step >= last:
                 break
-        if step == step_at_epoch_start and not skip:
-            raise StoreError(f"store {cfg.store} yielded no samples for rank {accelerator.process_index}")
-        epoch += 1
+        _check_epoch(cfg, accelerator.process_index, epoch, batches_in_epoch, skip)
+        epoch, skip = epoch + 1, 0
     bar.close()
 
     final = out / "final"

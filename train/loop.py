@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,12 @@ def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
     return spec, {t: teachers[t] for t in chosen}
 
 
-def _save_checkpoint(accelerator, path: Path, step: int, epoch: int, tokens: int, batches_in_epoch: int) -> None:
+def _save_checkpoint(accelerator, path: Path, step: int, epoch: int, tokens: int, batches_in_epoch: int, end_of_epoch: bool) -> None:
+    """Model, optimizer, scheduler and RNG states, and loader.json: where the stream resumes.
+    A checkpoint on an epoch's last batch resumes at the next epoch's start, (epoch + 1, 0):
+    (epoch, all its batches) would replay a whole epoch to train nothing of it."""
+    if end_of_epoch:
+        epoch, batches_in_epoch = epoch + 1, 0
     accelerator.save_state(str(path))  # model + adapters, optimizer, scheduler, RNG states
     if accelerator.is_main_process:
         pos = {"step": step, "epoch": epoch, "tokens": tokens, "batches_in_epoch": batches_in_epoch}
@@ -79,8 +85,46 @@ def _latest_checkpoint(path: Path) -> Path:
         return path
     found = sorted((path / "checkpoints").glob("step-*/loader.json"))
     if not found:
-        raise FileNotFoundError(f"no checkpoint under {path}; train with --save-every N to write them")
+        raise FileNotFoundError(f"no checkpoint under {path}; train with --save-steps N to write them")
     return found[-1].parent
+
+
+def _resume(cfg: TrainConfig, accelerator) -> tuple[int, int, int, int]:
+    """(step, epoch, tokens, batches of that epoch already trained) to start from: the
+    checkpoint cfg.resume names, its states loaded into the prepared objects; zeros without one."""
+    if not cfg.resume:
+        return 0, 0, 0, 0
+    ckpt = _latest_checkpoint(Path(cfg.resume))
+    accelerator.load_state(str(ckpt))  # model + adapters, optimizer, scheduler, RNG states
+    pos = json.loads((ckpt / "loader.json").read_text())
+    print(f"resuming from {ckpt} at step {pos['step']} (epoch {pos['epoch']}, batch {pos['batches_in_epoch']})", flush=True)
+    return pos["step"], pos["epoch"], pos["tokens"], pos["batches_in_epoch"]
+
+
+_END = object()
+
+
+def _with_last(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """(batch, is it the last one): one batch of look-ahead, so a checkpoint knows it ends an epoch."""
+    it = iter(batches)
+    nxt = next(it, _END)
+    while nxt is not _END:
+        cur, nxt = nxt, next(it, _END)
+        yield cur, nxt is _END
+
+
+def _check_epoch(cfg: TrainConfig, rank: int, epoch: int, batches: int, skip: int) -> None:
+    """After an epoch: the stream yielded batches, and at least the `skip` a resumed position
+    replays. skip == batches is a checkpoint on the epoch's last batch as written before
+    `_save_checkpoint` made it (epoch + 1, 0): nothing is left to train, on to the next epoch."""
+    if batches == 0:
+        raise StoreError(f"store {cfg.store} yielded no samples for rank {rank}")
+    if skip > batches:
+        raise StoreError(
+            f"checkpoint {cfg.resume} resumes at batch {skip} of epoch {epoch}, but the epoch has {batches} batches "
+            f"for rank {rank} here; resume with the store, --batch-size, number of processes and --num-workers "
+            "of the run that wrote it"
+        )
 
 
 def build_model(cfg: TrainConfig):
@@ -148,13 +192,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         cfg.save(out / "train_config.yaml")
     if trackers:
         accelerator.init_trackers(out.name, config=tracker_config(cfg.to_dict()))
-    step, epoch, tokens, skip = 0, 0, 0, 0
-    if cfg.resume:
-        ckpt = _latest_checkpoint(Path(cfg.resume))
-        accelerator.load_state(str(ckpt))  # model + adapters, optimizer, scheduler, RNG states
-        pos = json.loads((ckpt / "loader.json").read_text())
-        step, epoch, tokens, skip = pos["step"], pos["epoch"], pos["tokens"], pos["batches_in_epoch"]
-        print(f"resuming from {ckpt} at step {step} (epoch {epoch}, batch {skip})", flush=True)
+    step, epoch, tokens, skip = _resume(cfg, accelerator)
     metrics_f = (out / "metrics.jsonl").open("a" if cfg.resume else "w") if accelerator.is_main_process else None
     history: list[dict[str, Any]] = []
     shards_read: set[int] = set()
@@ -164,12 +202,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     model.train()
     while step < last:
         stream.set_epoch(epoch)
-        step_at_epoch_start = step
         batches_in_epoch = 0
-        for batch in loader:
+        for batch, end_of_epoch in _with_last(loader):
             batches_in_epoch += 1
-            if skip:  # resuming mid-epoch: the stream is deterministic, so replay its position
-                skip -= 1
+            if batches_in_epoch <= skip:  # resuming mid-epoch: the stream is deterministic, so replay its position
                 continue
             kv = kv_to_device(batch["kv"], accelerator.device)  # int8 / int4 dequantised there
             losses = model(
@@ -212,12 +248,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce", "kv_k", "kv_v") if k in row})
             if cfg.save_every and step % cfg.save_every == 0:
-                _save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", step, epoch, tokens, batches_in_epoch)
+                _save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", step, epoch, tokens, batches_in_epoch, end_of_epoch)
             if step >= last:
                 break
-        if step == step_at_epoch_start and not skip:
-            raise StoreError(f"store {cfg.store} yielded no samples for rank {accelerator.process_index}")
-        epoch += 1
+        _check_epoch(cfg, accelerator.process_index, epoch, batches_in_epoch, skip)
+        epoch, skip = epoch + 1, 0
     bar.close()
 
     final = out / "final"

@@ -131,6 +131,12 @@ class KVStream(IterableDataset):
         # Token ids and masks are a few bytes per token: read them for the whole shard once
         # (their chunks span far more rows than a K/V read span).
         token_names = ("input_ids", "loss_mask", "segment_ids") if self.read_latent else ("input_ids", "loss_mask")
+        # What this run does not read is still checked (crc32c only, no decoding), so damage
+        # anywhere in a shard is refused; K/V a run never uses (CE only) are left alone.
+        for r in readers:
+            kv = {n for n in r.names if n in ("k", "v") or n.startswith(("k_", "v_"))}
+            latent = {n for n in r.names if n.startswith(("latent_", "codi_"))} if self.read_latent else set()
+            r.check_unread(set(token_names) | kv | latent)
         off = first.offsets
         # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each read has a fixed
         # cost, and a chunk straddling two spans is the only one decompressed twice
@@ -359,4 +365,10 @@ def train_loader(stream: KVStream, cfg, pad_id: int, control=shuffle_kv) -> Data
     def collate_fn(samples):
         return collate(control(samples, cfg.seed) if cfg.kv_control == "shuffled" else samples, pad_id)
 
-    return DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn, drop_last=cfg.kv_control == "shuffled")
+    # Its own generator: each epoch's iterator draws a seed from it, and from the global RNG a
+    # checkpoint restores that draw would shift every dropout mask after a mid-epoch resume.
+    # (The stream shuffles with its own seeded RNGs, so this seed changes no sample.)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(
+        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn, drop_last=cfg.kv_control == "shuffled", generator=generator
+    )
