@@ -28,6 +28,10 @@ FLAGS: list[Flag] = [
     ("--batch-size", "batch_size", int, "teacher forward batch size"),
     ("--max-len", "max_len", int, "longest sample in tokens; longer ones are an error (or see --on-too-long)"),
     ("--on-too-long", "on_too_long", str, "error | skip: skip and count samples over --max-len"),
+    ("--allow-empty", "allow_empty", bool, "write a shard even when it gets no sample (more shards than rows, every sample "
+     "skipped); without it that is an error, as an empty shard is almost always a wrong path or filter"),
+    ("--on-busy", "on_busy", str, "fail | wait: another live writer owns this (teacher, shard): fail at once naming it, "
+     "or wait until it finishes or dies"),
     ("--kv-dtype", "kv_dtype", str, "codec of stored K/V: float16 | float32 | bfloat16 | int8 | int4 (KIVI-style, scales beside)"),
     ("--backend", "backend", str, "zarr | webdataset (one .tar per task; float16 / float32 only)"),
     ("--compression-level", "compression_level", int, "blosc-zstd level of the K/V chunks, 0 (none) to 9; 1 writes ~4x faster than 3 for 1-5 percent more bytes"),

@@ -12,7 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kvdistill.schemas import ModelSpec
 
-__all__ = ["resolve_device", "load_model", "load_config", "load_tokenizer", "tokenizer_fingerprint", "model_fingerprint"]
+__all__ = [
+    "resolve_device", "load_model", "load_config", "load_tokenizer", "require_eos", "tokenizer_fingerprint", "model_fingerprint",
+]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -51,6 +53,17 @@ def load_tokenizer(spec: ModelSpec):
             "character offsets; kvdistill needs a fast (tokenizers-backed) tokenizer"
         )
     return tok
+
+
+def require_eos(tok, role: str, spec: ModelSpec) -> None:
+    """Every sample ends with EOS (so the student learns to stop, and batches pad with it when
+    there is no pad token): a tokenizer without one is refused, naming whose it is."""
+    if tok.eos_token_id is None:
+        raise ValueError(
+            f"the {role} tokenizer ({spec.name_or_path}) has no eos_token; every sample ends with EOS so generation "
+            "can stop. Add one to the tokenizer (tokenizer.eos_token = '...' or add_special_tokens({'eos_token': ...}), "
+            "then save_pretrained), or use another tokenizer"
+        )
 
 
 def pad_token_id(tok) -> int:

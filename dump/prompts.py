@@ -72,7 +72,11 @@ def encode(tokenizer, template: str, ex: Example) -> Encoded:
     bounds = np.array([r.spans["reasoning"][0], r.spans["answer"][0]])
     seg = np.searchsorted(bounds, starts, side="right").astype(np.uint8)  # [T]
     if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has no eos_token; set one so generation can stop")
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path or type(tokenizer).__name__} has no eos_token; every sample "
+            "ends with EOS so generation can stop. Add one (tokenizer.eos_token = '...', then save_pretrained), "
+            "or use another tokenizer"
+        )
     ids = np.array([*enc["input_ids"], tokenizer.eos_token_id], dtype=np.int32)
     seg = np.append(seg, np.uint8(2))
     return Encoded(ex.id, ids, seg, seg > 0, offsets)

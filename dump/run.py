@@ -10,6 +10,12 @@ the whole batch, then per sample drop padding and time-map onto the student's to
 (identity / char overlap / per-segment resampling), write the shard and commit it atomically.
 A complete shard makes the task a no-op; a sample over max_len is an error or a counted skip.
 
+Every check on the input (data, both tokenizers and their EOS, configs, layer map, projection,
+every sample's tokens, a shard left with no sample: an error unless `allow_empty`) runs before
+the store is created or its metadata written, so a failed run leaves nothing that blocks the
+corrected rerun. Another live writer of the same (teacher, shard) is an error (`on_busy`
+"fail") or is waited for ("wait"; if it completed the shard, this task is a no-op).
+
 With `latent` (KaVa latent mode) the teacher runs eager attention (only then: eager materialises
 a [B, H_q, T, T] probability map per layer, reduced layer by layer in a hook, so a batch costs
 one such map more memory and eager's slower kernels) and every sample also gets its reasoning
@@ -38,7 +44,7 @@ from kvdistill.align.cka import layer_map_from_json
 from kvdistill.align.layers import ratio_layer_map
 from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map
 from kvdistill.align.time import stack_time_maps
-from kvdistill.data import data_fingerprint, load_examples
+from kvdistill.data import DataError, data_fingerprint, load_examples
 from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
 from kvdistill.store import (
     ShardWriter,
@@ -48,6 +54,7 @@ from kvdistill.store import (
     init_teacher,
     shard_is_complete,
 )
+from kvdistill.store.errors import ShardComplete
 
 from .capture import forward_kv, forward_kv_importance, kv_geometry
 from .models import (
@@ -56,6 +63,7 @@ from .models import (
     load_tokenizer,
     model_fingerprint,
     pad_token_id,
+    require_eos,
     resolve_device,
     tokenizer_fingerprint,
 )
@@ -132,6 +140,42 @@ def _projection(cfg: DumpConfig, L_s: int, D_t: int) -> tuple[dict[str, torch.Te
     return arrays, info
 
 
+def _encode_rows(cfg: DumpConfig, rows: list[Example], s_tok, t_tok, kind: str) -> tuple[list, list[str]]:
+    """(student grid, teacher input) Encoded pairs of the rows within max_len, and the ids of
+    those skipped over it (on_too_long "skip"; "error" raises naming the sample)."""
+    name = cfg.teacher.short_name
+    pairs, skipped = [], []
+    for ex in rows:
+        s = encode(s_tok, cfg.student.prompt_template, ex)
+        t = s if kind == "identity" else encode(t_tok, cfg.teacher.prompt_template, ex)
+        if max(len(s), len(t)) > cfg.max_len:
+            if cfg.on_too_long == "error":
+                raise ValueError(
+                    f"teacher {name}: sample {ex.id} has {len(t)} teacher / {len(s)} student tokens > max_len "
+                    f"{cfg.max_len}; raise --max-len, or pass --on-too-long skip to skip (and count) such samples"
+                )
+            skipped.append(ex.id)
+            continue
+        pairs.append((s, t))
+    return pairs, skipped
+
+
+def _empty_message(cfg: DumpConfig, n_data: int, n_rows: int) -> str:
+    """Why this task would write no sample, and the fix."""
+    where = f"teacher {cfg.teacher.short_name} shard {cfg.shard}: data {cfg.data.source}"
+    if n_data == 0:
+        return f"{where} has 0 rows; check the path / split / limit, or pass --allow-empty to write an empty shard"
+    if n_rows == 0:
+        return (
+            f"{where} has {n_data} rows for {cfg.num_shards} shards, so this shard gets none; use fewer shards "
+            f"(at most {n_data}) or --allow-empty"
+        )
+    return (
+        f"{where} has {n_data} rows, and all {n_rows} of this shard are over max_len {cfg.max_len} (skipped by "
+        "--on-too-long skip); raise --max-len, check the data path / filter, or pass --allow-empty"
+    )
+
+
 class Preempted(SystemExit):
     """SIGTERM (SLURM preemption / scancel) arrived: unwinds like an exception, so the partial
     shard is discarded and nothing visible is left; the requeued task redoes the shard."""
@@ -165,24 +209,33 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
     if shard_is_complete(cfg.store, name, cfg.shard):
         return DumpResult(name, cfg.shard, "already complete")
 
+    # Everything that can fail on the input (data, tokenizers, configs, layer map, projection,
+    # every sample's tokens) is checked before the store is touched: metadata written by a
+    # failed run would pin its student / data and block the corrected rerun.
     examples = load_examples(cfg.data)
     data_fp = data_fingerprint(examples)
     rows = partition(examples, cfg.shard, cfg.num_shards)
     s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    require_eos(s_tok, "student", cfg.student)
+    require_eos(t_tok, "teacher", cfg.teacher)
     s_fp = tokenizer_fingerprint(s_tok)
     kind = resolve_time_map(
         cfg.align.time_map,
         same_tokenizer=s_fp == tokenizer_fingerprint(t_tok),
         same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
     )
+    g_t, g_s = kv_geometry(load_config(cfg.teacher)), kv_geometry(load_config(cfg.student))
+    W, similarity = _layer_map(cfg, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
+    proj, proj_info = _projection(cfg, g_s.num_layers, g_t.width)
+    width = proj_info["dim"] if proj_info else g_t.width
+    pairs, skipped = _encode_rows(cfg, rows, s_tok, t_tok, kind)  # (student grid, teacher input) per sample
+    if not pairs and not cfg.allow_empty:
+        raise DataError(_empty_message(cfg, len(examples), len(rows)))
+
     device = resolve_device(cfg.device)
     teacher = load_model(cfg.teacher, device)
     if cfg.latent is not None:  # only eager attention returns the probabilities R-KV scores with
         teacher.set_attn_implementation("eager")
-    g_t, g_s = kv_geometry(teacher.config), kv_geometry(load_config(cfg.student))
-    W, similarity = _layer_map(cfg, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
-    proj, proj_info = _projection(cfg, g_s.num_layers, g_t.width)
-    width = proj_info["dim"] if proj_info else g_t.width
 
     init_store(
         cfg.store,
@@ -216,19 +269,6 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
     )
     init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
 
-    pairs, skipped = [], []  # (student grid, teacher input) per sample
-    for ex in rows:
-        s = encode(s_tok, cfg.student.prompt_template, ex)
-        t = s if kind == "identity" else encode(t_tok, cfg.teacher.prompt_template, ex)
-        if max(len(s), len(t)) > cfg.max_len:
-            if cfg.on_too_long == "error":
-                raise ValueError(
-                    f"teacher {name}: sample {ex.id} has {len(t)} teacher / {len(s)} student tokens > max_len "
-                    f"{cfg.max_len}; raise --max-len, or pass --on-too-long skip to skip (and count) such samples"
-                )
-            skipped.append(ex.id)
-            continue
-        pairs.append((s, t))
     # Length-sorted batches cut padding. The order depends only on the student's tokens, so it
     # is the same for every teacher (the trainer zips shards positionally).
     pairs.sort(key=lambda p: len(p[0]))
@@ -293,12 +333,16 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             res["hidden"] = hidden[torch.arange(len(batch), device=hidden.device), rows].float().cpu().numpy()  # [B, H]
         return res
 
-    with (
-        (WdsShardWriter if cfg.backend == "webdataset" else ShardWriter)(
+    try:
+        w = (WdsShardWriter if cfg.backend == "webdataset" else ShardWriter)(
             cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec,
-            latent_slots=cfg.latent.slots if cfg.latent else None,
+            latent_slots=cfg.latent.slots if cfg.latent else None, on_busy=cfg.on_busy,
             **({} if cfg.backend == "webdataset" else compression(cfg)),
-        ) as w,
+        )
+    except ShardComplete:  # on_busy="wait": the writer we waited for completed the shard
+        return DumpResult(name, cfg.shard, "already complete")
+    with (
+        w,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
     ):

@@ -11,7 +11,8 @@ arithmetic word problems.
   (e.g. `openai/gsm8k` with config `main`).
 
 Malformed input raises `DataError` naming the file and line (or data set and row), the
-problem and the fix. Duplicate ids raise. `spec.limit` keeps the first N rows.
+problem and the fix; so does a data file with no rows. A leading UTF-8 byte order mark is
+accepted. Duplicate ids raise. `spec.limit` keeps the first N rows.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def _row_to_example(row: Any, where: str, default_id: str) -> Example:
 
 def _load_jsonl(path: Path) -> list[Example]:
     examples = []
-    with path.open(encoding="utf-8") as f:
+    # utf-8-sig: a leading byte order mark (Windows editors, Excel exports) is dropped, not
+    # parsed as part of the first JSON object.
+    with path.open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -167,6 +170,11 @@ def load_examples(spec: DataSpec) -> list[Example]:
         if not path.is_file():
             raise DataError(f"data file {source} does not exist (or is not a file); check the path")
         examples = _load_parquet(path) if path.suffix == ".parquet" else _load_jsonl(path)
+        if not examples:
+            raise DataError(
+                f"data file {source} holds no rows (it is empty or only blank lines); check "
+                "the path, or that the file was fully written"
+            )
     elif path.is_file():
         raise DataError(
             f"data file {source}: unsupported extension {path.suffix!r}; use one of "

@@ -115,6 +115,34 @@ def test_jsonl_keeps_explicit_ids_and_reads_json_suffix_as_json_lines(tmp_path):
     assert [e.id for e in load_examples(DataSpec(source=str(path)))] == ["a", "7"]
 
 
+def test_jsonl_with_a_utf8_byte_order_mark_loads_the_same_rows_as_without(tmp_path):
+    lines = [json.dumps(GSM8K_ROW, ensure_ascii=False), row(question="Qué?")]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    plain = write_lines(tmp_path / "plain" / "train.jsonl", lines)  # same stem: same default ids
+    bom = tmp_path / "bom" / "train.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    examples = load_examples(DataSpec(source=str(bom)))
+    assert examples == load_examples(DataSpec(source=str(plain)))
+    assert [(e.id, e.question[:8]) for e in examples] == [("train-000000", "Natalia "), ("train-000001", "Qué?")]
+
+
+@pytest.mark.parametrize("text", ["", "\n \n\n"])
+def test_a_jsonl_file_with_no_rows_is_refused_in_one_line_naming_the_file(tmp_path, text):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"^data file {re.escape(str(path))} holds no rows .*check the path") as err:
+        load_examples(DataSpec(source=str(path)))
+    assert "\n" not in str(err.value)
+
+
+def test_a_parquet_file_with_no_rows_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match=rf"data file {re.escape(str(path))} holds no rows"):
+        load_examples(DataSpec(source=str(path)))
+
+
 def test_jsonl_bad_json_error_names_the_file_and_the_line(tmp_path):
     path = write_lines(tmp_path / "broken.jsonl", [row(), row(), '{"question": "Q?", "answer": '])
     with pytest.raises(DataError) as err:

@@ -329,7 +329,7 @@ def test_a_latent_store_with_an_empty_shard_verifies(models, tmp_path):
     data = DATA.from_dict({**DATA.to_dict(), "limit": 1})  # 2 shards of 1 row: shard 0 is empty
     for shard in range(2):
         run_dump(DumpConfig(teacher=teacher, student=student, store=str(tmp_path / "s.zarr"), data=data, num_shards=2, shard=shard,
-                            device="cpu", latent=LatentSpec(slots=4)), progress=False)
+                            device="cpu", latent=LatentSpec(slots=4), allow_empty=True), progress=False)
     finalize(tmp_path / "s.zarr")
     assert len(ShardReader(tmp_path / "s.zarr", "teacher", 0)) == 0
     assert verify(tmp_path / "s.zarr", progress=False) == []

@@ -133,10 +133,10 @@ class KVStream(IterableDataset):
         token_names = ("input_ids", "loss_mask", "segment_ids") if self.read_latent else ("input_ids", "loss_mask")
         # What this run does not read is still checked (crc32c only, no decoding), so damage
         # anywhere in a shard is refused; K/V a run never uses (CE only) are left alone.
-        for r in readers:
+        for j, r in enumerate(readers):
             kv = {n for n in r.names if n in ("k", "v") or n.startswith(("k_", "v_"))}
             latent = {n for n in r.names if n.startswith(("latent_", "codi_"))} if self.read_latent else set()
-            r.check_unread(set(token_names) | kv | latent)
+            r.check_unread((set(token_names) if j == 0 else set()) | kv | latent)  # tokens come from the first teacher's shard
         off = first.offsets
         # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each read has a fixed
         # cost, and a chunk straddling two spans is the only one decompressed twice
