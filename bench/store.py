@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import zarr
 from transformers.utils import logging as hf_logging
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from kvdistill import tiny
 from kvdistill.data import load_examples
@@ -129,7 +129,9 @@ def create(group, codec: str, part: str, L: int, D: int, compressor: str) -> dic
             chunks=(rows, *row),
             shards=(rows * CHUNKS_PER_SHARD, *row),
             dtype=dtype,
-            compressors=COMPRESSORS[compressor](rows * int(np.prod(row)) * dtype.itemsize),
+            # As ShardWriter: every chunk written and crc32c-checked (the reader refuses others).
+            compressors=[c for c in (COMPRESSORS[compressor](rows * int(np.prod(row)) * dtype.itemsize), Crc32cCodec()) if c is not None],
+            config={"write_empty_chunks": True},
         )
         arrays[name].attrs["kvdistill_codec"] = codecs.describe(codec, part)
     return arrays
@@ -151,7 +153,8 @@ def write(path: Path, codec: str, compressor: str, kv: dict[str, np.ndarray]) ->
 
 def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tuple[dict[str, list], float]:
     """Rows [bounds[i], bounds[i + 1]) block by block with ShardReader's `read_kv`, the arrays
-    read by `reader`: "rows" (store/rows.py, what ShardReader uses) or "zarr" (zarr's own
+    read by `reader`: "rows" (store/rows.py, what ShardReader uses), "rows-nocrc" (the same
+    with its crc32c check of every chunk off: the check's cost) or "zarr" (zarr's own
     slicing), decoded (float16 stays float16, the others float32) on the CPU; or "codes":
     store/rows.py, left as stored (bfloat16 bits, int8 / int4 `QuantRows`: what the training
     stream hands the trainer to make float32 on its device).
@@ -162,6 +165,9 @@ def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tupl
     for part in ("k", "v"):
         names = {name: f"{part}_{name}" if name else part for name in codecs.array_names(codec)}
         opened[part] = {name: ShardedRows(group[a], path / a) if reader != "zarr" else group[a] for name, a in names.items()}
+        for r in opened[part].values():
+            if isinstance(r, ShardedRows):
+                r.check_crc = reader != "rows-nocrc"
     t0 = time.perf_counter()
     out = {}
     for part, arrays in opened.items():
@@ -229,7 +235,7 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
     N, L, D = kv["k"].shape
     spans = list(read_spans(offsets, READ_SPAN_CHUNKS * layout(codec, "k", L, D)[""][1]))
     stream = [int(offsets[j0]) for j0, _ in spans] + [int(offsets[-1])]
-    cold, warm, raw_cold, raw_warm, zarr_cold, codes_cold, deq = [], [], [], [], [], [], []
+    cold, warm, raw_cold, raw_warm, zarr_cold, codes_cold, deq, nocrc_cold = [], [], [], [], [], [], [], []
     for _ in range(repeats):
         drop_cache(path)
         raw_cold.append(raw_read(path))
@@ -239,6 +245,9 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
         cold.append(s)
         _, s = read(path, codec, stream, D, "rows")
         warm.append(s)
+        drop_cache(path)
+        _, s = read(path, codec, stream, D, "rows-nocrc")
+        nocrc_cold.append(s)
         drop_cache(path)
         via_zarr, s = read(path, codec, stream, D, "zarr")
         zarr_cold.append(s)
@@ -259,6 +268,7 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
         "read_cold": logical / min(cold) / 1e6,
         "read_warm": logical / min(warm) / 1e6,
         "read_vs_raw": min(raw_cold) / min(cold),  # same stored bytes: raw time / reader time
+        "nocrc_vs_raw": min(raw_cold) / min(nocrc_cold),  # the same without the crc32c checks
         "zarr_vs_raw": min(raw_cold) / min(zarr_cold),
         "codes_vs_raw": min(raw_cold) / min(codes_cold),  # what the training stream reads
         "dequant": logical / min(deq) / 1e6,
@@ -323,7 +333,7 @@ def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: n
 
 HEADER = (
     f"{'codec':<9} {'compressor':<22} {'stored MB':>9} {'vs raw16':>8} {'vs bf16':>7} {'write':>6} "
-    f"{'read cold':>9} {'warm':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'zarr/raw':>8} {'codes/raw':>9} {'dequant':>7} {'err K':>7} {'err V':>7}"
+    f"{'read cold':>9} {'warm':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'no crc':>7} {'zarr/raw':>8} {'codes/raw':>9} {'dequant':>7} {'err K':>7} {'err V':>7}"
 )
 
 
@@ -332,7 +342,7 @@ def row(r: dict, bf16_stored: int) -> str:
     return (
         f"{r['codec']:<9} {r['compressor']:<22} {r['stored'] / 1e6:>9.2f} {r['ratio']:>7.2f}x {bf16_stored / r['stored']:>6.2f}x "
         f"{r['write']:>6.0f} {r['read_cold']:>9.0f} {r['read_warm']:>6.0f} "
-        f"{r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_vs_raw']:>7.0%} {r['zarr_vs_raw']:>7.0%} {r['codes_vs_raw']:>8.0%} {deq} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
+        f"{r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_vs_raw']:>7.0%} {r['nocrc_vs_raw']:>6.0%} {r['zarr_vs_raw']:>7.0%} {r['codes_vs_raw']:>8.0%} {deq} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
     )
 
 
@@ -398,7 +408,8 @@ def main() -> None:
         f"in the stream's read spans ({READ_SPAN_CHUNKS} chunks of whole samples), page cache dropped (cold) or not "
         "(warm); raw = open().read() of the same files, MB/s of "
         "stored bytes; read/raw = raw cold time / read cold time for the same stored bytes (read cold x stored / "
-        "logical / raw cold); zarr/raw = the same with zarr's own slicing as the reader; codes/raw = the same "
+        "logical / raw cold); no crc = read/raw with store/rows.py's crc32c check of every chunk turned off (its cost, "
+        "side by side); zarr/raw = the same with zarr's own slicing as the reader; codes/raw = the same "
         "for what the training stream reads: K/V as stored (bfloat16 bit patterns, int8 / int4 codes and scales; "
         "float16 as read/raw); dequant = torch making those float32 on this CPU (int8 / int4 dequantised, 16-bit floats cast), "
         "logical MB/s (the trainer's side: on a GPU it runs on the device)."

@@ -139,6 +139,10 @@ def checked_reader(array: zarr.Array, path: str | Path) -> ShardedRows | ZarrRow
 class ShardedRows:
     """rows = ShardedRows(group["k"], shard_dir / "k"); x = rows(a, b)  # == group["k"][a:b]"""
 
+    # Checking each chunk's crc32c is what makes a flipped byte an error instead of data. Only
+    # bench/store.py turns it off, to measure what it costs side by side.
+    check_crc = True
+
     def __init__(self, array: zarr.Array, path: str | Path) -> None:
         if not self.supports(array):
             raise ValueError(f"{path}: not the row-sharded layout ShardWriter writes; read it with zarr")
@@ -256,7 +260,7 @@ class ShardedRows:
         chunk = f"chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name}"
         if len(data) != nbytes or nbytes < 4:
             raise CorruptShard(f"{self.where}: {chunk} runs past the end of the file (truncated?); run `kvdistill store verify`")
-        if google_crc32c.value(np.frombuffer(data, np.uint8)[:-4]) != int.from_bytes(data[-4:], "little"):  # ~20 GB/s: no copy
+        if self.check_crc and google_crc32c.value(np.frombuffer(data, np.uint8)[:-4]) != int.from_bytes(data[-4:], "little"):  # ~20 GB/s: no copy
             raise CorruptShard(f"{self.where}: {chunk} fails its crc32c check (corrupt on disk); run `kvdistill store verify`")
         return memoryview(data)[:-4]
 
