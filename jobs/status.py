@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from kvdistill.schemas import JobsConfig
+from kvdistill.store.lock import lock_holder
 from kvdistill.store.zarr_store import (
     INDEX,
     _du,
+    partial_attempts,
     partial_dir,
-    shard_attrs,
-    teacher_dir,
     read_store_spec,
     read_teacher_specs,
+    shard_attrs,
     shard_name,
+    teacher_dir,
 )
 
 from .slurm import array_spec
@@ -26,18 +28,23 @@ __all__ = ["shard_states", "status", "format_status"]
 
 
 def shard_states(store: str | Path, teachers: list[str], num_shards: int) -> dict[str, list[dict]]:
-    """Per teacher, per shard: {"shard", "state": complete | partial | missing, "rows", "samples",
-    "bytes"}; rows and samples only for complete shards, bytes on disk of the shard (or of its
-    partial leftovers)."""
+    """Per teacher, per shard: {"shard", "state": complete | running | partial | missing, "rows",
+    "samples", "bytes"}; rows and samples only for complete shards, bytes on disk of the shard
+    (or of its partial leftovers); "owner" (host, pid, start) of a running one, whose writer
+    holds the shard's lock."""
     out: dict[str, list[dict]] = {}
     for name in teachers:
         rows = []
         for i in range(num_shards):
             final = teacher_dir(store, name) / shard_name(i)
             attrs = shard_attrs(final)
-            leftovers = list(partial_dir(store, name).glob(f"{shard_name(i)}.*"))
+            leftovers = partial_attempts(store, name, i)
+            owner = lock_holder(partial_dir(store, name) / f"{shard_name(i)}.lock")
             if attrs and attrs.get("complete"):
                 row = {"state": "complete", "rows": attrs["rows"], "samples": attrs["samples"], "bytes": _du(final)}
+            elif owner is not None:  # a live writer holds it: not a leftover to redo
+                nbytes = sum(_du(p) if p.is_dir() else p.stat().st_size for p in leftovers)
+                row = {"state": "running", "rows": None, "samples": None, "bytes": nbytes, "owner": owner}
             elif leftovers or final.exists():  # a visible but unmarked shard is as good as partial
                 nbytes = sum(_du(p) if p.is_dir() else p.stat().st_size for p in leftovers)
                 row = {"state": "partial", "rows": None, "samples": None, "bytes": nbytes + (_du(final) if final.exists() else 0)}
@@ -72,7 +79,7 @@ def status(store: str | Path, cfg: JobsConfig | None = None) -> dict[str, Any]:
         "teachers": {},
     }
     for name, shards in states.items():
-        todo = [s["shard"] for s in shards if s["state"] != "complete"]
+        todo = [s["shard"] for s in shards if s["state"] not in ("complete", "running")]  # a running one is not resubmitted
         array = f"--array={array_spec(todo, cfg.slurm.max_parallel if cfg else None)}" if todo else None
         resubmit = None
         if todo and cfg is not None:
@@ -83,10 +90,11 @@ def status(store: str | Path, cfg: JobsConfig | None = None) -> dict[str, Any]:
             "complete": len(shards) - len(todo),
             "missing": [s["shard"] for s in shards if s["state"] == "missing"],
             "partial": [s["shard"] for s in shards if s["state"] == "partial"],
+            "running": [s["shard"] for s in shards if s["state"] == "running"],
             "array": array,
             "resubmit": resubmit,
         }
-    info["complete"] = bool(teachers) and all(not t["array"] for t in info["teachers"].values())
+    info["complete"] = bool(teachers) and all(not t["array"] and not t["running"] for t in info["teachers"].values())
     return info
 
 
@@ -111,10 +119,11 @@ def format_status(info: dict[str, Any]) -> str:
             lines.append(f"{name:<20} {s['shard']:>5}  {s['state']:<8} {samples:>8} {rows:>10} {_size(s['bytes']):>10}")
     lines.append("")
     for name, t in info["teachers"].items():
+        running = "".join(f"; shard {s['shard']} running ({s['owner']})" for s in t["shards"] if s["state"] == "running")
         if not t["array"]:
-            lines.append(f"{name}: {t['complete']}/{N} complete")
+            lines.append(f"{name}: {t['complete']}/{N} complete{running}")
             continue
-        what = "; ".join(f"{k} {', '.join(map(str, t[k]))}" for k in ("missing", "partial") if t[k])
+        what = "; ".join(f"{k} {', '.join(map(str, t[k]))}" for k in ("missing", "partial") if t[k]) + running
         how = t["resubmit"] or f"{t['array']} (pass the jobs config for the sbatch line)"
         lines.append(f"{name}: {t['complete']}/{N} complete; {what}; resubmit: {how}")
     if info["complete"] and info["finalized"]:

@@ -37,10 +37,28 @@ from typing import Literal
 
 from .errors import ShardBusy, StoreError
 
-__all__ = ["FileLock"]
+__all__ = ["FileLock", "lock_holder"]
 
 log = logging.getLogger(__name__)
 _HELD: set[str] = set()  # paths this process holds: a second FileLock on one of them in this process is busy too
+
+
+def lock_holder(path: str | Path) -> str | None:
+    """Who holds the lock at `path` now (host, pid, start), or None: nobody, or no such file.
+    Read-only: creates nothing (status checks run on read-only stores too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return FileLock(path, str(path)).owner()
+        raise
+    finally:
+        os.close(fd)  # drops the shared lock we may have taken
+    return None
 
 
 class FileLock:

@@ -18,7 +18,7 @@ from kvdistill.cli import main
 from kvdistill.jobs.local import LocalRunError, run_local
 from kvdistill.schemas import DataSpec, DumpTask, JobsConfig, ModelSpec, SyntheticSpec
 from kvdistill.store import ShardReader, StoreError, finalize, shard_is_complete
-from kvdistill.store.zarr_store import partial_dir
+from kvdistill.store.zarr_store import partial_attempts, partial_dir
 
 
 def _jobs(tiny_store, store: Path, **dump) -> JobsConfig:
@@ -116,16 +116,16 @@ def test_an_interrupted_task_leaves_no_visible_shard_and_the_rerun_completes_it_
     done = _interrupt(cfg, store, sig)
     assert done.returncode == (143 if sig == signal.SIGTERM else -9), done.stderr[-2000:]
     assert not (store / "teachers" / name / "shard-00000").exists()
-    leftovers = list(partial_dir(store, name).glob("shard-00000.*"))
+    leftovers = partial_attempts(store, name, 0)
     if sig == signal.SIGTERM:
         assert leftovers == []  # unwound cleanly: the partial shard was discarded
     else:
-        assert len(leftovers) == 1  # a kill leaves its hidden partial behind ...
+        assert len(leftovers) == 1  # a kill leaves its hidden partial (and its lock file, not held) behind ...
         with pytest.raises(StoreError, match="shard-00000: partial"):
             finalize(store)  # ... which finalize names
     # The requeued task: discards any leftover, redoes the shard, and it equals the reference.
     rerun = type(cfg)(teachers=cfg.teachers, dump=DumpTask(**{**cfg.dump.to_dict(), "store": str(store)}))
     assert [r.status for r in run_local(rerun.tasks(), progress=False)] == ["written"]
-    assert list(partial_dir(store, name).glob("shard-00000.*")) == []
+    assert not (store / ".partial").exists()  # attempt, lock and folders all gone
     finalize(store)
     _same_shard(store, root / "ref.zarr", name, 0)

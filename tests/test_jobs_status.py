@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from kvdistill.jobs.status import format_status, shard_states, status
 from kvdistill.schemas import DumpTask, JobsConfig, ModelSpec, SlurmSpec
-from kvdistill.store.zarr_store import partial_dir, shard_name
+from kvdistill.store.zarr_store import partial_dir, shard_lock, shard_name
 
 
 @pytest.fixture
@@ -101,3 +102,22 @@ def test_config_with_another_shard_count_than_the_store_is_refused(store, tiny_s
     cfg.dump.num_shards = 3
     with pytest.raises(ValueError, match="store .* has 2 shards per teacher, the jobs config says 3"):
         status(store, cfg)
+
+
+def test_a_shard_whose_writer_holds_its_lock_is_running_naming_the_owner_and_not_resubmitted(store, tiny_store, tmp_path):
+    shutil.rmtree(store / "teachers" / "teacher-a" / shard_name(1))
+    lock = shard_lock(store, "teacher-a", 1).acquire()  # a live writer of that shard
+    try:
+        (partial_dir(store, "teacher-a") / f"{shard_name(1)}.node3-77").mkdir()
+        (s1,) = [s for s in shard_states(store, ["teacher-a"], 2)["teacher-a"] if s["shard"] == 1]
+        assert s1["state"] == "running" and f"pid {os.getpid()} on host" in s1["owner"]
+        info = status(store, jobs_config(tiny_store, store, tmp_path))
+        t = info["teachers"]["teacher-a"]
+        assert t["running"] == [1] and t["array"] is None and not info["complete"]
+        assert f"shard 1 running (pid {os.getpid()}" in format_status(info)
+    finally:
+        lock.release()
+    # Its writer died (the lock is free again): now a leftover, resubmitted.
+    (s1,) = [s for s in shard_states(store, ["teacher-a"], 2)["teacher-a"] if s["shard"] == 1]
+    assert s1["state"] == "partial"
+    assert status(store, jobs_config(tiny_store, store, tmp_path))["teachers"]["teacher-a"]["array"] == "--array=1"
