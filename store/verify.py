@@ -26,7 +26,6 @@ Checks, per teacher and shard (each problem names its teacher, shard, what and t
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +196,7 @@ def _verify_shard(
         group = zarr.open_group(d, mode="r")
         attrs = group.attrs.get(KEY)
     except (OSError, ValueError) as e:  # unreadable / corrupt zarr.json
-        report(f"metadata unreadable ({_decode_error(e)})")
+        report(f"metadata {d / 'zarr.json'} unreadable ({_decode_error(e)})")
         return None
     if not attrs or not attrs.get("complete"):
         report("incomplete (no completion record)")
@@ -337,65 +336,75 @@ def _check_latent(lat, tspec: TeacherSpec, L_s: int, width: int, samples: int, o
 
 
 def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report) -> tuple[list[str], np.ndarray] | None:
-    """A webdataset shard: the tar's crc32 against its completion record, then every record
-    decoded (pickle-free): ids, lengths, shapes and finiteness against the record."""
-    import zlib
-
-    from .wds import wds_samples
+    """A webdataset shard, read once through the readers' own check (wds.tar_records): every
+    member's crc32c, the records' order and count, the whole file's crc32c and size, each a
+    Problem; then every sound record decoded (pickle-free): lengths, shapes, finiteness and the
+    latent arrays against the completion record."""
+    from .wds import OLD_FIX, _latent_record, _sidecar, decode_record, tar_records
+    from .zarr_store import partial_attempts
 
     name = tspec.name
     d = teacher_dir(path, name) / shard_name(i)
     tar, sidecar = d.with_name(d.name + ".tar"), d.with_name(d.name + ".json")
+    redo = _redump(name, i, delete=False)
     if not tar.exists():
-        partial = any(partial_dir(path, name).glob(f"{shard_name(i)}.*"))
-        report("partial: its dump task did not finish" if partial else "missing", _redump(name, i, delete=False))
+        if partial_attempts(path, name, i):
+            report("partial: its dump task did not finish", redo)
+        elif sidecar.exists():  # its completion record is there: the tar was written, then lost
+            report(f"{tar.name} is missing (deleted or lost)", redo)
+        else:
+            report("missing", redo)
         return None
-    if not sidecar.exists():
-        report(f"{tar.name} has no completion record {sidecar.name}")
+
+    def problem(what: str, kind: type = CorruptShard) -> None:  # wds.tar_records' findings, as Problems
+        report(what, None if kind is CorruptShard else OLD_FIX)
+
+    attrs = _sidecar(tar, problem)
+    if attrs is None:
         return None
-    attrs = json.loads(sidecar.read_text())
+    if attrs.get("teacher", name) != name or attrs.get("shard", i) != i:
+        report(f"holds {shard_name(attrs.get('shard', i))} of teacher {attrs.get('teacher')!r}, not this one")
     if attrs.get("fingerprint") not in (None, tspec.fingerprint):
         report(f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, teacher spec has {tspec.fingerprint})")
-    crc = 0
-    with tar.open("rb") as f:
-        while block := f.read(1 << 24):
-            crc = zlib.crc32(block, crc)
-    if crc != attrs["crc32"]["tar"]:
-        report(f"{tar.name}: crc32 {crc} != recorded {attrs['crc32']['tar']} (the file changed after it was written)")
+    if attrs.get("codec") not in (None, tspec.kv_dtype):
+        report(f"stale: K/V stored as {attrs['codec']}, the teacher's codec is {tspec.kv_dtype}")
+    if not all(isinstance(attrs.get(a), int) for a in ("rows", "samples")):
+        report(f"completion record lacks its row / sample counts: {sorted(attrs)}")
         return None
-    ids, offsets = attrs["sample_ids"], np.asarray(attrs["offsets"], dtype=np.int64)
+    ids, offsets = attrs["sample_ids"], np.asarray(attrs.get("offsets", []), dtype=np.int64)
     if not _check_offsets(offsets, ids, attrs["rows"], attrs["samples"], report):
         return None
-    latents: list[dict[str, np.ndarray]] = []
-    segs: list = []
-    try:
-        for j, s in enumerate(wds_samples(path, [name], i)):
-            k, v = s["kv"][name]
-            T = int(offsets[j + 1] - offsets[j]) if j < len(ids) else -1
-            if j >= len(ids) or s["sample_id"] != ids[j] or len(s["input_ids"]) != T:
-                report(f"record {j} ({s['sample_id']}) disagrees with the completion record")
-                return None
-            if k.shape != (T, spec.geometry.num_layers, tspec.width) or v.shape != k.shape:
-                report(f"record {s['sample_id']}: k {k.shape}, v {v.shape}, expected {(T, spec.geometry.num_layers, tspec.width)}")
-                return None
-            if not (np.isfinite(k).all() and np.isfinite(v).all()):
-                report(f"record {s['sample_id']}: non-finite K/V")
-            if tspec.latent is not None:
-                if name not in s.get("latent", {}):
-                    report(f"record {s['sample_id']} lacks the latent members its teacher spec asks for")
-                    return None
-                latents.append(s["latent"][name])
-                segs.append(s.get("segment_ids"))
-        if j + 1 != len(ids):
-            report(f"{tar.name} holds {j + 1} records, its completion record {len(ids)}")
-        if latents:
-            hidden = all("hidden" in x for x in latents)
-            lat = {a: np.stack([x[a] for x in latents]) for a in ("k", "v", "mask", "pos", *(("hidden",) if hidden else ()))}
-            seg = np.concatenate(segs) if tspec.time_map == "identity" and all(x is not None for x in segs) else None
-            _check_latent(lat, tspec, spec.geometry.num_layers, tspec.width, len(latents), offsets, seg, hidden, report)
-    except (StoreError, OSError, ValueError) as e:
-        report(f"{tar.name} cannot be read: {_decode_error(e)}")
-        return None
+    L_s, width = spec.geometry.num_layers, tspec.width
+    latents: dict[int, dict[str, np.ndarray]] = {}
+    segs: dict[int, np.ndarray | None] = {}
+    for raw in tar_records(tar, problem, attrs):
+        j, sid = raw["__index__"], raw["__key__"]
+        try:
+            s = decode_record(raw)
+        except StoreError as e:
+            report(str(e))
+            continue
+        T = int(offsets[j + 1] - offsets[j])
+        k, v = s["k"], s["v"]
+        if len(s["input_ids"]) != T or len(s["loss_mask"]) != T:
+            report(f"record {j} ({sid}) has {len(s['input_ids'])} tokens / {len(s['loss_mask'])} mask entries, its completion record {T}")
+            continue
+        if k.shape != (T, L_s, width) or v.shape != k.shape:
+            report(f"record {sid}: k {k.shape}, v {v.shape}, expected {(T, L_s, width)}")
+            continue
+        if not (np.isfinite(k).all() and np.isfinite(v).all()):
+            report(f"record {sid}: non-finite K/V")
+        if tspec.latent is not None:
+            if "latent_k" not in s:
+                report(f"record {sid} lacks the latent members its teacher spec asks for")
+                continue
+            latents[j] = _latent_record(s)
+            segs[j] = s.get("segment_ids")
+    if tspec.latent is not None and len(latents) == len(ids) and latents:
+        hidden = all("hidden" in x for x in latents.values())
+        lat = {a: np.stack([latents[j][a] for j in range(len(ids))]) for a in ("k", "v", "mask", "pos", *(("hidden",) if hidden else ()))}
+        seg = np.concatenate([segs[j] for j in range(len(ids))]) if tspec.time_map == "identity" and all(x is not None for x in segs.values()) else None
+        _check_latent(lat, tspec, L_s, width, len(ids), offsets, seg, hidden, report)
     return ids, offsets
 
 

@@ -55,7 +55,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 from kvdistill.schemas import SCHEMA_VERSION, StoreSpec, TeacherSpec
 
 from . import codecs
-from .errors import ShardComplete, StoreError
+from .errors import CorruptShard, ShardComplete, StoreError
 from .lock import FileLock
 from .rows import ShardedRows, ZarrRows, checked_reader
 
@@ -229,11 +229,26 @@ def _init_teacher(path: Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] |
         )
 
 
+def group_attrs(group_dir: Path, fix: str) -> dict:
+    """The attributes in a zarr group's zarr.json, read directly; a file that is not valid JSON
+    (truncated, overwritten) is CorruptShard naming it, with `fix`."""
+    f = Path(group_dir) / "zarr.json"
+    try:
+        meta = json.loads(f.read_text())
+    except UnicodeDecodeError as e:
+        raise CorruptShard(f"{f}: not valid JSON (undecodable bytes at {e.start}; corrupt); {fix}") from e
+    except json.JSONDecodeError as e:
+        raise CorruptShard(f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated or corrupt); {fix}") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("attributes", {}), dict):
+        raise CorruptShard(f"{f}: not a zarr v3 metadata document; {fix}")
+    return meta.get("attributes", {})
+
+
 def read_store_spec(path: str | Path) -> StoreSpec:
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise StoreError(f"{path} is not a kvdistill store (no zarr.json); run `kvdistill dump` first")
-    have = zarr.open_group(path, mode="r").attrs.get(KEY)
+    have = group_attrs(path, "restore the store's root metadata from a copy, or dump into a new --store").get(KEY)
     if have is None:
         raise StoreError(f"{path} is a zarr group but not a kvdistill store (no '{KEY}' attribute)")
     if have["schema_version"] != SCHEMA_VERSION:
@@ -249,17 +264,24 @@ def read_teacher_specs(path: str | Path) -> dict[str, TeacherSpec]:
     out = {}
     for d in sorted(tdir.iterdir()) if tdir.exists() else []:
         if (d / "zarr.json").exists():
-            out[d.name] = TeacherSpec.from_dict(zarr.open_group(d, mode="r").attrs[KEY]["teacher_spec"])
+            attrs = group_attrs(d, f"restore it from a copy, or dump teacher {d.name!r} into a new --store")
+            if KEY not in attrs:
+                raise StoreError(f"{d / 'zarr.json'}: teacher {d.name!r} has no '{KEY}' record (not initialised); delete {d} and dump it again")
+            out[d.name] = TeacherSpec.from_dict(attrs[KEY]["teacher_spec"])
     return out
 
 
 def shard_attrs(path: Path) -> dict | None:
     """The completion record of a shard: zarr attrs, or the JSON beside a webdataset tar."""
+    fix = f"delete {path.name} of teacher {path.parent.name!r} and re-run its dump task, then `kvdistill store finalize`"
     if (path / "zarr.json").exists():  # the group's zarr v3 metadata document, read directly (no zarr round trip)
-        return json.loads((path / "zarr.json").read_text()).get("attributes", {}).get(KEY)
+        return group_attrs(path, fix).get(KEY)
     tar, sidecar = path.with_name(path.name + ".tar"), path.with_name(path.name + ".json")
     if tar.exists() and sidecar.exists():
-        return json.loads(sidecar.read_text())
+        try:
+            return json.loads(sidecar.read_text())
+        except ValueError as e:
+            raise CorruptShard(f"{sidecar}: the shard's completion record is not valid JSON ({e}); {fix}") from e
     return None
 
 

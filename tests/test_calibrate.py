@@ -65,6 +65,6 @@ def test_a_layer_map_for_another_depth_is_a_clear_error(tiny_store, calibrated, 
     other = tiny_store["teachers"][1].name_or_path  # 2 layers, not 3
     rc = main(["dump", "--teacher", other, "--student", tiny_store["student"].name_or_path, "--store", str(tmp_path / "x.zarr"),
                "--layer-map", str(calibrated), "--device", "cpu", "--no-progress"])
-    assert rc == 1
+    assert rc == 3  # bad input
     err = capsys.readouterr().err
     assert "3-layer teacher" in err and "2 layers" in err and "kvdistill align calibrate" in err

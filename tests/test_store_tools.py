@@ -197,9 +197,9 @@ def test_a_shard_holding_other_sample_ids_than_the_first_teacher_is_reported(sto
     assert any(w.startswith("index.parquet disagrees with the shard on sample_id") for w in found), found
 
 
-def test_verify_cli_exits_1_and_prints_each_problem_with_its_fix(store_copy, capsys):
+def test_verify_cli_exits_4_and_prints_each_problem_with_its_fix(store_copy, capsys):
     shutil.rmtree(shard_dir(store_copy, "teacher-a", 0))
-    assert main(["store", "verify", str(store_copy), "--no-progress"]) == 1
+    assert main(["store", "verify", str(store_copy), "--no-progress"]) == 4  # data integrity
     out = capsys.readouterr().out
     assert "teacher 'teacher-a' shard-00000: missing" in out
     assert "fix: Re-run its dump task (`kvdistill dump --teacher-name teacher-a --shard 0 ...`)" in out
@@ -252,7 +252,7 @@ def test_stats_plot_and_cli_write_a_png_and_print_every_teacher(tiny_store, tmp_
 
 
 def test_stats_of_an_unknown_teacher_is_an_error_listing_the_teachers(tiny_store, capsys):
-    assert main(["store", "stats", str(tiny_store["store"]), "--teacher", "nobody"]) == 1
+    assert main(["store", "stats", str(tiny_store["store"]), "--teacher", "nobody"]) == 3  # bad input
     assert "['teacher-a', 'teacher-b']" in capsys.readouterr().err
 
 
