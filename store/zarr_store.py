@@ -56,7 +56,7 @@ from kvdistill.schemas import SCHEMA_VERSION, StoreSpec, TeacherSpec
 
 from . import codecs
 from .errors import CorruptShard, ShardComplete, StoreError
-from .lock import FileLock
+from .lock import FileLock, lock_holder
 from .rows import ShardedRows, ZarrRows, checked_reader
 
 __all__ = [
@@ -187,19 +187,12 @@ def _init_store(path: Path, spec: StoreSpec) -> None:
         )
 
 
-def _holds_shards(path: Path) -> bool:
-    """Any complete shard of any teacher, or any shard being written (its lock held)?"""
-    tdir = path / "teachers"
-    if tdir.exists() and any(p.name.startswith("shard-") for t in tdir.iterdir() if t.is_dir() for p in t.iterdir()):
+def _holds_shards(path: Path, teacher: str = "*") -> bool:
+    """Any complete shard of any teacher (or of `teacher`), or any shard being written (its lock held)?"""
+    if any(p.name.startswith("shard-") for p in (path / "teachers").glob(f"{teacher}/*")):
         return True
-    for lock_file in (path.absolute() / PARTIAL).glob("*/shard-*.lock"):
-        lock = FileLock(lock_file, str(lock_file))
-        try:
-            lock.acquire()
-        except StoreError:
-            return True  # a live writer: its shard would land in a store re-made under it
-        lock.release(unlink=False)
-    return False
+    # A live writer: its shard would land in a store re-made under it.
+    return any(lock_holder(f) is not None for f in (path.absolute() / PARTIAL).glob(f"{teacher}/shard-*.lock"))
 
 
 def init_teacher(path: str | Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] | None = None) -> None:
@@ -220,12 +213,16 @@ def _init_teacher(path: Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] |
         group.attrs[KEY] = {"teacher_spec": spec.to_dict()}  # last: marks the group as initialised
         return
     old = TeacherSpec.from_dict(have["teacher_spec"])
+    if (old.fingerprint != spec.fingerprint or old.layer_map != spec.layer_map) and not _holds_shards(path, spec.name):
+        shutil.rmtree(teacher_dir(path, spec.name))  # no shard of it was ever committed: its spec describes no data
+        return _init_teacher(path, spec, arrays)
     if old.fingerprint != spec.fingerprint or old.layer_map != spec.layer_map:
         problems = _diff(old.to_dict(), spec.to_dict())
         raise StoreError(
             f"store {path}: teacher {spec.name!r} already holds shards of another teacher setup:\n  "
             + "\n  ".join(problems)
-            + "\ngive this teacher another name (--teacher-name) or use a new --store"
+            + "\ngive this teacher another name (--teacher-name) or use a new --store (a teacher with no complete shard "
+            "yet is re-initialised by the next run)"
         )
 
 

@@ -35,7 +35,7 @@ from kvdistill.store import (
     shard_is_complete,
     shard_name,
 )
-from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD, KEY, partial_dir
+from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD, KEY, partial_dir, shard_lock
 
 TEACHER_WIDTH = {"teacher-a": 64, "teacher-b": 16}  # D_t = H * d of the conftest teachers
 STUDENT_LAYERS = 2
@@ -482,3 +482,28 @@ def test_a_teacher_of_empty_shards_is_refused_by_finalize_naming_it(tiny_store, 
     with pytest.raises(StoreError, match=r"teacher\(s\) \['teacher-a'\] hold 0 rows in all 2 shard\(s\)"):
         finalize(store)
     assert not (store / "index.parquet").exists()
+
+
+def test_a_store_with_no_complete_shard_is_re_initialised_by_a_run_with_another_spec(tmp_path, store_copy):
+    spec, teacher = read_store_spec(store_copy), read_teacher_specs(store_copy)["teacher-a"]
+    store = tmp_path / "failed-first-run.zarr"
+    init_store(store, spec)  # a first run created the metadata, then failed
+    init_teacher(store, teacher)
+    fixed = dataclasses.replace(spec, kv_dtype="int8", tokenizer_fingerprint="the-corrected-tokenizer")
+    init_store(store, fixed)  # the corrected run: no shard holds data of the old spec, so it is replaced
+    assert read_store_spec(store) == fixed and read_teacher_specs(store) == {}
+    init_teacher(store, teacher)
+    other = dataclasses.replace(teacher, fingerprint="feedfacefeedface")
+    init_teacher(store, other)  # likewise a teacher with no shard yet
+    assert read_teacher_specs(store)["teacher-a"] == other
+    # Once a shard is being written (its lock held) or complete, the spec is kept and the run refused.
+    lock = shard_lock(store, "teacher-a", 0).acquire()
+    try:
+        with pytest.raises(StoreError, match="already holds shards of another teacher setup"):
+            init_teacher(store, teacher)
+        with pytest.raises(StoreError, match="was built for another student"):
+            init_store(store, spec)
+    finally:
+        lock.release()
+    with pytest.raises(StoreError, match=r"a store with no complete shard yet is re-initialised"):
+        init_store(store_copy, fixed)  # the session store holds complete shards
