@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_latent_train import latent_store, student_path  # noqa: F401, F811  (fixtures)
 
 from kvdistill.cli import main
 from kvdistill.schemas import DumpConfig
@@ -27,7 +28,7 @@ from kvdistill.store.verify import verify
 from kvdistill.train.stream import KVStream
 
 TEACHERS = ["teacher-a", "teacher-b"]
-CODECS = ("float16", "bfloat16", "int8", "int4")
+CODECS = ("float16", "bfloat16", "int8", "int4", "float32")
 
 
 # --- one writer per (teacher, shard) ----------------------------------------------------------
@@ -223,3 +224,17 @@ def test_kvdistill_train_on_a_corrupt_store_exits_4_with_one_line_naming_the_chu
     assert code == 4, err
     assert "\n" not in err and "Traceback" not in err
     assert "teacher 'teacher-a' shard-00000: array k: chunk" in err and "fails its crc32c check" in err
+
+
+@pytest.mark.parametrize("array", ["latent_k", "latent_mask", "codi_hidden"])
+def test_a_flipped_byte_in_a_latent_array_is_refused_in_latent_mode_and_in_cot_mode(latent_store, tmp_path, array):  # noqa: F811
+    store = tmp_path / "lat.zarr"
+    shutil.copytree(latent_store["store"], store)
+    f = next(p for p in sorted((store / "teachers" / "teacher-a" / shard_name(0) / array / "c").rglob("*")) if p.is_file())
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x08
+    f.write_bytes(bytes(raw))
+    for read_latent in (True, False):  # latent mode decodes it; CoT mode checks it without decoding
+        with pytest.raises(CorruptShard, match=rf"teacher 'teacher-a' shard-00000: array {array}: .*fails its crc32c check"):
+            sum(1 for _ in KVStream(store, ["teacher-a", "teacher-b"], shuffle_buffer=1, read_latent=read_latent))
+    assert any(array in p.what and "crc32c" in p.what for p in verify(store))
