@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .plan import KV_DTYPES
 
@@ -19,13 +20,24 @@ def add_parser(sub) -> None:
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=inspect_main)
-    c = ssub.add_parser("convert", help="convert between the zarr and webdataset backends (direction from the source)")
-    c.add_argument("src", help="a finalized zarr store, or a webdataset store (a directory with kvdistill.json)")
-    c.add_argument("dst", help="the new store")
+    c = ssub.add_parser(
+        "convert",
+        help="copy a store into a new one of the other backend (zarr <-> webdataset), or of another K/V codec",
+        description="Copy every record of SRC, in order and checked as it is read, into the new store DST. K/V keep their "
+        "codec where the target holds it (zarr: any; webdataset tars: float16 / float32): an int8 / int4 / bfloat16 teacher "
+        "goes into webdataset only with --kv-dtype float16 or float32 (stored decoded).",
+    )
+    c.add_argument("src", help="a finalized store of either backend")
+    c.add_argument("dst", help="the new store (must not exist, or be an empty directory; removed again if the conversion fails)")
+    c.add_argument("--to", choices=("zarr", "webdataset"), help="backend of DST (default: the other one than SRC's)")
+    c.add_argument(
+        "--kv-dtype", choices=KV_DTYPES,
+        help="store every teacher's K/V in this codec (default: each teacher's own); webdataset holds float16 / float32 only",
+    )
     c.set_defaults(func=convert_main)
     v = ssub.add_parser(
         "verify",
-        help="re-read everything: shards complete, checksums, NaN/Inf, shapes, same samples per teacher, index; exit 1 on any problem",
+        help="re-read everything: shards complete, checksums, NaN/Inf, shapes, same samples per teacher, index; exit 4 on any problem",
     )
     v.add_argument("store")
     v.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
@@ -77,8 +89,11 @@ def verify_main(args: argparse.Namespace) -> int:
 
     problems = verify(args.store, progress=not args.no_progress)
     if problems:
+        from kvdistill.cli import ExitCode  # here: kvdistill.cli imports this module
+
         print(format_problems(problems))
-        return 1
+        print(f"kvdistill store: verify found {len(problems)} problem(s) in {args.store}; each is listed above with its fix", file=sys.stderr)
+        return ExitCode.INTEGRITY
     info = inspect(args.store)
     rows = sum(t["tokens"] for t in info["teachers"].values())
     print(f"ok: {len(info['teachers'])} teachers x {info['num_shards']} shards, {rows:,} rows verified")
@@ -136,10 +151,11 @@ def plan_main(args: argparse.Namespace) -> int:
 
 
 def convert_main(args: argparse.Namespace) -> int:
-    from .wds import is_wds_store, wds_to_zarr, zarr_to_wds
+    from .wds import convert
+    from .zarr_store import read_store_spec
 
-    if is_wds_store(args.src):
-        print(f"webdataset -> zarr: wrote {wds_to_zarr(args.src, args.dst)}")
-    else:
-        print(f"zarr -> webdataset: wrote {zarr_to_wds(args.src, args.dst)}")
+    source = read_store_spec(args.src).backend
+    target = args.to or ("zarr" if source == "webdataset" else "webdataset")
+    dst = convert(args.src, args.dst, target, args.kv_dtype)
+    print(f"{source} -> {target}{f' ({args.kv_dtype})' if args.kv_dtype else ''}: wrote {dst}")
     return 0

@@ -340,7 +340,7 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
     member's crc32c, the records' order and count, the whole file's crc32c and size, each a
     Problem; then every sound record decoded (pickle-free): lengths, shapes, finiteness and the
     latent arrays against the completion record."""
-    from .wds import OLD_FIX, _latent_record, _sidecar, decode_record, tar_records
+    from .wds import OLD_FIX, decode_record, latent_record, read_sidecar, tar_records
     from .zarr_store import partial_attempts
 
     name = tspec.name
@@ -359,7 +359,7 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
     def problem(what: str, kind: type = CorruptShard) -> None:  # wds.tar_records' findings, as Problems
         report(what, None if kind is CorruptShard else OLD_FIX)
 
-    attrs = _sidecar(tar, problem)
+    attrs = read_sidecar(tar, problem)
     if attrs is None:
         return None
     if attrs.get("teacher", name) != name or attrs.get("shard", i) != i:
@@ -398,7 +398,7 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
             if "latent_k" not in s:
                 report(f"record {sid} lacks the latent members its teacher spec asks for")
                 continue
-            latents[j] = _latent_record(s)
+            latents[j] = latent_record(s)
             segs[j] = s.get("segment_ids")
     if tspec.latent is not None and len(latents) == len(ids) and latents:
         hidden = all("hidden" in x for x in latents.values())

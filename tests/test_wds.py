@@ -95,9 +95,12 @@ def test_dump_tasks_write_one_tar_each_and_finalize_like_a_zarr_store(tiny_store
 
 
 def test_an_object_dtype_npy_in_a_tar_is_refused_not_unpickled(tmp_path, wds_store):
-    bad = tmp_path / "bad.wds"
+    """Even with checksums that agree (a tar written that way on purpose), pickle is never run."""
     import shutil
 
+    import google_crc32c
+
+    bad = tmp_path / "bad.wds"
     shutil.copytree(wds_store, bad)
     tar_path = bad / "teachers" / "teacher-a" / "shard-00000.tar"
     with tarfile.open(tar_path) as tf:
@@ -111,6 +114,12 @@ def test_an_object_dtype_npy_in_a_tar_is_refused_not_unpickled(tmp_path, wds_sto
                 data = buf.getvalue()
                 m.size = len(data)
             tf.addfile(m, io.BytesIO(data))
+    sidecar = tar_path.with_suffix(".json")
+    rec = json.loads(sidecar.read_text())
+    sums = rec["crc32c"]
+    sums["records"][0][sums["members"].index("k.npy")] = google_crc32c.value(buf.getvalue())
+    sums["tar"], sums["size"] = google_crc32c.value(tar_path.read_bytes()), tar_path.stat().st_size
+    sidecar.write_text(json.dumps(rec))
     with pytest.raises(StoreError, match="cannot be read without pickle"):
         list(wds_samples(bad, ["teacher-a"], 0))
 
