@@ -8,6 +8,11 @@ import argparse
 from kvdistill.schemas import JobsConfig
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 
+
+class SubmitError(RuntimeError):
+    """sbatch is missing or refused a job; the message holds its output and what was already submitted."""
+
+
 FLAGS: list[Flag] = [
     ("--jobs-dir", "jobs_dir", str, "where sbatch scripts, per-teacher configs and logs go"),
     ("--workers", "workers", int, "local: worker processes (torch threads are split among them)"),
@@ -53,7 +58,11 @@ def slurm_main(args: argparse.Namespace) -> int:
     scripts = write_scripts(cfg, args.config)
     for name, path in scripts.items():
         print(f"wrote {name}: {path}")
-    for name, argv, job_id in submit(scripts, dry_run=not args.submit):
+    try:
+        submitted = submit(scripts, dry_run=not args.submit)
+    except RuntimeError as e:  # submit raises only for sbatch missing or failing
+        raise SubmitError(str(e)) from e
+    for name, argv, job_id in submitted:
         print(f"{name}: {' '.join(argv)}" + (f"  -> job {job_id}" if job_id else "  (not submitted)"))
     if not args.submit:
         print("nothing submitted; add --submit to submit these")

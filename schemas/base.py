@@ -150,6 +150,14 @@ class Record:
     def validate(self) -> None:
         """Cross-field checks; subclasses raise ConfigError naming the field."""
 
+    def check_min(self, minimum: float, *names: str, strict: bool = False) -> None:
+        """ConfigError naming the first field of `names` below `minimum` (or equal to it, when
+        strict) and the allowed range; None (an optional field left unset) passes, NaN fails."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and not (value > minimum if strict else value >= minimum):
+                raise ConfigError(f"{type(self).__name__}.{name}: must be {'>' if strict else '>='} {minimum}, got {value}")
+
     @classmethod
     def from_dict(cls: type[R], data: dict[str, Any], _where: str | None = None) -> R:
         where = _where or cls.__name__

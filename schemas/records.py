@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 # Bump when the on-disk store layout changes; readers refuse stores of another version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every chunk carries a crc32c and is always written
 
 # The prompt / reasoning / answer segments are the three placeholders, in this order; the
 # rendered text's character spans per segment come from where they are substituted.
@@ -155,6 +155,9 @@ class KVGeometry(Record):
     num_kv_heads: int
     head_dim: int
 
+    def validate(self) -> None:
+        self.check_min(1, "num_layers", "num_kv_heads", "head_dim")
+
     @property
     def width(self) -> int:
         return self.num_kv_heads * self.head_dim
@@ -176,6 +179,11 @@ class StoreSpec(Record):
     compression_level: int = 1  # blosc-zstd level of K/V chunks (0-9); each zarr array records its own
     blosc_shuffle: Literal["byte", "bit"] = "byte"  # blosc's shuffle filter of the K/V chunks
     schema_version: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        self.check_min(1, "num_shards")
+        if not 0 <= self.compression_level <= 9:
+            raise ConfigError(f"StoreSpec.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}")
 
     def codec(self, teacher: str) -> str:
         return self.teacher_kv_dtype.get(teacher, self.kv_dtype)
@@ -215,6 +223,9 @@ class TeacherSpec(Record):
     projection: dict[str, Any] | None = None  # PCA: dim and explained variance, when used
     latent: LatentSpec | None = None  # compressed reasoning KV stored per sample (latent_* arrays)
 
+    def validate(self) -> None:
+        self.check_min(1, "width")
+
 
 @dataclass(kw_only=True)
 class DumpTask(Record):
@@ -243,6 +254,12 @@ class DumpTask(Record):
     blosc_shuffle: Literal["byte", "bit"] = "byte"
     device: str = "auto"
     latent: LatentSpec | None = None  # also store R-KV compressed reasoning KV (KaVa latent mode)
+    # Another live writer already owns this (teacher, shard) (a duplicated or requeued array
+    # task): "fail" exits at once naming the owner; "wait" blocks until it finishes or dies.
+    on_busy: Literal["fail", "wait"] = "fail"
+    # A dump that would write 0 samples (empty data file, everything skipped) is an error
+    # unless allowed: an empty shard is almost always a wrong path or filter.
+    allow_empty: bool = False
 
     def validate(self) -> None:
         if self.num_shards < 1:
@@ -286,6 +303,10 @@ class SlurmSpec(Record):
     requeue: bool = True  # preempted tasks come back and finish their shard
     max_parallel: int | None = None  # array throttle: --array=0-N%P
     extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. "--constraint=a100"
+
+    def validate(self) -> None:
+        self.check_min(1, "nodes", "cpus", "max_parallel")
+        self.check_min(0, "gpus")  # 0: a CPU-only job
 
 
 @dataclass
@@ -344,6 +365,7 @@ class CalibrateConfig(Record):
             raise ConfigError("CalibrateConfig: samples and top_k must be >= 1")
         if self.pca is not None and self.pca < 1:
             raise ConfigError(f"CalibrateConfig.pca: must be >= 1 or null, got {self.pca}")
+        self.check_min(1, "batch_size")
 
 
 @dataclass
@@ -436,6 +458,13 @@ class TrainConfig(Record):
             raise ConfigError(f"TrainConfig.cka_layers: 'middle', 'last' or a non-empty list of student layer indices >= 0, got {self.cka_layers}")
         if self.kv_attn_warmup_steps < 0 or self.layer_anneal_steps < 0:
             raise ConfigError("TrainConfig: kv_attn_warmup_steps and layer_anneal_steps must be >= 0")
+        self.check_min(0, "lr", "adapter_lr", "router_lr", "fusion_temperature", strict=True)
+        self.check_min(0, "weight_decay", "grad_clip", "warmup_steps", "lora_r", "save_every", "num_workers", "seed")
+        self.check_min(1, "lora_alpha", "shuffle_buffer", "log_every", "stop_at_step")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"TrainConfig.lora_dropout: must lie in [0, 1), got {self.lora_dropout}")
+        if self.teacher_weights and not any(w > 0 for w in self.teacher_weights.values()):
+            raise ConfigError(f"TrainConfig.teacher_weights: give some teacher a weight > 0, got {self.teacher_weights}")
         if self.kv_control == "shuffled" and (self.batch_size < 2 or self.kv_weight == 0):
             raise ConfigError(
                 f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs "
@@ -469,6 +498,7 @@ class EvalConfig(Record):
     def validate(self) -> None:
         if self.latent_iterations is not None and self.latent_iterations < 1:
             raise ConfigError(f"EvalConfig.latent_iterations: must be >= 1 or null, got {self.latent_iterations}")
+        self.check_min(1, "batch_size", "max_new_tokens")
 
 
 @dataclass
@@ -492,6 +522,10 @@ class DemoConfig(Record):
     mode: Literal["cot", "latent"] = "cot"
     latent_slots: int = 8
     latent_iterations: int = 3
+
+    def validate(self) -> None:
+        self.check_min(1, "num_shards", "teacher_steps", "student_steps", "batch_size", "latent_slots", "latent_iterations")
+        self.check_min(0, "seed", "kv_weight")
 
 
 COMPARE_ARMS = ["ce", "kv-single", "kv-fixed", "kv-headwise", "kv-similarity", "kv-router", "kv-shuffled"]
@@ -524,6 +558,7 @@ class CompareConfig(Record):
             raise ConfigError(f"CompareConfig.seeds: a confidence interval needs >= 2 seeds, got {self.seeds}")
         if self.steps < 1:
             raise ConfigError(f"CompareConfig.steps: must be >= 1, got {self.steps}")
+        self.check_min(1, "max_new_tokens")
         if "ce" not in self.arms:
             raise ConfigError(f"CompareConfig.arms: differences are paired against the 'ce' arm; add it to {self.arms}")
         dup = sorted({a for a in self.arms if self.arms.count(a) > 1})

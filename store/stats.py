@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from . import codecs
+from .errors import CorruptShard
 from .rows import check_chunks_present
 from .zarr_store import (
     KEY,
@@ -112,7 +113,12 @@ def stats(path: str | Path, teachers: list[str] | None = None) -> dict[str, Any]
                 "std": x.std(axis=(0, 2)),
                 "absmax": abs(x).max(axis=(0, 2)),
             }
-    (computed,) = dask.compute(lazy)  # one pass: the graphs share their from_zarr reads
+    try:
+        (computed,) = dask.compute(lazy)  # one pass: the graphs share their from_zarr reads
+    except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
+        if "checksum" not in str(e):
+            raise
+        raise CorruptShard(f"store {path}: a K/V chunk fails its crc32c check ({e}); run `kvdistill store verify {path}` to find which") from e
     for name, kv in computed.items():
         for a, st in kv.items():
             out["teachers"][name][a] = {s: np.asarray(v).tolist() for s, v in st.items()}

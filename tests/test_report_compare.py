@@ -229,7 +229,7 @@ def test_report_states_missing_pieces_and_refuses_a_dir_without_metrics(tmp_path
     assert len(_images(page)) == 1
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         run_report(tmp_path)
-    assert main(["report", str(tmp_path)]) == 1
+    assert main(["report", str(tmp_path)]) == 3  # bad input
     assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
 

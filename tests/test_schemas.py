@@ -338,6 +338,7 @@ def test_cross_field_checks_name_the_record_and_the_rule(cls, data, match):
 names = st.text(min_size=1, max_size=12)
 weights = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_subnormal=True)
 any_float = st.floats(allow_nan=False, allow_infinity=False)
+positive = st.floats(min_value=0, exclude_min=True, max_value=1e6, allow_nan=False)
 
 train_configs = st.builds(
     TrainConfig,
@@ -346,16 +347,16 @@ train_configs = st.builds(
                       dtype=st.sampled_from(["float32", "bfloat16", "float16"])),
     out=st.text(max_size=20),
     teachers=st.none() | st.lists(names, max_size=4),
-    teacher_weights=st.none() | st.dictionaries(names, weights | st.integers(0, 10**6), max_size=4),
+    teacher_weights=st.none() | st.dictionaries(names, weights | st.integers(0, 10**6), max_size=4).filter(lambda w: not w or any(v > 0 for v in w.values())),
     kv_weight=weights,
     ce_weight=weights,
     kv_norm=st.sampled_from(["layer_std", "none"]),
-    lr=any_float,
-    adapter_lr=any_float | st.integers(-(2**40), 2**40),
-    weight_decay=any_float,
+    lr=positive,
+    adapter_lr=positive | st.integers(1, 2**40),
+    weight_decay=weights,
     batch_size=st.integers(1, 2**31),
     max_steps=st.integers(1, 2**40),
-    warmup_steps=st.integers(-(2**63), 2**63),
+    warmup_steps=st.integers(0, 2**63),
     seed=st.integers(0, 2**64),
 )
 
