@@ -56,6 +56,8 @@ def _write(store: Path, on_busy: str, delay: float, pause: float, queue) -> None
         queue.put(f"busy: {e}")
     except ShardComplete:
         queue.put("complete")
+    except Exception as e:  # anything else is a finding, reported to the parent (never a hang)
+        queue.put(f"error: {type(e).__name__}: {e}")
 
 
 def _files(shard: Path) -> dict[str, bytes]:
