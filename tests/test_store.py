@@ -34,7 +34,9 @@ from kvdistill.store import (
     read_teacher_specs,
     shard_is_complete,
     shard_name,
+    zarr_store,
 )
+from kvdistill.store.rows import missing_chunks
 from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD, KEY, partial_dir, shard_lock
 
 TEACHER_WIDTH = {"teacher-a": 64, "teacher-b": 16}  # D_t = H * d of the conftest teachers
@@ -223,6 +225,8 @@ def test_a_closed_shard_is_visible_complete_and_reads_back_what_was_written(tmp_
             w.write(sid, **s)
         assert not (store / "teachers" / "t" / shard_name(0)).exists()  # invisible until closed
         assert not shard_is_complete(store, "t", 0)
+        assert store.absolute() in w.tmp.parents and store.absolute() in w.lock.path.parents  # inside the store's own folder
+        assert sorted(p.name for p in store.parent.iterdir()) == ["s.zarr"]
     assert shard_is_complete(store, "t", 0)
     assert not (store / ".partial").exists()  # nothing left behind after a commit
     assert sorted(p.name for p in store.iterdir()) == ["teachers"]  # (no init_store here: a bare writer)
@@ -507,3 +511,18 @@ def test_a_store_with_no_complete_shard_is_re_initialised_by_a_run_with_another_
         lock.release()
     with pytest.raises(StoreError, match=r"a store with no complete shard yet is re-initialised"):
         init_store(store_copy, fixed)  # the session store holds complete shards
+
+
+def test_chunks_of_zeros_are_written_so_no_chunk_is_ever_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(zarr_store, "CHUNK_BYTES", 2048)  # many chunks from a few samples
+    store = tmp_path / "s.zarr"
+    z = np.zeros((300, 2, 8), np.float32)  # whole chunks of K / V / loss mask equal to zarr's fill value
+    with ShardWriter(store, "t", 0, num_layers=2, width=8, codec="int8") as w:
+        w.write("zeros", z, z, np.zeros(300, np.int64), np.zeros(300, bool))
+    shard = store / "teachers" / "t" / shard_name(0)
+    group = zarr.open_group(shard, mode="r")
+    for name in group.array_keys():
+        assert missing_chunks(group[name], shard / name) == [], name  # every chunk is on disk
+    assert len(list((shard / "k" / "c").rglob("*"))) > 1
+    got = ShardReader(store, "t", 0).rows(0, 300)
+    assert not got["k"].any() and not got["loss_mask"].any()
