@@ -24,6 +24,7 @@ from kvdistill.cli import main
 from kvdistill.schemas import DumpConfig
 from kvdistill.store import ShardReader, ShardWriter, finalize, shard_is_complete, shard_name
 from kvdistill.store.errors import CorruptShard, ShardBusy, ShardComplete
+from kvdistill.store.stats import stats
 from kvdistill.store.verify import verify
 from kvdistill.train.stream import KVStream
 
@@ -210,6 +211,9 @@ def test_a_deleted_chunk_file_is_refused_naming_it_never_read_as_zeros(codec_sto
         assert any(f"chunk file {f} is missing (deleted or lost)" in w for w in found), found
         with pytest.raises(CorruptShard, match=rf"teacher 'teacher-b' shard-00001: array {array}: .*{f.relative_to(store / 'teachers' / 'teacher-b' / shard_name(1) / array)}.* is missing"):
             stream_all(store)
+        if array in ("v", "k_scale"):  # `store stats` reads K/V with dask through plain zarr: refused first
+            with pytest.raises(CorruptShard, match=r"array .*: chunk file .* is missing"):
+                stats(store)
         shutil.rmtree(store)
 
 
