@@ -66,11 +66,12 @@ class FileLock:
     guarded thing in messages. on_busy: "fail" raises ShardBusy naming the owner; "wait" polls
     every `poll` seconds until the owner finishes or dies."""
 
-    def __init__(self, path: str | Path, what: str, on_busy: Literal["fail", "wait"] = "fail", poll: float = 0.5) -> None:
+    def __init__(self, path: str | Path, what: str, on_busy: Literal["fail", "wait"] = "fail", poll: float = 0.5, quiet: bool = False) -> None:
         if on_busy not in ("fail", "wait"):
             raise ValueError(f"on_busy: 'fail' or 'wait', got {on_busy!r}")
         self.path, self.what, self.on_busy, self.poll = Path(path).absolute(), what, on_busy, poll
         self.fd: int | None = None
+        self.quiet = quiet  # a wait that is routine and short (the store's metadata): not worth a warning
 
     def owner(self) -> str:
         """The owner record of the current lock file, as words (best effort: it may be mid-write)."""
@@ -129,7 +130,7 @@ class FileLock:
                     "or run with --on-busy wait"
                 )
             if not waited:
-                log.warning("%s is being written by %s; waiting (--on-busy wait)", self.what, self.owner())
+                log.log(logging.DEBUG if self.quiet else logging.WARNING, "%s is being written by %s; waiting (--on-busy wait)", self.what, self.owner())
                 waited = True
             time.sleep(self.poll)
         _HELD.add(key)

@@ -148,7 +148,7 @@ _STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fing
 def _metadata_lock(path: Path):
     """Serialise metadata creation between the array tasks that start together (they would
     otherwise race to create the same zarr groups). An flock inside the store (store/lock.py)."""
-    lock = FileLock(Path(path).absolute() / PARTIAL / "metadata.lock", f"metadata of store {path}", on_busy="wait", poll=0.05)
+    lock = FileLock(Path(path).absolute() / PARTIAL / "metadata.lock", f"metadata of store {path}", on_busy="wait", poll=0.05, quiet=True)
     with lock:
         yield
     with suppress(OSError):  # not empty: a shard is being written
@@ -418,7 +418,8 @@ class ShardWriter:
         self.sample_ids.append(sample_id)
         self.offsets.append(self.rows)
         if self._buf_rows >= self.shard_rows:
-            self._flush(final=False)
+            with names_path(self.tmp):
+                self._flush(final=False)
 
     def _add_latent(self, sample_id: str, latent: dict[str, np.ndarray] | None) -> None:
         if (latent is None) != (self.M is None):
@@ -528,6 +529,10 @@ class ShardWriter:
 
     def close(self, extra_attrs: dict[str, Any] | None = None) -> Path:
         """Flush, write offsets / ids / completion record, and move the shard into place."""
+        with names_path(self.tmp):
+            return self._close(extra_attrs)
+
+    def _close(self, extra_attrs: dict[str, Any] | None) -> Path:
         if self.has_segments is None:  # no sample written: the shard still has every array
             self._buf["segment_ids"] = []
         self._flush(final=True)
@@ -790,10 +795,26 @@ def open_root(path: str | Path) -> zarr.Group:
     return root
 
 
+@contextmanager
+def names_path(path: Path):
+    """An OSError without a file name (zarr's writes: "No space left on device") gets `path`, so
+    the one-line error says where the disk is full or read-only."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
+
+
 def finalize(path: str | Path) -> Path:
     """Check every teacher has every shard complete and identical sample ids across teachers,
     then write index.parquet and consolidated metadata. Refuses (StoreError) otherwise."""
-    path = Path(path)
+    with names_path(Path(path)):
+        return _finalize(Path(path))
+
+
+def _finalize(path: Path) -> Path:
     spec = read_store_spec(path)
     teachers = read_teacher_specs(path)
     if not teachers:

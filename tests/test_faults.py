@@ -244,3 +244,46 @@ def test_a_flipped_byte_in_a_latent_array_is_refused_in_latent_mode_and_in_cot_m
         with pytest.raises(CorruptShard, match=rf"teacher 'teacher-a' shard-00000: array {array}: .*fails its crc32c check"):
             sum(1 for _ in KVStream(store, ["teacher-a", "teacher-b"], shuffle_buffer=1, read_latent=read_latent))
     assert any(array in p.what and "crc32c" in p.what for p in verify(store))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a small tmpfs folder (root only; skipped elsewhere); unmounted after."""
+    mounted = []
+
+    def mount(size: str, *opts: str) -> Path:
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(d)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_while_writing_names_the_shard_path_and_leaves_no_shard(tmpfs):
+    root = tmpfs("200k")
+    store = root / "s.zarr"
+    rng = np.random.default_rng(0)
+    with pytest.raises(OSError) as e, ShardWriter(store, "t", 0, num_layers=4, width=256, codec="float32", compression_level=0) as w:
+        for j in range(400):
+            w.write(f"s{j}", rng.normal(size=(64, 4, 256)), rng.normal(size=(64, 4, 256)), np.zeros(64), np.ones(64, bool))
+    assert e.value.errno == 28 and str(store / ".partial" / "t") in str(e.value.filename)
+    assert not shard_is_complete(store, "t", 0) and not (store / "teachers" / "t" / shard_name(0)).exists()
+    assert not (store / ".partial").exists()  # the attempt was discarded, freeing the space
+
+
+def test_finalize_on_a_read_only_file_system_exits_5_naming_the_store(tiny_store, tmpfs, capsys):
+    root = tmpfs("20m")
+    shutil.copytree(tiny_store["store"], root / "s.zarr")
+    (root / "s.zarr" / "index.parquet").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+    assert main(["store", "finalize", str(root / "s.zarr")]) == 5
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"read-only file system at {root / 's.zarr'}" in err, err
+    assert main(["store", "verify", str(root / "s.zarr"), "--no-progress"]) == 4  # reads fine; reports "not finalized"
+    assert "not finalized" in capsys.readouterr().out
