@@ -45,6 +45,7 @@ from kvdistill.align.layers import ratio_layer_map
 from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map
 from kvdistill.align.time import stack_time_maps
 from kvdistill.data import DataError, data_fingerprint, load_examples
+from kvdistill.preempt import Preempted
 from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
 from kvdistill.store import (
     ShardWriter,
@@ -174,11 +175,6 @@ def _empty_message(cfg: DumpConfig, n_data: int, n_rows: int) -> str:
         f"{where} has {n_data} rows, and all {n_rows} of this shard are over max_len {cfg.max_len} (skipped by "
         "--on-too-long skip); raise --max-len, check the data path / filter, or pass --allow-empty"
     )
-
-
-class Preempted(SystemExit):
-    """SIGTERM (SLURM preemption / scancel) arrived: unwinds like an exception, so the partial
-    shard is discarded and nothing visible is left; the requeued task redoes the shard."""
 
 
 @contextmanager

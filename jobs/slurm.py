@@ -162,24 +162,45 @@ def _write_train(cfg: JobsConfig, jobs: Path, py: str, store: str) -> Path:
             f"JobsConfig.train.store {train.store} is not the store the dump arrays write "
             f"({store}); set train.store to dump.store"
         )
+    if train.resume not in (None, "auto"):
+        raise ValueError(
+            f"JobsConfig.train.resume is {train.resume!r}, but train.sbatch resumes with --resume auto from train.out "
+            f"({train.out}), so a requeued job continues its own checkpoints; drop train.resume, or set train.out to "
+            "the run directory to continue"
+        )
     yaml = shlex.quote(str(train.save(jobs / "configs" / "train.yaml")))
     res = cfg.train_slurm
     G = res.gpus
+    single = G == 0 or res.nodes * G == 1
     sbatch = _sbatch_lines(res, job_name="kvd-train", output=jobs / "logs" / "train-%j.out")
-    header = [f"kvdistill train from {store} into {train.out}.", "Submitted with --dependency=afterok:<finalize>."]
-    if G == 0 or res.nodes * G == 1:
-        body = [f"exec {py} -m kvdistill train --config {yaml} --no-progress"]
+    # A requeued job keeps its job id, so its log file: append, do not truncate the earlier attempts.
+    sbatch.append("#SBATCH --open-mode=append")
+    if res.signal_seconds:
+        # B: the batch shell, which `exec` makes the trainer; multi-process: every step's
+        # processes, where the trainers (ranks) take it and the launchers ignore it.
+        sbatch.append(f"#SBATCH --signal={'B:' if single else ''}USR1@{res.signal_seconds}")
+    header = [
+        f"kvdistill train from {store} into {train.out}.",
+        "Submitted with --dependency=afterok:<finalize>.",
+        "SIGUSR1 (the time limit's warning) or SIGTERM (preemption): the trainer finishes its step, saves a",
+        "checkpoint and exits 143" + ("; on SIGUSR1 it requeues this job, which resumes there (--resume auto)." if res.requeue else "; resubmit to resume (--resume auto)."),
+    ]
+    args = f"--config {yaml} --resume auto{' --requeue-on-usr1' if res.requeue else ''} --no-progress"
+    if single:
+        body = [f"exec {py} -m kvdistill train {args}"]
     else:
         sbatch.insert(sbatch.index(f"#SBATCH --nodes={res.nodes}") + 1, "#SBATCH --ntasks-per-node=1")
         launch = (
+            'trap "" USR1; '  # the launcher ignores it (it would die of it); its ranks set their own handler
             f"exec {py} -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES "
             f"--num_processes $((SLURM_NNODES * {G})) --machine_rank $SLURM_NODEID "
             f"--main_process_ip $MASTER_ADDR --main_process_port {MAIN_PROCESS_PORT} "
-            f"-m kvdistill train --config {yaml} --no-progress"
+            f"-m kvdistill train {args}"
         )
         body = [
             f"# one accelerate launcher per node ({res.nodes} nodes x {G} GPUs); node 0 hosts the rendezvous",
             'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+            "trap '' USR1  # this shell too, should a SIGUSR1 meant for the trainers reach it",
             "# single quotes: each node expands its own $SLURM_NODEID inside srun, not the batch shell",
             f"srun bash -c {shlex.quote(launch)}",
         ]

@@ -12,9 +12,9 @@ from enum import IntEnum
 from kvdistill.align import cli as align_cli
 from kvdistill.data import DataError
 from kvdistill.dump import cli as dump_cli
-from kvdistill.dump.run import Preempted
 from kvdistill.jobs import cli as jobs_cli
 from kvdistill.jobs.local import LocalRunError
+from kvdistill.preempt import Preempted
 from kvdistill.schemas import CompareConfig, ConfigError, DemoConfig
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 from kvdistill.store import cli as store_cli
@@ -32,7 +32,7 @@ class ExitCode(IntEnum):
     INTEGRITY = 4  # a corrupt or missing chunk; `store verify` found problems
     ENVIRONMENT = 5  # disk full, quota, read-only file system, permission denied
     BUSY = 6  # another live writer owns the shard
-    PREEMPTED = 143  # SIGTERM (128 + 15): the partial shard was discarded; the requeued task redoes it
+    PREEMPTED = 143  # SIGTERM (128 + 15); train: also SIGUSR1, after saving a checkpoint. dump: the partial shard was discarded
 
 
 DEBUG_HINT = "(KVDISTILL_DEBUG=1 or --debug for the traceback)"
@@ -145,7 +145,7 @@ def explain(e: BaseException) -> tuple[ExitCode, str] | None:
     """(exit code, one-line message) of an expected failure; None for anything else (a bug,
     which keeps its traceback). Subclasses come before their bases."""
     if isinstance(e, Preempted):
-        return ExitCode.PREEMPTED, (
+        return ExitCode.PREEMPTED, e.message or (
             "preempted (SIGTERM): the partial shard was discarded and nothing visible is left; "
             "re-run the same command (a requeued SLURM task does) to redo it"
         )

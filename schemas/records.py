@@ -300,13 +300,34 @@ class SlurmSpec(Record):
     cpus: int = 8  # --cpus-per-task
     mem: str = "64G"
     time: str = "04:00:00"
-    requeue: bool = True  # preempted tasks come back and finish their shard
+    requeue: bool = True  # preempted tasks come back and finish their shard; training also requeues itself on SIGUSR1
     max_parallel: int | None = None  # array throttle: --array=0-N%P
     extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. "--constraint=a100"
+    # training only: SIGUSR1 this many seconds before the time limit (--signal=B:USR1@N), time
+    # to finish a step and write a checkpoint; 0: no signal (then the limit's SIGTERM saves, within KillWait)
+    signal_seconds: int = 300
 
     def validate(self) -> None:
         self.check_min(1, "nodes", "cpus", "max_parallel")
         self.check_min(0, "gpus")  # 0: a CPU-only job
+        if not 0 <= self.signal_seconds <= 65535:  # sbatch's range
+            raise ConfigError(f"SlurmSpec.signal_seconds: must lie in [0, 65535], got {self.signal_seconds}")
+
+    def time_seconds(self) -> int | None:
+        """`time` in seconds (sbatch's formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); None when unlimited."""
+        text = str(self.time).strip()
+        if text.upper() in ("UNLIMITED", "INFINITE", "-1"):
+            return None
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+        if not m:
+            raise ConfigError(f"SlurmSpec.time: {self.time!r} is not an sbatch time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S)")
+        days, a, b, c = m.groups()
+        if days is not None:  # D-H, D-H:M, D-H:M:S
+            parts = [int(a), int(b or 0), int(c or 0)]
+            return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+        if c is not None:  # H:M:S
+            return int(a) * 3600 + int(b) * 60 + int(c)
+        return int(a) * 60 + int(b or 0)  # M or M:S
 
 
 @dataclass
@@ -331,6 +352,12 @@ class JobsConfig(Record):
             raise ConfigError(f"JobsConfig.teachers: names {dup} repeat; give each teacher a distinct `name`")
         if self.workers < 1:
             raise ConfigError(f"JobsConfig.workers: must be >= 1, got {self.workers}")
+        limit = self.train_slurm.time_seconds() if self.train is not None and self.train_slurm.signal_seconds else None
+        if limit is not None and self.train_slurm.signal_seconds >= limit:
+            raise ConfigError(
+                f"JobsConfig.train_slurm.signal_seconds: {self.train_slurm.signal_seconds} s is not before the time limit "
+                f"{self.train_slurm.time} ({limit} s); lower it or raise train_slurm.time"
+            )
 
     def task(self, teacher: ModelSpec, shard: int) -> DumpConfig:
         return DumpConfig(teacher=teacher, shard=shard, **{f: getattr(self.dump, f) for f in _fields(DumpTask)})
@@ -418,7 +445,12 @@ class TrainConfig(Record):
     log_every: int = 10
     save_every: int = 0  # checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps
     stop_at_step: int | None = None  # stop cleanly after this step (a time-limited job); --resume goes on
-    resume: str | None = None  # a run directory (its latest checkpoint) or one checkpoint directory
+    # a run directory (its latest checkpoint), one checkpoint directory, or "auto": the latest
+    # complete checkpoint in `out` if there is one, else a fresh start (what train.sbatch runs)
+    resume: str | None = None
+    # SIGTERM / SIGUSR1 always save a checkpoint and exit 143; with this, SIGUSR1 under SLURM
+    # also runs `scontrol requeue $SLURM_JOB_ID` (train.sbatch sets it when train_slurm.requeue)
+    requeue_on_usr1: bool = False
     device: str = "auto"
     # autocast: "auto" = bf16 on a GPU that has it, none on CPU (bf16 matmuls are ~6x slower
     # there), or what `accelerate launch --mixed_precision` / its config says when launched so

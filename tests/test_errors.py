@@ -422,7 +422,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 EXTERNAL_FLAGS = {
     # sbatch: jobs/slurm.py writes #SBATCH lines and the sbatch command line; jobs status prints --array
     "--array", "--cpus-per-task", "--dependency", "--gres", "--job-name", "--mem", "--nodes", "--ntasks-per-node",
-    "--output", "--parsable", "--requeue", "--time",
+    "--open-mode", "--output", "--parsable", "--requeue", "--signal", "--time",
     # accelerate launch: the multi-node training script (its flags are spelled with underscores)
     "--machine_rank", "--main_process_ip", "--main_process_port", "--multi_gpu", "--num_machines", "--num_processes",
 }

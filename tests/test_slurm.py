@@ -6,6 +6,7 @@ munge are not installed; `make test` installs them as root on Debian)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA
+from test_resume import _assert_bitwise_equal, _final_weights
 
 from kvdistill.jobs.slurm import array_spec, submit, write_scripts
-from kvdistill.schemas import DumpTask, JobsConfig, ModelSpec, SlurmSpec, TrainConfig
+from kvdistill.schemas import ConfigError, DumpTask, JobsConfig, ModelSpec, SlurmSpec, TrainConfig
 from kvdistill.store import shard_is_complete
+from kvdistill.train.loop import train
 
 # ---------------------------------------------------------------- generated scripts
 
@@ -113,12 +116,15 @@ def test_scripts_are_valid_bash_with_the_configured_resources_and_dump_command(t
     opts = sbatch_options(scripts["train"])
     assert {"--nodes=2", "--ntasks-per-node=1", "--gres=gpu:4", "--cpus-per-task=32", "--mem=200G"} <= set(opts)
     assert "--requeue" not in opts
+    # multi-process: SIGUSR1 goes to every step's processes (no B:); the ranks take it, the shells and launchers ignore it
+    assert {"--signal=USR1@300", "--open-mode=append"} <= set(opts)
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in train
+    assert "\ntrap '' USR1" in train
     assert (
-        f"srun bash -c 'exec {sys.executable} -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES "
+        f"srun bash -c 'trap \"\" USR1; exec {sys.executable} -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES "
         "--num_processes $((SLURM_NNODES * 4)) --machine_rank $SLURM_NODEID --main_process_ip $MASTER_ADDR "
-        f"--main_process_port 29500 -m kvdistill train --config {jobs}/configs/train.yaml --no-progress'"
-    ) in train
+        f"--main_process_port 29500 -m kvdistill train --config {jobs}/configs/train.yaml --resume auto --no-progress'"
+    ) in train  # requeue: false, so no --requeue-on-usr1
     assert TrainConfig.load(jobs / "configs" / "train.yaml").store == str(tmp_path / "kv.zarr")
 
 
@@ -134,8 +140,39 @@ def test_cpu_only_dump_has_no_gres_and_single_process_training_runs_plain(tmp_pa
     assert "--requeue" not in dump
     train = scripts["train"].read_text()
     assert "srun" not in train and "accelerate" not in train and "--ntasks-per-node" not in train
-    assert f"exec {sys.executable} -m kvdistill train --config {tmp_path}/jobs/configs/train.yaml --no-progress" in train
-    assert "--gres=gpu:1" in sbatch_options(scripts["train"])
+    # exec: the trainer is the batch shell, so SIGUSR1 (B:, 300 s before the limit) reaches it, and it requeues the job
+    assert f"exec {sys.executable} -m kvdistill train --config {tmp_path}/jobs/configs/train.yaml --resume auto --requeue-on-usr1 --no-progress" in train
+    assert {"--gres=gpu:1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"} <= set(sbatch_options(scripts["train"]))
+
+
+def test_train_script_signal_requeue_and_resume_follow_train_slurm(tmp_path):
+    scripts = write_scripts(jobs_config(tmp_path, train_slurm=SlurmSpec(gpus=1, requeue=False, signal_seconds=0)))
+    opts, text = sbatch_options(scripts["train"]), scripts["train"].read_text()
+    assert not any(o.startswith(("--signal", "--requeue")) for o in opts) and "--open-mode=append" in opts
+    assert "--config" in text and text.rstrip().endswith("--resume auto --no-progress")  # no --requeue-on-usr1
+    assert "--signal=B:USR1@90" in sbatch_options(write_scripts(jobs_config(tmp_path, train_slurm=SlurmSpec(gpus=1, signal_seconds=90)))["train"])
+
+
+def test_a_train_signal_not_before_the_time_limit_or_a_foreign_resume_is_refused_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"train_slurm.signal_seconds: 300 s is not before the time limit 00:05:00 \(300 s\); lower it"):
+        jobs_config(tmp_path, train_slurm=SlurmSpec(time="00:05:00"))
+    jobs_config(tmp_path, train=None, slurm=SlurmSpec(time="00:05:00"), train_slurm=SlurmSpec(time="00:05:00"))  # no training job: fine
+    with pytest.raises(ConfigError, match=r"SlurmSpec.signal_seconds: must lie in \[0, 65535\], got -1"):
+        SlurmSpec(signal_seconds=-1)
+    with pytest.raises(ConfigError, match=r"SlurmSpec.time: '4h' is not an sbatch time"):
+        SlurmSpec(time="4h").time_seconds()
+    cfg = jobs_config(tmp_path)
+    cfg.train.resume = str(tmp_path / "old-run")
+    with pytest.raises(ValueError, match=r"train.sbatch resumes with --resume auto from train.out .* set train.out to the run directory"):
+        write_scripts(cfg)
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("30", 1800), ("30:15", 1815), ("02:30:00", 9000), ("1-12", 129600), ("1-00:30", 88200), ("1-00:00:05", 86405), ("UNLIMITED", None)],
+)
+def test_slurm_time_limits_read_in_every_sbatch_format(text, seconds):
+    assert SlurmSpec(time=text).time_seconds() == seconds
 
 
 def test_no_train_config_writes_no_train_script(tmp_path):
@@ -400,3 +437,61 @@ def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slu
     assert (logs / f"train-{jobs['train']}.out").exists()
     assert (tmp_path / "run" / "metrics.jsonl").exists()
     print(f"real SLURM chain (4 dump tasks, finalize, train) finished in {elapsed:.0f} s")
+
+
+def test_a_training_job_sent_usr1_requeues_itself_resumes_and_ends_as_an_uninterrupted_run(slurm_cluster, tiny_store, tmp_path):
+    """`scancel --signal=USR1 --batch` is what `#SBATCH --signal=B:USR1@300` sends 300 s before the
+    time limit. The trainer (the batch shell, by exec) finishes its step, saves a checkpoint,
+    runs `scontrol requeue` and exits; the job comes back under the same id and `--resume auto`
+    finishes the run. SLURM holds a requeued job ~2 min (BeginTime); the test releases it."""
+    state = slurm_cluster
+    common = dict(store=str(tiny_store["store"]), student=tiny_store["student"], max_steps=40, batch_size=4, shuffle_buffer=16, warmup_steps=1, log_every=1, device="cpu")
+    run = tmp_path / "run"
+    cfg = JobsConfig(
+        teachers=tiny_store["teachers"],
+        dump=DumpTask(student=tiny_store["student"], store=str(tiny_store["store"]), data=DATA, num_shards=2),
+        jobs_dir=str(tmp_path / "jobs"),
+        train=TrainConfig(out=str(run), **common),
+        train_slurm=SlurmSpec(partition="debug", gpus=0, cpus=1, mem="2G", time="00:10:00"),
+    )
+    script = write_scripts(cfg)["train"]
+    t0 = time.monotonic()
+    job = submit({"train": script}, dry_run=False)[0][2]
+    log = tmp_path / "jobs" / "logs" / f"train-{job}.out"
+    timeline = {}
+
+    def step_logged(n: int) -> bool:
+        rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+        return any(json.loads(r)["step"] >= n for r in rows if r.endswith("}"))
+
+    def record(name: str) -> dict[str, str]:
+        r = _scontrol_job(job)[0]
+        timeline[name] = round(time.monotonic() - t0, 1)
+        return r
+
+    if not _wait(lambda: step_logged(2), 90, 0.05):
+        pytest.fail(f"the training job did not reach step 2 in 90 s: {_scontrol_job(job)}\n{_tail(log)}\n{_tail(state / 'slurmctld.log')}")
+    record("step 2 logged")
+    subprocess.run([_which("scancel"), "--signal=USR1", "--batch", job], check=True)
+    record("USR1 sent")
+    if not _wait(lambda: (r := _scontrol_job(job)[0])["JobState"] == "PENDING" and int(r["Restarts"]) >= 1, 60, 0.1):
+        pytest.fail(f"the job was not requeued: {_scontrol_job(job)}\n{_tail(log)}")
+    record("requeued (pending)")
+    subprocess.run([_which("scontrol"), "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the ~120 s BeginTime hold
+    if not _wait(lambda: _scontrol_job(job)[0]["JobState"] == "COMPLETED", 120, 0.2):
+        pytest.fail(f"the requeued job did not complete: {_scontrol_job(job)}\n{_tail(log, 40)}")
+    rec = record("completed")
+    assert rec["Restarts"] == "1" and rec["ExitCode"] == "0:0"
+
+    text = log.read_text()  # --open-mode=append: both attempts
+    step = int(re.search(r"kvdistill train: SIGUSR1 after step (\d+): saving checkpoint", text)[1])
+    ckpt = run / "checkpoints" / f"step-{step:07d}"
+    assert f"kvdistill train: SIGUSR1 after step {step}: saving checkpoint {ckpt}" in text
+    assert f"kvdistill train: preempted (SIGUSR1) after step {step}: checkpoint {ckpt} is complete" in text
+    assert f"SLURM job {job} requeued (`scontrol requeue {job}`)" in text
+    assert f"resuming from {ckpt} at step {step}" in text
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 41))
+
+    train(TrainConfig(out=str(tmp_path / "straight"), **common), progress=False)
+    _assert_bitwise_equal(_final_weights(run), _final_weights(tmp_path / "straight"))
+    print(f"SLURM USR1 -> requeue -> resume timeline (s): {timeline}; stopped after step {step}\n--- {log.name}:\n{text}")

@@ -1,5 +1,8 @@
 """`kvdistill train` (student from the store; no teacher is loaded) and `kvdistill eval`.
 
+SIGTERM or SIGUSR1 (SLURM preemption, `#SBATCH --signal=B:USR1@N`) finishes the step that is
+running, saves a checkpoint and exits 143; `--resume auto` continues from it.
+
 `--mode latent` (KaVa, train/latent.py) takes the paper's recipe for every setting neither a
 flag nor --config gives: LoRA r 128, alpha 32, dropout 0.1 (q, k, v, o), weight decay 0.1, grad
 clip 2.0, warm-up 5% of the steps; CODI weight 10 and KV weight 1 are the defaults anyway."""
@@ -64,7 +67,8 @@ TRAIN_FLAGS: list[Flag] = [
     ("--logging-steps", "log_every", int, "write metrics every N steps"),
     ("--save-steps", "save_every", int, "checkpoint every N steps (0: only the final model)"),
     ("--stop-at-step", "stop_at_step", int, "stop cleanly after this step (time-limited jobs); --resume continues"),
-    ("--resume", "resume", str, "a run directory (latest checkpoint) or a checkpoint directory to continue from"),
+    ("--resume", "resume", str, "auto (the latest complete checkpoint in --out if there is one, else start fresh), a run directory (its latest checkpoint) or a checkpoint directory"),
+    ("--requeue-on-usr1", "requeue_on_usr1", bool, "on SIGUSR1 under SLURM, after the checkpoint: `scontrol requeue $SLURM_JOB_ID` (SIGTERM / SIGUSR1 always save and exit 143)"),
     ("--device", "device", str, "auto | cpu"),
     ("--mixed-precision", "mixed_precision", str, "auto (bf16 on a GPU that has it, none on CPU) | no | bf16 | fp16"),
     ("--mode", "mode", str, "cot (KV on the written chain) | latent (KaVa: question -> M latents -> answer)"),

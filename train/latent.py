@@ -57,7 +57,19 @@ from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
 from .distiller import KVAdapter, _key, fixed_weights
-from .loop import _check_epoch, _check_store, _resume, _save_checkpoint, _with_last, mixed_precision
+from .loop import (
+    _agreed_signal,
+    _check_epoch,
+    _check_store,
+    _open_metrics,
+    _preempted,
+    _resume,
+    _save_checkpoint,
+    _signal_checkpoint,
+    _with_last,
+    mixed_precision,
+    stop_signals,
+)
 from .losses import layer_std_norm, masked_ce, masked_kv_loss
 from .stream import KVStream, shuffle_latent, train_loader
 
@@ -335,8 +347,13 @@ def _latent_shapes(cfg: TrainConfig, teachers: dict[str, Any]) -> tuple[int, dic
 
 
 def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """The latent-mode recipe: setup, train, save (train/loop.py's shape, its store checks
-    and checkpoint helpers)."""
+    """The latent-mode recipe: setup, train, save (train/loop.py's shape, its store checks,
+    checkpoint, resume and stop-signal helpers: SIGTERM / SIGUSR1 save and raise Preempted)."""
+    with stop_signals() as got:
+        return _train_latent(cfg, progress, got)
+
+
+def _train_latent(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
     set_seed(cfg.seed)
@@ -396,13 +413,14 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.yaml")
     step, epoch, tokens, skip = _resume(cfg, accelerator)
-    metrics_f = (out / "metrics.jsonl").open("a" if cfg.resume else "w") if accelerator.is_main_process else None
+    metrics_f, logged = _open_metrics(cfg, out) if accelerator.is_main_process else (None, 0)
     history: list[dict[str, Any]] = []
     last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train latent {out.name}", disable=not (progress and accelerator.is_main_process))
     model.train()
     dev = accelerator.device
-    while step < last:
+    stop = 0  # the signal that stopped the run
+    while step < last and not stop:
         stream.set_epoch(epoch)
         batches_in_epoch = 0
         for batch, end_of_epoch in _with_last(loader):
@@ -433,18 +451,28 @@ def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             row.update({k: round(v.item(), 6) for k, v in losses.items() if v.dim() == 0})
             row.update({k: [round(x, 6) for x in v.tolist()] for k, v in losses.items() if v.dim() == 1})
             history.append(row)
-            if metrics_f and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            if metrics_f and step > logged and (step % cfg.log_every == 0 or step == cfg.max_steps):  # replayed steps are logged already
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce_answer", "codi", "kv_k") if k in row})
-            if cfg.save_every and step % cfg.save_every == 0:
-                _save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", step, epoch, tokens, batches_in_epoch, end_of_epoch)
+            ckpt = out / "checkpoints" / f"step-{step:07d}"
+            saved = bool(cfg.save_every and step % cfg.save_every == 0)
+            if saved:
+                _save_checkpoint(accelerator, ckpt, step, epoch, tokens, batches_in_epoch, end_of_epoch)
             if step >= last:
+                break
+            stop = _agreed_signal(accelerator, got)
+            if stop:
+                save_s = _signal_checkpoint(accelerator, stop, saved, ckpt, step, epoch, tokens, batches_in_epoch, end_of_epoch)
                 break
         _check_epoch(cfg, accelerator.process_index, epoch, batches_in_epoch, skip)
         epoch, skip = epoch + 1, 0
     bar.close()
+    if stop:
+        if metrics_f:
+            metrics_f.close()
+        raise _preempted(cfg, accelerator, stop, ckpt, step, save_s)
 
     final = out / "final"
     accelerator.wait_for_everyone()

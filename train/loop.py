@@ -10,8 +10,16 @@ clipping, metrics every `log_every` steps to metrics.jsonl (and to the accelerat
 `report_to`). save: the student via `save_pretrained` (+ the
 tokenizer), adapters.pt (+ router.pt with fusion router), and the config as train_config.yaml, under RUN_DIR/final.
 
-Raises StoreError for an unfinalised store or one built for another student, and
-FloatingPointError on a non-finite loss (naming the term and the sample ids).
+checkpoints (`save_every`, and on a stop signal): RUN_DIR/checkpoints/step-N, complete or
+absent (written as .step-N.partial, then renamed). resume: a checkpoint, a run directory's
+latest one, or "auto" (the latest in RUN_DIR if there is one, else step 0); bitwise exact;
+metrics.jsonl and trackers append, without the steps replayed after the checkpoint.
+signals: SIGTERM or SIGUSR1 lets the step that is running finish, saves its checkpoint (every
+rank agrees on the step), prints where, and raises Preempted (exit code 143); on SIGUSR1 with
+`requeue_on_usr1`, the main process first runs `scontrol requeue $SLURM_JOB_ID`.
+
+Raises StoreError for an unfinalised store or one built for another student,
+FloatingPointError on a non-finite loss (naming the term and the sample ids), and Preempted.
 """
 
 from __future__ import annotations
@@ -21,10 +29,17 @@ import hashlib
 import json
 import math
 import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from accelerate import Accelerator
@@ -34,6 +49,7 @@ from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
 from kvdistill.dump.capture import kv_geometry
 from kvdistill.dump.models import load_tokenizer, pad_token_id, tokenizer_fingerprint
+from kvdistill.preempt import Preempted
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
 
@@ -70,35 +86,170 @@ def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
 def _save_checkpoint(accelerator, path: Path, step: int, epoch: int, tokens: int, batches_in_epoch: int, end_of_epoch: bool) -> None:
     """Model, optimizer, scheduler and RNG states, and loader.json: where the stream resumes.
     A checkpoint on an epoch's last batch resumes at the next epoch's start, (epoch + 1, 0):
-    (epoch, all its batches) would replay a whole epoch to train nothing of it."""
+    (epoch, all its batches) would replay a whole epoch to train nothing of it.
+
+    Written into the hidden sibling .step-N.partial and renamed to step-N once every rank's
+    files and loader.json are in, so a step-N directory is always complete: a process killed
+    while saving leaves only the .partial, which resume never picks and the next save replaces."""
     if end_of_epoch:
         epoch, batches_in_epoch = epoch + 1, 0
-    accelerator.save_state(str(path))  # model + adapters, optimizer, scheduler, RNG states
+    partial = path.with_name(f".{path.name}.partial")
+    if accelerator.is_main_process and partial.exists():  # left by a run killed while saving
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))  # model + adapters, optimizer, scheduler, RNG states
+    accelerator.wait_for_everyone()  # every rank's files are in
     if accelerator.is_main_process:
         pos = {"step": step, "epoch": epoch, "tokens": tokens, "batches_in_epoch": batches_in_epoch}
-        (path / "loader.json").write_text(json.dumps(pos))
+        (partial / "loader.json").write_text(json.dumps(pos))
+        if path.exists():  # this step saved before (a resume from an earlier checkpoint): the new one replaces it
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old)
+        else:
+            partial.rename(path)
     accelerator.wait_for_everyone()
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    """The complete checkpoints of a run directory, oldest first: step-N directories (renamed
+    into place only once complete) that hold loader.json (written last, also before renaming)."""
+    found = [p for p in (run / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / "loader.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def _latest_checkpoint(path: Path) -> Path:
     if (path / "loader.json").exists():
         return path
-    found = sorted((path / "checkpoints").glob("step-*/loader.json"))
+    found = _checkpoints(path)
     if not found:
         raise FileNotFoundError(f"no checkpoint under {path}; train with --save-steps N to write them")
-    return found[-1].parent
+    return found[-1]
 
 
 def _resume(cfg: TrainConfig, accelerator) -> tuple[int, int, int, int]:
     """(step, epoch, tokens, batches of that epoch already trained) to start from: the
-    checkpoint cfg.resume names, its states loaded into the prepared objects; zeros without one."""
+    checkpoint cfg.resume names ("auto": the latest complete one in cfg.out, if any), its
+    states loaded into the prepared objects; zeros without one."""
     if not cfg.resume:
         return 0, 0, 0, 0
-    ckpt = _latest_checkpoint(Path(cfg.resume))
+    if cfg.resume == "auto":
+        found = _checkpoints(Path(cfg.out))
+        if not found:
+            accelerator.print(f"--resume auto: no complete checkpoint in {Path(cfg.out) / 'checkpoints'}; starting at step 0", flush=True)
+            return 0, 0, 0, 0
+        ckpt = found[-1]
+    else:
+        ckpt = _latest_checkpoint(Path(cfg.resume))
     accelerator.load_state(str(ckpt))  # model + adapters, optimizer, scheduler, RNG states
     pos = json.loads((ckpt / "loader.json").read_text())
-    print(f"resuming from {ckpt} at step {pos['step']} (epoch {pos['epoch']}, batch {pos['batches_in_epoch']})", flush=True)
+    accelerator.print(f"resuming from {ckpt} at step {pos['step']} (epoch {pos['epoch']}, batch {pos['batches_in_epoch']})", flush=True)
     return pos["step"], pos["epoch"], pos["tokens"], pos["batches_in_epoch"]
+
+
+def _open_metrics(cfg: TrainConfig, out: Path) -> tuple[IO[str], int]:
+    """metrics.jsonl, and the last step it holds. A fresh run starts it anew. A resumed one
+    (--resume, auto included) appends, and the caller logs only steps after that last one:
+    steps replayed from an earlier checkpoint are in the file already (resume is exact, so
+    with the same values), and trackers take the same steps. A row cut off by a kill is dropped."""
+    path = out / "metrics.jsonl"
+    if not cfg.resume or not path.exists():
+        return path.open("w"), 0
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # the last row was cut off mid-write
+        with path.open("r+b") as f:
+            f.truncate(end)
+    rows = data[:end].split(b"\n")
+    last = next((json.loads(r)["step"] for r in reversed(rows) if r.strip()), 0)
+    return path.open("a"), last
+
+
+# SIGTERM: SLURM preemption, scancel, the time limit itself; SIGUSR1: the time limit's warning
+# (`#SBATCH --signal=B:USR1@N` in the generated train.sbatch) or `scancel --signal=USR1 --batch`.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """For the block, SIGTERM and SIGUSR1 append their number to the yielded list instead of
+    ending the process; the loop reads it after each optimizer step. The previous handlers
+    come back afterwards. Python runs handlers in the main thread only: elsewhere, nothing is
+    installed."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, _frame):
+        got.append(signum)  # no I/O here: the main thread may be in the middle of a write
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            if signal.getsignal(s) is handler:  # not replaced meanwhile (`_slurm_requeue` ignores SIGTERM)
+                signal.signal(s, h)
+
+
+def _agreed_signal(accelerator, got: list[int]) -> int:
+    """The signal every rank stops for after this step (0: none), the same on every rank: one
+    all-reduce (max) of a scalar per step, so no rank saves another step than the others or
+    waits alone in a collective. SIGTERM (15) beats SIGUSR1 (10): it is never requeued."""
+    mine = max(got, default=0)
+    if accelerator.num_processes == 1:
+        return mine
+    flag = torch.tensor([mine], device=accelerator.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def _signal_checkpoint(accelerator, signum: int, saved: bool, path: Path, step: int, *position) -> float:
+    """The checkpoint of this step for a stop signal (unless save_every just wrote it); its
+    seconds."""
+    t0 = time.perf_counter()
+    if accelerator.is_main_process:
+        print(f"kvdistill train: {signal.Signals(signum).name} after step {step}: saving checkpoint {path}", flush=True)
+    if not saved:
+        _save_checkpoint(accelerator, path, step, *position)
+    return time.perf_counter() - t0
+
+
+def _slurm_requeue() -> str:
+    """`scontrol requeue $SLURM_JOB_ID`: what happened, as the end of the preempted line."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not under SLURM (no SLURM_JOB_ID), so not requeued: re-run with --resume auto to continue"
+    argv = ["scontrol", "requeue", job]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`{shlex.join(argv)}` failed ({e}): resubmit the job (it runs with --resume auto) to continue"
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip() or "no output"
+        return f"`{shlex.join(argv)}` failed (exit {done.returncode}: {why}): resubmit the job (it runs with --resume auto) to continue"
+    # SLURM ends the running job with SIGTERM now; this process is done, so let it print and exit.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return f"SLURM job {job} requeued (`{shlex.join(argv)}`): it comes back and continues from there (--resume auto)"
+
+
+def _preempted(cfg: TrainConfig, accelerator, signum: int, path: Path, step: int, seconds: float) -> Preempted:
+    """What a stopped run raises once its checkpoint is complete (and metrics and trackers are
+    closed): exit code 143, one line saying where it stopped, and how it continues; the main
+    process requeues a SLURM job on SIGUSR1 when cfg.requeue_on_usr1 asks it to."""
+    name = signal.Signals(signum).name
+    if signum == signal.SIGUSR1 and cfg.requeue_on_usr1:
+        then = _slurm_requeue() if accelerator.is_main_process else "the main process requeues the SLURM job"
+    elif signum == signal.SIGUSR1:
+        then = "continue with the same command and --resume auto (--requeue-on-usr1: a SLURM job requeues itself)"
+    else:  # SLURM requeues a preempted job itself (#SBATCH --requeue); a cancelled one stays cancelled
+        then = "continue with the same command and --resume auto (a preempted SLURM job with --requeue comes back by itself)"
+    return Preempted(message=f"preempted ({name}) after step {step}: checkpoint {path} is complete (saved in {seconds:.1f} s); {then}")
 
 
 _END = object()
@@ -155,6 +306,13 @@ def mixed_precision(cfg: TrainConfig) -> str | None:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """The recipe (module docstring). Raises Preempted (exit code 143) after SIGTERM / SIGUSR1,
+    once the checkpoint of the step that was running is complete."""
+    with stop_signals() as got:
+        return _train(cfg, progress, got)
+
+
+def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
     accelerator = Accelerator(
@@ -193,14 +351,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if trackers:
         accelerator.init_trackers(out.name, config=tracker_config(cfg.to_dict()))
     step, epoch, tokens, skip = _resume(cfg, accelerator)
-    metrics_f = (out / "metrics.jsonl").open("a" if cfg.resume else "w") if accelerator.is_main_process else None
+    metrics_f, logged = _open_metrics(cfg, out) if accelerator.is_main_process else (None, 0)
     history: list[dict[str, Any]] = []
     shards_read: set[int] = set()
     samples_read = 0
     last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {out.name}", disable=not (progress and accelerator.is_main_process))
     model.train()
-    while step < last:
+    stop = 0  # the signal that stopped the run
+    while step < last and not stop:
         stream.set_epoch(epoch)
         batches_in_epoch = 0
         for batch, end_of_epoch in _with_last(loader):
@@ -240,20 +399,33 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 row["kv_k_layers"] = [round(x, 6) for x in losses["kv_k_layers"].tolist()]
                 row["kv_v_layers"] = [round(x, 6) for x in losses["kv_v_layers"].tolist()]
             history.append(row)
-            if metrics_f and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            log_now = step > logged and (step % cfg.log_every == 0 or step == cfg.max_steps)  # replayed steps are logged already
+            if metrics_f and log_now:
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
-            if trackers and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            if trackers and log_now:
                 accelerator.log(tracker_values(row), step=step)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce", "kv_k", "kv_v") if k in row})
-            if cfg.save_every and step % cfg.save_every == 0:
-                _save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", step, epoch, tokens, batches_in_epoch, end_of_epoch)
+            ckpt = out / "checkpoints" / f"step-{step:07d}"
+            saved = bool(cfg.save_every and step % cfg.save_every == 0)
+            if saved:
+                _save_checkpoint(accelerator, ckpt, step, epoch, tokens, batches_in_epoch, end_of_epoch)
             if step >= last:
+                break
+            stop = _agreed_signal(accelerator, got)
+            if stop:
+                save_s = _signal_checkpoint(accelerator, stop, saved, ckpt, step, epoch, tokens, batches_in_epoch, end_of_epoch)
                 break
         _check_epoch(cfg, accelerator.process_index, epoch, batches_in_epoch, skip)
         epoch, skip = epoch + 1, 0
     bar.close()
+    if stop:
+        if metrics_f:
+            metrics_f.close()
+        if trackers:
+            accelerator.end_training()
+        raise _preempted(cfg, accelerator, stop, ckpt, step, save_s)
 
     final = out / "final"
     # What this rank did: which shards it read and a checksum of the parameters it ended with
