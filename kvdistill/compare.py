@@ -194,7 +194,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
             done = _run_one(tcfg, ecfg, progress)
             ev, tr = done["eval"], done["train"]
             runs[name].append({"seed": seed, "run": tcfg.out, "accuracy": ev["accuracy"], "perplexity": ev["perplexity"], "n_eval": ev["n"],
-                               "final_ce": tr["final_ce"], "final_kv_k": tr["final_kv_k"], "final_kv_v": tr["final_kv_v"]})
+                               **{f"mean_last_20_{t}": tr.get(f"mean_last_20_{t}", tr.get(f"final_{t}")) for t in ("ce", "kv_k", "kv_v")}})  # final_*: runs of older versions
             print(f"[compare] {name} seed {seed}: accuracy {ev['accuracy']:.3f}, perplexity {ev['perplexity']:.3f}", flush=True)
     arms_out: dict[str, Any] = {}
     base_runs = {r["seed"]: r for r in runs["ce"]}

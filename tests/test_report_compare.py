@@ -135,7 +135,7 @@ def test_training_with_the_shuffled_control_swaps_every_batch(tiny_store, tmp_pa
 
     monkeypatch.setattr(loop, "shuffle_kv", spy)
     summary = loop.train(_train_cfg(tiny_store, tmp_path / "ctl", kv_control="shuffled"), progress=False)
-    assert summary["steps"] == 3 and math.isfinite(summary["final_kv_k"])
+    assert summary["steps"] == 3 and math.isfinite(summary["mean_last_20_kv_k"])
     assert len(calls) >= 3 and all(n == 8 and all(moved) for n, moved in calls)
     with pytest.raises(ConfigError, match="batch_size >= 2"):
         _train_cfg(tiny_store, tmp_path / "x", kv_control="shuffled", batch_size=1)
@@ -280,7 +280,7 @@ def test_tiny_compare_pairs_arms_with_ce_by_seed_and_reuses_finished_runs(tiny_s
     diffs = [a["perplexity"] - c["perplexity"] for a, c in zip(arms["kv-shuffled"]["runs"], arms["ce"]["runs"], strict=True)]
     assert arms["kv-shuffled"]["vs_ce"]["perplexity"]["values"] == pytest.approx(diffs)
     assert "vs_ce" not in arms["ce"]
-    assert arms["ce"]["runs"][0]["final_kv_k"] is None and arms["kv-shuffled"]["runs"][0]["final_kv_k"] is not None
+    assert arms["ce"]["runs"][0]["mean_last_20_kv_k"] is None and arms["kv-shuffled"]["runs"][0]["mean_last_20_kv_k"] is not None
     shuffled_cfg = TrainConfig.load(tmp_path / "cmp" / "runs" / "kv-shuffled" / "seed-1" / "train_config.yaml")
     assert (shuffled_cfg.kv_control, shuffled_cfg.seed, shuffled_cfg.max_steps) == ("shuffled", 1, 2)
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["arms"].keys() == arms.keys()

@@ -60,12 +60,12 @@ def test_a_quantised_store_verifies_and_trains_the_same_however_kv_reaches_the_d
         how: train(TrainConfig(store=str(quantised_store), student=tiny_store["student"], out=str(tmp_path / how), batch_size=8, max_steps=3, device="cpu", kv_transfer=how), progress=False)
         for how in ("stored", "decoded")
     }
-    assert runs["stored"]["steps"] == 3 and np.isfinite(runs["stored"]["final_kv_k"])
-    for term in ("final_ce", "final_kv_k", "final_kv_v"):
+    assert runs["stored"]["steps"] == 3 and np.isfinite(runs["stored"]["mean_last_20_kv_k"])
+    for term in ("mean_last_20_ce", "mean_last_20_kv_k", "mean_last_20_kv_v"):
         assert runs["stored"][term] == runs["decoded"][term], term
     # DataLoader worker processes collate the stored batches and hand QuantKV / bfloat16 over
     workers = train(TrainConfig(store=str(quantised_store), student=tiny_store["student"], out=str(tmp_path / "w"), batch_size=8, max_steps=2, device="cpu", kv_transfer="stored", num_workers=2), progress=False)
-    assert workers["steps"] == 2 and np.isfinite(workers["final_kv_v"])
+    assert workers["steps"] == 2 and np.isfinite(workers["mean_last_20_kv_v"])
 
 
 def test_the_stream_moves_codes_and_the_device_batch_equals_the_decoded_one(quantised_store):

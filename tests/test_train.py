@@ -67,6 +67,11 @@ def test_end_to_end_dump_store_train_eval_kv_loss_falls(tiny_store, tmp_path):
     assert np.isfinite(kv).all() and (kv > 0).all()
     assert kv[-5:].mean() < 0.8 * kv[:5].mean(), kv
     assert len(rows[0]["kv_k_layers"]) == 2
+    # The summary says what each figure is: the last step's value, the mean of the last 20, the first.
+    for term in ("ce", "kv_k", "kv_v"):
+        assert summary[f"last_{term}"] == rows[-1][term] and summary[f"first_{term}"] == rows[0][term]
+        assert summary[f"mean_last_20_{term}"] == pytest.approx(np.mean([r[term] for r in rows[-20:]]))
+    assert summary["mean_last_20_over"] == 20
     final = tmp_path / "kv" / "final"
     assert (final / "config.json").exists() and (final / "adapters.pt").exists() and (final / "train_config.yaml").exists()
     data = DataSpec(split="test", limit=8, synthetic=tiny_store["data"].synthetic)
@@ -79,7 +84,7 @@ def test_end_to_end_dump_store_train_eval_kv_loss_falls(tiny_store, tmp_path):
 
 def test_ce_only_baseline_reads_no_kv_and_has_no_adapters(tiny_store, tmp_path):
     summary = train(_train_cfg(tiny_store, tmp_path / "ce", kv_weight=0.0, max_steps=5), progress=False)
-    assert summary["final_kv_k"] is None and np.isfinite(summary["final_ce"])
+    assert summary["mean_last_20_kv_k"] is None and np.isfinite(summary["mean_last_20_ce"])
     assert torch.load(tmp_path / "ce" / "final" / "adapters.pt") == {}
 
 
@@ -268,7 +273,7 @@ def test_lora_trains_only_adapters_and_its_checkpoint_reloads_and_evaluates_the_
     from peft import PeftModel
 
     summary = train(_train_cfg(tiny_store, tmp_path / "lora", lora_r=4, lora_alpha=8, max_steps=8, lr=1e-2), progress=False)
-    assert np.isfinite(summary["final_kv_k"])
+    assert np.isfinite(summary["mean_last_20_kv_k"])
     final = tmp_path / "lora" / "final"
     assert (final / "lora" / "adapter_config.json").exists() and (final / "config.json").exists()
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path).state_dict()
@@ -325,7 +330,7 @@ def test_mixed_precision_is_off_on_cpu_by_default_and_bf16_autocast_trains(tiny_
     summary = train(cfg, progress=False)
     rank = json.loads((tmp_path / "run" / "ranks" / "rank-0.json").read_text())
     assert rank["mixed_precision"] == want
-    assert math.isfinite(summary["final_ce"]) and math.isfinite(summary["final_kv_k"])
+    assert math.isfinite(summary["mean_last_20_ce"]) and math.isfinite(summary["mean_last_20_kv_k"])
 
 
 def test_mixed_precision_auto_defers_to_accelerate_launch(monkeypatch, tiny_store):

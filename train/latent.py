@@ -69,6 +69,7 @@ from .loop import (
     _with_last,
     mixed_precision,
     stop_signals,
+    summary_terms,
 )
 from .losses import layer_std_norm, masked_ce, masked_kv_loss
 from .stream import KVStream, shuffle_latent, train_loader
@@ -488,12 +489,6 @@ def _train_latent(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str,
         save_latent(unwrapped, final / LATENT_FILE)
         cfg.save(final / "train_config.yaml")
         metrics_f.close()
-    tail = history[-max(1, min(20, len(history))) :]
-
-    def avg(key: str) -> float | None:
-        vals = [r[key] for r in tail if key in r]
-        return sum(vals) / len(vals) if vals else None
-
     return {
         "run": str(out),
         "checkpoint": str(final),
@@ -503,11 +498,6 @@ def _train_latent(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str,
         "steps": step,
         "tokens": tokens,
         "teachers": list(teachers),
-        "final_ce": avg("ce_answer"),
-        "final_ce_cot": avg("ce_cot"),
-        "final_codi": avg("codi"),
-        "final_kv_k": avg("kv_k"),
-        "final_kv_v": avg("kv_v"),
-        "first_kv_k": history[0].get("kv_k") if history else None,
+        **summary_terms(history, {"ce": "ce_answer", "ce_cot": "ce_cot", "codi": "codi", "kv_k": "kv_k", "kv_v": "kv_v"}),
         "seconds": time.perf_counter() - t0,
     }

@@ -467,12 +467,6 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
         metrics_f.close()
     if trackers:
         accelerator.end_training()  # flushes and closes the trackers
-    tail = history[-max(1, min(20, len(history))) :]
-
-    def avg(key: str) -> float | None:
-        vals = [r[key] for r in tail if key in r]
-        return sum(vals) / len(vals) if vals else None
-
     return {
         "run": str(out),
         "checkpoint": str(final),
@@ -480,9 +474,25 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
         "epochs_started": epoch,
         "tokens": tokens,
         "teachers": list(teachers),
-        "final_ce": avg("ce"),
-        "final_kv_k": avg("kv_k"),
-        "final_kv_v": avg("kv_v"),
-        "first_kv_k": history[0].get("kv_k") if history else None,
+        **summary_terms(history, {"ce": "ce", "kv_k": "kv_k", "kv_v": "kv_v"}),
         "seconds": time.perf_counter() - t0,
     }
+
+
+SUMMARY_WINDOW = 20
+
+
+def summary_terms(history: list[dict[str, Any]], terms: dict[str, str]) -> dict[str, Any]:
+    """The run summary's loss figures, named for what they are: per term (summary name -> key in
+    the logged records) `last_<name>`, its value at the last logged step, `mean_last_20_<name>`,
+    its mean over the last min(20, logged) records (a smoother figure), and `first_<name>`;
+    None for a term the run did not log. `mean_last_20_over` says how many records that was."""
+    tail = history[-SUMMARY_WINDOW:]
+    out: dict[str, Any] = {f"mean_last_{SUMMARY_WINDOW}_over": len(tail)}
+    for name, key in terms.items():
+        vals = [r[key] for r in tail if key in r]
+        logged = [r[key] for r in history if key in r]
+        out[f"last_{name}"] = logged[-1] if logged else None
+        out[f"mean_last_{SUMMARY_WINDOW}_{name}"] = sum(vals) / len(vals) if vals else None
+        out[f"first_{name}"] = logged[0] if logged else None
+    return out
