@@ -341,3 +341,25 @@ def test_mixed_precision_auto_defers_to_accelerate_launch(monkeypatch, tiny_stor
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert mixed_precision(cfg) is None  # accelerate reads the launcher's choice itself
     assert mixed_precision(TrainConfig.from_dict({**cfg.to_dict(), "mixed_precision": "bf16"})) == "bf16"
+
+
+def test_eval_counts_generations_cut_off_by_the_budget_and_says_so(tiny_store, capsys):
+    from kvdistill.cli import main
+
+    data = DataSpec(split="test", limit=6, synthetic=tiny_store["data"].synthetic)
+    model = tiny_store["student"].name_or_path  # a random student: it never finishes in 3 tokens
+    result = evaluate(EvalConfig(model=model, data=data, max_new_tokens=3, device="cpu"), progress=False)
+    assert result["n"] == 6 and result["hit_cap"] == 6 and result["accuracy_finished"] == 0.0
+    assert result["hit_cap_correct"] == round(result["accuracy"] * 6)
+    assert main(["eval", "--model", model, "--limit", "6", "--max-new-tokens", "3", "--device", "cpu", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 6 of" in err and "reached --max-new-tokens 3 without finishing" in err and "raise --max-new-tokens" in err
+
+
+def test_a_generation_that_ends_with_eos_is_finished_and_one_without_is_cut():
+    from kvdistill.train.eval import finished, generated_lengths
+
+    eos = 7
+    new = torch.tensor([[3, 7, 0, 0], [3, 4, 5, 6], [3, 4, 5, 7]])  # EOS at 2; none; EOS exactly at the budget
+    assert generated_lengths(new, eos).tolist() == [2, 4, 4]
+    assert (~finished(new, eos)).tolist() == [False, True, False]  # eval's hit_cap: only the row without EOS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from kvdistill.schemas import EvalConfig, TrainConfig
@@ -153,4 +154,11 @@ def eval_main(args: argparse.Namespace) -> int:
         f"perplexity {result['perplexity']:.3f}, {result['forward_passes_per_question']:.1f} forward passes and "
         f"{result['generated_tokens_per_question']:.1f} generated tokens per question"
     )
+    if result["hit_cap"]:
+        print(
+            f"warning: {result['hit_cap']} of {result['n']} generations reached --max-new-tokens {cfg.max_new_tokens} without "
+            f"finishing ({result['hit_cap_correct']} of them scored correct from a cut-off text; accuracy on finished "
+            f"generations only: {result['accuracy_finished']:.3f}); raise --max-new-tokens to let them finish",
+            file=sys.stderr,
+        )
     return 0

@@ -53,13 +53,25 @@ def generated_lengths(new_tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return first.long()
 
 
+def finished(new_tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B] bool: the row emitted EOS within its budget; False means generation was cut off by
+    max_new_tokens, so whatever it says is not its final answer."""
+    return (new_tokens == eos_id).any(1)
+
+
 def _finish(cfg: EvalConfig, preds: list[dict], nll: float, n_tok: int, forwards: int, gen_tokens: int, t0: float, **extra) -> dict[str, Any]:
     n = max(1, len(preds))
+    cut = [p for p in preds if p["hit_cap"]]
     result = {
         "model": cfg.model,
         "mode": cfg.mode,
         "n": len(preds),
         "accuracy": sum(p["correct"] for p in preds) / n,
+        # Generations that reached max_new_tokens without an EOS: their "answer" is the last
+        # number of a cut-off text. Counted and reported, never passed off as finished.
+        "hit_cap": len(cut),
+        "hit_cap_correct": sum(p["correct"] for p in cut),
+        "accuracy_finished": sum(p["correct"] for p in preds if not p["hit_cap"]) / n,
         "perplexity": math.exp(nll / max(1, n_tok)),
         "forward_passes_per_question": forwards / n,
         "generated_tokens_per_question": gen_tokens / n,
@@ -120,9 +132,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         new = gen[:, prompts["input_ids"].shape[1] :]
         texts = tok.batch_decode(new, skip_special_tokens=True)
         lengths = generated_lengths(new, tok.eos_token_id).tolist()
-        for ex, text, g in zip(batch, texts, lengths, strict=True):
+        capped = (~finished(new, tok.eos_token_id)).tolist()
+        for ex, text, g, cap in zip(batch, texts, lengths, capped, strict=True):
             pred = extract_answer(text)
-            preds.append({"id": ex.id, "gold": ex.answer, "pred": pred, "correct": answers_match(pred, ex.answer), "text": text, "generated_tokens": g, "forward_passes": g})
+            preds.append({"id": ex.id, "gold": ex.answer, "pred": pred, "correct": answers_match(pred, ex.answer), "text": text, "generated_tokens": g,
+                          "forward_passes": g, "hit_cap": cap})
             forwards += g  # 1 prefill (gives token 1) + g - 1 decode steps
             gen_tokens += g
         bar.update(len(batch))
@@ -166,9 +180,11 @@ def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
         ).to(device)
         gen = latent_generate(model, head, prompts["input_ids"], prompts["attention_mask"], iterations, cfg.max_new_tokens, tok.eos_token_id, pad_id)
         texts = tok.batch_decode(gen["tokens"], skip_special_tokens=True)
-        for ex, text, g, f in zip(batch, texts, gen["lengths"].tolist(), gen["forwards_per_row"].tolist(), strict=True):
+        capped = (~finished(gen["tokens"], tok.eos_token_id)).tolist()
+        for ex, text, g, f, cap in zip(batch, texts, gen["lengths"].tolist(), gen["forwards_per_row"].tolist(), capped, strict=True):
             pred = extract_answer(text)
-            preds.append({"id": ex.id, "gold": ex.answer, "pred": pred, "correct": answers_match(pred, ex.answer), "text": text, "generated_tokens": g, "forward_passes": f})
+            preds.append({"id": ex.id, "gold": ex.answer, "pred": pred, "correct": answers_match(pred, ex.answer), "text": text, "generated_tokens": g,
+                          "forward_passes": f, "hit_cap": cap})
             forwards += f
             gen_tokens += g
         bar.update(len(batch))
