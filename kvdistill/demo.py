@@ -296,13 +296,13 @@ def format_latent_summary(s: dict[str, Any]) -> str:
         "",
         f"latent: M = {c['latent_slots']} slots, T = {c['latent_iterations']} Jacobi iterations; perplexity: latent = gold answer "
         "| question + latents, cot = gold reasoning + answer | question",
-        f"{'model':<12} {'mode':<7} {'accuracy':>9} {'perplexity':>11} {'fwd/question':>13} {'tokens/question':>16} {'KV loss, last 20':>16}",
+        f"{'model':<12} {'mode':<7} {'accuracy':>9} {'perplexity':>11} {'fwd/question':>13} {'tokens/question':>16} {'KV loss, last 20':>17}",
     ]
     for r in s["results"]:
         kv = f"{r['kv_loss_mean_last_20']:.4f}" if r["kv_loss_mean_last_20"] is not None else "-"
         lines.append(
             f"{r['model']:<12} {r['mode']:<7} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {r['forward_passes_per_question']:>13.1f} "
-            f"{r['generated_tokens_per_question']:>16.1f} {kv:>16}"
+            f"{r['generated_tokens_per_question']:>16.1f} {kv:>17}"
         )
     st = s["store"]
     lines.append(f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)")
@@ -311,10 +311,10 @@ def format_latent_summary(s: dict[str, Any]) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = ["", f"{'model':<20} {'accuracy':>9} {'perplexity':>11} {'KV loss, last 20':>16}"]
+    lines = ["", f"{'model':<20} {'accuracy':>9} {'perplexity':>11} {'KV loss, last 20':>17}"]
     for r in s["results"]:
         kv = f"{r['kv_loss_mean_last_20']:.4f}" if r["kv_loss_mean_last_20"] is not None else "-"
-        lines.append(f"{r['model']:<20} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {kv:>16}")
+        lines.append(f"{r['model']:<20} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {kv:>17}")
     st = s["store"]
     lines.append(f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()) + f"; total {s['total_seconds']:.0f}s")

@@ -433,6 +433,7 @@ class TrainConfig(Record):
     batch_size: int = 16
     max_steps: int = 200
     warmup_steps: int = 20
+    warmup_ratio: float | None = None  # when set: warm-up over this fraction of max_steps, instead of warmup_steps
     grad_clip: float = 1.0
     seed: int = 0
     shuffle_buffer: int = 256
@@ -469,6 +470,11 @@ class TrainConfig(Record):
     codi_weight: float = 10.0  # alpha1: CODI hidden-state distillation (latent mode)
     cot_weight: float = 1.0  # latent mode: teacher-mode CE on the written chain, same backbone
 
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps of the schedule: warmup_ratio x max_steps when a ratio is set, else warmup_steps."""
+        return round(self.warmup_ratio * self.max_steps) if self.warmup_ratio is not None else self.warmup_steps
+
     def validate(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1:
             raise ConfigError("TrainConfig: max_steps and batch_size must be >= 1")
@@ -492,6 +498,8 @@ class TrainConfig(Record):
             raise ConfigError("TrainConfig: kv_attn_warmup_steps and layer_anneal_steps must be >= 0")
         self.check_min(0, "lr", "adapter_lr", "router_lr", "fusion_temperature", strict=True)
         self.check_min(0, "weight_decay", "grad_clip", "warmup_steps", "lora_r", "save_every", "num_workers", "seed")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"TrainConfig.warmup_ratio: a fraction of max_steps in [0, 1), got {self.warmup_ratio}")
         self.check_min(1, "lora_alpha", "shuffle_buffer", "log_every", "stop_at_step")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"TrainConfig.lora_dropout: must lie in [0, 1), got {self.lora_dropout}")

@@ -363,3 +363,17 @@ def test_a_generation_that_ends_with_eos_is_finished_and_one_without_is_cut():
     new = torch.tensor([[3, 7, 0, 0], [3, 4, 5, 6], [3, 4, 5, 7]])  # EOS at 2; none; EOS exactly at the budget
     assert generated_lengths(new, eos).tolist() == [2, 4, 4]
     assert (~finished(new, eos)).tolist() == [False, True, False]  # eval's hit_cap: only the row without EOS
+
+
+def test_warmup_ratio_sets_the_warm_up_as_a_fraction_of_max_steps(tiny_store, tmp_path):
+    from kvdistill.schemas import ConfigError
+
+    assert TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40, warmup_ratio=0.25).warmup == 10
+    assert TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40, warmup_steps=7).warmup == 7
+    with pytest.raises(ConfigError, match=r"TrainConfig.warmup_ratio: a fraction of max_steps in \[0, 1\), got 1.5"):
+        TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", warmup_ratio=1.5)
+    train(_train_cfg(tiny_store, tmp_path / "r", max_steps=8, warmup_ratio=0.5, log_every=1), progress=False)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    peak = _train_cfg(tiny_store, tmp_path / "x").lr
+    # Logged after each step's scheduler step: 4 warm-up steps of 8 reach the peak, then the cosine decays.
+    assert lrs[:4] == pytest.approx([peak * (s + 1) / 4 for s in range(4)]) and lrs[4] < peak

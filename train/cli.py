@@ -60,6 +60,7 @@ TRAIN_FLAGS: list[Flag] = [
     ("--per-device-train-batch-size", "batch_size", int, "batch size per process"),
     ("--max-steps", "max_steps", int, "optimizer steps"),
     ("--warmup-steps", "warmup_steps", int, "linear warm-up steps of the cosine schedule"),
+    ("--warmup-ratio", "warmup_ratio", float, "warm-up over this fraction of --max-steps instead (e.g. 0.05); replaces --warmup-steps"),
     ("--max-grad-norm", "grad_clip", float, "gradient clipping (0: off)"),
     ("--seed", "seed", int, "seed for init order, shuffling and dropout"),
     ("--shuffle-buffer", "shuffle_buffer", int, "samples held for shuffling within shards"),

@@ -396,7 +396,7 @@ def _train_latent(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str,
         ],
         weight_decay=cfg.weight_decay,
     )
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)
     stream = KVStream(
         cfg.store,
         list(teachers),

@@ -328,7 +328,7 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     if model.router is not None:
         groups.append({"params": model.router.parameters(), "lr": cfg.router_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)
     stream = KVStream(
         cfg.store,
         list(teachers),
