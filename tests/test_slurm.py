@@ -1,6 +1,6 @@
 """SLURM job arrays: the generated sbatch scripts (no SLURM needed), and the whole chain
 dump arrays -> finalize (afterok) -> train (afterok) on a real single-node SLURM cluster that the
-`slurm_cluster` fixture starts from /work/shared/slurm/slurm.conf (skipped when slurm-wlm /
+`slurm_cluster` fixture starts from tests/slurm/slurm.conf (skipped when slurm-wlm /
 munge are not installed; `make test` installs them as root on Debian)."""
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def test_sbatch_failure_raises_with_its_stderr_the_command_and_what_was_submitte
 
 # ---------------------------------------------------------------- a real single-node cluster
 
-SLURM_CONF = Path(__file__).resolve().parents[2] / "shared" / "slurm" / "slurm.conf"
+SLURM_CONF = Path(__file__).resolve().parent / "slurm" / "slurm.conf"  # a single-node config, kept in the repository
 DAEMONS = ("slurmctld", "slurmd", "munged")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scancel", "scontrol", "munge")
 
@@ -300,8 +300,6 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(f"SLURM not installed (missing {', '.join(missing)}); `make test` installs slurm-wlm and munge as root")
     if os.geteuid() != 0:
         pytest.skip("the single-node SLURM test runs slurmd / slurmctld as root (SlurmUser=root); run as root")
-    if not SLURM_CONF.exists():
-        pytest.skip(f"{SLURM_CONF} not found (the repository's ../shared checkout)")
 
     state = tmp_path_factory.mktemp("slurm")
     (state / "state").mkdir()
