@@ -16,22 +16,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from kvdistill.align.cka import cka_matrix, layer_map_to_json, topk_layer_map
+from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map
+from kvdistill.align.projection import fit_layer_pca
+from kvdistill.data import load_examples
+from kvdistill.schemas import CalibrateConfig
 
-from kvdistill.align.cka import cka_matrix, layer_map_to_json, topk_layer_map  # noqa: E402
-from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map  # noqa: E402
-from kvdistill.align.projection import fit_layer_pca  # noqa: E402
-from kvdistill.data import load_examples  # noqa: E402
-from kvdistill.schemas import CalibrateConfig  # noqa: E402
-
-from .capture import forward_kv, kv_geometry  # noqa: E402
-from .models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint  # noqa: E402
-from .prompts import encode, pad_batch  # noqa: E402
+from .capture import forward_kv, kv_geometry
+from .models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+from .prompts import encode, pad_batch
 
 __all__ = ["calibrate"]
 
@@ -44,13 +41,13 @@ def _features(model, batch, pad_id, device) -> list[tuple[torch.Tensor, torch.Te
 
 
 def _heatmap(sim: np.ndarray, path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * sim.shape[1], 1.2 + 0.35 * sim.shape[0]))
+    fig = Figure(figsize=(1.2 + 0.35 * sim.shape[1], 1.2 + 0.35 * sim.shape[0]))
+    ax = fig.subplots()
     im = ax.imshow(sim, origin="lower", cmap="viridis", vmin=min(0.0, float(sim.min())), vmax=1.0)
     ax.set(xlabel="teacher layer", ylabel="student layer", title=title)
     fig.colorbar(im, ax=ax, label="debiased linear CKA")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def calibrate(cfg: CalibrateConfig, progress: bool = True) -> dict[str, Any]:

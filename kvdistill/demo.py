@@ -20,21 +20,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from transformers import AutoTokenizer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from kvdistill import tiny  # noqa: E402
-from kvdistill.data import data_fingerprint, load_examples  # noqa: E402
-from kvdistill.jobs import dump_tasks, run_local  # noqa: E402
-from kvdistill.schemas import DemoConfig, DumpConfig, EvalConfig, LatentSpec, ModelSpec, TrainConfig  # noqa: E402
-from kvdistill.store import finalize, format_inspect, inspect  # noqa: E402
-from kvdistill.train.eval import evaluate  # noqa: E402
-from kvdistill.train.latent import train_latent  # noqa: E402
-from kvdistill.train.loop import train  # noqa: E402
+from kvdistill import tiny
+from kvdistill.data import data_fingerprint, load_examples
+from kvdistill.jobs import dump_tasks, run_local
+from kvdistill.schemas import DemoConfig, DumpConfig, EvalConfig, LatentSpec, ModelSpec, TrainConfig
+from kvdistill.store import finalize, format_inspect, inspect
+from kvdistill.train.eval import evaluate
+from kvdistill.train.latent import train_latent
+from kvdistill.train.loop import train
 
 __all__ = ["TEACHERS", "STUDENT", "run_demo", "run_latent_demo"]
 
@@ -63,7 +60,8 @@ def _mark(path: Path, recipe: dict[str, Any]) -> None:
 
 def _plot(runs: dict[str, Path], out: Path) -> Path:
     rows = {name: [json.loads(line) for line in (p / "metrics.jsonl").open()] for name, p in runs.items()}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     for name, r in rows.items():
         axes[0].plot([x["step"] for x in r], [x["ce"] for x in r], label=name)
     axes[0].set(title="CE on reasoning + answer", xlabel="step", yscale="log")
@@ -81,7 +79,6 @@ def _plot(runs: dict[str, Path], out: Path) -> Path:
     fig.tight_layout()
     path = out / "training.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -326,3 +326,17 @@ def test_compare_and_report_help(argv, flags, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(f in out for f in flags)
+
+
+def test_importing_the_trainer_demo_and_calibration_leaves_a_users_matplotlib_backend_alone():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, matplotlib; before = matplotlib.rcParams['backend']\n"
+        "import kvdistill.demo, kvdistill.train.report, kvdistill.dump.calibrate, kvdistill.store.stats\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+        "assert matplotlib.rcParams['backend'] == before, (before, matplotlib.rcParams['backend'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ, "MPLBACKEND": "pdf"})
+    assert r.returncode == 0, r.stderr[-2000:]

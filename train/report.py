@@ -21,11 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 __all__ = [
     "resolve_trackers",
@@ -155,7 +152,6 @@ def _evals(run: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
@@ -167,7 +163,8 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 def _curves(rows: list[dict[str, Any]], terms: list[str]) -> str:
     n = len(terms)
     cols = min(3, n)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5 * cols, 3.2 * math.ceil(n / cols)), squeeze=False)
+    fig = Figure(figsize=(5 * cols, 3.2 * math.ceil(n / cols)))
+    axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False)
     for ax, term in zip(axes.flat, terms, strict=False):
         x, y = _series(rows, term)
         ax.plot(x, y)
@@ -186,7 +183,8 @@ def _heatmap(rows: list[dict[str, Any]], key: str) -> str:
     grid = np.full((width, len(have)), np.nan)  # [L, logged steps]
     for j, r in enumerate(have):
         grid[: len(r[key]), j] = r[key]
-    fig, ax = plt.subplots(figsize=(10, 0.4 * width + 2))
+    fig = Figure(figsize=(10, 0.4 * width + 2))
+    ax = fig.subplots()
     steps = [r["step"] for r in have]
     im = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, width - 0.5))
     ax.set(title=f"{key} per student layer", xlabel="step", ylabel="layer")
@@ -198,7 +196,8 @@ def _heatmap(rows: list[dict[str, Any]], key: str) -> str:
 
 def _routes(rows: list[dict[str, Any]], keys: list[str]) -> str:
     parts = sorted({k.split("_")[1] for k in keys})  # route_<part>_<teacher>
-    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 3.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(parts), 3.5))
+    axes = fig.subplots(1, len(parts), squeeze=False)
     for ax, part in zip(axes.flat, parts, strict=True):
         for k in keys:
             if k.startswith(f"route_{part}_"):
@@ -259,7 +258,8 @@ def _compare_section(compare: dict[str, Any]) -> str:
         f"deviation and t = {compare['t_quantile']:.4f} the two-sided {conf}% Student t quantile at n - 1 degrees "
         "of freedom. Δ: the mean over seeds of (arm - ce) on the same seed, with its own CI.</p>"
     )
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2))
+    fig = Figure(figsize=(12, 0.5 * len(rows) + 2))
+    axes = fig.subplots(1, 2)
     names = list(compare["arms"])
     for ax, metric in zip(axes, ("accuracy", "perplexity"), strict=True):
         for i, name in enumerate(names):
