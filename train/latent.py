@@ -58,14 +58,12 @@ from kvdistill.store import StoreError
 
 from .distiller import KVAdapter, _key, fixed_weights
 from .loop import (
-    _agreed_signal,
+    _after_step,
     _check_epoch,
     _check_store,
     _open_metrics,
     _preempted,
     _resume,
-    _save_checkpoint,
-    _signal_checkpoint,
     _with_last,
     mixed_precision,
     stop_signals,
@@ -457,15 +455,8 @@ def _train_latent(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str,
                 metrics_f.flush()
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce_answer", "codi", "kv_k") if k in row})
-            ckpt = out / "checkpoints" / f"step-{step:07d}"
-            saved = bool(cfg.save_every and step % cfg.save_every == 0)
-            if saved:
-                _save_checkpoint(accelerator, ckpt, step, epoch, tokens, batches_in_epoch, end_of_epoch)
-            if step >= last:
-                break
-            stop = _agreed_signal(accelerator, got)
-            if stop:
-                save_s = _signal_checkpoint(accelerator, stop, saved, ckpt, step, epoch, tokens, batches_in_epoch, end_of_epoch)
+            ckpt, stop, save_s, done = _after_step(cfg, accelerator, got, out, step, last, epoch, tokens, batches_in_epoch, end_of_epoch)
+            if done:
                 break
         _check_epoch(cfg, accelerator.process_index, epoch, batches_in_epoch, skip)
         epoch, skip = epoch + 1, 0

@@ -219,6 +219,21 @@ def _signal_checkpoint(accelerator, signum: int, saved: bool, path: Path, step: 
     return time.perf_counter() - t0
 
 
+def _after_step(cfg: TrainConfig, accelerator, got: list[int], out: Path, step: int, last: int, *position) -> tuple[Path, int, float, bool]:
+    """End of an optimizer step, both modes: save_every's checkpoint of this step; then, unless it
+    is the run's last step, the stop signal every rank agreed on, with its checkpoint.
+    (this step's checkpoint path, signal or 0, seconds its save took, whether the loop ends)."""
+    ckpt = out / "checkpoints" / f"step-{step:07d}"
+    saved = bool(cfg.save_every and step % cfg.save_every == 0)
+    if saved:
+        _save_checkpoint(accelerator, ckpt, step, *position)
+    if step >= last:
+        return ckpt, 0, 0.0, True
+    stop = _agreed_signal(accelerator, got)
+    save_s = _signal_checkpoint(accelerator, stop, saved, ckpt, step, *position) if stop else 0.0
+    return ckpt, stop, save_s, bool(stop)
+
+
 def _slurm_requeue() -> str:
     """`scontrol requeue $SLURM_JOB_ID`: what happened, as the end of the preempted line."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -407,15 +422,8 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
                 accelerator.log(tracker_values(row), step=step)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce", "kv_k", "kv_v") if k in row})
-            ckpt = out / "checkpoints" / f"step-{step:07d}"
-            saved = bool(cfg.save_every and step % cfg.save_every == 0)
-            if saved:
-                _save_checkpoint(accelerator, ckpt, step, epoch, tokens, batches_in_epoch, end_of_epoch)
-            if step >= last:
-                break
-            stop = _agreed_signal(accelerator, got)
-            if stop:
-                save_s = _signal_checkpoint(accelerator, stop, saved, ckpt, step, epoch, tokens, batches_in_epoch, end_of_epoch)
+            ckpt, stop, save_s, done = _after_step(cfg, accelerator, got, out, step, last, epoch, tokens, batches_in_epoch, end_of_epoch)
+            if done:
                 break
         _check_epoch(cfg, accelerator.process_index, epoch, batches_in_epoch, skip)
         epoch, skip = epoch + 1, 0
