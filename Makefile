@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvdistill-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test lint slurm-packages
+.PHONY: install demo test lint imports slurm-packages
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The import contracts of pyproject.toml ([tool.importlinter]). import-linter finds modules under
+# the root package's folder, so it reads a tree of links laid out as the installed package is.
+STAGES := schemas dump align store train jobs
+IMPORTS := $(VENV)/imports
+imports: $(STAMP)
+	@rm -rf $(IMPORTS) && mkdir -p $(IMPORTS)/kvdistill
+	@for f in $(CURDIR)/kvdistill/* $(addprefix $(CURDIR)/,$(STAGES)); do ln -s $$f $(IMPORTS)/kvdistill/; done
+	cd $(IMPORTS) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --no-cache $(CURDIR)/pyproject.toml
+
 # slurm-wlm + munge for the real single-node cluster of tests/test_slurm.py (Debian, as root).
 # Quick when installed; if apt fails the SLURM tests skip, the build does not fail.
 SLURM_BINS := sbatch squeue sinfo scancel slurmctld slurmd munged
@@ -38,4 +47,5 @@ slurm-packages:
 
 test: $(STAMP) slurm-packages
 	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory imports
 	$(VENV)/bin/python -m pytest

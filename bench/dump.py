@@ -27,10 +27,10 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from kvdistill import tiny
-from kvdistill.data import load_examples
-from kvdistill.dump.capture import decoder, forward_kv
-from kvdistill.dump.models import load_model, load_tokenizer
-from kvdistill.dump.prompts import encode, pad_batch
+from kvdistill.core.capture import decoder, forward_kv
+from kvdistill.core.data import load_examples
+from kvdistill.core.models import load_model, load_tokenizer
+from kvdistill.core.prompts import encode, pad_batch
 from kvdistill.dump.run import run_dump
 from kvdistill.jobs.local import run_local
 from kvdistill.schemas import (

@@ -235,7 +235,7 @@ class World:
 
     def build(self) -> None:
         from kvdistill import tiny
-        from kvdistill.data import load_examples
+        from kvdistill.core.data import load_examples
         from kvdistill.schemas import (
             DEFAULT_TEMPLATE,
             DataSpec,

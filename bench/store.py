@@ -46,9 +46,9 @@ from transformers.utils import logging as hf_logging
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from kvdistill import tiny
-from kvdistill.data import load_examples
-from kvdistill.dump.capture import forward_kv
-from kvdistill.dump.prompts import encode, pad_batch
+from kvdistill.core.capture import forward_kv
+from kvdistill.core.data import load_examples
+from kvdistill.core.prompts import encode, pad_batch
 from kvdistill.schemas import (
     DEFAULT_TEMPLATE,
     AlignSpec,

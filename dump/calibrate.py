@@ -23,12 +23,11 @@ from matplotlib.figure import Figure
 from kvdistill.align.cka import cka_matrix, layer_map_to_json, topk_layer_map
 from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map
 from kvdistill.align.projection import fit_layer_pca
-from kvdistill.data import load_examples
+from kvdistill.core.capture import forward_kv, kv_geometry
+from kvdistill.core.data import load_examples
+from kvdistill.core.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+from kvdistill.core.prompts import encode, pad_batch
 from kvdistill.schemas import CalibrateConfig
-
-from .capture import forward_kv, kv_geometry
-from .models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
-from .prompts import encode, pad_batch
 
 __all__ = ["calibrate"]
 

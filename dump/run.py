@@ -19,7 +19,7 @@ corrected rerun. Another live writer of the same (teacher, shard) is an error (`
 With `latent` (KaVa latent mode) the teacher runs eager attention (only then: eager materialises
 a [B, H_q, T, T] probability map per layer, reduced layer by layer in a hook, so a batch costs
 one such map more memory and eager's slower kernels) and every sample also gets its reasoning
-K/V compressed by R-KV (dump/rkv.py) on the teacher's own time grid (compression replaces the
+K/V compressed by R-KV (align/rkv.py) on the teacher's own time grid (compression replaces the
 time map here), layer-mapped / projected like the full K/V, plus the final-norm hidden state
 before the first answer token (CODI). The full K/V are written as before.
 """
@@ -43,9 +43,22 @@ from tqdm.auto import tqdm
 from kvdistill.align.cka import layer_map_from_json
 from kvdistill.align.layers import ratio_layer_map
 from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map
+from kvdistill.align.rkv import compress
 from kvdistill.align.time import stack_time_maps
-from kvdistill.data import DataError, data_fingerprint, load_examples
-from kvdistill.preempt import Preempted
+from kvdistill.core.capture import forward_kv, forward_kv_importance, kv_geometry
+from kvdistill.core.data import DataError, data_fingerprint, load_examples
+from kvdistill.core.models import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    pad_token_id,
+    require_eos,
+    resolve_device,
+    tokenizer_fingerprint,
+)
+from kvdistill.core.prompts import SEGMENTS, encode, pad_batch
+from kvdistill.errors import Preempted
 from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
 from kvdistill.store import (
     ShardWriter,
@@ -56,20 +69,6 @@ from kvdistill.store import (
     shard_is_complete,
 )
 from kvdistill.store.errors import ShardComplete
-
-from .capture import forward_kv, forward_kv_importance, kv_geometry
-from .models import (
-    load_config,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    pad_token_id,
-    require_eos,
-    resolve_device,
-    tokenizer_fingerprint,
-)
-from .prompts import SEGMENTS, encode, pad_batch
-from .rkv import compress
 
 REASONING, ANSWER = SEGMENTS.index("reasoning"), SEGMENTS.index("answer")
 

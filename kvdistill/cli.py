@@ -7,33 +7,17 @@ import errno
 import json
 import os
 import sys
-from enum import IntEnum
 
-from kvdistill.align import cli as align_cli
-from kvdistill.data import DataError
+from kvdistill.core.data import DataError
 from kvdistill.dump import cli as dump_cli
+from kvdistill.errors import ExitCode, Preempted
 from kvdistill.jobs import cli as jobs_cli
 from kvdistill.jobs.local import LocalRunError
-from kvdistill.preempt import Preempted
 from kvdistill.schemas import CompareConfig, ConfigError, DemoConfig
 from kvdistill.schemas.cli import Flag, add_flags, config_from_args
 from kvdistill.store import cli as store_cli
 from kvdistill.store.errors import CorruptShard, ShardBusy, StoreError
 from kvdistill.train import cli as train_cli
-
-
-class ExitCode(IntEnum):
-    """What `kvdistill` exits with (README, "Exit codes"), so scripts and SLURM can branch on it."""
-
-    OK = 0
-    FAILED = 1  # the run failed: training diverged (non-finite loss), `jobs local` tasks failed
-    USAGE = 2  # usage or config error (argparse, ConfigError)
-    BAD_INPUT = 3  # data, model, tokenizer, a store that does not match, a missing file
-    INTEGRITY = 4  # a corrupt or missing chunk; `store verify` found problems
-    ENVIRONMENT = 5  # disk full, quota, read-only file system, permission denied
-    BUSY = 6  # another live writer owns the shard
-    PREEMPTED = 143  # SIGTERM (128 + 15); train: also SIGUSR1, after saving a checkpoint. dump: the partial shard was discarded
-
 
 DEBUG_HINT = "(KVDISTILL_DEBUG=1 or --debug for the traceback)"
 
@@ -98,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvdistill", description="Distil teacher reasoning into a student through its KV cache, offline.")
     sub = parser.add_subparsers(dest="command", required=True)
     dump_cli.add_parser(sub)
-    align_cli.add_parser(sub)
-    store_cli.add_parser(sub)
+    dump_cli.add_align_parser(sub)
+    store_cli.add_parser(sub, plan_main=dump_cli.plan_main)
     jobs_cli.add_parser(sub)
     train_cli.add_parser(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)")

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from transformers import AutoTokenizer
 
 from kvdistill import tiny
-from kvdistill.data import data_fingerprint, load_examples
+from kvdistill.core.data import data_fingerprint, load_examples
 from kvdistill.jobs import dump_tasks, run_local
 from kvdistill.schemas import DemoConfig, DumpConfig, EvalConfig, LatentSpec, ModelSpec, TrainConfig
 from kvdistill.store import finalize, format_inspect, inspect

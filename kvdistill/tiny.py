@@ -25,7 +25,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from kvdistill.dump.prompts import encode, pad_batch, render
+from kvdistill.core.prompts import encode, pad_batch, render
 from kvdistill.schemas import Example
 from kvdistill.train.losses import masked_ce
 

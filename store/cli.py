@@ -7,10 +7,14 @@ import argparse
 import json
 import sys
 
+from kvdistill.errors import ExitCode
+
 from .plan import KV_DTYPES
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, plan_main) -> None:
+    """`plan_main(args)`: the tokenising front end of `store plan` (it loads tokenizers and configs, so
+    it lives with the dump stage; the store itself knows no models)."""
     p = sub.add_parser("store", help="finalize, inspect, verify, summarise or plan a KV store", description=__doc__)
     ssub = p.add_subparsers(dest="store_command", required=True)
     f = ssub.add_parser("finalize", help="check every shard is complete, write index.parquet and consolidated metadata")
@@ -89,8 +93,6 @@ def verify_main(args: argparse.Namespace) -> int:
 
     problems = verify(args.store, progress=not args.no_progress)
     if problems:
-        from kvdistill.cli import ExitCode  # here: kvdistill.cli imports this module
-
         print(format_problems(problems))
         print(f"kvdistill store: verify found {len(problems)} problem(s) in {args.store}; each is listed above with its fix", file=sys.stderr)
         return ExitCode.INTEGRITY
@@ -107,46 +109,6 @@ def stats_main(args: argparse.Namespace) -> int:
     print(json.dumps(info, indent=1) if args.json else format_stats(info))
     if args.png:
         print(f"wrote {plot_stats(info, args.png)}")
-    return 0
-
-
-def plan_main(args: argparse.Namespace) -> int:
-    from kvdistill.data import load_examples
-    from kvdistill.dump.capture import kv_geometry
-    from kvdistill.dump.models import load_config, load_tokenizer
-    from kvdistill.dump.prompts import encode
-    from kvdistill.schemas import DataSpec, ModelSpec
-
-    from .plan import codec_bytes_per_value, format_plan, plan
-
-    student = ModelSpec(name_or_path=args.student, **({"prompt_template": args.student_template} if args.student_template else {}))
-    examples = load_examples(DataSpec(source=args.data, split=args.split, config_name=args.data_config, limit=args.limit))
-    if not examples:
-        raise ValueError(f"data {args.data} split {args.split} holds no rows; nothing to plan")
-    tok = load_tokenizer(student)
-    lengths = [len(encode(tok, student.prompt_template, ex)) for ex in examples]  # student grid rows
-    s_cfg = load_config(student)
-    t_cfgs = {ModelSpec(name_or_path=t).short_name: load_config(ModelSpec(name_or_path=t)) for t in args.teacher}
-
-    def estimate(num_shards: int | None) -> dict:
-        return {
-            name: plan(
-                cfg,
-                s_cfg,
-                num_samples=len(lengths),
-                mean_tokens=sum(lengths) / len(lengths),
-                codec_bytes_per_value=codec_bytes_per_value(args.kv_dtype, kv_geometry(s_cfg).num_layers, kv_geometry(cfg).width),
-                num_shards=num_shards,
-                target_shard_bytes=int(args.target_shard_gib * 2**30),
-                compression_ratio=args.compression,
-            )
-            for name, cfg in t_cfgs.items()
-        }
-
-    # Every teacher shares num_shards; by default the largest teacher's suggestion.
-    plans = estimate(args.num_shards or max(p["suggested_num_shards"] for p in estimate(None).values()))
-    print(format_plan(plans, codec=args.kv_dtype))
-    print(f"longest sample: {max(lengths):,} student tokens (dump's --max-len must cover the teacher's tokens too)")
     return 0
 
 

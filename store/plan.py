@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from kvdistill.schemas import KVGeometry
+
 from . import codecs
 
 __all__ = ["KV_DTYPES", "COMPRESSION", "codec_bytes_per_value", "plan", "format_plan"]
@@ -37,17 +39,9 @@ def codec_bytes_per_value(codec: str, num_layers: int, width: int) -> float:
     return codecs.bytes_per_row(codec, num_layers, width) / (2 * num_layers * width)
 
 
-def _kv_geometry(config) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a transformers config, GQA / MQA aware (as dump reads it)."""
-    from kvdistill.dump.capture import kv_geometry
-
-    g = kv_geometry(config)
-    return g.num_layers, g.num_kv_heads, g.head_dim
-
-
 def plan(
-    teacher_config,
-    student_config,
+    teacher: KVGeometry,
+    student: KVGeometry,
     num_samples: int,
     mean_tokens: float,
     codec_bytes_per_value: float = 2.0,
@@ -62,8 +56,8 @@ def plan(
         raise ValueError(f"num_samples and mean_tokens must be >= 0, got {num_samples}, {mean_tokens}")
     if codec_bytes_per_value <= 0 or target_shard_bytes <= 0:
         raise ValueError("codec_bytes_per_value and target_shard_bytes must be > 0")
-    L_s = _kv_geometry(student_config)[0]
-    L_t, H_t, d_t = _kv_geometry(teacher_config)
+    L_s = student.num_layers
+    L_t, H_t, d_t = teacher.num_layers, teacher.num_kv_heads, teacher.head_dim
     if compression_ratio is None:
         compression_ratio = COMPRESSION["float" if codec_bytes_per_value >= 2 else "quantised"]
     rows = round(num_samples * mean_tokens)  # tokens on the student grid

@@ -13,7 +13,7 @@ Layout (self-describing: plain `zarr.open_group` and `pyarrow.parquet` read all 
           sample_ids  [n] str
           latent_k, latent_v [n, M, L_s, D_t]  KaVa latent mode only (teacher spec `latent`): per
                                     sample, the teacher's R-KV compressed reasoning K/V
-                                    (dump/rkv.py), layer-mapped like k / v
+                                    (align/rkv.py), layer-mapped like k / v
           latent_mask [n, M] bool   False = padding slot (a chain shorter than M)
           latent_pos  [n, M, L_t, H_t] int32  kept teacher positions per teacher layer and
                                     KV head, ascending; -1 = padding

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kvdistill import tiny  # noqa: E402
-from kvdistill.data import load_examples  # noqa: E402
+from kvdistill.core.data import load_examples  # noqa: E402
 from kvdistill.jobs import dump_tasks, run_local  # noqa: E402
 from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, DumpConfig, ModelSpec, SyntheticSpec  # noqa: E402
 from kvdistill.store import finalize  # noqa: E402

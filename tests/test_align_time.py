@@ -19,8 +19,8 @@ from kvdistill.align.time import (
     segment_time_map,
     stack_time_maps,
 )
-from kvdistill.data import load_examples
-from kvdistill.dump.prompts import SEGMENTS, encode, render
+from kvdistill.core.data import load_examples
+from kvdistill.core.prompts import SEGMENTS, encode, render
 from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, SyntheticSpec
 
 FAST = settings(max_examples=150, deadline=None)

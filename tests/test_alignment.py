@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvdistill.align import apply_layer_map, flatten_heads, ratio_layer_map, unflatten_heads
-from kvdistill.dump.capture import forward_kv, kv_geometry
-from kvdistill.dump.prompts import encode, prompt_text, render
+from kvdistill.core.capture import forward_kv, kv_geometry
+from kvdistill.core.prompts import encode, prompt_text, render
 from kvdistill.dump.run import run_dump
 from kvdistill.schemas import DEFAULT_TEMPLATE, DumpConfig, ModelSpec
 from kvdistill.store import ShardReader

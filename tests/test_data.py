@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kvdistill.data import (  # noqa: E402
+from kvdistill.core.data import (  # noqa: E402
     DataError,
     data_fingerprint,
     load_examples,
@@ -351,7 +351,7 @@ def test_synthetic_is_deterministic_by_seed_and_split():
 
 def test_synthetic_is_the_same_in_a_fresh_process():
     code = (
-        "from kvdistill.data import synthetic_examples, data_fingerprint;"
+        "from kvdistill.core.data import synthetic_examples, data_fingerprint;"
         "from kvdistill.schemas import SyntheticSpec;"
         "print(data_fingerprint(synthetic_examples(SyntheticSpec(n_train=300, n_test=50), 'train')))"
     )
@@ -403,13 +403,13 @@ def test_synthetic_unknown_split_lists_the_valid_ones():
 
 
 def test_synthetic_train_fails_loudly_when_test_uses_up_every_question(monkeypatch):
-    import kvdistill.data
+    import kvdistill.core.data
 
     # Two people and one object leave a few dozen distinct one-step questions.
     monkeypatch.setattr(
-        kvdistill.data, "_PEOPLE", kvdistill.data._PEOPLE[:1] + kvdistill.data._PEOPLE[-1:]
+        kvdistill.core.data, "_PEOPLE", kvdistill.core.data._PEOPLE[:1] + kvdistill.core.data._PEOPLE[-1:]
     )
-    monkeypatch.setattr(kvdistill.data, "_OBJECTS", kvdistill.data._OBJECTS[:1])
+    monkeypatch.setattr(kvdistill.core.data, "_OBJECTS", kvdistill.core.data._OBJECTS[:1])
     spec = SyntheticSpec(n_train=50, n_test=2000, min_steps=1, max_steps=1, max_number=2)
     with pytest.raises(DataError, match="cannot draw 50 train questions distinct from the test"):
         synthetic_examples(spec, "train")

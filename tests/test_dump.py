@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kvdistill import tiny
 from kvdistill.align.layers import apply_layer_map
 from kvdistill.align.time import char_overlap_time_map
-from kvdistill.data import load_examples
-from kvdistill.dump.capture import forward_kv
-from kvdistill.dump.prompts import encode
+from kvdistill.core.capture import forward_kv
+from kvdistill.core.data import load_examples
+from kvdistill.core.prompts import encode
 from kvdistill.dump.run import partition, run_dump
 from kvdistill.schemas import (
     DEFAULT_TEMPLATE,

@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 
 import kvdistill.dump.run as dump_run
-from kvdistill.data import DataError
+from kvdistill.core.data import DataError
+from kvdistill.core.prompts import encode
 from kvdistill.dump.cli import FLAGS, add_parser
-from kvdistill.dump.prompts import encode
 from kvdistill.dump.run import run_dump
 from kvdistill.schemas import DEFAULT_TEMPLATE, ConfigError, DataSpec, DumpConfig, ModelSpec
 from kvdistill.schemas.cli import config_from_args

@@ -11,10 +11,10 @@ import torch
 from conftest import DATA
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvdistill.data import load_examples
-from kvdistill.dump.capture import forward_kv_importance
-from kvdistill.dump.prompts import encode, pad_batch
-from kvdistill.dump.rkv import importance_from_attention
+from kvdistill.align.rkv import importance_from_attention
+from kvdistill.core.capture import forward_kv_importance
+from kvdistill.core.data import load_examples
+from kvdistill.core.prompts import encode, pad_batch
 from kvdistill.dump.run import run_dump
 from kvdistill.schemas import DEFAULT_TEMPLATE, DumpConfig, JobsConfig, LatentSpec, ModelSpec
 from kvdistill.store import (

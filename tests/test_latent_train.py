@@ -13,8 +13,8 @@ import transformers
 from conftest import DATA
 
 from kvdistill.cli import main
-from kvdistill.dump.capture import decoder
-from kvdistill.dump.prompts import encode, pad_batch
+from kvdistill.core.capture import decoder
+from kvdistill.core.prompts import encode, pad_batch
 from kvdistill.jobs import dump_tasks, run_local
 from kvdistill.schemas import (
     DEFAULT_TEMPLATE,

@@ -28,7 +28,7 @@ from test_latent_train import _cfg as _latent_cfg
 from test_latent_train import latent_store, student_path  # noqa: F401  (fixtures)
 from test_resume import _assert_bitwise_equal, _final_weights, _latent_final
 
-from kvdistill.preempt import Preempted
+from kvdistill.errors import Preempted
 from kvdistill.schemas import TrainConfig
 from kvdistill.train.latent import train_latent
 from kvdistill.train.loop import train

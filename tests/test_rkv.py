@@ -1,11 +1,11 @@
-"""R-KV compression (dump/rkv.py) on hand-built tensors with known answers."""
+"""R-KV compression (align/rkv.py) on hand-built tensors with known answers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvdistill.dump.rkv import (
+from kvdistill.align.rkv import (
     compress,
     gather_slots,
     importance_from_attention,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from kvdistill.align.rope import derotate, rotate
-from kvdistill.dump.capture import forward_kv, kv_geometry
+from kvdistill.core.capture import forward_kv, kv_geometry
 
 SCALINGS = {
     "default": None,

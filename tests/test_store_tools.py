@@ -17,9 +17,10 @@ import zarr
 from transformers import LlamaConfig, Qwen2Config
 
 from kvdistill.cli import main
-from kvdistill.data import load_examples
-from kvdistill.dump.models import load_tokenizer
-from kvdistill.dump.prompts import encode
+from kvdistill.core.capture import kv_geometry
+from kvdistill.core.data import load_examples
+from kvdistill.core.models import load_tokenizer
+from kvdistill.core.prompts import encode
 from kvdistill.schemas import DataSpec, ModelSpec
 from kvdistill.store import ShardReader, ShardWriter, finalize, inspect, shard_name
 from kvdistill.store.plan import plan
@@ -258,8 +259,8 @@ def test_stats_of_an_unknown_teacher_is_an_error_listing_the_teachers(tiny_store
 
 # --- plan ---------------------------------------------------------------------------------------
 
-TEACHER = Qwen2Config(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-STUDENT = Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2)
+TEACHER = kv_geometry(Qwen2Config(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32))
+STUDENT = kv_geometry(Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2))
 
 
 def test_plan_float16_matches_a_hand_computation():
@@ -280,7 +281,7 @@ def test_plan_int8_halves_the_bytes_and_takes_no_compression_by_default():
 
 
 def test_plan_with_given_shards_keeps_the_suggestion_and_splits_rows_evenly():
-    mqa = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    mqa = kv_geometry(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16))
     p = plan(mqa, STUDENT, 1000, 50.5, num_shards=4, target_shard_bytes=2**20, compression_ratio=2.0)
     assert p["raw_bytes_per_token"] == 2 * 2 * 1 * 16 * 2  # MQA: one kv head
     assert (p["num_shards"], p["rows_per_shard"], p["suggested_num_shards"]) == (4, 12_625, 4)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvdistill import tiny
-from kvdistill.data import load_examples
+from kvdistill.core.data import load_examples
 from kvdistill.schemas import DataSpec, EvalConfig, ModelSpec, SyntheticSpec, TrainConfig
 from kvdistill.store import ShardReader, StoreError, finalize
 from kvdistill.train.distiller import KVAdapter

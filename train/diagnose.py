@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
-from kvdistill.dump.models import pad_token_id
+from kvdistill.core.models import pad_token_id
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 

@@ -10,7 +10,7 @@ import re
 import torch
 from torch import nn
 
-from kvdistill.dump.capture import capture_kv
+from kvdistill.core.capture import capture_kv
 
 from .losses import (
     attention_key_weights,

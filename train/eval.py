@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kvdistill.data import load_examples
-from kvdistill.dump.models import load_model, load_tokenizer, pad_token_id, resolve_device
-from kvdistill.dump.prompts import encode, pad_batch, prompt_text
+from kvdistill.core.data import load_examples
+from kvdistill.core.models import load_model, load_tokenizer, pad_token_id, resolve_device
+from kvdistill.core.prompts import encode, pad_batch, prompt_text
 from kvdistill.schemas import DEFAULT_TEMPLATE, EvalConfig, ModelSpec, TrainConfig
 
 from .answers import answers_match, extract_answer

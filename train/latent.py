@@ -51,8 +51,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from kvdistill.dump.capture import capture_kv, decoder
-from kvdistill.dump.models import load_tokenizer, pad_token_id
+from kvdistill.core.capture import capture_kv, decoder
+from kvdistill.core.models import load_tokenizer, pad_token_id
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 

@@ -47,9 +47,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from kvdistill.dump.capture import kv_geometry
-from kvdistill.dump.models import load_tokenizer, pad_token_id, tokenizer_fingerprint
-from kvdistill.preempt import Preempted
+from kvdistill.core.capture import kv_geometry
+from kvdistill.core.models import load_tokenizer, pad_token_id, tokenizer_fingerprint
+from kvdistill.errors import Preempted
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
 

@@ -89,7 +89,7 @@ def forward_kv_importance(
     The model must run eager attention (`model.set_attn_implementation("eager")`): only eager
     returns the probabilities. Each layer's [B, H_q, T, T] map is reduced in a hook as soon as
     it exists, so the extra memory is one layer's T^2 map, not L of them."""
-    from .rkv import importance_from_attention
+    from kvdistill.align.rkv import importance_from_attention
 
     H_kv = kv_geometry(model.config).num_kv_heads
     layers = decoder(model).layers
