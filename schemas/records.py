@@ -430,8 +430,11 @@ class TrainConfig(Record):
     lr: float = 1e-3
     adapter_lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 16
-    max_steps: int = 200
+    batch_size: int = 16  # per device and micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step: effective batch = batch_size x this x processes
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward (less memory, ~30% more compute)
+    max_steps: int = 200  # optimizer steps
+    num_train_epochs: float | None = None  # when set: this many passes over the training shards, instead of max_steps
     warmup_steps: int = 20
     warmup_ratio: float | None = None  # when set: warm-up over this fraction of max_steps, instead of warmup_steps
     grad_clip: float = 1.0
@@ -444,6 +447,16 @@ class TrainConfig(Record):
     # the step. "auto": stored on an accelerator, decoded on CPU (there the device *is* the CPU).
     kv_transfer: Literal["auto", "stored", "decoded"] = "auto"
     log_every: int = 10
+    # Validation: every eval_steps steps (0: never) the active loss terms on held-out data, either
+    # the store's last val_shards shards (not trained on) or a second store val_store, all of it.
+    eval_steps: int = 0
+    val_shards: int = 0
+    val_store: str | None = None
+    val_batches: int | None = None  # at most this many validation batches per evaluation (default: all)
+    # Keep RUN_DIR/best: the checkpoint with the lowest value of this validation metric
+    # ("val_loss", "val_ce", "val_kv_k", ...); needs eval_steps.
+    metric_for_best_model: str | None = None
+    hash_params: bool = False  # write a sha256 of the final parameters into RUN_DIR/ranks (the DDP test compares ranks)
     save_every: int = 0  # checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps
     stop_at_step: int | None = None  # stop cleanly after this step (a time-limited job); --resume goes on
     # a run directory (its latest checkpoint), one checkpoint directory, or "auto": the latest
@@ -498,6 +511,20 @@ class TrainConfig(Record):
             raise ConfigError("TrainConfig: kv_attn_warmup_steps and layer_anneal_steps must be >= 0")
         self.check_min(0, "lr", "adapter_lr", "router_lr", "fusion_temperature", strict=True)
         self.check_min(0, "weight_decay", "grad_clip", "warmup_steps", "lora_r", "save_every", "num_workers", "seed")
+        self.check_min(1, "gradient_accumulation_steps")
+        self.check_min(0, "eval_steps", "val_shards")
+        if self.num_train_epochs is not None and self.num_train_epochs <= 0:
+            raise ConfigError(f"TrainConfig.num_train_epochs: must be > 0, got {self.num_train_epochs}")
+        if self.val_batches is not None and self.val_batches < 1:
+            raise ConfigError(f"TrainConfig.val_batches: must be >= 1, got {self.val_batches}")
+        if self.val_shards and self.val_store:
+            raise ConfigError("TrainConfig: give val_shards (held out of the training store) or val_store (a second store), not both")
+        if self.eval_steps and not (self.val_shards or self.val_store):
+            raise ConfigError("TrainConfig.eval_steps: validation needs held-out data: set val_shards N (the store's last N shards) or val_store PATH")
+        if self.metric_for_best_model and not self.eval_steps:
+            raise ConfigError("TrainConfig.metric_for_best_model: needs validation; set eval_steps (and val_shards or val_store)")
+        if self.metric_for_best_model and not self.metric_for_best_model.startswith("val_"):
+            raise ConfigError(f"TrainConfig.metric_for_best_model: a validation metric such as val_loss or val_ce, got {self.metric_for_best_model!r}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"TrainConfig.warmup_ratio: a fraction of max_steps in [0, 1), got {self.warmup_ratio}")
         self.check_min(1, "lora_alpha", "shuffle_buffer", "log_every", "stop_at_step")
