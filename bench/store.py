@@ -12,7 +12,7 @@ reference, and no compressor (zarr's own cost).
 
 Per variant: stored bytes, compression ratio vs raw 16-bit K/V, write MB/s (encode + compress
 + write), read MB/s (read + decompress + decode, in the training stream's read spans:
-whole samples, about one zarr shard of rows per read, `train.stream.read_spans`; page cache
+whole samples, about one zarr shard of rows per read, `store.samples.read_spans`; page cache
 dropped with posix_fadvise first, then warm), the raw read rate of the same files
 (`open().read()`, cold and warm) and the relative Frobenius error of K and V. MB/s are
 logical: float16 bytes of the K/V delivered, whatever the codec stores. read/raw compares the
@@ -61,9 +61,10 @@ from kvdistill.schemas import (
 )
 from kvdistill.store import ShardWriter, codecs, finalize, init_store, init_teacher, read_kv
 from kvdistill.store.rows import ShardedRows
-from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD
+from kvdistill.store.samples import READ_SPAN_CHUNKS, read_spans
+from kvdistill.store.writer import CHUNK_BYTES, CHUNKS_PER_SHARD
 from kvdistill.train.quant import collate_quant
-from kvdistill.train.stream import READ_SPAN_CHUNKS, KVStream, read_spans
+from kvdistill.train.stream import KVStream
 
 TEACHER = dict(layers=6, hidden=128, heads=4, kv_heads=2, head_dim=32)
 # name -> compressor for a chunk of `nbytes` bytes. blosc's default block (`blocksize=0`, tens of

@@ -9,18 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from kvdistill.schemas import JobsConfig
-from kvdistill.store.lock import lock_holder
-from kvdistill.store.zarr_store import (
+from kvdistill.store.layout import (
     INDEX,
-    _du,
+    disk_usage,
+    lock_path,
     partial_attempts,
-    partial_dir,
     read_store_spec,
     read_teacher_specs,
     shard_attrs,
     shard_name,
     teacher_dir,
 )
+from kvdistill.store.lock import lock_holder
 
 from .slurm import array_spec
 
@@ -39,15 +39,15 @@ def shard_states(store: str | Path, teachers: list[str], num_shards: int) -> dic
             final = teacher_dir(store, name) / shard_name(i)
             attrs = shard_attrs(final)
             leftovers = partial_attempts(store, name, i)
-            owner = lock_holder(partial_dir(store, name) / f"{shard_name(i)}.lock")
+            owner = lock_holder(lock_path(store, name, i))
             if attrs and attrs.get("complete"):
-                row = {"state": "complete", "rows": attrs["rows"], "samples": attrs["samples"], "bytes": _du(final)}
+                row = {"state": "complete", "rows": attrs["rows"], "samples": attrs["samples"], "bytes": disk_usage(final)}
             elif owner is not None:  # a live writer holds it: not a leftover to redo
-                nbytes = sum(_du(p) if p.is_dir() else p.stat().st_size for p in leftovers)
+                nbytes = sum(disk_usage(p) if p.is_dir() else p.stat().st_size for p in leftovers)
                 row = {"state": "running", "rows": None, "samples": None, "bytes": nbytes, "owner": owner}
             elif leftovers or final.exists():  # a visible but unmarked shard is as good as partial
-                nbytes = sum(_du(p) if p.is_dir() else p.stat().st_size for p in leftovers)
-                row = {"state": "partial", "rows": None, "samples": None, "bytes": nbytes + (_du(final) if final.exists() else 0)}
+                nbytes = sum(disk_usage(p) if p.is_dir() else p.stat().st_size for p in leftovers)
+                row = {"state": "partial", "rows": None, "samples": None, "bytes": nbytes + (disk_usage(final) if final.exists() else 0)}
             else:
                 row = {"state": "missing", "rows": None, "samples": None, "bytes": 0}
             rows.append({"shard": i, **row})

@@ -1,27 +1,36 @@
-"""The KV store: zarr v3 shards with atomic commit, readers, finalize (index.parquet), inspect;
-and the same records as webdataset tars (store/wds.py)."""
+"""The KV store: zarr v3 shards with atomic commit, or the same records as webdataset tars.
+
+    layout.py    names, paths, the index schema, store / teacher specs (read and write)
+    errors.py    StoreError and its kinds (the CLI maps them to exit codes)
+    writer.py    ShardWriter and the one-writer-per-shard protocol (both backends); lock.py
+    reader.py    ShardReader, read_kv, open_root, read_index; rows.py (checked chunk reads)
+    codecs.py    K/V codecs: float16 / bfloat16 / int8 / int4
+    index.py     finalize: index.parquet and consolidated metadata
+    summary.py   inspect / format_inspect
+    samples.py   a zarr store's samples in the trainer's format, read ahead
+    wds.py       the webdataset backend (writer, checked reader, convert)
+    backend.py   open_shard_writer / shard_samples: either backend behind one call
+    verify.py, stats.py, plan.py, cli.py   `kvdistill store verify / stats / plan / ...`
+"""
 
 from kvdistill.schemas import StoreSpec, TeacherSpec
 
-from .wds import WdsShardWriter, is_wds_store, wds_samples, wds_stream, wds_to_zarr, zarr_to_wds  # noqa: E402
-from .zarr_store import (
-    ShardReader,
-    ShardWriter,
-    StoreError,
-    compression,
-    finalize,
-    format_inspect,
+from .backend import open_shard_writer, shard_samples
+from .errors import StoreError
+from .index import finalize
+from .layout import (
     init_store,
     init_teacher,
-    inspect,
-    open_root,
-    read_index,
-    read_kv,
+    is_wds_store,
     read_store_spec,
     read_teacher_specs,
     shard_is_complete,
     shard_name,
 )
+from .reader import ShardReader, open_root, read_index, read_kv
+from .summary import format_inspect, inspect
+from .wds import WdsShardWriter, wds_samples, wds_stream, wds_to_zarr, zarr_to_wds
+from .writer import ShardWriter, compression
 
 
 def open_specs(path) -> tuple[StoreSpec, dict[str, TeacherSpec]]:
@@ -31,6 +40,8 @@ def open_specs(path) -> tuple[StoreSpec, dict[str, TeacherSpec]]:
 
 __all__ = [
     "open_specs",
+    "open_shard_writer",
+    "shard_samples",
     "is_wds_store",
     "WdsShardWriter",
     "wds_samples",

@@ -71,7 +71,8 @@ def add_parser(sub, plan_main) -> None:
 
 
 def finalize_main(args: argparse.Namespace) -> int:
-    from .zarr_store import finalize, format_inspect, inspect
+    from .index import finalize
+    from .summary import format_inspect, inspect
 
     index = finalize(args.store)
     print(format_inspect(inspect(args.store)))
@@ -80,7 +81,7 @@ def finalize_main(args: argparse.Namespace) -> int:
 
 
 def inspect_main(args: argparse.Namespace) -> int:
-    from .zarr_store import format_inspect, inspect
+    from .summary import format_inspect, inspect
 
     info = inspect(args.store)
     print(json.dumps(info, indent=1) if args.json else format_inspect(info))
@@ -88,8 +89,8 @@ def inspect_main(args: argparse.Namespace) -> int:
 
 
 def verify_main(args: argparse.Namespace) -> int:
+    from .summary import inspect
     from .verify import format_problems, verify
-    from .zarr_store import inspect
 
     problems = verify(args.store, progress=not args.no_progress)
     if problems:
@@ -113,8 +114,8 @@ def stats_main(args: argparse.Namespace) -> int:
 
 
 def convert_main(args: argparse.Namespace) -> int:
+    from .layout import read_store_spec
     from .wds import convert
-    from .zarr_store import read_store_spec
 
     source = read_store_spec(args.src).backend
     target = args.to or ("zarr" if source == "webdataset" else "webdataset")

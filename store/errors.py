@@ -5,7 +5,11 @@ The CLI maps them to exit codes (README, "Exit codes"): StoreError -> bad input,
 
 from __future__ import annotations
 
-__all__ = ["StoreError", "CorruptShard", "ShardBusy", "ShardComplete"]
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["StoreError", "CorruptShard", "ShardBusy", "ShardComplete", "names_path"]
 
 
 class StoreError(RuntimeError):
@@ -24,3 +28,15 @@ class ShardBusy(StoreError):
 class ShardComplete(StoreError):
     """The shard this writer was about to write is complete already (another task finished it
     while this one waited for the lock): nothing to do."""
+
+
+@contextmanager
+def names_path(path: Path):
+    """An OSError without a file name (zarr's writes: "No space left on device") gets `path`, so
+    the one-line error says where the disk is full or read-only."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise

@@ -21,17 +21,16 @@ import numpy as np
 import zarr
 
 from . import codecs
-from .errors import CorruptShard
-from .rows import check_chunks_present
-from .zarr_store import (
+from .errors import CorruptShard, StoreError
+from .layout import (
     KEY,
-    StoreError,
     read_store_spec,
     read_teacher_specs,
     shard_is_complete,
     shard_name,
     teacher_dir,
 )
+from .rows import check_chunks_present
 
 __all__ = ["stats", "format_stats", "plot_stats"]
 

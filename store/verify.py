@@ -37,24 +37,26 @@ from tqdm.auto import tqdm
 
 from kvdistill.schemas import StoreSpec, TeacherSpec
 
-from .errors import CorruptShard
-from .rows import checked_reader, missing_chunks
-from .zarr_store import (
+from .errors import CorruptShard, StoreError
+from .layout import (
     INDEX,
+    INDEX_COLUMNS,
     KEY,
-    ShardReader,
-    StoreError,
+    partial_attempts,
     partial_dir,
     read_store_spec,
     read_teacher_specs,
     shard_name,
+    sidecar_path,
+    tar_path,
     teacher_dir,
 )
+from .reader import ShardReader
+from .rows import checked_reader, missing_chunks
 
 __all__ = ["Problem", "verify", "format_problems"]
 
 REQUIRED = ("k", "v", "input_ids", "loss_mask", "offsets", "sample_ids")
-INDEX_COLUMNS = ("teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop", "length")
 
 
 @dataclass(frozen=True)
@@ -341,11 +343,9 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
     Problem; then every sound record decoded (pickle-free): lengths, shapes, finiteness and the
     latent arrays against the completion record."""
     from .wds import OLD_FIX, decode_record, latent_record, read_sidecar, tar_records
-    from .zarr_store import partial_attempts
 
     name = tspec.name
-    d = teacher_dir(path, name) / shard_name(i)
-    tar, sidecar = d.with_name(d.name + ".tar"), d.with_name(d.name + ".json")
+    tar, sidecar = tar_path(path, name, i), sidecar_path(path, name, i)
     redo = _redump(name, i, delete=False)
     if not tar.exists():
         if partial_attempts(path, name, i):

@@ -25,8 +25,9 @@ second writer fails naming the owner, or waits). The tar is written in the store
 `.partial/<teacher>/`, its completion record is written beside where it will land, then the
 tar is renamed into place: a visible tar with its record is a complete shard.
 
-Integrity: nothing corrupt is read as data. Every reader (`wds_samples`, the trainer's
-`wds_stream`, `convert`, `verify`) reads a tar through `tar_records`, which checks
+Integrity: nothing corrupt is read as data. Every reader (`wds_samples`, `wds_stream`,
+`wds_shard_samples` (the trainer's, through backend.shard_samples), `convert`, `verify`) reads
+a tar through `tar_records`, which checks
 
 - each member's crc32c against the completion record before anything decodes it;
 - that the records arrive in the recorded order with the recorded members, and that the tar
@@ -65,27 +66,24 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from . import codecs
-from .errors import CorruptShard
-from .zarr_store import (
-    ShardReader,
-    ShardWriter,
-    StoreError,
-    acquire_shard,
-    compression,
-    finalize,
+from .errors import CorruptShard, StoreError
+from .index import finalize
+from .layout import (
     init_store,
     init_teacher,
     partial_dir,
     read_store_spec,
     read_teacher_specs,
-    release_shard,
     shard_attrs,
     shard_name,
+    sidecar_path,
+    tar_path,
     teacher_dir,
 )
+from .reader import ShardReader
+from .writer import ShardWriter, acquire_shard, compression, release_shard
 
 __all__ = [
-    "is_wds_store",
     "WdsShardWriter",
     "tar_records",
     "read_sidecar",
@@ -93,23 +91,16 @@ __all__ = [
     "latent_record",
     "wds_samples",
     "wds_stream",
+    "wds_shard_samples",
     "convert",
     "zarr_to_wds",
     "wds_to_zarr",
 ]
 
 ARRAYS = ("k", "v", "input_ids", "loss_mask")
-OPTIONAL = ("segment_ids", "latent_k", "latent_v", "latent_mask", "latent_pos", "codi_hidden")  # newer / latent-mode members
+OPTIONAL = ("segment_ids", "latent_k", "latent_v", "latent_mask", "latent_pos", "codi_hidden")  # members only some shards hold
 WDS_CODECS = ("float16", "float32")  # K/V dtypes a tar holds (npy of plain floats)
 _BLOCK = 1 << 24  # bytes per read when checksumming a whole file
-
-
-def is_wds_store(path: str | Path) -> bool:
-    return (Path(path) / "zarr.json").exists() and read_store_spec(path).backend == "webdataset"
-
-
-def _tar(root: Path, teacher: str, shard: int) -> Path:
-    return teacher_dir(root, teacher) / f"{shard_name(shard)}.tar"
 
 
 def _npy(x: np.ndarray) -> bytes:
@@ -130,8 +121,8 @@ class WdsShardWriter:
         if codec not in WDS_CODECS:
             raise ValueError(f"the webdataset backend stores float16 or float32 K/V, not {codec!r}; use the zarr backend for quantised codecs")
         self.root, self.teacher, self.shard = Path(root), teacher, shard
-        self.final = _tar(self.root, teacher, shard)
-        self.sidecar = self.final.with_suffix(".json")
+        self.final = tar_path(self.root, teacher, shard)
+        self.sidecar = sidecar_path(self.root, teacher, shard)
         self.closed = False
         # Ours alone from here until release: ShardBusy / ShardComplete, killed attempts removed.
         self.lock = acquire_shard(root, teacher, shard, on_busy)
@@ -467,7 +458,7 @@ def _pipeline(root: Path, teacher: str, shards: list[int], rank: int = 0, world_
     if not shards:
         return iter(())
     return iter(wds.DataPipeline(
-        wds.SimpleShardList([str(_tar(root, teacher, s)) for s in shards]),
+        wds.SimpleShardList([str(tar_path(root, teacher, s)) for s in shards]),
         by_rank,
         wds.split_by_worker,
         _checked_tars,
@@ -521,6 +512,19 @@ def wds_stream(root: str | Path, teachers: list[str], shards: list[int], *, rank
     (tar_records); records of the teachers are zipped, and every pipeline sees the same shard
     list, so they stay in lockstep (checked per sample)."""
     return _zip(teachers, [_pipeline(Path(root), t, list(shards), rank, world_size) for t in teachers])
+
+
+def _records(root: Path, teacher: str, shards: list[int]) -> Iterator[dict[str, Any]]:
+    """One teacher's decoded records of exactly `shards`, in this order, each tar checked."""
+    for shard in shards:
+        for record in tar_records(tar_path(root, teacher, shard)):
+            yield decode_record(record)
+
+
+def wds_shard_samples(root: str | Path, teachers: list[str], shards: list[int]) -> Iterator[dict[str, Any]]:
+    """The samples of exactly `shards`, in this order (the caller has split the shards across
+    ranks and workers), every teacher zipped, every tar checked as it streams (tar_records)."""
+    return _zip(teachers, [_records(Path(root), t, list(shards)) for t in teachers])
 
 
 # --- convert ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from kvdistill.cli import main
 from kvdistill.jobs.local import LocalRunError, run_local
 from kvdistill.schemas import DataSpec, DumpTask, JobsConfig, ModelSpec, SyntheticSpec
 from kvdistill.store import ShardReader, StoreError, finalize, shard_is_complete
-from kvdistill.store.zarr_store import partial_attempts, partial_dir
+from kvdistill.store.layout import partial_attempts, partial_dir
 
 
 def _jobs(tiny_store, store: Path, **dump) -> JobsConfig:

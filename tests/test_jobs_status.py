@@ -11,7 +11,8 @@ import pytest
 
 from kvdistill.jobs.status import format_status, shard_states, status
 from kvdistill.schemas import DumpTask, JobsConfig, ModelSpec, SlurmSpec
-from kvdistill.store.zarr_store import partial_dir, shard_lock, shard_name
+from kvdistill.store.layout import partial_dir, shard_name
+from kvdistill.store.writer import shard_lock
 
 
 @pytest.fixture

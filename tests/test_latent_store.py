@@ -259,9 +259,9 @@ def _latent_sample(rng, M, L, D, R, L_t=3, H_t=2, hidden=True):
 def test_writer_round_trips_latent_across_zarr_shard_flushes(tmp_path, monkeypatch, codec):
     """Latent arrays flushed in whole zarr shards mid-write and the rest at close read back per
     sample; they keep the codec's float member (float32 exact, others float16 / bfloat16)."""
-    from kvdistill.store import zarr_store
+    from kvdistill.store import writer
 
-    monkeypatch.setattr(zarr_store, "CHUNK_BYTES", 4 * 4 * 2 * 8 * 2)  # a latent chunk of 2 samples, zarr shard of 32
+    monkeypatch.setattr(writer, "CHUNK_BYTES", 4 * 4 * 2 * 8 * 2)  # a latent chunk of 2 samples, zarr shard of 32
     rng = np.random.default_rng(0)
     M, L, D, n = 4, 2, 8, 70
     written = []

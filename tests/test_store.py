@@ -34,10 +34,11 @@ from kvdistill.store import (
     read_teacher_specs,
     shard_is_complete,
     shard_name,
-    zarr_store,
+    writer,
 )
+from kvdistill.store.layout import KEY, partial_dir
 from kvdistill.store.rows import missing_chunks
-from kvdistill.store.zarr_store import CHUNK_BYTES, CHUNKS_PER_SHARD, KEY, partial_dir, shard_lock
+from kvdistill.store.writer import CHUNK_BYTES, CHUNKS_PER_SHARD, shard_lock
 
 TEACHER_WIDTH = {"teacher-a": 64, "teacher-b": 16}  # D_t = H * d of the conftest teachers
 STUDENT_LAYERS = 2
@@ -514,7 +515,7 @@ def test_a_store_with_no_complete_shard_is_re_initialised_by_a_run_with_another_
 
 
 def test_chunks_of_zeros_are_written_so_no_chunk_is_ever_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr(zarr_store, "CHUNK_BYTES", 2048)  # many chunks from a few samples
+    monkeypatch.setattr(writer, "CHUNK_BYTES", 2048)  # many chunks from a few samples
     store = tmp_path / "s.zarr"
     z = np.zeros((300, 2, 8), np.float32)  # whole chunks of K / V / loss mask equal to zarr's fill value
     with ShardWriter(store, "t", 0, num_layers=2, width=8, codec="int8") as w:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from kvdistill.store import ShardReader, ShardWriter, StoreError, codecs, read_kv, zarr_store
+from kvdistill.store import ShardReader, ShardWriter, StoreError, codecs, read_kv, writer
 from kvdistill.store.errors import CorruptShard
 from kvdistill.store.rows import ShardedRows, missing_chunks
 
@@ -104,7 +104,7 @@ def test_other_layouts_are_not_claimed(tmp_path):
 
 @pytest.mark.parametrize("codec", codecs.CODECS)
 def test_shard_reader_decodes_every_codec_like_zarr_does(tmp_path, monkeypatch, codec):
-    monkeypatch.setattr(zarr_store, "CHUNK_BYTES", 2048)  # many chunks and zarr shards from a few samples
+    monkeypatch.setattr(writer, "CHUNK_BYTES", 2048)  # many chunks and zarr shards from a few samples
     rng = np.random.default_rng(2)
     L, D = 3, 40  # D not a multiple of 32: partial value-scale groups
     with ShardWriter(tmp_path / "s.zarr", "t", 0, num_layers=L, width=D, codec=codec) as w:

@@ -23,10 +23,10 @@ from kvdistill.core.models import load_tokenizer
 from kvdistill.core.prompts import encode
 from kvdistill.schemas import DataSpec, ModelSpec
 from kvdistill.store import ShardReader, ShardWriter, finalize, inspect, shard_name
+from kvdistill.store.layout import INDEX, KEY
 from kvdistill.store.plan import plan
 from kvdistill.store.stats import format_stats, plot_stats, stats
 from kvdistill.store.verify import Problem, format_problems, verify
-from kvdistill.store.zarr_store import INDEX, KEY
 
 TEACHERS = ("teacher-a", "teacher-b")
 NUM_SHARDS = 2

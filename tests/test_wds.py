@@ -14,7 +14,7 @@ import pytest
 
 from kvdistill.cli import main
 from kvdistill.schemas import DumpConfig, TrainConfig
-from kvdistill.store import ShardReader, StoreError, wds_samples
+from kvdistill.store import ShardReader, StoreError, shard_samples, wds_samples
 from kvdistill.store.verify import verify
 from kvdistill.train.loop import train
 from kvdistill.train.stream import KVStream
@@ -48,10 +48,9 @@ print(json.dumps({{"records": out, "kvdistill": sorted(m for m in sys.modules if
 
 
 def test_wds_samples_equal_the_zarr_rows_for_every_teacher(tiny_store, wds_store):
-    zarr_stream = KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1)
     for shard in range(2):
         got = list(wds_samples(wds_store, TEACHERS, shard))
-        want = list(zarr_stream._zarr_samples([shard]))
+        want = list(shard_samples(tiny_store["store"], TEACHERS, [shard]))
         assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
         for g, w in zip(got, want, strict=True):
             assert np.array_equal(g["input_ids"], w["input_ids"]) and np.array_equal(g["loss_mask"], w["loss_mask"])
@@ -88,7 +87,7 @@ def test_dump_tasks_write_one_tar_each_and_finalize_like_a_zarr_store(tiny_store
     assert main(["store", "finalize", str(store)]) == 0
     assert verify(store) == []
     for shard in range(2):  # the same records as the zarr dump of the same tasks
-        want = list(KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1)._zarr_samples([shard]))
+        want = list(shard_samples(tiny_store["store"], TEACHERS, [shard]))
         got = list(wds_samples(store, TEACHERS, shard))
         assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
         assert all(np.array_equal(g["kv"][t][0], w["kv"][t][0]) for g, w in zip(got, want, strict=True) for t in TEACHERS)

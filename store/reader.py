@@ -1,0 +1,199 @@
+"""Reading a zarr store: one shard's rows (ShardReader), K/V decoding (read_kv), and the
+store-wide metadata a reader opens once (open_root: consolidated metadata; read_index:
+index.parquet)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+
+from . import codecs
+from .errors import StoreError
+from .layout import INDEX, KEY, shard_attrs, shard_name, teacher_dir
+from .rows import ShardedRows, ZarrRows, checked_reader
+
+__all__ = ["ShardReader", "read_kv", "read_index", "open_root"]
+
+
+class ShardReader:
+    """Read one complete shard of one teacher: offsets, sample ids, and row blocks."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        teacher: str,
+        shard: int,
+        group: zarr.Group | None = None,
+        index: tuple[np.ndarray, list[str]] | None = None,
+    ) -> None:
+        """`group`: this shard's group from a store root opened once with consolidated metadata
+        (`open_root`), so no array's metadata is read from disk again; checked against the
+        shard's own record on disk, which must be the same (else the store needs `finalize`).
+        `index`: (offsets, sample ids) of the shard from index.parquet (`read_index`), instead
+        of reading its offsets and sample_ids arrays (both written by the same finalize)."""
+        self.dir = teacher_dir(path, teacher) / shard_name(shard)
+        attrs = shard_attrs(self.dir)
+        if not attrs or not attrs.get("complete"):
+            raise StoreError(
+                f"{self.dir} is missing or incomplete; re-run `kvdistill dump --shard {shard}` "
+                f"for teacher {teacher!r}, then `kvdistill store finalize`"
+            )
+        if group is not None and group.attrs.get(KEY) != attrs:
+            raise StoreError(
+                f"{self.dir} was rewritten after the store's metadata was consolidated; "
+                f"run `kvdistill store finalize {path}` again"
+            )
+        self.attrs = attrs
+        self.group = group if group is not None else zarr.open_group(self.dir, mode="r")
+        self._arrays: dict[str, zarr.Array] = dict(self.group.arrays())  # every array's metadata, read once
+        self.names = tuple(sorted(self._arrays))
+        # Rows straight from the shard files (store/rows.py) where the layout is ShardWriter's
+        # sharded one; zarr for anything else (the same values, slower). Both check every
+        # chunk's crc32c and refuse a missing chunk.
+        readers = {n: checked_reader(a, self.dir / n) for n, a in self._arrays.items()}
+        self.fast = {n: r for n, r in readers.items() if isinstance(r, ShardedRows)}
+        self._zarr = {n: r for n, r in readers.items() if isinstance(r, ZarrRows)}
+        if index is None:
+            self.offsets = self.reader("offsets")[:]  # [n + 1]
+            self.sample_ids = [str(s) for s in self.reader("sample_ids")[:]]
+        else:
+            self.offsets, self.sample_ids = index
+            if len(self.sample_ids) != attrs["samples"] or int(self.offsets[-1]) != attrs["rows"]:
+                raise StoreError(
+                    f"{self.dir}: index.parquet lists {len(self.sample_ids)} samples / {int(self.offsets[-1])} rows, "
+                    f"the shard holds {attrs['samples']} / {attrs['rows']}; run `kvdistill store finalize {path}` again"
+                )
+
+    def check_unread(self, read: set[str]) -> None:
+        """Check the chunks of every array not in `read` (crc32c, none missing), without
+        decoding them: a reader that reads only some arrays still refuses a damaged shard. The
+        offsets and sample ids, when they came from index.parquet, must also agree with it."""
+        for name in sorted(set(self._arrays) - read):
+            r = self.reader(name)
+            if isinstance(r, ShardedRows):
+                r.check()
+            else:
+                got = r[:]
+                if name == "offsets" and not np.array_equal(got, self.offsets):
+                    raise StoreError(f"{self.dir}: its offsets differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again")
+                if name == "sample_ids" and [str(x) for x in got] != self.sample_ids:
+                    raise StoreError(f"{self.dir}: its sample ids differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again")
+
+    def array(self, name: str) -> zarr.Array:
+        try:
+            return self._arrays[name]
+        except KeyError:
+            raise StoreError(f"{self.dir} has no array {name!r}; it holds {sorted(self._arrays)}") from None
+
+    def reader(self, name: str) -> ShardedRows | ZarrRows:
+        """The checked reader of an array: reader(name)[a:b] == array(name)[a:b] for intact data."""
+        self.array(name)
+        return self.fast.get(name) or self._zarr[name]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask"), decode: bool = True) -> dict[str, np.ndarray | codecs.QuantRows]:
+        """Token rows [start, stop) of the given arrays (one read per stored array); K and V
+        come back decoded: float16 / float32 as stored, the other codecs as float32; decode=False
+        leaves them as stored (bfloat16 bit patterns as uint16, int8 / int4 as `codecs.QuantRows`)."""
+        if "segment_ids" in names and "segment_ids" not in self._arrays:
+            raise StoreError(
+                f"{self.dir} has no segment_ids (written before kvdistill stored them); re-dump this "
+                "teacher into a new --store to use latent mode"
+            )
+        return {n: self._kv(n, start, stop, decode) if n in ("k", "v") else self.reader(n)[start:stop] for n in names}
+
+    @property
+    def has_latent(self) -> bool:
+        return "latent" in self.attrs
+
+    def latent(self, j0: int, j1: int) -> dict[str, np.ndarray]:
+        """Latent arrays of samples [j0, j1): "k", "v" float32 [n, M, L_s, D], "mask" [n, M]
+        bool, "pos" [n, M, L_t, H_t] int32, and "hidden" float32 [n, H] when stored."""
+        if not self.has_latent:
+            raise StoreError(
+                f"{self.dir} holds no latent (compressed reasoning) K/V; re-dump this teacher with "
+                "`kvdistill dump --latent-slots M` (or `latent:` in the dump config) into a new --store"
+            )
+        info = self.attrs["latent"]
+        out = {}
+        for part in ("k", "v"):
+            x = self.reader(f"latent_{part}")[j0:j1]
+            if info["codec"] != "float32":
+                x = codecs.decode(info["codec"], part, {"": x.reshape(-1, *x.shape[2:])}, 0, x.shape[-1]).reshape(x.shape)
+            out[part] = x
+        out["mask"] = self.reader("latent_mask")[j0:j1]
+        out["pos"] = self.reader("latent_pos")[j0:j1]
+        if info["hidden"]:
+            out["hidden"] = self.reader("codi_hidden")[j0:j1]
+        return out
+
+    def _kv(self, part: str, start: int, stop: int, decode: bool = True) -> np.ndarray | codecs.QuantRows:
+        codec = self.attrs.get("codec", "float16")
+        aux = self.attrs["scales"][part] if codec in ("int8", "int4") else []
+        # Scales and zeros through store/rows.py too where their layout allows (zarr otherwise).
+        arrays = {"": self.reader(part), **{a: self.reader(f"{part}_{a}") for a in aux}}
+        return read_kv(arrays, codec, part, start, stop, self.attrs["width"], self.fast.get(part), decode)
+
+
+def read_kv(
+    arrays: dict[str, zarr.Array | ShardedRows], codec: str, part: str, start: int, stop: int, width: int, fast: ShardedRows | None = None, decode: bool = True
+) -> np.ndarray | codecs.QuantRows:
+    """Rows [start, stop) of K or V decoded: float16 / float32 as stored, the other codecs as
+    float32; with decode=False as stored: bfloat16 as its uint16 bit patterns, int8 / int4 as
+    `codecs.QuantRows`. arrays: the main array ("") and its scale arrays by
+    codecs.array_names' names (zarr arrays or store/rows.py readers); with `fast`
+    (store/rows.py over arrays[""]) the chunks are decoded as they decompress."""
+    if codec in ("float16", "float32") or (codec == "bfloat16" and not decode):
+        return fast(start, stop) if fast else arrays[""][start:stop]
+    scales, s0 = {}, 0
+    if len(arrays) > 1:
+        s0, s1 = codecs.scale_rows(codec, part, start, stop)
+        scales = {aux: a[s0:s1] for aux, a in arrays.items() if aux}
+    if not decode and codec in ("int8", "int4"):
+        return codecs.QuantRows(codec, part, width, start, fast(start, stop) if fast else arrays[""][start:stop], **scales)
+
+    def decode_rows(x: np.ndarray, r0: int) -> np.ndarray:  # stored rows [r0, r0 + len(x)) -> float32
+        got = {"": x}
+        if scales:
+            lo, hi = codecs.scale_rows(codec, part, r0, r0 + len(x))
+            got.update({aux: sc[lo - s0 : hi - s0] for aux, sc in scales.items()})
+        return codecs.decode(codec, part, got, r0, width)
+
+    return fast(start, stop, decode_rows) if fast else decode_rows(arrays[""][start:stop], start)
+
+
+def read_index(path: str | Path, teachers: list[str]) -> dict[tuple[str, int], tuple[np.ndarray, list[str]]]:
+    """index.parquet as {(teacher, shard): (offsets [n + 1] int64, sample ids [n])}; a shard
+    with no samples has no entry (its offsets are [0])."""
+    f = Path(path) / INDEX
+    if not f.exists():
+        raise StoreError(f"store {path} is not finalized (no {INDEX}); run `kvdistill store finalize {path}`")
+    t = pq.read_table(f, columns=["teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop"], filters=[("teacher", "in", list(teachers))])
+    t = t.sort_by([("teacher", "ascending"), ("shard", "ascending"), ("sample_index", "ascending")])
+    teacher, shard = t["teacher"].to_numpy(zero_copy_only=False), t["shard"].to_numpy()
+    ids, start, stop = t["sample_id"].to_pylist(), t["row_start"].to_numpy(), t["row_stop"].to_numpy()
+    cuts = np.flatnonzero((teacher[1:] != teacher[:-1]) | (shard[1:] != shard[:-1])) + 1  # a loop per shard, not per row
+    bounds = [0, *cuts.tolist(), len(ids)] if len(ids) else []
+    return {
+        (str(teacher[a]), int(shard[a])): (np.append(start[a:b], stop[b - 1]).astype(np.int64), ids[a:b])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    }
+
+
+def open_root(path: str | Path) -> zarr.Group:
+    """The store's root group with the metadata `finalize` consolidated: child groups and arrays
+    then open without reading their metadata from disk (a shard's ~10 metadata reads cost more
+    than reading a small shard's data)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "consolidated metadata is not yet part of the v3 spec"
+            root = zarr.open_group(path, mode="r", use_consolidated=True)
+    except ValueError as e:
+        raise StoreError(f"store {path} has no consolidated metadata ({e}); run `kvdistill store finalize {path}`") from e
+    return root

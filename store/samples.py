@@ -1,0 +1,171 @@
+"""A zarr store's samples in the trainer's format, every teacher zipped (backend.shard_samples
+reads either backend through here or store/wds.py).
+
+Reads are sequential blocks of whole samples (one read per array per span of about one zarr
+shard of rows), never a random access per sample, and run one step ahead in background
+threads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import codecs
+from .errors import StoreError
+from .layout import shard_name
+from .reader import ShardReader, open_root, read_index
+
+__all__ = ["READ_SPAN_CHUNKS", "read_spans", "zarr_samples", "contract_latent", "check_latent_sample"]
+
+READ_SPAN_CHUNKS = 16  # rows per K/V read: this many zarr chunks (one zarr shard), whole samples
+
+
+def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
+    """Samples [j0, j1) per read: whole samples, about `span` rows each (at least one sample)."""
+    n, j0 = len(offsets) - 1, 0
+    while j0 < n:
+        j1 = min(max(j0 + 1, int(np.searchsorted(offsets, offsets[j0] + span, side="left"))), n)
+        yield j0, j1
+        j0 = j1
+
+
+def zarr_samples(
+    store: str | Path, teachers: list[str], shards: list[int], *, read_kv: bool = True, read_latent: bool = False, decode: bool = True, start: int = 0
+) -> Iterator[dict[str, Any]]:
+    """The samples of `shards`, in this order (backend.shard_samples documents the format). Reads
+    run one step ahead in a background thread, across shard boundaries too: while the caller
+    consumes a span, the next span (or the next shard's opening, token arrays and first span) is
+    read, and every teacher's K and V of a span are read concurrently (the K/V reader
+    decompresses outside the GIL)."""
+    return _ZarrShards(Path(store), list(teachers), read_kv, read_latent, decode).samples(list(shards), start)
+
+
+class _ZarrShards:
+    def __init__(self, store: Path, teachers: list[str], read_kv: bool, read_latent: bool, decode: bool) -> None:
+        self.store, self.teachers = store, teachers
+        self.read_kv, self.read_latent, self.decode = read_kv, read_latent, decode
+
+    def open(self, root: zarr.Group, index: dict, shard: int) -> dict[str, Any]:
+        """One shard, ready to read: every teacher's reader, the token arrays, the read spans."""
+        empty = (np.zeros(1, np.int64), [])
+        readers = [
+            ShardReader(self.store, t, shard, group=root[f"teachers/{t}/{shard_name(shard)}"], index=index.get((t, shard), empty))
+            for t in self.teachers
+        ]
+        first = readers[0]
+        for t, r in zip(self.teachers[1:], readers[1:], strict=True):
+            if r.sample_ids != first.sample_ids or not np.array_equal(r.offsets, first.offsets):
+                raise StoreError(
+                    f"{shard_name(shard)}: teacher {t!r} holds other samples than {self.teachers[0]!r}; "
+                    "was every teacher dumped from the same data and num_shards?"
+                )
+        # Token ids and masks are a few bytes per token: read them for the whole shard once
+        # (their chunks span far more rows than a K/V read span).
+        token_names = ("input_ids", "loss_mask", "segment_ids") if self.read_latent else ("input_ids", "loss_mask")
+        # What this run does not read is still checked (crc32c only, no decoding), so damage
+        # anywhere in a shard is refused; K/V a run never uses (CE only) are left alone.
+        for j, r in enumerate(readers):
+            kv = {n for n in r.names if n in ("k", "v") or n.startswith(("k_", "v_"))}
+            latent = {n for n in r.names if n.startswith(("latent_", "codi_"))} if self.read_latent else set()
+            r.check_unread((set(token_names) if j == 0 else set()) | kv | latent)  # tokens come from the first teacher's shard
+        off = first.offsets
+        # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each read has a fixed
+        # cost, and a chunk straddling two spans is the only one decompressed twice
+        # (bench/store.py measures the policy).
+        span = READ_SPAN_CHUNKS * first.array("k").chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
+        return {
+            "shard": shard,
+            "readers": readers,
+            "ids": first.sample_ids,
+            "off": off,
+            "tokens": first.rows(0, int(off[-1]), token_names),
+            "spans": list(read_spans(off, span)),
+        }
+
+    def samples(self, shards: list[int], start: int = 0) -> Iterator[dict[str, Any]]:
+        n_parts = 2 * len(self.teachers) if self.read_kv else 0
+        workers = max(1, n_parts + (len(self.teachers) if self.read_latent else 0))
+        with ThreadPoolExecutor(1, thread_name_prefix="kvdistill-ahead") as ahead, ThreadPoolExecutor(workers, thread_name_prefix="kvdistill-arrays") as arrays:
+
+            def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]]]:
+                r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
+                parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
+                # decode=False: K/V stay as stored (16-bit floats, int8 / int4 codes + scales), so
+                # the read, the trainer's collate and its device copy move stored-size bytes.
+                kv = [arrays.submit(r.rows, r0, r1, (p,), self.decode) for r, p in parts]
+                latent = [arrays.submit(r.latent, j0, j1) for r in sh["readers"]] if self.read_latent else []
+                return [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
+
+            # Consolidated metadata and index.parquet, read once: opening a shard then reads no
+            # metadata, offsets or sample ids from disk (a few ms a shard and teacher otherwise).
+            root, index = open_root(self.store), read_index(self.store, self.teachers)
+            shards, first = _skip(shards, start, {s: len(index.get((self.teachers[0], s), ((), []))[1]) for s in shards})
+            units = (
+                (sh, max(j0, first if i == 0 else 0), j1)
+                for i, shard in enumerate(shards)
+                for sh in (self.open(root, index, shard),)
+                for j0, j1 in sh["spans"]
+                if i or j1 > first
+            )
+
+            def fetch():  # only ever runs on `ahead`, one at a time: `units` advances there
+                unit = next(units, None)
+                return None if unit is None else (unit, read(*unit))
+
+            pending = ahead.submit(fetch)
+            while (got := pending.result()) is not None:
+                pending = ahead.submit(fetch)
+                (sh, j0, j1), (blocks, latent) = got
+                yield from self.span_samples(sh, j0, j1, blocks, latent)
+
+    def span_samples(self, sh: dict[str, Any], j0: int, j1: int, blocks: list, latent: list[dict[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
+        off, tokens = sh["off"], sh["tokens"]
+        r0 = int(off[j0])
+        for j in range(j0, j1):
+            a, b = int(off[j]) - r0, int(off[j + 1]) - r0
+            sample = {
+                "sample_id": sh["ids"][j],
+                "shard": sh["shard"],
+                "input_ids": tokens["input_ids"][r0 + a : r0 + b],
+                "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
+                "kv": {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)} if self.read_kv else {},
+            }
+            if self.read_latent:
+                sample["segment_ids"] = tokens["segment_ids"][r0 + a : r0 + b]
+                sample["latent"] = {t: contract_latent({k: x[j - j0] for k, x in lat.items()}) for t, lat in zip(self.teachers, latent, strict=True)}
+            yield sample
+
+
+def _skip(shards: list[int], start: int, counts: dict[int, int]) -> tuple[list[int], int]:
+    """(the shards from the one holding sample `start` of the sequence on, that sample's index
+    in its shard): the shards before it are not opened at all."""
+    i = 0
+    while i < len(shards) and start >= counts[shards[i]]:
+        start -= counts[shards[i]]
+        i += 1
+    return shards[i:], start if i < len(shards) else 0
+
+
+def contract_latent(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One teacher's latent record as the trainer sees it (the kept positions stay in the store)."""
+    out = {"k": x["k"].astype(np.float32), "v": x["v"].astype(np.float32), "mask": x["mask"].astype(np.bool_)}
+    if "hidden" in x:
+        out["hidden"] = x["hidden"].astype(np.float32)
+    return out
+
+
+def check_latent_sample(sample: dict[str, Any], teachers: list[str], shard: int) -> None:
+    """A webdataset sample read in latent mode holds segment ids and every teacher's latent K/V."""
+    if "segment_ids" not in sample:
+        raise StoreError(
+            f"{shard_name(shard)}: sample {sample['sample_id']} has no segment_ids (written before kvdistill stored "
+            "them); re-dump into a new --store to use latent mode"
+        )
+    missing = [t for t in teachers if t not in sample.get("latent", {})]
+    if missing:
+        raise StoreError(f"{shard_name(shard)}: teacher(s) {missing} hold no latent K/V; re-dump them with --latent-slots M")
