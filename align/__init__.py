@@ -2,8 +2,10 @@
 
 layers: ratio / CKA top-k layer maps; time: identity, char-overlap and per-segment linear
 time maps; heads: GQA-aware flattening; rope: rotate / derotate; cka: debiased linear CKA;
-projection: per-layer PCA; pipeline: one sample end to end."""
+projection: per-layer PCA; pipeline: one sample end to end; batch: a padded batch at once (the
+dump's), equal to aligning each sample alone."""
 
+from .batch import align_batch, batch_time_map, compress_batch, kv_block_projection
 from .cka import (
     cka_matrix,
     layer_map_from_json,
@@ -35,16 +37,20 @@ from .time import (
 
 __all__ = [
     "TimeMap",
+    "align_batch",
     "align_kv",
     "apply_layer_map",
+    "batch_time_map",
     "build_time_map",
     "char_overlap_time_map",
     "cka_matrix",
+    "compress_batch",
     "derotate",
     "fit_layer_pca",
     "fit_pca",
     "flatten_heads",
     "identity_time_map",
+    "kv_block_projection",
     "layer_map_from_json",
     "layer_map_to_json",
     "linear_cka",

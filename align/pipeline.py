@@ -66,7 +66,7 @@ def map_layers(
     projection: tuple[torch.Tensor, torch.Tensor] | None = None,  # mean [L_s, D_t], components [L_s, D_t, D]
 ) -> torch.Tensor:
     """Layer map, then the optional per-layer projection: -> [..., L_s, D]. Both act per token,
-    so the dump runs them on whole padded batches before the per-sample time map (they commute
+    so `batch.align_batch` runs them on whole padded batches before the time map (they commute
     with it: time-map rows sum to 1)."""
     x = apply_layer_map(layer_map, x)
     if projection is not None:

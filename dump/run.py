@@ -2,12 +2,20 @@
 
     run_dump(DumpConfig(teacher=..., student=..., data=..., store="out.zarr", shard=3, num_shards=8))
 
-Steps: load rows, take this task's contiguous slice (identical for every teacher), render and
-tokenize for the student (the grid K/V is stored on) and for the teacher (its own tokenizer and
-template), teacher-forced forward of the decoder stack only (no LM head) under inference_mode
-in length-sorted padded batches, capture pre-RoPE K and V, layer-map (and optionally project)
-the whole batch, then per sample drop padding and time-map onto the student's tokens
-(identity / char overlap / per-segment resampling), write the shard and commit it atomically.
+The recipe `_run_dump`, one function per step:
+
+1. `_preflight`: load the data and take this task's contiguous slice (identical for every
+   teacher), render and tokenize each sample for the student (the grid K/V is stored on) and for
+   the teacher (its own tokenizer and template), resolve the time map, read the layer map and
+   projection; nothing is on disk yet.
+2. `_load_teacher`, `_write_metadata`: the store's and this teacher's attributes.
+3. `_dump_batches`, per length-sorted padded batch: `_forward` (teacher-forced decoder stack
+   only, no LM head, under inference_mode: pre-RoPE K and V), `align_batch` (align/batch.py:
+   layer map and projection on the padded batch, one stacked time map onto the student's tokens
+   that drops the padding: identity / char overlap / per-segment resampling), `_write_batch` on a
+   writer thread.
+4. `_commit`: the shard becomes visible atomically.
+
 A complete shard makes the task a no-op; a sample over max_len is an error or a counted skip.
 
 Every check on the input (data, both tokenizers and their EOS, configs, layer map, projection,
@@ -21,7 +29,7 @@ a [B, H_q, T, T] probability map per layer, reduced layer by layer in a hook, so
 one such map more memory and eager's slower kernels) and every sample also gets its reasoning
 K/V compressed by R-KV (align/rkv.py) on the teacher's own time grid (compression replaces the
 time map here), layer-mapped / projected like the full K/V, plus the final-norm hidden state
-before the first answer token (CODI). The full K/V are written as before.
+before the first answer token (CODI). The full K/V are written too.
 """
 
 from __future__ import annotations
@@ -35,16 +43,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kvdistill.align.batch import align_batch, batch_time_map, compress_batch, kv_block_projection
 from kvdistill.align.cka import layer_map_from_json
 from kvdistill.align.layers import ratio_layer_map
-from kvdistill.align.pipeline import build_time_map, map_layers, resolve_time_map
-from kvdistill.align.rkv import compress
-from kvdistill.align.time import stack_time_maps
+from kvdistill.align.pipeline import resolve_time_map
+from kvdistill.align.time import TimeMap
 from kvdistill.core.capture import forward_kv, forward_kv_importance, kv_geometry
 from kvdistill.core.data import DataError, data_fingerprint, load_examples
 from kvdistill.core.models import (
@@ -57,15 +66,14 @@ from kvdistill.core.models import (
     resolve_device,
     tokenizer_fingerprint,
 )
-from kvdistill.core.prompts import SEGMENTS, encode, pad_batch
+from kvdistill.core.prompts import SEGMENTS, Encoded, encode, pad_batch
 from kvdistill.errors import Preempted
-from kvdistill.schemas import DumpConfig, Example, StoreSpec, TeacherSpec
+from kvdistill.schemas import DumpConfig, Example, KVGeometry, StoreSpec, TeacherSpec
 from kvdistill.store import (
-    ShardWriter,
-    WdsShardWriter,
     compression,
     init_store,
     init_teacher,
+    open_shard_writer,
     shard_is_complete,
 )
 from kvdistill.store.errors import ShardComplete
@@ -111,6 +119,115 @@ def partition(examples: list[Example], shard: int, num_shards: int) -> list[Exam
     return examples[n * shard // num_shards : n * (shard + 1) // num_shards]
 
 
+def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
+    with _sigterm_unwinds():
+        return _run_dump(cfg, progress)
+
+
+def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
+    t0 = time.perf_counter()
+    name = cfg.teacher.short_name
+    if shard_is_complete(cfg.store, name, cfg.shard):
+        return DumpResult(name, cfg.shard, "already complete")
+    plan = _preflight(cfg)  # every check on the input: nothing is created before it passes
+    device = resolve_device(cfg.device)
+    teacher = _load_teacher(cfg, device)
+    spec, tspec = _write_metadata(cfg, plan, teacher)
+    maps = _DeviceMaps.of(plan, device)
+    phases = {"load": time.perf_counter() - t0, "forward": 0.0, "align": 0.0, "write": 0.0}
+    clock = _Clock(device, phases)
+    try:
+        w = open_shard_writer(
+            cfg.store, name, cfg.shard, spec, width=plan.width, codec=plan.codec, latent_slots=cfg.latent.slots if cfg.latent else None, on_busy=cfg.on_busy
+        )
+    except ShardComplete:  # on_busy="wait": the writer we waited for completed the shard
+        return DumpResult(name, cfg.shard, "already complete")
+    with w:
+        bar = tqdm(total=plan.teacher_tokens, unit="tok", unit_scale=True, desc=f"dump {name}[{cfg.shard}]", disable=not progress)
+        _dump_batches(cfg, plan, teacher, maps, w, clock, bar)
+        with clock("write"):
+            _commit(cfg, plan, tspec, w)
+        bar.close()
+    return DumpResult(
+        name, cfg.shard, "written", len(plan.pairs), plan.student_tokens, plan.skipped,
+        time.perf_counter() - t0, teacher_tokens=plan.teacher_tokens, phases=phases,
+    )
+
+
+# --- 1. preflight: check everything, create nothing ----------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What the preflight settled for this (teacher, shard); nothing of it is on disk yet."""
+
+    data_fingerprint: str
+    student_tokenizer_fingerprint: str
+    time_map: str  # resolved kind: identity / char_overlap / segment_linear
+    geometry_t: KVGeometry
+    geometry_s: KVGeometry
+    layer_map: torch.Tensor  # W [L_s, L_t]
+    similarity: list | None  # [L_s][L_t] CKA of a calibrated map
+    projection: dict[str, torch.Tensor] | None  # {k,v}_mean [L_s, D_t], {k,v}_components [L_s, D_t, D]
+    projection_info: dict | None
+    width: int  # D stored per layer for K (and V): the projection's dim, else D_t
+    codec: str
+    pad_id: int  # the teacher tokenizer's
+    pairs: list[tuple[Encoded, Encoded]]  # (student grid, teacher input), sorted by student length
+    skipped: list[str]  # ids over max_len (on_too_long "skip")
+
+    @property
+    def student_tokens(self) -> int:
+        return sum(len(s) for s, _ in self.pairs)
+
+    @property
+    def teacher_tokens(self) -> int:
+        return sum(len(t) for _, t in self.pairs)
+
+
+def _preflight(cfg: DumpConfig) -> _Plan:
+    """Everything that can fail on the input (data, tokenizers and their EOS, configs, layer map,
+    projection, every sample's tokens, an empty shard) is checked before the store is touched:
+    metadata written by a failed run would pin its student / data and block the corrected rerun."""
+    examples = load_examples(cfg.data)
+    data_fp = data_fingerprint(examples)
+    shard_examples = partition(examples, cfg.shard, cfg.num_shards)
+    s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    require_eos(s_tok, "student", cfg.student)
+    require_eos(t_tok, "teacher", cfg.teacher)
+    s_fp = tokenizer_fingerprint(s_tok)
+    kind = resolve_time_map(
+        cfg.align.time_map,
+        same_tokenizer=s_fp == tokenizer_fingerprint(t_tok),
+        same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
+    )
+    g_t, g_s = kv_geometry(load_config(cfg.teacher)), kv_geometry(load_config(cfg.student))
+    W, similarity = _layer_map(cfg, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
+    proj, proj_info = _projection(cfg, g_s.num_layers, g_t.width)
+    pairs, skipped = _encode_samples(cfg, shard_examples, s_tok, t_tok, kind)
+    if not pairs and not cfg.allow_empty:
+        raise DataError(_empty_message(cfg, len(examples), len(shard_examples)))
+    # Length-sorted batches cut padding. The order depends only on the student's tokens, so it
+    # is the same for every teacher (the trainer zips shards positionally).
+    pairs.sort(key=lambda p: len(p[0]))
+    return _Plan(
+        data_fingerprint=data_fp,
+        student_tokenizer_fingerprint=s_fp,
+        time_map=kind,
+        geometry_t=g_t,
+        geometry_s=g_s,
+        layer_map=W,
+        similarity=similarity,
+        projection=proj,
+        projection_info=proj_info,
+        width=proj_info["dim"] if proj_info else g_t.width,
+        codec=cfg.teacher_kv_dtype.get(cfg.teacher.short_name, cfg.kv_dtype),
+        pad_id=pad_token_id(t_tok),
+        pairs=pairs,
+        skipped=skipped,
+    )
+
+
 def _layer_map(cfg: DumpConfig, L_t: int, L_s: int) -> tuple[torch.Tensor, list | None]:
     """W [L_s, L_t] and, for a calibrated map, its similarity matrix."""
     if cfg.align.layer_map == "ratio":
@@ -140,12 +257,12 @@ def _projection(cfg: DumpConfig, L_s: int, D_t: int) -> tuple[dict[str, torch.Te
     return arrays, info
 
 
-def _encode_rows(cfg: DumpConfig, rows: list[Example], s_tok, t_tok, kind: str) -> tuple[list, list[str]]:
-    """(student grid, teacher input) Encoded pairs of the rows within max_len, and the ids of
+def _encode_samples(cfg: DumpConfig, examples: list[Example], s_tok, t_tok, kind: str) -> tuple[list, list[str]]:
+    """(student grid, teacher input) Encoded pairs of the samples within max_len, and the ids of
     those skipped over it (on_too_long "skip"; "error" raises naming the sample)."""
     name = cfg.teacher.short_name
     pairs, skipped = [], []
-    for ex in rows:
+    for ex in examples:
         s = encode(s_tok, cfg.student.prompt_template, ex)
         t = s if kind == "identity" else encode(t_tok, cfg.teacher.prompt_template, ex)
         if max(len(s), len(t)) > cfg.max_len:
@@ -176,6 +293,202 @@ def _empty_message(cfg: DumpConfig, n_data: int, n_rows: int) -> str:
     )
 
 
+# --- 2. load the teacher, write the metadata -------------------------------------------------------
+
+
+def _load_teacher(cfg: DumpConfig, device: torch.device):
+    teacher = load_model(cfg.teacher, device)
+    if cfg.latent is not None:  # only eager attention returns the probabilities R-KV scores with
+        teacher.set_attn_implementation("eager")
+    return teacher
+
+
+def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, TeacherSpec]:
+    """The first writes, after the preflight: the store's spec (student, data; one for every
+    task) and this teacher's (alignment, codec, fingerprint; the projection's arrays)."""
+    spec = StoreSpec(
+        student=cfg.student,
+        geometry=plan.geometry_s,
+        tokenizer_fingerprint=plan.student_tokenizer_fingerprint,
+        data=cfg.data,
+        data_fingerprint=plan.data_fingerprint,
+        num_shards=cfg.num_shards,
+        kv_dtype=cfg.kv_dtype,
+        teacher_kv_dtype=cfg.teacher_kv_dtype,
+        backend=cfg.backend,
+        **compression(cfg),
+    )
+    init_store(cfg.store, spec)
+    W = plan.layer_map.tolist()
+    tspec = TeacherSpec(
+        name=cfg.teacher.short_name,
+        model=cfg.teacher,
+        geometry=plan.geometry_t,
+        align=cfg.align,
+        time_map=plan.time_map,
+        layer_map=W,
+        width=plan.width,
+        fingerprint=model_fingerprint(teacher, cfg.teacher, [cfg.align.to_dict(), W, plan.projection_info, plan.codec, cfg.latent and cfg.latent.to_dict()]),
+        kv_dtype=plan.codec,
+        layer_similarity=plan.similarity,
+        projection=plan.projection_info,
+        latent=cfg.latent,
+    )
+    proj = plan.projection
+    init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
+    return spec, tspec
+
+
+# --- 3. per batch: forward, align, write -----------------------------------------------------------
+
+
+@dataclass
+class _DeviceMaps:
+    """The plan's layer map and projection on the device, for K and V side by side ([.., 2D_t])."""
+
+    device: torch.device
+    layer_map: torch.Tensor  # [L_s, L_t]
+    projection: tuple[torch.Tensor, torch.Tensor] | None  # mean [L_s, 2D_t], block-diagonal components [L_s, 2D_t, 2D]
+    transfer_dtype: torch.dtype  # of the aligned K/V copied to the host (codecs encode there)
+
+    @classmethod
+    def of(cls, plan: _Plan, device: torch.device) -> _DeviceMaps:
+        proj = None
+        if plan.projection:
+            p = plan.projection
+            mean, comp = kv_block_projection(p["k_mean"], p["k_components"], p["v_mean"], p["v_components"])
+            proj = (mean.to(device), comp.to(device))
+        transfer = torch.float16 if plan.codec == "float16" else torch.float32
+        return cls(device, plan.layer_map.to(device), proj, transfer)
+
+
+class _Captured(NamedTuple):
+    k: torch.Tensor  # [B, T_pad, L_t, D_t] pre-RoPE
+    v: torch.Tensor  # [B, T_pad, L_t, D_t]
+    importance: torch.Tensor | None  # [B, L_t, H_t, T_pad]: attention the answer pays each key (latent mode)
+    hidden: torch.Tensor | None  # [B, T_pad, H] after the final norm (latent mode)
+
+
+_Batch = list[tuple[Encoded, Encoded]]  # (student grid, teacher input) per sample
+
+
+def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, clock: _Clock, bar) -> None:
+    """Forward, align and write every batch; returns once the last write is done. Pipelined: the
+    time map of batch i+1 is built on a CPU thread while batch i runs, and batch i's compression
+    and store writes overlap batch i+1's forward (at most one batch waits: bounded memory)."""
+    batches = [plan.pairs[i : i + cfg.batch_size] for i in range(0, len(plan.pairs), cfg.batch_size)]
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
+        ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
+    ):
+        next_time_map = maps_pool.submit(_time_map, plan.time_map, batches[0]) if batches else None
+        pending: Future | None = None
+        for b, batch in enumerate(batches):
+            time_map = next_time_map
+            if b + 1 < len(batches):
+                next_time_map = maps_pool.submit(_time_map, plan.time_map, batches[b + 1])
+            ids, mask = _teacher_inputs(batch, plan.pad_id, maps.device)  # [B, T_pad]
+            with torch.inference_mode():
+                with clock("forward"):
+                    captured = _forward(teacher, batch, ids, mask, latent=cfg.latent is not None)
+                with clock("align"):
+                    latent = None if cfg.latent is None else _compress(cfg, batch, captured, maps)
+                    kv = align_batch(torch.cat([captured.k, captured.v], dim=-1), maps.layer_map, time_map.result(), maps.projection)  # [sum T_s, L_s, 2D]
+                with clock("write"):
+                    kv = kv.to(maps.transfer_dtype).cpu().numpy()
+                    if pending is not None:
+                        pending.result()  # re-raises a writer error here
+                    pending = writer.submit(_write_batch, w, batch, kv, latent, plan.width)
+            bar.update(sum(len(t) for _, t in batch))
+        with clock("write"):
+            if pending is not None:
+                pending.result()
+
+
+def _time_map(kind: str, batch: _Batch) -> TimeMap:
+    """The batch's stacked time map [sum T_s, B * T_pad]: CPU work on offsets only."""
+    return batch_time_map(
+        kind,
+        [s.offsets for s, _ in batch],
+        [t.offsets for _, t in batch],
+        [s.segment_ids for s, _ in batch],
+        [t.segment_ids for _, t in batch],
+    )
+
+
+def _teacher_inputs(batch: _Batch, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's token ids and attention mask [B, T_pad], right-padded, on the device."""
+    ids, mask = pad_batch([t.input_ids for _, t in batch], pad_id)
+    if device.type == "cuda":  # pinned host memory: the copy overlaps queued kernels
+        return ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
+    return ids.to(device), mask.to(device)
+
+
+def _forward(teacher, batch: _Batch, ids: torch.Tensor, mask: torch.Tensor, latent: bool) -> _Captured:
+    """Teacher-forced decoder pass capturing every layer's K and V; in latent mode also what R-KV
+    scores with (the attention the answer tokens pay each key) and the final hidden states."""
+    if not latent:
+        k, v = forward_kv(teacher, ids, mask)
+        return _Captured(k, v, None, None)
+    answers, _ = pad_batch([t.segment_ids == ANSWER for _, t in batch], 0)  # [B, T_pad]
+    return _Captured(*forward_kv_importance(teacher, ids, mask, answers.bool().to(ids.device)))
+
+
+def _compress(cfg: DumpConfig, batch: _Batch, captured: _Captured, maps: _DeviceMaps) -> dict[str, np.ndarray]:
+    """KaVa latent mode on the host: R-KV slots of every sample (align.batch.compress_batch):
+    kv [B, M, L_s, 2D], mask [B, M], pos [B, M, L_t, H_t]; with codi_hidden, hidden [B, H]."""
+    lat = cfg.latent
+    reasoning = [t.segment_ids == REASONING for _, t in batch]
+    out = compress_batch(captured.k, captured.v, captured.importance, reasoning, lat.slots, lat.lam, maps.layer_map, maps.projection)
+    res = {
+        "kv": out["kv"].to(maps.transfer_dtype).cpu().numpy(),
+        "mask": out["mask"].cpu().numpy(),
+        "pos": out["pos"].to(torch.int32).cpu().numpy(),
+    }
+    if lat.codi_hidden:
+        res["hidden"] = _codi_hidden(cfg.teacher.short_name, batch, captured.hidden)
+    return res
+
+
+def _codi_hidden(name: str, batch: _Batch, hidden: torch.Tensor) -> np.ndarray:
+    """hidden [B, T_pad, H] -> [B, H] float32: each sample's state at the token before its answer."""
+    before_answer = []
+    for s, t in batch:
+        first = int(np.argmax(t.segment_ids == ANSWER))
+        if first == 0:
+            raise ValueError(f"teacher {name}: sample {s.sample_id} starts with its answer; no token precedes it for the CODI hidden state")
+        before_answer.append(first - 1)
+    at = torch.as_tensor(before_answer, device=hidden.device)
+    return hidden[torch.arange(len(batch), device=hidden.device), at].float().cpu().numpy()
+
+
+def _write_batch(w, batch: _Batch, kv: np.ndarray, latent: dict[str, np.ndarray] | None, width: int) -> None:
+    """kv [sum T_s, L_s, 2D] (K then V, samples in batch order) and the latent arrays [B, ...]
+    -> one record per sample. Runs on the writer thread."""
+    start = 0
+    for b, (s, _) in enumerate(batch):
+        sample_kv = kv[start : start + len(s)]  # [T_s, L_s, 2D]
+        lat = None
+        if latent is not None:
+            lat = {"k": latent["kv"][b, ..., :width], "v": latent["kv"][b, ..., width:], "mask": latent["mask"][b], "pos": latent["pos"][b]}
+            if "hidden" in latent:
+                lat["hidden"] = latent["hidden"][b]
+        w.write(s.sample_id, sample_kv[..., :width], sample_kv[..., width:], s.input_ids, s.loss_mask, s.segment_ids, lat)
+        start += len(s)
+
+
+# --- 4. commit ------------------------------------------------------------------------------------
+
+
+def _commit(cfg: DumpConfig, plan: _Plan, tspec: TeacherSpec, w) -> None:
+    """Close the shard: complete and visible from now on. The fingerprints let `store verify`
+    tell a shard written by another setup (stale)."""
+    w.close(extra_attrs={"skipped": plan.skipped, "max_len": cfg.max_len, "fingerprint": tspec.fingerprint, "data_fingerprint": plan.data_fingerprint})
+
+
+# --- infrastructure: SIGTERM, phase clock ----------------------------------------------------------
+
+
 @contextmanager
 def _sigterm_unwinds():
     """In the main thread, turn SIGTERM into `Preempted` (exit code 143) for the block."""
@@ -191,198 +504,6 @@ def _sigterm_unwinds():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
-    with _sigterm_unwinds():
-        return _run_dump(cfg, progress)
-
-
-def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
-    t0 = time.perf_counter()
-    name = cfg.teacher.short_name
-    if shard_is_complete(cfg.store, name, cfg.shard):
-        return DumpResult(name, cfg.shard, "already complete")
-
-    # Everything that can fail on the input (data, tokenizers, configs, layer map, projection,
-    # every sample's tokens) is checked before the store is touched: metadata written by a
-    # failed run would pin its student / data and block the corrected rerun.
-    examples = load_examples(cfg.data)
-    data_fp = data_fingerprint(examples)
-    rows = partition(examples, cfg.shard, cfg.num_shards)
-    s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
-    require_eos(s_tok, "student", cfg.student)
-    require_eos(t_tok, "teacher", cfg.teacher)
-    s_fp = tokenizer_fingerprint(s_tok)
-    kind = resolve_time_map(
-        cfg.align.time_map,
-        same_tokenizer=s_fp == tokenizer_fingerprint(t_tok),
-        same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
-    )
-    g_t, g_s = kv_geometry(load_config(cfg.teacher)), kv_geometry(load_config(cfg.student))
-    W, similarity = _layer_map(cfg, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
-    proj, proj_info = _projection(cfg, g_s.num_layers, g_t.width)
-    width = proj_info["dim"] if proj_info else g_t.width
-    pairs, skipped = _encode_rows(cfg, rows, s_tok, t_tok, kind)  # (student grid, teacher input) per sample
-    if not pairs and not cfg.allow_empty:
-        raise DataError(_empty_message(cfg, len(examples), len(rows)))
-
-    device = resolve_device(cfg.device)
-    teacher = load_model(cfg.teacher, device)
-    if cfg.latent is not None:  # only eager attention returns the probabilities R-KV scores with
-        teacher.set_attn_implementation("eager")
-
-    init_store(
-        cfg.store,
-        StoreSpec(
-            student=cfg.student,
-            geometry=g_s,
-            tokenizer_fingerprint=s_fp,
-            data=cfg.data,
-            data_fingerprint=data_fp,
-            num_shards=cfg.num_shards,
-            kv_dtype=cfg.kv_dtype,
-            teacher_kv_dtype=cfg.teacher_kv_dtype,
-            backend=cfg.backend,
-            **compression(cfg),
-        ),
-    )
-    codec = cfg.teacher_kv_dtype.get(name, cfg.kv_dtype)
-    tspec = TeacherSpec(
-        name=name,
-        model=cfg.teacher,
-        geometry=g_t,
-        align=cfg.align,
-        time_map=kind,
-        layer_map=W.tolist(),
-        width=width,
-        fingerprint=model_fingerprint(teacher, cfg.teacher, [cfg.align.to_dict(), W.tolist(), proj_info, codec, cfg.latent and cfg.latent.to_dict()]),
-        kv_dtype=codec,
-        layer_similarity=similarity,
-        projection=proj_info,
-        latent=cfg.latent,
-    )
-    init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
-
-    # Length-sorted batches cut padding. The order depends only on the student's tokens, so it
-    # is the same for every teacher (the trainer zips shards positionally).
-    pairs.sort(key=lambda p: len(p[0]))
-    pad_id = pad_token_id(t_tok)
-    W_dev = W.to(device)
-    proj_kv = None  # K and V are aligned side by side: one block-diagonal projection for both
-    if proj:
-        zeros = torch.zeros_like(proj["k_components"])
-        proj_kv = (
-            torch.cat([proj["k_mean"], proj["v_mean"]], dim=-1).to(device),  # [L_s, 2D_t]
-            torch.cat([torch.cat([proj["k_components"], zeros], -1), torch.cat([zeros, proj["v_components"]], -1)], 1).to(device),
-        )  # [L_s, 2D_t, 2D]
-    tokens = sum(len(t) for _, t in pairs)
-
-    transfer_dtype = torch.float16 if codec == "float16" else torch.float32  # codecs encode on the host
-    phases = {"load": time.perf_counter() - t0, "forward": 0.0, "align": 0.0, "write": 0.0}
-    clock = _Clock(device, phases)
-    batches = [pairs[i : i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
-
-    def time_maps(batch):  # CPU-only work on offsets: built for batch i+1 while batch i runs
-        T_pad = max(len(t) for _, t in batch)
-        maps = [build_time_map(kind, s.offsets, t.offsets, s.segment_ids, t.segment_ids) for s, t in batch]
-        return stack_time_maps(maps, [len(t) for _, t in batch], T_pad)
-
-    def write(batch, kv, latent):  # compression + zarr writes overlap the next forward
-        start = 0
-        for b, (s, _) in enumerate(batch):
-            rows = kv[start : start + len(s)]
-            lat = None
-            if latent is not None:
-                lat = {"k": latent["kv"][b, ..., :width], "v": latent["kv"][b, ..., width:], "mask": latent["mask"][b], "pos": latent["pos"][b]}
-                if "hidden" in latent:
-                    lat["hidden"] = latent["hidden"][b]
-            w.write(s.sample_id, rows[..., :width], rows[..., width:], s.input_ids, s.loss_mask, s.segment_ids, lat)
-            start += len(s)
-
-    def compress_batch(batch, k, v, importance, hidden):
-        """Per sample R-KV on the teacher's grid, then one layer map (+ projection) for the batch."""
-        lat = cfg.latent
-        out = [
-            compress(k[b, : len(t)], v[b, : len(t)], importance[b, ..., : len(t)],
-                     torch.as_tensor(t.segment_ids == REASONING, device=k.device), lat.slots, lat.lam)
-            for b, (_, t) in enumerate(batch)
-        ]
-        mask = torch.stack([o["mask"] for o in out])  # [B, M]
-        kv = torch.stack([torch.cat([o["k"], o["v"]], dim=-1) for o in out])  # [B, M, L_t, 2D_t]
-        # Padding slots stay exactly 0 (a projection would move them to -mean @ components).
-        kv = map_layers(kv, W_dev, proj_kv) * mask[:, :, None, None]  # [B, M, L_s, 2D]
-        res = {
-            "kv": kv.to(transfer_dtype).cpu().numpy(),
-            "mask": mask.cpu().numpy(),
-            "pos": torch.stack([o["pos"] for o in out]).to(torch.int32).cpu().numpy(),  # [B, M, L_t, H_t]
-        }
-        if lat.codi_hidden:
-            before = []
-            for s, t in batch:
-                first = int(np.argmax(t.segment_ids == ANSWER))
-                if first == 0:
-                    raise ValueError(f"teacher {name}: sample {s.sample_id} starts with its answer; no token precedes it for the CODI hidden state")
-                before.append(first - 1)
-            rows = torch.as_tensor(before, device=hidden.device)
-            res["hidden"] = hidden[torch.arange(len(batch), device=hidden.device), rows].float().cpu().numpy()  # [B, H]
-        return res
-
-    try:
-        w = (WdsShardWriter if cfg.backend == "webdataset" else ShardWriter)(
-            cfg.store, name, cfg.shard, num_layers=g_s.num_layers, width=width, codec=codec,
-            latent_slots=cfg.latent.slots if cfg.latent else None, on_busy=cfg.on_busy,
-            **({} if cfg.backend == "webdataset" else compression(cfg)),
-        )
-    except ShardComplete:  # on_busy="wait": the writer we waited for completed the shard
-        return DumpResult(name, cfg.shard, "already complete")
-    with (
-        w,
-        ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
-        ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
-    ):
-        bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"dump {name}[{cfg.shard}]", disable=not progress)
-        next_maps = maps_pool.submit(time_maps, batches[0]) if batches else None
-        pending: Future | None = None  # at most one batch waits for the writer (bounded memory)
-        for b, batch in enumerate(batches):
-            maps = next_maps
-            if b + 1 < len(batches):
-                next_maps = maps_pool.submit(time_maps, batches[b + 1])
-            ids, mask = pad_batch([t.input_ids for _, t in batch], pad_id)
-            if device.type == "cuda":  # pinned host memory: the copy overlaps queued kernels
-                ids, mask = ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
-            with torch.inference_mode():
-                latent = None
-                with clock("forward"):
-                    if cfg.latent is None:
-                        k, v = forward_kv(teacher, ids.to(device), mask.to(device))  # [B, T_t, L_t, D_t]
-                    else:
-                        answers, _ = pad_batch([t.segment_ids == ANSWER for _, t in batch], 0)
-                        k, v, importance, hidden = forward_kv_importance(
-                            teacher, ids.to(device), mask.to(device), answers.bool().to(device)
-                        )  # importance [B, L_t, H_t, T_t], hidden [B, T_t, H]
-                with clock("align"):
-                    if cfg.latent is not None:
-                        latent = compress_batch(batch, k, v, importance, hidden)
-                    # K and V side by side: one layer map and one block-diagonal time map for both.
-                    kv = map_layers(torch.cat([k, v], dim=-1), W_dev, proj_kv)  # [B, T_t, L_s, 2D]
-                    kv = maps.result().apply(kv.reshape(-1, *kv.shape[2:]))  # [sum T_s, L_s, 2D]
-                with clock("write"):
-                    kv = kv.to(transfer_dtype).cpu().numpy()
-                    if pending is not None:
-                        pending.result()  # re-raises a writer error here
-                    pending = writer.submit(write, batch, kv, latent)
-            bar.update(int(mask.sum()))
-        with clock("write"):
-            if pending is not None:
-                pending.result()
-            # The fingerprints let `store verify` tell a shard written by another setup (stale).
-            w.close(extra_attrs={"skipped": skipped, "max_len": cfg.max_len, "fingerprint": tspec.fingerprint, "data_fingerprint": data_fp})
-        bar.close()
-    return DumpResult(
-        name, cfg.shard, "written", len(pairs), sum(len(s) for s, _ in pairs), skipped,
-        time.perf_counter() - t0, teacher_tokens=tokens, phases=phases,
-    )
 
 
 class _Clock:
