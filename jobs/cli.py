@@ -6,30 +6,25 @@ from __future__ import annotations
 import argparse
 
 from kvdistill.schemas import JobsConfig
-from kvdistill.schemas.cli import Flag, add_flags, config_from_args
+from kvdistill.schemas.cli import add_flags, config_from_args, flags_of
 
 
 class SubmitError(RuntimeError):
     """sbatch is missing or refused a job; the message holds its output and what was already submitted."""
 
 
-FLAGS: list[Flag] = [
-    ("--jobs-dir", "jobs_dir", str, "where sbatch scripts, per-teacher configs and logs go"),
-    ("--workers", "workers", int, "local: worker processes (torch threads are split among them)"),
-    ("--num-shards", "dump.num_shards", int, "shards per teacher"),
-    ("--store", "dump.store", str, "the zarr store"),
-]
+FLAGS = flags_of(JobsConfig)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("jobs", help="run dump arrays locally or on SLURM; status of a store", description=__doc__)
     jsub = p.add_subparsers(dest="jobs_command", required=True)
     local = jsub.add_parser("local", help="run every dump task here as N processes, then finalize")
-    add_flags(local, FLAGS, JobsConfig)
+    add_flags(local, JobsConfig)
     local.add_argument("--no-finalize", action="store_true", help="do not finalize the store afterwards")
     local.set_defaults(func=local_main)
     slurm = jsub.add_parser("slurm", help="write sbatch scripts (one array per teacher, finalize, train); --submit submits them")
-    add_flags(slurm, FLAGS, JobsConfig)
+    add_flags(slurm, JobsConfig)
     slurm.add_argument("--submit", action="store_true", help="submit with sbatch (default: print what would be submitted)")
     slurm.set_defaults(func=slurm_main)
     status = jsub.add_parser("status", help="per teacher x shard: complete / partial / missing, and what to resubmit")

@@ -14,7 +14,7 @@ from kvdistill.errors import ExitCode, Preempted
 from kvdistill.jobs import cli as jobs_cli
 from kvdistill.jobs.local import LocalRunError
 from kvdistill.schemas import CompareConfig, ConfigError, DemoConfig
-from kvdistill.schemas.cli import Flag, add_flags, config_from_args
+from kvdistill.schemas.cli import add_flags, config_from_args
 from kvdistill.store import cli as store_cli
 from kvdistill.store.errors import CorruptShard, ShardBusy, StoreError
 from kvdistill.train import cli as train_cli
@@ -30,44 +30,17 @@ _ENVIRONMENT = {
     errno.EPERM: ("operation not permitted", "fix the permissions or write elsewhere (--store / --out)"),
 }
 
-DEMO_FLAGS: list[Flag] = [
-    ("--out", "out", str, "output directory (models, store.zarr, runs, summary.json, training.png)"),
-    ("--num-shards", "num_shards", int, "shards per teacher"),
-    ("--teacher-steps", "teacher_steps", int, "CE steps for each tiny teacher"),
-    ("--student-steps", "student_steps", int, "steps for each student run"),
-    ("--kv-weight", "kv_weight", float, "KV loss weight of the distilled student"),
-    ("--seed", "seed", int, "seed"),
-    ("--extra-teachers", "extra_teachers", lambda s: [x for x in s.split(",") if x], "comma list: cross-tokenizer, dual-prompt"),
-    ("--mode", "mode", str, "cot | latent (KaVa: latent students with / without the KV loss vs a CoT student)"),
-    ("--latent-slots", "latent_slots", int, "latent mode: M, compressed reasoning slots per teacher"),
-    ("--latent-iterations", "latent_iterations", int, "latent mode: Jacobi iterations T"),
-]
-
-
-COMPARE_FLAGS: list[Flag] = [
-    ("--out", "out", str, "output directory (runs/<arm>/seed-<n>, compare.json, compare.html)"),
-    ("--seeds", "seeds", int, "seeds per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom)"),
-    ("--arms", "arms", lambda s: [x for x in s.split(",") if x], "comma list of arms; 'ce' is required (differences are paired against it)"),
-    ("--steps", "steps", int, "optimizer steps per run"),
-    ("--max-new-tokens", "max_new_tokens", int, "generation budget per eval question"),
-    ("--demo-out", "demo.out", str, "where the embedded demo (teachers, store) is built or reused"),
-    ("--store", "store", str, "a finalized store instead of the demo's (with --student and eval_data in --config)"),
-    ("--student", "student.name_or_path", str, "the student that --store was dumped for"),
-    ("--device", "device", str, "auto | cpu | cuda"),
-]
-
-
 def demo_main(args: argparse.Namespace) -> int:
     from kvdistill.demo import run_demo
 
-    run_demo(config_from_args(DemoConfig, args, DEMO_FLAGS), progress=not args.no_progress)
+    run_demo(config_from_args(DemoConfig, args), progress=not args.no_progress)
     return 0
 
 
 def compare_main(args: argparse.Namespace) -> int:
     from kvdistill.compare import run_compare
 
-    run_compare(config_from_args(CompareConfig, args, COMPARE_FLAGS), progress=not args.no_progress)
+    run_compare(config_from_args(CompareConfig, args), progress=not args.no_progress)
     return 0
 
 
@@ -87,12 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_cli.add_parser(sub)
     train_cli.add_parser(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)")
-    add_flags(demo, DEMO_FLAGS, DemoConfig)
+    add_flags(demo, DemoConfig)
     demo.set_defaults(func=demo_main)
     compare = sub.add_parser(
         "compare", help="train and evaluate arms (ce, kv-*, shuffled control) over seeds: mean, 95%% CI, paired difference to ce"
     )
-    add_flags(compare, COMPARE_FLAGS, CompareConfig)
+    add_flags(compare, CompareConfig)
     compare.set_defaults(func=compare_main)
     report = sub.add_parser("report", help="one self-contained HTML page for a training run (curves, per-layer heatmap, routing, eval)")
     report.add_argument("run", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")

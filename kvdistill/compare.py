@@ -28,6 +28,7 @@ from kvdistill.schemas import (
     ModelSpec,
     TrainConfig,
 )
+from kvdistill.train.recipes import train_config
 
 __all__ = ["ARMS", "CONFIDENCE", "t_cdf_two_sided", "t_quantile", "mean_ci", "arm_configs", "run_compare", "format_compare"]
 
@@ -39,12 +40,13 @@ ARMS: dict[str, dict[str, Any]] = {
     "kv-similarity": {"fusion": "similarity"},
     "kv-router": {"fusion": "router"},
     "kv-shuffled": {"kv_control": "shuffled"},  # negative control: another sample's K/V
-    # KaVa latent mode (train/latent.py; the store needs R-KV compressed K/V, `dump
-    # --latent-slots`; the demo's is built when one of these arms is asked for). Not in the
-    # default arm list: a latent step costs T + 1 forwards. Recipe: weight decay 0.1, clip 2.0.
-    "latent-codi": {"mode": "latent", "kv_weight": 0.0, "weight_decay": 0.1, "grad_clip": 2.0},  # CODI, no KV loss
-    "latent-kv": {"mode": "latent", "weight_decay": 0.1, "grad_clip": 2.0},
-    "latent-shuffled": {"mode": "latent", "kv_control": "shuffled", "weight_decay": 0.1, "grad_clip": 2.0},  # control
+    # KaVa latent mode (the store needs R-KV compressed K/V, `dump --latent-slots`; the demo's
+    # is built when one of these arms is asked for). Not in the default arm list: a latent step
+    # costs T + 1 forwards. They train the recipe `kvdistill train --mode latent` trains: kava
+    # (train/recipes/kava.yaml) under the overrides.
+    "latent-codi": {"mode": "latent", "kv_weight": 0.0},  # CODI, no KV loss
+    "latent-kv": {"mode": "latent"},
+    "latent-shuffled": {"mode": "latent", "kv_control": "shuffled"},  # control
 }
 CONFIDENCE = 0.95
 
@@ -106,8 +108,9 @@ def latent_arms(cfg: CompareConfig) -> list[str]:
 def arm_configs(
     cfg: CompareConfig, store: str, student: ModelSpec, base: dict[str, Any], latent_store: str | None = None
 ) -> dict[str, dict[int, TrainConfig]]:
-    """arm -> seed -> TrainConfig; every config is built (and validated) before anything runs.
-    Latent-mode arms train from `latent_store` (default: `store`)."""
+    """arm -> seed -> TrainConfig; every config is built (and validated) before anything runs,
+    as `kvdistill train` builds it: the recipe of its mode (train/recipes) < `base` < cfg.train
+    < the arm < what compare sets. Latent-mode arms train from `latent_store` (default: `store`)."""
     arms = {**ARMS, **cfg.arm_overrides}
     unknown = [a for a in cfg.arms if a not in arms]
     if unknown:
@@ -125,7 +128,7 @@ def arm_configs(
             fields = {**base, **cfg.train, **arms[name], "store": arm_store, "student": student.to_dict(), "max_steps": cfg.steps,
                       "seed": seed, "device": cfg.device, "out": str(Path(cfg.out) / "runs" / name / f"seed-{seed}")}
             try:
-                out[name][seed] = TrainConfig.from_dict(fields)
+                out[name][seed] = train_config(fields)
             except ConfigError as e:
                 raise ConfigError(f"compare arm {name!r} (overrides {arms[name]}): {e}") from e
     return out
@@ -150,7 +153,6 @@ def _demo_store(cfg: CompareConfig, progress: bool) -> tuple[str, ModelSpec, Dat
 
 def _run_one(tcfg: TrainConfig, ecfg: EvalConfig, progress: bool) -> dict[str, Any]:
     from kvdistill.train.eval import evaluate
-    from kvdistill.train.latent import train_latent
     from kvdistill.train.loop import train
 
     run = Path(tcfg.out)
@@ -160,7 +162,7 @@ def _run_one(tcfg: TrainConfig, ecfg: EvalConfig, progress: bool) -> dict[str, A
         if TrainConfig.load(run / "train_config.yaml") == tcfg and done["eval_config"] == ecfg.to_dict():
             print(f"[compare] {run}: done before with this config, reusing it", flush=True)
             return done
-    summary = (train_latent if tcfg.mode == "latent" else train)(tcfg, progress=progress)
+    summary = train(tcfg, progress=progress)
     result = evaluate(ecfg, progress=progress)
     done = {"train": summary, "eval": result, "eval_config": ecfg.to_dict()}
     record.write_text(json.dumps(done, indent=1))
@@ -178,9 +180,9 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
         base = {"lr": 3e-3, "batch_size": cfg.demo.batch_size}  # the demo's student settings
     latent_store = None
     if latent_arms(cfg) and cfg.store is None:  # the demo's teachers, dumped with R-KV compression
-        from kvdistill.demo import _models, dump_latent_store
+        from kvdistill.demo import demo_models, dump_latent_store
 
-        demo_student, teachers, _, _ = _models(cfg.demo, Path(cfg.demo.out), progress)
+        demo_student, teachers, _, _ = demo_models(cfg.demo, Path(cfg.demo.out), progress)
         latent_store = str(dump_latent_store(cfg.demo, Path(cfg.demo.out), demo_student, teachers, progress))
     plan = arm_configs(cfg, store, student, base, latent_store)
     out = Path(cfg.out)

@@ -30,10 +30,9 @@ from kvdistill.jobs import dump_tasks, run_local
 from kvdistill.schemas import DemoConfig, DumpConfig, EvalConfig, LatentSpec, ModelSpec, TrainConfig
 from kvdistill.store import finalize, format_inspect, inspect
 from kvdistill.train.eval import evaluate
-from kvdistill.train.latent import train_latent
 from kvdistill.train.loop import train
 
-__all__ = ["TEACHERS", "STUDENT", "run_demo", "run_latent_demo"]
+__all__ = ["TEACHERS", "STUDENT", "demo_models", "run_demo", "run_latent_demo"]
 
 # Teachers differ from the student in depth, heads and head_dim; teacher-llama's KV width
 # equals the student's (identity adapter), teacher-qwen2's does not (linear adapter).
@@ -82,7 +81,7 @@ def _plot(runs: dict[str, Path], out: Path) -> Path:
     return path
 
 
-def _models(cfg: DemoConfig, out: Path, progress: bool) -> tuple[ModelSpec, list[ModelSpec], dict[str, Any], Any]:
+def demo_models(cfg: DemoConfig, out: Path, progress: bool) -> tuple[ModelSpec, list[ModelSpec], dict[str, Any], Any]:
     """The tokenizer, the teachers (briefly trained) and the student's initial weights, each
     cached under DIR/models by its recipe. Returns (student, teachers, recipes, test data)."""
     train_rows = load_examples(cfg.data)
@@ -154,7 +153,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     cfg.save(out / "demo_config.yaml")
     lap = _Laps()
     times = lap.times
-    student, teachers, _, test_data = _models(cfg, out, progress)
+    student, teachers, _, test_data = demo_models(cfg, out, progress)
     lap("teachers")
 
     store = out / "store.zarr"
@@ -231,7 +230,7 @@ def run_latent_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "demo_config-latent.yaml")
     lap = _Laps()
-    student, teachers, _, test_data = _models(cfg, out, progress)
+    student, teachers, _, test_data = demo_models(cfg, out, progress)
     lap("teachers")
 
     store = dump_latent_store(cfg, out, student, teachers, progress)
@@ -254,7 +253,7 @@ def run_latent_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     train_summaries = {}
     for name, kw in runs.items():
         tcfg = TrainConfig(**common, out=str(out / "runs-latent" / name), **kw)
-        train_summaries[name] = (train_latent if tcfg.mode == "latent" else train)(tcfg, progress=progress)
+        train_summaries[name] = train(tcfg, progress=progress)
         lap(f"train {name}")
 
     table = []

@@ -5,6 +5,11 @@ each field against its annotation and names the offending field on error:
 
     >>> DumpConfig.from_dict({"batch_size": "eight"})
     ConfigError: DumpConfig.batch_size: expected int, got str 'eight'
+
+A config field documents itself for the CLI with `option` (schemas/cli.py turns every field
+into a flag named after it, `lr` -> `--lr`):
+
+    lr: float = option(1e-3, help="student learning rate", group="optimisation", aliases=("--learning-rate",))
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import functools
 import json
 import re
 import types
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["ConfigError", "Record", "apply_overrides", "build"]
+__all__ = ["ConfigError", "Record", "apply_overrides", "build", "option", "read_config"]
 
 R = TypeVar("R", bound="Record")
 
@@ -54,6 +60,30 @@ _hints = functools.cache(get_type_hints)
 
 class ConfigError(ValueError):
     """A config or record failed validation; the message names the field and the fix."""
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    group: str | None = None,
+    aliases: tuple[str, ...] | Mapping[str, str | tuple[str, ...]] = (),
+    instead_of: str | None = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A dataclass field with what the CLI shows for it (schemas/cli.py reads the metadata).
+
+    help: the flag's help text (the default is appended by the CLI). group: the `--help`
+    section of a subcommand's own fields. aliases: more flag names, for a plain field a tuple
+    (`("--learning-rate",)`), for a nested record its fields' (`{"name_or_path": "--teacher"}`);
+    group and aliases count only on the fields of the subcommand's own record. instead_of:
+    this field, when set, replaces that one (`warmup_ratio` instead of `warmup_steps`): a
+    config layer that sets the other one drops a lower layer's value of this one (see build).
+    factory: a default_factory."""
+    metadata = {"help": help, "group": group, "aliases": aliases, "instead_of": instead_of}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _type_name(tp: Any) -> str:
@@ -206,21 +236,7 @@ class Record:
     @classmethod
     def load(cls: type[R], path: str | Path, overrides: dict[str, Any] | None = None) -> R:
         """Read a YAML / JSON file, apply dotted-key overrides (CLI flags), validate."""
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"config file {path}: cannot parse: {e}") from e
-        data = data or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping of {cls.__name__} fields")
-        try:
-            return cls.from_dict(apply_overrides(data, overrides or {}))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
+        return build(cls, path, overrides or {})
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -239,9 +255,41 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
-def build(cls: type[R], config: str | Path | None, overrides: dict[str, Any]) -> R:
-    """What every CLI does: `--config file.yaml` (optional) with flags overriding the file."""
-    if config is not None:
-        return cls.load(config, overrides)
-    return cls.from_dict(apply_overrides({}, overrides))
+def read_config(path: str | Path, cls: type[Record]) -> dict[str, Any]:
+    """The mapping in a YAML / JSON config file of `cls`, unvalidated (an empty file is {})."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path}: cannot parse: {e}") from e
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of {cls.__name__} fields")
+    return data
 
+
+def _over(cls: type[Record], below: dict[str, Any], above: set[str]) -> dict[str, Any]:
+    """`below` without the fields that a field set in a layer above replaces: a lower layer's
+    warmup_ratio goes when a higher one sets warmup_steps (option(instead_of=...))."""
+    replaced = {f.name for f in dataclasses.fields(cls) if f.metadata.get("instead_of") in above and f.name not in above}
+    return {k: v for k, v in below.items() if k not in replaced}
+
+
+def build(cls: type[R], config: str | Path | None, overrides: dict[str, Any], base: dict[str, Any] | None = None) -> R:
+    """What every CLI does, in layers, each over the one below: `base` (a recipe) < `--config
+    file.yaml` < flags (dotted keys; None: not given). A layer replaces a lower layer's value
+    of each field it sets, whole (a nested mapping too)."""
+    data = dict(base or {})
+    if config is not None:
+        above = read_config(config, cls)
+        data = {**_over(cls, data, set(above)), **above}
+    data = _over(cls, data, {k.split(".")[0] for k, v in overrides.items() if v is not None})
+    try:
+        return cls.from_dict(apply_overrides(data, overrides))
+    except ConfigError as e:
+        if config is None:
+            raise
+        raise ConfigError(f"{config}: {e}") from e

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from .base import ConfigError, Record
+from .base import ConfigError, Record, option
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -46,6 +46,13 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 # see store/codecs.py for the exact layout and the dequantisation formula.
 KVDtype = Literal["float16", "float32", "bfloat16", "int8", "int4"]
 
+# Short flags of nested fields (option aliases), besides the canonical `--teacher.name-or-path`.
+TEACHER_FLAGS = {"name_or_path": "--teacher", "name": "--teacher-name", "revision": "--teacher-revision",
+                 "dtype": "--teacher-dtype", "prompt_template": "--teacher-template"}
+STUDENT_FLAGS = {"name_or_path": "--student", "name": "--student-name", "revision": "--student-revision",
+                 "dtype": "--student-dtype", "prompt_template": "--student-template"}
+DATA_FLAGS = {"source": "--data", "split": "--split", "config_name": "--data-config", "limit": "--limit"}
+
 
 @dataclass
 class Example(Record):
@@ -65,11 +72,14 @@ class Example(Record):
 class ModelSpec(Record):
     """A model to load with `from_pretrained`: a hub id or a local directory."""
 
-    name_or_path: str
-    revision: str | None = None
-    dtype: Dtype = "float32"
-    prompt_template: str = DEFAULT_TEMPLATE
-    name: str | None = None  # short name in the store; default: last path component
+    name_or_path: str = option(help="hub id or local checkpoint directory")
+    revision: str | None = option(None, help="hub revision: branch, tag or commit")
+    dtype: Dtype = option("float32", help="dtype the weights are loaded in")
+    prompt_template: str = option(
+        DEFAULT_TEMPLATE, help="prompt template with {question}, {reasoning} and {answer} in this order "
+        "(a teacher's and the student's may differ: K/V are then aligned per segment)"
+    )
+    name: str | None = option(None, help="short name in the store (default: last path component)")
 
     def validate(self) -> None:
         pos = [self.prompt_template.find("{" + k + "}") for k in ("question", "reasoning", "answer")]
@@ -93,13 +103,13 @@ class ModelSpec(Record):
 class SyntheticSpec(Record):
     """The built-in multi-step arithmetic word problems (deterministic by seed)."""
 
-    n_train: int = 4000
-    n_test: int = 200
-    seed: int = 0
-    style: Literal["sentences", "equations"] = "equations"
-    min_steps: int = 2
-    max_steps: int = 2
-    max_number: int = 9
+    n_train: int = option(4000, help="training problems")
+    n_test: int = option(200, help="test problems")
+    seed: int = option(0, help="generator seed")
+    style: Literal["sentences", "equations"] = option("equations", help="GSM8K-like equations, or sentences")
+    min_steps: int = option(2, help="fewest arithmetic steps per problem")
+    max_steps: int = option(2, help="most arithmetic steps per problem")
+    max_number: int = option(9, help="largest operand")
 
     def validate(self) -> None:
         if self.n_train < 1 or self.n_test < 1:
@@ -115,11 +125,11 @@ class DataSpec(Record):
     """Where rows come from: `synthetic`, a local .jsonl/.parquet (GSM8K format), or a local
     directory / hub id loaded with `datasets.load_dataset`."""
 
-    source: str = "synthetic"
-    split: str = "train"
-    config_name: str | None = None  # hub data set config, e.g. "main" for openai/gsm8k
-    limit: int | None = None  # first N rows after loading
-    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    source: str = option("synthetic", help="'synthetic', a GSM8K-format .jsonl/.parquet, or a data set directory / hub id")
+    split: str = option("train", help="data set split")
+    config_name: str | None = option(None, help="hub data set config, e.g. 'main' for openai/gsm8k")
+    limit: int | None = option(None, help="use the first N rows after loading")
+    synthetic: SyntheticSpec = option(factory=SyntheticSpec, help="the built-in arithmetic problems (source 'synthetic')")
 
     def validate(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -135,12 +145,15 @@ class AlignSpec(Record):
     (other text, e.g. another prompt template or reasoning style: linear resampling within
     each prompt / reasoning / answer segment). The store records the choice."""
 
-    # "ratio" (l_s * (L_t - 1) / (L_s - 1), interpolated), or a layermap.json written by
-    # `kvdistill align calibrate` (CKA top-k)
-    layer_map: str = "ratio"
-    time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = "auto"
-    keys: Literal["pre_rope"] = "pre_rope"  # see DESIGN.md "Why pre-RoPE keys"
-    projection: str | None = None  # a PCA .npz from `kvdistill align calibrate --pca D`
+    layer_map: str = option(
+        "ratio", help="'ratio' (student layer l reads teacher layer l (L_t - 1) / (L_s - 1), interpolated) "
+        "or a layermap.json from `kvdistill align calibrate` (CKA top-k)"
+    )
+    time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = option(
+        "auto", help="teacher tokens onto the student's: auto picks identity, char_overlap or segment_linear from the data"
+    )
+    keys: Literal["pre_rope"] = option("pre_rope", help="keys are taken before RoPE")  # see DESIGN.md "Why pre-RoPE keys"
+    projection: str | None = option(None, help="a PCA .npz from `kvdistill align calibrate --pca D`: store D dims per layer")
 
     def validate(self) -> None:
         if self.layer_map != "ratio" and not self.layer_map.endswith(".json"):
@@ -195,9 +208,12 @@ class LatentSpec(Record):
     per layer and KV head with R-KV scores `lam * importance + (1 - lam) * redundancy`
     (dump/rkv.py), and optionally its last hidden state before the answer (CODI)."""
 
-    slots: int = 24  # M: latent tokens, i.e. kept reasoning positions per (layer, KV head)
-    lam: float = 0.1  # weight of attention importance against redundancy (R-KV's lambda)
-    codi_hidden: bool = True  # also store the final-norm hidden state before the first answer token
+    slots: int = option(
+        24, help="M: latent tokens, i.e. kept reasoning positions per (layer, KV head); "
+        "needs eager attention (T^2 memory per layer)"
+    )
+    lam: float = option(0.1, help="R-KV score = lambda * importance + (1 - lambda) * redundancy")
+    codi_hidden: bool = option(True, help="also store the teacher's final-norm hidden state before the first answer token (CODI)")
 
     def validate(self) -> None:
         if self.slots < 1:
@@ -232,34 +248,42 @@ class DumpTask(Record):
     """Everything a dump array task needs except which teacher and which shard: the part the
     tasks of one job array share (see JobsConfig)."""
 
-    student: ModelSpec
-    store: str
-    data: DataSpec = field(default_factory=DataSpec)
-    num_shards: int = 1
-    batch_size: int = 16
-    max_len: int = 1024
-    on_too_long: Literal["error", "skip"] = "error"
-    align: AlignSpec = field(default_factory=AlignSpec)
-    kv_dtype: KVDtype = "float16"  # codec of every teacher ...
-    teacher_kv_dtype: dict[str, KVDtype] = field(default_factory=dict)  # ... unless named here
-    backend: Literal["zarr", "webdataset"] = "zarr"  # webdataset: one .tar per task (float16 / float32)
-    # blosc-zstd level of the K/V chunks, 0 (none) to 9. Level 1 compresses ~4x faster than 3
-    # (~420 vs ~90 MB/s a core) for 1-5% more bytes: at 3 the writer, not the forward, would bound
-    # a GPU dump (bench/store.py, BENCHMARKS.md).
-    compression_level: int = 1
-    # blosc's filter before zstd: "byte" groups the bytes of each value (the exponents of 16-bit
-    # floats), "bit" their bits. At level 1 on a trained teacher's K/V (bench/store.py): byte is
-    # smaller for float16 / bfloat16 / int4 (1.42x / 1.88x / 3.92x vs 1.40x / 1.78x / 3.88x),
-    # bit for int8 (2.31x vs 2.17x).
-    blosc_shuffle: Literal["byte", "bit"] = "byte"
-    device: str = "auto"
-    latent: LatentSpec | None = None  # also store R-KV compressed reasoning KV (KaVa latent mode)
-    # Another live writer already owns this (teacher, shard) (a duplicated or requeued array
-    # task): "fail" exits at once naming the owner; "wait" blocks until it finishes or dies.
-    on_busy: Literal["fail", "wait"] = "fail"
-    # A dump that would write 0 samples (empty data file, everything skipped) is an error
-    # unless allowed: an empty shard is almost always a wrong path or filter.
-    allow_empty: bool = False
+    student: ModelSpec = option(help="the student: its tokenizer and config are read (no weights)", aliases=STUDENT_FLAGS)
+    store: str = option(help="the zarr store to write into, e.g. out.zarr")
+    data: DataSpec = option(factory=DataSpec, help="the data set", aliases=DATA_FLAGS)
+    num_shards: int = option(1, help="how many shards the data set is split into")
+    batch_size: int = option(16, help="teacher forward batch size")
+    max_len: int = option(1024, help="longest sample in tokens; longer ones are an error (or see --on-too-long)")
+    on_too_long: Literal["error", "skip"] = option("error", help="a sample over --max-len: fail, or skip and count it")
+    align: AlignSpec = option(
+        factory=AlignSpec, help="how a teacher's K/V are put onto the student's geometry",
+        aliases={"layer_map": "--layer-map", "time_map": "--time-map", "projection": "--projection"},
+    )
+    kv_dtype: KVDtype = option("float16", help="codec of the stored K/V of every teacher not in teacher_kv_dtype (int8 / int4: KIVI-style, scales beside)")
+    teacher_kv_dtype: dict[str, KVDtype] = option(factory=dict, help="codec per teacher, e.g. teacher-a=int8")
+    backend: Literal["zarr", "webdataset"] = option("zarr", help="how shards are stored; webdataset: one .tar per task (float16 / float32)")
+    # Level 1 compresses ~4x faster than 3 (~420 vs ~90 MB/s a core) for 1-5% more bytes: at 3
+    # the writer, not the forward, would bound a GPU dump (bench/store.py, BENCHMARKS.md).
+    compression_level: int = option(1, help="blosc-zstd level of the K/V chunks, 0 (none) to 9; 1 writes ~4x faster than 3 for 1-5% more bytes")
+    # "byte" groups the bytes of each value (the exponents of 16-bit floats), "bit" their bits. At
+    # level 1 on a trained teacher's K/V (bench/store.py): byte is smaller for float16 / bfloat16 /
+    # int4 (1.42x / 1.88x / 3.92x vs 1.40x / 1.78x / 3.88x), bit for int8 (2.31x vs 2.17x).
+    blosc_shuffle: Literal["byte", "bit"] = option(
+        "byte", help="blosc's filter before zstd (bit stores int8 ~6% smaller, byte the others)"
+    )
+    device: str = option("auto", help="auto | cpu | cuda | cuda:1")
+    latent: LatentSpec | None = option(
+        None, help="KaVa latent mode: also store R-KV compressed reasoning K/V (any of its flags turns it on)",
+        aliases={"slots": "--latent-slots", "lam": "--latent-lambda", "codi_hidden": "--latent-codi-hidden"},
+    )
+    # A duplicated or requeued array task finds the (teacher, shard) owned by a live writer.
+    on_busy: Literal["fail", "wait"] = option(
+        "fail", help="another live writer owns this (teacher, shard): fail at once naming it, or wait until it finishes or dies"
+    )
+    allow_empty: bool = option(
+        False, help="write a shard even when it gets no sample (more shards than rows, every sample skipped); "
+        "without it that is an error, as an empty shard is almost always a wrong path or filter"
+    )
 
     def validate(self) -> None:
         if self.num_shards < 1:
@@ -279,8 +303,8 @@ class DumpTask(Record):
 class DumpConfig(DumpTask):
     """`kvdistill dump`: one array task = one teacher x one shard of the data set."""
 
-    teacher: ModelSpec
-    shard: int = 0
+    teacher: ModelSpec = option(help="the teacher whose K/V are dumped", aliases=TEACHER_FLAGS)
+    shard: int = option(0, help="this task's shard index (SLURM: $SLURM_ARRAY_TASK_ID)")
 
     def validate(self) -> None:
         super().validate()
@@ -292,20 +316,20 @@ class DumpConfig(DumpTask):
 class SlurmSpec(Record):
     """sbatch resources of one job (array task, finalize or training)."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    nodes: int = 1
-    gpus: int = 1  # per node (--gres=gpu:N); 0 for CPU-only jobs
-    cpus: int = 8  # --cpus-per-task
-    mem: str = "64G"
-    time: str = "04:00:00"
-    requeue: bool = True  # preempted tasks come back and finish their shard; training also requeues itself on SIGUSR1
-    max_parallel: int | None = None  # array throttle: --array=0-N%P
-    extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. "--constraint=a100"
+    partition: str | None = option(None, help="SLURM partition")
+    account: str | None = option(None, help="SLURM account")
+    qos: str | None = option(None, help="SLURM quality of service")
+    nodes: int = option(1, help="nodes per job")
+    gpus: int = option(1, help="GPUs per node (--gres=gpu:N); 0 for CPU-only jobs")
+    cpus: int = option(8, help="CPUs per task (--cpus-per-task)")
+    mem: str = option("64G", help="memory per node")
+    time: str = option("04:00:00", help="time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S, or UNLIMITED")
+    requeue: bool = option(True, help="preempted tasks come back and finish their shard; training also requeues itself on SIGUSR1")
+    max_parallel: int | None = option(None, help="array throttle: at most this many tasks at once (--array=0-N%P)")
+    extra: list[str] = option(factory=list, help="more #SBATCH lines' options, as sbatch spells them")
     # training only: SIGUSR1 this many seconds before the time limit (--signal=B:USR1@N), time
     # to finish a step and write a checkpoint; 0: no signal (then the limit's SIGTERM saves, within KillWait)
-    signal_seconds: int = 300
+    signal_seconds: int = option(300, help="training only: SIGUSR1 this many seconds before the time limit, to save a checkpoint; 0: none")
 
     def validate(self) -> None:
         self.check_min(1, "nodes", "cpus", "max_parallel")
@@ -335,13 +359,13 @@ class JobsConfig(Record):
     """`kvdistill jobs slurm | local | status`: every teacher x shard of one store, plus the
     finalize step and optionally the student's training job after it."""
 
-    teachers: list[ModelSpec]
-    dump: DumpTask
-    slurm: SlurmSpec = field(default_factory=SlurmSpec)
-    jobs_dir: str = "kvdistill-jobs"  # sbatch scripts, per-teacher dump configs, logs
-    workers: int = 1  # `kvdistill jobs local`: processes on this machine
-    train: TrainConfig | None = None
-    train_slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    teachers: list[ModelSpec] = option(help="the teachers: hub ids or checkpoint directories, or each a mapping of ModelSpec fields")
+    dump: DumpTask = option(help="what every dump task shares", aliases={"store": "--store", "num_shards": "--num-shards"})
+    slurm: SlurmSpec = option(factory=SlurmSpec, help="sbatch resources of the dump array tasks and the finalize job")
+    jobs_dir: str = option("kvdistill-jobs", help="where sbatch scripts, per-teacher dump configs and logs go")
+    workers: int = option(1, help="`kvdistill jobs local`: processes on this machine (torch threads are split among them)")
+    train: TrainConfig | None = option(None, help="the student's training job, after finalize (jobs slurm)")
+    train_slurm: SlurmSpec = option(factory=SlurmSpec, help="sbatch resources of the training job")
 
     def validate(self) -> None:
         if not self.teachers:
@@ -376,16 +400,18 @@ class CalibrateConfig(Record):
     """`kvdistill align calibrate`: a CKA layer map (and optionally a PCA projection) for one
     teacher and student, from a calibration sample."""
 
-    teacher: ModelSpec
-    student: ModelSpec
-    data: DataSpec = field(default_factory=DataSpec)
-    samples: int = 64
-    top_k: int = 2
-    out: str = "layermap.json"
-    pca: int | None = None  # fit a D-dim PCA per layer of the layer-mapped teacher K and V
-    time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = "auto"
-    batch_size: int = 8
-    device: str = "auto"
+    teacher: ModelSpec = option(help="the teacher (its weights are read)", aliases=TEACHER_FLAGS)
+    student: ModelSpec = option(help="the student (its weights are read)", aliases=STUDENT_FLAGS)
+    data: DataSpec = option(factory=DataSpec, help="the calibration data", aliases=DATA_FLAGS)
+    samples: int = option(64, help="calibration samples")
+    top_k: int = option(2, help="teacher layers per student layer")
+    out: str = option("layermap.json", help="layer map JSON (a heatmap .png is written beside it)")
+    pca: int | None = option(None, help="also fit a D-dim PCA per layer of the layer-mapped teacher K and V, for `dump --projection`")
+    time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = option(
+        "auto", help="teacher tokens onto the student's (auto: from the data)"
+    )
+    batch_size: int = option(8, help="forward batch size")
+    device: str = option("auto", help="auto | cpu | cuda")
 
     def validate(self) -> None:
         if self.samples < 1 or self.top_k < 1:
@@ -399,89 +425,127 @@ class CalibrateConfig(Record):
 class TrainConfig(Record):
     """`kvdistill train`: a student trained from the store; no teacher is loaded."""
 
-    store: str
-    student: ModelSpec
-    out: str
-    teachers: list[str] | None = None  # default: every teacher in the store
-    teacher_weights: dict[str, float] | None = None  # fixed fusion; default equal
-    # fixed: teacher_weights; similarity: per token, softmax of cosine / temperature;
-    # router: a small MLP on the student's pooled last hidden state, softmax per sample
-    fusion: Literal["fixed", "similarity", "router"] = "fixed"
-    fusion_temperature: float = 0.1
-    router_groups: int = 1  # 1: one weight vector per sample; 3: one per shallow / middle / deep third of the layers
-    router_hidden: int = 64  # width of the router MLP's hidden layer
-    router_entropy_weight: float = 0.01  # loss -= weight * entropy: > 0 rewards spreading over teachers
-    router_lr: float = 1e-3
-    # flat: one D_t x D_s map per layer; headwise: teacher kv-head mixer + per-head d_t x d_s map
-    adapter: Literal["flat", "headwise"] = "flat"
-    kv_attn_weight: Literal["none", "student"] = "none"  # student: weight tokens by the attention they receive
-    kv_attn_warmup_steps: int = 1000  # linear warm-up from uniform token weights
-    cka_weight: float = 0.05  # 1 - debiased linear CKA of student K|V and the fused target (mode cot; latent mode has no CKA term)
-    cka_layers: Literal["middle", "last"] | list[int] = "middle"
-    layer_anneal_steps: int = 0  # > 0: KV loss phases in deeper layers linearly over these steps
-    kv_weight: float = 1.0  # 0 gives the CE-only baseline
-    ce_weight: float = 1.0
-    kv_norm: Literal["layer_std", "none"] = "layer_std"
-    kv_loss: Literal["mse", "smooth_l1", "cosine"] = "mse"
-    lora_r: int = 0  # > 0: train LoRA adapters (peft) instead of every weight
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    lr: float = 1e-3
-    adapter_lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 16  # per device and micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step: effective batch = batch_size x this x processes
-    gradient_checkpointing: bool = False  # recompute the student's activations in backward (less memory, ~30% more compute)
-    max_steps: int = 200  # optimizer steps
-    num_train_epochs: float | None = None  # when set: this many passes over the training shards, instead of max_steps
-    warmup_steps: int = 20
-    warmup_ratio: float | None = None  # when set: warm-up over this fraction of max_steps, instead of warmup_steps
-    grad_clip: float = 1.0
-    seed: int = 0
-    shuffle_buffer: int = 256
-    num_workers: int = 0
-    # How K/V reach the trainer's device. "stored": as the store holds them (float16 / bfloat16
-    # in 16 bits, int8 / int4 codes + scales), made float32 on the device: 2-8x fewer bytes to
-    # read, collate and copy. "decoded": float32 from the stream's reader threads, which overlap
-    # the step. "auto": stored on an accelerator, decoded on CPU (there the device *is* the CPU).
-    kv_transfer: Literal["auto", "stored", "decoded"] = "auto"
-    log_every: int = 10
-    # Validation: every eval_steps steps (0: never) the active loss terms on held-out data, either
-    # the store's last val_shards shards (not trained on) or a second store val_store, all of it.
-    eval_steps: int = 0
-    val_shards: int = 0
-    val_store: str | None = None
-    val_batches: int | None = None  # at most this many validation batches per evaluation (default: all)
-    # Keep RUN_DIR/best: the checkpoint with the lowest value of this validation metric
-    # ("val_loss", "val_ce", "val_kv_k", ...); needs eval_steps.
-    metric_for_best_model: str | None = None
-    hash_params: bool = False  # write a sha256 of the final parameters into RUN_DIR/ranks (the DDP test compares ranks)
-    save_every: int = 0  # checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps
-    stop_at_step: int | None = None  # stop cleanly after this step (a time-limited job); --resume goes on
-    # a run directory (its latest checkpoint), one checkpoint directory, or "auto": the latest
-    # complete checkpoint in `out` if there is one, else a fresh start (what train.sbatch runs)
-    resume: str | None = None
-    # SIGTERM / SIGUSR1 always save a checkpoint and exit 143; with this, SIGUSR1 under SLURM
-    # also runs `scontrol requeue $SLURM_JOB_ID` (train.sbatch sets it when train_slurm.requeue)
-    requeue_on_usr1: bool = False
-    device: str = "auto"
-    # autocast: "auto" = bf16 on a GPU that has it, none on CPU (bf16 matmuls are ~6x slower
-    # there), or what `accelerate launch --mixed_precision` / its config says when launched so
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # Trackers besides metrics.jsonl (the source of truth), through accelerate: e.g.
-    # ["tensorboard"], ["wandb"]; "all" / "auto": every one accelerate finds installed.
-    report_to: list[str] = field(default_factory=list)
-    # "shuffled": a negative control; each sample is supervised with the teacher K/V of another
-    # sample of its batch (seeded derangement), resampled in time to its own length. Each
-    # epoch's last batch is dropped when short (a one-sample batch cannot be deranged).
-    kv_control: Literal["none", "shuffled"] = "none"
-    # mode "latent" (KaVa, train/latent.py): question -> M latent slots refined by Jacobi
-    # iterations -> answer; M comes from the store (the teachers' LatentSpec.slots).
-    mode: Literal["cot", "latent"] = "cot"
-    latent_iterations: int = 3  # T: Jacobi iterations (each one forward of question + latents)
-    codi_weight: float = 10.0  # alpha1: CODI hidden-state distillation (latent mode)
-    cot_weight: float = 1.0  # latent mode: teacher-mode CE on the written chain, same backbone
+    store: str = option(help="finalized KV store to stream from", group="data")
+    student: ModelSpec = option(help="the student (the one the store was dumped for)", group="models", aliases=STUDENT_FLAGS)
+    out: str = option(help="run directory: metrics.jsonl, checkpoints/, final/", group="checkpointing")
+    teachers: list[str] | None = option(None, help="teachers of the store to learn from (default: every one)", group="data")
+    teacher_weights: dict[str, float] | None = option(None, help="fixed fusion weights, e.g. teacher-a=0.75,teacher-b=0.25 (default: equal)", group="fusion")
+    fusion: Literal["fixed", "similarity", "router"] = option(
+        "fixed", help="fixed: teacher_weights; similarity: per token, softmax of cosine to the student's K/V / temperature; "
+        "router: a small MLP on the student's pooled last hidden state, softmax per sample", group="fusion"
+    )
+    fusion_temperature: float = option(0.1, help="softmax temperature of similarity routing", group="fusion")
+    router_groups: int = option(1, help="router: 1 weight vector per sample, or 3 (shallow / middle / deep third of the layers)", group="fusion")
+    router_hidden: int = option(64, help="width of the router MLP's hidden layer", group="fusion")
+    router_entropy_weight: float = option(
+        0.01, help="loss -= weight x router entropy (> 0 rewards spreading over teachers, against collapse onto one)", group="fusion"
+    )
+    router_lr: float = option(1e-3, help="router learning rate", group="fusion", aliases=("--router-learning-rate",))
+    adapter: Literal["flat", "headwise"] = option(
+        "flat", help="teacher K/V onto the student's width: flat, one D_t x D_s map per layer; headwise, a teacher "
+        "kv-head mixer + per-head d_t x d_s map", group="KV loss"
+    )
+    kv_attn_weight: Literal["none", "student"] = option(
+        "none", help="student: weight tokens by the student's attention to them (eager attention)", group="KV loss"
+    )
+    kv_attn_warmup_steps: int = option(1000, help="linear warm-up from uniform token weights", group="KV loss")
+    cka_weight: float = option(
+        0.05, help="weight of 1 - debiased linear CKA of student K|V and the fused target (0: off; mode cot only)", group="KV loss"
+    )
+    cka_layers: Literal["middle", "last"] | list[int] = option(
+        "middle", help="student layers of the CKA term: middle, last, or a comma list such as 0,3", group="KV loss"
+    )
+    layer_anneal_steps: int = option(0, help="> 0: the KV loss phases in deeper layers linearly over these steps", group="KV loss")
+    kv_weight: float = option(1.0, help="weight of the KV loss (0: the CE-only baseline)", group="KV loss")
+    ce_weight: float = option(1.0, help="weight of the CE loss", group="KV loss")
+    kv_norm: Literal["layer_std", "none"] = option("layer_std", help="standardise K/V per layer before the loss, or not", group="KV loss")
+    kv_loss: Literal["mse", "smooth_l1", "cosine"] = option("mse", help="distance of student and target K/V", group="KV loss")
+    lora_r: int = option(0, help="LoRA rank (peft); 0 trains every weight", group="models")
+    lora_alpha: int = option(32, help="LoRA alpha", group="models")
+    lora_dropout: float = option(0.0, help="LoRA dropout", group="models")
+    lora_targets: list[str] = option(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="modules LoRA adapts", group="models")
+    lr: float = option(1e-3, help="student learning rate", group="optimisation", aliases=("--learning-rate",))
+    adapter_lr: float = option(1e-3, help="adapter learning rate", group="optimisation", aliases=("--adapter-learning-rate",))
+    weight_decay: float = option(0.0, help="AdamW weight decay", group="optimisation")
+    batch_size: int = option(16, help="batch size per process and micro-batch", group="optimisation", aliases=("--per-device-train-batch-size",))
+    gradient_accumulation_steps: int = option(
+        1, help="micro-batches per optimizer step: effective batch = batch_size x this x processes", group="optimisation"
+    )
+    gradient_checkpointing: bool = option(
+        False, help="recompute the student's activations in backward (less memory, ~30% more compute)", group="models"
+    )
+    max_steps: int = option(200, help="optimizer steps", group="optimisation")
+    num_train_epochs: float | None = option(
+        None, help="this many passes over the training shards, instead of --max-steps", group="optimisation", instead_of="max_steps"
+    )
+    warmup_steps: int = option(20, help="linear warm-up steps of the cosine schedule", group="optimisation")
+    warmup_ratio: float | None = option(
+        None, help="warm-up over this fraction of --max-steps instead (e.g. 0.05); replaces --warmup-steps",
+        group="optimisation", instead_of="warmup_steps",
+    )
+    grad_clip: float = option(1.0, help="gradient clipping norm (0: off)", group="optimisation", aliases=("--max-grad-norm",))
+    seed: int = option(0, help="seed for init order, shuffling and dropout", group="optimisation")
+    shuffle_buffer: int = option(256, help="samples held for shuffling within shards", group="data")
+    num_workers: int = option(0, help="dataloader worker processes", group="data")
+    # "stored": as the store holds them (float16 / bfloat16 in 16 bits, int8 / int4 codes +
+    # scales), made float32 on the device: 2-8x fewer bytes to read, collate and copy. "decoded":
+    # float32 from the stream's reader threads, which overlap the step. "auto": stored on an
+    # accelerator, decoded on CPU (there the device *is* the CPU).
+    kv_transfer: Literal["auto", "stored", "decoded"] = option(
+        "auto", help="how K/V reach the device: stored (as the store holds them, made float32 there), decoded "
+        "(float32 from the reader threads), auto (stored on an accelerator, decoded on CPU)", group="data"
+    )
+    log_every: int = option(10, help="write metrics every N steps", group="logging", aliases=("--logging-steps",))
+    # Validation: every eval_steps steps the active loss terms on held-out data, either the
+    # store's last val_shards shards (not trained on) or a second store val_store, all of it.
+    eval_steps: int = option(0, help="validate every N steps (0: never); needs --val-shards or --val-store", group="validation")
+    val_shards: int = option(0, help="hold out the store's last N shards for validation", group="validation")
+    val_store: str | None = option(None, help="validate on this second store instead", group="validation")
+    val_batches: int | None = option(None, help="at most this many validation batches per evaluation (default: all)", group="validation")
+    metric_for_best_model: str | None = option(
+        None, help="keep RUN_DIR/best: the checkpoint with the lowest value of this validation metric (val_loss, val_ce, "
+        "val_kv_k, ...); needs --eval-steps", group="validation"
+    )
+    hash_params: bool = option(
+        False, help="write a sha256 of the final parameters into RUN_DIR/ranks (the DDP test compares ranks)", group="checkpointing"
+    )
+    save_every: int = option(
+        0, help="checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps (0: only the final model)",
+        group="checkpointing", aliases=("--save-steps",),
+    )
+    stop_at_step: int | None = option(None, help="stop cleanly after this step (a time-limited job); --resume goes on", group="checkpointing")
+    resume: str | None = option(
+        None, help="auto (the latest complete checkpoint in --out if there is one, else a fresh start: what train.sbatch runs), "
+        "a run directory (its latest checkpoint) or a checkpoint directory", group="checkpointing"
+    )
+    # SIGTERM / SIGUSR1 always save a checkpoint and exit 143 (train.sbatch sets this when
+    # train_slurm.requeue).
+    requeue_on_usr1: bool = option(
+        False, help="on SIGUSR1 under SLURM, after the checkpoint: `scontrol requeue $SLURM_JOB_ID` "
+        "(SIGTERM / SIGUSR1 always save and exit 143)", group="checkpointing"
+    )
+    device: str = option("auto", help="auto | cpu | cuda", group="models")
+    # bf16 matmuls are ~6x slower on CPU.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
+        "auto", help="autocast: auto = bf16 on a GPU that has it, none on CPU, or accelerate's setting when run "
+        "by `accelerate launch`", group="models"
+    )
+    report_to: list[str] = option(
+        factory=list, help="trackers besides metrics.jsonl (the source of truth), through accelerate: tensorboard, wandb, "
+        "...; all / auto: every one installed", group="logging"
+    )
+    # Each epoch's last batch is dropped when short (a one-sample batch cannot be deranged).
+    kv_control: Literal["none", "shuffled"] = option(
+        "none", help="shuffled: a negative control; each sample is supervised with the teacher K/V of another sample "
+        "of its batch (seeded derangement), resampled in time to its own length", group="KV loss"
+    )
+    mode: Literal["cot", "latent"] = option(
+        "cot", help="cot: KV loss on the written chain; latent (KaVa): question -> M latent slots "
+        "refined by Jacobi iterations -> answer, M from the store", group="latent"
+    )
+    latent_iterations: int = option(3, help="T: Jacobi iterations (each one forward of question + latents)", group="latent")
+    codi_weight: float = option(10.0, help="alpha1: CODI hidden-state distillation weight (latent mode)", group="latent")
+    cot_weight: float = option(1.0, help="latent mode: teacher-mode CE on the written chain, same backbone", group="latent")
 
     @property
     def warmup(self) -> int:
@@ -552,15 +616,15 @@ class TrainConfig(Record):
 class EvalConfig(Record):
     """`kvdistill eval`: greedy answers with the KV cache, accuracy and gold perplexity."""
 
-    model: str
-    data: DataSpec = field(default_factory=lambda: DataSpec(split="test"))
-    prompt_template: str | None = None  # default: the one the model was trained with
-    batch_size: int = 64
-    max_new_tokens: int = 64
-    out: str | None = None  # write metrics (and predictions) as JSON here
-    device: str = "auto"
-    mode: Literal["cot", "latent"] = "cot"  # latent: question -> M latents (Jacobi) -> answer
-    latent_iterations: int | None = None  # latent mode: Jacobi iterations T; default: as trained
+    model: str = option(help="a training run directory or any checkpoint (hub id or path)")
+    data: DataSpec = option(factory=lambda: DataSpec(split="test"), help="the evaluation data", aliases=DATA_FLAGS)
+    prompt_template: str | None = option(None, help="default: the one the model was trained with")
+    batch_size: int = option(64, help="generation batch size")
+    max_new_tokens: int | None = option(None, help="generation budget per question (default: the eval data's longest gold continuation x 1.25 + 16)")
+    out: str | None = option(None, help="write metrics (and predictions) as JSON here")
+    device: str = option("auto", help="auto | cpu | cuda")
+    mode: Literal["cot", "latent"] = option("cot", help="latent: question -> M latents (Jacobi) -> answer, for a checkpoint trained with --mode latent")
+    latent_iterations: int | None = option(None, help="latent mode: Jacobi iterations T (default: as trained)")
 
     def validate(self) -> None:
         if self.latent_iterations is not None and self.latent_iterations < 1:
@@ -572,23 +636,24 @@ class EvalConfig(Record):
 class DemoConfig(Record):
     """`kvdistill demo`: the whole pipeline on synthetic data and tiny models, on CPU."""
 
-    out: str = "demo-out"
-    data: DataSpec = field(default_factory=DataSpec)
-    num_shards: int = 2
-    teacher_steps: int = 300
-    student_steps: int = 300
-    batch_size: int = 32
-    seed: int = 0
-    kv_weight: float = 1.0
-    # Optional extra teachers: "cross-tokenizer" (a Llama teacher with its own, larger BPE
-    # vocabulary: char-overlap time map) and "dual-prompt" (teacher-qwen2 again under a
-    # step-by-step template: per-segment resampling).
-    extra_teachers: list[Literal["cross-tokenizer", "dual-prompt"]] = field(default_factory=list)
-    # mode "latent": dump with R-KV compression to latent_slots, train latent students with and
-    # without the KV loss, compare with a CoT student.
-    mode: Literal["cot", "latent"] = "cot"
-    latent_slots: int = 8
-    latent_iterations: int = 3
+    out: str = option("demo-out", help="output directory (models, store.zarr, runs, summary.json, training.png)")
+    data: DataSpec = option(factory=DataSpec, help="the data set")
+    num_shards: int = option(2, help="shards per teacher")
+    teacher_steps: int = option(300, help="CE steps for each tiny teacher")
+    student_steps: int = option(300, help="steps for each student run")
+    batch_size: int = option(32, help="batch size of every training run")
+    seed: int = option(0, help="seed of the student runs")
+    kv_weight: float = option(1.0, help="KV loss weight of the distilled student")
+    extra_teachers: list[Literal["cross-tokenizer", "dual-prompt"]] = option(
+        factory=list, help="cross-tokenizer: a Llama teacher with its own, larger BPE vocabulary (char-overlap time map); "
+        "dual-prompt: teacher-qwen2 again under a step-by-step template (per-segment resampling)"
+    )
+    mode: Literal["cot", "latent"] = option(
+        "cot", help="latent (KaVa): dump with R-KV compression to latent_slots, train latent students with and without "
+        "the KV loss, compare with a CoT student"
+    )
+    latent_slots: int = option(8, help="latent mode: M, compressed reasoning slots per teacher")
+    latent_iterations: int = option(3, help="latent mode: Jacobi iterations T")
 
     def validate(self) -> None:
         self.check_min(1, "num_shards", "teacher_steps", "student_steps", "batch_size", "latent_slots", "latent_iterations")
@@ -604,21 +669,26 @@ class CompareConfig(Record):
     per seed on one store, and report each arm as mean and 95% CI over seeds, plus its paired
     difference to the `ce` arm. Default: the embedded demo's data, teachers and store."""
 
-    out: str = "compare-out"
-    seeds: int = 3  # seeds 0 .. seeds-1; a seed sets the shuffle order and the adapters' init
-    arms: list[str] = field(default_factory=lambda: list(COMPARE_ARMS))
-    # Adds or replaces arms: name -> TrainConfig overrides, e.g. {"kv-cos": {"kv_loss": "cosine"}}.
-    arm_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    steps: int = 300  # optimizer steps per run
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides shared by every arm
-    # The embedded default: `kvdistill demo` with this config is run first for its teachers and
-    # store, or reused when DIR/summary.json records the same config.
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    store: str | None = None  # a finalized store to use instead of building the demo's
-    student: ModelSpec | None = None  # the student that store was dumped for (with `store`)
-    eval_data: DataSpec | None = None  # default: the test split of the demo's data
-    max_new_tokens: int = 64
-    device: str = "auto"
+    out: str = option("compare-out", help="output directory (runs/<arm>/seed-<n>, compare.json, compare.html)")
+    seeds: int = option(
+        3, help="seeds 0 .. seeds-1 per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom); "
+        "a seed sets the shuffle order and the adapters' init"
+    )
+    arms: list[str] = option(factory=lambda: list(COMPARE_ARMS), help="arms to run; 'ce' is required (differences are paired against it)")
+    arm_overrides: dict[str, dict[str, Any]] = option(
+        factory=dict, help="adds or replaces arms: name -> TrainConfig overrides, e.g. kv-cos={kv_loss: cosine}"
+    )
+    steps: int = option(300, help="optimizer steps per run")
+    train: dict[str, Any] = option(factory=dict, help="TrainConfig overrides shared by every arm, e.g. kv_loss=cosine,lr=0.003")
+    demo: DemoConfig = option(
+        factory=DemoConfig, help="the embedded default: `kvdistill demo` with this config is run first for its teachers "
+        "and store, or reused when its summary.json records the same config", aliases={"out": "--demo-out"}
+    )
+    store: str | None = option(None, help="a finalized store to use instead of the demo's (with --student and --eval-data.source)")
+    student: ModelSpec | None = option(None, help="the student that --store was dumped for", aliases={"name_or_path": "--student"})
+    eval_data: DataSpec | None = option(None, help="the evaluation data (default: the test split of the demo's data)")
+    max_new_tokens: int = option(64, help="generation budget per eval question")
+    device: str = option("auto", help="auto | cpu | cuda")
 
     def validate(self) -> None:
         if self.seeds < 2:

@@ -3,18 +3,40 @@ files with flags overriding them, config errors as exit code 2, and --help."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import re
 import shutil
 import subprocess
 import sys
+import types
+import typing
+from typing import Any, Literal
 
 import numpy as np
 import pytest
 import yaml
 
-from kvdistill.cli import main
+from kvdistill import cli as top_cli
+from kvdistill.cli import build_parser, main
+from kvdistill.dump import cli as dump_cli
+from kvdistill.jobs import cli as jobs_cli
+from kvdistill.schemas import (
+    CalibrateConfig,
+    CompareConfig,
+    DemoConfig,
+    DumpConfig,
+    EvalConfig,
+    JobsConfig,
+    ModelSpec,
+    Record,
+    TrainConfig,
+)
+from kvdistill.schemas.cli import config_from_args
 from kvdistill.store import ShardReader, shard_is_complete, shard_name
+from kvdistill.train import cli as train_cli
+from kvdistill.train.recipes import load_recipe, recipe_names, train_config
 
 
 @pytest.fixture
@@ -87,17 +109,11 @@ def test_finalize_of_an_incomplete_store_is_an_error_message_not_a_traceback(tin
 
 def test_a_bad_config_value_on_the_command_line_exits_2_naming_the_field(dump_yaml, capsys):
     config, store = dump_yaml
-    assert main(["dump", "--config", str(config), "--on-too-long", "ignore"]) == 2
+    assert main(["dump", "--config", str(config), "--shard", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvdistill dump: config error:")
-    assert "DumpConfig.on_too_long: expected one of 'error' | 'skip', got 'ignore'" in err
-
-    assert main(["dump", "--config", str(config), "--shard", "2"]) == 2
-    assert "DumpConfig.shard: need 0 <= shard < num_shards, got 2 of 2" in capsys.readouterr().err
+    assert "DumpConfig.shard: need 0 <= shard < num_shards, got 2 of 2" in err
     assert not store.exists()  # refused before anything was written
-
-    assert main(["train", "--store", "s.zarr", "--student", "x", "--out", "o", "--kv-norm", "l2"]) == 2
-    assert "TrainConfig.kv_norm: expected one of 'layer_std' | 'none', got 'l2'" in capsys.readouterr().err
 
     assert main(["dump", "--teacher", "t", "--student", "s"]) == 2  # no --store, no config
     assert "DumpConfig: missing required field(s) ['store']" in capsys.readouterr().err
@@ -141,10 +157,12 @@ def test_help_exits_0_and_lists_the_flags(argv, flags, capsys):
         assert re.search(rf"(^|[\s{{,]){re.escape(flag)}([\s,}}]|$)", out), f"{flag} not in {argv} help"
 
 
-def test_dump_help_shows_no_meaningless_none_defaults(capsys):
+@pytest.mark.parametrize("command", [["dump"], ["align", "calibrate"], ["train"], ["train", "diagnose"], ["eval"], ["demo"], ["compare"], ["jobs", "slurm"]])
+def test_help_shows_no_meaningless_none_defaults(command, capsys):
     with pytest.raises(SystemExit):
-        main(["dump", "--help"])
-    assert "(default: None)" not in capsys.readouterr().out
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "default: [" not in out and "default: {" not in out
 
 
 def test_python_dash_m_kvdistill_help_works():
@@ -155,14 +173,326 @@ def test_python_dash_m_kvdistill_help_works():
 
 
 def test_train_flags_reach_trackers_and_the_negative_control():
-    import argparse
-
-    from kvdistill.schemas import TrainConfig
-    from kvdistill.schemas.cli import add_flags, config_from_args
-    from kvdistill.train.cli import TRAIN_FLAGS
-
-    p = argparse.ArgumentParser()
-    add_flags(p, TRAIN_FLAGS, TrainConfig)
-    args = p.parse_args(["--store", "s.zarr", "--student", "s", "--out", "o", "--report-to", "tensorboard,wandb", "--kv-control", "shuffled"])
-    cfg = config_from_args(TrainConfig, args, TRAIN_FLAGS)
+    cfg = _config(["train", "--store", "s.zarr", "--student", "s", "--out", "o", "--report-to", "tensorboard,wandb", "--kv-control", "shuffled"])
     assert cfg.report_to == ["tensorboard", "wandb"] and cfg.kv_control == "shuffled"
+
+
+# --- the flags come from the records -------------------------------------------------------------
+
+# Every subcommand built from a config record.
+COMMANDS = {
+    "dump": DumpConfig, "align calibrate": CalibrateConfig, "train": TrainConfig, "train diagnose": TrainConfig,
+    "eval": EvalConfig, "demo": DemoConfig, "compare": CompareConfig, "jobs local": JobsConfig, "jobs slurm": JobsConfig,
+}
+RECORD_OF = {dump_cli.main: DumpConfig, dump_cli.calibrate_main: CalibrateConfig, train_cli.eval_main: EvalConfig,
+             top_cli.demo_main: DemoConfig, top_cli.compare_main: CompareConfig, jobs_cli.local_main: JobsConfig,
+             jobs_cli.slurm_main: JobsConfig}
+
+
+def _config(argv: list[str]) -> Record:
+    """The config a command line builds, without running the stage."""
+    args = build_parser().parse_args(argv)
+    if args.func in (train_cli.train_main, train_cli.diagnose_main):
+        return train_cli.config_of(args)
+    return config_from_args(RECORD_OF[args.func], args)
+
+
+def _arms(tp: Any) -> list[Any]:
+    return [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+
+
+def _leaves(cls: type[Record], prefix: str = ""):
+    """(dotted key, owner class, field, annotation) of every leaf field, nested records walked."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        arms = _arms(hints[f.name])
+        if len(arms) == 1 and isinstance(arms[0], type) and issubclass(arms[0], Record):
+            yield from _leaves(arms[0], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, cls, f, hints[f.name]
+
+
+# Values the generic rule below would make invalid together (validation stays the record's).
+SAMPLE = {
+    "ModelSpec.prompt_template": "Q: {question} R: {reasoning} A: {answer}",
+    "AlignSpec.layer_map": "map.json",
+    "SlurmSpec.time": "1:00:00",
+    "DumpTask.backend": "zarr", "DumpConfig.backend": "zarr",  # webdataset refuses a compression level
+    "TrainConfig.mode": "cot",  # latent mode refuses the cot-only fusion / adapter settings
+    "TrainConfig.router_groups": 3,
+    "TrainConfig.val_shards": 0,  # with val_store: one source of validation data
+    "TrainConfig.metric_for_best_model": "val_ce",
+    "CompareConfig.arms": ["ce", "kv-fixed"],
+}
+
+
+def _sample(owner: type, f: dataclasses.Field, tp: Any) -> Any:
+    """A valid value other than the default, where the field allows one."""
+    if f"{owner.__name__}.{f.name}" in SAMPLE:
+        return SAMPLE[f"{owner.__name__}.{f.name}"]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    arms = _arms(tp)
+    if len(arms) > 1:  # cka_layers: "middle" | "last" | list[int]
+        return [0, 3]
+    (tp,) = arms
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return next((c for c in args if c != default), args[0])
+    if tp is bool:
+        return not default
+    if tp is int:
+        return 2 if default is None else default + 1
+    if tp is float:
+        return 0.5 if default is None else default / 2 + 0.125
+    if tp is str:
+        return f"x-{f.name}"
+    if origin is list:
+        if typing.get_origin(args[0]) is Literal:
+            return list(typing.get_args(args[0]))
+        if isinstance(args[0], type) and issubclass(args[0], Record):
+            return [{"name_or_path": "t1", "name": "t-one"}, {"name_or_path": "t2"}]
+        return ["a", "b"]
+    if origin is dict:
+        if args[1] is Any:
+            return {"kv_loss": "cosine", "lr": 0.003}
+        if typing.get_origin(args[1]) is dict:  # arm_overrides
+            return {"kv-cos": {"kv_loss": "cosine", "lr": 0.01}}
+        value = typing.get_args(args[1])[-1] if typing.get_origin(args[1]) is Literal else {str: "x", float: 0.75}[args[1]]
+        return {"a": value, "b": value}
+    raise AssertionError(f"no sample for {owner.__name__}.{f.name}: {tp}")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(_flow(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_flow(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _flow(value: Any) -> str:
+    """A YAML flow mapping: a list item that is a record, a mapping's value that is a mapping."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}" if isinstance(value, dict) else str(value)
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_field_of_every_config_record_is_one_flag_of_its_name_and_round_trips(command):
+    """flag value -> config -> YAML -> config, for every leaf field at once: `--field-name` for
+    field_name, `--parent.field-name` for a nested record's."""
+    cls = COMMANDS[command]
+    argv, expected = command.split(), {}
+    for key, owner, f, tp in _leaves(cls):
+        value = _sample(owner, f, tp)
+        _set(expected, key, value)
+        flag = "--" + key.replace("_", "-")
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, _text(value)]
+    cfg = _config(argv)
+    assert cfg == cls.from_dict(expected)
+    assert type(cfg).from_yaml(cfg.to_yaml()) == cfg
+    parser_dests = {a.dest for p in _parsers(build_parser()) if p.prog == f"kvdistill {command}" for a in p._actions}
+    assert {key for key, *_ in _leaves(cls)} <= parser_dests
+
+
+def _parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def _literal_flags():
+    for command, cls in COMMANDS.items():
+        for key, _, _, tp in _leaves(cls):
+            inner = _arms(tp)
+            inner = typing.get_args(inner[0]) if typing.get_origin(inner[0]) is list else inner
+            if len(inner) == 1 and typing.get_origin(inner[0]) is Literal:
+                yield command, "--" + key.replace("_", "-")
+
+
+@pytest.mark.parametrize("command, flag", list(_literal_flags()))
+def test_a_literal_field_refuses_a_value_outside_its_choices_with_exit_2(command, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command.split(), flag, "no-such-choice"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "invalid choice: 'no-such-choice'" in err
+
+
+def test_a_list_of_literals_names_the_bad_item_and_a_mapping_needs_name_value_pairs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--extra-teachers", "dual-prompt,tri-prompt"])
+    assert e.value.code == 2 and "invalid choice: 'tri-prompt'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--teacher-weights", "a:0.5"])
+    assert e.value.code == 2 and "expected name=value,name=value, got 'a:0.5'" in capsys.readouterr().err
+
+
+TEMPLATE = "Think: {question}\n{reasoning}\n= {answer}"
+BASE = {
+    "dump": ["--teacher", "t", "--student", "s", "--store", "s.zarr"],
+    "align calibrate": ["--teacher", "t", "--student", "s"],
+    "train": ["--store", "s.zarr", "--student", "s", "--out", "o"],
+    "eval": ["--model", "m"],
+    "compare": ["--store", "s.zarr", "--student", "s", "--eval-data.source", "synthetic"],
+    "jobs local": ["--teachers", "t", "--dump.student.name-or-path", "s", "--dump.store", "s.zarr"],
+}
+# (command, the old flag, its value, the field it sets): every name a user command may hold.
+OLD_NAMES = [
+    ("train", "--learning-rate", "0.01", "lr"),
+    ("train", "--adapter-learning-rate", "0.02", "adapter_lr"),
+    ("train", "--router-learning-rate", "0.03", "router_lr"),
+    ("train", "--per-device-train-batch-size", "4", "batch_size"),
+    ("train", "--max-grad-norm", "0.5", "grad_clip"),
+    ("train", "--logging-steps", "5", "log_every"),
+    ("train", "--save-steps", "50", "save_every"),
+    ("train", "--student", "s2", "student.name_or_path"),
+    ("dump", "--teacher", "t2", "teacher.name_or_path"),
+    ("dump", "--teacher-name", "tn", "teacher.name"),
+    ("dump", "--teacher-revision", "main", "teacher.revision"),
+    ("dump", "--teacher-dtype", "bfloat16", "teacher.dtype"),
+    ("dump", "--teacher-template", TEMPLATE, "teacher.prompt_template"),
+    ("dump", "--student", "s2", "student.name_or_path"),
+    ("dump", "--student-template", TEMPLATE, "student.prompt_template"),
+    ("dump", "--layer-map", "m.json", "align.layer_map"),
+    ("dump", "--time-map", "segment_linear", "align.time_map"),
+    ("dump", "--projection", "p.npz", "align.projection"),
+    ("dump", "--data", "gsm8k.jsonl", "data.source"),
+    ("dump", "--split", "test", "data.split"),
+    ("dump", "--data-config", "main", "data.config_name"),
+    ("dump", "--limit", "7", "data.limit"),
+    ("dump", "--latent-slots", "8", "latent.slots"),
+    ("dump", "--latent-lambda", "0.3", "latent.lam"),
+    ("align calibrate", "--teacher-template", TEMPLATE, "teacher.prompt_template"),
+    ("align calibrate", "--student-template", TEMPLATE, "student.prompt_template"),
+    ("align calibrate", "--data", "gsm8k.jsonl", "data.source"),
+    ("eval", "--data", "gsm8k.jsonl", "data.source"),
+    ("eval", "--split", "validation", "data.split"),
+    ("eval", "--data-config", "main", "data.config_name"),
+    ("eval", "--limit", "3", "data.limit"),
+    ("compare", "--demo-out", "d", "demo.out"),
+    ("compare", "--student", "s2", "student.name_or_path"),
+    ("jobs local", "--store", "j.zarr", "dump.store"),
+    ("jobs local", "--num-shards", "4", "dump.num_shards"),
+]
+
+
+def _get(cfg: Record, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("command, old, text, key", OLD_NAMES, ids=[f"{c}{o}" for c, o, _, _ in OLD_NAMES])
+def test_the_old_flag_names_still_work_as_aliases_of_the_field_flags(command, old, text, key):
+    base = [*command.split(), *BASE.get(command, [])]
+    cfg = _config([*base, old, text])
+    assert cfg == _config([*base, "--" + key.replace("_", "-"), text])
+    assert str(_get(cfg, key)) == text
+
+
+def test_an_old_boolean_alias_has_its_no_form_too():
+    base = ["dump", *BASE["dump"]]
+    assert _config([*base, "--no-latent-codi-hidden"]).latent.codi_hidden is False
+    assert _config([*base, "--latent.codi-hidden"]).latent.codi_hidden is True
+    assert _config(base).latent is None  # no latent flag: latent mode stays off
+
+
+def test_list_and_mapping_flags_take_comma_lists_yaml_and_repeats():
+    cfg = _config(["train", *BASE["train"], "--teachers", "a", "--teachers", "b,c", "--teacher-weights", "a=0.5,b=0.25",
+                   "--teacher-weights", "c=0.25", "--cka-layers", "0,3", "--lora-targets", "q_proj,v_proj"])
+    assert cfg.teachers == ["a", "b", "c"] and cfg.teacher_weights == {"a": 0.5, "b": 0.25, "c": 0.25}
+    assert cfg.cka_layers == [0, 3] and cfg.lora_targets == ["q_proj", "v_proj"]
+    assert _config(["train", *BASE["train"], "--cka-layers", "last"]).cka_layers == "last"
+    jobs = _config(["jobs", "local", "--teachers", "{name_or_path: Qwen/Qwen2-7B, name: q7, revision: main},llama", "--store", "s.zarr",
+                    "--dump.student.name-or-path", "s", "--train.store", "s.zarr", "--train.student.name-or-path", "s", "--train.out", "o"])
+    assert [(t.name_or_path, t.short_name, t.revision) for t in jobs.teachers] == [("Qwen/Qwen2-7B", "q7", "main"), ("llama", "llama", None)]
+    assert jobs.train.store == "s.zarr" and jobs.train.student.name_or_path == "s"
+    cmp = _config(["compare", "--arm-overrides", "kv-cos={kv_loss: cosine, lr: 0.01}", "--train", "batch_size=8,kv_norm=none"])
+    assert cmp.arm_overrides == {"kv-cos": {"kv_loss": "cosine", "lr": 0.01}} and cmp.train == {"batch_size": 8, "kv_norm": "none"}
+
+
+def test_train_help_is_grouped_in_order_and_shows_the_records_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    headings = re.findall(r"^(\S[^:\n]*):$", out, flags=re.M)
+    assert headings == ["positional arguments", "options", "data", "models", "optimisation", "KV loss", "fusion", "latent",
+                        "checkpointing", "validation", "logging"]
+    assert re.search(r"--lr LR, --learning-rate LR\s+student learning rate \(default: 0\.001\)", out)
+    assert re.search(r"--lora-targets LORA_TARGETS,...\s+modules LoRA adapts \(default:\s+q_proj,k_proj,v_proj,o_proj\)", out)
+    assert "--recipe {" + ",".join(recipe_names()) + "}" in out
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert re.search(r"--data.split SPLIT, --split SPLIT\s+data set split \(default: test\)", capsys.readouterr().out)  # EvalConfig's own default
+
+
+# --- recipes: recipe < --config file < flags -----------------------------------------------------
+
+
+def test_every_shipped_recipe_is_a_valid_partial_train_config():
+    assert {"default", "kava"} <= set(recipe_names())
+    for name in recipe_names():
+        cfg = train_config({"store": "s.zarr", "student": {"name_or_path": "s"}, "out": "o"}, recipe=name)
+        assert {k: getattr(cfg, k) for k in load_recipe(name)} == load_recipe(name)
+    assert load_recipe("default") == {}
+    with pytest.raises(Exception, match="recipe 'nope' does not exist; the recipes are"):
+        load_recipe("nope")
+
+
+def test_a_recipe_sits_under_the_config_file_which_sits_under_the_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text("weight_decay: 0.0\nlora_r: 16\nwarmup_steps: 3\n")
+    cfg = _config(["train", *BASE["train"], "--recipe", "kava", "--config", str(tmp_path / "c.yaml"), "--lora-r", "8"])
+    kava = load_recipe("kava")
+    assert cfg.lora_r == 8  # the flag over the file over the recipe
+    assert cfg.weight_decay == 0.0 and kava["weight_decay"] == 0.1  # the file over the recipe
+    assert (cfg.mode, cfg.grad_clip, cfg.lora_alpha, cfg.lora_dropout) == ("latent", 2.0, 32, 0.1)  # the recipe
+    assert (cfg.warmup_steps, cfg.warmup_ratio, cfg.warmup) == (3, None, 3)  # a warmup_steps set drops the recipe's warmup_ratio
+    # The Python API builds the same config from the same layers.
+    assert train_config({"store": "s.zarr", "student.name_or_path": "s", "out": "o", "lora_r": 8}, recipe="kava", config=tmp_path / "c.yaml") == cfg
+
+
+def test_mode_latent_takes_the_kava_recipe_unless_another_is_named():
+    latent = _config(["train", *BASE["train"], "--mode", "latent", "--max-steps", "300"])
+    assert (latent.lora_r, latent.weight_decay, latent.grad_clip, latent.warmup) == (128, 0.1, 2.0, 15)  # 5% warm-up
+    assert _config(["train", *BASE["train"], "--recipe", "kava"]) == latent.__class__.from_dict({**latent.to_dict(), "max_steps": 200})
+    plain = _config(["train", *BASE["train"], "--mode", "latent", "--recipe", "default"])
+    assert (plain.mode, plain.lora_r, plain.weight_decay) == ("latent", 0, 0.0)
+    cot = _config(["train", *BASE["train"]])
+    assert cot == TrainConfig(store="s.zarr", student={"name_or_path": "s"}, out="o")  # mode cot: TrainConfig's defaults
+
+
+def test_compare_trains_its_latent_arms_with_the_recipe_of_kvdistill_train(tmp_path):
+    from kvdistill.compare import arm_configs
+
+    cfg = CompareConfig(out=str(tmp_path), seeds=2, steps=40, arms=["ce", "latent-kv"], device="cpu")
+    plan = arm_configs(cfg, "s.zarr", ModelSpec(name_or_path="s"), {"lr": 3e-3}, latent_store="l.zarr")
+    run = plan["latent-kv"][1]
+    same = _config(["train", "--store", "l.zarr", "--student", "s", "--out", run.out, "--mode", "latent", "--lr", "0.003",
+                    "--max-steps", "40", "--seed", "1", "--device", "cpu"])
+    assert run == same and run.lora_r == load_recipe("kava")["lora_r"]
+    assert plan["ce"][1].lora_r == 0  # mode cot: the default recipe
+
+
+# --- `train diagnose` keeps what `train` parsed before it -----------------------------------------
+
+
+def test_diagnose_keeps_the_config_and_flags_given_before_it(tmp_path, monkeypatch, capsys):
+    import kvdistill.train.diagnose as diag
+
+    seen = []
+    monkeypatch.setattr(diag, "diagnose", lambda cfg, batches: seen.append((cfg, batches)) or {})
+    monkeypatch.setattr(diag, "format_table", lambda result: "table")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"store": "s.zarr", "student": {"name_or_path": "s"}, "out": "o", "max_steps": 7, "kv_weight": 0.5}))
+    assert main(["train", "--config", str(config), "diagnose"]) == 0
+    assert main(["train", "--config", str(config), "--max-steps", "9", "diagnose", "--batches", "2"]) == 0
+    assert main(["train", "--max-steps", "9", "diagnose", "--config", str(config), "--kv-weight", "2"]) == 0
+    assert [(c.max_steps, c.kv_weight, b) for c, b in seen] == [(7, 0.5, 4), (9, 0.5, 2), (9, 2.0, 4)]

@@ -106,12 +106,12 @@ def test_a_truncated_zarr_json_exits_4_naming_the_file(store_copy, capsys, which
 def test_invalid_json_from_a_reader_that_does_not_name_its_file_exits_3_in_one_line(tiny_store, monkeypatch, capsys):
     import json
 
-    import kvdistill.store.zarr_store as zarr_store
+    import kvdistill.store.summary as summary
 
     def truncated(path):
         return json.loads('{"attributes": {"kvdistill": ')
 
-    monkeypatch.setattr(zarr_store, "inspect", truncated)
+    monkeypatch.setattr(summary, "inspect", truncated)
     assert main(["store", "inspect", str(tiny_store["store"])]) == ExitCode.BAD_INPUT
     line = one_line(capsys, "store")
     assert "is not valid JSON (Expecting value at line 1 column 30): it is truncated or corrupt" in line
@@ -197,14 +197,14 @@ def test_a_corrupt_shard_exits_4_naming_the_chunk(tiny_store, monkeypatch, capsy
     ids=["ENOSPC", "EDQUOT", "EROFS", "EACCES"],
 )
 def test_a_full_or_read_only_disk_at_finalize_exits_5_naming_the_path(tiny_store, monkeypatch, capsys, code, said, fix):
-    import kvdistill.store.zarr_store as zarr_store
+    import kvdistill.store.index as store_index
 
     index = tiny_store["store"] / "index.parquet"
 
     def fail(path):
         raise OSError(code, os.strerror(code), str(index))
 
-    monkeypatch.setattr(zarr_store, "finalize", fail)  # root ignores chmod, so the fault is simulated
+    monkeypatch.setattr(store_index, "finalize", fail)  # root ignores chmod, so the fault is simulated
     assert main(["store", "finalize", str(tiny_store["store"])]) == ExitCode.ENVIRONMENT == 5
     line = one_line(capsys, "store")
     assert line == f"kvdistill store: {said} at {index}: {fix} {DEBUG_HINT}"
@@ -272,12 +272,12 @@ def test_sigterm_exits_143_with_one_line(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture
 def read_only_finalize(tiny_store, monkeypatch):
-    import kvdistill.store.zarr_store as zarr_store
+    import kvdistill.store.index as store_index
 
     def fail(path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(zarr_store, "finalize", fail)
+    monkeypatch.setattr(store_index, "finalize", fail)
     return str(tiny_store["store"])
 
 
@@ -300,12 +300,12 @@ def test_debug_off_by_default_and_with_0(read_only_finalize, monkeypatch, capsys
 
 
 def test_an_unexpected_exception_is_a_bug_and_keeps_its_traceback(tiny_store, monkeypatch):
-    import kvdistill.store.zarr_store as zarr_store
+    import kvdistill.store.index as store_index
 
     def bug(path):
         raise KeyError("teacher_spec")
 
-    monkeypatch.setattr(zarr_store, "finalize", bug)
+    monkeypatch.setattr(store_index, "finalize", bug)
     with pytest.raises(KeyError):
         main(["store", "finalize", str(tiny_store["store"])])
 
@@ -416,7 +416,7 @@ def test_the_defaults_and_the_edges_of_each_range_are_valid():
 # --- every --flag a message or help text names exists ---------------------------------------------
 
 PACKAGE_DIRS = ["dump", "train", "store", "align", "schemas", "jobs", "kvdistill"]
-FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_.-]*[a-z0-9]")  # nested fields: --teacher.name-or-path
 
 # Flags of other tools that our messages and generated scripts name; each group with why.
 EXTERNAL_FLAGS = {

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import typing
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,20 +16,26 @@ from kvdistill.schemas import (
     DEFAULT_TEMPLATE,
     AlignSpec,
     CalibrateConfig,
+    CompareConfig,
     ConfigError,
     DataSpec,
     DemoConfig,
     DumpConfig,
+    DumpTask,
     EvalConfig,
     Example,
+    JobsConfig,
     KVGeometry,
+    LatentSpec,
     ModelSpec,
     Record,
+    SlurmSpec,
     StoreSpec,
     SyntheticSpec,
     TeacherSpec,
     TrainConfig,
     apply_overrides,
+    build,
 )
 
 TEACHER = ModelSpec(
@@ -219,6 +228,59 @@ def test_an_override_is_validated_and_the_error_names_the_file_and_field(tmp_pat
     with pytest.raises(ConfigError) as e:
         DumpConfig.load(path, {"shard": 2})
     assert str(e.value) == f"{path}: DumpConfig.shard: need 0 <= shard < num_shards, got 2 of 2"
+
+
+def test_build_layers_a_base_under_the_file_under_the_overrides(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("store: file.zarr\nstudent: {name_or_path: s}\nout: o\nweight_decay: 0.0\nlora_r: 16\n")
+    base = {"lora_r": 128, "weight_decay": 0.1, "grad_clip": 2.0, "student": {"name_or_path": "base", "dtype": "bfloat16"}}
+    cfg = build(TrainConfig, path, {"lora_r": 8, "grad_clip": None}, base=base)
+    assert (cfg.lora_r, cfg.weight_decay, cfg.grad_clip) == (8, 0.0, 2.0)  # flag > file > base; None: not given
+    assert cfg.student == ModelSpec(name_or_path="s")  # a layer replaces a nested record whole
+    assert build(TrainConfig, None, {"store": "s", "student.name_or_path": "x", "out": "o"}, base=base).student.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("where", ["file", "flag"])
+def test_a_field_set_above_drops_the_field_below_that_stands_in_for_it(where, tmp_path):
+    """warmup_ratio is used instead of warmup_steps, num_train_epochs instead of max_steps: a
+    lower layer's stand-in must not silently win over what a higher layer set."""
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(minimal_train(**({"warmup_steps": 5, "max_steps": 50} if where == "file" else {}))))
+    flags = {"warmup_steps": 5, "max_steps": 50} if where == "flag" else {}
+    cfg = build(TrainConfig, path, flags, base={"warmup_ratio": 0.05, "num_train_epochs": 2.0})
+    assert (cfg.warmup_ratio, cfg.warmup, cfg.num_train_epochs, cfg.max_steps) == (None, 5, None, 50)
+    kept = build(TrainConfig, path, {"warmup_ratio": 0.1}, base={"warmup_steps": 5})
+    assert (kept.warmup_ratio, kept.warmup_steps) == (0.1, 5)  # a stand-in set above keeps what it stands in for
+
+
+CONFIG_RECORDS = [DumpConfig, CalibrateConfig, TrainConfig, EvalConfig, DemoConfig, CompareConfig, JobsConfig]
+
+
+def _documented(cls, seen):
+    if cls in seen:
+        return
+    seen.add(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield cls, f
+        for arm in [hints[f.name], *typing.get_args(hints[f.name])]:
+            if isinstance(arm, type) and issubclass(arm, Record):
+                yield from _documented(arm, seen)
+
+
+def test_every_field_of_the_config_records_and_their_nested_records_documents_itself():
+    """The help text of its flag: `option(..., help=...)` in schemas/records.py."""
+    seen: set = set()
+    undocumented = [f"{cls.__name__}.{f.name}" for top in CONFIG_RECORDS for cls, f in _documented(top, seen) if not f.metadata.get("help")]
+    assert not undocumented
+    assert {ModelSpec, DataSpec, SyntheticSpec, AlignSpec, LatentSpec, SlurmSpec, DumpTask} <= seen
+
+
+def test_option_is_a_dataclass_field_with_its_default_or_factory_and_the_cli_metadata():
+    lr, targets = (next(f for f in dataclasses.fields(TrainConfig) if f.name == n) for n in ("lr", "lora_targets"))
+    assert lr.default == 1e-3 and lr.metadata["aliases"] == ("--learning-rate",) and lr.metadata["group"] == "optimisation"
+    assert targets.default_factory() == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert TrainConfig(store="s", student=STUDENT, out="o").lora_targets is not TrainConfig(store="s", student=STUDENT, out="o").lora_targets
 
 
 def test_apply_overrides_copies_its_input_and_refuses_to_descend_into_a_value():
