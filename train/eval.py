@@ -6,8 +6,13 @@ and perplexity of the gold reasoning + answer given the prompt.
 
 Both modes report the cost per question: forward passes (decoder calls that question alone
 needs: CoT 1 prefill + G - 1 decode steps; latent T Jacobi iterations + G - 1, see
-train/latent.py) and generated tokens G (up to and including EOS). Latent mode's perplexity
+train/latent.py) and generated tokens G (up to and including EOS), and the speed:
+questions_per_second of the eval loop (model loading excluded). Latent mode's perplexity
 is of the gold answer given the question and the latents (teacher-forced).
+
+The generation budget, unless EvalConfig.max_new_tokens gives one, comes from the data: the
+longest gold continuation (CoT: reasoning + answer; latent: the answer; in the student's
+tokens, EOS included) x 1.25 + 16, rounded up; the result's max_new_tokens is the value used.
 
 `model` is a training run directory (its `final/` checkpoint is used) or any HF checkpoint
 (hub id or local path). The prompt template is the one the run was trained with, unless given.
@@ -15,6 +20,7 @@ is of the gold answer given the question and the latents (teacher-forced).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -23,6 +29,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from kvdistill.core.data import load_examples
 from kvdistill.core.models import load_model, load_tokenizer, pad_token_id, resolve_device
@@ -32,7 +39,7 @@ from kvdistill.schemas import DEFAULT_TEMPLATE, EvalConfig, ModelSpec, TrainConf
 from .answers import answers_match, extract_answer
 from .losses import masked_ce
 
-__all__ = ["resolve_checkpoint", "evaluate", "generated_lengths"]
+__all__ = ["resolve_checkpoint", "evaluate", "greedy_generate", "default_max_new_tokens", "left_pad", "generated_lengths"]
 
 
 def resolve_checkpoint(model: str) -> tuple[str, str]:
@@ -59,7 +66,76 @@ def finished(new_tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (new_tokens == eos_id).any(1)
 
 
-def _finish(cfg: EvalConfig, preds: list[dict], nll: float, n_tok: int, forwards: int, gen_tokens: int, t0: float, **extra) -> dict[str, Any]:
+def default_max_new_tokens(gold_lengths: list[int]) -> int:
+    """The generation budget when none is given: the longest gold continuation (tokens) x 1.25
+    + 16, rounded up. A model that writes like the data finishes, with room for a longer
+    chain than any gold one; a fixed 64 cut most GSM8K chains (48-214 tokens) short."""
+    if not gold_lengths:
+        raise ValueError("no eval examples to size max_new_tokens from; check --data / --split / --limit, or give --max-new-tokens")
+    return -(-5 * max(gold_lengths) // 4) + 16  # ceil(1.25 L) in integers: no float rounding
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists: ids [B, P] long, mask [B, P] long. Every row's last prompt
+    token sits in column P - 1, so the next token of every row comes from the same column."""
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, P - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, P - len(r) :] = 1
+    return ids, mask
+
+
+def _cache_kwarg(model) -> str:
+    """The name a model's forward takes its KV cache by: `cache` in newer transformers 5
+    releases, `past_key_values` before (the old name still works there, with a warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Greedy continuations of left-padded prompts ids [B, P] (mask [B, P]) with the KV cache:
+    new tokens [B, G] (G <= max_new_tokens, the longest row), `pad_id` after a row's EOS.
+
+    Pure argmax, unlike `model.generate`, which merges in the checkpoint's
+    generation_config.json (Qwen instruct checkpoints set repetition_penalty=1.05 there).
+    Token for token what each row gives alone: positions count real tokens only, and padding
+    is masked. A row that emits EOS leaves the batch and the cache, so a batch costs the sum
+    of its rows' lengths, not B x its longest row."""
+    B = ids.shape[0]
+    new = ids.new_full((B, max_new_tokens), pad_id)  # [B, G]
+    live = torch.arange(B, device=ids.device)  # [b] the original row of each row still generating
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]: left padding shifts no position
+    cache = DynamicCache(config=model.config)
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw).logits[:, -1]  # [B, V]
+    pos = pos[:, -1:]  # [B, 1]
+    G = 0
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # [b]
+        new[live, step] = nxt
+        G = step + 1
+        going = nxt != eos_id  # [b]
+        n_going = int(going.sum())  # the one device -> host sync per step
+        if step == max_new_tokens - 1 or n_going == 0:
+            break
+        if n_going < len(live):
+            keep = going.nonzero().squeeze(1)
+            live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos[keep]
+            cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)  # [b, P + step + 1]
+        pos = pos + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **kw).logits[:, -1]
+    return new[:, :G]
+
+
+def _budget(cfg: EvalConfig, gold_lengths: list[int]) -> int:
+    return cfg.max_new_tokens if cfg.max_new_tokens is not None else default_max_new_tokens(gold_lengths)
+
+
+def _finish(cfg: EvalConfig, preds: list[dict], nll: float, n_tok: int, forwards: int, gen_tokens: int, t0: float, loop_s: float, **extra) -> dict[str, Any]:
     n = max(1, len(preds))
     cut = [p for p in preds if p["hit_cap"]]
     result = {
@@ -75,6 +151,8 @@ def _finish(cfg: EvalConfig, preds: list[dict], nll: float, n_tok: int, forwards
         "perplexity": math.exp(nll / max(1, n_tok)),
         "forward_passes_per_question": forwards / n,
         "generated_tokens_per_question": gen_tokens / n,
+        # Perplexity + generation over all questions; loading the model and data is excluded.
+        "questions_per_second": len(preds) / max(loop_s, 1e-9),
         **extra,
         "seconds": time.perf_counter() - t0,
     }
@@ -92,6 +170,12 @@ def _setup(cfg: EvalConfig, ckpt: str, template: str):
     return device, tok, load_model(spec, device), load_examples(cfg.data), pad_token_id(tok)
 
 
+def _prediction(ex, text: str, g: int, forwards: int, capped: bool) -> dict[str, Any]:
+    pred = extract_answer(text)
+    return {"id": ex.id, "gold": ex.answer, "pred": pred, "correct": answers_match(pred, ex.answer), "text": text, "generated_tokens": g,
+            "forward_passes": forwards, "hit_cap": capped}
+
+
 @torch.inference_mode()
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.mode == "latent":
@@ -100,48 +184,40 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     ckpt, template = resolve_checkpoint(cfg.model)
     template = cfg.prompt_template or template
     device, tok, model, examples, pad_id = _setup(cfg, ckpt, template)
+    enc = [encode(tok, template, ex) for ex in examples]
+    prompts = tok([prompt_text(template, ex.question) for ex in examples], add_special_tokens=False)["input_ids"]
+    budget = _budget(cfg, [int(e.loss_mask.sum()) for e in enc])  # reasoning + answer + EOS: what generation writes
+    # Longest prompts first: batches of similar lengths carry little padding, and a batch too
+    # big for memory fails at the start, not after most of the run.
+    order = sorted(range(len(examples)), key=lambda j: -len(prompts[j]))
 
-    preds, nll, n_tok, forwards, gen_tokens = [], 0.0, 0, 0, 0
+    t_loop = time.perf_counter()
+    preds: list[dict | None] = [None] * len(examples)
+    nll, n_tok, forwards, gen_tokens = 0.0, 0, 0, 0
     bar = tqdm(total=len(examples), desc=f"eval {Path(cfg.model).name}", disable=not progress)
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = examples[i : i + cfg.batch_size]
+    for i in range(0, len(order), cfg.batch_size):
+        rows = order[i : i + cfg.batch_size]
         # Perplexity of the gold continuation, teacher-forced.
-        enc = [encode(tok, template, ex) for ex in batch]
-        ids, mask = pad_batch([e.input_ids for e in enc], pad_id)
-        lmask = pad_batch([e.loss_mask for e in enc], 0)[0].bool()
+        ids, mask = pad_batch([enc[j].input_ids for j in rows], pad_id)
+        lmask = pad_batch([enc[j].loss_mask for j in rows], 0)[0].bool()
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         n = int(lmask[:, 1:].sum())
         nll += masked_ce(logits, ids.to(device), lmask.to(device)).item() * n
         n_tok += n
-        # Greedy generation from the prompt (left-padded so new tokens line up).
-        prompts = tok(
-            [prompt_text(template, ex.question) for ex in batch],
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        ).to(device)
-        gen = model.generate(
-            **prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=pad_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        new = gen[:, prompts["input_ids"].shape[1] :]
+        del logits
+        # Greedy generation from the prompt.
+        p_ids, p_mask = left_pad([prompts[j] for j in rows], pad_id)
+        new = greedy_generate(model, p_ids.to(device), p_mask.to(device), budget, tok.eos_token_id, pad_id)
         texts = tok.batch_decode(new, skip_special_tokens=True)
         lengths = generated_lengths(new, tok.eos_token_id).tolist()
         capped = (~finished(new, tok.eos_token_id)).tolist()
-        for ex, text, g, cap in zip(batch, texts, lengths, capped, strict=True):
-            pred = extract_answer(text)
-            preds.append({"id": ex.id, "gold": ex.answer, "pred": pred, "correct": answers_match(pred, ex.answer), "text": text, "generated_tokens": g,
-                          "forward_passes": g, "hit_cap": cap})
-            forwards += g  # 1 prefill (gives token 1) + g - 1 decode steps
+        for j, text, g, cap in zip(rows, texts, lengths, capped, strict=True):
+            preds[j] = _prediction(examples[j], text, g, g, cap)  # 1 prefill (gives token 1) + g - 1 decode steps
+            forwards += g
             gen_tokens += g
-        bar.update(len(batch))
+        bar.update(len(rows))
     bar.close()
-    return _finish(cfg, preds, nll, n_tok, forwards, gen_tokens, t0)
+    return _finish(cfg, preds, nll, n_tok, forwards, gen_tokens, t0, time.perf_counter() - t_loop, max_new_tokens=budget)
 
 
 def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
@@ -155,15 +231,17 @@ def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
     iterations = cfg.latent_iterations or trained_iters
     device, tok, model, examples, pad_id = _setup(cfg, ckpt, template)
     head = head.to(device)
+    enc = [encode(tok, template, ex) for ex in examples]
+    budget = _budget(cfg, [int((e.segment_ids == 2).sum()) for e in enc])  # the answer + EOS: all a latent model writes
 
+    t_loop = time.perf_counter()
     preds, nll, n_tok, forwards, gen_tokens = [], 0.0, 0, 0, 0
     bar = tqdm(total=len(examples), desc=f"eval latent {Path(cfg.model).name}", disable=not progress)
     for i in range(0, len(examples), cfg.batch_size):
         batch = examples[i : i + cfg.batch_size]
         # Perplexity of the gold answer given question + latents, teacher-forced.
-        enc = [encode(tok, template, ex) for ex in batch]
-        ids = pad_batch([e.input_ids for e in enc], pad_id)[0]
-        seg = pad_batch([e.segment_ids.astype("int64") for e in enc], -1)[0]
+        ids = pad_batch([e.input_ids for e in enc[i : i + cfg.batch_size]], pad_id)[0]
+        seg = pad_batch([e.segment_ids.astype("int64") for e in enc[i : i + cfg.batch_size]], -1)[0]
         q, qm, a, am = (x.to(device) for x in split_segments(ids, seg, pad_id))
         run = jacobi(model, head, q, qm, iterations, tail_ids=a, tail_mask=am)
         P = q.shape[1]
@@ -171,22 +249,14 @@ def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
         nll += torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), a, reduction="none")[am.bool()].sum().item()
         n_tok += int(am.sum())
         # Greedy answers from the question alone (left-padded).
-        prompts = tok(
-            [prompt_text(template, ex.question) for ex in batch],
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        ).to(device)
-        gen = latent_generate(model, head, prompts["input_ids"], prompts["attention_mask"], iterations, cfg.max_new_tokens, tok.eos_token_id, pad_id)
+        p_ids, p_mask = left_pad(tok([prompt_text(template, ex.question) for ex in batch], add_special_tokens=False)["input_ids"], pad_id)
+        gen = latent_generate(model, head, p_ids.to(device), p_mask.to(device), iterations, budget, tok.eos_token_id, pad_id)
         texts = tok.batch_decode(gen["tokens"], skip_special_tokens=True)
         capped = (~finished(gen["tokens"], tok.eos_token_id)).tolist()
         for ex, text, g, f, cap in zip(batch, texts, gen["lengths"].tolist(), gen["forwards_per_row"].tolist(), capped, strict=True):
-            pred = extract_answer(text)
-            preds.append({"id": ex.id, "gold": ex.answer, "pred": pred, "correct": answers_match(pred, ex.answer), "text": text, "generated_tokens": g,
-                          "forward_passes": f, "hit_cap": cap})
+            preds.append(_prediction(ex, text, g, f, cap))
             forwards += f
             gen_tokens += g
         bar.update(len(batch))
     bar.close()
-    return _finish(cfg, preds, nll, n_tok, forwards, gen_tokens, t0, slots=head.slots, iterations=iterations)
+    return _finish(cfg, preds, nll, n_tok, forwards, gen_tokens, t0, time.perf_counter() - t_loop, max_new_tokens=budget, slots=head.slots, iterations=iterations)
