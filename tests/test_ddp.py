@@ -21,7 +21,7 @@ def test_two_process_cpu_ddp_reads_disjoint_shards_and_keeps_parameters_in_sync(
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "kvdistill", "train", "--store", str(tiny_store["store"]), "--student", tiny_store["student"].name_or_path,
-        "--out", str(out), "--max-steps", "6", "--per-device-train-batch-size", "4", "--device", "cpu", "--no-progress",
+        "--out", str(out), "--max-steps", "6", "--per-device-train-batch-size", "4", "--device", "cpu", "--no-progress", "--hash-params",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -34,8 +34,8 @@ from kvdistill.train.latent import (
     load_latent,
     save_latent,
     split_segments,
-    train_latent,
 )
+from kvdistill.train.loop import train
 
 M = 5
 
@@ -239,7 +239,7 @@ def _cfg(latent_store, out, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def latent_run(latent_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lat"
-    return out, train_latent(_cfg(latent_store, out), progress=False)
+    return out, train(_cfg(latent_store, out), progress=False)
 
 
 def test_latent_training_on_a_dumped_store_has_finite_falling_losses_and_saves_the_latent_head(latent_run):
@@ -326,7 +326,7 @@ def test_cli_latent_mode_takes_the_kava_recipe_where_not_given_and_evaluates(lat
             "--out", str(run), "--max-steps", "2", "--per-device-train-batch-size", "4", "--lora-r", "8", "--kv-weight", "0", "--device", "cpu", "--no-progress"]
     assert main(args) == 0
     cfg = TrainConfig.load(run / "final" / "train_config.yaml")
-    assert (cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps) == ("latent", 8, 32, 0.1, 0.0, 2.0, 1)
+    assert (cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.weight_decay, cfg.grad_clip, cfg.warmup_ratio) == ("latent", 8, 32, 0.1, 0.0, 2.0, 0.05)
     assert (run / "final" / "lora" / "adapter_config.json").exists()
     assert torch.load(run / "final" / "latent.pt")["adapters"] == {}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
@@ -337,17 +337,17 @@ def test_cli_latent_mode_takes_the_kava_recipe_where_not_given_and_evaluates(lat
 
 def test_latent_training_refuses_a_teacher_dumped_without_latent(latent_store, tmp_path):
     with pytest.raises(StoreError, match=r"\['teacher-plain'\] were dumped without latent compression; re-dump"):
-        train_latent(_cfg(latent_store, tmp_path / "x", teachers=None), progress=False)
+        train(_cfg(latent_store, tmp_path / "x", teachers=None), progress=False)
 
 
 def test_a_latent_run_stopped_and_resumed_ends_bitwise_identical_to_an_uninterrupted_one(latent_store, tmp_path):
     """Mid-epoch (48 samples / batch 4 = 12 batches an epoch): checkpoint at step 2, stop at 3,
     resume from step 2 to 4."""
     common = dict(max_steps=4, batch_size=4, shuffle_buffer=8)
-    train_latent(_cfg(latent_store, tmp_path / "straight", **common), progress=False)
-    train_latent(_cfg(latent_store, tmp_path / "cut", save_every=2, stop_at_step=3, **common), progress=False)
+    train(_cfg(latent_store, tmp_path / "straight", **common), progress=False)
+    train(_cfg(latent_store, tmp_path / "cut", save_every=2, stop_at_step=3, **common), progress=False)
     assert (tmp_path / "cut" / "checkpoints" / "step-0000002" / "loader.json").exists()
-    train_latent(_cfg(latent_store, tmp_path / "cut", save_every=2, resume=str(tmp_path / "cut"), **common), progress=False)
+    train(_cfg(latent_store, tmp_path / "cut", save_every=2, resume=str(tmp_path / "cut"), **common), progress=False)
     a, b = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / r / "final").state_dict() for r in ("straight", "cut"))
     init = transformers.AutoModelForCausalLM.from_pretrained(latent_store["student"].name_or_path).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], init[k]) for k in a)

@@ -30,7 +30,6 @@ from test_resume import _assert_bitwise_equal, _final_weights, _latent_final
 
 from kvdistill.errors import Preempted
 from kvdistill.schemas import TrainConfig
-from kvdistill.train.latent import train_latent
 from kvdistill.train.loop import train
 
 STEPS, PER_EPOCH = 7, 3
@@ -181,13 +180,13 @@ def test_metrics_after_a_resume_hold_every_step_once_and_drop_a_cut_off_row(tiny
 
 def test_latent_mode_stops_on_a_signal_and_resume_auto_ends_bitwise_identical(latent_store, tmp_path, monkeypatch, untaken_signals):  # noqa: F811
     common = dict(max_steps=4, batch_size=4, shuffle_buffer=8)
-    train_latent(_latent_cfg(latent_store, tmp_path / "straight", **common), progress=False)
+    train(_latent_cfg(latent_store, tmp_path / "straight", **common), progress=False)
     _signal_in_step(monkeypatch, 2, signal.SIGTERM)
     with pytest.raises(Preempted) as stopped:
-        train_latent(_latent_cfg(latent_store, tmp_path / "run", **common), progress=False)
+        train(_latent_cfg(latent_store, tmp_path / "run", **common), progress=False)
     assert stopped.value.message.startswith(f"preempted (SIGTERM) after step 2: checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-0000002'} is complete")
     monkeypatch.undo()
-    train_latent(_latent_cfg(latent_store, tmp_path / "run", resume="auto", **common), progress=False)
+    train(_latent_cfg(latent_store, tmp_path / "run", resume="auto", **common), progress=False)
     _assert_bitwise_equal(_latent_final(tmp_path / "run"), _latent_final(tmp_path / "straight"))
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3, 4]
 

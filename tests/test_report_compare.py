@@ -14,7 +14,7 @@ import torch
 from kvdistill.cli import main
 from kvdistill.compare import mean_ci, run_compare, t_cdf_two_sided, t_quantile
 from kvdistill.schemas import CompareConfig, ConfigError, DataSpec, TrainConfig
-from kvdistill.train import loop
+from kvdistill.train import distiller, loop
 from kvdistill.train.report import (
     read_metrics,
     resolve_trackers,
@@ -133,7 +133,7 @@ def test_training_with_the_shuffled_control_swaps_every_batch(tiny_store, tmp_pa
         calls.append((len(samples), [s["kv_from"] != s["sample_id"] for s in out]))
         return out
 
-    monkeypatch.setattr(loop, "shuffle_kv", spy)
+    monkeypatch.setattr(distiller, "shuffle_kv", spy)  # cot_mode hands it to the loader
     summary = loop.train(_train_cfg(tiny_store, tmp_path / "ctl", kv_control="shuffled"), progress=False)
     assert summary["steps"] == 3 and math.isfinite(summary["mean_last_20_kv_k"])
     assert len(calls) >= 3 and all(n == 8 and all(moved) for n, moved in calls)
@@ -215,7 +215,9 @@ def test_report_picks_up_every_term_layers_routes_and_eval(tmp_path):
     for term in ("ce", "kv_k", "kv_v", "cka", "lr", "loss"):
         assert f"<th>{term}</th>" in page
     assert "kv_weight: 1.0" in page and "0.625" in page and "eval.json" in page and "notes.json" not in page
-    assert "missing" not in page.split("<h2>Losses")[1]
+    after = page.split("<h2>Losses")[1]
+    assert "missing" not in after.split("<h2>Validation")[0] + after.split("<h2>Per-layer loss")[1]
+    assert "no validation logged: train with --eval-steps N" in after  # said, not left out unseen
     (run / "eval").mkdir()
     (run / "eval" / "killed.json").write_text('{"accuracy": 0.5, "perpl')  # an eval killed mid-write
     assert "left out, not readable as JSON" in run_report(run) and "eval/killed.json" in run_report(run)

@@ -19,7 +19,6 @@ from test_latent_train import latent_store, student_path  # noqa: F401  (fixture
 
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
-from kvdistill.train.latent import train_latent
 from kvdistill.train.loop import train
 
 STEPS, PER_EPOCH = 7, 3  # 2 epochs + 1 step
@@ -114,11 +113,11 @@ def _latent_final(run: Path) -> dict[str, torch.Tensor]:
 
 def test_latent_mode_resumes_bitwise_from_an_epoch_end_checkpoint_new_and_old_form(latent_store, tmp_path):  # noqa: F811
     common = {**COMMON, "max_steps": PER_EPOCH + 1}
-    train_latent(_latent_cfg(latent_store, tmp_path / "straight", save_every=PER_EPOCH, **common), progress=False)
+    train(_latent_cfg(latent_store, tmp_path / "straight", save_every=PER_EPOCH, **common), progress=False)
     ckpt = tmp_path / "straight" / "checkpoints" / f"step-{PER_EPOCH:07d}"
     pos = json.loads((ckpt / "loader.json").read_text())
     assert (pos["epoch"], pos["batches_in_epoch"]) == (1, 0)
     reference = _latent_final(tmp_path / "straight")
     for name, resume_from in (("new", ckpt), ("old", _old_form(ckpt, tmp_path / "old"))):
-        train_latent(_latent_cfg(latent_store, tmp_path / name, resume=str(resume_from), **common), progress=False)
+        train(_latent_cfg(latent_store, tmp_path / name, resume=str(resume_from), **common), progress=False)
         _assert_bitwise_equal(_latent_final(tmp_path / name), reference)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kvdistill import tiny
 from kvdistill.core.data import load_examples
 from kvdistill.schemas import DataSpec, EvalConfig, ModelSpec, SyntheticSpec, TrainConfig
-from kvdistill.store import ShardReader, StoreError, finalize
+from kvdistill.store import ShardReader, StoreError, finalize, shard_samples
 from kvdistill.train.distiller import KVAdapter
 from kvdistill.train.eval import evaluate
 from kvdistill.train.loop import train
@@ -138,10 +138,9 @@ def test_stream_zips_teachers_and_reshuffles_per_epoch(tiny_store):
 
 def test_stream_read_ahead_across_shards_yields_each_shard_in_order_and_raises_at_a_bad_shard(tiny_store, tmp_path):
     teachers = ["teacher-a", "teacher-b"]
-    stream = KVStream(tiny_store["store"], teachers, shuffle_buffer=1)
     per_shard = [ShardReader(tiny_store["store"], "teacher-a", i) for i in range(2)]
     for order in ([0, 1], [1, 0]):
-        got = list(stream._zarr_samples(order))
+        got = list(shard_samples(tiny_store["store"], teachers, order))
         assert [s["sample_id"] for s in got] == [sid for i in order for sid in per_shard[i].sample_ids]
         assert [s["shard"] for s in got] == [i for i in order for _ in per_shard[i].sample_ids]
         for s in got[:: max(1, len(got) // 7)]:  # K/V rows are the sample's own
@@ -149,13 +148,13 @@ def test_stream_read_ahead_across_shards_yields_each_shard_in_order_and_raises_a
             j = r.sample_ids.index(s["sample_id"])
             want = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), ("k",))["k"]
             assert np.array_equal(s["kv"]["teacher-a"][0], want)
-    it = stream._zarr_samples([0, 1])
+    it = shard_samples(tiny_store["store"], teachers, [0, 1])
     next(it)
     it.close()  # stopping early leaves no thread waiting
     broken = tmp_path / "broken.zarr"
     shutil.copytree(tiny_store["store"], broken)
     shutil.rmtree(broken / "teachers" / "teacher-b" / "shard-00001")
-    samples = KVStream(broken, teachers, shuffle_buffer=1)._zarr_samples([0, 1])
+    samples = shard_samples(broken, teachers, [0, 1])
     first = [next(samples) for _ in range(len(per_shard[0]))]  # every sample of the good shard first
     assert [s["sample_id"] for s in first] == per_shard[0].sample_ids
     with pytest.raises(StoreError, match="shard-00001 is missing or incomplete"):
@@ -172,9 +171,9 @@ def test_a_shard_rewritten_after_finalize_is_refused_until_finalize_runs_again(t
     doc["attributes"]["kvdistill"]["host"] = "elsewhere"  # any change to the completion record
     meta.write_text(json.dumps(doc))
     with pytest.raises(StoreError, match="rewritten after the store's metadata was consolidated; run `kvdistill store finalize"):
-        list(KVStream(store, ["teacher-a"], shuffle_buffer=1)._zarr_samples([1]))
+        list(shard_samples(store, ["teacher-a"], [1]))
     finalize(store)
-    assert len(list(KVStream(store, ["teacher-a"], shuffle_buffer=1)._zarr_samples([1]))) == len(ShardReader(store, "teacher-a", 1))
+    assert len(list(shard_samples(store, ["teacher-a"], [1]))) == len(ShardReader(store, "teacher-a", 1))
 
 
 def test_masked_ce_ignores_positions_outside_the_loss_mask():

@@ -1,7 +1,7 @@
 """`kvdistill train diagnose`: the loss terms at initialisation, before any step.
 
-Builds exactly what `train` builds (`loop.build_model`: student, store checks, LoRA, adapters,
-router), runs a few batches of the same stream through it without stepping, and reports per
+Builds exactly what `train` builds (`student.load_student` + `distiller.cot_mode`: student,
+store checks, LoRA, adapters, router), runs a few batches of the same stream through it without stepping, and reports per
 term its value and the norm of its gradient w.r.t. the student's trainable parameters and
 w.r.t. the adapters + router. Then suggests weights that make each term's weighted gradient
 norm on the student equal CE's (ce_weight x |grad CE|), the usual first guess for a balance:
@@ -24,10 +24,10 @@ from kvdistill.core.models import pad_token_id
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
-from .distiller import LOSS_TERMS
-from .loop import build_model
+from .distiller import LOSS_TERMS, cot_mode
 from .quant import kv_as_stored, kv_to_device
 from .stream import KVStream, train_loader
+from .student import load_student
 
 __all__ = ["diagnose", "format_table"]
 
@@ -45,7 +45,8 @@ def diagnose(cfg: TrainConfig, batches: int = 4) -> dict[str, Any]:
         raise ValueError(f"--batches must be >= 1, got {batches}")
     set_seed(cfg.seed)
     device = torch.device("cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "cuda")
-    tokenizer, model, _, teachers = build_model(cfg)
+    tokenizer, student, spec, teachers = load_student(cfg)
+    model = cot_mode(cfg, student, spec, teachers).model
     model.to(device).train()  # the mode train runs in (dropout on, as in its first step)
     student = [p for p in model.student.parameters() if p.requires_grad]
     aux = [p for p in model.adapters.parameters() if p.requires_grad]

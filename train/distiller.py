@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +23,11 @@ from .losses import (
     masked_kv_loss,
     warmup_mix,
 )
+from .mode import Mode
+from .quant import kv_to_device
+from .stream import shuffle_kv
 
-__all__ = ["fixed_weights", "KVAdapter", "HeadwiseAdapter", "Router", "Distiller", "build_distiller", "head_mixer_init", "LOSS_TERMS"]
+__all__ = ["fixed_weights", "KVAdapter", "HeadwiseAdapter", "Router", "Distiller", "build_distiller", "head_mixer_init", "LOSS_TERMS", "adapter_key", "cot_mode", "cot_counts"]
 
 # Every scalar loss term forward() may return (besides the total "loss").
 LOSS_TERMS = ("ce", "kv_k", "kv_v", "cka", "router_entropy")
@@ -121,7 +126,7 @@ class Router(nn.Module):
         return torch.softmax(self.mlp(pooled).view(len(pooled), self.groups, self.n), dim=-1)
 
 
-def _key(name: str) -> str:
+def adapter_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)  # nn.ModuleDict keys may not hold "."
 
 
@@ -213,7 +218,7 @@ class Distiller(nn.Module):
                     heads_t = teacher_heads[t]
                     if heads_t[0] * heads_t[1] != width or student_heads[0] * student_heads[1] != student_width:
                         raise ValueError(f"teacher {t}: heads {heads_t} do not make its width {width}, or student heads {student_heads} not {student_width}")
-                self.adapters[_key(t)] = nn.ModuleDict(
+                self.adapters[adapter_key(t)] = nn.ModuleDict(
                     {p: _make_adapter(num_layers, width, student_width, heads_t, student_heads) for p in ("k", "v")}
                 )
             if fusion == "router":
@@ -252,12 +257,16 @@ class Distiller(nn.Module):
     def _norm(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return layer_std_norm(x, mask) if self.kv_norm == "layer_std" else x
 
-    def forward(self, input_ids, attention_mask, loss_mask, kv: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None):
+    def forward(self, input_ids, attention_mask, loss_mask, kv: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None, shares: dict[str, float] | None = None):
+        """shares (gradient accumulation): {unit: this micro-batch's share of the window's
+        count}, scaling each term by what it is a mean over (`UNITS`), so the window's
+        gradient is the one of a single batch. Terms are returned unscaled."""
         mask = attention_mask.bool()
+        share = _shares(shares)
         if self.kv_weight == 0:
             logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
             out = {"ce": masked_ce(logits, input_ids, loss_mask)}
-            out["loss"] = self.ce_weight * out["ce"]
+            out["loss"] = self.ce_weight * out["ce"] * share["ce_tokens"]
             return out
         extra = {}
         if self.router is not None:
@@ -269,7 +278,7 @@ class Distiller(nn.Module):
         logits = res.logits
         student_kv = {"k": torch.stack(cap["k"], dim=2), "v": torch.stack(cap["v"], dim=2)}  # [B, T, L, D_s]
         out = {"ce": masked_ce(logits, input_ids, loss_mask)}
-        loss = self.ce_weight * out["ce"]
+        loss = self.ce_weight * out["ce"] * share["ce_tokens"]
         teachers = self.active
         router_w = None
         if self.router is not None:
@@ -281,7 +290,7 @@ class Distiller(nn.Module):
             entropy = -(router_w * torch.log(router_w.clamp_min(1e-12))).sum(-1).mean()
             out["router_entropy"] = entropy
             if self.router_entropy_weight:
-                loss = loss - self.router_entropy_weight * entropy
+                loss = loss - self.router_entropy_weight * entropy * share["samples"]
         tok_w = None
         if self.kv_attn_weight == "student":
             tok_w = warmup_mix(attention_key_weights(res.attentions, mask), step, self.kv_attn_warmup_steps).to(logits.dtype)
@@ -289,7 +298,7 @@ class Distiller(nn.Module):
         cka = []
         for i, part in enumerate(("k", "v")):
             z_s = self._norm(student_kv[part], mask)  # [B, T, L, D_s]
-            z_t = torch.stack([self._norm(self.adapters[_key(t)][part](kv[t][i].to(logits.dtype)), mask) for t in teachers])  # [N, B, T, L, D_s]
+            z_t = torch.stack([self._norm(self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)), mask) for t in teachers])  # [N, B, T, L, D_s]
             w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
             target = (w[..., None] * z_t).sum(0)
             _, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss, weights=tok_w)
@@ -298,14 +307,75 @@ class Distiller(nn.Module):
             if self.fusion_mode != "fixed":  # mean routing weight per teacher, over real tokens
                 for t, wt in zip(teachers, w, strict=True):
                     out[f"route_{part}_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
-            loss = loss + self.kv_weight * term
+            loss = loss + self.kv_weight * term * share["tokens"]
             if self.cka_weight > 0:
                 cka.append(masked_cka_loss(z_s, target, mask, self.cka_layers))
         if cka:
             out["cka"] = torch.stack(cka).mean()
-            loss = loss + self.cka_weight * out["cka"]
+            loss = loss + self.cka_weight * out["cka"] * share["tokens"]
         out["loss"] = loss
         return out
+
+
+# What each term of Distiller.forward is a mean over: "ce_tokens" (positions whose target is in
+# loss_mask), "samples" (router entropy), "tokens" (real tokens: K/V terms, CKA, routing means).
+UNITS = ("ce_tokens", "tokens", "samples")
+
+
+def _shares(shares: dict[str, float] | None) -> dict[str, float]:
+    return dict.fromkeys(UNITS, 1.0) if shares is None else shares
+
+
+def cot_counts(batch: dict[str, Any]) -> dict[str, float]:
+    """How many of each unit a batch holds (see UNITS)."""
+    return {
+        "ce_tokens": float(batch["loss_mask"][:, 1:].sum()),
+        "tokens": float(batch["attention_mask"].sum()),
+        "samples": float(len(batch["input_ids"])),
+    }
+
+
+def _cot_unit(term: str) -> str:
+    return {"ce": "ce_tokens", "router_entropy": "samples"}.get(term, "tokens")
+
+
+def _cot_step(model, batch: dict[str, Any], device, step: int, shares: dict[str, float] | None) -> dict[str, torch.Tensor]:
+    kv = kv_to_device(batch["kv"], device)  # int8 / int4 dequantised there
+    return model(
+        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device), kv, step=step, shares=shares
+    )
+
+
+def _cot_save(unwrapped: Distiller, state: dict, out: Path) -> None:
+    torch.save({k.removeprefix("adapters."): v for k, v in state.items() if k.startswith("adapters.")}, out / "adapters.pt")
+    if unwrapped.router is not None:
+        torch.save({k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")}, out / "router.pt")
+
+
+def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
+    """The written-chain mode: a Distiller over `student`, K/V read per token."""
+    model = build_distiller(cfg, student, spec, teachers)
+    groups = [
+        {"params": model.student.parameters(), "lr": cfg.lr},
+        {"params": model.adapters.parameters(), "lr": cfg.adapter_lr},
+    ]
+    if model.router is not None:
+        groups.append({"params": model.router.parameters(), "lr": cfg.router_lr})
+    return Mode(
+        name="cot",
+        model=model,
+        param_groups=groups,
+        read_kv=cfg.kv_weight > 0,
+        read_latent=False,
+        control=shuffle_kv,
+        step=_cot_step,
+        counts=cot_counts,
+        unit_of=_cot_unit,
+        save_extra=_cot_save,
+        finite=LOSS_TERMS,
+        postfix=("ce", "kv_k", "kv_v"),
+        summary={"ce": "ce", "kv_k": "kv_k", "kv_v": "kv_v"},
+    )
 
 
 def build_distiller(cfg, student: nn.Module, spec, teachers: dict) -> Distiller:

@@ -1,6 +1,6 @@
 """KaVa latent mode: the student answers from M latent slots instead of a written chain.
 
-    train_latent(TrainConfig(store="out.zarr", student=..., out="runs/lat", mode="latent"))
+    train(TrainConfig(store="out.zarr", student=..., out="runs/lat", mode="latent"))  # train/loop.py
 
 Sequence layout (every forward): [left padding, question (P), latent slots (M), answer].
 Questions are left-padded so the slots sit at the same columns P..P+M-1 in every row;
@@ -30,49 +30,30 @@ question) + codi_weight * CODI + kv_weight * (KV_K + KV_V), with
     with latent_mask, every layer, norm = per-layer std standardisation, A_t = KVAdapter;
   teachers combine with the fixed teacher weights; teacher tensors are never differentiated.
 
-Saved: RUN_DIR/final as train/loop.py does (merged student, tokenizer, train_config.yaml),
-plus final/latent.pt (slots, iterations, widths, the latent head, adapters, CODI maps).
+Trained by train/loop.py through `latent_mode` (one loop for both modes). Saved: RUN_DIR/final
+as in mode cot (merged student, tokenizer, train_config.yaml), plus final/latent.pt (slots,
+iterations, widths, the latent head, adapters, CODI maps).
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from kvdistill.core.capture import capture_kv, decoder
-from kvdistill.core.models import load_tokenizer, pad_token_id
+from kvdistill.core.capture import cache_kwarg, capture_kv, decoder, output_cache
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
-from .distiller import KVAdapter, _key, fixed_weights
-from .loop import (
-    _after_step,
-    _check_epoch,
-    _check_store,
-    _open_metrics,
-    _preempted,
-    _resume,
-    _with_last,
-    mixed_precision,
-    stop_signals,
-    summary_terms,
-)
+from .distiller import KVAdapter, adapter_key, fixed_weights
 from .losses import layer_std_norm, masked_ce, masked_kv_loss
-from .stream import KVStream, shuffle_latent, train_loader
+from .mode import Mode
+from .stream import KVStream, shuffle_latent
 
-__all__ = ["LatentHead", "LatentStudent", "jacobi", "latent_generate", "split_segments", "load_latent", "train_latent"]
+__all__ = ["LatentHead", "LatentStudent", "jacobi", "latent_generate", "split_segments", "load_latent", "latent_mode", "latent_counts"]
 
 LATENT_FILE = "latent.pt"
 
@@ -97,9 +78,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def _run(student, embeds, mask, *, past=None, positions=None, use_cache=False):
     """One decoder forward on input embeddings: (final-norm hidden [B, S, H], logits, cache)."""
     pos = _positions(mask)[:, -embeds.shape[1] :] if positions is None else positions
-    out = decoder(student)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=use_cache)
+    stack = decoder(student)
+    out = stack(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache, **{cache_kwarg(stack): past})
     logits = student.get_output_embeddings()(out.last_hidden_state)
-    return out.last_hidden_state, logits, out.past_key_values
+    return out.last_hidden_state, logits, output_cache(out)
 
 
 def jacobi(
@@ -233,7 +215,7 @@ class LatentStudent(nn.Module):
         self.adapters = nn.ModuleDict()
         if kv_weight > 0:
             for t, width in teacher_widths.items():
-                self.adapters[_key(t)] = nn.ModuleDict(
+                self.adapters[adapter_key(t)] = nn.ModuleDict(
                     {"k": KVAdapter(num_layers, width, student_width), "v": KVAdapter(num_layers, width, student_width)}
                 )
         self.codi = nn.ModuleDict()
@@ -244,7 +226,7 @@ class LatentStudent(nn.Module):
                         f"teacher {t!r} was dumped without codi_hidden; re-dump it with latent.codi_hidden: true "
                         "or train with --codi-weight 0"
                     )
-                self.codi[_key(t)] = nn.Identity() if h_t == hidden else nn.Linear(hidden, h_t, bias=False)
+                self.codi[adapter_key(t)] = nn.Identity() if h_t == hidden else nn.Linear(hidden, h_t, bias=False)
 
     def _norm(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return layer_std_norm(x, mask) if self.kv_norm == "layer_std" else x
@@ -262,7 +244,7 @@ class LatentStudent(nn.Module):
                     if self.weights[t] == 0:
                         continue
                     mask = latent[t]["mask"].bool()
-                    target = self._norm(self.adapters[_key(t)][part](latent[t][part].to(z[i].dtype)), mask)
+                    target = self._norm(self.adapters[adapter_key(t)][part](latent[t][part].to(z[i].dtype)), mask)
                     loss, per_layer = masked_kv_loss(self._norm(z[i], mask), target, mask, self.kv_loss)
                     loss_i = loss_i + self.weights[t] * loss
                     layers = layers + self.weights[t] * per_layer.detach() / T
@@ -279,27 +261,29 @@ class LatentStudent(nn.Module):
             if self.weights[t] == 0:
                 continue
             h_t = latent[t]["hidden"].to(h_s.dtype)  # [B, H_t]
-            loss = loss + self.weights[t] * F.smooth_l1_loss(self.codi[_key(t)](h_s), h_t) / h_t.std().clamp_min(1e-6)
+            loss = loss + self.weights[t] * F.smooth_l1_loss(self.codi[adapter_key(t)](h_s), h_t) / h_t.std().clamp_min(1e-6)
         return loss
 
-    def forward(self, input_ids, attention_mask, loss_mask, segment_ids, latent: dict[str, dict]) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids, attention_mask, loss_mask, segment_ids, latent: dict[str, dict], shares: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+        """shares: as Distiller.forward's (gradient accumulation), over LATENT_UNITS."""
+        share = dict.fromkeys(LATENT_UNITS, 1.0) if shares is None else shares
         q, qm, a, am = split_segments(input_ids, segment_ids, self.pad_id)
         P, M = q.shape[1], self.head.slots
         run = jacobi(self.student, self.head, q, qm, self.iterations, tail_ids=a, tail_mask=am, capture=self.kv_weight > 0)
         logits = run["logits"][:, P + M - 1 : -1]  # predicts answer tokens 0..A-1
         nll = F.cross_entropy(logits.float().transpose(1, 2), a, reduction="none")  # [B, A]
         out = {"ce_answer": (nll * am).sum() / am.sum().clamp_min(1)}
-        loss = self.answer_weight * out["ce_answer"]
+        loss = self.answer_weight * out["ce_answer"] * share["answer_tokens"]
         if self.cot_weight > 0:  # teacher mode: the written chain, same backbone
             chain = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
             out["ce_cot"] = masked_ce(chain, input_ids, loss_mask)
-            loss = loss + self.cot_weight * out["ce_cot"]
+            loss = loss + self.cot_weight * out["ce_cot"] * share["ce_tokens"]
         if self.codi_weight > 0:
             out["codi"] = self.codi_term(run["hidden"][:, P + M - 1], latent)
-            loss = loss + self.codi_weight * out["codi"]
+            loss = loss + self.codi_weight * out["codi"] * share["samples"]
         if self.kv_weight > 0:
             out.update(self.kv_terms(run["kv"], latent))
-            loss = loss + self.kv_weight * (out["kv_k"] + out["kv_v"])
+            loss = loss + self.kv_weight * (out["kv_k"] + out["kv_v"]) * share["slots"]
         out["loss"] = loss
         return out
 
@@ -329,7 +313,7 @@ def load_latent(checkpoint: str | Path) -> tuple[LatentHead, int]:
     return head.eval(), state["iterations"]
 
 
-def _latent_shapes(cfg: TrainConfig, teachers: dict[str, Any]) -> tuple[int, dict[str, int | None]]:
+def latent_shapes(cfg: TrainConfig, teachers: dict[str, Any]) -> tuple[int, dict[str, int | None]]:
     """M and each teacher's stored hidden width, from the store (one sample)."""
     no_latent = [t for t, s in teachers.items() if getattr(s, "latent", None) is None]
     if no_latent:
@@ -345,30 +329,41 @@ def _latent_shapes(cfg: TrainConfig, teachers: dict[str, Any]) -> tuple[int, dic
     return next(iter(slots.values())), hidden
 
 
-def train_latent(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """The latent-mode recipe: setup, train, save (train/loop.py's shape, its store checks,
-    checkpoint, resume and stop-signal helpers: SIGTERM / SIGUSR1 save and raise Preempted)."""
-    with stop_signals() as got:
-        return _train_latent(cfg, progress, got)
+# What each latent term is a mean over: answer tokens (ce_answer), positions whose target is in
+# loss_mask (ce_cot), samples (CODI), the first teacher's kept slots (the K/V terms; teachers
+# whose chains are shorter than M keep fewer, so with several teachers this share is approximate).
+LATENT_UNITS = ("answer_tokens", "ce_tokens", "samples", "slots")
 
 
-def _train_latent(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg))
-    set_seed(cfg.seed)
-    out = Path(cfg.out)
-    tokenizer = load_tokenizer(cfg.student)
-    student = AutoModelForCausalLM.from_pretrained(
-        cfg.student.name_or_path, revision=cfg.student.revision, dtype=getattr(torch, cfg.student.dtype)
+def latent_counts(batch: dict[str, Any]) -> dict[str, float]:
+    first = next(iter(batch["latent"].values()))
+    return {
+        "answer_tokens": float((batch["segment_ids"] == 2).sum()),
+        "ce_tokens": float(batch["loss_mask"][:, 1:].sum()),
+        "samples": float(len(batch["input_ids"])),
+        "slots": float(first["mask"].sum()),
+    }
+
+
+def _latent_unit(term: str) -> str:
+    return {"ce_answer": "answer_tokens", "ce_cot": "ce_tokens", "codi": "samples"}.get(term, "slots")
+
+
+def _latent_step(model, batch: dict[str, Any], device, step: int, shares: dict[str, float] | None) -> dict[str, torch.Tensor]:
+    latent = {t: {k: (None if x is None else x.to(device)) for k, x in lat.items()} for t, lat in batch["latent"].items()}
+    return model(
+        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device),
+        batch["segment_ids"].to(device), latent, shares=shares,
     )
-    spec, teachers = _check_store(cfg, tokenizer, student)
-    slots, teacher_hidden = _latent_shapes(cfg, teachers)
-    if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
-        student = get_peft_model(student, lora)
-    pad_id = pad_token_id(tokenizer)
+
+def _latent_save(unwrapped: LatentStudent, state: dict, out: Path) -> None:
+    save_latent(unwrapped, out / LATENT_FILE)
+
+
+def latent_mode(cfg: TrainConfig, student: nn.Module, spec, teachers: dict[str, Any], pad_id: int) -> Mode:
+    """KaVa latent mode: a LatentStudent over `student`, the stream reading compressed K/V."""
+    slots, teacher_hidden = latent_shapes(cfg, teachers)
     model = LatentStudent(
         student,
         slots,
@@ -386,109 +381,24 @@ def _train_latent(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str,
         kv_norm=cfg.kv_norm,
         kv_loss=cfg.kv_loss,
     )
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in model.student.parameters() if p.requires_grad], "lr": cfg.lr},
-            {"params": list(model.head.parameters()), "lr": cfg.lr},
-            {"params": [*model.adapters.parameters(), *model.codi.parameters()], "lr": cfg.adapter_lr},
-        ],
-        weight_decay=cfg.weight_decay,
-    )
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)
-    stream = KVStream(
-        cfg.store,
-        list(teachers),
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
+    groups = [
+        {"params": [p for p in model.student.parameters() if p.requires_grad], "lr": cfg.lr},
+        {"params": list(model.head.parameters()), "lr": cfg.lr},
+        {"params": [*model.adapters.parameters(), *model.codi.parameters()], "lr": cfg.adapter_lr},
+    ]
+    return Mode(
+        name="latent",
+        model=model,
+        param_groups=groups,
         read_kv=False,
         read_latent=True,
+        control=shuffle_latent,
+        step=_latent_step,
+        counts=latent_counts,
+        unit_of=_latent_unit,
+        save_extra=_latent_save,
+        finite=("ce_answer", "ce_cot", "codi", "kv_k", "kv_v"),
+        postfix=("ce_answer", "codi", "kv_k"),
+        summary={"ce": "ce_answer", "ce_cot": "ce_cot", "codi": "codi", "kv_k": "kv_k", "kv_v": "kv_v"},
+        result={"mode": "latent", "slots": slots, "iterations": cfg.latent_iterations},
     )
-    loader = train_loader(stream, cfg, pad_id, shuffle_latent)  # "shuffled": another sample's compressed K/V
-    model, opt, sched = accelerator.prepare(model, opt, sched)
-
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "train_config.yaml")
-    step, epoch, tokens, skip = _resume(cfg, accelerator)
-    metrics_f, logged = _open_metrics(cfg, out) if accelerator.is_main_process else (None, 0)
-    history: list[dict[str, Any]] = []
-    last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train latent {out.name}", disable=not (progress and accelerator.is_main_process))
-    model.train()
-    dev = accelerator.device
-    stop = 0  # the signal that stopped the run
-    while step < last and not stop:
-        stream.set_epoch(epoch)
-        batches_in_epoch = 0
-        for batch, end_of_epoch in _with_last(loader):
-            batches_in_epoch += 1
-            if batches_in_epoch <= skip:  # resuming mid-epoch: the stream is deterministic, so replay its position
-                continue
-            latent = {
-                t: {k: (None if x is None else x.to(dev)) for k, x in lat.items()} for t, lat in batch["latent"].items()
-            }
-            losses = model(
-                batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["loss_mask"].to(dev), batch["segment_ids"].to(dev), latent
-            )
-            for name in ("ce_answer", "ce_cot", "codi", "kv_k", "kv_v"):
-                if name in losses and not math.isfinite(losses[name].item()):
-                    raise FloatingPointError(
-                        f"step {step}: loss term {name} is {losses[name].item()} on samples {batch['sample_ids']}; "
-                        "check those samples in the store (`kvdistill store verify`) or lower the learning rate"
-                    )
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(losses["loss"])
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            tokens += int(batch["attention_mask"].sum())
-            row = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "tokens": tokens}
-            row.update({k: round(v.item(), 6) for k, v in losses.items() if v.dim() == 0})
-            row.update({k: [round(x, 6) for x in v.tolist()] for k, v in losses.items() if v.dim() == 1})
-            history.append(row)
-            if metrics_f and step > logged and (step % cfg.log_every == 0 or step == cfg.max_steps):  # replayed steps are logged already
-                metrics_f.write(json.dumps(row) + "\n")
-                metrics_f.flush()
-            bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce_answer", "codi", "kv_k") if k in row})
-            ckpt, stop, save_s, done = _after_step(cfg, accelerator, got, out, step, last, epoch, tokens, batches_in_epoch, end_of_epoch)
-            if done:
-                break
-        _check_epoch(cfg, accelerator.process_index, epoch, batches_in_epoch, skip)
-        epoch, skip = epoch + 1, 0
-    bar.close()
-    if stop:
-        if metrics_f:
-            metrics_f.close()
-        raise _preempted(cfg, accelerator, stop, ckpt, step, save_s)
-
-    final = out / "final"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if cfg.lora_r > 0:  # the adapter in peft format, and the merged model for eval
-            unwrapped.student.save_pretrained(final / "lora")
-            tokenizer.save_pretrained(final / "lora")
-            copy.deepcopy(unwrapped.student).merge_and_unload().save_pretrained(final)
-        else:
-            unwrapped.student.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        save_latent(unwrapped, final / LATENT_FILE)
-        cfg.save(final / "train_config.yaml")
-        metrics_f.close()
-    return {
-        "run": str(out),
-        "checkpoint": str(final),
-        "mode": "latent",
-        "slots": slots,
-        "iterations": cfg.latent_iterations,
-        "steps": step,
-        "tokens": tokens,
-        "teachers": list(teachers),
-        **summary_terms(history, {"ce": "ce_answer", "ce_cot": "ce_cot", "codi": "codi", "kv_k": "kv_k", "kv_v": "kv_v"}),
-        "seconds": time.perf_counter() - t0,
-    }

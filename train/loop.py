@@ -1,22 +1,25 @@
-"""The training recipe: a student learns from the KV store; no teacher model is ever built.
+"""The training recipe, both modes: a student learns from the KV store; no teacher is built.
 
     train(TrainConfig(store="out.zarr", student=ModelSpec("path/or/hub-id"), out="runs/a"))
 
-setup: accelerate (CPU, one GPU, DDP), the student from `from_pretrained`, checks that the
-store was built for this student's tokenizer and geometry, adapters, AdamW + cosine schedule,
-the shard stream (rank x worker split; with kv_control="shuffled", each batch's teacher K/V
-deranged across its samples: the negative control). train: CE + fused KV losses, grad
-clipping, metrics every `log_every` steps to metrics.jsonl (and to the accelerate trackers in
-`report_to`). save: the student via `save_pretrained` (+ the
-tokenizer), adapters.pt (+ router.pt with fusion router), and the config as train_config.yaml, under RUN_DIR/final.
+setup: accelerate (CPU, one GPU, DDP, FSDP); the student (train/student.py: checked against
+the store, LoRA, gradient checkpointing); the mode (train/mode.py: `cot` the written chain
+through a Distiller, `latent` KaVa latent slots); AdamW + cosine schedule; the shard stream
+(rank x worker split; kv_control "shuffled" deranges each batch's teacher K/V: the negative
+control). train: optimizer steps of gradient_accumulation_steps micro-batches, weighted so the
+update is that of one batch; grad clipping; metrics every `log_every` steps to metrics.jsonl
+(and the accelerate trackers of `report_to`); validation every `eval_steps` on held-out
+shards or a second store, RUN_DIR/best on `metric_for_best_model`. save: RUN_DIR/final, a
+Hugging Face checkpoint (+ adapters.pt / router.pt / latent.pt) and train_config.yaml.
 
 checkpoints (`save_every`, and on a stop signal): RUN_DIR/checkpoints/step-N, complete or
-absent (written as .step-N.partial, then renamed). resume: a checkpoint, a run directory's
-latest one, or "auto" (the latest in RUN_DIR if there is one, else step 0); bitwise exact;
-metrics.jsonl and trackers append, without the steps replayed after the checkpoint.
-signals: SIGTERM or SIGUSR1 lets the step that is running finish, saves its checkpoint (every
-rank agrees on the step), prints where, and raises Preempted (exit code 143); on SIGUSR1 with
-`requeue_on_usr1`, the main process first runs `scontrol requeue $SLURM_JOB_ID`.
+absent (train/checkpoint.py). resume: a checkpoint, a run directory's latest one, or "auto"
+(the latest in RUN_DIR if any, else step 0); bitwise exact, and the stream starts where the
+checkpoint stopped without reading what came before (`KVStream.resume`); metrics.jsonl and
+trackers append.
+signals: SIGTERM or SIGUSR1 lets the running step finish, saves its checkpoint (every rank
+agrees on the step) and raises Preempted (exit code 143); on SIGUSR1 with `requeue_on_usr1`
+the main process first runs `scontrol requeue $SLURM_JOB_ID`.
 
 Raises StoreError for an unfinalised store or one built for another student,
 FloatingPointError on a non-finite loss (naming the term and the sample ids), and Preempted.
@@ -24,12 +27,10 @@ FloatingPointError on a non-finite loss (naming the term and the sample ids), an
 
 from __future__ import annotations
 
-import copy
-import hashlib
+import dataclasses
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -37,7 +38,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,112 +46,26 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
-from kvdistill.core.capture import kv_geometry
-from kvdistill.core.models import load_tokenizer, pad_token_id, tokenizer_fingerprint
+from kvdistill.core.models import pad_token_id
 from kvdistill.errors import Preempted
 from kvdistill.schemas import TrainConfig
-from kvdistill.store import StoreError, open_specs
+from kvdistill.store import StoreError, read_index
 
-from .distiller import LOSS_TERMS, build_distiller
-from .quant import kv_as_stored, kv_to_device
+from .checkpoint import Position, find_resume, load_checkpoint, save_checkpoint
+from .distiller import cot_mode
+from .latent import latent_mode
+from .mode import Mode
+from .quant import kv_as_stored
 from .report import resolve_trackers, tracker_config, tracker_values
-from .stream import KVStream, shuffle_kv, train_loader
+from .stream import KVStream, train_loader
+from .student import check_store, load_student, param_hash, save_student
 
-__all__ = ["train", "build_model"]
-
-
-def _check_store(cfg: TrainConfig, tokenizer, student) -> tuple[Any, dict]:
-    store = Path(cfg.store)
-    spec, teachers = open_specs(store)
-    if not (store / "index.parquet").exists():
-        raise StoreError(f"store {store} is not finalized; run `kvdistill store finalize {store}` first")
-    fp = tokenizer_fingerprint(tokenizer)
-    if fp != spec.tokenizer_fingerprint:
-        raise StoreError(
-            f"store {store} was built for a student tokenizer with fingerprint {spec.tokenizer_fingerprint} "
-            f"({spec.student.name_or_path}); {cfg.student.name_or_path} has {fp}. Train the student the "
-            "store was dumped for, or re-dump with --student pointing at this one"
-        )
-    g = kv_geometry(student.config)
-    if g != spec.geometry:
-        raise StoreError(f"store {store} holds K/V for student geometry {spec.geometry}, this student has {g}")
-    chosen = cfg.teachers or sorted(teachers)
-    missing = [t for t in chosen if t not in teachers]
-    if missing:
-        raise StoreError(f"store {store} has no teacher(s) {missing}; it holds {sorted(teachers)}")
-    return spec, {t: teachers[t] for t in chosen}
+__all__ = ["train", "stop_signals", "mixed_precision", "summary_terms", "open_metrics"]
 
 
-def _save_checkpoint(accelerator, path: Path, step: int, epoch: int, tokens: int, batches_in_epoch: int, end_of_epoch: bool) -> None:
-    """Model, optimizer, scheduler and RNG states, and loader.json: where the stream resumes.
-    A checkpoint on an epoch's last batch resumes at the next epoch's start, (epoch + 1, 0):
-    (epoch, all its batches) would replay a whole epoch to train nothing of it.
-
-    Written into the hidden sibling .step-N.partial and renamed to step-N once every rank's
-    files and loader.json are in, so a step-N directory is always complete: a process killed
-    while saving leaves only the .partial, which resume never picks and the next save replaces."""
-    if end_of_epoch:
-        epoch, batches_in_epoch = epoch + 1, 0
-    partial = path.with_name(f".{path.name}.partial")
-    if accelerator.is_main_process and partial.exists():  # left by a run killed while saving
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # model + adapters, optimizer, scheduler, RNG states
-    accelerator.wait_for_everyone()  # every rank's files are in
-    if accelerator.is_main_process:
-        pos = {"step": step, "epoch": epoch, "tokens": tokens, "batches_in_epoch": batches_in_epoch}
-        (partial / "loader.json").write_text(json.dumps(pos))
-        if path.exists():  # this step saved before (a resume from an earlier checkpoint): the new one replaces it
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            path.rename(old)
-            partial.rename(path)
-            shutil.rmtree(old)
-        else:
-            partial.rename(path)
-    accelerator.wait_for_everyone()
-
-
-def _checkpoints(run: Path) -> list[Path]:
-    """The complete checkpoints of a run directory, oldest first: step-N directories (renamed
-    into place only once complete) that hold loader.json (written last, also before renaming)."""
-    found = [p for p in (run / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / "loader.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
-
-
-def _latest_checkpoint(path: Path) -> Path:
-    if (path / "loader.json").exists():
-        return path
-    found = _checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"no checkpoint under {path}; train with --save-steps N to write them")
-    return found[-1]
-
-
-def _resume(cfg: TrainConfig, accelerator) -> tuple[int, int, int, int]:
-    """(step, epoch, tokens, batches of that epoch already trained) to start from: the
-    checkpoint cfg.resume names ("auto": the latest complete one in cfg.out, if any), its
-    states loaded into the prepared objects; zeros without one."""
-    if not cfg.resume:
-        return 0, 0, 0, 0
-    if cfg.resume == "auto":
-        found = _checkpoints(Path(cfg.out))
-        if not found:
-            accelerator.print(f"--resume auto: no complete checkpoint in {Path(cfg.out) / 'checkpoints'}; starting at step 0", flush=True)
-            return 0, 0, 0, 0
-        ckpt = found[-1]
-    else:
-        ckpt = _latest_checkpoint(Path(cfg.resume))
-    accelerator.load_state(str(ckpt))  # model + adapters, optimizer, scheduler, RNG states
-    pos = json.loads((ckpt / "loader.json").read_text())
-    accelerator.print(f"resuming from {ckpt} at step {pos['step']} (epoch {pos['epoch']}, batch {pos['batches_in_epoch']})", flush=True)
-    return pos["step"], pos["epoch"], pos["tokens"], pos["batches_in_epoch"]
-
-
-def _open_metrics(cfg: TrainConfig, out: Path) -> tuple[IO[str], int]:
+def open_metrics(cfg: TrainConfig, out: Path) -> tuple[IO[str], int]:
     """metrics.jsonl, and the last step it holds. A fresh run starts it anew. A resumed one
     (--resume, auto included) appends, and the caller logs only steps after that last one:
     steps replayed from an earlier checkpoint are in the file already (resume is exact, so
@@ -208,32 +123,6 @@ def _agreed_signal(accelerator, got: list[int]) -> int:
     return int(flag.item())
 
 
-def _signal_checkpoint(accelerator, signum: int, saved: bool, path: Path, step: int, *position) -> float:
-    """The checkpoint of this step for a stop signal (unless save_every just wrote it); its
-    seconds."""
-    t0 = time.perf_counter()
-    if accelerator.is_main_process:
-        print(f"kvdistill train: {signal.Signals(signum).name} after step {step}: saving checkpoint {path}", flush=True)
-    if not saved:
-        _save_checkpoint(accelerator, path, step, *position)
-    return time.perf_counter() - t0
-
-
-def _after_step(cfg: TrainConfig, accelerator, got: list[int], out: Path, step: int, last: int, *position) -> tuple[Path, int, float, bool]:
-    """End of an optimizer step, both modes: save_every's checkpoint of this step; then, unless it
-    is the run's last step, the stop signal every rank agreed on, with its checkpoint.
-    (this step's checkpoint path, signal or 0, seconds its save took, whether the loop ends)."""
-    ckpt = out / "checkpoints" / f"step-{step:07d}"
-    saved = bool(cfg.save_every and step % cfg.save_every == 0)
-    if saved:
-        _save_checkpoint(accelerator, ckpt, step, *position)
-    if step >= last:
-        return ckpt, 0, 0.0, True
-    stop = _agreed_signal(accelerator, got)
-    save_s = _signal_checkpoint(accelerator, stop, saved, ckpt, step, *position) if stop else 0.0
-    return ckpt, stop, save_s, bool(stop)
-
-
 def _slurm_requeue() -> str:
     """`scontrol requeue $SLURM_JOB_ID`: what happened, as the end of the preempted line."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -279,35 +168,9 @@ def _with_last(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
         yield cur, nxt is _END
 
 
-def _check_epoch(cfg: TrainConfig, rank: int, epoch: int, batches: int, skip: int) -> None:
-    """After an epoch: the stream yielded batches, and at least the `skip` a resumed position
-    replays. skip == batches is a checkpoint on the epoch's last batch as written before
-    `_save_checkpoint` made it (epoch + 1, 0): nothing is left to train, on to the next epoch."""
+def _check_epoch(cfg: TrainConfig, rank: int, batches: int) -> None:
     if batches == 0:
         raise StoreError(f"store {cfg.store} yielded no samples for rank {rank}")
-    if skip > batches:
-        raise StoreError(
-            f"checkpoint {cfg.resume} resumes at batch {skip} of epoch {epoch}, but the epoch has {batches} batches "
-            f"for rank {rank} here; resume with the store, --batch-size, number of processes and --num-workers "
-            "of the run that wrote it"
-        )
-
-
-def build_model(cfg: TrainConfig):
-    """(tokenizer, Distiller, store spec, {teacher: TeacherSpec}): the student (LoRA-wrapped when
-    lora_r > 0), checked against the store, inside the Distiller `train` optimises. Shared with
-    `kvdistill train diagnose`, so both build exactly the same model."""
-    tokenizer = load_tokenizer(cfg.student)
-    student = AutoModelForCausalLM.from_pretrained(
-        cfg.student.name_or_path, revision=cfg.student.revision, dtype=getattr(torch, cfg.student.dtype)
-    )
-    spec, teachers = _check_store(cfg, tokenizer, student)
-    if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
-        student = get_peft_model(student, lora)  # K/V capture reaches through to the base model
-    return tokenizer, build_distiller(cfg, student, spec, teachers), spec, teachers
 
 
 def mixed_precision(cfg: TrainConfig) -> str | None:
@@ -321,8 +184,8 @@ def mixed_precision(cfg: TrainConfig) -> str | None:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """The recipe (module docstring). Raises Preempted (exit code 143) after SIGTERM / SIGUSR1,
-    once the checkpoint of the step that was running is complete."""
+    """The recipe (module docstring), for either mode. Raises Preempted (exit code 143) after
+    SIGTERM / SIGUSR1, once the checkpoint of the step that was running is complete."""
     with stop_signals() as got:
         return _train(cfg, progress, got)
 
@@ -335,15 +198,14 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     )
     set_seed(cfg.seed)
     out = Path(cfg.out)
-    tokenizer, model, spec, teachers = build_model(cfg)
-    groups = [
-        {"params": model.student.parameters(), "lr": cfg.lr},
-        {"params": model.adapters.parameters(), "lr": cfg.adapter_lr},
-    ]
-    if model.router is not None:
-        groups.append({"params": model.router.parameters(), "lr": cfg.router_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)
+    tokenizer, student, spec, teachers = load_student(cfg)
+    pad_id = pad_token_id(tokenizer)
+    mode = latent_mode(cfg, student, spec, teachers, pad_id) if cfg.mode == "latent" else cot_mode(cfg, student, spec, teachers)
+    train_shards, val_shards = split_shards(cfg, spec.num_shards)
+    max_steps = planned_steps(cfg, teachers, train_shards, accelerator.num_processes)
+    warmup = round(cfg.warmup_ratio * max_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
+    opt = torch.optim.AdamW(mode.param_groups, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, max_steps)
     stream = KVStream(
         cfg.store,
         list(teachers),
@@ -351,140 +213,305 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
         shuffle_buffer=cfg.shuffle_buffer,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
-        read_kv=cfg.kv_weight > 0,
+        read_kv=mode.read_kv,
+        read_latent=mode.read_latent,
         kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
+        shards=train_shards,
     )
-    pad_id = pad_token_id(tokenizer)
-
-    loader = train_loader(stream, cfg, pad_id, shuffle_kv)  # kv_control "shuffled": each sample gets another's teacher K/V
-    # The stream already splits shards by rank, so the loader is not handed to accelerate.
-    model, opt, sched = accelerator.prepare(model, opt, sched)
+    loader = train_loader(stream, cfg, pad_id, mode.control)  # kv_control "shuffled": each sample gets another's teacher K/V
+    val_loader = validation_loader(cfg, mode, tokenizer, student, list(teachers), val_shards, accelerator, pad_id) if cfg.eval_steps else None
+    # The stream already splits shards by rank, so the loaders are not handed to accelerate.
+    model, opt, sched = accelerator.prepare(mode.model, opt, sched)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.yaml")
     if trackers:
         accelerator.init_trackers(out.name, config=tracker_config(cfg.to_dict()))
-    step, epoch, tokens, skip = _resume(cfg, accelerator)
-    metrics_f, logged = _open_metrics(cfg, out) if accelerator.is_main_process else (None, 0)
+    ckpt_in = find_resume(cfg.resume, out)
+    if cfg.resume == "auto" and ckpt_in is None:
+        accelerator.print(f"--resume auto: no complete checkpoint in {out / 'checkpoints'}; starting at step 0", flush=True)
+    pos = load_checkpoint(accelerator, ckpt_in) if ckpt_in else Position()
+    if ckpt_in:
+        accelerator.print(f"resuming from {ckpt_in} at step {pos.step} (epoch {pos.epoch}, batch {pos.batches_in_epoch})", flush=True)
+    accum, world = cfg.gradient_accumulation_steps, accelerator.num_processes
+    if progress and accelerator.is_main_process:
+        print(
+            f"kvdistill train: mode {mode.name}, {max_steps} steps of an effective batch {cfg.batch_size} x {accum} (accumulation) "
+            f"x {world} (processes) = {cfg.batch_size * accum * world} samples", flush=True,
+        )
+    metrics_f, logged = open_metrics(cfg, out) if accelerator.is_main_process else (None, 0)
+    best = Best.resume(out, cfg) if ckpt_in else Best(cfg.metric_for_best_model)
     history: list[dict[str, Any]] = []
     shards_read: set[int] = set()
     samples_read = 0
-    last = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {out.name}", disable=not (progress and accelerator.is_main_process))
+    last = min(max_steps, cfg.stop_at_step or max_steps)
+    bar = tqdm(total=max_steps, initial=pos.step, desc=f"train {mode.name} {out.name}", disable=not (progress and accelerator.is_main_process))
     model.train()
     stop = 0  # the signal that stopped the run
-    while step < last and not stop:
-        stream.set_epoch(epoch)
-        batches_in_epoch = 0
+    while pos.step < last and not stop:
+        stream.set_epoch(pos.epoch)
+        if pos.batches_in_epoch:  # resuming mid-epoch: the stream starts after the batches trained, reading none of them
+            stream.resume(pos.epoch, pos.batches_in_epoch, cfg.batch_size, cfg.num_workers, drop_last=loader.drop_last)
+        batches, window = pos.batches_in_epoch, []
         for batch, end_of_epoch in _with_last(loader):
-            batches_in_epoch += 1
-            if batches_in_epoch <= skip:  # resuming mid-epoch: the stream is deterministic, so replay its position
+            batches += 1
+            window.append(batch)
+            if len(window) < accum and not end_of_epoch:
                 continue
-            kv = kv_to_device(batch["kv"], accelerator.device)  # int8 / int4 dequantised there
-            losses = model(
-                batch["input_ids"].to(accelerator.device),
-                batch["attention_mask"].to(accelerator.device),
-                batch["loss_mask"].to(accelerator.device),
-                kv,
-                step=step,  # warm-ups and layer annealing
-            )
-            for name in LOSS_TERMS:
-                if name in losses and not math.isfinite(losses[name].item()):
-                    layers = losses.get(f"{name}_layers")
-                    bad = [i for i, x in enumerate(layers.tolist()) if not math.isfinite(x)] if layers is not None else []
-                    where = f" in student layer(s) {bad}" if bad else ""
-                    raise FloatingPointError(
-                        f"step {step}: loss term {name} is {losses[name].item()}{where} on samples {batch['sample_ids']}; "
-                        "check those samples in the store (`kvdistill store verify`) or lower the learning rate"
-                    )
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(losses["loss"])
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            tokens += int(batch["attention_mask"].sum())
-            shards_read.update(batch["shards"])
-            samples_read += len(batch["sample_ids"])
-            row = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "tokens": tokens}
-            row.update({k: round(v.item(), 6) for k, v in losses.items() if v.dim() == 0})
-            if "kv_k_layers" in losses:
-                row["kv_k_layers"] = [round(x, 6) for x in losses["kv_k_layers"].tolist()]
-                row["kv_v_layers"] = [round(x, 6) for x in losses["kv_v_layers"].tolist()]
+            row = _optimizer_step(mode, model, opt, sched, accelerator, cfg, window, pos.step)
+            pos.step += 1
+            pos.tokens += sum(int(b["attention_mask"].sum()) for b in window)
+            pos.batches_in_epoch = batches
+            for b in window:
+                shards_read.update(b["shards"])
+                samples_read += len(b["sample_ids"])
+            window = []
+            row = {"step": pos.step, "epoch": pos.epoch, "lr": sched.get_last_lr()[0], "tokens": pos.tokens, **row}
+            validated = bool(val_loader is not None and pos.step % cfg.eval_steps == 0)
+            if validated:
+                row.update(validate(mode, model, val_loader, accelerator, pos.step, cfg.val_batches))
+                if best.improves(row):
+                    best.save(accelerator, model, cfg, tokenizer, mode, out, pos.step, row)
             history.append(row)
-            log_now = step > logged and (step % cfg.log_every == 0 or step == cfg.max_steps)  # replayed steps are logged already
+            log_now = pos.step > logged and (pos.step % cfg.log_every == 0 or pos.step == max_steps or validated)  # replayed steps are logged already
             if metrics_f and log_now:
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
             if trackers and log_now:
-                accelerator.log(tracker_values(row), step=step)
+                accelerator.log(tracker_values(row), step=pos.step)
             bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ce", "kv_k", "kv_v") if k in row})
-            ckpt, stop, save_s, done = _after_step(cfg, accelerator, got, out, step, last, epoch, tokens, batches_in_epoch, end_of_epoch)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in mode.postfix if k in row})
+            ckpt, stop, save_s, done = _after_step(cfg, accelerator, got, out, pos, last, end_of_epoch)
             if done:
                 break
-        _check_epoch(cfg, accelerator.process_index, epoch, batches_in_epoch, skip)
-        epoch, skip = epoch + 1, 0
+        _check_epoch(cfg, accelerator.process_index, batches)
+        pos.epoch, pos.batches_in_epoch = pos.epoch + 1, 0
     bar.close()
     if stop:
         if metrics_f:
             metrics_f.close()
         if trackers:
             accelerator.end_training()
-        raise _preempted(cfg, accelerator, stop, ckpt, step, save_s)
+        raise _preempted(cfg, accelerator, stop, ckpt, pos.step, save_s)
 
     final = out / "final"
-    # What this rank did: which shards it read and a checksum of the parameters it ended with
-    # (under DDP every rank must end with the same parameters and read disjoint shards).
-    params = torch.cat([p.detach().double().flatten().cpu() for p in accelerator.unwrap_model(model).parameters()])
+    unwrapped = accelerator.unwrap_model(model)
     (out / "ranks").mkdir(parents=True, exist_ok=True)
-    (out / "ranks" / f"rank-{accelerator.process_index}.json").write_text(json.dumps({
+    record = {
         "process_index": accelerator.process_index,
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": accelerator.mixed_precision,
-        "shards": sorted(shards_read),
+        "shards": sorted(shards_read),  # under DDP ranks read disjoint shards
         "samples": samples_read,
-        "param_sum": float(params.sum()),
-        "param_sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
-    }))
+    }
+    if cfg.hash_params:  # under DDP every rank ends with the same parameters
+        record["param_sha256"] = param_hash(unwrapped)
+    (out / "ranks" / f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))
     accelerator.wait_for_everyone()
-    # Every rank takes part: under FSDP the full weights are gathered onto rank 0 (the
-    # FULL_STATE_DICT of jobs/accelerate/fsdp.yaml); otherwise it is the module's own state dict.
-    state = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-
-        if cfg.lora_r > 0:  # the adapter in peft format, and the merged model for eval / serving
-            unwrapped.student.save_pretrained(final / "lora")
-            tokenizer.save_pretrained(final / "lora")
-            merged = copy.deepcopy(unwrapped.student).merge_and_unload()
-            merged.save_pretrained(final)
-        else:
-            unwrapped.student.save_pretrained(final, state_dict=part("student."))
-        tokenizer.save_pretrained(final)
-        torch.save(part("adapters."), final / "adapters.pt")
-        if unwrapped.router is not None:
-            torch.save(part("router."), final / "router.pt")
-        cfg.save(final / "train_config.yaml")
+    save_student(accelerator, model, cfg, tokenizer, final, mode.save_extra)
+    if metrics_f:
         metrics_f.close()
     if trackers:
         accelerator.end_training()  # flushes and closes the trackers
+    val = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history and any(k.startswith("val_") for k in history[-1]) else {}
     return {
         "run": str(out),
         "checkpoint": str(final),
-        "steps": step,
-        "epochs_started": epoch,
-        "tokens": tokens,
+        "mode": mode.name,
+        **mode.result,
+        "steps": pos.step,
+        "epochs_started": pos.epoch,
+        "tokens": pos.tokens,
+        "effective_batch": cfg.batch_size * accum * world,
         "teachers": list(teachers),
-        **summary_terms(history, {"ce": "ce", "kv_k": "kv_k", "kv_v": "kv_v"}),
+        **summary_terms(history, mode.summary),
+        **({"last_validation": val} if val else {}),
+        **best.summary(),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig, window: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """One optimizer step over `window`'s micro-batches (gradient accumulation: gradients sync
+    across ranks on the last one only). Each term is scaled by the micro-batch's share of what
+    it averages over in the window, so the update is that of one batch of them all.
+    The logged terms: scalars and per-layer lists, as window means."""
+    if len(window) == 1:
+        shares: list[dict[str, float] | None] = [None]
+    else:
+        counts = [mode.counts(b) for b in window]
+        total = {u: sum(c[u] for c in counts) for u in counts[0]}
+        shares = [{u: c[u] / total[u] if total[u] else 0.0 for u in c} for c in counts]
+    opt.zero_grad(set_to_none=True)
+    terms: dict[str, torch.Tensor] = {}
+    for i, (batch, share) in enumerate(zip(window, shares, strict=True)):
+        with accelerator.no_sync(model) if i < len(window) - 1 else nullcontext():
+            losses = mode.step(model, batch, accelerator.device, step, share)
+            _check_finite(losses, mode.finite, step, batch)
+            accelerator.backward(losses["loss"])
+        for k, v in losses.items():
+            if v.dim() > 1:
+                continue
+            w = 1.0 if share is None or k == "loss" else share[mode.unit_of(k)]  # "loss" is scaled already
+            terms[k] = terms.get(k, 0.0) + w * v.detach()
+    if cfg.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    row = {k: round(v.item(), 6) for k, v in terms.items() if v.dim() == 0}
+    row.update({k: [round(x, 6) for x in v.tolist()] for k, v in terms.items() if v.dim() == 1})
+    return row
+
+
+def _check_finite(losses: dict[str, torch.Tensor], names: tuple[str, ...], step: int, batch: dict[str, Any]) -> None:
+    for name in names:
+        if name in losses and not math.isfinite(losses[name].item()):
+            layers = losses.get(f"{name}_layers")
+            bad = [i for i, x in enumerate(layers.tolist()) if not math.isfinite(x)] if layers is not None else []
+            where = f" in student layer(s) {bad}" if bad else ""
+            raise FloatingPointError(
+                f"step {step}: loss term {name} is {losses[name].item()}{where} on samples {batch['sample_ids']}; "
+                "check those samples in the store (`kvdistill store verify`) or lower the learning rate"
+            )
+
+
+def split_shards(cfg: TrainConfig, num_shards: int) -> tuple[list[int], list[int]]:
+    """(training shards, held-out validation shards): the store's last val_shards shards are
+    never trained on."""
+    if cfg.val_shards >= num_shards:
+        raise StoreError(
+            f"store {cfg.store} has {num_shards} shards; --val-shards {cfg.val_shards} would leave none to train on. "
+            "Hold out fewer, or validate on a second store (--val-store)"
+        )
+    n = num_shards - cfg.val_shards
+    return list(range(n)), list(range(n, num_shards))
+
+
+def planned_steps(cfg: TrainConfig, teachers: dict, shards: list[int], world: int) -> int:
+    """max_steps, or with num_train_epochs that many passes over the training shards: samples
+    (index.parquet) / (processes x batch_size) micro-batches per epoch (whole batches only with
+    the shuffled control, which drops a short one), / gradient_accumulation_steps."""
+    if cfg.num_train_epochs is None:
+        return cfg.max_steps
+    index = read_index(cfg.store, [next(iter(teachers))])
+    samples = sum(len(ids) for (_, shard), (_, ids) in index.items() if shard in set(shards))
+    per_rank = samples / world
+    micro = per_rank // cfg.batch_size if cfg.kv_control == "shuffled" else math.ceil(per_rank / cfg.batch_size)
+    per_epoch = math.ceil(micro / cfg.gradient_accumulation_steps)
+    if per_epoch < 1:
+        raise StoreError(f"store {cfg.store}: {samples} training samples make no batch of {cfg.batch_size} per process; lower --batch-size")
+    return max(1, math.ceil(cfg.num_train_epochs * per_epoch))
+
+
+def validation_loader(cfg: TrainConfig, mode: Mode, tokenizer, student, teachers: list[str], val_shards: list[int], accelerator, pad_id: int):
+    """Batches of the held-out data, in store order, with the true teacher K/V (no control)."""
+    store = cfg.val_store or cfg.store
+    if cfg.val_store:
+        check_store(cfg, tokenizer, student, cfg.val_store)  # same tokenizer, geometry and teachers
+    stream = KVStream(
+        store,
+        teachers,
+        seed=cfg.seed,
+        shuffle_buffer=1,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        read_kv=mode.read_kv,
+        read_latent=mode.read_latent,
+        kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
+        shards=None if cfg.val_store else val_shards,
+    )
+    return train_loader(stream, dataclasses.replace(cfg, kv_control="none"), pad_id, mode.control)
+
+
+def validate(mode: Mode, model, loader, accelerator, step: int, max_batches: int | None) -> dict[str, float]:
+    """{"val_<term>": mean over the held-out batches (each term weighted by what it averages
+    over), "val_loss"} for every scalar term, reduced over ranks."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    model.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            losses = mode.step(model, batch, accelerator.device, step, None)
+            counts = mode.counts(batch)
+            for k, v in losses.items():
+                if v.dim() == 0:
+                    w = counts["samples"] if k == "loss" else counts[mode.unit_of(k)]
+                    sums[k] = sums.get(k, 0.0) + w * v.item()
+                    weights[k] = weights.get(k, 0.0) + w
+    model.train()
+    keys = sorted(sums)
+    if accelerator.num_processes > 1:
+        both = torch.tensor([[sums[k] for k in keys], [weights[k] for k in keys]], dtype=torch.float64, device=accelerator.device)
+        both = accelerator.reduce(both, reduction="sum").cpu()
+        sums, weights = dict(zip(keys, both[0].tolist(), strict=True)), dict(zip(keys, both[1].tolist(), strict=True))
+    return {f"val_{k}": round(sums[k] / weights[k], 6) for k in keys if weights[k] > 0}
+
+
+class Best:
+    """RUN_DIR/best: the model at the step with the lowest `metric` so far (best.json says
+    which), saved like RUN_DIR/final."""
+
+    def __init__(self, metric: str | None, value: float = math.inf, step: int | None = None) -> None:
+        self.metric, self.value, self.step = metric, value, step
+
+    @classmethod
+    def resume(cls, out: Path, cfg: TrainConfig) -> Best:
+        path = out / "best" / "best.json"
+        if not cfg.metric_for_best_model or not path.exists():
+            return cls(cfg.metric_for_best_model)
+        got = json.loads(path.read_text())
+        return cls(cfg.metric_for_best_model, got["value"], got["step"])
+
+    def improves(self, row: dict[str, Any]) -> bool:
+        if not self.metric:
+            return False
+        if self.metric not in row:
+            raise KeyError(f"metric_for_best_model {self.metric!r} is not among the validation metrics {sorted(k for k in row if k.startswith('val_'))}")
+        return row[self.metric] < self.value
+
+    def save(self, accelerator, model, cfg: TrainConfig, tokenizer, mode: Mode, out: Path, step: int, row: dict[str, Any]) -> None:
+        """Into .best.partial, renamed over RUN_DIR/best once complete."""
+        self.value, self.step = row[self.metric], step
+        partial, best = out / ".best.partial", out / "best"
+        if accelerator.is_main_process and partial.exists():
+            shutil.rmtree(partial)
+        save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra)
+        if accelerator.is_main_process:
+            (partial / "best.json").write_text(json.dumps({"metric": self.metric, "value": self.value, "step": step}))
+            if best.exists():
+                shutil.rmtree(best)
+            partial.rename(best)
+        accelerator.wait_for_everyone()
+
+    def summary(self) -> dict[str, Any]:
+        if not self.metric or self.step is None:
+            return {}
+        return {"best_metric": self.metric, "best_value": self.value, "best_step": self.step}
+
+
+def _after_step(cfg: TrainConfig, accelerator, got: list[int], out: Path, pos: Position, last: int, end_of_epoch: bool) -> tuple[Path, int, float, bool]:
+    """End of an optimizer step: save_every's checkpoint of this step; then, unless it is the
+    run's last step, the stop signal every rank agreed on, with its checkpoint.
+    (this step's checkpoint path, signal or 0, seconds its save took, whether the loop ends)."""
+    ckpt = out / "checkpoints" / f"step-{pos.step:07d}"
+    saved = bool(cfg.save_every and pos.step % cfg.save_every == 0)
+    if saved:
+        save_checkpoint(accelerator, ckpt, pos, end_of_epoch)
+    if pos.step >= last:
+        return ckpt, 0, 0.0, True
+    stop = _agreed_signal(accelerator, got)
+    if not stop:
+        return ckpt, 0, 0.0, False
+    t0 = time.perf_counter()
+    if accelerator.is_main_process:
+        print(f"kvdistill train: {signal.Signals(stop).name} after step {pos.step}: saving checkpoint {ckpt}", flush=True)
+    if not saved:
+        save_checkpoint(accelerator, ckpt, pos, end_of_epoch)
+    return ckpt, stop, time.perf_counter() - t0, True
 
 
 SUMMARY_WINDOW = 20

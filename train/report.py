@@ -4,7 +4,9 @@
     kvdistill report runs/kv --compare compare-out --out kv.html
 
 The page shows the run's train_config.yaml, a curve per scalar term of metrics.jsonl (the
-source of truth; any term a trainer adds is picked up), a heatmap over steps for every
+source of truth; any term a trainer adds is picked up) with its validation values (`val_<term>`)
+drawn on it, a validation table (train vs validation per evaluation, the gap, the best
+checkpoint), a heatmap over steps for every
 per-layer list (`kv_k_layers`, `kv_v_layers`, ...), the routing weights (`route_k_<teacher>`,
 `route_v_<teacher>`), the evaluation JSON(s) found in the run directory, and a compare table.
 Plots are matplotlib (Agg) PNGs embedded as base64, so the file travels alone. A piece that is
@@ -113,7 +115,7 @@ def _scalar_terms(rows: list[dict[str, Any]]) -> list[str]:
     terms: list[str] = []
     for r in rows:
         for k, v in r.items():
-            if k in _AXES or k.startswith("route_") or k in terms:
+            if k in _AXES or k.startswith(("route_", "val_")) or k in terms:  # val_<term>: drawn with <term>
                 continue
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 terms.append(k)
@@ -167,7 +169,12 @@ def _curves(rows: list[dict[str, Any]], terms: list[str]) -> str:
     axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False)
     for ax, term in zip(axes.flat, terms, strict=False):
         x, y = _series(rows, term)
-        ax.plot(x, y)
+        ax.plot(x, y, label="train")
+        vx, vy = _series(rows, f"val_{term}")
+        if vx:
+            ax.plot(vx, vy, "o-", label="validation")
+            ax.legend()
+            y = y + vy
         ax.set(title=term, xlabel="step")
         if term != "lr" and y and min(y) > 0 and max(y) / min(y) > 20:
             ax.set_yscale("log")
@@ -175,6 +182,30 @@ def _curves(rows: list[dict[str, Any]], terms: list[str]) -> str:
         ax.axis("off")
     fig.tight_layout()
     return _png(fig)
+
+
+def _validation(run: Path, rows: list[dict[str, Any]]) -> str:
+    """Per validation step each validated term next to its training value and the gap
+    (val / train - 1): train and validation should both fall, the gap stay within a few percent."""
+    val = [r for r in rows if any(k.startswith("val_") for k in r)]
+    if not val:
+        return _missing("no validation logged: train with --eval-steps N and --val-shards K (or --val-store PATH)")
+    terms = [k.removeprefix("val_") for k in val[-1] if k.startswith("val_")]
+    header = ["step"] + [c for t in terms for c in (f"train {t}", f"val {t}", "gap")]
+    table = []
+    for r in val:
+        cells: list[Any] = [r["step"]]
+        for t in terms:
+            tr, va = r.get(t), r.get(f"val_{t}")
+            gap = f"{100 * (va / tr - 1):+.1f}%" if isinstance(tr, (int, float)) and isinstance(va, (int, float)) and tr else "-"
+            cells += [tr, va, gap]
+        table.append(cells)
+    best = run / "best" / "best.json"
+    note = ""
+    if best.exists():
+        b = json.loads(best.read_text())
+        note = f"<p>best checkpoint ({html.escape(str(run / 'best'))}): {html.escape(b['metric'])} = {_fmt(b['value'])} at step {b['step']}</p>"
+    return note + _table(header, table)
 
 
 def _heatmap(rows: list[dict[str, Any]], key: str) -> str:
@@ -287,6 +318,7 @@ def run_report(run: str | Path, compare: str | Path | None = None) -> str:
         last = rows[-1]
         summary = _table(["step", *terms], [[last["step"], *[last.get(t) for t in terms]]])
         sections.append(("Losses", f"<p>{len(rows)} logged steps; last row:</p>{summary}" + (_curves(rows, terms) if terms else _missing("no scalar terms logged"))))
+        sections.append(("Validation", _validation(run, rows)))
         layer_terms = _layer_terms(rows)
         sections.append(("Per-layer loss", "".join(_heatmap(rows, k) for k in layer_terms) if layer_terms else _missing("no per-layer terms (kv_k_layers, ...) logged: a CE-only run has none")))
         routes = sorted({k for r in rows for k in r if k.startswith("route_")})

@@ -1,15 +1,15 @@
 """Streaming input for the trainer: shards of every teacher, zipped by sample, split across
 ranks x dataloader workers, shuffled by seed per epoch (shard order + a shuffle buffer).
 
-Reads are sequential blocks of whole samples (one zarr read per array per block), never a
-random access per sample."""
+The store reads the shards (`store.shard_samples`: sequential blocks of whole samples, either
+backend); this module decides which shards, in which order, and shuffles and batches them."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +18,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kvdistill.align.time import linear_resample_time_map
-from kvdistill.store import (
-    ShardReader,
-    StoreError,
-    is_wds_store,
-    open_root,
-    open_specs,
-    read_index,
-    shard_name,
-    wds_stream,
-)
+from kvdistill.store import StoreError, open_specs, read_index, shard_samples
 from kvdistill.store.codecs import QuantRows
 
 from .quant import collate_quant
 
-__all__ = ["KVStream", "collate", "train_loader", "derangement", "shuffle_kv", "shuffle_latent", "READ_SPAN_CHUNKS", "read_spans"]
-
-READ_SPAN_CHUNKS = 16  # rows per K/V read: this many zarr chunks (one zarr shard), whole samples
-
-
-def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
-    """Samples [j0, j1) per read: whole samples, about `span` rows each (at least one sample)."""
-    n, j0 = len(offsets) - 1, 0
-    while j0 < n:
-        j1 = min(max(j0 + 1, int(np.searchsorted(offsets, offsets[j0] + span, side="left"))), n)
-        yield j0, j1
-        j0 = j1
+__all__ = ["KVStream", "collate", "train_loader", "derangement", "shuffle_kv", "shuffle_latent"]
 
 
 class KVStream(IterableDataset):
-    """Yields {"sample_id", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}:
-    with kv_as_stored K and V as stored, to be made float32 on the trainer's device: float16 /
-    float32 numpy arrays, bfloat16 as torch.bfloat16 tensors, int8 / int4 as
+    """Yields {"sample_id", "shard", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v)
+    [T, L, D]}}: with kv_as_stored K and V as stored, to be made float32 on the trainer's device:
+    float16 / float32 numpy arrays, bfloat16 as torch.bfloat16 tensors, int8 / int4 as
     `store.codecs.QuantRows` (`.decode()` gives float32); without, float16 / float32 as stored
     and the other codecs decoded to float32 numpy arrays here.
 
@@ -57,8 +37,9 @@ class KVStream(IterableDataset):
     "v": [M, L, D] float32, "mask": [M] bool, "hidden": [H] (only if stored)}}; every teacher
     must have been dumped with latent on (StoreError otherwise).
 
-    Every (rank, worker) reads a disjoint set of shards; shard i of every teacher holds the same
-    samples in the same order (the dump guarantees it; checked here anyway)."""
+    `shards`: the shard indices this stream reads (e.g. all but those held out for validation);
+    None reads every shard. Every (rank, worker) reads a disjoint set of them; shard i of every
+    teacher holds the same samples in the same order (the dump guarantees it; checked anyway)."""
 
     def __init__(
         self,
@@ -72,10 +53,10 @@ class KVStream(IterableDataset):
         read_kv: bool = True,
         read_latent: bool = False,
         kv_as_stored: bool = True,
+        shards: list[int] | None = None,
     ) -> None:
         self.store = Path(store)
         self.spec, known = open_specs(store)
-        self.wds = is_wds_store(store)
         missing = [t for t in teachers if t not in known]
         if missing:
             raise StoreError(f"store {store} has no teacher(s) {missing}; it holds {sorted(known)}")
@@ -92,169 +73,167 @@ class KVStream(IterableDataset):
                     f"store {store}: teacher(s) {plain} were dumped without latent mode; re-dump them with "
                     "`kvdistill dump --latent-slots M` (or `latent:` in the dump config) to train latent tokens"
                 )
+        self.shards = None if shards is None else _check_shards(shards, self.spec.num_shards, store)
         self.epoch = 0
+        self._resume: dict[str, Any] | None = None  # see `resume`
+        self._shard_counts: dict[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def epoch_order(self, num_workers: int) -> list[int]:
-        """Every shard, in this epoch's seeded order (the same on every rank and worker)."""
+        """This stream's shards (every shard, or `shards`), in this epoch's seeded order (the same
+        on every rank and worker)."""
         readers = self.world_size * num_workers
-        if self.spec.num_shards < readers:
-            raise ValueError(
-                f"store has {self.spec.num_shards} shards but {self.world_size} ranks x {num_workers} "
-                f"workers = {readers} readers; some would get no data. Dump with --num-shards >= "
-                f"{readers} or use fewer processes / --num-workers"
+        pool = self.shards if self.shards is not None else list(range(self.spec.num_shards))
+        if len(pool) < readers:
+            what, fix = (
+                (f"store has {self.spec.num_shards} shards", f"Dump with --num-shards >= {readers}")
+                if self.shards is None
+                else (f"stream reads {len(pool)} of the store's {self.spec.num_shards} shards", "Hold out fewer shards, dump with more --num-shards")
             )
-        return [int(s) for s in np.random.default_rng([self.seed, self.epoch]).permutation(self.spec.num_shards)]
+            raise ValueError(
+                f"{what} but {self.world_size} ranks x {num_workers} workers = {readers} readers; some "
+                f"would get no data. {fix} or use fewer processes / --num-workers"
+            )
+        return [pool[int(i)] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(pool))]
 
     def shards_for(self, worker: int, num_workers: int) -> list[int]:
-        """This (rank, worker)'s shards of a zarr store (a webdataset store is split by its
-        pipeline: `store.wds_stream`)."""
+        """This (rank, worker)'s shards of the epoch order: every (world_size x num_workers)-th."""
         readers = self.world_size * num_workers
-        return self.epoch_order(num_workers)[self.rank * num_workers + worker :: readers]
+        # A webdataset store is split as its webdataset pipeline splits it (`store.wds_stream`: a
+        # rank stage, then split_by_worker), a zarr store rank-major.
+        reader = worker * self.world_size + self.rank if self.spec.backend == "webdataset" else self.rank * num_workers + worker
+        return self.epoch_order(num_workers)[reader::readers]
 
-    def _open(self, root, index, shard: int) -> dict[str, Any]:
-        """One shard, ready to read: every teacher's reader, the token arrays, the read spans."""
-        empty = (np.zeros(1, np.int64), [])
-        readers = [
-            ShardReader(self.store, t, shard, group=root[f"teachers/{t}/{shard_name(shard)}"], index=index.get((t, shard), empty))
-            for t in self.teachers
-        ]
-        first = readers[0]
-        for t, r in zip(self.teachers[1:], readers[1:], strict=True):
-            if r.sample_ids != first.sample_ids or not np.array_equal(r.offsets, first.offsets):
-                raise StoreError(
-                    f"{shard_name(shard)}: teacher {t!r} holds other samples than {self.teachers[0]!r}; "
-                    "was every teacher dumped from the same data and num_shards?"
-                )
-        # Token ids and masks are a few bytes per token: read them for the whole shard once
-        # (their chunks span far more rows than a K/V read span).
-        token_names = ("input_ids", "loss_mask", "segment_ids") if self.read_latent else ("input_ids", "loss_mask")
-        # What this run does not read is still checked (crc32c only, no decoding), so damage
-        # anywhere in a shard is refused; K/V a run never uses (CE only) are left alone.
-        for j, r in enumerate(readers):
-            kv = {n for n in r.names if n in ("k", "v") or n.startswith(("k_", "v_"))}
-            latent = {n for n in r.names if n.startswith(("latent_", "codi_"))} if self.read_latent else set()
-            r.check_unread((set(token_names) if j == 0 else set()) | kv | latent)  # tokens come from the first teacher's shard
-        off = first.offsets
-        # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each read has a fixed
-        # cost, and a chunk straddling two spans is the only one decompressed twice
-        # (bench/store.py measures the policy).
-        span = READ_SPAN_CHUNKS * first.array("k").chunks[0] if self.read_kv else int(off[-1]) + 1  # rows per read
-        return {
-            "shard": shard,
-            "readers": readers,
-            "ids": first.sample_ids,
-            "off": off,
-            "tokens": first.rows(0, int(off[-1]), token_names),
-            "spans": list(read_spans(off, span)),
-        }
+    def resume(self, epoch: int, batches: int, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> None:
+        """Start `epoch` after the first `batches` batches a DataLoader(batch_size, num_workers,
+        drop_last) over this stream yields, without reading them: the shuffle buffer's draws
+        depend only on sample counts (index.parquet), so each worker replays them on positions,
+        then reads from the oldest sample its buffer still holds (at most a few buffer lengths
+        back, whatever the step). DataLoader workers take turns, so the resumed loader's worker
+        i plays the part of the worker whose turn it was. The samples that follow are exactly
+        those of the uninterrupted epoch. Applies to `epoch` only."""
+        W = max(1, num_workers)
+        counts = [sum(self._counts()[s] for s in self.shards_for_epoch(epoch, v, W)) for v in range(W)]
+        totals = [c // batch_size if drop_last else -(-c // batch_size) for c in counts]
+        if batches > sum(totals):
+            raise StoreError(
+                f"a checkpoint resumes after batch {batches} of epoch {epoch}, but the epoch has {sum(totals)} batches of "
+                f"{batch_size} for rank {self.rank} here; resume with the store, batch size, number of processes and "
+                "--num-workers of the run that wrote it"
+            )
+        taken, turn = [0] * W, 0
+        for _ in range(batches):  # DataLoader's round robin, passing over exhausted workers
+            while taken[turn] >= totals[turn]:
+                turn = (turn + 1) % W
+            taken[turn] += 1
+            turn = (turn + 1) % W
+        self._resume = {"epoch": epoch, "skip": [t * batch_size for t in taken], "turn": turn}
 
-    def _zarr_samples(self, shards: list[int]) -> Iterator[dict[str, Any]]:
-        """The samples of `shards` in order. Reads run one step ahead in a background thread,
-        across shard boundaries too: while the trainer consumes a span, the next span (or the
-        next shard's opening, token arrays and first span) is read, and every teacher's K and V
-        of a span are read concurrently (the K/V reader decompresses outside the GIL)."""
-        n_parts = 2 * len(self.teachers) if self.read_kv else 0
-        workers = max(1, n_parts + (len(self.teachers) if self.read_latent else 0))
-        with ThreadPoolExecutor(1, thread_name_prefix="kvdistill-ahead") as ahead, ThreadPoolExecutor(workers, thread_name_prefix="kvdistill-arrays") as arrays:
+    def shards_for_epoch(self, epoch: int, worker: int, num_workers: int) -> list[int]:
+        current, self.epoch = self.epoch, epoch
+        try:
+            return self.shards_for(worker, num_workers)
+        finally:
+            self.epoch = current
 
-            def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray], list[dict[str, np.ndarray]]]:
-                r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
-                parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
-                # kv_as_stored: K/V stay as stored (16-bit floats, int8 / int4 codes + scales) until
-                # the trainer's device, so the read, collate and the copy move stored-size bytes
-                # (train/quant.py); else they are decoded to float32 here, on the reader threads.
-                kv = [arrays.submit(r.rows, r0, r1, (p,), not self.kv_as_stored) for r, p in parts]
-                latent = [arrays.submit(r.latent, j0, j1) for r in sh["readers"]] if self.read_latent else []
-                blocks = [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)]
-                if self.kv_as_stored:
-                    blocks = [_as_stored(x, r.attrs.get("codec", "float16")) for x, (r, _) in zip(blocks, parts, strict=True)]
-                return blocks, [f.result() for f in latent]
-
-            # Consolidated metadata and index.parquet, read once: opening a shard then reads no
-            # metadata, offsets or sample ids from disk (a few ms a shard and teacher otherwise).
-            root, index = open_root(self.store), read_index(self.store, self.teachers)
-            units = ((sh, j0, j1) for shard in shards for sh in (self._open(root, index, shard),) for j0, j1 in sh["spans"])
-
-            def fetch():  # only ever runs on `ahead`, one at a time: `units` advances there
-                unit = next(units, None)
-                return None if unit is None else (unit, read(*unit))
-
-            pending = ahead.submit(fetch)
-            while (got := pending.result()) is not None:
-                pending = ahead.submit(fetch)
-                (sh, j0, j1), (blocks, latent) = got
-                yield from self._span_samples(sh, j0, j1, blocks, latent)
-
-    def _span_samples(self, sh: dict[str, Any], j0: int, j1: int, blocks: list[np.ndarray], latent: list[dict[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
-        off, tokens = sh["off"], sh["tokens"]
-        r0 = int(off[j0])
-        for j in range(j0, j1):
-            a, b = int(off[j]) - r0, int(off[j + 1]) - r0
-            sample = {
-                "sample_id": sh["ids"][j],
-                "shard": sh["shard"],
-                "input_ids": tokens["input_ids"][r0 + a : r0 + b],
-                "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
-                "kv": {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)} if self.read_kv else {},
-            }
-            if self.read_latent:
-                sample["segment_ids"] = tokens["segment_ids"][r0 + a : r0 + b]
-                sample["latent"] = {t: _contract({k: x[j - j0] for k, x in lat.items()}) for t, lat in zip(self.teachers, latent, strict=True)}
-            yield sample
-
-    def _wds_view(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """A webdataset sample as the zarr path gives it: latent records only with read_latent."""
-        if self.read_latent:
-            _check_latent_sample(sample, self.teachers, sample["shard"])
-            sample["latent"] = {t: _contract(x) for t, x in sample["latent"].items()}
-        else:
-            sample.pop("latent", None)
-            sample.pop("segment_ids", None)
-        return sample
+    def _counts(self) -> dict[int, int]:
+        """Samples per shard (index.parquet)."""
+        if self._shard_counts is None:
+            index = read_index(self.store, self.teachers[:1])
+            self._shard_counts = {s: len(index.get((self.teachers[0], s), ((), []))[1]) for s in range(self.spec.num_shards)}
+        return self._shard_counts
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        state = self._resume if self._resume and self._resume["epoch"] == self.epoch else None
+        if state:  # the worker whose turn it was when the checkpoint was taken goes first
+            worker = (worker + state["turn"]) % num_workers
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        buf: list[dict[str, Any]] = []
-        if self.wds:  # webdataset pipelines: sequential tar records, split by rank and worker
-            samples = map(self._wds_view, wds_stream(self.store, self.teachers, self.epoch_order(num_workers), rank=self.rank, world_size=self.world_size))
-        else:
-            samples = self._zarr_samples(self.shards_for(worker, num_workers))
+        shards = self.shards_for(worker, num_workers)
+        skip = state["skip"][worker] if state else 0
+        if not skip:
+            yield from _shuffled(self._samples(shards), self.shuffle_buffer, rng)
+            return
+        n = sum(self._counts()[s] for s in shards)
+        held, next_read, tail = buffer_state(n, self.shuffle_buffer, rng, skip)
+        if tail is not None:  # past the end of reading: the final shuffle's order, replayed
+            if tail:
+                got = _at_positions(self._samples(shards, min(tail)), min(tail), set(tail))
+                yield from (got[p] for p in tail)
+            return
+        start = min([*held, next_read])
+        samples = self._samples(shards, start)
+        got = _at_positions(itertools.islice(samples, next_read - start), start, set(held))
+        yield from _shuffled(samples, self.shuffle_buffer, rng, [got[p] for p in held])
+
+    def _samples(self, shards: list[int], start: int = 0) -> Iterator[dict[str, Any]]:
+        # kv_as_stored: K/V stay as stored (16-bit floats, int8 / int4 codes + scales) until the
+        # trainer's device, so the read, collate and the copy move stored-size bytes
+        # (train/quant.py); else the store decodes them to float32 on its reader threads.
+        samples = shard_samples(
+            self.store, self.teachers, shards, read_kv=self.read_kv, read_latent=self.read_latent, decode=not self.kv_as_stored, start=start
+        )
         for sample in samples:
-            buf.append(sample)
-            if len(buf) >= self.shuffle_buffer:
-                yield buf.pop(rng.randrange(len(buf)))
-        rng.shuffle(buf)
-        yield from buf
+            if self.kv_as_stored:
+                sample["kv"] = {t: (_as_stored(k), _as_stored(v)) for t, (k, v) in sample["kv"].items()}
+            yield sample
 
 
-def _as_stored(x: np.ndarray | QuantRows, codec: str) -> np.ndarray | torch.Tensor | QuantRows:
-    """A read block as the stream yields it: bfloat16 bit patterns as a torch.bfloat16 tensor
-    (numpy has no bfloat16), anything else as read."""
-    return torch.from_numpy(x).view(torch.bfloat16) if codec == "bfloat16" else x
+def _shuffled(samples: Iterable[Any], size: int, rng: random.Random, buf: list[Any] | None = None) -> Iterator[Any]:
+    """The stream's shuffle buffer: hold up to `size` samples, yield a random one per sample read,
+    then the rest in random order. `buf`: what a resumed buffer holds already."""
+    buf = [] if buf is None else buf
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) >= size:
+            yield buf.pop(rng.randrange(len(buf)))
+    rng.shuffle(buf)
+    yield from buf
 
 
-def _contract(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One teacher's latent record as the trainer sees it (the kept positions stay in the store)."""
-    out = {"k": x["k"].astype(np.float32), "v": x["v"].astype(np.float32), "mask": x["mask"].astype(np.bool_)}
-    if "hidden" in x:
-        out["hidden"] = x["hidden"].astype(np.float32)
+def buffer_state(n: int, size: int, rng: random.Random, skip: int) -> tuple[list[int], int, list[int] | None]:
+    """`_shuffled` over n samples after yielding `skip` of them, on positions only (no data):
+    (positions it holds, in order; the next position to read; None), with `rng` left where
+    the buffer's would be, or, when reading had ended (the final shuffle), ([], n, positions
+    still to yield in order)."""
+    buf: list[int] = []
+    out = 0
+    for p in range(n):
+        if out == skip:
+            return buf, p, None
+        buf.append(p)
+        if len(buf) >= size:
+            buf.pop(rng.randrange(len(buf)))
+            out += 1
+    if out == skip:
+        return buf, n, None
+    rng.shuffle(buf)
+    return [], n, buf[skip - out :]
+
+
+def _at_positions(samples: Iterable[dict[str, Any]], start: int, keep: set[int]) -> dict[int, dict[str, Any]]:
+    """{position: sample} of the positions in `keep`, the first sample being at `start`."""
+    return {p: x for p, x in enumerate(samples, start) if p in keep}
+
+
+def _check_shards(shards: list[int], num_shards: int, store: str | Path) -> list[int]:
+    """`shards` sorted, each a shard of the store once (the epoch order depends on the set only)."""
+    out = sorted(int(s) for s in shards)
+    bad = [s for s in out if not 0 <= s < num_shards]
+    if bad or len(set(out)) != len(out) or not out:
+        raise ValueError(
+            f"shards {list(shards)}: need distinct shard indices in 0..{num_shards - 1} of store {store} (at least one)"
+        )
     return out
 
 
-def _check_latent_sample(sample: dict[str, Any], teachers: list[str], shard: int) -> None:
-    if "segment_ids" not in sample:
-        raise StoreError(
-            f"{shard_name(shard)}: sample {sample['sample_id']} has no segment_ids (written before kvdistill stored "
-            "them); re-dump into a new --store to use latent mode"
-        )
-    missing = [t for t in teachers if t not in sample.get("latent", {})]
-    if missing:
-        raise StoreError(f"{shard_name(shard)}: teacher(s) {missing} hold no latent K/V; re-dump them with --latent-slots M")
+def _as_stored(x: np.ndarray | QuantRows) -> np.ndarray | torch.Tensor | QuantRows:
+    """A sample's K or V as the stream yields it: bfloat16 bit patterns (the store's uint16) as a
+    torch.bfloat16 tensor (numpy has no bfloat16), anything else as read."""
+    return torch.from_numpy(x).view(torch.bfloat16) if isinstance(x, np.ndarray) and x.dtype == np.uint16 else x
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ at dump time (under inference_mode) and the student at train time (with gradient
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from kvdistill.align import flatten_heads
 from kvdistill.schemas import KVGeometry
 
-__all__ = ["kv_geometry", "decoder", "capture_kv", "forward_kv", "forward_kv_importance"]
+__all__ = ["kv_geometry", "decoder", "cache_kwarg", "output_cache", "capture_kv", "forward_kv", "forward_kv_importance"]
 
 
 def kv_geometry(config) -> KVGeometry:
@@ -25,6 +26,17 @@ def kv_geometry(config) -> KVGeometry:
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
     )
+
+
+def cache_kwarg(model) -> str:
+    """The name `model.forward` takes its KV cache by: `cache` in current transformers 5
+    releases, `past_key_values` in earlier ones (deprecated there, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name (see `cache_kwarg`)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 def decoder(model):

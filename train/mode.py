@@ -1,0 +1,39 @@
+"""What differs between the training modes, behind one small interface the loop drives:
+the module to optimise and its parameter groups, what the stream reads, the batch -> loss terms
+step, what each term averages over, and what is saved besides the student.
+
+`cot` (the written chain, train/distiller.py) and `latent` (KaVa latent slots, train/latent.py)
+each build one with `cot_mode` / `latent_mode`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Mode"]
+
+
+@dataclass
+class Mode:
+    name: str
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    read_kv: bool  # the stream reads the teachers' per-token K/V
+    read_latent: bool  # ... or their compressed latent K/V
+    control: Callable  # kv_control "shuffled": the batch derangement (stream.shuffle_kv / shuffle_latent)
+    # step(model, batch, device, step, shares) -> {"loss", scalar terms, 1-d per-layer terms}
+    step: Callable[..., dict[str, torch.Tensor]]
+    # counts(batch) -> {unit: how many of it the batch holds}: what each term is a mean over
+    # (tokens, answer tokens, samples...), so accumulated micro-batches weigh as one batch
+    counts: Callable[[dict[str, Any]], dict[str, float]]
+    unit_of: Callable[[str], str]  # term name -> its unit in `counts`
+    save_extra: Callable[[nn.Module, dict, Path], None]  # (unwrapped model, state dict, out dir)
+    finite: tuple[str, ...]  # scalar terms a step must keep finite
+    postfix: tuple[str, ...]  # terms on the progress bar
+    summary: dict[str, str]  # run summary name -> logged term
+    result: dict[str, Any] = field(default_factory=dict)  # extra keys of the run summary
