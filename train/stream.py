@@ -6,6 +6,7 @@ backend); this module decides which shards, in which order, and shuffles and bat
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import zlib
@@ -177,8 +178,11 @@ class KVStream(IterableDataset):
             self.store, self.teachers, shards, read_kv=self.read_kv, read_latent=self.read_latent, decode=not self.kv_as_stored, start=start
         )
         for sample in samples:
-            if self.kv_as_stored:
-                sample["kv"] = {t: (_as_stored(k), _as_stored(v)) for t, (k, v) in sample["kv"].items()}
+            # A sample's K/V are views into its read span; its own copy lets the span go once the
+            # span's samples are consumed, not once the last of them leaves the shuffle buffer
+            # (which pinned several spans: tests/test_stream_memory.py).
+            kv = {t: (_own(k), _own(v)) for t, (k, v) in sample["kv"].items()}
+            sample["kv"] = {t: (_as_stored(k), _as_stored(v)) for t, (k, v) in kv.items()} if self.kv_as_stored else kv
             yield sample
 
 
@@ -228,6 +232,13 @@ def _check_shards(shards: list[int], num_shards: int, store: str | Path) -> list
             f"shards {list(shards)}: need distinct shard indices in 0..{num_shards - 1} of store {store} (at least one)"
         )
     return out
+
+
+def _own(x: np.ndarray | QuantRows) -> np.ndarray | QuantRows:
+    """x in memory of its own (a copy of a view)."""
+    if isinstance(x, QuantRows):
+        return dataclasses.replace(x, codes=x.codes.copy(), scale=x.scale.copy(), zero=None if x.zero is None else x.zero.copy())
+    return x.copy() if x.base is not None else x
 
 
 def _as_stored(x: np.ndarray | QuantRows) -> np.ndarray | torch.Tensor | QuantRows:
