@@ -687,7 +687,7 @@ class CompareConfig(Record):
     store: str | None = option(None, help="a finalized store to use instead of the demo's (with --student and --eval-data.source)")
     student: ModelSpec | None = option(None, help="the student that --store was dumped for", aliases={"name_or_path": "--student"})
     eval_data: DataSpec | None = option(None, help="the evaluation data (default: the test split of the demo's data)")
-    max_new_tokens: int = option(64, help="generation budget per eval question")
+    max_new_tokens: int | None = option(None, help="generation budget per eval question (default: derived from the eval data, as kvdistill eval does)")
     device: str = option("auto", help="auto | cpu | cuda")
 
     def validate(self) -> None:

@@ -27,12 +27,11 @@ FloatingPointError on a non-finite loss (naming the term and the sample ids), an
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
+import resource
 import shlex
-import shutil
 import signal
 import subprocess
 import threading
@@ -60,7 +59,8 @@ from .mode import Mode
 from .quant import kv_as_stored
 from .report import resolve_trackers, tracker_config, tracker_values
 from .stream import KVStream, train_loader
-from .student import check_store, load_student, param_hash, save_student
+from .student import load_student, param_hash, save_student
+from .validation import Best, validate, validation_loader
 
 __all__ = ["train", "stop_signals", "mixed_precision", "summary_terms", "open_metrics"]
 
@@ -329,8 +329,18 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
         **summary_terms(history, mode.summary),
         **({"last_validation": val} if val else {}),
         **best.summary(),
+        **_peak_memory(accelerator.device),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _peak_memory(device) -> dict[str, float]:
+    """This process's peak resident memory (student, optimizer, batches, the stream's buffers;
+    bounded: README "Training at scale") and, on CUDA, the peak allocated on the device, in MiB."""
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.device(device).type == "cuda":
+        out["peak_device_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 def _optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig, window: list[dict[str, Any]], step: int) -> dict[str, Any]:
@@ -403,94 +413,6 @@ def planned_steps(cfg: TrainConfig, teachers: dict, shards: list[int], world: in
     if per_epoch < 1:
         raise StoreError(f"store {cfg.store}: {samples} training samples make no batch of {cfg.batch_size} per process; lower --batch-size")
     return max(1, math.ceil(cfg.num_train_epochs * per_epoch))
-
-
-def validation_loader(cfg: TrainConfig, mode: Mode, tokenizer, student, teachers: list[str], val_shards: list[int], accelerator, pad_id: int):
-    """Batches of the held-out data, in store order, with the true teacher K/V (no control)."""
-    store = cfg.val_store or cfg.store
-    if cfg.val_store:
-        check_store(cfg, tokenizer, student, cfg.val_store)  # same tokenizer, geometry and teachers
-    stream = KVStream(
-        store,
-        teachers,
-        seed=cfg.seed,
-        shuffle_buffer=1,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        read_kv=mode.read_kv,
-        read_latent=mode.read_latent,
-        kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
-        shards=None if cfg.val_store else val_shards,
-    )
-    return train_loader(stream, dataclasses.replace(cfg, kv_control="none"), pad_id, mode.control)
-
-
-def validate(mode: Mode, model, loader, accelerator, step: int, max_batches: int | None) -> dict[str, float]:
-    """{"val_<term>": mean over the held-out batches (each term weighted by what it averages
-    over), "val_loss"} for every scalar term, reduced over ranks."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    model.eval()
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            losses = mode.step(model, batch, accelerator.device, step, None)
-            counts = mode.counts(batch)
-            for k, v in losses.items():
-                if v.dim() == 0:
-                    w = counts["samples"] if k == "loss" else counts[mode.unit_of(k)]
-                    sums[k] = sums.get(k, 0.0) + w * v.item()
-                    weights[k] = weights.get(k, 0.0) + w
-    model.train()
-    keys = sorted(sums)
-    if accelerator.num_processes > 1:
-        both = torch.tensor([[sums[k] for k in keys], [weights[k] for k in keys]], dtype=torch.float64, device=accelerator.device)
-        both = accelerator.reduce(both, reduction="sum").cpu()
-        sums, weights = dict(zip(keys, both[0].tolist(), strict=True)), dict(zip(keys, both[1].tolist(), strict=True))
-    return {f"val_{k}": round(sums[k] / weights[k], 6) for k in keys if weights[k] > 0}
-
-
-class Best:
-    """RUN_DIR/best: the model at the step with the lowest `metric` so far (best.json says
-    which), saved like RUN_DIR/final."""
-
-    def __init__(self, metric: str | None, value: float = math.inf, step: int | None = None) -> None:
-        self.metric, self.value, self.step = metric, value, step
-
-    @classmethod
-    def resume(cls, out: Path, cfg: TrainConfig) -> Best:
-        path = out / "best" / "best.json"
-        if not cfg.metric_for_best_model or not path.exists():
-            return cls(cfg.metric_for_best_model)
-        got = json.loads(path.read_text())
-        return cls(cfg.metric_for_best_model, got["value"], got["step"])
-
-    def improves(self, row: dict[str, Any]) -> bool:
-        if not self.metric:
-            return False
-        if self.metric not in row:
-            raise KeyError(f"metric_for_best_model {self.metric!r} is not among the validation metrics {sorted(k for k in row if k.startswith('val_'))}")
-        return row[self.metric] < self.value
-
-    def save(self, accelerator, model, cfg: TrainConfig, tokenizer, mode: Mode, out: Path, step: int, row: dict[str, Any]) -> None:
-        """Into .best.partial, renamed over RUN_DIR/best once complete."""
-        self.value, self.step = row[self.metric], step
-        partial, best = out / ".best.partial", out / "best"
-        if accelerator.is_main_process and partial.exists():
-            shutil.rmtree(partial)
-        save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra)
-        if accelerator.is_main_process:
-            (partial / "best.json").write_text(json.dumps({"metric": self.metric, "value": self.value, "step": step}))
-            if best.exists():
-                shutil.rmtree(best)
-            partial.rename(best)
-        accelerator.wait_for_everyone()
-
-    def summary(self) -> dict[str, Any]:
-        if not self.metric or self.step is None:
-            return {}
-        return {"best_metric": self.metric, "best_value": self.value, "best_step": self.step}
 
 
 def _after_step(cfg: TrainConfig, accelerator, got: list[int], out: Path, pos: Position, last: int, end_of_epoch: bool) -> tuple[Path, int, float, bool]:
