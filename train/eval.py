@@ -20,7 +20,6 @@ tokens, EOS included) x 1.25 + 16, rounded up; the result's max_new_tokens is th
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -31,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvdistill.core.capture import cache_kwarg
 from kvdistill.core.data import load_examples
 from kvdistill.core.models import load_model, load_tokenizer, pad_token_id, resolve_device
 from kvdistill.core.prompts import encode, pad_batch, prompt_text
@@ -88,12 +88,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def _cache_kwarg(model) -> str:
-    """The name a model's forward takes its KV cache by: `cache` in newer transformers 5
-    releases, `past_key_values` before (the old name still works there, with a warning)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.inference_mode()
 def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
     """Greedy continuations of left-padded prompts ids [B, P] (mask [B, P]) with the KV cache:
@@ -109,7 +103,7 @@ def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens
     live = torch.arange(B, device=ids.device)  # [b] the original row of each row still generating
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]: left padding shifts no position
     cache = DynamicCache(config=model.config)
-    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    kw = {cache_kwarg(model): cache, "use_cache": True}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw).logits[:, -1]  # [B, V]
     pos = pos[:, -1:]  # [B, 1]
     G = 0
