@@ -62,7 +62,7 @@ from .stream import KVStream, train_loader
 from .student import load_student, param_hash, save_student
 from .validation import Best, validate, validation_loader
 
-__all__ = ["train", "stop_signals", "mixed_precision", "summary_terms", "open_metrics"]
+__all__ = ["train", "optimizer_step", "split_shards", "planned_steps", "stop_signals", "mixed_precision", "summary_terms", "open_metrics"]
 
 
 def open_metrics(cfg: TrainConfig, out: Path) -> tuple[IO[str], int]:
@@ -259,7 +259,7 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
             window.append(batch)
             if len(window) < accum and not end_of_epoch:
                 continue
-            row = _optimizer_step(mode, model, opt, sched, accelerator, cfg, window, pos.step)
+            row = optimizer_step(mode, model, opt, sched, accelerator, cfg, window, pos.step)
             pos.step += 1
             pos.tokens += sum(int(b["attention_mask"].sum()) for b in window)
             pos.batches_in_epoch = batches
@@ -343,7 +343,7 @@ def _peak_memory(device) -> dict[str, float]:
     return out
 
 
-def _optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig, window: list[dict[str, Any]], step: int) -> dict[str, Any]:
+def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig, window: list[dict[str, Any]], step: int) -> dict[str, Any]:
     """One optimizer step over `window`'s micro-batches (gradient accumulation: gradients sync
     across ranks on the last one only). Each term is scaled by the micro-batch's share of what
     it averages over in the window, so the update is that of one batch of them all.

@@ -111,8 +111,8 @@ def masked_cka_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, layers
     """mean over `layers` of 1 - debiased_cka(a[:, :, l], b[:, :, l]) over the real tokens of
     a, b [B, T, L, D] (padded positions selected away). Every real token of the batch is one
     row: CKA compares how the two sides arrange the same tokens, whatever their widths."""
-    a, b = a[mask], b[mask]  # [N, L, D]
-    return torch.stack([1 - debiased_cka(a[:, i], b[:, i]) for i in layers]).mean()
+    # One layer at a time: gathering [N, L, D] would copy (and in backward scatter) every layer.
+    return torch.stack([1 - debiased_cka(a[:, :, i][mask], b[:, :, i][mask]) for i in layers]).mean()  # [N, D] each
 
 
 def attention_key_weights(attentions: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:

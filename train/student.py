@@ -55,7 +55,10 @@ def load_student(cfg: TrainConfig) -> tuple[Any, nn.Module, Any, dict]:
     )
     spec, teachers = check_store(cfg, tokenizer, student)
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "activation_checkpointing_enable"):  # the current name in transformers 5
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
