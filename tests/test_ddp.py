@@ -22,6 +22,7 @@ def test_two_process_cpu_ddp_reads_disjoint_shards_and_keeps_parameters_in_sync(
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "kvdistill", "train", "--store", str(tiny_store["store"]), "--student", tiny_store["student"].name_or_path,
         "--out", str(out), "--max-steps", "6", "--per-device-train-batch-size", "4", "--device", "cpu", "--no-progress", "--hash-params",
+        "--eval-steps", "3", "--val-store", str(tiny_store["store"]),  # each rank validates on its shard; results reduced
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -33,5 +34,6 @@ def test_two_process_cpu_ddp_reads_disjoint_shards_and_keeps_parameters_in_sync(
     assert sorted(ranks[0]["shards"] + ranks[1]["shards"]) == [0, 1]
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]  # gradients were all-reduced
     assert (out / "final" / "config.json").exists()
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
-    assert steps[-1] == 6
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert rows[-1]["step"] == 6
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6] and all(r["val_kv_k"] > 0 for r in rows if "val_loss" in r)

@@ -116,8 +116,7 @@ class KVStream(IterableDataset):
         i plays the part of the worker whose turn it was. The samples that follow are exactly
         those of the uninterrupted epoch. Applies to `epoch` only."""
         W = max(1, num_workers)
-        counts = [sum(self._counts()[s] for s in self.shards_for_epoch(epoch, v, W)) for v in range(W)]
-        totals = [c // batch_size if drop_last else -(-c // batch_size) for c in counts]
+        totals = self.epoch_batches(epoch, batch_size, num_workers, drop_last)
         if batches > sum(totals):
             raise StoreError(
                 f"a checkpoint resumes after batch {batches} of epoch {epoch}, but the epoch has {sum(totals)} batches of "
@@ -131,6 +130,12 @@ class KVStream(IterableDataset):
             taken[turn] += 1
             turn = (turn + 1) % W
         self._resume = {"epoch": epoch, "skip": [t * batch_size for t in taken], "turn": turn}
+
+    def epoch_batches(self, epoch: int, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> list[int]:
+        """Batches each DataLoader worker of this rank yields in `epoch` (index.parquet's counts)."""
+        W = max(1, num_workers)
+        counts = [sum(self._counts()[s] for s in self.shards_for_epoch(epoch, v, W)) for v in range(W)]
+        return [c // batch_size if drop_last else -(-c // batch_size) for c in counts]
 
     def shards_for_epoch(self, epoch: int, worker: int, num_workers: int) -> list[int]:
         current, self.epoch = self.epoch, epoch

@@ -45,7 +45,15 @@ def validation_loader(cfg: TrainConfig, mode: Mode, tokenizer, student, teachers
 
 def validate(mode: Mode, model, loader, accelerator, step: int, max_batches: int | None) -> dict[str, float]:
     """{"val_<term>": mean over the held-out batches (each term weighted by what it averages
-    over), "val_loss"} for every scalar term, reduced over ranks."""
+    over), "val_loss"} for every scalar term, reduced over ranks. With several processes every
+    rank runs as many batches as the rank with the fewest (a DDP / FSDP forward is collective:
+    a rank with one batch more would wait forever)."""
+    if accelerator.num_processes > 1:
+        stream = loader.dataset
+        mine = sum(stream.epoch_batches(stream.epoch, loader.batch_size, loader.num_workers, loader.drop_last))
+        fewest = torch.tensor([mine], device=accelerator.device)
+        torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
+        max_batches = int(fewest.item()) if max_batches is None else min(max_batches, int(fewest.item()))
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     model.eval()
