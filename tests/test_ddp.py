@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two processes through accelerate launch
+
 
 def test_two_process_cpu_ddp_reads_disjoint_shards_and_keeps_parameters_in_sync(tiny_store, tmp_path):
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))

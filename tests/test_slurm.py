@@ -371,6 +371,7 @@ def _scontrol_job(job: str) -> list[dict[str, str]]:
     return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # a real single-node SLURM cluster
 def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slurm_cluster, make_model, tmp_path):
     state = slurm_cluster
     teachers = [
@@ -437,6 +438,7 @@ def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slu
     print(f"real SLURM chain (4 dump tasks, finalize, train) finished in {elapsed:.0f} s")
 
 
+@pytest.mark.slow  # a real single-node SLURM cluster
 def test_a_training_job_sent_usr1_requeues_itself_resumes_and_ends_as_an_uninterrupted_run(slurm_cluster, tiny_store, tmp_path):
     """`scancel --signal=USR1 --batch` is what `#SBATCH --signal=B:USR1@300` sends 300 s before the
     time limit. The trainer (the batch shell, by exec) finishes its step, saves a checkpoint,

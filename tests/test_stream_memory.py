@@ -12,9 +12,12 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from kvdistill.schemas import AlignSpec, DataSpec, KVGeometry, ModelSpec, StoreSpec, TeacherSpec
 from kvdistill.store import ShardWriter, finalize, init_store, init_teacher
+
+pytestmark = pytest.mark.slow  # streams a 400 MiB store in subprocesses
 
 L, H, d = 4, 2, 64  # D = 128: a float32 K+V row is 4 KiB decoded
 
