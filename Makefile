@@ -24,13 +24,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # The import contracts of pyproject.toml ([tool.importlinter]). import-linter finds modules under
-# the root package's folder, so it reads a tree of links laid out as the installed package is.
-STAGES := schemas dump align store train jobs
-IMPORTS := $(VENV)/imports
+# the root package's folder: kvdistill/<stage> are links to the top-level stage folders.
 imports: $(STAMP)
-	@rm -rf $(IMPORTS) && mkdir -p $(IMPORTS)/kvdistill
-	@for f in $(CURDIR)/kvdistill/* $(addprefix $(CURDIR)/,$(STAGES)); do ln -s $$f $(IMPORTS)/kvdistill/; done
-	cd $(IMPORTS) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --no-cache $(CURDIR)/pyproject.toml
+	$(VENV)/bin/lint-imports --no-cache
 
 # slurm-wlm + munge for the real single-node cluster of tests/test_slurm.py (Debian, as root).
 # Quick when installed; if apt fails the SLURM tests skip, the build does not fail.
