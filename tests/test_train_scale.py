@@ -175,3 +175,11 @@ def test_latent_mode_accumulates_too(latent_store, tmp_path):  # noqa: F811
     a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_an_unknown_best_model_metric_is_refused_before_any_step(tiny_store, tmp_path):
+    from kvdistill.schemas import ConfigError
+
+    with pytest.raises(ConfigError, match=r"validates val_loss and val_<term> for terms \['ce', 'kv_k'"):
+        train(_cfg(tiny_store, tmp_path / "m", eval_steps=1, val_shards=1, metric_for_best_model="val_kvk"), progress=False)
+    assert not (tmp_path / "m" / "metrics.jsonl").exists()

@@ -49,7 +49,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from kvdistill.core.models import pad_token_id
 from kvdistill.errors import Preempted
-from kvdistill.schemas import TrainConfig
+from kvdistill.schemas import ConfigError, TrainConfig
 from kvdistill.store import StoreError, read_index
 
 from .checkpoint import Position, find_resume, load_checkpoint, save_checkpoint
@@ -201,6 +201,9 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     tokenizer, student, spec, teachers = load_student(cfg)
     pad_id = pad_token_id(tokenizer)
     mode = latent_mode(cfg, student, spec, teachers, pad_id) if cfg.mode == "latent" else cot_mode(cfg, student, spec, teachers)
+    metric = (cfg.metric_for_best_model or "val_loss").removeprefix("val_")
+    if metric not in ("loss", *mode.finite):  # before any step, not at the first validation
+        raise ConfigError(f"TrainConfig.metric_for_best_model: mode {mode.name} validates val_loss and val_<term> for terms {list(mode.finite)}, not {cfg.metric_for_best_model!r}")
     train_shards, val_shards = split_shards(cfg, spec.num_shards)
     max_steps = planned_steps(cfg, teachers, train_shards, accelerator.num_processes)
     warmup = round(cfg.warmup_ratio * max_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
@@ -406,7 +409,8 @@ def planned_steps(cfg: TrainConfig, teachers: dict, shards: list[int], world: in
     if cfg.num_train_epochs is None:
         return cfg.max_steps
     index = read_index(cfg.store, [next(iter(teachers))])
-    samples = sum(len(ids) for (_, shard), (_, ids) in index.items() if shard in set(shards))
+    kept = set(shards)
+    samples = sum(len(ids) for (_, shard), (_, ids) in index.items() if shard in kept)
     per_rank = samples / world
     micro = per_rank // cfg.batch_size if cfg.kv_control == "shuffled" else math.ceil(per_rank / cfg.batch_size)
     per_epoch = math.ceil(micro / cfg.gradient_accumulation_steps)

@@ -82,9 +82,9 @@ class KVStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def epoch_order(self, num_workers: int) -> list[int]:
-        """This stream's shards (every shard, or `shards`), in this epoch's seeded order (the same
-        on every rank and worker)."""
+    def epoch_order(self, num_workers: int, epoch: int | None = None) -> list[int]:
+        """This stream's shards (every shard, or `shards`), in `epoch`'s seeded order (default: the
+        current epoch; the same on every rank and worker)."""
         readers = self.world_size * num_workers
         pool = self.shards if self.shards is not None else list(range(self.spec.num_shards))
         if len(pool) < readers:
@@ -97,15 +97,16 @@ class KVStream(IterableDataset):
                 f"{what} but {self.world_size} ranks x {num_workers} workers = {readers} readers; some "
                 f"would get no data. {fix} or use fewer processes / --num-workers"
             )
-        return [pool[int(i)] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(pool))]
+        epoch = self.epoch if epoch is None else epoch
+        return [pool[int(i)] for i in np.random.default_rng([self.seed, epoch]).permutation(len(pool))]
 
-    def shards_for(self, worker: int, num_workers: int) -> list[int]:
+    def shards_for(self, worker: int, num_workers: int, epoch: int | None = None) -> list[int]:
         """This (rank, worker)'s shards of the epoch order: every (world_size x num_workers)-th."""
         readers = self.world_size * num_workers
         # A webdataset store is split as its webdataset pipeline splits it (`store.wds_stream`: a
         # rank stage, then split_by_worker), a zarr store rank-major.
         reader = worker * self.world_size + self.rank if self.spec.backend == "webdataset" else self.rank * num_workers + worker
-        return self.epoch_order(num_workers)[reader::readers]
+        return self.epoch_order(num_workers, epoch)[reader::readers]
 
     def resume(self, epoch: int, batches: int, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> None:
         """Start `epoch` after the first `batches` batches a DataLoader(batch_size, num_workers,
@@ -134,15 +135,8 @@ class KVStream(IterableDataset):
     def epoch_batches(self, epoch: int, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> list[int]:
         """Batches each DataLoader worker of this rank yields in `epoch` (index.parquet's counts)."""
         W = max(1, num_workers)
-        counts = [sum(self._counts()[s] for s in self.shards_for_epoch(epoch, v, W)) for v in range(W)]
+        counts = [sum(self._counts()[s] for s in self.shards_for(v, W, epoch)) for v in range(W)]
         return [c // batch_size if drop_last else -(-c // batch_size) for c in counts]
-
-    def shards_for_epoch(self, epoch: int, worker: int, num_workers: int) -> list[int]:
-        current, self.epoch = self.epoch, epoch
-        try:
-            return self.shards_for(worker, num_workers)
-        finally:
-            self.epoch = current
 
     def _counts(self) -> dict[int, int]:
         """Samples per shard (index.parquet)."""

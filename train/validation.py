@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kvdistill.schemas import TrainConfig
+from kvdistill.schemas import ConfigError, TrainConfig
 
 from .mode import Mode
 from .quant import kv_as_stored
@@ -96,7 +96,7 @@ class Best:
         if not self.metric:
             return False
         if self.metric not in row:
-            raise KeyError(f"metric_for_best_model {self.metric!r} is not among the validation metrics {sorted(k for k in row if k.startswith('val_'))}")
+            raise ConfigError(f"metric_for_best_model {self.metric!r} is not among the validation metrics {sorted(k for k in row if k.startswith('val_'))}")
         return row[self.metric] < self.value
 
     def save(self, accelerator, model, cfg: TrainConfig, tokenizer, mode: Mode, out: Path, step: int, row: dict[str, Any]) -> None:
