@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-__all__ = ["ConfigError", "Record", "apply_overrides", "build", "option", "read_config"]
+__all__ = ["ConfigError", "Record", "apply_overrides", "build", "field_types", "option", "read_config", "type_name"]
 
 R = TypeVar("R", bound="Record")
 
@@ -55,7 +55,7 @@ def dump_yaml(data: Any) -> str:
 
 
 # Resolving annotations is the slow part of building a record; cache it per class.
-_hints = functools.cache(get_type_hints)
+field_types = functools.cache(get_type_hints)
 
 
 class ConfigError(ValueError):
@@ -86,15 +86,15 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
+        return " | ".join(type_name(a) for a in get_args(tp))
     if get_origin(tp) in (list, dict):
-        return f"{get_origin(tp).__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+        return f"{get_origin(tp).__name__}[{', '.join(type_name(a) for a in get_args(tp))}]"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -114,7 +114,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arm, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -122,7 +122,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected one of {type_name(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
@@ -153,7 +153,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -172,7 +172,7 @@ class Record:
 
     def __post_init__(self) -> None:
         # Validate the fields of records built in Python too, not only those loaded from files.
-        hints = _hints(type(self))
+        hints = field_types(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}"))
         self.validate()
@@ -197,7 +197,7 @@ class Record:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
-        hints = _hints(cls)
+        hints = field_types(cls)
         kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
         required = [
             f.name

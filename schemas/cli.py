@@ -23,7 +23,7 @@ import types
 from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
 
-from .base import Record, _hints, _type_name, build, load_yaml
+from .base import Record, build, field_types, load_yaml, type_name
 
 __all__ = ["Flag", "add_flags", "config_from_args", "flags_of"]
 
@@ -49,7 +49,7 @@ def _record(tp: Any) -> type[Record] | None:
 
 def _leaves(cls: type[Record], prefix: str = ""):
     """(dotted key, annotation, field) of every non-record field, nested records walked."""
-    hints = _hints(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         sub = _record(hints[f.name])
         if sub is not None:
@@ -62,7 +62,7 @@ def flags_of(cls: type[Record]) -> list[Flag]:
     """Every leaf field of `cls` as a Flag. Group and aliases count on `cls`'s own fields: a
     nested record's fields go into its field's group (by default one named after the field)."""
     out = []
-    hints = _hints(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         aliases = f.metadata.get("aliases") or ()
         sub = _record(hints[f.name])
@@ -111,7 +111,7 @@ def _value(tp: Any) -> Callable[[str], Any]:
                     return parse(text)
                 except (argparse.ArgumentTypeError, ValueError):
                     pass
-            raise argparse.ArgumentTypeError(f"expected {_type_name(tp)}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {type_name(tp)}, got {text!r}")
 
         return union
     (tp,) = arms
@@ -153,7 +153,7 @@ def _value(tp: Any) -> Callable[[str], Any]:
     if rec is not None:  # an item of list[record]
         required = [f.name for f in dataclasses.fields(rec) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         return lambda text: load_yaml(text) if text.lstrip().startswith("{") or len(required) != 1 else {required[0]: text}
-    raise TypeError(f"no command-line syntax for {_type_name(tp)}")
+    raise TypeError(f"no command-line syntax for {type_name(tp)}")
 
 
 def _bool(text: str) -> bool:
@@ -201,7 +201,7 @@ def _default(cls: type[Record], key: str) -> str:
             obj = f.default_factory()
         elif f.default is None and not unset:  # an optional record, off unless one of its flags is given
             unset = p
-        cls = _record(_hints(cls)[p])
+        cls = _record(field_types(cls)[p])
     when = f" when {unset} is set" if unset else ""
     if obj is not None:
         value = getattr(obj, leaf)
