@@ -1,5 +1,6 @@
 """`kvdistill dump`: one array task (teacher x shard) into the KV store; `kvdistill align calibrate`
-(a CKA layer map from both models) and the tokenising front end of `kvdistill store plan`."""
+(a CKA layer map from both models) and the tokenising front ends of `kvdistill store plan` and
+`kvdistill store show-alignment`."""
 
 from __future__ import annotations
 
@@ -68,6 +69,17 @@ def plan_main(args: argparse.Namespace) -> int:
     plans = estimate(args.num_shards or max(p["suggested_num_shards"] for p in estimate(None).values()))
     print(format_plan(plans, codec=args.kv_dtype))
     print(f"longest sample: {max(lengths):,} student tokens (dump's --max-len must cover the teacher's tokens too)")
+    return 0
+
+
+def show_alignment_main(args: argparse.Namespace) -> int:
+    """`kvdistill store show-alignment`: rebuild one sample's time map and layer map from the store
+    (its recorded tokenizers and text; dump/show_alignment.py), print one line, write the PNG."""
+    from .show_alignment import plot_alignment, reconstruct, summary
+
+    a = reconstruct(args.store, args.teacher, args.sample)
+    print(summary(a))
+    print(f"wrote {plot_alignment(a, args.out, max_tokens=args.max_tokens, start=args.start)}")
     return 0
 
 

@@ -8,7 +8,9 @@ The recipe `_run_dump`, one function per step:
    teacher), render and tokenize each sample for the student (the grid K/V is stored on) and for
    the teacher (its own tokenizer and template), resolve the time map, read the layer map and
    projection; nothing is on disk yet.
-2. `_load_teacher`, `_write_metadata`: the store's and this teacher's attributes.
+2. `_load_teacher`, `_write_metadata`: the store's and this teacher's attributes, and the files
+   of both tokenizers (with each sample's text, stored beside its tokens, they rebuild its time map:
+   `kvdistill store show-alignment`).
 3. `_dump_batches`, per length-sorted padded batch: `_forward` (teacher-forced decoder stack
    only, no LM head, under inference_mode: pre-RoPE K and V), `align_batch` (align/batch.py:
    layer map and projection on the padded batch, one stacked time map onto the student's tokens
@@ -64,6 +66,7 @@ from kvdistill.core.models import (
     pad_token_id,
     require_eos,
     resolve_device,
+    tokenizer_files,
     tokenizer_fingerprint,
 )
 from kvdistill.core.prompts import SEGMENTS, Encoded, encode, pad_batch
@@ -73,6 +76,7 @@ from kvdistill.store import (
     compression,
     init_store,
     init_teacher,
+    init_tokenizer,
     open_shard_writer,
     shard_is_complete,
 )
@@ -163,6 +167,8 @@ class _Plan:
 
     data_fingerprint: str
     student_tokenizer_fingerprint: str
+    teacher_tokenizer_fingerprint: str
+    tokenizers: tuple  # (student, teacher): their files are recorded in the store
     time_map: str  # resolved kind: identity / char_overlap / segment_linear
     geometry_t: KVGeometry
     geometry_s: KVGeometry
@@ -175,6 +181,7 @@ class _Plan:
     pad_id: int  # the teacher tokenizer's
     pairs: list[tuple[Encoded, Encoded]]  # (student grid, teacher input), sorted by student length
     skipped: list[str]  # ids over max_len (on_too_long "skip")
+    examples: dict[str, dict[str, str]]  # sample id -> its text, stored with it (the time map is rebuilt from it)
 
     @property
     def student_tokens(self) -> int:
@@ -195,10 +202,10 @@ def _preflight(cfg: DumpConfig) -> _Plan:
     s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
     require_eos(s_tok, "student", cfg.student)
     require_eos(t_tok, "teacher", cfg.teacher)
-    s_fp = tokenizer_fingerprint(s_tok)
+    s_fp, t_fp = tokenizer_fingerprint(s_tok), tokenizer_fingerprint(t_tok)
     kind = resolve_time_map(
         cfg.align.time_map,
-        same_tokenizer=s_fp == tokenizer_fingerprint(t_tok),
+        same_tokenizer=s_fp == t_fp,
         same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
     )
     g_t, g_s = kv_geometry(load_config(cfg.teacher)), kv_geometry(load_config(cfg.student))
@@ -213,6 +220,8 @@ def _preflight(cfg: DumpConfig) -> _Plan:
     return _Plan(
         data_fingerprint=data_fp,
         student_tokenizer_fingerprint=s_fp,
+        teacher_tokenizer_fingerprint=t_fp,
+        tokenizers=(s_tok, t_tok),
         time_map=kind,
         geometry_t=g_t,
         geometry_s=g_s,
@@ -225,6 +234,7 @@ def _preflight(cfg: DumpConfig) -> _Plan:
         pad_id=pad_token_id(t_tok),
         pairs=pairs,
         skipped=skipped,
+        examples={ex.id: {"question": ex.question, "reasoning": ex.reasoning, "answer": ex.answer} for ex in shard_examples},
     )
 
 
@@ -305,7 +315,8 @@ def _load_teacher(cfg: DumpConfig, device: torch.device):
 
 def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, TeacherSpec]:
     """The first writes, after the preflight: the store's spec (student, data; one for every
-    task) and this teacher's (alignment, codec, fingerprint; the projection's arrays)."""
+    task) and this teacher's (alignment, codec, fingerprint; the projection's arrays), and both
+    tokenizers' files (with each sample's stored text they rebuild its time map exactly)."""
     spec = StoreSpec(
         student=cfg.student,
         geometry=plan.geometry_s,
@@ -319,6 +330,7 @@ def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, T
         **compression(cfg),
     )
     init_store(cfg.store, spec)
+    init_tokenizer(cfg.store, tokenizer_files(plan.tokenizers[0]), plan.student_tokenizer_fingerprint)
     W = plan.layer_map.tolist()
     tspec = TeacherSpec(
         name=cfg.teacher.short_name,
@@ -336,6 +348,7 @@ def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, T
     )
     proj = plan.projection
     init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
+    init_tokenizer(cfg.store, tokenizer_files(plan.tokenizers[1]), plan.teacher_tokenizer_fingerprint, teacher=tspec.name)
     return spec, tspec
 
 
@@ -398,7 +411,7 @@ def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, c
                     kv = kv.to(maps.transfer_dtype).cpu().numpy()
                     if pending is not None:
                         pending.result()  # re-raises a writer error here
-                    pending = writer.submit(_write_batch, w, batch, kv, latent, plan.width)
+                    pending = writer.submit(_write_batch, w, batch, kv, latent, plan.width, plan.examples)
             bar.update(sum(len(t) for _, t in batch))
         with clock("write"):
             if pending is not None:
@@ -462,9 +475,9 @@ def _codi_hidden(name: str, batch: _Batch, hidden: torch.Tensor) -> np.ndarray:
     return hidden[torch.arange(len(batch), device=hidden.device), at].float().cpu().numpy()
 
 
-def _write_batch(w, batch: _Batch, kv: np.ndarray, latent: dict[str, np.ndarray] | None, width: int) -> None:
+def _write_batch(w, batch: _Batch, kv: np.ndarray, latent: dict[str, np.ndarray] | None, width: int, examples: dict[str, dict[str, str]]) -> None:
     """kv [sum T_s, L_s, 2D] (K then V, samples in batch order) and the latent arrays [B, ...]
-    -> one record per sample. Runs on the writer thread."""
+    -> one record per sample, with the sample's text. Runs on the writer thread."""
     start = 0
     for b, (s, _) in enumerate(batch):
         sample_kv = kv[start : start + len(s)]  # [T_s, L_s, 2D]
@@ -473,7 +486,7 @@ def _write_batch(w, batch: _Batch, kv: np.ndarray, latent: dict[str, np.ndarray]
             lat = {"k": latent["kv"][b, ..., :width], "v": latent["kv"][b, ..., width:], "mask": latent["mask"][b], "pos": latent["pos"][b]}
             if "hidden" in latent:
                 lat["hidden"] = latent["hidden"][b]
-        w.write(s.sample_id, sample_kv[..., :width], sample_kv[..., width:], s.input_ids, s.loss_mask, s.segment_ids, lat)
+        w.write(s.sample_id, sample_kv[..., :width], sample_kv[..., width:], s.input_ids, s.loss_mask, s.segment_ids, lat, examples[s.sample_id])
         start += len(s)
 
 

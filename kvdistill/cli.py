@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     dump_cli.add_parser(sub)
     dump_cli.add_align_parser(sub)
-    store_cli.add_parser(sub, plan_main=dump_cli.plan_main)
+    store_cli.add_parser(sub, plan_main=dump_cli.plan_main, show_alignment_main=dump_cli.show_alignment_main)
     jobs_cli.add_parser(sub)
     train_cli.add_parser(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)")

@@ -456,10 +456,33 @@ class TrainConfig(Record):
         "middle", help="student layers of the CKA term: middle, last, or a comma list such as 0,3", group="KV loss"
     )
     layer_anneal_steps: int = option(0, help="> 0: the KV loss phases in deeper layers linearly over these steps", group="KV loss")
+    attn_kl_weight: float = option(
+        0.0, help="weight of the attention KL: KL(teacher || student attention) of the student's queries over the fused "
+        "adapted teacher keys vs its own keys, per layer, over real tokens (0: off; mode cot only; needs kv_weight > 0)", group="KV loss"
+    )
+    attn_kl_warmup_steps: int = option(0, help="the attention KL weight ramps linearly from 0 over these steps", group="KV loss")
     kv_weight: float = option(1.0, help="weight of the KV loss (0: the CE-only baseline)", group="KV loss")
     ce_weight: float = option(1.0, help="weight of the CE loss", group="KV loss")
     kv_norm: Literal["layer_std", "none"] = option("layer_std", help="standardise K/V per layer before the loss, or not", group="KV loss")
     kv_loss: Literal["mse", "smooth_l1", "cosine"] = option("mse", help="distance of student and target K/V", group="KV loss")
+    # The common Z space (train/zspace.py): per-teacher maps g_i([K, V]) and a student map
+    # h_s([K, V]) into Z; fusion and the loss in Z replace kv_k / kv_v.
+    z_dim: int = option(
+        0, help="> 0: fuse and distil in a common Z space of this width (very different teachers): per layer, maps of each "
+        "teacher's and the student's [K, V] into Z; the Z loss (weighted by kv_weight) replaces the K and V losses. "
+        "0: off (mode cot only)", group="Z space"
+    )
+    z_loss: Literal["mse", "cosine", "barlow", "cca"] = option(
+        "mse", help="loss in Z between the student and the fused target: mse, cosine, barlow (Barlow Twins cross-correlation "
+        "towards identity) or cca (per-dimension correlation + soft decorrelation of each side)", group="Z space"
+    )
+    z_teacher_maps: Literal["fixed", "learned"] = option(
+        "fixed", help="teacher maps into Z: fixed (frozen random semi-orthogonal: Z is anchored by the teachers, no collapse) "
+        "or learned (needs z_loss barlow or cca, whose correlation terms prevent collapse)", group="Z space"
+    )
+    z_offdiag_weight: float = option(
+        0.005, help="lambda of barlow (off-diagonal cross-correlation) and cca (off-diagonal of each side's correlation)", group="Z space"
+    )
     lora_r: int = option(0, help="LoRA rank (peft); 0 trains every weight", group="models")
     lora_alpha: int = option(32, help="LoRA alpha", group="models")
     lora_dropout: float = option(0.0, help="LoRA dropout", group="models")
@@ -573,6 +596,9 @@ class TrainConfig(Record):
             raise ConfigError(f"TrainConfig.cka_layers: 'middle', 'last' or a non-empty list of student layer indices >= 0, got {self.cka_layers}")
         if self.kv_attn_warmup_steps < 0 or self.layer_anneal_steps < 0:
             raise ConfigError("TrainConfig: kv_attn_warmup_steps and layer_anneal_steps must be >= 0")
+        self.check_min(0, "attn_kl_weight", "attn_kl_warmup_steps")
+        if self.attn_kl_weight > 0 and self.kv_weight == 0:
+            raise ConfigError("TrainConfig.attn_kl_weight: the attention KL reads the teacher keys, which kv_weight 0 does not; set kv_weight > 0 or attn_kl_weight 0")
         self.check_min(0, "lr", "adapter_lr", "router_lr", "fusion_temperature", strict=True)
         self.check_min(0, "weight_decay", "grad_clip", "warmup_steps", "lora_r", "save_every", "num_workers", "seed")
         self.check_min(1, "gradient_accumulation_steps")
@@ -601,14 +627,31 @@ class TrainConfig(Record):
                 f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs "
                 f"batch_size >= 2 and kv_weight > 0 (got {self.batch_size}, {self.kv_weight})"
             )
+        self.check_min(0, "z_dim", "z_offdiag_weight")
+        if self.z_dim > 0:  # the Z space replaces the adapters and the K / V losses: what needs them is refused
+            needs = {"kv_weight": (self.kv_weight, self.kv_weight > 0), "adapter": (self.adapter, self.adapter == "flat"),
+                     "kv_attn_weight": (self.kv_attn_weight, self.kv_attn_weight == "none"), "attn_kl_weight": (self.attn_kl_weight, self.attn_kl_weight == 0)}
+            clash = {k: v for k, (v, ok) in needs.items() if not ok}
+            if clash:
+                raise ConfigError(
+                    f"TrainConfig.z_dim {self.z_dim}: the Z space needs kv_weight > 0 (it weights the Z term) and has no adapters, "
+                    f"per-token attention weights or student-space teacher keys; got {clash}. Set z_dim 0, or kv_weight > 0, "
+                    "adapter flat, kv_attn_weight none and attn_kl_weight 0"
+                )
+            if self.z_teacher_maps == "learned" and self.z_loss in ("mse", "cosine"):
+                raise ConfigError(
+                    f"TrainConfig.z_teacher_maps 'learned' with z_loss {self.z_loss!r}: both sides could collapse together to a low "
+                    "loss; use z_loss barlow or cca (their correlation terms prevent it) or z_teacher_maps fixed"
+                )
         if self.mode == "latent":  # options of the written-chain trainer that latent mode does not have
             cot_only = {"fusion": (self.fusion, "fixed"), "adapter": (self.adapter, "flat"), "kv_attn_weight": (self.kv_attn_weight, "none"),
-                        "layer_anneal_steps": (self.layer_anneal_steps, 0)}
+                        "layer_anneal_steps": (self.layer_anneal_steps, 0), "attn_kl_weight": (self.attn_kl_weight, 0.0),
+                        "z_dim": (self.z_dim, 0)}
             bad = {k: v for k, (v, off) in cot_only.items() if v != off}
             if bad:
                 raise ConfigError(
                     f"TrainConfig: {bad} apply to mode 'cot' only; latent mode fuses teachers with fixed weights through flat "
-                    "adapters and has no attention weighting or layer annealing. Drop them or train with --mode cot"
+                    "adapters and has no attention weighting, attention KL, layer annealing or Z space. Drop them or train with --mode cot"
                 )
 
 
@@ -637,7 +680,10 @@ class DemoConfig(Record):
     """`kvdistill demo`: the whole pipeline on synthetic data and tiny models, on CPU."""
 
     out: str = option("demo-out", help="output directory (models, store.zarr, runs, summary.json, training.png)")
-    data: DataSpec = option(factory=DataSpec, help="the data set")
+    data: DataSpec = option(
+        factory=lambda: DataSpec(synthetic=SyntheticSpec(n_test=1000)),
+        help="the data set (1,000 test questions: with 200, one run's accuracy carries about +-0.03 of sampling noise)",
+    )
     num_shards: int = option(2, help="shards per teacher")
     teacher_steps: int = option(300, help="CE steps for each tiny teacher")
     student_steps: int = option(300, help="steps for each student run")
@@ -660,7 +706,8 @@ class DemoConfig(Record):
         self.check_min(0, "seed", "kv_weight")
 
 
-COMPARE_ARMS = ["ce", "kv-single", "kv-fixed", "kv-headwise", "kv-similarity", "kv-router", "kv-shuffled"]
+# The core arms `kvdistill compare` runs by default (the others: kvdistill.compare.ARMS).
+COMPARE_ARMS = ["ce", "kv-single", "kv-fixed", "kv-shuffled"]
 
 
 @dataclass
@@ -671,14 +718,22 @@ class CompareConfig(Record):
 
     out: str = option("compare-out", help="output directory (runs/<arm>/seed-<n>, compare.json, compare.html)")
     seeds: int = option(
-        3, help="seeds 0 .. seeds-1 per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom); "
+        10, help="seeds 0 .. seeds-1 per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom); "
         "a seed sets the shuffle order and the adapters' init"
     )
-    arms: list[str] = option(factory=lambda: list(COMPARE_ARMS), help="arms to run; 'ce' is required (differences are paired against it)")
+    arms: list[str] = option(factory=lambda: list(COMPARE_ARMS), help="arms to run; the baseline arm is required (differences are paired against it)")
+    baseline: str = option("ce", help="the arm every difference is paired against (e.g. latent-codi for a latent-mode sweep)")
     arm_overrides: dict[str, dict[str, Any]] = option(
         factory=dict, help="adds or replaces arms: name -> TrainConfig overrides, e.g. kv-cos={kv_loss: cosine}"
     )
     steps: int = option(300, help="optimizer steps per run")
+    curve_steps: list[int] = option(
+        factory=list, help="sample efficiency: also train curve_arms at these step budgets (e.g. 100,1000), each a run "
+        "with its own schedule, and report accuracy against steps and the CE steps a KV arm's accuracy is worth"
+    )
+    curve_arms: list[str] = option(factory=lambda: ["ce", "kv-fixed"], help="arms trained at every curve_steps budget (with the baseline)")
+    curve_seeds: int | None = option(None, help="seeds per curve budget (default: seeds)")
+    bootstrap: int = option(2000, help="bootstrap resamples (seeds, then questions, paired) for the accuracy differences; 0: none")
     train: dict[str, Any] = option(factory=dict, help="TrainConfig overrides shared by every arm, e.g. kv_loss=cosine,lr=0.003")
     demo: DemoConfig = option(
         factory=DemoConfig, help="the embedded default: `kvdistill demo` with this config is run first for its teachers "
@@ -695,9 +750,16 @@ class CompareConfig(Record):
             raise ConfigError(f"CompareConfig.seeds: a confidence interval needs >= 2 seeds, got {self.seeds}")
         if self.steps < 1:
             raise ConfigError(f"CompareConfig.steps: must be >= 1, got {self.steps}")
+        if any(n < 1 for n in self.curve_steps):
+            raise ConfigError(f"CompareConfig.curve_steps: every budget must be >= 1, got {self.curve_steps}")
+        if self.curve_steps and self.baseline not in self.curve_arms:
+            raise ConfigError(f"CompareConfig.curve_arms: the curve is read against the baseline {self.baseline!r}; add it to {self.curve_arms}")
+        if self.curve_seeds is not None and self.curve_seeds < 2:
+            raise ConfigError(f"CompareConfig.curve_seeds: a confidence interval needs >= 2 seeds, got {self.curve_seeds}")
+        self.check_min(0, "bootstrap")
         self.check_min(1, "max_new_tokens")
-        if "ce" not in self.arms:
-            raise ConfigError(f"CompareConfig.arms: differences are paired against the 'ce' arm; add it to {self.arms}")
+        if self.baseline not in self.arms:
+            raise ConfigError(f"CompareConfig.arms: differences are paired against the baseline {self.baseline!r}; add it to {self.arms}")
         dup = sorted({a for a in self.arms if self.arms.count(a) > 1})
         if dup:
             raise ConfigError(f"CompareConfig.arms: {dup} listed twice")

@@ -1,6 +1,6 @@
 """The KV store: zarr v3 shards with atomic commit, or the same records as webdataset tars.
 
-    layout.py    names, paths, the index schema, store / teacher specs (read and write)
+    layout.py    names, paths, the index schema, store / teacher specs, the dump's tokenizers
     errors.py    StoreError and its kinds (the CLI maps them to exit codes)
     writer.py    ShardWriter and the one-writer-per-shard protocol (both backends); lock.py
     reader.py    ShardReader, read_kv, open_root, read_index; rows.py (checked chunk reads)
@@ -9,18 +9,19 @@
     summary.py   inspect / format_inspect
     samples.py   a zarr store's samples in the trainer's format, read ahead
     wds.py       the webdataset backend (writer, checked reader, convert)
-    backend.py   open_shard_writer / shard_samples: either backend behind one call
+    backend.py   open_shard_writer / shard_samples / read_sample: either backend behind one call
     verify.py, stats.py, plan.py, cli.py   `kvdistill store verify / stats / plan / ...`
 """
 
 from kvdistill.schemas import StoreSpec, TeacherSpec
 
-from .backend import open_shard_writer, shard_samples
+from .backend import open_shard_writer, read_sample, shard_samples
 from .errors import StoreError
 from .index import finalize
 from .layout import (
     init_store,
     init_teacher,
+    init_tokenizer,
     is_wds_store,
     read_store_spec,
     read_teacher_specs,
@@ -41,6 +42,7 @@ def open_specs(path) -> tuple[StoreSpec, dict[str, TeacherSpec]]:
 __all__ = [
     "open_specs",
     "open_shard_writer",
+    "read_sample",
     "shard_samples",
     "is_wds_store",
     "WdsShardWriter",
@@ -56,6 +58,7 @@ __all__ = [
     "format_inspect",
     "init_store",
     "init_teacher",
+    "init_tokenizer",
     "inspect",
     "open_root",
     "read_index",

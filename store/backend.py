@@ -1,5 +1,6 @@
 """One interface over both backends (zarr, webdataset): open the writer of a shard, read the
-samples of shards. The store's spec says which backend a store is; callers never branch on it.
+samples of shards, read one sample. The store's spec says which backend a store is; callers
+never branch on it.
 
     with open_shard_writer(store, "teacher-a", 3, spec, width=64, codec="float16") as w:
         w.write("id-1", k, v, input_ids, loss_mask, segment_ids)
@@ -15,14 +16,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from kvdistill.schemas import StoreSpec
 
-from .layout import is_wds_store
+from .errors import StoreError
+from .layout import (
+    INDEX,
+    is_wds_store,
+    read_store_spec,
+    shard_attrs,
+    shard_is_complete,
+    shard_name,
+    tar_path,
+    teacher_dir,
+)
+from .reader import ShardReader
 from .samples import check_latent_sample, contract_latent, zarr_samples
-from .wds import WdsShardWriter, wds_shard_samples
+from .wds import WdsShardWriter, decode_record, tar_records, wds_shard_samples
 from .writer import ShardWriter, compression
 
-__all__ = ["open_shard_writer", "shard_samples"]
+__all__ = ["open_shard_writer", "shard_samples", "read_sample"]
 
 
 def open_shard_writer(
@@ -81,6 +95,7 @@ def shard_samples(
 def _tar_samples(store: str | Path, teachers: list[str], shards: list[int], read_latent: bool) -> Iterator[dict[str, Any]]:
     """A webdataset store's samples in the zarr path's form: latent records only with read_latent."""
     for sample in wds_shard_samples(store, teachers, shards):
+        sample.pop("example", None)  # the sample's text: for tools (show-alignment), not the trainer
         if read_latent:
             check_latent_sample(sample, teachers, sample["shard"])
             sample["latent"] = {t: contract_latent(x) for t, x in sample["latent"].items()}
@@ -88,3 +103,52 @@ def _tar_samples(store: str | Path, teachers: list[str], shards: list[int], read
             sample.pop("latent", None)
             sample.pop("segment_ids", None)
         yield sample
+
+
+def read_sample(store: str | Path, teacher: str, sample_id: str) -> dict[str, Any]:
+    """One sample of one teacher's shards, either backend, for tools that look at a single sample:
+
+        {"shard", "input_ids" [T] int32, "segment_ids" [T] uint8 or None, "example":
+         {"question", "reasoning", "answer"} or None (both None in stores written before
+         kvdistill recorded them)}
+
+    Found through index.parquet, or (a store not finalized yet) the shards' sample ids. A sample
+    that is not there is a StoreError saying so (and whether the dump skipped it)."""
+    store = Path(store)
+    shard, j = _locate(store, teacher, sample_id)
+    if is_wds_store(store):
+        for record in tar_records(tar_path(store, teacher, shard)):
+            if record["__key__"] == sample_id:
+                r = decode_record(record)
+                return {"shard": shard, "input_ids": r["input_ids"], "segment_ids": r.get("segment_ids"), "example": r.get("example")}
+        raise StoreError(f"store {store}: teacher {teacher!r} {tar_path(store, teacher, shard).name} lacks sample {sample_id!r} its record lists")
+    r = ShardReader(store, teacher, shard)
+    names = ("input_ids", *(("segment_ids",) if "segment_ids" in r.names else ()))
+    rows = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), names)
+    examples = r.examples(j, j + 1)
+    return {"shard": shard, "input_ids": rows["input_ids"], "segment_ids": rows.get("segment_ids"), "example": examples[0] if examples else None}
+
+
+def _locate(store: Path, teacher: str, sample_id: str) -> tuple[int, int]:
+    """(shard, index in the shard) of a sample of `teacher`."""
+    if (store / INDEX).exists():
+        t = pq.read_table(store / INDEX, columns=["shard", "sample_index"], filters=[("teacher", "==", teacher), ("sample_id", "==", sample_id)])
+        if t.num_rows:
+            return int(t["shard"][0].as_py()), int(t["sample_index"][0].as_py())
+    ids, skipped = [], {}
+    for i in range(read_store_spec(store).num_shards):
+        if not shard_is_complete(store, teacher, i):
+            continue
+        attrs = shard_attrs(teacher_dir(store, teacher) / shard_name(i)) or {}
+        shard_ids = attrs["sample_ids"] if "sample_ids" in attrs else ShardReader(store, teacher, i).sample_ids
+        if sample_id in shard_ids:
+            return i, shard_ids.index(sample_id)
+        ids += shard_ids
+        skipped |= dict.fromkeys(attrs.get("skipped", []), attrs.get("max_len"))
+    if sample_id in skipped:
+        raise StoreError(
+            f"store {store}: sample {sample_id!r} was skipped by teacher {teacher!r}'s dump (over max_len {skipped[sample_id]}); "
+            "pick another sample (`kvdistill store inspect` counts them)"
+        )
+    some = ", ".join(repr(x) for x in ids[:3]) or "none"
+    raise StoreError(f"store {store}: teacher {teacher!r} holds no sample {sample_id!r} ({len(ids)} samples, e.g. {some})")

@@ -1,5 +1,6 @@
-"""`kvdistill store finalize | inspect | verify | stats | plan`: close a store after its dump
-tasks, look inside it, check every byte of it, summarise its K/V, or size one before dumping."""
+"""`kvdistill store finalize | inspect | verify | stats | plan | show-alignment`: close a store
+after its dump tasks, look inside it, check every byte of it, summarise its K/V, size one before
+dumping, or draw the alignment one sample was trained on."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from kvdistill.errors import ExitCode
 from .plan import KV_DTYPES
 
 
-def add_parser(sub, plan_main) -> None:
-    """`plan_main(args)`: the tokenising front end of `store plan` (it loads tokenizers and configs, so
-    it lives with the dump stage; the store itself knows no models)."""
-    p = sub.add_parser("store", help="finalize, inspect, verify, summarise or plan a KV store", description=__doc__)
+def add_parser(sub, plan_main, show_alignment_main=None) -> None:
+    """`plan_main(args)`: the tokenising front end of `store plan`; `show_alignment_main(args)`: that
+    of `store show-alignment` (they load tokenizers and configs, so they live with the dump stage;
+    the store itself knows no models)."""
+    p = sub.add_parser("store", help="finalize, inspect, verify, summarise or plan a KV store, or draw a sample's alignment", description=__doc__)
     ssub = p.add_subparsers(dest="store_command", required=True)
     f = ssub.add_parser("finalize", help="check every shard is complete, write index.parquet and consolidated metadata")
     f.add_argument("store", help="path to the store, e.g. out.zarr")
@@ -68,6 +70,22 @@ def add_parser(sub, plan_main) -> None:
     pl.add_argument("--target-shard-gib", type=float, default=1.0, help="suggest shards of about this size on disk (default: 1)")
     pl.add_argument("--compression", type=float, help="expected compression ratio (default: 1.3 for float codecs, 1.0 quantised)")
     pl.set_defaults(func=plan_main)
+    if show_alignment_main is not None:
+        sa = ssub.add_parser(
+            "show-alignment",
+            help="draw one sample's time map (student x teacher tokens) and layer map, rebuilt from the store alone",
+            description="Rebuild the alignment one sample of TEACHER was stored with: its time map A[student token, teacher token] "
+            "(identity, char_overlap or segment_linear, as the dump chose) from the sample's stored text and the tokenizers the "
+            "store recorded, and the layer map W[student layer, teacher layer] (ratio or calibrated CKA) from the teacher spec. "
+            "No teacher weights are loaded. Prints a one-line summary and writes a PNG.",
+        )
+        sa.add_argument("store")
+        sa.add_argument("--teacher", required=True, help="teacher name in the store (`kvdistill store inspect` lists them)")
+        sa.add_argument("--sample", required=True, help="sample id (index.parquet's sample_id column, e.g. synth-train-3)")
+        sa.add_argument("--out", required=True, help="PNG to write, e.g. alignment.png")
+        sa.add_argument("--max-tokens", type=int, default=64, help="draw at most this many student tokens (default: 64; the title says so when cut)")
+        sa.add_argument("--start", type=int, default=0, help="first student token drawn (default: 0)")
+        sa.set_defaults(func=show_alignment_main)
 
 
 def finalize_main(args: argparse.Namespace) -> int:

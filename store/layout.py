@@ -22,10 +22,19 @@ Layout (self-describing: plain `zarr.open_group` and `pyarrow.parquet` read all 
           latent_pos  [n, M, L_t, H_t] int32  kept teacher positions per teacher layer and
                                     KV head, ascending; -1 = padding
           codi_hidden [n, H_t] float32  teacher's final-norm hidden state before the answer
+          examples    [n] str       per sample, JSON {"question", "reasoning", "answer"}: the
+                                    text the dump rendered with each side's prompt template
+                                    (absent in stores written before kvdistill recorded it)
         shard-00000.tar, shard-00000.json   webdataset backend (store/wds.py): the records and
                                     their completion record
+      tokenizers/student/           the tokenizers the dump tokenized with, one zarr array of
+      tokenizers/teachers/<name>/   bytes per file (tokenizer.json, ...); attrs["kvdistill"] =
+                                    {tokenizer: {fingerprint, files}} (absent in older stores)
       .partial/<teacher>/           shards being written and their lock files (store/writer.py)
       index.parquet                 written by `finalize` (store/index.py)
+
+With the sample's text and both tokenizers a reader rebuilds exactly the time map a sample was
+aligned with (`kvdistill store show-alignment`), without the teacher's weights.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kvdistill.schemas import SCHEMA_VERSION, StoreSpec, TeacherSpec
 
@@ -66,6 +76,10 @@ __all__ = [
     "shard_attrs",
     "shard_is_complete",
     "disk_usage",
+    "TOKENIZERS",
+    "tokenizer_dir",
+    "init_tokenizer",
+    "read_tokenizer",
 ]
 
 KEY = "kvdistill"  # the attribute (zarr.json) every kvdistill record sits under
@@ -75,6 +89,7 @@ INDEX_SCHEMA = pa.schema(
 )
 INDEX_COLUMNS = tuple(INDEX_SCHEMA.names)
 PARTIAL = ".partial"  # inside the store: shards being written, their locks, the metadata lock
+TOKENIZERS = "tokenizers"  # the dump's tokenizers, their files as zarr byte arrays
 
 
 def shard_name(shard: int) -> str:
@@ -277,3 +292,56 @@ def is_wds_store(path: str | Path) -> bool:
 def disk_usage(path: str | Path) -> int:
     """Bytes of every file under `path`."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# --- the dump's tokenizers -------------------------------------------------------------------------
+
+
+def tokenizer_dir(path: str | Path, teacher: str | None = None) -> Path:
+    """The group holding the student's tokenizer (teacher None) or teacher `teacher`'s."""
+    return Path(path) / TOKENIZERS / ("student" if teacher is None else f"teachers/{teacher}")
+
+
+def init_tokenizer(path: str | Path, files: dict[str, bytes], fingerprint: str, teacher: str | None = None) -> None:
+    """Record the files of a tokenizer the dump used (`save_pretrained`'s output, read back as
+    bytes), so the store alone can tokenize a sample's text again; the store itself never loads
+    them. A record of the same fingerprint is kept; another one replaces it unless the teacher
+    already holds shards (they were tokenized by the recorded one)."""
+    with _metadata_lock(Path(path)):
+        _init_tokenizer(Path(path), files, fingerprint, teacher)
+
+
+def _init_tokenizer(path: Path, files: dict[str, bytes], fingerprint: str, teacher: str | None) -> None:
+    where = tokenizer_dir(path, teacher)
+    have = read_tokenizer(path, teacher, files=False)
+    if have is not None and have[1] == fingerprint:
+        return
+    if have is not None and teacher is not None and _holds_shards(path, teacher):
+        raise StoreError(
+            f"store {path}: teacher {teacher!r} holds shards tokenized by another tokenizer (fingerprint {have[1]}, "
+            f"this run's {fingerprint}); give this teacher another name (--teacher-name) or use a new --store"
+        )
+    # (the student's fingerprint was checked against the store's by init_store)
+    for d in [path / TOKENIZERS, *([path / TOKENIZERS / "teachers"] if teacher is not None else [])]:
+        zarr.open_group(d, mode="a")  # real parent groups: zarr tools walk the tree without warnings
+    group = zarr.open_group(where, mode="w")  # replaces another or an incomplete record
+    for name, data in sorted(files.items()):
+        group.create_array(name, data=np.frombuffer(data, dtype=np.uint8), compressors=[ZstdCodec(level=3), Crc32cCodec()])
+    group.attrs[KEY] = {"tokenizer": {"fingerprint": fingerprint, "files": sorted(files)}}  # last: marks it complete
+
+
+def read_tokenizer(path: str | Path, teacher: str | None = None, files: bool = True) -> tuple[dict[str, bytes], str] | None:
+    """({file name: bytes}, fingerprint) of a recorded tokenizer (the student's for teacher
+    None), or None if the store has no complete record of it (written before kvdistill recorded
+    tokenizers). files=False: the fingerprint only ({} for the files)."""
+    where = tokenizer_dir(path, teacher)
+    if not (where / "zarr.json").exists():
+        return None
+    rec = group_attrs(where, f"delete {where} and dump {'the student' if teacher is None else repr(teacher)} again").get(KEY)
+    if not rec:
+        return None
+    tok = rec["tokenizer"]
+    if not files:
+        return {}, tok["fingerprint"]
+    group = zarr.open_group(where, mode="r")
+    return {name: group[name][:].tobytes() for name in tok["files"]}, tok["fingerprint"]

@@ -4,6 +4,7 @@ index.parquet)."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -107,6 +108,13 @@ class ShardReader:
                 "teacher into a new --store to use latent mode"
             )
         return {n: self._kv(n, start, stop, decode) if n in ("k", "v") else self.reader(n)[start:stop] for n in names}
+
+    def examples(self, j0: int = 0, j1: int | None = None) -> list[dict[str, str]] | None:
+        """The texts of samples [j0, j1): {"question", "reasoning", "answer"} each; None if the
+        shard was written before kvdistill recorded them."""
+        if "examples" not in self._arrays:
+            return None
+        return [json.loads(str(x)) for x in self.reader("examples")[j0:j1]]
 
     @property
     def has_latent(self) -> bool:

@@ -89,4 +89,5 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers); "
         "ratio = plain float16 bytes / bytes on disk; latent = M compressed reasoning slots per sample (KaVa latent mode)"
     )
+    lines.append("one sample's time map and layer map, drawn: kvdistill store show-alignment STORE --teacher T --sample ID --out fig.png")
     return "\n".join(lines)

@@ -14,7 +14,8 @@ Checks, per teacher and shard (each problem names its teacher, shard, what and t
 - crc32 of every array the shard's `crc32` attribute lists, recomputed from the stored
   (encoded) data in row order; a chunk that does not decode is a problem, not a crash;
 - decoded K/V are finite (no NaN / Inf), read through `ShardReader.rows`;
-- segment_ids, where stored, have one entry per row, each 0 / 1 / 2;
+- segment_ids, where stored, have one entry per row, each 0 / 1 / 2; examples (the samples'
+  texts), where stored, one JSON {question, reasoning, answer} per sample;
 - latent mode (teacher spec `latent`): latent_k / latent_v [samples, M, L_s, width], latent_mask
   [samples, M], latent_pos [samples, M, L_t, H_t] and codi_hidden [samples, H] are there with
   M the spec's slots; the mask is exactly where latent_pos >= 0 (-1 elsewhere), real slots come
@@ -26,6 +27,7 @@ Checks, per teacher and shard (each problem names its teacher, shard, what and t
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,7 @@ from .layout import (
 )
 from .reader import ShardReader
 from .rows import checked_reader, missing_chunks
+from .writer import EXAMPLE_KEYS
 
 __all__ = ["Problem", "verify", "format_problems"]
 
@@ -283,6 +286,8 @@ def _verify_shard(
             seg = None
         elif seg.size and seg.max() > 2:
             report(f"segment_ids hold {int(seg.max())}; only 0 (prompt), 1 (reasoning), 2 (answer) exist")
+    if "examples" in group and "examples" not in undecodable:
+        _check_examples(group["examples"], samples, report)
     if tspec.latent is not None and sound and not any(u.startswith(("latent_", "codi_")) for u in undecodable):
         if "latent" not in attrs or any(a not in group for a in ("latent_k", "latent_v", "latent_mask", "latent_pos")):
             report("lacks the latent arrays its teacher spec asks for (latent_k, latent_v, latent_mask, latent_pos)")
@@ -295,6 +300,26 @@ def _verify_shard(
                 tokens = seg if tspec.time_map == "identity" else None
                 _check_latent(lat, tspec, L_s, width, samples, offsets, tokens, bool(attrs["latent"].get("hidden")), report)
     return (ids, offsets) if sound else None
+
+
+def _check_examples(arr, samples: int, report) -> None:
+    """The samples' texts: one JSON {"question", "reasoning", "answer"} of strings per sample."""
+    if arr.shape != (samples,):
+        report(f"examples has shape {arr.shape}, expected ({samples},)")
+        return
+    try:
+        texts = arr[:]
+    except Exception as e:  # any codec error of a corrupt chunk is a finding
+        report(f"examples do not decode ({_decode_error(e)})")
+        return
+    for j, x in enumerate(texts):
+        try:
+            ex = json.loads(str(x))
+        except ValueError:
+            ex = None
+        if not isinstance(ex, dict) or sorted(ex) != sorted(EXAMPLE_KEYS) or not all(isinstance(v, str) for v in ex.values()):
+            report(f"examples[{j}] is not a JSON object of {list(EXAMPLE_KEYS)} strings")
+            return
 
 
 def _check_latent(lat, tspec: TeacherSpec, L_s: int, width: int, samples: int, offsets, segment_ids, hidden: bool, report) -> None:

@@ -12,7 +12,8 @@ TeacherSpec) is the same zarr JSON as the zarr backend's, so every metadata tool
             <id>.latent_k.npy, <id>.latent_v.npy     [M, L_s, D]   latent mode only (as in the
             <id>.latent_mask.npy [M], <id>.latent_pos.npy [M, L_t, H_t]   zarr store, one sample)
             <id>.codi_hidden.npy [H_t]                               when stored
-            <id>.json                        {"sample_id", "teacher", "shard", "tokens"}
+            <id>.json                        {"sample_id", "teacher", "shard", "tokens", "example":
+                                             {"question", "reasoning", "answer"} (newer stores)}
         shard-00000.json             completion record: samples, rows, offsets, sample_ids and
                                      "crc32c": {"tar": crc32c of the whole tar file, "size": its
                                      bytes, "members": the member suffixes of every record
@@ -71,9 +72,11 @@ from .index import finalize
 from .layout import (
     init_store,
     init_teacher,
+    init_tokenizer,
     partial_dir,
     read_store_spec,
     read_teacher_specs,
+    read_tokenizer,
     shard_attrs,
     shard_name,
     sidecar_path,
@@ -81,7 +84,7 @@ from .layout import (
     teacher_dir,
 )
 from .reader import ShardReader
-from .writer import ShardWriter, acquire_shard, compression, release_shard
+from .writer import ShardWriter, acquire_shard, compression, example_json, release_shard
 
 __all__ = [
     "WdsShardWriter",
@@ -149,6 +152,7 @@ class WdsShardWriter:
         self.M = latent_slots
         self.has_segments: bool | None = None
         self.has_hidden: bool | None = None
+        self.has_examples: bool | None = None
 
     def _kv(self, sample_id: str, name: str, x: np.ndarray) -> np.ndarray:
         out = np.ascontiguousarray(x, dtype=self.dtype)
@@ -162,6 +166,7 @@ class WdsShardWriter:
     def write(
         self, sample_id: str, k: np.ndarray, v: np.ndarray, input_ids: np.ndarray, loss_mask: np.ndarray,
         segment_ids: np.ndarray | None = None, latent: dict[str, np.ndarray] | None = None,
+        example: dict[str, str] | None = None,
     ) -> None:
         T = len(input_ids)
         if k.shape != (T, self.L, self.D) or v.shape != (T, self.L, self.D):
@@ -176,7 +181,14 @@ class WdsShardWriter:
             "loss_mask.npy": np.asarray(loss_mask, dtype=np.bool_),
         }
         record = {n: _npy(x) for n, x in arrays.items()}
-        record["json"] = json.dumps({"sample_id": sample_id, "teacher": self.teacher, "shard": self.shard, "tokens": T}).encode()
+        meta = {"sample_id": sample_id, "teacher": self.teacher, "shard": self.shard, "tokens": T}
+        if not self.sample_ids:
+            self.has_examples = example is not None
+        if (example is not None) != self.has_examples:
+            raise ValueError(f"sample {sample_id}: an example must be given for every sample of a shard or for none")
+        if example is not None:
+            meta["example"] = json.loads(example_json(sample_id, example))
+        record["json"] = json.dumps(meta, ensure_ascii=False).encode()
         members = sorted(record)
         if self.members is None:
             self.members = members
@@ -433,6 +445,13 @@ def decode_record(sample: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(k for k in sample if not k.startswith("__") and k not in {f"{a}.npy" for a in ARRAYS + OPTIONAL} | {"json"})
     if unknown:
         raise StoreError(f"{sample.get('__url__')}: record {sample['__key__']} has unexpected members {unknown}")
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as e:
+            raise StoreError(f"{sample.get('__url__')}: {sample['__key__']}.json is not valid JSON ({e})") from e
+        if isinstance(meta, dict) and meta.get("example") is not None:
+            out["example"] = meta["example"]
     for name in ARRAYS + tuple(a for a in OPTIONAL if f"{a}.npy" in sample):
         try:
             out[name] = np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False)
@@ -484,6 +503,8 @@ def _zip(teachers: list[str], pipes) -> Iterator[dict[str, Any]]:
         }
         if "segment_ids" in head:
             out["segment_ids"] = head["segment_ids"]
+        if "example" in head:
+            out["example"] = head["example"]
         latent = {t: latent_record(r) for t, r in zip(teachers, records, strict=True) if "latent_k" in r}
         if latent:
             out["latent"] = latent
@@ -578,6 +599,9 @@ def _convert(src: Path, dst: Path, spec, teachers: dict, backend: str, targets: 
     }))
     writer_cls = ShardWriter if backend == "zarr" else WdsShardWriter
     level = compression(spec) if backend == "zarr" else {}
+    for who in (None, *teachers):  # the dump's tokenizers, where recorded
+        if (tok := read_tokenizer(src, who)) is not None:
+            init_tokenizer(dst, *tok, teacher=who)
     for name, t in teachers.items():
         init_teacher(dst, type(t).from_dict({**t.to_dict(), "kv_dtype": targets[name]}), _projection(src, name))
         for i in range(spec.num_shards):
@@ -586,7 +610,7 @@ def _convert(src: Path, dst: Path, spec, teachers: dict, backend: str, targets: 
             with writer_cls(dst, name, i, num_layers=spec.geometry.num_layers, width=t.width, codec=targets[name], latent_slots=slots, **level) as w:
                 for s in (wds_samples(src, [name], i) if spec.backend == "webdataset" else _zarr_samples(src, name, i)):
                     k, v = s["kv"][name]
-                    w.write(s["sample_id"], k, v, s["input_ids"], s["loss_mask"], s.get("segment_ids"), s.get("latent", {}).get(name))
+                    w.write(s["sample_id"], k, v, s["input_ids"], s["loss_mask"], s.get("segment_ids"), s.get("latent", {}).get(name), s.get("example"))
                 w.close(extra_attrs={a: rec[a] for a in _DUMP_ATTRS if a in rec})
     finalize(dst)
 
@@ -606,6 +630,7 @@ def _zarr_samples(src: Path, teacher: str, shard: int) -> Iterator[dict[str, Any
     crc32c; a missing chunk is CorruptShard)."""
     r = ShardReader(src, teacher, shard)
     names = ("k", "v", "input_ids", "loss_mask", *(("segment_ids",) if "segment_ids" in r.group else ()))
+    examples = r.examples()
     for j, sid in enumerate(r.sample_ids):
         x = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), names)
         s = {"sample_id": sid, "input_ids": x["input_ids"], "loss_mask": x["loss_mask"], "kv": {teacher: (x["k"], x["v"])}}
@@ -613,6 +638,8 @@ def _zarr_samples(src: Path, teacher: str, shard: int) -> Iterator[dict[str, Any
             s["segment_ids"] = x["segment_ids"]
         if r.has_latent:
             s["latent"] = {teacher: {a: b[0] for a, b in r.latent(j, j + 1).items()}}
+        if examples is not None:
+            s["example"] = examples[j]
         yield s
 
 

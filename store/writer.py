@@ -16,6 +16,7 @@ every kvdistill reader refuses it instead of reading zarr's fill value.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -48,6 +49,8 @@ __all__ = [
     "ShardWriter",
     "compression",
     "latent_codec",
+    "EXAMPLE_KEYS",
+    "example_json",
     "shard_lock",
     "acquire_shard",
     "release_shard",
@@ -157,6 +160,7 @@ class ShardWriter:
         self.offsets = [0]
         self.crc: dict[str, int] = {}
         self.has_segments: bool | None = None  # decided by the first write
+        self.examples: list[str] | None = None  # JSON per sample, when the first write gives one
         self.M = latent_slots
         self.latent_codec = latent_codec(codec)
         self._lat: dict[str, list[np.ndarray]] = {}  # latent arrays per sample, flushed in whole zarr shards
@@ -172,9 +176,11 @@ class ShardWriter:
         loss_mask: np.ndarray,
         segment_ids: np.ndarray | None = None,
         latent: dict[str, np.ndarray] | None = None,
+        example: dict[str, str] | None = None,
     ) -> None:
         """k, v: [T, L, D]; input_ids, loss_mask, segment_ids: [T]; latent: see the class
-        docstring. Encoded with the codec at flush."""
+        docstring; example: the sample's {"question", "reasoning", "answer"} (every sample of a
+        shard or none), stored as JSON in `examples`. Encoded with the codec at flush."""
         T = len(input_ids)
         if k.shape != (T, self.L, self.D) or v.shape != (T, self.L, self.D) or len(loss_mask) != T:
             raise ValueError(
@@ -192,6 +198,7 @@ class ShardWriter:
             )
         if segment_ids is not None:
             self._buf["segment_ids"].append(np.asarray(segment_ids, dtype=np.uint8))
+        self._add_example(sample_id, example)
         self._add_latent(sample_id, latent)
         kv_dtype = np.float16 if self.codec == "float16" else np.float32
         self._buf["k"].append(np.ascontiguousarray(k, dtype=kv_dtype))
@@ -205,6 +212,14 @@ class ShardWriter:
         if self._buf_rows >= self.shard_rows:
             with names_path(self.tmp):
                 self._flush(final=False)
+
+    def _add_example(self, sample_id: str, example: dict[str, str] | None) -> None:
+        if not self.sample_ids:
+            self.examples = None if example is None else []
+        if (example is None) != (self.examples is None):
+            raise ValueError(f"sample {sample_id}: an example must be given for every sample of a shard or for none")
+        if example is not None:
+            self.examples.append(example_json(sample_id, example))
 
     def _add_latent(self, sample_id: str, latent: dict[str, np.ndarray] | None) -> None:
         if (latent is None) != (self.M is None):
@@ -337,6 +352,9 @@ class ShardWriter:
         ids = self.group.create_array("sample_ids", shape=(n,), dtype=str, compressors=SMALL_CODECS, config=WRITE_ALL)
         if n:
             ids[:] = np.asarray(self.sample_ids, dtype=str)
+        if self.examples:
+            ex = self.group.create_array("examples", shape=(n,), dtype=str, compressors=SMALL_CODECS, config=WRITE_ALL)
+            ex[:] = np.asarray(self.examples, dtype=str)
         self.group.attrs[KEY] = {
             "complete": True,
             "teacher": self.teacher,
@@ -394,6 +412,16 @@ def acquire_shard(path: str | Path, teacher: str, shard: int, on_busy: str = "fa
 def release_shard(lock: FileLock, path: str | Path, teacher: str) -> None:
     lock.release()
     _remove_empty_partial_dirs(path, teacher)
+
+
+EXAMPLE_KEYS = ("question", "reasoning", "answer")
+
+
+def example_json(sample_id: str, example: dict[str, str]) -> str:
+    """A sample's text as stored (both backends): JSON of exactly EXAMPLE_KEYS, strings."""
+    if sorted(example) != sorted(EXAMPLE_KEYS) or not all(isinstance(v, str) for v in example.values()):
+        raise ValueError(f"sample {sample_id}: example must map {list(EXAMPLE_KEYS)} to strings, got keys {sorted(example)}")
+    return json.dumps({k: example[k] for k in EXAMPLE_KEYS}, ensure_ascii=False)
 
 
 def latent_codec(codec: str) -> str:

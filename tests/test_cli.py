@@ -220,9 +220,12 @@ SAMPLE = {
     "DumpTask.backend": "zarr", "DumpConfig.backend": "zarr",  # webdataset refuses a compression level
     "TrainConfig.mode": "cot",  # latent mode refuses the cot-only fusion / adapter settings
     "TrainConfig.router_groups": 3,
+    "TrainConfig.z_dim": 0,  # Z space on refuses the adapter / attention settings sampled here (its own flags still round-trip)
     "TrainConfig.val_shards": 0,  # with val_store: one source of validation data
     "TrainConfig.metric_for_best_model": "val_ce",
     "CompareConfig.arms": ["ce", "kv-fixed"],
+    "CompareConfig.baseline": "kv-fixed",
+    "CompareConfig.curve_arms": ["kv-fixed", "ce"],  # holds the baseline
 }
 
 
@@ -251,7 +254,7 @@ def _sample(owner: type, f: dataclasses.Field, tp: Any) -> Any:
             return list(typing.get_args(args[0]))
         if isinstance(args[0], type) and issubclass(args[0], Record):
             return [{"name_or_path": "t1", "name": "t-one"}, {"name_or_path": "t2"}]
-        return ["a", "b"]
+        return [100, 1000] if args[0] is int else ["a", "b"]
     if origin is dict:
         if args[1] is Any:
             return {"kv_loss": "cosine", "lr": 0.003}
@@ -424,7 +427,7 @@ def test_train_help_is_grouped_in_order_and_shows_the_records_defaults(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     headings = re.findall(r"^(\S[^:\n]*):$", out, flags=re.M)
-    assert headings == ["positional arguments", "options", "data", "models", "optimisation", "KV loss", "fusion", "latent",
+    assert headings == ["positional arguments", "options", "data", "models", "optimisation", "KV loss", "fusion", "Z space", "latent",
                         "checkpointing", "validation", "logging"]
     assert re.search(r"--lr LR, --learning-rate LR\s+student learning rate \(default: 0\.001\)", out)
     assert re.search(r"--lora-targets LORA_TARGETS,...\s+modules LoRA adapts \(default:\s+q_proj,k_proj,v_proj,o_proj\)", out)
@@ -479,6 +482,11 @@ def test_compare_trains_its_latent_arms_with_the_recipe_of_kvdistill_train(tmp_p
                     "--max-steps", "40", "--seed", "1", "--device", "cpu"])
     assert run == same and run.lora_r == load_recipe("kava")["lora_r"]
     assert plan["ce"][1].lora_r == 0  # mode cot: the default recipe
+    # On the embedded default the student is random-init: every arm trains all its weights.
+    from kvdistill.compare import demo_base
+
+    plan = arm_configs(cfg, "s.zarr", ModelSpec(name_or_path="s"), demo_base(cfg), latent_store="l.zarr")
+    assert plan["latent-kv"][0].lora_r == 0 and plan["latent-kv"][0].codi_weight == load_recipe("kava")["codi_weight"]
 
 
 # --- `train diagnose` keeps what `train` parsed before it -----------------------------------------
@@ -488,7 +496,7 @@ def test_diagnose_keeps_the_config_and_flags_given_before_it(tmp_path, monkeypat
     import kvdistill.train.diagnose as diag
 
     seen = []
-    monkeypatch.setattr(diag, "diagnose", lambda cfg, batches: seen.append((cfg, batches)) or {})
+    monkeypatch.setattr(diag, "diagnose", lambda cfg, batches, checkpoint=None: seen.append((cfg, batches)) or {})
     monkeypatch.setattr(diag, "format_table", lambda result: "table")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"store": "s.zarr", "student": {"name_or_path": "s"}, "out": "o", "max_steps": 7, "kv_weight": 0.5}))

@@ -382,7 +382,7 @@ def test_compare_runs_latent_arms_on_a_latent_store(latent_store, tmp_path):
 
     data = DataSpec.from_dict({**DATA.to_dict(), "split": "test", "limit": 3})
     cfg = CompareConfig(out=str(tmp_path / "cmp"), seeds=2, arms=["ce", "latent-codi", "latent-shuffled"], steps=2, store=str(latent_store["store"]),
-                        student=latent_store["student"], eval_data=data, max_new_tokens=4, device="cpu",
+                        student=latent_store["student"], eval_data=data, max_new_tokens=4, device="cpu", baseline="latent-codi",
                         train={"batch_size": 4, "warmup_steps": 1, "shuffle_buffer": 8, "log_every": 1, "teachers": ["teacher-a", "teacher-b"]})
     result = run_compare(cfg, progress=False)
     for arm in ("latent-codi", "latent-shuffled"):
@@ -392,7 +392,12 @@ def test_compare_runs_latent_arms_on_a_latent_store(latent_store, tmp_path):
         ev = json.loads((run / "eval.json").read_text())
         assert ev["mode"] == "latent" and ev["n"] == 3
     assert TrainConfig.load(tmp_path / "cmp" / "runs" / "latent-shuffled" / "seed-1" / "train_config.yaml").kv_control == "shuffled"
-    assert "vs_ce" in result["arms"]["latent-codi"]
+    # Paired against the CODI-only arm, the baseline a latent KV sweep is read against.
+    assert result["baseline"] == "latent-codi" and "vs_baseline" not in result["arms"]["latent-codi"]
+    codi = {r["seed"]: r["accuracy"] for r in result["arms"]["latent-codi"]["runs"]}
+    for arm in ("ce", "latent-shuffled"):
+        runs = result["arms"][arm]["runs"]
+        assert result["arms"][arm]["vs_baseline"]["accuracy"]["values"] == pytest.approx([r["accuracy"] - codi[r["seed"]] for r in runs])
 
 
 @pytest.mark.parametrize("option", [{"fusion": "router"}, {"adapter": "headwise"}, {"kv_attn_weight": "student"}, {"layer_anneal_steps": 10}])
@@ -402,3 +407,104 @@ def test_latent_mode_refuses_options_only_the_written_chain_trainer_has(option):
     with pytest.raises(ConfigError, match=next(iter(option))):
         TrainConfig(store="s.zarr", student=ModelSpec(name_or_path="s"), out="o", mode="latent", **option)
     TrainConfig(store="s.zarr", student=ModelSpec(name_or_path="s"), out="o", mode="cot", **option)  # fine there
+
+
+# --- `kvdistill train diagnose` in latent mode -----------------------------------------------------
+
+
+def test_latent_diagnose_reports_every_term_its_gradients_on_student_head_and_adapters_and_balancing_weights(latent_store, tmp_path, capsys):
+    from kvdistill.train.diagnose import diagnose, format_table
+
+    cfg = _cfg(latent_store, tmp_path / "diag", ce_weight=0.5, kv_weight=2.0, cot_weight=0.25)
+    result = diagnose(cfg, batches=2)
+    with capsys.disabled():  # visible with pytest -s
+        print("\n" + format_table(result))
+    t = result["terms"]
+    assert result["mode"] == "latent" and result["batches"] == 2 and result["ce_term"] == "ce_answer" and result["checkpoint"] is None
+    assert list(t) == ["ce_answer", "ce_cot", "codi", "kv_k", "kv_v", "kv"]
+    for name, r in t.items():
+        assert np.isfinite([r["value"], r["grad_student"], r["grad_head"], r["grad_adapters"]]).all() and r["grad_student"] > 0, name
+        assert r["weighted_grad_student"] == pytest.approx(abs(r["weight"]) * r["grad_student"]), name
+        assert -1 <= r["cos_ce"] <= 1 + 1e-9, name
+    assert (t["ce_answer"]["weight"], t["ce_cot"]["weight"], t["codi"]["weight"], t["kv"]["weight"]) == (0.5, 0.25, 10.0, 2.0)
+    assert t["ce_answer"]["cos_ce"] == 1.0
+    # What reaches what: the written chain never sees the latents; answer CE reaches the head but no
+    # adapter or CODI map; CODI and the slot K/V reach the head and their own maps.
+    assert t["ce_cot"]["grad_head"] == 0 and t["ce_cot"]["grad_adapters"] == 0
+    assert t["ce_answer"]["grad_head"] > 0 and t["ce_answer"]["grad_adapters"] == 0
+    for name in ("codi", "kv_k", "kv_v", "kv"):
+        assert t[name]["grad_head"] > 0 and t[name]["grad_adapters"] > 0, name
+    assert t["kv"]["value"] == pytest.approx(t["kv_k"]["value"] + t["kv_v"]["value"])
+    assert t["kv"]["grad_student"] <= t["kv_k"]["grad_student"] + t["kv_v"]["grad_student"] + 1e-9
+    ce_ref = 0.5 * t["ce_answer"]["grad_student"]
+    sug = result["suggested"]
+    assert set(sug) == {"kv_weight", "codi_weight", "cot_weight"}
+    for field, term in (("kv_weight", "kv"), ("codi_weight", "codi"), ("cot_weight", "ce_cot")):
+        assert sug[field] * t[term]["grad_student"] == pytest.approx(ce_ref), field
+        assert t[term]["vs_ce"] == pytest.approx(t[term]["weighted_grad_student"] / ce_ref), term
+    table = format_table(result)
+    assert all(name in table for name in t) and "|grad| head" in table and "codi_weight" in table and "cos(CE)" in table
+    assert not (tmp_path / "diag").exists()  # nothing trained, nothing written
+
+
+def test_latent_diagnose_leaves_out_terms_whose_weight_is_0_as_train_does(latent_store, tmp_path):
+    from kvdistill.train.diagnose import diagnose
+
+    result = diagnose(_cfg(latent_store, tmp_path / "d", kv_weight=0.0, cot_weight=0.0), batches=1)
+    assert list(result["terms"]) == ["ce_answer", "codi"] and set(result["suggested"]) == {"codi_weight"}
+    assert result["terms"]["codi"]["grad_adapters"] > 0  # the CODI maps (no KV adapter is built)
+
+
+def test_diagnose_at_a_trained_checkpoint_loads_its_weights_and_differs_from_init(latent_run, tmp_path, capsys):
+    from kvdistill.core.models import pad_token_id
+    from kvdistill.schemas import ConfigError
+    from kvdistill.train.diagnose import diagnose, load_trained
+    from kvdistill.train.latent import latent_mode
+    from kvdistill.train.student import load_student
+
+    out, _ = latent_run
+    cfg = TrainConfig.load(out / "train_config.yaml")
+    tokenizer, student, spec, teachers = load_student(cfg)
+    mode = latent_mode(cfg, student, spec, teachers, pad_token_id(tokenizer))
+    assert load_trained(mode, cfg, out) == out / "final"
+    state = torch.load(out / "final" / "latent.pt")
+    for part, module in (("head", mode.model.head), ("adapters", mode.model.adapters), ("codi", mode.model.codi)):
+        assert all(torch.equal(module.state_dict()[k], v) for k, v in state[part].items()), part
+    final = transformers.AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert all(torch.equal(mode.model.student.state_dict()[k], v) for k, v in final.items())
+
+    init, trained = diagnose(cfg, batches=2), diagnose(cfg, batches=2, checkpoint=out)
+    assert trained["checkpoint"] == str(out / "final") and list(trained["terms"]) == list(init["terms"])
+    for name in ("ce_answer", "ce_cot", "codi", "kv_k", "kv_v"):  # 12 steps on these samples lower every term
+        assert trained["terms"][name]["value"] < 0.95 * init["terms"][name]["value"], name
+    assert trained["terms"]["kv"]["grad_student"] != init["terms"]["kv"]["grad_student"]
+
+    with pytest.raises(ConfigError, match=r"kv_weight > 0 = True, this config has False.*--config"):
+        diagnose(TrainConfig.from_dict({**cfg.to_dict(), "kv_weight": 0.0}), batches=1, checkpoint=out)
+
+    # the CLI: the run's own config, the table, then its loss curve, and --json
+    capsys.readouterr()
+    assert main(["train", "diagnose", "--checkpoint", str(out), "--batches", "2", "--json", str(tmp_path / "d.json")]) == 0
+    printed = capsys.readouterr().out
+    assert f"loss terms at {out / 'final'}, mode latent" in printed and "kv_k[iter 3]" in printed and "falls" in printed
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert saved["terms"]["kv"]["value"] == pytest.approx(trained["terms"]["kv"]["value"])
+    assert saved["curve"]["terms"]["kv_k"]["trend"] == "falls"
+
+
+def test_diagnose_reads_a_lora_run_the_same_from_final_and_from_its_last_training_checkpoint(latent_store, tmp_path):
+    """final/ holds the merged student and the LoRA adapter (loaded onto the base student);
+    checkpoints/step-N the whole module: at the same step both give the same numbers."""
+    from kvdistill.train.diagnose import diagnose
+
+    out = tmp_path / "lora"
+    cfg = _cfg(latent_store, out, max_steps=2, save_every=2, lora_r=4, lora_alpha=8)
+    train(cfg, progress=False)
+    init = diagnose(cfg, batches=1)
+    a = diagnose(cfg, batches=1, checkpoint=out)
+    b = diagnose(cfg, batches=1, checkpoint=out / "checkpoints" / "step-0000002")
+    assert a["checkpoint"] == str(out / "final") and b["checkpoint"] == str(out / "checkpoints" / "step-0000002")
+    for name, r in a["terms"].items():
+        for key in ("value", "grad_student", "grad_head", "grad_adapters"):
+            assert r[key] == pytest.approx(b["terms"][name][key], rel=1e-4), (name, key)
+    assert a["terms"]["ce_answer"]["value"] != init["terms"]["ce_answer"]["value"]

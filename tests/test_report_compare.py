@@ -12,7 +12,17 @@ import pytest
 import torch
 
 from kvdistill.cli import main
-from kvdistill.compare import mean_ci, run_compare, t_cdf_two_sided, t_quantile
+from kvdistill.compare import (
+    bootstrap_paired,
+    format_compare,
+    holm,
+    mean_ci,
+    paired_stats,
+    run_compare,
+    steps_equivalent,
+    t_cdf_two_sided,
+    t_quantile,
+)
 from kvdistill.schemas import CompareConfig, ConfigError, DataSpec, TrainConfig
 from kvdistill.train import distiller, loop
 from kvdistill.train.report import (
@@ -57,6 +67,55 @@ def test_mean_ci_on_hand_picked_numbers():
     assert s["ci"] == 0.0
     with pytest.raises(ValueError, match=">= 2 values"):
         mean_ci([1.0])
+
+
+def test_paired_t_test_on_hand_picked_numbers():
+    s = paired_stats([0.1, 0.05, 0.2, 0.0, 0.15])  # mean 0.1, sd 0.0791, t = 2.8284 at 4 df
+    assert s["t"] == pytest.approx(2.8284271247461903) and s["d_z"] == pytest.approx(0.1 / 0.07905694150420949)
+    assert s["p"] == pytest.approx(0.04742065558, abs=1e-9)  # published: two-sided p of t = 2.8284, 4 df
+    # MDE = (t(0.975, 4) + t(0.8 one-sided, 4) = 0.940965) x sd / sqrt(5)
+    assert s["mde"] == pytest.approx((2.7764451051977934 + 0.9409645) * 0.07905694150420949 / math.sqrt(5), rel=1e-6)
+    assert paired_stats([0.0, 0.0, 0.0])["p"] == 1.0 and paired_stats([0.1, 0.1])["p"] == 0.0
+
+
+def test_minimum_detectable_effect_has_the_stated_power():
+    """A true paired effect equal to the MDE (at the true sd) is found at p < 0.05 in ~80% of
+    simulated 10-seed experiments; half of it in far fewer (so the formula can fail)."""
+    rng = np.random.default_rng(0)
+    n, sd = 10, 0.05
+    z = rng.normal(0, 1, n)
+    mde = paired_stats(list((z - z.mean()) / z.std(ddof=1) * sd))["mde"]  # at n seeds and an observed sd of exactly `sd`
+    def power(effect):
+        return np.mean([paired_stats(list(rng.normal(effect, sd, n)))["p"] < 0.05 for _ in range(1500)])
+    assert 0.74 < power(mde) < 0.86
+    assert power(mde / 2) < 0.4
+
+
+def test_holm_adjusts_in_order_and_stays_monotone():
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert holm({"a": 0.5}) == {"a": 0.5} and holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
+
+
+def test_bootstrap_pairs_seeds_and_questions():
+    rng = np.random.default_rng(1)
+    ce = (rng.random((6, 300)) < 0.3).astype(float)
+    same = bootstrap_paired(ce, ce, 300)
+    assert (same["mean"], same["lo"], same["hi"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
+    better = np.maximum(ce, rng.random((6, 300)) < 0.1)  # ce plus ~7% more correct answers, paired by question
+    b = bootstrap_paired(better, ce, 500)
+    assert b["lo"] < b["mean"] < b["hi"] and b["lo"] > 0 and b["p"] < 0.01
+    unpaired = bootstrap_paired(rng.permutation(better.ravel()).reshape(6, 300), ce, 500)
+    assert unpaired["hi"] - unpaired["lo"] > 1.5 * (b["hi"] - b["lo"])  # pairing is what makes it tight
+    with pytest.raises(ValueError, match="one shape"):
+        bootstrap_paired(ce, ce[:, :10], 10)
+
+
+def test_steps_equivalent_interpolates_in_log_steps():
+    curve = {100: 0.1, 300: 0.2, 1000: 0.3}
+    assert steps_equivalent(curve, 0.2)["steps"] == pytest.approx(300)
+    assert steps_equivalent(curve, 0.25)["steps"] == pytest.approx(math.sqrt(300 * 1000))
+    assert steps_equivalent(curve, 0.05) == {"steps": None, "bound": "below", "at_most": 100}
+    assert steps_equivalent(curve, 0.4) == {"steps": None, "bound": "above", "at_least": 1000}
 
 
 # ----------------------------------------------------------------------------- shuffled-KV control
@@ -245,7 +304,7 @@ def test_compare_config_round_trips_and_refuses_bad_plans(tiny_store, tmp_path):
     assert CompareConfig.from_yaml(cfg.to_yaml()) == cfg
     cfg.save(tmp_path / "c.yaml")
     assert CompareConfig.load(tmp_path / "c.yaml") == cfg
-    with pytest.raises(ConfigError, match="paired against the 'ce' arm"):
+    with pytest.raises(ConfigError, match="paired against the baseline .ce."):
         CompareConfig(arms=["kv-fixed"])
     with pytest.raises(ConfigError, match=">= 2 seeds"):
         CompareConfig(seeds=1)
@@ -266,11 +325,22 @@ def test_compare_config_round_trips_and_refuses_bad_plans(tiny_store, tmp_path):
 def test_tiny_compare_pairs_arms_with_ce_by_seed_and_reuses_finished_runs(tiny_store, tmp_path, monkeypatch, capsys):
     data = DataSpec(split="test", limit=4, synthetic=tiny_store["data"].synthetic)
     cfg = CompareConfig(out=str(tmp_path / "cmp"), seeds=2, arms=["ce", "kv-shuffled"], steps=2, store=str(tiny_store["store"]),
-                        student=tiny_store["student"], eval_data=data, max_new_tokens=6, device="cpu",
+                        student=tiny_store["student"], eval_data=data, max_new_tokens=6, device="cpu", bootstrap=50,
+                        curve_steps=[1, 2], curve_arms=["ce", "kv-shuffled"],
                         train={"batch_size": 8, "warmup_steps": 1, "shuffle_buffer": 16, "log_every": 1})
     result = run_compare(cfg, progress=False)
     arms = result["arms"]
     assert list(arms) == ["ce", "kv-shuffled"] and result["t_quantile"] == pytest.approx(12.706204736174707)
+    vs = arms["kv-shuffled"]["vs_baseline"]["accuracy"]
+    assert {"p", "p_holm", "d_z", "mde", "bootstrap"} <= set(vs) and vs["bootstrap"]["questions"] == 4 and vs["bootstrap"]["seeds"] == 2
+    assert vs["p_holm"] == vs["p"]  # one test in the family
+    curve = result["curve"]  # budget 2 is the main runs; budget 1 trained for the curve
+    assert curve["steps"] == [1, 2] and set(curve["arms"]["ce"]) == {"1", "2"}
+    assert curve["arms"]["ce"]["2"]["seeds"] == [r["accuracy"] for r in arms["ce"]["runs"]]
+    assert TrainConfig.load(tmp_path / "cmp" / "runs" / "ce" / "steps-1" / "seed-1" / "train_config.yaml").max_steps == 1
+    assert set(curve["baseline_steps_equivalent"]["kv-shuffled"]) == {"1", "2"}
+    printed = format_compare(result)
+    assert "p Holm" in printed and "sample efficiency" in printed
     for name, arm in arms.items():
         assert [r["seed"] for r in arm["runs"]] == [0, 1]
         for r in arm["runs"]:
@@ -280,19 +350,19 @@ def test_tiny_compare_pairs_arms_with_ce_by_seed_and_reuses_finished_runs(tiny_s
         assert arm["perplexity"]["mean"] == pytest.approx(sum(ppl) / 2)
         assert arm["perplexity"]["ci"] == pytest.approx(12.706204736174707 * abs(ppl[0] - ppl[1]) / 2, rel=1e-9)  # s = |a-b|/sqrt2
     diffs = [a["perplexity"] - c["perplexity"] for a, c in zip(arms["kv-shuffled"]["runs"], arms["ce"]["runs"], strict=True)]
-    assert arms["kv-shuffled"]["vs_ce"]["perplexity"]["values"] == pytest.approx(diffs)
-    assert "vs_ce" not in arms["ce"]
+    assert arms["kv-shuffled"]["vs_baseline"]["perplexity"]["values"] == pytest.approx(diffs)
+    assert "vs_baseline" not in arms["ce"]
     assert arms["ce"]["runs"][0]["mean_last_20_kv_k"] is None and arms["kv-shuffled"]["runs"][0]["mean_last_20_kv_k"] is not None
     shuffled_cfg = TrainConfig.load(tmp_path / "cmp" / "runs" / "kv-shuffled" / "seed-1" / "train_config.yaml")
     assert (shuffled_cfg.kv_control, shuffled_cfg.seed, shuffled_cfg.max_steps) == ("shuffled", 1, 2)
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["arms"].keys() == arms.keys()
     page = (tmp_path / "cmp" / "compare.html").read_text()
-    assert "kv-shuffled" in page and len(_images(page)) == 1
+    assert "kv-shuffled" in page and len(_images(page)) == 2 and "Sample efficiency" in page
     assert "kv-shuffled" in capsys.readouterr().out
     # A second compare with the same plan trains nothing and reports the same numbers.
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = run_compare(cfg, progress=False)
-    assert again["arms"]["kv-shuffled"]["vs_ce"] == arms["kv-shuffled"]["vs_ce"]
+    assert again["arms"]["kv-shuffled"]["vs_baseline"] == arms["kv-shuffled"]["vs_baseline"]
     # The run report can carry the compare table.
     run = tmp_path / "cmp" / "runs" / "kv-shuffled" / "seed-0"
     assert "Δ perplexity vs ce" in run_report(run, compare=tmp_path / "cmp")
@@ -303,7 +373,8 @@ def test_default_arms_are_valid_train_configs_with_their_overrides(tiny_store, t
 
     cfg = CompareConfig(out=str(tmp_path), seeds=2, steps=7)
     latent = ["latent-codi", "latent-kv", "latent-shuffled"]  # opt-in: they need a latent store
-    assert cfg.arms == [a for a in ARMS if a not in latent]
+    assert cfg.arms == ["ce", "kv-single", "kv-fixed", "kv-shuffled"]  # the core arms; the rest are opt-in
+    assert CompareConfig().seeds == 10 and set(cfg.arms) <= set(ARMS)
     cfg = CompareConfig(out=str(tmp_path), seeds=2, steps=7, arms=list(ARMS))
     plan = arm_configs(cfg, str(tiny_store["store"]), tiny_store["student"], {"lr": 3e-3}, latent_store="latent.zarr")
     assert list(plan) == list(ARMS) and all(list(seeds) == [0, 1] for seeds in plan.values())

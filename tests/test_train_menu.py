@@ -297,6 +297,41 @@ def test_diagnose_reports_every_term_with_gradient_norms_and_suggested_weights(t
     assert "router_entropy" in printed and "suggested weights" in printed
 
 
+def test_loss_curve_compares_the_first_logged_value_with_the_mean_of_the_last_20_per_term_and_iteration(tmp_path, capsys):
+    from kvdistill.cli import main
+    from kvdistill.train.diagnose import format_curve, loss_curve
+
+    rows = []
+    for i in range(30):  # kv_k falls 2.0 -> 0.55, kv_v flat at 1, codi rises 1 -> 1.29; steps 10..300
+        row = {"step": 10 * (i + 1), "epoch": 0, "lr": 1e-3, "tokens": 100 * i, "loss": 5.0 - 0.1 * i, "kv_k": 2.0 - 0.05 * i, "kv_v": 1.0,
+               "codi": 1.0 + 0.01 * i, "kv_k_iters": [3.0, 2.0 - 0.05 * i], "kv_k_layers": [1.0, 2.0], "route_k_a": 0.5}
+        if i % 10 == 9:
+            row["val_kv_k"] = 9.0
+        rows.append(json.dumps(row))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 310, "kv_k": 0.')  # a killed run's cut-off row
+    curve = loss_curve(tmp_path)
+    assert curve["steps"] == [10, 300] and curve["window"] == 20
+    assert list(curve["terms"]) == ["loss", "kv_k", "kv_v", "codi", "kv_k[iter 1]", "kv_k[iter 2]"]  # no val_, route_, layers, step...
+    kv_k = curve["terms"]["kv_k"]
+    last20 = sum(2.0 - 0.05 * i for i in range(10, 30)) / 20  # 1.025
+    assert kv_k["n"] == 30 and kv_k["first"] == 2.0 and kv_k["mean_last"] == pytest.approx(last20)
+    assert kv_k["change"] == pytest.approx((last20 - 2.0) / 2.0) and kv_k["trend"] == "falls"
+    assert curve["terms"]["kv_v"]["change"] == 0 and curve["terms"]["kv_v"]["trend"] == "flat"
+    assert curve["terms"]["codi"]["trend"] == "rises" and curve["terms"]["kv_k[iter 1]"]["trend"] == "flat"
+    assert curve["terms"]["kv_k[iter 2]"]["mean_last"] == pytest.approx(last20)
+    assert loss_curve(tmp_path, window=5)["terms"]["kv_k"]["mean_last"] == pytest.approx(sum(2.0 - 0.05 * i for i in range(25, 30)) / 5)
+    table = format_curve(curve)
+    assert "kv_k[iter 2]" in table and "-48.8%" in table
+    assert main(["train", "diagnose", "--run", str(tmp_path), "--json", str(tmp_path / "c.json")]) == 0  # no store, no model
+    assert "kv_k[iter 2]" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["curve"]["terms"]["kv_k"]["trend"] == "falls"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        loss_curve(tmp_path)
+    with pytest.raises(FileNotFoundError, match="training run directory"):
+        loss_curve(tmp_path / "nowhere")
+
+
 def test_a_non_finite_cka_term_stops_training_and_is_named(tiny_store, tmp_path, monkeypatch):
     from kvdistill.train import losses
 

@@ -28,6 +28,7 @@ TRAIN_GROUPS = {
     "optimisation": "AdamW and a cosine schedule after a linear warm-up",
     "KV loss": "how the teachers' K/V supervise the student's",
     "fusion": "how the K/V of several teachers are combined",
+    "Z space": "fusion and the KV loss in a common space, for very different teachers (train/zspace.py)",
     "latent": "KaVa latent mode (--mode latent)",
     "checkpointing": "run directory, checkpoints, resume and preemption",
     "validation": "loss terms on held-out data during training",
@@ -57,13 +58,25 @@ def add_parser(sub) -> None:
     tsub = p.add_subparsers(dest="train_command", required=False, metavar="{diagnose}", prog=p.prog)
     d = tsub.add_parser(
         "diagnose",
-        help="loss terms and their gradient norms at init, with suggested weights (no step is taken)",
-        description="Build what `train` builds, run a few batches without stepping, and print each loss term's value and gradient norm. "
-        "Flags may come before `diagnose` or after it.",
+        help="loss terms and their gradient norms at init (or a trained run's: --checkpoint), with suggested weights (no step is taken)",
+        description="Build what `train` builds (either mode), run a few batches without stepping, and print each loss term's value, "
+        "its gradient norms on the student and on the mode's own modules, its gradient's cosine with CE's, and weights that balance "
+        "it with CE. Flags may come before `diagnose` or after it.",
     )
     # SUPPRESS: a flag not given after `diagnose` leaves what `train` parsed before it (its --config too).
     _train_flags(d, suppress=True)
     d.add_argument("--batches", type=int, default=4, help="batches to average over (default: 4)")
+    d.add_argument(
+        "--checkpoint", metavar="RUN_DIR",
+        help="diagnose a trained run's weights instead of the initialisation: a run directory (its final/), a final/ directory or "
+        "RUN_DIR/checkpoints/step-N; the config is the run's train_config.yaml unless --config is given, and the run's loss curve follows",
+    )
+    d.add_argument(
+        "--run", metavar="RUN_DIR",
+        help="only this: do RUN_DIR's logged loss terms fall (metrics.jsonl: first value vs the mean of the last 20, per term and "
+        "per Jacobi iteration)? Builds no model and reads no store",
+    )
+    d.add_argument("--json", metavar="OUT", help="also write the result (terms, suggested weights, curve) as JSON to OUT")
     d.set_defaults(func=diagnose_main)
     e = sub.add_parser("eval", help="greedy-decode answers: accuracy and gold perplexity")
     add_flags(e, EvalConfig)
@@ -85,9 +98,26 @@ def train_main(args: argparse.Namespace) -> int:
 
 
 def diagnose_main(args: argparse.Namespace) -> int:
-    from .diagnose import diagnose, format_table
+    from pathlib import Path
 
-    print(format_table(diagnose(config_of(args), batches=args.batches)))
+    from .diagnose import diagnose, format_curve, format_table, loss_curve, run_dir_of
+
+    result: dict = {}
+    if args.run:
+        result["curve"] = loss_curve(args.run)
+    else:
+        run = run_dir_of(args.checkpoint) if args.checkpoint else None
+        if run is not None and getattr(args, "config", None) is None:  # the run's own config
+            args.config = str(run / "train_config.yaml")
+        result = diagnose(config_of(args), batches=args.batches, checkpoint=args.checkpoint)
+        print(format_table(result))
+        if run is not None and (run / "metrics.jsonl").is_file():
+            result["curve"] = loss_curve(run)
+    if "curve" in result:
+        print(("\n" if not args.run else "") + format_curve(result["curve"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvdistill.core.capture import capture_kv
+from kvdistill.core.capture import attention_layout, capture_kv, rope_heads
 
 from .losses import (
     attention_key_weights,
+    attention_kl,
     layer_anneal_weights,
     layer_std_norm,
+    linear_ramp,
     masked_ce,
     masked_cka_loss,
     masked_kv_loss,
@@ -26,11 +28,12 @@ from .losses import (
 from .mode import Mode
 from .quant import kv_to_device
 from .stream import shuffle_kv
+from .zspace import ZSpace, save_sample
 
 __all__ = ["fixed_weights", "KVAdapter", "HeadwiseAdapter", "Router", "Distiller", "build_distiller", "head_mixer_init", "LOSS_TERMS", "adapter_key", "cot_mode", "cot_counts"]
 
 # Every scalar loss term forward() may return (besides the total "loss").
-LOSS_TERMS = ("ce", "kv_k", "kv_v", "cka", "router_entropy")
+LOSS_TERMS = ("ce", "kv_k", "kv_v", "cka", "router_entropy", "attn_kl", "z")
 
 
 def fixed_weights(teacher_weights: dict[str, float] | None, teachers: list[str]) -> dict[str, float]:
@@ -160,7 +163,23 @@ class Distiller(nn.Module):
     1 - debiased linear CKA(student K|V, fused target) over the batch's real tokens; K|V
     rather than the layer output since the target lives in K/V space. The entropy term
     rewards entropy (a positive weight lowers the loss as the weights spread), against the
-    router collapsing onto one teacher. step None: every schedule is complete."""
+    router collapsing onto one teacher. step None: every schedule is complete.
+
+    z_dim > 0, the common Z space (train/zspace.py: maps, losses, collapse guard): the student's
+    and each teacher's [K, V] are mapped into Z per layer, fused there with the same weights
+    (`route` on Z), and "z" = mean over layers l of a_l(step) * z_loss_l replaces KV_K + KV_V
+    (weighted by kv_weight; also "z_layers", and the student's collapse statistics "z_std",
+    "z_erank", "route_z_{teacher}"); CKA compares the student's Z with the fused Z target. No
+    adapters then.
+
+    attn_kl_weight > 0 adds attn_kl_weight * ramp(step) * ATTN_KL ("attn_kl", "attn_kl_layers"),
+    ramp 0 -> 1 linearly over attn_kl_warmup_steps (`linear_ramp`): per student layer, the mean
+    over real query tokens and query heads of KL(A_t || A_s) (`attention_kl`), A_s the student's
+    attention (its RoPE-rotated queries over its own keys, causal + padding mask, as eager
+    attention computes it), A_t the same queries over the fused adapted teacher keys (the KV_K
+    target before any layer_std standardisation: logits need the raw scale), rotated by the
+    student's own RoPE at its positions. A_t is the detached target; the term trains the student
+    only (not adapters or router). Computed whenever the weight is > 0, also while the ramp is 0."""
 
     def __init__(
         self,
@@ -188,6 +207,12 @@ class Distiller(nn.Module):
         cka_weight: float = 0.0,
         cka_layers: str | list[int] = "middle",
         layer_anneal_steps: int = 0,
+        z_dim: int = 0,
+        z_loss: str = "mse",
+        z_teacher_maps: str = "fixed",
+        z_offdiag_weight: float = 0.005,
+        attn_kl_weight: float = 0.0,
+        attn_kl_warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         self.student = student
@@ -207,10 +232,20 @@ class Distiller(nn.Module):
         self.kv_attn_weight, self.kv_attn_warmup_steps = kv_attn_weight, kv_attn_warmup_steps
         self.cka_weight, self.layer_anneal_steps = cka_weight, layer_anneal_steps
         self.cka_layers = self._resolve_layers(cka_layers, num_layers)
+        if attn_kl_weight > 0 and kv_weight == 0:
+            raise ValueError("attn_kl_weight > 0 compares attention over the teacher keys, which kv_weight 0 does not read; set kv_weight > 0")
+        self.attn_kl_weight, self.attn_kl_warmup_steps = attn_kl_weight, attn_kl_warmup_steps
+        self.attn_layout = attention_layout(student) if attn_kl_weight > 0 else None  # per layer: heads, scaling, window
         self.adapters = nn.ModuleDict()
         self.router: Router | None = None
+        self.zspace: ZSpace | None = None
+        if kv_weight > 0 and z_dim > 0:  # Z space (train/zspace.py): its maps replace the adapters
+            if adapter != "flat" or kv_attn_weight != "none" or attn_kl_weight > 0:
+                raise ValueError("z_dim > 0 has no adapters, token weights or student-space teacher keys: use adapter flat, kv_attn_weight none, attn_kl_weight 0")
+            self.zspace = ZSpace(dict(teacher_widths), student_width, num_layers, z_dim, loss=z_loss, teacher_maps=z_teacher_maps,
+                                 offdiag_weight=z_offdiag_weight, kv_norm=kv_norm)
         if kv_weight > 0:
-            for t, width in teacher_widths.items():
+            for t, width in teacher_widths.items() if self.zspace is None else ():
                 heads_t = None
                 if adapter == "headwise":
                     if not teacher_heads or t not in teacher_heads or student_heads is None:
@@ -273,7 +308,7 @@ class Distiller(nn.Module):
             extra["output_hidden_states"] = True  # the pooled state comes from this same forward
         if self.kv_attn_weight == "student":
             extra["output_attentions"] = True
-        with capture_kv(self.student) as cap:
+        with capture_kv(self.student, queries=self.attn_kl_weight > 0) as cap:
             res = self.student(input_ids=input_ids, attention_mask=attention_mask, **extra)
         logits = res.logits
         student_kv = {"k": torch.stack(cap["k"], dim=2), "v": torch.stack(cap["v"], dim=2)}  # [B, T, L, D_s]
@@ -296,11 +331,24 @@ class Distiller(nn.Module):
             tok_w = warmup_mix(attention_key_weights(res.attentions, mask), step, self.kv_attn_warmup_steps).to(logits.dtype)
         layer_w = layer_anneal_weights(self.num_layers, step, self.layer_anneal_steps).to(device=logits.device, dtype=logits.dtype)
         cka = []
-        for i, part in enumerate(("k", "v")):
+        if self.zspace is not None:  # Z space (train/zspace.py): fusion and the loss in Z replace kv_k / kv_v
+            zo = self.zspace((student_kv["k"], student_kv["v"]), {t: kv[t] for t in teachers}, mask, lambda z_s, z_t: self.route(z_s, z_t, teachers, router_w))
+            out["z"], out["z_layers"], out["z_std"], out["z_erank"] = (layer_w * zo.per_layer).mean(), zo.per_layer.detach(), zo.std, zo.erank
+            if self.fusion_mode != "fixed":
+                for t, wt in zip(teachers, zo.weights, strict=True):
+                    out[f"route_z_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
+            loss = loss + self.kv_weight * out["z"] * share["tokens"]
+            if self.cka_weight > 0:
+                cka.append(masked_cka_loss(zo.student, zo.target, mask, self.cka_layers))
+        for i, part in enumerate(("k", "v") if self.zspace is None else ()):
             z_s = self._norm(student_kv[part], mask)  # [B, T, L, D_s]
             z_t = torch.stack([self._norm(self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)), mask) for t in teachers])  # [N, B, T, L, D_s]
             w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
             target = (w[..., None] * z_t).sum(0)
+            if part == "k" and self.attn_kl_weight > 0:  # the same fusion of the unstandardised adapter outputs
+                with torch.no_grad():  # A_t is a detached target: no graph needed
+                    raw = torch.stack([self.adapters[adapter_key(t)]["k"](kv[t][0].to(logits.dtype)) for t in teachers])
+                    k_fused = (w.detach()[..., None] * raw).sum(0)  # [B, T, L, D_s]
             _, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss, weights=tok_w)
             term = (layer_w * per_layer).mean()
             out[f"kv_{part}"], out[f"kv_{part}_layers"] = term, per_layer.detach()
@@ -313,12 +361,29 @@ class Distiller(nn.Module):
         if cka:
             out["cka"] = torch.stack(cka).mean()
             loss = loss + self.cka_weight * out["cka"] * share["tokens"]
+        if self.attn_kl_weight > 0:
+            per_layer = self._attn_kl_layers(cap, student_kv["k"], k_fused, mask)
+            out["attn_kl"], out["attn_kl_layers"] = per_layer.mean(), per_layer.detach()
+            loss = loss + self.attn_kl_weight * linear_ramp(step, self.attn_kl_warmup_steps) * out["attn_kl"] * share["tokens"]
         out["loss"] = loss
         return out
 
+    def _attn_kl_layers(self, cap: dict, k_s: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per layer [L]: the mean over the batch's real query tokens of `attention_kl` between the
+        student's attention over its keys k_s and over target keys k_t ([B, T, L, D_s] pre-RoPE),
+        every side rotated by the (cos, sin) the student's attention was handed in this forward."""
+        n = mask.sum().clamp_min(1)
+        per_layer = []
+        for i, spec in enumerate(self.attn_layout):
+            rope = cap["rope"][i]
+            q = rope_heads(cap["q"][i], rope, spec["heads"])  # [B, H_q, T, d]
+            ks, kt = (rope_heads(k[:, :, i], rope, spec["kv_heads"]) for k in (k_s, k_t))  # [B, H_kv, T, d]
+            per_layer.append(attention_kl(q, ks, kt, mask, spec["scaling"], spec["sliding_window"]).sum() / n)
+        return torch.stack(per_layer)
+
 
 # What each term of Distiller.forward is a mean over: "ce_tokens" (positions whose target is in
-# loss_mask), "samples" (router entropy), "tokens" (real tokens: K/V terms, CKA, routing means).
+# loss_mask), "samples" (router entropy), "tokens" (real tokens: K/V terms, CKA, attention KL, routing means).
 UNITS = ("ce_tokens", "tokens", "samples")
 
 
@@ -350,6 +415,11 @@ def _cot_save(unwrapped: Distiller, state: dict, out: Path) -> None:
     torch.save({k.removeprefix("adapters."): v for k, v in state.items() if k.startswith("adapters.")}, out / "adapters.pt")
     if unwrapped.router is not None:
         torch.save({k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")}, out / "router.pt")
+    if unwrapped.zspace is not None:  # its maps (the fixed ones too: buffers) and the last batch's Z for the report
+        maps = {k.removeprefix("zspace."): v for k, v in state.items() if k.startswith("zspace.")}
+        torch.save({"teachers": unwrapped.zspace.teachers, **maps}, out / "zspace.pt")
+        if unwrapped.zspace.sample is not None:
+            save_sample(unwrapped.zspace.sample, out)
 
 
 def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
@@ -361,6 +431,9 @@ def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
     ]
     if model.router is not None:
         groups.append({"params": model.router.parameters(), "lr": cfg.router_lr})
+    if model.zspace is not None:  # the learned maps into Z (fixed teacher maps are buffers); the loss is blind to their
+        # scale (standardised Z), so weight decay would only shrink them towards the standardisation's eps floor
+        groups.append({"params": model.zspace.parameters(), "lr": cfg.adapter_lr, "weight_decay": 0.0})
     return Mode(
         name="cot",
         model=model,
@@ -373,8 +446,8 @@ def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
         unit_of=_cot_unit,
         save_extra=_cot_save,
         finite=LOSS_TERMS,
-        postfix=("ce", "kv_k", "kv_v"),
-        summary={"ce": "ce", "kv_k": "kv_k", "kv_v": "kv_v"},
+        postfix=("ce", "kv_k", "kv_v", "z"),
+        summary={"ce": "ce", "kv_k": "kv_k", "kv_v": "kv_v", **({"z": "z"} if model.zspace is not None else {})},
     )
 
 
@@ -414,4 +487,10 @@ def build_distiller(cfg, student: nn.Module, spec, teachers: dict) -> Distiller:
         cka_weight=cfg.cka_weight,
         cka_layers=cfg.cka_layers,
         layer_anneal_steps=cfg.layer_anneal_steps,
+        z_dim=cfg.z_dim,
+        z_loss=cfg.z_loss,
+        z_teacher_maps=cfg.z_teacher_maps,
+        z_offdiag_weight=cfg.z_offdiag_weight,
+        attn_kl_weight=cfg.attn_kl_weight,
+        attn_kl_warmup_steps=cfg.attn_kl_warmup_steps,
     )

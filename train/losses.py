@@ -17,6 +17,9 @@ __all__ = [
     "attention_key_weights",
     "warmup_mix",
     "layer_anneal_weights",
+    "attention_log_probs",
+    "attention_kl",
+    "linear_ramp",
 ]
 
 
@@ -151,3 +154,46 @@ def layer_anneal_weights(num_layers: int, step: int | None, anneal_steps: int) -
         return torch.ones(num_layers)
     layers = torch.arange(num_layers, dtype=torch.float64)
     return (step * (num_layers - 1) / anneal_steps - layers + 1).clamp(0, 1).float()
+
+
+def attention_log_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scaling: float, sliding_window: int | None = None) -> torch.Tensor:
+    """log softmax(q k^T * scaling + causal / padding mask), as eager attention computes its
+    probabilities: q [B, H_q, T, d] and k [B, H_kv, T, d] post-RoPE (query head h reads kv head
+    h // (H_q / H_kv), the GQA grouping), mask [B, T] real tokens. Returns [B, H_kv, G, T_q, T_k],
+    G = H_q / H_kv (reshape to [B, H_q, T, T] for the eager layout). A key is visible to query i
+    when it is real, not after i, and (sliding_window w) later than i - w; masked keys get the
+    dtype's minimum rather than -inf, so a query row with no visible key is uniform, not NaN."""
+    B, H_q, T, d = q.shape
+    H_kv = k.shape[1]
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", q.view(B, H_kv, H_q // H_kv, T, d), k) * scaling
+    i = torch.arange(T, device=q.device)
+    visible = i[None, :] <= i[:, None]  # [T_q, T_k] causal
+    if sliding_window is not None:
+        visible = visible & (i[None, :] > i[:, None] - sliding_window)
+    visible = visible & mask[:, None, None, None, :]  # [B, 1, 1, T_q, T_k]
+    return torch.log_softmax(logits.masked_fill(~visible, torch.finfo(logits.dtype).min), dim=-1)
+
+
+def attention_kl(
+    q: torch.Tensor, k_s: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, scaling: float, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Per query token KL(A_t || A_s), A_s the attention of queries q over the student's keys
+    k_s, A_t that of the same queries over target keys k_t (all post-RoPE, shapes as in
+    `attention_log_probs`), averaged over query heads: [B, T], 0 at padded queries. A_t is the
+    target distribution and detached: the student moves its own attention towards it, and
+    cannot lower the term by reshaping the target (e.g. queries shrinking both to uniform).
+    Padded keys and queries contribute nothing, even as NaN; equal keys give exactly 0."""
+    log_s = attention_log_probs(q.float(), k_s.float(), mask, scaling, sliding_window)
+    with torch.no_grad():
+        log_t = attention_log_probs(q.float(), k_t.float(), mask, scaling, sliding_window)
+        p_t = log_t.exp()  # masked keys: exactly 0
+    kl = (p_t * (log_t - log_s)).sum(dim=-1).mean(dim=(1, 2))  # [B, T_q]
+    return torch.where(mask, kl, 0.0)
+
+
+def linear_ramp(step: int | None, ramp_steps: int) -> float:
+    """A loss weight's factor: 0 at step 0 rising linearly to 1 at step >= ramp_steps; 1 when
+    ramp_steps is 0 or step is None (every schedule complete)."""
+    if step is None or ramp_steps <= 0:
+        return 1.0
+    return min(step / ramp_steps, 1.0)

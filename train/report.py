@@ -8,7 +8,8 @@ source of truth; any term a trainer adds is picked up) with its validation value
 drawn on it, a validation table (train vs validation per evaluation, the gap, the best
 checkpoint), a heatmap over steps for every
 per-layer list (`kv_k_layers`, `kv_v_layers`, ...), the routing weights (`route_k_<teacher>`,
-`route_v_<teacher>`), the evaluation JSON(s) found in the run directory, and a compare table.
+`route_v_<teacher>`), a 2-D PCA of a Z-space run's
+Z sample (train/zspace.py), the evaluation JSON(s) found in the run directory, and a compare table.
 Plots are matplotlib (Agg) PNGs embedded as base64, so the file travels alone. A piece that is
 missing is said so on the page; only a directory without metrics.jsonl is an error.
 """
@@ -38,6 +39,8 @@ __all__ = [
 
 # Row keys that are positions, not loss terms.
 _AXES = ("step", "epoch", "tokens")
+# A Z-space run's sample of Z, in RUN_DIR/final (train/zspace.py save_sample); drawn by `_zspace`.
+ZSPACE_SAMPLE = "zspace_sample.npz"
 
 
 # ----------------------------------------------------------------------------- trackers
@@ -239,6 +242,54 @@ def _routes(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return _png(fig)
 
 
+def _erank(x: np.ndarray) -> float:
+    """Effective rank of x [n, Z]'s correlation matrix (train/zspace.py collapse_stats)."""
+    x = x - x.mean(axis=0)
+    x = x / np.sqrt((x**2).mean(axis=0) + 1e-5)
+    ev = np.clip(np.linalg.eigvalsh(x.T @ x / len(x)), 0, None)
+    if ev.sum() <= 1e-6:
+        return 0.0
+    p = ev / ev.sum()
+    return float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+
+
+def _zspace(run: Path, rows: list[dict[str, Any]]) -> str:
+    """PCA (2-D, by SVD of the pooled, centred tokens) of the Z sample of RUN_DIR/final: each
+    teacher's, the fused target's and the student's standardised Z on the same real tokens of
+    the last training batch, per layer (first, middle, last), coloured by source."""
+    path = run / "final" / ZSPACE_SAMPLE
+    if not path.exists():
+        if any("z" in r for r in rows):
+            return _missing(f"Z space on, but no {path}: the Z sample is written with final/, when the run ends")
+        return "<p>Z space off (--z-dim N fuses and distils in a common Z space).</p>"  # a setting, not a missing piece
+    with np.load(path) as data:
+        z, sources = data["z"], [str(s) for s in data["sources"]]  # [S, n, L, Z]
+    _, n, num_layers, z_dim = z.shape
+    layers = sorted({0, num_layers // 2, num_layers - 1})
+    fig = Figure(figsize=(5 * len(layers), 4.2))
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, layer in zip(axes, layers, strict=True):
+        x = z[:, :, layer].reshape(-1, z_dim).astype(np.float64)
+        x = x - x.mean(axis=0)
+        _, s, vt = np.linalg.svd(x, full_matrices=False)
+        pc = (x @ vt[:2].T).reshape(len(sources), n, -1)
+        share = s**2 / max((s**2).sum(), 1e-30)
+        for i, name in enumerate(sources):
+            ax.scatter(pc[i, :, 0], pc[i, :, -1], s=6, alpha=0.5, label=name)
+        ax.set(title=f"layer {layer}: PC1 {share[0]:.0%}, PC2 {share[1] if len(share) > 1 else 0:.0%}", xlabel="PC1", ylabel="PC2")
+        ax.legend(markerscale=2, fontsize=8)
+    fig.tight_layout()
+    table = _table(["source", "mean per-dim std", "effective rank (mean over layers)"],
+                   [[name, float(z[i].std(axis=0).mean()), _erank_layers(z[i])] for i, name in enumerate(sources)])
+    note = (f"<p>{n} real tokens of the last training batch per source, Z of width {z_dim}, standardised per dimension as the "
+            "loss sees it. A collapsed side shows as a point (std 0) or a line (effective rank near 1).</p>")
+    return note + _png(fig) + table
+
+
+def _erank_layers(z: np.ndarray) -> float:
+    return float(np.mean([_erank(z[:, layer]) for layer in range(z.shape[1])]))
+
+
 # ----------------------------------------------------------------------------- HTML
 
 
@@ -277,22 +328,37 @@ def _ci(stat: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['ci']:.{digits}f}"
 
 
+def _p(p: float | None) -> str:
+    return "-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
 def _compare_section(compare: dict[str, Any]) -> str:
     conf = int(round(100 * compare["confidence"]))
-    header = ["arm", "seeds", f"accuracy (mean ± {conf}% CI)", "Δ accuracy vs ce", f"perplexity (mean ± {conf}% CI)", "Δ perplexity vs ce"]
+    alpha = compare.get("alpha", 0.05)
+    base = compare.get("baseline", "ce")
+    header = ["arm", "seeds", f"accuracy (mean ± {conf}% CI)", f"Δ accuracy vs {base}", "p (paired t)", "p (Holm)", "p (bootstrap)", "d_z", "MDE",
+              f"perplexity (mean ± {conf}% CI)", f"Δ perplexity vs {base}", "p (Holm)"]
     rows = []
     for name, arm in compare["arms"].items():
-        vs = arm.get("vs_ce") or {}
-        rows.append([name, len(arm["runs"]), _ci(arm["accuracy"]), _ci(vs.get("accuracy")), _ci(arm["perplexity"]), _ci(vs.get("perplexity"))])
+        vs = arm.get("vs_baseline") or {}
+        acc, ppl = vs.get("accuracy") or {}, vs.get("perplexity") or {}
+        mark = lambda s: " *" if s.get("p_holm") is not None and s["p_holm"] < alpha else ""  # noqa: E731
+        boot = acc.get("bootstrap") or {}
+        rows.append([name, len(arm["runs"]), _ci(arm["accuracy"]), _ci(acc or None) + mark(acc), _p(acc.get("p")), _p(acc.get("p_holm")),
+                     _p(boot.get("p")), _fmt(acc.get("d_z"), 2), _fmt(acc.get("mde")), _ci(arm["perplexity"]), _ci(ppl or None) + mark(ppl),
+                     _p(ppl.get("p_holm"))])
     note = (
-        f"<p>n = {compare['seeds']} seeds per arm. CI half-width = t x s / sqrt(n), with s the sample standard "
-        f"deviation and t = {compare['t_quantile']:.4f} the two-sided {conf}% Student t quantile at n - 1 degrees "
-        "of freedom. Δ: the mean over seeds of (arm - ce) on the same seed, with its own CI.</p>"
+        f"<p>n = {compare['seeds']} seeds per arm, {compare.get('n_eval', '?')} test questions per run. CI half-width = t x s / sqrt(n), "
+        f"with s the sample standard deviation and t = {compare['t_quantile']:.4f} the two-sided {conf}% Student t quantile at n - 1 "
+        f"degrees of freedom. Δ: the mean over seeds of (arm - {base}) on the same seed, with its own CI; p: two-sided paired t-test, "
+        f"Holm-adjusted over the arms; * marks Holm p &lt; {alpha}. Bootstrap: seeds, then questions, resampled with replacement "
+        "(paired). d_z: mean / sd of the paired differences. MDE: the smallest true Δ accuracy a paired t-test with these seeds "
+        f"detects with power {compare.get('power', 0.8)} at level {alpha}, at the observed sd.</p>"
     )
-    fig = Figure(figsize=(12, 0.5 * len(rows) + 2))
-    axes = fig.subplots(1, 2)
     names = list(compare["arms"])
-    for ax, metric in zip(axes, ("accuracy", "perplexity"), strict=True):
+    fig = Figure(figsize=(15, 0.5 * len(rows) + 2))
+    axes = fig.subplots(1, 3)
+    for ax, metric in zip(axes[:2], ("accuracy", "perplexity"), strict=True):
         for i, name in enumerate(names):
             arm = compare["arms"][name]
             vals = [r[metric] for r in arm["runs"]]
@@ -300,8 +366,45 @@ def _compare_section(compare: dict[str, Any]) -> str:
             ax.errorbar(arm[metric]["mean"], i, xerr=arm[metric]["ci"], fmt="s", color="C0", capsize=4)
         ax.set(yticks=range(len(names)), yticklabels=names, title=f"{metric}: seeds (grey), mean ± {conf}% CI", xlabel=metric)
         ax.invert_yaxis()
+    ax = axes[2]  # paired differences: one point per seed
+    others = [n for n in names if n != base]
+    for i, name in enumerate(others):
+        d = compare["arms"][name]["vs_baseline"]["accuracy"]
+        ax.plot(d["values"], [i] * len(d["values"]), "o", color="#999", ms=4)
+        ax.errorbar(d["mean"], i, xerr=d["ci"], fmt="s", color="C1", capsize=4)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set(yticks=range(len(others)), yticklabels=others, title=f"Δ accuracy vs {base} per seed, mean ± {conf}% CI", xlabel=f"arm - {base} (same seed)")
+    ax.invert_yaxis()
     fig.tight_layout()
-    return _table(header, rows) + note + _png(fig)
+    return _table(header, rows) + note + _png(fig) + (_curve_section(compare["curve"], conf) if compare.get("curve") else "")
+
+
+def _curve_section(curve: dict[str, Any], conf: int) -> str:
+    """Sample efficiency: accuracy against optimizer steps per curve arm, seeds as points."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for k, (name, pts) in enumerate(curve["arms"].items()):
+        steps = [int(s) for s in pts]
+        for s, p in zip(steps, pts.values(), strict=True):
+            ax.plot([s * (1 + 0.03 * (k - 0.5))] * len(p["seeds"]), p["seeds"], "o", color=f"C{k}", alpha=0.35, ms=4)
+        means = [p["accuracy"]["mean"] for p in pts.values()]
+        ax.errorbar(steps, means, yerr=[p["accuracy"]["ci"] for p in pts.values()], fmt="-s", color=f"C{k}", capsize=4, label=name)
+    ax.set(xscale="log", xlabel="optimizer steps (each budget its own run and schedule)", ylabel="test accuracy",
+           title=f"sample efficiency: seeds (points), mean ± {conf}% CI")
+    ax.legend()
+    fig.tight_layout()
+    rows = []
+    for name, pts in curve["arms"].items():
+        for s, p in pts.items():
+            vs = p.get("vs_baseline")
+            worth = curve["baseline_steps_equivalent"].get(name, {}).get(s)
+            said = "-"
+            if worth:
+                said = {"within": lambda w: f"{w['steps']:.0f}", "above": lambda w: f"> {w['at_least']}", "below": lambda w: f"<= {w['at_most']}"}[worth["bound"]](worth)
+            rows.append([name, s, _ci(p["accuracy"]), _ci(vs), _p(vs["p"]) if vs else "-", said])
+    base = curve["baseline"]
+    table = _table(["arm", "steps", "accuracy", f"Δ vs {base} (same budget)", "p (paired t)", f"{base} steps to the same accuracy"], rows)
+    return f"<h3>Sample efficiency ({curve['seeds']} seeds per budget)</h3>" + table + _png(fig)
 
 
 def run_report(run: str | Path, compare: str | Path | None = None) -> str:
@@ -323,6 +426,7 @@ def run_report(run: str | Path, compare: str | Path | None = None) -> str:
         sections.append(("Per-layer loss", "".join(_heatmap(rows, k) for k in layer_terms) if layer_terms else _missing("no per-layer terms (kv_k_layers, ...) logged: a CE-only run has none")))
         routes = sorted({k for r in rows for k in r if k.startswith("route_")})
         sections.append(("Routing weights", _routes(rows, routes) if routes else _missing("no routing weights logged: fixed fusion (or CE only) routes nothing")))
+    sections.append(("Z space", _zspace(run, rows)))
     evals, unreadable = _evals(run)
     if evals:
         table = _table(["file", "n", "accuracy", "perplexity"], [[f, e.get("n"), e["accuracy"], e["perplexity"]] for f, e in evals.items()])

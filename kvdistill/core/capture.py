@@ -12,10 +12,10 @@ from contextlib import contextmanager
 
 import torch
 
-from kvdistill.align import flatten_heads
+from kvdistill.align import flatten_heads, rotate, unflatten_heads
 from kvdistill.schemas import KVGeometry
 
-__all__ = ["kv_geometry", "decoder", "cache_kwarg", "output_cache", "capture_kv", "forward_kv", "forward_kv_importance"]
+__all__ = ["kv_geometry", "decoder", "cache_kwarg", "output_cache", "capture_kv", "rope_heads", "attention_layout", "forward_kv", "forward_kv_importance"]
 
 
 def kv_geometry(config) -> KVGeometry:
@@ -53,18 +53,40 @@ def decoder(model):
 
 
 @contextmanager
-def capture_kv(model):
+def capture_kv(model, queries: bool = False):
     """Within the block, every forward of `model` fills out["k"], out["v"]: lists (one per layer)
-    of [B, T, D] tensors. Hooks are removed on exit, also on error."""
-    out: dict[str, list[torch.Tensor | None]] = {}
+    of [B, T, D] tensors. Hooks are removed on exit, also on error.
+
+    queries=True also fills out["q"] ([B, T, H_q * d] pre-RoPE queries: `q_proj`, or `q_norm`
+    where keys have `k_norm`) and out["rope"] (the (cos, sin) [B or 1, T, d] each attention layer
+    was handed, i.e. the model's own rotary embedding at the positions it used for this batch),
+    what it takes to rebuild the attention logits (`rotated_heads`). Off by default: only the
+    attention KL term pays for the extra hooks."""
+    out: dict[str, list] = {}
     handles = []
     layers = decoder(model).layers
     out["k"] = [None] * len(layers)
     out["v"] = [None] * len(layers)
+    if queries:
+        out["q"] = [None] * len(layers)
+        out["rope"] = [None] * len(layers)
 
     def hook(kind: str, i: int, heads: bool):
         def fn(_module, _inp, output):
             out[kind][i] = flatten_heads(output) if heads else output
+
+        return fn
+
+    def rope_hook(i: int):
+        def fn(module, _args, kwargs):
+            rope = kwargs.get("position_embeddings")
+            if rope is None:
+                raise TypeError(
+                    f"layer {i}: {type(module).__name__} was not handed position_embeddings=(cos, sin) by its decoder layer, "
+                    "so the attention KL term cannot rebuild its RoPE; it supports Llama / Qwen2 / Qwen3-style attention. "
+                    "Set attn_kl_weight 0 for this student"
+                )
+            out["rope"][i] = rope
 
         return fn
 
@@ -77,10 +99,43 @@ def capture_kv(model):
             else:
                 handles.append(attn.k_proj.register_forward_hook(hook("k", i, heads=False)))
             handles.append(attn.v_proj.register_forward_hook(hook("v", i, heads=False)))
+            if queries:
+                if isinstance(k_norm, torch.nn.Module):  # Qwen3: query = rope(q_norm(q_proj(x) as heads))
+                    handles.append(attn.q_norm.register_forward_hook(hook("q", i, heads=True)))
+                else:
+                    handles.append(attn.q_proj.register_forward_hook(hook("q", i, heads=False)))
+                handles.append(attn.register_forward_pre_hook(rope_hook(i), with_kwargs=True))
         yield out
     finally:
         for h in handles:
             h.remove()
+
+
+def rope_heads(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_heads: int) -> torch.Tensor:
+    """x [B, T, H * d] pre-RoPE (captured q / k, or a target in the student's key space) ->
+    [B, H, T, d] float32, rotated as the attention rotates its own, by the (cos, sin) it was
+    handed (`capture_kv(..., queries=True)["rope"][layer]`)."""
+    cos, sin = rope  # [B or 1, T, d]
+    x = unflatten_heads(x, num_heads).transpose(1, 2).float()  # [B, H, T, d]
+    if cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"RoPE over {cos.shape[-1]} of {x.shape[-1]} head dims (partial rotary) is not supported by the attention KL term")
+    return rotate(x, cos[:, None].float(), sin[:, None].float())
+
+
+def attention_layout(model) -> list[dict]:
+    """Per decoder layer what its attention does besides q k^T: {"heads": H_q, "kv_heads": H_kv,
+    "scaling": the logit scale (1 / sqrt(d) unless the model says otherwise), "sliding_window":
+    None or the window of a sliding-window layer (Qwen2 `use_sliding_window`)}."""
+    geo = kv_geometry(model.config)
+    return [
+        {
+            "heads": model.config.num_attention_heads,
+            "kv_heads": geo.num_kv_heads,
+            "scaling": getattr(layer.self_attn, "scaling", geo.head_dim**-0.5),
+            "sliding_window": getattr(layer.self_attn, "sliding_window", None),
+        }
+        for layer in decoder(model).layers
+    ]
 
 
 def forward_kv(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from kvdistill.schemas import ModelSpec
 
 __all__ = [
     "resolve_device", "load_model", "load_config", "load_tokenizer", "require_eos", "tokenizer_fingerprint", "model_fingerprint",
+    "tokenizer_files", "tokenizer_from_files",
 ]
 
 
@@ -53,6 +55,22 @@ def load_tokenizer(spec: ModelSpec):
             "character offsets; kvdistill needs a fast (tokenizers-backed) tokenizer"
         )
     return tok
+
+
+def tokenizer_files(tok) -> dict[str, bytes]:
+    """The files `save_pretrained` writes for `tok` ({file name: bytes}): what a store records so
+    the tokenizer loads again without its checkpoint (`tokenizer_from_files`)."""
+    with tempfile.TemporaryDirectory(prefix="kvdistill-tok-") as d:
+        tok.save_pretrained(d)
+        return {f.name: f.read_bytes() for f in sorted(Path(d).iterdir()) if f.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, bytes]):
+    """The fast tokenizer `tokenizer_files` recorded (loaded from a temporary directory, offline)."""
+    with tempfile.TemporaryDirectory(prefix="kvdistill-tok-") as d:
+        for name, data in files.items():
+            (Path(d) / Path(name).name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(d)
 
 
 def require_eos(tok, role: str, spec: ModelSpec) -> None:
