@@ -729,7 +729,7 @@ class CompareConfig(Record):
     steps: int = option(300, help="optimizer steps per run")
     curve_steps: list[int] = option(
         factory=list, help="sample efficiency: also train curve_arms at these step budgets (e.g. 100,1000), each a run "
-        "with its own schedule, and report accuracy against steps and the CE steps a KV arm's accuracy is worth"
+        "with its own schedule, and report accuracy against steps and the baseline's steps each arm's accuracy is worth"
     )
     curve_arms: list[str] = option(factory=lambda: ["ce", "kv-fixed"], help="arms trained at every curve_steps budget (with the baseline)")
     curve_seeds: int | None = option(None, help="seeds per curve budget (default: seeds)")
