@@ -314,13 +314,19 @@ def _arm_stats(runs: dict[str, list[dict[str, Any]]], overrides: dict[str, Any],
     return out
 
 
+def main_covers_curve(cfg: CompareConfig) -> bool:
+    """Whether the main runs (cfg.steps) are the curve's point at that budget: they train every
+    curve arm with at least the curve's seeds. Otherwise that budget is trained for the curve."""
+    return all(a in cfg.arms for a in cfg.curve_arms) and (cfg.curve_seeds or cfg.seeds) <= cfg.seeds
+
+
 def _curve(cfg: CompareConfig, main: dict[str, list[dict[str, Any]]], extra: dict[int, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     """Accuracy against the step budget for cfg.curve_arms (the main runs are the cfg.steps
-    point, their first curve_seeds seeds), paired differences to the baseline per budget, and
+    point when `main_covers_curve`, their first curve_seeds seeds), paired differences to the baseline per budget, and
     the baseline's steps each other arm's mean accuracy is worth (`steps_equivalent`)."""
     n_seeds = cfg.curve_seeds or cfg.seeds
     budgets = {**extra}
-    if all(a in main for a in cfg.curve_arms):
+    if main_covers_curve(cfg):
         budgets[cfg.steps] = {a: main[a][:n_seeds] for a in cfg.curve_arms}
     points: dict[str, dict[str, Any]] = {a: {} for a in cfg.curve_arms}
     for steps in sorted(budgets):
@@ -353,7 +359,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
         demo_student, teachers, _, _ = demo_models(cfg.demo, Path(cfg.demo.out), progress)
         latent_store = str(dump_latent_store(cfg.demo, Path(cfg.demo.out), demo_student, teachers, progress))
     plan = arm_configs(cfg, store, student, base, latent_store)
-    curve_plans = {n: arm_configs(cfg, store, student, base, latent_store, steps=n) for n in cfg.curve_steps if n != cfg.steps}
+    curve_plans = {n: arm_configs(cfg, store, student, base, latent_store, steps=n) for n in cfg.curve_steps if n != cfg.steps or not main_covers_curve(cfg)}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "compare_config.yaml")

@@ -56,6 +56,15 @@ def make_model(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def other_tokenizer_teacher(tmp_path_factory):
+    """A Llama teacher with its own, differently sized BPE vocabulary (a cross-tokenizer teacher)."""
+    rows = load_examples(DataSpec(synthetic=SyntheticSpec(n_train=300, n_test=5, seed=9)))
+    tok = tiny.train_tokenizer(tiny.corpus(rows, DEFAULT_TEMPLATE), vocab_size=420)
+    model = tiny.build_model("llama", tok, layers=3, hidden=32, heads=2, kv_heads=1, head_dim=16)
+    return tiny.save(model, tok, tmp_path_factory.mktemp("other-tok"))
+
+
+@pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, make_model):
     """A finalized 2-shard store with two teachers of other geometries than the student:
     teacher-a Qwen2 3 layers GQA (4 q / 2 kv heads, head_dim 32: D=64),

@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvdistill import tiny
 from kvdistill.align.layers import apply_layer_map
 from kvdistill.align.time import char_overlap_time_map
 from kvdistill.core.capture import forward_kv
@@ -18,10 +17,8 @@ from kvdistill.schemas import (
     DEFAULT_TEMPLATE,
     AlignSpec,
     ConfigError,
-    DataSpec,
     DumpConfig,
     ModelSpec,
-    SyntheticSpec,
     TrainConfig,
 )
 from kvdistill.store import ShardReader, finalize, inspect, read_teacher_specs
@@ -61,15 +58,6 @@ def test_partition_is_contiguous_disjoint_and_covers_every_row(examples):
 
 
 THINK = "Solve it step by step.\nQuestion: {question}\nReasoning:\n{reasoning}\nFinal answer: {answer}"
-
-
-@pytest.fixture(scope="module")
-def other_tokenizer_teacher(tmp_path_factory):
-    """A Llama teacher with its own, differently sized BPE vocabulary."""
-    rows = load_examples(DataSpec(synthetic=SyntheticSpec(n_train=300, n_test=5, seed=9)))
-    tok = tiny.train_tokenizer(tiny.corpus(rows, DEFAULT_TEMPLATE), vocab_size=420)
-    model = tiny.build_model("llama", tok, layers=3, hidden=32, heads=2, kv_heads=1, head_dim=16)
-    return tiny.save(model, tok, tmp_path_factory.mktemp("other-tok"))
 
 
 def _teacher_kv(path: str, template: str, ex, layer_map) -> torch.Tensor:

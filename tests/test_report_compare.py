@@ -110,6 +110,15 @@ def test_bootstrap_pairs_seeds_and_questions():
         bootstrap_paired(ce, ce[:, :10], 10)
 
 
+def test_the_main_budget_is_a_curve_point_only_when_its_runs_cover_the_curve():
+    from kvdistill.compare import main_covers_curve
+
+    assert main_covers_curve(CompareConfig(seeds=5, curve_steps=[100]))  # ce, kv-fixed are core arms
+    # Otherwise the budget is trained for the curve, not left out of it.
+    assert not main_covers_curve(CompareConfig(seeds=5, arms=["ce", "kv-single"], curve_steps=[100, 300]))
+    assert not main_covers_curve(CompareConfig(seeds=3, curve_seeds=5, curve_steps=[300]))
+
+
 def test_steps_equivalent_interpolates_in_log_steps():
     curve = {100: 0.1, 300: 0.2, 1000: 0.3}
     assert steps_equivalent(curve, 0.2)["steps"] == pytest.approx(300)

@@ -14,7 +14,6 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvdistill import tiny
 from kvdistill.align.layers import apply_layer_map, ratio_layer_map
 from kvdistill.align.time import char_overlap_time_map, segment_time_map
 from kvdistill.cli import main
@@ -24,7 +23,7 @@ from kvdistill.core.prompts import encode
 from kvdistill.dump.run import run_dump
 from kvdistill.dump.show_alignment import plot_alignment, reconstruct, summary, visible, window
 from kvdistill.errors import ExitCode
-from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, DumpConfig, ModelSpec, SyntheticSpec
+from kvdistill.schemas import DEFAULT_TEMPLATE, DumpConfig, ModelSpec
 from kvdistill.store import ShardReader, finalize, zarr_to_wds
 from kvdistill.store.layout import KEY, TOKENIZERS
 from kvdistill.store.verify import verify
@@ -33,23 +32,14 @@ THINK = "Solve it step by step.\nQuestion: {question}\nReasoning:\n{reasoning}\n
 
 
 @pytest.fixture(scope="module")
-def xtok_teacher(tmp_path_factory):
-    """A Llama teacher with its own, differently sized BPE vocabulary (a cross-tokenizer teacher)."""
-    rows = load_examples(DataSpec(synthetic=SyntheticSpec(n_train=300, n_test=5, seed=9)))
-    tok = tiny.train_tokenizer(tiny.corpus(rows, DEFAULT_TEMPLATE), vocab_size=420)
-    model = tiny.build_model("llama", tok, layers=3, hidden=32, heads=2, kv_heads=1, head_dim=16)
-    return tiny.save(model, tok, tmp_path_factory.mktemp("xtok-teacher"))
-
-
-@pytest.fixture(scope="module")
-def xstore(tiny_store, xtok_teacher, tmp_path_factory):
+def xstore(tiny_store, other_tokenizer_teacher, tmp_path_factory):
     """One finalized shard of three teachers: identity (teacher-a), char_overlap (xtok: other
     tokenizer) and segment_linear (think: teacher-a's weights under another template)."""
     store = tmp_path_factory.mktemp("show") / "x.zarr"
     plain = tiny_store["teachers"][0]
     teachers = [
         plain,
-        ModelSpec(name_or_path=str(xtok_teacher), name="xtok"),
+        ModelSpec(name_or_path=str(other_tokenizer_teacher), name="xtok"),
         ModelSpec(name_or_path=plain.name_or_path, name="think", prompt_template=THINK),
     ]
     for t in teachers:
@@ -85,10 +75,10 @@ def test_an_identity_store_rebuilds_the_identity_time_map_on_the_stored_tokens(t
     assert a.student_tokens[-1] == "<|endoftext|>" and not a.notes  # EOS by name; text and tokenizers from the store
 
 
-def test_a_cross_tokenizer_map_equals_char_overlap_of_the_two_tokenizations(tiny_store, xtok_teacher, xstore):
+def test_a_cross_tokenizer_map_equals_char_overlap_of_the_two_tokenizations(tiny_store, other_tokenizer_teacher, xstore):
     sid = _sample(xstore, "xtok", 1)
     a = reconstruct(xstore, "xtok", sid)
-    _, s, t = _independent(tiny_store, str(xtok_teacher), DEFAULT_TEMPLATE, sid)
+    _, s, t = _independent(tiny_store, str(other_tokenizer_teacher), DEFAULT_TEMPLATE, sid)
     expected = char_overlap_time_map(s.offsets, t.offsets).dense()
     assert a.time_map.kind == "char_overlap" and a.time_map.shape == (len(s), len(t)) and len(s) != len(t)
     assert torch.equal(a.time_map.dense(), expected)  # bit for bit: the same function on the same spans
@@ -97,12 +87,12 @@ def test_a_cross_tokenizer_map_equals_char_overlap_of_the_two_tokenizations(tiny
     assert len(a.teacher_tokens) == len(t) and np.array_equal(a.teacher_segments, t.segment_ids)
 
 
-def test_the_rebuilt_cross_tokenizer_map_reproduces_the_stored_k_from_the_teacher(tiny_store, xtok_teacher, xstore):
+def test_the_rebuilt_cross_tokenizer_map_reproduces_the_stored_k_from_the_teacher(tiny_store, other_tokenizer_teacher, xstore):
     """The map is the one the K/V were aligned with: A @ (teacher K, layer-mapped) == stored K."""
     sid = _sample(xstore, "xtok", 0)
     a = reconstruct(xstore, "xtok", sid)
-    _, _, t = _independent(tiny_store, str(xtok_teacher), DEFAULT_TEMPLATE, sid)
-    model = AutoModelForCausalLM.from_pretrained(str(xtok_teacher)).eval()
+    _, _, t = _independent(tiny_store, str(other_tokenizer_teacher), DEFAULT_TEMPLATE, sid)
+    model = AutoModelForCausalLM.from_pretrained(str(other_tokenizer_teacher)).eval()
     ids = torch.as_tensor(t.input_ids, dtype=torch.long)[None]
     with torch.no_grad():
         k, _ = forward_kv(model, ids, torch.ones_like(ids))

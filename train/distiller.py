@@ -342,13 +342,13 @@ class Distiller(nn.Module):
                 cka.append(masked_cka_loss(zo.student, zo.target, mask, self.cka_layers))
         for i, part in enumerate(("k", "v") if self.zspace is None else ()):
             z_s = self._norm(student_kv[part], mask)  # [B, T, L, D_s]
-            z_t = torch.stack([self._norm(self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)), mask) for t in teachers])  # [N, B, T, L, D_s]
+            adapted = [self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)) for t in teachers]
+            z_t = torch.stack([self._norm(a, mask) for a in adapted])  # [N, B, T, L, D_s]
             w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
             target = (w[..., None] * z_t).sum(0)
             if part == "k" and self.attn_kl_weight > 0:  # the same fusion of the unstandardised adapter outputs
                 with torch.no_grad():  # A_t is a detached target: no graph needed
-                    raw = torch.stack([self.adapters[adapter_key(t)]["k"](kv[t][0].to(logits.dtype)) for t in teachers])
-                    k_fused = (w.detach()[..., None] * raw).sum(0)  # [B, T, L, D_s]
+                    k_fused = (w.detach()[..., None] * torch.stack(adapted).detach()).sum(0)  # [B, T, L, D_s]
             _, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss, weights=tok_w)
             term = (layer_w * per_layer).mean()
             out[f"kv_{part}"], out[f"kv_{part}_layers"] = term, per_layer.detach()
