@@ -4,8 +4,10 @@ this machine, as SLURM job arrays (+ finalize, + optional training), and see wha
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from kvdistill.schemas import JobsConfig
+from kvdistill.schemas import JobsConfig, TrainConfig
+from kvdistill.schemas.base import _over, apply_overrides, read_config
 from kvdistill.schemas.cli import add_flags, config_from_args, flags_of
 
 
@@ -46,11 +48,24 @@ def local_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The TrainConfig fields the user set for the training job: the jobs config's `train:`
+    mapping, the `--train.FIELD` flags over it, layered as `kvdistill train` layers its --config
+    and flags (--train.warmup-steps drops the file's warmup_ratio). None: no training job."""
+    data = read_config(args.config, JobsConfig).get("train") if getattr(args, "config", None) else None
+    flags = {f.key.removeprefix("train."): getattr(args, f.key, None) for f in FLAGS if f.key.startswith("train.")}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if data is None and not flags:
+        return None
+    return apply_overrides(_over(TrainConfig, dict(data or {}), {k.split(".")[0] for k in flags}), flags)
+
+
 def slurm_main(args: argparse.Namespace) -> int:
     from .slurm import submit, write_scripts
 
     cfg = config_from_args(JobsConfig, args, FLAGS)
-    scripts = write_scripts(cfg, args.config)
+    # Only what the user set goes to the job's config, so the recipe of its mode sits under it.
+    scripts = write_scripts(cfg, args.config, train=train_settings(args) if cfg.train is not None else None)
     for name, path in scripts.items():
         print(f"wrote {name}: {path}")
     try:

@@ -6,7 +6,12 @@ job that waits for all of them, and optionally the student's training job after 
 
 The scripts run `sys.executable -m kvdistill ...` so a job uses the environment that wrote it;
 a task whose shard is already complete exits at once, so resubmitting an array only redoes what
-is missing (`kvdistill jobs status` prints the `--array=` to resubmit)."""
+is missing (`kvdistill jobs status` prints the `--array=` to resubmit).
+
+The training job trains what `kvdistill train` trains from the same settings: configs/train.yaml
+holds only the TrainConfig fields the user set (`write_scripts(..., train=...)`), and the job runs
+`kvdistill train --recipe R --config configs/train.yaml`, so the recipe of its mode (kava for
+mode latent) sits under them, layered by `train_config` as on the command line."""
 
 from __future__ import annotations
 
@@ -15,9 +20,13 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kvdistill.schemas import DumpConfig, JobsConfig, ModelSpec, SlurmSpec
+from kvdistill.schemas.base import dump_yaml
+from kvdistill.train.recipes import default_recipe, train_config
 
 __all__ = ["write_scripts", "submit", "array_spec"]
 
@@ -98,10 +107,17 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def write_scripts(cfg: JobsConfig, config_path: str | None = None) -> dict[str, Path]:
+def write_scripts(cfg: JobsConfig, config_path: str | None = None, *, train: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write jobs_dir/{dump-<teacher>.sbatch, finalize.sbatch[, train.sbatch]} and the configs
     they run (jobs_dir/configs/*.yaml); return {"dump-<teacher>": path, ..., "finalize": path,
-    "train": path} in submission order."""
+    "train": path} in submission order.
+
+    train: the TrainConfig fields the user set for the training job, a plain (nested) mapping, as
+    `kvdistill jobs slurm` passes them (the jobs config's `train:` with the `--train.FIELD` flags
+    over it); the job layers the recipe of their mode under them like `kvdistill train`. None:
+    cfg.train whole, every field set (a TrainConfig built in Python is trained as it is)."""
+    if train is not None and cfg.train is None:
+        raise ValueError("write_scripts: train settings given but JobsConfig.train is None (no training job)")
     jobs = Path(cfg.jobs_dir).absolute()
     configs, logs = jobs / "configs", jobs / "logs"
     configs.mkdir(parents=True, exist_ok=True)
@@ -146,17 +162,25 @@ def write_scripts(cfg: JobsConfig, config_path: str | None = None) -> dict[str, 
     scripts["finalize"] = _write(jobs / "finalize.sbatch", _script(header, sbatch, body))
 
     if cfg.train is not None:
-        scripts["train"] = _write_train(cfg, jobs, py, store)
+        scripts["train"] = _write_train(cfg, jobs, py, store, cfg.train.to_dict() if train is None else train)
     return scripts
 
 
-def _write_train(cfg: JobsConfig, jobs: Path, py: str, store: str) -> Path:
-    train = dataclasses.replace(
-        cfg.train,
-        store=str(Path(cfg.train.store).absolute()),
-        out=str(Path(cfg.train.out).absolute()),
-        student=_absolute_model(cfg.train.student),
-    )
+def _write_train(cfg: JobsConfig, jobs: Path, py: str, store: str, settings: Mapping[str, Any]) -> Path:
+    # Absolute local paths: the job may start in another working directory.
+    settings = dict(settings)
+    for key in ("store", "out"):
+        if isinstance(settings.get(key), str):
+            settings[key] = str(Path(settings[key]).absolute())
+    student = settings.get("student")
+    if isinstance(student, Mapping) and isinstance(student.get("name_or_path"), str):
+        settings["student"] = {**student, "name_or_path": _local_path(student["name_or_path"])}
+    # The job runs `kvdistill train --recipe R --config <this file>`: build what it builds (its
+    # --resume auto aside), the one code path of recipe < file < flags.
+    recipe = default_recipe(settings.get("mode"))
+    path = jobs / "configs" / "train.yaml"
+    path.write_text(dump_yaml(settings))
+    train = train_config(recipe=recipe, config=path)
     if train.store != store:
         raise ValueError(
             f"JobsConfig.train.store {train.store} is not the store the dump arrays write "
@@ -168,7 +192,7 @@ def _write_train(cfg: JobsConfig, jobs: Path, py: str, store: str) -> Path:
             f"({train.out}), so a requeued job continues its own checkpoints; drop train.resume, or set train.out to "
             "the run directory to continue"
         )
-    yaml = shlex.quote(str(train.save(jobs / "configs" / "train.yaml")))
+    yaml = shlex.quote(str(path))
     res = cfg.train_slurm
     G = res.gpus
     single = G == 0 or res.nodes * G == 1
@@ -181,11 +205,13 @@ def _write_train(cfg: JobsConfig, jobs: Path, py: str, store: str) -> Path:
         sbatch.append(f"#SBATCH --signal={'B:' if single else ''}USR1@{res.signal_seconds}")
     header = [
         f"kvdistill train from {store} into {train.out}.",
+        f"Its TrainConfig, as `kvdistill train` builds it: recipe {recipe} (train/recipes/{recipe}.yaml) < {path.name}",
+        "(the fields set for this job) < the flags below.",
         "Submitted with --dependency=afterok:<finalize>.",
         "SIGUSR1 (the time limit's warning) or SIGTERM (preemption): the trainer finishes its step, saves a",
         "checkpoint and exits 143" + ("; on SIGUSR1 it requeues this job, which resumes there (--resume auto)." if res.requeue else "; resubmit to resume (--resume auto)."),
     ]
-    args = f"--config {yaml} --resume auto{' --requeue-on-usr1' if res.requeue else ''} --no-progress"
+    args = f"--recipe {recipe} --config {yaml} --resume auto{' --requeue-on-usr1' if res.requeue else ''} --no-progress"
     if single:
         body = [f"exec {py} -m kvdistill train {args}"]
     else:

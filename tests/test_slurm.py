@@ -123,7 +123,7 @@ def test_scripts_are_valid_bash_with_the_configured_resources_and_dump_command(t
     assert (
         f"srun bash -c 'trap \"\" USR1; exec {sys.executable} -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES "
         "--num_processes $((SLURM_NNODES * 4)) --machine_rank $SLURM_NODEID --main_process_ip $MASTER_ADDR "
-        f"--main_process_port 29500 -m kvdistill train --config {jobs}/configs/train.yaml --resume auto --no-progress'"
+        f"--main_process_port 29500 -m kvdistill train --recipe default --config {jobs}/configs/train.yaml --resume auto --no-progress'"
     ) in train  # requeue: false, so no --requeue-on-usr1
     assert TrainConfig.load(jobs / "configs" / "train.yaml").store == str(tmp_path / "kv.zarr")
 
@@ -141,7 +141,7 @@ def test_cpu_only_dump_has_no_gres_and_single_process_training_runs_plain(tmp_pa
     train = scripts["train"].read_text()
     assert "srun" not in train and "accelerate" not in train and "--ntasks-per-node" not in train
     # exec: the trainer is the batch shell, so SIGUSR1 (B:, 300 s before the limit) reaches it, and it requeues the job
-    assert f"exec {sys.executable} -m kvdistill train --config {tmp_path}/jobs/configs/train.yaml --resume auto --requeue-on-usr1 --no-progress" in train
+    assert f"exec {sys.executable} -m kvdistill train --recipe default --config {tmp_path}/jobs/configs/train.yaml --resume auto --requeue-on-usr1 --no-progress" in train
     assert {"--gres=gpu:1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"} <= set(sbatch_options(scripts["train"]))
 
 
