@@ -176,13 +176,14 @@ class Run:
         self.mode = latent_mode(cfg, student, spec, teachers, pad_id) if cfg.mode == "latent" else cot_mode(cfg, student, spec, teachers)
         train_shards, _ = loop.split_shards(cfg, spec.num_shards)
         opt = torch.optim.AdamW(self.mode.param_groups, weight_decay=cfg.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)
+        sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)  # stepped once per step, as in train
         self.stream = KVStream(
             cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, read_kv=self.mode.read_kv,
             read_latent=self.mode.read_latent, kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device), shards=train_shards,
         )
         self.loader = train_loader(self.stream, cfg, pad_id, self.mode.control)
-        self.model, self.opt, self.sched = accelerator.prepare(self.mode.model, opt, sched)
+        self.model, self.opt = accelerator.prepare(self.mode.model, opt)
+        self.sched = sched
         self.model.train()
         self.epoch, self.step_no = 0, 0
         self.batches: Iterator = iter(self.loader)
@@ -192,7 +193,7 @@ class Run:
             return next(self.batches)
         except StopIteration:
             self.epoch += 1
-            self.stream.set_epoch(self.epoch)
+            self.loader.dataset.set_epoch(self.epoch)
             self.batches = iter(self.loader)
             return next(self.batches)
 

@@ -532,6 +532,9 @@ class TrainConfig(Record):
     hash_params: bool = option(
         False, help="write a sha256 of the final parameters into RUN_DIR/ranks (the DDP test compares ranks)", group="checkpointing"
     )
+    record_samples: bool = option(
+        False, help="append each step's sample ids per rank to RUN_DIR/ranks/samples-rank-N.jsonl (audit the sample order)", group="checkpointing"
+    )
     save_every: int = option(
         0, help="checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps (0: only the final model)",
         group="checkpointing", aliases=("--save-steps",),
@@ -572,8 +575,13 @@ class TrainConfig(Record):
 
     @property
     def warmup(self) -> int:
-        """Warm-up steps of the schedule: warmup_ratio x max_steps when a ratio is set, else warmup_steps."""
-        return round(self.warmup_ratio * self.max_steps) if self.warmup_ratio is not None else self.warmup_steps
+        """Warm-up steps of the schedule over max_steps (`warmup_over`)."""
+        return self.warmup_over(self.max_steps)
+
+    def warmup_over(self, steps: int) -> int:
+        """Warm-up steps of a schedule of `steps` optimizer steps (the trainer's: num_train_epochs
+        included): warmup_ratio x steps when a ratio is set, else warmup_steps."""
+        return round(self.warmup_ratio * steps) if self.warmup_ratio is not None else self.warmup_steps
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1:

@@ -11,11 +11,11 @@ never branch on it.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from kvdistill.schemas import StoreSpec
@@ -69,7 +69,7 @@ def shard_samples(
     read_kv: bool = True,
     read_latent: bool = False,
     decode: bool = True,
-    start: int = 0,
+    keep: np.ndarray | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of `shards`, in this order, every teacher zipped; every chunk / tar checked as
     it is read (CorruptShard on damage). Each sample:
@@ -84,12 +84,26 @@ def shard_samples(
     float32, "mask" [M] bool, "hidden" [H] float32 (only if stored)}} (StoreError if a teacher
     has none).
 
-    start: begin at that sample of the sequence (a resumed stream). A zarr store opens no shard
-    before it and reads no span before it; webdataset tars stream from their start, checked,
-    and the samples before it are read, checked and dropped."""
+    keep: only the samples at these positions of the sequence (sorted, distinct; None: all), in
+    sequence order: a trainer rank's share of the global sample order. A zarr store opens no
+    shard and reads no chunk that holds none of them; webdataset tars stream whole, checked,
+    and the other samples are dropped."""
     if is_wds_store(store):
-        return itertools.islice(_tar_samples(store, teachers, shards, read_latent), start, None)
-    return zarr_samples(store, teachers, shards, read_kv=read_kv, read_latent=read_latent, decode=decode, start=start)
+        samples = _tar_samples(store, teachers, shards, read_latent)
+        return samples if keep is None else _kept(samples, keep)
+    return zarr_samples(store, teachers, shards, read_kv=read_kv, read_latent=read_latent, decode=decode, keep=keep)
+
+
+def _kept(samples: Iterator[dict[str, Any]], keep: np.ndarray) -> Iterator[dict[str, Any]]:
+    """The samples at positions `keep` (sorted) of the sequence."""
+    wanted = iter(keep.tolist())
+    nxt = next(wanted, None)
+    for p, sample in enumerate(samples):
+        if nxt is None:
+            return
+        if p == nxt:
+            yield sample
+            nxt = next(wanted, None)
 
 
 def _tar_samples(store: str | Path, teachers: list[str], shards: list[int], read_latent: bool) -> Iterator[dict[str, Any]]:

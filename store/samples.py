@@ -35,14 +35,32 @@ def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
 
 
 def zarr_samples(
-    store: str | Path, teachers: list[str], shards: list[int], *, read_kv: bool = True, read_latent: bool = False, decode: bool = True, start: int = 0
+    store: str | Path, teachers: list[str], shards: list[int], *, read_kv: bool = True, read_latent: bool = False, decode: bool = True,
+    keep: np.ndarray | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of `shards`, in this order (backend.shard_samples documents the format). Reads
     run one step ahead in a background thread, across shard boundaries too: while the caller
     consumes a span, the next span (or the next shard's opening, token arrays and first span) is
     read, and every teacher's K and V of a span are read concurrently (the K/V reader
-    decompresses outside the GIL)."""
-    return _ZarrShards(Path(store), list(teachers), read_kv, read_latent, decode).samples(list(shards), start)
+    decompresses outside the GIL). keep: only the samples at these sorted positions of the
+    sequence (`read_units` decides what is read for them)."""
+    return _ZarrShards(Path(store), list(teachers), read_kv, read_latent, decode).samples(list(shards), keep)
+
+
+def read_units(off: np.ndarray, wanted: np.ndarray, span: int, gap: int) -> Iterator[tuple[int, int]]:
+    """Reads [j0, j1) of samples (offsets `off`) that cover the sorted sample indices `wanted`:
+    runs of wanted samples, a run extended over unwanted ones when the rows between are fewer
+    than `gap` (one chunk: reading them costs no chunk decode that the two reads would not
+    each do anyway), never more than `span` rows unless one sample is longer."""
+    if not len(wanted):
+        return
+    j0 = prev = int(wanted[0])
+    for j in wanted[1:].tolist():
+        if int(off[j]) - int(off[prev + 1]) >= gap or int(off[j + 1]) - int(off[j0]) > span:
+            yield j0, prev + 1
+            j0 = j
+        prev = j
+    yield j0, prev + 1
 
 
 class _ZarrShards:
@@ -85,14 +103,16 @@ class _ZarrShards:
             "off": off,
             "tokens": first.rows(0, int(off[-1]), token_names),
             "spans": list(read_spans(off, span)),
+            "span": span,
+            "gap": first.array("k").chunks[0] if self.read_kv else span,
         }
 
-    def samples(self, shards: list[int], start: int = 0) -> Iterator[dict[str, Any]]:
+    def samples(self, shards: list[int], keep: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
         n_parts = 2 * len(self.teachers) if self.read_kv else 0
         workers = max(1, n_parts + (len(self.teachers) if self.read_latent else 0))
         with ThreadPoolExecutor(1, thread_name_prefix="kvdistill-ahead") as ahead, ThreadPoolExecutor(workers, thread_name_prefix="kvdistill-arrays") as arrays:
 
-            def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]]]:
+            def read(sh: dict[str, Any], j0: int, j1: int, _want=None) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]]]:
                 r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
                 parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
                 # decode=False: K/V stay as stored (16-bit floats, int8 / int4 codes + scales), so
@@ -104,13 +124,12 @@ class _ZarrShards:
             # Consolidated metadata and index.parquet, read once: opening a shard then reads no
             # metadata, offsets or sample ids from disk (a few ms a shard and teacher otherwise).
             root, index = open_root(self.store), read_index(self.store, self.teachers)
-            shards, first = _skip(shards, start, {s: len(index.get((self.teachers[0], s), ((), []))[1]) for s in shards})
+            wanted = _per_shard(shards, keep, [len(index.get((self.teachers[0], s), ((), []))[1]) for s in shards])
             units = (
-                (sh, max(j0, first if i == 0 else 0), j1)
-                for i, shard in enumerate(shards)
+                (sh, j0, j1, want)
+                for shard, want in wanted
                 for sh in (self.open(root, index, shard),)
-                for j0, j1 in sh["spans"]
-                if i or j1 > first
+                for j0, j1 in (sh["spans"] if want is None else read_units(sh["off"], want, sh["span"], sh["gap"]))
             )
 
             def fetch():  # only ever runs on `ahead`, one at a time: `units` advances there
@@ -120,13 +139,14 @@ class _ZarrShards:
             pending = ahead.submit(fetch)
             while (got := pending.result()) is not None:
                 pending = ahead.submit(fetch)
-                (sh, j0, j1), (blocks, latent) = got
-                yield from self.span_samples(sh, j0, j1, blocks, latent)
+                (sh, j0, j1, want), (blocks, latent) = got
+                yield from self.span_samples(sh, j0, j1, blocks, latent, want)
 
-    def span_samples(self, sh: dict[str, Any], j0: int, j1: int, blocks: list, latent: list[dict[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
+    def span_samples(self, sh: dict[str, Any], j0: int, j1: int, blocks: list, latent: list[dict[str, np.ndarray]], want: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
         off, tokens = sh["off"], sh["tokens"]
         r0 = int(off[j0])
-        for j in range(j0, j1):
+        js = range(j0, j1) if want is None else want[(want >= j0) & (want < j1)].tolist()
+        for j in js:
             a, b = int(off[j]) - r0, int(off[j + 1]) - r0
             sample = {
                 "sample_id": sh["ids"][j],
@@ -141,14 +161,18 @@ class _ZarrShards:
             yield sample
 
 
-def _skip(shards: list[int], start: int, counts: dict[int, int]) -> tuple[list[int], int]:
-    """(the shards from the one holding sample `start` of the sequence on, that sample's index
-    in its shard): the shards before it are not opened at all."""
-    i = 0
-    while i < len(shards) and start >= counts[shards[i]]:
-        start -= counts[shards[i]]
-        i += 1
-    return shards[i:], start if i < len(shards) else 0
+def _per_shard(shards: list[int], keep: np.ndarray | None, counts: list[int]) -> list[tuple[int, np.ndarray | None]]:
+    """[(shard, its sample indices to yield, None: all)] for the sorted positions `keep` of the
+    sequence of `shards`; a shard holding none of them is left out (never opened)."""
+    if keep is None:
+        return [(s, None) for s in shards]
+    ends = np.cumsum(counts)
+    out = []
+    for s, end, n in zip(shards, ends.tolist(), counts, strict=True):
+        lo, hi = np.searchsorted(keep, [end - n, end])
+        if hi > lo:
+            out.append((s, keep[lo:hi] - (end - n)))
+    return out
 
 
 def contract_latent(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -91,7 +91,7 @@ def _assert_only_complete_checkpoints(run: Path) -> None:
 
 @pytest.mark.parametrize(
     "signum, at, position",
-    [(signal.SIGUSR1, 2, (0, 2)), (signal.SIGTERM, PER_EPOCH, (1, 0)), (signal.SIGUSR1, PER_EPOCH, (1, 0))],
+    [(signal.SIGUSR1, 2, (0, 32)), (signal.SIGTERM, PER_EPOCH, (1, 0)), (signal.SIGUSR1, PER_EPOCH, (1, 0))],
     ids=["SIGUSR1-mid-epoch", "SIGTERM-epoch-end", "SIGUSR1-epoch-end"],
 )
 def test_a_signalled_run_saves_its_step_exits_143_and_resume_auto_ends_bitwise_identical(
@@ -105,7 +105,7 @@ def test_a_signalled_run_saves_its_step_exits_143_and_resume_auto_ends_bitwise_i
     ckpt = out / "checkpoints" / f"step-{at:07d}"
     assert stopped.value.message.startswith(f"preempted ({signum.name}) after step {at}: checkpoint {ckpt} is complete")
     pos = json.loads((ckpt / "loader.json").read_text())
-    assert (pos["step"], pos["epoch"], pos["batches_in_epoch"]) == (at, *position)  # an epoch's end resumes at the next one
+    assert (pos["step"], pos["epoch"], pos["samples_in_epoch"]) == (at, *position)  # an epoch's end resumes at the next one
     assert not (out / "final").exists()
     assert [r["step"] for r in _metrics(out)] == list(range(1, at + 1))
     _assert_only_complete_checkpoints(out)

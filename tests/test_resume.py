@@ -44,12 +44,12 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 
 def _old_form(ckpt: Path, dest: Path) -> Path:
-    """A copy of an epoch-end checkpoint with its position as written before the fix:
-    (epoch N, batch = batches in epoch N) instead of (epoch N + 1, batch 0)."""
+    """A copy of an epoch-end checkpoint with its position in the other form it can take:
+    (epoch N, every sample of epoch N consumed) instead of (epoch N + 1, sample 0)."""
     shutil.copytree(ckpt, dest)
     pos = json.loads((dest / "loader.json").read_text())
-    assert pos["batches_in_epoch"] == 0
-    pos.update(epoch=pos["epoch"] - 1, batches_in_epoch=PER_EPOCH)
+    assert pos["samples_in_epoch"] == 0
+    pos.update(epoch=pos["epoch"] - 1, samples_in_epoch=PER_EPOCH * COMMON["batch_size"])
     (dest / "loader.json").write_text(json.dumps(pos))
     return dest
 
@@ -64,7 +64,7 @@ def straight(tiny_store, tmp_path_factory):
 
 def test_an_epoch_end_checkpoint_is_saved_as_the_next_epochs_start(straight):
     pos = {s: json.loads((straight / "checkpoints" / f"step-{s:07d}" / "loader.json").read_text()) for s in range(1, STEPS + 1)}
-    assert [(p["epoch"], p["batches_in_epoch"]) for p in pos.values()] == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    assert [(p["epoch"], p["samples_in_epoch"]) for p in pos.values()] == [(0, 16), (0, 32), (1, 0), (1, 16), (1, 32), (2, 0), (2, 16)]
 
 
 @pytest.mark.parametrize("step", range(1, STEPS + 1))
@@ -86,8 +86,16 @@ def test_a_checkpoint_position_past_the_epochs_end_is_refused(tiny_store, straig
     ckpt = tmp_path / "bad"
     shutil.copytree(straight / "checkpoints" / "step-0000002", ckpt)
     pos = json.loads((ckpt / "loader.json").read_text())
-    (ckpt / "loader.json").write_text(json.dumps({**pos, "batches_in_epoch": PER_EPOCH + 2}))
-    with pytest.raises(StoreError, match=r"batch 5 of epoch 0, but the epoch has 3 batches"):
+    (ckpt / "loader.json").write_text(json.dumps({**pos, "samples_in_epoch": 80}))
+    with pytest.raises(StoreError, match=r"resumes after sample 80 of an epoch, but an epoch of store .* has 48 samples"):
+        train(_cfg(tiny_store, tmp_path / "resumed", resume=str(ckpt)), progress=False)
+
+
+def test_a_checkpoint_of_the_per_rank_order_is_refused_before_anything_loads(tiny_store, straight, tmp_path):
+    ckpt = tmp_path / "old"
+    shutil.copytree(straight / "checkpoints" / "step-0000002", ckpt)
+    (ckpt / "loader.json").write_text(json.dumps({"step": 2, "epoch": 0, "tokens": 100, "batches_in_epoch": 2}))
+    with pytest.raises(ValueError, match="written by an earlier kvdistill whose sample order depended on the number of processes"):
         train(_cfg(tiny_store, tmp_path / "resumed", resume=str(ckpt)), progress=False)
 
 
@@ -116,7 +124,7 @@ def test_latent_mode_resumes_bitwise_from_an_epoch_end_checkpoint_new_and_old_fo
     train(_latent_cfg(latent_store, tmp_path / "straight", save_every=PER_EPOCH, **common), progress=False)
     ckpt = tmp_path / "straight" / "checkpoints" / f"step-{PER_EPOCH:07d}"
     pos = json.loads((ckpt / "loader.json").read_text())
-    assert (pos["epoch"], pos["batches_in_epoch"]) == (1, 0)
+    assert (pos["epoch"], pos["samples_in_epoch"]) == (1, 0)
     reference = _latent_final(tmp_path / "straight")
     for name, resume_from in (("new", ckpt), ("old", _old_form(ckpt, tmp_path / "old"))):
         train(_latent_cfg(latent_store, tmp_path / name, resume=str(resume_from), **common), progress=False)

@@ -1,6 +1,6 @@
-"""KVStream.resume: a resumed epoch yields exactly the batches the uninterrupted one yields after
-the checkpoint, through the shuffle buffer and DataLoader workers, without reading what the
-checkpoint had already trained on."""
+"""The global sample order (train/stream.py): one order per epoch whatever the number of ranks
+and workers; each global batch split across ranks; a resume (samples consumed) continuing it
+exactly on any number of processes, reading nothing before its position."""
 
 from __future__ import annotations
 
@@ -14,50 +14,82 @@ from torch.utils.data import DataLoader
 import kvdistill.store.samples as store_samples
 import kvdistill.train.stream as stream_mod
 from kvdistill.store import StoreError
-from kvdistill.train.stream import KVStream, _shuffled, buffer_state, collate
+from kvdistill.train.stream import KVStream, MicroBatches, _shuffled, collate, windows
 
 TEACHERS = ["teacher-a", "teacher-b"]
 
 
-def _loader(tiny_store, batch_size, num_workers=0, drop_last=False, **kw):
-    stream = KVStream(tiny_store["store"], TEACHERS, seed=5, **kw)
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=lambda s: collate(s, 0), drop_last=drop_last)
-    return stream, loader
+@given(n=st.integers(0, 200), start_frac=st.floats(0, 1), b=st.integers(1, 9), accum=st.integers(1, 3), world=st.integers(1, 4), drop=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_windows_cover_every_sample_once_and_do_not_depend_on_the_split(n, start_frac, b, accum, world, drop):
+    start = round(start_frac * n)
+    wins = windows(n, start, b, accum, world, drop)
+    one = windows(n, start, b * accum * world, 1, 1, drop)  # one process, one micro-batch per step
+    assert [(w.start, w.size) for w in wins] == [(w.start, w.size) for w in one]  # the same samples per step
+    covered = [j for w in wins for m in w.slices for a, z in m for j in range(a, z)]
+    # slot order (micro-batch m of rank r = slot m x world + r) walks the window in order
+    assert covered == list(range(start, start + sum(w.size for w in wins)))
+    G = b * accum * world
+    assert sum(w.size for w in wins) == ((n - start) // G * G if drop else n - start)
+    for w in wins:
+        sizes = [z - a for m in w.slices for a, z in m]
+        assert len(w.slices) == w.micros <= accum and all(len(m) == world for m in w.slices)
+        assert max(sizes) - min(sizes) <= 1 and max(sizes) <= b
+        if w.size == G:
+            assert sizes == [b] * (accum * world)
 
 
-def _batches(loader, epoch, stream):
-    stream.set_epoch(epoch)
-    return [(b["sample_ids"], b["kv"]["teacher-b"][1].numpy().tobytes()) for b in loader]
+def _plan(tiny_store, *, world=1, rank=0, b=4, accum=1, workers=0, buffer=7, seed=5, epoch=1, start=0):
+    stream = KVStream(tiny_store["store"], TEACHERS, seed=seed, shuffle_buffer=buffer)
+    mb = MicroBatches(stream, b, lambda s: collate(s, 0), accumulation=accum, rank=rank, world_size=world)
+    mb.set_epoch(epoch, start)
+    return [
+        (x["window"], x["micro"], x["weight"], x["sample_ids"], x["kv"]["teacher-b"][1].numpy().tobytes())
+        for x in DataLoader(mb, batch_size=None, num_workers=workers)
+    ]
 
 
-@given(n=st.integers(0, 300), size=st.integers(1, 70), skip_frac=st.floats(0, 1))
-@settings(max_examples=200, deadline=None)
-def test_buffer_state_continues_the_shuffle_buffer_exactly(n, size, skip_frac):
-    skip = round(skip_frac * n)
-    full = list(_shuffled(range(n), size, random.Random("x")))
-    rng = random.Random("x")
-    held, next_read, tail = buffer_state(n, size, rng, skip)
-    if tail is not None:
-        assert tail == full[skip:]
-        return
-    assert all(p < next_read for p in held) and len(held) < size
-    assert list(_shuffled(range(next_read, n), size, rng, list(held))) == full[skip:]
+def _steps(runs):
+    """{step: [(sample id, K/V bytes) of every real sample, in slot order]} over ranks' plans."""
+    out: dict[int, list] = {}
+    world = len(runs)
+    for r, plan in enumerate(runs):
+        for w, m, weight, ids, _ in plan:
+            if weight:
+                out.setdefault(w, {})[(m, r)] = ids
+    return {w: [i for (m, r) in sorted(slots, key=lambda mr: mr[0] * world + mr[1]) for i in slots[(m, r)]] for w, slots in out.items()}
 
 
-@pytest.mark.parametrize(("batch_size", "buffer", "num_workers", "drop_last"), [(4, 16, 0, False), (5, 7, 2, False), (3, 1, 2, True), (8, 256, 0, True)])
-def test_a_resumed_epoch_yields_the_rest_of_the_uninterrupted_one(tiny_store, batch_size, buffer, num_workers, drop_last):
-    stream, loader = _loader(tiny_store, batch_size, num_workers, drop_last, shuffle_buffer=buffer)
-    full = _batches(loader, 1, stream)
-    assert len(full) >= 6
-    for n in sorted({1, 2, len(full) // 2, len(full) - 2, len(full) - 1, len(full)}):
-        stream, loader = _loader(tiny_store, batch_size, num_workers, drop_last, shuffle_buffer=buffer)
-        stream.resume(1, n, batch_size, num_workers, drop_last)
-        assert _batches(loader, 1, stream) == full[n:], n
-    fresh, fresh_loader = _loader(tiny_store, batch_size, num_workers, drop_last, shuffle_buffer=buffer)
-    assert _batches(loader, 2, stream) == _batches(fresh_loader, 2, fresh)  # the resume state is for its epoch only
+@pytest.mark.parametrize(("world", "b", "accum", "workers"), [(2, 4, 1, 0), (2, 4, 1, 2), (1, 4, 2, 0), (3, 5, 1, 1), (2, 3, 2, 2)])
+def test_n_ranks_x_batch_b_train_the_samples_of_one_rank_x_batch_n_b_in_the_same_order(tiny_store, world, b, accum, workers):
+    one = _plan(tiny_store, b=b * world * accum)
+    split = [_plan(tiny_store, world=world, rank=r, b=b, accum=accum, workers=workers) for r in range(world)]
+    assert _steps(split) == _steps([one])
+    assert len({len(p) for p in split}) == 1  # every rank runs as many micro-batches (stand-ins included)
 
 
-def test_resume_reads_no_sample_before_the_shuffle_buffer_it_rebuilds(tiny_store, monkeypatch):
+def test_the_order_is_the_shuffle_buffer_over_the_shards_in_their_seeded_order(tiny_store):
+    stream = KVStream(tiny_store["store"], TEACHERS, seed=3, shuffle_buffer=5)
+    stream.set_epoch(2)
+    shards = stream.epoch_order(2)
+    plain = KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1, shards=shards[:1])
+    concat = [s["sample_id"] for s in KVStream(tiny_store["store"], TEACHERS, shuffle_buffer=1, shards=shards[1:])]
+    concat = [s["sample_id"] for s in plain] + concat
+    want = [concat[p] for p in _shuffled(range(len(concat)), 5, random.Random("3-2"))]
+    assert [s["sample_id"] for s in stream] == want
+
+
+@pytest.mark.parametrize(("world_from", "world_to", "workers"), [(1, 1, 0), (2, 2, 2), (2, 1, 0), (1, 2, 1), (2, 3, 0)])
+def test_a_resume_continues_the_global_order_on_any_number_of_processes(tiny_store, world_from, world_to, workers):
+    G = 8
+    full = _steps([_plan(tiny_store, world=world_from, rank=r, b=G // world_from) for r in range(world_from)])
+    flat = [i for w in sorted(full) for i in full[w]]
+    for steps_done in (1, 3, 5, 6):
+        rest = _steps([_plan(tiny_store, world=world_to, rank=r, b=-(-G // world_to), workers=workers, start=steps_done * G) for r in range(world_to)])
+        assert [i for w in sorted(rest) for i in rest[w]] == flat[steps_done * G :], steps_done
+
+
+def test_a_resume_reads_only_what_is_left(tiny_store, monkeypatch):
     read = []
     real = stream_mod.shard_samples
 
@@ -67,32 +99,44 @@ def test_resume_reads_no_sample_before_the_shuffle_buffer_it_rebuilds(tiny_store
             yield s
 
     monkeypatch.setattr(stream_mod, "shard_samples", counting)
-    stream, loader = _loader(tiny_store, 4, shuffle_buffer=2)
-    full = _batches(loader, 0, stream)
+    full = _plan(tiny_store, b=4, buffer=2, epoch=0)
     assert len(read) == 48
     read.clear()
-    stream, loader = _loader(tiny_store, 4, shuffle_buffer=2)
-    stream.resume(0, 10, 4)  # 40 of 48 samples trained
-    assert _batches(loader, 0, stream) == full[10:]
-    assert len(read) <= 8 + 6, read  # the 8 left and the few the buffer still holds, not 48
+    rest = _plan(tiny_store, b=4, buffer=2, epoch=0, start=40)
+    assert [x[3] for x in rest] == [x[3] for x in full[10:]]
+    assert len(read) == 8, read  # exactly the samples left
+
+
+def test_each_rank_reads_only_its_own_samples(tiny_store, monkeypatch):
+    read = []
+    real = stream_mod.shard_samples
+
+    def counting(*args, **kw):
+        for s in real(*args, **kw):
+            read.append(s["sample_id"])
+            yield s
+
+    monkeypatch.setattr(stream_mod, "shard_samples", counting)
+    plans = []
+    for r in range(2):
+        read.clear()
+        plans.append(_plan(tiny_store, world=2, rank=r, b=4))
+        assert sorted(read) == sorted(i for x in plans[-1] for i in x[3]) and len(read) == 24
 
 
 def test_resuming_past_the_end_of_the_epoch_names_the_mismatch(tiny_store):
-    stream, _ = _loader(tiny_store, 8)
-    with pytest.raises(StoreError, match="resumes after batch 7 of epoch 0, but the epoch has 6 batches of 8"):
-        stream.resume(0, 7, 8)
+    with pytest.raises(StoreError, match="resumes after sample 50 of an epoch, but an epoch of store .* has 48 samples"):
+        _plan(tiny_store, start=50)
 
 
 def test_a_late_resume_starts_inside_the_last_shard_without_opening_the_first(tiny_store, monkeypatch):
     opened = []
     real_open = store_samples._ZarrShards.open
     monkeypatch.setattr(store_samples._ZarrShards, "open", lambda self, root, index, shard: (opened.append(shard), real_open(self, root, index, shard))[1])
-    stream, loader = _loader(tiny_store, 4, shuffle_buffer=1)
-    full = _batches(loader, 0, stream)
+    full = _plan(tiny_store, b=4, buffer=1, epoch=0)
     order = list(dict.fromkeys(opened))
     assert len(order) == 2  # the uninterrupted epoch opens both shards (24 samples each)
     opened.clear()
-    stream, loader = _loader(tiny_store, 4, shuffle_buffer=1)
-    stream.resume(0, 9, 4)  # 36 samples trained: the resume starts at sample 12 of the second shard
-    assert _batches(loader, 0, stream) == full[9:]
+    rest = _plan(tiny_store, b=4, buffer=1, epoch=0, start=36)  # the resume starts at sample 12 of the second shard
+    assert [x[1:] for x in rest] == [x[1:] for x in full[9:]]  # windows count from the resumed position
     assert opened == [order[1]]

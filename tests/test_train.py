@@ -106,16 +106,16 @@ def test_training_refuses_an_unfinalized_store(tiny_store, tmp_path):
         train(_train_cfg(tiny_store, tmp_path / "x", store=str(copy)), progress=False)
 
 
-def test_stream_splits_shards_disjointly_across_ranks_and_covers_every_sample(tiny_store):
+def test_every_rank_reads_its_part_of_every_global_batch_and_together_they_cover_the_epoch(tiny_store):
+    from kvdistill.train.stream import MicroBatches
+
     teachers = ["teacher-a", "teacher-b"]
     seen = []
-    for rank in range(2):
-        ids = [s["sample_id"] for s in KVStream(tiny_store["store"], teachers, rank=rank, world_size=2, shuffle_buffer=4)]
-        seen.append(ids)
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(ex.id for ex in load_examples(tiny_store["data"]))
-    with pytest.raises(ValueError, match="3 ranks"):
-        next(iter(KVStream(tiny_store["store"], teachers, rank=0, world_size=3)))
+    for rank in range(3):
+        batches = MicroBatches(KVStream(tiny_store["store"], teachers, shuffle_buffer=4), 4, lambda s: {"ids": [x["sample_id"] for x in s]}, rank=rank, world_size=3)
+        seen.append([i for b in batches if b["weight"] for i in b["ids"]])
+    assert not set(seen[0]) & set(seen[1]) and not set(seen[1]) & set(seen[2])
+    assert sorted(seen[0] + seen[1] + seen[2]) == sorted(ex.id for ex in load_examples(tiny_store["data"]))
 
 
 def test_stream_zips_teachers_and_reshuffles_per_epoch(tiny_store):

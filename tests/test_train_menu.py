@@ -333,8 +333,8 @@ def test_loss_curve_compares_the_first_logged_value_with_the_mean_of_the_last_20
 
 
 def test_a_non_finite_cka_term_stops_training_and_is_named(tiny_store, tmp_path, monkeypatch):
-    from kvdistill.train import losses
+    from kvdistill.train import distiller
 
-    monkeypatch.setattr(losses, "debiased_cka", lambda x, y: torch.tensor(float("nan")))
+    monkeypatch.setattr(distiller, "cka_from_sums", lambda s: torch.tensor(float("nan"), dtype=torch.float64))
     with pytest.raises(FloatingPointError, match=r"step 0: loss term cka is nan"):
         train(_cfg(tiny_store, tmp_path / "nan", max_steps=2), progress=False)

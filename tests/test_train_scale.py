@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from test_latent_train import _cfg as latent_cfg
 from test_latent_train import latent_store, student_path  # noqa: F401  (fixtures)
 
-from kvdistill.schemas import TrainConfig
+from kvdistill.schemas import ConfigError, TrainConfig
 from kvdistill.train.distiller import cot_mode
 from kvdistill.train.loop import train
 from kvdistill.train.report import run_report
@@ -138,13 +139,23 @@ def test_validation_on_held_out_shards_is_logged_and_keeps_the_best_checkpoint(t
 
 
 def test_validation_is_deterministic_and_changes_no_training_step(tiny_store, tmp_path):
-    train(_cfg(tiny_store, tmp_path / "a", max_steps=4, val_store=str(tiny_store["store"]), eval_steps=2), progress=False)
-    train(_cfg(tiny_store, tmp_path / "b", max_steps=4), progress=False)
+    train(_cfg(tiny_store, tmp_path / "a", max_steps=4, val_shards=1, eval_steps=2), progress=False)
+    train(_cfg(tiny_store, tmp_path / "b", max_steps=4, val_shards=1), progress=False)
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)  # validation draws no RNG and steps nothing
     ra = _rows(tmp_path / "a")
     assert [r["ce"] for r in ra] == [r["ce"] for r in _rows(tmp_path / "b")]
     assert {"val_loss", "val_ce"} <= set(ra[1])
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["same-path", "copy"])
+def test_a_val_store_holding_the_training_data_is_refused_naming_val_shards(tiny_store, tmp_path, copy):
+    store = tiny_store["store"]
+    if copy:
+        shutil.copytree(store, tmp_path / "copy.zarr")
+        store = tmp_path / "copy.zarr"
+    with pytest.raises(ConfigError, match="--val-shards N instead"):
+        train(_cfg(tiny_store, tmp_path / "v", max_steps=1, val_store=str(store), eval_steps=1), progress=False)
 
 
 def test_num_train_epochs_sets_the_steps_from_the_store(tiny_store, tmp_path):

@@ -19,13 +19,14 @@ __all__ = ["Position", "save_checkpoint", "checkpoints", "latest_checkpoint", "f
 
 @dataclass
 class Position:
-    """Where training stands: optimizer steps done, the epoch, tokens seen, and micro-batches of
-    that epoch already trained (the stream skips them on resume)."""
+    """Where training stands: optimizer steps done, the epoch, tokens seen (every rank), and the
+    samples of that epoch's global order already trained (every rank's: the stream starts after
+    them on resume, on any number of processes and workers)."""
 
     step: int = 0
     epoch: int = 0
     tokens: int = 0
-    batches_in_epoch: int = 0
+    samples_in_epoch: int = 0
 
 
 def save_checkpoint(accelerator, path: Path, pos: Position, end_of_epoch: bool) -> None:
@@ -81,6 +82,14 @@ def find_resume(resume: str | None, out: Path) -> Path | None:
 
 
 def load_checkpoint(accelerator, ckpt: Path) -> Position:
-    """Loads the states into the prepared objects; the position to continue from."""
+    """Loads the states into the prepared objects; the position to continue from. A checkpoint
+    of a kvdistill before the global sample order (its position counted one rank's batches) is
+    refused before anything is loaded."""
+    pos = json.loads((ckpt / "loader.json").read_text())
+    if "batches_in_epoch" in pos:
+        raise ValueError(
+            f"checkpoint {ckpt} was written by an earlier kvdistill whose sample order depended on the number of processes; "
+            "it cannot continue in the global order: start the run again (or train on from its weights with a new --out)"
+        )
     accelerator.load_state(str(ckpt))
-    return Position(**json.loads((ckpt / "loader.json").read_text()))
+    return Position(**pos)

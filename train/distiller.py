@@ -17,12 +17,14 @@ from kvdistill.core.capture import attention_layout, capture_kv, rope_heads
 from .losses import (
     attention_key_weights,
     attention_kl,
+    cka_from_sums,
+    cka_sums,
     layer_anneal_weights,
-    layer_std_norm,
+    layer_moments,
     linear_ramp,
     masked_ce,
-    masked_cka_loss,
     masked_kv_loss,
+    standardize,
     warmup_mix,
 )
 from .mode import Mode
@@ -261,6 +263,11 @@ class Distiller(nn.Module):
                 self.router = Router(hidden, [self.fusion[t] for t in self.active], num_layers, router_groups, router_hidden)
             if kv_attn_weight == "student":
                 _use_eager_attention(student)
+        # kv_norm "layer_std": each side's K and V are standardised per layer by the statistics
+        # of the previous optimizer step's whole window (every micro-batch and rank; `update_norm`),
+        # fixed within a step, so a step's loss does not depend on how its batch is split. Saved
+        # in checkpoints. [K|V, student + active teachers, (sum, sum of squares, count), L].
+        self.register_buffer("norm_moments", torch.zeros(2, 1 + len(self.active), 3, num_layers, dtype=torch.float64))
 
     @staticmethod
     def _resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
@@ -289,13 +296,48 @@ class Distiller(nn.Module):
             cos = torch.nn.functional.cosine_similarity(z_s[None], z_t, dim=-1)  # [N, B, T, L]
             return torch.softmax(cos / self.temperature, dim=0)
 
-    def _norm(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return layer_std_norm(x, mask) if self.kv_norm == "layer_std" else x
+    @property
+    def standardizes(self) -> bool:
+        """kv_norm "layer_std" on the per-token K/V loss (Z space standardises on its own)."""
+        return self.kv_norm == "layer_std" and self.kv_weight > 0 and self.zspace is None
+
+    def norm_missing(self) -> bool:
+        """No statistics yet (a fresh run before its first step): the trainer measures them first."""
+        return self.standardizes and not bool(self.norm_moments[:, :, 2].gt(0).all())
+
+    def update_norm(self, moments: dict[str, torch.Tensor]) -> None:
+        """Take a window's summed `layer_moments` ({"k", "v": [1 + N, 3, L]}, every rank's)."""
+        with torch.no_grad():
+            self.norm_moments.copy_(torch.stack([moments["k"], moments["v"]]).to(self.norm_moments))
+
+    def _norm(self, x: torch.Tensor, mask: torch.Tensor, part: int, side: int, moments: list[torch.Tensor]) -> torch.Tensor:
+        """x standardised by the stored statistics (no statistics yet: its own, detached);
+        records its moments for the next step's statistics."""
+        if not self.standardizes:
+            return x
+        m = layer_moments(x, mask)
+        moments.append(m)
+        ref = self.norm_moments[part, side]
+        return standardize(x, ref if bool(ref[2].gt(0).all()) else m)
+
+    def window(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms computed from the whole window's summed statistics (every micro-batch and
+        rank): "cka" = mean over K|V (or Z) and cka_layers of 1 - debiased CKA, and its part of
+        the loss."""
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, v in sums.items():
+            name, stat = key.rsplit(".", 1)
+            groups.setdefault(name, {})[stat] = v
+        cka = torch.stack([1 - cka_from_sums(g) for _, g in sorted(groups.items())]).mean()
+        return {"cka": cka, "loss": self.cka_weight * cka}
 
     def forward(self, input_ids, attention_mask, loss_mask, kv: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None, shares: dict[str, float] | None = None):
-        """shares (gradient accumulation): {unit: this micro-batch's share of the window's
-        count}, scaling each term by what it is a mean over (`UNITS`), so the window's
-        gradient is the one of a single batch. Terms are returned unscaled."""
+        """shares (the trainer's step): {unit: this micro-batch's share of the step's count, x the
+        number of processes}, scaling each term by what it is a mean over (`UNITS`), so the
+        step's gradient is the one of its whole global batch; with them also "sums" (CKA's
+        statistics, `window`) and "moments" (the standardisation's, `update_norm`), which the
+        trainer sums over the step. Without (a batch on its own): CKA is the batch's and in "loss".
+        Terms are returned unscaled."""
         mask = attention_mask.bool()
         share = _shares(shares)
         if self.kv_weight == 0:
@@ -313,6 +355,8 @@ class Distiller(nn.Module):
         logits = res.logits
         student_kv = {"k": torch.stack(cap["k"], dim=2), "v": torch.stack(cap["v"], dim=2)}  # [B, T, L, D_s]
         out = {"ce": masked_ce(logits, input_ids, loss_mask)}
+        sums: dict[str, torch.Tensor] = {}  # window statistics (CKA): summed over the window by the trainer
+        moments: dict[str, torch.Tensor] = {}
         loss = self.ce_weight * out["ce"] * share["ce_tokens"]
         teachers = self.active
         router_w = None
@@ -330,7 +374,6 @@ class Distiller(nn.Module):
         if self.kv_attn_weight == "student":
             tok_w = warmup_mix(attention_key_weights(res.attentions, mask), step, self.kv_attn_warmup_steps).to(logits.dtype)
         layer_w = layer_anneal_weights(self.num_layers, step, self.layer_anneal_steps).to(device=logits.device, dtype=logits.dtype)
-        cka = []
         if self.zspace is not None:  # Z space (train/zspace.py): fusion and the loss in Z replace kv_k / kv_v
             zo = self.zspace((student_kv["k"], student_kv["v"]), {t: kv[t] for t in teachers}, mask, lambda z_s, z_t: self.route(z_s, z_t, teachers, router_w))
             out["z"], out["z_layers"], out["z_std"], out["z_erank"] = (layer_w * zo.per_layer).mean(), zo.per_layer.detach(), zo.std, zo.erank
@@ -339,11 +382,14 @@ class Distiller(nn.Module):
                     out[f"route_z_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
             loss = loss + self.kv_weight * out["z"] * share["tokens"]
             if self.cka_weight > 0:
-                cka.append(masked_cka_loss(zo.student, zo.target, mask, self.cka_layers))
+                sums.update(self._cka_sums("z", zo.student, zo.target, mask))
         for i, part in enumerate(("k", "v") if self.zspace is None else ()):
-            z_s = self._norm(student_kv[part], mask)  # [B, T, L, D_s]
+            seen: list[torch.Tensor] = []
+            z_s = self._norm(student_kv[part], mask, i, 0, seen)  # [B, T, L, D_s]
             adapted = [self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)) for t in teachers]
-            z_t = torch.stack([self._norm(a, mask) for a in adapted])  # [N, B, T, L, D_s]
+            z_t = torch.stack([self._norm(a, mask, i, 1 + j, seen) for j, a in enumerate(adapted)])  # [N, B, T, L, D_s]
+            if seen:
+                moments[part] = torch.stack(seen)
             w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
             target = (w[..., None] * z_t).sum(0)
             if part == "k" and self.attn_kl_weight > 0:  # the same fusion of the unstandardised adapter outputs
@@ -357,16 +403,26 @@ class Distiller(nn.Module):
                     out[f"route_{part}_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
             loss = loss + self.kv_weight * term * share["tokens"]
             if self.cka_weight > 0:
-                cka.append(masked_cka_loss(z_s, target, mask, self.cka_layers))
-        if cka:
-            out["cka"] = torch.stack(cka).mean()
-            loss = loss + self.cka_weight * out["cka"] * share["tokens"]
+                sums.update(self._cka_sums(part, z_s, target, mask))
         if self.attn_kl_weight > 0:
             per_layer = self._attn_kl_layers(cap, student_kv["k"], k_fused, mask)
             out["attn_kl"], out["attn_kl_layers"] = per_layer.mean(), per_layer.detach()
             loss = loss + self.attn_kl_weight * linear_ramp(step, self.attn_kl_warmup_steps) * out["attn_kl"] * share["tokens"]
         out["loss"] = loss
+        if shares is None:  # a batch on its own (no trainer window): its CKA is the batch's
+            if sums:
+                window = self.window(sums)
+                out["cka"], out["loss"] = window["cka"].to(loss.dtype), loss + window["loss"].to(loss.dtype)
+            return out
+        if sums:  # the trainer sums them over the window (train/loop.py optimizer_step)
+            out["sums"] = sums
+        if moments:
+            out["moments"] = moments
         return out
+
+    def _cka_sums(self, part: str, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`cka_sums` of a, b [B, T, L, D] over real tokens, per CKA layer, keyed "cka.<part>.<layer>.<stat>"."""
+        return {f"cka.{part}.{i}.{k}": v for i in self.cka_layers for k, v in cka_sums(a[:, :, i][mask], b[:, :, i][mask]).items()}
 
     def _attn_kl_layers(self, cap: dict, k_s: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per layer [L]: the mean over the batch's real query tokens of `attention_kl` between the
@@ -448,6 +504,9 @@ def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
         finite=LOSS_TERMS,
         postfix=("ce", "kv_k", "kv_v", "z"),
         summary={"ce": "ce", "kv_k": "kv_k", "kv_v": "kv_v", **({"z": "z"} if model.zspace is not None else {})},
+        window=model.window if model.cka_weight > 0 and model.kv_weight > 0 else None,
+        norm_missing=model.norm_missing,
+        update_norm=model.update_norm,
     )
 
 

@@ -36,7 +36,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any
@@ -50,7 +50,7 @@ from transformers import get_cosine_schedule_with_warmup
 from kvdistill.core.models import pad_token_id
 from kvdistill.errors import Preempted
 from kvdistill.schemas import ConfigError, TrainConfig
-from kvdistill.store import StoreError, read_index
+from kvdistill.store import StoreError
 
 from .checkpoint import Position, find_resume, load_checkpoint, save_checkpoint
 from .distiller import cot_mode
@@ -156,21 +156,15 @@ def _preempted(cfg: TrainConfig, accelerator, signum: int, path: Path, step: int
     return Preempted(message=f"preempted ({name}) after step {step}: checkpoint {path} is complete (saved in {seconds:.1f} s); {then}")
 
 
-_END = object()
-
-
-def _with_last(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
-    """(batch, is it the last one): one batch of look-ahead, so a checkpoint knows it ends an epoch."""
-    it = iter(batches)
-    nxt = next(it, _END)
-    while nxt is not _END:
-        cur, nxt = nxt, next(it, _END)
-        yield cur, nxt is _END
-
-
-def _check_epoch(cfg: TrainConfig, rank: int, batches: int) -> None:
-    if batches == 0:
-        raise StoreError(f"store {cfg.store} yielded no samples for rank {rank}")
+def _no_window(cfg: TrainConfig, batches, pos: Position) -> None:
+    n = len(batches.stream)
+    if not n:
+        raise StoreError(f"store {cfg.store} yielded no samples to train on")
+    raise StoreError(
+        f"store {cfg.store}: epoch {pos.epoch} from sample {pos.samples_in_epoch} of {n} makes no whole global batch of "
+        f"{cfg.batch_size} x {batches.accumulation} (accumulation) x {batches.world_size} (processes), which kv_control shuffled "
+        "needs; lower --batch-size"
+    )
 
 
 def mixed_precision(cfg: TrainConfig) -> str | None:
@@ -205,26 +199,30 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     if metric not in ("loss", *mode.finite):  # before any step, not at the first validation
         raise ConfigError(f"TrainConfig.metric_for_best_model: mode {mode.name} validates val_loss and val_<term> for terms {list(mode.finite)}, not {cfg.metric_for_best_model!r}")
     train_shards, val_shards = split_shards(cfg, spec.num_shards)
-    max_steps = planned_steps(cfg, teachers, train_shards, accelerator.num_processes)
-    warmup = round(cfg.warmup_ratio * max_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
-    opt = torch.optim.AdamW(mode.param_groups, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, warmup, max_steps)
+    world = accelerator.num_processes
     stream = KVStream(
         cfg.store,
         list(teachers),
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
         read_kv=mode.read_kv,
         read_latent=mode.read_latent,
         kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
         shards=train_shards,
     )
-    loader = train_loader(stream, cfg, pad_id, mode.control)  # kv_control "shuffled": each sample gets another's teacher K/V
+    loader = train_loader(stream, cfg, pad_id, mode.control, rank=accelerator.process_index, world_size=world)  # kv_control "shuffled": each sample gets another's teacher K/V
+    max_steps = planned_steps(cfg, loader.dataset)
+    warmup = cfg.warmup_over(max_steps)
+    opt = torch.optim.AdamW(mode.param_groups, weight_decay=cfg.weight_decay)
+    # Not handed to accelerator.prepare: its AcceleratedScheduler steps the schedule once per
+    # process at every optimizer step, N times too fast. It steps once per optimizer step here
+    # and is saved / restored with the checkpoints.
+    sched = get_cosine_schedule_with_warmup(opt, warmup, max_steps)
+    accelerator.register_for_checkpointing(sched)
     val_loader = validation_loader(cfg, mode, tokenizer, student, list(teachers), val_shards, accelerator, pad_id) if cfg.eval_steps else None
-    # The stream already splits shards by rank, so the loaders are not handed to accelerate.
-    model, opt, sched = accelerator.prepare(mode.model, opt, sched)
+    # Each rank's loader yields its part of every global batch (train/stream.py), so the loaders
+    # are not handed to accelerate.
+    model, opt = accelerator.prepare(mode.model, opt)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -236,8 +234,8 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
         accelerator.print(f"--resume auto: no complete checkpoint in {out / 'checkpoints'}; starting at step 0", flush=True)
     pos = load_checkpoint(accelerator, ckpt_in) if ckpt_in else Position()
     if ckpt_in:
-        accelerator.print(f"resuming from {ckpt_in} at step {pos.step} (epoch {pos.epoch}, batch {pos.batches_in_epoch})", flush=True)
-    accum, world = cfg.gradient_accumulation_steps, accelerator.num_processes
+        accelerator.print(f"resuming from {ckpt_in} at step {pos.step} (epoch {pos.epoch}, sample {pos.samples_in_epoch})", flush=True)
+    accum = cfg.gradient_accumulation_steps
     if progress and accelerator.is_main_process:
         print(
             f"kvdistill train: mode {mode.name}, {max_steps} steps of an effective batch {cfg.batch_size} x {accum} (accumulation) "
@@ -248,27 +246,39 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     shards_read: set[int] = set()
     samples_read = 0
+    samples_log = (out / "ranks" / f"samples-rank-{accelerator.process_index}.jsonl") if cfg.record_samples else None
+    if samples_log:
+        samples_log.parent.mkdir(parents=True, exist_ok=True)
+        if not ckpt_in:
+            samples_log.write_text("")
     last = min(max_steps, cfg.stop_at_step or max_steps)
     bar = tqdm(total=max_steps, initial=pos.step, desc=f"train {mode.name} {out.name}", disable=not (progress and accelerator.is_main_process))
     model.train()
     stop = 0  # the signal that stopped the run
     while pos.step < last and not stop:
-        stream.set_epoch(pos.epoch)
-        if pos.batches_in_epoch:  # resuming mid-epoch: the stream starts after the batches trained, reading none of them
-            stream.resume(pos.epoch, pos.batches_in_epoch, cfg.batch_size, cfg.num_workers, drop_last=loader.drop_last)
-        batches, window = pos.batches_in_epoch, []
-        for batch, end_of_epoch in _with_last(loader):
-            batches += 1
+        batches = loader.dataset
+        batches.set_epoch(pos.epoch, pos.samples_in_epoch)  # resuming mid-epoch: after the samples trained, reading none of them
+        if not batches.windows():
+            if pos.samples_in_epoch:  # a checkpoint taken at the epoch's end, in the (epoch, all of it) form
+                pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+                continue
+            _no_window(cfg, batches, pos)
+        window: list[dict[str, Any]] = []
+        for batch in loader:
             window.append(batch)
-            if len(window) < accum and not end_of_epoch:
+            if batch["micro"] < batch["micros"] - 1:
                 continue
             row = optimizer_step(mode, model, opt, sched, accelerator, cfg, window, pos.step)
             pos.step += 1
-            pos.tokens += sum(int(b["attention_mask"].sum()) for b in window)
-            pos.batches_in_epoch = batches
-            for b in window:
+            pos.tokens += row.pop("tokens")
+            pos.samples_in_epoch += batch["window_size"]
+            real = [b for b in window if b["weight"]]
+            for b in real:
                 shards_read.update(b["shards"])
                 samples_read += len(b["sample_ids"])
+            if samples_log:
+                with samples_log.open("a") as f:
+                    f.write(json.dumps({"step": pos.step, "epoch": pos.epoch, "sample_ids": [i for b in real for i in b["sample_ids"]]}) + "\n")
             window = []
             row = {"step": pos.step, "epoch": pos.epoch, "lr": sched.get_last_lr()[0], "tokens": pos.tokens, **row}
             validated = bool(val_loader is not None and pos.step % cfg.eval_steps == 0)
@@ -276,7 +286,9 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
                 row.update(validate(mode, model, val_loader, accelerator, pos.step, cfg.val_batches))
                 if best.improves(row):
                     best.save(accelerator, model, cfg, tokenizer, mode, out, pos.step, row)
-            history.append(row)
+            history.append(row)  # O(1): the first row and the last SUMMARY_WINDOW are all the summary reads
+            if len(history) > SUMMARY_WINDOW + 1:
+                del history[1]
             log_now = pos.step > logged and (pos.step % cfg.log_every == 0 or pos.step == max_steps or validated)  # replayed steps are logged already
             if metrics_f and log_now:
                 metrics_f.write(json.dumps(row) + "\n")
@@ -285,11 +297,10 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
                 accelerator.log(tracker_values(row), step=pos.step)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in mode.postfix if k in row})
-            ckpt, stop, save_s, done = _after_step(cfg, accelerator, got, out, pos, last, end_of_epoch)
+            ckpt, stop, save_s, done = _after_step(cfg, accelerator, got, out, pos, last, batch["last"])
             if done:
                 break
-        _check_epoch(cfg, accelerator.process_index, batches)
-        pos.epoch, pos.batches_in_epoch = pos.epoch + 1, 0
+        pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
     bar.close()
     if stop:
         if metrics_f:
@@ -347,35 +358,122 @@ def _peak_memory(device) -> dict[str, float]:
 
 
 def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig, window: list[dict[str, Any]], step: int) -> dict[str, Any]:
-    """One optimizer step over `window`'s micro-batches (gradient accumulation: gradients sync
-    across ranks on the last one only). Each term is scaled by the micro-batch's share of what
-    it averages over in the window, so the update is that of one batch of them all.
-    The logged terms: scalars and per-layer lists, as window means."""
-    if len(window) == 1:
-        shares: list[dict[str, float] | None] = [None]
-    else:
-        counts = [mode.counts(b) for b in window]
-        total = {u: sum(c[u] for c in counts) for u in counts[0]}
-        shares = [{u: c[u] / total[u] if total[u] else 0.0 for u in c} for c in counts]
+    """One optimizer step over `window`: this rank's micro-batches of one global batch (gradient
+    accumulation: gradients sync across ranks on the last one only). Its update is that of the
+    whole global batch as one batch, however it is split over micro-batches and ranks:
+    - each term that is a mean over a unit (tokens, answer tokens, samples) is scaled by the
+      micro-batch's share of the global batch's count (all ranks) x the number of processes
+      (DDP / FSDP average the ranks' gradients);
+    - terms over the whole batch at once (CKA, `mode.window`) are computed from statistics
+      summed over every micro-batch and rank; each micro-batch back-propagates its own
+      statistics times the gradient of the term at the total (measured first, in a no-grad
+      pass with the same random state, when the step has several micro-batches);
+    - the standardisation statistics (kv_norm layer_std) are those of the previous step's whole
+      global batch (`mode.update_norm`); a fresh run measures its first one first.
+    Returns the logged row, every value the run's (reduced over ranks): scalar terms and
+    per-layer lists as global-batch means, "loss", and "tokens" (real tokens of the step)."""
+    device, world = accelerator.device, accelerator.num_processes
+    counts = [{u: c * b["weight"] for u, c in mode.counts(b).items()} for b in window]
+    units = list(counts[0])
+    total = dict(zip(units, _sum_ranks(accelerator, torch.tensor([sum(c[u] for c in counts) for u in units], dtype=torch.float64)).tolist(), strict=True))
+    shares = [{u: world * c[u] / total[u] if total[u] else 0.0 for u in units} for c in counts]
+    if mode.norm_missing is not None and mode.norm_missing():
+        mode.update_norm(_pre_pass(mode, model, window, accelerator, step, "moments"))
+    pre = _pre_pass(mode, model, window, accelerator, step, "sums") if mode.window is not None and len(window) > 1 else None
     opt.zero_grad(set_to_none=True)
-    terms: dict[str, torch.Tensor] = {}
-    for i, (batch, share) in enumerate(zip(window, shares, strict=True)):
+    logged: dict[str, torch.Tensor] = {}
+    totals: dict[str, dict[str, torch.Tensor]] = {"sums": {}, "moments": {}}
+    for i, (batch, share, count) in enumerate(zip(window, shares, counts, strict=True)):
         with accelerator.no_sync(model) if i < len(window) - 1 else nullcontext():
-            losses = mode.step(model, batch, accelerator.device, step, share)
-            _check_finite(losses, mode.finite, step, batch)
-            accelerator.backward(losses["loss"])
-        for k, v in losses.items():
-            if v.dim() > 1:
-                continue
-            w = 1.0 if share is None or k == "loss" else share[mode.unit_of(k)]  # "loss" is scaled already
-            terms[k] = terms.get(k, 0.0) + w * v.detach()
+            out = mode.step(model, batch, device, step, share)
+            sums = _weighted(out.pop("sums", {}), batch["weight"])
+            moments = _weighted(out.pop("moments", {}), batch["weight"])
+            _check_finite(out, mode.finite, step, batch)
+            loss = out["loss"]
+            if sums:  # the window terms' part: this micro-batch's statistics x d term / d total
+                at = pre if pre is not None else _sum_ranks(accelerator, {k: v.detach() for k, v in sums.items()})
+                grads = _window_grads(mode, at, step, window)
+                loss = loss + world * sum((grads[k] * sums[k]).sum() for k in sums)
+            accelerator.backward(loss)
+        for name, part in (("sums", sums), ("moments", moments)):
+            for k, v in part.items():
+                totals[name][k] = totals[name].get(k, 0.0) + v.detach()
+        logged["loss"] = logged.get("loss", 0.0) + out["loss"].detach().double() / world
+        for k, v in out.items():
+            if k != "loss" and v.dim() <= 1:
+                logged[k] = logged.get(k, 0.0) + v.detach().double() * count[mode.unit_of(k)]
     if cfg.grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     sched.step()
-    row = {k: round(v.item(), 6) for k, v in terms.items() if v.dim() == 0}
-    row.update({k: [round(x, 6) for x in v.tolist()] for k, v in terms.items() if v.dim() == 1})
-    return row
+    got = _sum_ranks(accelerator, {**{f"t.{k}": v for k, v in logged.items()}, **{f"s.{k}": v for k, v in totals["sums"].items()}, **{f"m.{k}": v for k, v in totals["moments"].items()}})
+    if totals["moments"]:
+        mode.update_norm({k[2:]: v for k, v in got.items() if k.startswith("m.")})
+    row: dict[str, Any] = {}
+    for k, v in got.items():
+        if k.startswith("t."):
+            k = k[2:]
+            n = 1.0 if k == "loss" else total[mode.unit_of(k)]
+            row[k] = v / n if n else v * 0
+    if totals["sums"]:
+        for k, v in mode.window({k[2:]: v for k, v in got.items() if k.startswith("s.")}).items():
+            row[k] = row.get(k, 0.0) + v
+    out_row: dict[str, Any] = {k: round(v.item(), 6) for k, v in row.items() if v.dim() == 0}
+    out_row.update({k: [round(x, 6) for x in v.tolist()] for k, v in row.items() if v.dim() == 1})
+    out_row["tokens"] = int(total["tokens"]) if "tokens" in total else int(_sum_ranks(accelerator, torch.tensor([float(sum(int(b["attention_mask"].sum()) * b["weight"] for b in window))], dtype=torch.float64)).item())
+    return out_row
+
+
+def _weighted(part: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
+    return part if weight == 1 else {k: v * weight for k, v in part.items()}
+
+
+def _sum_ranks(accelerator, x):
+    """x (a tensor, or a dict of tensors) summed over every process (float64; one all-reduce)."""
+    if isinstance(x, dict):
+        if not x:
+            return {}
+        keys = sorted(x)
+        flat = _sum_ranks(accelerator, torch.cat([torch.as_tensor(x[k], dtype=torch.float64).reshape(-1) for k in keys]))
+        out, at = {}, 0
+        for k in keys:
+            shape = torch.as_tensor(x[k]).shape
+            out[k] = flat[at : at + shape.numel()].reshape(shape)
+            at += shape.numel()
+        return out
+    x = x.to(device=accelerator.device, dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(x)
+    return x.cpu()
+
+
+def _window_grads(mode: Mode, at: dict[str, torch.Tensor], step: int, window: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """d (window terms' loss) / d (each summed statistic), at the window's totals `at`; a
+    non-finite window term stops the run like any other."""
+    leaves = {k: v.detach().double().requires_grad_() for k, v in at.items()}
+    with torch.enable_grad():
+        terms = mode.window(leaves)
+        _check_finite(terms, mode.finite, step, {"sample_ids": [i for b in window if b["weight"] for i in b["sample_ids"]]})
+        grads = torch.autograd.grad(terms["loss"], list(leaves.values()), allow_unused=True)
+    return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), grads, strict=True)}
+
+
+def _pre_pass(mode: Mode, model, window: list[dict[str, Any]], accelerator, step: int, what: str) -> dict[str, torch.Tensor]:
+    """The window's `what` ("sums" or "moments"), every micro-batch and rank, from no-grad
+    forwards that leave the random state as they found it (the real forwards then draw the
+    same dropout masks)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    total: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for batch in window:
+            out = mode.step(model, batch, accelerator.device, step, dict.fromkeys(mode.counts(batch), 1.0))
+            for k, v in _weighted(out.get(what, {}), batch["weight"]).items():
+                total[k] = total.get(k, 0.0) + v.detach()
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    return _sum_ranks(accelerator, total)
 
 
 def _check_finite(losses: dict[str, torch.Tensor], names: tuple[str, ...], step: int, batch: dict[str, Any]) -> None:
@@ -402,20 +500,16 @@ def split_shards(cfg: TrainConfig, num_shards: int) -> tuple[list[int], list[int
     return list(range(n)), list(range(n, num_shards))
 
 
-def planned_steps(cfg: TrainConfig, teachers: dict, shards: list[int], world: int) -> int:
-    """max_steps, or with num_train_epochs that many passes over the training shards: samples
-    (index.parquet) / (processes x batch_size) micro-batches per epoch (whole batches only with
-    the shuffled control, which drops a short one), / gradient_accumulation_steps."""
+def planned_steps(cfg: TrainConfig, batches) -> int:
+    """max_steps, or with num_train_epochs that many passes over the training data: the global
+    batches of an epoch (`MicroBatches.windows`: every rank's part of each optimizer step, the
+    short last one included unless the shuffled control drops it) x num_train_epochs, rounded
+    up, so a whole number of epochs ends exactly on an epoch's last step."""
     if cfg.num_train_epochs is None:
         return cfg.max_steps
-    index = read_index(cfg.store, [next(iter(teachers))])
-    kept = set(shards)
-    samples = sum(len(ids) for (_, shard), (_, ids) in index.items() if shard in kept)
-    per_rank = samples / world
-    micro = per_rank // cfg.batch_size if cfg.kv_control == "shuffled" else math.ceil(per_rank / cfg.batch_size)
-    per_epoch = math.ceil(micro / cfg.gradient_accumulation_steps)
+    per_epoch = len(batches.windows(start=0))
     if per_epoch < 1:
-        raise StoreError(f"store {cfg.store}: {samples} training samples make no batch of {cfg.batch_size} per process; lower --batch-size")
+        raise StoreError(f"store {cfg.store}: {len(batches.stream)} training samples make no global batch of {cfg.batch_size} x {batches.accumulation} x {batches.world_size}; lower --batch-size")
     return max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
 

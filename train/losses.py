@@ -14,6 +14,10 @@ __all__ = [
     "masked_mse",
     "debiased_cka",
     "masked_cka_loss",
+    "cka_sums",
+    "cka_from_sums",
+    "layer_moments",
+    "standardize",
     "attention_key_weights",
     "warmup_mix",
     "layer_anneal_weights",
@@ -116,6 +120,58 @@ def masked_cka_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, layers
     row: CKA compares how the two sides arrange the same tokens, whatever their widths."""
     # One layer at a time: gathering [N, L, D] would copy (and in backward scatter) every layer.
     return torch.stack([1 - debiased_cka(a[:, :, i][mask], b[:, :, i][mask]) for i in layers]).mean()  # [N, D] each
+
+
+def cka_sums(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What debiased linear CKA of x [N, D1] and y [N, D2] needs, as sums over the N rows
+    (float64): the sums of any split of the rows add up to those of all of them, so
+    `cka_from_sums` of a window's summed statistics (every micro-batch and rank) is the CKA of
+    the whole window, and its gradient flows back through each part's sums."""
+    x, y = x.double(), y.double()
+    sx, sy = (x * x).sum(dim=1), (y * y).sum(dim=1)  # [N] = diag of the Gram matrices
+    return {
+        "n": x.new_tensor(float(len(x))), "cx": x.sum(0), "cy": y.sum(0), "xx": x.T @ x, "yy": y.T @ y, "xy": x.T @ y,
+        "sx": sx.sum(), "sy": sy.sum(), "sxx": (sx * sx).sum(), "syy": (sy * sy).sum(), "sxy": (sx * sy).sum(),
+        "sx_x": sx @ x, "sy_y": sy @ y, "sy_x": sy @ x, "sx_y": sx @ y,
+    }
+
+
+def _hsic_from_sums(n, ca, cb, ab, sa, sb, sab, sb_a, sa_b) -> torch.Tensor:
+    """Unbiased HSIC (Song et al. 2012) of rows a, b from their sums: ab = A^T B, sa = sum of
+    |a_i|^2, sab = sum of |a_i|^2 |b_i|^2, sb_a = sum of |b_i|^2 a_i, sa_b = sum of |a_i|^2 b_i."""
+    tr_kl = (ab * ab).sum() - sab  # tr(K~ L~), K~ = A A^T with a zero diagonal
+    sum_k, sum_l = ca @ ca - sa, cb @ cb - sb  # 1^T K~ 1, 1^T L~ 1
+    # 1^T K~ L~ 1 = sum_i (a_i.ca - |a_i|^2)(b_i.cb - |b_i|^2)
+    k1l1 = ca @ ab @ cb - ca @ sb_a - cb @ sa_b + sab
+    return (tr_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * k1l1) / (n * (n - 3))
+
+
+def cka_from_sums(s: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Debiased linear CKA from `cka_sums` (summed over any number of parts): equals
+    `debiased_cka` of all the rows at once. Needs n >= 4."""
+    n = s["n"]
+    if float(n.detach()) < 4:
+        raise ValueError(f"debiased CKA needs at least 4 real tokens, got {int(n)}; use a larger batch")
+    xy = _hsic_from_sums(n, s["cx"], s["cy"], s["xy"], s["sx"], s["sy"], s["sxy"], s["sy_x"], s["sx_y"])
+    xx = _hsic_from_sums(n, s["cx"], s["cx"], s["xx"], s["sx"], s["sx"], s["sxx"], s["sx_x"], s["sx_x"])
+    yy = _hsic_from_sums(n, s["cy"], s["cy"], s["yy"], s["sy"], s["sy"], s["syy"], s["sy_y"], s["sy_y"])
+    return xy / (xx * yy).sqrt()
+
+
+def layer_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[3, L] float64, detached: per layer of x [B, T, L, D] the sum, the sum of squares and the
+    count of its values at real positions (sums: any split of a batch adds up to the whole)."""
+    with torch.no_grad():
+        v = x[mask].double()  # [N, L, D]
+        return torch.stack([v.sum(dim=(0, 2)), (v * v).sum(dim=(0, 2)), v.new_full((x.shape[2],), float(v.shape[0] * v.shape[2]))])
+
+
+def standardize(x: torch.Tensor, moments: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x [B, T, L, D] standardised per layer by fixed statistics: `moments` [3, L] as
+    `layer_moments` sums (of the previous optimizer step's window, over every rank)."""
+    mean = moments[0] / moments[2].clamp_min(1)
+    var = (moments[1] / moments[2].clamp_min(1) - mean * mean).clamp_min(0)
+    return (x - mean.to(x.dtype)[:, None]) / (var + eps).sqrt().to(x.dtype)[:, None]
 
 
 def attention_key_weights(attentions: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,16 @@
-"""Streaming input for the trainer: shards of every teacher, zipped by sample, split across
-ranks x dataloader workers, shuffled by seed per epoch (shard order + a shuffle buffer).
+"""Streaming input for the trainer: shards of every teacher, zipped by sample, in ONE global
+sample order per epoch fixed by the seed and the store (shard order + a shuffle buffer, on
+positions), whatever the number of processes and DataLoader workers; each optimizer step's
+global batch is split across ranks (`windows`), so N processes train exactly what one does,
+and a checkpoint (samples consumed) resumes on any number of them.
 
-The store reads the shards (`store.shard_samples`: sequential blocks of whole samples, either
-backend); this module decides which shards, in which order, and shuffles and batches them."""
+The store reads the shards (`store.shard_samples`: whole samples, only those asked for); this
+module decides which, in which order, and batches them."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import itertools
 import random
 import zlib
 from collections.abc import Iterable, Iterator
@@ -24,23 +27,28 @@ from kvdistill.store.codecs import QuantRows
 
 from .quant import collate_quant
 
-__all__ = ["KVStream", "collate", "train_loader", "derangement", "shuffle_kv", "shuffle_latent"]
+__all__ = ["KVStream", "MicroBatches", "Window", "windows", "collate", "train_loader", "derangement", "shuffle_kv", "shuffle_latent"]
 
 
 class KVStream(IterableDataset):
-    """Yields {"sample_id", "shard", "input_ids" [T], "loss_mask" [T], "kv": {teacher: (k, v)
-    [T, L, D]}}: with kv_as_stored K and V as stored, to be made float32 on the trainer's device:
-    float16 / float32 numpy arrays, bfloat16 as torch.bfloat16 tensors, int8 / int4 as
-    `store.codecs.QuantRows` (`.decode()` gives float32); without, float16 / float32 as stored
-    and the other codecs decoded to float32 numpy arrays here.
+    """One global sample order per epoch, fixed by the seed and the store alone (never by the
+    number of processes or DataLoader workers): the stream's shards (every shard, or `shards`)
+    in a seeded order, concatenated, through a seeded shuffle buffer of `shuffle_buffer`
+    samples. The order is computed on positions (index.parquet's counts), so any part of it can
+    be read without reading what comes before: `samples(epoch, outputs)` reads exactly the
+    samples a rank's micro-batches need (`MicroBatches` splits each global batch across ranks).
+
+    Iterating the stream yields the current epoch's samples in that order (tools and tests; the
+    trainer iterates `MicroBatches`). Each sample: {"sample_id", "shard", "input_ids" [T],
+    "loss_mask" [T], "kv": {teacher: (k, v) [T, L, D]}}: with kv_as_stored K and V as stored, to
+    be made float32 on the trainer's device: float16 / float32 numpy arrays, bfloat16 as
+    torch.bfloat16 tensors, int8 / int4 as `store.codecs.QuantRows` (`.decode()` gives float32);
+    without, float16 / float32 as stored and the other codecs decoded to float32 numpy arrays.
 
     With read_latent (KaVa latent mode) also "segment_ids" [T] and "latent": {teacher: {"k",
     "v": [M, L, D] float32, "mask": [M] bool, "hidden": [H] (only if stored)}}; every teacher
-    must have been dumped with latent on (StoreError otherwise).
-
-    `shards`: the shard indices this stream reads (e.g. all but those held out for validation);
-    None reads every shard. Every (rank, worker) reads a disjoint set of them; shard i of every
-    teacher holds the same samples in the same order (the dump guarantees it; checked anyway)."""
+    must have been dumped with latent on (StoreError otherwise). Shard i of every teacher holds
+    the same samples in the same order (the dump guarantees it; checked anyway)."""
 
     def __init__(
         self,
@@ -49,8 +57,6 @@ class KVStream(IterableDataset):
         *,
         seed: int = 0,
         shuffle_buffer: int = 256,
-        rank: int = 0,
-        world_size: int = 1,
         read_kv: bool = True,
         read_latent: bool = False,
         kv_as_stored: bool = True,
@@ -63,7 +69,6 @@ class KVStream(IterableDataset):
             raise StoreError(f"store {store} has no teacher(s) {missing}; it holds {sorted(known)}")
         self.teachers = list(teachers)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.rank, self.world_size = rank, world_size
         self.read_kv = read_kv
         self.kv_as_stored = kv_as_stored
         self.read_latent = read_latent
@@ -76,67 +81,51 @@ class KVStream(IterableDataset):
                 )
         self.shards = None if shards is None else _check_shards(shards, self.spec.num_shards, store)
         self.epoch = 0
-        self._resume: dict[str, Any] | None = None  # see `resume`
         self._shard_counts: dict[int, int] | None = None
+        self._orders: dict[int, np.ndarray] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def epoch_order(self, num_workers: int, epoch: int | None = None) -> list[int]:
-        """This stream's shards (every shard, or `shards`), in `epoch`'s seeded order (default: the
-        current epoch; the same on every rank and worker)."""
-        readers = self.world_size * num_workers
+    def epoch_order(self, epoch: int | None = None) -> list[int]:
+        """This stream's shards (every shard, or `shards`) in `epoch`'s seeded order (default:
+        the current epoch)."""
         pool = self.shards if self.shards is not None else list(range(self.spec.num_shards))
-        if len(pool) < readers:
-            what, fix = (
-                (f"store has {self.spec.num_shards} shards", f"Dump with --num-shards >= {readers}")
-                if self.shards is None
-                else (f"stream reads {len(pool)} of the store's {self.spec.num_shards} shards", "Hold out fewer shards, dump with more --num-shards")
-            )
-            raise ValueError(
-                f"{what} but {self.world_size} ranks x {num_workers} workers = {readers} readers; some "
-                f"would get no data. {fix} or use fewer processes / --num-workers"
-            )
         epoch = self.epoch if epoch is None else epoch
         return [pool[int(i)] for i in np.random.default_rng([self.seed, epoch]).permutation(len(pool))]
 
-    def shards_for(self, worker: int, num_workers: int, epoch: int | None = None) -> list[int]:
-        """This (rank, worker)'s shards of the epoch order: every (world_size x num_workers)-th."""
-        readers = self.world_size * num_workers
-        # A webdataset store is split as its webdataset pipeline splits it (`store.wds_stream`: a
-        # rank stage, then split_by_worker), a zarr store rank-major.
-        reader = worker * self.world_size + self.rank if self.spec.backend == "webdataset" else self.rank * num_workers + worker
-        return self.epoch_order(num_workers, epoch)[reader::readers]
+    def __len__(self) -> int:
+        """Samples per epoch (index.parquet)."""
+        return sum(self._counts()[s] for s in self.epoch_order(0))
 
-    def resume(self, epoch: int, batches: int, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> None:
-        """Start `epoch` after the first `batches` batches a DataLoader(batch_size, num_workers,
-        drop_last) over this stream yields, without reading them: the shuffle buffer's draws
-        depend only on sample counts (index.parquet), so each worker replays them on positions,
-        then reads from the oldest sample its buffer still holds (at most a few buffer lengths
-        back, whatever the step). DataLoader workers take turns, so the resumed loader's worker
-        i plays the part of the worker whose turn it was. The samples that follow are exactly
-        those of the uninterrupted epoch. Applies to `epoch` only."""
-        W = max(1, num_workers)
-        totals = self.epoch_batches(epoch, batch_size, num_workers, drop_last)
-        if batches > sum(totals):
-            raise StoreError(
-                f"a checkpoint resumes after batch {batches} of epoch {epoch}, but the epoch has {sum(totals)} batches of "
-                f"{batch_size} for rank {self.rank} here; resume with the store, batch size, number of processes and "
-                "--num-workers of the run that wrote it"
-            )
-        taken, turn = [0] * W, 0
-        for _ in range(batches):  # DataLoader's round robin, passing over exhausted workers
-            while taken[turn] >= totals[turn]:
-                turn = (turn + 1) % W
-            taken[turn] += 1
-            turn = (turn + 1) % W
-        self._resume = {"epoch": epoch, "skip": [t * batch_size for t in taken], "turn": turn}
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's global order: order[j] = the position, in the concatenation of
+        `epoch_order(epoch)`'s shards, of the j-th sample trained on."""
+        if epoch not in self._orders:
+            rng = random.Random(f"{self.seed}-{epoch}")
+            self._orders = {epoch: np.fromiter(_shuffled(range(len(self)), self.shuffle_buffer, rng), dtype=np.int64, count=len(self))}
+        return self._orders[epoch]
 
-    def epoch_batches(self, epoch: int, batch_size: int, num_workers: int = 0, drop_last: bool = False) -> list[int]:
-        """Batches each DataLoader worker of this rank yields in `epoch` (index.parquet's counts)."""
-        W = max(1, num_workers)
-        counts = [sum(self._counts()[s] for s in self.shards_for(v, W, epoch)) for v in range(W)]
-        return [c // batch_size if drop_last else -(-c // batch_size) for c in counts]
+    def samples(self, epoch: int, outputs: list[int]) -> Iterator[dict[str, Any]]:
+        """The samples at indices `outputs` of the epoch's global order, in that order. Reads only
+        them (in store order, `store.shard_samples(keep=...)`) and holds each one read ahead of
+        its turn: with a shuffle buffer of B samples, about B x (the share of samples wanted)."""
+        wanted = self.order(epoch)[np.asarray(outputs, dtype=np.int64)]
+        keep = np.unique(wanted)
+        got = self._samples(self.epoch_order(epoch), keep)
+        held: dict[int, dict[str, Any]] = {}
+        uses = collections.Counter(wanted.tolist())  # a position wanted twice (a weightless stand-in) is yielded twice
+        for p in wanted.tolist():
+            while p not in held:
+                nxt = next(got, None)
+                if nxt is None:
+                    raise StoreError(f"store {self.store}: the shards ended before sample {p} of the epoch's order; run `kvdistill store verify` and `finalize` again")
+                held[nxt[0]] = nxt[1]
+            uses[p] -= 1
+            yield held[p] if uses[p] else held.pop(p)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.samples(self.epoch, list(range(len(self))))
 
     def _counts(self) -> dict[int, int]:
         """Samples per shard (index.parquet)."""
@@ -145,44 +134,105 @@ class KVStream(IterableDataset):
             self._shard_counts = {s: len(index.get((self.teachers[0], s), ((), []))[1]) for s in range(self.spec.num_shards)}
         return self._shard_counts
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        state = self._resume if self._resume and self._resume["epoch"] == self.epoch else None
-        if state:  # the worker whose turn it was when the checkpoint was taken goes first
-            worker = (worker + state["turn"]) % num_workers
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        shards = self.shards_for(worker, num_workers)
-        skip = state["skip"][worker] if state else 0
-        if not skip:
-            yield from _shuffled(self._samples(shards), self.shuffle_buffer, rng)
-            return
-        n = sum(self._counts()[s] for s in shards)
-        held, next_read, tail = buffer_state(n, self.shuffle_buffer, rng, skip)
-        if tail is not None:  # past the end of reading: the final shuffle's order, replayed
-            if tail:
-                got = _at_positions(self._samples(shards, min(tail)), min(tail), set(tail))
-                yield from (got[p] for p in tail)
-            return
-        start = min([*held, next_read])
-        samples = self._samples(shards, start)
-        got = _at_positions(itertools.islice(samples, next_read - start), start, set(held))
-        yield from _shuffled(samples, self.shuffle_buffer, rng, [got[p] for p in held])
-
-    def _samples(self, shards: list[int], start: int = 0) -> Iterator[dict[str, Any]]:
+    def _samples(self, shards: list[int], keep: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position, sample) for the sorted positions `keep` of the concatenation of `shards`."""
         # kv_as_stored: K/V stay as stored (16-bit floats, int8 / int4 codes + scales) until the
         # trainer's device, so the read, collate and the copy move stored-size bytes
         # (train/quant.py); else the store decodes them to float32 on its reader threads.
         samples = shard_samples(
-            self.store, self.teachers, shards, read_kv=self.read_kv, read_latent=self.read_latent, decode=not self.kv_as_stored, start=start
+            self.store, self.teachers, shards, read_kv=self.read_kv, read_latent=self.read_latent, decode=not self.kv_as_stored, keep=keep
         )
-        for sample in samples:
+        for p, sample in zip(keep.tolist(), samples, strict=False):
             # A sample's K/V are views into its read span; its own copy lets the span go once the
-            # span's samples are consumed, not once the last of them leaves the shuffle buffer
+            # span's samples are consumed, not once the last of them leaves the holding dict
             # (which pinned several spans: tests/test_stream_memory.py).
             kv = {t: (_own(k), _own(v)) for t, (k, v) in sample["kv"].items()}
             sample["kv"] = {t: (_as_stored(k), _as_stored(v)) for t, (k, v) in kv.items()} if self.kv_as_stored else kv
-            yield sample
+            yield p, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """One optimizer step's samples: indices [start, start + size) of the epoch's global order,
+    cut into `micros` micro-batches per rank; slices[m][r] = the [a, b) of rank r's micro-batch
+    m (a == b: the rank has no sample left in this window and runs a weightless stand-in)."""
+
+    start: int
+    size: int
+    micros: int
+    slices: tuple[tuple[tuple[int, int], ...], ...]
+
+
+def windows(n: int, start: int, batch_size: int, accumulation: int, world: int, drop_short: bool = False) -> list[Window]:
+    """The optimizer steps of an epoch of n samples, from sample `start` on (a resumed epoch):
+    global batches of batch_size x accumulation x world consecutive samples of the global order,
+    each split into micro-batch m of rank r = its (m x world + r)-th batch_size samples. So
+    N processes x batch b train on exactly the samples 1 process x batch N*b (or batch b x N
+    accumulation steps) trains on. The epoch's last, short window is spread as evenly as
+    possible over as few micro-batches per rank as hold it (sizes differ by at most one);
+    drop_short drops it instead (the shuffled-KV control needs every micro-batch whole)."""
+    G = batch_size * accumulation * world
+    out = []
+    for w0 in range(start, n, G):
+        k = min(G, n - w0)
+        if k < G and drop_short:
+            break
+        micros = -(-k // (batch_size * world))
+        slots = micros * world
+        sizes = [k // slots + (s < k % slots) for s in range(slots)]
+        bounds = np.concatenate([[0], np.cumsum(sizes)]) + w0
+        slices = tuple(tuple((int(bounds[m * world + r]), int(bounds[m * world + r + 1])) for r in range(world)) for m in range(micros))
+        out.append(Window(w0, k, micros, slices))
+    return out
+
+
+class MicroBatches(IterableDataset):
+    """The trainer's input on one rank: its micro-batches of the epoch's `windows`, collated, in
+    step order, each with "window" (its optimizer step of the epoch), "micro" / "micros" (its
+    place among the rank's micro-batches of that step), "window_size" (the step's samples over
+    every rank), "last" (the epoch's last step) and "weight" (0.0 for a weightless stand-in, a
+    copy of the window's first sample, that keeps a rank with no sample in the collective
+    forward / backward). DataLoader workers take turns by micro-batch, so the DataLoader yields
+    them in order. `start`: the epoch's samples already trained (a resumed checkpoint)."""
+
+    def __init__(self, stream: KVStream, batch_size: int, collate_fn, *, accumulation: int = 1, rank: int = 0, world_size: int = 1, drop_short: bool = False) -> None:
+        self.stream, self.batch_size, self.collate_fn = stream, batch_size, collate_fn
+        self.accumulation, self.rank, self.world_size, self.drop_short = accumulation, rank, world_size, drop_short
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def windows(self, epoch: int | None = None, start: int | None = None) -> list[Window]:
+        n = len(self.stream)
+        start = self.start if start is None else start
+        if not 0 <= start <= n:
+            raise StoreError(
+                f"a checkpoint resumes after sample {start} of an epoch, but an epoch of store {self.stream.store} has {n} samples; "
+                "resume with the store (and --val-shards) of the run that wrote it"
+            )
+        return windows(n, start, self.batch_size, self.accumulation, self.world_size, self.drop_short)
+
+    def plan(self) -> list[dict[str, Any]]:
+        """This rank's micro-batches, in order: their meta data and global-order indices."""
+        wins = self.windows()
+        out = []
+        for i, w in enumerate(wins):
+            for m, per_rank in enumerate(w.slices):
+                a, b = per_rank[self.rank]
+                meta = {"window": i, "micro": m, "micros": w.micros, "window_size": w.size, "last": i == len(wins) - 1}
+                out.append({**meta, "outputs": list(range(a, b)) or [w.start], "weight": 1.0 if b > a else 0.0})
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.plan()[worker::num_workers]
+        samples = self.stream.samples(self.epoch, [j for mb in mine for j in mb["outputs"]])
+        for mb in mine:
+            batch = self.collate_fn([next(samples) for _ in mb["outputs"]])
+            batch.update({k: v for k, v in mb.items() if k != "outputs"})
+            yield batch
 
 
 def _shuffled(samples: Iterable[Any], size: int, rng: random.Random, buf: list[Any] | None = None) -> Iterator[Any]:
@@ -195,31 +245,6 @@ def _shuffled(samples: Iterable[Any], size: int, rng: random.Random, buf: list[A
             yield buf.pop(rng.randrange(len(buf)))
     rng.shuffle(buf)
     yield from buf
-
-
-def buffer_state(n: int, size: int, rng: random.Random, skip: int) -> tuple[list[int], int, list[int] | None]:
-    """`_shuffled` over n samples after yielding `skip` of them, on positions only (no data):
-    (positions it holds, in order; the next position to read; None), with `rng` left where
-    the buffer's would be, or, when reading had ended (the final shuffle), ([], n, positions
-    still to yield in order)."""
-    buf: list[int] = []
-    out = 0
-    for p in range(n):
-        if out == skip:
-            return buf, p, None
-        buf.append(p)
-        if len(buf) >= size:
-            buf.pop(rng.randrange(len(buf)))
-            out += 1
-    if out == skip:
-        return buf, n, None
-    rng.shuffle(buf)
-    return [], n, buf[skip - out :]
-
-
-def _at_positions(samples: Iterable[dict[str, Any]], start: int, keep: set[int]) -> dict[int, dict[str, Any]]:
-    """{position: sample} of the positions in `keep`, the first sample being at `start`."""
-    return {p: x for p, x in enumerate(samples, start) if p in keep}
 
 
 def _check_shards(shards: list[int], num_shards: int, store: str | Path) -> list[int]:
@@ -345,19 +370,20 @@ def shuffle_latent(samples: list[dict[str, Any]], seed: int) -> list[dict[str, A
     return out
 
 
-def train_loader(stream: KVStream, cfg, pad_id: int, control=shuffle_kv) -> DataLoader:
-    """The trainer's DataLoader over `stream` (TrainConfig cfg): padded batches, and with
-    kv_control "shuffled" the negative control `control` (shuffle_kv, or shuffle_latent in
-    latent mode) applied before padding; a short last batch is then dropped (a one-sample batch
-    has no other sample to swap with). The stream splits shards by rank itself."""
+def train_loader(stream: KVStream, cfg, pad_id: int, control=shuffle_kv, *, rank: int = 0, world_size: int = 1, accumulation: int | None = None) -> DataLoader:
+    """The trainer's DataLoader over `stream` (TrainConfig cfg) on rank `rank` of `world_size`:
+    this rank's padded micro-batches (`MicroBatches`), and with kv_control "shuffled" the
+    negative control `control` (shuffle_kv, or shuffle_latent in latent mode) applied before
+    padding; the epoch's short last step is then dropped (a micro-batch of one sample has no
+    other sample to swap with). `loader.dataset.set_epoch(epoch, start)` picks the epoch."""
 
     def collate_fn(samples):
         return collate(control(samples, cfg.seed) if cfg.kv_control == "shuffled" else samples, pad_id)
 
+    accumulation = cfg.gradient_accumulation_steps if accumulation is None else accumulation
+    batches = MicroBatches(stream, cfg.batch_size, collate_fn, accumulation=accumulation, rank=rank, world_size=world_size, drop_short=cfg.kv_control == "shuffled")
     # Its own generator: each epoch's iterator draws a seed from it, and from the global RNG a
     # checkpoint restores that draw would shift every dropout mask after a mid-epoch resume.
-    # (The stream shuffles with its own seeded RNGs, so this seed changes no sample.)
+    # (The stream orders samples with its own seeded RNGs, so this seed changes no sample.)
     generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(
-        stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn, drop_last=cfg.kv_control == "shuffled", generator=generator
-    )
+    return DataLoader(batches, batch_size=None, num_workers=cfg.num_workers, generator=generator)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from kvdistill.schemas import ConfigError, TrainConfig
+from kvdistill.store import open_specs
 
 from .mode import Mode
 from .quant import kv_as_stored
@@ -24,36 +25,43 @@ __all__ = ["validation_loader", "validate", "Best"]
 
 
 def validation_loader(cfg: TrainConfig, mode: Mode, tokenizer, student, teachers: list[str], val_shards: list[int], accelerator, pad_id: int):
-    """Batches of the held-out data, in store order, with the true teacher K/V (no control)."""
+    """Batches of the held-out data, in store order, with the true teacher K/V (no control):
+    global batches of batch_size x processes split across ranks like training's, so every rank
+    runs the same number of batches. A val_store holding the training data (the same path, or
+    the same data fingerprint) is refused: it would validate on what is trained on."""
     store = cfg.val_store or cfg.store
     if cfg.val_store:
-        check_store(cfg, tokenizer, student, cfg.val_store)  # same tokenizer, geometry and teachers
+        val_spec, _ = check_store(cfg, tokenizer, student, cfg.val_store)  # same tokenizer, geometry and teachers
+        train_spec, _ = open_specs(cfg.store)
+        same = Path(cfg.val_store).resolve() == Path(cfg.store).resolve()
+        if same or val_spec.data_fingerprint == train_spec.data_fingerprint:
+            why = "is the training store" if same else f"holds the training store's data (data fingerprint {val_spec.data_fingerprint})"
+            raise ConfigError(
+                f"TrainConfig.val_store: {cfg.val_store} {why}, so validation would measure samples the run trains on; "
+                "hold out the training store's last shards with --val-shards N instead, or dump a held-out split into a second store"
+            )
     stream = KVStream(
         store,
         teachers,
         seed=cfg.seed,
         shuffle_buffer=1,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
         read_kv=mode.read_kv,
         read_latent=mode.read_latent,
         kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
         shards=None if cfg.val_store else val_shards,
     )
-    return train_loader(stream, dataclasses.replace(cfg, kv_control="none"), pad_id, mode.control)
+    return train_loader(
+        stream, dataclasses.replace(cfg, kv_control="none"), pad_id, mode.control, rank=accelerator.process_index, world_size=accelerator.num_processes, accumulation=1
+    )
 
 
 def validate(mode: Mode, model, loader, accelerator, step: int, max_batches: int | None) -> dict[str, float]:
     """{"val_<term>": mean over the held-out batches (each term weighted by what it averages
-    over), "val_loss"} for every scalar term, reduced over ranks. With several processes every
-    rank runs as many batches as the rank with the fewest (a DDP / FSDP forward is collective:
-    a rank with one batch more would wait forever)."""
-    if accelerator.num_processes > 1:
-        stream = loader.dataset
-        mine = sum(stream.epoch_batches(stream.epoch, loader.batch_size, loader.num_workers, loader.drop_last))
-        fewest = torch.tensor([mine], device=accelerator.device)
-        torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
-        max_batches = int(fewest.item()) if max_batches is None else min(max_batches, int(fewest.item()))
+    over), "val_loss"} for every scalar term, reduced over ranks. Every rank runs the same
+    number of batches (the loader splits each global batch across them; a rank with no sample
+    left runs a weightless stand-in), so the collective forwards of DDP / FSDP line up. Terms
+    over a whole batch (CKA) are each batch's, weighted by its tokens."""
+    loader.dataset.set_epoch(0)
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     model.eval()
@@ -62,9 +70,9 @@ def validate(mode: Mode, model, loader, accelerator, step: int, max_batches: int
             if max_batches is not None and i >= max_batches:
                 break
             losses = mode.step(model, batch, accelerator.device, step, None)
-            counts = mode.counts(batch)
+            counts = {u: c * batch["weight"] for u, c in mode.counts(batch).items()}
             for k, v in losses.items():
-                if v.dim() == 0:
+                if isinstance(v, torch.Tensor) and v.dim() == 0:
                     w = counts["samples"] if k == "loss" else counts[mode.unit_of(k)]
                     sums[k] = sums.get(k, 0.0) + w * v.item()
                     weights[k] = weights.get(k, 0.0) + w
