@@ -138,9 +138,9 @@ def test_jobs_local_with_a_failing_task_exits_1_listing_it(tiny_store, no_weight
 def test_a_non_finite_loss_exits_1_naming_term_and_samples(tiny_store, tmp_path, monkeypatch, capsys):
     import torch
 
-    from kvdistill.train import losses
+    from kvdistill.train import distiller
 
-    monkeypatch.setattr(losses, "debiased_cka", lambda x, y: torch.tensor(float("nan")))
+    monkeypatch.setattr(distiller, "cka_from_sums", lambda s: torch.tensor(float("nan"), dtype=torch.float64))
     rc = main(["train", "--store", str(tiny_store["store"]), "--student", tiny_store["student"].name_or_path, "--out", str(tmp_path / "run"),
                "--per-device-train-batch-size", "8", "--max-steps", "2", "--device", "cpu", "--no-progress"])
     assert rc == ExitCode.FAILED

@@ -4,19 +4,22 @@
 
 setup: accelerate (CPU, one GPU, DDP, FSDP); the student (train/student.py: checked against
 the store, LoRA, gradient checkpointing); the mode (train/mode.py: `cot` the written chain
-through a Distiller, `latent` KaVa latent slots); AdamW + cosine schedule; the shard stream
-(rank x worker split; kv_control "shuffled" deranges each batch's teacher K/V: the negative
-control). train: optimizer steps of gradient_accumulation_steps micro-batches, weighted so the
-update is that of one batch; grad clipping; metrics every `log_every` steps to metrics.jsonl
+through a Distiller, `latent` KaVa latent slots); AdamW + cosine schedule (stepped once per
+optimizer step, whatever the number of processes); the stream (train/stream.py: one global
+sample order per epoch; each step's global batch split across ranks and micro-batches;
+kv_control "shuffled" deranges each micro-batch's teacher K/V: the negative control). train:
+optimizer steps of gradient_accumulation_steps micro-batches per rank, the update that of the
+whole global batch (`optimizer_step`); grad clipping; metrics (the run's, over every rank)
+every `log_every` steps to metrics.jsonl
 (and the accelerate trackers of `report_to`); validation every `eval_steps` on held-out
 shards or a second store, RUN_DIR/best on `metric_for_best_model`. save: RUN_DIR/final, a
 Hugging Face checkpoint (+ adapters.pt / router.pt / latent.pt) and train_config.yaml.
 
 checkpoints (`save_every`, and on a stop signal): RUN_DIR/checkpoints/step-N, complete or
 absent (train/checkpoint.py). resume: a checkpoint, a run directory's latest one, or "auto"
-(the latest in RUN_DIR if any, else step 0); bitwise exact, and the stream starts where the
-checkpoint stopped without reading what came before (`KVStream.resume`); metrics.jsonl and
-trackers append.
+(the latest in RUN_DIR if any, else step 0); bitwise exact on the same number of processes,
+to float tolerance on another; the stream starts after the samples of the epoch the checkpoint
+had consumed, reading none of them; metrics.jsonl and trackers append.
 signals: SIGTERM or SIGUSR1 lets the running step finish, saves its checkpoint (every rank
 agrees on the step) and raises Preempted (exit code 143); on SIGUSR1 with `requeue_on_usr1`
 the main process first runs `scontrol requeue $SLURM_JOB_ID`.
@@ -43,7 +46,7 @@ from typing import IO, Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -167,6 +170,16 @@ def _no_window(cfg: TrainConfig, batches, pos: Position) -> None:
     )
 
 
+def _check_fsdp(accelerator) -> None:
+    """`accelerate launch` asked for FSDP, but accelerate made it another run (it shards only on
+    GPUs and NPU / XPU / HPU; a CPU process group stays MULTI_CPU, i.e. DDP, silently)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        raise ConfigError(
+            f"accelerate launch asked for FSDP, but this run is {accelerator.distributed_type.value}: accelerate shards only on GPUs "
+            "(and NPU / XPU / HPU); on the CPU it would be DDP with the whole model on every process. Use --multi_gpu for CPU DDP"
+        )
+
+
 def mixed_precision(cfg: TrainConfig) -> str | None:
     """Accelerator's mixed_precision for cfg: None leaves it to `accelerate launch` / its config."""
     if cfg.mixed_precision != "auto":
@@ -188,8 +201,11 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
     accelerator = Accelerator(
-        cpu=cfg.device == "cpu", mixed_precision=mixed_precision(cfg), log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
+        # --device auto without a GPU is the CPU: `accelerate launch --multi_gpu` then runs CPU
+        # DDP over gloo (without cpu=True every process would train alone, as rank 0 of 1)
+        cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()), mixed_precision=mixed_precision(cfg), log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
     )
+    _check_fsdp(accelerator)
     set_seed(cfg.seed)
     out = Path(cfg.out)
     tokenizer, student, spec, teachers = load_student(cfg)
@@ -317,7 +333,7 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": accelerator.mixed_precision,
-        "shards": sorted(shards_read),  # under DDP ranks read disjoint shards
+        "shards": sorted(shards_read),
         "samples": samples_read,
     }
     if cfg.hash_params:  # under DDP every rank ends with the same parameters

@@ -83,7 +83,10 @@ def save_student(accelerator, model: nn.Module, cfg: TrainConfig, tokenizer, out
             copy.deepcopy(unwrapped.student).merge_and_unload().save_pretrained(out)
         else:
             prefix = "student."
-            unwrapped.student.save_pretrained(out, state_dict={k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+            own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            for tied in getattr(unwrapped.student, "all_tied_weights_keys", None) or {}:
+                own.pop(tied, None)  # FSDP gathers a tied weight as a copy of its own
+            unwrapped.student.save_pretrained(out, state_dict=own)
         tokenizer.save_pretrained(out)
         save_extra(unwrapped, state, out)
         cfg.save(out / "train_config.yaml")
@@ -95,5 +98,8 @@ def param_hash(model: nn.Module) -> str:
     copy of the whole model (ranks of a DDP run must agree bit for bit)."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        t = p.detach()
+        if isinstance(t, torch.distributed.tensor.DTensor):  # FSDP2: gathered (a collective: every rank hashes)
+            t = t.full_tensor()
+        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
