@@ -72,10 +72,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(pid: int) -> None:
-    for p in [*descendants(pid), pid]:
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher that is still running and every process below it (a reaped one's pid
+    may belong to someone else by now: it is left alone)."""
+    if proc.poll() is not None:
+        return
+    for pid in [*descendants(proc.pid), proc.pid]:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float) -> dict[str, int]:
@@ -88,7 +93,7 @@ def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout:
             codes[name] = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             for p in procs.values():
-                kill_tree(p.pid)
+                kill_tree(p)
             tails = "\n".join(f"--- {n} ---\n{logs[n].read_text()[-2000:]}" for n in procs)
             pytest.fail(f"{name} still running after {timeout:.0f} s (hung?); killed every process\n{tails}")
     return codes
@@ -121,7 +126,7 @@ def wait_for_step(run_dir: Path, step: int, procs: dict[str, subprocess.Popen], 
         ended = {n: p.poll() for n, p in procs.items() if p.poll() is not None}
         if ended or time.monotonic() > deadline:
             for p in procs.values():
-                kill_tree(p.pid)
+                kill_tree(p)
             tails = "\n".join(f"--- {n} ---\n{logs[n].read_text()[-2000:]}" for n in procs)
             pytest.fail(f"no metrics row for step {step} ({'ended: ' + str(ended) if ended else 'timed out'})\n{tails}")
         time.sleep(0.05)

@@ -30,6 +30,7 @@ from launch import (
     compare_weights,
     final_weights,
     free_port,
+    kill_tree,
     launch_env,
     metrics,
     run,
@@ -116,6 +117,14 @@ def test_sigusr1_reaching_one_node_stops_both_after_the_same_step_with_one_check
     launch = _node_command(tiny_store, tmp_path, out, max_steps=2000)  # minutes of steps: the run is mid-way when signalled
     t0 = time.monotonic()
     procs, logs = _start_nodes(launch, tmp_path, "run")
+    try:
+        _signal_one_node(out, procs, logs, t0)
+    finally:  # a failed assertion must not leave minutes of training running
+        for p in procs.values():
+            kill_tree(p)
+
+
+def _signal_one_node(out: Path, procs, logs, t0: float) -> None:
     first = wait_for_step(out, 1, procs, logs)
 
     # 1. SIGUSR1 to node 0's launcher alone: ignored, not forwarded; both nodes train on.
@@ -128,7 +137,7 @@ def test_sigusr1_reaching_one_node_stops_both_after_the_same_step_with_one_check
 
     # 2. SIGUSR1 to node 1's rank (what SLURM's --signal=USR1@N reaches on that node): both
     #    nodes stop after the same step, one checkpoint.
-    workers = [pid for pid in children(procs["node1"].pid) if b"RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+    workers = [pid for pid in children(procs["node1"].pid) if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
     assert len(workers) == 1, workers
     t_signal = time.monotonic()
     os.kill(workers[0], signal.SIGUSR1)
