@@ -10,7 +10,7 @@ import sys
 
 from kvdistill.core.data import DataError
 from kvdistill.dump import cli as dump_cli
-from kvdistill.errors import ExitCode, Preempted
+from kvdistill.errors import ExitCode, Preempted, release_early_signals
 from kvdistill.jobs import cli as jobs_cli
 from kvdistill.jobs.local import LocalRunError
 from kvdistill.schemas import CompareConfig, ConfigError, DemoConfig
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
+        release_early_signals(args.command)
         return int(args.func(args))
     except (Exception, Preempted) as e:
         known = explain(e)

@@ -36,6 +36,7 @@ from kvdistill.schemas import (
     ModelSpec,
     TrainConfig,
 )
+from kvdistill.store.lock import FileLock
 from kvdistill.train.recipes import train_config
 
 __all__ = [
@@ -344,6 +345,13 @@ def _curve(cfg: CompareConfig, main: dict[str, list[dict[str, Any]]], extra: dic
 
 
 def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
+    """The comparison (module docstring), one process per --out at a time: a second compare on
+    the same folder stops with ShardBusy (exit 6) naming the first."""
+    with FileLock(Path(cfg.out) / ".kvdistill.lock", f"compare directory {cfg.out}", fix="wait for that compare to finish, or use another --out"):
+        return _run_compare(cfg, progress)
+
+
+def _run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     from kvdistill.train.report import compare_report
 
     t0 = time.perf_counter()

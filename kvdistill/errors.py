@@ -8,9 +8,40 @@ each other."""
 
 from __future__ import annotations
 
+import signal
+import threading
 from enum import IntEnum
 
-__all__ = ["ExitCode", "Preempted"]
+__all__ = ["ExitCode", "Preempted", "catch_early_signals", "release_early_signals"]
+
+_EARLY: list[int] = []  # SIGTERM / SIGUSR1 received while `kvdistill` was starting
+
+
+def catch_early_signals() -> None:
+    """From the console script's first line: SIGTERM and SIGUSR1 are noted instead of killing
+    the process in the middle of its (seconds of) imports; `release_early_signals` then ends
+    the command with its one line and exit 143. Main thread only (Python's rule for handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, _note)
+
+
+def _note(signum, _frame) -> None:
+    _EARLY.append(signum)
+
+
+def release_early_signals(command: str) -> None:
+    """Before a command starts its work: Preempted if a signal came while starting (nothing was
+    written yet), else the default handlers back (a stage installs its own where it needs them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        if signal.getsignal(s) is _note:  # only ours: an embedding program keeps its own
+            signal.signal(s, signal.SIG_DFL)
+    if _EARLY:
+        name = signal.Signals(max(_EARLY)).name
+        _EARLY.clear()
+        raise Preempted(message=f"preempted ({name}) while starting, before `kvdistill {command}` did any work: nothing was written; re-run the same command")
 
 
 class Preempted(SystemExit):

@@ -66,7 +66,11 @@ class FileLock:
     guarded thing in messages. on_busy: "fail" raises ShardBusy naming the owner; "wait" polls
     every `poll` seconds until the owner finishes or dies."""
 
-    def __init__(self, path: str | Path, what: str, on_busy: Literal["fail", "wait"] = "fail", poll: float = 0.5, quiet: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, what: str, on_busy: Literal["fail", "wait"] = "fail", poll: float = 0.5, quiet: bool = False,
+        fix: str = "wait for it to finish, or run with --on-busy wait",
+    ) -> None:
+        self.fix = fix  # the busy message's advice
         if on_busy not in ("fail", "wait"):
             raise ValueError(f"on_busy: 'fail' or 'wait', got {on_busy!r}")
         self.path, self.what, self.on_busy, self.poll = Path(path).absolute(), what, on_busy, poll
@@ -126,8 +130,7 @@ class FileLock:
                 break
             if self.on_busy == "fail":
                 raise ShardBusy(
-                    f"{self.what} is being written by {self.owner()} (lock {self.path}); wait for it to finish, "
-                    "or run with --on-busy wait"
+                    f"{self.what} is being written by {self.owner()} (lock {self.path}); {self.fix}"
                 )
             if not waited:
                 log.log(logging.DEBUG if self.quiet else logging.WARNING, "%s is being written by %s; waiting (--on-busy wait)", self.what, self.owner())

@@ -145,7 +145,7 @@ def test_a_non_finite_loss_exits_1_naming_term_and_samples(tiny_store, tmp_path,
                "--per-device-train-batch-size", "8", "--max-steps", "2", "--device", "cpu", "--no-progress"])
     assert rc == ExitCode.FAILED
     line = one_line(capsys, "train")
-    assert "training diverged: step 0: loss term cka is nan" in line and "on samples [" in line
+    assert "training diverged: step 1: loss term cka is nan" in line and "on samples [" in line
 
 
 # --- data integrity: 4 ---------------------------------------------------------------------------
@@ -344,16 +344,16 @@ OUT_OF_RANGE = [
     (lambda: _train(router_lr=0.0), "TrainConfig.router_lr: must be > 0"),
     (lambda: _train(lr=float("nan")), "TrainConfig.lr: must be > 0, got nan"),
     (lambda: _train(fusion_temperature=0.0), "TrainConfig.fusion_temperature: must be > 0"),
-    (lambda: _train(kv_weight=-1.0), "kv_weight and ce_weight must be >= 0"),
-    (lambda: _train(ce_weight=-1.0), "kv_weight and ce_weight must be >= 0"),
+    (lambda: _train(kv_weight=-1.0), "TrainConfig.kv_weight: must be >= 0, got -1.0"),
+    (lambda: _train(ce_weight=-1.0), "TrainConfig.ce_weight: must be >= 0, got -1.0"),
     (lambda: _train(cka_weight=-0.1), "TrainConfig.cka_weight: must be >= 0"),
-    (lambda: _train(codi_weight=-1.0), "codi_weight and cot_weight must be >= 0"),
+    (lambda: _train(codi_weight=-1.0), "TrainConfig.codi_weight: must be >= 0, got -1.0"),
     (lambda: _train(weight_decay=-0.1), "TrainConfig.weight_decay: must be >= 0"),
     (lambda: _train(grad_clip=-1.0), "TrainConfig.grad_clip: must be >= 0"),
     (lambda: _train(warmup_steps=-1), "TrainConfig.warmup_steps: must be >= 0"),
-    (lambda: _train(kv_attn_warmup_steps=-1), "kv_attn_warmup_steps and layer_anneal_steps must be >= 0"),
-    (lambda: _train(batch_size=0), "max_steps and batch_size must be >= 1"),
-    (lambda: _train(max_steps=0), "max_steps and batch_size must be >= 1"),
+    (lambda: _train(kv_attn_warmup_steps=-1), "TrainConfig.kv_attn_warmup_steps: must be >= 0, got -1"),
+    (lambda: _train(batch_size=0), "TrainConfig.batch_size: must be >= 1, got 0"),
+    (lambda: _train(max_steps=0), "TrainConfig.max_steps: must be >= 1, got 0"),
     (lambda: _train(lora_r=-1), "TrainConfig.lora_r: must be >= 0"),
     (lambda: _train(lora_alpha=0), "TrainConfig.lora_alpha: must be >= 1"),
     (lambda: _train(lora_dropout=1.0), "TrainConfig.lora_dropout: must lie in [0, 1), got 1.0"),
@@ -367,8 +367,8 @@ OUT_OF_RANGE = [
     (lambda: _train(teacher_weights={"a": 0.0, "b": 0.0}), "TrainConfig.teacher_weights: give some teacher a weight > 0"),
     (lambda: EvalConfig(model="m", batch_size=0), "EvalConfig.batch_size: must be >= 1"),
     (lambda: EvalConfig(model="m", max_new_tokens=0), "EvalConfig.max_new_tokens: must be >= 1"),
-    (lambda: _dump(batch_size=0), "DumpTask: batch_size and max_len must be >= 1"),
-    (lambda: _dump(max_len=-3), "DumpTask: batch_size and max_len must be >= 1"),
+    (lambda: _dump(batch_size=0), "DumpTask.batch_size: must be >= 1, got 0"),
+    (lambda: _dump(max_len=-3), "DumpTask.max_len: must be >= 1, got -3"),
     (lambda: _dump(compression_level=10), "DumpTask.compression_level: blosc levels are 0 (none) to 9"),
     (lambda: LatentSpec(slots=0), "LatentSpec.slots: must be >= 1"),
     (lambda: LatentSpec(lam=1.5), "LatentSpec.lam: must lie in [0, 1]"),

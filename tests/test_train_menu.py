@@ -336,5 +336,5 @@ def test_a_non_finite_cka_term_stops_training_and_is_named(tiny_store, tmp_path,
     from kvdistill.train import distiller
 
     monkeypatch.setattr(distiller, "cka_from_sums", lambda s: torch.tensor(float("nan"), dtype=torch.float64))
-    with pytest.raises(FloatingPointError, match=r"step 0: loss term cka is nan"):
+    with pytest.raises(FloatingPointError, match=r"step 1: loss term cka is nan"):
         train(_cfg(tiny_store, tmp_path / "nan", max_steps=2), progress=False)

@@ -8,13 +8,20 @@ process killed while saving leaves only the .partial, which resume never picks.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Position", "save_checkpoint", "checkpoints", "latest_checkpoint", "find_resume", "load_checkpoint"]
+__all__ = ["Position", "save_checkpoint", "save_complete", "saving", "checkpoints", "latest_checkpoint", "find_resume", "load_checkpoint"]
+
+# A save that fails with less than this free where it writes ran out of disk (torch.save and
+# safetensors report it in their own words, e.g. "unexpected pos", not as an OSError).
+DISK_FULL_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -29,19 +36,44 @@ class Position:
     samples_in_epoch: int = 0
 
 
-def save_checkpoint(accelerator, path: Path, pos: Position, end_of_epoch: bool) -> None:
-    """Every rank takes part. A checkpoint on an epoch's last batch is saved as (epoch + 1,
-    batch 0): (epoch, all its batches) would make a resume skip a whole epoch to train nothing."""
-    if end_of_epoch:
-        pos = Position(pos.step, pos.epoch + 1, pos.tokens, 0)
+@contextmanager
+def saving(what: str, path: Path) -> Iterator[None]:
+    """Around a save into `path`: a failure on a (nearly) full disk is OSError(ENOSPC) naming
+    `path`, whatever words the writer used, so the CLI says "disk full at PATH" (exit 5)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if "No space left" in str(e) or _free(path) < DISK_FULL_BYTES:
+            raise OSError(errno.ENOSPC, f"no space left on the device writing {what} ({type(e).__name__}: {e})", str(path)) from e
+        raise
+
+
+def _free(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def save_complete(accelerator, path: Path, what: str, write: Callable[[Path], None]) -> None:
+    """`write(partial)` on every rank into the hidden sibling .NAME.partial, renamed to `path`
+    (replacing one there) once every rank's files are in: `path` is complete or absent. A failed
+    write removes the partial folder (a full disk gets its space back) and raises; on a full
+    disk OSError(ENOSPC) naming `path`."""
     partial = path.with_name(f".{path.name}.partial")
     if accelerator.is_main_process and partial.exists():  # left by a run killed while saving
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        with saving(what, path):
+            write(partial)
+    except Exception:  # a failed write (a kill leaves the partial folder, which nothing reads)
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()  # every rank's files are in
     if accelerator.is_main_process:
-        (partial / "loader.json").write_text(json.dumps(asdict(pos)))
         if path.exists():  # a resumed run saves this step again: the new one replaces it
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -52,6 +84,21 @@ def save_checkpoint(accelerator, path: Path, pos: Position, end_of_epoch: bool) 
         else:
             partial.rename(path)
     accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, path: Path, pos: Position, end_of_epoch: bool) -> None:
+    """Every rank takes part. A checkpoint on an epoch's last batch is saved as (epoch + 1,
+    sample 0): (epoch, all its samples) would make a resume skip a whole epoch to train nothing."""
+    if end_of_epoch:
+        pos = Position(pos.step, pos.epoch + 1, pos.tokens, 0)
+
+    def write(partial: Path) -> None:
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / "loader.json").write_text(json.dumps(asdict(pos)))
+
+    save_complete(accelerator, path, f"checkpoint {path.name}", write)
 
 
 def checkpoints(run: Path) -> list[Path]:

@@ -54,8 +54,10 @@ from kvdistill.core.models import pad_token_id
 from kvdistill.errors import Preempted
 from kvdistill.schemas import ConfigError, TrainConfig
 from kvdistill.store import StoreError
+from kvdistill.store.errors import ShardBusy
+from kvdistill.store.lock import FileLock
 
-from .checkpoint import Position, find_resume, load_checkpoint, save_checkpoint
+from .checkpoint import Position, find_resume, load_checkpoint, save_checkpoint, save_complete
 from .distiller import cot_mode
 from .latent import latent_mode
 from .mode import Mode
@@ -197,6 +199,30 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         return _train(cfg, progress, got)
 
 
+@contextmanager
+def run_lock(accelerator, out: Path, what: str = "run directory") -> Iterator[None]:
+    """One run (one process group) writes a run directory at a time: the main process holds an
+    flock on RUN_DIR/.kvdistill.lock (store/lock.py: dropped by the kernel if it dies); a second
+    run on the same --out stops with ShardBusy (exit 6) naming the owner, on every rank."""
+    lock, busy = None, None
+    if accelerator.is_main_process:
+        lock = FileLock(out / ".kvdistill.lock", f"{what} {out}", fix="wait for that run to finish, or train into another --out")
+        try:
+            lock.acquire()
+        except ShardBusy as e:
+            lock, busy = None, e
+    ok = torch.tensor([0.0 if busy else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if busy or not ok.item():
+        raise busy or ShardBusy(f"{what} {out} is being written by another run (the main process says whom)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
@@ -206,6 +232,11 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
         cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()), mixed_precision=mixed_precision(cfg), log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
     )
     _check_fsdp(accelerator)
+    with run_lock(accelerator, Path(cfg.out)):
+        return _train_locked(cfg, progress, got, accelerator, trackers, t0)
+
+
+def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator, trackers, t0: float) -> dict[str, Any]:
     set_seed(cfg.seed)
     out = Path(cfg.out)
     tokenizer, student, spec, teachers = load_student(cfg)
@@ -340,7 +371,8 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
         record["param_sha256"] = param_hash(unwrapped)
     (out / "ranks" / f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))
     accelerator.wait_for_everyone()
-    save_student(accelerator, model, cfg, tokenizer, final, mode.save_extra)
+    # Like a checkpoint: written into .final.partial, renamed once complete (a full disk leaves no half final/).
+    save_complete(accelerator, final, "the final model", lambda partial: save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra))
     if metrics_f:
         metrics_f.close()
     if trackers:
@@ -499,7 +531,7 @@ def _check_finite(losses: dict[str, torch.Tensor], names: tuple[str, ...], step:
             bad = [i for i, x in enumerate(layers.tolist()) if not math.isfinite(x)] if layers is not None else []
             where = f" in student layer(s) {bad}" if bad else ""
             raise FloatingPointError(
-                f"step {step}: loss term {name} is {losses[name].item()}{where} on samples {batch['sample_ids']}; "
+                f"step {step + 1}: loss term {name} is {losses[name].item()}{where} on samples {batch['sample_ids']}; "
                 "check those samples in the store (`kvdistill store verify`) or lower the learning rate"
             )
 

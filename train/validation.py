@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from kvdistill.schemas import ConfigError, TrainConfig
 from kvdistill.store import open_specs
 
+from .checkpoint import save_complete
 from .mode import Mode
 from .quant import kv_as_stored
 from .stream import KVStream, train_loader
@@ -108,18 +108,15 @@ class Best:
         return row[self.metric] < self.value
 
     def save(self, accelerator, model, cfg: TrainConfig, tokenizer, mode: Mode, out: Path, step: int, row: dict[str, Any]) -> None:
-        """Into .best.partial, renamed over RUN_DIR/best once complete."""
+        """Into .best.partial, renamed over RUN_DIR/best once complete (`save_complete`)."""
         self.value, self.step = row[self.metric], step
-        partial, best = out / ".best.partial", out / "best"
-        if accelerator.is_main_process and partial.exists():
-            shutil.rmtree(partial)
-        save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra)
-        if accelerator.is_main_process:
-            (partial / "best.json").write_text(json.dumps({"metric": self.metric, "value": self.value, "step": step}))
-            if best.exists():
-                shutil.rmtree(best)
-            partial.rename(best)
-        accelerator.wait_for_everyone()
+
+        def write(partial: Path) -> None:
+            save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra)
+            if accelerator.is_main_process:
+                (partial / "best.json").write_text(json.dumps({"metric": self.metric, "value": self.value, "step": step}))
+
+        save_complete(accelerator, out / "best", "the best model", write)
 
     def summary(self) -> dict[str, Any]:
         if not self.metric or self.step is None:
