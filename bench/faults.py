@@ -676,6 +676,60 @@ def case_disk_full(w: World, fractions: list[float]) -> list[Row]:
     return [row]
 
 
+def case_train(w: World, fractions: list[float], races: int) -> list[Row]:
+    """The trainer's own faults: a full disk under --out while it saves (checkpoint or final
+    model), and two runs started on one --out at once."""
+    full = Row("T train disk full", "exit 5, one line naming the folder, no partial left; resume after space: exit 0")
+    race = Row("T two trains, one --out", "exit {0,6} (6: one line naming the owner) or {0,0} (one after the other)")
+    store = w.base_store("zarr", "float16")
+
+    def train(out: Path, *extra) -> subprocess.CompletedProcess:
+        return cli("train", "--store", store, "--student", w.student, "--out", out, "--batch-size", "8", "--max-steps", "2",
+                   "--device", "cpu", "--no-progress", *extra)
+
+    ref = w.root / "case-T-ref"
+    shutil.rmtree(ref, ignore_errors=True)
+    r = train(ref, "--save-every", "1")
+    if r.returncode:
+        raise SystemExit(f"the reference training run failed: {outcome(r)}")
+    size = sum(p.stat().st_size for p in (ref / "checkpoints" / "step-0000001").rglob("*") if p.is_file())
+    mnt = w.root / "case-T-tmpfs"
+    try:
+        with tmpfs(mnt, int(size * fractions[0])):
+            for frac in fractions:
+                empty(mnt)
+                remount(mnt, f"size={int(size * frac) // 1024}k")
+                r = train(mnt / "run", "--save-every", "1")
+                problems = []
+                if r.returncode != 5 or not one_line(r.stderr) or "disk full at" not in r.stderr:
+                    problems.append(f"exit {r.returncode}, stderr {'one line' if one_line(r.stderr) else 'NOT one line'}")
+                ckpts = mnt / "run" / "checkpoints"
+                partial = [p.name for p in ckpts.iterdir() if p.name.startswith(".")] if ckpts.exists() else []
+                if partial or (mnt / "run" / ".final.partial").exists():
+                    problems.append(f"partial left: {partial}")
+                remount(mnt, f"size={(8 * size + (64 << 20)) // 1024}k")
+                r2 = train(mnt / "run", "--save-every", "1", "--resume", "auto")
+                if r2.returncode:
+                    problems.append(f"resume exit {r2.returncode}")
+                full.example = full.example or r.stderr.strip()
+                full.add(Trial(f"tmpfs {frac:.0%} of a checkpoint ({int(size * frac) / 1e6:.1f} MB)", not problems,
+                               "; ".join(problems) or f"exit 5 \"{tail(r.stderr, 140)}\"; no partial; resume exit 0", outcome(r) if problems else ""))
+    except NoMount as e:
+        full.skipped = str(e)
+    for i in range(races):
+        out = w.root / f"case-T-race-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        procs = [subprocess.Popen([str(c) for c in command("train", "--store", store, "--student", w.student, "--out", out, "--batch-size", "8",
+                                   "--max-steps", "4", "--device", "cpu", "--no-progress")], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        got = [(p.wait(timeout=600), _text(p.stderr.read())) for p in procs]
+        codes = sorted(c for c, _ in got)
+        busy = [e for c, e in got if c == 6]
+        ok = codes in ([0, 0], [0, 6]) and all(one_line(e) and "is being written by" in e for e in busy)
+        race.example = race.example or (busy[0].strip() if busy else "")
+        race.add(Trial(f"race {i + 1}", ok, f"exit codes {codes}", "" if ok else "; ".join(tail(e, 300) for _, e in got)))
+    return [full, race]
+
+
 def case_read_only(w: World) -> list[Row]:
     rows = {k: Row(f"5 read-only: {k}", e) for k, e in (("read", "inspect, verify, train: exit 0"), ("write", "finalize, dump: exit 5, one line"))}
     mnt = w.root / "case5-tmpfs"
@@ -752,7 +806,7 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None, help="work folder to keep (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smoke run: few trials per case")
-    p.add_argument("--cases", default="1,2,3,4,5", help="comma-separated subset of 1,2,3,4,5")
+    p.add_argument("--cases", default="1,2,3,4,5,T", help="comma-separated subset of 1,2,3,4,5,T (T: the trainer's disk full and run-directory race)")
     p.add_argument("--samples", type=int, default=150, help="samples of the big dump (cases 1, 2, 4)")
     p.add_argument("--kills", type=int, default=None, help="case 1 trials (default 20; --quick 3)")
     p.add_argument("--races", type=int, default=None, help="case 2 trials per --on-busy mode (default 10; --quick 2)")
@@ -761,8 +815,8 @@ def main() -> None:
     p.add_argument("--race-samples", type=int, default=60, help="samples of case 2's dumps (--limit)")
     args = p.parse_args()
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    if cases - set("12345"):
-        p.error(f"unknown case(s) {sorted(cases - set('12345'))}; choose from 1,2,3,4,5")
+    if cases - set("12345T"):
+        p.error(f"unknown case(s) {sorted(cases - set('12345T'))}; choose from 1,2,3,4,5,T")
     quick = args.quick
     kills = args.kills or (3 if quick else 20)
     races = args.races or (2 if quick else 10)
@@ -791,6 +845,7 @@ def main() -> None:
             ("3", lambda: case_corrupt(w, flips, deletes, random.Random(args.seed * 1000 + 3))),
             ("4", lambda: case_disk_full(w, [0.3, 0.6, 0.9] if not quick else [0.6])),
             ("5", lambda: case_read_only(w)),
+            ("T", lambda: case_train(w, [0.3, 0.9] if not quick else [0.5], 2 if quick else 5)),
         ]
         for key, run in plan:
             if key in cases:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -18,6 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["Position", "save_checkpoint", "save_complete", "saving", "checkpoints", "latest_checkpoint", "find_resume", "load_checkpoint"]
+
+# accelerate's save_state warns on every checkpoint that it dropped a tied weight's duplicate
+# ("Removed shared tensor {'student.lm_head.weight'} ..."); expected for a tied student (it
+# reloads bit for bit: tests/test_resume.py), so it is not printed on every save.
+logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in str(record.msg))
 
 # A save that fails with less than this free where it writes ran out of disk (torch.save and
 # safetensors report it in their own words, e.g. "unexpected pos", not as an OSError).
