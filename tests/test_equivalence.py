@@ -65,3 +65,38 @@ def test_accumulation_trains_exactly_what_one_batch_trains_in_the_default_config
     assert_same_run(tmp_path / "b8", tmp_path / "b4x2")
     lrs = [r["lr"] for r in metrics(tmp_path / "b8")]
     assert lrs[0] < lrs[1] == max(lrs) and lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] < 0.05 * lrs[1]  # warm-up, then one decay
+
+
+def test_the_closed_form_standardised_mse_is_the_batch_standardised_mse_and_splits_add_up():
+    """`_mse_from_sums(_mse_sums(...))` = layer_std on the whole batch then the masked MSE, value
+    and gradient (fixed and router weights), and the sums of any split of the tokens give it too."""
+    from kvdistill.train.distiller import _mse_from_sums, _mse_sums
+    from kvdistill.train.losses import layer_std_norm, masked_kv_loss
+
+    torch.manual_seed(0)
+    B, T, L, D = 3, 7, 4, 5
+    mask = torch.rand(B, T) > 0.3
+    s = (torch.randn(B, T, L, D) * 2 + 1).double().requires_grad_()
+    a = [(torch.randn(B, T, L, D) * 3 - 1).double().requires_grad_() for _ in range(2)]
+    for w in (torch.tensor([0.3, 0.7]).double().view(-1, 1, 1, 1), torch.rand(2, B, 1, L).double().softmax(0).requires_grad_()):
+        target = (w[..., None] * torch.stack([layer_std_norm(x, mask) for x in a])).sum(0)
+        _, want = masked_kv_loss(layer_std_norm(s, mask), target, mask)
+        got = _mse_from_sums({k.rsplit(".", 1)[1]: v for k, v in _mse_sums("k", s, a, w, mask).items()})
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for x, y in zip(torch.autograd.grad(got.sum(), [s, *a]), torch.autograd.grad(want.sum(), [s, *a]), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+        first, rest = mask.clone(), mask.clone()
+        first[1:], rest[:1] = False, False
+        parts = [_mse_sums("k", s, a, w, m) for m in (first, rest)]
+        split = _mse_from_sums({k.rsplit(".", 1)[1]: parts[0][k] + parts[1][k] for k in parts[0]})
+        torch.testing.assert_close(split, got, rtol=1e-12, atol=1e-12)
+
+
+def test_cka_from_summed_statistics_is_the_debiased_cka_of_all_rows():
+    from kvdistill.train.losses import cka_from_sums, cka_sums, debiased_cka
+
+    torch.manual_seed(1)
+    x = torch.randn(37, 5, dtype=torch.float64) * 3 + 1
+    y = x @ torch.randn(5, 4, dtype=torch.float64) + 0.5 * torch.randn(37, 4, dtype=torch.float64)
+    halves = [cka_sums(x[:20], y[:20]), cka_sums(x[20:], y[20:])]
+    torch.testing.assert_close(cka_from_sums({k: halves[0][k] + halves[1][k] for k in halves[0]}), debiased_cka(x, y), rtol=1e-12, atol=1e-12)

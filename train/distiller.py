@@ -21,6 +21,7 @@ from .losses import (
     cka_sums,
     layer_anneal_weights,
     layer_moments,
+    layer_std_norm,
     linear_ramp,
     masked_ce,
     masked_kv_loss,
@@ -301,35 +302,53 @@ class Distiller(nn.Module):
         """kv_norm "layer_std" on the per-token K/V loss (Z space standardises on its own)."""
         return self.kv_norm == "layer_std" and self.kv_weight > 0 and self.zspace is None
 
+    @property
+    def exact_kv(self) -> bool:
+        """The K/V terms are computed from the whole step's summed statistics (exact however the
+        step is split): layer_std + mse without token weights. Else per micro-batch."""
+        return self.standardizes and self.kv_loss == "mse" and self.kv_attn_weight == "none"
+
     def norm_missing(self) -> bool:
-        """No statistics yet (a fresh run before its first step): the trainer measures them first."""
+        """No reference statistics yet (a fresh run before its first step): the trainer measures them first."""
         return self.standardizes and not bool(self.norm_moments[:, :, 2].gt(0).all())
 
     def update_norm(self, moments: dict[str, torch.Tensor]) -> None:
-        """Take a window's summed `layer_moments` ({"k", "v": [1 + N, 3, L]}, every rank's)."""
+        """Take a step's summed `layer_moments` ({"k", "v": [1 + N, 3, L]}, every rank's)."""
         with torch.no_grad():
             self.norm_moments.copy_(torch.stack([moments["k"], moments["v"]]).to(self.norm_moments))
 
-    def _norm(self, x: torch.Tensor, mask: torch.Tensor, part: int, side: int, moments: list[torch.Tensor]) -> torch.Tensor:
-        """x standardised by the stored statistics (no statistics yet: its own, detached);
-        records its moments for the next step's statistics."""
-        if not self.standardizes:
-            return x
-        m = layer_moments(x, mask)
-        moments.append(m)
-        ref = self.norm_moments[part, side]
-        return standardize(x, ref if bool(ref[2].gt(0).all()) else m)
+    def _reference(self, part: int, raw_s: torch.Tensor, adapted: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """[1 + N, 3, L] moments the similarity routing and CKA's teacher mix standardise by (both
+        detached): the previous step's whole batch (a batch on its own before any: its own)."""
+        ref = self.norm_moments[part]
+        if bool(ref[:, 2].gt(0).all()):
+            return ref
+        return torch.stack([layer_moments(x, mask) for x in (raw_s, *adapted)])
 
-    def window(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The terms computed from the whole window's summed statistics (every micro-batch and
-        rank): "cka" = mean over K|V (or Z) and cka_layers of 1 - debiased CKA, and its part of
-        the loss."""
+    def window(self, sums: dict[str, torch.Tensor], step: int | None = None) -> dict[str, torch.Tensor]:
+        """The terms computed from a whole step's summed statistics (every micro-batch and rank),
+        and their part of the loss: "kv_k", "kv_v" (+ per layer) = the MSE of the layer_std
+        standardised student and fused target K|V, in closed form from `_mse_sums` (equal to
+        standardising by the step's mean and std, gradient through them included); "cka" = mean
+        over K|V (or Z) and cka_layers of 1 - debiased CKA."""
         groups: dict[str, dict[str, torch.Tensor]] = {}
         for key, v in sums.items():
             name, stat = key.rsplit(".", 1)
             groups.setdefault(name, {})[stat] = v
-        cka = torch.stack([1 - cka_from_sums(g) for _, g in sorted(groups.items())]).mean()
-        return {"cka": cka, "loss": self.cka_weight * cka}
+        out: dict[str, torch.Tensor] = {}
+        loss = 0.0
+        layer_w = layer_anneal_weights(self.num_layers, step, self.layer_anneal_steps).double()
+        for part in ("k", "v"):
+            if f"kv.{part}" in groups:
+                per_layer = _mse_from_sums(groups[f"kv.{part}"])
+                out[f"kv_{part}"], out[f"kv_{part}_layers"] = (layer_w.to(per_layer.device) * per_layer).mean(), per_layer.detach()
+                loss = loss + self.kv_weight * out[f"kv_{part}"]
+        cka = [1 - cka_from_sums(g) for name, g in sorted(groups.items()) if name.startswith("cka.")]
+        if cka:
+            out["cka"] = torch.stack(cka).mean()
+            loss = loss + self.cka_weight * out["cka"]
+        out["loss"] = loss
+        return out
 
     def forward(self, input_ids, attention_mask, loss_mask, kv: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None, shares: dict[str, float] | None = None):
         """shares (the trainer's step): {unit: this micro-batch's share of the step's count, x the
@@ -384,24 +403,31 @@ class Distiller(nn.Module):
             if self.cka_weight > 0:
                 sums.update(self._cka_sums("z", zo.student, zo.target, mask))
         for i, part in enumerate(("k", "v") if self.zspace is None else ()):
-            seen: list[torch.Tensor] = []
-            z_s = self._norm(student_kv[part], mask, i, 0, seen)  # [B, T, L, D_s]
+            raw_s = student_kv[part]  # [B, T, L, D_s]
             adapted = [self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)) for t in teachers]
-            z_t = torch.stack([self._norm(a, mask, i, 1 + j, seen) for j, a in enumerate(adapted)])  # [N, B, T, L, D_s]
-            if seen:
-                moments[part] = torch.stack(seen)
-            w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
-            target = (w[..., None] * z_t).sum(0)
+            if self.standardizes:
+                moments[part] = torch.stack([layer_moments(x, mask) for x in (raw_s, *adapted)])  # [1 + N, 3, L]
+            if self.exact_kv:  # the window's statistics (`window`): sums here, the loss from their totals
+                ref = self._reference(i, raw_s, adapted, mask)  # [1 + N, 3, L]: the previous step's, for routing and CKA's mix
+                w = self.route(standardize(raw_s, ref[0]).detach(), torch.stack([standardize(a, ref[1 + j]) for j, a in enumerate(adapted)]).detach(), teachers, router_w)
+                sums.update(_mse_sums(part, raw_s, adapted, w, mask))
+                z_s = raw_s  # CKA is blind to the student side's standardisation
+                target = (w[..., None] * torch.stack([a / _std(ref[1 + j]).to(a.dtype)[:, None] for j, a in enumerate(adapted)])).sum(0)
+            else:  # per micro-batch (README: approximate under accumulation / several processes)
+                z_s = layer_std_norm(raw_s, mask) if self.kv_norm == "layer_std" else raw_s
+                z_t = torch.stack([layer_std_norm(a, mask) if self.kv_norm == "layer_std" else a for a in adapted])  # [N, B, T, L, D_s]
+                w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
+                target = (w[..., None] * z_t).sum(0)
+                _, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss, weights=tok_w)
+                term = (layer_w * per_layer).mean()
+                out[f"kv_{part}"], out[f"kv_{part}_layers"] = term, per_layer.detach()
+                loss = loss + self.kv_weight * term * share["tokens"]
             if part == "k" and self.attn_kl_weight > 0:  # the same fusion of the unstandardised adapter outputs
                 with torch.no_grad():  # A_t is a detached target: no graph needed
                     k_fused = (w.detach()[..., None] * torch.stack(adapted).detach()).sum(0)  # [B, T, L, D_s]
-            _, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss, weights=tok_w)
-            term = (layer_w * per_layer).mean()
-            out[f"kv_{part}"], out[f"kv_{part}_layers"] = term, per_layer.detach()
             if self.fusion_mode != "fixed":  # mean routing weight per teacher, over real tokens
                 for t, wt in zip(teachers, w, strict=True):
                     out[f"route_{part}_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
-            loss = loss + self.kv_weight * term * share["tokens"]
             if self.cka_weight > 0:
                 sums.update(self._cka_sums(part, z_s, target, mask))
         if self.attn_kl_weight > 0:
@@ -409,10 +435,11 @@ class Distiller(nn.Module):
             out["attn_kl"], out["attn_kl_layers"] = per_layer.mean(), per_layer.detach()
             loss = loss + self.attn_kl_weight * linear_ramp(step, self.attn_kl_warmup_steps) * out["attn_kl"] * share["tokens"]
         out["loss"] = loss
-        if shares is None:  # a batch on its own (no trainer window): its CKA is the batch's
+        if shares is None:  # a batch on its own (no trainer window): its window terms are the batch's
             if sums:
-                window = self.window(sums)
-                out["cka"], out["loss"] = window["cka"].to(loss.dtype), loss + window["loss"].to(loss.dtype)
+                window = self.window(sums, step)
+                out.update({k: v.to(loss.dtype) if k == "loss" or v.dim() == 0 else v.detach().float() for k, v in window.items()})
+                out["loss"] = loss + window["loss"].to(loss.dtype)
             return out
         if sums:  # the trainer sums them over the window (train/loop.py optimizer_step)
             out["sums"] = sums
@@ -436,6 +463,48 @@ class Distiller(nn.Module):
             ks, kt = (rope_heads(k[:, :, i], rope, spec["kv_heads"]) for k in (k_s, k_t))  # [B, H_kv, T, d]
             per_layer.append(attention_kl(q, ks, kt, mask, spec["scaling"], spec["sliding_window"]).sum() / n)
         return torch.stack(per_layer)
+
+
+def _std(m: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[L] standard deviation (as layer_std_norm: population, + eps) from `layer_moments` [3, L]."""
+    n = m[2].clamp_min(1)
+    return ((m[1] / n - (m[0] / n) ** 2).clamp_min(0) + eps).sqrt()
+
+
+def _mse_sums(part: str, s: torch.Tensor, adapted: list[torch.Tensor], w: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over the real tokens (float64, with graph) from which `_mse_from_sums` computes, per
+    layer, mean over tokens and channels of (std(s) - sum_n w_n std(a_n))^2, std(x) = (x - mean)
+    / sqrt(var + eps) with the mean and var of all the summed tokens: s [B, T, L, D] the
+    student's K|V, adapted [N x B, T, L, D] the teachers', w the fusion weights ([N, 1, 1, 1]
+    fixed, [N, B, 1, L] router, [N, B, T, L] similarity). Any split of the tokens sums to the same."""
+    x = s[mask].double()  # [M, L, D]
+    a = torch.stack([t[mask] for t in adapted]).double()  # [N, M, L, D]
+    wt = w.expand(w.shape[0], *mask.shape, w.shape[-1])[:, mask].double()  # [N, M, L]
+    sa = a.sum(-1)  # [N, M, L] = 1^T a_n per token
+    pair = torch.einsum("nmld,kmld->nkml", a, a)  # [N, N, M, L] a_n . a_k
+    ww = wt[:, None] * wt[None]  # [N, N, M, L]
+    out = {
+        "n": x.new_tensor(float(x.shape[0])), "nd": x.new_tensor(float(x.shape[0] * x.shape[-1])),
+        "s1": x.sum((0, 2)), "s2": (x * x).sum((0, 2)), "a1": sa.sum(1), "a2": (a * a).sum((1, 3)),  # [L], [L], [N, L], [N, L]
+        "w": wt.sum(1), "ws": (wt * x.sum(-1)).sum(1), "wa": (wt * sa).sum(1), "wsa": (wt * torch.einsum("mld,nmld->nml", x, a)).sum(1),  # [N, L]
+        "ww": ww.sum(2), "wwa": (ww * sa[:, None]).sum(2), "wwaa": (ww * pair).sum(2),  # [N, N, L]; wwa[n, k] = sum w_n w_k 1^T a_n
+    }
+    return {f"kv.{part}.{k}": v for k, v in out.items()}
+
+
+def _mse_from_sums(g: dict[str, torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+    """Per layer [L]: the standardised MSE of `_mse_sums` from their totals, expanded:
+    |s^ - sum w_n a^_n|^2 = |s^|^2 - 2 sum_n w_n s^.a^_n + sum_nk w_n w_k a^_n.a^_k, each a
+    polynomial in the sums once the means and stds (of the same totals) are known."""
+    nd = g["nd"].clamp_min(1)
+    d = nd / g["n"].clamp_min(1)
+    mu_s, mu_a = g["s1"] / nd, g["a1"] / nd  # [L], [N, L]
+    sd_s = ((g["s2"] / nd - mu_s**2).clamp_min(0) + eps).sqrt()
+    sd_a = ((g["a2"] / nd - mu_a**2).clamp_min(0) + eps).sqrt()
+    ss = (g["s2"] - 2 * mu_s * g["s1"] + nd * mu_s**2) / sd_s**2
+    sa = (g["wsa"] - mu_a * g["ws"] - mu_s * g["wa"] + d * mu_s * mu_a * g["w"]) / (sd_s * sd_a)  # [N, L]
+    aa = (g["wwaa"] - mu_a[None] * g["wwa"] - mu_a[:, None] * g["wwa"].transpose(0, 1) + d * mu_a[:, None] * mu_a[None] * g["ww"]) / (sd_a[:, None] * sd_a[None])
+    return (ss - 2 * sa.sum(0) + aa.sum((0, 1))) / nd
 
 
 # What each term of Distiller.forward is a mean over: "ce_tokens" (positions whose target is in
@@ -504,7 +573,7 @@ def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
         finite=LOSS_TERMS,
         postfix=("ce", "kv_k", "kv_v", "z"),
         summary={"ce": "ce", "kv_k": "kv_k", "kv_v": "kv_v", **({"z": "z"} if model.zspace is not None else {})},
-        window=model.window if model.cka_weight > 0 and model.kv_weight > 0 else None,
+        window=model.window if model.kv_weight > 0 and (model.cka_weight > 0 or model.exact_kv) else None,
         norm_missing=model.norm_missing,
         update_norm=model.update_norm,
     )

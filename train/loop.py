@@ -412,12 +412,12 @@ def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig,
     - each term that is a mean over a unit (tokens, answer tokens, samples) is scaled by the
       micro-batch's share of the global batch's count (all ranks) x the number of processes
       (DDP / FSDP average the ranks' gradients);
-    - terms over the whole batch at once (CKA, `mode.window`) are computed from statistics
-      summed over every micro-batch and rank; each micro-batch back-propagates its own
-      statistics times the gradient of the term at the total (measured first, in a no-grad
-      pass with the same random state, when the step has several micro-batches);
-    - the standardisation statistics (kv_norm layer_std) are those of the previous step's whole
-      global batch (`mode.update_norm`); a fresh run measures its first one first.
+    - terms over the whole batch at once (`mode.window`: the layer_std K/V MSE, CKA) are
+      computed from statistics summed over every micro-batch and rank; each micro-batch
+      back-propagates its own statistics times the gradient of the terms at the total (measured
+      first, in a no-grad pass with the same random state, when a rank has several micro-batches);
+    - reference statistics (similarity routing, CKA's teacher mix) are the previous step's
+      whole global batch's (`mode.update_norm`); a fresh run measures its first one first.
     Returns the logged row, every value the run's (reduced over ranks): scalar terms and
     per-layer lists as global-batch means, "loss", and "tokens" (real tokens of the step)."""
     device, world = accelerator.device, accelerator.num_processes
@@ -464,7 +464,7 @@ def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig,
             n = 1.0 if k == "loss" else total[mode.unit_of(k)]
             row[k] = v / n if n else v * 0
     if totals["sums"]:
-        for k, v in mode.window({k[2:]: v for k, v in got.items() if k.startswith("s.")}).items():
+        for k, v in mode.window({k[2:]: v for k, v in got.items() if k.startswith("s.")}, step).items():
             row[k] = row.get(k, 0.0) + v
     out_row: dict[str, Any] = {k: round(v.item(), 6) for k, v in row.items() if v.dim() == 0}
     out_row.update({k: [round(x, 6) for x in v.tolist()] for k, v in row.items() if v.dim() == 1})
@@ -500,7 +500,7 @@ def _window_grads(mode: Mode, at: dict[str, torch.Tensor], step: int, window: li
     non-finite window term stops the run like any other."""
     leaves = {k: v.detach().double().requires_grad_() for k, v in at.items()}
     with torch.enable_grad():
-        terms = mode.window(leaves)
+        terms = mode.window(leaves, step)
         _check_finite(terms, mode.finite, step, {"sample_ids": [i for b in window if b["weight"] for i in b["sample_ids"]]})
         grads = torch.autograd.grad(terms["loss"], list(leaves.values()), allow_unused=True)
     return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), grads, strict=True)}

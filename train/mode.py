@@ -37,10 +37,10 @@ class Mode:
     postfix: tuple[str, ...]  # terms on the progress bar
     summary: dict[str, str]  # run summary name -> logged term
     result: dict[str, Any] = field(default_factory=dict)  # extra keys of the run summary
-    # Terms that are not a mean over a unit (CKA): step returns their statistics as "sums" (sums
-    # over the batch's rows, with graph); window(the whole step's summed "sums", every rank) ->
-    # {"loss": their part of the loss, term: value}. The trainer sums them over the window first.
-    window: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # Terms that are not a mean over a unit (CKA, layer_std K/V): step returns their statistics as
+    # "sums" (sums over the batch's rows, with graph); window(the whole step's summed "sums", every
+    # rank; step) -> {"loss": their part of the loss, term: value}. The trainer sums them first.
+    window: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None = None
     # Statistics the loss is standardised by (kv_norm layer_std): step returns "moments" (sums,
     # detached); update_norm takes the step's window total (every rank) for the next step;
     # norm_missing() says none were measured yet (a fresh run measures its first window first).
