@@ -72,15 +72,16 @@ def test_the_fsdp_config_on_two_cpu_processes_is_refused_with_one_line_by_each_r
 
     # the launcher (torch elastic) reports each rank's exit code
     codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", text))
-    assert codes == {"0": "2", "1": "2"}, text[-3000:]
-    for rank in (0, 1):
+    # The first rank to refuse makes the launcher SIGTERM the other (-15) unless it refused too.
+    assert set(codes) == {"0", "1"} and set(codes.values()) <= {"2", "-15"} and "2" in codes.values(), text[-3000:]
+    for rank in (r for r in (0, 1) if codes[str(r)] == "2"):
         [attempt] = rank_logs.glob(f"*/attempt_0/{rank}")
         err = (attempt / "stderr.log").read_text()
         assert err.count("\n") == 1 and err.startswith(f"kvdistill train: config error: {REFUSED}: "), err
         assert "Traceback" not in err and "Traceback" not in (attempt / "stdout.log").read_text()
         assert f"[default{rank}]:kvdistill train: config error: {REFUSED}: " in text  # and the launcher's output shows it
     assert not (out / "final").exists() and not (out / "ranks").exists()
-    print(f"fsdp config on CPU, plain accelerate: both ranks refuse (exit 2), launcher exit {code}; {time.monotonic() - t0:.1f} s")
+    print(f"fsdp config on CPU, plain accelerate: ranks exit {codes}, launcher exit {code}; {time.monotonic() - t0:.1f} s")
 
 
 def test_the_trainers_fsdp2_path_on_cpu_with_accelerate_patched_to_shard_matches_ddp_and_saves_a_loadable_student(tiny_store, tmp_path):
