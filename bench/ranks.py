@@ -3,7 +3,7 @@ far the weights and the logged terms end apart, for 1 process x batch 2b, 1 proc
 with 2 accumulation steps, and 2 processes x batch b (real gloo DDP through `accelerate
 launch`), in the default configuration (layer_std standardisation, CKA on).
 
-    python bench/ranks.py --store demo-out/store.zarr --student demo-out/models/student
+    python bench/ranks.py --store demo-out/store.zarr --student demo-out/models/student-init
     python bench/ranks.py --store S --student M --steps 30 --batch-size 8
 
 Needs a finalized store and its student (`make demo` makes both). CPU, OMP_NUM_THREADS=1 each.
@@ -74,12 +74,12 @@ def main() -> None:
         peak = max(r["lr"] for r in rows[ref])
         for n in runs:
             print(f"  {n:>14}: " + " ".join(f"{r['lr'] / peak:.3f}" for r in rows[n]))
-        print(f"\nagainst {ref}:  {'max |dw|':>10} {'max |dw|/|w|':>13} {'max term diff':>14} {'same samples':>13} {'same tokens':>12}")
+        print(f"\nagainst {ref}:  {'max |dw|':>10} {'max |dW|/|W|':>13} {'max term diff':>14} {'same samples':>13} {'same tokens':>12}")
         w0 = _weights(dirs[ref])
         for n in list(runs)[1:]:
             w = _weights(dirs[n])
             dw = max(float((w[k] - w0[k]).abs().max()) for k in w0)
-            rel = max(float(((w[k] - w0[k]).abs() / w0[k].abs().clamp_min(1e-6)).max()) for k in w0)
+            rel = max(float((w[k] - w0[k]).norm() / w0[k].norm().clamp_min(1e-12)) for k in w0)
             terms = max(abs(a[k] - c[k]) for a, c in zip(rows[n], rows[ref], strict=True) for k in a if isinstance(a[k], float) and k != "lr")
             samples = [_samples(d) for d in (dirs[n], dirs[ref])]
             same_tokens = [r["tokens"] for r in rows[n]] == [r["tokens"] for r in rows[ref]]
