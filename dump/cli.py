@@ -75,11 +75,12 @@ def plan_main(args: argparse.Namespace) -> int:
 def show_alignment_main(args: argparse.Namespace) -> int:
     """`kvdistill store show-alignment`: rebuild one sample's time map and layer map from the store
     (its recorded tokenizers and text; dump/show_alignment.py), print one line, write the PNG."""
-    from .show_alignment import plot_alignment, reconstruct, summary
+    from .show_alignment import output_path, plot_alignment, reconstruct, summary
 
+    out = output_path(args.out, args.teacher, args.sample)  # a bad --out fails before any work
     a = reconstruct(args.store, args.teacher, args.sample)
     print(summary(a))
-    print(f"wrote {plot_alignment(a, args.out, max_tokens=args.max_tokens, start=args.start)}")
+    print(f"wrote {plot_alignment(a, out, max_tokens=args.max_tokens, start=args.start)}")
     return 0
 
 

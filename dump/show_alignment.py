@@ -23,6 +23,7 @@ This lives with the dump (it tokenizes, through core); the store itself knows no
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from kvdistill.align.time import TimeMap, identity_time_map
 from kvdistill.core.data import DataError, data_fingerprint, load_examples
 from kvdistill.core.models import load_tokenizer, tokenizer_fingerprint, tokenizer_from_files
 from kvdistill.core.prompts import SEGMENTS, encode, render
-from kvdistill.schemas import Example, ModelSpec, StoreSpec
+from kvdistill.schemas import ConfigError, Example, ModelSpec, StoreSpec
 from kvdistill.store import open_specs, read_sample
 from kvdistill.store.errors import StoreError
 from kvdistill.store.layout import read_tokenizer
@@ -119,7 +120,7 @@ def _tokenizer(store, spec: StoreSpec, teacher: str | None, model: ModelSpec, no
             )
         return tok
     try:
-        tok = load_tokenizer(model)
+        tok = load_tokenizer(model, role="student" if teacher is None else "teacher")
     except (OSError, ValueError) as e:
         raise StoreError(
             f"store {store} holds no copy of the {role} tokenizer (written before kvdistill recorded tokenizers) and its recorded "
@@ -273,9 +274,31 @@ def plot_alignment(a: SampleAlignment, out: str | Path, max_tokens: int = 64, st
         _layer_axes(axs, L_s, L_t)
         axs.set_title("CKA similarity\n(boxes: the chosen layers)", fontsize=9)
     fig.suptitle(f"{Path(a.store).name}: teacher {a.teacher}, sample {a.sample_id} (shard {a.shard})", fontsize=10)
-    out = Path(out)
+    out = output_path(out, a.teacher, a.sample_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
+    return out
+
+
+def output_path(out: str | Path, teacher: str, sample_id: str) -> Path:
+    """The file `--out` names, as written: an existing folder gets
+    FOLDER/alignment-TEACHER-SAMPLE.png, a name without a suffix `.png` (what matplotlib would add
+    unsaid). A path no image can be written to (a parent that is a file, a suffix matplotlib does
+    not write) is a ConfigError naming --out, raised before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    given = out
+    out = Path(out).expanduser()
+    if out.is_dir():
+        out = out / re.sub(r"[^A-Za-z0-9_.-]", "-", f"alignment-{teacher}-{sample_id}.png")
+    elif not out.suffix:
+        out = out.with_name(out.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise ConfigError(f"--out {given}: matplotlib writes no {out.suffix} files; give a .png (or one of {', '.join(sorted(formats))})")
+    parent = next((d for d in out.parents if d.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {given}: {parent} is a file, not a folder; give a path inside a folder")
     return out
 
 

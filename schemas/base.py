@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-__all__ = ["ConfigError", "Record", "apply_overrides", "build", "field_types", "option", "read_config", "type_name"]
+__all__ = ["ConfigError", "Record", "apply_overrides", "build", "canonical", "field_types", "option", "read_config", "type_name"]
 
 R = TypeVar("R", bound="Record")
 
@@ -193,10 +193,11 @@ class Record:
         where = _where or cls.__name__
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        data = canonical(cls, data, where)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}{_did_you_mean(cls, unknown)}")
         hints = field_types(cls)
         kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
         required = [
@@ -239,6 +240,97 @@ class Record:
         return build(cls, path, overrides or {})
 
 
+# --- config-file spellings: a field by any of its flag names ------------------------------------
+
+
+def _record_of(tp: Any) -> type[Record] | None:
+    """The record class of a `Record` or `Record | None` annotation, else None."""
+    arms = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+    if len(arms) == 1 and isinstance(arms[0], type) and issubclass(arms[0], Record):
+        return arms[0]
+    return None
+
+
+@functools.cache
+def _spellings(cls: type[Record]) -> dict[str, tuple[str, ...]]:
+    """{key in a config file: the field it sets} for the names that are not the field's own: each
+    flag alias that `option(aliases=...)` declares, without its dashes and with '_' for '-'
+    (`--learning-rate` -> learning_rate: ("lr",); a nested record's `--teacher-name` ->
+    teacher_name: ("teacher", "name")). A field's name always means that field."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(cls):
+        aliases = f.metadata.get("aliases") or ()
+        if isinstance(aliases, Mapping):
+            pairs = [(a, (f.name, leaf)) for leaf, spelled in aliases.items() for a in ((spelled,) if isinstance(spelled, str) else spelled)]
+        else:
+            pairs = [(a, (f.name,)) for a in ((aliases,) if isinstance(aliases, str) else aliases)]
+        for alias, target in pairs:
+            key = alias.lstrip("-").replace("-", "_")
+            if key not in names:
+                out[key] = target
+    return out
+
+
+def canonical(cls: type[Record], data: Any, where: str, deep: bool = False) -> Any:
+    """`data` (a mapping of `cls` fields, as read from a file) with every key spelled as the flag
+    spells it (`learning-rate`, `learning_rate` for --learning-rate; `max-steps`) renamed to
+    its field (`lr`, `max_steps`), so files accept what the command line accepts and a saved
+    record has one name per field. A field set twice under two names is refused. deep: nested
+    records' mappings too. Keys that name nothing are left for from_dict to report."""
+    if not isinstance(data, dict):
+        return data
+    names = {f.name for f in dataclasses.fields(cls)}
+    spellings = _spellings(cls)
+    out: dict[Any, Any] = {}
+    nested: list[tuple[str, tuple[str, ...], Any]] = []
+    given: dict[tuple[str, ...], str] = {}
+    for key, value in data.items():
+        norm = key.replace("-", "_") if isinstance(key, str) else key
+        target = (norm,) if norm in names else spellings.get(norm)
+        if target is None:
+            out[key] = value
+            continue
+        if target in given:
+            raise ConfigError(f"{where}: {given[target]!r} and {key!r} both set {'.'.join(target)}; keep one")
+        given[target] = key
+        if len(target) == 1:
+            out[target[0]] = value
+        else:
+            nested.append((key, target, value))
+    for key, (name, leaf), value in nested:
+        inner = out.get(name, {})
+        if not isinstance(inner, dict):
+            raise ConfigError(f"{where}: {key!r} sets {name}.{leaf}, but {name} is {inner!r}, not a mapping; set it inside {name}")
+        if leaf in inner or leaf.replace("_", "-") in inner:
+            raise ConfigError(f"{where}: {key!r} and {name}.{leaf} both set {name}.{leaf}; keep one")
+        out[name] = {**inner, leaf: value}
+    if deep:
+        hints = field_types(cls)
+        for name in names & set(out):
+            sub = _record_of(hints[name])
+            if sub is not None:
+                out[name] = canonical(sub, out[name], f"{where}.{name}", deep=True)
+            elif get_origin(hints[name]) is list and get_args(hints[name]) and _record_of(get_args(hints[name])[0]) and isinstance(out[name], list):
+                item = _record_of(get_args(hints[name])[0])
+                out[name] = [canonical(item, v, f"{where}.{name}[{i}]", deep=True) for i, v in enumerate(out[name])]
+    return out
+
+
+def _did_you_mean(cls: type[Record], unknown: list[Any]) -> str:
+    """"; did you mean lr for 'learnig_rate'?": the fields whose name or flag an unknown key is close to."""
+    import difflib
+
+    names = {f.name: f.name for f in dataclasses.fields(cls)} | {k: ".".join(v) for k, v in _spellings(cls).items()}
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key).replace("-", "_"), list(names), n=1, cutoff=0.75)
+        if close:
+            field = names[close[0]]
+            hints.append(f"{field} for {key!r}")
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `data` with dotted keys (`teacher.name_or_path`) set; None means unset."""
     out = json.loads(json.dumps(data))
@@ -256,7 +348,8 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 
 def read_config(path: str | Path, cls: type[Record]) -> dict[str, Any]:
-    """The mapping in a YAML / JSON config file of `cls`, unvalidated (an empty file is {})."""
+    """The mapping in a YAML / JSON config file of `cls`, unvalidated (an empty file is {}), each
+    key spelled as its field (`canonical`: a flag alias such as learning_rate is lr)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
@@ -268,7 +361,10 @@ def read_config(path: str | Path, cls: type[Record]) -> dict[str, Any]:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping of {cls.__name__} fields")
-    return data
+    try:
+        return canonical(cls, data, cls.__name__, deep=True)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def _over(cls: type[Record], below: dict[str, Any], above: set[str]) -> dict[str, Any]:
@@ -282,7 +378,7 @@ def build(cls: type[R], config: str | Path | None, overrides: dict[str, Any], ba
     """What every CLI does, in layers, each over the one below: `base` (a recipe) < `--config
     file.yaml` < flags (dotted keys; None: not given). A layer replaces a lower layer's value
     of each field it sets, whole (a nested mapping too)."""
-    data = dict(base or {})
+    data = canonical(cls, dict(base or {}), cls.__name__, deep=True)
     if config is not None:
         above = read_config(config, cls)
         data = {**_over(cls, data, set(above)), **above}

@@ -112,10 +112,9 @@ class SyntheticSpec(Record):
     max_number: int = option(9, help="largest operand")
 
     def validate(self) -> None:
-        if self.n_train < 1 or self.n_test < 1:
-            raise ConfigError(f"SyntheticSpec: n_train and n_test must be >= 1, got {self.n_train}, {self.n_test}")
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ConfigError(f"SyntheticSpec: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        self.check_min(1, "n_train", "n_test", "min_steps")
+        if self.max_steps < self.min_steps:
+            raise ConfigError(f"SyntheticSpec.max_steps: must be >= min_steps ({self.min_steps}), got {self.max_steps}")
         if self.max_number < 2:
             raise ConfigError(f"SyntheticSpec.max_number: must be >= 2, got {self.max_number}")
 
@@ -286,10 +285,7 @@ class DumpTask(Record):
     )
 
     def validate(self) -> None:
-        if self.num_shards < 1:
-            raise ConfigError(f"{type(self).__name__}.num_shards: must be >= 1, got {self.num_shards}")
-        if self.batch_size < 1 or self.max_len < 1:
-            raise ConfigError(f"{type(self).__name__}: batch_size and max_len must be >= 1")
+        self.check_min(1, "num_shards", "batch_size", "max_len")
         if not 0 <= self.compression_level <= 9:
             raise ConfigError(f"{type(self).__name__}.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}")
         if self.backend == "webdataset" and (self.compression_level, self.blosc_shuffle) != (1, "byte"):
@@ -414,8 +410,7 @@ class CalibrateConfig(Record):
     device: str = option("auto", help="auto | cpu | cuda")
 
     def validate(self) -> None:
-        if self.samples < 1 or self.top_k < 1:
-            raise ConfigError("CalibrateConfig: samples and top_k must be >= 1")
+        self.check_min(1, "samples", "top_k")
         if self.pca is not None and self.pca < 1:
             raise ConfigError(f"CalibrateConfig.pca: must be >= 1 or null, got {self.pca}")
         self.check_min(1, "batch_size")
@@ -584,16 +579,13 @@ class TrainConfig(Record):
         return round(self.warmup_ratio * steps) if self.warmup_ratio is not None else self.warmup_steps
 
     def validate(self) -> None:
-        if self.max_steps < 1 or self.batch_size < 1:
-            raise ConfigError("TrainConfig: max_steps and batch_size must be >= 1")
+        self.check_min(1, "max_steps", "batch_size")
         if self.latent_iterations < 1:
             raise ConfigError(f"TrainConfig.latent_iterations: must be >= 1, got {self.latent_iterations}")
-        if self.codi_weight < 0 or self.cot_weight < 0:
-            raise ConfigError("TrainConfig: codi_weight and cot_weight must be >= 0")
-        if self.kv_weight < 0 or self.ce_weight < 0:
-            raise ConfigError("TrainConfig: kv_weight and ce_weight must be >= 0")
-        if self.teacher_weights is not None and any(w < 0 for w in self.teacher_weights.values()):
-            raise ConfigError("TrainConfig.teacher_weights: weights must be >= 0")
+        self.check_min(0, "codi_weight", "cot_weight", "kv_weight", "ce_weight")
+        for name, w in (self.teacher_weights or {}).items():
+            if not w >= 0:
+                raise ConfigError(f"TrainConfig.teacher_weights[{name!r}]: must be >= 0, got {w}")
         if self.router_groups not in (1, 3):
             raise ConfigError(f"TrainConfig.router_groups: 1 (one weight vector) or 3 (shallow / middle / deep), got {self.router_groups}")
         if self.router_hidden < 1:
@@ -602,8 +594,7 @@ class TrainConfig(Record):
             raise ConfigError(f"TrainConfig.cka_weight: must be >= 0, got {self.cka_weight}")
         if isinstance(self.cka_layers, list) and (not self.cka_layers or min(self.cka_layers) < 0):
             raise ConfigError(f"TrainConfig.cka_layers: 'middle', 'last' or a non-empty list of student layer indices >= 0, got {self.cka_layers}")
-        if self.kv_attn_warmup_steps < 0 or self.layer_anneal_steps < 0:
-            raise ConfigError("TrainConfig: kv_attn_warmup_steps and layer_anneal_steps must be >= 0")
+        self.check_min(0, "kv_attn_warmup_steps", "layer_anneal_steps")
         self.check_min(0, "attn_kl_weight", "attn_kl_warmup_steps")
         if self.attn_kl_weight > 0 and self.kv_weight == 0:
             raise ConfigError("TrainConfig.attn_kl_weight: the attention KL reads the teacher keys, which kv_weight 0 does not; set kv_weight > 0 or attn_kl_weight 0")
@@ -631,9 +622,9 @@ class TrainConfig(Record):
         if self.teacher_weights and not any(w > 0 for w in self.teacher_weights.values()):
             raise ConfigError(f"TrainConfig.teacher_weights: give some teacher a weight > 0, got {self.teacher_weights}")
         if self.kv_control == "shuffled" and (self.batch_size < 2 or self.kv_weight == 0):
+            need, got = ("batch_size >= 2", f"batch_size {self.batch_size}") if self.batch_size < 2 else ("kv_weight > 0", f"kv_weight {self.kv_weight}")
             raise ConfigError(
-                f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs "
-                f"batch_size >= 2 and kv_weight > 0 (got {self.batch_size}, {self.kv_weight})"
+                f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs {need}, got {got}"
             )
         self.check_min(0, "z_dim", "z_offdiag_weight")
         if self.z_dim > 0:  # the Z space replaces the adapters and the K / V losses: what needs them is refused

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from kvdistill.errors import ExitCode
+from kvdistill.schemas import ConfigError
 
 from .plan import KV_DTYPES
 
@@ -69,7 +71,7 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
     pl.add_argument("--num-shards", type=int, help="shards per teacher (default: the suggestion)")
     pl.add_argument("--target-shard-gib", type=float, default=1.0, help="suggest shards of about this size on disk (default: 1)")
     pl.add_argument("--compression", type=float, help="expected compression ratio (default: 1.3 for float codecs, 1.0 quantised)")
-    pl.set_defaults(func=plan_main)
+    pl.set_defaults(func=lambda args: plan_main(check_plan_args(args)))
     if show_alignment_main is not None:
         sa = ssub.add_parser(
             "show-alignment",
@@ -82,10 +84,34 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
         sa.add_argument("store")
         sa.add_argument("--teacher", required=True, help="teacher name in the store (`kvdistill store inspect` lists them)")
         sa.add_argument("--sample", required=True, help="sample id (index.parquet's sample_id column, e.g. synth-train-3)")
-        sa.add_argument("--out", required=True, help="PNG to write, e.g. alignment.png")
+        sa.add_argument(
+            "--out", required=True,
+            help="image to write, e.g. alignment.png (no suffix: .png is added; an existing folder: FOLDER/alignment-TEACHER-SAMPLE.png)",
+        )
         sa.add_argument("--max-tokens", type=int, default=64, help="draw at most this many student tokens (default: 64; the title says so when cut)")
         sa.add_argument("--start", type=int, default=0, help="first student token drawn (default: 0)")
         sa.set_defaults(func=show_alignment_main)
+
+
+def check_plan_args(args: argparse.Namespace) -> argparse.Namespace:
+    """`store plan`'s numbers refused before any tokenizer loads, each naming its flag and value
+    (a ConfigError: exit 2): negative sizes, a shard count of 0, a ratio of 0 that divides."""
+
+    def bad(flag: str, value, rule: str) -> ConfigError:
+        return ConfigError(f"{flag} {value:g}: {rule}")
+
+    if args.num_shards is not None and args.num_shards < 1:
+        raise bad("--num-shards", args.num_shards, "must be >= 1 (shards per teacher); leave it out for the suggestion")
+    if not (math.isfinite(args.target_shard_gib) and args.target_shard_gib * 2**30 >= 1):
+        raise bad("--target-shard-gib", args.target_shard_gib, "must be a finite size > 0 in GiB, e.g. 1 or 0.5")
+    if args.compression is not None and not (math.isfinite(args.compression) and args.compression > 0):
+        raise bad(
+            "--compression", args.compression,
+            "must be a finite ratio > 0 (raw bytes / bytes on disk, e.g. 1.3); leave it out for the codec's default",
+        )
+    if args.limit is not None and args.limit < 1:
+        raise bad("--limit", args.limit, "must be >= 1 (the first N rows); leave it out for every row")
+    return args
 
 
 def finalize_main(args: argparse.Namespace) -> int:

@@ -52,10 +52,15 @@ def plan(
     """Size estimate of one teacher's part of a store. `compression_ratio` defaults to 1.3 for
     float codecs (>= 2 bytes per value) and 1.0 for quantised ones; `num_shards` defaults to
     the suggestion: the fewest shards of at most `target_shard_bytes` on disk each."""
-    if num_samples < 0 or mean_tokens < 0:
-        raise ValueError(f"num_samples and mean_tokens must be >= 0, got {num_samples}, {mean_tokens}")
-    if codec_bytes_per_value <= 0 or target_shard_bytes <= 0:
-        raise ValueError("codec_bytes_per_value and target_shard_bytes must be > 0")
+    for name, value in (("num_samples", num_samples), ("mean_tokens", mean_tokens)):
+        if not value >= 0:
+            raise ValueError(f"plan: {name} must be >= 0, got {value}")
+    for name, value in (("codec_bytes_per_value", codec_bytes_per_value), ("target_shard_bytes", target_shard_bytes),
+                        ("compression_ratio", compression_ratio)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"plan: {name} must be finite and > 0, got {value}")
+    if num_shards is not None and num_shards < 1:
+        raise ValueError(f"plan: num_shards must be >= 1 or None (the suggestion), got {num_shards}")
     L_s = student.num_layers
     L_t, H_t, d_t = teacher.num_layers, teacher.num_kv_heads, teacher.head_dim
     if compression_ratio is None:
@@ -64,7 +69,7 @@ def plan(
     raw_per_token = 2 * L_s * H_t * d_t * codec_bytes_per_value  # K and V, every student layer
     disk = rows * raw_per_token / compression_ratio
     suggested = max(1, math.ceil(disk / target_shard_bytes))
-    n = num_shards or suggested
+    n = suggested if num_shards is None else num_shards
     return {
         "samples": num_samples,
         "mean_tokens": mean_tokens,

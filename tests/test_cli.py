@@ -127,7 +127,7 @@ def test_a_bad_value_in_the_config_file_names_the_file_and_field(dump_yaml, caps
     assert f"{config}: DumpConfig.batch_size: expected int, got str 'eight'" in capsys.readouterr().err
     # ...and a flag fixes it without editing the file.
     assert main(["dump", "--config", str(config), "--batch-size", "0"]) == 2
-    assert "DumpConfig: batch_size and max_len must be >= 1" in capsys.readouterr().err
+    assert "DumpConfig.batch_size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_flag_of_the_wrong_type_is_an_argparse_usage_error(capsys):

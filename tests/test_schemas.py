@@ -381,12 +381,12 @@ def test_dump_shard_range_boundaries_are_accepted():
 @pytest.mark.parametrize(
     "cls, data, match",
     [
-        (DumpConfig, minimal_dump(batch_size=0), "batch_size and max_len must be >= 1"),
-        (TrainConfig, minimal_train(max_steps=0), "max_steps and batch_size must be >= 1"),
-        (TrainConfig, minimal_train(kv_weight=-0.1), "kv_weight and ce_weight must be >= 0"),
-        (TrainConfig, minimal_train(teacher_weights={"a": -1}), r"TrainConfig.teacher_weights: weights must be >= 0"),
+        (DumpConfig, minimal_dump(batch_size=0), r"DumpConfig.batch_size: must be >= 1, got 0"),
+        (TrainConfig, minimal_train(max_steps=0), r"TrainConfig.max_steps: must be >= 1, got 0"),
+        (TrainConfig, minimal_train(kv_weight=-0.1), r"TrainConfig.kv_weight: must be >= 0, got -0.1"),
+        (TrainConfig, minimal_train(teacher_weights={"a": -1}), r"TrainConfig.teacher_weights\['a'\]: must be >= 0, got -1"),
         (DataSpec, {"limit": 0}, r"DataSpec.limit: must be >= 1 or null, got 0"),
-        (SyntheticSpec, {"min_steps": 3, "max_steps": 2}, "need 1 <= min_steps <= max_steps"),
+        (SyntheticSpec, {"min_steps": 3, "max_steps": 2}, r"SyntheticSpec.max_steps: must be >= min_steps \(3\), got 2"),
         (Example, {"id": "", "question": "q", "reasoning": "r", "answer": "1"}, "Example.id: must be a non-empty"),
     ],
 )

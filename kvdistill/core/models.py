@@ -3,15 +3,27 @@ devices, and fingerprints that pin down exactly which model / tokenizer produced
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import hashlib
+import inspect
 import json
 import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kvdistill.schemas import ModelSpec
+from kvdistill.schemas import ModelSpec, Record
 
 __all__ = [
     "resolve_device", "load_model", "load_config", "load_tokenizer", "require_eos", "tokenizer_fingerprint", "model_fingerprint",
@@ -25,30 +37,131 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _check_source(spec: ModelSpec) -> None:
-    """A path that does not exist is a clear error, not a confusing hub lookup."""
+# What marks a folder as holding a model's parts (for the messages that say which is missing).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _role(spec: ModelSpec) -> str:
+    """Whose model `spec` is (teacher, student), for a caller that did not say: the field of the
+    config, or the command-line flag, that holds it in a calling frame; else "model". Only an
+    error message reads it."""
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        for _ in range(16):
+            if f is None:
+                break
+            for value in list(f.f_locals.values()):
+                if isinstance(value, Record) and not isinstance(value, ModelSpec):
+                    for field in dataclasses.fields(value):
+                        held = getattr(value, field.name)
+                        if held is spec or (isinstance(held, list) and any(x is spec for x in held)):
+                            return {"teachers": "teacher"}.get(field.name, field.name)  # JobsConfig.teachers
+                elif isinstance(value, argparse.Namespace):
+                    for key, held in vars(value).items():
+                        if spec.name_or_path in ([held] if isinstance(held, str) else held if isinstance(held, list) else []):
+                            return key.split(".")[0]  # --teacher.name-or-path / --teacher: the teacher
+            f = f.f_back
+    finally:
+        del frame
+    return "model"
+
+
+def _check_source(spec: ModelSpec, role: str | None, need: str) -> None:
+    """Refuse, naming the role and the path, what from_pretrained would refuse confusingly: a
+    local path that does not exist (it would be looked up on the hub: "couldn't connect"), a
+    file, a folder that holds no model (it would ask for sentencepiece). `need`: what the caller
+    reads from a folder, "config", "tokenizer" or "model" (config and weights)."""
     p = spec.name_or_path
-    if p.startswith(("/", ".", "~")) and not Path(p).expanduser().exists():
-        raise FileNotFoundError(f"model {p} does not exist; give an existing checkpoint directory or a hub id (org/name)")
+    path = Path(p).expanduser()
+    if not path.exists():
+        if p.startswith(("/", ".", "~")) or "\\" in p:  # a path, never a hub id
+            raise FileNotFoundError(f"{role or _role(spec)} {p}: no such folder; give an existing checkpoint folder or a hub id (org/name)")
+        return  # maybe a hub id: from_pretrained fetches it, _fetching explains a failure
+    who = f"{role or _role(spec)} {p}"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{who}: a file, not a checkpoint folder; give the folder that holds config.json, the tokenizer and the weights")
+    names = sorted(f.name for f in path.iterdir())
+    has_config = "config.json" in names
+    has_tokenizer = any(n in names for n in _TOKENIZER_FILES) or any(n.endswith(".tiktoken") for n in names)
+    has_weights = any(next(iter(path.glob(w)), None) is not None for w in _WEIGHTS)
+    fix = "give a checkpoint folder (config.json, the tokenizer and the weights, as save_pretrained writes them)"
+    held = f"it holds {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else "it is empty"
+    if not has_config and not has_tokenizer and not has_weights:
+        raise FileNotFoundError(f"{who}: the folder holds no model (no config.json, no tokenizer, no weights: {held}); {fix}")
+    if need == "tokenizer" and not has_tokenizer:
+        raise FileNotFoundError(
+            f"{who}: the folder holds no tokenizer (no tokenizer.json or tokenizer_config.json: {held}); "
+            "save the tokenizer beside the model (tokenizer.save_pretrained(folder))"
+        )
+    if need in ("config", "model") and not has_config:
+        raise FileNotFoundError(f"{who}: the folder holds no config.json ({held}); {fix}")
+    # Weights missing beside a config: from_pretrained's own message names the file it looked for.
 
 
-def load_config(spec: ModelSpec):
-    _check_source(spec)
-    return AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+def _causes(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
-def load_model(spec: ModelSpec, device: torch.device | str = "cpu"):
+@contextlib.contextmanager
+def _fetching(spec: ModelSpec, role: str | None):
+    """from_pretrained of a name that is no local folder, so a hub id: its failure to fetch said
+    as what it is, naming the role and the name (transformers says "couldn't connect to the hub"
+    even offline, and never names the path)."""
+    try:
+        yield
+    except OSError as e:
+        p = spec.name_or_path
+        if Path(p).expanduser().exists():
+            raise
+        causes = list(_causes(e))
+        who = f"{role or _role(spec)} {p}: no such folder"
+        if any(isinstance(c, HFValidationError) for c in causes):
+            raise FileNotFoundError(f"{who}, and not a hub id (name or org/name); give an existing checkpoint folder or a hub id") from e
+        if any(isinstance(c, RepositoryNotFoundError) and not isinstance(c, GatedRepoError) for c in causes):
+            raise FileNotFoundError(
+                f"{who}, and the hub has no repo {p} (a private one needs `hf auth login`); give an existing checkpoint folder or a hub id"
+            ) from e
+        if any(isinstance(c, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for c in causes):
+            if hf_constants.is_offline_mode():
+                raise FileNotFoundError(
+                    f"{who}, and not a hub id that can be fetched offline (HF_HUB_OFFLINE is set and the hub cache holds no copy); "
+                    "give an existing checkpoint folder, or fetch it once online"
+                ) from e
+            raise FileNotFoundError(
+                f"{who}, and it could not be fetched from the hub (no connection, and the hub cache holds no copy); "
+                "give an existing checkpoint folder, or check the network"
+            ) from e
+        raise
+
+
+def load_config(spec: ModelSpec, role: str | None = None):
+    """The model's config. `role` ("teacher", "student", "model") names it in errors; by default
+    the config field that holds `spec` in the caller."""
+    _check_source(spec, role, "config")
+    with _fetching(spec, role):
+        return AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+
+
+def load_model(spec: ModelSpec, device: torch.device | str = "cpu", role: str | None = None):
     """A causal LM in eval mode, in spec.dtype, on `device` (hub id or local directory)."""
-    _check_source(spec)
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype)
-    )
+    _check_source(spec, role, "model")
+    with _fetching(spec, role):
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype)
+        )
     return model.to(device).eval()
 
 
-def load_tokenizer(spec: ModelSpec):
-    _check_source(spec)
-    tok = AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision)
+def load_tokenizer(spec: ModelSpec, role: str | None = None):
+    _check_source(spec, role, "tokenizer")
+    with _fetching(spec, role):
+        tok = AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision)
     if not tok.is_fast:
         raise ValueError(
             f"{spec.name_or_path}: tokenizer {type(tok).__name__} is a slow tokenizer without "
