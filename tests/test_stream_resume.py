@@ -89,16 +89,22 @@ def test_a_resume_continues_the_global_order_on_any_number_of_processes(tiny_sto
         assert [i for w in sorted(rest) for i in rest[w]] == flat[steps_done * G :], steps_done
 
 
-def test_a_resume_reads_only_what_is_left(tiny_store, monkeypatch):
-    read = []
+@pytest.fixture
+def read(monkeypatch) -> list[str]:
+    """The sample ids the store yields to the stream, as it reads them."""
+    got: list[str] = []
     real = stream_mod.shard_samples
 
     def counting(*args, **kw):
         for s in real(*args, **kw):
-            read.append(s["sample_id"])
+            got.append(s["sample_id"])
             yield s
 
     monkeypatch.setattr(stream_mod, "shard_samples", counting)
+    return got
+
+
+def test_a_resume_reads_only_what_is_left(tiny_store, read):
     full = _plan(tiny_store, b=4, buffer=2, epoch=0)
     assert len(read) == 48
     read.clear()
@@ -107,16 +113,7 @@ def test_a_resume_reads_only_what_is_left(tiny_store, monkeypatch):
     assert len(read) == 8, read  # exactly the samples left
 
 
-def test_each_rank_reads_only_its_own_samples(tiny_store, monkeypatch):
-    read = []
-    real = stream_mod.shard_samples
-
-    def counting(*args, **kw):
-        for s in real(*args, **kw):
-            read.append(s["sample_id"])
-            yield s
-
-    monkeypatch.setattr(stream_mod, "shard_samples", counting)
+def test_each_rank_reads_only_its_own_samples(tiny_store, read):
     plans = []
     for r in range(2):
         read.clear()
