@@ -34,6 +34,9 @@ Qwen2 / Llama checkpoints; nothing is downloaded), and records its outcome:
   5 read-only   (root, tmpfs) finalized zarr and webdataset stores on a tmpfs remounted ro:
                 `store inspect`, `store verify`, `train` (run dir elsewhere) exit 0; `store
                 finalize` and a dump of a new teacher's shard exit 5 with one line.
+  M metadata    finalized zarr / webdataset stores with 1-4 bytes of index.parquet flipped:
+                `store verify` and `train` exit 4 naming index.parquet (train: one line); and a
+                zarr.json inside a shard truncated: `store verify` exits 4 naming it.
 
     python bench/faults.py                      # the full campaign (~15-25 min on 2 cores)
     python bench/faults.py --quick --cases 1,3  # a smoke run
@@ -596,6 +599,79 @@ def case_corrupt(w: World, n_flip: int, n_delete: int, rng: random.Random) -> li
     return [control, *flips.values(), *deletes.values()]
 
 
+# --- case M: the store's metadata files ------------------------------------------------------
+
+
+def case_metadata(w: World, n: int, rng: random.Random) -> list[Row]:
+    """Case M, over the finalized zarr float16 and webdataset float16 stores in turn: 1-4 random
+    bytes of index.parquet XORed, then `store verify` (subprocess) and `train` (in process, as in
+    case 3) must exit 4 naming index.parquet (train: one line); and, zarr only, one zarr.json inside
+    a shard (the shard's record or an array's metadata) truncated to a random length, then
+    `store verify` must exit 4 naming that file."""
+    labels = [("zarr", "float16"), ("webdataset", "float16")]
+    bases = {v: w.base_store(*v) for v in labels}
+    flip_v = Row("M flip index.parquet: verify", "exit 4, names index.parquet")
+    flip_t = Row("M flip index.parquet: train", "exit 4, one line, names index.parquet")
+    trunc = Row("M truncate a shard's zarr.json: verify", "exit 4, names the file")
+    child = InProcess()
+    work = w.root / "caseM"
+    steps = math.ceil(2 * (SMALL_SAMPLES // 2) / TRAIN_BATCH) + 1
+    decoded = 0
+
+    def verify(store: Path) -> tuple[int, str]:
+        r = cli("store", "verify", store, "--no-progress")
+        return r.returncode, r.stdout + r.stderr
+
+    try:
+        for i in range(n):
+            backend, codec = labels[i % len(labels)]
+            store = work / f"trial-{i:02d}.zarr"
+            shutil.rmtree(store, ignore_errors=True)
+            shutil.copytree(bases[(backend, codec)], store)
+            f = store / "index.parquet"
+            raw = bytearray(f.read_bytes())
+            at = sorted(rng.sample(range(len(raw)), rng.randint(1, 4)))
+            for a in at:
+                raw[a] ^= rng.randint(1, 255)
+            f.write_bytes(bytes(raw))
+            try:  # does it still decode (so only its checksum tells)?
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                pq.ParquetFile(pa.BufferReader(bytes(raw))).read().to_pylist()
+                decoded += 1
+                kind = "decodes"
+            except Exception:  # noqa: BLE001 - any failure to decode
+                kind = "does not decode"
+            what = f"{backend}: {len(at)} byte(s) flipped at {at} of index.parquet ({len(raw):,} B; {kind})"
+            code, said = verify(store)
+            flip_v.add(Trial(what, code == 4 and "index.parquet" in said and "Traceback" not in said, f"verify exit {code}", tail(said)))
+            run = work / f"run-{i:02d}"
+            code, err = child.run(["train", "--store", store, "--student", w.student, "--out", run, "--max-steps", steps,
+                                   "--per-device-train-batch-size", TRAIN_BATCH, "--device", "cpu", "--no-progress"])
+            ok = code == 4 and one_line(err) and "index.parquet" in err
+            flip_t.add(Trial(what, ok, f"train exit {code}{'' if one_line(err) else ' (stderr not one line)'}", tail(err)))
+            if ok and not flip_t.example:
+                flip_t.example = err.strip()
+            shutil.rmtree(run, ignore_errors=True)
+            if backend == "zarr":
+                shutil.rmtree(store)
+                shutil.copytree(bases[(backend, codec)], store)
+                g = rng.choice(sorted((store / "teachers").glob("*/shard-*/**/zarr.json")))
+                text = g.read_bytes()
+                g.write_bytes(text[: rng.randrange(len(text))])
+                rel = g.relative_to(store)
+                code, said = verify(store)
+                trunc.add(Trial(f"{rel} truncated", code == 4 and str(g) in said and "Traceback" not in said, f"verify exit {code}", tail(said)))
+            shutil.rmtree(store, ignore_errors=True)
+    finally:
+        child.close()
+    flip_v.notes = f"subprocess; zarr and webdataset stores alternating; {decoded} of {n} flipped files still decode (only the checksum tells)"
+    flip_t.notes = f"in process, {steps} steps x {TRAIN_BATCH}"
+    trunc.notes = "subprocess; the zarr float16 store; a random zarr.json under teachers/*/shard-*/"
+    return [flip_v, flip_t, trunc]
+
+
 # --- cases 4, 5: a full disk, a read-only store (root, tmpfs) ---------------------------------
 
 
@@ -806,17 +882,18 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None, help="work folder to keep (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smoke run: few trials per case")
-    p.add_argument("--cases", default="1,2,3,4,5,T", help="comma-separated subset of 1,2,3,4,5,T (T: the trainer's disk full and run-directory race)")
+    p.add_argument("--cases", default="1,2,3,4,5,T,M", help="comma-separated subset of 1,2,3,4,5,T,M (T: the trainer's disk full and run-directory race; M: index.parquet and shard metadata damaged)")
     p.add_argument("--samples", type=int, default=150, help="samples of the big dump (cases 1, 2, 4)")
     p.add_argument("--kills", type=int, default=None, help="case 1 trials (default 20; --quick 3)")
     p.add_argument("--races", type=int, default=None, help="case 2 trials per --on-busy mode (default 10; --quick 2)")
     p.add_argument("--flips", type=int, default=None, help="case 3 byte-flip trials (default 50; --quick 5)")
     p.add_argument("--deletes", type=int, default=None, help="case 3 deleted-chunk trials (default 5: one per store; --quick 5)")
     p.add_argument("--race-samples", type=int, default=60, help="samples of case 2's dumps (--limit)")
+    p.add_argument("--meta", type=int, default=None, help="case M trials (default 20; --quick 4)")
     args = p.parse_args()
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    if cases - set("12345T"):
-        p.error(f"unknown case(s) {sorted(cases - set('12345T'))}; choose from 1,2,3,4,5,T")
+    if cases - set("12345TM"):
+        p.error(f"unknown case(s) {sorted(cases - set('12345TM'))}; choose from 1,2,3,4,5,T,M")
     quick = args.quick
     kills = args.kills or (3 if quick else 20)
     races = args.races or (2 if quick else 10)
@@ -846,6 +923,7 @@ def main() -> None:
             ("4", lambda: case_disk_full(w, [0.3, 0.6, 0.9] if not quick else [0.6])),
             ("5", lambda: case_read_only(w)),
             ("T", lambda: case_train(w, [0.3, 0.9] if not quick else [0.5], 2 if quick else 5)),
+            ("M", lambda: case_metadata(w, args.meta or (4 if quick else 20), random.Random(args.seed * 1000 + 7))),
         ]
         for key, run in plan:
             if key in cases:

@@ -52,13 +52,13 @@ def _heatmap(sim: np.ndarray, path: Path, title: str) -> None:
 def calibrate(cfg: CalibrateConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    s_tok, t_tok = load_tokenizer(cfg.student, role="student"), load_tokenizer(cfg.teacher, role="teacher")
     kind = resolve_time_map(
         cfg.time_map,
         same_tokenizer=tokenizer_fingerprint(s_tok) == tokenizer_fingerprint(t_tok),
         same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
     )
-    teacher, student = load_model(cfg.teacher, device), load_model(cfg.student, device)
+    teacher, student = load_model(cfg.teacher, device, role="teacher"), load_model(cfg.student, device, role="student")
     g_t, g_s = kv_geometry(teacher.config), kv_geometry(student.config)
     rows = load_examples(cfg.data)[: cfg.samples]
     s_feats, t_feats, tokens = [], [], 0  # per sample: [T_s, L, 2D] (K and V concatenated)

@@ -45,10 +45,10 @@ def plan_main(args: argparse.Namespace) -> int:
     examples = load_examples(DataSpec(source=args.data, split=args.split, config_name=args.data_config, limit=args.limit))
     if not examples:
         raise ValueError(f"data {args.data} split {args.split} holds no rows; nothing to plan")
-    tok = load_tokenizer(student)
+    tok = load_tokenizer(student, role="student")
     lengths = [len(encode(tok, student.prompt_template, ex)) for ex in examples]  # student grid rows
-    s_geom = kv_geometry(load_config(student))
-    t_geoms = {ModelSpec(name_or_path=t).short_name: kv_geometry(load_config(ModelSpec(name_or_path=t))) for t in args.teacher}
+    s_geom = kv_geometry(load_config(student, role="student"))
+    t_geoms = {ModelSpec(name_or_path=t).short_name: kv_geometry(load_config(ModelSpec(name_or_path=t), role="teacher")) for t in args.teacher}
 
     def estimate(num_shards: int | None) -> dict:
         return {

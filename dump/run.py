@@ -18,7 +18,10 @@ The recipe `_run_dump`, one function per step:
    writer thread.
 4. `_commit`: the shard becomes visible atomically.
 
-A complete shard makes the task a no-op; a sample over max_len is an error or a counted skip.
+A complete shard makes the task a no-op if it is what the task would write: the store's spec, the
+shard's record and the teacher's fingerprint equal this run's (checked after the preflight, the
+teacher loaded; else the task is refused naming what differs). A sample over max_len is an error
+or a counted skip.
 
 Every check on the input (data, both tokenizers and their EOS, configs, layer map, projection,
 every sample's tokens, a shard left with no sample: an error unless `allow_empty`) runs before
@@ -73,14 +76,22 @@ from kvdistill.core.prompts import SEGMENTS, Encoded, encode, pad_batch
 from kvdistill.errors import Preempted
 from kvdistill.schemas import DumpConfig, Example, KVGeometry, StoreSpec, TeacherSpec
 from kvdistill.store import (
+    StoreError,
     compression,
     init_store,
     init_teacher,
     init_tokenizer,
     open_shard_writer,
     shard_is_complete,
+    shard_name,
 )
 from kvdistill.store.errors import ShardComplete
+from kvdistill.store.layout import (
+    shard_attrs,
+    store_spec_differences,
+    teacher_dir,
+    teacher_spec_differences,
+)
 
 REASONING, ANSWER = SEGMENTS.index("reasoning"), SEGMENTS.index("answer")
 
@@ -131,10 +142,12 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
 def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
     t0 = time.perf_counter()
     name = cfg.teacher.short_name
-    if shard_is_complete(cfg.store, name, cfg.shard):
-        return DumpResult(name, cfg.shard, "already complete")
+    complete = shard_is_complete(cfg.store, name, cfg.shard)
     plan = _preflight(cfg)  # every check on the input: nothing is created before it passes
     device = resolve_device(cfg.device)
+    if complete:  # a no-op, if the shard is what this task would write (else refused, naming what differs)
+        _check_complete(cfg, plan, lambda: _load_teacher(cfg, device))
+        return DumpResult(name, cfg.shard, "already complete")
     teacher = _load_teacher(cfg, device)
     spec, tspec = _write_metadata(cfg, plan, teacher)
     maps = _DeviceMaps.of(plan, device)
@@ -145,6 +158,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             cfg.store, name, cfg.shard, spec, width=plan.width, codec=plan.codec, latent_slots=cfg.latent.slots if cfg.latent else None, on_busy=cfg.on_busy
         )
     except ShardComplete:  # on_busy="wait": the writer we waited for completed the shard
+        _check_complete(cfg, plan, lambda: teacher)
         return DumpResult(name, cfg.shard, "already complete")
     with w:
         bar = tqdm(total=plan.teacher_tokens, unit="tok", unit_scale=True, desc=f"dump {name}[{cfg.shard}]", disable=not progress)
@@ -199,7 +213,7 @@ def _preflight(cfg: DumpConfig) -> _Plan:
     examples = load_examples(cfg.data)
     data_fp = data_fingerprint(examples)
     shard_examples = partition(examples, cfg.shard, cfg.num_shards)
-    s_tok, t_tok = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    s_tok, t_tok = load_tokenizer(cfg.student, role="student"), load_tokenizer(cfg.teacher, role="teacher")
     require_eos(s_tok, "student", cfg.student)
     require_eos(t_tok, "teacher", cfg.teacher)
     s_fp, t_fp = tokenizer_fingerprint(s_tok), tokenizer_fingerprint(t_tok)
@@ -208,7 +222,7 @@ def _preflight(cfg: DumpConfig) -> _Plan:
         same_tokenizer=s_fp == t_fp,
         same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
     )
-    g_t, g_s = kv_geometry(load_config(cfg.teacher)), kv_geometry(load_config(cfg.student))
+    g_t, g_s = kv_geometry(load_config(cfg.teacher, role="teacher")), kv_geometry(load_config(cfg.student, role="student"))
     W, similarity = _layer_map(cfg, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
     proj, proj_info = _projection(cfg, g_s.num_layers, g_t.width)
     pairs, skipped = _encode_samples(cfg, shard_examples, s_tok, t_tok, kind)
@@ -307,7 +321,7 @@ def _empty_message(cfg: DumpConfig, n_data: int, n_rows: int) -> str:
 
 
 def _load_teacher(cfg: DumpConfig, device: torch.device):
-    teacher = load_model(cfg.teacher, device)
+    teacher = load_model(cfg.teacher, device, role="teacher")
     if cfg.latent is not None:  # only eager attention returns the probabilities R-KV scores with
         teacher.set_attn_implementation("eager")
     return teacher
@@ -317,7 +331,63 @@ def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, T
     """The first writes, after the preflight: the store's spec (student, data; one for every
     task) and this teacher's (alignment, codec, fingerprint; the projection's arrays), and both
     tokenizers' files (with each sample's stored text they rebuild its time map exactly)."""
-    spec = StoreSpec(
+    spec = _store_spec(cfg, plan)
+    init_store(cfg.store, spec)
+    init_tokenizer(cfg.store, tokenizer_files(plan.tokenizers[0]), plan.student_tokenizer_fingerprint)
+    tspec = _teacher_spec(cfg, plan, teacher)
+    proj = plan.projection
+    init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
+    init_tokenizer(cfg.store, tokenizer_files(plan.tokenizers[1]), plan.teacher_tokenizer_fingerprint, teacher=tspec.name)
+    return spec, tspec
+
+
+def _check_complete(cfg: DumpConfig, plan: _Plan, load_teacher) -> None:
+    """This task's shard is complete: a no-op only if it is what this task would write. The
+    store's spec (student geometry, tokenizer and template, data, shards, codecs), the shard's
+    record (data, samples skipped over max_len) and then, the teacher loaded (`load_teacher()`),
+    the teacher's fingerprint (weights, template, alignment, codec) must equal this run's;
+    otherwise StoreError naming each difference and the fix (nothing is written either way)."""
+    name, shard = cfg.teacher.short_name, cfg.shard
+    where = teacher_dir(cfg.store, name) / shard_name(shard)
+    attrs = shard_attrs(where) or {}
+    store_level = store_spec_differences(cfg.store, _store_spec(cfg, plan))
+    differ = list(store_level)
+    if attrs.get("data_fingerprint") not in (None, plan.data_fingerprint) and not any(d.startswith("data_fingerprint:") for d in differ):
+        differ.append(f"data_fingerprint: shard has {attrs['data_fingerprint']!r}, this run has {plan.data_fingerprint!r}")
+    if sorted(attrs.get("skipped", [])) != sorted(plan.skipped):
+        differ.append(
+            f"samples skipped over max_len: shard skipped {len(attrs.get('skipped', []))} (max_len {attrs.get('max_len')}), "
+            f"this run skips {len(plan.skipped)} (max_len {cfg.max_len})"
+        )
+    if not differ:  # the teacher only when all else agrees: loading it is the expensive part
+        tspec = _teacher_spec(cfg, plan, load_teacher())
+        differ += [f"teacher spec {d}" for d in teacher_spec_differences(cfg.store, tspec)]
+        if attrs.get("fingerprint") not in (None, tspec.fingerprint):
+            differ.append(
+                f"teacher fingerprint (weights, template, alignment, codec): shard has {attrs['fingerprint']!r}, this run has {tspec.fingerprint!r}"
+            )
+    if not differ:
+        return
+    if store_level:
+        fix = "run with the settings the store was dumped with (the task is then a no-op), or write into a new --store"
+    elif any(d.startswith("teacher spec ") for d in differ):
+        fix = (
+            "run with the teacher setup the store holds (the task is then a no-op), or dump this setup under another "
+            "--teacher-name, or into a new --store"
+        )
+    else:  # the store and the teacher's spec agree with this run; the shard does not (stale, or other settings)
+        fix = (
+            f"run with the settings the shard was dumped with (the task is then a no-op), or delete {where} and run this "
+            "task again to redo it with these, then `kvdistill store finalize`"
+        )
+    raise StoreError(
+        f"teacher {name} shard {shard} of store {cfg.store} is complete, but was dumped with other settings than this run:\n  "
+        + "\n  ".join(differ) + f"\n{fix}"
+    )
+
+
+def _store_spec(cfg: DumpConfig, plan: _Plan) -> StoreSpec:
+    return StoreSpec(
         student=cfg.student,
         geometry=plan.geometry_s,
         tokenizer_fingerprint=plan.student_tokenizer_fingerprint,
@@ -329,10 +399,11 @@ def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, T
         backend=cfg.backend,
         **compression(cfg),
     )
-    init_store(cfg.store, spec)
-    init_tokenizer(cfg.store, tokenizer_files(plan.tokenizers[0]), plan.student_tokenizer_fingerprint)
+
+
+def _teacher_spec(cfg: DumpConfig, plan: _Plan, teacher) -> TeacherSpec:
     W = plan.layer_map.tolist()
-    tspec = TeacherSpec(
+    return TeacherSpec(
         name=cfg.teacher.short_name,
         model=cfg.teacher,
         geometry=plan.geometry_t,
@@ -346,10 +417,6 @@ def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, T
         projection=plan.projection_info,
         latent=cfg.latent,
     )
-    proj = plan.projection
-    init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
-    init_tokenizer(cfg.store, tokenizer_files(plan.tokenizers[1]), plan.teacher_tokenizer_fingerprint, teacher=tspec.name)
-    return spec, tspec
 
 
 # --- 3. per batch: forward, align, write -----------------------------------------------------------

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from kvdistill.schemas import StoreSpec
 
-from .errors import StoreError
+from .errors import CorruptShard, StoreError
 from .layout import (
     INDEX,
     is_wds_store,
@@ -31,7 +31,7 @@ from .layout import (
     tar_path,
     teacher_dir,
 )
-from .reader import ShardReader
+from .reader import ShardReader, index_damage, read_index_table
 from .samples import check_latent_sample, contract_latent, zarr_samples
 from .wds import WdsShardWriter, decode_record, tar_records, wds_shard_samples
 from .writer import ShardWriter, compression
@@ -146,9 +146,15 @@ def read_sample(store: str | Path, teacher: str, sample_id: str) -> dict[str, An
 def _locate(store: Path, teacher: str, sample_id: str) -> tuple[int, int]:
     """(shard, index in the shard) of a sample of `teacher`."""
     if (store / INDEX).exists():
-        t = pq.read_table(store / INDEX, columns=["shard", "sample_index"], filters=[("teacher", "==", teacher), ("sample_id", "==", sample_id)])
-        if t.num_rows:
-            return int(t["shard"][0].as_py()), int(t["sample_index"][0].as_py())
+        try:  # the plain reader: pyarrow's filtered read hangs on some corrupt files
+            t = read_index_table(store / INDEX, ["teacher", "sample_id", "shard", "sample_index"])
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise
+            raise CorruptShard(index_damage(store / INDEX, e)) from e
+        hit = [i for i, (t_, s_) in enumerate(zip(t["teacher"].to_pylist(), t["sample_id"].to_pylist(), strict=True)) if t_ == teacher and s_ == sample_id]
+        if hit:
+            return int(t["shard"][hit[0]].as_py()), int(t["sample_index"][hit[0]].as_py())
     ids, skipped = [], {}
     for i in range(read_store_spec(store).num_shards):
         if not shard_is_complete(store, teacher, i):

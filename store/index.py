@@ -1,9 +1,13 @@
-"""`finalize`: check that every teacher holds every shard, complete and with the same samples,
-then write index.parquet (layout.INDEX_SCHEMA) and the consolidated metadata readers open
-(reader.open_root)."""
+"""`finalize`: check that every teacher holds every shard, complete, not stale and with the same
+samples, then write index.parquet (layout.INDEX_SCHEMA) and the consolidated metadata readers
+open (reader.open_root), and record both's checksums in the store's root attributes
+(attrs["kvdistill"]["finalized"]). `check_finalized`: what a reader checks before it trusts
+them (the trainer's check_store)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -13,23 +17,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from .errors import StoreError, names_path
+from .errors import CorruptShard, StoreError, names_path
 from .layout import (
     INDEX,
     INDEX_COLUMNS,
     INDEX_SCHEMA,
+    KEY,
+    group_attrs,
     partial_attempts,
     read_store_spec,
     read_teacher_specs,
     shard_attrs,
     shard_is_complete,
     shard_name,
+    shard_record_problems,
     tar_path,
     teacher_dir,
 )
-from .reader import ShardReader
+from .reader import ShardReader, read_index
 
-__all__ = ["finalize"]
+__all__ = ["finalize", "check_finalized", "metadata_problems"]
+
+FINALIZED = "finalized"  # attrs["kvdistill"][FINALIZED]: {"index": {"sha256", "bytes"}, "consolidated_sha256"}
 
 
 def finalize(path: str | Path) -> Path:
@@ -70,6 +79,13 @@ def _finalize(path: Path) -> Path:
         first = None
         for name in teachers:
             r = ShardReader(path, name, i) if spec.backend == "zarr" else _TarIndex(path, name, i)
+            attrs = shard_attrs(teacher_dir(path, name) / shard_name(i)) or {}
+            if (len(r), int(r.offsets[-1])) != (attrs.get("samples"), attrs.get("rows")):
+                raise StoreError(
+                    f"cannot finalize {path}: teacher {name!r} {shard_name(i)} holds {len(r)} samples / {int(r.offsets[-1])} rows, "
+                    f"its completion record says {attrs.get('samples')} / {attrs.get('rows')}; run `kvdistill store verify {path}`, "
+                    "delete the shard and re-run its dump task, then finalize again"
+                )
             if first is None:
                 first = (name, r.sample_ids, r.offsets)
             elif r.sample_ids != first[1] or not np.array_equal(r.offsets, first[2]):
@@ -86,13 +102,114 @@ def _finalize(path: Path) -> Path:
             cols["row_start"] += r.offsets[:-1].tolist()
             cols["row_stop"] += r.offsets[1:].tolist()
             cols["length"] += np.diff(r.offsets).tolist()
+    stale = []
+    for name, tspec in teachers.items():
+        for i in range(spec.num_shards):
+            attrs = shard_attrs(teacher_dir(path, name) / shard_name(i)) or {}
+            stale += [f"teacher {name!r} {shard_name(i)}: {what}" for what in shard_record_problems(attrs, spec, tspec, i)]
+    if stale:
+        raise StoreError(
+            f"cannot finalize {path}: {len(stale)} problem(s) with shards that do not match the store (`kvdistill store verify` "
+            "lists them too):\n  " + "\n  ".join(stale)
+            + "\ndelete each of those shards and re-run its dump task (`kvdistill dump --teacher-name T --shard I ...`), then finalize again"
+        )
     tmp = path / f".{INDEX}.tmp"
     pq.write_table(pa.table(cols, schema=INDEX_SCHEMA), tmp)  # typed even with no rows at all
+    index = tmp.read_bytes()
     os.replace(tmp, path / INDEX)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "consolidated metadata is not yet part of the v3 spec"
         zarr.consolidate_metadata(str(path))
+    _record_checksums(path, index)
     return path / INDEX
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _consolidated_sha256(doc: dict) -> str:
+    """Of the root zarr.json's consolidated metadata (every group's and array's metadata, the
+    shards' records included), as canonical JSON: the root's own attributes are not part of it."""
+    return _sha256(json.dumps(doc.get("consolidated_metadata"), sort_keys=True, separators=(",", ":")).encode())
+
+
+def _root_doc(path: Path) -> dict:
+    group_attrs(path, "restore the store's root metadata from a copy, or run `kvdistill store finalize` again")  # CorruptShard naming it
+    return json.loads((path / "zarr.json").read_text())
+
+
+def _record_checksums(path: Path, index: bytes) -> None:
+    """The sha256 of index.parquet (its bytes `index`) and of the consolidated metadata, into the
+    root's attrs["kvdistill"]["finalized"]; the root zarr.json is replaced atomically (written
+    beside, renamed), after consolidation, which rewrote it."""
+    doc = _root_doc(path)
+    doc["attributes"][KEY][FINALIZED] = {"index": {"sha256": _sha256(index), "bytes": len(index)}, "consolidated_sha256": _consolidated_sha256(doc)}
+    tmp = path / ".zarr.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path / "zarr.json")
+
+
+def metadata_problems(path: str | Path) -> list[str]:
+    """How index.parquet and the consolidated metadata differ from the checksums `finalize`
+    recorded ([] when they match, or for a store finalized before kvdistill recorded them)."""
+    path = Path(path)
+    record = (group_attrs(path, "restore the store's root metadata from a copy").get(KEY) or {}).get(FINALIZED)
+    if not record:
+        return []
+    out = []
+    f = path / INDEX
+    if f.exists():
+        data = f.read_bytes()
+        want = record["index"]
+        if _sha256(data) != want["sha256"]:
+            out.append(
+                f"{f} fails its checksum ({len(data)} bytes, sha256 {_sha256(data)[:16]}..., finalize wrote {want['bytes']} bytes, "
+                f"sha256 {want['sha256'][:16]}...): corrupt, or changed since `kvdistill store finalize`"
+            )
+    if _consolidated_sha256(_root_doc(path)) != record["consolidated_sha256"]:
+        out.append(
+            f"the consolidated metadata in {path / 'zarr.json'} fails its checksum: corrupt, or rewritten since `kvdistill store finalize`"
+        )
+    return out
+
+
+def check_finalized(path: str | Path, teachers: list[str] | None = None) -> None:
+    """What a reader checks before it trusts a finalized store's metadata (the trainer, through
+    train.student.check_store): index.parquet and the consolidated metadata have the checksums
+    finalize recorded (CorruptShard otherwise, naming the file); every shard 0..num_shards-1 of
+    every teacher in `teachers` (default: all) is complete and its record passes the checks
+    `store verify` makes of it (not stale: layout.shard_record_problems); and index.parquet lists
+    each of them with exactly the samples and rows its record counts, and nothing beyond
+    (StoreError naming each problem otherwise)."""
+    path = Path(path)
+    spec, specs = read_store_spec(path), read_teacher_specs(path)
+    teachers = sorted(specs) if teachers is None else list(teachers)
+    if not (path / INDEX).exists():
+        raise StoreError(f"store {path} is not finalized (no {INDEX}); run `kvdistill store finalize {path}`")
+    bad = metadata_problems(path)
+    if bad:
+        raise CorruptShard(f"store {path}: " + "; ".join(bad) + f"; run `kvdistill store verify {path}`, then `kvdistill store finalize {path}` again")
+    index = read_index(path, teachers)
+    problems = []
+    for name in teachers:
+        for i in range(spec.num_shards):
+            attrs = shard_attrs(teacher_dir(path, name) / shard_name(i))
+            where = f"teacher {name!r} {shard_name(i)}"
+            if not attrs or not attrs.get("complete"):
+                problems.append(f"{where}: missing or incomplete")
+                continue
+            problems += [f"{where}: {what}" for what in shard_record_problems(attrs, spec, specs[name], i)]
+            offsets, ids = index.pop((name, i), (np.zeros(1, np.int64), []))
+            have, want = (len(ids), int(offsets[-1])), (attrs.get("samples"), attrs.get("rows"))
+            if have != want or int(offsets[0]) != 0:
+                problems.append(f"{where}: index.parquet lists {have[0]} samples / {have[1]} rows from row {int(offsets[0])}, the shard records {want[0]} / {want[1]} from row 0")
+    problems += [f"teacher {name!r} {shard_name(i)}: index.parquet lists {len(ids)} samples of a shard the store does not hold" for (name, i), (_, ids) in sorted(index.items())]
+    if problems:
+        raise StoreError(
+            f"store {path} does not match its index.parquet, or holds shards that do not match the store:\n  " + "\n  ".join(problems)
+            + f"\nrun `kvdistill store verify {path}`; re-dump what it names, then `kvdistill store finalize {path}` again"
+        )
 
 
 class _TarIndex:

@@ -75,6 +75,9 @@ __all__ = [
     "is_wds_store",
     "shard_attrs",
     "shard_is_complete",
+    "shard_record_problems",
+    "store_spec_differences",
+    "teacher_spec_differences",
     "disk_usage",
     "TOKENIZERS",
     "tokenizer_dir",
@@ -137,8 +140,62 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 # Fields of StoreSpec that must agree between every task writing into one store. The student's
-# path may differ (a moved checkpoint); its geometry and tokenizer may not.
-_STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fingerprint", "num_shards", "kv_dtype", "teacher_kv_dtype")
+# path may differ (a moved checkpoint); its geometry, tokenizer and prompt template may not.
+_STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fingerprint", "num_shards", "kv_dtype", "teacher_kv_dtype", "backend")
+
+
+def _spec_fields(spec: dict) -> dict:
+    """The fields of a StoreSpec (as a dict) every task writing into one store must share."""
+    return {**{k: spec.get(k) for k in _STORE_KEYS}, "student": {"prompt_template": (spec.get("student") or {}).get("prompt_template")}}
+
+
+def store_spec_differences(path: str | Path, spec: StoreSpec) -> list[str]:
+    """What differs between the store's recorded spec and `spec`, one `field: store has ..., this
+    run has ...` each ([] when they agree, or when there is no store yet); reads, never writes."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        return []
+    have = group_attrs(path, "restore the store's root metadata from a copy, or dump into a new --store").get(KEY)
+    if have is None:
+        return []
+    # Through StoreSpec: a field recorded by an older kvdistill compares as its default.
+    old = StoreSpec.from_dict(have["store_spec"]).to_dict()
+    return _diff(_spec_fields(old), _spec_fields(spec.to_dict()))
+
+
+def teacher_spec_differences(path: str | Path, spec: TeacherSpec) -> list[str]:
+    """What differs between teacher `spec.name`'s recorded spec in the store and `spec` where it
+    matters for its shards (its fingerprint and layer map); [] when they agree or it has none."""
+    group = teacher_dir(path, spec.name)
+    if not (group / "zarr.json").exists():
+        return []
+    have = group_attrs(group, f"restore it from a copy, or dump teacher {spec.name!r} into a new --store").get(KEY)
+    if have is None:
+        return []
+    old = TeacherSpec.from_dict(have["teacher_spec"])
+    if old.fingerprint == spec.fingerprint and old.layer_map == spec.layer_map:
+        return []
+    return _diff(old.to_dict(), spec.to_dict())
+
+
+def shard_record_problems(attrs: dict, spec: StoreSpec, tspec: TeacherSpec, shard: int) -> list[str]:
+    """What is wrong with a complete shard's record (`shard_attrs`) of teacher `tspec.name` at
+    place `shard`, against the store's and the teacher's specs: it holds another teacher's or
+    shard's data, or was written by another teacher setup, from other data, with another codec or
+    width (stale). The checks `store verify`, `finalize`, the trainer and a re-run dump share;
+    [] when sound. A field an older kvdistill did not record is not checked."""
+    name, out = tspec.name, []
+    if attrs.get("teacher", name) != name or attrs.get("shard", shard) != shard:
+        out.append(f"holds {shard_name(attrs.get('shard', shard))} of teacher {attrs.get('teacher')!r}, not this one")
+    if attrs.get("fingerprint") not in (None, tspec.fingerprint):
+        out.append(f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, teacher spec has {tspec.fingerprint})")
+    if attrs.get("data_fingerprint") not in (None, spec.data_fingerprint):
+        out.append(f"stale: written from other data (data fingerprint {attrs['data_fingerprint']}, store has {spec.data_fingerprint})")
+    if attrs.get("codec") not in (None, tspec.kv_dtype):
+        out.append(f"stale: K/V stored as {attrs['codec']}, the teacher's codec is {tspec.kv_dtype}")
+    if attrs.get("width") not in (None, tspec.width):
+        out.append(f"K/V width {attrs['width']} in its record, the teacher spec says {tspec.width}")
+    return out
 
 
 @contextmanager
@@ -165,9 +222,7 @@ def _init_store(path: Path, spec: StoreSpec) -> None:
         root.attrs[KEY] = {"schema_version": SCHEMA_VERSION, "store_spec": spec.to_dict()}
         zarr.open_group(path / "teachers", mode="a")
         return
-    old = {k: have["store_spec"].get(k) for k in _STORE_KEYS}
-    new = {k: spec.to_dict()[k] for k in _STORE_KEYS}
-    problems = _diff(old, new)
+    problems = store_spec_differences(path, spec)
     if problems and not _holds_shards(path):
         # Nothing was ever committed (e.g. a first run failed after creating the metadata): the
         # metadata describes no data, so a corrected run may replace it.
@@ -209,12 +264,11 @@ def _init_teacher(path: Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] |
                 proj.create_array(key, data=np.asarray(arr), overwrite=True)
         group.attrs[KEY] = {"teacher_spec": spec.to_dict()}  # last: marks the group as initialised
         return
-    old = TeacherSpec.from_dict(have["teacher_spec"])
-    if (old.fingerprint != spec.fingerprint or old.layer_map != spec.layer_map) and not _holds_shards(path, spec.name):
+    problems = teacher_spec_differences(path, spec)
+    if problems and not _holds_shards(path, spec.name):
         shutil.rmtree(teacher_dir(path, spec.name))  # no shard of it was ever committed: its spec describes no data
         return _init_teacher(path, spec, arrays)
-    if old.fingerprint != spec.fingerprint or old.layer_map != spec.layer_map:
-        problems = _diff(old.to_dict(), spec.to_dict())
+    if problems:
         raise StoreError(
             f"store {path}: teacher {spec.name!r} already holds shards of another teacher setup:\n  "
             + "\n  ".join(problems)

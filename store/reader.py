@@ -9,15 +9,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
 from . import codecs
-from .errors import StoreError
+from .errors import CorruptShard, StoreError
 from .layout import INDEX, KEY, shard_attrs, shard_name, teacher_dir
 from .rows import ShardedRows, ZarrRows, checked_reader
 
-__all__ = ["ShardReader", "read_kv", "read_index", "open_root"]
+__all__ = ["ShardReader", "read_kv", "read_index", "index_damage", "index_error", "read_index_table", "open_root"]
 
 
 class ShardReader:
@@ -182,16 +184,42 @@ def read_index(path: str | Path, teachers: list[str]) -> dict[tuple[str, int], t
     f = Path(path) / INDEX
     if not f.exists():
         raise StoreError(f"store {path} is not finalized (no {INDEX}); run `kvdistill store finalize {path}`")
-    t = pq.read_table(f, columns=["teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop"], filters=[("teacher", "in", list(teachers))])
-    t = t.sort_by([("teacher", "ascending"), ("shard", "ascending"), ("sample_index", "ascending")])
-    teacher, shard = t["teacher"].to_numpy(zero_copy_only=False), t["shard"].to_numpy()
-    ids, start, stop = t["sample_id"].to_pylist(), t["row_start"].to_numpy(), t["row_stop"].to_numpy()
+    try:
+        t = read_index_table(f, ["teacher", "shard", "sample_id", "sample_index", "row_start", "row_stop"])
+        t = t.filter(pc.is_in(t["teacher"], value_set=pa.array(list(teachers), pa.string())))
+        t = t.sort_by([("teacher", "ascending"), ("shard", "ascending"), ("sample_index", "ascending")])
+        teacher, shard = t["teacher"].to_numpy(zero_copy_only=False), t["shard"].to_numpy()
+        ids, start, stop = t["sample_id"].to_pylist(), t["row_start"].to_numpy(), t["row_stop"].to_numpy()
+    except OSError as e:
+        if e.errno is not None:  # the machine's failure (permissions, I/O), not the file's content
+            raise
+        raise index_error(f, e) from e
+    except Exception as e:  # any decoding error of a corrupt file (pyarrow's, a non-UTF-8 id, ...) is damage
+        raise index_error(f, e) from e
     cuts = np.flatnonzero((teacher[1:] != teacher[:-1]) | (shard[1:] != shard[:-1])) + 1  # a loop per shard, not per row
     bounds = [0, *cuts.tolist(), len(ids)] if len(ids) else []
     return {
         (str(teacher[a]), int(shard[a])): (np.append(start[a:b], stop[b - 1]).astype(np.int64), ids[a:b])
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     }
+
+
+def read_index_table(f: Path, columns: list[str] | None = None) -> pa.Table:
+    """index.parquet (or its `columns`) as a table, through the plain Parquet file reader: pyarrow's
+    dataset reader (`read_table(..., filters=...)`) hangs on some corrupt files (pyarrow 26: a flipped
+    byte in a page header) where this one raises."""
+    return pq.ParquetFile(pa.BufferReader(f.read_bytes())).read(columns=columns)
+
+
+def index_damage(f: Path, e: Exception) -> str:
+    """What is wrong with an index.parquet that does not decode (`e`: the reader's error), one line."""
+    why = " ".join(str(e).encode("ascii", "backslashreplace").decode().split())  # one line, no control bytes
+    return f"{f} does not decode ({type(e).__name__}: {why}): index.parquet is corrupt"
+
+
+def index_error(f: Path, e: Exception) -> CorruptShard:
+    """index.parquet does not decode: the integrity error naming it, and the fix."""
+    return CorruptShard(f"{index_damage(f, e)}; run `kvdistill store finalize {f.parent}` again to rewrite it from the shards")
 
 
 def open_root(path: str | Path) -> zarr.Group:

@@ -22,7 +22,11 @@ Checks, per teacher and shard (each problem names its teacher, shard, what and t
   first, positions ascend per (layer, head) and lie inside the sample's reasoning segment where
   the time map is identity; no NaN / Inf;
 - shard i holds the same sample ids and lengths for every teacher;
-- index.parquet exists ("not finalized" otherwise) and agrees with every shard.
+- index.parquet exists ("not finalized" otherwise), decodes and agrees with every shard;
+  index.parquet and the consolidated metadata have the checksums finalize recorded.
+
+A folder that is not a store is StoreError (as for finalize and train); everything wrong inside
+a store, its metadata files included, is a Problem.
 """
 
 from __future__ import annotations
@@ -33,27 +37,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 from tqdm.auto import tqdm
 
 from kvdistill.schemas import StoreSpec, TeacherSpec
 
 from .errors import CorruptShard, StoreError
+from .index import metadata_problems
 from .layout import (
     INDEX,
     INDEX_COLUMNS,
     KEY,
+    PARTIAL,
+    group_attrs,
     partial_attempts,
     partial_dir,
     read_store_spec,
-    read_teacher_specs,
+    shard_attrs,
     shard_name,
+    shard_record_problems,
     sidecar_path,
     tar_path,
     teacher_dir,
 )
-from .reader import ShardReader
+from .reader import ShardReader, index_damage, read_index_table
 from .rows import checked_reader, missing_chunks
 from .writer import EXAMPLE_KEYS
 
@@ -116,12 +123,14 @@ def verify(path: str | Path, progress: bool = False) -> list[Problem]:
     path = Path(path)
     try:
         spec = read_store_spec(path)
-    except StoreError as e:
-        return [Problem(None, None, str(e), "point at a store written by `kvdistill dump`")]
+    except CorruptShard as e:  # its root metadata is damaged: a finding (a folder that is no store is StoreError, exit 3)
+        return [Problem(None, None, str(e), "restore the store's root zarr.json from a copy, or dump into a new --store")]
     problems: list[Problem] = []
-    teachers = read_teacher_specs(path)
-    if not teachers:
+    teachers = _read_teachers(path, problems)
+    damaged = {p.teacher for p in problems}  # teachers whose record is damaged: their shards are not checked
+    if not teachers and not problems:
         problems.append(Problem(None, None, "holds no teachers", "run `kvdistill dump` into it"))
+    problems += _other_metadata(path)
     index = _read_index(path, problems)
     first: dict[int, tuple[str, list[str], np.ndarray]] = {}  # shard -> (teacher, ids, offsets)
     bar = tqdm(total=len(teachers) * spec.num_shards, desc="verify", unit="shard", disable=not progress)
@@ -143,6 +152,8 @@ def verify(path: str | Path, progress: bool = False) -> list[Problem]:
         problems += _extra_shards(path, name, spec.num_shards)
     bar.close()
     for (name, i), rows in sorted((index or {}).items()):
+        if name in damaged:
+            continue
         problems.append(
             Problem(
                 name, i,
@@ -150,7 +161,64 @@ def verify(path: str | Path, progress: bool = False) -> list[Problem]:
                 f"run `kvdistill store finalize {path}` again",
             )
         )
+    # The checksums finalize recorded. A changed index.parquet whose content the checks above
+    # already found wrong is reported there, once.
+    index_reported = any(p.teacher is not None and "index.parquet" in p.what for p in problems) or index is None
+    for what in metadata_problems(path):
+        if not (what.startswith(str(path / INDEX)) and index_reported):
+            problems.append(Problem(None, None, what, f"run `kvdistill store finalize {path}` again"))
     return problems
+
+
+def _invalid_json(f: Path) -> str | None:
+    """Why the metadata document `f` is not valid JSON (None when it is)."""
+    try:
+        json.loads(f.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{f}: not valid JSON ({e}; truncated or corrupt)"
+    return None
+
+
+def _other_metadata(path: Path) -> list[Problem]:
+    """The store's metadata outside the root, the teachers' records and their shards (checked with
+    them): the teachers/ and tokenizers/ groups, the recorded tokenizers and PCA projections, each
+    zarr.json valid JSON and each array's data readable (zarr checks every chunk's crc32c)."""
+    out = []
+    for f in sorted(path.rglob("zarr.json")):
+        rel = f.relative_to(path).parts
+        if rel[0] == PARTIAL or f.parent == path or (rel[0] == "teachers" and len(rel) > 2 and (len(rel) == 3 or rel[2].startswith("shard-"))):
+            continue  # being written; the root; a teacher's record and its shards: checked with them
+        teacher = rel[1] if rel[0] == "teachers" and len(rel) > 3 else None
+        why = _invalid_json(f)
+        if why is not None:
+            out.append(Problem(teacher, None, why, "restore it from a copy, or dump into a new --store"))
+            continue
+        if json.loads(f.read_bytes()).get("node_type") == "array":
+            try:
+                zarr.open_array(f.parent, mode="r")[...]
+            except Exception as e:  # any codec error of a corrupt chunk is a finding
+                out.append(Problem(teacher, None, f"array {f.parent} does not read ({_decode_error(e)})", "restore it from a copy, or dump into a new --store"))
+    return out
+
+
+def _read_teachers(path: Path, problems: list[Problem]) -> dict[str, TeacherSpec]:
+    """Every teacher's spec (layout.read_teacher_specs); a teacher whose record is damaged or
+    missing is a Problem, and its shards are not checked."""
+    out = {}
+    for d in sorted((path / "teachers").iterdir()) if (path / "teachers").is_dir() else []:
+        if not (d / "zarr.json").exists():
+            continue
+        fix = f"restore it from a copy, or dump teacher {d.name!r} into a new --store"
+        try:
+            attrs = group_attrs(d, fix)
+            out[d.name] = TeacherSpec.from_dict(attrs[KEY]["teacher_spec"])
+        except CorruptShard as e:
+            problems.append(Problem(d.name, None, str(e).removesuffix(f"; {fix}"), fix))
+        except Exception as e:  # no record, or one that is not a TeacherSpec
+            problems.append(
+                Problem(d.name, None, f"{d / 'zarr.json'} holds no valid teacher record ({_decode_error(e)})", f"delete {d} and dump teacher {d.name!r} again")
+            )
+    return out
 
 
 def _read_index(path: Path, problems: list[Problem]) -> dict[tuple[str, int], dict[str, np.ndarray]] | None:
@@ -160,16 +228,18 @@ def _read_index(path: Path, problems: list[Problem]) -> dict[tuple[str, int], di
         problems.append(Problem(None, None, "not finalized: no index.parquet", fix))
         return None
     try:
-        table = pq.read_table(path / INDEX)
-    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
-        problems.append(Problem(None, None, f"index.parquet is unreadable ({_decode_error(e)})", fix + " again"))
+        table = read_index_table(path / INDEX)
+        missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
+        if missing:
+            problems.append(Problem(None, None, f"index.parquet lacks columns {missing}", fix + " again"))
+            return None
+        cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in INDEX_COLUMNS}
+        names, code = np.unique(cols["teacher"].astype(str), return_inverse=True)
+    except Exception as e:  # any decoding error of a corrupt file (pyarrow's, a non-UTF-8 string, ...) is a finding
+        if isinstance(e, OSError) and e.errno is not None:  # the machine's failure (permissions, I/O), not the file's
+            raise
+        problems.append(Problem(None, None, index_damage(path / INDEX, e), fix + " again"))
         return None
-    missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
-    if missing:
-        problems.append(Problem(None, None, f"index.parquet lacks columns {missing}", fix + " again"))
-        return None
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in INDEX_COLUMNS}
-    names, code = np.unique(cols["teacher"].astype(str), return_inverse=True)
     order = np.lexsort((cols["sample_index"], cols["shard"], code))
     key = np.stack([code[order], cols["shard"][order]])  # [2, n], sorted
     cuts = np.flatnonzero(np.any(key[:, 1:] != key[:, :-1], axis=0)) + 1
@@ -197,31 +267,22 @@ def _verify_shard(
         partial = any(partial_dir(path, name).glob(f"{shard_name(i)}.*"))
         report("partial: its dump task did not finish" if partial else "missing", _redump(name, i, delete=False))
         return None
+    bad = [why for f in sorted(d.rglob("zarr.json")) if (why := _invalid_json(f))]
+    if bad:  # the shard's or an array's metadata: zarr would fail on it, naming no file
+        for why in bad:
+            report(f"metadata {why}")
+        return None
     try:
+        attrs = shard_attrs(d)
         group = zarr.open_group(d, mode="r")
-        attrs = group.attrs.get(KEY)
-    except (OSError, ValueError) as e:  # unreadable / corrupt zarr.json
+    except Exception as e:  # any other failure to open a corrupt zarr.json is a finding
         report(f"metadata {d / 'zarr.json'} unreadable ({_decode_error(e)})")
         return None
     if not attrs or not attrs.get("complete"):
         report("incomplete (no completion record)")
         return None
-    if attrs.get("teacher", name) != name or attrs.get("shard", i) != i:
-        report(f"holds {shard_name(attrs.get('shard', i))} of teacher {attrs.get('teacher')!r}, not this one")
-    if attrs.get("fingerprint") not in (None, tspec.fingerprint):
-        report(
-            f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, "
-            f"teacher spec has {tspec.fingerprint})"
-        )
-    if attrs.get("data_fingerprint") not in (None, spec.data_fingerprint):
-        report(
-            f"stale: written from other data (data fingerprint {attrs['data_fingerprint']}, "
-            f"store has {spec.data_fingerprint})"
-        )
-    if attrs.get("codec") not in (None, tspec.kv_dtype):
-        report(f"stale: K/V stored as {attrs['codec']}, the teacher's codec is {tspec.kv_dtype}")
-    if attrs.get("width") not in (None, tspec.width):
-        report(f"K/V width {attrs['width']} in its record, the teacher spec says {tspec.width}")
+    for what in shard_record_problems(attrs, spec, tspec, i):
+        report(what)
     missing = [a for a in REQUIRED if a not in group]
     if missing:
         report(f"lacks arrays {missing}")
@@ -387,12 +448,8 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
     attrs = read_sidecar(tar, problem)
     if attrs is None:
         return None
-    if attrs.get("teacher", name) != name or attrs.get("shard", i) != i:
-        report(f"holds {shard_name(attrs.get('shard', i))} of teacher {attrs.get('teacher')!r}, not this one")
-    if attrs.get("fingerprint") not in (None, tspec.fingerprint):
-        report(f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, teacher spec has {tspec.fingerprint})")
-    if attrs.get("codec") not in (None, tspec.kv_dtype):
-        report(f"stale: K/V stored as {attrs['codec']}, the teacher's codec is {tspec.kv_dtype}")
+    for what in shard_record_problems(attrs, spec, tspec, i):
+        report(what)
     if not all(isinstance(attrs.get(a), int) for a in ("rows", "samples")):
         report(f"completion record lacks its row / sample counts: {sorted(attrs)}")
         return None

@@ -142,13 +142,13 @@ def test_online_the_message_says_what_the_hub_answered(in_tmp, monkeypatch):
         models.load_config(ModelSpec(name_or_path="org/x"), role="student")
 
 
-def test_the_role_is_the_config_field_that_holds_the_spec(in_tmp):
+def test_the_message_names_the_role_the_caller_gives(in_tmp):
     from kvdistill.core.models import load_config
 
     cfg = DumpConfig(teacher=ModelSpec(name_or_path="models/t-nope"), student=ModelSpec(name_or_path="models/s-nope"), store="s.zarr")
     for spec, role in ((cfg.teacher, "teacher"), (cfg.student, "student")):
         with pytest.raises(FileNotFoundError, match=f"^{role} {spec.name_or_path}: no such folder"):
-            load_config(spec)
+            load_config(spec, role=role)
     with pytest.raises(FileNotFoundError, match="^model models/x: no such folder"):
         load_config(ModelSpec(name_or_path="models/x"))
 

@@ -123,26 +123,24 @@ def test_an_object_dtype_npy_in_a_tar_is_refused_not_unpickled(tmp_path, wds_sto
         list(wds_samples(bad, ["teacher-a"], 0))
 
 
-def _stream_ids(store, **kw) -> list[str]:
+def _stream_ids(store) -> list[str]:
+    return [s["sample_id"] for s in KVStream(store, TEACHERS, shuffle_buffer=1)]
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 0), (1, 2), (2, 2)])
+def test_a_webdataset_store_splits_the_global_order_across_ranks_and_workers_as_zarr_does(tiny_store, wds_store, world, workers):
     from torch.utils.data import DataLoader
 
-    stream = KVStream(store, TEACHERS, shuffle_buffer=1, **{k: v for k, v in kw.items() if k != "num_workers"})
-    loader = DataLoader(stream, batch_size=None, num_workers=kw.get("num_workers", 0))
-    return [s["sample_id"] for s in loader]
+    from kvdistill.train.stream import MicroBatches
 
+    def ids(store, rank):
+        batches = MicroBatches(KVStream(store, TEACHERS, shuffle_buffer=4, seed=2), 4, lambda s: {"ids": [x["sample_id"] for x in s]}, rank=rank, world_size=world)
+        return [b["ids"] for b in DataLoader(batches, batch_size=None, num_workers=workers) if b["weight"]]
 
-@pytest.mark.parametrize("split", ["ranks", "workers"])
-def test_webdataset_pipelines_split_shards_by_rank_and_worker_disjointly(tiny_store, wds_store, split):
-    everything = _stream_ids(tiny_store["store"])
-    if split == "ranks":
-        parts = [_stream_ids(wds_store, rank=r, world_size=2) for r in range(2)]
-    else:  # webdataset's split_by_worker inside DataLoader workers
-        parts = [_stream_ids(wds_store, num_workers=2)]
-        assert len(parts[0]) == len(everything)
-        parts = [[i for i in parts[0] if i in set(ShardReader(tiny_store["store"], "teacher-a", s).sample_ids)] for s in range(2)]
-    assert all(parts) and sum(map(len, parts)) == len(everything)
-    assert set().union(*map(set, parts)) == set(everything)
-    assert len(set(parts[0]) & set(parts[1])) == 0
+    parts = [ids(wds_store, r) for r in range(world)]
+    assert parts == [ids(tiny_store["store"], r) for r in range(world)]
+    flat = [i for p in parts for b in p for i in b]
+    assert sorted(flat) == sorted(_stream_ids(tiny_store["store"])) and len(set(flat)) == len(flat)
 
 
 def test_webdataset_stream_yields_the_zarr_stream_samples_in_the_same_order(tiny_store, wds_store):

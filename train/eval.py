@@ -160,8 +160,8 @@ def _setup(cfg: EvalConfig, ckpt: str, template: str):
     """(device, tokenizer, model on device, test examples, pad id) for either eval mode."""
     spec = ModelSpec(name_or_path=ckpt, prompt_template=template)
     device = resolve_device(cfg.device)
-    tok = load_tokenizer(spec)
-    return device, tok, load_model(spec, device), load_examples(cfg.data), pad_token_id(tok)
+    tok = load_tokenizer(spec, role="model")
+    return device, tok, load_model(spec, device, role="model"), load_examples(cfg.data), pad_token_id(tok)
 
 
 def _prediction(ex, text: str, g: int, forwards: int, capped: bool) -> dict[str, Any]:

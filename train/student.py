@@ -17,13 +17,16 @@ from kvdistill.core.capture import kv_geometry
 from kvdistill.core.models import load_tokenizer, tokenizer_fingerprint
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError, open_specs
+from kvdistill.store.index import check_finalized
 
 __all__ = ["check_store", "load_student", "save_student", "param_hash"]
 
 
 def check_store(cfg: TrainConfig, tokenizer, student, store: str | Path | None = None) -> tuple[Any, dict]:
     """(StoreSpec, {teacher: TeacherSpec} of the chosen teachers) of `store` (default cfg.store),
-    after checking it is finalized and was dumped for this student's tokenizer and geometry."""
+    after checking it is finalized, was dumped for this student's tokenizer and geometry, and that
+    its metadata is what finalize wrote and agrees with every shard (store.index.check_finalized:
+    CorruptShard for a damaged index.parquet or consolidated metadata, StoreError otherwise)."""
     store = Path(store or cfg.store)
     spec, teachers = open_specs(store)
     if not (store / "index.parquet").exists():
@@ -42,6 +45,10 @@ def check_store(cfg: TrainConfig, tokenizer, student, store: str | Path | None =
     missing = [t for t in chosen if t not in teachers]
     if missing:
         raise StoreError(f"store {store} has no teacher(s) {missing}; it holds {sorted(teachers)}")
+    # What `store verify` checks of the metadata, before a sample is read: index.parquet and the
+    # consolidated metadata as finalize wrote them (checksums), every shard of every chosen
+    # teacher complete, not stale, and listed in the index with the counts it records.
+    check_finalized(store, chosen)
     return spec, {t: teachers[t] for t in chosen}
 
 
@@ -49,7 +56,7 @@ def load_student(cfg: TrainConfig) -> tuple[Any, nn.Module, Any, dict]:
     """(tokenizer, student, StoreSpec, {teacher: TeacherSpec}): the student checked against the
     store, then LoRA-wrapped (K/V capture reaches through to the base model) and with gradient
     checkpointing (non-reentrant: K/V captured in the forward stay valid through recompute)."""
-    tokenizer = load_tokenizer(cfg.student)
+    tokenizer = load_tokenizer(cfg.student, role="student")
     student = AutoModelForCausalLM.from_pretrained(
         cfg.student.name_or_path, revision=cfg.student.revision, dtype=getattr(torch, cfg.student.dtype)
     )

@@ -3,11 +3,8 @@ devices, and fingerprints that pin down exactly which model / tokenizer produced
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import hashlib
-import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -23,7 +20,7 @@ from huggingface_hub.errors import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kvdistill.schemas import ModelSpec, Record
+from kvdistill.schemas import ModelSpec
 
 __all__ = [
     "resolve_device", "load_model", "load_config", "load_tokenizer", "require_eos", "tokenizer_fingerprint", "model_fingerprint",
@@ -42,32 +39,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def _role(spec: ModelSpec) -> str:
-    """Whose model `spec` is (teacher, student), for a caller that did not say: the field of the
-    config, or the command-line flag, that holds it in a calling frame; else "model". Only an
-    error message reads it."""
-    frame = inspect.currentframe()
-    try:
-        f = frame.f_back if frame is not None else None
-        for _ in range(16):
-            if f is None:
-                break
-            for value in list(f.f_locals.values()):
-                if isinstance(value, Record) and not isinstance(value, ModelSpec):
-                    for field in dataclasses.fields(value):
-                        held = getattr(value, field.name)
-                        if held is spec or (isinstance(held, list) and any(x is spec for x in held)):
-                            return {"teachers": "teacher"}.get(field.name, field.name)  # JobsConfig.teachers
-                elif isinstance(value, argparse.Namespace):
-                    for key, held in vars(value).items():
-                        if spec.name_or_path in ([held] if isinstance(held, str) else held if isinstance(held, list) else []):
-                            return key.split(".")[0]  # --teacher.name-or-path / --teacher: the teacher
-            f = f.f_back
-    finally:
-        del frame
-    return "model"
-
-
 def _check_source(spec: ModelSpec, role: str | None, need: str) -> None:
     """Refuse, naming the role and the path, what from_pretrained would refuse confusingly: a
     local path that does not exist (it would be looked up on the hub: "couldn't connect"), a
@@ -77,9 +48,9 @@ def _check_source(spec: ModelSpec, role: str | None, need: str) -> None:
     path = Path(p).expanduser()
     if not path.exists():
         if p.startswith(("/", ".", "~")) or "\\" in p:  # a path, never a hub id
-            raise FileNotFoundError(f"{role or _role(spec)} {p}: no such folder; give an existing checkpoint folder or a hub id (org/name)")
+            raise FileNotFoundError(f"{role or 'model'} {p}: no such folder; give an existing checkpoint folder or a hub id (org/name)")
         return  # maybe a hub id: from_pretrained fetches it, _fetching explains a failure
-    who = f"{role or _role(spec)} {p}"
+    who = f"{role or 'model'} {p}"
     if not path.is_dir():
         raise FileNotFoundError(f"{who}: a file, not a checkpoint folder; give the folder that holds config.json, the tokenizer and the weights")
     names = sorted(f.name for f in path.iterdir())
@@ -120,7 +91,7 @@ def _fetching(spec: ModelSpec, role: str | None):
         if Path(p).expanduser().exists():
             raise
         causes = list(_causes(e))
-        who = f"{role or _role(spec)} {p}: no such folder"
+        who = f"{role or 'model'} {p}: no such folder"
         if any(isinstance(c, HFValidationError) for c in causes):
             raise FileNotFoundError(f"{who}, and not a hub id (name or org/name); give an existing checkpoint folder or a hub id") from e
         if any(isinstance(c, RepositoryNotFoundError) and not isinstance(c, GatedRepoError) for c in causes):
@@ -141,8 +112,7 @@ def _fetching(spec: ModelSpec, role: str | None):
 
 
 def load_config(spec: ModelSpec, role: str | None = None):
-    """The model's config. `role` ("teacher", "student", "model") names it in errors; by default
-    the config field that holds `spec` in the caller."""
+    """The model's config. `role` ("teacher", "student", "model") names it in errors."""
     _check_source(spec, role, "config")
     with _fetching(spec, role):
         return AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
