@@ -1,8 +1,7 @@
 """Time maps: which teacher positions (with which weights) feed each student position.
 
 A map is a sparse row-stochastic matrix A [T_s, T_t], stored as COO triplets sorted by row;
-the aligned cache is K_s = A @ K_t over the time axis. Three constructions (DESIGN.md,
-"Alignment"):
+the aligned cache is K_s = A @ K_t over the time axis. Three constructions:
 
 - `identity_time_map`: same tokenizer, same text.
 - `char_overlap_time_map`: same text, different tokenizers. A[s, t] is the IoU of the two

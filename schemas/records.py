@@ -151,7 +151,7 @@ class AlignSpec(Record):
     time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = option(
         "auto", help="teacher tokens onto the student's: auto picks identity, char_overlap or segment_linear from the data"
     )
-    keys: Literal["pre_rope"] = option("pre_rope", help="keys are taken before RoPE")  # see DESIGN.md "Why pre-RoPE keys"
+    keys: Literal["pre_rope"] = option("pre_rope", help="keys are taken before RoPE")  # position-free: sound to resample in time
     projection: str | None = option(None, help="a PCA .npz from `kvdistill align calibrate --pca D`: store D dims per layer")
 
     def validate(self) -> None:

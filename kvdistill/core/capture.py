@@ -1,6 +1,7 @@
 """Capture a model's per-layer keys and values during its own forward pass.
 
-Keys are captured *before RoPE* (DESIGN.md "Why pre-RoPE keys"): the output of `k_proj`, or
+Keys are captured *before RoPE* (rotated keys carry the teacher's absolute positions, wrong for
+the student once time is resampled or the tokenizer differs): the output of `k_proj`, or
 of `k_norm` where the architecture normalises keys before rotating them (Qwen3). Values are
 `v_proj` outputs. Both are head-flattened to D = H_kv * d. The same code serves the teacher
 at dump time (under inference_mode) and the student at train time (with gradients)."""
