@@ -112,7 +112,7 @@ class _ZarrShards:
         workers = max(1, n_parts + (len(self.teachers) if self.read_latent else 0))
         with ThreadPoolExecutor(1, thread_name_prefix="kvdistill-ahead") as ahead, ThreadPoolExecutor(workers, thread_name_prefix="kvdistill-arrays") as arrays:
 
-            def read(sh: dict[str, Any], j0: int, j1: int, _want=None) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]]]:
+            def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]]]:
                 r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
                 parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
                 # decode=False: K/V stay as stored (16-bit floats, int8 / int4 codes + scales), so
@@ -134,7 +134,7 @@ class _ZarrShards:
 
             def fetch():  # only ever runs on `ahead`, one at a time: `units` advances there
                 unit = next(units, None)
-                return None if unit is None else (unit, read(*unit))
+                return None if unit is None else (unit, read(*unit[:3]))
 
             pending = ahead.submit(fetch)
             while (got := pending.result()) is not None:

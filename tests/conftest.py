@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -79,3 +80,11 @@ def tiny_store(tmp_path_factory, make_model):
     run_local(dump_tasks(base, teachers), progress=False)
     finalize(store)
     return {"store": store, "student": student, "teachers": teachers, "data": DATA}
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path) -> Path:
+    """A copy of the tiny store to damage."""
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store["store"], store)
+    return store

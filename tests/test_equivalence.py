@@ -71,7 +71,12 @@ def test_the_closed_form_standardised_mse_is_the_batch_standardised_mse_and_spli
     """`_mse_from_sums(_mse_sums(...))` = layer_std on the whole batch then the masked MSE, value
     and gradient (fixed and router weights), and the sums of any split of the tokens give it too."""
     from kvdistill.train.distiller import _mse_from_sums, _mse_sums
-    from kvdistill.train.losses import layer_std_norm, masked_kv_loss
+    from kvdistill.train.losses import layer_moments, layer_std_norm, masked_kv_loss
+
+    def sums(s, a, w, mask):
+        x, t = s[mask], torch.stack([y[mask] for y in a])
+        own = torch.stack([layer_moments(x), *(layer_moments(y) for y in t)])
+        return _mse_sums("k", x, t, own, w.expand(w.shape[0], *mask.shape, w.shape[-1])[:, mask])
 
     torch.manual_seed(0)
     B, T, L, D = 3, 7, 4, 5
@@ -81,13 +86,13 @@ def test_the_closed_form_standardised_mse_is_the_batch_standardised_mse_and_spli
     for w in (torch.tensor([0.3, 0.7]).double().view(-1, 1, 1, 1), torch.rand(2, B, 1, L).double().softmax(0).requires_grad_()):
         target = (w[..., None] * torch.stack([layer_std_norm(x, mask) for x in a])).sum(0)
         _, want = masked_kv_loss(layer_std_norm(s, mask), target, mask)
-        got = _mse_from_sums({k.rsplit(".", 1)[1]: v for k, v in _mse_sums("k", s, a, w, mask).items()})
+        got = _mse_from_sums({k.rsplit(".", 1)[1]: v for k, v in sums(s, a, w, mask).items()})
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for x, y in zip(torch.autograd.grad(got.sum(), [s, *a]), torch.autograd.grad(want.sum(), [s, *a]), strict=True):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
         first, rest = mask.clone(), mask.clone()
         first[1:], rest[:1] = False, False
-        parts = [_mse_sums("k", s, a, w, m) for m in (first, rest)]
+        parts = [sums(s, a, w, m) for m in (first, rest)]
         split = _mse_from_sums({k.rsplit(".", 1)[1]: parts[0][k] + parts[1][k] for k in parts[0]})
         torch.testing.assert_close(split, got, rtol=1e-12, atol=1e-12)
 

@@ -63,13 +63,6 @@ def no_weights(make_model, tmp_path) -> Path:
     return model
 
 
-@pytest.fixture
-def store_copy(tiny_store, tmp_path) -> Path:
-    store = tmp_path / "copy.zarr"
-    shutil.copytree(tiny_store["store"], store)
-    return store
-
-
 # --- the exit codes ----------------------------------------------------------------------------
 
 

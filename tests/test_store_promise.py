@@ -21,32 +21,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_errors import one_line
 
 from kvdistill.cli import DEBUG_HINT, ExitCode, main
 from kvdistill.core.data import load_examples, write_jsonl
 from kvdistill.schemas import DataSpec, DumpConfig, ModelSpec, SyntheticSpec
 from kvdistill.store import StoreError, shard_name
 from kvdistill.store.errors import CorruptShard
+from kvdistill.store.layout import teacher_dir
 from kvdistill.store.reader import read_index
 
 
-def one_line(capsys, cmd: str) -> str:
-    """stderr: one `kvdistill <cmd>: ...` line, no traceback."""
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and "\n" not in err, err
-    assert err.startswith(f"kvdistill {cmd}: ") and err.endswith(DEBUG_HINT), err
-    return err
-
-
-@pytest.fixture
-def store_copy(tiny_store, tmp_path) -> Path:
-    store = tmp_path / "copy.zarr"
-    shutil.copytree(tiny_store["store"], store)
-    return store
-
-
 def shard_dir(store: Path, teacher: str, shard: int) -> Path:
-    return store / "teachers" / teacher / shard_name(shard)
+    return teacher_dir(store, teacher) / shard_name(shard)
 
 
 def train_argv(tiny_store, store: Path, out: Path) -> list[str]:

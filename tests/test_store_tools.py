@@ -32,13 +32,6 @@ TEACHERS = ("teacher-a", "teacher-b")
 NUM_SHARDS = 2
 
 
-@pytest.fixture
-def store_copy(tiny_store, tmp_path) -> Path:
-    dst = tmp_path / "copy.zarr"
-    shutil.copytree(tiny_store["store"], dst)
-    return dst
-
-
 def shard_dir(store: Path, teacher: str, shard: int) -> Path:
     return store / "teachers" / teacher / shard_name(shard)
 

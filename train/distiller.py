@@ -25,6 +25,7 @@ from .losses import (
     linear_ramp,
     masked_ce,
     masked_kv_loss,
+    moment_std,
     standardize,
     warmup_mix,
 )
@@ -298,32 +299,28 @@ class Distiller(nn.Module):
             return torch.softmax(cos / self.temperature, dim=0)
 
     @property
-    def standardizes(self) -> bool:
-        """kv_norm "layer_std" on the per-token K/V loss (Z space standardises on its own)."""
-        return self.kv_norm == "layer_std" and self.kv_weight > 0 and self.zspace is None
-
-    @property
     def exact_kv(self) -> bool:
         """The K/V terms are computed from the whole step's summed statistics (exact however the
-        step is split): layer_std + mse without token weights. Else per micro-batch."""
-        return self.standardizes and self.kv_loss == "mse" and self.kv_attn_weight == "none"
+        step is split): layer_std + mse without token weights (Z space standardises on its own).
+        Else per micro-batch."""
+        return self.kv_norm == "layer_std" and self.kv_weight > 0 and self.zspace is None and self.kv_loss == "mse" and self.kv_attn_weight == "none"
+
+    def _norm_ready(self) -> bool:
+        """Reference statistics are there (measured, or loaded with a checkpoint). Checked on the
+        device until true once, then remembered: no device sync per forward."""
+        if not getattr(self, "_ready", False):
+            self._ready = bool(self.norm_moments[:, :, 2].gt(0).all())
+        return self._ready
 
     def norm_missing(self) -> bool:
         """No reference statistics yet (a fresh run before its first step): the trainer measures them first."""
-        return self.standardizes and not bool(self.norm_moments[:, :, 2].gt(0).all())
+        return self.exact_kv and not self._norm_ready()
 
     def update_norm(self, moments: dict[str, torch.Tensor]) -> None:
         """Take a step's summed `layer_moments` ({"k", "v": [1 + N, 3, L]}, every rank's)."""
         with torch.no_grad():
             self.norm_moments.copy_(torch.stack([moments["k"], moments["v"]]).to(self.norm_moments))
-
-    def _reference(self, part: int, raw_s: torch.Tensor, adapted: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """[1 + N, 3, L] moments the similarity routing and CKA's teacher mix standardise by (both
-        detached): the previous step's whole batch (a batch on its own before any: its own)."""
-        ref = self.norm_moments[part]
-        if bool(ref[:, 2].gt(0).all()):
-            return ref
-        return torch.stack([layer_moments(x, mask) for x in (raw_s, *adapted)])
+        self._ready = True
 
     def window(self, sums: dict[str, torch.Tensor], step: int | None = None) -> dict[str, torch.Tensor]:
         """The terms computed from a whole step's summed statistics (every micro-batch and rank),
@@ -405,14 +402,17 @@ class Distiller(nn.Module):
         for i, part in enumerate(("k", "v") if self.zspace is None else ()):
             raw_s = student_kv[part]  # [B, T, L, D_s]
             adapted = [self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)) for t in teachers]
-            if self.standardizes:
-                moments[part] = torch.stack([layer_moments(x, mask) for x in (raw_s, *adapted)])  # [1 + N, 3, L]
             if self.exact_kv:  # the window's statistics (`window`): sums here, the loss from their totals
-                ref = self._reference(i, raw_s, adapted, mask)  # [1 + N, 3, L]: the previous step's, for routing and CKA's mix
-                w = self.route(standardize(raw_s, ref[0]).detach(), torch.stack([standardize(a, ref[1 + j]) for j, a in enumerate(adapted)]).detach(), teachers, router_w)
-                sums.update(_mse_sums(part, raw_s, adapted, w, mask))
+                x, a = raw_s[mask].double(), torch.stack([t[mask] for t in adapted]).double()  # [M, L, D], [N, M, L, D]
+                own = torch.stack([layer_moments(x), *(layer_moments(t) for t in a)])  # [1 + N, 3, L], with graph
+                moments[part] = own.detach()  # the next step's reference
+                # the reference the similarity routing and CKA's teacher mix standardise by (detached):
+                # the previous step's whole batch; a batch on its own before any: its own
+                ref = self.norm_moments[i] if self._norm_ready() else own.detach()
+                w = self.route(standardize(raw_s, ref[0]).detach(), torch.stack([standardize(t, ref[1 + j]) for j, t in enumerate(adapted)]).detach(), teachers, router_w)
+                sums.update(_mse_sums(part, x, a, own, w.expand(w.shape[0], *mask.shape, w.shape[-1])[:, mask].double()))
                 z_s = raw_s  # CKA is blind to the student side's standardisation
-                target = (w[..., None] * torch.stack([a / _std(ref[1 + j]).to(a.dtype)[:, None] for j, a in enumerate(adapted)])).sum(0)
+                target = (w[..., None] * torch.stack([t / moment_std(ref[1 + j])[1].to(t.dtype)[:, None] for j, t in enumerate(adapted)])).sum(0)
             else:  # per micro-batch (README: approximate under accumulation / several processes)
                 z_s = layer_std_norm(raw_s, mask) if self.kv_norm == "layer_std" else raw_s
                 z_t = torch.stack([layer_std_norm(a, mask) if self.kv_norm == "layer_std" else a for a in adapted])  # [N, B, T, L, D_s]
@@ -465,27 +465,19 @@ class Distiller(nn.Module):
         return torch.stack(per_layer)
 
 
-def _std(m: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """[L] standard deviation (as layer_std_norm: population, + eps) from `layer_moments` [3, L]."""
-    n = m[2].clamp_min(1)
-    return ((m[1] / n - (m[0] / n) ** 2).clamp_min(0) + eps).sqrt()
-
-
-def _mse_sums(part: str, s: torch.Tensor, adapted: list[torch.Tensor], w: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _mse_sums(part: str, x: torch.Tensor, a: torch.Tensor, own: torch.Tensor, wt: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sums over the real tokens (float64, with graph) from which `_mse_from_sums` computes, per
     layer, mean over tokens and channels of (std(s) - sum_n w_n std(a_n))^2, std(x) = (x - mean)
-    / sqrt(var + eps) with the mean and var of all the summed tokens: s [B, T, L, D] the
-    student's K|V, adapted [N x B, T, L, D] the teachers', w the fusion weights ([N, 1, 1, 1]
-    fixed, [N, B, 1, L] router, [N, B, T, L] similarity). Any split of the tokens sums to the same."""
-    x = s[mask].double()  # [M, L, D]
-    a = torch.stack([t[mask] for t in adapted]).double()  # [N, M, L, D]
-    wt = w.expand(w.shape[0], *mask.shape, w.shape[-1])[:, mask].double()  # [N, M, L]
+    / sqrt(var + eps) with the mean and var of all the summed tokens: x [M, L, D] the student's
+    K|V at its M real tokens, a [N, M, L, D] the teachers', own [1 + N, 3, L] their
+    `layer_moments`, wt [N, M, L] the fusion weights per token. Any split of the tokens sums to
+    the same."""
     sa = a.sum(-1)  # [N, M, L] = 1^T a_n per token
     pair = torch.einsum("nmld,kmld->nkml", a, a)  # [N, N, M, L] a_n . a_k
     ww = wt[:, None] * wt[None]  # [N, N, M, L]
     out = {
-        "n": x.new_tensor(float(x.shape[0])), "nd": x.new_tensor(float(x.shape[0] * x.shape[-1])),
-        "s1": x.sum((0, 2)), "s2": (x * x).sum((0, 2)), "a1": sa.sum(1), "a2": (a * a).sum((1, 3)),  # [L], [L], [N, L], [N, L]
+        "n": x.new_tensor(float(x.shape[0])), "nd": own[0, 2, 0],
+        "s1": own[0, 0], "s2": own[0, 1], "a1": own[1:, 0], "a2": own[1:, 1],  # [L], [L], [N, L], [N, L]
         "w": wt.sum(1), "ws": (wt * x.sum(-1)).sum(1), "wa": (wt * sa).sum(1), "wsa": (wt * torch.einsum("mld,nmld->nml", x, a)).sum(1),  # [N, L]
         "ww": ww.sum(2), "wwa": (ww * sa[:, None]).sum(2), "wwaa": (ww * pair).sum(2),  # [N, N, L]; wwa[n, k] = sum w_n w_k 1^T a_n
     }

@@ -423,7 +423,9 @@ def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig,
     device, world = accelerator.device, accelerator.num_processes
     counts = [{u: c * b["weight"] for u, c in mode.counts(b).items()} for b in window]
     units = list(counts[0])
-    total = dict(zip(units, _sum_ranks(accelerator, torch.tensor([sum(c[u] for c in counts) for u in units], dtype=torch.float64)).tolist(), strict=True))
+    tokens = sum(float(b["attention_mask"].sum()) * b["weight"] for b in window)  # the run's real tokens, logged
+    both = _sum_ranks(accelerator, torch.tensor([*(sum(c[u] for c in counts) for u in units), tokens], dtype=torch.float64)).tolist()
+    total, tokens = dict(zip(units, both[:-1], strict=True)), int(both[-1])
     shares = [{u: world * c[u] / total[u] if total[u] else 0.0 for u in units} for c in counts]
     if mode.norm_missing is not None and mode.norm_missing():
         mode.update_norm(_pre_pass(mode, model, window, accelerator, step, "moments"))
@@ -468,7 +470,7 @@ def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig,
             row[k] = row.get(k, 0.0) + v
     out_row: dict[str, Any] = {k: round(v.item(), 6) for k, v in row.items() if v.dim() == 0}
     out_row.update({k: [round(x, 6) for x in v.tolist()] for k, v in row.items() if v.dim() == 1})
-    out_row["tokens"] = int(total["tokens"]) if "tokens" in total else int(_sum_ranks(accelerator, torch.tensor([float(sum(int(b["attention_mask"].sum()) * b["weight"] for b in window))], dtype=torch.float64)).item())
+    out_row["tokens"] = tokens
     return out_row
 
 
@@ -515,6 +517,7 @@ def _pre_pass(mode: Mode, model, window: list[dict[str, Any]], accelerator, step
     total: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in window:
+            # shares given (any: only the statistics are used) make the step return its "sums" / "moments"
             out = mode.step(model, batch, accelerator.device, step, dict.fromkeys(mode.counts(batch), 1.0))
             for k, v in _weighted(out.get(what, {}), batch["weight"]).items():
                 total[k] = total.get(k, 0.0) + v.detach()

@@ -17,6 +17,7 @@ __all__ = [
     "cka_sums",
     "cka_from_sums",
     "layer_moments",
+    "moment_std",
     "standardize",
     "attention_key_weights",
     "warmup_mix",
@@ -158,20 +159,24 @@ def cka_from_sums(s: dict[str, torch.Tensor]) -> torch.Tensor:
     return xy / (xx * yy).sqrt()
 
 
-def layer_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[3, L] float64, detached: per layer of x [B, T, L, D] the sum, the sum of squares and the
-    count of its values at real positions (sums: any split of a batch adds up to the whole)."""
-    with torch.no_grad():
-        v = x[mask].double()  # [N, L, D]
-        return torch.stack([v.sum(dim=(0, 2)), (v * v).sum(dim=(0, 2)), v.new_full((x.shape[2],), float(v.shape[0] * v.shape[2]))])
+def layer_moments(x: torch.Tensor) -> torch.Tensor:
+    """[3, L] per layer of x [N, L, D] (real tokens only): the sum, the sum of squares and the
+    count of its values (sums: any split of a batch adds up to the whole)."""
+    return torch.stack([x.sum(dim=(0, 2)), (x * x).sum(dim=(0, 2)), x.new_full((x.shape[1],), float(x.shape[0] * x.shape[2]))])
 
 
-def standardize(x: torch.Tensor, moments: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def moment_std(moments: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) [L] from `layer_moments` [3, L]: population variance + eps, as layer_std_norm."""
+    n = moments[2].clamp_min(1)
+    mean = moments[0] / n
+    return mean, ((moments[1] / n - mean * mean).clamp_min(0) + eps).sqrt()
+
+
+def standardize(x: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
     """x [B, T, L, D] standardised per layer by fixed statistics: `moments` [3, L] as
     `layer_moments` sums (of the previous optimizer step's window, over every rank)."""
-    mean = moments[0] / moments[2].clamp_min(1)
-    var = (moments[1] / moments[2].clamp_min(1) - mean * mean).clamp_min(0)
-    return (x - mean.to(x.dtype)[:, None]) / (var + eps).sqrt().to(x.dtype)[:, None]
+    mean, std = moment_std(moments)
+    return (x - mean.to(x.dtype)[:, None]) / std.to(x.dtype)[:, None]
 
 
 def attention_key_weights(attentions: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:

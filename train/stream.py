@@ -235,10 +235,10 @@ class MicroBatches(IterableDataset):
             yield batch
 
 
-def _shuffled(samples: Iterable[Any], size: int, rng: random.Random, buf: list[Any] | None = None) -> Iterator[Any]:
+def _shuffled(samples: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """The stream's shuffle buffer: hold up to `size` samples, yield a random one per sample read,
-    then the rest in random order. `buf`: what a resumed buffer holds already."""
-    buf = [] if buf is None else buf
+    then the rest in random order."""
+    buf: list[Any] = []
     for sample in samples:
         buf.append(sample)
         if len(buf) >= size:
