@@ -7,7 +7,8 @@ teacher layers per student layer, weighted by similarity, form the layer map. Op
 per-layer PCA of the layer-mapped teacher K and V is fitted for `dump --projection`.
 
 Writes OUT (JSON: similarity matrix, map, metadata), OUT with .png (heatmap) and, with
---pca D, OUT with -pcaD.npz."""
+--pca D, OUT with -pcaD.npz (fitted under --pca-layer-map, which it records: the dump refuses
+a projection fitted under another layer map than its own)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from kvdistill.core.data import load_examples
 from kvdistill.core.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
 from kvdistill.core.prompts import encode, pad_batch
 from kvdistill.schemas import CalibrateConfig
+
+from .run import load_layer_map
 
 __all__ = ["calibrate"]
 
@@ -95,8 +98,9 @@ def calibrate(cfg: CalibrateConfig, progress: bool = True) -> dict[str, Any]:
     _heatmap(sim.numpy(), png, f"{cfg.teacher.short_name} vs {cfg.student.short_name}")
     result: dict[str, Any] = {"layer_map": str(out), "heatmap": str(png), "similarity": sim.tolist(), "map": W.tolist(), "tokens": tokens}
     if cfg.pca is not None:
-        K = map_layers(torch.cat([k for k, _ in t_kv]).double(), W)  # [N, L_s, D_t]
-        V = map_layers(torch.cat([v for _, v in t_kv]).double(), W)
+        W_pca = W if cfg.pca_layer_map == "calibrated" else load_layer_map(cfg.pca_layer_map, g_t.num_layers, g_s.num_layers)[0]
+        K = map_layers(torch.cat([k for k, _ in t_kv]).double(), W_pca)  # [N, L_s, D_t]
+        V = map_layers(torch.cat([v for _, v in t_kv]).double(), W_pca)
         k_mean, k_comp, k_evr = fit_layer_pca(K, cfg.pca)
         v_mean, v_comp, v_evr = fit_layer_pca(V, cfg.pca)
         pca_path = out.with_name(f"{out.stem}-pca{cfg.pca}.npz")
@@ -104,6 +108,7 @@ def calibrate(cfg: CalibrateConfig, progress: bool = True) -> dict[str, Any]:
             pca_path,
             k_mean=k_mean.float().numpy(), k_components=k_comp.float().numpy(), k_evr=k_evr.numpy(),
             v_mean=v_mean.float().numpy(), v_components=v_comp.float().numpy(), v_evr=v_evr.numpy(),
+            layer_map=W_pca.float().numpy(),  # dump checks it is fitted under the map it uses
         )
         result.update(
             projection=str(pca_path),

@@ -39,7 +39,14 @@ def plan_main(args: argparse.Namespace) -> int:
     from kvdistill.core.models import load_config, load_tokenizer
     from kvdistill.core.prompts import encode
     from kvdistill.schemas import DataSpec, ModelSpec
-    from kvdistill.store.plan import codec_bytes_per_value, format_plan, plan
+    from kvdistill.store.plan import (
+        codec_bytes_per_value,
+        format_options,
+        format_plan,
+        options,
+        plan,
+    )
+    from kvdistill.store.writer import example_json
 
     student = ModelSpec(name_or_path=args.student, **({"prompt_template": args.student_template} if args.student_template else {}))
     examples = load_examples(DataSpec(source=args.data, split=args.split, config_name=args.data_config, limit=args.limit))
@@ -47,8 +54,12 @@ def plan_main(args: argparse.Namespace) -> int:
         raise ValueError(f"data {args.data} split {args.split} holds no rows; nothing to plan")
     tok = load_tokenizer(student, role="student")
     lengths = [len(encode(tok, student.prompt_template, ex)) for ex in examples]  # student grid rows
+    text = sum(len(example_json(ex.id, {"question": ex.question, "reasoning": ex.reasoning, "answer": ex.answer}).encode()) for ex in examples)
     s_geom = kv_geometry(load_config(student, role="student"))
     t_geoms = {ModelSpec(name_or_path=t).short_name: kv_geometry(load_config(ModelSpec(name_or_path=t), role="teacher")) for t in args.teacher}
+
+    def width(geom) -> int:  # what each teacher stores: its own width, or --pca D (at most its width)
+        return geom.width if args.pca is None else min(args.pca, geom.width)
 
     def estimate(num_shards: int | None) -> dict:
         return {
@@ -57,18 +68,27 @@ def plan_main(args: argparse.Namespace) -> int:
                 s_geom,
                 num_samples=len(lengths),
                 mean_tokens=sum(lengths) / len(lengths),
-                codec_bytes_per_value=codec_bytes_per_value(args.kv_dtype, s_geom.num_layers, geom.width),
+                codec_bytes_per_value=codec_bytes_per_value(args.kv_dtype, s_geom.num_layers, width(geom)),
                 num_shards=num_shards,
                 target_shard_bytes=int(args.target_shard_gib * 2**30),
                 compression_ratio=args.compression,
+                stored_width=width(geom),
+                text_bytes_per_sample=text / len(examples),
             )
             for name, geom in t_geoms.items()
         }
 
     # Every teacher shares num_shards; by default the largest teacher's suggestion.
     plans = estimate(args.num_shards or max(p["suggested_num_shards"] for p in estimate(None).values()))
+    opts = options(t_geoms, s_geom, round(sum(lengths)), [] if args.pca is None else [args.pca], text_bytes=text)
+    if args.json:
+        first = next(iter(plans.values()))
+        print(json.dumps({"samples": first["samples"], "mean_tokens": first["mean_tokens"], "rows": first["rows"], "longest_sample": max(lengths),
+                          "kv_dtype": args.kv_dtype, "pca": args.pca, "teachers": plans, "options": opts}, indent=1))
+        return 0
     print(format_plan(plans, codec=args.kv_dtype))
     print(f"longest sample: {max(lengths):,} student tokens (dump's --max-len must cover the teacher's tokens too)")
+    print(format_options(opts))
     return 0
 
 

@@ -141,6 +141,7 @@ def run_dump(cfg: DumpConfig, progress: bool = True) -> DumpResult:
 
 def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
     t0 = time.perf_counter()
+    cfg = cfg.resolved()
     name = cfg.teacher.short_name
     complete = shard_is_complete(cfg.store, name, cfg.shard)
     plan = _preflight(cfg)  # every check on the input: nothing is created before it passes
@@ -223,8 +224,8 @@ def _preflight(cfg: DumpConfig) -> _Plan:
         same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
     )
     g_t, g_s = kv_geometry(load_config(cfg.teacher, role="teacher")), kv_geometry(load_config(cfg.student, role="student"))
-    W, similarity = _layer_map(cfg, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
-    proj, proj_info = _projection(cfg, g_s.num_layers, g_t.width)
+    W, similarity = load_layer_map(cfg.align.layer_map, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
+    proj, proj_info = _projection(cfg, W, g_t.width)
     pairs, skipped = _encode_samples(cfg, shard_examples, s_tok, t_tok, kind)
     if not pairs and not cfg.allow_empty:
         raise DataError(_empty_message(cfg, len(examples), len(shard_examples)))
@@ -252,21 +253,25 @@ def _preflight(cfg: DumpConfig) -> _Plan:
     )
 
 
-def _layer_map(cfg: DumpConfig, L_t: int, L_s: int) -> tuple[torch.Tensor, list | None]:
-    """W [L_s, L_t] and, for a calibrated map, its similarity matrix."""
-    if cfg.align.layer_map == "ratio":
+def load_layer_map(layer_map: str, L_t: int, L_s: int) -> tuple[torch.Tensor, list | None]:
+    """W [L_s, L_t] of `--layer-map` ('ratio' or a layermap.json) and, for a calibrated map, its
+    similarity matrix."""
+    if layer_map == "ratio":
         return ratio_layer_map(L_t, L_s), None
-    path = Path(cfg.align.layer_map)
+    path = Path(layer_map)
     if not path.exists():
         raise FileNotFoundError(f"layer map {path} does not exist; make it with `kvdistill align calibrate`")
     d = json.loads(path.read_text())
     return layer_map_from_json(d, L_t, L_s), d.get("similarity")
 
 
-def _projection(cfg: DumpConfig, L_s: int, D_t: int) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
-    """PCA from `kvdistill align calibrate --pca D`: means [L_s, D_t], components [L_s, D_t, D]."""
+def _projection(cfg: DumpConfig, W: torch.Tensor, D_t: int) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
+    """PCA from `kvdistill align calibrate --pca D`: means [L_s, D_t], components [L_s, D_t, D].
+    It must have been fitted under this dump's layer map W [L_s, L_t] (recorded in the file):
+    a PCA of other layers' mixtures would keep the wrong subspace, silently."""
     if cfg.align.projection is None:
         return None, None
+    L_s = W.shape[0]
     z = np.load(cfg.align.projection)
     arrays = {name: torch.from_numpy(z[name]) for name in ("k_mean", "k_components", "v_mean", "v_components")}
     dim = arrays["k_components"].shape[-1]
@@ -277,6 +282,13 @@ def _projection(cfg: DumpConfig, L_s: int, D_t: int) -> tuple[dict[str, torch.Te
                 f"components {tuple(arrays[f'{part}_components'].shape)}; this teacher needs ({L_s}, {D_t}) and "
                 f"({L_s}, {D_t}, D). Recompute it with `kvdistill align calibrate --pca` for this teacher and student"
             )
+    fitted = z["layer_map"] if "layer_map" in z.files else None
+    if fitted is None or fitted.shape != tuple(W.shape) or not np.allclose(fitted, W.numpy(), atol=1e-6):
+        why = "records no layer map (an older calibrate)" if fitted is None else "was fitted under another layer map"
+        raise ValueError(
+            f"projection {cfg.align.projection} {why}; this dump uses --layer-map {cfg.align.layer_map}. Refit it under "
+            f"that map: `kvdistill align calibrate --pca D --pca-layer-map {cfg.align.layer_map}`"
+        )
     info = {"dim": dim, "k_explained_variance": z["k_evr"].sum(-1).tolist(), "v_explained_variance": z["v_evr"].sum(-1).tolist()}
     return arrays, info
 

@@ -76,6 +76,7 @@ def _portable(task: DumpConfig, store: str) -> DumpConfig:
             layer_map=align.layer_map if align.layer_map == "ratio" else _local_path(align.layer_map),
             projection=_local_path(align.projection) if align.projection else None,
         ),
+        teacher_projection={t: _local_path(p) for t, p in task.teacher_projection.items()},
     )
 
 

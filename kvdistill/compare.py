@@ -201,9 +201,12 @@ def arm_configs(
         raise ConfigError(f"CompareConfig.arms / curve_arms: unknown arm(s) {unknown}; known: {sorted(arms)} (define more in arm_overrides)")
     managed = {"store", "student", "out", "seed", "max_steps", "device"}  # set per run by compare
     for where, overrides in [("train", cfg.train), *((f"arm {a!r}", arms[a]) for a in cfg.arms)]:
-        clash = sorted(managed & set(overrides))
+        clash = sorted(managed & set(overrides) - ({"store"} if where.startswith("arm") else set()))
         if clash:
             raise ConfigError(f"CompareConfig {where}: {clash} are set by compare itself (store/student, out, seeds, steps, device); drop them")
+    for name in {*cfg.arms, *cfg.curve_arms}:
+        if "store" in arms[name]:
+            _check_same_data(name, arms[name]["store"], store)
     names, seeds, budget, where = cfg.arms, cfg.seeds, cfg.steps, ""
     if steps is not None:
         names, seeds, budget, where = cfg.curve_arms, cfg.curve_seeds or cfg.seeds, steps, f"steps-{steps}"
@@ -212,6 +215,7 @@ def arm_configs(
         out[name] = {}
         for seed in range(seeds):
             arm_store = (latent_store or store) if arms[name].get("mode") == "latent" else store
+            arm_store = arms[name].get("store", arm_store)  # e.g. the same data stored compactly
             fields = {**base, **cfg.train, **arms[name], "store": arm_store, "student": student.to_dict(), "max_steps": budget,
                       "seed": seed, "device": cfg.device, "out": str(Path(cfg.out) / "runs" / name / where / f"seed-{seed}")}
             try:
@@ -219,6 +223,21 @@ def arm_configs(
             except ConfigError as e:
                 raise ConfigError(f"compare arm {name!r} (overrides {arms[name]}): {e}") from e
     return out
+
+
+def _check_same_data(arm: str, arm_store: str, store: str) -> None:
+    """An arm may train from its own store (e.g. the same samples stored through a projection or
+    another codec) only if it holds the same data for the same student tokenizer: else the
+    paired difference would compare other samples, not other storage."""
+    from kvdistill.store import open_specs
+
+    ours, theirs = open_specs(store)[0], open_specs(arm_store)[0]
+    for field in ("data_fingerprint", "tokenizer_fingerprint"):
+        if getattr(ours, field) != getattr(theirs, field):
+            raise ConfigError(
+                f"compare arm {arm!r}: its store {arm_store} has another {field} than {store}; an arm's own store must hold "
+                "the same data for the same student (dump it with the same --data and --student)"
+            )
 
 
 def _demo_store(cfg: CompareConfig, progress: bool) -> tuple[str, ModelSpec, DataSpec]:

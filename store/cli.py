@@ -33,7 +33,10 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
         help="copy a store into a new one of the other backend (zarr <-> webdataset), or of another K/V codec",
         description="Copy every record of SRC, in order and checked as it is read, into the new store DST. K/V keep their "
         "codec where the target holds it (zarr: any; webdataset tars: float16 / float32): an int8 / int4 / bfloat16 teacher "
-        "goes into webdataset only with --kv-dtype float16 or float32 (stored decoded).",
+        "goes into webdataset only with --kv-dtype float16 or float32 (stored decoded). zarr -> zarr, a teacher whose codec "
+        "stays is copied as stored, bit for bit (int8 / int4 codes with their scales and zeros, bfloat16 bits), never "
+        "decoded and quantised again: e.g. to change --compression-level or --blosc-shuffle. A teacher whose codec "
+        "changes (--kv-dtype) is decoded to float and encoded again.",
     )
     c.add_argument("src", help="a finalized store of either backend")
     c.add_argument("dst", help="the new store (must not exist, or be an empty directory; removed again if the conversion fails)")
@@ -42,6 +45,11 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
         "--kv-dtype", choices=KV_DTYPES,
         help="store every teacher's K/V in this codec (default: each teacher's own); webdataset holds float16 / float32 only",
     )
+    c.add_argument(
+        "--compression-level", type=int, choices=range(10), metavar="0-9",
+        help="blosc-zstd level of DST's K/V chunks (zarr only; default: SRC's)",
+    )
+    c.add_argument("--blosc-shuffle", choices=("byte", "bit"), help="blosc shuffle of DST's K/V chunks (zarr only; default: SRC's)")
     c.set_defaults(func=convert_main)
     v = ssub.add_parser(
         "verify",
@@ -71,6 +79,8 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
     pl.add_argument("--num-shards", type=int, help="shards per teacher (default: the suggestion)")
     pl.add_argument("--target-shard-gib", type=float, default=1.0, help="suggest shards of about this size on disk (default: 1)")
     pl.add_argument("--compression", type=float, help="expected compression ratio (default: 1.3 for float codecs, 1.0 quantised)")
+    pl.add_argument("--pca", type=int, help="size a store projected to D dims per layer (`kvdistill align calibrate --pca D` + `dump --projection`)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object (the plan per teacher, and every storage option under 'options')")
     pl.set_defaults(func=lambda args: plan_main(check_plan_args(args)))
     if show_alignment_main is not None:
         sa = ssub.add_parser(
@@ -109,6 +119,8 @@ def check_plan_args(args: argparse.Namespace) -> argparse.Namespace:
             "--compression", args.compression,
             "must be a finite ratio > 0 (raw bytes / bytes on disk, e.g. 1.3); leave it out for the codec's default",
         )
+    if args.pca is not None and args.pca < 1:
+        raise bad("--pca", args.pca, "must be >= 1 (dims kept per layer); leave it out for the teachers' own width")
     if args.limit is not None and args.limit < 1:
         raise bad("--limit", args.limit, "must be >= 1 (the first N rows); leave it out for every row")
     return args
@@ -163,6 +175,6 @@ def convert_main(args: argparse.Namespace) -> int:
 
     source = read_store_spec(args.src).backend
     target = args.to or ("zarr" if source == "webdataset" else "webdataset")
-    dst = convert(args.src, args.dst, target, args.kv_dtype)
+    dst = convert(args.src, args.dst, target, args.kv_dtype, compression_level=args.compression_level, blosc_shuffle=args.blosc_shuffle)
     print(f"{source} -> {target}{f' ({args.kv_dtype})' if args.kv_dtype else ''}: wrote {dst}")
     return 0

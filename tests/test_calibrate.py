@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
+from kvdistill.align.layers import ratio_layer_map
 from kvdistill.cli import main
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import ShardReader, finalize, read_teacher_specs
@@ -68,3 +69,23 @@ def test_a_layer_map_for_another_depth_is_a_clear_error(tiny_store, calibrated, 
     assert rc == 3  # bad input
     err = capsys.readouterr().err
     assert "3-layer teacher" in err and "2 layers" in err and "kvdistill align calibrate" in err
+
+
+def test_a_projection_fitted_under_another_layer_map_is_refused_and_pca_layer_map_fits_under_the_dumps(tiny_store, calibrated, tmp_path, capsys):
+    teacher, student = tiny_store["teachers"][0].name_or_path, tiny_store["student"].name_or_path
+    pca = calibrated.with_name("layermap-pca8.npz")  # fitted under the CKA map
+    dump = ["dump", "--teacher", teacher, "--student", student, "--store", str(tmp_path / "x.zarr"), "--projection"]
+    rc = main([*dump, str(pca), "--layer-map", "ratio", "--limit", "8", "--device", "cpu", "--no-progress"])
+    assert rc == 3 and not (tmp_path / "x.zarr").exists()
+    err = capsys.readouterr().err.strip()
+    assert "was fitted under another layer map" in err and "--pca-layer-map ratio" in err and len(err.splitlines()) == 1
+    out = tmp_path / "r" / "layermap.json"
+    assert main(["align", "calibrate", "--teacher", teacher, "--student", student, "--samples", "12", "--pca", "4",
+                 "--pca-layer-map", "ratio", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    z = np.load(out.with_name("layermap-pca4.npz"))
+    assert np.allclose(z["layer_map"], ratio_layer_map(3, 2).numpy())
+    assert main([*dump, str(out.with_name("layermap-pca4.npz")), "--layer-map", "ratio", "--limit", "8", "--device", "cpu", "--no-progress"]) == 0
+    older = {k: z[k] for k in z.files if k != "layer_map"}  # a file from before the map was recorded
+    np.savez(tmp_path / "old.npz", **older)
+    assert main([*dump, str(tmp_path / "old.npz"), "--layer-map", "ratio", "--limit", "8", "--device", "cpu", "--no-progress"]) == 3
+    assert "records no layer map" in capsys.readouterr().err

@@ -343,6 +343,7 @@ def test_latent_slots_get_the_same_pca_projection_as_the_full_kv_and_padding_sta
     L, D, dim = 2, 32, 12
     arrays = {f"{p}_{a}": rng.standard_normal(shape).astype(np.float32) for p in "kv" for a, shape in (("mean", (L, D)), ("components", (L, D, dim)))}
     arrays |= {"k_evr": np.full((L, dim), 0.01, np.float32), "v_evr": np.full((L, dim), 0.01, np.float32)}
+    arrays["layer_map"] = np.eye(L, dtype=np.float32)  # fitted under the dump's ratio map (2 -> 2 layers: identity)
     np.savez(tmp_path / "pca.npz", **arrays)
     store = tmp_path / "p.zarr"
     data = DATA.from_dict({**DATA.to_dict(), "limit": 8})
