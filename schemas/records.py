@@ -3,6 +3,7 @@ own description, and the configs of `dump`, `train`, `eval` and `demo`."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -260,6 +261,9 @@ class DumpTask(Record):
     )
     kv_dtype: KVDtype = option("float16", help="codec of the stored K/V of every teacher not in teacher_kv_dtype (int8 / int4: KIVI-style, scales beside)")
     teacher_kv_dtype: dict[str, KVDtype] = option(factory=dict, help="codec per teacher, e.g. teacher-a=int8")
+    teacher_projection: dict[str, str] = option(
+        factory=dict, help="PCA .npz per teacher (each teacher needs its own fit), e.g. teacher-a=a-pca32.npz; overrides --projection"
+    )
     backend: Literal["zarr", "webdataset"] = option("zarr", help="how shards are stored; webdataset: one .tar per task (float16 / float32)")
     # Level 1 compresses ~4x faster than 3 (~420 vs ~90 MB/s a core) for 1-5% more bytes: at 3
     # the writer, not the forward, would bound a GPU dump (bench/store.py, BENCHMARKS.md).
@@ -306,6 +310,11 @@ class DumpConfig(DumpTask):
         super().validate()
         if not 0 <= self.shard < self.num_shards:
             raise ConfigError(f"DumpConfig.shard: need 0 <= shard < num_shards, got {self.shard} of {self.num_shards}")
+
+    def resolved(self) -> DumpConfig:
+        """This teacher's task: its own PCA projection (teacher_projection) in `align`."""
+        own = self.teacher_projection.get(self.teacher.short_name)
+        return self if own is None else dataclasses.replace(self, align=dataclasses.replace(self.align, projection=own))
 
 
 @dataclass
@@ -402,7 +411,14 @@ class CalibrateConfig(Record):
     samples: int = option(64, help="calibration samples")
     top_k: int = option(2, help="teacher layers per student layer")
     out: str = option("layermap.json", help="layer map JSON (a heatmap .png is written beside it)")
-    pca: int | None = option(None, help="also fit a D-dim PCA per layer of the layer-mapped teacher K and V, for `dump --projection`")
+    pca: int | None = option(
+        None, help="also fit a D-dim PCA per layer of the layer-mapped teacher K and V, for `dump --projection` "
+        "(the compact store: e.g. D = teacher K/V width / 16 with `dump --kv-dtype int4`; `kvdistill store plan` sizes it)"
+    )
+    pca_layer_map: str = option(
+        "calibrated", help="the layer map the PCA is fitted under, which must be the one the dump uses (it is recorded and "
+        "checked): 'calibrated' (the map this run writes), 'ratio', or a layermap.json"
+    )
     time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = option(
         "auto", help="teacher tokens onto the student's (auto: from the data)"
     )
@@ -413,6 +429,8 @@ class CalibrateConfig(Record):
         self.check_min(1, "samples", "top_k")
         if self.pca is not None and self.pca < 1:
             raise ConfigError(f"CalibrateConfig.pca: must be >= 1 or null, got {self.pca}")
+        if self.pca_layer_map not in ("calibrated", "ratio") and not self.pca_layer_map.endswith(".json"):
+            raise ConfigError(f"CalibrateConfig.pca_layer_map: 'calibrated', 'ratio' or a layermap .json file, got {self.pca_layer_map!r}")
         self.check_min(1, "batch_size")
 
 
@@ -504,6 +522,11 @@ class TrainConfig(Record):
     grad_clip: float = option(1.0, help="gradient clipping norm (0: off)", group="optimisation", aliases=("--max-grad-norm",))
     seed: int = option(0, help="seed for init order, shuffling and dropout", group="optimisation")
     shuffle_buffer: int = option(256, help="samples held for shuffling within shards", group="data")
+    shuffle_buffer_bytes: int = option(
+        2**30, group="data",
+        help="caps the shuffle buffer in bytes: it holds at most this many bytes of K/V as stored (a mean sample of the "
+        "store, every teacher read), so fewer than --shuffle-buffer samples at large widths; computed from the store alone",
+    )
     num_workers: int = option(0, help="dataloader worker processes", group="data")
     # "stored": as the store holds them (float16 / bfloat16 in 16 bits, int8 / int4 codes +
     # scales), made float32 on the device: 2-8x fewer bytes to read, collate and copy. "decoded":
@@ -616,7 +639,7 @@ class TrainConfig(Record):
             raise ConfigError(f"TrainConfig.metric_for_best_model: a validation metric such as val_loss or val_ce, got {self.metric_for_best_model!r}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"TrainConfig.warmup_ratio: a fraction of max_steps in [0, 1), got {self.warmup_ratio}")
-        self.check_min(1, "lora_alpha", "shuffle_buffer", "log_every", "stop_at_step")
+        self.check_min(1, "lora_alpha", "shuffle_buffer", "shuffle_buffer_bytes", "log_every", "stop_at_step")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"TrainConfig.lora_dropout: must lie in [0, 1), got {self.lora_dropout}")
         if self.teacher_weights and not any(w > 0 for w in self.teacher_weights.values()):
@@ -723,7 +746,8 @@ class CompareConfig(Record):
     arms: list[str] = option(factory=lambda: list(COMPARE_ARMS), help="arms to run; the baseline arm is required (differences are paired against it)")
     baseline: str = option("ce", help="the arm every difference is paired against (e.g. latent-codi for a latent-mode sweep)")
     arm_overrides: dict[str, dict[str, Any]] = option(
-        factory=dict, help="adds or replaces arms: name -> TrainConfig overrides, e.g. kv-cos={kv_loss: cosine}"
+        factory=dict, help="adds or replaces arms: name -> TrainConfig overrides, e.g. kv-cos={kv_loss: cosine}; an arm may set "
+        "its own store holding the same data (e.g. stored compactly: kv-int4={fusion: fixed, store: int4.zarr})"
     )
     steps: int = option(300, help="optimizer steps per run")
     curve_steps: list[int] = option(
