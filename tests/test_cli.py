@@ -216,6 +216,7 @@ def _leaves(cls: type[Record], prefix: str = ""):
 SAMPLE = {
     "ModelSpec.prompt_template": "Q: {question} R: {reasoning} A: {answer}",
     "AlignSpec.layer_map": "map.json",
+    "CalibrateConfig.pca_layer_map": "map.json",
     "SlurmSpec.time": "1:00:00",
     "DumpTask.backend": "zarr", "DumpConfig.backend": "zarr",  # webdataset refuses a compression level
     "TrainConfig.mode": "cot",  # latent mode refuses the cot-only fusion / adapter settings

@@ -114,7 +114,7 @@ def diagnose(cfg: TrainConfig, batches: int = 4, checkpoint: str | Path | None =
     params = [p for ps in groups.values() for p in ps]
     bounds = list(itertools.accumulate(len(ps) for ps in groups.values()))
     stream = KVStream(
-        cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, read_kv=mode.read_kv, read_latent=mode.read_latent,
+        cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, shuffle_buffer_bytes=cfg.shuffle_buffer_bytes, read_kv=mode.read_kv, read_latent=mode.read_latent,
         kv_as_stored=kv_as_stored(cfg.kv_transfer, device), shards=split_shards(cfg, spec.num_shards)[0],
     )
     loader = train_loader(stream, cfg, pad_id, mode.control)  # as in train, the shuffled-KV control included

@@ -27,19 +27,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvdistill.core.capture import cache_kwarg
+from kvdistill.core.capture import cache_kwarg, decoder
 from kvdistill.core.data import load_examples
 from kvdistill.core.models import load_model, load_tokenizer, pad_token_id, resolve_device
 from kvdistill.core.prompts import encode, pad_batch, prompt_text
 from kvdistill.schemas import DEFAULT_TEMPLATE, EvalConfig, ModelSpec, TrainConfig
 
 from .answers import answers_match, extract_answer
-from .losses import masked_ce
 
-__all__ = ["resolve_checkpoint", "evaluate", "greedy_generate", "default_max_new_tokens", "left_pad", "generated_lengths"]
+__all__ = [
+    "resolve_checkpoint", "evaluate", "greedy_generate", "default_max_new_tokens", "left_pad", "generated_lengths", "sequence_nll", "hidden_nll", "plain_head",
+]
+
+# Float32 logits of one chunk of the perplexity pass: 64 MiB (~110 tokens at a 150k
+# vocabulary), so the pass never holds [B, T, V] (64 x 500 tokens x 150k: ~19 GB in float32).
+NLL_CHUNK_BYTES = 2**26
 
 
 def resolve_checkpoint(model: str) -> tuple[str, str]:
@@ -125,6 +131,62 @@ def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens
     return new[:, :G]
 
 
+def hidden_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL (a float64 scalar) of targets [N] given the final-norm hidden states [N, H]
+    that predict them, through the model's output head in chunks of NLL_CHUNK_BYTES of float32
+    logits: what cross_entropy(head(hidden)) sums over the same tokens, to float rounding (the
+    model's own logits where `plain_head`), with a few hundred MB at most whatever the vocabulary."""
+    lm_head = model.get_output_embeddings()
+    rows = max(1, NLL_CHUNK_BYTES // (4 * lm_head.weight.shape[0]))
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for a in range(0, len(targets), rows):
+        logits = lm_head(hidden[a : a + rows]).float()  # [rows, V]
+        total += F.cross_entropy(logits, targets[a : a + rows], reduction="sum").double()
+    return total
+
+
+@torch.inference_mode()
+def plain_head(model) -> bool:
+    """Whether the model's logits are its output head applied to the decoder's final hidden
+    states (Llama, Qwen2 / Qwen3 and most causal LMs; not those that scale or soft-cap logits
+    in the forward: Gemma 2, Cohere, Granite), checked on a few tokens: where they are, the
+    perplexity is computed in chunks (`hidden_nll`), else from the full logits."""
+    device = model.get_output_embeddings().weight.device
+    ids = torch.arange(1, 5, device=device)[None] % model.get_output_embeddings().weight.shape[0]  # [1, 4]
+    full = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+    mine = model.get_output_embeddings()(decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[:, -1]).float()
+    return bool(torch.allclose(full, mine, rtol=1e-3, atol=1e-3))
+
+
+def sequence_nll(model, ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, plain: bool = True) -> tuple[float, int]:
+    """(summed next-token NLL, tokens) over the positions whose *target* is in loss_mask [B, T]
+    (train.losses.masked_ce's tokens, summed instead of averaged). plain (`plain_head`): the
+    decoder runs without its LM head and `hidden_nll` scores the masked positions only, in
+    chunks, so no [B, T, V] logits exist; else the model's full logits."""
+    sel = loss_mask[:, 1:].bool()  # [B, T - 1]: position t predicts token t + 1
+    targets = ids[:, 1:][sel]
+    if plain:
+        hidden = decoder(model)(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, T, H]
+        return hidden_nll(model, hidden[:, :-1][sel], targets).item(), int(sel.sum())
+    logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits  # [B, T, V]
+    return F.cross_entropy(logits[:, :-1][sel].float(), targets, reduction="sum").item(), int(sel.sum())
+
+
+class _NoLMHead:
+    """The student as `train.latent.jacobi` sees it, without its LM head: the decoder stack
+    (`.model`), the input embeddings and an identity output head, so the "logits" jacobi returns
+    are the final hidden states and no [B, S, V] tensor is made (`hidden_nll` scores them)."""
+
+    def __init__(self, model) -> None:
+        self.model, self._embeddings = decoder(model), model.get_input_embeddings()
+
+    def get_input_embeddings(self):
+        return self._embeddings
+
+    def get_output_embeddings(self):
+        return torch.nn.Identity()
+
+
 def _budget(cfg: EvalConfig, gold_lengths: list[int]) -> int:
     return cfg.max_new_tokens if cfg.max_new_tokens is not None else default_max_new_tokens(gold_lengths)
 
@@ -178,6 +240,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     ckpt, template = resolve_checkpoint(cfg.model)
     template = cfg.prompt_template or template
     device, tok, model, examples, pad_id = _setup(cfg, ckpt, template)
+    plain = plain_head(model)
     enc = [encode(tok, template, ex) for ex in examples]
     prompts = tok([prompt_text(template, ex.question) for ex in examples], add_special_tokens=False)["input_ids"]
     budget = _budget(cfg, [int(e.loss_mask.sum()) for e in enc])  # reasoning + answer + EOS: what generation writes
@@ -194,11 +257,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         # Perplexity of the gold continuation, teacher-forced.
         ids, mask = pad_batch([enc[j].input_ids for j in rows], pad_id)
         lmask = pad_batch([enc[j].loss_mask for j in rows], 0)[0].bool()
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        n = int(lmask[:, 1:].sum())
-        nll += masked_ce(logits, ids.to(device), lmask.to(device)).item() * n
+        batch_nll, n = sequence_nll(model, ids.to(device), mask.to(device), lmask.to(device), plain)
+        nll += batch_nll
         n_tok += n
-        del logits
         # Greedy generation from the prompt.
         p_ids, p_mask = left_pad([prompts[j] for j in rows], pad_id)
         new = greedy_generate(model, p_ids.to(device), p_mask.to(device), budget, tok.eos_token_id, pad_id)
@@ -237,11 +298,12 @@ def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
         ids = pad_batch([e.input_ids for e in enc[i : i + cfg.batch_size]], pad_id)[0]
         seg = pad_batch([e.segment_ids.astype("int64") for e in enc[i : i + cfg.batch_size]], -1)[0]
         q, qm, a, am = (x.to(device) for x in split_segments(ids, seg, pad_id))
-        run = jacobi(model, head, q, qm, iterations, tail_ids=a, tail_mask=am)
-        P = q.shape[1]
-        logits = run["logits"][:, P + head.slots - 1 : -1]
-        nll += torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), a, reduction="none")[am.bool()].sum().item()
-        n_tok += int(am.sum())
+        # jacobi's logits are head(final hidden) (train/latent.py `_run`): here the hidden states
+        # alone, scored at the answer's positions in chunks, so no [B, S, V] logits exist.
+        run = jacobi(_NoLMHead(model), head, q, qm, iterations, tail_ids=a, tail_mask=am)
+        P, sel = q.shape[1], am.bool()
+        nll += hidden_nll(model, run["hidden"][:, P + head.slots - 1 : -1][sel], a[sel]).item()
+        n_tok += int(sel.sum())
         # Greedy answers from the question alone (left-padded).
         p_ids, p_mask = left_pad(tok([prompt_text(template, ex.question) for ex in batch], add_special_tokens=False)["input_ids"], pad_id)
         gen = latent_generate(model, head, p_ids.to(device), p_mask.to(device), iterations, budget, tok.eos_token_id, pad_id)

@@ -252,6 +252,7 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
         list(teachers),
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
+        shuffle_buffer_bytes=cfg.shuffle_buffer_bytes,
         read_kv=mode.read_kv,
         read_latent=mode.read_latent,
         kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
@@ -288,6 +289,11 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
             f"kvdistill train: mode {mode.name}, {max_steps} steps of an effective batch {cfg.batch_size} x {accum} (accumulation) "
             f"x {world} (processes) = {cfg.batch_size * accum * world} samples", flush=True,
         )
+        if stream.buffer_size < cfg.shuffle_buffer:
+            print(
+                f"kvdistill train: shuffle buffer capped at {stream.buffer_size} of --shuffle-buffer {cfg.shuffle_buffer} samples by "
+                f"--shuffle-buffer-bytes {cfg.shuffle_buffer_bytes} ({stream.sample_bytes / 2**20:.1f} MiB a sample as stored)", flush=True,
+            )
     metrics_f, logged = open_metrics(cfg, out) if accelerator.is_main_process else (None, 0)
     best = Best.resume(out, cfg) if ckpt_in else Best(cfg.metric_for_best_model)
     history: list[dict[str, Any]] = []

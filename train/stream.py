@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kvdistill.align.time import linear_resample_time_map
-from kvdistill.store import StoreError, open_specs, read_index, shard_samples
+from kvdistill.store import StoreError, codecs, open_specs, read_index, shard_samples
 from kvdistill.store.codecs import QuantRows
 
 from .quant import collate_quant
@@ -33,10 +33,11 @@ __all__ = ["KVStream", "MicroBatches", "Window", "windows", "collate", "train_lo
 class KVStream(IterableDataset):
     """One global sample order per epoch, fixed by the seed and the store alone (never by the
     number of processes or DataLoader workers): the stream's shards (every shard, or `shards`)
-    in a seeded order, concatenated, through a seeded shuffle buffer of `shuffle_buffer`
-    samples. The order is computed on positions (index.parquet's counts), so any part of it can
-    be read without reading what comes before: `samples(epoch, outputs)` reads exactly the
-    samples a rank's micro-batches need (`MicroBatches` splits each global batch across ranks).
+    in a seeded order, concatenated, through a seeded shuffle buffer of `buffer_size` samples:
+    `shuffle_buffer`, or fewer where `shuffle_buffer_bytes` binds (`buffer_size`). The order is
+    computed on positions (index.parquet's counts), so any part of it can be read without reading
+    what comes before: `samples(epoch, outputs)` reads exactly the samples a rank's micro-batches
+    need (`MicroBatches` splits each global batch across ranks).
 
     Iterating the stream yields the current epoch's samples in that order (tools and tests; the
     trainer iterates `MicroBatches`). Each sample: {"sample_id", "shard", "input_ids" [T],
@@ -61,6 +62,7 @@ class KVStream(IterableDataset):
         read_latent: bool = False,
         kv_as_stored: bool = True,
         shards: list[int] | None = None,
+        shuffle_buffer_bytes: int | None = None,
     ) -> None:
         self.store = Path(store)
         self.spec, known = open_specs(store)
@@ -68,7 +70,8 @@ class KVStream(IterableDataset):
         if missing:
             raise StoreError(f"store {store} has no teacher(s) {missing}; it holds {sorted(known)}")
         self.teachers = list(teachers)
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self._specs = {t: known[t] for t in self.teachers}
+        self.seed, self.shuffle_buffer, self.shuffle_buffer_bytes = seed, shuffle_buffer, shuffle_buffer_bytes
         self.read_kv = read_kv
         self.kv_as_stored = kv_as_stored
         self.read_latent = read_latent
@@ -82,6 +85,7 @@ class KVStream(IterableDataset):
         self.shards = None if shards is None else _check_shards(shards, self.spec.num_shards, store)
         self.epoch = 0
         self._shard_counts: dict[int, int] | None = None
+        self._shard_rows: dict[int, int] = {}
         self._orders: dict[int, np.ndarray] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -103,13 +107,36 @@ class KVStream(IterableDataset):
         `epoch_order(epoch)`'s shards, of the j-th sample trained on."""
         if epoch not in self._orders:
             rng = random.Random(f"{self.seed}-{epoch}")
-            self._orders = {epoch: np.fromiter(_shuffled(range(len(self)), self.shuffle_buffer, rng), dtype=np.int64, count=len(self))}
+            self._orders = {epoch: np.fromiter(_shuffled(range(len(self)), self.buffer_size, rng), dtype=np.int64, count=len(self))}
         return self._orders[epoch]
+
+    @property
+    def sample_bytes(self) -> float:
+        """Bytes of a mean sample of this stream's shards as stored, every teacher read: K and V
+        rows (index.parquet's rows / samples x each teacher's codec bytes per row at its stored
+        width). The store's alone: the same on any number of processes and workers, whatever
+        is read (read_kv) and however it is held (kv_as_stored; float32 decoded on the CPU takes
+        up to 2x this for float16 and 8x for int4)."""
+        pool = self.shards if self.shards is not None else list(range(self.spec.num_shards))
+        n = sum(self._counts()[s] for s in pool)
+        rows = sum(self._shard_rows[s] for s in pool)
+        per_row = sum(_bytes_per_row(x.kv_dtype, len(x.layer_map), x.width) for x in self._specs.values())
+        return rows * per_row / n if n else 0.0
+
+    @property
+    def buffer_size(self) -> int:
+        """The shuffle buffer in samples: shuffle_buffer, or fewer where shuffle_buffer_bytes
+        binds: min(shuffle_buffer, max(1, floor(shuffle_buffer_bytes / sample_bytes)))."""
+        if self.shuffle_buffer_bytes is None:
+            return self.shuffle_buffer
+        mean = self.sample_bytes
+        return self.shuffle_buffer if mean <= 0 else min(self.shuffle_buffer, max(1, int(self.shuffle_buffer_bytes // mean)))
 
     def samples(self, epoch: int, outputs: list[int]) -> Iterator[dict[str, Any]]:
         """The samples at indices `outputs` of the epoch's global order, in that order. Reads only
         them (in store order, `store.shard_samples(keep=...)`) and holds each one read ahead of
-        its turn: with a shuffle buffer of B samples, about B x (the share of samples wanted)."""
+        its turn: with a shuffle buffer of B samples (`buffer_size`), about B x (the share of
+        samples wanted)."""
         wanted = self.order(epoch)[np.asarray(outputs, dtype=np.int64)]
         keep = np.unique(wanted)
         got = self._samples(self.epoch_order(epoch), keep)
@@ -128,10 +155,12 @@ class KVStream(IterableDataset):
         yield from self.samples(self.epoch, list(range(len(self))))
 
     def _counts(self) -> dict[int, int]:
-        """Samples per shard (index.parquet)."""
+        """Samples per shard (index.parquet); rows per shard in _shard_rows."""
         if self._shard_counts is None:
             index = read_index(self.store, self.teachers[:1])
-            self._shard_counts = {s: len(index.get((self.teachers[0], s), ((), []))[1]) for s in range(self.spec.num_shards)}
+            got = {s: index.get((self.teachers[0], s), (np.zeros(1, np.int64), [])) for s in range(self.spec.num_shards)}
+            self._shard_rows = {s: int(offsets[-1] - offsets[0]) for s, (offsets, _) in got.items()}
+            self._shard_counts = {s: len(ids) for s, (_, ids) in got.items()}
         return self._shard_counts
 
     def _samples(self, shards: list[int], keep: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -245,6 +274,11 @@ def _shuffled(samples: Iterable[Any], size: int, rng: random.Random) -> Iterator
             yield buf.pop(rng.randrange(len(buf)))
     rng.shuffle(buf)
     yield from buf
+
+
+def _bytes_per_row(codec: str, L: int, D: int) -> float:
+    """K and V bytes of one token row as stored (float32: the webdataset backend's, or zarr's)."""
+    return 8.0 * L * D if codec == "float32" else codecs.bytes_per_row(codec, L, D)
 
 
 def _check_shards(shards: list[int], num_shards: int, store: str | Path) -> list[int]:
