@@ -22,8 +22,9 @@ teacher's K/V width per student layer (`kvdistill align calibrate --pca D` fits 
     python bench/fetch_real.py --out real
     OMP_NUM_THREADS=1 python bench/compact.py frontier --model real/smollm2-135m --data real/gsm8k/train.jsonl
     OMP_NUM_THREADS=1 python bench/compact.py stores --demo-out demo-out --fractions 8,16 --codec int4
-    OMP_NUM_THREADS=1 kvdistill compare --config demo-out/compare-compact.yaml
-    python bench/compact.py gain --compare cmp-compact
+    OMP_NUM_THREADS=1 kvdistill compare --config demo-out/compare-compact.yaml      # or split over 2 processes:
+    #   ... --out cmp-a --arms ce,kv-pca16-int4  and  ... --out cmp-b --arms kv-fixed,kv-pca8-int4 --baseline kv-fixed
+    python bench/compact.py gain --compare cmp-a,cmp-b
 """
 
 from __future__ import annotations
@@ -263,8 +264,9 @@ def stores(args: argparse.Namespace) -> None:
 
 def gain(args: argparse.Namespace) -> None:
     """(arm - ce) / (kv-fixed - ce), per seed paired, with a 95% bootstrap CI over seeds."""
-    res = json.loads((Path(args.compare) / "compare.json").read_text())
-    arms = res["arms"]
+    arms: dict = {}
+    for folder in args.compare.split(","):  # compares may split the arms (one process each)
+        arms.update(json.loads((Path(folder) / "compare.json").read_text())["arms"])
 
     def per_seed(arm: str, metric: str) -> dict[int, float]:
         return {r["seed"]: r[metric] for r in arms[arm]["runs"]}
@@ -307,7 +309,7 @@ def main() -> None:
     s.add_argument("--compare-out", default="cmp-compact")
     s.set_defaults(func=stores)
     g = sub.add_parser("gain", help="distillation gain kept, from a compare run")
-    g.add_argument("--compare", default="cmp-compact")
+    g.add_argument("--compare", default="cmp-compact", help="compare folder(s), comma-separated, holding ce, kv-fixed and the compact arms")
     g.add_argument("--bootstrap", type=int, default=10_000)
     g.set_defaults(func=gain)
     args = ap.parse_args()

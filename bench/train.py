@@ -178,7 +178,7 @@ class Run:
         opt = torch.optim.AdamW(self.mode.param_groups, weight_decay=cfg.weight_decay)
         sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)  # stepped once per step, as in train
         self.stream = KVStream(
-            cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, read_kv=self.mode.read_kv,
+            cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, shuffle_buffer_bytes=cfg.shuffle_buffer_bytes, read_kv=self.mode.read_kv,
             read_latent=self.mode.read_latent, kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device), shards=train_shards,
         )
         self.loader = train_loader(self.stream, cfg, pad_id, self.mode.control)
