@@ -92,6 +92,25 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm((got - want).ravel()) / np.linalg.norm(want.ravel()))
 
 
+def int2_simulated(part: str, x: np.ndarray) -> np.ndarray:
+    """What a 2-bit codec would give (not a store codec: the frontier asks whether one would
+    help): int4's layout (asymmetric min / max, keys per channel over 32 rows, values per token
+    over 32 channels) with 4 levels instead of 16."""
+    n, _, D = x.shape
+    g = codecs._groups(x, part)
+    axis = 1 if part == "k" else 3
+    lo, hi = g.min(axis=axis), g.max(axis=axis)
+    zero, scale = codecs._expand(lo, part, n, D), codecs._expand((hi - lo) / 3, part, n, D)
+    q = np.clip(np.rint(np.divide(x - zero, scale, out=np.zeros_like(x), where=scale > 0)), 0, 3)
+    return zero + scale * q
+
+
+def int2_bytes_per_token(layers: int, width: int) -> float:
+    """2 bits a code, plus int4's scale and zero arrays."""
+    scales = {p: codecs.bytes_per_row("int4", layers, width, part=p) - layers * -(-width // 2) for p in "kv"}
+    return 2 * layers * -(-width // 4) + sum(scales.values())
+
+
 def stored_bytes(codec: str, k: np.ndarray, v: np.ndarray, offsets: np.ndarray) -> int:
     """Bytes on disk of K/V as the store writes them (ShardWriter: codec + blosc-zstd)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,6 +217,18 @@ def frontier(args: argparse.Namespace) -> None:
             r.update({f"stream_{k}": v for k, v in stream_rate(codec, D_7b // f, evr, tokens=args.stream_tokens).items()})
             rows.append(r)
             print(_row(r), flush=True)
+    for f in (4, 8, 16, 32):  # a 2-bit codec, simulated: would twice the dims at int4's bytes help?
+        d = D_real // f
+        r = {"option": f"pca/{f}-int2 (simulated)", "fraction": f, "codec": "int2 (simulated)", "dim_real": d, "dim_7b": D_7b // f}
+        for p in "kv":
+            mean, comp, evr = fit_layer_pca(torch.from_numpy(kv[p][:n_cal]), d)
+            y = project_layers(torch.from_numpy(held[p]), mean.float(), comp.float()).numpy()
+            back = reconstruct_layers(torch.from_numpy(int2_simulated(p, y)), mean.float(), comp.float()).numpy()
+            r[f"err_{p}"], r[f"ev_{p}"] = rel_err(back, held[p]), float(evr.sum(-1).mean())
+        r["bytes_7b_raw"] = r["bytes_7b_disk"] = int2_bytes_per_token(STUDENT_05B.num_layers, D_7b // f)
+        r["compression"] = 1.0
+        rows.append(r)
+        print(_row(r), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "data": args.data, "samples": args.samples, "tokens": int(offsets[-1]),
@@ -212,8 +243,12 @@ HEADER = (f"{'option':<20} {'dim 7B':>6} {'B/tok raw':>9} {'B/tok disk':>10} {'x
 
 def _row(r: dict) -> str:
     return (f"{r['option']:<20} {r['dim_7b']:>6} {r['bytes_7b_raw']:>9,.0f} {r['bytes_7b_disk']:>10,.0f} {49152 / r['bytes_7b_disk']:>8.1f}x "
-            f"{r['ev_k']:>5.3f} {r['ev_v']:>5.3f} {r['err_k']:>6.3f} {r['err_v']:>6.3f} {r['stream_per_cpu_second']:>10,.0f} "
-            f"{r['stream_dequant_cpu_tokens_per_s']:>13,.0f}")
+            f"{r['ev_k']:>5.3f} {r['ev_v']:>5.3f} {r['err_k']:>6.3f} {r['err_v']:>6.3f} {_rate(r, 'stream_per_cpu_second'):>10} "
+            f"{_rate(r, 'stream_dequant_cpu_tokens_per_s'):>13}")
+
+
+def _rate(r: dict, key: str) -> str:
+    return f"{r[key]:,.0f}" if key in r else "-"
 
 
 # ----------------------------------------------------------------------------- stores

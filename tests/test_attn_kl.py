@@ -26,11 +26,14 @@ LENGTHS = [9, 5, 7]  # a right-padded batch, as train/stream.py collate pads
 
 
 def _model(arch: str = "qwen2", seed: int = 0):
-    """2 layers, hidden 32, 4 query heads over 2 kv heads of 8 dims (GQA), eager attention."""
+    """2 layers, hidden 32, 4 query heads over 2 kv heads of 8 dims (GQA), eager attention.
+    Weights drawn 5x wider than the default 0.02, so attention is not near uniform: A_t takes the
+    student's key scale (issue 26), and at 0.02 both would be flat and the KL ~1e-4."""
     config_cls, model_cls, extra = CONFIGS[arch]
     config = config_cls(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_implementation="eager", **extra,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_implementation="eager",
+        initializer_range=0.1, **extra,
     )
     torch.manual_seed(seed)
     return model_cls(config).float().eval()
@@ -97,7 +100,9 @@ def test_queries_are_captured_only_when_asked():
 
 def _reference_kl(model, cap, k_t, lengths) -> list[float]:
     """Per sample, directly from the definition: HF's own RoPE, each sample's real tokens alone
-    with a -inf causal mask, KL(A_t || A_s) summed over keys, meaned over query heads, tokens, layers."""
+    with a -inf causal mask, KL(A_t || A_s) summed over keys, meaned over query heads, tokens, layers;
+    the target keys k_t (one teacher) first put on the student keys' mean and std over the
+    sample's real tokens and channels, per layer (the target's fixed temperature, issue 26)."""
     out = []
     for b, n in enumerate(lengths):
         layers = []
@@ -105,7 +110,9 @@ def _reference_kl(model, cap, k_t, lengths) -> list[float]:
             cos, sin = (x[:, :n] for x in cap["rope"][i])
             q = cap["q"][i][b : b + 1, :n].view(1, n, 4, 8).transpose(1, 2)
             ks = cap["k"][i][b : b + 1, :n].view(1, n, 2, 8).transpose(1, 2)
-            kt = k_t[b : b + 1, :n, i].view(1, n, 2, 8).transpose(1, 2)
+            kt = k_t[b : b + 1, :n, i]
+            kt = ks.mean() + (kt - kt.mean()) * ks.std(unbiased=False) / kt.std(unbiased=False)
+            kt = kt.view(1, n, 2, 8).transpose(1, 2)
             q, ks = apply_rotary_pos_emb(q, ks, cos, sin)
             _, kt = apply_rotary_pos_emb(q, kt, cos, sin)
             causal = torch.full((n, n), -math.inf).triu(1)
@@ -119,7 +126,8 @@ def _reference_kl(model, cap, k_t, lengths) -> list[float]:
 
 
 def test_attention_kl_is_the_definition_per_sample_teacher_attention_as_the_target():
-    """Identity adapter (teacher width = student width): the target keys are the stored ones."""
+    """Identity adapter (teacher width = student width): the target keys are the stored ones,
+    rescaled onto the student's (`_reference_kl`)."""
     model = _model()
     ids, mask = _batch()
     kv = _teacher_kv({"t": 16}, *ids.shape)
@@ -211,6 +219,75 @@ def test_gradient_checkpointing_gives_the_same_term_and_gradient():
         got.append((out["attn_kl"].detach(), g))
     torch.testing.assert_close(got[0][0], got[1][0])
     torch.testing.assert_close(got[0][1], got[1][1])
+
+
+# ----------------------------------------------------------------------------- the target's temperature
+
+
+def _target_attention(dist, model, ids, mask, kv, monkeypatch):
+    """(out, A_t per layer [B, H_kv, G, T, T]): the forward's terms and the attention of the
+    student's queries over the target keys the forward handed `_attn_kl_layers`."""
+    seen = {}
+    inner = dist._attn_kl_layers
+
+    def spy(cap, k_s, k_t, m):
+        seen["cap"], seen["k_t"] = cap, k_t
+        return inner(cap, k_s, k_t, m)
+
+    monkeypatch.setattr(dist, "_attn_kl_layers", spy)
+    with torch.no_grad():
+        out = dist(ids, mask, mask, kv)
+    cap, real = seen["cap"], mask.bool()
+    a_t = []
+    for i, spec in enumerate(attention_layout(model)):
+        q = rope_heads(cap["q"][i], cap["rope"][i], spec["heads"])
+        kt = rope_heads(seen["k_t"][:, :, i], cap["rope"][i], spec["kv_heads"])
+        a_t.append(attention_log_probs(q, kt, real, spec["scaling"], spec["sliding_window"]).exp())
+    return out, a_t
+
+
+ADAPTERS = {
+    "flat": ({"t": 24}, {}),
+    "headwise": ({"t": 24}, {"adapter": "headwise", "teacher_heads": {"t": (3, 8)}, "student_heads": (2, 8)}),
+    "two-teachers": ({"teacher-a": 24, "teacher-b": 8}, {"teacher_weights": {"teacher-a": 3.0, "teacher-b": 1.0}}),
+}
+
+
+@pytest.mark.parametrize("adapters", list(ADAPTERS))
+def test_the_target_attention_does_not_follow_the_k_adapters_scale_which_no_loss_controls(adapters, monkeypatch):
+    """Issue 26: the layer_std KV loss is blind to a positive rescaling of the K adapter (per
+    layer, per teacher), and attention KL does not train the adapter (A_t is detached), so
+    nothing holds the adapter's scale; A_t must not change with it, or its sharpness (the
+    target's temperature) would drift with a norm no loss sees. Each parameter of each K adapter
+    (the adapters have no bias) scaled by 0.25, 1 and 4, uniformly and then differently per
+    teacher and layer: kv_k stays (the symmetry is real), and so do A_t and attn_kl."""
+    widths, kw = ADAPTERS[adapters]
+    model = _model()
+    ids, mask = _batch()
+    kv = _teacher_kv(widths, *ids.shape)
+    real = mask.bool()
+    torch.manual_seed(3)
+    dist = _distiller(model, widths, **kw)
+    base = {n: p.detach().clone() for n, p in dist.adapters.named_parameters()}
+    assert base and all(".k." in n or ".v." in n for n in base)
+
+    def run(scale):  # scale(name, param) -> a positive factor per layer, broadcast over the layer's parameter
+        with torch.no_grad():
+            for n, p in dist.adapters.named_parameters():
+                p.copy_(base[n] * scale(n).view(-1, *[1] * (p.dim() - 1)) if ".k." in n else base[n])
+        return _target_attention(dist, model, ids, mask, kv, monkeypatch)
+
+    ref, ref_a = run(lambda n: torch.ones(1))
+    variants = {f"x{c}": (lambda n, c=c: torch.tensor([c])) for c in (0.25, 4.0)}
+    variants["per teacher and layer"] = lambda n: torch.tensor([0.25, 4.0]) if "teacher_b" not in n else torch.tensor([3.0, 0.5])
+    for name, scale in variants.items():
+        out, a_t = run(scale)
+        assert out["kv_k"].item() == pytest.approx(ref["kv_k"].item(), rel=1e-3), name  # up to layer_std's eps
+        for i, (got, want) in enumerate(zip(a_t, ref_a, strict=True)):
+            rows = real[:, None, None, :, None].expand_as(got)
+            torch.testing.assert_close(got[rows], want[rows], rtol=0, atol=1e-6, msg=f"{name}: A_t of layer {i}")
+        torch.testing.assert_close(out["attn_kl_layers"], ref["attn_kl_layers"], rtol=0, atol=1e-6, msg=f"{name}: attn_kl")
+    assert ref["attn_kl"].item() > 1e-3
 
 
 # ----------------------------------------------------------------------------- schedule and config

@@ -17,6 +17,7 @@ from kvdistill.core.capture import attention_layout, capture_kv, rope_heads
 from .losses import (
     attention_key_weights,
     attention_kl,
+    attention_target_keys,
     cka_from_sums,
     cka_sums,
     layer_anneal_weights,
@@ -180,10 +181,12 @@ class Distiller(nn.Module):
     ramp 0 -> 1 linearly over attn_kl_warmup_steps (`linear_ramp`): per student layer, the mean
     over real query tokens and query heads of KL(A_t || A_s) (`attention_kl`), A_s the student's
     attention (its RoPE-rotated queries over its own keys, causal + padding mask, as eager
-    attention computes it), A_t the same queries over the fused adapted teacher keys (the KV_K
-    target before any layer_std standardisation: logits need the raw scale), rotated by the
-    student's own RoPE at its positions. A_t is the detached target; the term trains the student
-    only (not adapters or router). Computed whenever the weight is > 0, also while the ramp is 0."""
+    attention computes it), A_t the same queries over the fused adapted teacher keys, each
+    teacher's put on the student's own key mean and std per sample and layer first
+    (`attention_target_keys`: logits need a scale, and the adapters' is one no loss holds), rotated
+    by the student's own RoPE at its positions. A_t is the detached target; the term trains the
+    student only (not adapters or router). Computed whenever the weight is > 0, also while the
+    ramp is 0."""
 
     def __init__(
         self,
@@ -422,16 +425,21 @@ class Distiller(nn.Module):
                 term = (layer_w * per_layer).mean()
                 out[f"kv_{part}"], out[f"kv_{part}_layers"] = term, per_layer.detach()
                 loss = loss + self.kv_weight * term * share["tokens"]
-            if part == "k" and self.attn_kl_weight > 0:  # the same fusion of the unstandardised adapter outputs
-                with torch.no_grad():  # A_t is a detached target: no graph needed
-                    k_fused = (w.detach()[..., None] * torch.stack(adapted).detach()).sum(0)  # [B, T, L, D_s]
+            if part == "k" and self.attn_kl_weight > 0:
+                # A_t's keys: the same fusion, each teacher's adapted keys first put on the student's
+                # own per-sample, per-layer key mean and std (detached). Not the raw adapter outputs:
+                # the layer_std KV loss is blind to an adapter's scale (and attention KL does not
+                # train it), so their norm, hence A_t's sharpness, would drift freely (issue 26).
+                # The student's scale is the reference because it sets A_s's temperature and no
+                # adapter can move it; when the adapted keys already have it, nothing changes.
+                k_target = attention_target_keys(raw_s.detach(), torch.stack(adapted).detach(), w.detach(), mask)  # [B, T, L, D_s]
             if self.fusion_mode != "fixed":  # mean routing weight per teacher, over real tokens
                 for t, wt in zip(teachers, w, strict=True):
                     out[f"route_{part}_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
             if self.cka_weight > 0:
                 sums.update(self._cka_sums(part, z_s, target, mask))
         if self.attn_kl_weight > 0:
-            per_layer = self._attn_kl_layers(cap, student_kv["k"], k_fused, mask)
+            per_layer = self._attn_kl_layers(cap, student_kv["k"], k_target, mask)
             out["attn_kl"], out["attn_kl_layers"] = per_layer.mean(), per_layer.detach()
             loss = loss + self.attn_kl_weight * linear_ramp(step, self.attn_kl_warmup_steps) * out["attn_kl"] * share["tokens"]
         out["loss"] = loss

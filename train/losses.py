@@ -252,6 +252,33 @@ def attention_kl(
     return torch.where(mask, kl, 0.0)
 
 
+def attention_target_keys(k_s: torch.Tensor, adapted: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The keys the attention-KL target A_t reads, [B, T, L, D] float, with a fixed temperature:
+    each teacher's adapted keys adapted [N, B, T, L, D] centred and scaled per sample and layer
+    onto the student's keys k_s [B, T, L, D] on the same tokens (mean and std over the sample's
+    real tokens and channels), a_n -> mu_s + (a_n - mu_n) * std_s / std_n, then fused with the
+    weights w (broadcast to [N, B, T, L]; summing to 1 over teachers). So A_t is the attention
+    over the layer_std KV target put back into the student's key frame: blind to each adapter's
+    scale and to any shift of its output by a constant per layer, which the layer_std KV loss
+    cannot see and so does not hold (issue 26), and equal to the plain fusion when the adapted
+    keys already have the student's mean and std (the student's own keys: k_s, up to rounding). No eps
+    (unlike layer_std_norm): the ratio is exactly scale-free. Per sample: A_t of a sample does
+    not depend on what it is batched with. Padded positions stay out of the statistics (even NaN).
+    Detached (no_grad): a target."""
+    with torch.no_grad():
+        m = mask[:, :, None, None]  # [B, T, 1, 1]
+        n = (m.sum(dim=1, keepdim=True) * k_s.shape[-1]).clamp_min(1)  # [B, 1, 1, 1]
+
+        def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # per sample and layer: [..., B, 1, L, 1]
+            mean = torch.where(m, x, 0.0).sum(dim=(-3, -1), keepdim=True) / n
+            return mean, (torch.where(m, (x - mean) ** 2, 0.0).sum(dim=(-3, -1), keepdim=True) / n).sqrt()
+
+        mu_s, sd_s = moments(k_s.float())
+        a = adapted.float()
+        mu_t, sd_t = moments(a)
+        return mu_s + (w.float()[..., None] * (a - mu_t) * (sd_s / sd_t.clamp_min(1e-12))).sum(0)
+
+
 def linear_ramp(step: int | None, ramp_steps: int) -> float:
     """A loss weight's factor: 0 at step 0 rising linearly to 1 at step >= ramp_steps; 1 when
     ramp_steps is 0 or step is None (every schedule complete)."""
