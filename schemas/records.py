@@ -4,6 +4,7 @@ own description, and the configs of `dump`, `train`, `eval` and `demo`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -475,6 +476,16 @@ class TrainConfig(Record):
     )
     attn_kl_warmup_steps: int = option(0, help="the attention KL weight ramps linearly from 0 over these steps", group="KV loss")
     kv_weight: float = option(1.0, help="weight of the KV loss (0: the CE-only baseline)", group="KV loss")
+    # KV weight over training (issue 26: the KV gain is an early one): `kv_weight_at`.
+    kv_weight_schedule: Literal["constant", "linear", "cosine"] = option(
+        "constant", help="KV weight over the run: constant (kv_weight), or a linear / cosine decay from kv_weight at the first "
+        "step to kv_weight_final as the planned steps end (like the LR schedule); every K/V term it weights (and Z) follows it",
+        group="KV loss",
+    )
+    kv_weight_final: float = option(
+        0.0, help="the KV weight a linear / cosine --kv-weight-schedule ends at: an absolute weight like kv_weight, not a fraction of it",
+        group="KV loss",
+    )
     ce_weight: float = option(1.0, help="weight of the CE loss", group="KV loss")
     kv_norm: Literal["layer_std", "none"] = option("layer_std", help="standardise K/V per layer before the loss, or not", group="KV loss")
     kv_loss: Literal["mse", "smooth_l1", "cosine"] = option("mse", help="distance of student and target K/V", group="KV loss")
@@ -601,11 +612,36 @@ class TrainConfig(Record):
         included): warmup_ratio x steps when a ratio is set, else warmup_steps."""
         return round(self.warmup_ratio * steps) if self.warmup_ratio is not None else self.warmup_steps
 
+    def kv_weight_at(self, step: int, steps: int) -> float:
+        """The KV weight optimizer step `step` (0-based) of a run of `steps` planned optimizer steps
+        (the trainer's, num_train_epochs included: the LR schedule's count) trains with: kv_weight
+        when constant; else kv_weight_final + (kv_weight - kv_weight_final) x d(step / steps), d(p)
+        = 1 - p (linear) or (1 + cos(pi p)) / 2 (cosine), from step 0 (no warm-up). Like the LR
+        it reaches the floor as the planned steps end: the first step trains at kv_weight, the
+        last a 1/steps part of (kv_weight - kv_weight_final) above the floor (linear; cosine less),
+        so a run with kv_weight > 0 never trains a step at weight 0. A function of the step alone:
+        the same on any number of processes or micro-batches, and after a resume."""
+        if self.kv_weight_schedule == "constant":
+            return self.kv_weight
+        p = min(max(step / max(steps, 1), 0.0), 1.0)
+        d = 1.0 - p if self.kv_weight_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+        return self.kv_weight_final + (self.kv_weight - self.kv_weight_final) * d
+
     def validate(self) -> None:
         self.check_min(1, "max_steps", "batch_size")
         if self.latent_iterations < 1:
             raise ConfigError(f"TrainConfig.latent_iterations: must be >= 1, got {self.latent_iterations}")
-        self.check_min(0, "codi_weight", "cot_weight", "kv_weight", "ce_weight")
+        self.check_min(0, "codi_weight", "cot_weight", "kv_weight", "kv_weight_final", "ce_weight")
+        if self.kv_weight_schedule != "constant" and self.kv_weight == 0:
+            raise ConfigError(
+                f"TrainConfig.kv_weight_schedule {self.kv_weight_schedule!r}: kv_weight 0 (the CE-only baseline) has nothing to decay; "
+                "set kv_weight > 0 (the starting weight) or kv_weight_schedule constant"
+            )
+        if self.kv_weight_schedule == "constant" and self.kv_weight_final != 0:
+            raise ConfigError(
+                f"TrainConfig.kv_weight_final {self.kv_weight_final}: applies to a decaying KV weight only; "
+                "set kv_weight_schedule linear or cosine, or drop kv_weight_final"
+            )
         for name, w in (self.teacher_weights or {}).items():
             if not w >= 0:
                 raise ConfigError(f"TrainConfig.teacher_weights[{name!r}]: must be >= 0, got {w}")

@@ -321,6 +321,7 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
             window.append(batch)
             if batch["micro"] < batch["micros"] - 1:
                 continue
+            kv_weight = _schedule_kv_weight(cfg, mode, pos.step, max_steps)
             row = optimizer_step(mode, model, opt, sched, accelerator, cfg, window, pos.step)
             pos.step += 1
             pos.tokens += row.pop("tokens")
@@ -333,7 +334,7 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
                 with samples_log.open("a") as f:
                     f.write(json.dumps({"step": pos.step, "epoch": pos.epoch, "sample_ids": [i for b in real for i in b["sample_ids"]]}) + "\n")
             window = []
-            row = {"step": pos.step, "epoch": pos.epoch, "lr": sched.get_last_lr()[0], "tokens": pos.tokens, **row}
+            row = {"step": pos.step, "epoch": pos.epoch, "lr": sched.get_last_lr()[0], **({} if kv_weight is None else {"kv_weight": kv_weight}), "tokens": pos.tokens, **row}
             validated = bool(val_loader is not None and pos.step % cfg.eval_steps == 0)
             if validated:
                 row.update(validate(mode, model, val_loader, accelerator, pos.step, cfg.val_batches))
@@ -478,6 +479,23 @@ def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig,
     out_row.update({k: [round(x, 6) for x in v.tolist()] for k, v in row.items() if v.dim() == 1})
     out_row["tokens"] = tokens
     return out_row
+
+
+def _schedule_kv_weight(cfg: TrainConfig, mode: Mode, step: int, max_steps: int) -> float | None:
+    """--kv-weight-schedule: the KV weight optimizer step `step` (0-based) trains with
+    (`TrainConfig.kv_weight_at` over the planned max_steps, as the LR schedule), set as the model's
+    kv_weight, which weights every K/V term of either mode (Distiller: kv_k / kv_v, per micro-batch
+    or from the window's sums, and Z; LatentStudent: kv_k + kv_v) and the validation after the step.
+    A function of the step alone, so the same on every rank and after a resume. It stays > 0 on
+    every step a run takes (`kv_weight_at`), so what kv_weight > 0 switches on (the K/V capture,
+    adapters) stays on. None, the model untouched, under 'constant' (kv_weight as configured)."""
+    if cfg.kv_weight_schedule == "constant":
+        return None
+    weight = cfg.kv_weight_at(step, max_steps)
+    if not weight > 0:  # kv_weight_at keeps it > 0 before the last planned step ends; a weight 0 would switch the K/V terms off
+        raise RuntimeError(f"kv_weight schedule {cfg.kv_weight_schedule}: weight {weight} at step {step + 1} of {max_steps}")
+    mode.model.kv_weight = weight
+    return weight
 
 
 def _weighted(part: dict[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
