@@ -502,7 +502,7 @@ class TrainConfig(Record):
     )
     z_teacher_maps: Literal["fixed", "learned"] = option(
         "fixed", help="teacher maps into Z: fixed (frozen random semi-orthogonal: Z is anchored by the teachers, no collapse) "
-        "or learned (needs z_loss barlow or cca, whose correlation terms prevent collapse)", group="Z space"
+        "or learned (needs z_loss barlow or cca, scored on whitened Z, so a collapse costs what a miss does)", group="Z space"
     )
     z_offdiag_weight: float = option(
         0.005, help="lambda of barlow (off-diagonal cross-correlation) and cca (off-diagonal of each side's correlation)", group="Z space"
@@ -772,7 +772,7 @@ COMPARE_ARMS = ["ce", "kv-single", "kv-fixed", "kv-shuffled"]
 class CompareConfig(Record):
     """`kvdistill compare`: train and evaluate every arm (a name -> TrainConfig overrides) once
     per seed on one store, and report each arm as mean and 95% CI over seeds, plus its paired
-    difference to the `ce` arm. Default: the embedded demo's data, teachers and store."""
+    difference to the baseline arm (`ce` by default). Default: the embedded demo's data, teachers and store."""
 
     out: str = option("compare-out", help="output directory (runs/<arm>/seed-<n>, compare.json, compare.html)")
     seeds: int = option(

@@ -1,9 +1,12 @@
 """The common Z space (train/zspace.py): off it changes nothing, its losses are masked and
 scale-free, a collapsed Z is never a low loss, the guard keeps optimised maps from collapsing
-(and without it they do), and a Z run trains, saves its sample and is drawn by the report."""
+(and without it they do: to a point without standardisation, to a few directions without
+whitening when teacher and student share factors), and a Z run trains, saves its sample and is
+drawn by the report."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -60,30 +63,30 @@ def _z(n_tokens: int = 4096, layers: int = 2, dim: int = 8, seed: int = 0) -> tu
     return z, mask
 
 
-@pytest.mark.parametrize("kind", Z_LOSSES)
-def test_each_z_loss_is_about_zero_for_identical_sides_positive_otherwise_and_blind_to_padding(kind):
+@pytest.mark.parametrize("kind, whiten", [(k, False) for k in Z_LOSSES] + [("barlow", True), ("cca", True)])
+def test_each_z_loss_is_about_zero_for_identical_sides_positive_otherwise_and_blind_to_padding(kind, whiten):
     a, mask = _z(seed=0)
     b, _ = _z(seed=1)
     a, b = standardize(a, mask), standardize(b, mask)
-    same, per_layer = z_loss(a, a, mask, kind)
+    same, per_layer = z_loss(a, a, mask, kind, whiten=whiten)
     assert per_layer.shape == (2,) and same < 0.01, same
-    other = z_loss(a, b, mask, kind)[0]
+    other = z_loss(a, b, mask, kind, whiten=whiten)[0]
     assert other > 0.5, other  # independent sides: mse ~2, cosine / barlow / cca ~1
     nan = torch.full_like(a, float("nan"))
     pad = ~mask[:, :, None, None]
-    assert torch.equal(z_loss(torch.where(pad, nan, a), torch.where(pad, 1e6, b), mask, kind)[0], other)
+    assert torch.equal(z_loss(torch.where(pad, nan, a), torch.where(pad, 1e6, b), mask, kind, whiten=whiten)[0], other)
     # standardisation reads real tokens only, so garbage in the padding changes no real token
     raw, _ = _z(seed=2)
     assert torch.equal(standardize(raw, mask)[mask], standardize(torch.where(pad, 1e6, raw), mask)[mask])
 
 
-@pytest.mark.parametrize("kind", Z_LOSSES)
-def test_a_collapsed_z_scores_at_least_one_for_every_loss_with_the_default_guard(kind):
+@pytest.mark.parametrize("kind, teacher_maps", [(k, "fixed") for k in Z_LOSSES] + [("barlow", "learned"), ("cca", "learned")])
+def test_a_collapsed_z_scores_at_least_one_for_every_loss_with_the_default_guard(kind, teacher_maps):
     """Bound (train/zspace.py, guard 2): a Z constant over the tokens standardises to 0, so
     against a standardised, non-constant target it scores mse = mean var / (var + eps) >= 1 - 1e-4
-    here, cosine 1, barlow and cca >= 1, where identical sides score ~0 (test above)."""
+    here, cosine 1, barlow and cca >= 1 (whitened too), where identical sides score ~0 (test above)."""
     g = torch.Generator().manual_seed(0)
-    zspace = ZSpace(WIDTHS, 32, 2, 8, loss=kind)  # the default guard: fixed teacher maps, standardised Z
+    zspace = ZSpace(WIDTHS, 32, 2, 8, loss=kind, teacher_maps=teacher_maps)  # the default guard: standardised Z
     mask = torch.ones(4, 64, dtype=torch.bool)
     mask[0, 50:] = False
     one_token = torch.randn(1, 1, 2, 32, generator=g)
@@ -94,10 +97,10 @@ def test_a_collapsed_z_scores_at_least_one_for_every_loss_with_the_default_guard
     assert out.std < 1e-5 and out.erank == 0  # the collapse statistics see it
     # A student that is not collapsed scores below the bound only by correlating with the target:
     # here it is the target itself.
-    assert z_loss(out.target, out.target, mask, kind)[0] < 0.02
+    assert z_loss(out.target, out.target, mask, kind, whiten=zspace.whiten)[0] < 0.02
     # Both sides collapsed: cosine, barlow and cca still score >= 1; mse scores ~0, which is why
     # trained teacher maps are allowed with barlow / cca only (TrainConfig.validate).
-    both = z_loss(out.student, torch.zeros_like(out.student), mask, kind)[0]
+    both = z_loss(out.student, torch.zeros_like(out.student), mask, kind, whiten=zspace.whiten)[0]
     assert (both < 1e-6) if kind == "mse" else (both >= 1 - 1e-6), both
 
 
@@ -140,6 +143,95 @@ def test_maps_optimised_without_the_guard_collapse():
     (std0, erank0), (std, _), teacher_std = _optimise_maps("learned", "mse", standardize=False)
     assert std0 > 0.5 and erank0 > 6
     assert std < 1e-2 * std0 and teacher_std < 1e-2, (std0, std, teacher_std)
+
+
+@pytest.mark.parametrize("kind", ["barlow", "cca"])
+def test_dimensional_collapse_of_both_sides_is_cheap_unwhitened_and_costs_its_lost_rank_whitened(kind):
+    """Issue 26, at Z 32 and the default lambda 0.005: both sides with every dimension on one
+    shared direction score lambda (Z - 1) (barlow) / 2 lambda (Z - 1) (cca) unwhitened, below an
+    honest Z whose every dimension correlates 0.3 with the target's; whitened, a collapse to rank
+    r scores >= ((Z - r) / Z)^2 (barlow) / (Z - r) / Z (cca), above the honest Z."""
+    g = torch.Generator().manual_seed(0)
+    z_dim, lam, n = 32, 0.005, 4096
+    mask = torch.ones(8, n // 8, dtype=torch.bool)
+    mask[:, -7:] = False
+
+    def honest() -> tuple[torch.Tensor, torch.Tensor]:  # per dimension an own shared factor, correlation 0.3 between sides
+        shared = torch.randn(8, n // 8, 1, z_dim, generator=g)
+        side = [0.3**0.5 * shared + 0.7**0.5 * torch.randn(shared.shape, generator=g) for _ in range(2)]
+        return side[0], side[1]
+
+    def collapsed(rank: int) -> tuple[torch.Tensor, torch.Tensor]:  # both sides: Z dimensions on `rank` shared directions
+        a, _ = honest()
+        a = a[..., :rank] @ torch.randn(rank, z_dim, generator=g)
+        return a, a.clone()
+
+    def score(sides: tuple[torch.Tensor, torch.Tensor], whiten: bool) -> float:
+        return z_loss(standardize(sides[0], mask), standardize(sides[1], mask), mask, kind, lam, whiten)[0].item()
+
+    fair = {w: score(honest(), w) for w in (False, True)}
+    cheap = score(collapsed(1), whiten=False)
+    assert cheap == pytest.approx((1 if kind == "barlow" else 2) * lam * (z_dim - 1), rel=1e-3), cheap  # 0.155 / 0.31
+    assert cheap < 0.5 * fair[False], (cheap, fair)  # the old guard: collapsing pays
+    for rank in (1, 4, 16):
+        bound = (z_dim - rank) / z_dim
+        cost = score(collapsed(rank), whiten=True)
+        assert cost >= (bound**2 if kind == "barlow" else bound) - 1e-3, (rank, cost)
+        assert rank == 16 or cost > fair[True], (rank, cost, fair)  # the guard: collapsing never pays
+    assert fair[True] < (0.55 if kind == "barlow" else 0.75), fair  # the honest Z: (1 - 0.3)^2 / 1 - 0.3 plus noise
+
+
+def _shared_kv(batches: int, seed: int = 1):
+    """K/V of a student (width 16) and a teacher (width 24) over 2 layers that share 16 latent
+    factors of strengths 2 .. 0.25 (fixed per-layer mixings, unit noise per channel), a fresh
+    [8, 64] batch per step: a few strong shared directions and many weak ones."""
+    g = torch.Generator().manual_seed(seed)
+    mix = {w: torch.randn(2, 16, 2 * w, generator=g) / 4 for w in (16, 24)}
+    strength = torch.linspace(2.0, 0.25, 16)
+
+    def kv(width: int, factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.einsum("btlf,lfd->btld", factors, mix[width]) + torch.randn(8, 64, 2, 2 * width, generator=g)
+        return x[..., :width], x[..., width:]
+
+    for _ in range(batches):
+        factors = torch.randn(8, 64, 2, 16, generator=g) * strength
+        yield kv(16, factors), {"t": kv(24, factors)}
+
+
+def _optimise_shared(kind: str, whiten: bool, steps: int = 150) -> tuple[float, float, float, float]:
+    """Adam on learned teacher and student maps (no student model) over `_shared_kv`; the
+    student's z_erank at init, and at the end the student's z_erank, the teacher's and its z_std."""
+    torch.manual_seed(0)
+    zspace = ZSpace({"t": 24}, 16, 2, 8, loss=kind, teacher_maps="learned", kv_norm="none", whiten=whiten)
+    mask = torch.ones(8, 64, dtype=torch.bool)
+    mask[:, 60:] = False
+    opt = torch.optim.Adam(zspace.parameters(), lr=1e-2)
+    batches = _shared_kv(steps + 1)
+    first = None
+    for student, teachers in itertools.islice(batches, steps):
+        out = zspace(student, teachers, mask)
+        first = first or out.erank.item()
+        opt.zero_grad()
+        out.per_layer.mean().backward()
+        opt.step()
+    with torch.no_grad():  # a fresh batch of the same factors and mixings
+        student, teachers = next(batches)
+        out = zspace(student, teachers, mask)
+        teacher_std, teacher_erank = collapse_stats(zspace.embed(teachers["t"], mask, "t"), mask)
+    return first, out.erank.item(), teacher_erank.item(), teacher_std.item()
+
+
+@pytest.mark.parametrize("kind", ["barlow", "cca"])
+def test_learned_maps_on_shared_factors_collapse_to_a_few_directions_unwhitened_and_keep_their_rank_whitened(kind):
+    """Issue 26: with learned teacher maps and shared factors, the unwhitened objective drives
+    both sides' 8 Z dimensions onto ~4 directions (effective rank ~7.4 at init); the whitened one
+    (the default for learned maps) keeps them near 8."""
+    erank0, erank, teacher_erank, _ = _optimise_shared(kind, whiten=False)
+    assert erank0 > 7 and erank < 5 and teacher_erank < 5, (erank0, erank, teacher_erank)
+    erank0, erank, teacher_erank, teacher_std = _optimise_shared(kind, whiten=True)
+    assert erank0 > 7 and erank > 0.8 * 8 and teacher_erank > 0.8 * 8 and teacher_std > 0.5, (erank0, erank, teacher_erank, teacher_std)
+    assert ZSpace({"t": 24}, 16, 2, 8, loss=kind, teacher_maps="learned").whiten  # the default for learned maps
+    assert not ZSpace({"t": 24}, 16, 2, 8, loss=kind).whiten  # fixed maps keep the plain loss
 
 
 def test_train_config_refuses_z_space_where_it_cannot_serve_or_guard():

@@ -22,13 +22,22 @@ and loss_l one of (`z_loss`, per layer, over the N real tokens):
   [sum_i (1 - C_ii) + lambda (sum_{i != j} (C_ss)_ij^2 + sum_{i != j} (C_tt)_ij^2)] / Z.
 barlow and cca standardise their inputs themselves (it is part of their definition); the /Z
 puts every loss on the same scale (~0 for identical, decorrelated sides; 1 for a collapsed one).
+With learned teacher maps (`whiten`) barlow and cca read C off the whitened sides instead:
+C = L_s^-1 C_st L_t^-T, with L L^T = C_ss + RIDGE I (Cholesky whitening, as in Ermolov et al.
+2021, "Whitening for self-supervised representation learning"; the Z x Z matrices only, in
+float64); barlow's off-diagonal term reads the whitened C too, cca's soft penalty stays on
+each side's own (unwhitened) correlations. cca is then CCA proper (each side
+constrained to Z^T Z / N = I): at its optimum sum_i C_ii is the sum of the top Z canonical
+correlations of the two sides. Like any CCA it needs N well above Z real tokens per micro-batch:
+sample canonical correlations are biased up by ~Z / N, and with N - 1 <= Z the two whitened
+sides span the same directions whatever they hold.
 
 Collapse (both sides mapping every token to one point, or every dimension to one direction)
 is the trivial way to a low loss once both sides are trained; it is guarded three ways:
 1. Z is anchored by the teachers: by default (teacher_maps "fixed") each g_i is a frozen random
    semi-orthogonal projection (a buffer, not a parameter): the target is the teachers' data
    seen through a fixed lens and cannot move towards the student. "learned" g_i are allowed
-   only with barlow / cca (TrainConfig.validate), whose correlation terms guard them.
+   only with barlow / cca (TrainConfig.validate), and only whitened (guard 3).
 2. Every Z is standardised per dimension over real tokens: the loss is blind to the maps'
    scale (no gradient towards shrinking; the learned maps get no weight decay), and a Z
    constant over the tokens standardises to exactly 0. Against a non-constant other side it
@@ -36,8 +45,22 @@ is the trivial way to a low loss once both sides are trained; it is guarded thre
    for cosine, barlow and cca whatever the other side): the score of a student that has
    learned nothing, above any whose Z correlates rho > 0 per dimension with the target
    (cosine ~ 1 - rho, barlow ~ (1 - rho)^2, cca ~ 1 - rho; mse 2 - 2 rho, below 1 once rho > 1/2).
-3. barlow / cca need every diagonal correlation at 1 and penalise correlated dimensions, so
-   neither a constant Z nor all dimensions on one direction (dimensional collapse) is cheap.
+3. Dimensional collapse (every dimension on one direction, or on r << Z of them). A fixed
+   target keeps its own spread: a student of rank 1 reaches at most sum_i C_ii <=
+   sqrt(Z lambda_max) of Z, lambda_max the largest eigenvalue of the target's correlation
+   matrix (Z only for a target collapsed itself). With both sides
+   learned, the soft penalties alone do not stop it: all Z dimensions of both sides on one
+   shared direction make every C_ii ~ 1 and cost only lambda (Z - 1) under barlow and
+   2 lambda (Z - 1) under cca (0.155 / 0.31 at Z 32, lambda 0.005), less than an honest
+   solution's miss wherever teacher and student share a few strong factors and many weak
+   ones (then optimised maps fall to rank ~4 of 8; tests/test_zspace.py). Whitened, a side of
+   rank r has at most r unit directions: the whitened C has singular values <= 1 and rank <= r,
+   so sum_i C_ii <= r, and the collapse costs at least (Z - r) / Z under cca and
+   ((Z - r) / Z)^2 under barlow, whatever lambda; as canonical correlations are >= 0, a
+   further dimension never raises cca's optimum. Whitening is blind to the maps' conditioning,
+   which the ridge (a direction of variance v << RIDGE counts only v / (v + RIDGE)) and, for cca,
+   the soft penalty on each side's own correlations keep from degenerating. Fixed teacher maps
+   keep the plain (unwhitened) barlow / cca, unchanged.
 The student's collapse statistics are logged every step (`collapse_stats`): "z_std", the
 mean per-dimension std of its raw Z over real tokens (-> 0: collapse to a point), and
 "z_erank", the effective rank (Roy & Vetterli 2007) of its Z's correlation matrix, mean over
@@ -71,6 +94,7 @@ Z_LOSSES = ("mse", "cosine", "barlow", "cca")
 SAMPLE_TOKENS = 512  # real tokens per source in the Z sample the report draws
 EPS = 1e-5
 COS_FLOOR = 0.1
+RIDGE = 1e-3  # added to each side's [Z, Z] correlation matrix before it is whitened
 
 
 class ZMap(nn.Module):
@@ -114,10 +138,22 @@ def _offdiag_sq(c: torch.Tensor) -> torch.Tensor:
     return c.pow(2).sum(dim=(-2, -1)) - c.diagonal(dim1=-2, dim2=-1).pow(2).sum(-1)
 
 
-def z_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, kind: str = "mse", offdiag_weight: float = 0.005) -> tuple[torch.Tensor, torch.Tensor]:
+def _whitened_cross(c_ab: torch.Tensor, c_aa: torch.Tensor, c_bb: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """The cross-correlation of the Cholesky-whitened sides, L_a^-1 C_ab L_b^-T with
+    L L^T = C + ridge I (all [L, Z, Z]), in float64: a [Z, Z] sum, never an [N, Z] solve."""
+    eye = ridge * torch.eye(c_aa.shape[-1], dtype=torch.float64, device=c_aa.device)
+    la, lb = (torch.linalg.cholesky(c.double() + eye) for c in (c_aa, c_bb))
+    x = torch.linalg.solve_triangular(la, c_ab.double(), upper=False)  # L_a^-1 C_ab
+    return torch.linalg.solve_triangular(lb, x.mT, upper=False).mT.to(c_ab.dtype)  # (L_b^-1 (L_a^-1 C_ab)^T)^T
+
+
+def z_loss(
+    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, kind: str = "mse", offdiag_weight: float = 0.005, whiten: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss in Z (module docstring) between a, b [B, T, L, Z] over the real tokens of mask
     [B, T] (padded positions are selected away: even NaN there cannot leak in).
-    offdiag_weight: lambda of barlow / cca. Returns (scalar, per-layer loss [L])."""
+    offdiag_weight: lambda of barlow / cca. whiten: barlow / cca on the whitened sides (the
+    guard of learned teacher maps; mse / cosine ignore it). Returns (scalar, per-layer loss [L])."""
     if kind not in Z_LOSSES:
         raise ValueError(f"unknown z_loss {kind!r}; choose one of {list(Z_LOSSES)}")
     a, b = a[mask].float(), b[mask].float()  # [N, L, Z]; float32: correlations in bf16 are too coarse
@@ -134,12 +170,14 @@ def z_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, kind: str = "ms
     else:
         a, b = _std_rows(a), _std_rows(b)
         c = torch.einsum("nli,nlj->lij", a, b) / n  # [L, Z, Z] cross-correlation
-        diag = c.diagonal(dim1=-2, dim2=-1)  # [L, Z]
-        if kind == "barlow":
-            per_layer = ((1 - diag) ** 2).sum(-1) + offdiag_weight * _offdiag_sq(c)
-        else:
-            c_aa = torch.einsum("nli,nlj->lij", a, a) / n
+        if kind == "cca" or whiten:
+            c_aa = torch.einsum("nli,nlj->lij", a, a) / n  # [L, Z, Z] each side's own correlation
             c_bb = torch.einsum("nli,nlj->lij", b, b) / n
+        cw = _whitened_cross(c, c_aa, c_bb) if whiten else c
+        diag = cw.diagonal(dim1=-2, dim2=-1)  # [L, Z]
+        if kind == "barlow":
+            per_layer = ((1 - diag) ** 2).sum(-1) + offdiag_weight * _offdiag_sq(cw)
+        else:
             per_layer = (1 - diag).sum(-1) + offdiag_weight * (_offdiag_sq(c_aa) + _offdiag_sq(c_bb))
         per_layer = per_layer / z_dim
     return per_layer.mean(), per_layer
@@ -182,7 +220,9 @@ class ZSpace(nn.Module):
     teacher_maps: "fixed" (frozen random semi-orthogonal, the default guard) or "learned".
     offdiag_weight: lambda of barlow / cca. kv_norm: "layer_std" standardises K and V per layer
     before the maps. standardize False drops the per-dimension standardisation of every Z (the
-    collapse guard 2; tests switch it off to show the collapse it prevents)."""
+    collapse guard 2; tests switch it off to show the collapse it prevents). whiten: barlow / cca
+    on the whitened sides (guard 3), None: on with learned teacher maps, off with fixed ones
+    (tests switch it off with learned maps to show the dimensional collapse it prevents)."""
 
     def __init__(
         self,
@@ -196,6 +236,7 @@ class ZSpace(nn.Module):
         offdiag_weight: float = 0.005,
         kv_norm: str = "layer_std",
         standardize: bool = True,
+        whiten: bool | None = None,
     ) -> None:
         super().__init__()
         if z_dim < 1:
@@ -206,6 +247,7 @@ class ZSpace(nn.Module):
             raise ValueError(f"unknown z_teacher_maps {teacher_maps!r}; choose fixed or learned")
         self.teachers = list(teacher_widths)
         self.loss, self.offdiag_weight, self.kv_norm, self.standardize = loss, offdiag_weight, kv_norm, standardize
+        self.whiten = teacher_maps == "learned" if whiten is None else whiten
         self.student_map = ZMap(num_layers, student_width, z_dim, learned=True)
         self.teacher_maps = nn.ModuleList(ZMap(num_layers, w, z_dim, learned=teacher_maps == "learned") for w in teacher_widths.values())
         self.sample: dict[str, torch.Tensor] | None = None  # the last training batch's Z, per source [n, L, Z]
@@ -236,7 +278,7 @@ class ZSpace(nn.Module):
         z_t = torch.stack([self._std(self.embed(kv, mask, t), mask) for t, kv in teacher_kv.items()])  # [N, B, T, L, Z]
         w = route(z_s, z_t) if route is not None else z_t.new_full((len(z_t), 1, 1, 1), 1 / len(z_t))
         target = self._std((w[..., None] * z_t).sum(0), mask)
-        _, per_layer = z_loss(z_s, target, mask, self.loss, self.offdiag_weight)
+        _, per_layer = z_loss(z_s, target, mask, self.loss, self.offdiag_weight, self.whiten)
         std, erank = collapse_stats(raw_s, mask)
         if self.training:
             self.sample = _pick(mask, {**dict(zip(teacher_kv, z_t, strict=True)), "fused target": target, "student": z_s})
