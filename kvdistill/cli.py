@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(demo, DemoConfig)
     demo.set_defaults(func=demo_main)
     compare = sub.add_parser(
-        "compare", help="train and evaluate arms (ce, kv-*, shuffled control) over seeds: mean, 95%% CI, paired difference to ce"
+        "compare", help="train and evaluate arms (ce, kv-*, shuffled control) over seeds: mean, 95%% CI, paired difference to the baseline arm (--baseline, default ce)"
     )
     add_flags(compare, CompareConfig)
     compare.set_defaults(func=compare_main)

@@ -7,11 +7,11 @@ arm (same seed, so the shuffle order and adapter init cancel), or against anothe
     kvdistill compare --seeds 2 --arms ce,kv-fixed,kv-shuffled --steps 100
     kvdistill compare --curve-steps 100,1000           # + accuracy against steps for ce and kv-fixed
 
-Per arm against `ce` (the baseline): the paired difference over seeds with its CI, a paired t-test (p, and
+Per arm against the baseline (default `ce`): the paired difference over seeds with its CI, a paired t-test (p, and
 Holm-adjusted over the arms), the effect size d_z (mean / sd of the paired differences), the
 minimum detectable effect of a paired t-test with this many seeds (two-sided alpha 0.05,
 power 0.8, at the observed sd), and for accuracy a bootstrap over seeds and questions
-(resampled paired: the same seeds and questions for the arm and ce).
+(resampled paired: the same seeds and questions for the arm and the baseline).
 
 Arms are data: a name -> TrainConfig overrides (`ARMS`, extended or replaced by
 CompareConfig.arm_overrides). Default store: the embedded demo's (its teachers cached as the
@@ -113,7 +113,7 @@ def mean_ci(values: list[float], confidence: float = CONFIDENCE) -> dict[str, An
 
 
 def paired_stats(diffs: list[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """mean_ci of paired differences (arm - ce, one per seed) plus a two-sided paired t-test
+    """mean_ci of paired differences (arm - baseline, one per seed) plus a two-sided paired t-test
     ("t", "p"), the effect size "d_z" = mean / sd, and "mde": the smallest true mean
     difference a paired t-test with this many seeds detects with probability POWER at level
     ALPHA, at the observed sd: (t_{1 - alpha/2} + t_{power}) sd / sqrt(n), n - 1 df."""
@@ -131,7 +131,7 @@ def paired_stats(diffs: list[float], confidence: float = CONFIDENCE) -> dict[str
 
 
 def holm(pvalues: dict[str, float]) -> dict[str, float]:
-    """Holm-Bonferroni adjusted p-values for a family of tests (here: every arm against ce)."""
+    """Holm-Bonferroni adjusted p-values for a family of tests (here: every arm against the baseline)."""
     order = sorted(pvalues, key=pvalues.get)
     out, running = {}, 0.0
     for i, name in enumerate(order):

@@ -207,7 +207,7 @@ class StoreSpec(Record):
 class LatentSpec(Record):
     """KaVa latent mode at dump time: the teacher's reasoning KV compressed to `slots` tokens
     per layer and KV head with R-KV scores `lam * importance + (1 - lam) * redundancy`
-    (dump/rkv.py), and optionally its last hidden state before the answer (CODI)."""
+    (align/rkv.py), and optionally its last hidden state before the answer (CODI)."""
 
     slots: int = option(
         24, help="M: latent tokens, i.e. kept reasoning positions per (layer, KV head); "

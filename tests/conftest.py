@@ -1,5 +1,7 @@
-"""Shared fixtures: a tokenizer trained here, tiny real models saved as HF checkpoints, and a
-small finalized store. Nothing is downloaded."""
+"""Shared fixtures: a tokenizer trained here, tiny real models saved as HF checkpoints, the data
+set (`tiny_data`), a small finalized store (`tiny_store`, `store_copy` to damage) and a latent-mode
+one (`latent_store`). Each is defined once, here, and taken as an argument: no test imports a
+fixture, nor this module. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -18,13 +20,28 @@ import torch  # noqa: E402
 from kvdistill import tiny  # noqa: E402
 from kvdistill.core.data import load_examples  # noqa: E402
 from kvdistill.jobs import dump_tasks, run_local  # noqa: E402
-from kvdistill.schemas import DEFAULT_TEMPLATE, DataSpec, DumpConfig, ModelSpec, SyntheticSpec  # noqa: E402
+from kvdistill.schemas import (  # noqa: E402
+    DEFAULT_TEMPLATE,
+    DataSpec,
+    DumpConfig,
+    LatentSpec,
+    ModelSpec,
+    SyntheticSpec,
+)
 from kvdistill.store import finalize  # noqa: E402
 
 torch.set_num_threads(2)
 
 # 48 training rows keep every dump in the tests well under a second.
 DATA = DataSpec(synthetic=SyntheticSpec(n_train=48, n_test=16, seed=0))
+LATENT_SLOTS = 5  # M of `latent_store`
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> DataSpec:
+    """The data set the tiny stores are dumped from (48 synthetic training rows, 16 test rows);
+    tests take it here, not by importing conftest."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +97,33 @@ def tiny_store(tmp_path_factory, make_model):
     run_local(dump_tasks(base, teachers), progress=False)
     finalize(store)
     return {"store": store, "student": student, "teachers": teachers, "data": DATA}
+
+
+@pytest.fixture(scope="session")
+def student_path(make_model):
+    """The tiny stores' student: Qwen2, 2 layers, D_s = H_s = 32."""
+    return make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1)
+
+
+@pytest.fixture(scope="module")
+def latent_store(tmp_path_factory, make_model, student_path, tiny_data):
+    """KaVa latent mode's store (test_latent_train, and the fault, resume and scale tests):
+    two teachers of other geometries than the student (D_s = 32, H_s = 32), dumped with R-KV
+    compression to 5 slots: teacher-a Qwen2 3 layers, D_t = 64, H_t = 64 (linear adapter and
+    CODI map); teacher-b Llama 2 layers, D_t = 16, H_t = 64; teacher-plain = teacher-b dumped
+    without latent compression."""
+    teachers = [
+        ModelSpec(name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)), name="teacher-a"),
+        ModelSpec(name_or_path=str(make_model("llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16)), name="teacher-b"),
+    ]
+    student = ModelSpec(name_or_path=str(student_path), name="student")
+    store = tmp_path_factory.mktemp("latent-stores") / "lat.zarr"
+    base = DumpConfig(teacher=teachers[0], student=student, store=str(store), data=tiny_data, num_shards=1, batch_size=16, latent=LatentSpec(slots=LATENT_SLOTS), device="cpu")
+    run_local(dump_tasks(base, teachers), progress=False)
+    plain = DumpConfig.from_dict({**base.to_dict(), "latent": None, "teacher": {**teachers[1].to_dict(), "name": "teacher-plain"}})
+    run_local(dump_tasks(plain, [plain.teacher]), progress=False)
+    finalize(store)
+    return {"store": store, "student": student, "slots": LATENT_SLOTS}
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,12 +28,12 @@ def _rotate(model, k: torch.Tensor) -> torch.Tensor:
     return apply_rope(k, k, cos, sin)[0][0]
 
 
-def _dump(tmp_path, teacher: str, student: str, batch_size: int, name: str = "t") -> ShardReader:
+def _dump(tmp_path, data, teacher: str, student: str, batch_size: int, name: str = "t") -> ShardReader:
     cfg = DumpConfig(
         teacher=ModelSpec(name_or_path=teacher, name=name),
         student=ModelSpec(name_or_path=student),
         store=str(tmp_path / f"{name}-b{batch_size}.zarr"),
-        data=DATA,
+        data=data,
         batch_size=batch_size,
         kv_dtype="float32",
         device="cpu",
@@ -44,11 +43,11 @@ def _dump(tmp_path, teacher: str, student: str, batch_size: int, name: str = "t"
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_identity_alignment_reproduces_teacher_kv_cache(tmp_path, make_model, tokenizer, examples, arch):
+def test_identity_alignment_reproduces_teacher_kv_cache(tmp_path, make_model, tokenizer, examples, tiny_data, arch):
     """Student geometry = teacher geometry: stored keys, re-rotated with the model's RoPE, equal
     the DynamicCache keys; stored values equal the cache values (fp32)."""
     path = make_model(arch, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
-    reader = _dump(tmp_path, str(path), str(path), batch_size=1)
+    reader = _dump(tmp_path, tiny_data, str(path), str(path), batch_size=1)
     model = type(build_model(arch, tokenizer, layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8)).from_pretrained(path).eval()
     H, d = 2, 16
     by_id = {ex.id: ex for ex in examples}
@@ -99,11 +98,11 @@ def test_gqa_teacher_stored_width_is_kv_heads_times_head_dim(tiny_store, make_mo
     assert k.shape == v.shape == (1, 3, 2, 48)
 
 
-def test_batched_dump_with_padding_matches_one_sample_at_a_time(tmp_path, make_model):
+def test_batched_dump_with_padding_matches_one_sample_at_a_time(tmp_path, make_model, tiny_data):
     teacher = str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32))
     student = str(make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1))
-    one = _dump(tmp_path, teacher, student, batch_size=1)
-    many = _dump(tmp_path, teacher, student, batch_size=8)
+    one = _dump(tmp_path, tiny_data, teacher, student, batch_size=1)
+    many = _dump(tmp_path, tiny_data, teacher, student, batch_size=8)
     assert one.sample_ids == many.sample_ids
     assert np.array_equal(one.offsets, many.offsets)
     a, b = one.rows(0, int(one.offsets[-1])), many.rows(0, int(many.offsets[-1]))

@@ -97,11 +97,9 @@ def test_dump_shards_then_finalize_and_inspect_what_the_store_holds(dump_yaml, t
     np.testing.assert_array_equal(got.rows(0, n, ("k",))["k"], want.rows(0, n, ("k",))["k"])
 
 
-def test_finalize_of_an_incomplete_store_is_an_error_message_not_a_traceback(tiny_store, tmp_path, capsys):
-    store = tmp_path / "copy.zarr"
-    shutil.copytree(tiny_store["store"], store)
-    shutil.rmtree(store / "teachers" / "teacher-a" / shard_name(0))
-    assert main(["store", "finalize", str(store)]) == 3  # bad input: the message names what is missing
+def test_finalize_of_an_incomplete_store_is_an_error_message_not_a_traceback(store_copy, capsys):
+    shutil.rmtree(store_copy / "teachers" / "teacher-a" / shard_name(0))
+    assert main(["store", "finalize", str(store_copy)]) == 3  # bad input: the message names what is missing
     err = capsys.readouterr().err
     assert err.startswith("kvdistill store:")
     assert "teacher 'teacher-a' shard-00000: missing" in err

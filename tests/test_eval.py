@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from conftest import DATA
 
 from kvdistill.core.data import load_examples
 from kvdistill.core.models import load_model, load_tokenizer
@@ -82,9 +81,9 @@ def test_left_pad_puts_every_prompt_s_last_token_in_the_last_column():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
 
 
-def test_eval_batches_give_the_predictions_of_batch_size_one(make_model, tmp_path):
+def test_eval_batches_give_the_predictions_of_batch_size_one(make_model, tiny_data, tmp_path):
     model = str(make_model("qwen2", **LIVELY))
-    data = DataSpec(split="train", limit=12, synthetic=DATA.synthetic)  # rows 0 and 4 end early with this model
+    data = DataSpec(split="train", limit=12, synthetic=tiny_data.synthetic)  # rows 0 and 4 end early with this model
     runs = {}
     for bs in (1, 5, 16):
         out = tmp_path / f"bs{bs}.json"

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_latent_train import latent_store, student_path  # noqa: F401, F811  (fixtures)
 
 from kvdistill.cli import main
 from kvdistill.schemas import DumpConfig
@@ -233,7 +232,7 @@ def test_kvdistill_train_on_a_corrupt_store_exits_4_with_one_line_naming_the_chu
 
 
 @pytest.mark.parametrize("array", ["latent_k", "latent_mask", "codi_hidden"])
-def test_a_flipped_byte_in_a_latent_array_is_refused_in_latent_mode_and_in_cot_mode(latent_store, tmp_path, array):  # noqa: F811
+def test_a_flipped_byte_in_a_latent_array_is_refused_in_latent_mode_and_in_cot_mode(latent_store, tmp_path, array):
     store = tmp_path / "lat.zarr"
     shutil.copytree(latent_store["store"], store)
     f = next(p for p in sorted((store / "teachers" / "teacher-a" / shard_name(0) / array / "c").rglob("*")) if p.is_file())

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvdistill.align.rkv import importance_from_attention
@@ -40,18 +39,18 @@ def models(make_model):
 
 
 @pytest.fixture(scope="module")
-def slots(models):
+def slots(models, tiny_data):
     """M between the shortest and the longest reasoning chain: some chains are padded, some compressed."""
     tok = AutoTokenizer.from_pretrained(models[0].name_or_path)
-    lengths = sorted(int((encode(tok, DEFAULT_TEMPLATE, ex).segment_ids == 1).sum()) for ex in load_examples(DATA))
+    lengths = sorted(int((encode(tok, DEFAULT_TEMPLATE, ex).segment_ids == 1).sum()) for ex in load_examples(tiny_data))
     assert lengths[0] < lengths[-1]
     return (lengths[0] + lengths[-1]) // 2
 
 
-def _dump(models, store, slots, **kw):
+def _dump(models, data, store, slots, **kw):
     teacher, student = models
     cfg = DumpConfig(
-        teacher=teacher, student=student, store=str(store), data=DATA, num_shards=2, batch_size=8, device="cpu",
+        teacher=teacher, student=student, store=str(store), data=data, num_shards=2, batch_size=8, device="cpu",
         kv_dtype="float32", latent=LatentSpec(slots=slots, lam=0.1), **kw,
     )
     for shard in range(2):
@@ -61,14 +60,14 @@ def _dump(models, store, slots, **kw):
 
 
 @pytest.fixture(scope="module")
-def latent_store(models, slots, tmp_path_factory):
-    return _dump(models, tmp_path_factory.mktemp("latent") / "s.zarr", slots)
+def identity_latent_store(models, slots, tiny_data, tmp_path_factory):
+    return _dump(models, tiny_data, tmp_path_factory.mktemp("latent") / "s.zarr", slots)
 
 
-def test_shard_holds_the_contract_arrays_with_the_right_shapes(latent_store, slots):
-    spec = read_teacher_specs(latent_store)["teacher"]
+def test_shard_holds_the_contract_arrays_with_the_right_shapes(identity_latent_store, slots):
+    spec = read_teacher_specs(identity_latent_store)["teacher"]
     assert spec.latent == LatentSpec(slots=slots, lam=0.1)
-    r = ShardReader(latent_store, "teacher", 0)
+    r = ShardReader(identity_latent_store, "teacher", 0)
     n = len(r)
     lat = r.latent(0, n)
     assert lat["k"].shape == lat["v"].shape == (n, slots, 2, 32) and lat["k"].dtype == np.float32
@@ -80,11 +79,11 @@ def test_shard_holds_the_contract_arrays_with_the_right_shapes(latent_store, slo
     assert r.latent(1, 3)["k"].shape == (2, slots, 2, 32)
 
 
-def test_mask_positions_and_gathered_keys_match_the_teacher_exactly(latent_store, models, slots):
+def test_mask_positions_and_gathered_keys_match_the_teacher_exactly(identity_latent_store, models, slots):
     """Short chains padded (mask False, pos -1, zeros), kept positions ascending and inside the
     reasoning span, and latent_k at a slot is the full stored pre-RoPE key at the kept position
     (identity layer and time map: exact)."""
-    r = ShardReader(latent_store, "teacher", 0)
+    r = ShardReader(identity_latent_store, "teacher", 0)
     n = len(r)
     lat = r.latent(0, n)
     rows = r.rows(0, int(r.offsets[-1]), ("k", "v", "segment_ids"))
@@ -116,10 +115,10 @@ def test_mask_positions_and_gathered_keys_match_the_teacher_exactly(latent_store
     assert padded and compressed
 
 
-def test_every_layer_and_head_is_compressed_on_its_own_scores(latent_store):
+def test_every_layer_and_head_is_compressed_on_its_own_scores(identity_latent_store):
     """Not layer 0's selection copied (the public prototype's bug): among compressed samples
     some layer 1 / head selection differs from layer 0's."""
-    r = ShardReader(latent_store, "teacher", 0)
+    r = ShardReader(identity_latent_store, "teacher", 0)
     lat = r.latent(0, len(r))
     full = lat["mask"].all(axis=1)
     assert full.any()
@@ -128,13 +127,13 @@ def test_every_layer_and_head_is_compressed_on_its_own_scores(latent_store):
     assert any(not np.array_equal(p[:, :, 1], p[:, :, 0]) for p in pos)
 
 
-def test_stored_keys_are_the_teachers_pre_rope_keys_and_hidden_is_before_the_answer(latent_store, models):
+def test_stored_keys_are_the_teachers_pre_rope_keys_and_hidden_is_before_the_answer(identity_latent_store, models, tiny_data):
     teacher, _ = models
     tok = AutoTokenizer.from_pretrained(teacher.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(teacher.name_or_path).eval()
     model.set_attn_implementation("eager")
-    r = ShardReader(latent_store, "teacher", 1)
-    rows = {ex.id: ex for ex in load_examples(DATA)}
+    r = ShardReader(identity_latent_store, "teacher", 1)
+    rows = {ex.id: ex for ex in load_examples(tiny_data)}
     j = 0
     enc = encode(tok, DEFAULT_TEMPLATE, rows[r.sample_ids[j]])
     with torch.inference_mode():
@@ -153,10 +152,10 @@ def test_stored_keys_are_the_teachers_pre_rope_keys_and_hidden_is_before_the_ans
         torch.testing.assert_close(imp[:, layer], importance_from_attention(a, torch.as_tensor(enc.segment_ids[None] == 2), 2))
 
 
-def test_verify_passes_and_catches_a_broken_mask(latent_store, tmp_path):
-    assert verify(latent_store, progress=False) == []
-    info = inspect(latent_store)
-    assert info["teachers"]["teacher"]["latent_slots"] == ShardReader(latent_store, "teacher", 0).attrs["latent"]["slots"]
+def test_verify_passes_and_catches_a_broken_mask(identity_latent_store, tmp_path):
+    assert verify(identity_latent_store, progress=False) == []
+    info = inspect(identity_latent_store)
+    assert info["teachers"]["teacher"]["latent_slots"] == ShardReader(identity_latent_store, "teacher", 0).attrs["latent"]["slots"]
     line = next(x for x in format_inspect(info).splitlines() if x.startswith("teacher ") and " identity " in x)
     assert " latent " in format_inspect(info).splitlines()[2] and line.split()[-2] == str(info["teachers"]["teacher"]["latent_slots"])
     # a copy with one mask entry flipped: verify names it
@@ -165,7 +164,7 @@ def test_verify_passes_and_catches_a_broken_mask(latent_store, tmp_path):
     import zarr
 
     bad = tmp_path / "bad.zarr"
-    shutil.copytree(latent_store, bad)
+    shutil.copytree(identity_latent_store, bad)
     g = zarr.open_group(bad / "teachers" / "teacher" / "shard-00000", mode="r+")
     m = g["latent_mask"][:]
     m[0, 0] = not m[0, 0]
@@ -174,8 +173,8 @@ def test_verify_passes_and_catches_a_broken_mask(latent_store, tmp_path):
     assert any("latent_mask disagrees with latent_pos" in w for w in found), found
 
 
-def test_stream_and_collate_return_the_contract_shapes(latent_store, slots):
-    stream = KVStream(latent_store, ["teacher"], shuffle_buffer=1, read_latent=True)
+def test_stream_and_collate_return_the_contract_shapes(identity_latent_store, slots):
+    stream = KVStream(identity_latent_store, ["teacher"], shuffle_buffer=1, read_latent=True)
     samples = list(stream)
     s = samples[0]
     assert s["segment_ids"].shape == s["input_ids"].shape
@@ -193,15 +192,15 @@ def test_stream_and_collate_return_the_contract_shapes(latent_store, slots):
     assert lat["mask"].shape == (3, slots) and lat["mask"].dtype == torch.bool
     assert lat["hidden"].shape == (3, 64)
     # without read_latent nothing changes
-    plain = next(iter(KVStream(latent_store, ["teacher"], shuffle_buffer=1)))
+    plain = next(iter(KVStream(identity_latent_store, ["teacher"], shuffle_buffer=1)))
     assert "latent" not in plain and "segment_ids" not in plain
     assert "latent" not in collate([plain], pad_id=0)
 
 
-def test_a_store_without_latent_or_segment_ids_is_refused_with_the_fix(models, tmp_path):
+def test_a_store_without_latent_or_segment_ids_is_refused_with_the_fix(models, tiny_data, tmp_path):
     teacher, student = models
     plain = tmp_path / "plain.zarr"
-    run_dump(DumpConfig(teacher=teacher, student=student, store=str(plain), data=DATA.from_dict({**DATA.to_dict(), "limit": 2}), device="cpu"), progress=False)
+    run_dump(DumpConfig(teacher=teacher, student=student, store=str(plain), data=tiny_data.from_dict({**tiny_data.to_dict(), "limit": 2}), device="cpu"), progress=False)
     assert ShardReader(plain, "teacher", 0).rows(0, 3, ("segment_ids",))["segment_ids"].shape == (3,)  # stored without latent too
     with pytest.raises(StoreError, match="without latent mode; re-dump"):
         KVStream(plain, ["teacher"], read_latent=True)
@@ -213,10 +212,10 @@ def test_a_store_without_latent_or_segment_ids_is_refused_with_the_fix(models, t
         ShardReader(tmp_path / "old.zarr", "t", 0).rows(0, 2, ("segment_ids",))
 
 
-def test_webdataset_backend_carries_the_same_latent_arrays(latent_store, models, slots, tmp_path):
-    wds = _dump(models, tmp_path / "w", slots, backend="webdataset")
+def test_webdataset_backend_carries_the_same_latent_arrays(identity_latent_store, models, slots, tiny_data, tmp_path):
+    wds = _dump(models, tiny_data, tmp_path / "w", slots, backend="webdataset")
     assert verify(wds, progress=False) == []
-    zs = {s["sample_id"]: s for s in KVStream(latent_store, ["teacher"], shuffle_buffer=1, read_latent=True)}
+    zs = {s["sample_id"]: s for s in KVStream(identity_latent_store, ["teacher"], shuffle_buffer=1, read_latent=True)}
     ws = list(KVStream(wds, ["teacher"], shuffle_buffer=1, read_latent=True))
     assert len(ws) == len(zs)
     for s in ws:
@@ -312,21 +311,21 @@ def test_an_empty_latent_shard_still_has_every_array(tmp_path):
     assert r.rows(0, 0, ("segment_ids",))["segment_ids"].shape == (0,)
 
 
-def test_converting_between_backends_keeps_segment_ids_and_latent_arrays(latent_store, tmp_path):
+def test_converting_between_backends_keeps_segment_ids_and_latent_arrays(identity_latent_store, tmp_path):
     from kvdistill.store import wds_to_zarr, zarr_to_wds
 
-    back = wds_to_zarr(zarr_to_wds(latent_store, tmp_path / "w"), tmp_path / "z.zarr")
+    back = wds_to_zarr(zarr_to_wds(identity_latent_store, tmp_path / "w"), tmp_path / "z.zarr")
     assert verify(back, progress=False) == []
-    a, b = ShardReader(latent_store, "teacher", 1), ShardReader(back, "teacher", 1)
+    a, b = ShardReader(identity_latent_store, "teacher", 1), ShardReader(back, "teacher", 1)
     for x, y in zip(a.latent(0, len(a)).values(), b.latent(0, len(b)).values(), strict=True):
         assert np.array_equal(x, y)
     n = int(a.offsets[-1])
     assert np.array_equal(a.rows(0, n, ("segment_ids",))["segment_ids"], b.rows(0, n, ("segment_ids",))["segment_ids"])
 
 
-def test_a_latent_store_with_an_empty_shard_verifies(models, tmp_path):
+def test_a_latent_store_with_an_empty_shard_verifies(models, tiny_data, tmp_path):
     teacher, student = models
-    data = DATA.from_dict({**DATA.to_dict(), "limit": 1})  # 2 shards of 1 row: shard 0 is empty
+    data = tiny_data.from_dict({**tiny_data.to_dict(), "limit": 1})  # 2 shards of 1 row: shard 0 is empty
     for shard in range(2):
         run_dump(DumpConfig(teacher=teacher, student=student, store=str(tmp_path / "s.zarr"), data=data, num_shards=2, shard=shard,
                             device="cpu", latent=LatentSpec(slots=4), allow_empty=True), progress=False)
@@ -335,7 +334,7 @@ def test_a_latent_store_with_an_empty_shard_verifies(models, tmp_path):
     assert verify(tmp_path / "s.zarr", progress=False) == []
 
 
-def test_latent_slots_get_the_same_pca_projection_as_the_full_kv_and_padding_stays_zero(models, tmp_path):
+def test_latent_slots_get_the_same_pca_projection_as_the_full_kv_and_padding_stays_zero(models, tiny_data, tmp_path):
     """With a projection the heads mix, so compare where they cannot differ: in a chain shorter
     than M every head keeps every reasoning token, and slot m is the projected full K/V at pos[m]."""
     teacher, student = models
@@ -346,7 +345,7 @@ def test_latent_slots_get_the_same_pca_projection_as_the_full_kv_and_padding_sta
     arrays["layer_map"] = np.eye(L, dtype=np.float32)  # fitted under the dump's ratio map (2 -> 2 layers: identity)
     np.savez(tmp_path / "pca.npz", **arrays)
     store = tmp_path / "p.zarr"
-    data = DATA.from_dict({**DATA.to_dict(), "limit": 8})
+    data = tiny_data.from_dict({**tiny_data.to_dict(), "limit": 8})
     run_dump(DumpConfig(teacher=teacher, student=student, store=str(store), data=data, device="cpu", kv_dtype="float32",
                         align={"projection": str(tmp_path / "pca.npz")}, latent=LatentSpec(slots=40)), progress=False)
     r = ShardReader(store, "teacher", 0)

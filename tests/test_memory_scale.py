@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvdistill.store.samples as store_samples
@@ -203,7 +202,7 @@ def test_chunked_perplexity_stays_small_at_a_150k_vocabulary(wide_vocab):
 
 
 @torch.inference_mode()
-def test_chunked_perplexity_equals_the_full_logits(wide_vocab, make_model, monkeypatch):
+def test_chunked_perplexity_equals_the_full_logits(wide_vocab, make_model, tiny_data, monkeypatch):
     model, ids, attn, lmask = wide_vocab
     ids, attn, lmask = ids[:4, :32], attn[:4, :32], lmask[:4, :32]  # 4 x 32 tokens: 77 MB of logits, ~110 tokens a chunk
     n = int(lmask[:, 1:].sum())
@@ -215,7 +214,7 @@ def test_chunked_perplexity_equals_the_full_logits(wide_vocab, make_model, monke
     path = make_model("qwen2", initializer_range=0.5)
     spec = ModelSpec(name_or_path=str(path))
     small, tok = load_model(spec, "cpu"), load_tokenizer(spec)
-    data = DataSpec(split="test", limit=8, synthetic=DATA.synthetic)
+    data = DataSpec(split="test", limit=8, synthetic=tiny_data.synthetic)
     nll = tokens = 0.0
     for ex in load_examples(data):  # the old computation, one example at a time (no padding)
         e = encode(tok, spec.prompt_template, ex)

@@ -25,7 +25,6 @@ import pytest
 import torch
 from accelerate import Accelerator
 from test_latent_train import _cfg as _latent_cfg
-from test_latent_train import latent_store, student_path  # noqa: F401  (fixtures)
 from test_resume import _assert_bitwise_equal, _final_weights, _latent_final
 
 from kvdistill.errors import Preempted
@@ -178,7 +177,7 @@ def test_metrics_after_a_resume_hold_every_step_once_and_drop_a_cut_off_row(tiny
     _assert_bitwise_equal(_final_weights(out), _final_weights(straight))
 
 
-def test_latent_mode_stops_on_a_signal_and_resume_auto_ends_bitwise_identical(latent_store, tmp_path, monkeypatch, untaken_signals):  # noqa: F811
+def test_latent_mode_stops_on_a_signal_and_resume_auto_ends_bitwise_identical(latent_store, tmp_path, monkeypatch, untaken_signals):
     common = dict(max_steps=4, batch_size=4, shuffle_buffer=8)
     train(_latent_cfg(latent_store, tmp_path / "straight", **common), progress=False)
     _signal_in_step(monkeypatch, 2, signal.SIGTERM)

@@ -15,7 +15,6 @@ import pytest
 import safetensors.torch
 import torch
 from test_latent_train import _cfg as _latent_cfg
-from test_latent_train import latent_store, student_path  # noqa: F401  (fixtures)
 
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
@@ -119,7 +118,7 @@ def _latent_final(run: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_latent_mode_resumes_bitwise_from_an_epoch_end_checkpoint_new_and_old_form(latent_store, tmp_path):  # noqa: F811
+def test_latent_mode_resumes_bitwise_from_an_epoch_end_checkpoint_new_and_old_form(latent_store, tmp_path):
     common = {**COMMON, "max_steps": PER_EPOCH + 1}
     train(_latent_cfg(latent_store, tmp_path / "straight", save_every=PER_EPOCH, **common), progress=False)
     ckpt = tmp_path / "straight" / "checkpoints" / f"step-{PER_EPOCH:07d}"

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA
 from test_resume import _assert_bitwise_equal, _final_weights
 
 from kvdistill.jobs.slurm import array_spec, submit, write_scripts
@@ -372,7 +371,7 @@ def _scontrol_job(job: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow  # a real single-node SLURM cluster
-def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slurm_cluster, make_model, tmp_path):
+def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slurm_cluster, make_model, tiny_data, tmp_path):
     state = slurm_cluster
     teachers = [
         ModelSpec(name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)), name="teacher-a"),
@@ -382,7 +381,7 @@ def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slu
     store = tmp_path / "kv.zarr"
     cfg = JobsConfig(
         teachers=teachers,
-        dump=DumpTask(student=student, store=str(store), data=DATA, num_shards=2, batch_size=8, device="cpu"),
+        dump=DumpTask(student=student, store=str(store), data=tiny_data, num_shards=2, batch_size=8, device="cpu"),
         slurm=SlurmSpec(partition="debug", gpus=0, cpus=1, mem="1G", time="00:10:00", max_parallel=2),
         jobs_dir=str(tmp_path / "jobs"),
         train=TrainConfig(store=str(store), student=student, out=str(tmp_path / "run"), max_steps=2, warmup_steps=0, batch_size=8, log_every=1, device="cpu"),
@@ -449,7 +448,7 @@ def test_a_training_job_sent_usr1_requeues_itself_resumes_and_ends_as_an_uninter
     run = tmp_path / "run"
     cfg = JobsConfig(
         teachers=tiny_store["teachers"],
-        dump=DumpTask(student=tiny_store["student"], store=str(tiny_store["store"]), data=DATA, num_shards=2),
+        dump=DumpTask(student=tiny_store["student"], store=str(tiny_store["store"]), data=tiny_store["data"], num_shards=2),
         jobs_dir=str(tmp_path / "jobs"),
         train=TrainConfig(out=str(run), **common),
         train_slurm=SlurmSpec(partition="debug", gpus=0, cpus=1, mem="2G", time="00:10:00"),

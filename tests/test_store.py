@@ -44,13 +44,6 @@ TEACHER_WIDTH = {"teacher-a": 64, "teacher-b": 16}  # D_t = H * d of the conftes
 STUDENT_LAYERS = 2
 
 
-@pytest.fixture
-def store_copy(tiny_store, tmp_path) -> Path:
-    dst = tmp_path / "copy.zarr"
-    shutil.copytree(tiny_store["store"], dst)
-    return dst
-
-
 def dump_config(tiny_store, store: Path, teacher: int, shard: int) -> DumpConfig:
     """The config conftest dumped (teacher, shard) of `tiny_store` with, pointed at `store`."""
     return DumpConfig(

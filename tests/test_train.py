@@ -20,7 +20,7 @@ from kvdistill.store import ShardReader, StoreError, finalize, shard_samples
 from kvdistill.train.distiller import KVAdapter
 from kvdistill.train.eval import evaluate
 from kvdistill.train.loop import train
-from kvdistill.train.losses import layer_std_norm, masked_ce, masked_mse
+from kvdistill.train.losses import layer_std_norm, masked_ce, masked_kv_loss
 from kvdistill.train.stream import KVStream, collate
 
 
@@ -96,14 +96,10 @@ def test_training_refuses_a_store_built_for_another_student_tokenizer(tiny_store
         train(_train_cfg(tiny_store, tmp_path / "x", student=ModelSpec(name_or_path=str(other))), progress=False)
 
 
-def test_training_refuses_an_unfinalized_store(tiny_store, tmp_path):
-    import shutil
-
-    copy = tmp_path / "copy.zarr"
-    shutil.copytree(tiny_store["store"], copy)
-    (copy / "index.parquet").unlink()
+def test_training_refuses_an_unfinalized_store(tiny_store, store_copy, tmp_path):
+    (store_copy / "index.parquet").unlink()
     with pytest.raises(StoreError, match="not finalized"):
-        train(_train_cfg(tiny_store, tmp_path / "x", store=str(copy)), progress=False)
+        train(_train_cfg(tiny_store, tmp_path / "x", store=str(store_copy)), progress=False)
 
 
 def test_every_rank_reads_its_part_of_every_global_batch_and_together_they_cover_the_epoch(tiny_store):
@@ -203,7 +199,7 @@ def test_layer_std_norm_standardises_each_layer_over_valid_positions_only(seed, 
     valid = z[mask]  # [N, L, D]
     torch.testing.assert_close(valid.mean(dim=(0, 2)), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(valid.std(dim=(0, 2), unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
-    mse, per_layer = masked_mse(z, torch.zeros_like(z), mask)
+    mse, per_layer = masked_kv_loss(z, torch.zeros_like(z), mask, "mse")
     torch.testing.assert_close(per_layer, torch.ones(3), atol=1e-3, rtol=0)  # = variance of each layer
     assert torch.isclose(mse, per_layer.mean())
 

@@ -13,7 +13,6 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from test_latent_train import _cfg as latent_cfg
-from test_latent_train import latent_store, student_path  # noqa: F401  (fixtures)
 
 from kvdistill.schemas import ConfigError, TrainConfig
 from kvdistill.train.distiller import cot_mode
@@ -177,7 +176,7 @@ def test_the_effective_batch_is_printed_at_start(tiny_store, tmp_path, capsys):
     assert "effective batch 2 x 3 (accumulation) x 1 (processes) = 6 samples" in capsys.readouterr().out
 
 
-def test_latent_mode_accumulates_too(latent_store, tmp_path):  # noqa: F811
+def test_latent_mode_accumulates_too(latent_store, tmp_path):
     # CODI is standardised by the batch's teacher hidden std, a batch statistic: off here.
     common = dict(max_steps=2, kv_norm="none", codi_weight=0.0, teachers=["teacher-a"], seed=1, shuffle_buffer=1)
     big = train(latent_cfg(latent_store, tmp_path / "big", batch_size=4, **common), progress=False)

@@ -11,7 +11,6 @@ __all__ = [
     "masked_ce",
     "layer_std_norm",
     "masked_kv_loss",
-    "masked_mse",
     "debiased_cka",
     "masked_cka_loss",
     "cka_sums",
@@ -78,11 +77,6 @@ def masked_kv_loss(
             per_token = 1 - F.cosine_similarity(a, b, dim=-1)
         per_layer = (weights[mask] * per_token).mean(dim=0)
     return per_layer.mean(), per_layer
-
-
-def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean squared error over valid positions of a, b [B, T, L, D]: (scalar, per layer [L])."""
-    return masked_kv_loss(a, b, mask, "mse")
 
 
 def _hsic_terms(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
