@@ -414,7 +414,7 @@ class CalibrateConfig(Record):
     out: str = option("layermap.json", help="layer map JSON (a heatmap .png is written beside it)")
     pca: int | None = option(
         None, help="also fit a D-dim PCA per layer of the layer-mapped teacher K and V, for `dump --projection` "
-        "(the compact store: e.g. D = teacher K/V width / 16 with `dump --kv-dtype int4`; `kvdistill store plan` sizes it)"
+        "(the compact store: D = teacher K/V width / 8 with `dump --kv-dtype int4`; `kvdistill store plan` sizes it)"
     )
     pca_layer_map: str = option(
         "calibrated", help="the layer map the PCA is fitted under, which must be the one the dump uses (it is recorded and "

@@ -114,7 +114,7 @@ def test_store_plan_matches_the_bytes_of_a_real_dumped_store(compact, capsys):
     names = [o["name"] for o in got["options"]]
     assert {"float16", "int4", "pca/16-int4", "pca16-int4"} <= set(names)
     compact_opt = next(o for o in got["options"] if o["compact"])
-    assert compact_opt["name"] == "pca/16-int4" and compact_opt["stored_width"] == {planned_name(got): 4}
+    assert compact_opt["name"] == "pca/8-int4" and compact_opt["stored_width"] == {planned_name(got): 8}
     by_name = {o["name"]: o for o in got["options"]}
     # int4 at 16 dims on 2 student layers: codes 2 x 2 x 16 / 2 + key scales/zeros amortised over 32 rows + value scales
     want = codecs.bytes_per_row("int4", 2, 16) + 6
@@ -131,7 +131,7 @@ def test_store_plan_prints_the_options_side_by_side(compact, capsys):
             "--data", "synthetic", "--limit", "20"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "storage options" in out and "pca/16-int4" in out and "<- compact" in out and "--projection" in out
+    assert "storage options" in out and "pca/8-int4" in out and "<- compact" in out and "--projection" in out
 
 
 def test_a_jobs_config_dumps_every_teacher_compactly_each_through_its_own_projection(tiny_store, compact, tmp_path):
