@@ -59,7 +59,7 @@ from kvdistill.align.cka import layer_map_from_json
 from kvdistill.align.layers import ratio_layer_map
 from kvdistill.align.pipeline import resolve_time_map
 from kvdistill.align.time import TimeMap
-from kvdistill.core.capture import forward_kv, forward_kv_importance, kv_geometry
+from kvdistill.core.capture import KVBuffer, forward_kv_importance, forward_kv_packed, kv_geometry
 from kvdistill.core.data import DataError, data_fingerprint, load_examples
 from kvdistill.core.models import (
     load_config,
@@ -455,6 +455,7 @@ class _DeviceMaps:
 
 
 class _Captured(NamedTuple):
+    kv: torch.Tensor  # [B, T_pad, L_t, 2D_t] pre-RoPE K, then V (what align_batch takes)
     k: torch.Tensor  # [B, T_pad, L_t, D_t] pre-RoPE
     v: torch.Tensor  # [B, T_pad, L_t, D_t]
     importance: torch.Tensor | None  # [B, L_t, H_t, T_pad]: attention the answer pays each key (latent mode)
@@ -469,6 +470,11 @@ def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, c
     time map of batch i+1 is built on a CPU thread while batch i runs, and batch i's compression
     and store writes overlap batch i+1's forward (at most one batch waits: bounded memory)."""
     batches = [plan.pairs[i : i + cfg.batch_size] for i in range(0, len(plan.pairs), cfg.batch_size)]
+    # The teacher's K/V land in one buffer sized for the largest padded batch, reused by every
+    # batch (core/capture.py: KVBuffer says why). Each batch's aligned K/V are new tensors, so
+    # nothing handed to the writer refers to it.
+    g = plan.geometry_t
+    buffer = KVBuffer(max((len(b) * max(len(t) for _, t in b) for b in batches), default=0) * g.num_layers * 2 * g.width)
     with (
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
@@ -482,10 +488,10 @@ def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, c
             ids, mask = _teacher_inputs(batch, plan.pad_id, maps.device)  # [B, T_pad]
             with torch.inference_mode():
                 with clock("forward"):
-                    captured = _forward(teacher, batch, ids, mask, latent=cfg.latent is not None)
+                    captured = _forward(teacher, batch, ids, mask, buffer, latent=cfg.latent is not None)
                 with clock("align"):
                     latent = None if cfg.latent is None else _compress(cfg, batch, captured, maps)
-                    kv = align_batch(torch.cat([captured.k, captured.v], dim=-1), maps.layer_map, time_map.result(), maps.projection)  # [sum T_s, L_s, 2D]
+                    kv = align_batch(captured.kv, maps.layer_map, time_map.result(), maps.projection)  # [sum T_s, L_s, 2D]
                 with clock("write"):
                     kv = kv.to(maps.transfer_dtype).cpu().numpy()
                     if pending is not None:
@@ -516,14 +522,17 @@ def _teacher_inputs(batch: _Batch, pad_id: int, device: torch.device) -> tuple[t
     return ids.to(device), mask.to(device)
 
 
-def _forward(teacher, batch: _Batch, ids: torch.Tensor, mask: torch.Tensor, latent: bool) -> _Captured:
-    """Teacher-forced decoder pass capturing every layer's K and V; in latent mode also what R-KV
-    scores with (the attention the answer tokens pay each key) and the final hidden states."""
+def _forward(teacher, batch: _Batch, ids: torch.Tensor, mask: torch.Tensor, buffer: KVBuffer, latent: bool) -> _Captured:
+    """Teacher-forced decoder pass capturing every layer's K and V (into `buffer`: valid until the
+    next batch's forward); in latent mode also what R-KV scores with (the attention the answer
+    tokens pay each key) and the final hidden states."""
     if not latent:
-        k, v = forward_kv(teacher, ids, mask)
-        return _Captured(k, v, None, None)
+        kv = forward_kv_packed(teacher, ids, mask, buffer)  # [B, T_pad, L_t, 2D_t]
+        D = kv.shape[-1] // 2
+        return _Captured(kv, kv[..., :D], kv[..., D:], None, None)
     answers, _ = pad_batch([t.segment_ids == ANSWER for _, t in batch], 0)  # [B, T_pad]
-    return _Captured(*forward_kv_importance(teacher, ids, mask, answers.bool().to(ids.device)))
+    k, v, importance, hidden = forward_kv_importance(teacher, ids, mask, answers.bool().to(ids.device))
+    return _Captured(torch.cat([k, v], dim=-1), k, v, importance, hidden)
 
 
 def _compress(cfg: DumpConfig, batch: _Batch, captured: _Captured, maps: _DeviceMaps) -> dict[str, np.ndarray]:

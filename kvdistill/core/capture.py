@@ -9,6 +9,7 @@ at dump time (under inference_mode) and the student at train time (with gradient
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 
 import torch
@@ -16,7 +17,10 @@ import torch
 from kvdistill.align import flatten_heads, rotate, unflatten_heads
 from kvdistill.schemas import KVGeometry
 
-__all__ = ["kv_geometry", "decoder", "cache_kwarg", "output_cache", "capture_kv", "rope_heads", "attention_layout", "forward_kv", "forward_kv_importance"]
+__all__ = [
+    "kv_geometry", "decoder", "cache_kwarg", "output_cache", "capture_kv", "rope_heads", "attention_layout", "forward_kv",
+    "KVBuffer", "forward_kv_packed", "forward_kv_importance",
+]
 
 
 def kv_geometry(config) -> KVGeometry:
@@ -147,10 +151,77 @@ def forward_kv(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return torch.stack(cap["k"], dim=2), torch.stack(cap["v"], dim=2)
 
 
+class KVBuffer:
+    """Memory that `forward_kv_packed` writes K and V into, kept from batch to batch.
+
+    Why: `forward_kv` keeps every layer's projection output alive until it stacks them, so each
+    batch allocates new memory the size of the K/V twice over. On a CPU glibc hands such memory
+    out fresh (mmap), and first-touch page faults on it cost the dump 10-20% of a real
+    teacher's forward (SmolLM2-135M, BENCHMARKS.md); the bare forward reuses its freed memory and
+    pays none. Written in place, each projection output is freed as in the bare forward, and the
+    buffer, sized once for the largest batch (`numel`), is touched once per run."""
+
+    def __init__(self, numel: int = 0) -> None:
+        self.numel = numel
+        self._flat: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous tensor of `shape`, its contents undefined: a view of the buffer, valid
+        until the next `take` (reallocated when it is too small or of another dtype / device)."""
+        n = math.prod(shape)
+        flat = self._flat
+        if flat is None or flat.numel() < n or flat.dtype != dtype or flat.device != device:
+            self._flat = None  # free the old one first: never both at once
+            self._flat = flat = torch.empty(max(n, self.numel), dtype=dtype, device=device)
+        return flat[:n].view(shape)
+
+
+def forward_kv_packed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, buffer: KVBuffer | None = None) -> torch.Tensor:
+    """`forward_kv` with K and V side by side: kv [B, T, L, 2D], K in [..., :D], V in [..., D:],
+    the same values bit for bit. Each layer's projection output is copied into place by its hook
+    and freed, no stack at the end; with `buffer` the memory is reused across calls, so the
+    result is only valid until the next call with that buffer. Inference only (the copies cut
+    the autograd graph)."""
+    layers = decoder(model).layers
+    L = len(layers)
+    state: dict = {"kv": None, "filled": 0}
+
+    def hook(part: int, i: int, heads: bool):
+        def fn(_module, _inp, output):
+            x = flatten_heads(output) if heads else output  # [B, T, D]
+            if state["kv"] is None:
+                B, T, D = x.shape
+                shape = (B, T, L, 2 * D)
+                state["kv"] = buffer.take(shape, x.dtype, x.device) if buffer is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
+            D = x.shape[-1]
+            state["kv"][:, :, i, part * D : (part + 1) * D].copy_(x)
+            state["filled"] += 1
+
+        return fn
+
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            k_norm = getattr(attn, "k_norm", None)
+            if isinstance(k_norm, torch.nn.Module):  # Qwen3: key = rope(k_norm(k_proj(x) as heads)); as capture_kv
+                handles.append(k_norm.register_forward_hook(hook(0, i, heads=True)))
+            else:
+                handles.append(attn.k_proj.register_forward_hook(hook(0, i, heads=False)))
+            handles.append(attn.v_proj.register_forward_hook(hook(1, i, heads=False)))
+        decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if state["filled"] != 2 * L:  # a buffer left partly unwritten would hand on stale K/V
+        raise RuntimeError(f"captured {state['filled']} of {2 * L} K/V projections of {type(model).__name__}'s {L} layers in one forward")
+    return state["kv"]
+
+
 def forward_kv_importance(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, queries: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`forward_kv` plus what R-KV compression needs (KaVa latent mode, dump/rkv.py):
+    """`forward_kv` plus what R-KV compression needs (KaVa latent mode, align/rkv.py):
     k, v [B, T, L, D]; importance [B, L, H_kv, T], the attention the `queries` [B, T] bool pay
     each key per KV head; hidden [B, T, hidden] the last layer's output after the final norm.
 
