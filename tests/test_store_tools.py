@@ -24,7 +24,7 @@ from kvdistill.core.prompts import encode
 from kvdistill.schemas import DataSpec, ModelSpec
 from kvdistill.store import ShardReader, ShardWriter, finalize, inspect, shard_name
 from kvdistill.store.layout import INDEX, KEY
-from kvdistill.store.plan import plan
+from kvdistill.store.plan import TOKEN_BYTES, plan
 from kvdistill.store.stats import format_stats, plot_stats, stats
 from kvdistill.store.verify import Problem, format_problems, verify
 
@@ -259,26 +259,26 @@ STUDENT = kv_geometry(Qwen2Config(num_hidden_layers=2, hidden_size=32, num_atten
 def test_plan_float16_matches_a_hand_computation():
     p = plan(TEACHER, STUDENT, num_samples=1000, mean_tokens=50.5, target_shard_bytes=2**20)
     assert p["rows"] == 50_500  # tokens on the student grid
-    assert p["raw_bytes_per_token"] == 2 * 2 * 2 * 32 * 2  # K+V x L_s x H_kv_t x d_t x float16 = 512
-    assert p["raw_bytes"] == 50_500 * 512
+    assert p["raw_bytes_per_token"] == 2 * 2 * 2 * 32 * 2 + TOKEN_BYTES  # K+V x L_s x H_kv_t x d_t x float16 = 512, + tokens
+    assert p["raw_bytes"] == 50_500 * 518
     assert p["compression_ratio"] == 1.3
-    assert p["disk_bytes"] == pytest.approx(50_500 * 512 / 1.3)  # 19.0 MiB
-    assert p["suggested_num_shards"] == p["num_shards"] == 19
-    assert p["rows_per_shard"] == 2658  # ceil(50500 / 19)
+    assert p["disk_bytes"] == pytest.approx(50_500 * 518 / 1.3)  # 19.2 MiB
+    assert p["suggested_num_shards"] == p["num_shards"] == 20
+    assert p["rows_per_shard"] == 2525  # ceil(50500 / 20)
 
 
 def test_plan_int8_halves_the_bytes_and_takes_no_compression_by_default():
     p = plan(TEACHER, STUDENT, 1000, 50.5, codec_bytes_per_value=1.0, target_shard_bytes=2**20)
-    assert (p["raw_bytes_per_token"], p["compression_ratio"], p["disk_bytes"]) == (256, 1.0, 50_500 * 256)
+    assert (p["raw_bytes_per_token"], p["compression_ratio"], p["disk_bytes"]) == (256 + TOKEN_BYTES, 1.0, 50_500 * 262)
     assert p["suggested_num_shards"] == 13  # ceil(12.33 MiB / 1 MiB)
 
 
 def test_plan_with_given_shards_keeps_the_suggestion_and_splits_rows_evenly():
     mqa = kv_geometry(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16))
     p = plan(mqa, STUDENT, 1000, 50.5, num_shards=4, target_shard_bytes=2**20, compression_ratio=2.0)
-    assert p["raw_bytes_per_token"] == 2 * 2 * 1 * 16 * 2  # MQA: one kv head
+    assert p["raw_bytes_per_token"] == 2 * 2 * 1 * 16 * 2 + TOKEN_BYTES  # MQA: one kv head
     assert (p["num_shards"], p["rows_per_shard"], p["suggested_num_shards"]) == (4, 12_625, 4)
-    assert p["disk_bytes_per_shard"] == pytest.approx(50_500 * 128 / 2.0 / 4)
+    assert p["disk_bytes_per_shard"] == pytest.approx(50_500 * 134 / 2.0 / 4)
 
 
 def test_plan_cli_tokenizes_the_data_with_the_student_and_prints_rows_gib_and_shards(tiny_store, capsys):
@@ -293,4 +293,4 @@ def test_plan_cli_tokenizes_the_data_with_the_student_and_prints_rows_gib_and_sh
     assert "3 shards of" in out and "suggested --num-shards 1" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
     a, b = (ModelSpec(name_or_path=t).short_name for t in teachers)
-    assert lines[a].split()[6] == "512" and lines[b].split()[6] == "128"  # raw bytes per token
+    assert lines[a].split()[6] == "518" and lines[b].split()[6] == "134"  # raw bytes per token (K/V + 6 B of token arrays)
