@@ -19,9 +19,10 @@ tokenizer (identity, segment_linear), or on a tokenizer of its own (char_overlap
 
 The comparison is fair by construction: `bare` runs the dump's own padded batches (samples in
 the student-length order the dump uses, the teacher's tokens padded with its pad id), the same
-dtype, the same torch threads and the same attention implementation (both load the teacher with
-core.models.load_model), after one untimed warm-up forward of this process; `--repeat` alternates
-bare and the identity dump and prints each ratio.
+dtype, the same torch threads, the same attention implementation (both load the teacher with
+core.models.load_model) and the same host allocator settings (dump.run.host_memory_kept: on a CPU
+freed memory stays in the process while the batches run), after one untimed warm-up forward of
+this process; `--repeat` alternates bare and the identity dump and prints each ratio.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from kvdistill.core.capture import decoder, forward_kv  # noqa: E402
 from kvdistill.core.data import load_examples  # noqa: E402
 from kvdistill.core.models import load_model, load_tokenizer, pad_token_id  # noqa: E402
 from kvdistill.core.prompts import encode, pad_batch  # noqa: E402
-from kvdistill.dump.run import run_dump  # noqa: E402
+from kvdistill.dump.run import host_memory_kept, run_dump  # noqa: E402
 from kvdistill.jobs.local import run_local  # noqa: E402
 from kvdistill.schemas import (  # noqa: E402
     DEFAULT_TEMPLATE,
@@ -132,16 +133,23 @@ class Bare:
         self.warmup_s = time.perf_counter() - t0
 
     def _run(self, work) -> None:
-        with torch.inference_mode():  # host batches copied per step, as the dump does
+        # host batches copied per step, and on a CPU freed memory kept in the process, as the dump does
+        with torch.inference_mode(), host_memory_kept(torch.device(self.device)):
             for ids, mask in work:
                 self.stack(input_ids=ids.to(self.device, non_blocking=True), attention_mask=mask.to(self.device, non_blocking=True), use_cache=False)
         _sync(self.device)
 
     def seconds(self) -> float:
         _sync(self.device)
-        t0 = time.perf_counter()
+        f0, t0 = _faults(), time.perf_counter()
         self._run(self.work)
+        self.faults = _faults() - f0
         return time.perf_counter() - t0
+
+
+def _faults() -> int:
+    """Minor page faults of this process so far: memory the kernel had to hand out fresh."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def naive(spec: ModelSpec, data: DataSpec, out: Path, device: str) -> tuple[int, float]:
@@ -149,7 +157,7 @@ def naive(spec: ModelSpec, data: DataSpec, out: Path, device: str) -> tuple[int,
     enc = [encode(tok, spec.prompt_template, ex) for ex in load_examples(data)]
     out.mkdir(parents=True)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), host_memory_kept(torch.device(device)):
         for e in enc:
             ids = torch.as_tensor(e.input_ids, dtype=torch.long, device=device)[None]
             k, v = forward_kv(model, ids, torch.ones_like(ids))
@@ -212,19 +220,22 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
     def dump(kind: str, tag: str = ""):
         t, s, store = specs[kind]
         cfg = DumpConfig(teacher=t, student=s, store=str(root / tag / store), data=data, batch_size=args.batch_size, device=args.device)
-        return run_dump(cfg, progress=False)
+        f0 = _faults()
+        r = run_dump(cfg, progress=False)
+        r.faults = _faults() - f0
+        return r
 
     # bare and the identity dump alternate, so drift in the machine's load hits both alike
-    s_bares, idents = [], []
+    s_bares, f_bares, idents = [], [], []
     for i in range(args.repeat):
         s_bares.append(bare.seconds())
+        f_bares.append(bare.faults)
         idents.append(dump("identity", tag=f"rep{i}" if i else ""))
-    if args.repeat > 1:
-        print(f"{'repeat':<8} {'bare s':>8} {'dump forward s':>15} {'steady s':>9} {'fwd vs bare':>12} {'steady vs bare':>15}")
-        for i, (sb, r) in enumerate(zip(s_bares, idents, strict=True)):
-            st = r.phases["forward"] + r.phases["align"] + r.phases["write"]
-            print(f"{i:<8} {sb:>8.2f} {r.phases['forward']:>15.2f} {st:>9.2f} {sb / r.phases['forward']:>12.2f} {sb / st:>15.2f}")
-        print()
+    print(f"{'repeat':<7} {'bare s':>7} {'dump forward s':>15} {'steady s':>9} {'fwd vs bare':>12} {'steady vs bare':>15} {'page faults bare / dump task':>29}")
+    for i, (sb, fb, r) in enumerate(zip(s_bares, f_bares, idents, strict=True)):
+        st = r.phases["forward"] + r.phases["align"] + r.phases["write"]
+        print(f"{i:<7} {sb:>7.2f} {r.phases['forward']:>15.2f} {st:>9.2f} {sb / r.phases['forward']:>12.2f} {sb / st:>15.2f} {fb:>14,} / {r.faults:>12,}")
+    print()
     results = {"identity": idents[-1]}
     for kind in args.maps[1:]:
         results[kind] = dump(kind)

@@ -39,9 +39,11 @@ before the first answer token (CODI). The full K/V are written too.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,7 +97,7 @@ from kvdistill.store.layout import (
 
 REASONING, ANSWER = SEGMENTS.index("reasoning"), SEGMENTS.index("answer")
 
-__all__ = ["DumpResult", "Preempted", "partition", "run_dump"]
+__all__ = ["DumpResult", "Preempted", "host_memory_kept", "partition", "run_dump"]
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,8 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         return DumpResult(name, cfg.shard, "already complete")
     with w:
         bar = tqdm(total=plan.teacher_tokens, unit="tok", unit_scale=True, desc=f"dump {name}[{cfg.shard}]", disable=not progress)
-        _dump_batches(cfg, plan, teacher, maps, w, clock, bar)
+        with host_memory_kept(device):
+            _dump_batches(cfg, plan, teacher, maps, w, clock, bar)
         with clock("write"):
             _commit(cfg, plan, tspec, w)
         bar.close()
@@ -587,7 +590,7 @@ def _commit(cfg: DumpConfig, plan: _Plan, tspec: TeacherSpec, w) -> None:
     w.close(extra_attrs={"skipped": plan.skipped, "max_len": cfg.max_len, "fingerprint": tspec.fingerprint, "data_fingerprint": plan.data_fingerprint})
 
 
-# --- infrastructure: SIGTERM, phase clock ----------------------------------------------------------
+# --- infrastructure: SIGTERM, phase clock, host memory ------------------------------------------------
 
 
 @contextmanager
@@ -627,3 +630,46 @@ class _Clock:
         if self.cuda:
             torch.cuda.synchronize()
         self.phases[self.name] += time.perf_counter() - self.t
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+@contextmanager
+def host_memory_kept(device: torch.device):
+    """On a CPU (glibc), freed memory stays in the process for the block instead of going back to
+    the kernel. torch's CPU tensors come straight from malloc: by default glibc serves every
+    block over its mmap threshold (at most 32 MiB; a real teacher's MLP activations are larger)
+    with fresh pages and unmaps them on free, and trims the heap top past 64 MiB, so every batch
+    faults its activations in again, page by page: 2-4 million page faults (2-6 us each on the
+    2-core VM) per pass of 48 GSM8K rows through SmolLM2-135M, about a fifth of the forward's
+    CPU time, bare forward or dump (BENCHMARKS.md). With both thresholds high the first batch
+    grows the heap and the others reuse it. After the block the thresholds go to glibc's dynamic
+    maxima (its own steady state once a process has freed a large block, as loading a model
+    does) and the free memory is handed back (malloc_trim). A no-op elsewhere (CUDA: torch
+    caches device memory itself; a C library other than glibc)."""
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The process's C library if it is glibc (it has mallopt and malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no mallopt thresholds)
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc

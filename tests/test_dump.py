@@ -157,3 +157,37 @@ def test_a_compression_level_with_the_uncompressed_webdataset_backend_is_refused
         _cfg(tiny_store, tmp_path, backend="webdataset", compression_level=3)
     with pytest.raises(ConfigError, match="level 1 / bit shuffle would be ignored"):
         _cfg(tiny_store, tmp_path, backend="webdataset", blosc_shuffle="bit")
+
+
+def test_host_memory_kept_reuses_freed_memory_and_hands_it_back_after(tmp_path):
+    """Inside the block a large buffer freed and allocated again reuses the process's pages (few
+    new page faults); outside, glibc maps it afresh each time and every page faults again. After
+    the block the kept memory goes back to the kernel."""
+    import resource
+
+    from kvdistill.dump.run import _glibc, host_memory_kept
+
+    if _glibc() is None:
+        pytest.skip("glibc only")
+    page = resource.getpagesize()
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def faults(times: int = 8, mib: int = 64) -> int:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(times):
+            t = torch.empty(mib << 18)  # float32: mib MiB
+            t.fill_(1.0)  # touch every page
+            del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+    pages = (64 << 20) // page
+    before = faults()
+    r0 = resident()
+    with host_memory_kept(torch.device("cpu")):
+        kept = faults()
+    assert before >= 7 * pages  # glibc's default: each allocation mapped afresh
+    assert kept < 3 * pages  # the first allocation or two only
+    assert resident() - r0 < (32 << 20)  # the 64 MiB kept in the block is handed back

@@ -154,12 +154,14 @@ def forward_kv(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 class KVBuffer:
     """Memory that `forward_kv_packed` writes K and V into, kept from batch to batch.
 
-    Why: `forward_kv` keeps every layer's projection output alive until it stacks them, so each
-    batch allocates new memory the size of the K/V twice over. On a CPU glibc hands such memory
-    out fresh (mmap), and first-touch page faults on it cost the dump 10-20% of a real
-    teacher's forward (SmolLM2-135M, BENCHMARKS.md); the bare forward reuses its freed memory and
-    pays none. Written in place, each projection output is freed as in the bare forward, and the
-    buffer, sized once for the largest batch (`numel`), is touched once per run."""
+    Why: `forward_kv` keeps every layer's projection outputs alive until it stacks them (and the
+    dump then concatenated K and V), so each batch held its K/V three times over in memory
+    allocated afresh, two full copies of it made. On a CPU, glibc returns such memory to the
+    kernel when it is freed and the next batch faults it in again page by page: on SmolLM2-135M
+    (48 GSM8K rows, two batches) that was 0.4-1.3 million more page faults per pass than the bare
+    forward (2-6 us each on the 2-core VM; BENCHMARKS.md). Written in place, each projection
+    output is freed at once as in the bare forward, and the buffer, sized for the largest batch
+    (`numel`), is allocated once."""
 
     def __init__(self, numel: int = 0) -> None:
         self.numel = numel
