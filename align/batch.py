@@ -81,7 +81,9 @@ def compress_batch(
     out = []
     for b, r in enumerate(reasoning):
         T = len(r)  # this sample's teacher tokens: padding is never scored
-        out.append(compress(k[b, :T], v[b, :T], importance[b, ..., :T], torch.as_tensor(r, device=k.device), slots, lam))
+        out.append(
+            compress(k[b, :T], v[b, :T], importance[b, ..., :T], torch.as_tensor(r, device=k.device), slots, lam)
+        )
     mask = torch.stack([o["mask"] for o in out])  # [B, M]
     kv = torch.stack([torch.cat([o["k"], o["v"]], dim=-1) for o in out])  # [B, M, L_t, 2D_t]
     # A projection would move padding to -mean @ components; the mask puts it back to 0.

@@ -74,9 +74,7 @@ def _hsic_u(a: _Feats, b: _Feats) -> float:
 
 def _check_pair(a: _Feats, b: _Feats, min_n: int) -> None:
     if a.n != b.n:
-        raise ValueError(
-            f"{a.name} has {a.n} rows but {b.name} has {b.n}; both must hold the same tokens"
-        )
+        raise ValueError(f"{a.name} has {a.n} rows but {b.name} has {b.n}; both must hold the same tokens")
     if a.n < min_n:
         raise ValueError(f"the unbiased HSIC needs n >= {min_n} tokens, got {a.n}")
 
@@ -122,9 +120,7 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, debiased: bool = True) -> float
     return _cka(a, b, _self_term(a, debiased), _self_term(b, debiased), debiased)
 
 
-def cka_matrix(
-    student: list[torch.Tensor], teacher: list[torch.Tensor], debiased: bool = True
-) -> torch.Tensor:
+def cka_matrix(student: list[torch.Tensor], teacher: list[torch.Tensor], debiased: bool = True) -> torch.Tensor:
     """sim [L_s, L_t] float64 with sim[s, t] = CKA(student[s], teacher[t]).
 
     student[s]: [N, D_s], teacher[t]: [N, D_t], all over the same N tokens (see
@@ -224,9 +220,7 @@ def layer_map_from_json(d: dict, teacher_layers: int, student_layers: int) -> to
     """W [L_s, L_t] float64 from a `layer_map_to_json` record, checked against the models in use."""
     missing = [key for key in ("teacher_layers", "student_layers", "map", "method") if key not in d]
     if missing:
-        raise ValueError(
-            f"layer map record lacks {missing}; recompute it with `kvdistill align calibrate`"
-        )
+        raise ValueError(f"layer map record lacks {missing}; recompute it with `kvdistill align calibrate`")
     if d["method"] != CKA_METHOD:
         raise ValueError(f"layer map method {d['method']!r} is not {CKA_METHOD!r}")
     rec_t, rec_s = int(d["teacher_layers"]), int(d["student_layers"])

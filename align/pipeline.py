@@ -51,7 +51,9 @@ def build_time_map(
     """None means identity (the teacher rows are the student rows)."""
     if kind == "identity":
         if len(student_offsets) != len(teacher_offsets):
-            raise ValueError(f"identity time map with {len(teacher_offsets)} teacher vs {len(student_offsets)} student tokens")
+            raise ValueError(
+                f"identity time map with {len(teacher_offsets)} teacher vs {len(student_offsets)} student tokens"
+            )
         return None
     if kind == "char_overlap":
         return char_overlap_time_map(student_offsets, teacher_offsets)

@@ -85,9 +85,7 @@ def project_layers(x: torch.Tensor, mean: torch.Tensor, components: torch.Tensor
     return torch.einsum("...ld,ldk->...lk", x.to(dt) - mean.to(dt), components)
 
 
-def reconstruct_layers(
-    z: torch.Tensor, mean: torch.Tensor, components: torch.Tensor
-) -> torch.Tensor:
+def reconstruct_layers(z: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
     """z [..., L, dim] -> [..., L, D]; inverse of `project_layers` on the fitted subspace."""
     dt = components.dtype
     return torch.einsum("...lk,ldk->...ld", z.to(dt), components) + mean.to(dt)

@@ -30,7 +30,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["importance_from_attention", "redundancy", "normalise", "rkv_scores", "select_top", "gather_slots", "compress"]
+__all__ = [
+    "importance_from_attention",
+    "redundancy",
+    "normalise",
+    "rkv_scores",
+    "select_top",
+    "gather_slots",
+    "compress",
+]
 
 
 def importance_from_attention(attn: torch.Tensor, queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

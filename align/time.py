@@ -48,12 +48,8 @@ class TimeMap:
                 f"{tuple(self.rows.shape)}, {tuple(self.cols.shape)}, {tuple(self.weights.shape)}"
             )
         first = self._first()
-        if first.numel() != self.shape[0] or not torch.equal(
-            self.rows[first], torch.arange(self.shape[0])
-        ):
-            raise ValueError(
-                f"TimeMap rows must be sorted and cover every student step 0..{self.shape[0] - 1}"
-            )
+        if first.numel() != self.shape[0] or not torch.equal(self.rows[first], torch.arange(self.shape[0])):
+            raise ValueError(f"TimeMap rows must be sorted and cover every student step 0..{self.shape[0] - 1}")
 
     def _first(self) -> torch.Tensor:
         """[T_s] index of each row's first entry (rows are sorted)."""
@@ -141,8 +137,7 @@ def _spans(x, side: str) -> np.ndarray:
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"{side} token {i} has span {a[i].tolist()}: need 0 <= start <= end; "
-            "pass the tokenizer's offset_mapping"
+            f"{side} token {i} has span {a[i].tolist()}: need 0 <= start <= end; pass the tokenizer's offset_mapping"
         )
     bad = np.flatnonzero(np.diff(a[:, 0]) < 0)
     if bad.size:
@@ -335,9 +330,7 @@ def segment_time_map(student_segments, teacher_segments) -> TimeMap:
         ws.append(w)
     if not rows:
         return _time_map([], [], [], (0, 0), "segment_linear")
-    return _time_map(
-        np.concatenate(rows), np.concatenate(cols), np.concatenate(ws), (T_s, T_t), "segment_linear"
-    )
+    return _time_map(np.concatenate(rows), np.concatenate(cols), np.concatenate(ws), (T_s, T_t), "segment_linear")
 
 
 def stack_time_maps(maps: list[TimeMap | None], teacher_lengths: list[int], T_pad: int) -> TimeMap:

@@ -117,16 +117,42 @@ def stored_bytes(codec: str, k: np.ndarray, v: np.ndarray, offsets: np.ndarray) 
         path = Path(tmp) / "s.zarr"
         _store(path, codec, [(k, v, offsets)])
         kv_arrays = {f"{p}{suffix}" for p in "kv" for suffix in ("", "_scale", "_zero")}
-        return sum(f.stat().st_size for f in (path / "teachers" / "t").rglob("*") if f.is_file() and kv_arrays & set(f.parts))
+        return sum(
+            f.stat().st_size for f in (path / "teachers" / "t").rglob("*") if f.is_file() and kv_arrays & set(f.parts)
+        )
 
 
 def _store(path: Path, codec: str, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
     """A finalized one-teacher store of the given K/V (one shard per entry, samples at offsets)."""
     _, L, D = shards[0][0].shape
     geom = KVGeometry(num_layers=L, num_kv_heads=1, head_dim=D)
-    init_store(path, StoreSpec(student=ModelSpec("bench"), geometry=geom, tokenizer_fingerprint="bench", data=DataSpec(), data_fingerprint="bench", num_shards=len(shards), kv_dtype=codec))
+    init_store(
+        path,
+        StoreSpec(
+            student=ModelSpec("bench"),
+            geometry=geom,
+            tokenizer_fingerprint="bench",
+            data=DataSpec(),
+            data_fingerprint="bench",
+            num_shards=len(shards),
+            kv_dtype=codec,
+        ),
+    )
     eye = [[float(i == j) for j in range(L)] for i in range(L)]
-    init_teacher(path, TeacherSpec(name="t", model=ModelSpec("bench"), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=D, fingerprint="bench", kv_dtype=codec))
+    init_teacher(
+        path,
+        TeacherSpec(
+            name="t",
+            model=ModelSpec("bench"),
+            geometry=geom,
+            align=AlignSpec(),
+            time_map="identity",
+            layer_map=eye,
+            width=D,
+            fingerprint="bench",
+            kv_dtype=codec,
+        ),
+    )
     for s, (k, v, offsets) in enumerate(shards):
         with ShardWriter(path, "t", s, num_layers=L, width=D, codec=codec) as w:
             for j in range(len(offsets) - 1):
@@ -149,8 +175,8 @@ def stream_rate(codec: str, width: int, evr: np.ndarray, tokens: int = 200_000, 
     tokens = min(tokens, int(4e8) // (2 * L * width * 4))  # the float32 source within ~400 MB
     n = max(8, tokens // sample_len)
     scale = np.sqrt(np.resize(evr, width)).astype(np.float32) * 4
-    k = (rng.standard_normal((n * sample_len, L, width), dtype=np.float32) * scale)
-    v = (rng.standard_normal((n * sample_len, L, width), dtype=np.float32) * scale)
+    k = rng.standard_normal((n * sample_len, L, width), dtype=np.float32) * scale
+    v = rng.standard_normal((n * sample_len, L, width), dtype=np.float32) * scale
     offsets = np.arange(n + 1) * sample_len
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.zarr"
@@ -173,7 +199,12 @@ def stream_rate(codec: str, width: int, evr: np.ndarray, tokens: int = 200_000, 
             kv_to_device(b["kv"], torch.device("cpu"))
         deq = time.perf_counter() - d0
         deq_rows = sum(int(b["attention_mask"].sum()) for b in batches)
-    return {"tokens": rows, "per_cpu_second": rows / cpu, "per_wall_second": rows / wall, "dequant_cpu_tokens_per_s": deq_rows / deq}
+    return {
+        "tokens": rows,
+        "per_cpu_second": rows / cpu,
+        "per_wall_second": rows / wall,
+        "dequant_cpu_tokens_per_s": deq_rows / deq,
+    }
 
 
 def frontier(args: argparse.Namespace) -> None:
@@ -182,8 +213,11 @@ def frontier(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     kv, offsets = real_kv(args.model, args.data, args.samples, STUDENT_05B.num_layers)
     n_cal = int(offsets[len(offsets) // 2])  # PCA on the first half of the samples, errors on the rest
-    print(f"[frontier] {args.model}: {len(offsets) - 1} samples, {offsets[-1]:,} tokens, K/V {kv['k'].shape[1:]} after the "
-          f"ratio layer map; PCA fitted on {n_cal:,} tokens ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(
+        f"[frontier] {args.model}: {len(offsets) - 1} samples, {offsets[-1]:,} tokens, K/V {kv['k'].shape[1:]} after the "
+        f"ratio layer map; PCA fitted on {n_cal:,} tokens ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
     D_real, D_7b = kv["k"].shape[-1], TEACHER_7B.width
     held = {p: kv[p][n_cal:] for p in "kv"}
     held_offsets = offsets[len(offsets) // 2 :] - n_cal
@@ -214,12 +248,20 @@ def frontier(args: argparse.Namespace) -> None:
             r["bytes_7b_raw"] = bytes_per_token(codec, STUDENT_05B.num_layers, D_7b // f)
             r["bytes_7b_disk"] = r["bytes_7b_raw"] / r["compression"]
             evr = fits["k"][2].mean(0) if fits["k"] is not None else np.ones(1, np.float32)
-            r.update({f"stream_{k}": v for k, v in stream_rate(codec, D_7b // f, evr, tokens=args.stream_tokens).items()})
+            r.update(
+                {f"stream_{k}": v for k, v in stream_rate(codec, D_7b // f, evr, tokens=args.stream_tokens).items()}
+            )
             rows.append(r)
             print(_row(r), flush=True)
     for f in (4, 8, 16, 32):  # a 2-bit codec, simulated: would twice the dims at int4's bytes help?
         d = D_real // f
-        r = {"option": f"pca/{f}-int2 (simulated)", "fraction": f, "codec": "int2 (simulated)", "dim_real": d, "dim_7b": D_7b // f}
+        r = {
+            "option": f"pca/{f}-int2 (simulated)",
+            "fraction": f,
+            "codec": "int2 (simulated)",
+            "dim_real": d,
+            "dim_7b": D_7b // f,
+        }
         for p in "kv":
             mean, comp, evr = fit_layer_pca(torch.from_numpy(kv[p][:n_cal]), d)
             y = project_layers(torch.from_numpy(held[p]), mean.float(), comp.float()).numpy()
@@ -231,20 +273,35 @@ def frontier(args: argparse.Namespace) -> None:
         print(_row(r), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "data": args.data, "samples": args.samples, "tokens": int(offsets[-1]),
-                               "held_out_tokens": int(len(held["k"])), "geometry_7b": {"teacher": TEACHER_7B.to_dict(), "student": STUDENT_05B.to_dict()},
-                               "options": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "data": args.data,
+                "samples": args.samples,
+                "tokens": int(offsets[-1]),
+                "held_out_tokens": int(len(held["k"])),
+                "geometry_7b": {"teacher": TEACHER_7B.to_dict(), "student": STUDENT_05B.to_dict()},
+                "options": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"[frontier] wrote {out} ({time.perf_counter() - t0:.0f}s)")
 
 
-HEADER = (f"{'option':<20} {'dim 7B':>6} {'B/tok raw':>9} {'B/tok disk':>10} {'x smaller':>9} {'EV K':>5} {'EV V':>5} "
-          f"{'err K':>6} {'err V':>6} {'tok/s/core':>10} {'dequant tok/s':>13}")
+HEADER = (
+    f"{'option':<20} {'dim 7B':>6} {'B/tok raw':>9} {'B/tok disk':>10} {'x smaller':>9} {'EV K':>5} {'EV V':>5} "
+    f"{'err K':>6} {'err V':>6} {'tok/s/core':>10} {'dequant tok/s':>13}"
+)
 
 
 def _row(r: dict) -> str:
-    return (f"{r['option']:<20} {r['dim_7b']:>6} {r['bytes_7b_raw']:>9,.0f} {r['bytes_7b_disk']:>10,.0f} {49152 / r['bytes_7b_disk']:>8.1f}x "
-            f"{r['ev_k']:>5.3f} {r['ev_v']:>5.3f} {r['err_k']:>6.3f} {r['err_v']:>6.3f} {_rate(r, 'stream_per_cpu_second'):>10} "
-            f"{_rate(r, 'stream_dequant_cpu_tokens_per_s'):>13}")
+    return (
+        f"{r['option']:<20} {r['dim_7b']:>6} {r['bytes_7b_raw']:>9,.0f} {r['bytes_7b_disk']:>10,.0f} {49152 / r['bytes_7b_disk']:>8.1f}x "
+        f"{r['ev_k']:>5.3f} {r['ev_v']:>5.3f} {r['err_k']:>6.3f} {r['err_v']:>6.3f} {_rate(r, 'stream_per_cpu_second'):>10} "
+        f"{_rate(r, 'stream_dequant_cpu_tokens_per_s'):>13}"
+    )
 
 
 def _rate(r: dict, key: str) -> str:
@@ -275,20 +332,48 @@ def stores(args: argparse.Namespace) -> None:
         tasks = []
         for t in teachers:
             width = json.loads((Path(t.name_or_path) / "config.json").read_text())
-            D = width.get("num_key_value_heads") * (width.get("head_dim") or width["hidden_size"] // width["num_attention_heads"])
+            D = width.get("num_key_value_heads") * (
+                width.get("head_dim") or width["hidden_size"] // width["num_attention_heads"]
+            )
             out = demo / "pca" / f"{t.name}-pca{f}" / "layermap.json"
             if not out.with_name(f"layermap-pca{D // f}.npz").exists():
-                calibrate(CalibrateConfig(teacher=t, student=student, data=cfg.data, samples=64, out=str(out), pca=D // f, pca_layer_map="ratio", device="cpu"), progress=False)
-            base = DumpConfig(teacher=t, student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, device="cpu",
-                              kv_dtype=args.codec, align=AlignSpec(projection=str(out.with_name(f"layermap-pca{D // f}.npz"))))
+                calibrate(
+                    CalibrateConfig(
+                        teacher=t,
+                        student=student,
+                        data=cfg.data,
+                        samples=64,
+                        out=str(out),
+                        pca=D // f,
+                        pca_layer_map="ratio",
+                        device="cpu",
+                    ),
+                    progress=False,
+                )
+            base = DumpConfig(
+                teacher=t,
+                student=student,
+                store=str(store),
+                data=cfg.data,
+                num_shards=cfg.num_shards,
+                batch_size=64,
+                device="cpu",
+                kv_dtype=args.codec,
+                align=AlignSpec(projection=str(out.with_name(f"layermap-pca{D // f}.npz"))),
+            )
             tasks += dump_tasks(base, [t])
         run_local(tasks, progress=True)
         finalize(store)
         info = inspect(store)
         print(f"[stores] {store}: {info['bytes_per_token']:.1f} bytes per token on disk (all teachers)", flush=True)
         arms[f"kv-pca{f}-{args.codec}"] = {"fusion": "fixed", "store": str(store)}
-    compare = {"out": args.compare_out, "arms": ["ce", "kv-fixed", *arms], "arm_overrides": arms, "seeds": args.seeds,
-               "demo": {"out": str(demo)}}
+    compare = {
+        "out": args.compare_out,
+        "arms": ["ce", "kv-fixed", *arms],
+        "arm_overrides": arms,
+        "seeds": args.seeds,
+        "demo": {"out": str(demo)},
+    }
     path = demo / "compare-compact.yaml"
     path.write_text(yaml.safe_dump(compare, sort_keys=False))
     print(f"[stores] wrote {path}: kvdistill compare --config {path}")
@@ -322,15 +407,19 @@ def gain(args: argparse.Namespace) -> None:
                 if g_full[i].mean() > 0:
                     boots.append(g_arm[i].mean() / g_full[i].mean())
             lo, hi = np.percentile(boots, [2.5, 97.5])
-            print(f"{name:<22} {metric:<11} {g_arm.mean():>+8.3f} {g_full.mean():>+12.3f} {g_arm.mean() / g_full.mean():>6.2f} "
-                  f"{f'[{lo:.2f}, {hi:.2f}]':>16} {len(seeds):>5}")
+            print(
+                f"{name:<22} {metric:<11} {g_arm.mean():>+8.3f} {g_full.mean():>+12.3f} {g_arm.mean() / g_full.mean():>6.2f} "
+                f"{f'[{lo:.2f}, {hi:.2f}]':>16} {len(seeds):>5}"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("frontier", help="bytes / error / decode rate per option on real K/V")
-    f.add_argument("--model", required=True, help="a local transformers folder (bench/fetch_real.py writes real/smollm2-135m)")
+    f.add_argument(
+        "--model", required=True, help="a local transformers folder (bench/fetch_real.py writes real/smollm2-135m)"
+    )
     f.add_argument("--data", required=True, help="GSM8K-format JSONL (real/gsm8k/train.jsonl)")
     f.add_argument("--samples", type=int, default=128)
     f.add_argument("--stream-tokens", type=int, default=100_000, help="tokens in each decode-rate store")
@@ -344,7 +433,11 @@ def main() -> None:
     s.add_argument("--compare-out", default="cmp-compact")
     s.set_defaults(func=stores)
     g = sub.add_parser("gain", help="distillation gain kept, from a compare run")
-    g.add_argument("--compare", default="cmp-compact", help="compare folder(s), comma-separated, holding ce, kv-fixed and the compact arms")
+    g.add_argument(
+        "--compare",
+        default="cmp-compact",
+        help="compare folder(s), comma-separated, holding ce, kv-fixed and the compact arms",
+    )
     g.add_argument("--bootstrap", type=int, default=10_000)
     g.set_defaults(func=gain)
     args = ap.parse_args()

@@ -70,7 +70,9 @@ THINK = "Think step by step.\nQuestion: {question}\nReasoning:\n{reasoning}\n###
 MAPS = ("identity", "char_overlap", "segment_linear")
 
 
-def build(root: Path, size: str, data: DataSpec, dtype: str, teacher: Path | None) -> dict[str, tuple[ModelSpec, ModelSpec, str]]:
+def build(
+    root: Path, size: str, data: DataSpec, dtype: str, teacher: Path | None
+) -> dict[str, tuple[ModelSpec, ModelSpec, str]]:
     """time map -> (teacher, student, store name). Random-weight teachers of `size` sharing one
     store and student; or the pretrained `teacher` folder, whose char_overlap student (a
     tokenizer of its own) needs a store of its own."""
@@ -86,30 +88,59 @@ def build(root: Path, size: str, data: DataSpec, dtype: str, teacher: Path | Non
         }
         student = ModelSpec(name_or_path=str(paths["student"]))
         return {
-            "identity": (ModelSpec(name_or_path=str(paths["teacher"]), name="identity", dtype=dtype), student, "store.zarr"),
-            "char_overlap": (ModelSpec(name_or_path=str(paths["xtok"]), name="char_overlap", dtype=dtype), student, "store.zarr"),
+            "identity": (
+                ModelSpec(name_or_path=str(paths["teacher"]), name="identity", dtype=dtype),
+                student,
+                "store.zarr",
+            ),
+            "char_overlap": (
+                ModelSpec(name_or_path=str(paths["xtok"]), name="char_overlap", dtype=dtype),
+                student,
+                "store.zarr",
+            ),
             "segment_linear": (
-                ModelSpec(name_or_path=str(paths["teacher"]), name="segment_linear", prompt_template=THINK, dtype=dtype), student, "store.zarr"
+                ModelSpec(
+                    name_or_path=str(paths["teacher"]), name="segment_linear", prompt_template=THINK, dtype=dtype
+                ),
+                student,
+                "store.zarr",
             ),
         }
     tok = load_tokenizer(ModelSpec(name_or_path=str(teacher)))
     same = ModelSpec(name_or_path=str(tiny.save(tiny.build_model("llama", tok, **STUDENT), tok, root / "student")))
-    own = ModelSpec(name_or_path=str(tiny.save(tiny.build_model("qwen2", xtok, **STUDENT), xtok, root / "student-xtok")))
+    own = ModelSpec(
+        name_or_path=str(tiny.save(tiny.build_model("qwen2", xtok, **STUDENT), xtok, root / "student-xtok"))
+    )
     return {
         "identity": (ModelSpec(name_or_path=str(teacher), name="identity", dtype=dtype), same, "store.zarr"),
-        "char_overlap": (ModelSpec(name_or_path=str(teacher), name="char_overlap", dtype=dtype), own, "store-xtok.zarr"),
-        "segment_linear": (ModelSpec(name_or_path=str(teacher), name="segment_linear", prompt_template=THINK, dtype=dtype), same, "store.zarr"),
+        "char_overlap": (
+            ModelSpec(name_or_path=str(teacher), name="char_overlap", dtype=dtype),
+            own,
+            "store-xtok.zarr",
+        ),
+        "segment_linear": (
+            ModelSpec(name_or_path=str(teacher), name="segment_linear", prompt_template=THINK, dtype=dtype),
+            same,
+            "store.zarr",
+        ),
     }
 
 
-def batches(teacher: ModelSpec, student: ModelSpec, data: DataSpec, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    teacher: ModelSpec, student: ModelSpec, data: DataSpec, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The dump's own batches: samples in student-length order (a stable sort of the data
     order), the teacher's tokens padded with the teacher's pad id, as dump/run.py cuts them."""
     s_tok, t_tok = load_tokenizer(student), load_tokenizer(teacher)
-    pairs = [(encode(s_tok, student.prompt_template, ex), encode(t_tok, teacher.prompt_template, ex)) for ex in load_examples(data)]
+    pairs = [
+        (encode(s_tok, student.prompt_template, ex), encode(t_tok, teacher.prompt_template, ex))
+        for ex in load_examples(data)
+    ]
     pairs.sort(key=lambda p: len(p[0]))
     pad = pad_token_id(t_tok)
-    return [pad_batch([t.input_ids for _, t in pairs[i : i + batch_size]], pad) for i in range(0, len(pairs), batch_size)]
+    return [
+        pad_batch([t.input_ids for _, t in pairs[i : i + batch_size]], pad) for i in range(0, len(pairs), batch_size)
+    ]
 
 
 def _sync(device: str) -> None:
@@ -136,7 +167,11 @@ class Bare:
         # host batches copied per step, and on a CPU freed memory kept in the process, as the dump does
         with torch.inference_mode(), host_memory_kept(torch.device(self.device)):
             for ids, mask in work:
-                self.stack(input_ids=ids.to(self.device, non_blocking=True), attention_mask=mask.to(self.device, non_blocking=True), use_cache=False)
+                self.stack(
+                    input_ids=ids.to(self.device, non_blocking=True),
+                    attention_mask=mask.to(self.device, non_blocking=True),
+                    use_cache=False,
+                )
         _sync(self.device)
 
     def seconds(self) -> float:
@@ -167,20 +202,45 @@ def naive(spec: ModelSpec, data: DataSpec, out: Path, device: str) -> tuple[int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="small", help="random-weight teacher geometry (without --teacher)")
-    p.add_argument("--teacher", type=Path, default=None, help="a local pretrained model folder as the teacher (e.g. real/smollm2-135m)")
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="small", help="random-weight teacher geometry (without --teacher)"
+    )
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="a local pretrained model folder as the teacher (e.g. real/smollm2-135m)",
+    )
     p.add_argument("--data", type=Path, default=None, help="a GSM8K-format .jsonl (default: the synthetic problems)")
     p.add_argument("--samples", type=int, default=512, help="synthetic rows (without --data)")
     p.add_argument("--limit", type=int, default=None, help="the first N rows of --data (default: all)")
-    p.add_argument("--maps", default=",".join(MAPS), help=f"time maps to dump, comma-separated (of {', '.join(MAPS)}; identity always runs)")
-    p.add_argument("--repeat", type=int, default=1, help="alternate bare and the identity dump this many times; each ratio is printed")
-    p.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True, help="also time the naive per-sample path")
+    p.add_argument(
+        "--maps",
+        default=",".join(MAPS),
+        help=f"time maps to dump, comma-separated (of {', '.join(MAPS)}; identity always runs)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="alternate bare and the identity dump this many times; each ratio is printed",
+    )
+    p.add_argument(
+        "--naive", action=argparse.BooleanOptionalAction, default=True, help="also time the naive per-sample path"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--workers", type=int, default=None, help="also time the local executor with 1 vs this many workers (0: skip; CPU only; default 2, 0 with --teacher)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="also time the local executor with 1 vs this many workers (0: skip; CPU only; default 2, 0 with --teacher)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="teacher dtype (default: bfloat16 on a GPU, float32 on CPU)")
-    p.add_argument("--dir", type=Path, default=None, help="where to write models and stores (default: a temp dir, removed)")
+    p.add_argument(
+        "--dir", type=Path, default=None, help="where to write models and stores (default: a temp dir, removed)"
+    )
     args = p.parse_args()
     maps = [m for m in args.maps.split(",") if m]
     if unknown := set(maps) - set(MAPS):
@@ -219,7 +279,14 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
 
     def dump(kind: str, tag: str = ""):
         t, s, store = specs[kind]
-        cfg = DumpConfig(teacher=t, student=s, store=str(root / tag / store), data=data, batch_size=args.batch_size, device=args.device)
+        cfg = DumpConfig(
+            teacher=t,
+            student=s,
+            store=str(root / tag / store),
+            data=data,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
         f0 = _faults()
         r = run_dump(cfg, progress=False)
         r.faults = _faults() - f0
@@ -231,10 +298,14 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
         s_bares.append(bare.seconds())
         f_bares.append(bare.faults)
         idents.append(dump("identity", tag=f"rep{i}" if i else ""))
-    print(f"{'repeat':<7} {'bare s':>7} {'dump forward s':>15} {'steady s':>9} {'fwd vs bare':>12} {'steady vs bare':>15} {'page faults bare / dump task':>29}")
+    print(
+        f"{'repeat':<7} {'bare s':>7} {'dump forward s':>15} {'steady s':>9} {'fwd vs bare':>12} {'steady vs bare':>15} {'page faults bare / dump task':>29}"
+    )
     for i, (sb, fb, r) in enumerate(zip(s_bares, f_bares, idents, strict=True)):
         st = r.phases["forward"] + r.phases["align"] + r.phases["write"]
-        print(f"{i:<7} {sb:>7.2f} {r.phases['forward']:>15.2f} {st:>9.2f} {sb / r.phases['forward']:>12.2f} {sb / st:>15.2f} {fb:>14,} / {r.faults:>12,}")
+        print(
+            f"{i:<7} {sb:>7.2f} {r.phases['forward']:>15.2f} {st:>9.2f} {sb / r.phases['forward']:>12.2f} {sb / st:>15.2f} {fb:>14,} / {r.faults:>12,}"
+        )
     print()
     results = {"identity": idents[-1]}
     for kind in args.maps[1:]:
@@ -247,9 +318,13 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
     rate = {"bare": tok_bare / s_bare, "dump": r.teacher_tokens / steady, "dump_wall": r.teacher_tokens / r.seconds}
     print(f"{'path':<34} {'tokens/s':>10} {'vs bare':>8}")
     print(f"{'bare teacher forward':<34} {rate['bare']:>10,.0f} {1.0:>8.2f}")
-    print(f"{'kvdistill dump (forward phase)':<34} {r.teacher_tokens / r.phases['forward']:>10,.0f} {s_bare / r.phases['forward']:>8.2f}")
+    print(
+        f"{'kvdistill dump (forward phase)':<34} {r.teacher_tokens / r.phases['forward']:>10,.0f} {s_bare / r.phases['forward']:>8.2f}"
+    )
     print(f"{'kvdistill dump (steady state)':<34} {rate['dump']:>10,.0f} {rate['dump'] / rate['bare']:>8.2f}")
-    print(f"{'kvdistill dump (incl. loading)':<34} {rate['dump_wall']:>10,.0f} {rate['dump_wall'] / rate['bare']:>8.2f}")
+    print(
+        f"{'kvdistill dump (incl. loading)':<34} {rate['dump_wall']:>10,.0f} {rate['dump_wall'] / rate['bare']:>8.2f}"
+    )
     if args.naive:
         tok_naive, s_naive = naive(teacher, data, root / "naive", args.device)
         rate["naive"] = tok_naive / s_naive
@@ -260,25 +335,43 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
     print(f"{'time map':<16} {'load s':>7} {'forward s':>10} {'align s':>8} {'align/forward':>14} {'write s':>8}")
     for kind, res in results.items():
         ph = res.phases
-        print(f"{kind:<16} {ph['load']:>7.2f} {ph['forward']:>10.2f} {ph['align']:>8.2f} {ph['align'] / ph['forward']:>14.1%} {ph['write']:>8.2f}")
+        print(
+            f"{kind:<16} {ph['load']:>7.2f} {ph['forward']:>10.2f} {ph['align']:>8.2f} {ph['align'] / ph['forward']:>14.1%} {ph['write']:>8.2f}"
+        )
     print()
     for store in sorted({specs[kind][2] for kind in results}):
         for name, t in inspect(root / store)["teachers"].items():
-            print(f"store {name:<16} {t['bytes_per_token']:>8.1f} bytes/token (compression {t['compression_ratio']:.2f}x)")
+            print(
+                f"store {name:<16} {t['bytes_per_token']:>8.1f} bytes/token (compression {t['compression_ratio']:.2f}x)"
+            )
     if args.naive:
         naive_bytes = sum(f.stat().st_size for f in (root / "naive").iterdir())
         print(f"naive torch.save files   {naive_bytes / tok_naive:>8.1f} bytes/token (teacher depth, uncompressed)")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (this process; workers not included)")
+    print(
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (this process; workers not included)"
+    )
     if args.workers > 1 and args.device == "cpu":
         # The same 4 shards of one teacher: 1 process using every core vs N processes splitting them.
         seconds = {}
         for n in (1, args.workers):
-            cfg = JobsConfig(teachers=[teacher], dump=DumpTask(student=student, store=str(root / f"workers{n}.zarr"), data=data, num_shards=4, batch_size=args.batch_size, device="cpu"))
+            cfg = JobsConfig(
+                teachers=[teacher],
+                dump=DumpTask(
+                    student=student,
+                    store=str(root / f"workers{n}.zarr"),
+                    data=data,
+                    num_shards=4,
+                    batch_size=args.batch_size,
+                    device="cpu",
+                ),
+            )
             t0 = time.perf_counter()
             run_local(cfg.tasks(), workers=n, progress=False)
             seconds[n] = time.perf_counter() - t0
-        print(f"\nlocal executor, 4 shards: 1 worker {seconds[1]:.1f}s, {args.workers} workers {seconds[args.workers]:.1f}s "
-              f"-> {seconds[1] / seconds[args.workers]:.2f}x (process start-up included)")
+        print(
+            f"\nlocal executor, 4 shards: 1 worker {seconds[1]:.1f}s, {args.workers} workers {seconds[args.workers]:.1f}s "
+            f"-> {seconds[1] / seconds[args.workers]:.2f}x (process start-up included)"
+        )
 
 
 if __name__ == "__main__":

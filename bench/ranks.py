@@ -24,11 +24,50 @@ import torch
 
 
 def _run(args, out: Path, batch: int, accum: int, procs: int) -> None:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"] if procs > 1 else [sys.executable]
-    cmd = [*launch, "-m", "kvdistill", "train", "--store", args.store, "--student", args.student, "--out", str(out), "--device", "cpu",
-           "--max-steps", str(args.steps), "--warmup-steps", str(args.warmup), "--batch-size", str(batch), "--gradient-accumulation-steps", str(accum),
-           "--log-every", "1", "--record-samples", "--no-progress"]
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+        if procs > 1
+        else [sys.executable]
+    )
+    cmd = [
+        *launch,
+        "-m",
+        "kvdistill",
+        "train",
+        "--store",
+        args.store,
+        "--student",
+        args.student,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--max-steps",
+        str(args.steps),
+        "--warmup-steps",
+        str(args.warmup),
+        "--batch-size",
+        str(batch),
+        "--gradient-accumulation-steps",
+        str(accum),
+        "--log-every",
+        "1",
+        "--record-samples",
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -36,7 +75,10 @@ def _run(args, out: Path, batch: int, accum: int, procs: int) -> None:
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     final = run / "final"
-    return {**safetensors.torch.load_file(final / "model.safetensors"), **{f"adapters.{k}": v for k, v in torch.load(final / "adapters.pt").items()}}
+    return {
+        **safetensors.torch.load_file(final / "model.safetensors"),
+        **{f"adapters.{k}": v for k, v in torch.load(final / "adapters.pt").items()},
+    }
 
 
 def _rows(run: Path) -> list[dict]:
@@ -74,16 +116,25 @@ def main() -> None:
         peak = max(r["lr"] for r in rows[ref])
         for n in runs:
             print(f"  {n:>14}: " + " ".join(f"{r['lr'] / peak:.3f}" for r in rows[n]))
-        print(f"\nagainst {ref}:  {'max |dw|':>10} {'max |dW|/|W|':>13} {'max term diff':>14} {'same samples':>13} {'same tokens':>12}")
+        print(
+            f"\nagainst {ref}:  {'max |dw|':>10} {'max |dW|/|W|':>13} {'max term diff':>14} {'same samples':>13} {'same tokens':>12}"
+        )
         w0 = _weights(dirs[ref])
         for n in list(runs)[1:]:
             w = _weights(dirs[n])
             dw = max(float((w[k] - w0[k]).abs().max()) for k in w0)
             rel = max(float((w[k] - w0[k]).norm() / w0[k].norm().clamp_min(1e-12)) for k in w0)
-            terms = max(abs(a[k] - c[k]) for a, c in zip(rows[n], rows[ref], strict=True) for k in a if isinstance(a[k], float) and k != "lr")
+            terms = max(
+                abs(a[k] - c[k])
+                for a, c in zip(rows[n], rows[ref], strict=True)
+                for k in a
+                if isinstance(a[k], float) and k != "lr"
+            )
             samples = [_samples(d) for d in (dirs[n], dirs[ref])]
             same_tokens = [r["tokens"] for r in rows[n]] == [r["tokens"] for r in rows[ref]]
-            print(f"  {n:>14}:  {dw:10.2e} {rel:13.2e} {terms:14.2e} {str(samples[0] == samples[1]):>13} {str(same_tokens):>12}")
+            print(
+                f"  {n:>14}:  {dw:10.2e} {rel:13.2e} {terms:14.2e} {str(samples[0] == samples[1]):>13} {str(same_tokens):>12}"
+            )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,29 @@ def build_store(path: Path, samples: int, shards: int, tokens: int, layers: int 
     """`samples` samples of about `tokens` tokens, random float16 K/V, one teacher."""
     LAYERS = layers
     geom = KVGeometry(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM)
-    spec = StoreSpec(student=ModelSpec("bench"), geometry=geom, tokenizer_fingerprint="bench", data=DataSpec(), data_fingerprint="bench", num_shards=shards)
+    spec = StoreSpec(
+        student=ModelSpec("bench"),
+        geometry=geom,
+        tokenizer_fingerprint="bench",
+        data=DataSpec(),
+        data_fingerprint="bench",
+        num_shards=shards,
+    )
     init_store(path, spec)
     eye = [[float(i == j) for j in range(LAYERS)] for i in range(LAYERS)]
-    init_teacher(path, TeacherSpec(name="t", model=ModelSpec("bench"), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=geom.width, fingerprint="bench"))
+    init_teacher(
+        path,
+        TeacherSpec(
+            name="t",
+            model=ModelSpec("bench"),
+            geometry=geom,
+            align=AlignSpec(),
+            time_map="identity",
+            layer_map=eye,
+            width=geom.width,
+            fingerprint="bench",
+        ),
+    )
     rng = np.random.default_rng(seed)
     bounds = np.linspace(0, samples, shards + 1).astype(int)
     for s in range(shards):
@@ -114,7 +133,9 @@ def main() -> None:
         store = build_store(root / "s.zarr", args.samples, args.shards, args.tokens, args.layers)
         size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
         batches = args.samples // args.batch_size
-        print(f"store: {args.samples:,} samples, {size / 2**20:.0f} MiB, {batches} batches of {args.batch_size} an epoch, shuffle buffer {args.shuffle_buffer}")
+        print(
+            f"store: {args.samples:,} samples, {size / 2**20:.0f} MiB, {batches} batches of {args.batch_size} an epoch, shuffle buffer {args.shuffle_buffer}"
+        )
         print(f"{'checkpoint at':>14} {'replay s':>9} {'resume s':>9} {'speed-up':>9}")
         for frac in (0.1, 0.5, 0.9):
             n = int(frac * batches)
@@ -128,7 +149,9 @@ def main() -> None:
             a, b = float(np.median(replay)), float(np.median(resume))
             print(f"{f'batch {n} ({frac:.0%})':>14} {a:9.2f} {b:9.2f} {a / b:8.1f}x")
         chunk = ShardReader(store, "t", 0).array("k").chunks[0]
-        print(f"\nread amplification, one epoch, global batch {args.batch_size} split over N ranks (chunks of {chunk} rows, ~{chunk / args.tokens:.1f} samples):")
+        print(
+            f"\nread amplification, one epoch, global batch {args.batch_size} split over N ranks (chunks of {chunk} rows, ~{chunk / args.tokens:.1f} samples):"
+        )
         print(f"{'ranks':>6} {'rows read / used':>17} {'chunk rows decoded / used':>26}")
         for world in (1, 2, 4, 8):
             if args.batch_size % world == 0:

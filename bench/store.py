@@ -74,13 +74,25 @@ COMPRESSORS = {
     "blosc-shuffle": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle),
     "blosc-bitshuffle": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
     "zstd": lambda nbytes: ZstdCodec(level=3),
-    "blosc-shuffle/chunk": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
-    "blosc-bitshuffle/chunk": lambda nbytes: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle, blocksize=nbytes),
+    "blosc-shuffle/chunk": lambda nbytes: BloscCodec(
+        cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, blocksize=nbytes
+    ),
+    "blosc-bitshuffle/chunk": lambda nbytes: BloscCodec(
+        cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle, blocksize=nbytes
+    ),
     # zstd level 1, the store's default (StoreSpec.compression_level): ~4x faster to compress.
-    "blosc-shuffle/chunk/l1": lambda nbytes: BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
-    "blosc-bitshuffle/chunk/l1": lambda nbytes: BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle, blocksize=nbytes),
-    "blosc-lz4/chunk": lambda nbytes: BloscCodec(cname="lz4", clevel=9, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
-    "blosc-lz4hc/chunk": lambda nbytes: BloscCodec(cname="lz4hc", clevel=5, shuffle=BloscShuffle.shuffle, blocksize=nbytes),
+    "blosc-shuffle/chunk/l1": lambda nbytes: BloscCodec(
+        cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, blocksize=nbytes
+    ),
+    "blosc-bitshuffle/chunk/l1": lambda nbytes: BloscCodec(
+        cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle, blocksize=nbytes
+    ),
+    "blosc-lz4/chunk": lambda nbytes: BloscCodec(
+        cname="lz4", clevel=9, shuffle=BloscShuffle.shuffle, blocksize=nbytes
+    ),
+    "blosc-lz4hc/chunk": lambda nbytes: BloscCodec(
+        cname="lz4hc", clevel=5, shuffle=BloscShuffle.shuffle, blocksize=nbytes
+    ),
     "none": lambda nbytes: None,  # zarr's own read cost, without decompression
 }
 STORE_COMPRESSOR = "blosc-shuffle/chunk/l1"  # what ShardWriter writes by default
@@ -92,7 +104,9 @@ def teacher_kv(samples: int, steps: int, seed: int) -> tuple[np.ndarray, np.ndar
     tok = tiny.train_tokenizer(tiny.corpus(rows, DEFAULT_TEMPLATE))
     model = tiny.build_model("qwen2", tok, seed=seed, **TEACHER)
     if steps:
-        losses = tiny.train_lm(model, tok, rows, DEFAULT_TEMPLATE, steps=steps, seed=seed, desc="train teacher", progress=False)
+        losses = tiny.train_lm(
+            model, tok, rows, DEFAULT_TEMPLATE, steps=steps, seed=seed, desc="train teacher", progress=False
+        )
         print(f"teacher trained {steps} steps: CE {losses[0]:.2f} -> {np.mean(losses[-10:]):.2f}")
     enc = [encode(tok, DEFAULT_TEMPLATE, ex) for ex in rows[:samples]]
     ks, vs = [], []
@@ -131,7 +145,11 @@ def create(group, codec: str, part: str, L: int, D: int, compressor: str) -> dic
             shards=(rows * CHUNKS_PER_SHARD, *row),
             dtype=dtype,
             # As ShardWriter: every chunk written and crc32c-checked (the reader refuses others).
-            compressors=[c for c in (COMPRESSORS[compressor](rows * int(np.prod(row)) * dtype.itemsize), Crc32cCodec()) if c is not None],
+            compressors=[
+                c
+                for c in (COMPRESSORS[compressor](rows * int(np.prod(row)) * dtype.itemsize), Crc32cCodec())
+                if c is not None
+            ],
             config={"write_empty_chunks": True},
         )
         arrays[name].attrs["kvdistill_codec"] = codecs.describe(codec, part)
@@ -165,7 +183,9 @@ def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tupl
     opened = {}
     for part in ("k", "v"):
         names = {name: f"{part}_{name}" if name else part for name in codecs.array_names(codec)}
-        opened[part] = {name: ShardedRows(group[a], path / a) if reader != "zarr" else group[a] for name, a in names.items()}
+        opened[part] = {
+            name: ShardedRows(group[a], path / a) if reader != "zarr" else group[a] for name, a in names.items()
+        }
         for r in opened[part].values():
             if isinstance(r, ShardedRows):
                 r.check_crc = reader != "rows-nocrc"
@@ -173,7 +193,10 @@ def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tupl
     out = {}
     for part, arrays in opened.items():
         fast = arrays[""] if reader != "zarr" else None
-        out[part] = [read_kv(arrays, codec, part, r0, r1, D, fast, decode=reader != "codes") for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True)]
+        out[part] = [
+            read_kv(arrays, codec, part, r0, r1, D, fast, decode=reader != "codes")
+            for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
     return out, time.perf_counter() - t0  # the trainer takes blocks as they come: no concatenation timed
 
 
@@ -225,7 +248,9 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], offsets: np.ndarray, repeats: int) -> dict:
+def measure(
+    root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], offsets: np.ndarray, repeats: int
+) -> dict:
     path = root / f"{codec}-{compressor.replace('/', '-')}.zarr"
     logical = sum(x.size for x in kv.values()) * 2  # float16 bytes of K and V
     w = []
@@ -259,7 +284,9 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
         deq.append(s)
     got, via_zarr = joined(blocks), joined(via_zarr)
     assert all(np.array_equal(via_zarr[p], got[p]) for p in got), "store/rows.py and zarr disagree"
-    assert all(np.array_equal(via_codes[p], got[p].astype(np.float32)) for p in got), "dequantising on the trainer's side disagrees with the reader"
+    assert all(np.array_equal(via_codes[p], got[p].astype(np.float32)) for p in got), (
+        "dequantising on the trainer's side disagrees with the reader"
+    )
     return {
         "codec": codec,
         "compressor": compressor,
@@ -280,14 +307,30 @@ def measure(root: Path, codec: str, compressor: str, kv: dict[str, np.ndarray], 
     }
 
 
-def stream_store(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.ndarray, teachers: int, shards: int = 1, tile: int = 1) -> Path:
+def stream_store(
+    root: Path,
+    codec: str,
+    kv: dict[str, np.ndarray],
+    offsets: np.ndarray,
+    teachers: int,
+    shards: int = 1,
+    tile: int = 1,
+) -> Path:
     """A real store (ShardWriter, the store's compressor) holding the K/V as `teachers` teachers,
     the samples `tile` times over (as distinct samples), split into `shards` contiguous shards."""
     path = root / f"stream-{codec}-{teachers}-{shards}.zarr"
     shutil.rmtree(path, ignore_errors=True)
     N, L, D = kv["k"].shape
     geom = KVGeometry(num_layers=L, num_kv_heads=TEACHER["kv_heads"], head_dim=TEACHER["head_dim"])
-    spec = StoreSpec(student=ModelSpec("bench"), geometry=geom, tokenizer_fingerprint="bench", data=DataSpec(), data_fingerprint="bench", num_shards=shards, kv_dtype=codec)
+    spec = StoreSpec(
+        student=ModelSpec("bench"),
+        geometry=geom,
+        tokenizer_fingerprint="bench",
+        data=DataSpec(),
+        data_fingerprint="bench",
+        num_shards=shards,
+        kv_dtype=codec,
+    )
     init_store(path, spec)
     ids, mask = np.zeros(N, np.int32), np.ones(N, np.bool_)
     eye = [[float(i == j) for j in range(L)] for i in range(L)]
@@ -295,7 +338,20 @@ def stream_store(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.
     bounds = np.linspace(0, S * tile, shards + 1).astype(int)  # samples per shard
     for t in range(teachers):
         name = f"teacher-{t}"
-        init_teacher(path, TeacherSpec(name=name, model=ModelSpec("bench"), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=D, fingerprint="bench", kv_dtype=codec))
+        init_teacher(
+            path,
+            TeacherSpec(
+                name=name,
+                model=ModelSpec("bench"),
+                geometry=geom,
+                align=AlignSpec(),
+                time_map="identity",
+                layer_map=eye,
+                width=D,
+                fingerprint="bench",
+                kv_dtype=codec,
+            ),
+        )
         for i in range(shards):
             with ShardWriter(path, name, i, num_layers=L, width=D, codec=codec) as w:
                 for j in range(bounds[i], bounds[i + 1]):
@@ -305,7 +361,16 @@ def stream_store(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.
     return path
 
 
-def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: np.ndarray, teachers: int, repeats: int, shards: int, spans: int) -> dict:
+def measure_stream(
+    root: Path,
+    codec: str,
+    kv: dict[str, np.ndarray],
+    offsets: np.ndarray,
+    teachers: int,
+    repeats: int,
+    shards: int,
+    spans: int,
+) -> dict:
     """KVStream (what the trainer iterates: spans, concurrent K/V reads, read-ahead across
     shards) over a real store of at least `spans` read spans (the samples repeated as needed:
     with fewer, the first read, which nothing overlaps, is most of the time), cold, against
@@ -329,7 +394,17 @@ def measure_stream(root: Path, codec: str, kv: dict[str, np.ndarray], offsets: n
         cold.append(time.perf_counter() - t0)
     assert n == (len(offsets) - 1) * tile
     shutil.rmtree(path)
-    return {"codec": codec, "teachers": teachers, "shards": shards, "samples": n, "stored": stored, "first": min(first), "read": logical / min(cold) / 1e6, "raw": stored / min(raw) / 1e6, "read_vs_raw": min(raw) / min(cold)}
+    return {
+        "codec": codec,
+        "teachers": teachers,
+        "shards": shards,
+        "samples": n,
+        "stored": stored,
+        "first": min(first),
+        "read": logical / min(cold) / 1e6,
+        "raw": stored / min(raw) / 1e6,
+        "read_vs_raw": min(raw) / min(cold),
+    }
 
 
 HEADER = (
@@ -362,9 +437,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir, removed)")
     p.add_argument("--codecs", default=",".join(codecs.CODECS), help="comma-separated subset of the K/V codecs")
-    p.add_argument("--stream-shards", type=int, default=8, help="the stream is also timed over the samples split into this many shards")
-    p.add_argument("--stream-spans", type=int, default=12, help="the stream's store holds the samples repeated to at least this many read spans (0: do not time the stream)")
-    p.add_argument("--compressors", default=",".join(COMPRESSORS), help="comma-separated subset of " + ", ".join(COMPRESSORS))
+    p.add_argument(
+        "--stream-shards",
+        type=int,
+        default=8,
+        help="the stream is also timed over the samples split into this many shards",
+    )
+    p.add_argument(
+        "--stream-spans",
+        type=int,
+        default=12,
+        help="the stream's store holds the samples repeated to at least this many read spans (0: do not time the stream)",
+    )
+    p.add_argument(
+        "--compressors", default=",".join(COMPRESSORS), help="comma-separated subset of " + ", ".join(COMPRESSORS)
+    )
     args = p.parse_args()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(min(4, os.cpu_count() or 1))
@@ -379,15 +466,25 @@ def main() -> None:
     root = args.dir or Path(tempfile.mkdtemp(prefix="kvdistill-bench-store-"))
     root.mkdir(parents=True, exist_ok=True)
     chosen = [c for c in args.codecs.split(",") if c]
-    unknown = [c for c in chosen if c not in codecs.CODECS] + [c for c in args.compressors.split(",") if c not in COMPRESSORS]
+    unknown = [c for c in chosen if c not in codecs.CODECS] + [
+        c for c in args.compressors.split(",") if c not in COMPRESSORS
+    ]
     if unknown:
-        p.error(f"unknown codec / compressor {unknown}; codecs: {list(codecs.CODECS)}, compressors: {list(COMPRESSORS)}")
+        p.error(
+            f"unknown codec / compressor {unknown}; codecs: {list(codecs.CODECS)}, compressors: {list(COMPRESSORS)}"
+        )
     results = []
     try:
         for codec in chosen:
             for compressor in args.compressors.split(","):
                 results.append(measure(root, codec, compressor, kv, offsets, args.repeats))
-        streams = [measure_stream(root, c, kv, offsets, t, args.repeats, n, args.stream_spans) for c in chosen for t in (1, 2) for n in (1, args.stream_shards) if args.stream_spans > 0]
+        streams = [
+            measure_stream(root, c, kv, offsets, t, args.repeats, n, args.stream_spans)
+            for c in chosen
+            for t in (1, 2)
+            for n in (1, args.stream_shards)
+            if args.stream_spans > 0
+        ]
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -420,7 +517,9 @@ def main() -> None:
             f"\nthe training stream (KVStream over a real store written by ShardWriter, the samples repeated to >= {args.stream_spans} read spans, "
             "cold; raw = open().read() of its files; first = seconds to the first sample, included in read)"
         )
-        print(f"{'codec':<9} {'teachers':>8} {'shards':>6} {'samples':>7} {'stored MB':>9} {'first s':>7} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}")
+        print(
+            f"{'codec':<9} {'teachers':>8} {'shards':>6} {'samples':>7} {'stored MB':>9} {'first s':>7} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}"
+        )
     for r in streams:
         print(
             f"{r['codec']:<9} {r['teachers']:>8} {r['shards']:>6} {r['samples']:>7} {r['stored'] / 1e6:>9.2f} {r['first']:>7.3f} "
@@ -428,7 +527,10 @@ def main() -> None:
         )
     # Targets are judged on what a user gets: the store's own compressor (ShardWriter's: byte
     # shuffle, whole-chunk blocks, zstd level 1) when it was measured, else the smallest variant.
-    store = {c: next((r for r in results if r["codec"] == c and r["compressor"] == STORE_COMPRESSOR), best[c]) for c in chosen}
+    store = {
+        c: next((r for r in results if r["codec"] == c and r["compressor"] == STORE_COMPRESSOR), best[c])
+        for c in chosen
+    }
     print(f"\ntargets (on {STORE_COMPRESSOR}, the store's compressor, where measured)")
     for c, (ratio, err) in TARGETS.items():
         if c not in store:
@@ -446,7 +548,9 @@ def main() -> None:
         else:
             frac = r["read_vs_raw"]
             how = f"{logical:.0%} counting logical float16 MB/s against stored MB/s"
-        print(f"  {c:<9} {r['compressor']}: read >= 50% of raw read rate: {frac:.0%} of the raw rate on the same stored bytes ({how})  {'met' if frac >= 0.5 else 'MISSED'}")
+        print(
+            f"  {c:<9} {r['compressor']}: read >= 50% of raw read rate: {frac:.0%} of the raw rate on the same stored bytes ({how})  {'met' if frac >= 0.5 else 'MISSED'}"
+        )
 
 
 if __name__ == "__main__":

@@ -118,8 +118,18 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (what it is, Train
 LATENT_SLOTS = 8  # the demo's M
 SPLIT_CONFIGS = ("a", "b")  # the split of b, and of a beside it: where b's extra time goes
 SPLIT_ORDER = (
-    "data wait", "K/V to device", "student forward + capture", "adapters", "CE loss", "layer-std norm",
-    "KV loss (MSE)", "CKA term", "rest of forward", "backward", "optimizer", "rest of step",
+    "data wait",
+    "K/V to device",
+    "student forward + capture",
+    "adapters",
+    "CE loss",
+    "layer-std norm",
+    "KV loss (MSE)",
+    "CKA term",
+    "rest of forward",
+    "backward",
+    "optimizer",
+    "rest of step",
 )
 
 
@@ -133,15 +143,26 @@ def build_store(root: Path, size: str, samples: int, device: str) -> ModelSpec:
     data = DataSpec(synthetic=SyntheticSpec(n_train=samples, n_test=16))
     tok = tiny.train_tokenizer(tiny.corpus(load_examples(data), DEFAULT_TEMPLATE))
     geo = SIZES[size]
-    student = ModelSpec(name_or_path=str(tiny.save(tiny.build_model(tokenizer=tok, seed=1, **geo["student"]), tok, root / "student")), name="student")
+    student = ModelSpec(
+        name_or_path=str(tiny.save(tiny.build_model(tokenizer=tok, seed=1, **geo["student"]), tok, root / "student")),
+        name="student",
+    )
     teachers = [
-        ModelSpec(name_or_path=str(tiny.save(tiny.build_model(tokenizer=tok, seed=2 + i, **g), tok, root / name)), name=name)
+        ModelSpec(
+            name_or_path=str(tiny.save(tiny.build_model(tokenizer=tok, seed=2 + i, **g), tok, root / name)), name=name
+        )
         for i, (name, g) in enumerate(geo["teachers"].items())
     ]
     store = root / "store.zarr"
     base = DumpConfig(
-        teacher=teachers[0], student=student, store=str(store), data=data, num_shards=2, batch_size=32,
-        latent=LatentSpec(slots=LATENT_SLOTS), device=device,
+        teacher=teachers[0],
+        student=student,
+        store=str(store),
+        data=data,
+        num_shards=2,
+        batch_size=32,
+        latent=LatentSpec(slots=LATENT_SLOTS),
+        device=device,
     )
     run_local(dump_tasks(base, teachers), progress=False)
     finalize(store)
@@ -151,8 +172,13 @@ def build_store(root: Path, size: str, samples: int, device: str) -> ModelSpec:
 def train_config(root: Path, student: ModelSpec, name: str, device: str, batch_size: int) -> TrainConfig:
     # max_steps only sets the cosine schedule's length here; the bench decides how many steps run.
     return TrainConfig(
-        store=str(root / "store.zarr"), student=student, out=str(root / "runs" / name), device=device,
-        batch_size=batch_size, max_steps=100_000, **CONFIGS[name][1],
+        store=str(root / "store.zarr"),
+        student=student,
+        out=str(root / "runs" / name),
+        device=device,
+        batch_size=batch_size,
+        max_steps=100_000,
+        **CONFIGS[name][1],
     )
 
 
@@ -173,13 +199,24 @@ class Run:
         self.cfg, self.accelerator = cfg, accelerator
         tokenizer, student, spec, teachers = load_student(cfg)
         pad_id = pad_token_id(tokenizer)
-        self.mode = latent_mode(cfg, student, spec, teachers, pad_id) if cfg.mode == "latent" else cot_mode(cfg, student, spec, teachers)
+        self.mode = (
+            latent_mode(cfg, student, spec, teachers, pad_id)
+            if cfg.mode == "latent"
+            else cot_mode(cfg, student, spec, teachers)
+        )
         train_shards, _ = loop.split_shards(cfg, spec.num_shards)
         opt = torch.optim.AdamW(self.mode.param_groups, weight_decay=cfg.weight_decay)
         sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)  # stepped once per step, as in train
         self.stream = KVStream(
-            cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, shuffle_buffer_bytes=cfg.shuffle_buffer_bytes, read_kv=self.mode.read_kv,
-            read_latent=self.mode.read_latent, kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device), shards=train_shards,
+            cfg.store,
+            list(teachers),
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            shuffle_buffer_bytes=cfg.shuffle_buffer_bytes,
+            read_kv=self.mode.read_kv,
+            read_latent=self.mode.read_latent,
+            kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
+            shards=train_shards,
         )
         self.loader = train_loader(self.stream, cfg, pad_id, self.mode.control)
         self.model, self.opt = accelerator.prepare(self.mode.model, opt)
@@ -204,7 +241,9 @@ class Run:
         t0 = time.perf_counter()
         batch = self.next_batch()
         t1 = time.perf_counter()
-        loop.optimizer_step(self.mode, self.model, self.opt, self.sched, self.accelerator, self.cfg, [batch], self.step_no)
+        loop.optimizer_step(
+            self.mode, self.model, self.opt, self.sched, self.accelerator, self.cfg, [batch], self.step_no
+        )
         _sync(device)
         self.step_no += 1
         return t1 - t0, time.perf_counter() - t0
@@ -354,8 +393,13 @@ def measure(root: Path, size: str, args: argparse.Namespace) -> dict[str, Any]:
     for r in range(args.repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             got = [runs[name].step() for _ in range(args.steps)]
-            rounds[name].append({"s": statistics.fmean(t for _, t in got), "wait": statistics.fmean(w for w, _ in got)})
-        print(f"[{size}] round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {rounds[n][-1]['s']:.3f}" for n in names), flush=True)
+            rounds[name].append(
+                {"s": statistics.fmean(t for _, t in got), "wait": statistics.fmean(w for w, _ in got)}
+            )
+        print(
+            f"[{size}] round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {rounds[n][-1]['s']:.3f}" for n in names),
+            flush=True,
+        )
     base = "a" if "a" in runs else names[0]
     rows = {}
     for name in names:
@@ -372,14 +416,23 @@ def measure(root: Path, size: str, args: argparse.Namespace) -> dict[str, Any]:
             "rounds": rounds[name],
         }
     if "b" in runs and "b-gc" in runs:
-        rows["b-gc"]["vs_b"] = statistics.median(x["s"] / y["s"] for x, y in zip(rounds["b-gc"], rounds["b"], strict=True))
+        rows["b-gc"]["vs_b"] = statistics.median(
+            x["s"] / y["s"] for x, y in zip(rounds["b-gc"], rounds["b"], strict=True)
+        )
     split = split_of(runs, args.split_steps) if args.split_steps else {}
     del runs
     if args.memory_steps:
         for name in [n for n in args.memory_configs if n in cfgs]:
             rows[name].update(peak_memory(cfgs[name], args.memory_steps))
         print(f"[{size}] memory measured", flush=True)
-    return {"size": size, "geometry": SIZES[size], "rows": rows, "split": split, "base": base, "seconds": time.perf_counter() - t0}
+    return {
+        "size": size,
+        "geometry": SIZES[size],
+        "rows": rows,
+        "split": split,
+        "base": base,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -387,7 +440,10 @@ def measure(root: Path, size: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     g = result["geometry"]["student"]
-    teachers = ", ".join(f"{n} {t['arch']} {t['layers']}x{t['hidden']} (K/V {t['kv_heads'] * t['head_dim']} wide)" for n, t in result["geometry"]["teachers"].items())
+    teachers = ", ".join(
+        f"{n} {t['arch']} {t['layers']}x{t['hidden']} (K/V {t['kv_heads'] * t['head_dim']} wide)"
+        for n, t in result["geometry"]["teachers"].items()
+    )
     lines = [
         f"### {result['size']} student: {g['arch']} {g['layers']} layers, hidden {g['hidden']}, {g['heads']} q / {g['kv_heads']} kv heads, "
         f"head_dim {g['head_dim']}; teachers {teachers}",
@@ -397,7 +453,8 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     ]
     for name, r in result["rows"].items():
         mem = (
-            f"{r['rss_peak_mib']:,.0f} | {r['rss_above_start_mib']:,.0f} | " + (f"{r['cuda_peak_mib']:,.0f}" if r.get("cuda_peak_mib") is not None else "-")
+            f"{r['rss_peak_mib']:,.0f} | {r['rss_above_start_mib']:,.0f} | "
+            + (f"{r['cuda_peak_mib']:,.0f}" if r.get("cuda_peak_mib") is not None else "-")
             if "rss_peak_mib" in r
             else "- | - | -"
         )
@@ -412,9 +469,12 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             "",
             f"Split of a step (median per part over {args.split_steps} instrumented steps each, interleaved; sum of the parts "
-            + ", ".join(f"{n} {totals[n]:.3f}" for n in names) + "):",
+            + ", ".join(f"{n} {totals[n]:.3f}" for n in names)
+            + "):",
             "",
-            "| part | " + " | ".join(f"{n} s/step | {n} share" for n in names) + (" | b - a |" if names == ["a", "b"] else ""),
+            "| part | "
+            + " | ".join(f"{n} s/step | {n} share" for n in names)
+            + (" | b - a |" if names == ["a", "b"] else ""),
             "|---|" + "---:|---:|" * len(names) + ("---:|" if names == ["a", "b"] else ""),
         ]
         for part in SPLIT_ORDER:
@@ -436,11 +496,17 @@ def targets(result: dict[str, Any], device: str) -> list[str]:
     for name in ("a", "b"):
         if name in rows:
             w = rows[name]["wait_share"]
-            out.append(f"data wait <= 5% of a step ({name}, {result['size']}): {w:.1%}  {'met' if w <= 0.05 else 'MISSED'}")
+            out.append(
+                f"data wait <= 5% of a step ({name}, {result['size']}): {w:.1%}  {'met' if w <= 0.05 else 'MISSED'}"
+            )
     if "vs_b" in rows.get("b-gc", {}):
         gc, b = rows["b-gc"], rows["b"]
         mem = f", peak RSS {gc['rss_peak_mib']:,.0f} vs {b['rss_peak_mib']:,.0f} MiB" if "rss_peak_mib" in gc else ""
-        mem += f", peak device {gc['cuda_peak_mib']:,.0f} vs {b['cuda_peak_mib']:,.0f} MiB" if gc.get("cuda_peak_mib") is not None else ""
+        mem += (
+            f", peak device {gc['cuda_peak_mib']:,.0f} vs {b['cuda_peak_mib']:,.0f} MiB"
+            if gc.get("cuda_peak_mib") is not None
+            else ""
+        )
         out.append(f"gradient checkpointing ({result['size']}): {gc['vs_b']:.2f}x the s/step of b{mem}")
     return out
 
@@ -452,15 +518,35 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="steps of a configuration per round")
     p.add_argument("--repeats", type=int, default=10, help="rounds over the configurations (medians over rounds)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of every configuration first")
-    p.add_argument("--split-steps", type=int, default=8, help="instrumented steps of a and b each for the split (0: skip)")
-    p.add_argument("--memory-steps", type=int, default=2, help="steps of train() per configuration in its own process for peak memory (0: skip)")
-    p.add_argument("--memory-configs", default=None, help="configurations whose memory is measured (default: every one run)")
+    p.add_argument(
+        "--split-steps", type=int, default=8, help="instrumented steps of a and b each for the split (0: skip)"
+    )
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=2,
+        help="steps of train() per configuration in its own process for peak memory (0: skip)",
+    )
+    p.add_argument(
+        "--memory-configs", default=None, help="configurations whose memory is measured (default: every one run)"
+    )
     p.add_argument("--batch-size", type=int, default=TrainConfig.__dataclass_fields__["batch_size"].default)
-    p.add_argument("--samples", type=int, default=None, help="samples in the store (default: enough that no configuration starts a second epoch)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="samples in the store (default: enough that no configuration starts a second epoch)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="smoke check: demo student, 3 rounds of 1 step, memory of a, b and b-gc only")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke check: demo student, 3 rounds of 1 step, memory of a, b and b-gc only",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    p.add_argument("--dir", type=Path, default=None, help="where to write models, stores and runs (default: a temp dir, removed)")
+    p.add_argument(
+        "--dir", type=Path, default=None, help="where to write models, stores and runs (default: a temp dir, removed)"
+    )
     args = p.parse_args()
     if args.quick:
         args.sizes, args.steps, args.repeats, args.warmup, args.split_steps = "demo", 1, 3, 1, 2
@@ -468,13 +554,17 @@ def main() -> None:
     args.configs = [c for c in args.configs.split(",") if c]
     args.memory_configs = [c for c in (args.memory_configs or ",".join(args.configs)).split(",") if c]
     sizes = [s for s in args.sizes.split(",") if s]
-    unknown = [c for c in args.configs + args.memory_configs if c not in CONFIGS] + [s for s in sizes if s not in SIZES]
+    unknown = [c for c in args.configs + args.memory_configs if c not in CONFIGS] + [
+        s for s in sizes if s not in SIZES
+    ]
     if unknown:
         p.error(f"unknown configuration / size {unknown}; configurations: {list(CONFIGS)}, sizes: {list(SIZES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here; use --device cpu")
     # Enough samples that b (warm-up, rounds and the split) stays in its first epoch.
-    args.samples = args.samples or max(128, args.batch_size * (args.warmup + args.repeats * args.steps + args.split_steps + 1))
+    args.samples = args.samples or max(
+        128, args.batch_size * (args.warmup + args.repeats * args.steps + args.split_steps + 1)
+    )
     hf_logging.disable_progress_bar()
     print(
         f"bench/train.py: {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, {args.samples} samples; "
@@ -497,7 +587,9 @@ def main() -> None:
         for line in targets(r, args.device):
             print("  " + line)
     if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+        args.out.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

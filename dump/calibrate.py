@@ -93,12 +93,24 @@ def calibrate(cfg: CalibrateConfig, progress: bool = True) -> dict[str, Any]:
     }
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(layer_map_to_json(W, sim, g_t.num_layers, g_s.num_layers, {**meta, "k": cfg.top_k}), indent=1))
+    out.write_text(
+        json.dumps(layer_map_to_json(W, sim, g_t.num_layers, g_s.num_layers, {**meta, "k": cfg.top_k}), indent=1)
+    )
     png = out.with_suffix(".png")
     _heatmap(sim.numpy(), png, f"{cfg.teacher.short_name} vs {cfg.student.short_name}")
-    result: dict[str, Any] = {"layer_map": str(out), "heatmap": str(png), "similarity": sim.tolist(), "map": W.tolist(), "tokens": tokens}
+    result: dict[str, Any] = {
+        "layer_map": str(out),
+        "heatmap": str(png),
+        "similarity": sim.tolist(),
+        "map": W.tolist(),
+        "tokens": tokens,
+    }
     if cfg.pca is not None:
-        W_pca = W if cfg.pca_layer_map == "calibrated" else load_layer_map(cfg.pca_layer_map, g_t.num_layers, g_s.num_layers)[0]
+        W_pca = (
+            W
+            if cfg.pca_layer_map == "calibrated"
+            else load_layer_map(cfg.pca_layer_map, g_t.num_layers, g_s.num_layers)[0]
+        )
         K = map_layers(torch.cat([k for k, _ in t_kv]).double(), W_pca)  # [N, L_s, D_t]
         V = map_layers(torch.cat([v for _, v in t_kv]).double(), W_pca)
         k_mean, k_comp, k_evr = fit_layer_pca(K, cfg.pca)
@@ -106,8 +118,12 @@ def calibrate(cfg: CalibrateConfig, progress: bool = True) -> dict[str, Any]:
         pca_path = out.with_name(f"{out.stem}-pca{cfg.pca}.npz")
         np.savez(
             pca_path,
-            k_mean=k_mean.float().numpy(), k_components=k_comp.float().numpy(), k_evr=k_evr.numpy(),
-            v_mean=v_mean.float().numpy(), v_components=v_comp.float().numpy(), v_evr=v_evr.numpy(),
+            k_mean=k_mean.float().numpy(),
+            k_components=k_comp.float().numpy(),
+            k_evr=k_evr.numpy(),
+            v_mean=v_mean.float().numpy(),
+            v_components=v_comp.float().numpy(),
+            v_evr=v_evr.numpy(),
             layer_map=W_pca.float().numpy(),  # dump checks it is fitted under the map it uses
         )
         result.update(

@@ -48,15 +48,25 @@ def plan_main(args: argparse.Namespace) -> int:
     )
     from kvdistill.store.writer import example_json
 
-    student = ModelSpec(name_or_path=args.student, **({"prompt_template": args.student_template} if args.student_template else {}))
-    examples = load_examples(DataSpec(source=args.data, split=args.split, config_name=args.data_config, limit=args.limit))
+    student = ModelSpec(
+        name_or_path=args.student, **({"prompt_template": args.student_template} if args.student_template else {})
+    )
+    examples = load_examples(
+        DataSpec(source=args.data, split=args.split, config_name=args.data_config, limit=args.limit)
+    )
     if not examples:
         raise ValueError(f"data {args.data} split {args.split} holds no rows; nothing to plan")
     tok = load_tokenizer(student, role="student")
     lengths = [len(encode(tok, student.prompt_template, ex)) for ex in examples]  # student grid rows
-    text = sum(len(example_json(ex.id, {"question": ex.question, "reasoning": ex.reasoning, "answer": ex.answer}).encode()) for ex in examples)
+    text = sum(
+        len(example_json(ex.id, {"question": ex.question, "reasoning": ex.reasoning, "answer": ex.answer}).encode())
+        for ex in examples
+    )
     s_geom = kv_geometry(load_config(student, role="student"))
-    t_geoms = {ModelSpec(name_or_path=t).short_name: kv_geometry(load_config(ModelSpec(name_or_path=t), role="teacher")) for t in args.teacher}
+    t_geoms = {
+        ModelSpec(name_or_path=t).short_name: kv_geometry(load_config(ModelSpec(name_or_path=t), role="teacher"))
+        for t in args.teacher
+    }
 
     def width(geom) -> int:  # what each teacher stores: its own width, or --pca D (at most its width)
         return geom.width if args.pca is None else min(args.pca, geom.width)
@@ -83,8 +93,21 @@ def plan_main(args: argparse.Namespace) -> int:
     opts = options(t_geoms, s_geom, round(sum(lengths)), [] if args.pca is None else [args.pca], text_bytes=text)
     if args.json:
         first = next(iter(plans.values()))
-        print(json.dumps({"samples": first["samples"], "mean_tokens": first["mean_tokens"], "rows": first["rows"], "longest_sample": max(lengths),
-                          "kv_dtype": args.kv_dtype, "pca": args.pca, "teachers": plans, "options": opts}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "samples": first["samples"],
+                    "mean_tokens": first["mean_tokens"],
+                    "rows": first["rows"],
+                    "longest_sample": max(lengths),
+                    "kv_dtype": args.kv_dtype,
+                    "pca": args.pca,
+                    "teachers": plans,
+                    "options": opts,
+                },
+                indent=1,
+            )
+        )
         return 0
     print(format_plan(plans, codec=args.kv_dtype))
     print(f"longest sample: {max(lengths):,} student tokens (dump's --max-len must cover the teacher's tokens too)")
@@ -108,9 +131,15 @@ CALIBRATE_FLAGS = flags_of(CalibrateConfig)
 
 
 def add_align_parser(sub) -> None:
-    p = sub.add_parser("align", help="alignment tools: calibrate a CKA layer map / PCA projection", description="Calibrate a CKA layer map (and optional PCA) for a teacher and a student: it runs both models, so it is part of the dump stage.")
+    p = sub.add_parser(
+        "align",
+        help="alignment tools: calibrate a CKA layer map / PCA projection",
+        description="Calibrate a CKA layer map (and optional PCA) for a teacher and a student: it runs both models, so it is part of the dump stage.",
+    )
     asub = p.add_subparsers(dest="align_command", required=True)
-    c = asub.add_parser("calibrate", help="debiased linear CKA between every student and teacher layer -> top-k layer map")
+    c = asub.add_parser(
+        "calibrate", help="debiased linear CKA between every student and teacher layer -> top-k layer map"
+    )
     add_flags(c, CalibrateConfig)
     c.set_defaults(func=calibrate_main)
 

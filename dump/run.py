@@ -158,21 +158,41 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
     clock = _Clock(device, phases)
     try:
         w = open_shard_writer(
-            cfg.store, name, cfg.shard, spec, width=plan.width, codec=plan.codec, latent_slots=cfg.latent.slots if cfg.latent else None, on_busy=cfg.on_busy
+            cfg.store,
+            name,
+            cfg.shard,
+            spec,
+            width=plan.width,
+            codec=plan.codec,
+            latent_slots=cfg.latent.slots if cfg.latent else None,
+            on_busy=cfg.on_busy,
         )
     except ShardComplete:  # on_busy="wait": the writer we waited for completed the shard
         _check_complete(cfg, plan, lambda: teacher)
         return DumpResult(name, cfg.shard, "already complete")
     with w:
-        bar = tqdm(total=plan.teacher_tokens, unit="tok", unit_scale=True, desc=f"dump {name}[{cfg.shard}]", disable=not progress)
+        bar = tqdm(
+            total=plan.teacher_tokens,
+            unit="tok",
+            unit_scale=True,
+            desc=f"dump {name}[{cfg.shard}]",
+            disable=not progress,
+        )
         with host_memory_kept(device):
             _dump_batches(cfg, plan, teacher, maps, w, clock, bar)
         with clock("write"):
             _commit(cfg, plan, tspec, w)
         bar.close()
     return DumpResult(
-        name, cfg.shard, "written", len(plan.pairs), plan.student_tokens, plan.skipped,
-        time.perf_counter() - t0, teacher_tokens=plan.teacher_tokens, phases=phases,
+        name,
+        cfg.shard,
+        "written",
+        len(plan.pairs),
+        plan.student_tokens,
+        plan.skipped,
+        time.perf_counter() - t0,
+        teacher_tokens=plan.teacher_tokens,
+        phases=phases,
     )
 
 
@@ -226,7 +246,10 @@ def _preflight(cfg: DumpConfig) -> _Plan:
         same_tokenizer=s_fp == t_fp,
         same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
     )
-    g_t, g_s = kv_geometry(load_config(cfg.teacher, role="teacher")), kv_geometry(load_config(cfg.student, role="student"))
+    g_t, g_s = (
+        kv_geometry(load_config(cfg.teacher, role="teacher")),
+        kv_geometry(load_config(cfg.student, role="student")),
+    )
     W, similarity = load_layer_map(cfg.align.layer_map, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
     proj, proj_info = _projection(cfg, W, g_t.width)
     pairs, skipped = _encode_samples(cfg, shard_examples, s_tok, t_tok, kind)
@@ -252,7 +275,9 @@ def _preflight(cfg: DumpConfig) -> _Plan:
         pad_id=pad_token_id(t_tok),
         pairs=pairs,
         skipped=skipped,
-        examples={ex.id: {"question": ex.question, "reasoning": ex.reasoning, "answer": ex.answer} for ex in shard_examples},
+        examples={
+            ex.id: {"question": ex.question, "reasoning": ex.reasoning, "answer": ex.answer} for ex in shard_examples
+        },
     )
 
 
@@ -292,7 +317,11 @@ def _projection(cfg: DumpConfig, W: torch.Tensor, D_t: int) -> tuple[dict[str, t
             f"projection {cfg.align.projection} {why}; this dump uses --layer-map {cfg.align.layer_map}. Refit it under "
             f"that map: `kvdistill align calibrate --pca D --pca-layer-map {cfg.align.layer_map}`"
         )
-    info = {"dim": dim, "k_explained_variance": z["k_evr"].sum(-1).tolist(), "v_explained_variance": z["v_evr"].sum(-1).tolist()}
+    info = {
+        "dim": dim,
+        "k_explained_variance": z["k_evr"].sum(-1).tolist(),
+        "v_explained_variance": z["v_evr"].sum(-1).tolist(),
+    }
     return arrays, info
 
 
@@ -352,7 +381,9 @@ def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, T
     tspec = _teacher_spec(cfg, plan, teacher)
     proj = plan.projection
     init_teacher(cfg.store, tspec, arrays={k: v.numpy() for k, v in proj.items()} if proj else None)
-    init_tokenizer(cfg.store, tokenizer_files(plan.tokenizers[1]), plan.teacher_tokenizer_fingerprint, teacher=tspec.name)
+    init_tokenizer(
+        cfg.store, tokenizer_files(plan.tokenizers[1]), plan.teacher_tokenizer_fingerprint, teacher=tspec.name
+    )
     return spec, tspec
 
 
@@ -367,8 +398,12 @@ def _check_complete(cfg: DumpConfig, plan: _Plan, load_teacher) -> None:
     attrs = shard_attrs(where) or {}
     store_level = store_spec_differences(cfg.store, _store_spec(cfg, plan))
     differ = list(store_level)
-    if attrs.get("data_fingerprint") not in (None, plan.data_fingerprint) and not any(d.startswith("data_fingerprint:") for d in differ):
-        differ.append(f"data_fingerprint: shard has {attrs['data_fingerprint']!r}, this run has {plan.data_fingerprint!r}")
+    if attrs.get("data_fingerprint") not in (None, plan.data_fingerprint) and not any(
+        d.startswith("data_fingerprint:") for d in differ
+    ):
+        differ.append(
+            f"data_fingerprint: shard has {attrs['data_fingerprint']!r}, this run has {plan.data_fingerprint!r}"
+        )
     if sorted(attrs.get("skipped", [])) != sorted(plan.skipped):
         differ.append(
             f"samples skipped over max_len: shard skipped {len(attrs.get('skipped', []))} (max_len {attrs.get('max_len')}), "
@@ -397,7 +432,8 @@ def _check_complete(cfg: DumpConfig, plan: _Plan, load_teacher) -> None:
         )
     raise StoreError(
         f"teacher {name} shard {shard} of store {cfg.store} is complete, but was dumped with other settings than this run:\n  "
-        + "\n  ".join(differ) + f"\n{fix}"
+        + "\n  ".join(differ)
+        + f"\n{fix}"
     )
 
 
@@ -426,7 +462,11 @@ def _teacher_spec(cfg: DumpConfig, plan: _Plan, teacher) -> TeacherSpec:
         time_map=plan.time_map,
         layer_map=W,
         width=plan.width,
-        fingerprint=model_fingerprint(teacher, cfg.teacher, [cfg.align.to_dict(), W, plan.projection_info, plan.codec, cfg.latent and cfg.latent.to_dict()]),
+        fingerprint=model_fingerprint(
+            teacher,
+            cfg.teacher,
+            [cfg.align.to_dict(), W, plan.projection_info, plan.codec, cfg.latent and cfg.latent.to_dict()],
+        ),
         kv_dtype=plan.codec,
         layer_similarity=plan.similarity,
         projection=plan.projection_info,
@@ -477,7 +517,9 @@ def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, c
     # batch (core/capture.py: KVBuffer says why). Each batch's aligned K/V are new tensors, so
     # nothing handed to the writer refers to it.
     g = plan.geometry_t
-    buffer = KVBuffer(max((len(b) * max(len(t) for _, t in b) for b in batches), default=0) * g.num_layers * 2 * g.width)
+    buffer = KVBuffer(
+        max((len(b) * max(len(t) for _, t in b) for b in batches), default=0) * g.num_layers * 2 * g.width
+    )
     with (
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-maps") as maps_pool,
         ThreadPoolExecutor(1, thread_name_prefix="kvdistill-writer") as writer,
@@ -494,7 +536,9 @@ def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, c
                     captured = _forward(teacher, batch, ids, mask, buffer, latent=cfg.latent is not None)
                 with clock("align"):
                     latent = None if cfg.latent is None else _compress(cfg, batch, captured, maps)
-                    kv = align_batch(captured.kv, maps.layer_map, time_map.result(), maps.projection)  # [sum T_s, L_s, 2D]
+                    kv = align_batch(
+                        captured.kv, maps.layer_map, time_map.result(), maps.projection
+                    )  # [sum T_s, L_s, 2D]
                 with clock("write"):
                     kv = kv.to(maps.transfer_dtype).cpu().numpy()
                     if pending is not None:
@@ -525,7 +569,9 @@ def _teacher_inputs(batch: _Batch, pad_id: int, device: torch.device) -> tuple[t
     return ids.to(device), mask.to(device)
 
 
-def _forward(teacher, batch: _Batch, ids: torch.Tensor, mask: torch.Tensor, buffer: KVBuffer, latent: bool) -> _Captured:
+def _forward(
+    teacher, batch: _Batch, ids: torch.Tensor, mask: torch.Tensor, buffer: KVBuffer, latent: bool
+) -> _Captured:
     """Teacher-forced decoder pass capturing every layer's K and V (into `buffer`: valid until the
     next batch's forward); in latent mode also what R-KV scores with (the attention the answer
     tokens pay each key) and the final hidden states."""
@@ -543,7 +589,9 @@ def _compress(cfg: DumpConfig, batch: _Batch, captured: _Captured, maps: _Device
     kv [B, M, L_s, 2D], mask [B, M], pos [B, M, L_t, H_t]; with codi_hidden, hidden [B, H]."""
     lat = cfg.latent
     reasoning = [t.segment_ids == REASONING for _, t in batch]
-    out = compress_batch(captured.k, captured.v, captured.importance, reasoning, lat.slots, lat.lam, maps.layer_map, maps.projection)
+    out = compress_batch(
+        captured.k, captured.v, captured.importance, reasoning, lat.slots, lat.lam, maps.layer_map, maps.projection
+    )
     res = {
         "kv": out["kv"].to(maps.transfer_dtype).cpu().numpy(),
         "mask": out["mask"].cpu().numpy(),
@@ -560,13 +608,22 @@ def _codi_hidden(name: str, batch: _Batch, hidden: torch.Tensor) -> np.ndarray:
     for s, t in batch:
         first = int(np.argmax(t.segment_ids == ANSWER))
         if first == 0:
-            raise ValueError(f"teacher {name}: sample {s.sample_id} starts with its answer; no token precedes it for the CODI hidden state")
+            raise ValueError(
+                f"teacher {name}: sample {s.sample_id} starts with its answer; no token precedes it for the CODI hidden state"
+            )
         before_answer.append(first - 1)
     at = torch.as_tensor(before_answer, device=hidden.device)
     return hidden[torch.arange(len(batch), device=hidden.device), at].float().cpu().numpy()
 
 
-def _write_batch(w, batch: _Batch, kv: np.ndarray, latent: dict[str, np.ndarray] | None, width: int, examples: dict[str, dict[str, str]]) -> None:
+def _write_batch(
+    w,
+    batch: _Batch,
+    kv: np.ndarray,
+    latent: dict[str, np.ndarray] | None,
+    width: int,
+    examples: dict[str, dict[str, str]],
+) -> None:
     """kv [sum T_s, L_s, 2D] (K then V, samples in batch order) and the latent arrays [B, ...]
     -> one record per sample, with the sample's text. Runs on the writer thread."""
     start = 0
@@ -574,10 +631,24 @@ def _write_batch(w, batch: _Batch, kv: np.ndarray, latent: dict[str, np.ndarray]
         sample_kv = kv[start : start + len(s)]  # [T_s, L_s, 2D]
         lat = None
         if latent is not None:
-            lat = {"k": latent["kv"][b, ..., :width], "v": latent["kv"][b, ..., width:], "mask": latent["mask"][b], "pos": latent["pos"][b]}
+            lat = {
+                "k": latent["kv"][b, ..., :width],
+                "v": latent["kv"][b, ..., width:],
+                "mask": latent["mask"][b],
+                "pos": latent["pos"][b],
+            }
             if "hidden" in latent:
                 lat["hidden"] = latent["hidden"][b]
-        w.write(s.sample_id, sample_kv[..., :width], sample_kv[..., width:], s.input_ids, s.loss_mask, s.segment_ids, lat, examples[s.sample_id])
+        w.write(
+            s.sample_id,
+            sample_kv[..., :width],
+            sample_kv[..., width:],
+            s.input_ids,
+            s.loss_mask,
+            s.segment_ids,
+            lat,
+            examples[s.sample_id],
+        )
         start += len(s)
 
 
@@ -587,7 +658,14 @@ def _write_batch(w, batch: _Batch, kv: np.ndarray, latent: dict[str, np.ndarray]
 def _commit(cfg: DumpConfig, plan: _Plan, tspec: TeacherSpec, w) -> None:
     """Close the shard: complete and visible from now on. The fingerprints let `store verify`
     tell a shard written by another setup (stale)."""
-    w.close(extra_attrs={"skipped": plan.skipped, "max_len": cfg.max_len, "fingerprint": tspec.fingerprint, "data_fingerprint": plan.data_fingerprint})
+    w.close(
+        extra_attrs={
+            "skipped": plan.skipped,
+            "max_len": cfg.max_len,
+            "fingerprint": tspec.fingerprint,
+            "data_fingerprint": plan.data_fingerprint,
+        }
+    )
 
 
 # --- infrastructure: SIGTERM, phase clock, host memory ------------------------------------------------

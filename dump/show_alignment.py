@@ -84,7 +84,9 @@ def reconstruct(store: str | Path, teacher: str, sample_id: str) -> SampleAlignm
         s_labels = t_labels = labels
     else:
         s = encode(s_tok, spec.student.prompt_template, ex)
-        if not np.array_equal(s.input_ids, ids) or (rec["segment_ids"] is not None and not np.array_equal(s.segment_ids, rec["segment_ids"])):
+        if not np.array_equal(s.input_ids, ids) or (
+            rec["segment_ids"] is not None and not np.array_equal(s.segment_ids, rec["segment_ids"])
+        ):
             raise StoreError(
                 f"store {store}: sample {sample_id!r} tokenizes to other student tokens than teacher {teacher!r}'s shard holds "
                 f"({len(s)} vs {len(ids)}); the student tokenizer or template differs from the dump's, so its time map cannot be rebuilt; {REDUMP}"
@@ -98,10 +100,20 @@ def reconstruct(store: str | Path, teacher: str, sample_id: str) -> SampleAlignm
         s_seg, t_seg = s.segment_ids, t.segment_ids
     source = tspec.align.layer_map
     return SampleAlignment(
-        store=str(store), teacher=teacher, sample_id=sample_id, shard=rec["shard"], kind=kind, time_map=tmap,
-        student_tokens=s_labels, teacher_tokens=t_labels, student_segments=np.asarray(s_seg), teacher_segments=np.asarray(t_seg),
-        layer_map=np.asarray(tspec.layer_map, dtype=np.float64), layer_map_source=source,
-        similarity=None if tspec.layer_similarity is None else np.asarray(tspec.layer_similarity, dtype=np.float64), notes=notes,
+        store=str(store),
+        teacher=teacher,
+        sample_id=sample_id,
+        shard=rec["shard"],
+        kind=kind,
+        time_map=tmap,
+        student_tokens=s_labels,
+        teacher_tokens=t_labels,
+        student_segments=np.asarray(s_seg),
+        teacher_segments=np.asarray(t_seg),
+        layer_map=np.asarray(tspec.layer_map, dtype=np.float64),
+        layer_map_source=source,
+        similarity=None if tspec.layer_similarity is None else np.asarray(tspec.layer_similarity, dtype=np.float64),
+        notes=notes,
     )
 
 
@@ -132,11 +144,16 @@ def _tokenizer(store, spec: StoreSpec, teacher: str | None, model: ModelSpec, no
             f"store {store} holds no copy of the student tokenizer and the one at {model.name_or_path} is not the dump's "
             f"(fingerprint {tokenizer_fingerprint(tok)}, store {spec.tokenizer_fingerprint}); {REDUMP}"
         )
-    notes.append(f"{role} tokenizer from {model.name_or_path} (no copy in the store" + (")" if teacher is None else "; not verifiable)"))
+    notes.append(
+        f"{role} tokenizer from {model.name_or_path} (no copy in the store"
+        + (")" if teacher is None else "; not verifiable)")
+    )
     return tok
 
 
-def _example(store, spec: StoreSpec, sample_id: str, stored: dict | None, need: bool, notes: list[str]) -> Example | None:
+def _example(
+    store, spec: StoreSpec, sample_id: str, stored: dict | None, need: bool, notes: list[str]
+) -> Example | None:
     """The sample's text: stored with it, else (older stores) from the recorded data set, checked
     by its fingerprint; None when not stored and not needed (an identity map)."""
     if stored is not None:
@@ -148,7 +165,9 @@ def _example(store, spec: StoreSpec, sample_id: str, stored: dict | None, need: 
     try:
         examples = load_examples(spec.data)
     except (DataError, OSError, ValueError) as e:
-        raise StoreError(f"{where} and its data {spec.data.source} does not load ({e}); {REDUMP}, or make the data available again") from e
+        raise StoreError(
+            f"{where} and its data {spec.data.source} does not load ({e}); {REDUMP}, or make the data available again"
+        ) from e
     if data_fingerprint(examples) != spec.data_fingerprint:
         raise StoreError(
             f"{where} and its data {spec.data.source} changed since the dump (fingerprint {data_fingerprint(examples)}, "
@@ -175,7 +194,10 @@ def visible(piece: str, width: int = 14) -> str:
 def _labels(tok, text: str, enc) -> list[str]:
     """Each token's characters in the rendered text (its offsets); a token with no characters (the
     appended EOS) by its name."""
-    return [visible(text[a:b]) if b > a else visible(tok.convert_ids_to_tokens(int(i))) for i, (a, b) in zip(enc.input_ids, enc.offsets, strict=True)]
+    return [
+        visible(text[a:b]) if b > a else visible(tok.convert_ids_to_tokens(int(i)))
+        for i, (a, b) in zip(enc.input_ids, enc.offsets, strict=True)
+    ]
 
 
 # --- summary and picture -------------------------------------------------------------------------
@@ -201,7 +223,9 @@ def summary(a: SampleAlignment) -> str:
 def _kind(a: SampleAlignment) -> str:
     """The recorded kind, and what it came to for this sample when they differ (char_overlap of
     two tokenizations that split this text alike is the identity)."""
-    return a.kind if a.time_map.kind == a.kind else f"{a.kind} (identity for this sample: both tokenizers split it alike)"
+    return (
+        a.kind if a.time_map.kind == a.kind else f"{a.kind} (identity for this sample: both tokenizers split it alike)"
+    )
 
 
 def window(a: SampleAlignment, max_tokens: int, start: int = 0) -> tuple[int, int, int, int, int]:
@@ -232,13 +256,26 @@ def plot_alignment(a: SampleAlignment, out: str | Path, max_tokens: int = 64, st
     L_s, L_t = a.layer_map.shape
     side = [a.layer_map] + ([a.similarity] if a.similarity is not None else [])
     cell = 0.16  # inches per token
-    fig = Figure(figsize=(max(5.0, cell * n_c + 2.5) + 3.2 * len(side), max(4.5, cell * n_r + 2.5)), layout="constrained")
+    fig = Figure(
+        figsize=(max(5.0, cell * n_c + 2.5) + 3.2 * len(side), max(4.5, cell * n_r + 2.5)), layout="constrained"
+    )
     gs = fig.add_gridspec(1, 1 + len(side), width_ratios=[max(n_c, 20) * cell] + [3.0] * len(side))
 
     ax = fig.add_subplot(gs[0, 0])
     im = ax.imshow(A, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(n_r), [f"{r0 + i} {t}" for i, t in enumerate(a.student_tokens[r0:r1])], fontsize=6, family="DejaVu Sans Mono")
-    ax.set_xticks(range(n_c), [f"{c0 + j} {t}" for j, t in enumerate(a.teacher_tokens[c0:c1])], fontsize=6, family="DejaVu Sans Mono", rotation=90)
+    ax.set_yticks(
+        range(n_r),
+        [f"{r0 + i} {t}" for i, t in enumerate(a.student_tokens[r0:r1])],
+        fontsize=6,
+        family="DejaVu Sans Mono",
+    )
+    ax.set_xticks(
+        range(n_c),
+        [f"{c0 + j} {t}" for j, t in enumerate(a.teacher_tokens[c0:c1])],
+        fontsize=6,
+        family="DejaVu Sans Mono",
+        rotation=90,
+    )
     ax.xaxis.tick_top()
     ax.xaxis.set_label_position("top")
     ax.set_ylabel("student token")
@@ -254,7 +291,8 @@ def plot_alignment(a: SampleAlignment, out: str | Path, max_tokens: int = 64, st
         cut.append(f"teacher tokens {c0}-{c1 - 1} of the {c0}-{c_end - 1} they read")
     ax.set_title(
         f"time map {_kind(a)}: {T_s} student x {T_t} teacher tokens\n"
-        f"weight A[s, t], each row sums to 1; dashed: {' | '.join(SEGMENTS)} boundaries" + "".join(f"\nshowing {c}" for c in cut),
+        f"weight A[s, t], each row sums to 1; dashed: {' | '.join(SEGMENTS)} boundaries"
+        + "".join(f"\nshowing {c}" for c in cut),
         fontsize=9,
     )
     fig.colorbar(im, ax=ax, shrink=0.3, location="bottom", label="weight")
@@ -264,7 +302,11 @@ def plot_alignment(a: SampleAlignment, out: str | Path, max_tokens: int = 64, st
     axw.imshow(W, cmap="Greens", vmin=0.0, vmax=1.0, interpolation="nearest")
     _cells(axw, W, L_s * L_t <= 1024)
     _layer_axes(axw, L_s, L_t)
-    how = "ratio: l_s(L_t-1)/(L_s-1), interpolated" if a.layer_map_source == "ratio" else f"CKA top-k: {Path(a.layer_map_source).name}"
+    how = (
+        "ratio: l_s(L_t-1)/(L_s-1), interpolated"
+        if a.layer_map_source == "ratio"
+        else f"CKA top-k: {Path(a.layer_map_source).name}"
+    )
     axw.set_title(f"layer map W [{L_s} x {L_t}]\n{how}", fontsize=9)
     if a.similarity is not None:
         axs = fig.add_subplot(gs[0, 2])
@@ -295,7 +337,9 @@ def output_path(out: str | Path, teacher: str, sample_id: str) -> Path:
         out = out.with_name(out.name + ".png")
     formats = FigureCanvasBase.get_supported_filetypes()
     if out.suffix[1:].lower() not in formats:
-        raise ConfigError(f"--out {given}: matplotlib writes no {out.suffix} files; give a .png (or one of {', '.join(sorted(formats))})")
+        raise ConfigError(
+            f"--out {given}: matplotlib writes no {out.suffix} files; give a .png (or one of {', '.join(sorted(formats))})"
+        )
     parent = next((d for d in out.parents if d.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ConfigError(f"--out {given}: {parent} is a file, not a folder; give a path inside a folder")
@@ -306,7 +350,15 @@ def _cells(ax, W: np.ndarray, write: bool) -> None:
     if not write:
         return
     for s, t in zip(*np.nonzero(W), strict=True):
-        ax.text(t, s, f"{W[s, t]:.2f}".rstrip("0").rstrip("."), ha="center", va="center", fontsize=7, color="white" if W[s, t] > 0.6 else "black")
+        ax.text(
+            t,
+            s,
+            f"{W[s, t]:.2f}".rstrip("0").rstrip("."),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if W[s, t] > 0.6 else "black",
+        )
 
 
 def _layer_axes(ax, L_s: int, L_t: int) -> None:

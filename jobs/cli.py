@@ -25,9 +25,13 @@ def add_parser(sub) -> None:
     add_flags(local, JobsConfig)
     local.add_argument("--no-finalize", action="store_true", help="do not finalize the store afterwards")
     local.set_defaults(func=local_main)
-    slurm = jsub.add_parser("slurm", help="write sbatch scripts (one array per teacher, finalize, train); --submit submits them")
+    slurm = jsub.add_parser(
+        "slurm", help="write sbatch scripts (one array per teacher, finalize, train); --submit submits them"
+    )
     add_flags(slurm, JobsConfig)
-    slurm.add_argument("--submit", action="store_true", help="submit with sbatch (default: print what would be submitted)")
+    slurm.add_argument(
+        "--submit", action="store_true", help="submit with sbatch (default: print what would be submitted)"
+    )
     slurm.set_defaults(func=slurm_main)
     status = jsub.add_parser("status", help="per teacher x shard: complete / partial / missing, and what to resubmit")
     status.add_argument("--store", required=True, help="the zarr store")

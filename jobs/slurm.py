@@ -108,7 +108,9 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def write_scripts(cfg: JobsConfig, config_path: str | None = None, *, train: Mapping[str, Any] | None = None) -> dict[str, Path]:
+def write_scripts(
+    cfg: JobsConfig, config_path: str | None = None, *, train: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
     """Write jobs_dir/{dump-<teacher>.sbatch, finalize.sbatch[, train.sbatch]} and the configs
     they run (jobs_dir/configs/*.yaml); return {"dump-<teacher>": path, ..., "finalize": path,
     "train": path} in submission order.
@@ -153,7 +155,9 @@ def write_scripts(cfg: JobsConfig, config_path: str | None = None, *, train: Map
 
     # Same partition / account / qos as the dumps, but CPU only and small; no extra options
     # (they usually name GPU constraints).
-    fin = dataclasses.replace(cfg.slurm, nodes=1, gpus=0, requeue=False, max_parallel=None, extra=[], **FINALIZE_RESOURCES)
+    fin = dataclasses.replace(
+        cfg.slurm, nodes=1, gpus=0, requeue=False, max_parallel=None, extra=[], **FINALIZE_RESOURCES
+    )
     sbatch = _sbatch_lines(fin, job_name="kvd-finalize", output=logs / "finalize-%j.out")
     header = [
         f"kvdistill finalize: check every shard of every teacher is complete and write {store}/index.parquet.",
@@ -210,9 +214,16 @@ def _write_train(cfg: JobsConfig, jobs: Path, py: str, store: str, settings: Map
         "(the fields set for this job) < the flags below.",
         "Submitted with --dependency=afterok:<finalize>.",
         "SIGUSR1 (the time limit's warning) or SIGTERM (preemption): the trainer finishes its step, saves a",
-        "checkpoint and exits 143" + ("; on SIGUSR1 it requeues this job, which resumes there (--resume auto)." if res.requeue else "; resubmit to resume (--resume auto)."),
+        "checkpoint and exits 143"
+        + (
+            "; on SIGUSR1 it requeues this job, which resumes there (--resume auto)."
+            if res.requeue
+            else "; resubmit to resume (--resume auto)."
+        ),
     ]
-    args = f"--recipe {recipe} --config {yaml} --resume auto{' --requeue-on-usr1' if res.requeue else ''} --no-progress"
+    args = (
+        f"--recipe {recipe} --config {yaml} --resume auto{' --requeue-on-usr1' if res.requeue else ''} --no-progress"
+    )
     if single:
         body = [f"exec {py} -m kvdistill train {args}"]
     else:

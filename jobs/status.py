@@ -41,13 +41,23 @@ def shard_states(store: str | Path, teachers: list[str], num_shards: int) -> dic
             leftovers = partial_attempts(store, name, i)
             owner = lock_holder(lock_path(store, name, i))
             if attrs and attrs.get("complete"):
-                row = {"state": "complete", "rows": attrs["rows"], "samples": attrs["samples"], "bytes": disk_usage(final)}
+                row = {
+                    "state": "complete",
+                    "rows": attrs["rows"],
+                    "samples": attrs["samples"],
+                    "bytes": disk_usage(final),
+                }
             elif owner is not None:  # a live writer holds it: not a leftover to redo
                 nbytes = sum(disk_usage(p) if p.is_dir() else p.stat().st_size for p in leftovers)
                 row = {"state": "running", "rows": None, "samples": None, "bytes": nbytes, "owner": owner}
             elif leftovers or final.exists():  # a visible but unmarked shard is as good as partial
                 nbytes = sum(disk_usage(p) if p.is_dir() else p.stat().st_size for p in leftovers)
-                row = {"state": "partial", "rows": None, "samples": None, "bytes": nbytes + (disk_usage(final) if final.exists() else 0)}
+                row = {
+                    "state": "partial",
+                    "rows": None,
+                    "samples": None,
+                    "bytes": nbytes + (disk_usage(final) if final.exists() else 0),
+                }
             else:
                 row = {"state": "missing", "rows": None, "samples": None, "bytes": 0}
             rows.append({"shard": i, **row})
@@ -79,7 +89,9 @@ def status(store: str | Path, cfg: JobsConfig | None = None) -> dict[str, Any]:
         "teachers": {},
     }
     for name, shards in states.items():
-        todo = [s["shard"] for s in shards if s["state"] not in ("complete", "running")]  # a running one is not resubmitted
+        todo = [
+            s["shard"] for s in shards if s["state"] not in ("complete", "running")
+        ]  # a running one is not resubmitted
         array = f"--array={array_spec(todo, cfg.slurm.max_parallel if cfg else None)}" if todo else None
         resubmit = None
         if todo and cfg is not None:
@@ -110,16 +122,24 @@ def format_status(info: dict[str, Any]) -> str:
     N = info["num_shards"]
     lines = [
         f"store {info['store']}: {len(info['teachers'])} teacher(s) x {N} shards"
-        + (("  (finalized)" if info["complete"] else "  (its index.parquet is out of date)") if info["finalized"] else ""),
+        + (
+            ("  (finalized)" if info["complete"] else "  (its index.parquet is out of date)")
+            if info["finalized"]
+            else ""
+        ),
         f"{'teacher':<20} {'shard':>5}  {'state':<8} {'samples':>8} {'rows':>10} {'bytes':>10}",
     ]
     for name, t in info["teachers"].items():
         for s in t["shards"]:
             samples, rows = ("-" if s[k] is None else s[k] for k in ("samples", "rows"))
-            lines.append(f"{name:<20} {s['shard']:>5}  {s['state']:<8} {samples:>8} {rows:>10} {_size(s['bytes']):>10}")
+            lines.append(
+                f"{name:<20} {s['shard']:>5}  {s['state']:<8} {samples:>8} {rows:>10} {_size(s['bytes']):>10}"
+            )
     lines.append("")
     for name, t in info["teachers"].items():
-        running = "".join(f"; shard {s['shard']} running ({s['owner']})" for s in t["shards"] if s["state"] == "running")
+        running = "".join(
+            f"; shard {s['shard']} running ({s['owner']})" for s in t["shards"] if s["state"] == "running"
+        )
         if not t["array"]:
             lines.append(f"{name}: {t['complete']}/{N} complete{running}")
             continue

@@ -30,6 +30,7 @@ _ENVIRONMENT = {
     errno.EPERM: ("operation not permitted", "fix the permissions or write elsewhere (--store / --out)"),
 }
 
+
 def demo_main(args: argparse.Namespace) -> int:
     from kvdistill.demo import run_demo
 
@@ -52,7 +53,9 @@ def report_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvdistill", description="Distil teacher reasoning into a student through its KV cache, offline.")
+    parser = argparse.ArgumentParser(
+        prog="kvdistill", description="Distil teacher reasoning into a student through its KV cache, offline."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     dump_cli.add_parser(sub)
     dump_cli.add_align_parser(sub)
@@ -63,11 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(demo, DemoConfig)
     demo.set_defaults(func=demo_main)
     compare = sub.add_parser(
-        "compare", help="train and evaluate arms (ce, kv-*, shuffled control) over seeds: mean, 95%% CI, paired difference to the baseline arm (--baseline, default ce)"
+        "compare",
+        help="train and evaluate arms (ce, kv-*, shuffled control) over seeds: mean, 95%% CI, paired difference to the baseline arm (--baseline, default ce)",
     )
     add_flags(compare, CompareConfig)
     compare.set_defaults(func=compare_main)
-    report = sub.add_parser("report", help="one self-contained HTML page for a training run (curves, per-layer heatmap, routing, eval)")
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page for a training run (curves, per-layer heatmap, routing, eval)"
+    )
     report.add_argument("run", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")
     report.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
     report.add_argument("--compare", metavar="DIR", help="a `kvdistill compare` output directory: add its table")
@@ -80,7 +86,9 @@ def _debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
     """`--debug` on the top parser and every subparser (so it may follow the subcommand); a
     subparser's default is SUPPRESS so it does not reset a `--debug` given before it."""
     parser.add_argument(
-        "--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+        "--debug",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
         help="on an error, raise with the full traceback instead of one line (also KVDISTILL_DEBUG=1)",
     )
     for action in parser._actions:
@@ -137,7 +145,10 @@ def explain(e: BaseException) -> tuple[ExitCode, str] | None:
         return ExitCode.ENVIRONMENT, f"{what}{where}: {fix}"
     if isinstance(e, OSError) and e.errno is None and not isinstance(e, FileNotFoundError):
         # Raised by transformers / datasets loading a model, tokenizer or data set (no system call failed).
-        return ExitCode.BAD_INPUT, f"OSError: {e}; check the path or hub id and that the checkpoint is complete (config, tokenizer, weights)"
+        return (
+            ExitCode.BAD_INPUT,
+            f"OSError: {e}; check the path or hub id and that the checkpoint is complete (config, tokenizer, weights)",
+        )
     if isinstance(e, (StoreError, DataError, ValueError, FileNotFoundError, NotImplementedError)):
         return ExitCode.BAD_INPUT, f"{type(e).__name__}: {e}"
     if isinstance(e, OSError):  # a system call failed (I/O error, too many open files, ...)

@@ -40,8 +40,21 @@ from kvdistill.store.lock import FileLock
 from kvdistill.train.recipes import train_config
 
 __all__ = [
-    "ARMS", "CONFIDENCE", "ALPHA", "POWER", "t_cdf_two_sided", "t_quantile", "mean_ci", "paired_stats", "holm", "bootstrap_paired",
-    "steps_equivalent", "arm_configs", "demo_base", "run_compare", "format_compare",
+    "ARMS",
+    "CONFIDENCE",
+    "ALPHA",
+    "POWER",
+    "t_cdf_two_sided",
+    "t_quantile",
+    "mean_ci",
+    "paired_stats",
+    "holm",
+    "bootstrap_paired",
+    "steps_equivalent",
+    "arm_configs",
+    "demo_base",
+    "run_compare",
+    "format_compare",
 ]
 
 ARMS: dict[str, dict[str, Any]] = {
@@ -49,7 +62,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "kv-single": {"teachers": ["teacher-qwen2"]},  # the demo's deeper teacher alone
     "kv-fixed": {"fusion": "fixed"},  # every teacher, equal fixed weights
     "kv-headwise": {"fusion": "fixed", "adapter": "headwise"},  # kv-fixed with structured adapters (A/B)
-    "kv-attn-kl": {"fusion": "fixed", "attn_kl_weight": 0.2, "attn_kl_warmup_steps": 100},  # + attention KL; demo, weight 1: |grad| 0.58 at step 100 vs kv_k 0.125
+    "kv-attn-kl": {
+        "fusion": "fixed",
+        "attn_kl_weight": 0.2,
+        "attn_kl_warmup_steps": 100,
+    },  # + attention KL; demo, weight 1: |grad| 0.58 at step 100 vs kv_k 0.125
     "kv-similarity": {"fusion": "similarity"},
     "kv-router": {"fusion": "router"},
     "kv-shuffled": {"kv_control": "shuffled"},  # negative control: another sample's K/V
@@ -109,7 +126,13 @@ def mean_ci(values: list[float], confidence: float = CONFIDENCE) -> dict[str, An
         raise ValueError(f"a confidence interval needs >= 2 values, got {n}; run more seeds")
     mean = sum(values) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1))
-    return {"mean": mean, "ci": t_quantile(confidence, n - 1) * sd / math.sqrt(n), "sd": sd, "n": n, "values": list(values)}
+    return {
+        "mean": mean,
+        "ci": t_quantile(confidence, n - 1) * sd / math.sqrt(n),
+        "sd": sd,
+        "n": n,
+        "values": list(values),
+    }
 
 
 def paired_stats(diffs: list[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
@@ -126,7 +149,9 @@ def paired_stats(diffs: list[float], confidence: float = CONFIDENCE) -> dict[str
     else:  # every seed gave the same difference
         t, p = (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
     t_power = t_quantile(2 * POWER - 1, n - 1)  # one-sided quantile POWER as a two-sided one
-    out.update(t=t, p=max(p, 0.0), d_z=mean / sd if sd > 0 else None, mde=(t_quantile(1 - ALPHA, n - 1) + t_power) * se)
+    out.update(
+        t=t, p=max(p, 0.0), d_z=mean / sd if sd > 0 else None, mde=(t_quantile(1 - ALPHA, n - 1) + t_power) * se
+    )
     return out
 
 
@@ -149,7 +174,9 @@ def bootstrap_paired(arm: Any, ce: Any, draws: int, confidence: float = CONFIDEN
 
     a, b = np.asarray(arm, dtype=np.float64), np.asarray(ce, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"bootstrap_paired: need two [seeds, questions] arrays of one shape, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"bootstrap_paired: need two [seeds, questions] arrays of one shape, got {a.shape} and {b.shape}"
+        )
     d = a - b
     rng = np.random.default_rng(seed)
     s, q = d.shape
@@ -160,7 +187,15 @@ def bootstrap_paired(arm: Any, ce: Any, draws: int, confidence: float = CONFIDEN
         stats[i] = d[rows][:, cols].mean()
     lo, hi = np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2])
     p = min(1.0, 2 * min((stats <= 0).mean(), (stats >= 0).mean()))
-    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "p": float(p), "draws": draws, "seeds": s, "questions": q}
+    return {
+        "mean": float(d.mean()),
+        "lo": float(lo),
+        "hi": float(hi),
+        "p": float(p),
+        "draws": draws,
+        "seeds": s,
+        "questions": q,
+    }
 
 
 def steps_equivalent(ce_curve: dict[int, float], accuracy: float) -> dict[str, Any]:
@@ -188,7 +223,12 @@ def latent_arms(cfg: CompareConfig) -> list[str]:
 
 
 def arm_configs(
-    cfg: CompareConfig, store: str, student: ModelSpec, base: dict[str, Any], latent_store: str | None = None, steps: int | None = None
+    cfg: CompareConfig,
+    store: str,
+    student: ModelSpec,
+    base: dict[str, Any],
+    latent_store: str | None = None,
+    steps: int | None = None,
 ) -> dict[str, dict[int, TrainConfig]]:
     """arm -> seed -> TrainConfig; every config is built (and validated) before anything runs,
     as `kvdistill train` builds it: the recipe of its mode (train/recipes) < `base` < cfg.train
@@ -198,12 +238,16 @@ def arm_configs(
     arms = {**ARMS, **cfg.arm_overrides}
     unknown = [a for a in [*cfg.arms, *cfg.curve_arms] if a not in arms]
     if unknown:
-        raise ConfigError(f"CompareConfig.arms / curve_arms: unknown arm(s) {unknown}; known: {sorted(arms)} (define more in arm_overrides)")
+        raise ConfigError(
+            f"CompareConfig.arms / curve_arms: unknown arm(s) {unknown}; known: {sorted(arms)} (define more in arm_overrides)"
+        )
     managed = {"store", "student", "out", "seed", "max_steps", "device"}  # set per run by compare
     for where, overrides in [("train", cfg.train), *((f"arm {a!r}", arms[a]) for a in cfg.arms)]:
         clash = sorted(managed & set(overrides) - ({"store"} if where.startswith("arm") else set()))
         if clash:
-            raise ConfigError(f"CompareConfig {where}: {clash} are set by compare itself (store/student, out, seeds, steps, device); drop them")
+            raise ConfigError(
+                f"CompareConfig {where}: {clash} are set by compare itself (store/student, out, seeds, steps, device); drop them"
+            )
     for name in {*cfg.arms, *cfg.curve_arms}:
         if "store" in arms[name]:
             _check_same_data(name, arms[name]["store"], store)
@@ -216,8 +260,17 @@ def arm_configs(
         for seed in range(seeds):
             arm_store = (latent_store or store) if arms[name].get("mode") == "latent" else store
             arm_store = arms[name].get("store", arm_store)  # e.g. the same data stored compactly
-            fields = {**base, **cfg.train, **arms[name], "store": arm_store, "student": student.to_dict(), "max_steps": budget,
-                      "seed": seed, "device": cfg.device, "out": str(Path(cfg.out) / "runs" / name / where / f"seed-{seed}")}
+            fields = {
+                **base,
+                **cfg.train,
+                **arms[name],
+                "store": arm_store,
+                "student": student.to_dict(),
+                "max_steps": budget,
+                "seed": seed,
+                "device": cfg.device,
+                "out": str(Path(cfg.out) / "runs" / name / where / f"seed-{seed}"),
+            }
             try:
                 out[name][seed] = train_config(fields)
             except ConfigError as e:
@@ -289,18 +342,41 @@ def _correct(ecfg: EvalConfig) -> dict[str, float]:
     return {str(p["id"]): float(p["correct"]) for p in preds}
 
 
-def _train_and_eval(plan: dict[str, dict[int, TrainConfig]], cfg: CompareConfig, eval_data: DataSpec, progress: bool, label: str = "") -> dict[str, list[dict[str, Any]]]:
+def _train_and_eval(
+    plan: dict[str, dict[int, TrainConfig]], cfg: CompareConfig, eval_data: DataSpec, progress: bool, label: str = ""
+) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {}
     for name, seeds in plan.items():
         runs[name] = []
         for seed, tcfg in seeds.items():
-            ecfg = EvalConfig(model=tcfg.out, data=eval_data, max_new_tokens=cfg.max_new_tokens, out=str(Path(tcfg.out) / "eval.json"), device=cfg.device, mode=tcfg.mode)
+            ecfg = EvalConfig(
+                model=tcfg.out,
+                data=eval_data,
+                max_new_tokens=cfg.max_new_tokens,
+                out=str(Path(tcfg.out) / "eval.json"),
+                device=cfg.device,
+                mode=tcfg.mode,
+            )
             done = _run_one(tcfg, ecfg, progress)
             ev, tr = done["eval"], done["train"]
-            runs[name].append({"seed": seed, "run": tcfg.out, "accuracy": ev["accuracy"], "perplexity": ev["perplexity"], "n_eval": ev["n"],
-                               "correct": _correct(ecfg),
-                               **{f"mean_last_20_{t}": tr.get(f"mean_last_20_{t}", tr.get(f"final_{t}")) for t in ("ce", "kv_k", "kv_v")}})  # final_*: runs of older versions
-            print(f"[compare] {name}{label} seed {seed}: accuracy {ev['accuracy']:.3f}, perplexity {ev['perplexity']:.3f}", flush=True)
+            runs[name].append(
+                {
+                    "seed": seed,
+                    "run": tcfg.out,
+                    "accuracy": ev["accuracy"],
+                    "perplexity": ev["perplexity"],
+                    "n_eval": ev["n"],
+                    "correct": _correct(ecfg),
+                    **{
+                        f"mean_last_20_{t}": tr.get(f"mean_last_20_{t}", tr.get(f"final_{t}"))
+                        for t in ("ce", "kv_k", "kv_v")
+                    },
+                }
+            )  # final_*: runs of older versions
+            print(
+                f"[compare] {name}{label} seed {seed}: accuracy {ev['accuracy']:.3f}, perplexity {ev['perplexity']:.3f}",
+                flush=True,
+            )
     return runs
 
 
@@ -308,7 +384,9 @@ def _matrix(rs: list[dict[str, Any]], ids: list[str]) -> list[list[float]]:
     return [[r["correct"][i] for i in ids] for r in rs]
 
 
-def _arm_stats(runs: dict[str, list[dict[str, Any]]], overrides: dict[str, Any], bootstrap: int, baseline: str) -> dict[str, Any]:
+def _arm_stats(
+    runs: dict[str, list[dict[str, Any]]], overrides: dict[str, Any], bootstrap: int, baseline: str
+) -> dict[str, Any]:
     """Per arm: mean_ci of accuracy / perplexity; against the baseline (paired by seed):
     paired_stats per metric, Holm-adjusted p, and (bootstrap > 0) the accuracy bootstrap over
     seeds x questions."""
@@ -316,16 +394,25 @@ def _arm_stats(runs: dict[str, list[dict[str, Any]]], overrides: dict[str, Any],
     ids = sorted(runs[baseline][0]["correct"])
     out: dict[str, Any] = {}
     for name, rs in runs.items():
-        arm = {"overrides": overrides.get(name, {}), "runs": [{k: v for k, v in r.items() if k != "correct"} for r in rs]}
+        arm = {
+            "overrides": overrides.get(name, {}),
+            "runs": [{k: v for k, v in r.items() if k != "correct"} for r in rs],
+        }
         for metric in ("accuracy", "perplexity"):
             arm[metric] = mean_ci([r[metric] for r in rs])
         if name != baseline:
-            arm["vs_baseline"] = {m: paired_stats([r[m] - base[r["seed"]][m] for r in rs]) for m in ("accuracy", "perplexity")}
+            arm["vs_baseline"] = {
+                m: paired_stats([r[m] - base[r["seed"]][m] for r in rs]) for m in ("accuracy", "perplexity")
+            }
             if bootstrap:
                 for r in rs:
                     if sorted(r["correct"]) != ids:
-                        raise ConfigError(f"compare: run {r['run']} was evaluated on other questions than {baseline}'s; delete its eval.json and re-run")
-                arm["vs_baseline"]["accuracy"]["bootstrap"] = bootstrap_paired(_matrix(rs, ids), _matrix([base[r["seed"]] for r in rs], ids), bootstrap)
+                        raise ConfigError(
+                            f"compare: run {r['run']} was evaluated on other questions than {baseline}'s; delete its eval.json and re-run"
+                        )
+                arm["vs_baseline"]["accuracy"]["bootstrap"] = bootstrap_paired(
+                    _matrix(rs, ids), _matrix([base[r["seed"]] for r in rs], ids), bootstrap
+                )
         out[name] = arm
     for metric in ("accuracy", "perplexity"):
         adjusted = holm({n: a["vs_baseline"][metric]["p"] for n, a in out.items() if n != baseline})
@@ -340,7 +427,9 @@ def main_covers_curve(cfg: CompareConfig) -> bool:
     return all(a in cfg.arms for a in cfg.curve_arms) and (cfg.curve_seeds or cfg.seeds) <= cfg.seeds
 
 
-def _curve(cfg: CompareConfig, main: dict[str, list[dict[str, Any]]], extra: dict[int, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+def _curve(
+    cfg: CompareConfig, main: dict[str, list[dict[str, Any]]], extra: dict[int, dict[str, list[dict[str, Any]]]]
+) -> dict[str, Any]:
     """Accuracy against the step budget for cfg.curve_arms (the main runs are the cfg.steps
     point when `main_covers_curve`, their first curve_seeds seeds), paired differences to the baseline per budget, and
     the baseline's steps each other arm's mean accuracy is worth (`steps_equivalent`)."""
@@ -354,19 +443,38 @@ def _curve(cfg: CompareConfig, main: dict[str, list[dict[str, Any]]], extra: dic
         base = {r["seed"]: r for r in runs[cfg.baseline]}
         for a in cfg.curve_arms:
             rs = runs[a]
-            points[a][str(steps)] = {"accuracy": mean_ci([r["accuracy"] for r in rs]), "perplexity": mean_ci([r["perplexity"] for r in rs]),
-                                     "seeds": [r["accuracy"] for r in rs]}
+            points[a][str(steps)] = {
+                "accuracy": mean_ci([r["accuracy"] for r in rs]),
+                "perplexity": mean_ci([r["perplexity"] for r in rs]),
+                "seeds": [r["accuracy"] for r in rs],
+            }
             if a != cfg.baseline:
-                points[a][str(steps)]["vs_baseline"] = paired_stats([r["accuracy"] - base[r["seed"]]["accuracy"] for r in rs])
+                points[a][str(steps)]["vs_baseline"] = paired_stats(
+                    [r["accuracy"] - base[r["seed"]]["accuracy"] for r in rs]
+                )
     base_curve = {int(s): p["accuracy"]["mean"] for s, p in points[cfg.baseline].items()}
-    worth = {a: {s: steps_equivalent(base_curve, p["accuracy"]["mean"]) for s, p in points[a].items()} for a in cfg.curve_arms if a != cfg.baseline}
-    return {"steps": sorted(budgets), "seeds": n_seeds, "baseline": cfg.baseline, "arms": points, "baseline_steps_equivalent": worth}
+    worth = {
+        a: {s: steps_equivalent(base_curve, p["accuracy"]["mean"]) for s, p in points[a].items()}
+        for a in cfg.curve_arms
+        if a != cfg.baseline
+    }
+    return {
+        "steps": sorted(budgets),
+        "seeds": n_seeds,
+        "baseline": cfg.baseline,
+        "arms": points,
+        "baseline_steps_equivalent": worth,
+    }
 
 
 def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     """The comparison (module docstring), one process per --out at a time: a second compare on
     the same folder stops with ShardBusy (exit 6) naming the first."""
-    with FileLock(Path(cfg.out) / ".kvdistill.lock", f"compare directory {cfg.out}", fix="wait for that compare to finish, or use another --out"):
+    with FileLock(
+        Path(cfg.out) / ".kvdistill.lock",
+        f"compare directory {cfg.out}",
+        fix="wait for that compare to finish, or use another --out",
+    ):
         return _run_compare(cfg, progress)
 
 
@@ -386,12 +494,18 @@ def _run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
         demo_student, teachers, _, _ = demo_models(cfg.demo, Path(cfg.demo.out), progress)
         latent_store = str(dump_latent_store(cfg.demo, Path(cfg.demo.out), demo_student, teachers, progress))
     plan = arm_configs(cfg, store, student, base, latent_store)
-    curve_plans = {n: arm_configs(cfg, store, student, base, latent_store, steps=n) for n in cfg.curve_steps if n != cfg.steps or not main_covers_curve(cfg)}
+    curve_plans = {
+        n: arm_configs(cfg, store, student, base, latent_store, steps=n)
+        for n in cfg.curve_steps
+        if n != cfg.steps or not main_covers_curve(cfg)
+    }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "compare_config.yaml")
     runs = _train_and_eval(plan, cfg, eval_data, progress)
-    curve_runs = {n: _train_and_eval(p, cfg, eval_data, progress, label=f" ({n} steps)") for n, p in curve_plans.items()}
+    curve_runs = {
+        n: _train_and_eval(p, cfg, eval_data, progress, label=f" ({n} steps)") for n, p in curve_plans.items()
+    }
     result = {
         "config": cfg.to_dict(),
         "store": str(store),
@@ -426,7 +540,21 @@ def format_compare(result: dict[str, Any]) -> str:
     def ci(s: dict[str, Any] | None, sign: str = "") -> str:
         return f"{s['mean']:{sign}.3f} ± {s['ci']:.3f}" if s else "-"
 
-    rows = [["arm", "accuracy", "Δ accuracy", "p (t)", "p Holm", "p boot", "d_z", "MDE", "perplexity", "Δ perplexity", "p Holm"]]
+    rows = [
+        [
+            "arm",
+            "accuracy",
+            "Δ accuracy",
+            "p (t)",
+            "p Holm",
+            "p boot",
+            "d_z",
+            "MDE",
+            "perplexity",
+            "Δ perplexity",
+            "p Holm",
+        ]
+    ]
     for name, a in result["arms"].items():
         vs = a.get("vs_baseline") or {}
         acc, ppl = vs.get("accuracy"), vs.get("perplexity")
@@ -435,19 +563,36 @@ def format_compare(result: dict[str, Any]) -> str:
             continue
         boot = acc.get("bootstrap")
         star = lambda s: " *" if s["p_holm"] < alpha else ""  # noqa: E731
-        rows.append([name, ci(a["accuracy"]), ci(acc, "+") + star(acc), _p(acc["p"]), _p(acc["p_holm"]), _p(boot["p"]) if boot else "-",
-                     f"{acc['d_z']:+.2f}" if acc["d_z"] is not None else "-", f"{acc['mde']:.3f}",
-                     ci(a["perplexity"]), ci(ppl, "+") + star(ppl), _p(ppl["p_holm"])])
+        rows.append(
+            [
+                name,
+                ci(a["accuracy"]),
+                ci(acc, "+") + star(acc),
+                _p(acc["p"]),
+                _p(acc["p_holm"]),
+                _p(boot["p"]) if boot else "-",
+                f"{acc['d_z']:+.2f}" if acc["d_z"] is not None else "-",
+                f"{acc['mde']:.3f}",
+                ci(a["perplexity"]),
+                ci(ppl, "+") + star(ppl),
+                _p(ppl["p_holm"]),
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["", f"{result['seeds']} seeds per arm, {result.get('n_eval', '?')} test questions; mean ± {conf}% CI (Student t, t = {result['t_quantile']:.3f}); "
-             f"Δ: paired difference to {result.get('baseline', 'ce')}; * significant (Holm-adjusted paired t, p < {alpha}); MDE: smallest Δ accuracy a paired t-test "
-             f"with these seeds detects with power {result.get('power', POWER)}"]
+    lines = [
+        "",
+        f"{result['seeds']} seeds per arm, {result.get('n_eval', '?')} test questions; mean ± {conf}% CI (Student t, t = {result['t_quantile']:.3f}); "
+        f"Δ: paired difference to {result.get('baseline', 'ce')}; * significant (Holm-adjusted paired t, p < {alpha}); MDE: smallest Δ accuracy a paired t-test "
+        f"with these seeds detects with power {result.get('power', POWER)}",
+    ]
     for r in rows:
         lines.append("  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))]))
     curve = result.get("curve")
     if curve:
         lines.append("")
-        lines.append(f"sample efficiency ({curve['seeds']} seeds per budget): accuracy mean ± {conf}% CI by optimizer steps")
+        lines.append(
+            f"sample efficiency ({curve['seeds']} seeds per budget): accuracy mean ± {conf}% CI by optimizer steps"
+        )
         for a, pts in curve["arms"].items():
             cells = [f"{s}: {ci(p['accuracy'])}" for s, p in pts.items()]
             lines.append(f"  {a}: " + ", ".join(cells))

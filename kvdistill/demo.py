@@ -72,7 +72,9 @@ def _plot(runs: dict[str, Path], out: Path) -> Path:
         axes[1].set(title="KV loss (layer-std normalised MSE)", xlabel="step")
         axes[1].legend()
         grid = torch.tensor([x["kv_k_layers"] for x in kv]).T  # [L, logged steps]
-        im = axes[2].imshow(grid, aspect="auto", origin="lower", extent=(kv[0]["step"], kv[-1]["step"], -0.5, grid.shape[0] - 0.5))
+        im = axes[2].imshow(
+            grid, aspect="auto", origin="lower", extent=(kv[0]["step"], kv[-1]["step"], -0.5, grid.shape[0] - 0.5)
+        )
         axes[2].set(title="K loss per student layer", xlabel="step", ylabel="layer")
         fig.colorbar(im, ax=axes[2])
     fig.tight_layout()
@@ -108,13 +110,29 @@ def demo_models(cfg: DemoConfig, out: Path, progress: bool) -> tuple[ModelSpec, 
         recipes["teacher-xtok"] = CROSS_TOKENIZER
     for name, geo in recipes.items():
         path = models / name
-        recipe = {**base, **geo, "steps": cfg.teacher_steps, "batch_size": cfg.batch_size, "tokenizer": str(tokenizers[name])}
+        recipe = {
+            **base,
+            **geo,
+            "steps": cfg.teacher_steps,
+            "batch_size": cfg.batch_size,
+            "tokenizer": str(tokenizers[name]),
+        }
         if _cached(path, recipe):
             print(f"[demo] {name}: trained copy found in {path}, reusing it")
             continue
         t_tok = AutoTokenizer.from_pretrained(tokenizers[name])
         model = tiny.build_model(tokenizer=t_tok, seed=cfg.seed, **geo)
-        tiny.train_lm(model, t_tok, train_rows, template, steps=cfg.teacher_steps, batch_size=cfg.batch_size, seed=cfg.seed, desc=f"train {name}", progress=progress)
+        tiny.train_lm(
+            model,
+            t_tok,
+            train_rows,
+            template,
+            steps=cfg.teacher_steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            desc=f"train {name}",
+            progress=progress,
+        )
         tiny.save(model, t_tok, path)
         _mark(path, recipe)
     student_init = models / "student-init"
@@ -125,7 +143,11 @@ def demo_models(cfg: DemoConfig, out: Path, progress: bool) -> tuple[ModelSpec, 
     student = ModelSpec(name_or_path=str(student_init), name="student")
     teachers = [ModelSpec(name_or_path=str(models / n), name=n) for n in recipes]
     if "dual-prompt" in cfg.extra_teachers:
-        teachers.append(ModelSpec(name_or_path=str(models / "teacher-qwen2"), name="teacher-qwen2-think", prompt_template=THINK_TEMPLATE))
+        teachers.append(
+            ModelSpec(
+                name_or_path=str(models / "teacher-qwen2"), name="teacher-qwen2-think", prompt_template=THINK_TEMPLATE
+            )
+        )
     return student, teachers, recipes, test_data
 
 
@@ -157,7 +179,15 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     lap("teachers")
 
     store = out / "store.zarr"
-    dump_base = DumpConfig(teacher=teachers[0], student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, device="cpu")
+    dump_base = DumpConfig(
+        teacher=teachers[0],
+        student=student,
+        store=str(store),
+        data=cfg.data,
+        num_shards=cfg.num_shards,
+        batch_size=64,
+        device="cpu",
+    )
     run_local(dump_tasks(dump_base, teachers), progress=progress)
     lap("dump")
     finalize(store)
@@ -169,8 +199,15 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     train_summaries = {}
     for name, kv_weight in runs.items():
         tcfg = TrainConfig(
-            store=str(store), student=student, out=str(out / "runs" / name), kv_weight=kv_weight,
-            max_steps=cfg.student_steps, batch_size=cfg.batch_size, seed=cfg.seed, lr=3e-3, device="cpu",
+            store=str(store),
+            student=student,
+            out=str(out / "runs" / name),
+            kv_weight=kv_weight,
+            max_steps=cfg.student_steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            lr=3e-3,
+            device="cpu",
         )
         train_summaries[name] = train(tcfg, progress=progress)
         lap(f"train {name}")
@@ -178,28 +215,48 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     evals = {}
     for spec in teachers:
         evals[spec.name] = evaluate(
-            EvalConfig(model=spec.name_or_path, data=test_data, prompt_template=spec.prompt_template, out=str(out / "eval" / f"{spec.name}.json"), device="cpu"),
+            EvalConfig(
+                model=spec.name_or_path,
+                data=test_data,
+                prompt_template=spec.prompt_template,
+                out=str(out / "eval" / f"{spec.name}.json"),
+                device="cpu",
+            ),
             progress=progress,
         )
     for name in runs:
-        evals[name] = evaluate(EvalConfig(model=str(out / "runs" / name), data=test_data, out=str(out / "eval" / f"{name}.json"), device="cpu"), progress=progress)
+        evals[name] = evaluate(
+            EvalConfig(
+                model=str(out / "runs" / name), data=test_data, out=str(out / "eval" / f"{name}.json"), device="cpu"
+            ),
+            progress=progress,
+        )
     lap("eval")
     plot = _plot({n: out / "runs" / n for n in runs}, out)
 
     table = []
     for name, ev in evals.items():
         ts = train_summaries.get(name, {})
-        table.append({
-            "model": name,
-            "accuracy": ev["accuracy"],
-            "perplexity": ev["perplexity"],
-            "kv_loss_mean_last_20": (ts["mean_last_20_kv_k"] + ts["mean_last_20_kv_v"]) / 2 if ts.get("mean_last_20_kv_k") is not None else None,
-        })
+        table.append(
+            {
+                "model": name,
+                "accuracy": ev["accuracy"],
+                "perplexity": ev["perplexity"],
+                "kv_loss_mean_last_20": (ts["mean_last_20_kv_k"] + ts["mean_last_20_kv_v"]) / 2
+                if ts.get("mean_last_20_kv_k") is not None
+                else None,
+            }
+        )
     summary = {
         "config": cfg.to_dict(),
         "results": table,
         "train": train_summaries,
-        "store": {"path": str(store), "bytes": store_info["bytes"], "bytes_per_token": store_info["bytes_per_token"], "teachers": store_info["teachers"]},
+        "store": {
+            "path": str(store),
+            "bytes": store_info["bytes"],
+            "bytes_per_token": store_info["bytes_per_token"],
+            "teachers": store_info["teachers"],
+        },
         "seconds": times,
         "total_seconds": round(sum(times.values()), 1),
         "plot": str(plot),
@@ -209,14 +266,23 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def dump_latent_store(cfg: DemoConfig, out: Path, student: ModelSpec, teachers: list[ModelSpec], progress: bool = True) -> Path:
+def dump_latent_store(
+    cfg: DemoConfig, out: Path, student: ModelSpec, teachers: list[ModelSpec], progress: bool = True
+) -> Path:
     """DIR/store-latent.zarr: the demo's teachers dumped with R-KV compression to
     cfg.latent_slots slots (and the full K/V), finalized. Complete shards of an earlier run are
     skipped; a store dumped with other settings is refused by the store's fingerprints."""
     store = out / "store-latent.zarr"
     latent = LatentSpec(slots=cfg.latent_slots)
     dump_base = DumpConfig(
-        teacher=teachers[0], student=student, store=str(store), data=cfg.data, num_shards=cfg.num_shards, batch_size=64, latent=latent, device="cpu"
+        teacher=teachers[0],
+        student=student,
+        store=str(store),
+        data=cfg.data,
+        num_shards=cfg.num_shards,
+        batch_size=64,
+        latent=latent,
+        device="cpu",
     )
     run_local(dump_tasks(dump_base, teachers), progress=progress)
     finalize(store)
@@ -242,8 +308,16 @@ def run_latent_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     # Paper recipe where it fits a tiny model: weight decay 0.1, grad clip 2.0, 5% warm-up,
     # alpha1 = 10 (CODI); full fine-tuning instead of LoRA r=128 (the student is 64 wide).
     common = dict(
-        store=str(store), student=student, max_steps=cfg.student_steps, batch_size=cfg.batch_size, seed=cfg.seed, lr=3e-3,
-        weight_decay=0.1, grad_clip=2.0, warmup_steps=max(1, cfg.student_steps // 20), device="cpu",
+        store=str(store),
+        student=student,
+        max_steps=cfg.student_steps,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        lr=3e-3,
+        weight_decay=0.1,
+        grad_clip=2.0,
+        warmup_steps=max(1, cfg.student_steps // 20),
+        device="cpu",
     )
     runs = {
         "latent-kv": dict(mode="latent", kv_weight=cfg.kv_weight, latent_iterations=cfg.latent_iterations),
@@ -259,25 +333,40 @@ def run_latent_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     table = []
     for name, kw in runs.items():
         ev = evaluate(
-            EvalConfig(model=str(out / "runs-latent" / name), data=test_data, mode=kw["mode"], out=str(out / "eval-latent" / f"{name}.json"), device="cpu"),
+            EvalConfig(
+                model=str(out / "runs-latent" / name),
+                data=test_data,
+                mode=kw["mode"],
+                out=str(out / "eval-latent" / f"{name}.json"),
+                device="cpu",
+            ),
             progress=progress,
         )
         ts = train_summaries[name]
-        table.append({
-            "model": name,
-            "mode": kw["mode"],
-            "accuracy": ev["accuracy"],
-            "perplexity": ev["perplexity"],
-            "forward_passes_per_question": ev["forward_passes_per_question"],
-            "generated_tokens_per_question": ev["generated_tokens_per_question"],
-            "kv_loss_mean_last_20": (ts["mean_last_20_kv_k"] + ts["mean_last_20_kv_v"]) / 2 if ts.get("mean_last_20_kv_k") is not None else None,
-        })
+        table.append(
+            {
+                "model": name,
+                "mode": kw["mode"],
+                "accuracy": ev["accuracy"],
+                "perplexity": ev["perplexity"],
+                "forward_passes_per_question": ev["forward_passes_per_question"],
+                "generated_tokens_per_question": ev["generated_tokens_per_question"],
+                "kv_loss_mean_last_20": (ts["mean_last_20_kv_k"] + ts["mean_last_20_kv_v"]) / 2
+                if ts.get("mean_last_20_kv_k") is not None
+                else None,
+            }
+        )
     lap("eval")
     summary = {
         "config": cfg.to_dict(),
         "results": table,
         "train": train_summaries,
-        "store": {"path": str(store), "bytes": store_info["bytes"], "bytes_per_token": store_info["bytes_per_token"], "teachers": store_info["teachers"]},
+        "store": {
+            "path": str(store),
+            "bytes": store_info["bytes"],
+            "bytes_per_token": store_info["bytes_per_token"],
+            "teachers": store_info["teachers"],
+        },
         "seconds": lap.times,
         "total_seconds": round(sum(lap.times.values()), 1),
     }
@@ -301,8 +390,14 @@ def format_latent_summary(s: dict[str, Any]) -> str:
             f"{r['generated_tokens_per_question']:>16.1f} {kv:>17}"
         )
     st = s["store"]
-    lines.append(f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)")
-    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()) + f"; total {s['total_seconds']:.0f}s")
+    lines.append(
+        f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)"
+    )
+    lines.append(
+        "wall time: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items())
+        + f"; total {s['total_seconds']:.0f}s"
+    )
     return "\n".join(lines)
 
 
@@ -312,8 +407,13 @@ def format_summary(s: dict[str, Any]) -> str:
         kv = f"{r['kv_loss_mean_last_20']:.4f}" if r["kv_loss_mean_last_20"] is not None else "-"
         lines.append(f"{r['model']:<20} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {kv:>17}")
     st = s["store"]
-    lines.append(f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)")
-    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()) + f"; total {s['total_seconds']:.0f}s")
+    lines.append(
+        f"\nstore {st['path']}: {st['bytes']:,} bytes, {st['bytes_per_token']:.1f} bytes/token (all teachers)"
+    )
+    lines.append(
+        "wall time: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items())
+        + f"; total {s['total_seconds']:.0f}s"
+    )
     lines.append(f"plot: {s['plot']}")
     return "\n".join(lines)
-

@@ -41,7 +41,9 @@ def release_early_signals(command: str) -> None:
     if _EARLY:
         name = signal.Signals(max(_EARLY)).name
         _EARLY.clear()
-        raise Preempted(message=f"preempted ({name}) while starting, before `kvdistill {command}` did any work: nothing was written; re-run the same command")
+        raise Preempted(
+            message=f"preempted ({name}) while starting, before `kvdistill {command}` did any work: nothing was written; re-run the same command"
+        )
 
 
 class Preempted(SystemExit):

@@ -25,7 +25,17 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-__all__ = ["ConfigError", "Record", "apply_overrides", "build", "canonical", "field_types", "option", "read_config", "type_name"]
+__all__ = [
+    "ConfigError",
+    "Record",
+    "apply_overrides",
+    "build",
+    "canonical",
+    "field_types",
+    "option",
+    "read_config",
+    "type_name",
+]
 
 R = TypeVar("R", bound="Record")
 
@@ -41,7 +51,9 @@ class _Dumper(yaml.SafeDumper):
 for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        re.compile(
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
         list("-+0123456789."),
     )
 
@@ -186,7 +198,9 @@ class Record:
         for name in names:
             value = getattr(self, name)
             if value is not None and not (value > minimum if strict else value >= minimum):
-                raise ConfigError(f"{type(self).__name__}.{name}: must be {'>' if strict else '>='} {minimum}, got {value}")
+                raise ConfigError(
+                    f"{type(self).__name__}.{name}: must be {'>' if strict else '>='} {minimum}, got {value}"
+                )
 
     @classmethod
     def from_dict(cls: type[R], data: dict[str, Any], _where: str | None = None) -> R:
@@ -197,7 +211,9 @@ class Record:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names, key=str)
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}{_did_you_mean(cls, unknown)}")
+            raise ConfigError(
+                f"{where}: unknown field(s) {unknown}; valid fields are {sorted(names)}{_did_you_mean(cls, unknown)}"
+            )
         hints = field_types(cls)
         kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
         required = [
@@ -262,7 +278,11 @@ def _spellings(cls: type[Record]) -> dict[str, tuple[str, ...]]:
     for f in dataclasses.fields(cls):
         aliases = f.metadata.get("aliases") or ()
         if isinstance(aliases, Mapping):
-            pairs = [(a, (f.name, leaf)) for leaf, spelled in aliases.items() for a in ((spelled,) if isinstance(spelled, str) else spelled)]
+            pairs = [
+                (a, (f.name, leaf))
+                for leaf, spelled in aliases.items()
+                for a in ((spelled,) if isinstance(spelled, str) else spelled)
+            ]
         else:
             pairs = [(a, (f.name,)) for a in ((aliases,) if isinstance(aliases, str) else aliases)]
         for alias, target in pairs:
@@ -301,7 +321,9 @@ def canonical(cls: type[Record], data: Any, where: str, deep: bool = False) -> A
     for key, (name, leaf), value in nested:
         inner = out.get(name, {})
         if not isinstance(inner, dict):
-            raise ConfigError(f"{where}: {key!r} sets {name}.{leaf}, but {name} is {inner!r}, not a mapping; set it inside {name}")
+            raise ConfigError(
+                f"{where}: {key!r} sets {name}.{leaf}, but {name} is {inner!r}, not a mapping; set it inside {name}"
+            )
         if leaf in inner or leaf.replace("_", "-") in inner:
             raise ConfigError(f"{where}: {key!r} and {name}.{leaf} both set {name}.{leaf}; keep one")
         out[name] = {**inner, leaf: value}
@@ -311,14 +333,19 @@ def canonical(cls: type[Record], data: Any, where: str, deep: bool = False) -> A
             sub = _record_of(hints[name])
             if sub is not None:
                 out[name] = canonical(sub, out[name], f"{where}.{name}", deep=True)
-            elif get_origin(hints[name]) is list and get_args(hints[name]) and _record_of(get_args(hints[name])[0]) and isinstance(out[name], list):
+            elif (
+                get_origin(hints[name]) is list
+                and get_args(hints[name])
+                and _record_of(get_args(hints[name])[0])
+                and isinstance(out[name], list)
+            ):
                 item = _record_of(get_args(hints[name])[0])
                 out[name] = [canonical(item, v, f"{where}.{name}[{i}]", deep=True) for i, v in enumerate(out[name])]
     return out
 
 
 def _did_you_mean(cls: type[Record], unknown: list[Any]) -> str:
-    """"; did you mean lr for 'learnig_rate'?": the fields whose name or flag an unknown key is close to."""
+    """ "; did you mean lr for 'learnig_rate'?": the fields whose name or flag an unknown key is close to."""
     import difflib
 
     names = {f.name: f.name for f in dataclasses.fields(cls)} | {k: ".".join(v) for k, v in _spellings(cls).items()}
@@ -370,7 +397,9 @@ def read_config(path: str | Path, cls: type[Record]) -> dict[str, Any]:
 def _over(cls: type[Record], below: dict[str, Any], above: set[str]) -> dict[str, Any]:
     """`below` without the fields that a field set in a layer above replaces: a lower layer's
     warmup_ratio goes when a higher one sets warmup_steps (option(instead_of=...))."""
-    replaced = {f.name for f in dataclasses.fields(cls) if f.metadata.get("instead_of") in above and f.name not in above}
+    replaced = {
+        f.name for f in dataclasses.fields(cls) if f.metadata.get("instead_of") in above and f.name not in above
+    }
     return {k: v for k, v in below.items() if k not in replaced}
 
 

@@ -75,9 +75,17 @@ def flags_of(cls: type[Record]) -> list[Flag]:
             group = f.metadata.get("group") or f.name
             names = {f"{f.name}.{k}": (v,) if isinstance(v, str) else tuple(v) for k, v in dict(aliases).items()}
         for key, tp, leaf in leaves:
-            out.append(Flag(key, ("--" + key.replace("_", "-"), *names.get(key, ())), tp, leaf.metadata.get("help", ""), group))
-    unknown = {a for f in dataclasses.fields(cls) if isinstance(f.metadata.get("aliases"), dict)
-               for a in (f"{f.name}.{k}" for k in f.metadata["aliases"])} - {fl.key for fl in out}
+            out.append(
+                Flag(
+                    key, ("--" + key.replace("_", "-"), *names.get(key, ())), tp, leaf.metadata.get("help", ""), group
+                )
+            )
+    unknown = {
+        a
+        for f in dataclasses.fields(cls)
+        if isinstance(f.metadata.get("aliases"), dict)
+        for a in (f"{f.name}.{k}" for k in f.metadata["aliases"])
+    } - {fl.key for fl in out}
     if unknown:
         raise TypeError(f"{cls.__name__}: aliases name no field: {sorted(unknown)}")
     return out
@@ -151,8 +159,14 @@ def _value(tp: Any) -> Callable[[str], Any]:
         return mapping
     rec = _record(tp)
     if rec is not None:  # an item of list[record]
-        required = [f.name for f in dataclasses.fields(rec) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        return lambda text: load_yaml(text) if text.lstrip().startswith("{") or len(required) != 1 else {required[0]: text}
+        required = [
+            f.name
+            for f in dataclasses.fields(rec)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        return lambda text: (
+            load_yaml(text) if text.lstrip().startswith("{") or len(required) != 1 else {required[0]: text}
+        )
     raise TypeError(f"no command-line syntax for {type_name(tp)}")
 
 
@@ -234,10 +248,15 @@ def add_flags(
     default = argparse.SUPPRESS if suppress else None
     if parser.usage is None:
         parser.usage = "%(prog)s [--config FILE] [--FIELD VALUE ...]"
-    parser.add_argument("--config", metavar="FILE", default=default, help="YAML or JSON file with the config; flags override it")
+    parser.add_argument(
+        "--config", metavar="FILE", default=default, help="YAML or JSON file with the config; flags override it"
+    )
     flags = flags_of(record)
     helps = {f.name: f.metadata.get("help") for f in dataclasses.fields(record)}  # a record field's group: its help
-    sections = {title: parser.add_argument_group(title, helps.get(title) if about is None else about) for title, about in (groups or {}).items()}
+    sections = {
+        title: parser.add_argument_group(title, helps.get(title) if about is None else about)
+        for title, about in (groups or {}).items()
+    }
     for flag in flags:
         if flag.group is None:
             target: Any = parser
@@ -246,14 +265,23 @@ def add_flags(
                 sections[flag.group] = parser.add_argument_group(flag.group, helps.get(flag.group))
             target = sections[flag.group]
         _add(target, flag, record, default)
-    parser.add_argument("--no-progress", action="store_true", default=default if suppress else False, help="no progress bars (logs, CI)")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=default if suppress else False,
+        help="no progress bars (logs, CI)",
+    )
     return flags
 
 
 def _add(target: Any, flag: Flag, record: type[Record], default: Any) -> None:
     help_ = (flag.help + _default(record, flag.key)).replace("%", "%%")
     kw: dict[str, Any] = {"dest": flag.key, "default": default, "help": help_}
-    arms = [a for a in get_args(flag.tp) if a is not type(None)] if get_origin(flag.tp) in (Union, types.UnionType) else [flag.tp]
+    arms = (
+        [a for a in get_args(flag.tp) if a is not type(None)]
+        if get_origin(flag.tp) in (Union, types.UnionType)
+        else [flag.tp]
+    )
     tp = arms[0] if len(arms) == 1 else flag.tp
     leaf = flag.key.rsplit(".", 1)[-1].upper()
     if tp is bool:
@@ -268,8 +296,9 @@ def _add(target: Any, flag: Flag, record: type[Record], default: Any) -> None:
         target.add_argument(*flag.names, type=_value(tp), metavar=leaf, **kw)
 
 
-def config_from_args(cls: type[Record], args: argparse.Namespace, flags: list[Flag] | None = None,
-                     base: dict[str, Any] | None = None) -> Record:
+def config_from_args(
+    cls: type[Record], args: argparse.Namespace, flags: list[Flag] | None = None, base: dict[str, Any] | None = None
+) -> Record:
     """The record: `base` (a recipe) < `--config` file < the flags given."""
     overrides = {f.key: getattr(args, f.key, None) for f in (flags if flags is not None else flags_of(cls))}
     return build(cls, getattr(args, "config", None), overrides, base)

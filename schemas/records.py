@@ -49,10 +49,20 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 KVDtype = Literal["float16", "float32", "bfloat16", "int8", "int4"]
 
 # Short flags of nested fields (option aliases), besides the canonical `--teacher.name-or-path`.
-TEACHER_FLAGS = {"name_or_path": "--teacher", "name": "--teacher-name", "revision": "--teacher-revision",
-                 "dtype": "--teacher-dtype", "prompt_template": "--teacher-template"}
-STUDENT_FLAGS = {"name_or_path": "--student", "name": "--student-name", "revision": "--student-revision",
-                 "dtype": "--student-dtype", "prompt_template": "--student-template"}
+TEACHER_FLAGS = {
+    "name_or_path": "--teacher",
+    "name": "--teacher-name",
+    "revision": "--teacher-revision",
+    "dtype": "--teacher-dtype",
+    "prompt_template": "--teacher-template",
+}
+STUDENT_FLAGS = {
+    "name_or_path": "--student",
+    "name": "--student-name",
+    "revision": "--student-revision",
+    "dtype": "--student-dtype",
+    "prompt_template": "--student-template",
+}
 DATA_FLAGS = {"source": "--data", "split": "--split", "config_name": "--data-config", "limit": "--limit"}
 
 
@@ -78,8 +88,9 @@ class ModelSpec(Record):
     revision: str | None = option(None, help="hub revision: branch, tag or commit")
     dtype: Dtype = option("float32", help="dtype the weights are loaded in")
     prompt_template: str = option(
-        DEFAULT_TEMPLATE, help="prompt template with {question}, {reasoning} and {answer} in this order "
-        "(a teacher's and the student's may differ: K/V are then aligned per segment)"
+        DEFAULT_TEMPLATE,
+        help="prompt template with {question}, {reasoning} and {answer} in this order "
+        "(a teacher's and the student's may differ: K/V are then aligned per segment)",
     )
     name: str | None = option(None, help="short name in the store (default: last path component)")
 
@@ -116,7 +127,9 @@ class SyntheticSpec(Record):
     def validate(self) -> None:
         self.check_min(1, "n_train", "n_test", "min_steps")
         if self.max_steps < self.min_steps:
-            raise ConfigError(f"SyntheticSpec.max_steps: must be >= min_steps ({self.min_steps}), got {self.max_steps}")
+            raise ConfigError(
+                f"SyntheticSpec.max_steps: must be >= min_steps ({self.min_steps}), got {self.max_steps}"
+            )
         if self.max_number < 2:
             raise ConfigError(f"SyntheticSpec.max_number: must be >= 2, got {self.max_number}")
 
@@ -126,11 +139,15 @@ class DataSpec(Record):
     """Where rows come from: `synthetic`, a local .jsonl/.parquet (GSM8K format), or a local
     directory / hub id loaded with `datasets.load_dataset`."""
 
-    source: str = option("synthetic", help="'synthetic', a GSM8K-format .jsonl/.parquet, or a data set directory / hub id")
+    source: str = option(
+        "synthetic", help="'synthetic', a GSM8K-format .jsonl/.parquet, or a data set directory / hub id"
+    )
     split: str = option("train", help="data set split")
     config_name: str | None = option(None, help="hub data set config, e.g. 'main' for openai/gsm8k")
     limit: int | None = option(None, help="use the first N rows after loading")
-    synthetic: SyntheticSpec = option(factory=SyntheticSpec, help="the built-in arithmetic problems (source 'synthetic')")
+    synthetic: SyntheticSpec = option(
+        factory=SyntheticSpec, help="the built-in arithmetic problems (source 'synthetic')"
+    )
 
     def validate(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -147,14 +164,20 @@ class AlignSpec(Record):
     each prompt / reasoning / answer segment). The store records the choice."""
 
     layer_map: str = option(
-        "ratio", help="'ratio' (student layer l reads teacher layer l (L_t - 1) / (L_s - 1), interpolated) "
-        "or a layermap.json from `kvdistill align calibrate` (CKA top-k)"
+        "ratio",
+        help="'ratio' (student layer l reads teacher layer l (L_t - 1) / (L_s - 1), interpolated) "
+        "or a layermap.json from `kvdistill align calibrate` (CKA top-k)",
     )
     time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = option(
-        "auto", help="teacher tokens onto the student's: auto picks identity, char_overlap or segment_linear from the data"
+        "auto",
+        help="teacher tokens onto the student's: auto picks identity, char_overlap or segment_linear from the data",
     )
-    keys: Literal["pre_rope"] = option("pre_rope", help="keys are taken before RoPE")  # position-free: sound to resample in time
-    projection: str | None = option(None, help="a PCA .npz from `kvdistill align calibrate --pca D`: store D dims per layer")
+    keys: Literal["pre_rope"] = option(
+        "pre_rope", help="keys are taken before RoPE"
+    )  # position-free: sound to resample in time
+    projection: str | None = option(
+        None, help="a PCA .npz from `kvdistill align calibrate --pca D`: store D dims per layer"
+    )
 
     def validate(self) -> None:
         if self.layer_map != "ratio" and not self.layer_map.endswith(".json"):
@@ -197,7 +220,9 @@ class StoreSpec(Record):
     def validate(self) -> None:
         self.check_min(1, "num_shards")
         if not 0 <= self.compression_level <= 9:
-            raise ConfigError(f"StoreSpec.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}")
+            raise ConfigError(
+                f"StoreSpec.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}"
+            )
 
     def codec(self, teacher: str) -> str:
         return self.teacher_kv_dtype.get(teacher, self.kv_dtype)
@@ -210,11 +235,14 @@ class LatentSpec(Record):
     (align/rkv.py), and optionally its last hidden state before the answer (CODI)."""
 
     slots: int = option(
-        24, help="M: latent tokens, i.e. kept reasoning positions per (layer, KV head); "
-        "needs eager attention (T^2 memory per layer)"
+        24,
+        help="M: latent tokens, i.e. kept reasoning positions per (layer, KV head); "
+        "needs eager attention (T^2 memory per layer)",
     )
     lam: float = option(0.1, help="R-KV score = lambda * importance + (1 - lambda) * redundancy")
-    codi_hidden: bool = option(True, help="also store the teacher's final-norm hidden state before the first answer token (CODI)")
+    codi_hidden: bool = option(
+        True, help="also store the teacher's final-norm hidden state before the first answer token (CODI)"
+    )
 
     def validate(self) -> None:
         if self.slots < 1:
@@ -249,7 +277,9 @@ class DumpTask(Record):
     """Everything a dump array task needs except which teacher and which shard: the part the
     tasks of one job array share (see JobsConfig)."""
 
-    student: ModelSpec = option(help="the student: its tokenizer and config are read (no weights)", aliases=STUDENT_FLAGS)
+    student: ModelSpec = option(
+        help="the student: its tokenizer and config are read (no weights)", aliases=STUDENT_FLAGS
+    )
     store: str = option(help="the zarr store to write into, e.g. out.zarr")
     data: DataSpec = option(factory=DataSpec, help="the data set", aliases=DATA_FLAGS)
     num_shards: int = option(1, help="how many shards the data set is split into")
@@ -257,18 +287,27 @@ class DumpTask(Record):
     max_len: int = option(1024, help="longest sample in tokens; longer ones are an error (or see --on-too-long)")
     on_too_long: Literal["error", "skip"] = option("error", help="a sample over --max-len: fail, or skip and count it")
     align: AlignSpec = option(
-        factory=AlignSpec, help="how a teacher's K/V are put onto the student's geometry",
+        factory=AlignSpec,
+        help="how a teacher's K/V are put onto the student's geometry",
         aliases={"layer_map": "--layer-map", "time_map": "--time-map", "projection": "--projection"},
     )
-    kv_dtype: KVDtype = option("float16", help="codec of the stored K/V of every teacher not in teacher_kv_dtype (int8 / int4: KIVI-style, scales beside)")
+    kv_dtype: KVDtype = option(
+        "float16",
+        help="codec of the stored K/V of every teacher not in teacher_kv_dtype (int8 / int4: KIVI-style, scales beside)",
+    )
     teacher_kv_dtype: dict[str, KVDtype] = option(factory=dict, help="codec per teacher, e.g. teacher-a=int8")
     teacher_projection: dict[str, str] = option(
-        factory=dict, help="PCA .npz per teacher (each teacher needs its own fit), e.g. teacher-a=a-pca32.npz; overrides --projection"
+        factory=dict,
+        help="PCA .npz per teacher (each teacher needs its own fit), e.g. teacher-a=a-pca32.npz; overrides --projection",
     )
-    backend: Literal["zarr", "webdataset"] = option("zarr", help="how shards are stored; webdataset: one .tar per task (float16 / float32)")
+    backend: Literal["zarr", "webdataset"] = option(
+        "zarr", help="how shards are stored; webdataset: one .tar per task (float16 / float32)"
+    )
     # Level 1 compresses ~4x faster than 3 (~420 vs ~90 MB/s a core) for 1-5% more bytes: at 3
     # the writer, not the forward, would bound a GPU dump (bench/store.py, BENCHMARKS.md).
-    compression_level: int = option(1, help="blosc-zstd level of the K/V chunks, 0 (none) to 9; 1 writes ~4x faster than 3 for 1-5% more bytes")
+    compression_level: int = option(
+        1, help="blosc-zstd level of the K/V chunks, 0 (none) to 9; 1 writes ~4x faster than 3 for 1-5% more bytes"
+    )
     # "byte" groups the bytes of each value (the exponents of 16-bit floats), "bit" their bits. At
     # level 1 on a trained teacher's K/V (bench/store.py): byte is smaller for float16 / bfloat16 /
     # int4 (1.42x / 1.88x / 3.92x vs 1.40x / 1.78x / 3.88x), bit for int8 (2.31x vs 2.17x).
@@ -277,22 +316,27 @@ class DumpTask(Record):
     )
     device: str = option("auto", help="auto | cpu | cuda | cuda:1")
     latent: LatentSpec | None = option(
-        None, help="KaVa latent mode: also store R-KV compressed reasoning K/V (any of its flags turns it on)",
+        None,
+        help="KaVa latent mode: also store R-KV compressed reasoning K/V (any of its flags turns it on)",
         aliases={"slots": "--latent-slots", "lam": "--latent-lambda", "codi_hidden": "--latent-codi-hidden"},
     )
     # A duplicated or requeued array task finds the (teacher, shard) owned by a live writer.
     on_busy: Literal["fail", "wait"] = option(
-        "fail", help="another live writer owns this (teacher, shard): fail at once naming it, or wait until it finishes or dies"
+        "fail",
+        help="another live writer owns this (teacher, shard): fail at once naming it, or wait until it finishes or dies",
     )
     allow_empty: bool = option(
-        False, help="write a shard even when it gets no sample (more shards than rows, every sample skipped); "
-        "without it that is an error, as an empty shard is almost always a wrong path or filter"
+        False,
+        help="write a shard even when it gets no sample (more shards than rows, every sample skipped); "
+        "without it that is an error, as an empty shard is almost always a wrong path or filter",
     )
 
     def validate(self) -> None:
         self.check_min(1, "num_shards", "batch_size", "max_len")
         if not 0 <= self.compression_level <= 9:
-            raise ConfigError(f"{type(self).__name__}.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}")
+            raise ConfigError(
+                f"{type(self).__name__}.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}"
+            )
         if self.backend == "webdataset" and (self.compression_level, self.blosc_shuffle) != (1, "byte"):
             raise ConfigError(
                 f"{type(self).__name__}.compression_level / blosc_shuffle: webdataset tars store K/V uncompressed, so level "
@@ -315,7 +359,9 @@ class DumpConfig(DumpTask):
     def resolved(self) -> DumpConfig:
         """This teacher's task: its own PCA projection (teacher_projection) in `align`."""
         own = self.teacher_projection.get(self.teacher.short_name)
-        return self if own is None else dataclasses.replace(self, align=dataclasses.replace(self.align, projection=own))
+        return (
+            self if own is None else dataclasses.replace(self, align=dataclasses.replace(self.align, projection=own))
+        )
 
 
 @dataclass
@@ -330,12 +376,16 @@ class SlurmSpec(Record):
     cpus: int = option(8, help="CPUs per task (--cpus-per-task)")
     mem: str = option("64G", help="memory per node")
     time: str = option("04:00:00", help="time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S, or UNLIMITED")
-    requeue: bool = option(True, help="preempted tasks come back and finish their shard; training also requeues itself on SIGUSR1")
+    requeue: bool = option(
+        True, help="preempted tasks come back and finish their shard; training also requeues itself on SIGUSR1"
+    )
     max_parallel: int | None = option(None, help="array throttle: at most this many tasks at once (--array=0-N%P)")
     extra: list[str] = option(factory=list, help="more #SBATCH lines' options, as sbatch spells them")
     # training only: SIGUSR1 this many seconds before the time limit (--signal=B:USR1@N), time
     # to finish a step and write a checkpoint; 0: no signal (then the limit's SIGTERM saves, within KillWait)
-    signal_seconds: int = option(300, help="training only: SIGUSR1 this many seconds before the time limit, to save a checkpoint; 0: none")
+    signal_seconds: int = option(
+        300, help="training only: SIGUSR1 this many seconds before the time limit, to save a checkpoint; 0: none"
+    )
 
     def validate(self) -> None:
         self.check_min(1, "nodes", "cpus", "max_parallel")
@@ -350,7 +400,9 @@ class SlurmSpec(Record):
             return None
         m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
         if not m:
-            raise ConfigError(f"SlurmSpec.time: {self.time!r} is not an sbatch time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S)")
+            raise ConfigError(
+                f"SlurmSpec.time: {self.time!r} is not an sbatch time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S)"
+            )
         days, a, b, c = m.groups()
         if days is not None:  # D-H, D-H:M, D-H:M:S
             parts = [int(a), int(b or 0), int(c or 0)]
@@ -365,11 +417,17 @@ class JobsConfig(Record):
     """`kvdistill jobs slurm | local | status`: every teacher x shard of one store, plus the
     finalize step and optionally the student's training job after it."""
 
-    teachers: list[ModelSpec] = option(help="the teachers: hub ids or checkpoint directories, or each a mapping of ModelSpec fields")
-    dump: DumpTask = option(help="what every dump task shares", aliases={"store": "--store", "num_shards": "--num-shards"})
+    teachers: list[ModelSpec] = option(
+        help="the teachers: hub ids or checkpoint directories, or each a mapping of ModelSpec fields"
+    )
+    dump: DumpTask = option(
+        help="what every dump task shares", aliases={"store": "--store", "num_shards": "--num-shards"}
+    )
     slurm: SlurmSpec = option(factory=SlurmSpec, help="sbatch resources of the dump array tasks and the finalize job")
     jobs_dir: str = option("kvdistill-jobs", help="where sbatch scripts, per-teacher dump configs and logs go")
-    workers: int = option(1, help="`kvdistill jobs local`: processes on this machine (torch threads are split among them)")
+    workers: int = option(
+        1, help="`kvdistill jobs local`: processes on this machine (torch threads are split among them)"
+    )
     train: TrainConfig | None = option(None, help="the student's training job, after finalize (jobs slurm)")
     train_slurm: SlurmSpec = option(factory=SlurmSpec, help="sbatch resources of the training job")
 
@@ -413,12 +471,14 @@ class CalibrateConfig(Record):
     top_k: int = option(2, help="teacher layers per student layer")
     out: str = option("layermap.json", help="layer map JSON (a heatmap .png is written beside it)")
     pca: int | None = option(
-        None, help="also fit a D-dim PCA per layer of the layer-mapped teacher K and V, for `dump --projection` "
-        "(the compact store: D = teacher K/V width / 8 with `dump --kv-dtype int4`; `kvdistill store plan` sizes it)"
+        None,
+        help="also fit a D-dim PCA per layer of the layer-mapped teacher K and V, for `dump --projection` "
+        "(the compact store: D = teacher K/V width / 8 with `dump --kv-dtype int4`; `kvdistill store plan` sizes it)",
     )
     pca_layer_map: str = option(
-        "calibrated", help="the layer map the PCA is fitted under, which must be the one the dump uses (it is recorded and "
-        "checked): 'calibrated' (the map this run writes), 'ratio', or a layermap.json"
+        "calibrated",
+        help="the layer map the PCA is fitted under, which must be the one the dump uses (it is recorded and "
+        "checked): 'calibrated' (the map this run writes), 'ratio', or a layermap.json",
     )
     time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = option(
         "auto", help="teacher tokens onto the student's (auto: from the data)"
@@ -431,7 +491,9 @@ class CalibrateConfig(Record):
         if self.pca is not None and self.pca < 1:
             raise ConfigError(f"CalibrateConfig.pca: must be >= 1 or null, got {self.pca}")
         if self.pca_layer_map not in ("calibrated", "ratio") and not self.pca_layer_map.endswith(".json"):
-            raise ConfigError(f"CalibrateConfig.pca_layer_map: 'calibrated', 'ratio' or a layermap .json file, got {self.pca_layer_map!r}")
+            raise ConfigError(
+                f"CalibrateConfig.pca_layer_map: 'calibrated', 'ratio' or a layermap .json file, got {self.pca_layer_map!r}"
+            )
         self.check_min(1, "batch_size")
 
 
@@ -440,101 +502,158 @@ class TrainConfig(Record):
     """`kvdistill train`: a student trained from the store; no teacher is loaded."""
 
     store: str = option(help="finalized KV store to stream from", group="data")
-    student: ModelSpec = option(help="the student (the one the store was dumped for)", group="models", aliases=STUDENT_FLAGS)
+    student: ModelSpec = option(
+        help="the student (the one the store was dumped for)", group="models", aliases=STUDENT_FLAGS
+    )
     out: str = option(help="run directory: metrics.jsonl, checkpoints/, final/", group="checkpointing")
-    teachers: list[str] | None = option(None, help="teachers of the store to learn from (default: every one)", group="data")
-    teacher_weights: dict[str, float] | None = option(None, help="fixed fusion weights, e.g. teacher-a=0.75,teacher-b=0.25 (default: equal)", group="fusion")
+    teachers: list[str] | None = option(
+        None, help="teachers of the store to learn from (default: every one)", group="data"
+    )
+    teacher_weights: dict[str, float] | None = option(
+        None, help="fixed fusion weights, e.g. teacher-a=0.75,teacher-b=0.25 (default: equal)", group="fusion"
+    )
     fusion: Literal["fixed", "similarity", "router"] = option(
-        "fixed", help="fixed: teacher_weights; similarity: per token, softmax of cosine to the student's K/V / temperature; "
-        "router: a small MLP on the student's pooled last hidden state, softmax per sample", group="fusion"
+        "fixed",
+        help="fixed: teacher_weights; similarity: per token, softmax of cosine to the student's K/V / temperature; "
+        "router: a small MLP on the student's pooled last hidden state, softmax per sample",
+        group="fusion",
     )
     fusion_temperature: float = option(0.1, help="softmax temperature of similarity routing", group="fusion")
-    router_groups: int = option(1, help="router: 1 weight vector per sample, or 3 (shallow / middle / deep third of the layers)", group="fusion")
+    router_groups: int = option(
+        1,
+        help="router: 1 weight vector per sample, or 3 (shallow / middle / deep third of the layers)",
+        group="fusion",
+    )
     router_hidden: int = option(64, help="width of the router MLP's hidden layer", group="fusion")
     router_entropy_weight: float = option(
-        0.01, help="loss -= weight x router entropy (> 0 rewards spreading over teachers, against collapse onto one)", group="fusion"
+        0.01,
+        help="loss -= weight x router entropy (> 0 rewards spreading over teachers, against collapse onto one)",
+        group="fusion",
     )
     router_lr: float = option(1e-3, help="router learning rate", group="fusion", aliases=("--router-learning-rate",))
     adapter: Literal["flat", "headwise"] = option(
-        "flat", help="teacher K/V onto the student's width: flat, one D_t x D_s map per layer; headwise, a teacher "
-        "kv-head mixer + per-head d_t x d_s map", group="KV loss"
+        "flat",
+        help="teacher K/V onto the student's width: flat, one D_t x D_s map per layer; headwise, a teacher "
+        "kv-head mixer + per-head d_t x d_s map",
+        group="KV loss",
     )
     kv_attn_weight: Literal["none", "student"] = option(
         "none", help="student: weight tokens by the student's attention to them (eager attention)", group="KV loss"
     )
     kv_attn_warmup_steps: int = option(1000, help="linear warm-up from uniform token weights", group="KV loss")
     cka_weight: float = option(
-        0.05, help="weight of 1 - debiased linear CKA of student K|V and the fused target (0: off; mode cot only)", group="KV loss"
+        0.05,
+        help="weight of 1 - debiased linear CKA of student K|V and the fused target (0: off; mode cot only)",
+        group="KV loss",
     )
     cka_layers: Literal["middle", "last"] | list[int] = option(
         "middle", help="student layers of the CKA term: middle, last, or a comma list such as 0,3", group="KV loss"
     )
-    layer_anneal_steps: int = option(0, help="> 0: the KV loss phases in deeper layers linearly over these steps", group="KV loss")
-    attn_kl_weight: float = option(
-        0.0, help="weight of the attention KL: KL(teacher || student attention) of the student's queries over the fused "
-        "adapted teacher keys vs its own keys, per layer, over real tokens (0: off; mode cot only; needs kv_weight > 0)", group="KV loss"
+    layer_anneal_steps: int = option(
+        0, help="> 0: the KV loss phases in deeper layers linearly over these steps", group="KV loss"
     )
-    attn_kl_warmup_steps: int = option(0, help="the attention KL weight ramps linearly from 0 over these steps", group="KV loss")
+    attn_kl_weight: float = option(
+        0.0,
+        help="weight of the attention KL: KL(teacher || student attention) of the student's queries over the fused "
+        "adapted teacher keys vs its own keys, per layer, over real tokens (0: off; mode cot only; needs kv_weight > 0)",
+        group="KV loss",
+    )
+    attn_kl_warmup_steps: int = option(
+        0, help="the attention KL weight ramps linearly from 0 over these steps", group="KV loss"
+    )
     kv_weight: float = option(1.0, help="weight of the KV loss (0: the CE-only baseline)", group="KV loss")
     # KV weight over training (issue 26: the KV gain is an early one): `kv_weight_at`.
     kv_weight_schedule: Literal["constant", "linear", "cosine"] = option(
-        "constant", help="KV weight over the run: constant (kv_weight), or a linear / cosine decay from kv_weight at the first "
+        "constant",
+        help="KV weight over the run: constant (kv_weight), or a linear / cosine decay from kv_weight at the first "
         "step to kv_weight_final as the planned steps end (like the LR schedule); every K/V term it weights (and Z) follows it",
         group="KV loss",
     )
     kv_weight_final: float = option(
-        0.0, help="the KV weight a linear / cosine --kv-weight-schedule ends at: an absolute weight like kv_weight, not a fraction of it",
+        0.0,
+        help="the KV weight a linear / cosine --kv-weight-schedule ends at: an absolute weight like kv_weight, not a fraction of it",
         group="KV loss",
     )
     ce_weight: float = option(1.0, help="weight of the CE loss", group="KV loss")
-    kv_norm: Literal["layer_std", "none"] = option("layer_std", help="standardise K/V per layer before the loss, or not", group="KV loss")
-    kv_loss: Literal["mse", "smooth_l1", "cosine"] = option("mse", help="distance of student and target K/V", group="KV loss")
+    kv_norm: Literal["layer_std", "none"] = option(
+        "layer_std", help="standardise K/V per layer before the loss, or not", group="KV loss"
+    )
+    kv_loss: Literal["mse", "smooth_l1", "cosine"] = option(
+        "mse", help="distance of student and target K/V", group="KV loss"
+    )
     # The common Z space (train/zspace.py): per-teacher maps g_i([K, V]) and a student map
     # h_s([K, V]) into Z; fusion and the loss in Z replace kv_k / kv_v.
     z_dim: int = option(
-        0, help="> 0: fuse and distil in a common Z space of this width (very different teachers): per layer, maps of each "
+        0,
+        help="> 0: fuse and distil in a common Z space of this width (very different teachers): per layer, maps of each "
         "teacher's and the student's [K, V] into Z; the Z loss (weighted by kv_weight) replaces the K and V losses. "
-        "0: off (mode cot only)", group="Z space"
+        "0: off (mode cot only)",
+        group="Z space",
     )
     z_loss: Literal["mse", "cosine", "barlow", "cca"] = option(
-        "mse", help="loss in Z between the student and the fused target: mse, cosine, barlow (Barlow Twins cross-correlation "
-        "towards identity) or cca (per-dimension correlation + soft decorrelation of each side)", group="Z space"
+        "mse",
+        help="loss in Z between the student and the fused target: mse, cosine, barlow (Barlow Twins cross-correlation "
+        "towards identity) or cca (per-dimension correlation + soft decorrelation of each side)",
+        group="Z space",
     )
     z_teacher_maps: Literal["fixed", "learned"] = option(
-        "fixed", help="teacher maps into Z: fixed (frozen random semi-orthogonal: Z is anchored by the teachers, no collapse) "
-        "or learned (needs z_loss barlow or cca, scored on whitened Z, so a collapse costs what a miss does)", group="Z space"
+        "fixed",
+        help="teacher maps into Z: fixed (frozen random semi-orthogonal: Z is anchored by the teachers, no collapse) "
+        "or learned (needs z_loss barlow or cca, scored on whitened Z, so a collapse costs what a miss does)",
+        group="Z space",
     )
     z_offdiag_weight: float = option(
-        0.005, help="lambda of barlow (off-diagonal cross-correlation) and cca (off-diagonal of each side's correlation)", group="Z space"
+        0.005,
+        help="lambda of barlow (off-diagonal cross-correlation) and cca (off-diagonal of each side's correlation)",
+        group="Z space",
     )
     lora_r: int = option(0, help="LoRA rank (peft); 0 trains every weight", group="models")
     lora_alpha: int = option(32, help="LoRA alpha", group="models")
     lora_dropout: float = option(0.0, help="LoRA dropout", group="models")
-    lora_targets: list[str] = option(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="modules LoRA adapts", group="models")
+    lora_targets: list[str] = option(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="modules LoRA adapts", group="models"
+    )
     lr: float = option(1e-3, help="student learning rate", group="optimisation", aliases=("--learning-rate",))
-    adapter_lr: float = option(1e-3, help="adapter learning rate", group="optimisation", aliases=("--adapter-learning-rate",))
+    adapter_lr: float = option(
+        1e-3, help="adapter learning rate", group="optimisation", aliases=("--adapter-learning-rate",)
+    )
     weight_decay: float = option(0.0, help="AdamW weight decay", group="optimisation")
-    batch_size: int = option(16, help="batch size per process and micro-batch", group="optimisation", aliases=("--per-device-train-batch-size",))
+    batch_size: int = option(
+        16,
+        help="batch size per process and micro-batch",
+        group="optimisation",
+        aliases=("--per-device-train-batch-size",),
+    )
     gradient_accumulation_steps: int = option(
-        1, help="micro-batches per optimizer step: effective batch = batch_size x this x processes", group="optimisation"
+        1,
+        help="micro-batches per optimizer step: effective batch = batch_size x this x processes",
+        group="optimisation",
     )
     gradient_checkpointing: bool = option(
         False, help="recompute the student's activations in backward (less memory, ~30% more compute)", group="models"
     )
     max_steps: int = option(200, help="optimizer steps", group="optimisation")
     num_train_epochs: float | None = option(
-        None, help="this many passes over the training shards, instead of --max-steps", group="optimisation", instead_of="max_steps"
+        None,
+        help="this many passes over the training shards, instead of --max-steps",
+        group="optimisation",
+        instead_of="max_steps",
     )
     warmup_steps: int = option(20, help="linear warm-up steps of the cosine schedule", group="optimisation")
     warmup_ratio: float | None = option(
-        None, help="warm-up over this fraction of --max-steps instead (e.g. 0.05); replaces --warmup-steps",
-        group="optimisation", instead_of="warmup_steps",
+        None,
+        help="warm-up over this fraction of --max-steps instead (e.g. 0.05); replaces --warmup-steps",
+        group="optimisation",
+        instead_of="warmup_steps",
     )
-    grad_clip: float = option(1.0, help="gradient clipping norm (0: off)", group="optimisation", aliases=("--max-grad-norm",))
+    grad_clip: float = option(
+        1.0, help="gradient clipping norm (0: off)", group="optimisation", aliases=("--max-grad-norm",)
+    )
     seed: int = option(0, help="seed for init order, shuffling and dropout", group="optimisation")
     shuffle_buffer: int = option(256, help="samples held for shuffling within shards", group="data")
     shuffle_buffer_bytes: int = option(
-        2**30, group="data",
+        2**30,
+        group="data",
         help="caps the shuffle buffer in bytes: it holds at most this many bytes of K/V as stored (a mean sample of the "
         "store, every teacher read), so fewer than --shuffle-buffer samples at large widths; computed from the store alone",
     )
@@ -544,63 +663,97 @@ class TrainConfig(Record):
     # float32 from the stream's reader threads, which overlap the step. "auto": stored on an
     # accelerator, decoded on CPU (there the device *is* the CPU).
     kv_transfer: Literal["auto", "stored", "decoded"] = option(
-        "auto", help="how K/V reach the device: stored (as the store holds them, made float32 there), decoded "
-        "(float32 from the reader threads), auto (stored on an accelerator, decoded on CPU)", group="data"
+        "auto",
+        help="how K/V reach the device: stored (as the store holds them, made float32 there), decoded "
+        "(float32 from the reader threads), auto (stored on an accelerator, decoded on CPU)",
+        group="data",
     )
     log_every: int = option(10, help="write metrics every N steps", group="logging", aliases=("--logging-steps",))
     # Validation: every eval_steps steps the active loss terms on held-out data, either the
     # store's last val_shards shards (not trained on) or a second store val_store, all of it.
-    eval_steps: int = option(0, help="validate every N steps (0: never); needs --val-shards or --val-store", group="validation")
+    eval_steps: int = option(
+        0, help="validate every N steps (0: never); needs --val-shards or --val-store", group="validation"
+    )
     val_shards: int = option(0, help="hold out the store's last N shards for validation", group="validation")
     val_store: str | None = option(None, help="validate on this second store instead", group="validation")
-    val_batches: int | None = option(None, help="at most this many validation batches per evaluation (default: all)", group="validation")
+    val_batches: int | None = option(
+        None, help="at most this many validation batches per evaluation (default: all)", group="validation"
+    )
     metric_for_best_model: str | None = option(
-        None, help="keep RUN_DIR/best: the checkpoint with the lowest value of this validation metric (val_loss, val_ce, "
-        "val_kv_k, ...); needs --eval-steps", group="validation"
+        None,
+        help="keep RUN_DIR/best: the checkpoint with the lowest value of this validation metric (val_loss, val_ce, "
+        "val_kv_k, ...); needs --eval-steps",
+        group="validation",
     )
     hash_params: bool = option(
-        False, help="write a sha256 of the final parameters into RUN_DIR/ranks (the DDP test compares ranks)", group="checkpointing"
+        False,
+        help="write a sha256 of the final parameters into RUN_DIR/ranks (the DDP test compares ranks)",
+        group="checkpointing",
     )
     record_samples: bool = option(
-        False, help="append each step's sample ids per rank to RUN_DIR/ranks/samples-rank-N.jsonl (audit the sample order)", group="checkpointing"
+        False,
+        help="append each step's sample ids per rank to RUN_DIR/ranks/samples-rank-N.jsonl (audit the sample order)",
+        group="checkpointing",
     )
     save_every: int = option(
-        0, help="checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps (0: only the final model)",
-        group="checkpointing", aliases=("--save-steps",),
+        0,
+        help="checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps (0: only the final model)",
+        group="checkpointing",
+        aliases=("--save-steps",),
     )
-    stop_at_step: int | None = option(None, help="stop cleanly after this step (a time-limited job); --resume goes on", group="checkpointing")
+    stop_at_step: int | None = option(
+        None, help="stop cleanly after this step (a time-limited job); --resume goes on", group="checkpointing"
+    )
     resume: str | None = option(
-        None, help="auto (the latest complete checkpoint in --out if there is one, else a fresh start: what train.sbatch runs), "
-        "a run directory (its latest checkpoint) or a checkpoint directory", group="checkpointing"
+        None,
+        help="auto (the latest complete checkpoint in --out if there is one, else a fresh start: what train.sbatch runs), "
+        "a run directory (its latest checkpoint) or a checkpoint directory",
+        group="checkpointing",
     )
     # SIGTERM / SIGUSR1 always save a checkpoint and exit 143 (train.sbatch sets this when
     # train_slurm.requeue).
     requeue_on_usr1: bool = option(
-        False, help="on SIGUSR1 under SLURM, after the checkpoint: `scontrol requeue $SLURM_JOB_ID` "
-        "(SIGTERM / SIGUSR1 always save and exit 143)", group="checkpointing"
+        False,
+        help="on SIGUSR1 under SLURM, after the checkpoint: `scontrol requeue $SLURM_JOB_ID` "
+        "(SIGTERM / SIGUSR1 always save and exit 143)",
+        group="checkpointing",
     )
     device: str = option("auto", help="auto | cpu | cuda", group="models")
     # bf16 matmuls are ~6x slower on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
-        "auto", help="autocast: auto = bf16 on a GPU that has it, none on CPU, or accelerate's setting when run "
-        "by `accelerate launch`", group="models"
+        "auto",
+        help="autocast: auto = bf16 on a GPU that has it, none on CPU, or accelerate's setting when run "
+        "by `accelerate launch`",
+        group="models",
     )
     report_to: list[str] = option(
-        factory=list, help="trackers besides metrics.jsonl (the source of truth), through accelerate: tensorboard, wandb, "
-        "...; all / auto: every one installed", group="logging"
+        factory=list,
+        help="trackers besides metrics.jsonl (the source of truth), through accelerate: tensorboard, wandb, "
+        "...; all / auto: every one installed",
+        group="logging",
     )
     # Each epoch's last batch is dropped when short (a one-sample batch cannot be deranged).
     kv_control: Literal["none", "shuffled"] = option(
-        "none", help="shuffled: a negative control; each sample is supervised with the teacher K/V of another sample "
-        "of its batch (seeded derangement), resampled in time to its own length", group="KV loss"
+        "none",
+        help="shuffled: a negative control; each sample is supervised with the teacher K/V of another sample "
+        "of its batch (seeded derangement), resampled in time to its own length",
+        group="KV loss",
     )
     mode: Literal["cot", "latent"] = option(
-        "cot", help="cot: KV loss on the written chain; latent (KaVa): question -> M latent slots "
-        "refined by Jacobi iterations -> answer, M from the store", group="latent"
+        "cot",
+        help="cot: KV loss on the written chain; latent (KaVa): question -> M latent slots "
+        "refined by Jacobi iterations -> answer, M from the store",
+        group="latent",
     )
-    latent_iterations: int = option(3, help="T: Jacobi iterations (each one forward of question + latents)", group="latent")
-    codi_weight: float = option(10.0, help="alpha1: CODI hidden-state distillation weight (latent mode)", group="latent")
-    cot_weight: float = option(1.0, help="latent mode: teacher-mode CE on the written chain, same backbone", group="latent")
+    latent_iterations: int = option(
+        3, help="T: Jacobi iterations (each one forward of question + latents)", group="latent"
+    )
+    codi_weight: float = option(
+        10.0, help="alpha1: CODI hidden-state distillation weight (latent mode)", group="latent"
+    )
+    cot_weight: float = option(
+        1.0, help="latent mode: teacher-mode CE on the written chain, same backbone", group="latent"
+    )
 
     @property
     def warmup(self) -> int:
@@ -646,17 +799,23 @@ class TrainConfig(Record):
             if not w >= 0:
                 raise ConfigError(f"TrainConfig.teacher_weights[{name!r}]: must be >= 0, got {w}")
         if self.router_groups not in (1, 3):
-            raise ConfigError(f"TrainConfig.router_groups: 1 (one weight vector) or 3 (shallow / middle / deep), got {self.router_groups}")
+            raise ConfigError(
+                f"TrainConfig.router_groups: 1 (one weight vector) or 3 (shallow / middle / deep), got {self.router_groups}"
+            )
         if self.router_hidden < 1:
             raise ConfigError(f"TrainConfig.router_hidden: must be >= 1, got {self.router_hidden}")
         if self.cka_weight < 0:
             raise ConfigError(f"TrainConfig.cka_weight: must be >= 0, got {self.cka_weight}")
         if isinstance(self.cka_layers, list) and (not self.cka_layers or min(self.cka_layers) < 0):
-            raise ConfigError(f"TrainConfig.cka_layers: 'middle', 'last' or a non-empty list of student layer indices >= 0, got {self.cka_layers}")
+            raise ConfigError(
+                f"TrainConfig.cka_layers: 'middle', 'last' or a non-empty list of student layer indices >= 0, got {self.cka_layers}"
+            )
         self.check_min(0, "kv_attn_warmup_steps", "layer_anneal_steps")
         self.check_min(0, "attn_kl_weight", "attn_kl_warmup_steps")
         if self.attn_kl_weight > 0 and self.kv_weight == 0:
-            raise ConfigError("TrainConfig.attn_kl_weight: the attention KL reads the teacher keys, which kv_weight 0 does not; set kv_weight > 0 or attn_kl_weight 0")
+            raise ConfigError(
+                "TrainConfig.attn_kl_weight: the attention KL reads the teacher keys, which kv_weight 0 does not; set kv_weight > 0 or attn_kl_weight 0"
+            )
         self.check_min(0, "lr", "adapter_lr", "router_lr", "fusion_temperature", strict=True)
         self.check_min(0, "weight_decay", "grad_clip", "warmup_steps", "lora_r", "save_every", "num_workers", "seed")
         self.check_min(1, "gradient_accumulation_steps")
@@ -666,29 +825,47 @@ class TrainConfig(Record):
         if self.val_batches is not None and self.val_batches < 1:
             raise ConfigError(f"TrainConfig.val_batches: must be >= 1, got {self.val_batches}")
         if self.val_shards and self.val_store:
-            raise ConfigError("TrainConfig: give val_shards (held out of the training store) or val_store (a second store), not both")
+            raise ConfigError(
+                "TrainConfig: give val_shards (held out of the training store) or val_store (a second store), not both"
+            )
         if self.eval_steps and not (self.val_shards or self.val_store):
-            raise ConfigError("TrainConfig.eval_steps: validation needs held-out data: set val_shards N (the store's last N shards) or val_store PATH")
+            raise ConfigError(
+                "TrainConfig.eval_steps: validation needs held-out data: set val_shards N (the store's last N shards) or val_store PATH"
+            )
         if self.metric_for_best_model and not self.eval_steps:
-            raise ConfigError("TrainConfig.metric_for_best_model: needs validation; set eval_steps (and val_shards or val_store)")
+            raise ConfigError(
+                "TrainConfig.metric_for_best_model: needs validation; set eval_steps (and val_shards or val_store)"
+            )
         if self.metric_for_best_model and not self.metric_for_best_model.startswith("val_"):
-            raise ConfigError(f"TrainConfig.metric_for_best_model: a validation metric such as val_loss or val_ce, got {self.metric_for_best_model!r}")
+            raise ConfigError(
+                f"TrainConfig.metric_for_best_model: a validation metric such as val_loss or val_ce, got {self.metric_for_best_model!r}"
+            )
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"TrainConfig.warmup_ratio: a fraction of max_steps in [0, 1), got {self.warmup_ratio}")
         self.check_min(1, "lora_alpha", "shuffle_buffer", "shuffle_buffer_bytes", "log_every", "stop_at_step")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"TrainConfig.lora_dropout: must lie in [0, 1), got {self.lora_dropout}")
         if self.teacher_weights and not any(w > 0 for w in self.teacher_weights.values()):
-            raise ConfigError(f"TrainConfig.teacher_weights: give some teacher a weight > 0, got {self.teacher_weights}")
+            raise ConfigError(
+                f"TrainConfig.teacher_weights: give some teacher a weight > 0, got {self.teacher_weights}"
+            )
         if self.kv_control == "shuffled" and (self.batch_size < 2 or self.kv_weight == 0):
-            need, got = ("batch_size >= 2", f"batch_size {self.batch_size}") if self.batch_size < 2 else ("kv_weight > 0", f"kv_weight {self.kv_weight}")
+            need, got = (
+                ("batch_size >= 2", f"batch_size {self.batch_size}")
+                if self.batch_size < 2
+                else ("kv_weight > 0", f"kv_weight {self.kv_weight}")
+            )
             raise ConfigError(
                 f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs {need}, got {got}"
             )
         self.check_min(0, "z_dim", "z_offdiag_weight")
         if self.z_dim > 0:  # the Z space replaces the adapters and the K / V losses: what needs them is refused
-            needs = {"kv_weight": (self.kv_weight, self.kv_weight > 0), "adapter": (self.adapter, self.adapter == "flat"),
-                     "kv_attn_weight": (self.kv_attn_weight, self.kv_attn_weight == "none"), "attn_kl_weight": (self.attn_kl_weight, self.attn_kl_weight == 0)}
+            needs = {
+                "kv_weight": (self.kv_weight, self.kv_weight > 0),
+                "adapter": (self.adapter, self.adapter == "flat"),
+                "kv_attn_weight": (self.kv_attn_weight, self.kv_attn_weight == "none"),
+                "attn_kl_weight": (self.attn_kl_weight, self.attn_kl_weight == 0),
+            }
             clash = {k: v for k, (v, ok) in needs.items() if not ok}
             if clash:
                 raise ConfigError(
@@ -702,9 +879,14 @@ class TrainConfig(Record):
                     "loss; use z_loss barlow or cca (their correlation terms prevent it) or z_teacher_maps fixed"
                 )
         if self.mode == "latent":  # options of the written-chain trainer that latent mode does not have
-            cot_only = {"fusion": (self.fusion, "fixed"), "adapter": (self.adapter, "flat"), "kv_attn_weight": (self.kv_attn_weight, "none"),
-                        "layer_anneal_steps": (self.layer_anneal_steps, 0), "attn_kl_weight": (self.attn_kl_weight, 0.0),
-                        "z_dim": (self.z_dim, 0)}
+            cot_only = {
+                "fusion": (self.fusion, "fixed"),
+                "adapter": (self.adapter, "flat"),
+                "kv_attn_weight": (self.kv_attn_weight, "none"),
+                "layer_anneal_steps": (self.layer_anneal_steps, 0),
+                "attn_kl_weight": (self.attn_kl_weight, 0.0),
+                "z_dim": (self.z_dim, 0),
+            }
             bad = {k: v for k, (v, off) in cot_only.items() if v != off}
             if bad:
                 raise ConfigError(
@@ -721,10 +903,14 @@ class EvalConfig(Record):
     data: DataSpec = option(factory=lambda: DataSpec(split="test"), help="the evaluation data", aliases=DATA_FLAGS)
     prompt_template: str | None = option(None, help="default: the one the model was trained with")
     batch_size: int = option(64, help="generation batch size")
-    max_new_tokens: int | None = option(None, help="generation budget per question (default: the eval data's longest gold continuation x 1.25 + 16)")
+    max_new_tokens: int | None = option(
+        None, help="generation budget per question (default: the eval data's longest gold continuation x 1.25 + 16)"
+    )
     out: str | None = option(None, help="write metrics (and predictions) as JSON here")
     device: str = option("auto", help="auto | cpu | cuda")
-    mode: Literal["cot", "latent"] = option("cot", help="latent: question -> M latents (Jacobi) -> answer, for a checkpoint trained with --mode latent")
+    mode: Literal["cot", "latent"] = option(
+        "cot", help="latent: question -> M latents (Jacobi) -> answer, for a checkpoint trained with --mode latent"
+    )
     latent_iterations: int | None = option(None, help="latent mode: Jacobi iterations T (default: as trained)")
 
     def validate(self) -> None:
@@ -749,18 +935,22 @@ class DemoConfig(Record):
     seed: int = option(0, help="seed of the student runs")
     kv_weight: float = option(1.0, help="KV loss weight of the distilled student")
     extra_teachers: list[Literal["cross-tokenizer", "dual-prompt"]] = option(
-        factory=list, help="cross-tokenizer: a Llama teacher with its own, larger BPE vocabulary (char-overlap time map); "
-        "dual-prompt: teacher-qwen2 again under a step-by-step template (per-segment resampling)"
+        factory=list,
+        help="cross-tokenizer: a Llama teacher with its own, larger BPE vocabulary (char-overlap time map); "
+        "dual-prompt: teacher-qwen2 again under a step-by-step template (per-segment resampling)",
     )
     mode: Literal["cot", "latent"] = option(
-        "cot", help="latent (KaVa): dump with R-KV compression to latent_slots, train latent students with and without "
-        "the KV loss, compare with a CoT student"
+        "cot",
+        help="latent (KaVa): dump with R-KV compression to latent_slots, train latent students with and without "
+        "the KV loss, compare with a CoT student",
     )
     latent_slots: int = option(8, help="latent mode: M, compressed reasoning slots per teacher")
     latent_iterations: int = option(3, help="latent mode: Jacobi iterations T")
 
     def validate(self) -> None:
-        self.check_min(1, "num_shards", "teacher_steps", "student_steps", "batch_size", "latent_slots", "latent_iterations")
+        self.check_min(
+            1, "num_shards", "teacher_steps", "student_steps", "batch_size", "latent_slots", "latent_iterations"
+        )
         self.check_min(0, "seed", "kv_weight")
 
 
@@ -776,32 +966,54 @@ class CompareConfig(Record):
 
     out: str = option("compare-out", help="output directory (runs/<arm>/seed-<n>, compare.json, compare.html)")
     seeds: int = option(
-        10, help="seeds 0 .. seeds-1 per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom); "
-        "a seed sets the shuffle order and the adapters' init"
+        10,
+        help="seeds 0 .. seeds-1 per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom); "
+        "a seed sets the shuffle order and the adapters' init",
     )
-    arms: list[str] = option(factory=lambda: list(COMPARE_ARMS), help="arms to run; the baseline arm is required (differences are paired against it)")
-    baseline: str = option("ce", help="the arm every difference is paired against (e.g. latent-codi for a latent-mode sweep)")
+    arms: list[str] = option(
+        factory=lambda: list(COMPARE_ARMS),
+        help="arms to run; the baseline arm is required (differences are paired against it)",
+    )
+    baseline: str = option(
+        "ce", help="the arm every difference is paired against (e.g. latent-codi for a latent-mode sweep)"
+    )
     arm_overrides: dict[str, dict[str, Any]] = option(
-        factory=dict, help="adds or replaces arms: name -> TrainConfig overrides, e.g. kv-cos={kv_loss: cosine}; an arm may set "
-        "its own store holding the same data (e.g. stored compactly: kv-int4={fusion: fixed, store: int4.zarr})"
+        factory=dict,
+        help="adds or replaces arms: name -> TrainConfig overrides, e.g. kv-cos={kv_loss: cosine}; an arm may set "
+        "its own store holding the same data (e.g. stored compactly: kv-int4={fusion: fixed, store: int4.zarr})",
     )
     steps: int = option(300, help="optimizer steps per run")
     curve_steps: list[int] = option(
-        factory=list, help="sample efficiency: also train curve_arms at these step budgets (e.g. 100,1000), each a run "
-        "with its own schedule, and report accuracy against steps and the baseline's steps each arm's accuracy is worth"
+        factory=list,
+        help="sample efficiency: also train curve_arms at these step budgets (e.g. 100,1000), each a run "
+        "with its own schedule, and report accuracy against steps and the baseline's steps each arm's accuracy is worth",
     )
-    curve_arms: list[str] = option(factory=lambda: ["ce", "kv-fixed"], help="arms trained at every curve_steps budget (with the baseline)")
+    curve_arms: list[str] = option(
+        factory=lambda: ["ce", "kv-fixed"], help="arms trained at every curve_steps budget (with the baseline)"
+    )
     curve_seeds: int | None = option(None, help="seeds per curve budget (default: seeds)")
-    bootstrap: int = option(2000, help="bootstrap resamples (seeds, then questions, paired) for the accuracy differences; 0: none")
-    train: dict[str, Any] = option(factory=dict, help="TrainConfig overrides shared by every arm, e.g. kv_loss=cosine,lr=0.003")
-    demo: DemoConfig = option(
-        factory=DemoConfig, help="the embedded default: `kvdistill demo` with this config is run first for its teachers "
-        "and store, or reused when its summary.json records the same config", aliases={"out": "--demo-out"}
+    bootstrap: int = option(
+        2000, help="bootstrap resamples (seeds, then questions, paired) for the accuracy differences; 0: none"
     )
-    store: str | None = option(None, help="a finalized store to use instead of the demo's (with --student and --eval-data.source)")
-    student: ModelSpec | None = option(None, help="the student that --store was dumped for", aliases={"name_or_path": "--student"})
+    train: dict[str, Any] = option(
+        factory=dict, help="TrainConfig overrides shared by every arm, e.g. kv_loss=cosine,lr=0.003"
+    )
+    demo: DemoConfig = option(
+        factory=DemoConfig,
+        help="the embedded default: `kvdistill demo` with this config is run first for its teachers "
+        "and store, or reused when its summary.json records the same config",
+        aliases={"out": "--demo-out"},
+    )
+    store: str | None = option(
+        None, help="a finalized store to use instead of the demo's (with --student and --eval-data.source)"
+    )
+    student: ModelSpec | None = option(
+        None, help="the student that --store was dumped for", aliases={"name_or_path": "--student"}
+    )
     eval_data: DataSpec | None = option(None, help="the evaluation data (default: the test split of the demo's data)")
-    max_new_tokens: int | None = option(None, help="generation budget per eval question (default: derived from the eval data, as kvdistill eval does)")
+    max_new_tokens: int | None = option(
+        None, help="generation budget per eval question (default: derived from the eval data, as kvdistill eval does)"
+    )
     device: str = option("auto", help="auto | cpu | cuda")
 
     def validate(self) -> None:
@@ -812,17 +1024,25 @@ class CompareConfig(Record):
         if any(n < 1 for n in self.curve_steps):
             raise ConfigError(f"CompareConfig.curve_steps: every budget must be >= 1, got {self.curve_steps}")
         if self.curve_steps and self.baseline not in self.curve_arms:
-            raise ConfigError(f"CompareConfig.curve_arms: the curve is read against the baseline {self.baseline!r}; add it to {self.curve_arms}")
+            raise ConfigError(
+                f"CompareConfig.curve_arms: the curve is read against the baseline {self.baseline!r}; add it to {self.curve_arms}"
+            )
         if self.curve_seeds is not None and self.curve_seeds < 2:
-            raise ConfigError(f"CompareConfig.curve_seeds: a confidence interval needs >= 2 seeds, got {self.curve_seeds}")
+            raise ConfigError(
+                f"CompareConfig.curve_seeds: a confidence interval needs >= 2 seeds, got {self.curve_seeds}"
+            )
         self.check_min(0, "bootstrap")
         self.check_min(1, "max_new_tokens")
         if self.baseline not in self.arms:
-            raise ConfigError(f"CompareConfig.arms: differences are paired against the baseline {self.baseline!r}; add it to {self.arms}")
+            raise ConfigError(
+                f"CompareConfig.arms: differences are paired against the baseline {self.baseline!r}; add it to {self.arms}"
+            )
         dup = sorted({a for a in self.arms if self.arms.count(a) > 1})
         if dup:
             raise ConfigError(f"CompareConfig.arms: {dup} listed twice")
         if (self.store is None) != (self.student is None):
             raise ConfigError("CompareConfig: give `store` and `student` together (or neither, for the demo's)")
         if self.store is not None and self.eval_data is None:
-            raise ConfigError("CompareConfig.eval_data: with your own `store`, name the evaluation data (eval_data: {source: ..., split: test} in --config)")
+            raise ConfigError(
+                "CompareConfig.eval_data: with your own `store`, name the evaluation data (eval_data: {source: ..., split: test} in --config)"
+            )

@@ -1,16 +1,16 @@
 """The KV store: zarr v3 shards with atomic commit, or the same records as webdataset tars.
 
-    layout.py    names, paths, the index schema, store / teacher specs, the dump's tokenizers
-    errors.py    StoreError and its kinds (the CLI maps them to exit codes)
-    writer.py    ShardWriter and the one-writer-per-shard protocol (both backends); lock.py
-    reader.py    ShardReader, read_kv, open_root, read_index; rows.py (checked chunk reads)
-    codecs.py    K/V codecs: float16 / bfloat16 / int8 / int4
-    index.py     finalize: index.parquet and consolidated metadata
-    summary.py   inspect / format_inspect
-    samples.py   a zarr store's samples in the trainer's format, read ahead
-    wds.py       the webdataset backend (writer, checked reader, convert)
-    backend.py   open_shard_writer / shard_samples / read_sample: either backend behind one call
-    verify.py, stats.py, plan.py, cli.py   `kvdistill store verify / stats / plan / ...`
+layout.py    names, paths, the index schema, store / teacher specs, the dump's tokenizers
+errors.py    StoreError and its kinds (the CLI maps them to exit codes)
+writer.py    ShardWriter and the one-writer-per-shard protocol (both backends); lock.py
+reader.py    ShardReader, read_kv, open_root, read_index; rows.py (checked chunk reads)
+codecs.py    K/V codecs: float16 / bfloat16 / int8 / int4
+index.py     finalize: index.parquet and consolidated metadata
+summary.py   inspect / format_inspect
+samples.py   a zarr store's samples in the trainer's format, read ahead
+wds.py       the webdataset backend (writer, checked reader, convert)
+backend.py   open_shard_writer / shard_samples / read_sample: either backend behind one call
+verify.py, stats.py, plan.py, cli.py   `kvdistill store verify / stats / plan / ...`
 """
 
 from kvdistill.schemas import StoreSpec, TeacherSpec

@@ -55,7 +55,13 @@ def open_shard_writer(
     loss_mask, segment_ids, latent), close(extra_attrs) and abort(), and are context managers
     that discard the shard on an exception; both refuse a shard another live writer owns
     (ShardBusy, or wait with on_busy="wait") and one that is complete (ShardComplete)."""
-    args = {"num_layers": spec.geometry.num_layers, "width": width, "codec": codec, "latent_slots": latent_slots, "on_busy": on_busy}
+    args = {
+        "num_layers": spec.geometry.num_layers,
+        "width": width,
+        "codec": codec,
+        "latent_slots": latent_slots,
+        "on_busy": on_busy,
+    }
     if spec.backend == "webdataset":
         return WdsShardWriter(store, teacher, shard, **args)
     return ShardWriter(store, teacher, shard, **args, **compression(spec))
@@ -106,7 +112,9 @@ def _kept(samples: Iterator[dict[str, Any]], keep: np.ndarray) -> Iterator[dict[
             nxt = next(wanted, None)
 
 
-def _tar_samples(store: str | Path, teachers: list[str], shards: list[int], read_latent: bool) -> Iterator[dict[str, Any]]:
+def _tar_samples(
+    store: str | Path, teachers: list[str], shards: list[int], read_latent: bool
+) -> Iterator[dict[str, Any]]:
     """A webdataset store's samples in the zarr path's form: latent records only with read_latent."""
     for sample in wds_shard_samples(store, teachers, shards):
         sample.pop("example", None)  # the sample's text: for tools (show-alignment), not the trainer
@@ -134,13 +142,25 @@ def read_sample(store: str | Path, teacher: str, sample_id: str) -> dict[str, An
         for record in tar_records(tar_path(store, teacher, shard)):
             if record["__key__"] == sample_id:
                 r = decode_record(record)
-                return {"shard": shard, "input_ids": r["input_ids"], "segment_ids": r.get("segment_ids"), "example": r.get("example")}
-        raise StoreError(f"store {store}: teacher {teacher!r} {tar_path(store, teacher, shard).name} lacks sample {sample_id!r} its record lists")
+                return {
+                    "shard": shard,
+                    "input_ids": r["input_ids"],
+                    "segment_ids": r.get("segment_ids"),
+                    "example": r.get("example"),
+                }
+        raise StoreError(
+            f"store {store}: teacher {teacher!r} {tar_path(store, teacher, shard).name} lacks sample {sample_id!r} its record lists"
+        )
     r = ShardReader(store, teacher, shard)
     names = ("input_ids", *(("segment_ids",) if "segment_ids" in r.names else ()))
     rows = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), names)
     examples = r.examples(j, j + 1)
-    return {"shard": shard, "input_ids": rows["input_ids"], "segment_ids": rows.get("segment_ids"), "example": examples[0] if examples else None}
+    return {
+        "shard": shard,
+        "input_ids": rows["input_ids"],
+        "segment_ids": rows.get("segment_ids"),
+        "example": examples[0] if examples else None,
+    }
 
 
 def _locate(store: Path, teacher: str, sample_id: str) -> tuple[int, int]:
@@ -152,7 +172,11 @@ def _locate(store: Path, teacher: str, sample_id: str) -> tuple[int, int]:
             if isinstance(e, OSError) and e.errno is not None:
                 raise
             raise CorruptShard(index_damage(store / INDEX, e)) from e
-        hit = [i for i, (t_, s_) in enumerate(zip(t["teacher"].to_pylist(), t["sample_id"].to_pylist(), strict=True)) if t_ == teacher and s_ == sample_id]
+        hit = [
+            i
+            for i, (t_, s_) in enumerate(zip(t["teacher"].to_pylist(), t["sample_id"].to_pylist(), strict=True))
+            if t_ == teacher and s_ == sample_id
+        ]
         if hit:
             return int(t["shard"][hit[0]].as_py()), int(t["sample_index"][hit[0]].as_py())
     ids, skipped = [], {}
@@ -171,4 +195,6 @@ def _locate(store: Path, teacher: str, sample_id: str) -> tuple[int, int]:
             "pick another sample (`kvdistill store inspect` counts them)"
         )
     some = ", ".join(repr(x) for x in ids[:3]) or "none"
-    raise StoreError(f"store {store}: teacher {teacher!r} holds no sample {sample_id!r} ({len(ids)} samples, e.g. {some})")
+    raise StoreError(
+        f"store {store}: teacher {teacher!r} holds no sample {sample_id!r} ({len(ids)} samples, e.g. {some})"
+    )

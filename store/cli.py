@@ -19,9 +19,15 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
     """`plan_main(args)`: the tokenising front end of `store plan`; `show_alignment_main(args)`: that
     of `store show-alignment` (they load tokenizers and configs, so they live with the dump stage;
     the store itself knows no models)."""
-    p = sub.add_parser("store", help="finalize, inspect, verify, summarise or plan a KV store, or draw a sample's alignment", description=__doc__)
+    p = sub.add_parser(
+        "store",
+        help="finalize, inspect, verify, summarise or plan a KV store, or draw a sample's alignment",
+        description=__doc__,
+    )
     ssub = p.add_subparsers(dest="store_command", required=True)
-    f = ssub.add_parser("finalize", help="check every shard is complete, write index.parquet and consolidated metadata")
+    f = ssub.add_parser(
+        "finalize", help="check every shard is complete, write index.parquet and consolidated metadata"
+    )
     f.add_argument("store", help="path to the store, e.g. out.zarr")
     f.set_defaults(func=finalize_main)
     i = ssub.add_parser("inspect", help="teachers, shards, rows, tokens, bytes on disk, bytes per token")
@@ -39,17 +45,27 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
         "changes (--kv-dtype) is decoded to float and encoded again.",
     )
     c.add_argument("src", help="a finalized store of either backend")
-    c.add_argument("dst", help="the new store (must not exist, or be an empty directory; removed again if the conversion fails)")
+    c.add_argument(
+        "dst", help="the new store (must not exist, or be an empty directory; removed again if the conversion fails)"
+    )
     c.add_argument("--to", choices=("zarr", "webdataset"), help="backend of DST (default: the other one than SRC's)")
     c.add_argument(
-        "--kv-dtype", choices=KV_DTYPES,
+        "--kv-dtype",
+        choices=KV_DTYPES,
         help="store every teacher's K/V in this codec (default: each teacher's own); webdataset holds float16 / float32 only",
     )
     c.add_argument(
-        "--compression-level", type=int, choices=range(10), metavar="0-9",
+        "--compression-level",
+        type=int,
+        choices=range(10),
+        metavar="0-9",
         help="blosc-zstd level of DST's K/V chunks (zarr only; default: SRC's)",
     )
-    c.add_argument("--blosc-shuffle", choices=("byte", "bit"), help="blosc shuffle of DST's K/V chunks (zarr only; default: SRC's)")
+    c.add_argument(
+        "--blosc-shuffle",
+        choices=("byte", "bit"),
+        help="blosc shuffle of DST's K/V chunks (zarr only; default: SRC's)",
+    )
     c.set_defaults(func=convert_main)
     v = ssub.add_parser(
         "verify",
@@ -71,16 +87,37 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
     pl.add_argument("--teacher", action="append", required=True, help="teacher hub id or checkpoint dir (repeatable)")
     pl.add_argument("--student", required=True, help="student hub id or checkpoint dir: its tokenizer sets the rows")
     pl.add_argument("--student-template", help="the student's prompt template (default: the built-in one)")
-    pl.add_argument("--data", required=True, help="'synthetic', a GSM8K-format .jsonl/.parquet, or a data set dir / hub id")
+    pl.add_argument(
+        "--data", required=True, help="'synthetic', a GSM8K-format .jsonl/.parquet, or a data set dir / hub id"
+    )
     pl.add_argument("--split", default="train", help="data set split (default: train)")
     pl.add_argument("--data-config", help="hub data set config, e.g. 'main' for openai/gsm8k")
     pl.add_argument("--limit", type=int, help="use the first N rows")
-    pl.add_argument("--kv-dtype", "--codec", dest="kv_dtype", default="float16", choices=KV_DTYPES, help="codec of the stored K/V (default: float16)")
+    pl.add_argument(
+        "--kv-dtype",
+        "--codec",
+        dest="kv_dtype",
+        default="float16",
+        choices=KV_DTYPES,
+        help="codec of the stored K/V (default: float16)",
+    )
     pl.add_argument("--num-shards", type=int, help="shards per teacher (default: the suggestion)")
-    pl.add_argument("--target-shard-gib", type=float, default=1.0, help="suggest shards of about this size on disk (default: 1)")
-    pl.add_argument("--compression", type=float, help="expected compression ratio (default: 1.3 for float codecs, 1.0 quantised)")
-    pl.add_argument("--pca", type=int, help="size a store projected to D dims per layer (`kvdistill align calibrate --pca D` + `dump --projection`)")
-    pl.add_argument("--json", action="store_true", help="print one JSON object (the plan per teacher, and every storage option under 'options')")
+    pl.add_argument(
+        "--target-shard-gib", type=float, default=1.0, help="suggest shards of about this size on disk (default: 1)"
+    )
+    pl.add_argument(
+        "--compression", type=float, help="expected compression ratio (default: 1.3 for float codecs, 1.0 quantised)"
+    )
+    pl.add_argument(
+        "--pca",
+        type=int,
+        help="size a store projected to D dims per layer (`kvdistill align calibrate --pca D` + `dump --projection`)",
+    )
+    pl.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (the plan per teacher, and every storage option under 'options')",
+    )
     pl.set_defaults(func=lambda args: plan_main(check_plan_args(args)))
     if show_alignment_main is not None:
         sa = ssub.add_parser(
@@ -92,13 +129,23 @@ def add_parser(sub, plan_main, show_alignment_main=None) -> None:
             "No teacher weights are loaded. Prints a one-line summary and writes a PNG.",
         )
         sa.add_argument("store")
-        sa.add_argument("--teacher", required=True, help="teacher name in the store (`kvdistill store inspect` lists them)")
-        sa.add_argument("--sample", required=True, help="sample id (index.parquet's sample_id column, e.g. synth-train-3)")
         sa.add_argument(
-            "--out", required=True,
+            "--teacher", required=True, help="teacher name in the store (`kvdistill store inspect` lists them)"
+        )
+        sa.add_argument(
+            "--sample", required=True, help="sample id (index.parquet's sample_id column, e.g. synth-train-3)"
+        )
+        sa.add_argument(
+            "--out",
+            required=True,
             help="image to write, e.g. alignment.png (no suffix: .png is added; an existing folder: FOLDER/alignment-TEACHER-SAMPLE.png)",
         )
-        sa.add_argument("--max-tokens", type=int, default=64, help="draw at most this many student tokens (default: 64; the title says so when cut)")
+        sa.add_argument(
+            "--max-tokens",
+            type=int,
+            default=64,
+            help="draw at most this many student tokens (default: 64; the title says so when cut)",
+        )
         sa.add_argument("--start", type=int, default=0, help="first student token drawn (default: 0)")
         sa.set_defaults(func=show_alignment_main)
 
@@ -111,12 +158,15 @@ def check_plan_args(args: argparse.Namespace) -> argparse.Namespace:
         return ConfigError(f"{flag} {value:g}: {rule}")
 
     if args.num_shards is not None and args.num_shards < 1:
-        raise bad("--num-shards", args.num_shards, "must be >= 1 (shards per teacher); leave it out for the suggestion")
+        raise bad(
+            "--num-shards", args.num_shards, "must be >= 1 (shards per teacher); leave it out for the suggestion"
+        )
     if not (math.isfinite(args.target_shard_gib) and args.target_shard_gib * 2**30 >= 1):
         raise bad("--target-shard-gib", args.target_shard_gib, "must be a finite size > 0 in GiB, e.g. 1 or 0.5")
     if args.compression is not None and not (math.isfinite(args.compression) and args.compression > 0):
         raise bad(
-            "--compression", args.compression,
+            "--compression",
+            args.compression,
             "must be a finite ratio > 0 (raw bytes / bytes on disk, e.g. 1.3); leave it out for the codec's default",
         )
     if args.pca is not None and args.pca < 1:
@@ -151,7 +201,10 @@ def verify_main(args: argparse.Namespace) -> int:
     problems = verify(args.store, progress=not args.no_progress)
     if problems:
         print(format_problems(problems))
-        print(f"kvdistill store: verify found {len(problems)} problem(s) in {args.store}; each is listed above with its fix", file=sys.stderr)
+        print(
+            f"kvdistill store: verify found {len(problems)} problem(s) in {args.store}; each is listed above with its fix",
+            file=sys.stderr,
+        )
         return ExitCode.INTEGRITY
     info = inspect(args.store)
     rows = sum(t["tokens"] for t in info["teachers"].values())
@@ -175,6 +228,13 @@ def convert_main(args: argparse.Namespace) -> int:
 
     source = read_store_spec(args.src).backend
     target = args.to or ("zarr" if source == "webdataset" else "webdataset")
-    dst = convert(args.src, args.dst, target, args.kv_dtype, compression_level=args.compression_level, blosc_shuffle=args.blosc_shuffle)
+    dst = convert(
+        args.src,
+        args.dst,
+        target,
+        args.kv_dtype,
+        compression_level=args.compression_level,
+        blosc_shuffle=args.blosc_shuffle,
+    )
     print(f"{source} -> {target}{f' ({args.kv_dtype})' if args.kv_dtype else ''}: wrote {dst}")
     return 0

@@ -295,7 +295,12 @@ def _dequantise(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, part:
         if full:
             a, b = head, head + full * GROUP
             sl = slice(g, g + full)
-            fill(out[a:b].reshape(full, GROUP, L, D), q[a:b].reshape(full, GROUP, L, D), s[sl, None], None if z is None else z[sl, None])
+            fill(
+                out[a:b].reshape(full, GROUP, L, D),
+                q[a:b].reshape(full, GROUP, L, D),
+                s[sl, None],
+                None if z is None else z[sl, None],
+            )
         if head + full * GROUP < n:
             a = head + full * GROUP
             fill(out[a:], q[a:], s[g + full], None if z is None else z[g + full])
@@ -303,7 +308,12 @@ def _dequantise(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, part:
     full = D // GROUP  # groups of GROUP channels
     if full:
         c = full * GROUP
-        fill(out[:, :, :c].reshape(n, L, full, GROUP), q[:, :, :c].reshape(n, L, full, GROUP), s[:, :, :full, None], None if z is None else z[:, :, :full, None])
+        fill(
+            out[:, :, :c].reshape(n, L, full, GROUP),
+            q[:, :, :c].reshape(n, L, full, GROUP),
+            s[:, :, :full, None],
+            None if z is None else z[:, :, :full, None],
+        )
     if D % GROUP:
         c = full * GROUP
         fill(out[:, :, c:], q[:, :, c:], s[:, :, full:], None if z is None else z[:, :, full:])
@@ -330,10 +340,14 @@ class QuantRows:
         if self.codec not in ("int8", "int4"):
             raise ValueError(f"QuantRows holds int8 / int4 codes, not {self.codec}")
         if (self.zero is None) != (self.codec == "int8"):
-            raise ValueError(f"{self.codec} {self.part}: {'int4 needs' if self.zero is None else 'int8 has no'} zero points")
+            raise ValueError(
+                f"{self.codec} {self.part}: {'int4 needs' if self.zero is None else 'int8 has no'} zero points"
+            )
         lo, hi = scale_rows(self.codec, self.part, self.first_row, self.first_row + len(self.codes))
         if len(self.scale) != hi - lo:
-            raise ValueError(f"{self.codec} {self.part}: rows [{self.first_row}, {self.first_row + len(self.codes)}) need {hi - lo} scale rows, got {len(self.scale)}")
+            raise ValueError(
+                f"{self.codec} {self.part}: rows [{self.first_row}, {self.first_row + len(self.codes)}) need {hi - lo} scale rows, got {len(self.scale)}"
+            )
 
     def __len__(self) -> int:
         return len(self.codes)

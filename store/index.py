@@ -68,7 +68,13 @@ def _finalize(path: Path) -> Path:
             + "\n  ".join(problems)
             + "\nre-run those dump tasks (`kvdistill dump --shard I ...`), then finalize again"
         )
-    empty = [name for name in teachers if not any((shard_attrs(teacher_dir(path, name) / shard_name(i)) or {}).get("rows") for i in range(spec.num_shards))]
+    empty = [
+        name
+        for name in teachers
+        if not any(
+            (shard_attrs(teacher_dir(path, name) / shard_name(i)) or {}).get("rows") for i in range(spec.num_shards)
+        )
+    ]
     if empty:
         raise StoreError(
             f"cannot finalize {path}: teacher(s) {empty} hold 0 rows in all {spec.num_shards} shard(s); the dumps read no "
@@ -106,11 +112,14 @@ def _finalize(path: Path) -> Path:
     for name, tspec in teachers.items():
         for i in range(spec.num_shards):
             attrs = shard_attrs(teacher_dir(path, name) / shard_name(i)) or {}
-            stale += [f"teacher {name!r} {shard_name(i)}: {what}" for what in shard_record_problems(attrs, spec, tspec, i)]
+            stale += [
+                f"teacher {name!r} {shard_name(i)}: {what}" for what in shard_record_problems(attrs, spec, tspec, i)
+            ]
     if stale:
         raise StoreError(
             f"cannot finalize {path}: {len(stale)} problem(s) with shards that do not match the store (`kvdistill store verify` "
-            "lists them too):\n  " + "\n  ".join(stale)
+            "lists them too):\n  "
+            + "\n  ".join(stale)
             + "\ndelete each of those shards and re-run its dump task (`kvdistill dump --teacher-name T --shard I ...`), then finalize again"
         )
     tmp = path / f".{INDEX}.tmp"
@@ -135,7 +144,9 @@ def _consolidated_sha256(doc: dict) -> str:
 
 
 def _root_doc(path: Path) -> dict:
-    group_attrs(path, "restore the store's root metadata from a copy, or run `kvdistill store finalize` again")  # CorruptShard naming it
+    group_attrs(
+        path, "restore the store's root metadata from a copy, or run `kvdistill store finalize` again"
+    )  # CorruptShard naming it
     return json.loads((path / "zarr.json").read_text())
 
 
@@ -144,7 +155,10 @@ def _record_checksums(path: Path, index: bytes) -> None:
     root's attrs["kvdistill"]["finalized"]; the root zarr.json is replaced atomically (written
     beside, renamed), after consolidation, which rewrote it."""
     doc = _root_doc(path)
-    doc["attributes"][KEY][FINALIZED] = {"index": {"sha256": _sha256(index), "bytes": len(index)}, "consolidated_sha256": _consolidated_sha256(doc)}
+    doc["attributes"][KEY][FINALIZED] = {
+        "index": {"sha256": _sha256(index), "bytes": len(index)},
+        "consolidated_sha256": _consolidated_sha256(doc),
+    }
     tmp = path / ".zarr.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, path / "zarr.json")
@@ -189,7 +203,11 @@ def check_finalized(path: str | Path, teachers: list[str] | None = None) -> None
         raise StoreError(f"store {path} is not finalized (no {INDEX}); run `kvdistill store finalize {path}`")
     bad = metadata_problems(path)
     if bad:
-        raise CorruptShard(f"store {path}: " + "; ".join(bad) + f"; run `kvdistill store verify {path}`, then `kvdistill store finalize {path}` again")
+        raise CorruptShard(
+            f"store {path}: "
+            + "; ".join(bad)
+            + f"; run `kvdistill store verify {path}`, then `kvdistill store finalize {path}` again"
+        )
     index = read_index(path, teachers)
     problems = []
     for name in teachers:
@@ -203,11 +221,17 @@ def check_finalized(path: str | Path, teachers: list[str] | None = None) -> None
             offsets, ids = index.pop((name, i), (np.zeros(1, np.int64), []))
             have, want = (len(ids), int(offsets[-1])), (attrs.get("samples"), attrs.get("rows"))
             if have != want or int(offsets[0]) != 0:
-                problems.append(f"{where}: index.parquet lists {have[0]} samples / {have[1]} rows from row {int(offsets[0])}, the shard records {want[0]} / {want[1]} from row 0")
-    problems += [f"teacher {name!r} {shard_name(i)}: index.parquet lists {len(ids)} samples of a shard the store does not hold" for (name, i), (_, ids) in sorted(index.items())]
+                problems.append(
+                    f"{where}: index.parquet lists {have[0]} samples / {have[1]} rows from row {int(offsets[0])}, the shard records {want[0]} / {want[1]} from row 0"
+                )
+    problems += [
+        f"teacher {name!r} {shard_name(i)}: index.parquet lists {len(ids)} samples of a shard the store does not hold"
+        for (name, i), (_, ids) in sorted(index.items())
+    ]
     if problems:
         raise StoreError(
-            f"store {path} does not match its index.parquet, or holds shards that do not match the store:\n  " + "\n  ".join(problems)
+            f"store {path} does not match its index.parquet, or holds shards that do not match the store:\n  "
+            + "\n  ".join(problems)
             + f"\nrun `kvdistill store verify {path}`; re-dump what it names, then `kvdistill store finalize {path}` again"
         )
 

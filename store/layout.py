@@ -88,7 +88,15 @@ __all__ = [
 KEY = "kvdistill"  # the attribute (zarr.json) every kvdistill record sits under
 INDEX = "index.parquet"
 INDEX_SCHEMA = pa.schema(
-    [("teacher", pa.string()), ("shard", pa.int64()), ("sample_id", pa.string()), ("sample_index", pa.int64()), ("row_start", pa.int64()), ("row_stop", pa.int64()), ("length", pa.int64())]
+    [
+        ("teacher", pa.string()),
+        ("shard", pa.int64()),
+        ("sample_id", pa.string()),
+        ("sample_index", pa.int64()),
+        ("row_start", pa.int64()),
+        ("row_stop", pa.int64()),
+        ("length", pa.int64()),
+    ]
 )
 INDEX_COLUMNS = tuple(INDEX_SCHEMA.names)
 PARTIAL = ".partial"  # inside the store: shards being written, their locks, the metadata lock
@@ -141,12 +149,24 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 # Fields of StoreSpec that must agree between every task writing into one store. The student's
 # path may differ (a moved checkpoint); its geometry, tokenizer and prompt template may not.
-_STORE_KEYS = ("schema_version", "geometry", "tokenizer_fingerprint", "data_fingerprint", "num_shards", "kv_dtype", "teacher_kv_dtype", "backend")
+_STORE_KEYS = (
+    "schema_version",
+    "geometry",
+    "tokenizer_fingerprint",
+    "data_fingerprint",
+    "num_shards",
+    "kv_dtype",
+    "teacher_kv_dtype",
+    "backend",
+)
 
 
 def _spec_fields(spec: dict) -> dict:
     """The fields of a StoreSpec (as a dict) every task writing into one store must share."""
-    return {**{k: spec.get(k) for k in _STORE_KEYS}, "student": {"prompt_template": (spec.get("student") or {}).get("prompt_template")}}
+    return {
+        **{k: spec.get(k) for k in _STORE_KEYS},
+        "student": {"prompt_template": (spec.get("student") or {}).get("prompt_template")},
+    }
 
 
 def store_spec_differences(path: str | Path, spec: StoreSpec) -> list[str]:
@@ -188,9 +208,13 @@ def shard_record_problems(attrs: dict, spec: StoreSpec, tspec: TeacherSpec, shar
     if attrs.get("teacher", name) != name or attrs.get("shard", shard) != shard:
         out.append(f"holds {shard_name(attrs.get('shard', shard))} of teacher {attrs.get('teacher')!r}, not this one")
     if attrs.get("fingerprint") not in (None, tspec.fingerprint):
-        out.append(f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, teacher spec has {tspec.fingerprint})")
+        out.append(
+            f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, teacher spec has {tspec.fingerprint})"
+        )
     if attrs.get("data_fingerprint") not in (None, spec.data_fingerprint):
-        out.append(f"stale: written from other data (data fingerprint {attrs['data_fingerprint']}, store has {spec.data_fingerprint})")
+        out.append(
+            f"stale: written from other data (data fingerprint {attrs['data_fingerprint']}, store has {spec.data_fingerprint})"
+        )
     if attrs.get("codec") not in (None, tspec.kv_dtype):
         out.append(f"stale: K/V stored as {attrs['codec']}, the teacher's codec is {tspec.kv_dtype}")
     if attrs.get("width") not in (None, tspec.width):
@@ -202,7 +226,13 @@ def shard_record_problems(attrs: dict, spec: StoreSpec, tspec: TeacherSpec, shar
 def _metadata_lock(path: Path):
     """Serialise metadata creation between the array tasks that start together (they would
     otherwise race to create the same zarr groups). An flock inside the store (store/lock.py)."""
-    lock = FileLock(Path(path).absolute() / PARTIAL / "metadata.lock", f"metadata of store {path}", on_busy="wait", poll=0.05, quiet=True)
+    lock = FileLock(
+        Path(path).absolute() / PARTIAL / "metadata.lock",
+        f"metadata of store {path}",
+        on_busy="wait",
+        poll=0.05,
+        quiet=True,
+    )
     with lock:
         yield
     with suppress(OSError):  # not empty: a shard is being written
@@ -286,7 +316,9 @@ def group_attrs(group_dir: Path, fix: str) -> dict:
     except UnicodeDecodeError as e:
         raise CorruptShard(f"{f}: not valid JSON (undecodable bytes at {e.start}; corrupt); {fix}") from e
     except json.JSONDecodeError as e:
-        raise CorruptShard(f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated or corrupt); {fix}") from e
+        raise CorruptShard(
+            f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated or corrupt); {fix}"
+        ) from e
     if not isinstance(meta, dict) or not isinstance(meta.get("attributes", {}), dict):
         raise CorruptShard(f"{f}: not a zarr v3 metadata document; {fix}")
     return meta.get("attributes", {})
@@ -314,14 +346,18 @@ def read_teacher_specs(path: str | Path) -> dict[str, TeacherSpec]:
         if (d / "zarr.json").exists():
             attrs = group_attrs(d, f"restore it from a copy, or dump teacher {d.name!r} into a new --store")
             if KEY not in attrs:
-                raise StoreError(f"{d / 'zarr.json'}: teacher {d.name!r} has no '{KEY}' record (not initialised); delete {d} and dump it again")
+                raise StoreError(
+                    f"{d / 'zarr.json'}: teacher {d.name!r} has no '{KEY}' record (not initialised); delete {d} and dump it again"
+                )
             out[d.name] = TeacherSpec.from_dict(attrs[KEY]["teacher_spec"])
     return out
 
 
 def shard_attrs(path: Path) -> dict | None:
     """The completion record of a shard: zarr attrs, or the JSON beside a webdataset tar."""
-    fix = f"delete {path.name} of teacher {path.parent.name!r} and re-run its dump task, then `kvdistill store finalize`"
+    fix = (
+        f"delete {path.name} of teacher {path.parent.name!r} and re-run its dump task, then `kvdistill store finalize`"
+    )
     if (path / "zarr.json").exists():  # the group's zarr v3 metadata document, read directly (no zarr round trip)
         return group_attrs(path, fix).get(KEY)
     tar, sidecar = path.with_name(path.name + ".tar"), path.with_name(path.name + ".json")
@@ -380,18 +416,24 @@ def _init_tokenizer(path: Path, files: dict[str, bytes], fingerprint: str, teach
         zarr.open_group(d, mode="a")  # real parent groups: zarr tools walk the tree without warnings
     group = zarr.open_group(where, mode="w")  # replaces another or an incomplete record
     for name, data in sorted(files.items()):
-        group.create_array(name, data=np.frombuffer(data, dtype=np.uint8), compressors=[ZstdCodec(level=3), Crc32cCodec()])
+        group.create_array(
+            name, data=np.frombuffer(data, dtype=np.uint8), compressors=[ZstdCodec(level=3), Crc32cCodec()]
+        )
     group.attrs[KEY] = {"tokenizer": {"fingerprint": fingerprint, "files": sorted(files)}}  # last: marks it complete
 
 
-def read_tokenizer(path: str | Path, teacher: str | None = None, files: bool = True) -> tuple[dict[str, bytes], str] | None:
+def read_tokenizer(
+    path: str | Path, teacher: str | None = None, files: bool = True
+) -> tuple[dict[str, bytes], str] | None:
     """({file name: bytes}, fingerprint) of a recorded tokenizer (the student's for teacher
     None), or None if the store has no complete record of it (written before kvdistill recorded
     tokenizers). files=False: the fingerprint only ({} for the files)."""
     where = tokenizer_dir(path, teacher)
     if not (where / "zarr.json").exists():
         return None
-    rec = group_attrs(where, f"delete {where} and dump {'the student' if teacher is None else repr(teacher)} again").get(KEY)
+    rec = group_attrs(
+        where, f"delete {where} and dump {'the student' if teacher is None else repr(teacher)} again"
+    ).get(KEY)
     if not rec:
         return None
     tok = rec["tokenizer"]

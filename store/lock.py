@@ -67,7 +67,12 @@ class FileLock:
     every `poll` seconds until the owner finishes or dies."""
 
     def __init__(
-        self, path: str | Path, what: str, on_busy: Literal["fail", "wait"] = "fail", poll: float = 0.5, quiet: bool = False,
+        self,
+        path: str | Path,
+        what: str,
+        on_busy: Literal["fail", "wait"] = "fail",
+        poll: float = 0.5,
+        quiet: bool = False,
         fix: str = "wait for it to finish, or run with --on-busy wait",
     ) -> None:
         self.fix = fix  # the busy message's advice
@@ -129,11 +134,14 @@ class FileLock:
             if key not in _HELD and self._try():
                 break
             if self.on_busy == "fail":
-                raise ShardBusy(
-                    f"{self.what} is being written by {self.owner()} (lock {self.path}); {self.fix}"
-                )
+                raise ShardBusy(f"{self.what} is being written by {self.owner()} (lock {self.path}); {self.fix}")
             if not waited:
-                log.log(logging.DEBUG if self.quiet else logging.WARNING, "%s is being written by %s; waiting (--on-busy wait)", self.what, self.owner())
+                log.log(
+                    logging.DEBUG if self.quiet else logging.WARNING,
+                    "%s is being written by %s; waiting (--on-busy wait)",
+                    self.what,
+                    self.owner(),
+                )
                 waited = True
             time.sleep(self.poll)
         _HELD.add(key)

@@ -27,7 +27,17 @@ from kvdistill.schemas import KVGeometry
 
 from . import codecs
 
-__all__ = ["KV_DTYPES", "COMPRESSION", "COMPACT", "TOKEN_BYTES", "codec_bytes_per_value", "plan", "format_plan", "options", "format_options"]
+__all__ = [
+    "KV_DTYPES",
+    "COMPRESSION",
+    "COMPACT",
+    "TOKEN_BYTES",
+    "codec_bytes_per_value",
+    "plan",
+    "format_plan",
+    "options",
+    "format_options",
+]
 
 KV_DTYPES = ("float32", *codecs.CODECS)
 # What blosc-zstd with byte shuffle typically gains: float16 K/V ~1.3x; quantised codes are
@@ -66,8 +76,11 @@ def plan(
     for name, value in (("num_samples", num_samples), ("mean_tokens", mean_tokens)):
         if not value >= 0:
             raise ValueError(f"plan: {name} must be >= 0, got {value}")
-    for name, value in (("codec_bytes_per_value", codec_bytes_per_value), ("target_shard_bytes", target_shard_bytes),
-                        ("compression_ratio", compression_ratio)):
+    for name, value in (
+        ("codec_bytes_per_value", codec_bytes_per_value),
+        ("target_shard_bytes", target_shard_bytes),
+        ("compression_ratio", compression_ratio),
+    ):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ValueError(f"plan: {name} must be finite and > 0, got {value}")
     if num_shards is not None and num_shards < 1:
@@ -78,7 +91,9 @@ def plan(
         compression_ratio = COMPRESSION["float" if codec_bytes_per_value >= 2 else "quantised"]
     D = H_t * d_t if stored_width is None else stored_width
     if not 1 <= D <= H_t * d_t:
-        raise ValueError(f"plan: stored_width must be in [1, {H_t * d_t}] (the teacher's K/V width), got {stored_width}")
+        raise ValueError(
+            f"plan: stored_width must be in [1, {H_t * d_t}] (the teacher's K/V width), got {stored_width}"
+        )
     rows = round(num_samples * mean_tokens)  # tokens on the student grid
     raw_per_token = 2 * L_s * D * codec_bytes_per_value + TOKEN_BYTES  # K and V, every student layer
     text = num_samples * text_bytes_per_sample  # each sample's question / reasoning / answer, as JSON
@@ -144,7 +159,9 @@ def format_plan(plans: dict[str, dict[str, Any]], codec: str = "float16") -> str
     return "\n".join(lines)
 
 
-def options(teachers: dict[str, KVGeometry], student: KVGeometry, rows: int, pca: list[int] = (), text_bytes: float = 0.0) -> list[dict[str, Any]]:
+def options(
+    teachers: dict[str, KVGeometry], student: KVGeometry, rows: int, pca: list[int] = (), text_bytes: float = 0.0
+) -> list[dict[str, Any]]:
     """Every storage setting side by side, per teacher: each codec at full width, then PCA to
     width / 4, / 8, / 16 and / 32 (int8, int4; float16 too for / 16) and to each of `pca` dims
     (capped at a teacher's width). Per option: name, codec, projection ("none" or the kept
@@ -152,24 +169,41 @@ def options(teachers: dict[str, KVGeometry], student: KVGeometry, rows: int, pca
     arrays; plus `text_bytes`, every sample's text, per teacher), the estimated bytes on disk
     (COMPRESSION) and, summed, the total on disk."""
     settings = [(c, None, None) for c in codecs.CODECS]
-    settings += [(c, f, None) for f in (4, 8, 16, 32) for c in (("float16", "int8", "int4") if f == 16 else ("int8", "int4"))]
+    settings += [
+        (c, f, None) for f in (4, 8, 16, 32) for c in (("float16", "int8", "int4") if f == 16 else ("int8", "int4"))
+    ]
     settings += [(c, None, d) for d in pca for c in ("float16", "int8", "int4")]
     out = []
     for codec, fraction, dims in settings:
-        widths = {t: g.width if fraction is None and dims is None else max(1, min(g.width, dims or g.width // fraction)) for t, g in teachers.items()}
+        widths = {
+            t: g.width if fraction is None and dims is None else max(1, min(g.width, dims or g.width // fraction))
+            for t, g in teachers.items()
+        }
         ratio = COMPRESSION["float" if codec in ("float16", "bfloat16") else "quantised"]
         per_token = {t: codecs.bytes_per_row(codec, student.num_layers, widths[t]) + TOKEN_BYTES for t in teachers}
-        name = codec if fraction is None and dims is None else f"pca/{fraction}-{codec}" if fraction else f"pca{dims}-{codec}"
-        out.append({
-            "name": name,
-            "codec": codec,
-            "projection": "none" if fraction is None and dims is None else f"width/{fraction}" if fraction else f"{dims} dims",
-            "compact": fraction == COMPACT["fraction"] and codec == COMPACT["codec"],
-            "stored_width": widths,
-            "bytes_per_token": per_token,
-            "disk_bytes": {t: (rows * b + text_bytes) / ratio for t, b in per_token.items()},
-            "total_disk_bytes": sum((rows * b + text_bytes) / ratio for b in per_token.values()),
-        })
+        name = (
+            codec
+            if fraction is None and dims is None
+            else f"pca/{fraction}-{codec}"
+            if fraction
+            else f"pca{dims}-{codec}"
+        )
+        out.append(
+            {
+                "name": name,
+                "codec": codec,
+                "projection": "none"
+                if fraction is None and dims is None
+                else f"width/{fraction}"
+                if fraction
+                else f"{dims} dims",
+                "compact": fraction == COMPACT["fraction"] and codec == COMPACT["codec"],
+                "stored_width": widths,
+                "bytes_per_token": per_token,
+                "disk_bytes": {t: (rows * b + text_bytes) / ratio for t, b in per_token.items()},
+                "total_disk_bytes": sum((rows * b + text_bytes) / ratio for b in per_token.values()),
+            }
+        )
     return out
 
 
@@ -177,12 +211,20 @@ def format_options(opts: list[dict[str, Any]]) -> str:
     """The options table: bytes per token per teacher, total on disk, times smaller than float16."""
     names = list(opts[0]["bytes_per_token"])
     base = next(o for o in opts if o["name"] == "float16")["total_disk_bytes"]
-    head = f"{'option':<20} " + " ".join(f"{('B/token ' + n)[:22]:>22}" for n in names) + f" {'total on disk':>14} {'vs float16':>10}"
-    lines = ["storage options (compact: `kvdistill align calibrate --pca D` + `kvdistill dump --projection PCA.npz --kv-dtype int4`):", head]
+    head = (
+        f"{'option':<20} "
+        + " ".join(f"{('B/token ' + n)[:22]:>22}" for n in names)
+        + f" {'total on disk':>14} {'vs float16':>10}"
+    )
+    lines = [
+        "storage options (compact: `kvdistill align calibrate --pca D` + `kvdistill dump --projection PCA.npz --kv-dtype int4`):",
+        head,
+    ]
     for o in opts:
         mark = "  <- compact" if o["compact"] else ""
         lines.append(
-            f"{o['name']:<20} " + " ".join(f"{o['bytes_per_token'][n]:>22,.0f}" for n in names)
+            f"{o['name']:<20} "
+            + " ".join(f"{o['bytes_per_token'][n]:>22,.0f}" for n in names)
             + f" {_size(o['total_disk_bytes']):>14} {base / o['total_disk_bytes']:>9.1f}x{mark}"
         )
     return "\n".join(lines)

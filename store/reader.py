@@ -82,9 +82,13 @@ class ShardReader:
             else:
                 got = r[:]
                 if name == "offsets" and not np.array_equal(got, self.offsets):
-                    raise StoreError(f"{self.dir}: its offsets differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again")
+                    raise StoreError(
+                        f"{self.dir}: its offsets differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again"
+                    )
                 if name == "sample_ids" and [str(x) for x in got] != self.sample_ids:
-                    raise StoreError(f"{self.dir}: its sample ids differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again")
+                    raise StoreError(
+                        f"{self.dir}: its sample ids differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again"
+                    )
 
     def array(self, name: str) -> zarr.Array:
         try:
@@ -100,7 +104,9 @@ class ShardReader:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
-    def rows(self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask"), decode: bool = True) -> dict[str, np.ndarray | codecs.QuantRows]:
+    def rows(
+        self, start: int, stop: int, names: tuple[str, ...] = ("k", "v", "input_ids", "loss_mask"), decode: bool = True
+    ) -> dict[str, np.ndarray | codecs.QuantRows]:
         """Token rows [start, stop) of the given arrays (one read per stored array); K and V
         come back decoded: float16 / float32 as stored, the other codecs as float32; decode=False
         leaves them as stored (bfloat16 bit patterns as uint16, int8 / int4 as `codecs.QuantRows`)."""
@@ -135,7 +141,9 @@ class ShardReader:
         for part in ("k", "v"):
             x = self.reader(f"latent_{part}")[j0:j1]
             if info["codec"] != "float32":
-                x = codecs.decode(info["codec"], part, {"": x.reshape(-1, *x.shape[2:])}, 0, x.shape[-1]).reshape(x.shape)
+                x = codecs.decode(info["codec"], part, {"": x.reshape(-1, *x.shape[2:])}, 0, x.shape[-1]).reshape(
+                    x.shape
+                )
             out[part] = x
         out["mask"] = self.reader("latent_mask")[j0:j1]
         out["pos"] = self.reader("latent_pos")[j0:j1]
@@ -152,7 +160,14 @@ class ShardReader:
 
 
 def read_kv(
-    arrays: dict[str, zarr.Array | ShardedRows], codec: str, part: str, start: int, stop: int, width: int, fast: ShardedRows | None = None, decode: bool = True
+    arrays: dict[str, zarr.Array | ShardedRows],
+    codec: str,
+    part: str,
+    start: int,
+    stop: int,
+    width: int,
+    fast: ShardedRows | None = None,
+    decode: bool = True,
 ) -> np.ndarray | codecs.QuantRows:
     """Rows [start, stop) of K or V decoded: float16 / float32 as stored, the other codecs as
     float32; with decode=False as stored: bfloat16 as its uint16 bit patterns, int8 / int4 as
@@ -166,7 +181,9 @@ def read_kv(
         s0, s1 = codecs.scale_rows(codec, part, start, stop)
         scales = {aux: a[s0:s1] for aux, a in arrays.items() if aux}
     if not decode and codec in ("int8", "int4"):
-        return codecs.QuantRows(codec, part, width, start, fast(start, stop) if fast else arrays[""][start:stop], **scales)
+        return codecs.QuantRows(
+            codec, part, width, start, fast(start, stop) if fast else arrays[""][start:stop], **scales
+        )
 
     def decode_rows(x: np.ndarray, r0: int) -> np.ndarray:  # stored rows [r0, r0 + len(x)) -> float32
         got = {"": x}
@@ -196,7 +213,9 @@ def read_index(path: str | Path, teachers: list[str]) -> dict[tuple[str, int], t
         raise index_error(f, e) from e
     except Exception as e:  # any decoding error of a corrupt file (pyarrow's, a non-UTF-8 id, ...) is damage
         raise index_error(f, e) from e
-    cuts = np.flatnonzero((teacher[1:] != teacher[:-1]) | (shard[1:] != shard[:-1])) + 1  # a loop per shard, not per row
+    cuts = (
+        np.flatnonzero((teacher[1:] != teacher[:-1]) | (shard[1:] != shard[:-1])) + 1
+    )  # a loop per shard, not per row
     bounds = [0, *cuts.tolist(), len(ids)] if len(ids) else []
     return {
         (str(teacher[a]), int(shard[a])): (np.append(start[a:b], stop[b - 1]).astype(np.int64), ids[a:b])
@@ -219,7 +238,9 @@ def index_damage(f: Path, e: Exception) -> str:
 
 def index_error(f: Path, e: Exception) -> CorruptShard:
     """index.parquet does not decode: the integrity error naming it, and the fix."""
-    return CorruptShard(f"{index_damage(f, e)}; run `kvdistill store finalize {f.parent}` again to rewrite it from the shards")
+    return CorruptShard(
+        f"{index_damage(f, e)}; run `kvdistill store finalize {f.parent}` again to rewrite it from the shards"
+    )
 
 
 def open_root(path: str | Path) -> zarr.Group:
@@ -231,5 +252,7 @@ def open_root(path: str | Path) -> zarr.Group:
             warnings.simplefilter("ignore")  # "consolidated metadata is not yet part of the v3 spec"
             root = zarr.open_group(path, mode="r", use_consolidated=True)
     except ValueError as e:
-        raise StoreError(f"store {path} has no consolidated metadata ({e}); run `kvdistill store finalize {path}`") from e
+        raise StoreError(
+            f"store {path} has no consolidated metadata ({e}); run `kvdistill store finalize {path}`"
+        ) from e
     return root

@@ -98,7 +98,10 @@ def missing_chunks(array: zarr.Array, path: str | Path) -> list[str]:
             except CorruptShard:
                 out.append(f"shard file {f}: its chunk index is truncated or fails its crc32c check")
                 continue
-            out += [f"chunk {s * fast.per_shard + c} is missing from shard file {f}" for c in np.flatnonzero(index[:, 0] == _MISSING)]
+            out += [
+                f"chunk {s * fast.per_shard + c} is missing from shard file {f}"
+                for c in np.flatnonzero(index[:, 0] == _MISSING)
+            ]
     return out
 
 
@@ -106,7 +109,9 @@ def check_chunks_present(array: zarr.Array, path: str | Path) -> None:
     """Raise CorruptShard naming the first missing chunk of `array` (see missing_chunks)."""
     missing = missing_chunks(array, path)
     if missing:
-        raise CorruptShard(f"{describe(path)}: {missing[0]}; re-dump this shard (`kvdistill store verify` names the command)")
+        raise CorruptShard(
+            f"{describe(path)}: {missing[0]}; re-dump this shard (`kvdistill store verify` names the command)"
+        )
 
 
 class ZarrRows:
@@ -125,7 +130,9 @@ class ZarrRows:
         try:
             return self.array[sl]
         except (ValueError, RuntimeError, OSError) as e:  # zarr: "Stored and computed checksum do not match"
-            raise CorruptShard(f"{describe(self.path)}: a chunk fails its crc32c check or does not decode ({e}); run `kvdistill store verify`") from e
+            raise CorruptShard(
+                f"{describe(self.path)}: a chunk fails its crc32c check or does not decode ({e}); run `kvdistill store verify`"
+            ) from e
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         return self[start:stop]
@@ -153,7 +160,9 @@ class ShardedRows:
         self.chunk_rows, self.shard_rows = array.chunks[0], array.shards[0]
         self.per_shard = self.shard_rows // self.chunk_rows
         self.chunk_bytes = self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self.compressor = next((type(c).__name__ for c in sharding.codecs[1:-1]), None)  # BloscCodec, ZstdCodec or None
+        self.compressor = next(
+            (type(c).__name__ for c in sharding.codecs[1:-1]), None
+        )  # BloscCodec, ZstdCodec or None
         self.where = describe(self.path)
 
     @staticmethod
@@ -175,7 +184,9 @@ class ShardedRows:
             and isinstance(s.index_codecs[0], BytesCodec)
             and isinstance(s.index_codecs[1], Crc32cCodec)
         )
-        rows_only = array.shards is not None and tuple(array.shards[1:]) == tuple(array.shape[1:]) == tuple(array.chunks[1:])
+        rows_only = array.shards is not None and tuple(array.shards[1:]) == tuple(array.shape[1:]) == tuple(
+            array.chunks[1:]
+        )
         key = getattr(array.metadata.chunk_key_encoding, "name", None) == "default"
         return inner_ok and index_ok and rows_only and key and np.dtype(array.dtype).byteorder in ("<", "=", "|")
 
@@ -187,11 +198,15 @@ class ShardedRows:
         n = 16 * self.per_shard + 4
         f.seek(0, os.SEEK_END)
         if f.tell() < n:
-            raise CorruptShard(f"{self.where}: shard file {name}: {f.tell()} bytes, shorter than its {n}-byte index (truncated?); run `kvdistill store verify`")
+            raise CorruptShard(
+                f"{self.where}: shard file {name}: {f.tell()} bytes, shorter than its {n}-byte index (truncated?); run `kvdistill store verify`"
+            )
         f.seek(-n, os.SEEK_END)
         raw = f.read(n)
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise CorruptShard(f"{self.where}: shard file {name}: its chunk index fails its crc32c check (corrupt or truncated); run `kvdistill store verify`")
+            raise CorruptShard(
+                f"{self.where}: shard file {name}: its chunk index fails its crc32c check (corrupt or truncated); run `kvdistill store verify`"
+            )
         return np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard, 2)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
@@ -225,13 +240,28 @@ class ShardedRows:
                     c1 = (min(stop, base + self.shard_rows) - 1 - base) // self.chunk_rows + 1
                     name = self._shard_file(s)
                     if not name.exists():  # ShardWriter writes every shard file: this one was lost
-                        raise CorruptShard(f"{self.where}: shard file {name} (rows {base}-{base + self.shard_rows - 1}) is missing (deleted or lost); run `kvdistill store verify`")
+                        raise CorruptShard(
+                            f"{self.where}: shard file {name} (rows {base}-{base + self.shard_rows - 1}) is missing (deleted or lost); run `kvdistill store verify`"
+                        )
                     f = files.enter_context(open(name, "rb"))
                     index, fd = self._index(f, name)[c0:c1], f.fileno()
                     for c, (off, nbytes) in zip(range(c0, c1), index, strict=True):
                         if off == _MISSING:  # every chunk is written (write_empty_chunks): this one was lost
-                            raise CorruptShard(f"{self.where}: chunk {base // self.chunk_rows + c} (rows from {base + c * self.chunk_rows}) is missing from shard file {name}; run `kvdistill store verify`")
-                        futures.append(_pool().submit(self._chunk, base + c * self.chunk_rows, (fd, int(off), int(nbytes)), name, start, stop, out, decode))
+                            raise CorruptShard(
+                                f"{self.where}: chunk {base // self.chunk_rows + c} (rows from {base + c * self.chunk_rows}) is missing from shard file {name}; run `kvdistill store verify`"
+                            )
+                        futures.append(
+                            _pool().submit(
+                                self._chunk,
+                                base + c * self.chunk_rows,
+                                (fd, int(off), int(nbytes)),
+                                name,
+                                start,
+                                stop,
+                                out,
+                                decode,
+                            )
+                        )
                 for future in futures:
                     future.result()
             finally:
@@ -245,26 +275,45 @@ class ShardedRows:
         for s in range(-(-self.shape[0] // self.shard_rows)):
             name = self._shard_file(s)
             if not name.exists():
-                raise CorruptShard(f"{self.where}: shard file {name} is missing (deleted or lost); run `kvdistill store verify`")
+                raise CorruptShard(
+                    f"{self.where}: shard file {name} is missing (deleted or lost); run `kvdistill store verify`"
+                )
             rows = min(self.shape[0], (s + 1) * self.shard_rows) - s * self.shard_rows
             with open(name, "rb") as f:
                 index = self._index(f, name)[: -(-rows // self.chunk_rows)]
                 for c, (off, nbytes) in enumerate(index):
                     row0 = s * self.shard_rows + c * self.chunk_rows
                     if off == _MISSING:
-                        raise CorruptShard(f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) is missing from shard file {name}; run `kvdistill store verify`")
+                        raise CorruptShard(
+                            f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) is missing from shard file {name}; run `kvdistill store verify`"
+                        )
                     self._checked(os.pread(f.fileno(), int(nbytes), int(off)), int(nbytes), name, row0)
 
     def _checked(self, data: bytes, nbytes: int, name: Path, row0: int) -> memoryview:
         """The chunk's body after its crc32c (the last 4 bytes) is checked."""
         chunk = f"chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name}"
         if len(data) != nbytes or nbytes < 4:
-            raise CorruptShard(f"{self.where}: {chunk} runs past the end of the file (truncated?); run `kvdistill store verify`")
-        if self.check_crc and google_crc32c.value(np.frombuffer(data, np.uint8)[:-4]) != int.from_bytes(data[-4:], "little"):  # a view: no copy
-            raise CorruptShard(f"{self.where}: {chunk} fails its crc32c check (corrupt on disk); run `kvdistill store verify`")
+            raise CorruptShard(
+                f"{self.where}: {chunk} runs past the end of the file (truncated?); run `kvdistill store verify`"
+            )
+        if self.check_crc and google_crc32c.value(np.frombuffer(data, np.uint8)[:-4]) != int.from_bytes(
+            data[-4:], "little"
+        ):  # a view: no copy
+            raise CorruptShard(
+                f"{self.where}: {chunk} fails its crc32c check (corrupt on disk); run `kvdistill store verify`"
+            )
         return memoryview(data)[:-4]
 
-    def _chunk(self, row0: int, where: tuple[int, int, int], name: Path, start: int, stop: int, out: np.ndarray, decode: Decode | None) -> None:
+    def _chunk(
+        self,
+        row0: int,
+        where: tuple[int, int, int],
+        name: Path,
+        start: int,
+        stop: int,
+        out: np.ndarray,
+        decode: Decode | None,
+    ) -> None:
         """The chunk starting at row row0, stored at `where` = (open file, offset, bytes), into
         its rows of out, after its crc32c (the last 4 bytes) is checked."""
         a, b = max(start, row0), min(stop, row0 + self.chunk_rows)  # the rows of this chunk we want
@@ -293,4 +342,6 @@ class ShardedRows:
             else:
                 raise ValueError(f"{len(data)} bytes, expected {self.chunk_bytes}")
         except (RuntimeError, ValueError) as e:
-            raise CorruptShard(f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name} does not decode ({e}); run `kvdistill store verify`") from e
+            raise CorruptShard(
+                f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name} does not decode ({e}); run `kvdistill store verify`"
+            ) from e

@@ -35,7 +35,13 @@ def read_spans(offsets: np.ndarray, span: int) -> Iterator[tuple[int, int]]:
 
 
 def zarr_samples(
-    store: str | Path, teachers: list[str], shards: list[int], *, read_kv: bool = True, read_latent: bool = False, decode: bool = True,
+    store: str | Path,
+    teachers: list[str],
+    shards: list[int],
+    *,
+    read_kv: bool = True,
+    read_latent: bool = False,
+    decode: bool = True,
     keep: np.ndarray | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of `shards`, in this order (backend.shard_samples documents the format). Reads
@@ -72,7 +78,13 @@ class _ZarrShards:
         """One shard, ready to read: every teacher's reader, the token arrays, the read spans."""
         empty = (np.zeros(1, np.int64), [])
         readers = [
-            ShardReader(self.store, t, shard, group=root[f"teachers/{t}/{shard_name(shard)}"], index=index.get((t, shard), empty))
+            ShardReader(
+                self.store,
+                t,
+                shard,
+                group=root[f"teachers/{t}/{shard_name(shard)}"],
+                index=index.get((t, shard), empty),
+            )
             for t in self.teachers
         ]
         first = readers[0]
@@ -90,7 +102,9 @@ class _ZarrShards:
         for j, r in enumerate(readers):
             kv = {n for n in r.names if n in ("k", "v") or n.startswith(("k_", "v_"))}
             latent = {n for n in r.names if n.startswith(("latent_", "codi_"))} if self.read_latent else set()
-            r.check_unread((set(token_names) if j == 0 else set()) | kv | latent)  # tokens come from the first teacher's shard
+            r.check_unread(
+                (set(token_names) if j == 0 else set()) | kv | latent
+            )  # tokens come from the first teacher's shard
         off = first.offsets
         # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each read has a fixed
         # cost, and a chunk straddling two spans is the only one decompressed twice
@@ -110,9 +124,14 @@ class _ZarrShards:
     def samples(self, shards: list[int], keep: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
         n_parts = 2 * len(self.teachers) if self.read_kv else 0
         workers = max(1, n_parts + (len(self.teachers) if self.read_latent else 0))
-        with ThreadPoolExecutor(1, thread_name_prefix="kvdistill-ahead") as ahead, ThreadPoolExecutor(workers, thread_name_prefix="kvdistill-arrays") as arrays:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="kvdistill-ahead") as ahead,
+            ThreadPoolExecutor(workers, thread_name_prefix="kvdistill-arrays") as arrays,
+        ):
 
-            def read(sh: dict[str, Any], j0: int, j1: int) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]]]:
+            def read(
+                sh: dict[str, Any], j0: int, j1: int
+            ) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]]]:
                 r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
                 parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
                 # decode=False: K/V stay as stored (16-bit floats, int8 / int4 codes + scales), so
@@ -142,7 +161,15 @@ class _ZarrShards:
                 (sh, j0, j1, want), (blocks, latent) = got
                 yield from self.span_samples(sh, j0, j1, blocks, latent, want)
 
-    def span_samples(self, sh: dict[str, Any], j0: int, j1: int, blocks: list, latent: list[dict[str, np.ndarray]], want: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
+    def span_samples(
+        self,
+        sh: dict[str, Any],
+        j0: int,
+        j1: int,
+        blocks: list,
+        latent: list[dict[str, np.ndarray]],
+        want: np.ndarray | None = None,
+    ) -> Iterator[dict[str, Any]]:
         off, tokens = sh["off"], sh["tokens"]
         r0 = int(off[j0])
         js = range(j0, j1) if want is None else want[(want >= j0) & (want < j1)].tolist()
@@ -153,11 +180,16 @@ class _ZarrShards:
                 "shard": sh["shard"],
                 "input_ids": tokens["input_ids"][r0 + a : r0 + b],
                 "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
-                "kv": {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)} if self.read_kv else {},
+                "kv": {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)}
+                if self.read_kv
+                else {},
             }
             if self.read_latent:
                 sample["segment_ids"] = tokens["segment_ids"][r0 + a : r0 + b]
-                sample["latent"] = {t: contract_latent({k: x[j - j0] for k, x in lat.items()}) for t, lat in zip(self.teachers, latent, strict=True)}
+                sample["latent"] = {
+                    t: contract_latent({k: x[j - j0] for k, x in lat.items()})
+                    for t, lat in zip(self.teachers, latent, strict=True)
+                }
             yield sample
 
 
@@ -192,4 +224,6 @@ def check_latent_sample(sample: dict[str, Any], teachers: list[str], shard: int)
         )
     missing = [t for t in teachers if t not in sample.get("latent", {})]
     if missing:
-        raise StoreError(f"{shard_name(shard)}: teacher(s) {missing} hold no latent K/V; re-dump them with --latent-slots M")
+        raise StoreError(
+            f"{shard_name(shard)}: teacher(s) {missing} hold no latent K/V; re-dump them with --latent-slots M"
+        )

@@ -35,7 +35,6 @@ from .rows import check_chunks_present
 __all__ = ["stats", "format_stats", "plot_stats"]
 
 
-
 def _row_chunks(n: int, step: int) -> tuple[int, ...]:
     return tuple(min(step, n - a) for a in range(0, n, step)) or (0,)
 
@@ -60,14 +59,18 @@ def _lazy(group: zarr.Group, part: str, width: int) -> da.Array:
     starts = np.cumsum((0, *rows[:-1]))
     extra = []
     if aux:  # int8 / int4: scale (and zero) rows for each data block
-        aux_rows = tuple(b - a for a, b in (codecs.scale_rows(codec, part, s0, s0 + r) for s0, r in zip(starts, rows, strict=True)))
+        aux_rows = tuple(
+            b - a for a, b in (codecs.scale_rows(codec, part, s0, s0 + r) for s0, r in zip(starts, rows, strict=True))
+        )
         extra = [da.from_zarr(group[f"{part}_{a}"], chunks=(aux_rows, *group[f"{part}_{a}"].shape[1:])) for a in aux]
 
     def decode(block, *params, block_info=None):
         start = block_info[0]["array-location"][0][0]
         return codecs.decode(codec, part, {"": block, **dict(zip(aux, params, strict=True))}, start, width)
 
-    y = da.map_blocks(decode, x, *extra, chunks=(rows, (L,), (width,)), dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
+    y = da.map_blocks(
+        decode, x, *extra, chunks=(rows, (L,), (width,)), dtype=np.float32, meta=np.empty((0, 0, 0), np.float32)
+    )
     return y.astype(np.float64)
 
 
@@ -103,7 +106,11 @@ def stats(path: str | Path, teachers: list[str] | None = None) -> dict[str, Any]
         if not rows:
             out["skipped"][name] = f"no rows in its {len(shards)} complete shard(s)"
             continue
-        out["teachers"][name] = {"codec": getattr(specs[name], "kv_dtype", "float16"), "shards": len(shards), "rows": rows}
+        out["teachers"][name] = {
+            "codec": getattr(specs[name], "kv_dtype", "float16"),
+            "shards": len(shards),
+            "rows": rows,
+        }
         lazy[name] = {}
         for a, p in parts.items():
             x = da.concatenate(p, axis=0)  # [N, L_s, D]
@@ -117,7 +124,9 @@ def stats(path: str | Path, teachers: list[str] | None = None) -> dict[str, Any]
     except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
         if "checksum" not in str(e):
             raise
-        raise CorruptShard(f"store {path}: a K/V chunk fails its crc32c check ({e}); run `kvdistill store verify {path}` to find which") from e
+        raise CorruptShard(
+            f"store {path}: a K/V chunk fails its crc32c check ({e}); run `kvdistill store verify {path}` to find which"
+        ) from e
     for name, kv in computed.items():
         for a, st in kv.items():
             out["teachers"][name][a] = {s: np.asarray(v).tolist() for s, v in st.items()}
@@ -133,7 +142,9 @@ def format_stats(info: dict[str, Any]) -> str:
             for layer, (m, s, x) in enumerate(zip(st["mean"], st["std"], st["absmax"], strict=True)):
                 lines.append(f"{name:<20} {a.upper():<3} {layer:>5} {m:>11.4g} {s:>11.4g} {x:>11.4g}")
     for name, t in info["teachers"].items():
-        lines.append(f"{name}: {t['rows']:,} rows from {t['shards']}/{info['num_shards']} complete shards ({t['codec']})")
+        lines.append(
+            f"{name}: {t['rows']:,} rows from {t['shards']}/{info['num_shards']} complete shards ({t['codec']})"
+        )
     for name, why in info["skipped"].items():
         lines.append(f"{name}: skipped: {why}")
     return "\n".join(lines)

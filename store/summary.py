@@ -50,7 +50,9 @@ def inspect(path: str | Path) -> dict[str, Any]:
             "model": t.model.name_or_path,
             "codec": t.kv_dtype,
             "fingerprint": t.fingerprint,
-            "shards_partial": sum(1 for i in range(spec.num_shards) if i not in done and partial_attempts(path, name, i)),
+            "shards_partial": sum(
+                1 for i in range(spec.num_shards) if i not in done and partial_attempts(path, name, i)
+            ),
             "time_map": t.time_map,
             "width": t.width,
             "latent_slots": t.latent.slots if t.latent else None,
@@ -89,5 +91,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers); "
         "ratio = plain float16 bytes / bytes on disk; latent = M compressed reasoning slots per sample (KaVa latent mode)"
     )
-    lines.append("one sample's time map and layer map, drawn: kvdistill store show-alignment STORE --teacher T --sample ID --out fig.png")
+    lines.append(
+        "one sample's time map and layer map, drawn: kvdistill store show-alignment STORE --teacher T --sample ID --out fig.png"
+    )
     return "\n".join(lines)

@@ -93,7 +93,11 @@ def _redump(teacher: str, shard: int, delete: bool = True) -> str:
         f"re-run its dump task (`kvdistill dump --teacher-name {teacher} --shard {shard} ...`), "
         "then `kvdistill store finalize`"
     )
-    return f"delete the shard ({shard_name(shard)} of teacher {teacher!r}), {rerun}" if delete else rerun[0].upper() + rerun[1:]
+    return (
+        f"delete the shard ({shard_name(shard)} of teacher {teacher!r}), {rerun}"
+        if delete
+        else rerun[0].upper() + rerun[1:]
+    )
 
 
 def _blocks(arr: zarr.Array) -> int:
@@ -123,8 +127,12 @@ def verify(path: str | Path, progress: bool = False) -> list[Problem]:
     path = Path(path)
     try:
         spec = read_store_spec(path)
-    except CorruptShard as e:  # its root metadata is damaged: a finding (a folder that is no store is StoreError, exit 3)
-        return [Problem(None, None, str(e), "restore the store's root zarr.json from a copy, or dump into a new --store")]
+    except (
+        CorruptShard
+    ) as e:  # its root metadata is damaged: a finding (a folder that is no store is StoreError, exit 3)
+        return [
+            Problem(None, None, str(e), "restore the store's root zarr.json from a copy, or dump into a new --store")
+        ]
     problems: list[Problem] = []
     teachers = _read_teachers(path, problems)
     damaged = {p.teacher for p in problems}  # teachers whose record is damaged: their shards are not checked
@@ -156,7 +164,8 @@ def verify(path: str | Path, progress: bool = False) -> list[Problem]:
             continue
         problems.append(
             Problem(
-                name, i,
+                name,
+                i,
                 f"index.parquet lists {len(rows['sample_id'])} samples of a shard the store does not hold",
                 f"run `kvdistill store finalize {path}` again",
             )
@@ -186,7 +195,11 @@ def _other_metadata(path: Path) -> list[Problem]:
     out = []
     for f in sorted(path.rglob("zarr.json")):
         rel = f.relative_to(path).parts
-        if rel[0] == PARTIAL or f.parent == path or (rel[0] == "teachers" and len(rel) > 2 and (len(rel) == 3 or rel[2].startswith("shard-"))):
+        if (
+            rel[0] == PARTIAL
+            or f.parent == path
+            or (rel[0] == "teachers" and len(rel) > 2 and (len(rel) == 3 or rel[2].startswith("shard-")))
+        ):
             continue  # being written; the root; a teacher's record and its shards: checked with them
         teacher = rel[1] if rel[0] == "teachers" and len(rel) > 3 else None
         why = _invalid_json(f)
@@ -197,7 +210,14 @@ def _other_metadata(path: Path) -> list[Problem]:
             try:
                 zarr.open_array(f.parent, mode="r")[...]
             except Exception as e:  # any codec error of a corrupt chunk is a finding
-                out.append(Problem(teacher, None, f"array {f.parent} does not read ({_decode_error(e)})", "restore it from a copy, or dump into a new --store"))
+                out.append(
+                    Problem(
+                        teacher,
+                        None,
+                        f"array {f.parent} does not read ({_decode_error(e)})",
+                        "restore it from a copy, or dump into a new --store",
+                    )
+                )
     return out
 
 
@@ -216,7 +236,12 @@ def _read_teachers(path: Path, problems: list[Problem]) -> dict[str, TeacherSpec
             problems.append(Problem(d.name, None, str(e).removesuffix(f"; {fix}"), fix))
         except Exception as e:  # no record, or one that is not a TeacherSpec
             problems.append(
-                Problem(d.name, None, f"{d / 'zarr.json'} holds no valid teacher record ({_decode_error(e)})", f"delete {d} and dump teacher {d.name!r} again")
+                Problem(
+                    d.name,
+                    None,
+                    f"{d / 'zarr.json'} holds no valid teacher record ({_decode_error(e)})",
+                    f"delete {d} and dump teacher {d.name!r} again",
+                )
             )
     return out
 
@@ -359,7 +384,9 @@ def _verify_shard(
                 report(f"latent arrays do not decode ({_decode_error(e)})")
             else:
                 tokens = seg if tspec.time_map == "identity" else None
-                _check_latent(lat, tspec, L_s, width, samples, offsets, tokens, bool(attrs["latent"].get("hidden")), report)
+                _check_latent(
+                    lat, tspec, L_s, width, samples, offsets, tokens, bool(attrs["latent"].get("hidden")), report
+                )
     return (ids, offsets) if sound else None
 
 
@@ -378,24 +405,39 @@ def _check_examples(arr, samples: int, report) -> None:
             ex = json.loads(str(x))
         except ValueError:
             ex = None
-        if not isinstance(ex, dict) or sorted(ex) != sorted(EXAMPLE_KEYS) or not all(isinstance(v, str) for v in ex.values()):
+        if (
+            not isinstance(ex, dict)
+            or sorted(ex) != sorted(EXAMPLE_KEYS)
+            or not all(isinstance(v, str) for v in ex.values())
+        ):
             report(f"examples[{j}] is not a JSON object of {list(EXAMPLE_KEYS)} strings")
             return
 
 
-def _check_latent(lat, tspec: TeacherSpec, L_s: int, width: int, samples: int, offsets, segment_ids, hidden: bool, report) -> None:
+def _check_latent(
+    lat, tspec: TeacherSpec, L_s: int, width: int, samples: int, offsets, segment_ids, hidden: bool, report
+) -> None:
     """Shapes, mask / position consistency, time order and finiteness of one shard's latent arrays
     (decoded, every sample). `segment_ids` (identity time map only: teacher and student grids
     agree) also checks every kept position lies in its sample's reasoning segment."""
     if samples == 0:  # an empty shard's latent arrays carry no per-sample geometry to check
         return
     M, g = tspec.latent.slots, tspec.geometry
-    want = {"k": (samples, M, L_s, width), "v": (samples, M, L_s, width), "mask": (samples, M), "pos": (samples, M, g.num_layers, g.num_kv_heads)}
+    want = {
+        "k": (samples, M, L_s, width),
+        "v": (samples, M, L_s, width),
+        "mask": (samples, M),
+        "pos": (samples, M, g.num_layers, g.num_kv_heads),
+    }
     if hidden:
         want["hidden"] = (samples, lat["hidden"].shape[-1] if "hidden" in lat else -1)
     elif tspec.latent.codi_hidden:
         report("lacks codi_hidden, which its teacher spec's latent.codi_hidden asks for")
-    bad = [f"{a} {lat[a].shape if a in lat else 'missing'} (expected {w})" for a, w in want.items() if a not in lat or lat[a].shape != w]
+    bad = [
+        f"{a} {lat[a].shape if a in lat else 'missing'} (expected {w})"
+        for a, w in want.items()
+        if a not in lat or lat[a].shape != w
+    ]
     if bad:
         report("latent arrays of the wrong shape: " + ", ".join(bad))
         return
@@ -403,7 +445,9 @@ def _check_latent(lat, tspec: TeacherSpec, L_s: int, width: int, samples: int, o
     real = pos >= 0  # [n, M, L_t, H_t]
     wrong = ~np.all((real == mask[:, :, None, None]) & (real | (pos == -1)), axis=(1, 2, 3))  # [n]
     if wrong.any():
-        report(f"latent_mask disagrees with latent_pos >= 0, or padding positions are not -1 (first in sample {int(np.flatnonzero(wrong)[0])})")
+        report(
+            f"latent_mask disagrees with latent_pos >= 0, or padding positions are not -1 (first in sample {int(np.flatnonzero(wrong)[0])})"
+        )
         return
     if np.any(mask[:, 1:] & ~mask[:, :-1]):
         report("latent_mask has a padding slot before a real one; real slots come first")
@@ -423,7 +467,9 @@ def _check_latent(lat, tspec: TeacherSpec, L_s: int, width: int, samples: int, o
             report(f"latent {a} holds {int(np.count_nonzero(~np.isfinite(lat[a])))} non-finite value(s) (NaN / Inf)")
 
 
-def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report) -> tuple[list[str], np.ndarray] | None:
+def _verify_tar(
+    path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report
+) -> tuple[list[str], np.ndarray] | None:
     """A webdataset shard, read once through the readers' own check (wds.tar_records): every
     member's crc32c, the records' order and count, the whole file's crc32c and size, each a
     Problem; then every sound record decoded (pickle-free): lengths, shapes, finiteness and the
@@ -469,7 +515,9 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
         T = int(offsets[j + 1] - offsets[j])
         k, v = s["k"], s["v"]
         if len(s["input_ids"]) != T or len(s["loss_mask"]) != T:
-            report(f"record {j} ({sid}) has {len(s['input_ids'])} tokens / {len(s['loss_mask'])} mask entries, its completion record {T}")
+            report(
+                f"record {j} ({sid}) has {len(s['input_ids'])} tokens / {len(s['loss_mask'])} mask entries, its completion record {T}"
+            )
             continue
         if k.shape != (T, L_s, width) or v.shape != k.shape:
             report(f"record {sid}: k {k.shape}, v {v.shape}, expected {(T, L_s, width)}")
@@ -484,8 +532,15 @@ def _verify_tar(path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report)
             segs[j] = s.get("segment_ids")
     if tspec.latent is not None and len(latents) == len(ids) and latents:
         hidden = all("hidden" in x for x in latents.values())
-        lat = {a: np.stack([latents[j][a] for j in range(len(ids))]) for a in ("k", "v", "mask", "pos", *(("hidden",) if hidden else ()))}
-        seg = np.concatenate([segs[j] for j in range(len(ids))]) if tspec.time_map == "identity" and all(x is not None for x in segs.values()) else None
+        lat = {
+            a: np.stack([latents[j][a] for j in range(len(ids))])
+            for a in ("k", "v", "mask", "pos", *(("hidden",) if hidden else ()))
+        }
+        seg = (
+            np.concatenate([segs[j] for j in range(len(ids))])
+            if tspec.time_map == "identity" and all(x is not None for x in segs.values())
+            else None
+        )
         _check_latent(lat, tspec, L_s, width, len(ids), offsets, seg, hidden, report)
     return ids, offsets
 
@@ -525,7 +580,9 @@ def _check_values(path, name, i, rows, L_s, width, kv, step, report) -> None:
             for a in kv:
                 x = block[a]  # [stop - start, L_s, width]
                 if x.shape != (stop - start, L_s, width):
-                    report(f"{a} decodes to rows of shape {x.shape[1:]}, expected ({L_s}, {width}) (student layers, teacher width)")
+                    report(
+                        f"{a} decodes to rows of shape {x.shape[1:]}, expected ({L_s}, {width}) (student layers, teacher width)"
+                    )
                     return
                 nonfinite = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)  # [rows]
                 if nonfinite.any():
@@ -542,20 +599,31 @@ def _check_values(path, name, i, rows, L_s, width, kv, step, report) -> None:
 def _compare_teachers(name, i, ids, offsets, ref, problems: list[Problem]) -> None:
     ref_name, ref_ids, ref_offsets = ref
     fix = (
-        "every teacher must be dumped from the same data, split, num_shards and student "
-        f"tokenizer; {_redump(name, i)}"
+        f"every teacher must be dumped from the same data, split, num_shards and student tokenizer; {_redump(name, i)}"
     )
     if ids != ref_ids:
-        j = next((j for j, (a, b) in enumerate(zip(ids, ref_ids, strict=False)) if a != b), min(len(ids), len(ref_ids)))
+        j = next(
+            (j for j, (a, b) in enumerate(zip(ids, ref_ids, strict=False)) if a != b), min(len(ids), len(ref_ids))
+        )
         problems.append(
-            Problem(name, i, f"holds other sample ids than teacher {ref_name!r} ({len(ids)} vs {len(ref_ids)} "
-                    f"samples, first difference at sample {j})", fix)
+            Problem(
+                name,
+                i,
+                f"holds other sample ids than teacher {ref_name!r} ({len(ids)} vs {len(ref_ids)} "
+                f"samples, first difference at sample {j})",
+                fix,
+            )
         )
     elif not np.array_equal(offsets, ref_offsets):
         j = int(np.flatnonzero(offsets != ref_offsets)[0])
         problems.append(
-            Problem(name, i, f"holds the samples of teacher {ref_name!r} with other lengths (offset {j}: "
-                    f"{offsets[j]} vs {ref_offsets[j]})", fix)
+            Problem(
+                name,
+                i,
+                f"holds the samples of teacher {ref_name!r} with other lengths (offset {j}: "
+                f"{offsets[j]} vs {ref_offsets[j]})",
+                fix,
+            )
         )
 
 
@@ -573,7 +641,9 @@ def _compare_index(name, i, ids, offsets, rows, problems: list[Problem]) -> None
         "length": np.diff(offsets),
     }
     if len(rows["sample_id"]) != len(ids):
-        problems.append(Problem(name, i, f"index.parquet lists {len(rows['sample_id'])} samples, the shard holds {len(ids)}", fix))
+        problems.append(
+            Problem(name, i, f"index.parquet lists {len(rows['sample_id'])} samples, the shard holds {len(ids)}", fix)
+        )
         return
     for c, w in want.items():
         have = rows[c].astype(str) if c == "sample_id" else rows[c]
@@ -581,8 +651,13 @@ def _compare_index(name, i, ids, offsets, rows, problems: list[Problem]) -> None
         if len(diff):
             j = int(diff[0])
             problems.append(
-                Problem(name, i, f"index.parquet disagrees with the shard on {c} at {len(diff)} sample(s), "
-                        f"first sample {j} ({ids[j]!r}): index has {have[j]!r}, shard has {w[j]!r}", fix)
+                Problem(
+                    name,
+                    i,
+                    f"index.parquet disagrees with the shard on {c} at {len(diff)} sample(s), "
+                    f"first sample {j} ({ids[j]!r}): index has {have[j]!r}, shard has {w[j]!r}",
+                    fix,
+                )
             )
 
 
@@ -593,8 +668,12 @@ def _extra_shards(path: Path, name: str, num_shards: int) -> list[Problem]:
         suffix = d.name.removeprefix("shard-").removesuffix(".tar").removesuffix(".json")  # webdataset shards
         if not (suffix.isdigit() and int(suffix) < num_shards):
             out.append(
-                Problem(name, None, f"{d.name} lies beyond the store's {num_shards} shards",
-                        f"delete {d} (left by a run with another --num-shards)")
+                Problem(
+                    name,
+                    None,
+                    f"{d.name} lies beyond the store's {num_shards} shards",
+                    f"delete {d} (left by a run with another --num-shards)",
+                )
             )
     return out
 

@@ -103,7 +103,14 @@ __all__ = [
 ]
 
 ARRAYS = ("k", "v", "input_ids", "loss_mask")
-OPTIONAL = ("segment_ids", "latent_k", "latent_v", "latent_mask", "latent_pos", "codi_hidden")  # members only some shards hold
+OPTIONAL = (
+    "segment_ids",
+    "latent_k",
+    "latent_v",
+    "latent_mask",
+    "latent_pos",
+    "codi_hidden",
+)  # members only some shards hold
 WDS_CODECS = ("float16", "float32")  # K/V dtypes a tar holds (npy of plain floats)
 _BLOCK = 1 << 24  # bytes per read when checksumming a whole file
 
@@ -120,11 +127,21 @@ class WdsShardWriter:
     owns. Latent K/V are stored in the shard's K/V dtype."""
 
     def __init__(
-        self, root: str | Path, teacher: str, shard: int, *, num_layers: int, width: int, codec: str = "float16",
-        latent_slots: int | None = None, on_busy: str = "fail",
+        self,
+        root: str | Path,
+        teacher: str,
+        shard: int,
+        *,
+        num_layers: int,
+        width: int,
+        codec: str = "float16",
+        latent_slots: int | None = None,
+        on_busy: str = "fail",
     ) -> None:
         if codec not in WDS_CODECS:
-            raise ValueError(f"the webdataset backend stores float16 or float32 K/V, not {codec!r}; use the zarr backend for quantised codecs")
+            raise ValueError(
+                f"the webdataset backend stores float16 or float32 K/V, not {codec!r}; use the zarr backend for quantised codecs"
+            )
         self.root, self.teacher, self.shard = Path(root), teacher, shard
         self.final = tar_path(self.root, teacher, shard)
         self.sidecar = sidecar_path(self.root, teacher, shard)
@@ -133,7 +150,9 @@ class WdsShardWriter:
         self.lock = acquire_shard(root, teacher, shard, on_busy)
         try:
             if self.final.exists():  # a tar without its record: not complete, and not ours to overwrite
-                raise StoreError(f"{self.final} exists without its completion record {self.sidecar.name}; delete it to re-dump the shard")
+                raise StoreError(
+                    f"{self.final} exists without its completion record {self.sidecar.name}; delete it to re-dump the shard"
+                )
             self.sidecar.unlink(missing_ok=True)  # a record whose tar never arrived (killed between the two)
             self.tmp = partial_dir(root, teacher) / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}.tar"
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -166,13 +185,21 @@ class WdsShardWriter:
         return out
 
     def write(
-        self, sample_id: str, k: np.ndarray, v: np.ndarray, input_ids: np.ndarray, loss_mask: np.ndarray,
-        segment_ids: np.ndarray | None = None, latent: dict[str, np.ndarray] | None = None,
+        self,
+        sample_id: str,
+        k: np.ndarray,
+        v: np.ndarray,
+        input_ids: np.ndarray,
+        loss_mask: np.ndarray,
+        segment_ids: np.ndarray | None = None,
+        latent: dict[str, np.ndarray] | None = None,
         example: dict[str, str] | None = None,
     ) -> None:
         T = len(input_ids)
         if k.shape != (T, self.L, self.D) or v.shape != (T, self.L, self.D):
-            raise ValueError(f"sample {sample_id}: expected k, v of shape {(T, self.L, self.D)}, got {k.shape}, {v.shape}")
+            raise ValueError(
+                f"sample {sample_id}: expected k, v of shape {(T, self.L, self.D)}, got {k.shape}, {v.shape}"
+            )
         if "." in sample_id:
             raise ValueError(f"sample id {sample_id!r} contains '.', which webdataset reads as an extension")
         arrays = {
@@ -207,26 +234,40 @@ class WdsShardWriter:
         if self.has_segments is None:
             self.has_segments = segment_ids is not None
         if (segment_ids is not None) != self.has_segments or (segment_ids is not None and len(segment_ids) != T):
-            raise ValueError(f"sample {sample_id}: segment_ids must be given for every sample of a shard or for none, one per token ({T})")
+            raise ValueError(
+                f"sample {sample_id}: segment_ids must be given for every sample of a shard or for none, one per token ({T})"
+            )
         if segment_ids is not None:
             out["segment_ids.npy"] = np.asarray(segment_ids, dtype=np.uint8)
         if (latent is None) != (self.M is None):
-            raise ValueError(f"sample {sample_id}: latent arrays must be given exactly when the writer has latent_slots ({self.M})")
+            raise ValueError(
+                f"sample {sample_id}: latent arrays must be given exactly when the writer has latent_slots ({self.M})"
+            )
         if latent is None:
             return out
         M = self.M
         pos, mask = np.asarray(latent["pos"], dtype=np.int32), np.asarray(latent["mask"], dtype=np.bool_)
-        if latent["k"].shape != (M, self.L, self.D) or latent["v"].shape != (M, self.L, self.D) or mask.shape != (M,) or pos.ndim != 3 or len(pos) != M:
+        if (
+            latent["k"].shape != (M, self.L, self.D)
+            or latent["v"].shape != (M, self.L, self.D)
+            or mask.shape != (M,)
+            or pos.ndim != 3
+            or len(pos) != M
+        ):
             raise ValueError(
                 f"sample {sample_id}: latent k {latent['k'].shape}, v {latent['v'].shape}, mask {mask.shape}, pos {pos.shape}; "
                 f"expected {(M, self.L, self.D)}, ({M},), ({M}, L_t, H_t)"
             )
         if not np.array_equal(np.all(pos >= 0, axis=(1, 2)), mask):
-            raise ValueError(f"sample {sample_id}: latent pos must be >= 0 exactly at the mask's slots and -1 at padding slots")
+            raise ValueError(
+                f"sample {sample_id}: latent pos must be >= 0 exactly at the mask's slots and -1 at padding slots"
+            )
         if self.has_hidden is None:
             self.has_hidden = latent.get("hidden") is not None
         if (latent.get("hidden") is not None) != self.has_hidden:
-            raise ValueError(f"sample {sample_id}: codi hidden states must be given for every sample of a shard or for none")
+            raise ValueError(
+                f"sample {sample_id}: codi hidden states must be given for every sample of a shard or for none"
+            )
         out |= {
             "latent_k.npy": self._kv(sample_id, "latent k", latent["k"]),
             "latent_v.npy": self._kv(sample_id, "latent v", latent["v"]),
@@ -243,11 +284,21 @@ class WdsShardWriter:
             self.file.close()
             crc, size = _file_crc32c(self.tmp)
             record = {
-                "complete": True, "teacher": self.teacher, "shard": self.shard, "samples": len(self.sample_ids),
-                "rows": self.offsets[-1], "codec": self.codec, "width": self.D,
+                "complete": True,
+                "teacher": self.teacher,
+                "shard": self.shard,
+                "samples": len(self.sample_ids),
+                "rows": self.offsets[-1],
+                "codec": self.codec,
+                "width": self.D,
                 "crc32c": {"tar": crc, "size": size, "members": self.members or [], "records": self.crcs},
-                "sample_ids": self.sample_ids, "offsets": self.offsets,
-                **({"latent": {"slots": self.M, "codec": self.codec, "hidden": bool(self.has_hidden)}} if self.M is not None else {}),
+                "sample_ids": self.sample_ids,
+                "offsets": self.offsets,
+                **(
+                    {"latent": {"slots": self.M, "codec": self.codec, "hidden": bool(self.has_hidden)}}
+                    if self.M is not None
+                    else {}
+                ),
                 **(extra_attrs or {}),
             }
             self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -350,13 +401,18 @@ def read_sidecar(tar: Path, problem: OnProblem) -> dict[str, Any] | None:
         return None
     sums = attrs.get("crc32c") if isinstance(attrs, dict) else None
     if sums is None:
-        problem(f"{tar.name} was written by an older kvdistill, without per-record checksums, so it cannot be checked while it streams", StoreError)
+        problem(
+            f"{tar.name} was written by an older kvdistill, without per-record checksums, so it cannot be checked while it streams",
+            StoreError,
+        )
         return None
     ids = attrs.get("sample_ids")
     if (
-        not isinstance(sums, dict) or not isinstance(ids, list)
+        not isinstance(sums, dict)
+        or not isinstance(ids, list)
         or not all(isinstance(sums.get(a), int) for a in ("tar", "size"))
-        or not isinstance(sums.get("members"), list) or not isinstance(sums.get("records"), list)
+        or not isinstance(sums.get("members"), list)
+        or not isinstance(sums.get("records"), list)
         or len(sums["records"]) != len(ids)
         or any(not isinstance(r, list) or len(r) != len(sums["members"]) for r in sums["records"])
     ):
@@ -365,7 +421,9 @@ def read_sidecar(tar: Path, problem: OnProblem) -> dict[str, Any] | None:
     return attrs
 
 
-def tar_records(tar: str | Path, problem: OnProblem | None = None, attrs: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+def tar_records(
+    tar: str | Path, problem: OnProblem | None = None, attrs: dict[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
     """The records of one shard's tar, each checked before it is yielded: {"__key__": sample id,
     "__url__": the tar, "__index__": its position, "<member>": bytes}. Every problem (see the
     module docstring) goes to `problem(what, kind)`: by default it raises one line naming store,
@@ -407,12 +465,16 @@ def tar_records(tar: str | Path, problem: OnProblem | None = None, attrs: dict[s
             key, suffix = base_plus_ext(item["fname"])
             if record is None:
                 if j >= n or key != ids[j]:
-                    damaged(f"holds record {key!r} where its completion record lists "
-                            + (f"{ids[j]!r} (record {j} of {n})" if j < n else f"only {n} records"))
+                    damaged(
+                        f"holds record {key!r} where its completion record lists "
+                        + (f"{ids[j]!r} (record {j} of {n})" if j < n else f"only {n} records")
+                    )
                     break
                 record, good = {"__key__": key, "__url__": str(tar), "__index__": j}, True
             if key != record["__key__"] or suffix not in slot or suffix in record:
-                damaged(f"holds member {item['fname']!r} where record {j} ({ids[j]!r}) of {n} should have members {members}")
+                damaged(
+                    f"holds member {item['fname']!r} where record {j} ({ids[j]!r}) of {n} should have members {members}"
+                )
                 break
             data = item["data"]
             got, want = google_crc32c.value(data), crcs[j][slot[suffix]]
@@ -426,7 +488,9 @@ def tar_records(tar: str | Path, problem: OnProblem | None = None, attrs: dict[s
                     yield record
                 record = None
         if sound and record is not None:
-            damaged(f"ends inside record {j} ({ids[j]!r}) of {n}: it has members {sorted(k for k in record if not k.startswith('__'))} of {members}")
+            damaged(
+                f"ends inside record {j} ({ids[j]!r}) of {n}: it has members {sorted(k for k in record if not k.startswith('__'))} of {members}"
+            )
         elif sound and j != n:
             damaged(f"ends after {j} of {n} records (truncated, or a damaged header ended it early)")
         try:
@@ -444,7 +508,9 @@ def tar_records(tar: str | Path, problem: OnProblem | None = None, attrs: dict[s
 def decode_record(sample: dict[str, Any]) -> dict[str, Any]:
     """A checked record's arrays: only our members, only pickle-free npy."""
     out: dict[str, Any] = {"sample_id": sample["__key__"], "url": sample.get("__url__")}
-    unknown = sorted(k for k in sample if not k.startswith("__") and k not in {f"{a}.npy" for a in ARRAYS + OPTIONAL} | {"json"})
+    unknown = sorted(
+        k for k in sample if not k.startswith("__") and k not in {f"{a}.npy" for a in ARRAYS + OPTIONAL} | {"json"}
+    )
     if unknown:
         raise StoreError(f"{sample.get('__url__')}: record {sample['__key__']} has unexpected members {unknown}")
     if "json" in sample:
@@ -458,7 +524,9 @@ def decode_record(sample: dict[str, Any]) -> dict[str, Any]:
         try:
             out[name] = np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False)
         except ValueError as e:  # object arrays need pickle: refused
-            raise StoreError(f"{sample.get('__url__')}: {sample['__key__']}.{name}.npy cannot be read without pickle ({e}); refusing it") from e
+            raise StoreError(
+                f"{sample.get('__url__')}: {sample['__key__']}.{name}.npy cannot be read without pickle ({e}); refusing it"
+            ) from e
     return out
 
 
@@ -469,7 +537,9 @@ def _checked_tars(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from tar_records(item["url"])
 
 
-def _pipeline(root: Path, teacher: str, shards: list[int], rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
+def _pipeline(
+    root: Path, teacher: str, shards: list[int], rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, Any]]:
     """One teacher's decoded records of `shards`: this rank's shards (shards[rank::world_size]),
     of those this DataLoader worker's (webdataset's split_by_worker), each tar checked."""
 
@@ -478,13 +548,15 @@ def _pipeline(root: Path, teacher: str, shards: list[int], rank: int = 0, world_
 
     if not shards:
         return iter(())
-    return iter(wds.DataPipeline(
-        wds.SimpleShardList([str(tar_path(root, teacher, s)) for s in shards]),
-        by_rank,
-        wds.split_by_worker,
-        _checked_tars,
-        wds.map(decode_record),
-    ))
+    return iter(
+        wds.DataPipeline(
+            wds.SimpleShardList([str(tar_path(root, teacher, s)) for s in shards]),
+            by_rank,
+            wds.split_by_worker,
+            _checked_tars,
+            wds.map(decode_record),
+        )
+    )
 
 
 def _zip(teachers: list[str], pipes) -> Iterator[dict[str, Any]]:
@@ -494,7 +566,9 @@ def _zip(teachers: list[str], pipes) -> Iterator[dict[str, Any]]:
         ids = {r["sample_id"] for r in records}
         shard = int(Path(records[0]["url"]).stem.removeprefix("shard-"))
         if len(ids) != 1:
-            raise StoreError(f"{shard_name(shard)}: teachers {teachers} hold other samples at one position ({sorted(ids)})")
+            raise StoreError(
+                f"{shard_name(shard)}: teachers {teachers} hold other samples at one position ({sorted(ids)})"
+            )
         head = records[0]
         out = {
             "sample_id": head["sample_id"],
@@ -521,13 +595,20 @@ def wds_samples(root: str | Path, teachers: list[str], shard: int) -> Iterator[d
 
 def latent_record(r: dict[str, Any]) -> dict[str, np.ndarray]:
     """One sample's latent members in the stream's form: k, v float32 [M, L, D], mask, pos, hidden."""
-    out = {"k": r["latent_k"].astype(np.float32), "v": r["latent_v"].astype(np.float32), "mask": r["latent_mask"], "pos": r["latent_pos"]}
+    out = {
+        "k": r["latent_k"].astype(np.float32),
+        "v": r["latent_v"].astype(np.float32),
+        "mask": r["latent_mask"],
+        "pos": r["latent_pos"],
+    }
     if "codi_hidden" in r:
         out["hidden"] = r["codi_hidden"]
     return out
 
 
-def wds_stream(root: str | Path, teachers: list[str], shards: list[int], *, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
+def wds_stream(
+    root: str | Path, teachers: list[str], shards: list[int], *, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, Any]]:
     """The samples of `shards` (in this order, the same list on every rank and worker) through
     one webdataset pipeline per teacher: a rank stage keeps this rank's shards
     (shards[rank::world_size], the trainer's rank as accelerate reports it), webdataset's
@@ -552,12 +633,22 @@ def wds_shard_samples(root: str | Path, teachers: list[str], shards: list[int]) 
 
 # --- convert ---------------------------------------------------------------------------------
 
-_DUMP_ATTRS = ("skipped", "max_len", "fingerprint", "data_fingerprint")  # the dump's part of a shard's record, carried over
+_DUMP_ATTRS = (
+    "skipped",
+    "max_len",
+    "fingerprint",
+    "data_fingerprint",
+)  # the dump's part of a shard's record, carried over
 
 
 def convert(
-    src: str | Path, dst: str | Path, backend: str | None = None, kv_dtype: str | None = None, *,
-    compression_level: int | None = None, blosc_shuffle: str | None = None,
+    src: str | Path,
+    dst: str | Path,
+    backend: str | None = None,
+    kv_dtype: str | None = None,
+    *,
+    compression_level: int | None = None,
+    blosc_shuffle: str | None = None,
 ) -> Path:
     """A new store at `dst` with the records of `src`, in the same order, as `backend` (default:
     the other backend). K/V keep their codec where the target holds it (zarr: any; webdataset:
@@ -582,25 +673,40 @@ def convert(
     if kv_dtype is not None and kv_dtype not in ("float32", *codecs.CODECS):
         raise ValueError(f"kv_dtype: one of {['float32', *codecs.CODECS]}, got {kv_dtype!r}")
     if backend == "webdataset" and kv_dtype is not None and kv_dtype not in WDS_CODECS:
-        raise StoreError(f"--kv-dtype {kv_dtype}: webdataset tars hold float16 or float32 K/V; pass --kv-dtype float16 or float32, or convert to zarr")
+        raise StoreError(
+            f"--kv-dtype {kv_dtype}: webdataset tars hold float16 or float32 K/V; pass --kv-dtype float16 or float32, or convert to zarr"
+        )
     if compression_level is not None and not (isinstance(compression_level, int) and 0 <= compression_level <= 9):
         raise ValueError(f"compression_level: blosc levels are 0 (none) to 9, got {compression_level!r}")
     if blosc_shuffle is not None and blosc_shuffle not in ("byte", "bit"):
         raise ValueError(f"blosc_shuffle: 'byte' or 'bit', got {blosc_shuffle!r}")
     if backend == "webdataset" and (compression_level, blosc_shuffle) != (None, None):
-        raise StoreError("--compression-level / --blosc-shuffle: webdataset tars store K/V uncompressed; drop them, or convert to zarr")
+        raise StoreError(
+            "--compression-level / --blosc-shuffle: webdataset tars store K/V uncompressed; drop them, or convert to zarr"
+        )
     if not teachers:
         raise StoreError(f"{src} holds no teachers; nothing to convert")
     targets = {name: kv_dtype or t.kv_dtype for name, t in teachers.items()}
-    unfit = {n: c for n, c in targets.items() if backend == "webdataset" and c not in WDS_CODECS}  # only without kv_dtype
+    unfit = {
+        n: c for n, c in targets.items() if backend == "webdataset" and c not in WDS_CODECS
+    }  # only without kv_dtype
     if unfit:
-        what = (f"teacher {next(iter(unfit))!r} is stored as {next(iter(unfit.values()))}, which webdataset tars cannot hold" if len(unfit) == 1
-                else "teachers " + ", ".join(f"{n!r} ({c})" for n, c in unfit.items()) + " are stored in codecs webdataset tars cannot hold")
-        raise StoreError(f"{what}; pass --kv-dtype float16 or float32 to store {'it' if len(unfit) == 1 else 'them'} decoded, or keep the zarr store")
+        what = (
+            f"teacher {next(iter(unfit))!r} is stored as {next(iter(unfit.values()))}, which webdataset tars cannot hold"
+            if len(unfit) == 1
+            else "teachers "
+            + ", ".join(f"{n!r} ({c})" for n, c in unfit.items())
+            + " are stored in codecs webdataset tars cannot hold"
+        )
+        raise StoreError(
+            f"{what}; pass --kv-dtype float16 or float32 to store {'it' if len(unfit) == 1 else 'them'} decoded, or keep the zarr store"
+        )
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise StoreError(f"{dst} exists; convert writes a new store: pick another path or delete it")
     made = not dst.exists()
-    level = {k: v for k, v in (("compression_level", compression_level), ("blosc_shuffle", blosc_shuffle)) if v is not None}
+    level = {
+        k: v for k, v in (("compression_level", compression_level), ("blosc_shuffle", blosc_shuffle)) if v is not None
+    }
     try:
         _convert(src, dst, spec, teachers, backend, targets, kv_dtype, level)
     except BaseException:
@@ -611,14 +717,28 @@ def convert(
     return dst
 
 
-def _convert(src: Path, dst: Path, spec, teachers: dict, backend: str, targets: dict[str, str], kv_dtype: str | None, level: dict[str, Any]) -> None:
+def _convert(
+    src: Path,
+    dst: Path,
+    spec,
+    teachers: dict,
+    backend: str,
+    targets: dict[str, str],
+    kv_dtype: str | None,
+    level: dict[str, Any],
+) -> None:
     store_codec = kv_dtype or spec.kv_dtype
     if backend == "webdataset" and store_codec not in WDS_CODECS:
         store_codec = next(iter(targets.values()))
-    out = type(spec).from_dict({
-        **spec.to_dict(), **level, "backend": backend, "kv_dtype": store_codec,
-        "teacher_kv_dtype": {n: c for n, c in targets.items() if c != store_codec},
-    })
+    out = type(spec).from_dict(
+        {
+            **spec.to_dict(),
+            **level,
+            "backend": backend,
+            "kv_dtype": store_codec,
+            "teacher_kv_dtype": {n: c for n, c in targets.items() if c != store_codec},
+        }
+    )
     init_store(dst, out)
     writer_cls = ShardWriter if backend == "zarr" else WdsShardWriter
     kw = compression(out) if backend == "zarr" else {}
@@ -634,10 +754,28 @@ def _convert(src: Path, dst: Path, spec, teachers: dict, backend: str, targets: 
                 continue
             slots = t.latent.slots if t.latent else None
             rec = shard_attrs(teacher_dir(src, name) / shard_name(i)) or {}
-            with writer_cls(dst, name, i, num_layers=spec.geometry.num_layers, width=t.width, codec=targets[name], latent_slots=slots, **kw) as w:
-                for s in (wds_samples(src, [name], i) if spec.backend == "webdataset" else _zarr_samples(src, name, i)):
+            with writer_cls(
+                dst,
+                name,
+                i,
+                num_layers=spec.geometry.num_layers,
+                width=t.width,
+                codec=targets[name],
+                latent_slots=slots,
+                **kw,
+            ) as w:
+                for s in wds_samples(src, [name], i) if spec.backend == "webdataset" else _zarr_samples(src, name, i):
                     k, v = s["kv"][name]
-                    w.write(s["sample_id"], k, v, s["input_ids"], s["loss_mask"], s.get("segment_ids"), s.get("latent", {}).get(name), s.get("example"))
+                    w.write(
+                        s["sample_id"],
+                        k,
+                        v,
+                        s["input_ids"],
+                        s["loss_mask"],
+                        s.get("segment_ids"),
+                        s.get("latent", {}).get(name),
+                        s.get("example"),
+                    )
                 w.close(extra_attrs={a: rec[a] for a in _DUMP_ATTRS if a in rec})
     finalize(dst)
 
@@ -646,9 +784,17 @@ def _recompress(codec, level: dict[str, Any]):
     """A K/V chunk compressor with the blosc level / shuffle `level` asks for (others as they are)."""
     if not level or not isinstance(codec, BloscCodec):
         return codec
-    shuffle = {"byte": BloscShuffle.shuffle, "bit": BloscShuffle.bitshuffle}[level["blosc_shuffle"]] if "blosc_shuffle" in level else codec.shuffle
+    shuffle = (
+        {"byte": BloscShuffle.shuffle, "bit": BloscShuffle.bitshuffle}[level["blosc_shuffle"]]
+        if "blosc_shuffle" in level
+        else codec.shuffle
+    )
     return BloscCodec(
-        typesize=codec.typesize, cname=codec.cname, clevel=level.get("compression_level", codec.clevel), shuffle=shuffle, blocksize=codec.blocksize,
+        typesize=codec.typesize,
+        cname=codec.cname,
+        clevel=level.get("compression_level", codec.clevel),
+        shuffle=shuffle,
+        blocksize=codec.blocksize,
     )
 
 
@@ -669,9 +815,19 @@ def _copy_shard(src: Path, dst: Path, teacher: str, shard: int, level: dict[str,
             for name in r.names:
                 a = r.array(name)
                 out = group.create_array(
-                    name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards, filters=a.filters, serializer=a.serializer,
-                    compressors=[_recompress(c, level) for c in a.compressors], fill_value=a.fill_value, attributes=dict(a.attrs),
-                    chunk_key_encoding=a.metadata.chunk_key_encoding, dimension_names=a.metadata.dimension_names, config=WRITE_ALL,
+                    name,
+                    shape=a.shape,
+                    dtype=a.dtype,
+                    chunks=a.chunks,
+                    shards=a.shards,
+                    filters=a.filters,
+                    serializer=a.serializer,
+                    compressors=[_recompress(c, level) for c in a.compressors],
+                    fill_value=a.fill_value,
+                    attributes=dict(a.attrs),
+                    chunk_key_encoding=a.metadata.chunk_key_encoding,
+                    dimension_names=a.metadata.dimension_names,
+                    config=WRITE_ALL,
                 )
                 if a.ndim == 0:
                     out[()] = a[()]
@@ -713,7 +869,12 @@ def _zarr_samples(src: Path, teacher: str, shard: int) -> Iterator[dict[str, Any
     examples = r.examples()
     for j, sid in enumerate(r.sample_ids):
         x = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), names)
-        s = {"sample_id": sid, "input_ids": x["input_ids"], "loss_mask": x["loss_mask"], "kv": {teacher: (x["k"], x["v"])}}
+        s = {
+            "sample_id": sid,
+            "input_ids": x["input_ids"],
+            "loss_mask": x["loss_mask"],
+            "kv": {teacher: (x["k"], x["v"])},
+        }
         if "segment_ids" in x:
             s["segment_ids"] = x["segment_ids"]
         if r.has_latent:

@@ -62,7 +62,9 @@ CHUNKS_PER_SHARD = 16  # write unit: zarr shard = 16 chunks
 
 def shard_lock(path: str | Path, teacher: str, shard: int, on_busy: str = "fail") -> FileLock:
     """The lock that makes one process the only writer of (teacher, shard); not yet acquired."""
-    return FileLock(lock_path(path, teacher, shard), f"teacher {teacher!r} {shard_name(shard)} of store {path}", on_busy)
+    return FileLock(
+        lock_path(path, teacher, shard), f"teacher {teacher!r} {shard_name(shard)} of store {path}", on_busy
+    )
 
 
 def _remove_empty_partial_dirs(path: str | Path, teacher: str) -> None:
@@ -73,7 +75,6 @@ def _remove_empty_partial_dirs(path: str | Path, teacher: str) -> None:
             d.rmdir()
         except OSError:  # not empty (another task's lock or attempt), or gone already
             return
-
 
 
 def compression(rec: StoreSpec | Any) -> dict[str, Any]:
@@ -89,7 +90,10 @@ def _kv_codec(chunk_bytes: int, level: int, shuffle: str) -> list:
     # per chunk (instead of blosc's small default blocks) lets zstd see the whole chunk (the
     # gain is in BENCHMARKS.md, bench/store.py). crc32c last: the checksum of the bytes on
     # disk, checked before anything decompresses them.
-    return [BloscCodec(cname="zstd", clevel=level, shuffle=_SHUFFLE[shuffle], blocksize=int(chunk_bytes)), Crc32cCodec()]
+    return [
+        BloscCodec(cname="zstd", clevel=level, shuffle=_SHUFFLE[shuffle], blocksize=int(chunk_bytes)),
+        Crc32cCodec(),
+    ]
 
 
 SMALL_CODECS = [ZstdCodec(level=0), Crc32cCodec()]  # token arrays, offsets, ids, masks
@@ -143,7 +147,9 @@ class ShardWriter:
         self.tmp = partial_dir(path, teacher) / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}"
         self.L, self.D, self.codec = num_layers, width, codec
         self.level, self.shuffle = compression_level, blosc_shuffle
-        row_bytes = 4 * num_layers * width if codec == "float32" else codecs.bytes_per_row(codec, num_layers, width, part="k")
+        row_bytes = (
+            4 * num_layers * width if codec == "float32" else codecs.bytes_per_row(codec, num_layers, width, part="k")
+        )
         # Chunks of ~1 MiB (the read unit), whole key-scale groups; zarr shards of 16 chunks (the write unit).
         self.chunk_rows = max(codecs.GROUP, int(CHUNK_BYTES // row_bytes) // codecs.GROUP * codecs.GROUP)
         self.shard_rows = self.chunk_rows * CHUNKS_PER_SHARD
@@ -153,7 +159,13 @@ class ShardWriter:
         self._buf: dict[str, list[np.ndarray]] = {n: [] for n in ("k", "v", "input_ids", "loss_mask")}
         kv_empty = np.zeros((0, num_layers, width), np.float16 if codec == "float16" else np.float32)
         # An empty shard still gets every array (with the codec's layout).
-        self._empty = {"k": kv_empty, "v": kv_empty, "input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.bool_), "segment_ids": np.zeros(0, np.uint8)}
+        self._empty = {
+            "k": kv_empty,
+            "v": kv_empty,
+            "input_ids": np.zeros(0, np.int32),
+            "loss_mask": np.zeros(0, np.bool_),
+            "segment_ids": np.zeros(0, np.uint8),
+        }
         self._buf_rows = 0
         self.rows = 0
         self.sample_ids: list[str] = []
@@ -224,15 +236,28 @@ class ShardWriter:
     def _add_latent(self, sample_id: str, latent: dict[str, np.ndarray] | None) -> None:
         if (latent is None) != (self.M is None):
             raise ValueError(
-                f"sample {sample_id}: " + ("latent arrays given but the writer has no latent_slots"
-                                          if self.M is None else f"the writer stores {self.M} latent slots per sample; pass latent=")
+                f"sample {sample_id}: "
+                + (
+                    "latent arrays given but the writer has no latent_slots"
+                    if self.M is None
+                    else f"the writer stores {self.M} latent slots per sample; pass latent="
+                )
             )
         if latent is None:
             return
         M, L, D = self.M, self.L, self.D
         if self.has_hidden is None:
             self.has_hidden = latent.get("hidden") is not None
-            self._lat = {n: [] for n in ("latent_k", "latent_v", "latent_mask", "latent_pos", *(("codi_hidden",) if self.has_hidden else ()))}
+            self._lat = {
+                n: []
+                for n in (
+                    "latent_k",
+                    "latent_v",
+                    "latent_mask",
+                    "latent_pos",
+                    *(("codi_hidden",) if self.has_hidden else ()),
+                )
+            }
         pos = np.asarray(latent["pos"], dtype=np.int32)
         mask = np.asarray(latent["mask"], dtype=np.bool_)
         problems = []
@@ -259,7 +284,18 @@ class ShardWriter:
 
     def _latent_chunk(self) -> int:
         """Samples per latent chunk: ~1 MiB of latent K."""
-        return max(1, int(CHUNK_BYTES // (self.M * self.L * self.D * np.dtype(np.float32 if self.latent_codec == "float32" else np.uint16).itemsize)))
+        return max(
+            1,
+            int(
+                CHUNK_BYTES
+                // (
+                    self.M
+                    * self.L
+                    * self.D
+                    * np.dtype(np.float32 if self.latent_codec == "float32" else np.uint16).itemsize
+                )
+            ),
+        )
 
     def _flush_latent(self, n: int) -> None:
         """Append the first n buffered samples of every latent array (whole zarr shards, or the rest at close)."""
@@ -270,13 +306,22 @@ class ShardWriter:
             if block is None:
                 continue
             if name in ("latent_k", "latent_v"):  # [n, M, L, D]
-                enc = block if self.latent_codec == "float32" else codecs.encode(self.latent_codec, name[-1], block.reshape(-1, self.L, self.D))[""]
+                enc = (
+                    block
+                    if self.latent_codec == "float32"
+                    else codecs.encode(self.latent_codec, name[-1], block.reshape(-1, self.L, self.D))[""]
+                )
                 block = enc.reshape(block.shape)
             if name not in self.arrays:
                 chunks = (chunk, *block.shape[1:])
                 self.arrays[name] = self.group.create_array(
-                    name, shape=(0, *block.shape[1:]), chunks=chunks, shards=(chunk * CHUNKS_PER_SHARD, *block.shape[1:]),
-                    dtype=block.dtype, compressors=_kv_codec(chunk * block[:1].nbytes, self.level, self.shuffle), config=WRITE_ALL,
+                    name,
+                    shape=(0, *block.shape[1:]),
+                    chunks=chunks,
+                    shards=(chunk * CHUNKS_PER_SHARD, *block.shape[1:]),
+                    dtype=block.dtype,
+                    compressors=_kv_codec(chunk * block[:1].nbytes, self.level, self.shuffle),
+                    config=WRITE_ALL,
                 )
                 self.crc[name] = 0
             block = np.ascontiguousarray(block)
@@ -296,7 +341,13 @@ class ShardWriter:
         if key not in self.arrays:
             # Row-indexed arrays chunk like K / V; key scales (one row per GROUP rows) proportionally;
             # 1-D token arrays in large chunks.
-            lead = 1 << 18 if data.ndim == 1 else self.chunk_rows if len(data) == rows else max(1, self.chunk_rows // codecs.GROUP)
+            lead = (
+                1 << 18
+                if data.ndim == 1
+                else self.chunk_rows
+                if len(data) == rows
+                else max(1, self.chunk_rows // codecs.GROUP)
+            )
             chunks = (lead, *data.shape[1:])
             self.arrays[key] = self.group.create_array(
                 key,
@@ -304,7 +355,9 @@ class ShardWriter:
                 chunks=chunks,
                 shards=(chunks[0] * CHUNKS_PER_SHARD, *chunks[1:]),
                 dtype=data.dtype,
-                compressors=_kv_codec(chunks[0] * data[:1].nbytes, self.level, self.shuffle) if data.ndim > 1 else SMALL_CODECS,
+                compressors=_kv_codec(chunks[0] * data[:1].nbytes, self.level, self.shuffle)
+                if data.ndim > 1
+                else SMALL_CODECS,
                 config=WRITE_ALL,
             )
             if suffix:
@@ -344,11 +397,17 @@ class ShardWriter:
             for name in ("latent_k", "latent_v", "latent_mask", "latent_pos"):
                 if name not in self.arrays:  # no sample: empty arrays of the right rank
                     dt = np.float32 if self.latent_codec == "float32" else codecs.stored_dtype(self.latent_codec)
-                    shape = {"latent_k": (0, self.M, self.L, self.D), "latent_v": (0, self.M, self.L, self.D),
-                             "latent_mask": (0, self.M), "latent_pos": (0, self.M, 0, 0)}[name]
+                    shape = {
+                        "latent_k": (0, self.M, self.L, self.D),
+                        "latent_v": (0, self.M, self.L, self.D),
+                        "latent_mask": (0, self.M),
+                        "latent_pos": (0, self.M, 0, 0),
+                    }[name]
                     dtype = {"latent_mask": np.bool_, "latent_pos": np.int32}.get(name, dt)
                     self.group.create_array(name, shape=shape, dtype=dtype, compressors=SMALL_CODECS, config=WRITE_ALL)
-        self.group.create_array("offsets", data=np.asarray(self.offsets, dtype=np.int64), compressors=SMALL_CODECS, config=WRITE_ALL)
+        self.group.create_array(
+            "offsets", data=np.asarray(self.offsets, dtype=np.int64), compressors=SMALL_CODECS, config=WRITE_ALL
+        )
         ids = self.group.create_array("sample_ids", shape=(n,), dtype=str, compressors=SMALL_CODECS, config=WRITE_ALL)
         if n:
             ids[:] = np.asarray(self.sample_ids, dtype=str)
@@ -365,11 +424,17 @@ class ShardWriter:
             "width": self.D,
             "scales": self.aux,
             "crc32": self.crc,
-            **({"latent": {"slots": self.M, "codec": self.latent_codec, "hidden": bool(self.has_hidden)}} if self.M is not None else {}),
+            **(
+                {"latent": {"slots": self.M, "codec": self.latent_codec, "hidden": bool(self.has_hidden)}}
+                if self.M is not None
+                else {}
+            ),
             **(extra_attrs or {}),
         }
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self.tmp, self.final)  # atomic: the shard appears complete or not at all (we own it: no one else renames here)
+        os.rename(
+            self.tmp, self.final
+        )  # atomic: the shard appears complete or not at all (we own it: no one else renames here)
         self.closed = True
         release_shard(self.lock, self.path, self.teacher)
         return self.final
@@ -391,7 +456,6 @@ class ShardWriter:
             self.abort()
 
 
-
 def acquire_shard(path: str | Path, teacher: str, shard: int, on_busy: str = "fail") -> FileLock:
     """Become the only writer of (teacher, shard): take its lock (ShardBusy if another live
     writer has it and on_busy is "fail"), refuse a shard that is complete already
@@ -400,7 +464,9 @@ def acquire_shard(path: str | Path, teacher: str, shard: int, on_busy: str = "fa
     lock = shard_lock(path, teacher, shard, on_busy).acquire()
     try:
         if shard_is_complete(path, teacher, shard) or (teacher_dir(path, teacher) / shard_name(shard)).exists():
-            raise ShardComplete(f"teacher {teacher!r} {shard_name(shard)} of store {path} is complete already; a complete shard is never rewritten")
+            raise ShardComplete(
+                f"teacher {teacher!r} {shard_name(shard)} of store {path} is complete already; a complete shard is never rewritten"
+            )
         for stale in partial_attempts(path, teacher, shard):  # a killed earlier attempt's: no live writer holds it
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     except BaseException:
@@ -420,11 +486,12 @@ EXAMPLE_KEYS = ("question", "reasoning", "answer")
 def example_json(sample_id: str, example: dict[str, str]) -> str:
     """A sample's text as stored (both backends): JSON of exactly EXAMPLE_KEYS, strings."""
     if sorted(example) != sorted(EXAMPLE_KEYS) or not all(isinstance(v, str) for v in example.values()):
-        raise ValueError(f"sample {sample_id}: example must map {list(EXAMPLE_KEYS)} to strings, got keys {sorted(example)}")
+        raise ValueError(
+            f"sample {sample_id}: example must map {list(EXAMPLE_KEYS)} to strings, got keys {sorted(example)}"
+        )
     return json.dumps({k: example[k] for k in EXAMPLE_KEYS}, ensure_ascii=False)
 
 
 def latent_codec(codec: str) -> str:
     """How a shard of K/V codec `codec` stores its latent K/V (see ShardWriter)."""
     return codec if codec in ("float32", "bfloat16") else "float16"
-

@@ -62,10 +62,27 @@ def make_model(tmp_path_factory, tokenizer):
     cache: dict[tuple, Path] = {}
 
     def make(arch: str = "qwen2", *, layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, seed=0, **extra) -> Path:
-        key = (arch, layers, hidden, heads, kv_heads, head_dim, seed, tuple(sorted((k, repr(v)) for k, v in extra.items())))
+        key = (
+            arch,
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            seed,
+            tuple(sorted((k, repr(v)) for k, v in extra.items())),
+        )
         if key not in cache:
             model = tiny.build_model(
-                arch, tokenizer, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seed=seed, **extra
+                arch,
+                tokenizer,
+                layers=layers,
+                hidden=hidden,
+                heads=heads,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
+                seed=seed,
+                **extra,
             )
             cache[key] = tiny.save(model, tokenizer, tmp_path_factory.mktemp(f"{arch}-{layers}l"))
         return cache[key]
@@ -88,12 +105,23 @@ def tiny_store(tmp_path_factory, make_model):
     teacher-a Qwen2 3 layers GQA (4 q / 2 kv heads, head_dim 32: D=64),
     teacher-b Llama 2 layers MQA (1 kv head, head_dim 16: D=16), student Qwen2 2 layers (D=32)."""
     teachers = [
-        ModelSpec(name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)), name="teacher-a"),
-        ModelSpec(name_or_path=str(make_model("llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16)), name="teacher-b"),
+        ModelSpec(
+            name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)),
+            name="teacher-a",
+        ),
+        ModelSpec(
+            name_or_path=str(make_model("llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16)),
+            name="teacher-b",
+        ),
     ]
-    student = ModelSpec(name_or_path=str(make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1)), name="student")
+    student = ModelSpec(
+        name_or_path=str(make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1)),
+        name="student",
+    )
     store = tmp_path_factory.mktemp("stores") / "tiny.zarr"
-    base = DumpConfig(teacher=teachers[0], student=student, store=str(store), data=DATA, num_shards=2, batch_size=8, device="cpu")
+    base = DumpConfig(
+        teacher=teachers[0], student=student, store=str(store), data=DATA, num_shards=2, batch_size=8, device="cpu"
+    )
     run_local(dump_tasks(base, teachers), progress=False)
     finalize(store)
     return {"store": store, "student": student, "teachers": teachers, "data": DATA}
@@ -113,14 +141,31 @@ def latent_store(tmp_path_factory, make_model, student_path, tiny_data):
     CODI map); teacher-b Llama 2 layers, D_t = 16, H_t = 64; teacher-plain = teacher-b dumped
     without latent compression."""
     teachers = [
-        ModelSpec(name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)), name="teacher-a"),
-        ModelSpec(name_or_path=str(make_model("llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16)), name="teacher-b"),
+        ModelSpec(
+            name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)),
+            name="teacher-a",
+        ),
+        ModelSpec(
+            name_or_path=str(make_model("llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16)),
+            name="teacher-b",
+        ),
     ]
     student = ModelSpec(name_or_path=str(student_path), name="student")
     store = tmp_path_factory.mktemp("latent-stores") / "lat.zarr"
-    base = DumpConfig(teacher=teachers[0], student=student, store=str(store), data=tiny_data, num_shards=1, batch_size=16, latent=LatentSpec(slots=LATENT_SLOTS), device="cpu")
+    base = DumpConfig(
+        teacher=teachers[0],
+        student=student,
+        store=str(store),
+        data=tiny_data,
+        num_shards=1,
+        batch_size=16,
+        latent=LatentSpec(slots=LATENT_SLOTS),
+        device="cpu",
+    )
     run_local(dump_tasks(base, teachers), progress=False)
-    plain = DumpConfig.from_dict({**base.to_dict(), "latent": None, "teacher": {**teachers[1].to_dict(), "name": "teacher-plain"}})
+    plain = DumpConfig.from_dict(
+        {**base.to_dict(), "latent": None, "teacher": {**teachers[1].to_dict(), "name": "teacher-plain"}}
+    )
     run_local(dump_tasks(plain, [plain.teacher]), progress=False)
     finalize(store)
     return {"store": store, "student": student, "slots": LATENT_SLOTS}

@@ -41,9 +41,25 @@ def free_port() -> int:
 def train_args(tiny_store, out: Path, steps: int, *extra: str) -> list[str]:
     """`-m kvdistill train ...` on the tiny store: batch 4 a process, a metrics row every step."""
     return [
-        "-m", "kvdistill", "train", "--store", str(tiny_store["store"]), "--student", tiny_store["student"].name_or_path,
-        "--out", str(out), "--max-steps", str(steps), "--per-device-train-batch-size", "4", "--log-every", "1",
-        "--device", "cpu", "--no-progress", *extra,
+        "-m",
+        "kvdistill",
+        "train",
+        "--store",
+        str(tiny_store["store"]),
+        "--student",
+        tiny_store["student"].name_or_path,
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--per-device-train-batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
     ]
 
 
@@ -115,7 +131,9 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
 
 
-def wait_for_step(run_dir: Path, step: int, procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float = 180) -> int:
+def wait_for_step(
+    run_dir: Path, step: int, procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float = 180
+) -> int:
     """Wait until metrics.jsonl has a row for `step` or later; returns the last logged step.
     Fails (killing the runs) when a launcher ends first or time runs out."""
     deadline = time.monotonic() + timeout
@@ -128,7 +146,9 @@ def wait_for_step(run_dir: Path, step: int, procs: dict[str, subprocess.Popen], 
             for p in procs.values():
                 kill_tree(p)
             tails = "\n".join(f"--- {n} ---\n{logs[n].read_text()[-2000:]}" for n in procs)
-            pytest.fail(f"no metrics row for step {step} ({'ended: ' + str(ended) if ended else 'timed out'})\n{tails}")
+            pytest.fail(
+                f"no metrics row for step {step} ({'ended: ' + str(ended) if ended else 'timed out'})\n{tails}"
+            )
         time.sleep(0.05)
 
 
@@ -146,7 +166,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, rtol: float, atol: float) -> tuple[float, bool]:
+def compare_weights(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, rtol: float, atol: float
+) -> tuple[float, bool]:
     """assert_close on every tensor of two runs (same names); returns (the largest absolute
     difference, whether they are equal bit for bit) to report."""
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))

@@ -62,7 +62,9 @@ def _padded(lengths: list[int], L: int, D: int, seed: int) -> torch.Tensor:
 
 def _projection(L_s: int, D_t: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(L_s, D_t, generator=g, dtype=torch.float64), torch.randn(L_s, D_t, dim, generator=g, dtype=torch.float64)
+    return torch.randn(L_s, D_t, generator=g, dtype=torch.float64), torch.randn(
+        L_s, D_t, dim, generator=g, dtype=torch.float64
+    )
 
 
 @FAST
@@ -82,7 +84,14 @@ def test_a_padded_batch_aligned_at_once_equals_each_sample_aligned_alone_bitwise
 
 
 @FAST
-@given(b=batch(), L_t=st.integers(1, 3), L_s=st.integers(1, 3), D_t=st.integers(1, 4), dim=st.integers(1, 4), seed=st.integers(0, 2**16))
+@given(
+    b=batch(),
+    L_t=st.integers(1, 3),
+    L_s=st.integers(1, 3),
+    D_t=st.integers(1, 4),
+    dim=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
 def test_with_a_projection_the_batch_still_equals_each_sample_alone(b, L_t, L_s, D_t, dim, seed):
     kind, samples = b
     s_off, t_off, s_seg, t_seg = (list(part) for part in zip(*samples, strict=True))
@@ -99,7 +108,9 @@ def test_with_a_projection_the_batch_still_equals_each_sample_alone(b, L_t, L_s,
 
 
 @FAST
-@given(L=st.integers(1, 3), D_t=st.integers(1, 5), dim=st.integers(1, 4), N=st.integers(1, 6), seed=st.integers(0, 2**16))
+@given(
+    L=st.integers(1, 3), D_t=st.integers(1, 5), dim=st.integers(1, 4), N=st.integers(1, 6), seed=st.integers(0, 2**16)
+)
 def test_the_kv_block_projection_projects_k_and_v_each_with_its_own_pca(L, D_t, dim, N, seed):
     k_mean, k_comp = _projection(L, D_t, dim, seed)
     v_mean, v_comp = _projection(L, D_t, dim, seed + 1)
@@ -108,7 +119,10 @@ def test_the_kv_block_projection_projects_k_and_v_each_with_its_own_pca(L, D_t, 
     assert (comp[:, :D_t, dim:] == 0).all() and (comp[:, D_t:, :dim] == 0).all()  # K never mixes into V
 
     g = torch.Generator().manual_seed(seed + 2)
-    k, v = torch.randn(N, L, D_t, generator=g, dtype=torch.float64), torch.randn(N, L, D_t, generator=g, dtype=torch.float64)
+    k, v = (
+        torch.randn(N, L, D_t, generator=g, dtype=torch.float64),
+        torch.randn(N, L, D_t, generator=g, dtype=torch.float64),
+    )
     both = map_layers(torch.cat([k, v], -1), torch.eye(L, dtype=torch.float64), (mean, comp))  # [N, L, 2 dim]
     torch.testing.assert_close(both[..., :dim], project_layers(k, k_mean, k_comp), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(both[..., dim:], project_layers(v, v_mean, v_comp), rtol=1e-12, atol=1e-12)
@@ -122,16 +136,28 @@ def chains(draw):
 
 
 @FAST
-@given(reasoning=chains(), slots=st.integers(1, 6), H=st.integers(1, 2), d=st.integers(1, 3), L_t=st.integers(1, 3), L_s=st.integers(1, 3),
-       project=st.booleans(), seed=st.integers(0, 2**16))
-def test_compressing_a_padded_batch_equals_compressing_each_sample_alone(reasoning, slots, H, d, L_t, L_s, project, seed):
+@given(
+    reasoning=chains(),
+    slots=st.integers(1, 6),
+    H=st.integers(1, 2),
+    d=st.integers(1, 3),
+    L_t=st.integers(1, 3),
+    L_s=st.integers(1, 3),
+    project=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_compressing_a_padded_batch_equals_compressing_each_sample_alone(
+    reasoning, slots, H, d, L_t, L_s, project, seed
+):
     lengths = [len(r) for r in reasoning]
     D = H * d
     k, v = _padded(lengths, L_t, D, seed), _padded(lengths, L_t, D, seed + 1)  # [B, T_pad, L_t, D], NaN padding
     g = torch.Generator().manual_seed(seed + 2)
     importance = torch.rand(len(lengths), L_t, H, max(lengths), generator=g)  # [B, L_t, H, T_pad]
     W = torch.rand(L_s, L_t, generator=g, dtype=torch.float64)
-    proj = kv_block_projection(*_projection(L_s, D, 2, seed + 3), *_projection(L_s, D, 2, seed + 4)) if project else None
+    proj = (
+        kv_block_projection(*_projection(L_s, D, 2, seed + 3), *_projection(L_s, D, 2, seed + 4)) if project else None
+    )
 
     got = compress_batch(k, v, importance, reasoning, slots, 0.3, W, proj)
 

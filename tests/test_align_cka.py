@@ -133,9 +133,7 @@ def test_cka_matrix_shape_and_rotated_copy_is_the_row_argmax():
         assert sim.shape == (3, 5) and sim.dtype == F64
         assert sim.argmax(dim=1).tolist() == perm
         for s, t in enumerate(perm):
-            assert float(sim[s, t]) == pytest.approx(
-                linear_cka(student[s], teacher[t], debiased=debiased), abs=1e-12
-            )
+            assert float(sim[s, t]) == pytest.approx(linear_cka(student[s], teacher[t], debiased=debiased), abs=1e-12)
     assert float(cka_matrix(student[:1], teacher)[0, 3]) == pytest.approx(1.0, abs=1e-9)
 
 

@@ -294,9 +294,7 @@ def test_apply_equals_dense_matmul_for_any_trailing_dims(dtype, tail):
 
 def test_apply_rejects_a_teacher_of_the_wrong_length():
     m = linear_resample_time_map(5, 3)
-    with pytest.raises(
-        ValueError, match="expects a teacher tensor with 5 time steps.*got shape \\(4, 2\\)"
-    ):
+    with pytest.raises(ValueError, match="expects a teacher tensor with 5 time steps.*got shape \\(4, 2\\)"):
         m.apply(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="5 time steps"):
         m.apply(torch.tensor(1.0))
@@ -336,9 +334,7 @@ def test_char_overlap_between_two_real_bpe_tokenizers(two_tokenizers):
     check_stochastic(m)
     lo, hi = col_range(m)
     assert torch.all(lo[1:] >= lo[:-1]) and torch.all(hi[1:] >= hi[:-1])
-    assert torch.equal(
-        char_overlap_time_map(off_s, off_s).dense(), torch.eye(len(off_s), dtype=torch.float64)
-    )
+    assert torch.equal(char_overlap_time_map(off_s, off_s).dense(), torch.eye(len(off_s), dtype=torch.float64))
 
     # encode() appends EOS as (len, len): EOS maps onto EOS, and segments follow the text
     enc_s, enc_t = encode(small, DEFAULT_TEMPLATE, ex), encode(large, DEFAULT_TEMPLATE, ex)
@@ -367,7 +363,10 @@ def test_segment_map_between_two_reasoning_styles(two_tokenizers):
 
 
 @settings(deadline=None, max_examples=30)
-@given(lengths=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9), st.booleans()), min_size=1, max_size=5), seed=st.integers(0, 2**16))
+@given(
+    lengths=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9), st.booleans()), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+)
 def test_stacked_batch_map_equals_each_sample_aligned_alone(lengths, seed):
     """The dump aligns a padded batch in one apply; it must equal aligning each sample alone."""
     T_pad = max(max(t for _, t, _ in lengths), 1)

@@ -48,7 +48,11 @@ def test_identity_alignment_reproduces_teacher_kv_cache(tmp_path, make_model, to
     the DynamicCache keys; stored values equal the cache values (fp32)."""
     path = make_model(arch, layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
     reader = _dump(tmp_path, tiny_data, str(path), str(path), batch_size=1)
-    model = type(build_model(arch, tokenizer, layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8)).from_pretrained(path).eval()
+    model = (
+        type(build_model(arch, tokenizer, layers=1, hidden=8, heads=1, kv_heads=1, head_dim=8))
+        .from_pretrained(path)
+        .eval()
+    )
     H, d = 2, 16
     by_id = {ex.id: ex for ex in examples}
     worst_k = worst_v = 0.0

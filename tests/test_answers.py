@@ -86,11 +86,7 @@ def test_normalize_number_uses_exact_decimals_not_floats():
     assert normalize_number("0.1000") == "0.1"
 
 
-@given(
-    st.decimals(
-        allow_nan=False, allow_infinity=False, places=4, max_value=10**12, min_value=-(10**12)
-    )
-)
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=4, max_value=10**12, min_value=-(10**12)))
 def test_normalize_number_round_trips_random_decimals(d):
     plain = normalize_number(format(d, "f"))
     grouped = normalize_number(format(d, ",f"))

@@ -20,7 +20,11 @@ CONFIGS = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {}),  # q_norm / k_norm before RoPE
-    "qwen2-sliding": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 0}),
+    "qwen2-sliding": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 0},
+    ),
 }
 LENGTHS = [9, 5, 7]  # a right-padded batch, as train/stream.py collate pads
 
@@ -31,9 +35,17 @@ def _model(arch: str = "qwen2", seed: int = 0):
     student's key scale (issue 26), and at 0.02 both would be flat and the KL ~1e-4."""
     config_cls, model_cls, extra = CONFIGS[arch]
     config = config_cls(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_implementation="eager",
-        initializer_range=0.1, **extra,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        initializer_range=0.1,
+        **extra,
     )
     torch.manual_seed(seed)
     return model_cls(config).float().eval()
@@ -78,7 +90,9 @@ def test_student_attention_rebuilt_from_captured_queries_and_keys_equals_the_mod
             assert spec["sliding_window"] == 3
         q = rope_heads(cap["q"][i], cap["rope"][i], spec["heads"])  # [B, 4, T, 8]
         k = rope_heads(cap["k"][i], cap["rope"][i], spec["kv_heads"])  # [B, 2, T, 8]
-        probs = attention_log_probs(q, k, real, spec["scaling"], spec["sliding_window"]).exp().flatten(1, 2)  # [B, 4, T, T]
+        probs = (
+            attention_log_probs(q, k, real, spec["scaling"], spec["sliding_window"]).exp().flatten(1, 2)
+        )  # [B, 4, T, T]
         eager = res.attentions[i]
         assert eager.shape == probs.shape
         rows = real[:, None, :, None].expand_as(probs)  # left padding: a padded query row sees no key at all
@@ -116,8 +130,12 @@ def _reference_kl(model, cap, k_t, lengths) -> list[float]:
             q, ks = apply_rotary_pos_emb(q, ks, cos, sin)
             _, kt = apply_rotary_pos_emb(q, kt, cos, sin)
             causal = torch.full((n, n), -math.inf).triu(1)
-            log_s = torch.log_softmax(q @ ks.repeat_interleave(2, dim=1).transpose(2, 3) * spec["scaling"] + causal, dim=-1)
-            log_t = torch.log_softmax(q @ kt.repeat_interleave(2, dim=1).transpose(2, 3) * spec["scaling"] + causal, dim=-1)
+            log_s = torch.log_softmax(
+                q @ ks.repeat_interleave(2, dim=1).transpose(2, 3) * spec["scaling"] + causal, dim=-1
+            )
+            log_t = torch.log_softmax(
+                q @ kt.repeat_interleave(2, dim=1).transpose(2, 3) * spec["scaling"] + causal, dim=-1
+            )
             p_t = log_t.exp()
             kl = torch.where(p_t > 0, p_t * (log_t - log_s), 0.0).sum(-1)  # [1, H_q, n]
             layers.append(kl.mean())
@@ -145,7 +163,10 @@ def test_attention_kl_is_the_definition_per_sample_teacher_attention_as_the_targ
         i, spec = 0, attention_layout(model)[0]
         q = rope_heads(cap["q"][i], cap["rope"][i], 4)
         ks, kt = (rope_heads(k, cap["rope"][i], 2) for k in (cap["k"][i], kv["t"][0][:, :, i]))
-        forward, backward = attention_kl(q, ks, kt, mask.bool(), spec["scaling"]), attention_kl(q, kt, ks, mask.bool(), spec["scaling"])
+        forward, backward = (
+            attention_kl(q, ks, kt, mask.bool(), spec["scaling"]),
+            attention_kl(q, kt, ks, mask.bool(), spec["scaling"]),
+        )
     assert not torch.allclose(forward, backward, rtol=1e-2)
 
 
@@ -167,12 +188,23 @@ def test_the_batch_term_is_the_token_weighted_mean_of_each_sample_alone_and_padd
     kv = _teacher_kv(widths, *ids.shape)
     with torch.no_grad():
         batch = dist(ids, mask, mask, kv)
-        alone = [dist(ids[b : b + 1, :n], mask[b : b + 1, :n], mask[b : b + 1, :n], {t: (k[b : b + 1, :n], v[b : b + 1, :n]) for t, (k, v) in kv.items()}) for b, n in enumerate(LENGTHS)]
+        alone = [
+            dist(
+                ids[b : b + 1, :n],
+                mask[b : b + 1, :n],
+                mask[b : b + 1, :n],
+                {t: (k[b : b + 1, :n], v[b : b + 1, :n]) for t, (k, v) in kv.items()},
+            )
+            for b, n in enumerate(LENGTHS)
+        ]
         want = sum(n * o["attn_kl_layers"] for n, o in zip(LENGTHS, alone, strict=True)) / sum(LENGTHS)
         torch.testing.assert_close(batch["attn_kl_layers"], want, rtol=1e-5, atol=1e-7)
         # Anything at padded positions, teacher keys and values (even NaN) and pad ids alike, changes nothing.
         pad = ~mask.bool()
-        nan_kv = {t: (k.masked_fill(pad[:, :, None, None], float("nan")), v.masked_fill(pad[:, :, None, None], 1e4)) for t, (k, v) in kv.items()}
+        nan_kv = {
+            t: (k.masked_fill(pad[:, :, None, None], float("nan")), v.masked_fill(pad[:, :, None, None], 1e4))
+            for t, (k, v) in kv.items()
+        }
         after = dist(ids.masked_fill(pad, 7), mask, mask, nan_kv)
     assert torch.isfinite(batch["attn_kl"]) and torch.equal(batch["attn_kl"], after["attn_kl"])
 
@@ -195,7 +227,9 @@ def test_the_teacher_attention_is_a_constant_target_the_queries_are_trained_thro
     g = torch.Generator().manual_seed(0)
     q, k_s, k_t = (torch.randn(2, h, 6, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    gq, gks, gkt = torch.autograd.grad(attention_kl(q, k_s, k_t, mask, 8**-0.5).sum(), [q, k_s, k_t], allow_unused=True)
+    gq, gks, gkt = torch.autograd.grad(
+        attention_kl(q, k_s, k_t, mask, 8**-0.5).sum(), [q, k_s, k_t], allow_unused=True
+    )
     assert gkt is None and gks.abs().sum() > 0
     # The same gradient as the cross-entropy against A_t held fixed.
     p_t = attention_log_probs(q, k_t, mask, 8**-0.5).exp().detach()
@@ -279,14 +313,18 @@ def test_the_target_attention_does_not_follow_the_k_adapters_scale_which_no_loss
 
     ref, ref_a = run(lambda n: torch.ones(1))
     variants = {f"x{c}": (lambda n, c=c: torch.tensor([c])) for c in (0.25, 4.0)}
-    variants["per teacher and layer"] = lambda n: torch.tensor([0.25, 4.0]) if "teacher_b" not in n else torch.tensor([3.0, 0.5])
+    variants["per teacher and layer"] = lambda n: (
+        torch.tensor([0.25, 4.0]) if "teacher_b" not in n else torch.tensor([3.0, 0.5])
+    )
     for name, scale in variants.items():
         out, a_t = run(scale)
         assert out["kv_k"].item() == pytest.approx(ref["kv_k"].item(), rel=1e-3), name  # up to layer_std's eps
         for i, (got, want) in enumerate(zip(a_t, ref_a, strict=True)):
             rows = real[:, None, None, :, None].expand_as(got)
             torch.testing.assert_close(got[rows], want[rows], rtol=0, atol=1e-6, msg=f"{name}: A_t of layer {i}")
-        torch.testing.assert_close(out["attn_kl_layers"], ref["attn_kl_layers"], rtol=0, atol=1e-6, msg=f"{name}: attn_kl")
+        torch.testing.assert_close(
+            out["attn_kl_layers"], ref["attn_kl_layers"], rtol=0, atol=1e-6, msg=f"{name}: attn_kl"
+        )
     assert ref["attn_kl"].item() > 1e-3
 
 
@@ -311,7 +349,10 @@ def test_off_by_default_and_then_costs_nothing():
     model = _model()
     ids, mask = _batch()
     out = Distiller(model, {"t": 24}, 2, 16)(ids, mask, mask, _teacher_kv({"t": 24}, *ids.shape))
-    assert "attn_kl" not in out and TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o").attn_kl_weight == 0.0
+    assert (
+        "attn_kl" not in out
+        and TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o").attn_kl_weight == 0.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -336,12 +377,25 @@ def test_a_short_run_logs_a_finite_attention_kl_and_diagnose_reports_it(tiny_sto
     from kvdistill.train.loop import train
 
     cfg = TrainConfig(
-        store=str(tiny_store["store"]), student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=4,
-        warmup_steps=1, log_every=1, device="cpu", shuffle_buffer=16, attn_kl_weight=0.1, attn_kl_warmup_steps=2,
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out=str(tmp_path / "run"),
+        batch_size=8,
+        max_steps=4,
+        warmup_steps=1,
+        log_every=1,
+        device="cpu",
+        shuffle_buffer=16,
+        attn_kl_weight=0.1,
+        attn_kl_warmup_steps=2,
     )
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert len(rows) == 4
     assert all(math.isfinite(r["attn_kl"]) and r["attn_kl"] > 0 and len(r["attn_kl_layers"]) == 2 for r in rows)
     terms = diagnose(cfg, batches=1)["terms"]
-    assert terms["attn_kl"]["weight"] == 0.1 and terms["attn_kl"]["grad_student"] > 0 and terms["attn_kl"]["grad_adapters"] == 0
+    assert (
+        terms["attn_kl"]["weight"] == 0.1
+        and terms["attn_kl"]["grad_student"] > 0
+        and terms["attn_kl"]["grad_adapters"] == 0
+    )

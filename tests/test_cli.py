@@ -155,7 +155,19 @@ def test_help_exits_0_and_lists_the_flags(argv, flags, capsys):
         assert re.search(rf"(^|[\s{{,]){re.escape(flag)}([\s,}}]|$)", out), f"{flag} not in {argv} help"
 
 
-@pytest.mark.parametrize("command", [["dump"], ["align", "calibrate"], ["train"], ["train", "diagnose"], ["eval"], ["demo"], ["compare"], ["jobs", "slurm"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["dump"],
+        ["align", "calibrate"],
+        ["train"],
+        ["train", "diagnose"],
+        ["eval"],
+        ["demo"],
+        ["compare"],
+        ["jobs", "slurm"],
+    ],
+)
 def test_help_shows_no_meaningless_none_defaults(command, capsys):
     with pytest.raises(SystemExit):
         main([*command, "--help"])
@@ -171,7 +183,21 @@ def test_python_dash_m_kvdistill_help_works():
 
 
 def test_train_flags_reach_trackers_and_the_negative_control():
-    cfg = _config(["train", "--store", "s.zarr", "--student", "s", "--out", "o", "--report-to", "tensorboard,wandb", "--kv-control", "shuffled"])
+    cfg = _config(
+        [
+            "train",
+            "--store",
+            "s.zarr",
+            "--student",
+            "s",
+            "--out",
+            "o",
+            "--report-to",
+            "tensorboard,wandb",
+            "--kv-control",
+            "shuffled",
+        ]
+    )
     assert cfg.report_to == ["tensorboard", "wandb"] and cfg.kv_control == "shuffled"
 
 
@@ -179,12 +205,25 @@ def test_train_flags_reach_trackers_and_the_negative_control():
 
 # Every subcommand built from a config record.
 COMMANDS = {
-    "dump": DumpConfig, "align calibrate": CalibrateConfig, "train": TrainConfig, "train diagnose": TrainConfig,
-    "eval": EvalConfig, "demo": DemoConfig, "compare": CompareConfig, "jobs local": JobsConfig, "jobs slurm": JobsConfig,
+    "dump": DumpConfig,
+    "align calibrate": CalibrateConfig,
+    "train": TrainConfig,
+    "train diagnose": TrainConfig,
+    "eval": EvalConfig,
+    "demo": DemoConfig,
+    "compare": CompareConfig,
+    "jobs local": JobsConfig,
+    "jobs slurm": JobsConfig,
 }
-RECORD_OF = {dump_cli.main: DumpConfig, dump_cli.calibrate_main: CalibrateConfig, train_cli.eval_main: EvalConfig,
-             top_cli.demo_main: DemoConfig, top_cli.compare_main: CompareConfig, jobs_cli.local_main: JobsConfig,
-             jobs_cli.slurm_main: JobsConfig}
+RECORD_OF = {
+    dump_cli.main: DumpConfig,
+    dump_cli.calibrate_main: CalibrateConfig,
+    train_cli.eval_main: EvalConfig,
+    top_cli.demo_main: DemoConfig,
+    top_cli.compare_main: CompareConfig,
+    jobs_cli.local_main: JobsConfig,
+    jobs_cli.slurm_main: JobsConfig,
+}
 
 
 def _config(argv: list[str]) -> Record:
@@ -196,7 +235,11 @@ def _config(argv: list[str]) -> Record:
 
 
 def _arms(tp: Any) -> list[Any]:
-    return [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    return (
+        [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType)
+        else [tp]
+    )
 
 
 def _leaves(cls: type[Record], prefix: str = ""):
@@ -216,7 +259,8 @@ SAMPLE = {
     "AlignSpec.layer_map": "map.json",
     "CalibrateConfig.pca_layer_map": "map.json",
     "SlurmSpec.time": "1:00:00",
-    "DumpTask.backend": "zarr", "DumpConfig.backend": "zarr",  # webdataset refuses a compression level
+    "DumpTask.backend": "zarr",
+    "DumpConfig.backend": "zarr",  # webdataset refuses a compression level
     "TrainConfig.mode": "cot",  # latent mode refuses the cot-only fusion / adapter settings
     "TrainConfig.router_groups": 3,
     "TrainConfig.z_dim": 0,  # Z space on refuses the adapter / attention settings sampled here (its own flags still round-trip)
@@ -259,7 +303,9 @@ def _sample(owner: type, f: dataclasses.Field, tp: Any) -> Any:
             return {"kv_loss": "cosine", "lr": 0.003}
         if typing.get_origin(args[1]) is dict:  # arm_overrides
             return {"kv-cos": {"kv_loss": "cosine", "lr": 0.01}}
-        value = typing.get_args(args[1])[-1] if typing.get_origin(args[1]) is Literal else {str: "x", float: 0.75}[args[1]]
+        value = (
+            typing.get_args(args[1])[-1] if typing.get_origin(args[1]) is Literal else {str: "x", float: 0.75}[args[1]]
+        )
         return {"a": value, "b": value}
     raise AssertionError(f"no sample for {owner.__name__}.{f.name}: {tp}")
 
@@ -408,17 +454,57 @@ def test_an_old_boolean_alias_has_its_no_form_too():
 
 
 def test_list_and_mapping_flags_take_comma_lists_yaml_and_repeats():
-    cfg = _config(["train", *BASE["train"], "--teachers", "a", "--teachers", "b,c", "--teacher-weights", "a=0.5,b=0.25",
-                   "--teacher-weights", "c=0.25", "--cka-layers", "0,3", "--lora-targets", "q_proj,v_proj"])
+    cfg = _config(
+        [
+            "train",
+            *BASE["train"],
+            "--teachers",
+            "a",
+            "--teachers",
+            "b,c",
+            "--teacher-weights",
+            "a=0.5,b=0.25",
+            "--teacher-weights",
+            "c=0.25",
+            "--cka-layers",
+            "0,3",
+            "--lora-targets",
+            "q_proj,v_proj",
+        ]
+    )
     assert cfg.teachers == ["a", "b", "c"] and cfg.teacher_weights == {"a": 0.5, "b": 0.25, "c": 0.25}
     assert cfg.cka_layers == [0, 3] and cfg.lora_targets == ["q_proj", "v_proj"]
     assert _config(["train", *BASE["train"], "--cka-layers", "last"]).cka_layers == "last"
-    jobs = _config(["jobs", "local", "--teachers", "{name_or_path: Qwen/Qwen2-7B, name: q7, revision: main},llama", "--store", "s.zarr",
-                    "--dump.student.name-or-path", "s", "--train.store", "s.zarr", "--train.student.name-or-path", "s", "--train.out", "o"])
-    assert [(t.name_or_path, t.short_name, t.revision) for t in jobs.teachers] == [("Qwen/Qwen2-7B", "q7", "main"), ("llama", "llama", None)]
+    jobs = _config(
+        [
+            "jobs",
+            "local",
+            "--teachers",
+            "{name_or_path: Qwen/Qwen2-7B, name: q7, revision: main},llama",
+            "--store",
+            "s.zarr",
+            "--dump.student.name-or-path",
+            "s",
+            "--train.store",
+            "s.zarr",
+            "--train.student.name-or-path",
+            "s",
+            "--train.out",
+            "o",
+        ]
+    )
+    assert [(t.name_or_path, t.short_name, t.revision) for t in jobs.teachers] == [
+        ("Qwen/Qwen2-7B", "q7", "main"),
+        ("llama", "llama", None),
+    ]
     assert jobs.train.store == "s.zarr" and jobs.train.student.name_or_path == "s"
-    cmp = _config(["compare", "--arm-overrides", "kv-cos={kv_loss: cosine, lr: 0.01}", "--train", "batch_size=8,kv_norm=none"])
-    assert cmp.arm_overrides == {"kv-cos": {"kv_loss": "cosine", "lr": 0.01}} and cmp.train == {"batch_size": 8, "kv_norm": "none"}
+    cmp = _config(
+        ["compare", "--arm-overrides", "kv-cos={kv_loss: cosine, lr: 0.01}", "--train", "batch_size=8,kv_norm=none"]
+    )
+    assert cmp.arm_overrides == {"kv-cos": {"kv_loss": "cosine", "lr": 0.01}} and cmp.train == {
+        "batch_size": 8,
+        "kv_norm": "none",
+    }
 
 
 def test_train_help_is_grouped_in_order_and_shows_the_records_defaults(capsys):
@@ -426,14 +512,30 @@ def test_train_help_is_grouped_in_order_and_shows_the_records_defaults(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     headings = re.findall(r"^(\S[^:\n]*):$", out, flags=re.M)
-    assert headings == ["positional arguments", "options", "data", "models", "optimisation", "KV loss", "fusion", "Z space", "latent",
-                        "checkpointing", "validation", "logging"]
+    assert headings == [
+        "positional arguments",
+        "options",
+        "data",
+        "models",
+        "optimisation",
+        "KV loss",
+        "fusion",
+        "Z space",
+        "latent",
+        "checkpointing",
+        "validation",
+        "logging",
+    ]
     assert re.search(r"--lr LR, --learning-rate LR\s+student learning rate \(default: 0\.001\)", out)
-    assert re.search(r"--lora-targets LORA_TARGETS,...\s+modules LoRA adapts \(default:\s+q_proj,k_proj,v_proj,o_proj\)", out)
+    assert re.search(
+        r"--lora-targets LORA_TARGETS,...\s+modules LoRA adapts \(default:\s+q_proj,k_proj,v_proj,o_proj\)", out
+    )
     assert "--recipe {" + ",".join(recipe_names()) + "}" in out
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
-    assert re.search(r"--data.split SPLIT, --split SPLIT\s+data set split \(default: test\)", capsys.readouterr().out)  # EvalConfig's own default
+    assert re.search(
+        r"--data.split SPLIT, --split SPLIT\s+data set split \(default: test\)", capsys.readouterr().out
+    )  # EvalConfig's own default
 
 
 # --- recipes: recipe < --config file < flags -----------------------------------------------------
@@ -456,19 +558,34 @@ def test_a_recipe_sits_under_the_config_file_which_sits_under_the_flags(tmp_path
     assert cfg.lora_r == 8  # the flag over the file over the recipe
     assert cfg.weight_decay == 0.0 and kava["weight_decay"] == 0.1  # the file over the recipe
     assert (cfg.mode, cfg.grad_clip, cfg.lora_alpha, cfg.lora_dropout) == ("latent", 2.0, 32, 0.1)  # the recipe
-    assert (cfg.warmup_steps, cfg.warmup_ratio, cfg.warmup) == (3, None, 3)  # a warmup_steps set drops the recipe's warmup_ratio
+    assert (cfg.warmup_steps, cfg.warmup_ratio, cfg.warmup) == (
+        3,
+        None,
+        3,
+    )  # a warmup_steps set drops the recipe's warmup_ratio
     # The Python API builds the same config from the same layers.
-    assert train_config({"store": "s.zarr", "student.name_or_path": "s", "out": "o", "lora_r": 8}, recipe="kava", config=tmp_path / "c.yaml") == cfg
+    assert (
+        train_config(
+            {"store": "s.zarr", "student.name_or_path": "s", "out": "o", "lora_r": 8},
+            recipe="kava",
+            config=tmp_path / "c.yaml",
+        )
+        == cfg
+    )
 
 
 def test_mode_latent_takes_the_kava_recipe_unless_another_is_named():
     latent = _config(["train", *BASE["train"], "--mode", "latent", "--max-steps", "300"])
     assert (latent.lora_r, latent.weight_decay, latent.grad_clip, latent.warmup) == (128, 0.1, 2.0, 15)  # 5% warm-up
-    assert _config(["train", *BASE["train"], "--recipe", "kava"]) == latent.__class__.from_dict({**latent.to_dict(), "max_steps": 200})
+    assert _config(["train", *BASE["train"], "--recipe", "kava"]) == latent.__class__.from_dict(
+        {**latent.to_dict(), "max_steps": 200}
+    )
     plain = _config(["train", *BASE["train"], "--mode", "latent", "--recipe", "default"])
     assert (plain.mode, plain.lora_r, plain.weight_decay) == ("latent", 0, 0.0)
     cot = _config(["train", *BASE["train"]])
-    assert cot == TrainConfig(store="s.zarr", student={"name_or_path": "s"}, out="o")  # mode cot: TrainConfig's defaults
+    assert cot == TrainConfig(
+        store="s.zarr", student={"name_or_path": "s"}, out="o"
+    )  # mode cot: TrainConfig's defaults
 
 
 def test_compare_trains_its_latent_arms_with_the_recipe_of_kvdistill_train(tmp_path):
@@ -477,8 +594,27 @@ def test_compare_trains_its_latent_arms_with_the_recipe_of_kvdistill_train(tmp_p
     cfg = CompareConfig(out=str(tmp_path), seeds=2, steps=40, arms=["ce", "latent-kv"], device="cpu")
     plan = arm_configs(cfg, "s.zarr", ModelSpec(name_or_path="s"), {"lr": 3e-3}, latent_store="l.zarr")
     run = plan["latent-kv"][1]
-    same = _config(["train", "--store", "l.zarr", "--student", "s", "--out", run.out, "--mode", "latent", "--lr", "0.003",
-                    "--max-steps", "40", "--seed", "1", "--device", "cpu"])
+    same = _config(
+        [
+            "train",
+            "--store",
+            "l.zarr",
+            "--student",
+            "s",
+            "--out",
+            run.out,
+            "--mode",
+            "latent",
+            "--lr",
+            "0.003",
+            "--max-steps",
+            "40",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert run == same and run.lora_r == load_recipe("kava")["lora_r"]
     assert plan["ce"][1].lora_r == 0  # mode cot: the default recipe
     # On the embedded default the student is random-init: every arm trains all its weights.
@@ -498,7 +634,11 @@ def test_diagnose_keeps_the_config_and_flags_given_before_it(tmp_path, monkeypat
     monkeypatch.setattr(diag, "diagnose", lambda cfg, batches, checkpoint=None: seen.append((cfg, batches)) or {})
     monkeypatch.setattr(diag, "format_table", lambda result: "table")
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"store": "s.zarr", "student": {"name_or_path": "s"}, "out": "o", "max_steps": 7, "kv_weight": 0.5}))
+    config.write_text(
+        yaml.safe_dump(
+            {"store": "s.zarr", "student": {"name_or_path": "s"}, "out": "o", "max_steps": 7, "kv_weight": 0.5}
+        )
+    )
     assert main(["train", "--config", str(config), "diagnose"]) == 0
     assert main(["train", "--config", str(config), "--max-steps", "9", "diagnose", "--batches", "2"]) == 0
     assert main(["train", "--max-steps", "9", "diagnose", "--config", str(config), "--kv-weight", "2"]) == 0

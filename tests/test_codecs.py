@@ -97,7 +97,9 @@ def test_bfloat16_round_trip_equals_torch_bit_for_bit(x, part):
     stored = encode("bfloat16", part, x)[""]
     assert stored.dtype == np.uint16
     np.testing.assert_array_equal(stored, want.view(torch.uint16).numpy())
-    np.testing.assert_array_equal(bits(decode("bfloat16", part, {"": stored}, 0, x.shape[2])), bits(want.float().numpy()))
+    np.testing.assert_array_equal(
+        bits(decode("bfloat16", part, {"": stored}, 0, x.shape[2])), bits(want.float().numpy())
+    )
 
 
 @pytest.mark.parametrize("codec", ["float16", "bfloat16"])
@@ -287,7 +289,9 @@ def test_module_docstrings_plain_numpy_dequantisation_matches_decode():
     s8 = encode("int8", "k", k)  # int8 keys: x = scale * p, scale per 32 rows
     q = s8[""][a:b].astype(np.float32)
     s = s8["scale"][a // 32 : (b - 1) // 32 + 1].astype(np.float32)
-    np.testing.assert_array_equal(q * s[np.arange(a, b) // 32 - a // 32], decode("int8", "k", {"": s8[""][a:b], "scale": s}, a, D))
+    np.testing.assert_array_equal(
+        q * s[np.arange(a, b) // 32 - a // 32], decode("int8", "k", {"": s8[""][a:b], "scale": s}, a, D)
+    )
 
     s4 = encode("int4", "v", v)  # int4 values: x = zero + scale * q, per token over 32 channels
     p = s4[""][a:b]
@@ -298,4 +302,6 @@ def test_module_docstrings_plain_numpy_dequantisation_matches_decode():
     np.testing.assert_array_equal(z + s * q, want)
 
     bf = encode("bfloat16", "k", k)[""]  # bfloat16: the high half of a float32
-    np.testing.assert_array_equal((bf.astype(np.uint32) << 16).view(np.float32), decode("bfloat16", "k", {"": bf}, 0, D))
+    np.testing.assert_array_equal(
+        (bf.astype(np.uint32) << 16).view(np.float32), decode("bfloat16", "k", {"": bf}, 0, D)
+    )

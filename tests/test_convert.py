@@ -21,8 +21,16 @@ from kvdistill.store.verify import verify
 def int8_store(tiny_store, tmp_path_factory):
     """teacher-a dumped as int8 (codes + float16 scales), 2 shards, finalized."""
     store = tmp_path_factory.mktemp("convert") / "int8.zarr"
-    base = DumpConfig(teacher=tiny_store["teachers"][0], student=tiny_store["student"], store=str(store), data=tiny_store["data"],
-                      num_shards=2, batch_size=8, device="cpu", kv_dtype="int8")
+    base = DumpConfig(
+        teacher=tiny_store["teachers"][0],
+        student=tiny_store["student"],
+        store=str(store),
+        data=tiny_store["data"],
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+        kv_dtype="int8",
+    )
     run_local(dump_tasks(base, tiny_store["teachers"][:1]), progress=False)
     finalize(store)
     return store
@@ -45,9 +53,14 @@ def test_an_int8_teacher_is_refused_into_webdataset_without_kv_dtype_and_nothing
     assert main(["store", "convert", str(int8_store), str(dst)]) == ExitCode.BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "teacher 'teacher-a' is stored as int8, which webdataset tars cannot hold; pass --kv-dtype float16 or float32" in err
+    assert (
+        "teacher 'teacher-a' is stored as int8, which webdataset tars cannot hold; pass --kv-dtype float16 or float32"
+        in err
+    )
     assert not dst.exists()
-    assert main(["store", "convert", str(int8_store), str(dst), "--kv-dtype", "int8"]) == ExitCode.BAD_INPUT  # tars cannot hold int8 either
+    assert (
+        main(["store", "convert", str(int8_store), str(dst), "--kv-dtype", "int8"]) == ExitCode.BAD_INPUT
+    )  # tars cannot hold int8 either
     assert "webdataset tars hold float16 or float32" in capsys.readouterr().err
     assert not dst.exists()
 
@@ -79,13 +92,18 @@ def test_int8_zarr_into_zarr_keeps_the_int8_codes_and_scales_bit_for_bit(int8_st
         assert src_arrays["k"].dtype == np.int8 and "k_scale" in src_arrays
         _assert_same_arrays(src_arrays, dst_arrays)
         attrs = ShardReader(dst, "teacher-a", shard).attrs
-        assert attrs["codec"] == "int8" and attrs["fingerprint"] == ShardReader(int8_store, "teacher-a", shard).attrs["fingerprint"]
+        assert (
+            attrs["codec"] == "int8"
+            and attrs["fingerprint"] == ShardReader(int8_store, "teacher-a", shard).attrs["fingerprint"]
+        )
 
 
 def test_a_teachers_stored_projection_arrays_are_carried_over(int8_store, tmp_path):
     src = shutil.copytree(int8_store, tmp_path / "src.zarr")
     components = np.arange(12, dtype=np.float32).reshape(3, 4)
-    zarr.open_group(src / "teachers" / "teacher-a", mode="a").require_group("projection").create_array("k_components", data=components)
+    zarr.open_group(src / "teachers" / "teacher-a", mode="a").require_group("projection").create_array(
+        "k_components", data=components
+    )
     assert main(["store", "convert", str(src), str(tmp_path / "w.wds"), "--kv-dtype", "float32"]) == 0
     got = zarr.open_group(tmp_path / "w.wds" / "teachers" / "teacher-a" / "projection", mode="r")["k_components"][...]
     assert np.array_equal(got, components)
@@ -97,7 +115,11 @@ def test_float16_zarr_into_webdataset_and_back_is_bit_for_bit(tiny_store, tmp_pa
     assert main(["store", "convert", str(tmp_path / "w.wds"), str(tmp_path / "back.zarr")]) == 0
     assert verify(tmp_path / "back.zarr") == []
     for teacher in ("teacher-a", "teacher-b"):
-        assert read_teacher_specs(tmp_path / "back.zarr")[teacher].kv_dtype == read_teacher_specs(src)[teacher].kv_dtype == "float16"
+        assert (
+            read_teacher_specs(tmp_path / "back.zarr")[teacher].kv_dtype
+            == read_teacher_specs(src)[teacher].kv_dtype
+            == "float16"
+        )
         for shard in range(2):
             _assert_same_arrays(_stored(src, teacher, shard), _stored(tmp_path / "back.zarr", teacher, shard))
 
@@ -133,8 +155,16 @@ def test_converting_into_an_existing_store_is_refused(int8_store, tmp_path, caps
 def int4_store(tiny_store, tmp_path_factory):
     """teacher-a dumped as int4 (packed codes + float16 scales and zeros), 2 shards, finalized."""
     store = tmp_path_factory.mktemp("convert") / "int4.zarr"
-    base = DumpConfig(teacher=tiny_store["teachers"][0], student=tiny_store["student"], store=str(store), data=tiny_store["data"],
-                      num_shards=2, batch_size=8, device="cpu", kv_dtype="int4")
+    base = DumpConfig(
+        teacher=tiny_store["teachers"][0],
+        student=tiny_store["student"],
+        store=str(store),
+        data=tiny_store["data"],
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+        kv_dtype="int4",
+    )
     run_local(dump_tasks(base, tiny_store["teachers"][:1]), progress=False)
     finalize(store)
     return store
@@ -145,14 +175,32 @@ def _never(*args, **kwargs):
 
 
 @pytest.mark.parametrize("codec", ["int8", "int4"])
-def test_a_quantised_zarr_store_into_zarr_at_another_compression_level_is_copied_as_stored(codec, request, tmp_path, monkeypatch):
+def test_a_quantised_zarr_store_into_zarr_at_another_compression_level_is_copied_as_stored(
+    codec, request, tmp_path, monkeypatch
+):
     from kvdistill.store import codecs
 
     src = request.getfixturevalue(f"{codec}_store")
     dst = tmp_path / "copy.zarr"
     monkeypatch.setattr(codecs, "encode", _never)  # re-quantising could move codes and scales; the copy never does
     monkeypatch.setattr(codecs, "decode", _never)
-    assert main(["store", "convert", str(src), str(dst), "--to", "zarr", "--compression-level", "6", "--blosc-shuffle", "bit"]) == 0
+    assert (
+        main(
+            [
+                "store",
+                "convert",
+                str(src),
+                str(dst),
+                "--to",
+                "zarr",
+                "--compression-level",
+                "6",
+                "--blosc-shuffle",
+                "bit",
+            ]
+        )
+        == 0
+    )
     monkeypatch.undo()
     assert main(["store", "verify", str(dst), "--no-progress"]) == 0
     assert verify(dst) == []
@@ -163,7 +211,10 @@ def test_a_quantised_zarr_store_into_zarr_at_another_compression_level_is_copied
     for shard in range(2):
         src_arrays, dst_arrays = _stored(src, "teacher-a", shard), _stored(dst, "teacher-a", shard)
         assert {f"{p}{s}" for p in "kv" for s in parts} <= set(src_arrays)
-        assert src_arrays["k"].dtype == (np.int8 if codec == "int8" else np.uint8) and src_arrays["k_scale"].dtype == np.float16
+        assert (
+            src_arrays["k"].dtype == (np.int8 if codec == "int8" else np.uint8)
+            and src_arrays["k_scale"].dtype == np.float16
+        )
         _assert_same_arrays(src_arrays, dst_arrays)  # codes, scales, zeros, tokens, ids: raw, bit for bit
         a, b = ShardReader(src, "teacher-a", shard), ShardReader(dst, "teacher-a", shard)
         assert a.attrs == b.attrs  # the completion record (codec, crc32, fingerprints) as it was
@@ -196,7 +247,10 @@ def test_a_quantised_zarr_copy_reads_one_zarr_shard_of_rows_at_a_time(int4_store
         return call(self, start, stop, decode)
 
     monkeypatch.setattr(rows_module.ShardedRows, "__call__", spy)
-    assert main(["store", "convert", str(small), str(tmp_path / "copy.zarr"), "--to", "zarr", "--compression-level", "3"]) == 0
+    assert (
+        main(["store", "convert", str(small), str(tmp_path / "copy.zarr"), "--to", "zarr", "--compression-level", "3"])
+        == 0
+    )
     monkeypatch.undo()
     k_reads = [n for name, n in reads if name == "k"]
     assert len(k_reads) > 2 * 2 and max(k_reads) <= k.shards[0]  # both shards, a zarr shard per read
@@ -209,17 +263,27 @@ def test_int4_into_int8_zarr_is_decoded_and_quantised_again(int4_store, tmp_path
     dst = tmp_path / "q8.zarr"
     assert main(["store", "convert", str(int4_store), str(dst), "--to", "zarr", "--kv-dtype", "int8"]) == 0
     assert verify(dst) == []
-    assert read_teacher_specs(dst)["teacher-a"].kv_dtype == "int8" and _stored(dst, "teacher-a", 0)["k"].dtype == np.int8
+    assert (
+        read_teacher_specs(dst)["teacher-a"].kv_dtype == "int8" and _stored(dst, "teacher-a", 0)["k"].dtype == np.int8
+    )
     a, b = ShardReader(int4_store, "teacher-a", 0), ShardReader(dst, "teacher-a", 0)
     rows = int(a.offsets[-1])
     want, got = a.rows(0, rows, ("k",))["k"], b.rows(0, rows, ("k",))["k"]
     assert np.linalg.norm(got - want) <= 0.02 * np.linalg.norm(want)  # the int4 values, quantised once more to int8
 
 
-def test_int4_into_webdataset_is_refused_without_kv_dtype_and_compression_flags_are_zarr_only(int4_store, tmp_path, capsys):
+def test_int4_into_webdataset_is_refused_without_kv_dtype_and_compression_flags_are_zarr_only(
+    int4_store, tmp_path, capsys
+):
     dst = tmp_path / "out.wds"
     assert main(["store", "convert", str(int4_store), str(dst)]) == ExitCode.BAD_INPUT
-    assert "teacher 'teacher-a' is stored as int4, which webdataset tars cannot hold; pass --kv-dtype float16 or float32" in capsys.readouterr().err
-    assert main(["store", "convert", str(int4_store), str(dst), "--kv-dtype", "float16", "--compression-level", "5"]) == ExitCode.BAD_INPUT
+    assert (
+        "teacher 'teacher-a' is stored as int4, which webdataset tars cannot hold; pass --kv-dtype float16 or float32"
+        in capsys.readouterr().err
+    )
+    assert (
+        main(["store", "convert", str(int4_store), str(dst), "--kv-dtype", "float16", "--compression-level", "5"])
+        == ExitCode.BAD_INPUT
+    )
     assert "webdataset tars store K/V uncompressed" in capsys.readouterr().err
     assert not dst.exists()

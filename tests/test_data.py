@@ -79,9 +79,7 @@ def test_parse_gsm8k_answer_normalises_the_written_number(tail, expected):
 
 
 def test_parse_gsm8k_answer_without_hashes_names_the_place_and_the_format():
-    with pytest.raises(
-        DataError, match=r"^data/train.jsonl line 17: answer has no '#### <number>'"
-    ):
+    with pytest.raises(DataError, match=r"^data/train.jsonl line 17: answer has no '#### <number>'"):
         parse_gsm8k_answer("She has 5 apples.", "data/train.jsonl line 17")
 
 
@@ -105,9 +103,7 @@ def test_jsonl_loads_gsm8k_rows_with_default_ids_from_the_file_stem(tmp_path):
     assert [e.id for e in examples] == ["train-000000", "train-000001"]
     assert examples[0].question == GSM8K_ROW["question"]
     assert examples[0].answer == "72"
-    assert examples[1] == Example(
-        id="train-000001", question="Q?", reasoning="1 + 1 = 2", answer="2"
-    )
+    assert examples[1] == Example(id="train-000001", question="Q?", reasoning="1 + 1 = 2", answer="2")
 
 
 def test_jsonl_keeps_explicit_ids_and_reads_json_suffix_as_json_lines(tmp_path):
@@ -224,9 +220,7 @@ def test_write_jsonl_round_trips_arbitrary_text(question, reasoning, answer):
 
 def test_parquet_loads_gsm8k_rows(tmp_path):
     path = tmp_path / "gsm.parquet"
-    pq.write_table(
-        pa.Table.from_pylist([GSM8K_ROW, {"question": "Q?", "answer": "1\n#### 1"}]), path
-    )
+    pq.write_table(pa.Table.from_pylist([GSM8K_ROW, {"question": "Q?", "answer": "1\n#### 1"}]), path)
     examples = load_examples(DataSpec(source=str(path)))
     assert [(e.id, e.answer) for e in examples] == [("gsm-000000", "72"), ("gsm-000001", "1")]
 
@@ -267,9 +261,7 @@ def test_a_local_directory_loads_through_datasets_load_dataset(local_dataset_dir
         ("mygsm-train-000000", "72"),
         ("mygsm-train-000001", "2"),
     ]
-    assert test == [
-        Example(id="mygsm-test-000000", question="T?", reasoning="2 * 3 = 6", answer="6")
-    ]
+    assert test == [Example(id="mygsm-test-000000", question="T?", reasoning="2 * 3 = 6", answer="6")]
 
 
 def test_a_local_directory_with_an_unknown_split_names_the_data_set(local_dataset_dir):
@@ -375,16 +367,12 @@ def test_synthetic_styles_are_parallel_corpora():
     kw = {"min_steps": 1, "max_steps": 4, "max_number": 12}
     for split in ("train", "test"):
         eq, sent = synth(split, style="equations", **kw), synth(split, style="sentences", **kw)
-        assert [(e.id, e.question, e.answer) for e in eq] == [
-            (e.id, e.question, e.answer) for e in sent
-        ]
+        assert [(e.id, e.question, e.answer) for e in eq] == [(e.id, e.question, e.answer) for e in sent]
         for e, s in zip(eq, sent, strict=True):
             first, *steps = s.reasoning.split("\n")
             assert re.fullmatch(r"\w+ starts with \d+ \w+\.", first)
             written = [_SENTENCE.fullmatch(line).groups() for line in steps]
-            annotated = [
-                _EQUATION.fullmatch(line).group(1, 2, 3, 7) for line in e.reasoning.split("\n")
-            ]
+            annotated = [_EQUATION.fullmatch(line).group(1, 2, 3, 7) for line in e.reasoning.split("\n")]
             assert written == annotated
 
 
@@ -396,9 +384,7 @@ def test_synthetic_sentences_read_like_the_documented_example():
 
 
 def test_synthetic_unknown_split_lists_the_valid_ones():
-    with pytest.raises(
-        DataError, match=r"unknown split 'validation'; valid splits are \['train', 'test'\]"
-    ):
+    with pytest.raises(DataError, match=r"unknown split 'validation'; valid splits are \['train', 'test'\]"):
         load_examples(DataSpec(split="validation"))
 
 

@@ -22,7 +22,20 @@ from kvdistill.train.loop import train
 
 pytestmark = pytest.mark.slow  # two processes through accelerate launch
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 # 41 samples in 2 shards of unequal size (21 / 20); global batch 8: 5 whole steps and one of a
 # single sample an epoch (rank 1 then runs a weightless stand-in), 10 steps cross into epoch 1.
 ODD = DataSpec(synthetic=SyntheticSpec(n_train=41, n_test=8, seed=3))
@@ -31,7 +44,15 @@ ODD = DataSpec(synthetic=SyntheticSpec(n_train=41, n_test=8, seed=3))
 @pytest.fixture(scope="module")
 def odd_store(tiny_store, tmp_path_factory):
     store = tmp_path_factory.mktemp("odd") / "odd.zarr"
-    base = DumpConfig(teacher=tiny_store["teachers"][0], student=tiny_store["student"], store=str(store), data=ODD, num_shards=2, batch_size=8, device="cpu")
+    base = DumpConfig(
+        teacher=tiny_store["teachers"][0],
+        student=tiny_store["student"],
+        store=str(store),
+        data=ODD,
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+    )
     run_local(dump_tasks(base, tiny_store["teachers"]), progress=False)
     finalize(store)
     sizes = [len(ShardReader(store, "teacher-a", i)) for i in range(2)]
@@ -41,8 +62,27 @@ def odd_store(tiny_store, tmp_path_factory):
 
 def _launch(store, out, *flags: str) -> None:
     cmd = [
-        *LAUNCH, "-m", "kvdistill", "train", "--store", str(store["store"]), "--student", store["student"].name_or_path, "--out", str(out),
-        "--warmup-steps", "2", "--log-every", "1", "--device", "cpu", "--shuffle-buffer", "16", "--record-samples", "--no-progress", *flags,
+        *LAUNCH,
+        "-m",
+        "kvdistill",
+        "train",
+        "--store",
+        str(store["store"]),
+        "--student",
+        store["student"].name_or_path,
+        "--out",
+        str(out),
+        "--warmup-steps",
+        "2",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--shuffle-buffer",
+        "16",
+        "--record-samples",
+        "--no-progress",
+        *flags,
     ]
     done = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -56,17 +96,30 @@ def two(odd_store, tmp_path_factory):
     return out
 
 
-def test_two_processes_x_batch_4_train_what_one_process_x_batch_8_and_4_x_2_accumulation_train(odd_store, two, tmp_path):
+def test_two_processes_x_batch_4_train_what_one_process_x_batch_8_and_4_x_2_accumulation_train(
+    odd_store, two, tmp_path
+):
     ranks = [json.loads((two / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
-    assert [r["num_processes"] for r in ranks] == [2, 2] and all(r["distributed_type"].endswith("MULTI_CPU") for r in ranks)
+    assert [r["num_processes"] for r in ranks] == [2, 2] and all(
+        r["distributed_type"].endswith("MULTI_CPU") for r in ranks
+    )
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]  # gradients were all-reduced
-    per_rank = [[i for line in (two / "ranks" / f"samples-rank-{r}.jsonl").read_text().splitlines() for i in json.loads(line)["sample_ids"]] for r in range(2)]
+    per_rank = [
+        [
+            i
+            for line in (two / "ranks" / f"samples-rank-{r}.jsonl").read_text().splitlines()
+            for i in json.loads(line)["sample_ids"]
+        ]
+        for r in range(2)
+    ]
     assert not set(per_rank[0][:20]) & set(per_rank[1][:20])  # the ranks split each global batch
     for name, kw in (("b8", {"batch_size": 8}), ("b4x2", {"batch_size": 4, "gradient_accumulation_steps": 2})):
         train(_cfg(odd_store, tmp_path / name, **kw), progress=False)
         assert_same_run(two, tmp_path / name)
     lrs = [r["lr"] for r in metrics(two)]
-    assert lrs[1] == max(lrs) and lrs[1:] == sorted(lrs[1:], reverse=True)  # warm-up, then one cosine decay: never back up
+    assert lrs[1] == max(lrs) and lrs[1:] == sorted(
+        lrs[1:], reverse=True
+    )  # warm-up, then one cosine decay: never back up
 
 
 def _epochs(*runs) -> dict[int, list[str]]:
@@ -96,7 +149,9 @@ def _each_sample_once_per_epoch(store, *runs) -> None:
     ids = sorted(ex.id for ex in load_examples(store["data"]))
     epochs = _epochs(*runs)
     assert sorted(epochs[0]) == ids  # epoch 0: every sample exactly once
-    assert len(set(epochs[1])) == len(epochs[1]) == 4 * 8 and set(epochs[1]) <= set(ids)  # steps 7-10: 4 whole global batches
+    assert len(set(epochs[1])) == len(epochs[1]) == 4 * 8 and set(epochs[1]) <= set(
+        ids
+    )  # steps 7-10: 4 whole global batches
 
 
 def test_a_mid_epoch_checkpoint_resumes_bitwise_on_two_processes_and_on_one(odd_store, two, tmp_path):

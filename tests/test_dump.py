@@ -26,12 +26,22 @@ from kvdistill.train.loop import train
 
 
 def _cfg(tiny_store, tmp_path, **kw) -> DumpConfig:
-    base = dict(teacher=tiny_store["teachers"][0], student=tiny_store["student"], store=str(tmp_path / "s.zarr"), data=tiny_store["data"], batch_size=8, device="cpu", kv_dtype="float32")
+    base = dict(
+        teacher=tiny_store["teachers"][0],
+        student=tiny_store["student"],
+        store=str(tmp_path / "s.zarr"),
+        data=tiny_store["data"],
+        batch_size=8,
+        device="cpu",
+        kv_dtype="float32",
+    )
     return DumpConfig(**{**base, **kw})
 
 
 def test_a_sample_over_max_len_is_an_error_naming_it_and_the_fix(tiny_store, tmp_path):
-    with pytest.raises(ValueError, match=r"sample synth-train-\d+ has \d+ teacher / \d+ student tokens > max_len 30; raise --max-len"):
+    with pytest.raises(
+        ValueError, match=r"sample synth-train-\d+ has \d+ teacher / \d+ student tokens > max_len 30; raise --max-len"
+    ):
         run_dump(_cfg(tiny_store, tmp_path, max_len=30), progress=False)
     assert not (tmp_path / "s.zarr" / "teachers" / "teacher-a" / "shard-00000").exists()
 
@@ -70,7 +80,9 @@ def _teacher_kv(path: str, template: str, ex, layer_map) -> torch.Tensor:
     return apply_layer_map(torch.tensor(layer_map, dtype=torch.float64), k[0]), e
 
 
-def test_cross_tokenizer_teacher_is_char_overlap_aligned_onto_every_student_token(tiny_store, tmp_path, other_tokenizer_teacher):
+def test_cross_tokenizer_teacher_is_char_overlap_aligned_onto_every_student_token(
+    tiny_store, tmp_path, other_tokenizer_teacher
+):
     teacher = ModelSpec(name_or_path=str(other_tokenizer_teacher), name="other-tok")
     run_dump(_cfg(tiny_store, tmp_path, teacher=teacher, num_shards=1), progress=False)
     spec = read_teacher_specs(tmp_path / "s.zarr")["other-tok"]
@@ -103,8 +115,23 @@ def test_training_runs_on_a_cross_tokenizer_and_dual_prompt_store(tiny_store, tm
             run_dump(_cfg(tiny_store, tmp_path, teacher=t, num_shards=2, shard=shard), progress=False)
     finalize(store)
     specs = read_teacher_specs(store)
-    assert {n: s.time_map for n, s in specs.items()} == {"teacher-a": "identity", "teacher-a-think": "segment_linear", "other-tok": "char_overlap"}
-    summary = train(TrainConfig(store=store, student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=4, warmup_steps=1, device="cpu"), progress=False)
+    assert {n: s.time_map for n, s in specs.items()} == {
+        "teacher-a": "identity",
+        "teacher-a-think": "segment_linear",
+        "other-tok": "char_overlap",
+    }
+    summary = train(
+        TrainConfig(
+            store=store,
+            student=tiny_store["student"],
+            out=str(tmp_path / "run"),
+            batch_size=8,
+            max_steps=4,
+            warmup_steps=1,
+            device="cpu",
+        ),
+        progress=False,
+    )
     assert summary["steps"] == 4 and summary["teachers"] == ["other-tok", "teacher-a", "teacher-a-think"]
     assert np.isfinite(summary["mean_last_20_kv_k"]) and summary["mean_last_20_kv_k"] > 0
 
@@ -136,11 +163,20 @@ def test_forcing_identity_onto_another_tokenizer_is_a_clear_error(tiny_store, tm
 
 
 @pytest.mark.parametrize("level, shuffle", [(1, "byte"), (5, "bit")])
-def test_the_compression_level_and_shuffle_reach_the_stored_kv_and_read_back_the_same(tiny_store, tmp_path, level, shuffle):
-    res = run_dump(_cfg(tiny_store, tmp_path, kv_dtype="float16", num_shards=2, compression_level=level, blosc_shuffle=shuffle), progress=False)
+def test_the_compression_level_and_shuffle_reach_the_stored_kv_and_read_back_the_same(
+    tiny_store, tmp_path, level, shuffle
+):
+    res = run_dump(
+        _cfg(tiny_store, tmp_path, kv_dtype="float16", num_shards=2, compression_level=level, blosc_shuffle=shuffle),
+        progress=False,
+    )
     r = ShardReader(tmp_path / "s.zarr", res.teacher, 0)
     (blosc,) = [c for c in r.group["k"].metadata.codecs[0].codecs if type(c).__name__ == "BloscCodec"]
-    assert blosc.clevel == level and blosc.cname.value == "zstd" and blosc.shuffle.value == {"byte": "shuffle", "bit": "bitshuffle"}[shuffle]
+    assert (
+        blosc.clevel == level
+        and blosc.cname.value == "zstd"
+        and blosc.shuffle.value == {"byte": "shuffle", "bit": "bitshuffle"}[shuffle]
+    )
     assert "k" in r.fast and inspect(tmp_path / "s.zarr")["blosc_shuffle"] == shuffle
     ref = ShardReader(tiny_store["store"], res.teacher, 0)  # the fixture's store: float16, default level
     n = int(ref.offsets[-1])
@@ -153,7 +189,9 @@ def test_a_compression_level_outside_blosc_range_is_refused(tiny_store, tmp_path
 
 
 def test_a_compression_level_with_the_uncompressed_webdataset_backend_is_refused(tiny_store, tmp_path):
-    with pytest.raises(ConfigError, match="webdataset tars store K/V uncompressed, so level 3 / byte shuffle would be ignored"):
+    with pytest.raises(
+        ConfigError, match="webdataset tars store K/V uncompressed, so level 3 / byte shuffle would be ignored"
+    ):
         _cfg(tiny_store, tmp_path, backend="webdataset", compression_level=3)
     with pytest.raises(ConfigError, match="level 1 / bit shuffle would be ignored"):
         _cfg(tiny_store, tmp_path, backend="webdataset", blosc_shuffle="bit")

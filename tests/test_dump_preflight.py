@@ -23,8 +23,16 @@ from kvdistill.store.errors import ShardComplete
 
 
 def _cfg(tiny_store, tmp_path, **kw) -> DumpConfig:
-    base = dict(teacher=tiny_store["teachers"][0], student=tiny_store["student"], store=str(tmp_path / "s.zarr"),
-                data=tiny_store["data"], num_shards=6, batch_size=8, device="cpu", kv_dtype="float32")  # 8 rows a shard
+    base = dict(
+        teacher=tiny_store["teachers"][0],
+        student=tiny_store["student"],
+        store=str(tmp_path / "s.zarr"),
+        data=tiny_store["data"],
+        num_shards=6,
+        batch_size=8,
+        device="cpu",
+        kv_dtype="float32",
+    )  # 8 rows a shard
     return DumpConfig(**{**base, **kw})
 
 
@@ -39,9 +47,14 @@ def student_without_eos(tiny_store, tmp_path_factory) -> ModelSpec:
     return ModelSpec(name_or_path=str(path), name="student")
 
 
-def test_a_student_tokenizer_without_eos_is_refused_by_name_and_leaves_no_store(tiny_store, tmp_path, student_without_eos):
+def test_a_student_tokenizer_without_eos_is_refused_by_name_and_leaves_no_store(
+    tiny_store, tmp_path, student_without_eos
+):
     store = tmp_path / "s.zarr"
-    with pytest.raises(ValueError, match=rf"the student tokenizer \({student_without_eos.name_or_path}\) has no eos_token.*add_special_tokens"):
+    with pytest.raises(
+        ValueError,
+        match=rf"the student tokenizer \({student_without_eos.name_or_path}\) has no eos_token.*add_special_tokens",
+    ):
         run_dump(_cfg(tiny_store, tmp_path, student=student_without_eos), progress=False)
     assert not store.exists()
     # The corrected rerun into the same path is not blocked by anything the failed one left.
@@ -59,7 +72,10 @@ def test_a_teacher_tokenizer_without_eos_is_refused_naming_the_teacher(tiny_stor
 
 def test_encode_without_eos_names_the_tokenizer_and_the_fix(student_without_eos, examples):
     tok = AutoTokenizer.from_pretrained(student_without_eos.name_or_path)
-    with pytest.raises(ValueError, match=rf"tokenizer {student_without_eos.name_or_path} has no eos_token.*Add one .*or use another tokenizer"):
+    with pytest.raises(
+        ValueError,
+        match=rf"tokenizer {student_without_eos.name_or_path} has no eos_token.*Add one .*or use another tokenizer",
+    ):
         encode(tok, DEFAULT_TEMPLATE, examples[0])
 
 
@@ -72,7 +88,10 @@ def test_a_sample_over_max_len_fails_before_the_store_exists_and_the_rerun_succe
 
 def test_more_shards_than_rows_is_an_error_naming_the_counts_unless_allowed(tiny_store, tmp_path):
     data = DataSpec.from_dict({**tiny_store["data"].to_dict(), "limit": 1})  # shard 0 of 2 gets no row
-    with pytest.raises(DataError, match=r"teacher teacher-a shard 0: data synthetic has 1 rows for 2 shards.*use fewer shards \(at most 1\) or --allow-empty"):
+    with pytest.raises(
+        DataError,
+        match=r"teacher teacher-a shard 0: data synthetic has 1 rows for 2 shards.*use fewer shards \(at most 1\) or --allow-empty",
+    ):
         run_dump(_cfg(tiny_store, tmp_path, data=data, num_shards=2), progress=False)
     assert not (tmp_path / "s.zarr").exists()
     result = run_dump(_cfg(tiny_store, tmp_path, data=data, num_shards=2, allow_empty=True), progress=False)
@@ -81,7 +100,10 @@ def test_more_shards_than_rows_is_an_error_naming_the_counts_unless_allowed(tiny
 
 
 def test_a_shard_whose_every_sample_is_skipped_is_an_error_unless_allowed(tiny_store, tmp_path):
-    with pytest.raises(DataError, match=r"shard 0: data synthetic has 48 rows, and all 8 of this shard are over max_len 5.*--allow-empty"):
+    with pytest.raises(
+        DataError,
+        match=r"shard 0: data synthetic has 48 rows, and all 8 of this shard are over max_len 5.*--allow-empty",
+    ):
         run_dump(_cfg(tiny_store, tmp_path, max_len=5, on_too_long="skip"), progress=False)
     assert not (tmp_path / "s.zarr").exists()
     result = run_dump(_cfg(tiny_store, tmp_path, max_len=5, on_too_long="skip", allow_empty=True), progress=False)

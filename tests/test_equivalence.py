@@ -25,7 +25,10 @@ def _cfg(tiny_store, out: Path, **kw) -> TrainConfig:
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     final = run / "final"
     adapters = torch.load(final / "adapters.pt")
-    return {**safetensors.torch.load_file(final / "model.safetensors"), **{f"adapters.{k}": v for k, v in adapters.items()}}
+    return {
+        **safetensors.torch.load_file(final / "model.safetensors"),
+        **{f"adapters.{k}": v for k, v in adapters.items()},
+    }
 
 
 def metrics(run: Path) -> list[dict]:
@@ -50,7 +53,13 @@ def assert_same_run(a: Path, b: Path, rtol: float = 1e-5) -> None:
     for ra, rb in zip(ma, mb, strict=True):
         assert ra.keys() == rb.keys()
         for k, v in ra.items():
-            torch.testing.assert_close(torch.tensor(v, dtype=torch.float64), torch.tensor(rb[k], dtype=torch.float64), rtol=1e-5, atol=1e-5, msg=f"step {ra['step']} {k}")
+            torch.testing.assert_close(
+                torch.tensor(v, dtype=torch.float64),
+                torch.tensor(rb[k], dtype=torch.float64),
+                rtol=1e-5,
+                atol=1e-5,
+                msg=f"step {ra['step']} {k}",
+            )
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -64,7 +73,9 @@ def test_accumulation_trains_exactly_what_one_batch_trains_in_the_default_config
     train(_cfg(tiny_store, tmp_path / "b4x2", batch_size=4, gradient_accumulation_steps=2), progress=False)
     assert_same_run(tmp_path / "b8", tmp_path / "b4x2")
     lrs = [r["lr"] for r in metrics(tmp_path / "b8")]
-    assert lrs[0] < lrs[1] == max(lrs) and lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] < 0.05 * lrs[1]  # warm-up, then one decay
+    assert (
+        lrs[0] < lrs[1] == max(lrs) and lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] < 0.05 * lrs[1]
+    )  # warm-up, then one decay
 
 
 def test_the_closed_form_standardised_mse_is_the_batch_standardised_mse_and_splits_add_up():
@@ -83,12 +94,17 @@ def test_the_closed_form_standardised_mse_is_the_batch_standardised_mse_and_spli
     mask = torch.rand(B, T) > 0.3
     s = (torch.randn(B, T, L, D) * 2 + 1).double().requires_grad_()
     a = [(torch.randn(B, T, L, D) * 3 - 1).double().requires_grad_() for _ in range(2)]
-    for w in (torch.tensor([0.3, 0.7]).double().view(-1, 1, 1, 1), torch.rand(2, B, 1, L).double().softmax(0).requires_grad_()):
+    for w in (
+        torch.tensor([0.3, 0.7]).double().view(-1, 1, 1, 1),
+        torch.rand(2, B, 1, L).double().softmax(0).requires_grad_(),
+    ):
         target = (w[..., None] * torch.stack([layer_std_norm(x, mask) for x in a])).sum(0)
         _, want = masked_kv_loss(layer_std_norm(s, mask), target, mask)
         got = _mse_from_sums({k.rsplit(".", 1)[1]: v for k, v in sums(s, a, w, mask).items()})
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        for x, y in zip(torch.autograd.grad(got.sum(), [s, *a]), torch.autograd.grad(want.sum(), [s, *a]), strict=True):
+        for x, y in zip(
+            torch.autograd.grad(got.sum(), [s, *a]), torch.autograd.grad(want.sum(), [s, *a]), strict=True
+        ):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
         first, rest = mask.clone(), mask.clone()
         first[1:], rest[:1] = False, False
@@ -104,4 +120,6 @@ def test_cka_from_summed_statistics_is_the_debiased_cka_of_all_rows():
     x = torch.randn(37, 5, dtype=torch.float64) * 3 + 1
     y = x @ torch.randn(5, 4, dtype=torch.float64) + 0.5 * torch.randn(37, 4, dtype=torch.float64)
     halves = [cka_sums(x[:20], y[:20]), cka_sums(x[20:], y[20:])]
-    torch.testing.assert_close(cka_from_sums({k: halves[0][k] + halves[1][k] for k in halves[0]}), debiased_cka(x, y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        cka_from_sums({k: halves[0][k] + halves[1][k] for k in halves[0]}), debiased_cka(x, y), rtol=1e-12, atol=1e-12
+    )

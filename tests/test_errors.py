@@ -68,7 +68,7 @@ def no_weights(make_model, tmp_path) -> Path:
 
 def test_the_readme_table_lists_every_exit_code_with_its_number():
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Exit codes"):]
+    section = text[text.index("## Exit codes") :]
     section = section[: section.find("\n## ", 1)]
     documented = {int(code) for code in re.findall(r"^\| *(\d+) *\|", section, re.M)}
     assert documented == {int(c) for c in ExitCode}
@@ -79,8 +79,20 @@ def test_the_readme_table_lists_every_exit_code_with_its_number():
 
 
 def test_a_model_directory_without_weights_exits_3_naming_the_directory(no_weights, tiny_store, tmp_path, capsys):
-    rc = main(["dump", "--teacher", str(no_weights), "--student", tiny_store["student"].name_or_path,
-               "--store", str(tmp_path / "x.zarr"), "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "dump",
+            "--teacher",
+            str(no_weights),
+            "--student",
+            tiny_store["student"].name_or_path,
+            "--store",
+            str(tmp_path / "x.zarr"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == ExitCode.BAD_INPUT == 3
     line = one_line(capsys, "dump")
     assert str(no_weights) in line and "model.safetensors" in line
@@ -89,7 +101,11 @@ def test_a_model_directory_without_weights_exits_3_naming_the_directory(no_weigh
 
 @pytest.mark.parametrize("which, cmd", [("root", "inspect"), ("shard", "finalize")])
 def test_a_truncated_zarr_json_exits_4_naming_the_file(store_copy, capsys, which, cmd):
-    f = store_copy / "zarr.json" if which == "root" else store_copy / "teachers" / "teacher-a" / shard_name(0) / "zarr.json"
+    f = (
+        store_copy / "zarr.json"
+        if which == "root"
+        else store_copy / "teachers" / "teacher-a" / shard_name(0) / "zarr.json"
+    )
     f.write_text(f.read_text()[:50])
     assert main(["store", cmd, str(store_copy)]) == ExitCode.INTEGRITY
     line = one_line(capsys, "store")
@@ -120,11 +136,20 @@ def test_a_missing_file_exits_3(tmp_path, capsys):
 
 def test_jobs_local_with_a_failing_task_exits_1_listing_it(tiny_store, no_weights, tmp_path, capsys):
     teachers = [tiny_store["teachers"][1], ModelSpec(name_or_path=str(no_weights), name="broken")]
-    task = DumpTask(student=tiny_store["student"], store=str(tmp_path / "s.zarr"), data=tiny_store["data"], batch_size=8, device="cpu")
+    task = DumpTask(
+        student=tiny_store["student"],
+        store=str(tmp_path / "s.zarr"),
+        data=tiny_store["data"],
+        batch_size=8,
+        device="cpu",
+    )
     config = JobsConfig(teachers=teachers, dump=task).save(tmp_path / "jobs.yaml")
     assert main(["jobs", "local", "--config", str(config), "--no-progress"]) == ExitCode.FAILED == 1
     line = one_line(capsys, "jobs")
-    assert "1 of 2 dump tasks failed" in line and "teacher broken shard 0: OSError: Error no file named model.safetensors" in line
+    assert (
+        "1 of 2 dump tasks failed" in line
+        and "teacher broken shard 0: OSError: Error no file named model.safetensors" in line
+    )
     assert "teacher teacher-b" not in line  # the task that worked is not listed
 
 
@@ -134,8 +159,24 @@ def test_a_non_finite_loss_exits_1_naming_term_and_samples(tiny_store, tmp_path,
     from kvdistill.train import distiller
 
     monkeypatch.setattr(distiller, "cka_from_sums", lambda s: torch.tensor(float("nan"), dtype=torch.float64))
-    rc = main(["train", "--store", str(tiny_store["store"]), "--student", tiny_store["student"].name_or_path, "--out", str(tmp_path / "run"),
-               "--per-device-train-batch-size", "8", "--max-steps", "2", "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--store",
+            str(tiny_store["store"]),
+            "--student",
+            tiny_store["student"].name_or_path,
+            "--out",
+            str(tmp_path / "run"),
+            "--per-device-train-batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == ExitCode.FAILED
     line = one_line(capsys, "train")
     assert "training diverged: step 1: loss term cka is nan" in line and "on samples [" in line
@@ -169,8 +210,11 @@ def test_a_corrupt_shard_exits_4_naming_the_chunk(tiny_store, monkeypatch, capsy
     import kvdistill.store.stats as stats
 
     chunk = f"{tiny_store['store']}/teachers/teacher-a/shard-00000/k/c/0/0"
+
     def corrupt(*a, **k):
-        raise CorruptShard(f"{chunk}: chunk fails its crc32c check (corrupt or truncated); run `kvdistill store verify`")
+        raise CorruptShard(
+            f"{chunk}: chunk fails its crc32c check (corrupt or truncated); run `kvdistill store verify`"
+        )
 
     monkeypatch.setattr(stats, "stats", corrupt)
     assert main(["store", "stats", str(tiny_store["store"])]) == ExitCode.INTEGRITY
@@ -183,13 +227,17 @@ def test_a_corrupt_shard_exits_4_naming_the_chunk(tiny_store, monkeypatch, capsy
 
 @pytest.mark.parametrize(
     "code, said, fix",
-    [(errno.ENOSPC, "disk full", "free space there or write elsewhere (--store / --out)"),
-     (errno.EDQUOT, "disk quota exceeded", "free space in the quota or write elsewhere (--store / --out)"),
-     (errno.EROFS, "read-only file system", "write to a writable file system (--store / --out)"),
-     (errno.EACCES, "permission denied", "fix the permissions or write elsewhere (--store / --out)")],
+    [
+        (errno.ENOSPC, "disk full", "free space there or write elsewhere (--store / --out)"),
+        (errno.EDQUOT, "disk quota exceeded", "free space in the quota or write elsewhere (--store / --out)"),
+        (errno.EROFS, "read-only file system", "write to a writable file system (--store / --out)"),
+        (errno.EACCES, "permission denied", "fix the permissions or write elsewhere (--store / --out)"),
+    ],
     ids=["ENOSPC", "EDQUOT", "EROFS", "EACCES"],
 )
-def test_a_full_or_read_only_disk_at_finalize_exits_5_naming_the_path(tiny_store, monkeypatch, capsys, code, said, fix):
+def test_a_full_or_read_only_disk_at_finalize_exits_5_naming_the_path(
+    tiny_store, monkeypatch, capsys, code, said, fix
+):
     import kvdistill.store.index as store_index
 
     index = tiny_store["store"] / "index.parquet"
@@ -203,7 +251,9 @@ def test_a_full_or_read_only_disk_at_finalize_exits_5_naming_the_path(tiny_store
     assert line == f"kvdistill store: {said} at {index}: {fix} {DEBUG_HINT}"
 
 
-def test_a_read_only_store_at_dump_exits_5_and_a_write_without_a_file_name_still_says_what(tiny_store, tmp_path, monkeypatch, capsys):
+def test_a_read_only_store_at_dump_exits_5_and_a_write_without_a_file_name_still_says_what(
+    tiny_store, tmp_path, monkeypatch, capsys
+):
     import kvdistill.dump.run as run
 
     def read_only(cfg, progress=True):
@@ -212,7 +262,9 @@ def test_a_read_only_store_at_dump_exits_5_and_a_write_without_a_file_name_still
     monkeypatch.setattr(run, "run_dump", read_only)
     argv = ["dump", "--teacher", "t", "--student", "s", "--store", str(tmp_path / "ro.zarr")]
     assert main(argv) == ExitCode.ENVIRONMENT
-    assert f"read-only file system at {tmp_path / 'ro.zarr'}: write to a writable file system" in one_line(capsys, "dump")
+    assert f"read-only file system at {tmp_path / 'ro.zarr'}: write to a writable file system" in one_line(
+        capsys, "dump"
+    )
 
     def full(cfg, progress=True):
         raise OSError(errno.ENOSPC, "No space left on device")  # what file.write() raises: no file name
@@ -226,11 +278,16 @@ def test_sbatch_refusing_a_job_exits_5_in_one_line(tmp_path, monkeypatch, capsys
     import kvdistill.jobs.slurm as slurm
 
     def refuse(scripts, *, dry_run):
-        raise RuntimeError("`sbatch --parsable x.sbatch` failed (exit 1): sbatch: error: invalid partition specified: gpu\nalready submitted: nothing")
+        raise RuntimeError(
+            "`sbatch --parsable x.sbatch` failed (exit 1): sbatch: error: invalid partition specified: gpu\nalready submitted: nothing"
+        )
 
     monkeypatch.setattr(slurm, "submit", refuse)
-    config = JobsConfig(teachers=[ModelSpec(name_or_path="t")], dump=DumpTask(student=ModelSpec(name_or_path="s"), store="s.zarr"),
-                        jobs_dir=str(tmp_path / "jobs")).save(tmp_path / "jobs.yaml")
+    config = JobsConfig(
+        teachers=[ModelSpec(name_or_path="t")],
+        dump=DumpTask(student=ModelSpec(name_or_path="s"), store="s.zarr"),
+        jobs_dir=str(tmp_path / "jobs"),
+    ).save(tmp_path / "jobs.yaml")
     assert main(["jobs", "slurm", "--config", str(config), "--submit"]) == ExitCode.ENVIRONMENT
     assert "invalid partition specified: gpu; already submitted: nothing" in one_line(capsys, "jobs")
 
@@ -242,10 +299,14 @@ def test_a_shard_owned_by_another_writer_exits_6(tmp_path, monkeypatch, capsys):
     import kvdistill.dump.run as run
 
     def busy(cfg, progress=True):
-        raise ShardBusy(f"store {cfg.store}: teacher t shard 0 is being written by host n1 pid 4242 since 12:00; wait (--config on_busy: wait) or kill it")
+        raise ShardBusy(
+            f"store {cfg.store}: teacher t shard 0 is being written by host n1 pid 4242 since 12:00; wait (--config on_busy: wait) or kill it"
+        )
 
     monkeypatch.setattr(run, "run_dump", busy)
-    assert main(["dump", "--teacher", "t", "--student", "s", "--store", str(tmp_path / "s.zarr")]) == ExitCode.BUSY == 6
+    assert (
+        main(["dump", "--teacher", "t", "--student", "s", "--store", str(tmp_path / "s.zarr")]) == ExitCode.BUSY == 6
+    )
     assert "busy: store" in one_line(capsys, "dump")
 
 
@@ -256,7 +317,11 @@ def test_sigterm_exits_143_with_one_line(tmp_path, monkeypatch, capsys):
         raise Preempted(143)
 
     monkeypatch.setattr(run, "run_dump", preempted)
-    assert main(["dump", "--teacher", "t", "--student", "s", "--store", str(tmp_path / "s.zarr")]) == ExitCode.PREEMPTED == 143
+    assert (
+        main(["dump", "--teacher", "t", "--student", "s", "--store", str(tmp_path / "s.zarr")])
+        == ExitCode.PREEMPTED
+        == 143
+    )
     assert "preempted (SIGTERM): the partial shard was discarded" in one_line(capsys, "dump")
 
 
@@ -307,7 +372,11 @@ def test_an_unexpected_exception_is_a_bug_and_keeps_its_traceback(tiny_store, mo
 
 
 def test_a_negative_learning_rate_exits_2_naming_the_field(capsys):
-    assert main(["train", "--store", "s.zarr", "--student", "x", "--out", "o", "--learning-rate=-1e-3"]) == ExitCode.USAGE == 2
+    assert (
+        main(["train", "--store", "s.zarr", "--student", "x", "--out", "o", "--learning-rate=-1e-3"])
+        == ExitCode.USAGE
+        == 2
+    )
     assert "config error: TrainConfig.lr: must be > 0, got -0.001" in one_line(capsys, "train")
 
 
@@ -320,14 +389,28 @@ def _dump(**kw) -> DumpTask:
 
 
 def _store(**kw) -> StoreSpec:
-    base = dict(student=ModelSpec(name_or_path="x"), geometry=KVGeometry(num_layers=2, num_kv_heads=1, head_dim=4),
-                tokenizer_fingerprint="f", data=DataSpec(), data_fingerprint="f", num_shards=1)
+    base = dict(
+        student=ModelSpec(name_or_path="x"),
+        geometry=KVGeometry(num_layers=2, num_kv_heads=1, head_dim=4),
+        tokenizer_fingerprint="f",
+        data=DataSpec(),
+        data_fingerprint="f",
+        num_shards=1,
+    )
     return StoreSpec(**{**base, **kw})
 
 
 def _teacher(**kw) -> TeacherSpec:
-    base = dict(name="t", model=ModelSpec(name_or_path="t"), geometry=KVGeometry(num_layers=2, num_kv_heads=1, head_dim=4),
-                align=AlignSpec(), time_map="identity", layer_map=[[1.0, 0.0], [0.0, 1.0]], width=4, fingerprint="f")
+    base = dict(
+        name="t",
+        model=ModelSpec(name_or_path="t"),
+        geometry=KVGeometry(num_layers=2, num_kv_heads=1, head_dim=4),
+        align=AlignSpec(),
+        time_map="identity",
+        layer_map=[[1.0, 0.0], [0.0, 1.0]],
+        width=4,
+        fingerprint="f",
+    )
     return TeacherSpec(**{**base, **kw})
 
 
@@ -357,7 +440,10 @@ OUT_OF_RANGE = [
     (lambda: _train(log_every=0), "TrainConfig.log_every: must be >= 1"),
     (lambda: _train(save_every=-5), "TrainConfig.save_every: must be >= 0"),
     (lambda: _train(stop_at_step=0), "TrainConfig.stop_at_step: must be >= 1"),
-    (lambda: _train(teacher_weights={"a": 0.0, "b": 0.0}), "TrainConfig.teacher_weights: give some teacher a weight > 0"),
+    (
+        lambda: _train(teacher_weights={"a": 0.0, "b": 0.0}),
+        "TrainConfig.teacher_weights: give some teacher a weight > 0",
+    ),
     (lambda: EvalConfig(model="m", batch_size=0), "EvalConfig.batch_size: must be >= 1"),
     (lambda: EvalConfig(model="m", max_new_tokens=0), "EvalConfig.max_new_tokens: must be >= 1"),
     (lambda: _dump(batch_size=0), "DumpTask.batch_size: must be >= 1, got 0"),
@@ -375,9 +461,16 @@ OUT_OF_RANGE = [
     (lambda: SlurmSpec(cpus=0), "SlurmSpec.cpus: must be >= 1"),
     (lambda: SlurmSpec(gpus=-1), "SlurmSpec.gpus: must be >= 0"),
     (lambda: SlurmSpec(max_parallel=0), "SlurmSpec.max_parallel: must be >= 1"),
-    (lambda: JobsConfig(teachers=[ModelSpec(name_or_path="t")], dump=_dump(), workers=0), "JobsConfig.workers: must be >= 1"),
-    (lambda: CalibrateConfig(teacher=ModelSpec(name_or_path="t"), student=ModelSpec(name_or_path="s"), batch_size=0),
-     "CalibrateConfig.batch_size: must be >= 1"),
+    (
+        lambda: JobsConfig(teachers=[ModelSpec(name_or_path="t")], dump=_dump(), workers=0),
+        "JobsConfig.workers: must be >= 1",
+    ),
+    (
+        lambda: CalibrateConfig(
+            teacher=ModelSpec(name_or_path="t"), student=ModelSpec(name_or_path="s"), batch_size=0
+        ),
+        "CalibrateConfig.batch_size: must be >= 1",
+    ),
     (lambda: DemoConfig(num_shards=0), "DemoConfig.num_shards: must be >= 1"),
     (lambda: DemoConfig(teacher_steps=0), "DemoConfig.teacher_steps: must be >= 1"),
     (lambda: DemoConfig(student_steps=0), "DemoConfig.student_steps: must be >= 1"),
@@ -398,8 +491,19 @@ def test_an_out_of_range_value_is_refused_naming_field_and_range(build, message)
 
 
 def test_the_defaults_and_the_edges_of_each_range_are_valid():
-    _train(lora_r=0, lora_dropout=0.0, weight_decay=0.0, grad_clip=0.0, warmup_steps=0, seed=0, save_every=0, stop_at_step=1,
-           teacher_weights={"a": 0.0, "b": 1.0}, kv_weight=0.0, cka_weight=0.0)
+    _train(
+        lora_r=0,
+        lora_dropout=0.0,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        warmup_steps=0,
+        seed=0,
+        save_every=0,
+        stop_at_step=1,
+        teacher_weights={"a": 0.0, "b": 1.0},
+        kv_weight=0.0,
+        cka_weight=0.0,
+    )
     SlurmSpec(gpus=0, max_parallel=None)
     DemoConfig(seed=0, kv_weight=0.0)
     _store(compression_level=0)
@@ -414,15 +518,36 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_.-]*[a-z0-9]")  # nested fields: --
 # Flags of other tools that our messages and generated scripts name; each group with why.
 EXTERNAL_FLAGS = {
     # sbatch: jobs/slurm.py writes #SBATCH lines and the sbatch command line; jobs status prints --array
-    "--array", "--cpus-per-task", "--dependency", "--gres", "--job-name", "--mem", "--nodes", "--ntasks-per-node",
-    "--open-mode", "--output", "--parsable", "--requeue", "--signal", "--time",
+    "--array",
+    "--cpus-per-task",
+    "--dependency",
+    "--gres",
+    "--job-name",
+    "--mem",
+    "--nodes",
+    "--ntasks-per-node",
+    "--open-mode",
+    "--output",
+    "--parsable",
+    "--requeue",
+    "--signal",
+    "--time",
     # accelerate launch: the multi-node training script (its flags are spelled with underscores)
-    "--machine_rank", "--main_process_ip", "--main_process_port", "--multi_gpu", "--num_machines", "--num_processes",
+    "--machine_rank",
+    "--main_process_ip",
+    "--main_process_port",
+    "--multi_gpu",
+    "--num_machines",
+    "--num_processes",
 }
 
 
 def _string_literals(path: Path) -> list[str]:
-    return [n.value for n in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    return [
+        n.value
+        for n in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    ]
 
 
 def _parsers(parser: argparse.ArgumentParser):

@@ -40,7 +40,14 @@ def _alone(model, prompt: list[int], budget: int, eos: int, pad: int) -> list[in
     """Reference: transformers' own greedy `generate` on this prompt alone (no padding at all),
     up to and including its first EOS."""
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=budget,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     new = out[0, len(prompt) :].tolist()
     return new[: new.index(eos) + 1] if eos in new else new
 
@@ -53,7 +60,9 @@ def test_batched_greedy_generation_equals_each_question_alone_token_for_token(st
     assert lens[0] <= 8 and lens[-1] >= 3 * lens[len(lens) // 2]  # very different lengths: lots of left padding
     want = [_alone(model, p, budget, eos, pad) for p in prompts]
     ends = sorted(len(w) for w in want if w[-1] == eos)
-    assert ends and ends[0] <= 4 and any(len(w) == budget and eos not in w for w in want)  # one row stops early, one runs to the cap
+    assert (
+        ends and ends[0] <= 4 and any(len(w) == budget and eos not in w for w in want)
+    )  # one row stops early, one runs to the cap
     assert len({tuple(w[:3]) for w in want}) == len(want)  # the tokens depend on the prompt
 
     ids, mask = left_pad(prompts, pad)
@@ -62,7 +71,9 @@ def test_batched_greedy_generation_equals_each_question_alone_token_for_token(st
     for row, w, p in zip(new.tolist(), want, prompts, strict=True):
         assert row[: len(w)] == w
         assert row[len(w) :] == [pad] * (budget - len(w))  # padding after EOS
-        assert greedy_generate(model, *left_pad([p], pad), budget, eos, pad)[0].tolist() == w  # batch size 1: stops at its EOS
+        assert (
+            greedy_generate(model, *left_pad([p], pad), budget, eos, pad)[0].tolist() == w
+        )  # batch size 1: stops at its EOS
 
 
 def test_generation_ends_with_the_last_row_s_eos(student, examples):
@@ -87,15 +98,22 @@ def test_eval_batches_give_the_predictions_of_batch_size_one(make_model, tiny_da
     runs = {}
     for bs in (1, 5, 16):
         out = tmp_path / f"bs{bs}.json"
-        result = evaluate(EvalConfig(model=model, data=data, batch_size=bs, max_new_tokens=32, device="cpu", out=str(out)), progress=False)
+        result = evaluate(
+            EvalConfig(model=model, data=data, batch_size=bs, max_new_tokens=32, device="cpu", out=str(out)),
+            progress=False,
+        )
         assert result["max_new_tokens"] == 32  # given, so used as is
         assert result["questions_per_second"] > 0 and math.isfinite(result["questions_per_second"])
         runs[bs] = (result, json.loads(out.read_text())["predictions"])
     keys = ("id", "text", "pred", "generated_tokens", "forward_passes", "hit_cap")
     lengths = [p["generated_tokens"] for p in runs[1][1]]
-    assert min(lengths) <= 4 and max(lengths) == 32 and len({p["text"] for p in runs[1][1]}) == 12  # some rows stop early
+    assert (
+        min(lengths) <= 4 and max(lengths) == 32 and len({p["text"] for p in runs[1][1]}) == 12
+    )  # some rows stop early
     for bs in (5, 16):
-        assert [[p[k] for k in keys] for p in runs[bs][1]] == [[p[k] for k in keys] for p in runs[1][1]]  # same rows, in data order
+        assert [[p[k] for k in keys] for p in runs[bs][1]] == [
+            [p[k] for k in keys] for p in runs[1][1]
+        ]  # same rows, in data order
         assert runs[bs][0]["perplexity"] == pytest.approx(runs[1][0]["perplexity"], rel=1e-5)
     assert [p["id"] for p in runs[16][1]] == [ex.id for ex in load_examples(data)]
 
@@ -109,7 +127,10 @@ def test_default_budget_is_the_longest_gold_continuation_x_1_25_plus_16():
 
 
 GSM8K_ROWS = [
-    {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
+    {
+        "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+        "answer": "3+4=<<3+4=7>>7\n#### 7",
+    },
     {
         "question": "A shop sells 12 pens a day for 5 days, then 20 pens a day for 3 days. Each pen costs $2. How much money does it make?",
         "answer": "12*5=<<12*5=60>>60 pens in the first 5 days.\n20*3=<<20*3=60>>60 pens in the next 3 days.\n"

@@ -39,7 +39,15 @@ def _samples(n: int = 12) -> list[tuple]:
     out = []
     for j in range(n):
         T = int(rng.integers(20, 60))
-        out.append((f"s{j}", rng.normal(size=(T, 2, 16)).astype(np.float32), rng.normal(size=(T, 2, 16)).astype(np.float32), rng.integers(0, 99, T), rng.random(T) < 0.5))
+        out.append(
+            (
+                f"s{j}",
+                rng.normal(size=(T, 2, 16)).astype(np.float32),
+                rng.normal(size=(T, 2, 16)).astype(np.float32),
+                rng.integers(0, 99, T),
+                rng.random(T) < 0.5,
+            )
+        )
     return out
 
 
@@ -74,7 +82,9 @@ def test_two_writers_of_one_shard_race_ten_times_and_the_shard_is_the_uninterrup
     for trial in range(10):
         store = tmp_path / f"race-{trial}.zarr"
         queue = ctx.SimpleQueue()
-        procs = [ctx.Process(target=_write, args=(store, on_busy, rng.uniform(0, 0.05), 0.005, queue)) for _ in range(2)]
+        procs = [
+            ctx.Process(target=_write, args=(store, on_busy, rng.uniform(0, 0.05), 0.005, queue)) for _ in range(2)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -120,13 +130,25 @@ def test_two_dump_processes_of_one_shard(tiny_store, tmp_path):
     --on-busy wait both exit 0. Either way the shard verifies and equals the session store's."""
     store = tmp_path / "race.zarr"
     t = tiny_store["teachers"][0]
-    config = DumpConfig(teacher=t, student=tiny_store["student"], store=str(store), data=tiny_store["data"], num_shards=2,
-                        batch_size=8, device="cpu").save(tmp_path / "dump.yaml")
+    config = DumpConfig(
+        teacher=t,
+        student=tiny_store["student"],
+        store=str(store),
+        data=tiny_store["data"],
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+    ).save(tmp_path / "dump.yaml")
     base = [sys.executable, "-m", "kvdistill.cli", "dump", "--config", str(config), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for on_busy in ("fail", "wait"):
         shutil.rmtree(store, ignore_errors=True)
-        procs = [subprocess.Popen([*base, "--on-busy", on_busy], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [*base, "--on-busy", on_busy], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(2)
+        ]
         results = [(p.wait(300), *p.communicate()) for p in procs]
         codes = sorted(r[0] for r in results)
         text = " ".join(r[1] + r[2] for r in results)
@@ -190,7 +212,9 @@ def test_random_byte_flips_in_random_chunk_files_are_refused_by_verify_and_the_s
         problems = verify(store)
         if any((p.teacher, shard_name(p.shard) if p.shard is not None else None) == shard for p in problems):
             refused["verify"] += 1
-        with pytest.raises(CorruptShard, match=r"store .*: teacher '.*' shard-0000\d: .*(crc32c|missing|truncated)") as e:
+        with pytest.raises(
+            CorruptShard, match=r"store .*: teacher '.*' shard-0000\d: .*(crc32c|missing|truncated)"
+        ) as e:
             stream_all(store)
         assert f"teacher '{shard[0]}' {shard[1]}" in str(e.value), where
         assert "\n" not in str(e.value)
@@ -204,11 +228,18 @@ def test_a_deleted_chunk_file_is_refused_naming_it_never_read_as_zeros(codec_sto
     for array in ("v", "loss_mask", "k_scale" if codec == "int8" else "input_ids", "offsets"):
         store = tmp_path / f"{array}.zarr"
         shutil.copytree(codec_stores[codec], store)
-        f = [p for p in sorted((store / "teachers" / "teacher-b" / shard_name(1) / array / "c").rglob("*")) if p.is_file()][-1]
+        f = [
+            p
+            for p in sorted((store / "teachers" / "teacher-b" / shard_name(1) / array / "c").rglob("*"))
+            if p.is_file()
+        ][-1]
         f.unlink()
         found = [p.what for p in verify(store) if (p.teacher, p.shard) == ("teacher-b", 1)]
         assert any(f"chunk file {f} is missing (deleted or lost)" in w for w in found), found
-        with pytest.raises(CorruptShard, match=rf"teacher 'teacher-b' shard-00001: array {array}: .*{f.relative_to(store / 'teachers' / 'teacher-b' / shard_name(1) / array)}.* is missing"):
+        with pytest.raises(
+            CorruptShard,
+            match=rf"teacher 'teacher-b' shard-00001: array {array}: .*{f.relative_to(store / 'teachers' / 'teacher-b' / shard_name(1) / array)}.* is missing",
+        ):
             stream_all(store)
         if array in ("v", "k_scale"):  # `store stats` reads K/V with dask through plain zarr: refused first
             with pytest.raises(CorruptShard, match=r"array .*: chunk file .* is missing"):
@@ -216,15 +247,33 @@ def test_a_deleted_chunk_file_is_refused_naming_it_never_read_as_zeros(codec_sto
         shutil.rmtree(store)
 
 
-def test_kvdistill_train_on_a_corrupt_store_exits_4_with_one_line_naming_the_chunk(codec_stores, tiny_store, tmp_path, capsys):
+def test_kvdistill_train_on_a_corrupt_store_exits_4_with_one_line_naming_the_chunk(
+    codec_stores, tiny_store, tmp_path, capsys
+):
     store = tmp_path / "bad.zarr"
     shutil.copytree(codec_stores["float16"], store)
-    f = next(p for p in sorted((store / "teachers" / "teacher-a" / shard_name(0) / "k" / "c").rglob("*")) if p.is_file())
+    f = next(
+        p for p in sorted((store / "teachers" / "teacher-a" / shard_name(0) / "k" / "c").rglob("*")) if p.is_file()
+    )
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 3] ^= 0x40
     f.write_bytes(bytes(raw))
-    code = main(["train", "--store", str(store), "--student", tiny_store["student"].name_or_path, "--out", str(tmp_path / "run"),
-                 "--max-steps", "3", "--per-device-train-batch-size", "4", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--store",
+            str(store),
+            "--student",
+            tiny_store["student"].name_or_path,
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "3",
+            "--per-device-train-batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 4, err
     assert "\n" not in err and "Traceback" not in err
@@ -235,12 +284,16 @@ def test_kvdistill_train_on_a_corrupt_store_exits_4_with_one_line_naming_the_chu
 def test_a_flipped_byte_in_a_latent_array_is_refused_in_latent_mode_and_in_cot_mode(latent_store, tmp_path, array):
     store = tmp_path / "lat.zarr"
     shutil.copytree(latent_store["store"], store)
-    f = next(p for p in sorted((store / "teachers" / "teacher-a" / shard_name(0) / array / "c").rglob("*")) if p.is_file())
+    f = next(
+        p for p in sorted((store / "teachers" / "teacher-a" / shard_name(0) / array / "c").rglob("*")) if p.is_file()
+    )
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2] ^= 0x08
     f.write_bytes(bytes(raw))
     for read_latent in (True, False):  # latent mode decodes it; CoT mode checks it without decoding
-        with pytest.raises(CorruptShard, match=rf"teacher 'teacher-a' shard-00000: array {array}: .*fails its crc32c check"):
+        with pytest.raises(
+            CorruptShard, match=rf"teacher 'teacher-a' shard-00000: array {array}: .*fails its crc32c check"
+        ):
             sum(1 for _ in KVStream(store, ["teacher-a", "teacher-b"], shuffle_buffer=1, read_latent=read_latent))
     assert any(array in p.what and "crc32c" in p.what for p in verify(store))
 
@@ -253,7 +306,11 @@ def tmpfs(tmp_path):
     def mount(size: str, *opts: str) -> Path:
         d = tmp_path / f"tmpfs{len(mounted)}"
         d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(d)], capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(d)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
         mounted.append(d)
@@ -268,9 +325,14 @@ def test_disk_full_while_writing_names_the_shard_path_and_leaves_no_shard(tmpfs)
     root = tmpfs("200k")
     store = root / "s.zarr"
     rng = np.random.default_rng(0)
-    with pytest.raises(OSError) as e, ShardWriter(store, "t", 0, num_layers=4, width=256, codec="float32", compression_level=0) as w:
+    with (
+        pytest.raises(OSError) as e,
+        ShardWriter(store, "t", 0, num_layers=4, width=256, codec="float32", compression_level=0) as w,
+    ):
         for j in range(400):
-            w.write(f"s{j}", rng.normal(size=(64, 4, 256)), rng.normal(size=(64, 4, 256)), np.zeros(64), np.ones(64, bool))
+            w.write(
+                f"s{j}", rng.normal(size=(64, 4, 256)), rng.normal(size=(64, 4, 256)), np.zeros(64), np.ones(64, bool)
+            )
     assert e.value.errno == 28 and str(store / ".partial" / "t") in str(e.value.filename)
     assert not shard_is_complete(store, "t", 0) and not (store / "teachers" / "t" / shard_name(0)).exists()
     assert not (store / ".partial").exists()  # the attempt was discarded, freeing the space

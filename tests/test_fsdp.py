@@ -53,8 +53,13 @@ def _cpu_fsdp_config(dest):
 
 def _fsdp_cmd(tiny_store, tmp_path, out, *launch_args, train_extra=()):
     return [
-        *ACCELERATE, "--config_file", str(_cpu_fsdp_config(tmp_path / "fsdp-cpu.yaml")), "--main_process_port", str(free_port()),
-        *launch_args, *train_args(tiny_store, out, STEPS, *train_extra),
+        *ACCELERATE,
+        "--config_file",
+        str(_cpu_fsdp_config(tmp_path / "fsdp-cpu.yaml")),
+        "--main_process_port",
+        str(free_port()),
+        *launch_args,
+        *train_args(tiny_store, out, STEPS, *train_extra),
     ]
 
 
@@ -79,12 +84,18 @@ def test_the_fsdp_config_on_two_cpu_processes_is_refused_with_one_line_by_each_r
         err = (attempt / "stderr.log").read_text()
         assert err.count("\n") == 1 and err.startswith(f"kvdistill train: config error: {REFUSED}: "), err
         assert "Traceback" not in err and "Traceback" not in (attempt / "stdout.log").read_text()
-        assert f"[default{rank}]:kvdistill train: config error: {REFUSED}: " in text  # and the launcher's output shows it
+        assert (
+            f"[default{rank}]:kvdistill train: config error: {REFUSED}: " in text
+        )  # and the launcher's output shows it
     assert not (out / "final").exists() and not (out / "ranks").exists()
-    print(f"fsdp config on CPU, plain accelerate: ranks exit {codes}, launcher exit {code}; {time.monotonic() - t0:.1f} s")
+    print(
+        f"fsdp config on CPU, plain accelerate: ranks exit {codes}, launcher exit {code}; {time.monotonic() - t0:.1f} s"
+    )
 
 
-def test_the_trainers_fsdp2_path_on_cpu_with_accelerate_patched_to_shard_matches_ddp_and_saves_a_loadable_student(tiny_store, tmp_path):
+def test_the_trainers_fsdp2_path_on_cpu_with_accelerate_patched_to_shard_matches_ddp_and_saves_a_loadable_student(
+    tiny_store, tmp_path
+):
     """This test PATCHES ACCELERATE to exercise the trainer's FSDP2 path on the CPU; on GPUs the
     path to FSDP is accelerate's own, unpatched.
 
@@ -105,12 +116,32 @@ def test_the_trainers_fsdp2_path_on_cpu_with_accelerate_patched_to_shard_matches
     pythonpath = os.pathsep.join(p for p in (str(FSDP_CPU), os.environ.get("PYTHONPATH", "")) if p)
     t0 = time.monotonic()
     # --hash-params: each rank hashes the gathered parameters (param_hash's DTensor path)
-    run(_fsdp_cmd(tiny_store, tmp_path, fsdp, train_extra=["--hash-params"]), tmp_path / "fsdp.log", launch_env(PYTHONPATH=pythonpath), timeout=150)
+    run(
+        _fsdp_cmd(tiny_store, tmp_path, fsdp, train_extra=["--hash-params"]),
+        tmp_path / "fsdp.log",
+        launch_env(PYTHONPATH=pythonpath),
+        timeout=150,
+    )
     t1 = time.monotonic()
     run(
-        [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), *train_args(tiny_store, ddp, STEPS)],
-        tmp_path / "ddp.log", launch_env(), timeout=150,
+        [
+            *ACCELERATE,
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *train_args(tiny_store, ddp, STEPS),
+        ],
+        tmp_path / "ddp.log",
+        launch_env(),
+        timeout=150,
     )
     t2 = time.monotonic()
 
@@ -118,7 +149,9 @@ def test_the_trainers_fsdp2_path_on_cpu_with_accelerate_patched_to_shard_matches
     assert [r["num_processes"] for r in ranks] == [2, 2]
     assert [r["distributed_type"] for r in ranks] == ["DistributedType.FSDP"] * 2, ranks
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]  # both ranks gather the same whole model
-    assert [json.loads((ddp / "ranks" / f"rank-{i}.json").read_text())["distributed_type"] for i in range(2)] == ["DistributedType.MULTI_CPU"] * 2
+    assert [json.loads((ddp / "ranks" / f"rank-{i}.json").read_text())["distributed_type"] for i in range(2)] == [
+        "DistributedType.MULTI_CPU"
+    ] * 2
     assert [json.loads(line)["step"] for line in (fsdp / "metrics.jsonl").open()][-1] == STEPS
     worst, bitwise = compare_weights(final_weights(fsdp), final_weights(ddp), rtol=1e-5, atol=1e-6)
 
@@ -131,5 +164,7 @@ def test_the_trainers_fsdp2_path_on_cpu_with_accelerate_patched_to_shard_matches
         logits = model(**ids).logits
     assert logits.shape == (1, ids["input_ids"].shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
-    print(f"fsdp on CPU (accelerate patched): FSDP on both ranks; weights vs DDP after {STEPS} steps: max |diff| {worst:.3g} "
-          f"(bit for bit: {bitwise}); FSDP run {t1 - t0:.1f} s, DDP run {t2 - t1:.1f} s")
+    print(
+        f"fsdp on CPU (accelerate patched): FSDP on both ranks; weights vs DDP after {STEPS} steps: max |diff| {worst:.3g} "
+        f"(bit for bit: {bitwise}); FSDP run {t1 - t0:.1f} s, DDP run {t2 - t1:.1f} s"
+    )

@@ -22,7 +22,14 @@ from kvdistill.store.layout import partial_attempts, partial_dir
 
 
 def _jobs(tiny_store, store: Path, **dump) -> JobsConfig:
-    task = DumpTask(student=tiny_store["student"], store=str(store), data=tiny_store["data"], num_shards=2, batch_size=8, device="cpu")
+    task = DumpTask(
+        student=tiny_store["student"],
+        store=str(store),
+        data=tiny_store["data"],
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+    )
     return JobsConfig(teachers=tiny_store["teachers"], dump=DumpTask(**{**task.to_dict(), **dump}) if dump else task)
 
 
@@ -39,7 +46,9 @@ def _same_shard(a: Path, b: Path, teacher: str, shard: int) -> None:
 def test_two_local_workers_write_the_same_store_as_the_serial_run_row_for_row(tiny_store, tmp_path):
     cfg = _jobs(tiny_store, tmp_path / "par.zarr")
     results = run_local(cfg.tasks(), workers=2, progress=False)
-    assert [(r.teacher, r.shard, r.status) for r in results] == [(t.teacher.short_name, t.shard, "written") for t in cfg.tasks()]
+    assert [(r.teacher, r.shard, r.status) for r in results] == [
+        (t.teacher.short_name, t.shard, "written") for t in cfg.tasks()
+    ]
     finalize(tmp_path / "par.zarr")
     # The serial reference with the workers' thread count (1 each on 2 cores): float reductions
     # then run in the same order, so the rows must match bit for bit.
@@ -60,7 +69,10 @@ def test_a_failing_task_does_not_stop_the_others_and_is_named(tiny_store, tmp_pa
     cfg = _jobs(tiny_store, tmp_path / "s.zarr")
     bad = ModelSpec(name_or_path=str(tmp_path / "no-such-model"), name="broken")
     cfg = JobsConfig(teachers=[*cfg.teachers, bad], dump=cfg.dump)
-    with pytest.raises(LocalRunError, match=r"(?s)2 of 6 dump tasks failed.*teacher broken shard 0: FileNotFoundError: teacher .*no-such-model: no such folder"):
+    with pytest.raises(
+        LocalRunError,
+        match=r"(?s)2 of 6 dump tasks failed.*teacher broken shard 0: FileNotFoundError: teacher .*no-such-model: no such folder",
+    ):
         run_local(cfg.tasks(), workers=1, progress=False)
     for t in tiny_store["teachers"]:
         assert all(shard_is_complete(tmp_path / "s.zarr", t.short_name, i) for i in range(2))
@@ -82,7 +94,14 @@ def slow_task(tiny_store, tmp_path_factory):
     data = DataSpec(synthetic=SyntheticSpec(n_train=600, n_test=8, seed=5))
     cfg = JobsConfig(
         teachers=[tiny_store["teachers"][0]],
-        dump=DumpTask(student=tiny_store["student"], store=str(root / "ref.zarr"), data=data, num_shards=1, batch_size=2, device="cpu"),
+        dump=DumpTask(
+            student=tiny_store["student"],
+            store=str(root / "ref.zarr"),
+            data=data,
+            num_shards=1,
+            batch_size=2,
+            device="cpu",
+        ),
     )
     run_local(cfg.tasks(), progress=False)
     return cfg, root
@@ -93,8 +112,21 @@ def _interrupt(cfg: JobsConfig, store: Path, sig: int) -> subprocess.CompletedPr
     task = type(task).from_dict({**task.to_dict(), "store": str(store)})
     task.save(store.parent / f"task-{sig}.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kvdistill", "dump", "--config", str(store.parent / f"task-{sig}.yaml"), "--no-progress"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvdistill",
+            "dump",
+            "--config",
+            str(store.parent / f"task-{sig}.yaml"),
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     partial = partial_dir(store, task.teacher.short_name)
     deadline = time.time() + 120
     while not (partial.exists() and any(partial.iterdir())):  # the shard writer has started

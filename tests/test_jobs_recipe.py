@@ -51,13 +51,17 @@ def _resolve(argv: list[str]) -> TrainConfig:
 def _jobs_slurm(tmp_path: Path, train: dict, flags: list[str], train_slurm: dict, capsys) -> Path:
     """Run `kvdistill jobs slurm --config jobs.yaml FLAGS` (a dry run); the train.sbatch it wrote."""
     jobs_yaml = tmp_path / "jobs.yaml"
-    jobs_yaml.write_text(dump_yaml({
-        "teachers": [{"name_or_path": "Qwen/Qwen2-7B", "name": "teacher-a"}],
-        "dump": {"student": {"name_or_path": STUDENT}, "store": str(tmp_path / "kv.zarr"), "num_shards": 2},
-        "jobs_dir": str(tmp_path / "jobs"),
-        "train": train,
-        "train_slurm": train_slurm,
-    }))
+    jobs_yaml.write_text(
+        dump_yaml(
+            {
+                "teachers": [{"name_or_path": "Qwen/Qwen2-7B", "name": "teacher-a"}],
+                "dump": {"student": {"name_or_path": STUDENT}, "store": str(tmp_path / "kv.zarr"), "num_shards": 2},
+                "jobs_dir": str(tmp_path / "jobs"),
+                "train": train,
+                "train_slurm": train_slurm,
+            }
+        )
+    )
     args = build_parser().parse_args(["jobs", "slurm", "--config", str(jobs_yaml), *flags])
     assert args.func(args) == 0
     assert "nothing submitted" in capsys.readouterr().out
@@ -70,7 +74,11 @@ CASES = {
     "kava recipe, latent": ({"mode": "latent"}, ["--train.lr", "3e-4"], SINGLE),
     "kava recipe, latent, multi-node": ({"mode": "latent", "max_steps": 500}, ["--train.lr", "3e-4"], MULTI),
     # A recipe field set to TrainConfig's own default stays set; --warmup-steps drops kava's warmup_ratio.
-    "kava recipe, overridden": ({"mode": "latent", "weight_decay": 0.0, "lora_r": 16}, ["--train.warmup-steps", "10"], SINGLE),
+    "kava recipe, overridden": (
+        {"mode": "latent", "weight_decay": 0.0, "lora_r": 16},
+        ["--train.warmup-steps", "10"],
+        SINGLE,
+    ),
 }
 
 
@@ -89,7 +97,9 @@ def test_the_slurm_training_job_resolves_to_what_kvdistill_train_builds_from_the
     own = [f.removeprefix("--train.") for f in flags[::2]]
     cli_flags = [x for name, value in zip(own, flags[1::2], strict=True) for x in (f"--{name}", value)]
     requeue = ["--requeue-on-usr1"] if train_slurm.get("requeue", True) else []
-    expected = _resolve(["train", "--config", str(cli_yaml), *cli_flags, "--resume", "auto", *requeue, "--no-progress"])
+    expected = _resolve(
+        ["train", "--config", str(cli_yaml), *cli_flags, "--resume", "auto", *requeue, "--no-progress"]
+    )
     assert job == expected
 
     # ... and it is the recipe's TrainConfig, not TrainConfig's plain defaults.
@@ -114,7 +124,9 @@ def test_a_train_config_object_given_in_python_is_trained_as_it_is(tmp_path):
     field for field, whatever the recipe of its mode would set."""
     student = ModelSpec(name_or_path=STUDENT)
     for mode in ("cot", "latent"):
-        train = TrainConfig(store=str(tmp_path / "kv.zarr"), student=student, out=str(tmp_path / f"run-{mode}"), mode=mode, lr=3e-4)
+        train = TrainConfig(
+            store=str(tmp_path / "kv.zarr"), student=student, out=str(tmp_path / f"run-{mode}"), mode=mode, lr=3e-4
+        )
         cfg = JobsConfig(
             teachers=[ModelSpec(name_or_path="Qwen/Qwen2-7B", name="teacher-a")],
             dump=DumpTask(student=student, store=str(tmp_path / "kv.zarr"), num_shards=2),

@@ -15,7 +15,9 @@ from kvdistill.store.layout import partial_dir, shard_name
 from kvdistill.store.writer import shard_lock
 
 
-def jobs_config(tiny_store, store: Path, tmp_path: Path, teachers: list[ModelSpec] | None = None, **slurm) -> JobsConfig:
+def jobs_config(
+    tiny_store, store: Path, tmp_path: Path, teachers: list[ModelSpec] | None = None, **slurm
+) -> JobsConfig:
     return JobsConfig(
         teachers=teachers or tiny_store["teachers"],
         dump=DumpTask(student=tiny_store["student"], store=str(store), data=tiny_store["data"], num_shards=2),
@@ -89,7 +91,10 @@ def test_teacher_not_in_the_store_yet_has_every_shard_missing(store_copy, tiny_s
 def test_status_before_any_dump_lists_every_shard_missing(tiny_store, tmp_path):
     cfg = jobs_config(tiny_store, tmp_path / "not-yet.zarr", tmp_path)
     info = status(tmp_path / "not-yet.zarr", cfg)
-    assert {n: t["array"] for n, t in info["teachers"].items()} == {"teacher-a": "--array=0-1", "teacher-b": "--array=0-1"}
+    assert {n: t["array"] for n, t in info["teachers"].items()} == {
+        "teacher-a": "--array=0-1",
+        "teacher-b": "--array=0-1",
+    }
 
 
 def test_config_with_another_shard_count_than_the_store_is_refused(store_copy, tiny_store, tmp_path):
@@ -99,7 +104,9 @@ def test_config_with_another_shard_count_than_the_store_is_refused(store_copy, t
         status(store_copy, cfg)
 
 
-def test_a_shard_whose_writer_holds_its_lock_is_running_naming_the_owner_and_not_resubmitted(store_copy, tiny_store, tmp_path):
+def test_a_shard_whose_writer_holds_its_lock_is_running_naming_the_owner_and_not_resubmitted(
+    store_copy, tiny_store, tmp_path
+):
     shutil.rmtree(store_copy / "teachers" / "teacher-a" / shard_name(1))
     lock = shard_lock(store_copy, "teacher-a", 1).acquire()  # a live writer of that shard
     try:
@@ -115,4 +122,7 @@ def test_a_shard_whose_writer_holds_its_lock_is_running_naming_the_owner_and_not
     # Its writer died (the lock is free again): now a leftover, resubmitted.
     (s1,) = [s for s in shard_states(store_copy, ["teacher-a"], 2)["teacher-a"] if s["shard"] == 1]
     assert s1["state"] == "partial"
-    assert status(store_copy, jobs_config(tiny_store, store_copy, tmp_path))["teachers"]["teacher-a"]["array"] == "--array=1"
+    assert (
+        status(store_copy, jobs_config(tiny_store, store_copy, tmp_path))["teachers"]["teacher-a"]["array"]
+        == "--array=1"
+    )

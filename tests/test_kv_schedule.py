@@ -20,7 +20,17 @@ STEPS = 4
 
 
 def _cfg(tiny_store, out, **kw) -> TrainConfig:
-    base = dict(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(out), batch_size=8, max_steps=STEPS, warmup_steps=1, log_every=1, device="cpu", shuffle_buffer=16)
+    base = dict(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out=str(out),
+        batch_size=8,
+        max_steps=STEPS,
+        warmup_steps=1,
+        log_every=1,
+        device="cpu",
+        shuffle_buffer=16,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -49,7 +59,9 @@ def test_the_formula_linear_and_cosine_start_midpoint_end():
     assert lin.kv_weight_at(99, 100) == pytest.approx(0.5 + 1.5 / 100)  # the last step: 1/N above the floor
     assert cos.kv_weight_at(99, 100) == pytest.approx(0.5 + 1.5 * (1 + math.cos(math.pi * 0.99)) / 2)
     assert lin.kv_weight_at(100, 100) == cos.kv_weight_at(100, 100) == 0.5  # the floor, as the planned steps end
-    assert cos.kv_weight_at(25, 100) > lin.kv_weight_at(25, 100) and cos.kv_weight_at(75, 100) < lin.kv_weight_at(75, 100)
+    assert cos.kv_weight_at(25, 100) > lin.kv_weight_at(25, 100) and cos.kv_weight_at(75, 100) < lin.kv_weight_at(
+        75, 100
+    )
     const = TrainConfig.from_dict({**cfg, "kv_weight_final": 0.0})
     assert all(const.kv_weight_at(s, 100) == 2.0 for s in (0, 50, 99))
     # the floor 0 (the default) is never a step's weight
@@ -60,9 +72,15 @@ def test_the_formula_linear_and_cosine_start_midpoint_end():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"kv_weight": 0.0, "kv_weight_schedule": "cosine"}, "kv_weight 0 .* has nothing to decay; set kv_weight > 0 .* or kv_weight_schedule constant"),
+        (
+            {"kv_weight": 0.0, "kv_weight_schedule": "cosine"},
+            "kv_weight 0 .* has nothing to decay; set kv_weight > 0 .* or kv_weight_schedule constant",
+        ),
         ({"kv_weight_schedule": "linear", "kv_weight_final": -0.1}, "TrainConfig.kv_weight_final: must be >= 0"),
-        ({"kv_weight_final": 0.1}, "kv_weight_final 0.1: applies to a decaying KV weight only; set kv_weight_schedule linear or cosine"),
+        (
+            {"kv_weight_final": 0.1},
+            "kv_weight_final 0.1: applies to a decaying KV weight only; set kv_weight_schedule linear or cosine",
+        ),
     ],
 )
 def test_a_schedule_with_nothing_to_decay_or_a_negative_floor_is_refused(kw, message):
@@ -71,7 +89,19 @@ def test_a_schedule_with_nothing_to_decay_or_a_negative_floor_is_refused(kw, mes
 
 
 def test_the_cli_flags():
-    argv = ["train", "--store", "s.zarr", "--student", "s", "--out", "o", "--kv-weight-schedule", "cosine", "--kv-weight-final", "0.1"]
+    argv = [
+        "train",
+        "--store",
+        "s.zarr",
+        "--student",
+        "s",
+        "--out",
+        "o",
+        "--kv-weight-schedule",
+        "cosine",
+        "--kv-weight-final",
+        "0.1",
+    ]
     cfg = train_cli.config_of(build_parser().parse_args(argv))
     assert (cfg.kv_weight_schedule, cfg.kv_weight_final, cfg.kv_weight) == ("cosine", 0.1, 1.0)
     assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
@@ -94,7 +124,15 @@ def test_the_logged_weight_follows_the_formula_every_step_and_weights_the_loss(c
 def test_linear_per_micro_batch_terms_under_accumulation(tiny_store, tmp_path):
     """kv_norm none: the K/V terms of each micro-batch (not the window's); two micro-batches a step."""
     out = tmp_path / "linear"
-    cfg = _cfg(tiny_store, out, batch_size=4, gradient_accumulation_steps=2, kv_norm="none", cka_weight=0.0, kv_weight_schedule="linear")
+    cfg = _cfg(
+        tiny_store,
+        out,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        kv_norm="none",
+        cka_weight=0.0,
+        kv_weight_schedule="linear",
+    )
     train(cfg, progress=False)
     rows = _rows(out)
     assert [r["kv_weight"] for r in rows] == [1.0, 0.75, 0.5, 0.25]  # 1 - s / 4, to the floor 0
@@ -118,5 +156,8 @@ def test_constant_is_unchanged_and_a_flat_schedule_trains_the_same_bits(tiny_sto
     const, flat = _rows(tmp_path / "constant"), _rows(tmp_path / "flat")
     assert all("kv_weight" not in r for r in const) and [r.pop("kv_weight") for r in flat] == [1.0] * STEPS
     assert const == flat
-    a, b = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / r / "final").state_dict() for r in ("constant", "flat"))
+    a, b = (
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / r / "final").state_dict()
+        for r in ("constant", "flat")
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -33,8 +33,13 @@ from kvdistill.train.stream import KVStream, collate
 def models(make_model):
     """Teacher and student with 2 layers each: the ratio layer map is the identity. Teacher GQA:
     4 query heads on 2 KV heads of 16 dims (D_t = 32)."""
-    teacher = ModelSpec(name_or_path=str(make_model("qwen2", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16)), name="teacher")
-    student = ModelSpec(name_or_path=str(make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1)), name="student")
+    teacher = ModelSpec(
+        name_or_path=str(make_model("qwen2", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16)), name="teacher"
+    )
+    student = ModelSpec(
+        name_or_path=str(make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1)),
+        name="student",
+    )
     return teacher, student
 
 
@@ -42,7 +47,9 @@ def models(make_model):
 def slots(models, tiny_data):
     """M between the shortest and the longest reasoning chain: some chains are padded, some compressed."""
     tok = AutoTokenizer.from_pretrained(models[0].name_or_path)
-    lengths = sorted(int((encode(tok, DEFAULT_TEMPLATE, ex).segment_ids == 1).sum()) for ex in load_examples(tiny_data))
+    lengths = sorted(
+        int((encode(tok, DEFAULT_TEMPLATE, ex).segment_ids == 1).sum()) for ex in load_examples(tiny_data)
+    )
     assert lengths[0] < lengths[-1]
     return (lengths[0] + lengths[-1]) // 2
 
@@ -50,8 +57,16 @@ def slots(models, tiny_data):
 def _dump(models, data, store, slots, **kw):
     teacher, student = models
     cfg = DumpConfig(
-        teacher=teacher, student=student, store=str(store), data=data, num_shards=2, batch_size=8, device="cpu",
-        kv_dtype="float32", latent=LatentSpec(slots=slots, lam=0.1), **kw,
+        teacher=teacher,
+        student=student,
+        store=str(store),
+        data=data,
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+        kv_dtype="float32",
+        latent=LatentSpec(slots=slots, lam=0.1),
+        **kw,
     )
     for shard in range(2):
         run_dump(DumpConfig.from_dict({**cfg.to_dict(), "shard": shard}), progress=False)
@@ -127,7 +142,9 @@ def test_every_layer_and_head_is_compressed_on_its_own_scores(identity_latent_st
     assert any(not np.array_equal(p[:, :, 1], p[:, :, 0]) for p in pos)
 
 
-def test_stored_keys_are_the_teachers_pre_rope_keys_and_hidden_is_before_the_answer(identity_latent_store, models, tiny_data):
+def test_stored_keys_are_the_teachers_pre_rope_keys_and_hidden_is_before_the_answer(
+    identity_latent_store, models, tiny_data
+):
     teacher, _ = models
     tok = AutoTokenizer.from_pretrained(teacher.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(teacher.name_or_path).eval()
@@ -139,25 +156,39 @@ def test_stored_keys_are_the_teachers_pre_rope_keys_and_hidden_is_before_the_ans
     with torch.inference_mode():
         out = model.model(input_ids=torch.as_tensor(enc.input_ids[None], dtype=torch.long), use_cache=False)
         k, v, imp, hidden = forward_kv_importance(
-            model, torch.as_tensor(enc.input_ids[None], dtype=torch.long), torch.ones(1, len(enc)), torch.as_tensor(enc.segment_ids[None] == 2)
+            model,
+            torch.as_tensor(enc.input_ids[None], dtype=torch.long),
+            torch.ones(1, len(enc)),
+            torch.as_tensor(enc.segment_ids[None] == 2),
         )
     first_answer = int(np.argmax(enc.segment_ids == 2))
-    torch.testing.assert_close(torch.from_numpy(r.latent(j, j + 1)["hidden"][0]), out.last_hidden_state[0, first_answer - 1])
+    torch.testing.assert_close(
+        torch.from_numpy(r.latent(j, j + 1)["hidden"][0]), out.last_hidden_state[0, first_answer - 1]
+    )
     stored = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), ("k",))["k"]
     torch.testing.assert_close(torch.from_numpy(stored), k[0])
     # the hook's importance equals the one computed from output_attentions
     with torch.inference_mode():
-        attn = model.model(input_ids=torch.as_tensor(enc.input_ids[None], dtype=torch.long), output_attentions=True, use_cache=False).attentions
+        attn = model.model(
+            input_ids=torch.as_tensor(enc.input_ids[None], dtype=torch.long), output_attentions=True, use_cache=False
+        ).attentions
     for layer, a in enumerate(attn):
-        torch.testing.assert_close(imp[:, layer], importance_from_attention(a, torch.as_tensor(enc.segment_ids[None] == 2), 2))
+        torch.testing.assert_close(
+            imp[:, layer], importance_from_attention(a, torch.as_tensor(enc.segment_ids[None] == 2), 2)
+        )
 
 
 def test_verify_passes_and_catches_a_broken_mask(identity_latent_store, tmp_path):
     assert verify(identity_latent_store, progress=False) == []
     info = inspect(identity_latent_store)
-    assert info["teachers"]["teacher"]["latent_slots"] == ShardReader(identity_latent_store, "teacher", 0).attrs["latent"]["slots"]
+    assert (
+        info["teachers"]["teacher"]["latent_slots"]
+        == ShardReader(identity_latent_store, "teacher", 0).attrs["latent"]["slots"]
+    )
     line = next(x for x in format_inspect(info).splitlines() if x.startswith("teacher ") and " identity " in x)
-    assert " latent " in format_inspect(info).splitlines()[2] and line.split()[-2] == str(info["teachers"]["teacher"]["latent_slots"])
+    assert " latent " in format_inspect(info).splitlines()[2] and line.split()[-2] == str(
+        info["teachers"]["teacher"]["latent_slots"]
+    )
     # a copy with one mask entry flipped: verify names it
     import shutil
 
@@ -179,7 +210,9 @@ def test_stream_and_collate_return_the_contract_shapes(identity_latent_store, sl
     s = samples[0]
     assert s["segment_ids"].shape == s["input_ids"].shape
     x = s["latent"]["teacher"]
-    assert x["k"].shape == x["v"].shape == (slots, 2, 32) and x["mask"].shape == (slots,) and x["hidden"].shape == (64,)
+    assert (
+        x["k"].shape == x["v"].shape == (slots, 2, 32) and x["mask"].shape == (slots,) and x["hidden"].shape == (64,)
+    )
     batch = collate(samples[:3], pad_id=0)
     T = batch["input_ids"].shape[1]
     assert batch["segment_ids"].shape == (3, T) and batch["segment_ids"].dtype == torch.long
@@ -200,8 +233,19 @@ def test_stream_and_collate_return_the_contract_shapes(identity_latent_store, sl
 def test_a_store_without_latent_or_segment_ids_is_refused_with_the_fix(models, tiny_data, tmp_path):
     teacher, student = models
     plain = tmp_path / "plain.zarr"
-    run_dump(DumpConfig(teacher=teacher, student=student, store=str(plain), data=tiny_data.from_dict({**tiny_data.to_dict(), "limit": 2}), device="cpu"), progress=False)
-    assert ShardReader(plain, "teacher", 0).rows(0, 3, ("segment_ids",))["segment_ids"].shape == (3,)  # stored without latent too
+    run_dump(
+        DumpConfig(
+            teacher=teacher,
+            student=student,
+            store=str(plain),
+            data=tiny_data.from_dict({**tiny_data.to_dict(), "limit": 2}),
+            device="cpu",
+        ),
+        progress=False,
+    )
+    assert ShardReader(plain, "teacher", 0).rows(0, 3, ("segment_ids",))["segment_ids"].shape == (
+        3,
+    )  # stored without latent too
     with pytest.raises(StoreError, match="without latent mode; re-dump"):
         KVStream(plain, ["teacher"], read_latent=True)
     with pytest.raises(StoreError, match="--latent-slots"):
@@ -229,10 +273,17 @@ def test_webdataset_backend_carries_the_same_latent_arrays(identity_latent_store
 
 def test_jobs_config_passes_latent_to_every_task(models):
     teacher, student = models
-    jobs = JobsConfig.from_dict({
-        "teachers": [teacher.to_dict()],
-        "dump": {"student": student.to_dict(), "store": "s.zarr", "num_shards": 2, "latent": {"slots": 6, "lam": 0.3}},
-    })
+    jobs = JobsConfig.from_dict(
+        {
+            "teachers": [teacher.to_dict()],
+            "dump": {
+                "student": student.to_dict(),
+                "store": "s.zarr",
+                "num_shards": 2,
+                "latent": {"slots": 6, "lam": 0.3},
+            },
+        }
+    )
     assert all(t.latent == LatentSpec(slots=6, lam=0.3) for t in jobs.tasks())
     assert JobsConfig.from_yaml(jobs.to_yaml()).tasks()[1].latent == LatentSpec(slots=6, lam=0.3)
 
@@ -269,9 +320,21 @@ def test_writer_round_trips_latent_across_zarr_shard_flushes(tmp_path, monkeypat
             lat = _latent_sample(rng, M, L, D, R=j % (M + 1))
             written.append(lat)
             T = 3
-            w.write(f"id-{j}", np.ones((T, L, D), np.float32), np.ones((T, L, D), np.float32), [1, 2, 3], [0, 1, 1], [0, 1, 2], lat)
+            w.write(
+                f"id-{j}",
+                np.ones((T, L, D), np.float32),
+                np.ones((T, L, D), np.float32),
+                [1, 2, 3],
+                [0, 1, 1],
+                [0, 1, 2],
+                lat,
+            )
     r = ShardReader(tmp_path / "s.zarr", "t", 0)
-    assert r.attrs["latent"] == {"slots": M, "codec": {"float32": "float32", "bfloat16": "bfloat16"}.get(codec, "float16"), "hidden": True}
+    assert r.attrs["latent"] == {
+        "slots": M,
+        "codec": {"float32": "float32", "bfloat16": "bfloat16"}.get(codec, "float16"),
+        "hidden": True,
+    }
     got = r.latent(0, n)
     tol = {"float32": 0, "float16": 1e-3, "int8": 1e-3, "bfloat16": 1e-2}[codec]
     for j, lat in enumerate(written):
@@ -294,11 +357,16 @@ def test_writer_refuses_inconsistent_latent_input_naming_the_problem(tmp_path):
         with pytest.raises(ValueError, match="pos must be >= 0 exactly at the mask"):
             w.write("b", kv, kv, [1, 2], [0, 1], [0, 2], bad)
         with pytest.raises(ValueError, match=r"latent k has shape \(2, 1, 4\), expected \(3, 1, 4\)"):
-            w.write("c", kv, kv, [1, 2], [0, 1], [0, 2], {**_latent_sample(rng, 3, 1, 4, R=2), "k": np.zeros((2, 1, 4))})
+            w.write(
+                "c", kv, kv, [1, 2], [0, 1], [0, 2], {**_latent_sample(rng, 3, 1, 4, R=2), "k": np.zeros((2, 1, 4))}
+            )
         w.write("d", kv, kv, [1, 2], [0, 1], [0, 2], _latent_sample(rng, 3, 1, 4, R=2))
         with pytest.raises(ValueError, match="for every sample of a shard or for none"):
             w.write("e", kv, kv, [1, 2], [0, 1], None, _latent_sample(rng, 3, 1, 4, R=2))
-    with ShardWriter(tmp_path / "s2.zarr", "t", 0, num_layers=1, width=4) as w, pytest.raises(ValueError, match="no latent_slots"):
+    with (
+        ShardWriter(tmp_path / "s2.zarr", "t", 0, num_layers=1, width=4) as w,
+        pytest.raises(ValueError, match="no latent_slots"),
+    ):
         w.write("a", kv, kv, [1, 2], [0, 1], [0, 2], _latent_sample(rng, 3, 1, 4, R=2))
 
 
@@ -327,8 +395,20 @@ def test_a_latent_store_with_an_empty_shard_verifies(models, tiny_data, tmp_path
     teacher, student = models
     data = tiny_data.from_dict({**tiny_data.to_dict(), "limit": 1})  # 2 shards of 1 row: shard 0 is empty
     for shard in range(2):
-        run_dump(DumpConfig(teacher=teacher, student=student, store=str(tmp_path / "s.zarr"), data=data, num_shards=2, shard=shard,
-                            device="cpu", latent=LatentSpec(slots=4), allow_empty=True), progress=False)
+        run_dump(
+            DumpConfig(
+                teacher=teacher,
+                student=student,
+                store=str(tmp_path / "s.zarr"),
+                data=data,
+                num_shards=2,
+                shard=shard,
+                device="cpu",
+                latent=LatentSpec(slots=4),
+                allow_empty=True,
+            ),
+            progress=False,
+        )
     finalize(tmp_path / "s.zarr")
     assert len(ShardReader(tmp_path / "s.zarr", "teacher", 0)) == 0
     assert verify(tmp_path / "s.zarr", progress=False) == []
@@ -340,14 +420,29 @@ def test_latent_slots_get_the_same_pca_projection_as_the_full_kv_and_padding_sta
     teacher, student = models
     rng = np.random.default_rng(0)
     L, D, dim = 2, 32, 12
-    arrays = {f"{p}_{a}": rng.standard_normal(shape).astype(np.float32) for p in "kv" for a, shape in (("mean", (L, D)), ("components", (L, D, dim)))}
+    arrays = {
+        f"{p}_{a}": rng.standard_normal(shape).astype(np.float32)
+        for p in "kv"
+        for a, shape in (("mean", (L, D)), ("components", (L, D, dim)))
+    }
     arrays |= {"k_evr": np.full((L, dim), 0.01, np.float32), "v_evr": np.full((L, dim), 0.01, np.float32)}
     arrays["layer_map"] = np.eye(L, dtype=np.float32)  # fitted under the dump's ratio map (2 -> 2 layers: identity)
     np.savez(tmp_path / "pca.npz", **arrays)
     store = tmp_path / "p.zarr"
     data = tiny_data.from_dict({**tiny_data.to_dict(), "limit": 8})
-    run_dump(DumpConfig(teacher=teacher, student=student, store=str(store), data=data, device="cpu", kv_dtype="float32",
-                        align={"projection": str(tmp_path / "pca.npz")}, latent=LatentSpec(slots=40)), progress=False)
+    run_dump(
+        DumpConfig(
+            teacher=teacher,
+            student=student,
+            store=str(store),
+            data=data,
+            device="cpu",
+            kv_dtype="float32",
+            align={"projection": str(tmp_path / "pca.npz")},
+            latent=LatentSpec(slots=40),
+        ),
+        progress=False,
+    )
     r = ShardReader(store, "teacher", 0)
     lat = r.latent(0, len(r))
     assert lat["k"].shape == (len(r), 40, 2, dim)

@@ -56,7 +56,12 @@ def _latent(B, widths, hidden, seed=0):
         mask = torch.ones(B, M, dtype=torch.bool)
         mask[1, 3:] = False  # a chain shorter than M
         mask[4, 1:] = False
-        out[t] = {"k": torch.randn(B, M, 2, d, generator=g), "v": torch.randn(B, M, 2, d, generator=g), "mask": mask, "hidden": torch.randn(B, hidden[t], generator=g)}
+        out[t] = {
+            "k": torch.randn(B, M, 2, d, generator=g),
+            "v": torch.randn(B, M, 2, d, generator=g),
+            "mask": mask,
+            "hidden": torch.randn(B, hidden[t], generator=g),
+        }
     return out
 
 
@@ -64,7 +69,9 @@ def _model(path, tokenizer, iterations=3, widths=None, hidden=None, **kw):
     widths = widths or {"t": 32}
     hidden = hidden or {t: 48 for t in widths}
     torch.manual_seed(0)
-    return LatentStudent(_student(path), M, iterations, widths, hidden, 2, 32, pad_id=tokenizer.pad_token_id, **kw).eval()
+    return LatentStudent(
+        _student(path), M, iterations, widths, hidden, 2, 32, pad_id=tokenizer.pad_token_id, **kw
+    ).eval()
 
 
 class _Calls:
@@ -79,7 +86,9 @@ class _Calls:
 
 
 @pytest.mark.parametrize("iterations", [1, 3, 4])
-def test_jacobi_makes_exactly_T_forwards_training_T_plus_1_and_generation_T_plus_G_minus_1(student_path, tokenizer, examples, iterations):
+def test_jacobi_makes_exactly_T_forwards_training_T_plus_1_and_generation_T_plus_G_minus_1(
+    student_path, tokenizer, examples, iterations
+):
     model = _model(student_path, tokenizer, iterations)
     b = _batch(tokenizer, examples)
     q, qm, a, am = split_segments(b["input_ids"], b["segment_ids"], tokenizer.pad_token_id)
@@ -94,7 +103,16 @@ def test_jacobi_makes_exactly_T_forwards_training_T_plus_1_and_generation_T_plus
     assert calls.n == iterations + 1  # T Jacobi forwards (the last carries the answer) + the written chain
     for budget in (1, 7):
         calls.n = 0
-        gen = latent_generate(model.student, model.head, q[:1], qm[:1], iterations, budget, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        gen = latent_generate(
+            model.student,
+            model.head,
+            q[:1],
+            qm[:1],
+            iterations,
+            budget,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )
         G = int(gen["lengths"][0])
         assert gen["tokens"].shape[1] == G <= budget
         assert calls.n == gen["forwards"] == iterations + G - 1 == int(gen["forwards_per_row"][0])
@@ -112,14 +130,24 @@ def test_jacobi_with_T_equal_M_plus_1_reproduces_the_sequential_latent_chain(stu
         slots = torch.zeros(3, 0, 32)
         embeds, mask = emb(q), qm
         for _ in range(M):
-            out = decoder(model.student)(inputs_embeds=torch.cat([embeds, slots], 1), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+            out = decoder(model.student)(
+                inputs_embeds=torch.cat([embeds, slots], 1),
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            )
             slots = torch.cat([slots, model.head.proj(out.last_hidden_state[:, -1:])], 1)
             mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
-        seq = decoder(model.student)(inputs_embeds=torch.cat([embeds, slots], 1), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).last_hidden_state
+        seq = decoder(model.student)(
+            inputs_embeds=torch.cat([embeds, slots], 1),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+        ).last_hidden_state
         par = jacobi(model.student, model.head, q, qm, M + 1)["hidden"]
         short = jacobi(model.student, model.head, q, qm, M)["hidden"]
     torch.testing.assert_close(par[:, P:], seq[:, P:], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(short[:, -1], seq[:, -1], atol=1e-3)  # one iteration short: the last slot is not there yet
+    assert not torch.allclose(
+        short[:, -1], seq[:, -1], atol=1e-3
+    )  # one iteration short: the last slot is not there yet
     torch.testing.assert_close(short[:, P:-1], seq[:, P:-1], rtol=1e-5, atol=1e-5)
 
 
@@ -139,7 +167,9 @@ def test_left_padding_changes_no_slot_state(student_path, tokenizer, examples):
     torch.testing.assert_close(both["kv"][-1][1][i], alone["kv"][-1][1][0], rtol=1e-4, atol=1e-5)
 
 
-def test_kv_loss_on_latent_slots_is_exactly_zero_when_the_student_latent_kv_is_the_stored_teacher_kv(student_path, tokenizer, examples):
+def test_kv_loss_on_latent_slots_is_exactly_zero_when_the_student_latent_kv_is_the_stored_teacher_kv(
+    student_path, tokenizer, examples
+):
     """Identity adapter (D_t = D_s): target = the student's own slot K/V from the same
     iterations -> every iteration's loss is exactly 0; any change at a real slot makes it > 0."""
     for kind in ("mse", "smooth_l1"):
@@ -201,8 +231,18 @@ def test_codi_is_smooth_l1_over_the_teacher_std_at_the_last_slot(student_path, t
 
 def _cfg(latent_store, out, **kw) -> TrainConfig:
     base = dict(
-        store=str(latent_store["store"]), student=latent_store["student"], out=str(out), mode="latent", teachers=["teacher-a", "teacher-b"], batch_size=8, max_steps=12,
-        warmup_steps=1, log_every=1, lr=3e-3, device="cpu", shuffle_buffer=16,
+        store=str(latent_store["store"]),
+        student=latent_store["student"],
+        out=str(out),
+        mode="latent",
+        teachers=["teacher-a", "teacher-b"],
+        batch_size=8,
+        max_steps=12,
+        warmup_steps=1,
+        log_every=1,
+        lr=3e-3,
+        device="cpu",
+        shuffle_buffer=16,
     )
     return TrainConfig(**{**base, **kw})
 
@@ -213,7 +253,9 @@ def latent_run(latent_store, tmp_path_factory):
     return out, train(_cfg(latent_store, out), progress=False)
 
 
-def test_latent_training_on_a_dumped_store_has_finite_falling_losses_and_saves_the_latent_head(latent_run, latent_store):
+def test_latent_training_on_a_dumped_store_has_finite_falling_losses_and_saves_the_latent_head(
+    latent_run, latent_store
+):
     out, summary = latent_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert len(rows) == 12 and summary["steps"] == 12 and summary["slots"] == latent_store["slots"]
@@ -224,7 +266,9 @@ def test_latent_training_on_a_dumped_store_has_finite_falling_losses_and_saves_t
     state = torch.load(out / "final" / "latent.pt")
     assert state["slots"] == latent_store["slots"] and state["iterations"] == 3 and state["hidden"] == 32
     # teacher-a: D 64 -> 32 adapters, teacher-b: 16 -> 32; both CODI maps 32 -> 64 (H_t = 64)
-    assert state["adapters"]["teacher_a.k.weight"].shape == (2, 64, 32) and state["adapters"]["teacher_b.v.weight"].shape == (2, 16, 32)
+    assert state["adapters"]["teacher_a.k.weight"].shape == (2, 64, 32) and state["adapters"][
+        "teacher_b.v.weight"
+    ].shape == (2, 16, 32)
     assert state["codi"]["teacher_a.weight"].shape == (64, 32)
 
 
@@ -243,7 +287,10 @@ def test_a_saved_latent_head_reloads_to_the_same_logits_and_answers(student_path
         ref = jacobi(model.student, model.head, q, qm, 3, tail_ids=a, tail_mask=am)["logits"]
         got = jacobi(student, head, q, qm, iterations, tail_ids=a, tail_mask=am)["logits"]
     assert iterations == 3 and torch.equal(ref, got)
-    gens = [latent_generate(m, h, q, qm, 3, 10, tokenizer.eos_token_id, tokenizer.pad_token_id)["tokens"] for m, h in ((model.student, model.head), (student, head))]
+    gens = [
+        latent_generate(m, h, q, qm, 3, 10, tokenizer.eos_token_id, tokenizer.pad_token_id)["tokens"]
+        for m, h in ((model.student, model.head), (student, head))
+    ]
     assert torch.equal(*gens)
     with pytest.raises(FileNotFoundError, match="--mode latent"):
         load_latent(student_path)
@@ -254,14 +301,27 @@ def test_a_latent_run_evaluates_identically_from_its_run_dir_and_from_final(late
     data = DataSpec(split="test", limit=4, synthetic=tiny_data.synthetic)
     results = []
     for i, model in enumerate((out, out / "final")):
-        r = evaluate(EvalConfig(model=str(model), mode="latent", data=data, max_new_tokens=12, batch_size=4, device="cpu", out=str(tmp_path / f"{i}.json")), progress=False)
+        r = evaluate(
+            EvalConfig(
+                model=str(model),
+                mode="latent",
+                data=data,
+                max_new_tokens=12,
+                batch_size=4,
+                device="cpu",
+                out=str(tmp_path / f"{i}.json"),
+            ),
+            progress=False,
+        )
         results.append((r, json.loads((tmp_path / f"{i}.json").read_text())["predictions"]))
     (a, pa), (b, pb) = results
     assert a["perplexity"] == b["perplexity"] and np.isfinite(a["perplexity"])
     assert [p["text"] for p in pa] == [p["text"] for p in pb] and a["accuracy"] == b["accuracy"]
 
 
-def test_eval_reports_forward_passes_and_generated_tokens_per_question_in_both_modes(latent_run, student_path, tiny_data):
+def test_eval_reports_forward_passes_and_generated_tokens_per_question_in_both_modes(
+    latent_run, student_path, tiny_data
+):
     """batch_size 1, decoder calls counted with a hook: latent = per question T (gold-answer
     perplexity) + T + G - 1 (generation); CoT = 1 (gold perplexity) + G (prefill + G - 1 steps)."""
     out, _ = latent_run
@@ -279,11 +339,16 @@ def test_eval_reports_forward_passes_and_generated_tokens_per_question_in_both_m
     try:
         for mode, model, extra in (("latent", out, 3), ("cot", student_path, 1)):
             calls.clear()
-            r = evaluate(EvalConfig(model=str(model), mode=mode, data=data, max_new_tokens=9, batch_size=1, device="cpu"), progress=False)
+            r = evaluate(
+                EvalConfig(model=str(model), mode=mode, data=data, max_new_tokens=9, batch_size=1, device="cpu"),
+                progress=False,
+            )
             assert r["n"] == 3 and 1 <= r["generated_tokens_per_question"] <= 9
             expected = r["generated_tokens_per_question"] + (2 if mode == "latent" else 0)  # T + G - 1 with T = 3
             assert r["forward_passes_per_question"] == pytest.approx(expected)
-            once = 2 if mode == "cot" else 0  # eval.plain_head's check of the output head, once per run: 2 decoder calls on 4 tokens
+            once = (
+                2 if mode == "cot" else 0
+            )  # eval.plain_head's check of the output head, once per run: 2 decoder calls on 4 tokens
             assert len(calls) == pytest.approx(3 * (extra + r["forward_passes_per_question"]) + once)
     finally:
         mp.undo()
@@ -293,17 +358,67 @@ def test_cli_latent_mode_takes_the_kava_recipe_where_not_given_and_evaluates(lat
     """Also the CODI-only run (--kv-weight 0): no adapters saved, no KV terms logged."""
     run = tmp_path / "cli"
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("teachers: [teacher-a, teacher-b]\nweight_decay: 0.0\n")  # the file's setting wins over the recipe
-    args = ["train", "--mode", "latent", "--store", str(latent_store["store"]), "--student", latent_store["student"].name_or_path, "--config", str(cfg_file),
-            "--out", str(run), "--max-steps", "2", "--per-device-train-batch-size", "4", "--lora-r", "8", "--kv-weight", "0", "--device", "cpu", "--no-progress"]
+    cfg_file.write_text(
+        "teachers: [teacher-a, teacher-b]\nweight_decay: 0.0\n"
+    )  # the file's setting wins over the recipe
+    args = [
+        "train",
+        "--mode",
+        "latent",
+        "--store",
+        str(latent_store["store"]),
+        "--student",
+        latent_store["student"].name_or_path,
+        "--config",
+        str(cfg_file),
+        "--out",
+        str(run),
+        "--max-steps",
+        "2",
+        "--per-device-train-batch-size",
+        "4",
+        "--lora-r",
+        "8",
+        "--kv-weight",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(args) == 0
     cfg = TrainConfig.load(run / "final" / "train_config.yaml")
-    assert (cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.weight_decay, cfg.grad_clip, cfg.warmup_ratio) == ("latent", 8, 32, 0.1, 0.0, 2.0, 0.05)
+    assert (
+        cfg.mode,
+        cfg.lora_r,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+        cfg.weight_decay,
+        cfg.grad_clip,
+        cfg.warmup_ratio,
+    ) == ("latent", 8, 32, 0.1, 0.0, 2.0, 0.05)
     assert (run / "final" / "lora" / "adapter_config.json").exists()
     assert torch.load(run / "final" / "latent.pt")["adapters"] == {}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert "kv_k" not in rows[-1] and np.isfinite(rows[-1]["codi"]) and np.isfinite(rows[-1]["ce_answer"])
-    assert main(["eval", "--mode", "latent", "--model", str(run), "--limit", "2", "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--mode",
+                "latent",
+                "--model",
+                str(run),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "forward passes" in capsys.readouterr().out
 
 
@@ -320,12 +435,17 @@ def test_a_latent_run_stopped_and_resumed_ends_bitwise_identical_to_an_uninterru
     train(_cfg(latent_store, tmp_path / "cut", save_every=2, stop_at_step=3, **common), progress=False)
     assert (tmp_path / "cut" / "checkpoints" / "step-0000002" / "loader.json").exists()
     train(_cfg(latent_store, tmp_path / "cut", save_every=2, resume=str(tmp_path / "cut"), **common), progress=False)
-    a, b = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / r / "final").state_dict() for r in ("straight", "cut"))
+    a, b = (
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / r / "final").state_dict()
+        for r in ("straight", "cut")
+    )
     init = transformers.AutoModelForCausalLM.from_pretrained(latent_store["student"].name_or_path).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], init[k]) for k in a)
     la, lb = (torch.load(tmp_path / r / "final" / "latent.pt") for r in ("straight", "cut"))
     for part in ("head", "adapters", "codi"):
-        assert la[part].keys() == lb[part].keys() and all(torch.equal(la[part][k], lb[part][k]) for k in la[part]), part
+        assert la[part].keys() == lb[part].keys() and all(torch.equal(la[part][k], lb[part][k]) for k in la[part]), (
+            part
+        )
 
 
 def test_shuffled_latent_control_swaps_compressed_kv_between_samples_and_keeps_the_rest():
@@ -333,8 +453,18 @@ def test_shuffled_latent_control_swaps_compressed_kv_between_samples_and_keeps_t
 
     rng = np.random.default_rng(0)
     samples = [
-        {"sample_id": f"s{i}", "input_ids": np.arange(3 + i), "latent": {"t": {"k": rng.normal(size=(M, 2, 4)), "v": rng.normal(size=(M, 2, 4)),
-                                                                             "mask": rng.random(M) > 0.3, "hidden": np.full(6, float(i))}}}
+        {
+            "sample_id": f"s{i}",
+            "input_ids": np.arange(3 + i),
+            "latent": {
+                "t": {
+                    "k": rng.normal(size=(M, 2, 4)),
+                    "v": rng.normal(size=(M, 2, 4)),
+                    "mask": rng.random(M) > 0.3,
+                    "hidden": np.full(6, float(i)),
+                }
+            },
+        }
         for i in range(4)
     ]
     out = shuffle_latent(samples, seed=3)
@@ -345,7 +475,9 @@ def test_shuffled_latent_control_swaps_compressed_kv_between_samples_and_keeps_t
         assert o["kv_from"] != s["sample_id"]
         for n in ("k", "v", "mask"):
             assert np.array_equal(o["latent"]["t"][n], src["latent"]["t"][n])
-        assert np.array_equal(o["latent"]["t"]["hidden"], s["latent"]["t"]["hidden"]) and np.array_equal(o["input_ids"], s["input_ids"])
+        assert np.array_equal(o["latent"]["t"]["hidden"], s["latent"]["t"]["hidden"]) and np.array_equal(
+            o["input_ids"], s["input_ids"]
+        )
 
 
 def test_compare_runs_latent_arms_on_a_latent_store(latent_store, tiny_data, tmp_path):
@@ -353,9 +485,25 @@ def test_compare_runs_latent_arms_on_a_latent_store(latent_store, tiny_data, tmp
     from kvdistill.schemas import CompareConfig, DataSpec
 
     data = DataSpec.from_dict({**tiny_data.to_dict(), "split": "test", "limit": 3})
-    cfg = CompareConfig(out=str(tmp_path / "cmp"), seeds=2, arms=["ce", "latent-codi", "latent-shuffled"], steps=2, store=str(latent_store["store"]),
-                        student=latent_store["student"], eval_data=data, max_new_tokens=4, device="cpu", baseline="latent-codi",
-                        train={"batch_size": 4, "warmup_steps": 1, "shuffle_buffer": 8, "log_every": 1, "teachers": ["teacher-a", "teacher-b"]})
+    cfg = CompareConfig(
+        out=str(tmp_path / "cmp"),
+        seeds=2,
+        arms=["ce", "latent-codi", "latent-shuffled"],
+        steps=2,
+        store=str(latent_store["store"]),
+        student=latent_store["student"],
+        eval_data=data,
+        max_new_tokens=4,
+        device="cpu",
+        baseline="latent-codi",
+        train={
+            "batch_size": 4,
+            "warmup_steps": 1,
+            "shuffle_buffer": 8,
+            "log_every": 1,
+            "teachers": ["teacher-a", "teacher-b"],
+        },
+    )
     result = run_compare(cfg, progress=False)
     for arm in ("latent-codi", "latent-shuffled"):
         assert [r["seed"] for r in result["arms"][arm]["runs"]] == [0, 1]
@@ -363,16 +511,24 @@ def test_compare_runs_latent_arms_on_a_latent_store(latent_store, tiny_data, tmp
         assert (run / "final" / "latent.pt").exists()
         ev = json.loads((run / "eval.json").read_text())
         assert ev["mode"] == "latent" and ev["n"] == 3
-    assert TrainConfig.load(tmp_path / "cmp" / "runs" / "latent-shuffled" / "seed-1" / "train_config.yaml").kv_control == "shuffled"
+    assert (
+        TrainConfig.load(tmp_path / "cmp" / "runs" / "latent-shuffled" / "seed-1" / "train_config.yaml").kv_control
+        == "shuffled"
+    )
     # Paired against the CODI-only arm, the baseline a latent KV sweep is read against.
     assert result["baseline"] == "latent-codi" and "vs_baseline" not in result["arms"]["latent-codi"]
     codi = {r["seed"]: r["accuracy"] for r in result["arms"]["latent-codi"]["runs"]}
     for arm in ("ce", "latent-shuffled"):
         runs = result["arms"][arm]["runs"]
-        assert result["arms"][arm]["vs_baseline"]["accuracy"]["values"] == pytest.approx([r["accuracy"] - codi[r["seed"]] for r in runs])
+        assert result["arms"][arm]["vs_baseline"]["accuracy"]["values"] == pytest.approx(
+            [r["accuracy"] - codi[r["seed"]] for r in runs]
+        )
 
 
-@pytest.mark.parametrize("option", [{"fusion": "router"}, {"adapter": "headwise"}, {"kv_attn_weight": "student"}, {"layer_anneal_steps": 10}])
+@pytest.mark.parametrize(
+    "option",
+    [{"fusion": "router"}, {"adapter": "headwise"}, {"kv_attn_weight": "student"}, {"layer_anneal_steps": 10}],
+)
 def test_latent_mode_refuses_options_only_the_written_chain_trainer_has(option):
     from kvdistill.schemas import ConfigError
 
@@ -384,7 +540,9 @@ def test_latent_mode_refuses_options_only_the_written_chain_trainer_has(option):
 # --- `kvdistill train diagnose` in latent mode -----------------------------------------------------
 
 
-def test_latent_diagnose_reports_every_term_its_gradients_on_student_head_and_adapters_and_balancing_weights(latent_store, tmp_path, capsys):
+def test_latent_diagnose_reports_every_term_its_gradients_on_student_head_and_adapters_and_balancing_weights(
+    latent_store, tmp_path, capsys
+):
     from kvdistill.train.diagnose import diagnose, format_table
 
     cfg = _cfg(latent_store, tmp_path / "diag", ce_weight=0.5, kv_weight=2.0, cot_weight=0.25)
@@ -392,13 +550,26 @@ def test_latent_diagnose_reports_every_term_its_gradients_on_student_head_and_ad
     with capsys.disabled():  # visible with pytest -s
         print("\n" + format_table(result))
     t = result["terms"]
-    assert result["mode"] == "latent" and result["batches"] == 2 and result["ce_term"] == "ce_answer" and result["checkpoint"] is None
+    assert (
+        result["mode"] == "latent"
+        and result["batches"] == 2
+        and result["ce_term"] == "ce_answer"
+        and result["checkpoint"] is None
+    )
     assert list(t) == ["ce_answer", "ce_cot", "codi", "kv_k", "kv_v", "kv"]
     for name, r in t.items():
-        assert np.isfinite([r["value"], r["grad_student"], r["grad_head"], r["grad_adapters"]]).all() and r["grad_student"] > 0, name
+        assert (
+            np.isfinite([r["value"], r["grad_student"], r["grad_head"], r["grad_adapters"]]).all()
+            and r["grad_student"] > 0
+        ), name
         assert r["weighted_grad_student"] == pytest.approx(abs(r["weight"]) * r["grad_student"]), name
         assert -1 <= r["cos_ce"] <= 1 + 1e-9, name
-    assert (t["ce_answer"]["weight"], t["ce_cot"]["weight"], t["codi"]["weight"], t["kv"]["weight"]) == (0.5, 0.25, 10.0, 2.0)
+    assert (t["ce_answer"]["weight"], t["ce_cot"]["weight"], t["codi"]["weight"], t["kv"]["weight"]) == (
+        0.5,
+        0.25,
+        10.0,
+        2.0,
+    )
     assert t["ce_answer"]["cos_ce"] == 1.0
     # What reaches what: the written chain never sees the latents; answer CE reaches the head but no
     # adapter or CODI map; CODI and the slot K/V reach the head and their own maps.
@@ -415,7 +586,9 @@ def test_latent_diagnose_reports_every_term_its_gradients_on_student_head_and_ad
         assert sug[field] * t[term]["grad_student"] == pytest.approx(ce_ref), field
         assert t[term]["vs_ce"] == pytest.approx(t[term]["weighted_grad_student"] / ce_ref), term
     table = format_table(result)
-    assert all(name in table for name in t) and "|grad| head" in table and "codi_weight" in table and "cos(CE)" in table
+    assert (
+        all(name in table for name in t) and "|grad| head" in table and "codi_weight" in table and "cos(CE)" in table
+    )
     assert not (tmp_path / "diag").exists()  # nothing trained, nothing written
 
 
@@ -456,9 +629,14 @@ def test_diagnose_at_a_trained_checkpoint_loads_its_weights_and_differs_from_ini
 
     # the CLI: the run's own config, the table, then its loss curve, and --json
     capsys.readouterr()
-    assert main(["train", "diagnose", "--checkpoint", str(out), "--batches", "2", "--json", str(tmp_path / "d.json")]) == 0
+    assert (
+        main(["train", "diagnose", "--checkpoint", str(out), "--batches", "2", "--json", str(tmp_path / "d.json")])
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert f"loss terms at {out / 'final'}, mode latent" in printed and "kv_k[iter 3]" in printed and "falls" in printed
+    assert (
+        f"loss terms at {out / 'final'}, mode latent" in printed and "kv_k[iter 3]" in printed and "falls" in printed
+    )
     saved = json.loads((tmp_path / "d.json").read_text())
     assert saved["terms"]["kv"]["value"] == pytest.approx(trained["terms"]["kv"]["value"])
     assert saved["curve"]["terms"]["kv_k"]["trend"] == "falls"

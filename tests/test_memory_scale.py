@@ -47,9 +47,31 @@ def _store(path: Path, samples: int) -> list[int]:
     """A one-teacher float16 store of `samples` samples of 256-767 tokens (mean ~512: ~1 MiB of
     K+V each) over 2 shards; returns the token counts."""
     geom = KVGeometry(num_layers=L, num_kv_heads=H, head_dim=d)
-    init_store(path, StoreSpec(student=ModelSpec("m"), geometry=geom, tokenizer_fingerprint="m", data=DataSpec(), data_fingerprint="m", num_shards=2))
+    init_store(
+        path,
+        StoreSpec(
+            student=ModelSpec("m"),
+            geometry=geom,
+            tokenizer_fingerprint="m",
+            data=DataSpec(),
+            data_fingerprint="m",
+            num_shards=2,
+        ),
+    )
     eye = [[float(i == j) for j in range(L)] for i in range(L)]
-    init_teacher(path, TeacherSpec(name="t", model=ModelSpec("m"), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=geom.width, fingerprint="m"))
+    init_teacher(
+        path,
+        TeacherSpec(
+            name="t",
+            model=ModelSpec("m"),
+            geometry=geom,
+            align=AlignSpec(),
+            time_map="identity",
+            layer_map=eye,
+            width=geom.width,
+            fingerprint="m",
+        ),
+    )
     rng = np.random.default_rng(0)
     lengths = []
     for s in range(2):
@@ -93,8 +115,10 @@ def test_the_byte_cap_bounds_the_samples_the_stream_holds(tmp_path, monkeypatch)
     alone = _held(stream(shuffle_buffer=1))  # read spans + the sample consumed: no buffer at all
     held = _held(capped)
     unbound = _held(stream(shuffle_buffer=256))  # the old behaviour: 256 samples, i.e. the whole store
-    print(f"held above a 1-sample buffer: capped at {cap / MiB:.0f} MiB {(held - alone) / MiB:.1f} MiB, "
-          f"uncapped {(unbound - alone) / MiB:.1f} MiB (store {store_bytes / MiB:.1f} MiB)")
+    print(
+        f"held above a 1-sample buffer: capped at {cap / MiB:.0f} MiB {(held - alone) / MiB:.1f} MiB, "
+        f"uncapped {(unbound - alone) / MiB:.1f} MiB (store {store_bytes / MiB:.1f} MiB)"
+    )
     assert held - alone <= cap + biggest
     assert unbound - alone > 0.75 * store_bytes  # the measurement sees a buffer that holds everything
     # Every sample, once, in an order that is the capped buffer's over the seeded shard order.
@@ -112,10 +136,23 @@ def test_the_cap_is_the_store_s_alone_and_keeps_one_order_over_ranks(tiny_store,
     samples = list(stream)
     held = _kv_bytes(samples)  # float16 as stored
     assert stream.sample_bytes == pytest.approx(held)  # index.parquet x codec bytes per row = what a sample holds
-    wds = zarr_to_wds(tiny_store["store"], tmp_path / "f32.wds", kv_dtype="float32")  # a webdataset store of float32 K/V
-    assert KVStream(wds, TEACHERS).sample_bytes == pytest.approx(_kv_bytes(KVStream(wds, TEACHERS))) == pytest.approx(2 * held)
+    wds = zarr_to_wds(
+        tiny_store["store"], tmp_path / "f32.wds", kv_dtype="float32"
+    )  # a webdataset store of float32 K/V
+    assert (
+        KVStream(wds, TEACHERS).sample_bytes
+        == pytest.approx(_kv_bytes(KVStream(wds, TEACHERS)))
+        == pytest.approx(2 * held)
+    )
     for read_kv, as_stored in ((False, True), (True, False)):  # what is read and how it is held change nothing
-        other = KVStream(tiny_store["store"], TEACHERS, seed=2, read_kv=read_kv, kv_as_stored=as_stored, shuffle_buffer_bytes=int(3.5 * held))
+        other = KVStream(
+            tiny_store["store"],
+            TEACHERS,
+            seed=2,
+            read_kv=read_kv,
+            kv_as_stored=as_stored,
+            shuffle_buffer_bytes=int(3.5 * held),
+        )
         assert other.buffer_size == 3
     # A binding cap: 2 ranks x batch 4 train the samples of 1 rank x batch 8, in the same order.
     cap = int(3.5 * held)
@@ -125,20 +162,28 @@ def test_the_cap_is_the_store_s_alone_and_keeps_one_order_over_ranks(tiny_store,
         slots = {}
         for r in range(world):
             stream = KVStream(tiny_store["store"], TEACHERS, seed=2, shuffle_buffer_bytes=cap)
-            for mb in MicroBatches(stream, b, lambda s: {"ids": [x["sample_id"] for x in s]}, rank=r, world_size=world):
+            for mb in MicroBatches(
+                stream, b, lambda s: {"ids": [x["sample_id"] for x in s]}, rank=r, world_size=world
+            ):
                 if mb["weight"]:
                     slots[(mb["window"], mb["micro"] * world + r)] = mb["ids"]
         return [i for key in sorted(slots) for i in slots[key]]
 
     one = ranks(1, 8)
-    assert ranks(2, 4) == one == [s["sample_id"] for s in KVStream(tiny_store["store"], TEACHERS, seed=2, shuffle_buffer_bytes=cap)]
+    assert (
+        ranks(2, 4)
+        == one
+        == [s["sample_id"] for s in KVStream(tiny_store["store"], TEACHERS, seed=2, shuffle_buffer_bytes=cap)]
+    )
     assert one != [s["sample_id"] for s in samples]  # the cap binds: another order than a buffer of 256
 
 
 def test_the_order_is_unchanged_where_the_cap_does_not_bind(tiny_store):
     default = TrainConfig.__dataclass_fields__["shuffle_buffer_bytes"].default
     for seed, buffer in ((0, 256), (3, 5), (7, 1)):
-        old = KVStream(tiny_store["store"], TEACHERS, seed=seed, shuffle_buffer=buffer)  # no cap: the order before the cap existed
+        old = KVStream(
+            tiny_store["store"], TEACHERS, seed=seed, shuffle_buffer=buffer
+        )  # no cap: the order before the cap existed
         new = KVStream(tiny_store["store"], TEACHERS, seed=seed, shuffle_buffer=buffer, shuffle_buffer_bytes=default)
         assert new.buffer_size == buffer
         for epoch in (0, 1):
@@ -155,7 +200,9 @@ def _clear_hwm() -> None:
 
 
 def _status(key: str) -> int:
-    return int(next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key)).split()[1]) * 1024
+    return (
+        int(next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key)).split()[1]) * 1024
+    )
 
 
 def _peak(fn):
@@ -171,8 +218,15 @@ def wide_vocab():
     """A tiny Llama with a 150k vocabulary (hidden 32) and a batch of 64 x 64 tokens: full
     float32 logits would be 64 x 64 x 150,000 x 4 B = 2.4 GB."""
     cfg = LlamaConfig(
-        vocab_size=150_000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+        vocab_size=150_000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).float().eval()
@@ -193,9 +247,13 @@ def test_chunked_perplexity_stays_small_at_a_150k_vocabulary(wide_vocab):
     (nll, n), peak = _peak(lambda: sequence_nll(model, ids, attn, lmask))
     full = 64 * 64 * 150_000 * 4
     # The measurement bites: the full logits of 4 rows (1/16 of the batch) cost more than all 64 chunked.
-    _, peak4 = _peak(lambda: masked_ce(model(input_ids=ids[:4], attention_mask=attn[:4]).logits, ids[:4], lmask[:4]).item())
-    print(f"perplexity pass, batch 64 x 64, vocab 150k: chunked peak {peak / MiB:.0f} MiB (full logits {full / MiB:.0f} MiB); "
-          f"full logits of 4 rows {peak4 / MiB:.0f} MiB")
+    _, peak4 = _peak(
+        lambda: masked_ce(model(input_ids=ids[:4], attention_mask=attn[:4]).logits, ids[:4], lmask[:4]).item()
+    )
+    print(
+        f"perplexity pass, batch 64 x 64, vocab 150k: chunked peak {peak / MiB:.0f} MiB (full logits {full / MiB:.0f} MiB); "
+        f"full logits of 4 rows {peak4 / MiB:.0f} MiB"
+    )
     assert n == int(lmask[:, 1:].sum()) and np.isfinite(nll)
     assert peak < 400 * MiB and peak < full / 10
     assert peak4 > peak
@@ -204,7 +262,11 @@ def test_chunked_perplexity_stays_small_at_a_150k_vocabulary(wide_vocab):
 @torch.inference_mode()
 def test_chunked_perplexity_equals_the_full_logits(wide_vocab, make_model, tiny_data, monkeypatch):
     model, ids, attn, lmask = wide_vocab
-    ids, attn, lmask = ids[:4, :32], attn[:4, :32], lmask[:4, :32]  # 4 x 32 tokens: 77 MB of logits, ~110 tokens a chunk
+    ids, attn, lmask = (
+        ids[:4, :32],
+        attn[:4, :32],
+        lmask[:4, :32],
+    )  # 4 x 32 tokens: 77 MB of logits, ~110 tokens a chunk
     n = int(lmask[:, 1:].sum())
     want = masked_ce(model(input_ids=ids, attention_mask=attn).logits, ids, lmask).item() * n
     assert sequence_nll(model, ids, attn, lmask) == (pytest.approx(want, rel=1e-5), n)
@@ -218,11 +280,16 @@ def test_chunked_perplexity_equals_the_full_logits(wide_vocab, make_model, tiny_
     nll = tokens = 0.0
     for ex in load_examples(data):  # the old computation, one example at a time (no padding)
         e = encode(tok, spec.prompt_template, ex)
-        x, m = torch.as_tensor(e.input_ids, dtype=torch.long)[None], torch.as_tensor(e.loss_mask, dtype=torch.bool)[None]
+        x, m = (
+            torch.as_tensor(e.input_ids, dtype=torch.long)[None],
+            torch.as_tensor(e.loss_mask, dtype=torch.bool)[None],
+        )
         k = int(m[:, 1:].sum())
         nll += masked_ce(small(input_ids=x).logits, x, m).item() * k
         tokens += k
-    got = evaluate(EvalConfig(model=str(path), data=data, batch_size=5, max_new_tokens=2, device="cpu"), progress=False)
+    got = evaluate(
+        EvalConfig(model=str(path), data=data, batch_size=5, max_new_tokens=2, device="cpu"), progress=False
+    )
     assert got["perplexity"] == pytest.approx(float(np.exp(nll / tokens)), rel=1e-5)
 
 
@@ -249,8 +316,15 @@ def test_a_model_that_soft_caps_its_logits_is_scored_from_its_own_logits():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, final_logit_softcapping=2.0, initializer_range=0.5,
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=2.0,
+        initializer_range=0.5,
     )
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(cfg).eval()
@@ -264,9 +338,22 @@ def test_a_model_that_soft_caps_its_logits_is_scored_from_its_own_logits():
 def test_the_trainer_says_once_that_the_cap_binds(tiny_store, tmp_path, capsys):
     from kvdistill.train.loop import train
 
-    common = dict(store=str(tiny_store["store"]), student=tiny_store["student"], batch_size=4, max_steps=2, warmup_steps=1, device="cpu")
-    train(TrainConfig(**common, out=str(tmp_path / "a"), shuffle_buffer=16, shuffle_buffer_bytes=100_000), progress=True)
+    common = dict(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        batch_size=4,
+        max_steps=2,
+        warmup_steps=1,
+        device="cpu",
+    )
+    train(
+        TrainConfig(**common, out=str(tmp_path / "a"), shuffle_buffer=16, shuffle_buffer_bytes=100_000), progress=True
+    )
     lines = [x for x in capsys.readouterr().out.splitlines() if "shuffle buffer" in x]
-    assert len(lines) == 1 and "capped at 1 of --shuffle-buffer 16 samples by --shuffle-buffer-bytes 100000" in lines[0], lines
-    train(TrainConfig(**common, out=str(tmp_path / "b"), shuffle_buffer=16), progress=True)  # the default cap does not bind
+    assert (
+        len(lines) == 1 and "capped at 1 of --shuffle-buffer 16 samples by --shuffle-buffer-bytes 100000" in lines[0]
+    ), lines
+    train(
+        TrainConfig(**common, out=str(tmp_path / "b"), shuffle_buffer=16), progress=True
+    )  # the default cap does not bind
     assert "shuffle buffer" not in capsys.readouterr().out

@@ -57,8 +57,22 @@ OFFLINE = "no such folder, and not a hub id that can be fetched offline"
 
 
 def test_dump_with_a_missing_teacher_names_the_teacher_and_its_path(tiny_store, in_tmp, capsys):
-    rc = main(["dump", "--teacher", "models/teacher-nope", "--student", tiny_store["student"].name_or_path,
-               "--store", "s.zarr", "--device", "cpu", "--data.synthetic.n-train", "8", "--no-progress"])
+    rc = main(
+        [
+            "dump",
+            "--teacher",
+            "models/teacher-nope",
+            "--student",
+            tiny_store["student"].name_or_path,
+            "--store",
+            "s.zarr",
+            "--device",
+            "cpu",
+            "--data.synthetic.n-train",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert rc == ExitCode.BAD_INPUT
     line = one_line(capsys, "dump")
     assert f"teacher models/teacher-nope: {OFFLINE}" in line
@@ -67,8 +81,22 @@ def test_dump_with_a_missing_teacher_names_the_teacher_and_its_path(tiny_store, 
 
 
 def test_dump_with_a_missing_student_names_the_student(tiny_store, in_tmp, capsys):
-    rc = main(["dump", "--teacher", tiny_store["teachers"][0].name_or_path, "--student", "models/nope",
-               "--store", "s.zarr", "--device", "cpu", "--data.synthetic.n-train", "8", "--no-progress"])
+    rc = main(
+        [
+            "dump",
+            "--teacher",
+            tiny_store["teachers"][0].name_or_path,
+            "--student",
+            "models/nope",
+            "--store",
+            "s.zarr",
+            "--device",
+            "cpu",
+            "--data.synthetic.n-train",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert rc == ExitCode.BAD_INPUT
     line = one_line(capsys, "dump")
     assert f"student models/nope: {OFFLINE}" in line
@@ -83,8 +111,22 @@ def test_eval_with_a_missing_model_names_it(in_tmp, capsys):
 
 
 def test_store_plan_with_a_missing_teacher_names_the_teacher(tiny_store, in_tmp, capsys):
-    rc = main(["store", "plan", "--teacher", tiny_store["teachers"][1].name_or_path, "--teacher", "models/teacher-nope",
-               "--student", tiny_store["student"].name_or_path, "--data", "synthetic", "--limit", "4"])
+    rc = main(
+        [
+            "store",
+            "plan",
+            "--teacher",
+            tiny_store["teachers"][1].name_or_path,
+            "--teacher",
+            "models/teacher-nope",
+            "--student",
+            tiny_store["student"].name_or_path,
+            "--data",
+            "synthetic",
+            "--limit",
+            "4",
+        ]
+    )
     assert rc == ExitCode.BAD_INPUT
     line = one_line(capsys, "store")
     assert f"teacher models/teacher-nope: {OFFLINE}" in line
@@ -92,8 +134,22 @@ def test_store_plan_with_a_missing_teacher_names_the_teacher(tiny_store, in_tmp,
 
 
 def test_train_with_a_missing_student_names_the_student(tiny_store, in_tmp, capsys):
-    rc = main(["train", "--store", str(tiny_store["store"]), "--student", "models/nope", "--out", "run",
-               "--max-steps", "1", "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--store",
+            str(tiny_store["store"]),
+            "--student",
+            "models/nope",
+            "--out",
+            "run",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == ExitCode.BAD_INPUT
     line = one_line(capsys, "train")
     assert f"student models/nope: {OFFLINE}" in line
@@ -135,17 +191,26 @@ def test_online_the_message_says_what_the_hub_answered(in_tmp, monkeypatch):
     missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its __init__ wants an HTTP response
     Exception.__init__(missing, "404 Client Error: Repository Not Found")
     monkeypatch.setattr(models.AutoConfig, "from_pretrained", _raising(missing))
-    with pytest.raises(FileNotFoundError, match=r"^teacher org/teacher-nope: no such folder, and the hub has no repo org/teacher-nope"):
+    with pytest.raises(
+        FileNotFoundError, match=r"^teacher org/teacher-nope: no such folder, and the hub has no repo org/teacher-nope"
+    ):
         models.load_config(ModelSpec(name_or_path="org/teacher-nope"), role="teacher")
     monkeypatch.setattr(models.AutoConfig, "from_pretrained", _raising(LocalEntryNotFoundError("no connection")))
-    with pytest.raises(FileNotFoundError, match=r"^student org/x: no such folder, and it could not be fetched from the hub \(no connection"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"^student org/x: no such folder, and it could not be fetched from the hub \(no connection",
+    ):
         models.load_config(ModelSpec(name_or_path="org/x"), role="student")
 
 
 def test_the_message_names_the_role_the_caller_gives(in_tmp):
     from kvdistill.core.models import load_config
 
-    cfg = DumpConfig(teacher=ModelSpec(name_or_path="models/t-nope"), student=ModelSpec(name_or_path="models/s-nope"), store="s.zarr")
+    cfg = DumpConfig(
+        teacher=ModelSpec(name_or_path="models/t-nope"),
+        student=ModelSpec(name_or_path="models/s-nope"),
+        store="s.zarr",
+    )
     for spec, role in ((cfg.teacher, "teacher"), (cfg.student, "student")):
         with pytest.raises(FileNotFoundError, match=f"^{role} {spec.name_or_path}: no such folder"):
             load_config(spec, role=role)
@@ -171,7 +236,10 @@ def test_eval_on_a_folder_with_a_stray_file_says_it_holds_no_model(tmp_path, cap
     (folder / "random.txt").write_text("hello")
     assert main(["eval", "--model", str(folder), "--device", "cpu"]) == ExitCode.BAD_INPUT
     line = one_line(capsys, "eval")
-    assert f"model {folder}: the folder holds no model (no config.json, no tokenizer, no weights: it holds random.txt)" in line
+    assert (
+        f"model {folder}: the folder holds no model (no config.json, no tokenizer, no weights: it holds random.txt)"
+        in line
+    )
     no_hub_noise(line)
 
 
@@ -205,8 +273,19 @@ PLAN_SIZES = [
 
 @pytest.mark.parametrize("flags, said", PLAN_SIZES, ids=[" ".join(f) for f, _ in PLAN_SIZES])
 def test_store_plan_refuses_a_size_out_of_range_naming_the_flag(tiny_store, capsys, flags, said):
-    argv = ["store", "plan", "--teacher", tiny_store["teachers"][0].name_or_path, "--student", tiny_store["student"].name_or_path,
-            "--data", "synthetic", "--limit", "4", *flags]
+    argv = [
+        "store",
+        "plan",
+        "--teacher",
+        tiny_store["teachers"][0].name_or_path,
+        "--student",
+        tiny_store["student"].name_or_path,
+        "--data",
+        "synthetic",
+        "--limit",
+        "4",
+        *flags,
+    ]
     assert main(argv) == ExitCode.USAGE == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -217,8 +296,22 @@ def test_store_plan_refuses_a_size_out_of_range_naming_the_flag(tiny_store, caps
 
 
 def test_store_plan_uses_the_num_shards_given(tiny_store, capsys):
-    argv = ["store", "plan", "--teacher", tiny_store["teachers"][0].name_or_path, "--student", tiny_store["student"].name_or_path,
-            "--data", "synthetic", "--limit", "4", "--num-shards", "3", "--compression", "2"]
+    argv = [
+        "store",
+        "plan",
+        "--teacher",
+        tiny_store["teachers"][0].name_or_path,
+        "--student",
+        tiny_store["student"].name_or_path,
+        "--data",
+        "synthetic",
+        "--limit",
+        "4",
+        "--num-shards",
+        "3",
+        "--compression",
+        "2",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert " 3 shards of " in out and "  2.00 " in out
@@ -242,7 +335,17 @@ def test_plan_names_the_one_argument_out_of_range():
 
 def _show(tiny_store, out) -> list[str]:
     sid = ShardReader(tiny_store["store"], "teacher-a", 0).sample_ids[0]
-    return ["store", "show-alignment", str(tiny_store["store"]), "--teacher", "teacher-a", "--sample", sid, "--out", str(out)], sid
+    return [
+        "store",
+        "show-alignment",
+        str(tiny_store["store"]),
+        "--teacher",
+        "teacher-a",
+        "--sample",
+        sid,
+        "--out",
+        str(out),
+    ], sid
 
 
 def test_show_alignment_prints_the_file_it_wrote(tiny_store, tmp_path, capsys):
@@ -276,7 +379,9 @@ def test_show_alignment_under_a_regular_file_is_one_line_before_any_work(tiny_st
 def test_show_alignment_refuses_a_suffix_matplotlib_does_not_write(tiny_store, tmp_path, capsys):
     argv, _ = _show(tiny_store, tmp_path / "a.xyz")
     assert main(argv) == ExitCode.USAGE
-    assert f"config error: --out {tmp_path / 'a.xyz'}: matplotlib writes no .xyz files; give a .png" in one_line(capsys, "store")
+    assert f"config error: --out {tmp_path / 'a.xyz'}: matplotlib writes no .xyz files; give a .png" in one_line(
+        capsys, "store"
+    )
 
 
 # --- 12. a config file accepts the flag spellings of a field --------------------------------------
@@ -291,7 +396,10 @@ TRAIN = {"store": "s.zarr", "student": {"name_or_path": "x"}, "out": "o"}
 
 
 def test_a_flag_alias_in_a_config_file_sets_its_field_and_saves_under_the_field_name(tmp_path):
-    f = _yaml(tmp_path / "t.yaml", TRAIN | {"learning_rate": 0.002, "max-steps": 7, "student_template": "Q {question} R {reasoning} A {answer}"})
+    f = _yaml(
+        tmp_path / "t.yaml",
+        TRAIN | {"learning_rate": 0.002, "max-steps": 7, "student_template": "Q {question} R {reasoning} A {answer}"},
+    )
     cfg = TrainConfig.load(f)
     assert (cfg.lr, cfg.max_steps, cfg.student.prompt_template) == (0.002, 7, "Q {question} R {reasoning} A {answer}")
     saved = yaml.safe_load(cfg.save(tmp_path / "saved.yaml").read_text())
@@ -300,10 +408,24 @@ def test_a_flag_alias_in_a_config_file_sets_its_field_and_saves_under_the_field_
     # A flag still overrides the file, whatever name the file used.
     assert build(TrainConfig, f, {"lr": 0.5}).lr == 0.5
     # Nested aliases: --teacher-name, --latent-slots; in a jobs file, --store and --num-shards of dump.
-    d = DumpConfig.from_dict({"teacher": {"name_or_path": "t"}, "teacher_name": "t1", "student": {"name_or_path": "s"},
-                              "store": "s.zarr", "latent-slots": 4})
+    d = DumpConfig.from_dict(
+        {
+            "teacher": {"name_or_path": "t"},
+            "teacher_name": "t1",
+            "student": {"name_or_path": "s"},
+            "store": "s.zarr",
+            "latent-slots": 4,
+        }
+    )
     assert d.teacher.name == "t1" and d.latent is not None and d.latent.slots == 4
-    j = JobsConfig.from_dict({"teachers": [{"name_or_path": "t"}], "dump": {"student": {"name_or_path": "s"}}, "store": "s.zarr", "num-shards": 3})
+    j = JobsConfig.from_dict(
+        {
+            "teachers": [{"name_or_path": "t"}],
+            "dump": {"student": {"name_or_path": "s"}},
+            "store": "s.zarr",
+            "num-shards": 3,
+        }
+    )
     assert (j.dump.store, j.dump.num_shards) == ("s.zarr", 3)
 
 
@@ -312,8 +434,15 @@ def test_read_config_spells_every_key_as_its_field_nested_records_too(tmp_path):
     so a flag given over an alias in the file replaces it instead of clashing with it."""
     from kvdistill.schemas.base import read_config
 
-    f = _yaml(tmp_path / "jobs.yaml", {"teachers": [{"name_or_path": "t"}], "store": "s.zarr",
-                                       "dump": {"student": {"name_or_path": "s"}}, "train": TRAIN | {"learning-rate": 0.01}})
+    f = _yaml(
+        tmp_path / "jobs.yaml",
+        {
+            "teachers": [{"name_or_path": "t"}],
+            "store": "s.zarr",
+            "dump": {"student": {"name_or_path": "s"}},
+            "train": TRAIN | {"learning-rate": 0.01},
+        },
+    )
     data = read_config(f, JobsConfig)
     assert data["dump"]["store"] == "s.zarr" and "store" not in data
     assert data["train"]["lr"] == 0.01 and "learning-rate" not in data["train"]
@@ -326,11 +455,15 @@ def test_a_config_file_alias_through_the_cli(tmp_path, capsys):
     assert f"config error: {f}: TrainConfig.lr: must be > 0, got -1.0" in one_line(capsys, "train")
     f = _yaml(tmp_path / "both.yaml", TRAIN | {"lr": 1e-3, "learning_rate": 2e-3})
     assert main(["train", "--config", str(f)]) == ExitCode.USAGE
-    assert f"{f}: TrainConfig: 'learning_rate' and 'lr' both set lr; keep one" in one_line(capsys, "train")  # file order
+    assert f"{f}: TrainConfig: 'learning_rate' and 'lr' both set lr; keep one" in one_line(
+        capsys, "train"
+    )  # file order
     f = _yaml(tmp_path / "typo.yaml", TRAIN | {"learnig_rate": 2e-3})
     assert main(["train", "--config", str(f)]) == ExitCode.USAGE
     line = one_line(capsys, "train")
-    assert "unknown field(s) ['learnig_rate']" in line and line.endswith(f"; did you mean lr for 'learnig_rate'? {DEBUG_HINT}")
+    assert "unknown field(s) ['learnig_rate']" in line and line.endswith(
+        f"; did you mean lr for 'learnig_rate'? {DEBUG_HINT}"
+    )
 
 
 # --- 13. a range message names the one field that is wrong, and its value ------------------------
@@ -338,19 +471,43 @@ def test_a_config_file_alias_through_the_cli(tmp_path, capsys):
 _T = {"store": "s.zarr", "student": ModelSpec(name_or_path="x"), "out": "o"}
 _C = {"teacher": ModelSpec(name_or_path="t"), "student": ModelSpec(name_or_path="s")}
 ONE_FIELD = [
-    (lambda: DumpTask(student=ModelSpec(name_or_path="s"), store="s", max_len=-3), "DumpTask.max_len: must be >= 1, got -3", "batch_size"),
-    (lambda: DumpTask(student=ModelSpec(name_or_path="s"), store="s", batch_size=0), "DumpTask.batch_size: must be >= 1, got 0", "max_len"),
+    (
+        lambda: DumpTask(student=ModelSpec(name_or_path="s"), store="s", max_len=-3),
+        "DumpTask.max_len: must be >= 1, got -3",
+        "batch_size",
+    ),
+    (
+        lambda: DumpTask(student=ModelSpec(name_or_path="s"), store="s", batch_size=0),
+        "DumpTask.batch_size: must be >= 1, got 0",
+        "max_len",
+    ),
     (lambda: CalibrateConfig(**_C, top_k=0), "CalibrateConfig.top_k: must be >= 1, got 0", "samples"),
     (lambda: CalibrateConfig(**_C, samples=0), "CalibrateConfig.samples: must be >= 1, got 0", "top_k"),
     (lambda: TrainConfig(**_T, batch_size=0), "TrainConfig.batch_size: must be >= 1, got 0", "max_steps"),
     (lambda: TrainConfig(**_T, cot_weight=-0.5), "TrainConfig.cot_weight: must be >= 0, got -0.5", "codi_weight"),
     (lambda: TrainConfig(**_T, ce_weight=-1.0), "TrainConfig.ce_weight: must be >= 0, got -1.0", "kv_weight"),
-    (lambda: TrainConfig(**_T, layer_anneal_steps=-2), "TrainConfig.layer_anneal_steps: must be >= 0, got -2", "kv_attn_warmup_steps"),
-    (lambda: TrainConfig(**_T, teacher_weights={"a": 1.0, "b": -0.5}), "TrainConfig.teacher_weights['b']: must be >= 0, got -0.5", "'a'"),
-    (lambda: TrainConfig(**_T, kv_control="shuffled", kv_weight=0.0), "needs kv_weight > 0, got kv_weight 0.0", "batch_size"),
+    (
+        lambda: TrainConfig(**_T, layer_anneal_steps=-2),
+        "TrainConfig.layer_anneal_steps: must be >= 0, got -2",
+        "kv_attn_warmup_steps",
+    ),
+    (
+        lambda: TrainConfig(**_T, teacher_weights={"a": 1.0, "b": -0.5}),
+        "TrainConfig.teacher_weights['b']: must be >= 0, got -0.5",
+        "'a'",
+    ),
+    (
+        lambda: TrainConfig(**_T, kv_control="shuffled", kv_weight=0.0),
+        "needs kv_weight > 0, got kv_weight 0.0",
+        "batch_size",
+    ),
     (lambda: SyntheticSpec(n_test=0), "SyntheticSpec.n_test: must be >= 1, got 0", "n_train"),
     (lambda: SyntheticSpec(min_steps=0), "SyntheticSpec.min_steps: must be >= 1, got 0", "max_steps"),
-    (lambda: SyntheticSpec(min_steps=3, max_steps=2), "SyntheticSpec.max_steps: must be >= min_steps (3), got 2", "<="),
+    (
+        lambda: SyntheticSpec(min_steps=3, max_steps=2),
+        "SyntheticSpec.max_steps: must be >= min_steps (3), got 2",
+        "<=",
+    ),
 ]
 
 

@@ -50,11 +50,23 @@ def _node_command(tiny_store, tmp_path: Path, out: Path, max_steps: int) -> str:
     a run of `max_steps` into `out` (no periodic checkpoints), the port made a free one."""
     cfg = JobsConfig(
         teachers=tiny_store["teachers"],
-        dump=DumpTask(student=tiny_store["student"], store=str(tiny_store["store"]), data=tiny_store["data"], num_shards=2, device="cpu"),
+        dump=DumpTask(
+            student=tiny_store["student"],
+            store=str(tiny_store["store"]),
+            data=tiny_store["data"],
+            num_shards=2,
+            device="cpu",
+        ),
         jobs_dir=str(tmp_path / "jobs"),
         train=TrainConfig(
-            store=str(tiny_store["store"]), student=tiny_store["student"], out=str(out), max_steps=max_steps,
-            batch_size=4, log_every=1, save_every=0, device="cpu",
+            store=str(tiny_store["store"]),
+            student=tiny_store["student"],
+            out=str(out),
+            max_steps=max_steps,
+            batch_size=4,
+            log_every=1,
+            save_every=0,
+            device="cpu",
         ),
         train_slurm=SlurmSpec(nodes=2, gpus=1, cpus=1, mem="2G", time="00:10:00", signal_seconds=60, requeue=True),
     )
@@ -74,7 +86,14 @@ def _node_command(tiny_store, tmp_path: Path, out: Path, max_steps: int) -> str:
 
 
 def _node_env(node: int) -> dict[str, str]:
-    return launch_env(SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2", SLURM_NODEID=str(node), SLURM_PROCID=str(node), SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1")
+    return launch_env(
+        SLURM_NNODES="2",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NODEID=str(node),
+        SLURM_PROCID=str(node),
+        SLURM_LOCALID="0",
+        MASTER_ADDR="127.0.0.1",
+    )
 
 
 def _start_nodes(launch: str, tmp_path: Path, name: str):
@@ -96,12 +115,26 @@ def test_two_nodes_of_one_process_end_with_the_weights_of_two_processes_on_one_n
     t0 = time.monotonic()
     procs, logs = _start_nodes(launch, tmp_path, "nodes")
     codes = wait_all(procs, logs, timeout=300)
-    assert codes == {"node0": 0, "node1": 0}, "\n".join(f"--- {n} ---\n{p.read_text()[-3000:]}" for n, p in logs.items())
+    assert codes == {"node0": 0, "node1": 0}, "\n".join(
+        f"--- {n} ---\n{p.read_text()[-3000:]}" for n, p in logs.items()
+    )
     t1 = time.monotonic()
     run(
-        [*ACCELERATE, "--multi_gpu", "--num_machines", "1", "--num_processes", "2", "--main_process_port", str(free_port()),
-         *_trainer_args(launch), "--out", str(one_out)],
-        tmp_path / "one-node.log", launch_env(),
+        [
+            *ACCELERATE,
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            *_trainer_args(launch),
+            "--out",
+            str(one_out),
+        ],
+        tmp_path / "one-node.log",
+        launch_env(),
     )
     t2 = time.monotonic()
     for out in (nodes_out, one_out):
@@ -109,12 +142,16 @@ def test_two_nodes_of_one_process_end_with_the_weights_of_two_processes_on_one_n
         assert [(r["process_index"], r["num_processes"]) for r in ranks] == [(0, 2), (1, 2)]
         assert metrics(out)[-1]["step"] == steps
     worst, bitwise = compare_weights(final_weights(nodes_out), final_weights(one_out), rtol=1e-5, atol=1e-6)
-    print(f"2 nodes x 1 vs 1 node x 2: max |diff| {worst:.3g} (bit for bit: {bitwise}); 2 nodes {t1 - t0:.1f} s, one node {t2 - t1:.1f} s")
+    print(
+        f"2 nodes x 1 vs 1 node x 2: max |diff| {worst:.3g} (bit for bit: {bitwise}); 2 nodes {t1 - t0:.1f} s, one node {t2 - t1:.1f} s"
+    )
 
 
 def test_sigusr1_reaching_one_node_stops_both_after_the_same_step_with_one_checkpoint(tiny_store, tmp_path):
     out = tmp_path / "run"
-    launch = _node_command(tiny_store, tmp_path, out, max_steps=2000)  # minutes of steps: the run is mid-way when signalled
+    launch = _node_command(
+        tiny_store, tmp_path, out, max_steps=2000
+    )  # minutes of steps: the run is mid-way when signalled
     t0 = time.monotonic()
     procs, logs = _start_nodes(launch, tmp_path, "run")
     try:
@@ -137,7 +174,11 @@ def _signal_one_node(out: Path, procs, logs, t0: float) -> None:
 
     # 2. SIGUSR1 to node 1's rank (what SLURM's --signal=USR1@N reaches on that node): both
     #    nodes stop after the same step, one checkpoint.
-    workers = [pid for pid in children(procs["node1"].pid) if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+    workers = [
+        pid
+        for pid in children(procs["node1"].pid)
+        if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+    ]
     assert len(workers) == 1, workers
     t_signal = time.monotonic()
     os.kill(workers[0], signal.SIGUSR1)
@@ -146,13 +187,20 @@ def _signal_one_node(out: Path, procs, logs, t0: float) -> None:
     text = {n: p.read_text() for n, p in logs.items()}
     tails = "\n".join(f"--- {n} ---\n{t[-3000:]}" for n, t in text.items())
 
-    stopped = {n: [int(s) for s in re.findall(r"kvdistill train: preempted \(SIGUSR1\) after step (\d+)", t)] for n, t in text.items()}
+    stopped = {
+        n: [int(s) for s in re.findall(r"kvdistill train: preempted \(SIGUSR1\) after step (\d+)", t)]
+        for n, t in text.items()
+    }
     assert [len(s) for s in stopped.values()] == [1, 1], tails  # each node's rank says it once
     step = stopped["node0"][0]
     assert stopped["node1"] == [step] and later <= step < 2000, (stopped, later)
     ckpt = out / "checkpoints" / f"step-{step:07d}"
-    assert f"kvdistill train: SIGUSR1 after step {step}: saving checkpoint {ckpt}" in text["node0"], tails  # the main process, on node 0
-    assert "not under SLURM (no SLURM_JOB_ID), so not requeued" in text["node0"]  # node 0's main process took the requeue path
+    assert f"kvdistill train: SIGUSR1 after step {step}: saving checkpoint {ckpt}" in text["node0"], (
+        tails
+    )  # the main process, on node 0
+    assert (
+        "not under SLURM (no SLURM_JOB_ID), so not requeued" in text["node0"]
+    )  # node 0's main process took the requeue path
     assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt.name]  # exactly one, complete (no .partial left)
     assert json.loads((ckpt / "loader.json").read_text())["step"] == step
     assert {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
@@ -163,6 +211,10 @@ def _signal_one_node(out: Path, procs, logs, t0: float) -> None:
     # exits 1, which is what srun, and so the job, ends with.
     assert codes == {"node0": 1, "node1": 1}, (codes, tails)
     for n, t in text.items():
-        assert re.search(r"exitcode\s*: 143 ", t), f"{n}: no worker exit code 143 in the launcher's report\n{t[-3000:]}"
-    print(f"SIGUSR1 to node 1's rank after step >= {later}: both nodes stopped after step {step}, "
-          f"launchers exited 1 (ranks 143) {seconds:.1f} s after the signal; {time.monotonic() - t0:.1f} s in all")
+        assert re.search(r"exitcode\s*: 143 ", t), (
+            f"{n}: no worker exit code 143 in the launcher's report\n{t[-3000:]}"
+        )
+    print(
+        f"SIGUSR1 to node 1's rank after step >= {later}: both nodes stopped after step {step}, "
+        f"launchers exited 1 (ranks 143) {seconds:.1f} s after the signal; {time.monotonic() - t0:.1f} s in all"
+    )

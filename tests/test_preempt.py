@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tiny_store, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(**{"store": str(tiny_store["store"]), "student": tiny_store["student"], "out": str(out), **COMMON, **kw})
+    return TrainConfig(
+        **{"store": str(tiny_store["store"]), "student": tiny_store["student"], "out": str(out), **COMMON, **kw}
+    )
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -102,9 +104,14 @@ def test_a_signalled_run_saves_its_step_exits_143_and_resume_auto_ends_bitwise_i
         train(_cfg(tiny_store, out), progress=False)  # no --save-steps: the signal alone writes a checkpoint
     assert stopped.value.code == 143
     ckpt = out / "checkpoints" / f"step-{at:07d}"
-    assert stopped.value.message.startswith(f"preempted ({signum.name}) after step {at}: checkpoint {ckpt} is complete")
+    assert stopped.value.message.startswith(
+        f"preempted ({signum.name}) after step {at}: checkpoint {ckpt} is complete"
+    )
     pos = json.loads((ckpt / "loader.json").read_text())
-    assert (pos["step"], pos["epoch"], pos["samples_in_epoch"]) == (at, *position)  # an epoch's end resumes at the next one
+    assert (pos["step"], pos["epoch"], pos["samples_in_epoch"]) == (
+        at,
+        *position,
+    )  # an epoch's end resumes at the next one
     assert not (out / "final").exists()
     assert [r["step"] for r in _metrics(out)] == list(range(1, at + 1))
     _assert_only_complete_checkpoints(out)
@@ -116,17 +123,26 @@ def test_a_signalled_run_saves_its_step_exits_143_and_resume_auto_ends_bitwise_i
     assert _metrics(out) == _metrics(straight)  # appended: every step once, with the same values
 
 
-def test_a_signal_on_a_save_steps_step_writes_that_checkpoint_once(tiny_store, tmp_path, monkeypatch, untaken_signals, capsys):
+def test_a_signal_on_a_save_steps_step_writes_that_checkpoint_once(
+    tiny_store, tmp_path, monkeypatch, untaken_signals, capsys
+):
     _signal_in_step(monkeypatch, 2, signal.SIGUSR1)
     with pytest.raises(Preempted) as stopped:
         train(_cfg(tiny_store, tmp_path / "run", save_every=2), progress=False)
     assert "after step 2:" in stopped.value.message
-    assert stopped.value.message.endswith("continue with the same command and --resume auto (--requeue-on-usr1: a SLURM job requeues itself)")
+    assert stopped.value.message.endswith(
+        "continue with the same command and --resume auto (--requeue-on-usr1: a SLURM job requeues itself)"
+    )
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002"]
-    assert f"kvdistill train: SIGUSR1 after step 2: saving checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-0000002'}" in capsys.readouterr().out
+    assert (
+        f"kvdistill train: SIGUSR1 after step 2: saving checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-0000002'}"
+        in capsys.readouterr().out
+    )
 
 
-def test_resume_auto_skips_half_written_checkpoints_and_a_new_save_replaces_them(tiny_store, straight, tmp_path, capsys):
+def test_resume_auto_skips_half_written_checkpoints_and_a_new_save_replaces_them(
+    tiny_store, straight, tmp_path, capsys
+):
     """A checkpoint being written lives in .step-N.partial until it is complete (here: step 5,
     complete but for the rename); a step-N without loader.json (step 6) is one an older
     version was killed writing. Neither is picked: the run resumes from step 4."""
@@ -144,7 +160,9 @@ def test_resume_auto_skips_half_written_checkpoints_and_a_new_save_replaces_them
     assert sorted(p.name for p in ckpts.iterdir()) == [f"step-{s:07d}" for s in range(1, STEPS + 1)]
 
 
-def test_a_checkpoint_killed_mid_write_never_appears_and_resume_auto_takes_the_one_before(tiny_store, straight, tmp_path, monkeypatch):
+def test_a_checkpoint_killed_mid_write_never_appears_and_resume_auto_takes_the_one_before(
+    tiny_store, straight, tmp_path, monkeypatch
+):
     """The process dies inside the save of step 4 (simulated: save_state writes, then fails);
     no step-4 checkpoint exists, and --resume auto continues from step 2."""
     real = Accelerator.save_state
@@ -177,13 +195,17 @@ def test_metrics_after_a_resume_hold_every_step_once_and_drop_a_cut_off_row(tiny
     _assert_bitwise_equal(_final_weights(out), _final_weights(straight))
 
 
-def test_latent_mode_stops_on_a_signal_and_resume_auto_ends_bitwise_identical(latent_store, tmp_path, monkeypatch, untaken_signals):
+def test_latent_mode_stops_on_a_signal_and_resume_auto_ends_bitwise_identical(
+    latent_store, tmp_path, monkeypatch, untaken_signals
+):
     common = dict(max_steps=4, batch_size=4, shuffle_buffer=8)
     train(_latent_cfg(latent_store, tmp_path / "straight", **common), progress=False)
     _signal_in_step(monkeypatch, 2, signal.SIGTERM)
     with pytest.raises(Preempted) as stopped:
         train(_latent_cfg(latent_store, tmp_path / "run", **common), progress=False)
-    assert stopped.value.message.startswith(f"preempted (SIGTERM) after step 2: checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-0000002'} is complete")
+    assert stopped.value.message.startswith(
+        f"preempted (SIGTERM) after step 2: checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-0000002'} is complete"
+    )
     monkeypatch.undo()
     train(_latent_cfg(latent_store, tmp_path / "run", resume="auto", **common), progress=False)
     _assert_bitwise_equal(_latent_final(tmp_path / "run"), _latent_final(tmp_path / "straight"))
@@ -217,9 +239,22 @@ def _env() -> dict[str, str]:
 def test_kvdistill_train_sent_sigusr1_saves_exits_143_with_one_line_and_resume_auto_ends_bitwise(tiny_store, tmp_path):
     """The real process, signalled from outside while it trains; the resumed run (in this
     process) ends with the uninterrupted run's weights."""
-    cfg = _cfg(tiny_store, tmp_path / "run", batch_size=4, max_steps=40)  # ~1 s of steps left after step 2 to signal in
+    cfg = _cfg(
+        tiny_store, tmp_path / "run", batch_size=4, max_steps=40
+    )  # ~1 s of steps left after step 2 to signal in
     cfg.save(tmp_path / "train.yaml")
-    cmd = [sys.executable, "-m", "kvdistill", "train", "--config", str(tmp_path / "train.yaml"), "--resume", "auto", "--requeue-on-usr1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvdistill",
+        "train",
+        "--config",
+        str(tmp_path / "train.yaml"),
+        "--resume",
+        "auto",
+        "--requeue-on-usr1",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(tmp_path / "run", 2, proc)
     t_signal = time.monotonic()
@@ -232,7 +267,9 @@ def test_kvdistill_train_sent_sigusr1_saves_exits_143_with_one_line_and_resume_a
     assert f"--resume auto: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}; starting at step 0" in out
     assert f"kvdistill train: SIGUSR1 after step {step}: saving checkpoint {ckpt}" in out
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"kvdistill train: preempted (SIGUSR1) after step {step}: checkpoint {ckpt} is complete (saved in "), err[-2000:]
+    assert last.startswith(
+        f"kvdistill train: preempted (SIGUSR1) after step {step}: checkpoint {ckpt} is complete (saved in "
+    ), err[-2000:]
     assert "not under SLURM (no SLURM_JOB_ID), so not requeued: re-run with --resume auto to continue" in last
     assert json.loads((ckpt / "loader.json").read_text())["step"] == step < 40
     _assert_only_complete_checkpoints(tmp_path / "run")
@@ -254,9 +291,35 @@ def test_ddp_ranks_agree_on_the_step_when_only_one_rank_is_signalled(tiny_store,
         pytest.skip("the accelerate launcher is not installed beside this python")
     out = tmp_path / "ddp"
     cmd = [
-        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "kvdistill", "train", "--store", str(tiny_store["store"]), "--student", tiny_store["student"].name_or_path,
-        "--out", str(out), "--max-steps", "400", "--per-device-train-batch-size", "4", "--logging-steps", "1", "--device", "cpu", "--no-progress",
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "kvdistill",
+        "train",
+        "--store",
+        str(tiny_store["store"]),
+        "--student",
+        tiny_store["student"].name_or_path,
+        "--out",
+        str(out),
+        "--max-steps",
+        "400",
+        "--per-device-train-batch-size",
+        "4",
+        "--logging-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, 2, proc)

@@ -37,7 +37,9 @@ def stored(codec: str, part: str, x: np.ndarray) -> QuantRows:
 def test_the_device_batch_is_decode_bit_for_bit(codec, part, L, D, lengths, offset, pad, seed):
     rng = np.random.default_rng(seed)
     N = offset + sum(lengths)
-    x = (rng.standard_normal((N, L, D)) * rng.uniform(0.01, 30, size=(1, L, D)) + rng.normal(size=(1, L, D))).astype(np.float32)
+    x = (rng.standard_normal((N, L, D)) * rng.uniform(0.01, 30, size=(1, L, D)) + rng.normal(size=(1, L, D))).astype(
+        np.float32
+    )
     whole = stored(codec, part, x)
     bounds = np.cumsum([offset, *lengths])
     samples = [whole[int(a) : int(b)] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -48,7 +50,13 @@ def test_the_device_batch_is_decode_bit_for_bit(codec, part, L, D, lengths, offs
     assert got.dtype == np.float32 and got.shape == batch.shape
     for i, s in enumerate(samples):
         n = len(s)
-        want = codecs.decode(codec, part, {"": whole.codes, "scale": whole.scale, **({"zero": whole.zero} if whole.zero is not None else {})}, 0, D)[bounds[i] : bounds[i] + n]
+        want = codecs.decode(
+            codec,
+            part,
+            {"": whole.codes, "scale": whole.scale, **({"zero": whole.zero} if whole.zero is not None else {})},
+            0,
+            D,
+        )[bounds[i] : bounds[i] + n]
         assert np.array_equal(got[i, :n], want), f"sample {i} (rows {bounds[i]}..{bounds[i] + n}) differs from decode"
         assert np.array_equal(s.decode(), want)  # a slice decodes like the whole
         assert not got[i, n:].any(), "padding rows must be exact zeros"
@@ -72,9 +80,13 @@ def test_kv_to_device_moves_floats_and_dequantises_quantised():
     k, v = (collate_quant([stored("int4", p, x)[0:25], stored("int4", p, x)[25:40]], 25) for p in ("k", "v"))
     plain = torch.ones(2, 25, 2, 16)
     out = kv_to_device({"a": (k, v), "b": (plain, plain)}, "cpu")
-    assert isinstance(k, QuantKV) and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for pair in out.values() for t in pair)
+    assert isinstance(k, QuantKV) and all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.float32 for pair in out.values() for t in pair
+    )
     assert torch.equal(out["a"][0], k.dequantise()) and torch.equal(out["b"][1], plain)
-    assert k.codes.element_size() * k.codes.numel() * 8 == plain.element_size() * plain.numel()  # int4: 1/8 of float32's bytes
+    assert (
+        k.codes.element_size() * k.codes.numel() * 8 == plain.element_size() * plain.numel()
+    )  # int4: 1/8 of float32's bytes
 
 
 def test_samples_of_other_codecs_in_one_batch_are_refused():
@@ -89,12 +101,35 @@ def codec_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("codecs") / "s.zarr"
     L, H, d = 3, 2, 20
     geom = KVGeometry(num_layers=L, num_kv_heads=H, head_dim=d)
-    init_store(path, StoreSpec(student=ModelSpec("s"), geometry=geom, tokenizer_fingerprint="t", data=DataSpec(), data_fingerprint="d", num_shards=1))
+    init_store(
+        path,
+        StoreSpec(
+            student=ModelSpec("s"),
+            geometry=geom,
+            tokenizer_fingerprint="t",
+            data=DataSpec(),
+            data_fingerprint="d",
+            num_shards=1,
+        ),
+    )
     rng = np.random.default_rng(3)
     samples = [rng.normal(size=(2, int(rng.integers(5, 70)), L, H * d)).astype(np.float32) for _ in range(12)]
     eye = [[float(i == j) for j in range(L)] for i in range(L)]
     for codec in codecs.CODECS:
-        init_teacher(path, TeacherSpec(name=codec, model=ModelSpec(codec), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=H * d, fingerprint=codec, kv_dtype=codec))
+        init_teacher(
+            path,
+            TeacherSpec(
+                name=codec,
+                model=ModelSpec(codec),
+                geometry=geom,
+                align=AlignSpec(),
+                time_map="identity",
+                layer_map=eye,
+                width=H * d,
+                fingerprint=codec,
+                kv_dtype=codec,
+            ),
+        )
         with ShardWriter(path, codec, 0, num_layers=L, width=H * d, codec=codec) as w:
             for j, (k, v) in enumerate(samples):
                 w.write(f"s{j}", k, v, np.zeros(len(k), np.int32), np.ones(len(k), np.bool_))
@@ -134,8 +169,19 @@ def test_kv_transfer_auto_hands_over_as_stored_on_an_accelerator_and_decoded_on_
 def test_the_decoded_stream_gives_float32_from_the_reader(codec_store):
     for stored in (True, False):
         s = next(iter(KVStream(codec_store, list(codecs.CODECS), shuffle_buffer=1, kv_as_stored=stored)))
-        kinds = {c: type(s["kv"][c][0]).__name__ + ":" + str(s["kv"][c][0].dtype) for c in codecs.CODECS if not isinstance(s["kv"][c][0], QuantRows)}
+        kinds = {
+            c: type(s["kv"][c][0]).__name__ + ":" + str(s["kv"][c][0].dtype)
+            for c in codecs.CODECS
+            if not isinstance(s["kv"][c][0], QuantRows)
+        }
         if stored:
-            assert kinds == {"float16": "ndarray:float16", "bfloat16": "Tensor:torch.bfloat16"} and isinstance(s["kv"]["int4"][1], QuantRows)
+            assert kinds == {"float16": "ndarray:float16", "bfloat16": "Tensor:torch.bfloat16"} and isinstance(
+                s["kv"]["int4"][1], QuantRows
+            )
         else:
-            assert kinds == {"float16": "ndarray:float16", "bfloat16": "ndarray:float32", "int8": "ndarray:float32", "int4": "ndarray:float32"}
+            assert kinds == {
+                "float16": "ndarray:float16",
+                "bfloat16": "ndarray:float32",
+                "int8": "ndarray:float32",
+                "int4": "ndarray:float32",
+            }

@@ -54,7 +54,13 @@ def test_the_scan_finds_paths_placeholders_and_documents_and_skips_what_is_not_a
     )
     found = repo_paths(text)
     assert found == {
-        "store/rows.py", "train/recipes/", "dump/nothere.py", "train/recipes/{recipe}.yaml", "BENCHMARKS.md", "DESIGN.md", "core/capture.py",
+        "store/rows.py",
+        "train/recipes/",
+        "dump/nothere.py",
+        "train/recipes/{recipe}.yaml",
+        "BENCHMARKS.md",
+        "DESIGN.md",
+        "core/capture.py",
     }
     assert sorted(p for p in found if missing(p)) == ["DESIGN.md", "dump/nothere.py"]
     assert missing("kvdistill/<stage>.yaml") and not missing("kvdistill/<name>/__init__.py")
@@ -87,4 +93,4 @@ def test_each_stage_is_registered_once_by_its_link_and_is_a_layer_and_the_tests_
     (layers,) = [c["layers"] for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
     layered = {m.strip().removeprefix("kvdistill.") for layer in layers for m in layer.split("|")}
     modules = {p.stem for p in (ROOT / "kvdistill").glob("*.py")} - {"__init__", "__main__"}
-    assert layered == modules | top, (layered ^ (modules | top))
+    assert layered == modules | top, layered ^ (modules | top)

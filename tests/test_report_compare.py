@@ -36,7 +36,17 @@ from kvdistill.train.stream import KVStream, collate, derangement, shuffle_kv
 
 
 def _train_cfg(tiny_store, out, **kw) -> TrainConfig:
-    base = dict(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(out), batch_size=8, max_steps=3, warmup_steps=1, log_every=1, device="cpu", shuffle_buffer=16)
+    base = dict(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out=str(out),
+        batch_size=8,
+        max_steps=3,
+        warmup_steps=1,
+        log_every=1,
+        device="cpu",
+        shuffle_buffer=16,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -45,7 +55,13 @@ def _train_cfg(tiny_store, out, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize(
     "df, t975",  # two-sided 95% quantiles of Student's t (published tables, 15 digits)
-    [(1, 12.706204736174707), (2, 4.302652729749464), (3, 3.182446305284263), (4, 2.7764451051977934), (29, 2.045229642132703)],
+    [
+        (1, 12.706204736174707),
+        (2, 4.302652729749464),
+        (3, 3.182446305284263),
+        (4, 2.7764451051977934),
+        (29, 2.045229642132703),
+    ],
 )
 def test_t_quantile_matches_the_published_table(df, t975):
     assert t_quantile(0.95, df) == pytest.approx(t975, rel=1e-10)
@@ -84,9 +100,13 @@ def test_minimum_detectable_effect_has_the_stated_power():
     rng = np.random.default_rng(0)
     n, sd = 10, 0.05
     z = rng.normal(0, 1, n)
-    mde = paired_stats(list((z - z.mean()) / z.std(ddof=1) * sd))["mde"]  # at n seeds and an observed sd of exactly `sd`
+    mde = paired_stats(list((z - z.mean()) / z.std(ddof=1) * sd))[
+        "mde"
+    ]  # at n seeds and an observed sd of exactly `sd`
+
     def power(effect):
         return np.mean([paired_stats(list(rng.normal(effect, sd, n)))["p"] < 0.05 for _ in range(1500)])
+
     assert 0.74 < power(mde) < 0.86
     assert power(mde / 2) < 0.4
 
@@ -136,8 +156,15 @@ def _samples(lengths, L=2, D=3):
     out = []
     for i, T in enumerate(lengths):
         ramp = np.arange(T, dtype=np.float32)[:, None, None] + 100 * i + np.zeros((T, L, D), np.float32)
-        out.append({"sample_id": f"s{i}", "shard": 0, "input_ids": np.arange(T) + 1, "loss_mask": np.arange(T) % 2 == 0,
-                    "kv": {"t": (ramp.astype(np.float16), -ramp)}})
+        out.append(
+            {
+                "sample_id": f"s{i}",
+                "shard": 0,
+                "input_ids": np.arange(T) + 1,
+                "loss_mask": np.arange(T) % 2 == 0,
+                "kv": {"t": (ramp.astype(np.float16), -ramp)},
+            }
+        )
     return out
 
 
@@ -231,7 +258,13 @@ def test_report_to_resolves_names_and_refuses_unknown_or_missing_trackers(monkey
 
 def test_tracker_values_and_config_are_flat_scalars():
     row = {"step": 3, "epoch": 0, "ce": 1.5, "kv_k_layers": [0.1, 0.2], "route_k_a": 0.4}
-    assert tracker_values(row) == {"epoch": 0.0, "ce": 1.5, "kv_k_layers/0": 0.1, "kv_k_layers/1": 0.2, "route_k_a": 0.4}
+    assert tracker_values(row) == {
+        "epoch": 0.0,
+        "ce": 1.5,
+        "kv_k_layers/0": 0.1,
+        "kv_k_layers/1": 0.2,
+        "route_k_a": 0.4,
+    }
     flat = tracker_config({"student": {"name_or_path": "x", "revision": None}, "lora_targets": ["q", "v"], "lr": 0.1})
     assert flat == {"student.name_or_path": "x", "student.revision": "null", "lora_targets": '["q", "v"]', "lr": 0.1}
 
@@ -271,11 +304,30 @@ def _images(page: str) -> list[bytes]:
 
 
 def test_report_picks_up_every_term_layers_routes_and_eval(tmp_path):
-    rows = [{"step": s, "epoch": 0, "tokens": 10 * s, "lr": 1e-3, "loss": 3.0 / s, "ce": 2.0 / s, "kv_k": 1.0 / s, "kv_v": 0.5 / s,
-             "cka": 0.1 * s, "kv_k_layers": [1.0 / s, 2.0 / s], "kv_v_layers": [0.5, 0.25], "route_k_teacher-a": 0.7, "route_k_teacher-b": 0.3,
-             "route_v_teacher-a": 0.6, "route_v_teacher-b": 0.4} for s in range(1, 6)]
+    rows = [
+        {
+            "step": s,
+            "epoch": 0,
+            "tokens": 10 * s,
+            "lr": 1e-3,
+            "loss": 3.0 / s,
+            "ce": 2.0 / s,
+            "kv_k": 1.0 / s,
+            "kv_v": 0.5 / s,
+            "cka": 0.1 * s,
+            "kv_k_layers": [1.0 / s, 2.0 / s],
+            "kv_v_layers": [0.5, 0.25],
+            "route_k_teacher-a": 0.7,
+            "route_k_teacher-b": 0.3,
+            "route_v_teacher-a": 0.6,
+            "route_v_teacher-b": 0.4,
+        }
+        for s in range(1, 6)
+    ]
     run = _fake_run(tmp_path / "run", rows)
-    (run / "eval.json").write_text(json.dumps({"model": str(run), "n": 8, "accuracy": 0.625, "perplexity": 3.5, "predictions": []}))
+    (run / "eval.json").write_text(
+        json.dumps({"model": str(run), "n": 8, "accuracy": 0.625, "perplexity": 3.5, "predictions": []})
+    )
     (run / "notes.json").write_text(json.dumps({"something": "else"}))
     page = run_report(run)
     imgs = _images(page)
@@ -294,7 +346,13 @@ def test_report_picks_up_every_term_layers_routes_and_eval(tmp_path):
 def test_report_states_missing_pieces_and_refuses_a_dir_without_metrics(tmp_path):
     run = _fake_run(tmp_path / "ce", [{"step": 1, "epoch": 0, "ce": 2.0, "loss": 2.0}], config=False)
     page = run_report(run, compare=tmp_path / "nowhere")
-    for said in ("no train_config.yaml", "no per-layer terms", "no routing weights", "no evaluation JSON", "no compare.json"):
+    for said in (
+        "no train_config.yaml",
+        "no per-layer terms",
+        "no routing weights",
+        "no evaluation JSON",
+        "no compare.json",
+    ):
         assert said in page
     assert len(_images(page)) == 1
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
@@ -308,8 +366,16 @@ def test_report_states_missing_pieces_and_refuses_a_dir_without_metrics(tmp_path
 
 
 def test_compare_config_round_trips_and_refuses_bad_plans(tiny_store, tmp_path):
-    cfg = CompareConfig(out=str(tmp_path), seeds=2, arms=["ce", "kv-cos"], arm_overrides={"kv-cos": {"kv_loss": "cosine"}}, steps=2,
-                        store=str(tiny_store["store"]), student=tiny_store["student"], eval_data=DataSpec(split="test", limit=2))
+    cfg = CompareConfig(
+        out=str(tmp_path),
+        seeds=2,
+        arms=["ce", "kv-cos"],
+        arm_overrides={"kv-cos": {"kv_loss": "cosine"}},
+        steps=2,
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        eval_data=DataSpec(split="test", limit=2),
+    )
     assert CompareConfig.from_yaml(cfg.to_yaml()) == cfg
     cfg.save(tmp_path / "c.yaml")
     assert CompareConfig.load(tmp_path / "c.yaml") == cfg
@@ -333,20 +399,37 @@ def test_compare_config_round_trips_and_refuses_bad_plans(tiny_store, tmp_path):
 
 def test_tiny_compare_pairs_arms_with_ce_by_seed_and_reuses_finished_runs(tiny_store, tmp_path, monkeypatch, capsys):
     data = DataSpec(split="test", limit=4, synthetic=tiny_store["data"].synthetic)
-    cfg = CompareConfig(out=str(tmp_path / "cmp"), seeds=2, arms=["ce", "kv-shuffled"], steps=2, store=str(tiny_store["store"]),
-                        student=tiny_store["student"], eval_data=data, max_new_tokens=6, device="cpu", bootstrap=50,
-                        curve_steps=[1, 2], curve_arms=["ce", "kv-shuffled"],
-                        train={"batch_size": 8, "warmup_steps": 1, "shuffle_buffer": 16, "log_every": 1})
+    cfg = CompareConfig(
+        out=str(tmp_path / "cmp"),
+        seeds=2,
+        arms=["ce", "kv-shuffled"],
+        steps=2,
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        eval_data=data,
+        max_new_tokens=6,
+        device="cpu",
+        bootstrap=50,
+        curve_steps=[1, 2],
+        curve_arms=["ce", "kv-shuffled"],
+        train={"batch_size": 8, "warmup_steps": 1, "shuffle_buffer": 16, "log_every": 1},
+    )
     result = run_compare(cfg, progress=False)
     arms = result["arms"]
     assert list(arms) == ["ce", "kv-shuffled"] and result["t_quantile"] == pytest.approx(12.706204736174707)
     vs = arms["kv-shuffled"]["vs_baseline"]["accuracy"]
-    assert {"p", "p_holm", "d_z", "mde", "bootstrap"} <= set(vs) and vs["bootstrap"]["questions"] == 4 and vs["bootstrap"]["seeds"] == 2
+    assert (
+        {"p", "p_holm", "d_z", "mde", "bootstrap"} <= set(vs)
+        and vs["bootstrap"]["questions"] == 4
+        and vs["bootstrap"]["seeds"] == 2
+    )
     assert vs["p_holm"] == vs["p"]  # one test in the family
     curve = result["curve"]  # budget 2 is the main runs; budget 1 trained for the curve
     assert curve["steps"] == [1, 2] and set(curve["arms"]["ce"]) == {"1", "2"}
     assert curve["arms"]["ce"]["2"]["seeds"] == [r["accuracy"] for r in arms["ce"]["runs"]]
-    assert TrainConfig.load(tmp_path / "cmp" / "runs" / "ce" / "steps-1" / "seed-1" / "train_config.yaml").max_steps == 1
+    assert (
+        TrainConfig.load(tmp_path / "cmp" / "runs" / "ce" / "steps-1" / "seed-1" / "train_config.yaml").max_steps == 1
+    )
     assert set(curve["baseline_steps_equivalent"]["kv-shuffled"]) == {"1", "2"}
     printed = format_compare(result)
     assert "p Holm" in printed and "sample efficiency" in printed
@@ -357,11 +440,18 @@ def test_tiny_compare_pairs_arms_with_ce_by_seed_and_reuses_finished_runs(tiny_s
             assert (ev["accuracy"], ev["perplexity"], ev["n"]) == (r["accuracy"], r["perplexity"], 4)
         ppl = [r["perplexity"] for r in arm["runs"]]
         assert arm["perplexity"]["mean"] == pytest.approx(sum(ppl) / 2)
-        assert arm["perplexity"]["ci"] == pytest.approx(12.706204736174707 * abs(ppl[0] - ppl[1]) / 2, rel=1e-9)  # s = |a-b|/sqrt2
-    diffs = [a["perplexity"] - c["perplexity"] for a, c in zip(arms["kv-shuffled"]["runs"], arms["ce"]["runs"], strict=True)]
+        assert arm["perplexity"]["ci"] == pytest.approx(
+            12.706204736174707 * abs(ppl[0] - ppl[1]) / 2, rel=1e-9
+        )  # s = |a-b|/sqrt2
+    diffs = [
+        a["perplexity"] - c["perplexity"] for a, c in zip(arms["kv-shuffled"]["runs"], arms["ce"]["runs"], strict=True)
+    ]
     assert arms["kv-shuffled"]["vs_baseline"]["perplexity"]["values"] == pytest.approx(diffs)
     assert "vs_baseline" not in arms["ce"]
-    assert arms["ce"]["runs"][0]["mean_last_20_kv_k"] is None and arms["kv-shuffled"]["runs"][0]["mean_last_20_kv_k"] is not None
+    assert (
+        arms["ce"]["runs"][0]["mean_last_20_kv_k"] is None
+        and arms["kv-shuffled"]["runs"][0]["mean_last_20_kv_k"] is not None
+    )
     shuffled_cfg = TrainConfig.load(tmp_path / "cmp" / "runs" / "kv-shuffled" / "seed-1" / "train_config.yaml")
     assert (shuffled_cfg.kv_control, shuffled_cfg.seed, shuffled_cfg.max_steps) == ("shuffled", 1, 2)
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["arms"].keys() == arms.keys()
@@ -387,20 +477,28 @@ def test_default_arms_are_valid_train_configs_with_their_overrides(tiny_store, t
     cfg = CompareConfig(out=str(tmp_path), seeds=2, steps=7, arms=list(ARMS))
     plan = arm_configs(cfg, str(tiny_store["store"]), tiny_store["student"], {"lr": 3e-3}, latent_store="latent.zarr")
     assert list(plan) == list(ARMS) and all(list(seeds) == [0, 1] for seeds in plan.values())
-    assert {plan[a][0].store for a in latent} == {"latent.zarr"} and plan["kv-fixed"][0].store == str(tiny_store["store"])
+    assert {plan[a][0].store for a in latent} == {"latent.zarr"} and plan["kv-fixed"][0].store == str(
+        tiny_store["store"]
+    )
     got = {name: seeds[1] for name, seeds in plan.items()}
     assert got["ce"].kv_weight == 0.0 and got["kv-fixed"].kv_weight == 1.0
     assert got["kv-single"].teachers == ["teacher-qwen2"]
     assert (got["kv-similarity"].fusion, got["kv-router"].fusion) == ("similarity", "router")
     assert got["kv-shuffled"].kv_control == "shuffled" and got["kv-fixed"].kv_control == "none"
-    assert {got[a].mode for a in latent} == {"latent"} and (got["latent-codi"].kv_weight, got["latent-shuffled"].kv_control) == (0.0, "shuffled")
+    assert {got[a].mode for a in latent} == {"latent"} and (
+        got["latent-codi"].kv_weight,
+        got["latent-shuffled"].kv_control,
+    ) == (0.0, "shuffled")
     assert all(c.seed == 1 and c.max_steps == 7 and c.lr == 3e-3 for c in got.values())
     assert len({c.out for c in got.values()}) == len(got)
 
 
 @pytest.mark.parametrize(
     "argv, flags",
-    [(["compare", "--help"], ["--seeds", "--arms", "--steps", "--out", "--store", "--config"]), (["report", "--help"], ["RUN_DIR", "--out", "--compare"])],
+    [
+        (["compare", "--help"], ["--seeds", "--arms", "--steps", "--out", "--store", "--config"]),
+        (["report", "--help"], ["RUN_DIR", "--out", "--compare"]),
+    ],
 )
 def test_compare_and_report_help(argv, flags, capsys):
     with pytest.raises(SystemExit) as e:
@@ -420,5 +518,10 @@ def test_importing_the_trainer_demo_and_calibration_leaves_a_users_matplotlib_ba
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
         "assert matplotlib.rcParams['backend'] == before, (before, matplotlib.rcParams['backend'])\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ, "MPLBACKEND": "pdf"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "MPLBACKEND": "pdf"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]

@@ -25,7 +25,9 @@ COMMON = dict(batch_size=16, shuffle_buffer=16, max_steps=STEPS, warmup_steps=1,
 
 
 def _cfg(tiny_store, out: Path, **kw) -> TrainConfig:
-    return TrainConfig(**{"store": str(tiny_store["store"]), "student": tiny_store["student"], "out": str(out), **COMMON, **kw})
+    return TrainConfig(
+        **{"store": str(tiny_store["store"]), "student": tiny_store["student"], "out": str(out), **COMMON, **kw}
+    )
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -62,12 +64,25 @@ def straight(tiny_store, tmp_path_factory):
 
 
 def test_an_epoch_end_checkpoint_is_saved_as_the_next_epochs_start(straight):
-    pos = {s: json.loads((straight / "checkpoints" / f"step-{s:07d}" / "loader.json").read_text()) for s in range(1, STEPS + 1)}
-    assert [(p["epoch"], p["samples_in_epoch"]) for p in pos.values()] == [(0, 16), (0, 32), (1, 0), (1, 16), (1, 32), (2, 0), (2, 16)]
+    pos = {
+        s: json.loads((straight / "checkpoints" / f"step-{s:07d}" / "loader.json").read_text())
+        for s in range(1, STEPS + 1)
+    }
+    assert [(p["epoch"], p["samples_in_epoch"]) for p in pos.values()] == [
+        (0, 16),
+        (0, 32),
+        (1, 0),
+        (1, 16),
+        (1, 32),
+        (2, 0),
+        (2, 16),
+    ]
 
 
 @pytest.mark.parametrize("step", range(1, STEPS + 1))
-def test_resuming_from_any_steps_checkpoint_ends_bitwise_identical_to_the_uninterrupted_run(tiny_store, straight, tmp_path, step):
+def test_resuming_from_any_steps_checkpoint_ends_bitwise_identical_to_the_uninterrupted_run(
+    tiny_store, straight, tmp_path, step
+):
     ckpt = straight / "checkpoints" / f"step-{step:07d}"
     train(_cfg(tiny_store, tmp_path / "resumed", resume=str(ckpt)), progress=False)
     _assert_bitwise_equal(_final_weights(tmp_path / "resumed"), _final_weights(straight))
@@ -86,7 +101,9 @@ def test_a_checkpoint_position_past_the_epochs_end_is_refused(tiny_store, straig
     shutil.copytree(straight / "checkpoints" / "step-0000002", ckpt)
     pos = json.loads((ckpt / "loader.json").read_text())
     (ckpt / "loader.json").write_text(json.dumps({**pos, "samples_in_epoch": 80}))
-    with pytest.raises(StoreError, match=r"resumes after sample 80 of an epoch, but an epoch of store .* has 48 samples"):
+    with pytest.raises(
+        StoreError, match=r"resumes after sample 80 of an epoch, but an epoch of store .* has 48 samples"
+    ):
         train(_cfg(tiny_store, tmp_path / "resumed", resume=str(ckpt)), progress=False)
 
 
@@ -94,7 +111,9 @@ def test_a_checkpoint_of_the_per_rank_order_is_refused_before_anything_loads(tin
     ckpt = tmp_path / "old"
     shutil.copytree(straight / "checkpoints" / "step-0000002", ckpt)
     (ckpt / "loader.json").write_text(json.dumps({"step": 2, "epoch": 0, "tokens": 100, "batches_in_epoch": 2}))
-    with pytest.raises(ValueError, match="written by an earlier kvdistill whose sample order depended on the number of processes"):
+    with pytest.raises(
+        ValueError, match="written by an earlier kvdistill whose sample order depended on the number of processes"
+    ):
         train(_cfg(tiny_store, tmp_path / "resumed", resume=str(ckpt)), progress=False)
 
 
@@ -103,8 +122,18 @@ def test_a_mid_epoch_resume_keeps_dropout_bitwise(tiny_store, tmp_path):
     epoch's loader must not draw from it (the straight run drew once, at the epoch's start)."""
     common = dict(max_steps=PER_EPOCH + 1, lora_r=2, lora_dropout=0.5)
     train(_cfg(tiny_store, tmp_path / "straight", save_every=1, **common), progress=False)
-    train(_cfg(tiny_store, tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoints" / "step-0000001"), **common), progress=False)
-    a, b = (safetensors.torch.load_file(tmp_path / r / "final" / "model.safetensors") for r in ("straight", "resumed"))  # LoRA merged
+    train(
+        _cfg(
+            tiny_store,
+            tmp_path / "resumed",
+            resume=str(tmp_path / "straight" / "checkpoints" / "step-0000001"),
+            **common,
+        ),
+        progress=False,
+    )
+    a, b = (
+        safetensors.torch.load_file(tmp_path / r / "final" / "model.safetensors") for r in ("straight", "resumed")
+    )  # LoRA merged
     _assert_bitwise_equal(a, b)
 
 

@@ -40,7 +40,9 @@ def test_redundancy_is_one_minus_max_cosine_to_the_other_keys():
 
 
 def test_normalise_maps_to_unit_range_and_constant_rows_to_zero():
-    torch.testing.assert_close(normalise(torch.tensor([[2.0, 4.0, 3.0], [5.0, 5.0, 5.0]])), torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        normalise(torch.tensor([[2.0, 4.0, 3.0], [5.0, 5.0, 5.0]])), torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]])
+    )
 
 
 def test_lambda_weighs_the_normalised_terms():

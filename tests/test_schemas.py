@@ -46,8 +46,13 @@ TEACHER = ModelSpec(
     name="qwen-7b",
 )
 STUDENT = ModelSpec(name_or_path="/ckpt/student", dtype="float16")
-DATA = DataSpec(source="gsm8k.jsonl", split="test", config_name="main", limit=50,
-                synthetic=SyntheticSpec(n_train=10, n_test=3, seed=7, style="sentences", min_steps=1, max_steps=3, max_number=99))
+DATA = DataSpec(
+    source="gsm8k.jsonl",
+    split="test",
+    config_name="main",
+    limit=50,
+    synthetic=SyntheticSpec(n_train=10, n_test=3, seed=7, style="sentences", min_steps=1, max_steps=3, max_number=99),
+)
 GEOMETRY = KVGeometry(num_layers=28, num_kv_heads=4, head_dim=128)
 
 # One instance of every record, with every field away from its default where it has one.
@@ -59,24 +64,87 @@ RECORDS: list[Record] = [
     DATA.synthetic,
     AlignSpec(),
     GEOMETRY,
-    StoreSpec(student=STUDENT, geometry=GEOMETRY, tokenizer_fingerprint="abc", data=DATA,
-              data_fingerprint="0123456789abcdef", num_shards=8, kv_dtype="float32", schema_version=1),
-    TeacherSpec(name="qwen-7b", model=TEACHER, geometry=GEOMETRY,
-                align=AlignSpec(layer_map="layermap.json", time_map="segment_linear", projection="pca.npz"),
-                time_map="segment_linear", layer_map=[[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0 / 3.0]],
-                width=96, fingerprint="feedface", layer_similarity=[[0.9, 0.1, -0.02]] * 3,
-                projection={"dim": 96, "k_explained_variance": [0.99, 0.98, 0.97]}),
-    CalibrateConfig(teacher=TEACHER, student=STUDENT, data=DATA, samples=16, top_k=3, out="m.json", pca=32,
-                    time_map="char_overlap", batch_size=2, device="cpu"),
-    DumpConfig(teacher=TEACHER, student=STUDENT, store="out.zarr", data=DATA, shard=3, num_shards=8, batch_size=4,
-               max_len=512, on_too_long="skip", kv_dtype="float32", device="cuda:1"),
-    TrainConfig(store="out.zarr", student=STUDENT, out="runs/a", teachers=["qwen-7b", "llama"],
-                teacher_weights={"qwen-7b": 0.75, "llama": 0.25}, kv_weight=0.0, ce_weight=2.5, kv_norm="none",
-                lr=3e-4, adapter_lr=1e-2, weight_decay=0.01, batch_size=2, max_steps=7, warmup_steps=1,
-                grad_clip=0.0, seed=3, shuffle_buffer=1, num_workers=2, log_every=1, device="cpu"),
-    EvalConfig(model="runs/a", data=DATA, prompt_template=TEACHER.prompt_template, batch_size=1,
-               max_new_tokens=8, out="eval.json", device="cpu"),
-    DemoConfig(out="demo", data=DATA, num_shards=3, teacher_steps=1, student_steps=2, batch_size=4, seed=9, kv_weight=0.5),
+    StoreSpec(
+        student=STUDENT,
+        geometry=GEOMETRY,
+        tokenizer_fingerprint="abc",
+        data=DATA,
+        data_fingerprint="0123456789abcdef",
+        num_shards=8,
+        kv_dtype="float32",
+        schema_version=1,
+    ),
+    TeacherSpec(
+        name="qwen-7b",
+        model=TEACHER,
+        geometry=GEOMETRY,
+        align=AlignSpec(layer_map="layermap.json", time_map="segment_linear", projection="pca.npz"),
+        time_map="segment_linear",
+        layer_map=[[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0 / 3.0]],
+        width=96,
+        fingerprint="feedface",
+        layer_similarity=[[0.9, 0.1, -0.02]] * 3,
+        projection={"dim": 96, "k_explained_variance": [0.99, 0.98, 0.97]},
+    ),
+    CalibrateConfig(
+        teacher=TEACHER,
+        student=STUDENT,
+        data=DATA,
+        samples=16,
+        top_k=3,
+        out="m.json",
+        pca=32,
+        time_map="char_overlap",
+        batch_size=2,
+        device="cpu",
+    ),
+    DumpConfig(
+        teacher=TEACHER,
+        student=STUDENT,
+        store="out.zarr",
+        data=DATA,
+        shard=3,
+        num_shards=8,
+        batch_size=4,
+        max_len=512,
+        on_too_long="skip",
+        kv_dtype="float32",
+        device="cuda:1",
+    ),
+    TrainConfig(
+        store="out.zarr",
+        student=STUDENT,
+        out="runs/a",
+        teachers=["qwen-7b", "llama"],
+        teacher_weights={"qwen-7b": 0.75, "llama": 0.25},
+        kv_weight=0.0,
+        ce_weight=2.5,
+        kv_norm="none",
+        lr=3e-4,
+        adapter_lr=1e-2,
+        weight_decay=0.01,
+        batch_size=2,
+        max_steps=7,
+        warmup_steps=1,
+        grad_clip=0.0,
+        seed=3,
+        shuffle_buffer=1,
+        num_workers=2,
+        log_every=1,
+        device="cpu",
+    ),
+    EvalConfig(
+        model="runs/a",
+        data=DATA,
+        prompt_template=TEACHER.prompt_template,
+        batch_size=1,
+        max_new_tokens=8,
+        out="eval.json",
+        device="cpu",
+    ),
+    DemoConfig(
+        out="demo", data=DATA, num_shards=3, teacher_steps=1, student_steps=2, batch_size=4, seed=9, kv_weight=0.5
+    ),
 ]
 
 
@@ -145,15 +213,20 @@ def test_a_wrong_nested_field_type_names_the_dotted_path():
 
 def test_list_and_dict_element_errors_name_the_element():
     assert config_error(TrainConfig, minimal_train(teachers=["a", 3])).startswith(
-        "TrainConfig.teachers[1]: expected str, got int 3")
+        "TrainConfig.teachers[1]: expected str, got int 3"
+    )
     assert config_error(TrainConfig, minimal_train(teachers="a")).startswith(
-        "TrainConfig.teachers: expected a list, got str")
+        "TrainConfig.teachers: expected a list, got str"
+    )
     assert config_error(TrainConfig, minimal_train(teacher_weights={"a": 1.0, "b": "half"})).startswith(
-        "TrainConfig.teacher_weights['b']: expected float, got str 'half'")
+        "TrainConfig.teacher_weights['b']: expected float, got str 'half'"
+    )
     assert config_error(TrainConfig, minimal_train(teacher_weights={1: 0.5})).startswith(
-        "TrainConfig.teacher_weights key: expected str, got int 1")
+        "TrainConfig.teacher_weights key: expected str, got int 1"
+    )
     assert config_error(TrainConfig, minimal_train(teacher_weights=[0.5])).startswith(
-        "TrainConfig.teacher_weights: expected a mapping")
+        "TrainConfig.teacher_weights: expected a mapping"
+    )
     spec = RECORDS[8].to_dict() | {"layer_map": [[1.0, 0.0], [0.5, "x"]]}
     assert config_error(TeacherSpec, spec).startswith("TeacherSpec.layer_map[1][1]: expected float, got str 'x'")
 
@@ -164,26 +237,32 @@ def test_an_unknown_field_is_refused_with_the_list_of_valid_fields():
     valid = re.search(r"valid fields are (\[.*\])", msg).group(1)
     assert valid == repr(sorted(f for f in DumpConfig.__dataclass_fields__))
     assert config_error(DumpConfig, minimal_dump(teacher={"name_or_path": "t", "revison": "v1"})).startswith(
-        "DumpConfig.teacher: unknown field(s) ['revison']")
+        "DumpConfig.teacher: unknown field(s) ['revison']"
+    )
 
 
 def test_a_missing_required_field_is_named():
     assert config_error(DumpConfig, {"store": "s"}) == "DumpConfig: missing required field(s) ['student', 'teacher']"
     assert config_error(DumpConfig, minimal_dump(teacher={})) == (
-        "DumpConfig.teacher: missing required field(s) ['name_or_path']")
+        "DumpConfig.teacher: missing required field(s) ['name_or_path']"
+    )
     with pytest.raises(ConfigError, match="DumpConfig: missing required field"):
         DumpConfig.from_yaml("")
 
 
 def test_a_literal_violation_lists_the_allowed_values():
     assert config_error(DumpConfig, minimal_dump(on_too_long="ignore")) == (
-        "DumpConfig.on_too_long: expected one of 'error' | 'skip', got 'ignore'")
+        "DumpConfig.on_too_long: expected one of 'error' | 'skip', got 'ignore'"
+    )
     assert config_error(DumpConfig, minimal_dump(teacher={"name_or_path": "t", "dtype": "int8"})) == (
-        "DumpConfig.teacher.dtype: expected one of 'float32' | 'bfloat16' | 'float16', got 'int8'")
+        "DumpConfig.teacher.dtype: expected one of 'float32' | 'bfloat16' | 'float16', got 'int8'"
+    )
 
 
 def test_bool_is_not_an_int_and_a_float_is_not_an_int():
-    assert config_error(DumpConfig, minimal_dump(batch_size=True)) == "DumpConfig.batch_size: expected int, got bool True"
+    assert (
+        config_error(DumpConfig, minimal_dump(batch_size=True)) == "DumpConfig.batch_size: expected int, got bool True"
+    )
     assert config_error(DumpConfig, minimal_dump(batch_size=8.0)).startswith("DumpConfig.batch_size: expected int")
     assert config_error(TrainConfig, minimal_train(lr=False)).startswith("TrainConfig.lr: expected float, got bool")
     with pytest.raises(ConfigError, match=r"DumpConfig.shard: expected int, got bool"):
@@ -200,7 +279,9 @@ def test_an_int_is_accepted_as_a_float_and_stored_as_one():
 
 def test_null_unsets_an_optional_field_but_not_a_required_one():
     assert TrainConfig.from_dict(minimal_train(teachers=None)).teachers is None
-    assert config_error(DumpConfig, minimal_dump(store=None)).startswith("DumpConfig.store: expected str, got NoneType")
+    assert config_error(DumpConfig, minimal_dump(store=None)).startswith(
+        "DumpConfig.store: expected str, got NoneType"
+    )
 
 
 def test_yaml_floats_in_exponent_notation_without_a_dot_load_as_floats():
@@ -213,10 +294,20 @@ def test_yaml_floats_in_exponent_notation_without_a_dot_load_as_floats():
 
 def test_load_applies_dotted_overrides_over_the_file_and_none_leaves_the_file_value(tmp_path):
     path = tmp_path / "dump.yaml"
-    path.write_text("teacher: {name_or_path: file-teacher, dtype: bfloat16}\nstudent: {name_or_path: s}\n"
-                    "store: file.zarr\nbatch_size: 8\nnum_shards: 4\n")
-    cfg = DumpConfig.load(path, {"teacher.name_or_path": "flag-teacher", "shard": 3, "batch_size": None,
-                                 "data.synthetic.seed": 5, "store": None})
+    path.write_text(
+        "teacher: {name_or_path: file-teacher, dtype: bfloat16}\nstudent: {name_or_path: s}\n"
+        "store: file.zarr\nbatch_size: 8\nnum_shards: 4\n"
+    )
+    cfg = DumpConfig.load(
+        path,
+        {
+            "teacher.name_or_path": "flag-teacher",
+            "shard": 3,
+            "batch_size": None,
+            "data.synthetic.seed": 5,
+            "store": None,
+        },
+    )
     assert cfg.teacher == ModelSpec(name_or_path="flag-teacher", dtype="bfloat16")  # sibling kept
     assert (cfg.shard, cfg.num_shards, cfg.batch_size, cfg.store) == (3, 4, 8, "file.zarr")
     assert cfg.data.synthetic.seed == 5 and cfg.data.synthetic.n_train == SyntheticSpec().n_train
@@ -233,11 +324,19 @@ def test_an_override_is_validated_and_the_error_names_the_file_and_field(tmp_pat
 def test_build_layers_a_base_under_the_file_under_the_overrides(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("store: file.zarr\nstudent: {name_or_path: s}\nout: o\nweight_decay: 0.0\nlora_r: 16\n")
-    base = {"lora_r": 128, "weight_decay": 0.1, "grad_clip": 2.0, "student": {"name_or_path": "base", "dtype": "bfloat16"}}
+    base = {
+        "lora_r": 128,
+        "weight_decay": 0.1,
+        "grad_clip": 2.0,
+        "student": {"name_or_path": "base", "dtype": "bfloat16"},
+    }
     cfg = build(TrainConfig, path, {"lora_r": 8, "grad_clip": None}, base=base)
     assert (cfg.lora_r, cfg.weight_decay, cfg.grad_clip) == (8, 0.0, 2.0)  # flag > file > base; None: not given
     assert cfg.student == ModelSpec(name_or_path="s")  # a layer replaces a nested record whole
-    assert build(TrainConfig, None, {"store": "s", "student.name_or_path": "x", "out": "o"}, base=base).student.dtype == "bfloat16"
+    assert (
+        build(TrainConfig, None, {"store": "s", "student.name_or_path": "x", "out": "o"}, base=base).student.dtype
+        == "bfloat16"
+    )
 
 
 @pytest.mark.parametrize("where", ["file", "flag"])
@@ -271,16 +370,28 @@ def _documented(cls, seen):
 def test_every_field_of_the_config_records_and_their_nested_records_documents_itself():
     """The help text of its flag: `option(..., help=...)` in schemas/records.py."""
     seen: set = set()
-    undocumented = [f"{cls.__name__}.{f.name}" for top in CONFIG_RECORDS for cls, f in _documented(top, seen) if not f.metadata.get("help")]
+    undocumented = [
+        f"{cls.__name__}.{f.name}"
+        for top in CONFIG_RECORDS
+        for cls, f in _documented(top, seen)
+        if not f.metadata.get("help")
+    ]
     assert not undocumented
     assert {ModelSpec, DataSpec, SyntheticSpec, AlignSpec, LatentSpec, SlurmSpec, DumpTask} <= seen
 
 
 def test_option_is_a_dataclass_field_with_its_default_or_factory_and_the_cli_metadata():
     lr, targets = (next(f for f in dataclasses.fields(TrainConfig) if f.name == n) for n in ("lr", "lora_targets"))
-    assert lr.default == 1e-3 and lr.metadata["aliases"] == ("--learning-rate",) and lr.metadata["group"] == "optimisation"
+    assert (
+        lr.default == 1e-3
+        and lr.metadata["aliases"] == ("--learning-rate",)
+        and lr.metadata["group"] == "optimisation"
+    )
     assert targets.default_factory() == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert TrainConfig(store="s", student=STUDENT, out="o").lora_targets is not TrainConfig(store="s", student=STUDENT, out="o").lora_targets
+    assert (
+        TrainConfig(store="s", student=STUDENT, out="o").lora_targets
+        is not TrainConfig(store="s", student=STUDENT, out="o").lora_targets
+    )
 
 
 def test_apply_overrides_copies_its_input_and_refuses_to_descend_into_a_value():
@@ -331,14 +442,19 @@ def test_a_bad_value_in_a_file_names_the_file_and_the_field(tmp_path):
     ],
 )
 def test_a_prompt_template_needs_question_reasoning_answer_in_order(template):
-    with pytest.raises(ConfigError, match=r"ModelSpec.prompt_template: must contain \{question\}, \{reasoning\} and \{answer\}"):
+    with pytest.raises(
+        ConfigError, match=r"ModelSpec.prompt_template: must contain \{question\}, \{reasoning\} and \{answer\}"
+    ):
         ModelSpec(name_or_path="m", prompt_template=template)
     with pytest.raises(ConfigError, match=r"DumpConfig.teacher|ModelSpec.prompt_template"):
         DumpConfig.from_dict(minimal_dump(teacher={"name_or_path": "t", "prompt_template": template}))
 
 
 def test_a_prompt_template_with_the_placeholders_in_order_is_accepted():
-    assert ModelSpec(name_or_path="m", prompt_template="{question}{reasoning}{answer}").prompt_template == "{question}{reasoning}{answer}"
+    assert (
+        ModelSpec(name_or_path="m", prompt_template="{question}{reasoning}{answer}").prompt_template
+        == "{question}{reasoning}{answer}"
+    )
     assert ModelSpec(name_or_path="m").prompt_template == DEFAULT_TEMPLATE
 
 
@@ -364,7 +480,9 @@ def test_a_model_name_with_unsafe_characters_is_refused(name):
 
 @pytest.mark.parametrize("shard, num_shards", [(2, 2), (-1, 2), (5, 1)])
 def test_dump_shard_must_lie_in_the_shard_range(shard, num_shards):
-    with pytest.raises(ConfigError, match=rf"DumpConfig.shard: need 0 <= shard < num_shards, got {shard} of {num_shards}"):
+    with pytest.raises(
+        ConfigError, match=rf"DumpConfig.shard: need 0 <= shard < num_shards, got {shard} of {num_shards}"
+    ):
         DumpConfig.from_dict(minimal_dump(shard=shard, num_shards=num_shards))
 
 
@@ -384,9 +502,17 @@ def test_dump_shard_range_boundaries_are_accepted():
         (DumpConfig, minimal_dump(batch_size=0), r"DumpConfig.batch_size: must be >= 1, got 0"),
         (TrainConfig, minimal_train(max_steps=0), r"TrainConfig.max_steps: must be >= 1, got 0"),
         (TrainConfig, minimal_train(kv_weight=-0.1), r"TrainConfig.kv_weight: must be >= 0, got -0.1"),
-        (TrainConfig, minimal_train(teacher_weights={"a": -1}), r"TrainConfig.teacher_weights\['a'\]: must be >= 0, got -1"),
+        (
+            TrainConfig,
+            minimal_train(teacher_weights={"a": -1}),
+            r"TrainConfig.teacher_weights\['a'\]: must be >= 0, got -1",
+        ),
         (DataSpec, {"limit": 0}, r"DataSpec.limit: must be >= 1 or null, got 0"),
-        (SyntheticSpec, {"min_steps": 3, "max_steps": 2}, r"SyntheticSpec.max_steps: must be >= min_steps \(3\), got 2"),
+        (
+            SyntheticSpec,
+            {"min_steps": 3, "max_steps": 2},
+            r"SyntheticSpec.max_steps: must be >= min_steps \(3\), got 2",
+        ),
         (Example, {"id": "", "question": "q", "reasoning": "r", "answer": "1"}, "Example.id: must be a non-empty"),
     ],
 )
@@ -405,11 +531,17 @@ positive = st.floats(min_value=0, exclude_min=True, max_value=1e6, allow_nan=Fal
 train_configs = st.builds(
     TrainConfig,
     store=st.text(max_size=20),
-    student=st.builds(ModelSpec, name_or_path=st.text(min_size=1, max_size=20),
-                      dtype=st.sampled_from(["float32", "bfloat16", "float16"])),
+    student=st.builds(
+        ModelSpec,
+        name_or_path=st.text(min_size=1, max_size=20),
+        dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    ),
     out=st.text(max_size=20),
     teachers=st.none() | st.lists(names, max_size=4),
-    teacher_weights=st.none() | st.dictionaries(names, weights | st.integers(0, 10**6), max_size=4).filter(lambda w: not w or any(v > 0 for v in w.values())),
+    teacher_weights=st.none()
+    | st.dictionaries(names, weights | st.integers(0, 10**6), max_size=4).filter(
+        lambda w: not w or any(v > 0 for v in w.values())
+    ),
     kv_weight=weights,
     ce_weight=weights,
     kv_norm=st.sampled_from(["layer_std", "none"]),

@@ -43,7 +43,15 @@ def xstore(tiny_store, other_tokenizer_teacher, tmp_path_factory):
         ModelSpec(name_or_path=plain.name_or_path, name="think", prompt_template=THINK),
     ]
     for t in teachers:
-        cfg = DumpConfig(teacher=t, student=tiny_store["student"], store=str(store), data=tiny_store["data"], batch_size=8, device="cpu", kv_dtype="float32")
+        cfg = DumpConfig(
+            teacher=t,
+            student=tiny_store["student"],
+            store=str(store),
+            data=tiny_store["data"],
+            batch_size=8,
+            device="cpu",
+            kv_dtype="float32",
+        )
         run_dump(cfg, progress=False)
     finalize(store)
     return store
@@ -75,7 +83,9 @@ def test_an_identity_store_rebuilds_the_identity_time_map_on_the_stored_tokens(t
     assert a.student_tokens[-1] == "<|endoftext|>" and not a.notes  # EOS by name; text and tokenizers from the store
 
 
-def test_a_cross_tokenizer_map_equals_char_overlap_of_the_two_tokenizations(tiny_store, other_tokenizer_teacher, xstore):
+def test_a_cross_tokenizer_map_equals_char_overlap_of_the_two_tokenizations(
+    tiny_store, other_tokenizer_teacher, xstore
+):
     sid = _sample(xstore, "xtok", 1)
     a = reconstruct(xstore, "xtok", sid)
     _, s, t = _independent(tiny_store, str(other_tokenizer_teacher), DEFAULT_TEMPLATE, sid)
@@ -87,7 +97,9 @@ def test_a_cross_tokenizer_map_equals_char_overlap_of_the_two_tokenizations(tiny
     assert len(a.teacher_tokens) == len(t) and np.array_equal(a.teacher_segments, t.segment_ids)
 
 
-def test_the_rebuilt_cross_tokenizer_map_reproduces_the_stored_k_from_the_teacher(tiny_store, other_tokenizer_teacher, xstore):
+def test_the_rebuilt_cross_tokenizer_map_reproduces_the_stored_k_from_the_teacher(
+    tiny_store, other_tokenizer_teacher, xstore
+):
     """The map is the one the K/V were aligned with: A @ (teacher K, layer-mapped) == stored K."""
     sid = _sample(xstore, "xtok", 0)
     a = reconstruct(xstore, "xtok", sid)
@@ -108,7 +120,9 @@ def test_a_dual_template_map_equals_per_segment_resampling(tiny_store, xstore):
     _, s, t = _independent(tiny_store, tiny_store["teachers"][0].name_or_path, THINK, sid)
     assert a.time_map.kind == "segment_linear" and len(s) != len(t)
     assert torch.equal(a.time_map.dense(), segment_time_map(s.segment_ids, t.segment_ids).dense())
-    assert "".join(a.teacher_tokens[:-1]).startswith("Solve␣it␣step␣by␣step.↵Question:")  # the teacher's own text, whitespace shown
+    assert "".join(a.teacher_tokens[:-1]).startswith(
+        "Solve␣it␣step␣by␣step.↵Question:"
+    )  # the teacher's own text, whitespace shown
     assert not "".join(a.student_tokens).startswith("Solve")
 
 
@@ -121,9 +135,18 @@ def test_the_layer_map_is_the_teacher_specs_ratio_map(xstore):
 def test_the_summary_line_counts_what_the_picture_shows(xstore):
     a = reconstruct(xstore, "xtok", _sample(xstore))
     line = summary(a)
-    reads, feeds = np.bincount(a.time_map.rows.numpy()), np.bincount(a.time_map.cols.numpy(), minlength=a.time_map.shape[1])
-    assert "\n" not in line and f"time map char_overlap {a.time_map.shape[0]} student x {a.time_map.shape[1]} teacher tokens" in line
-    assert f"{(reads > 1).sum()} student tokens read >1 teacher token" in line and f"{(feeds > 1).sum()} teacher tokens feed >1 student token" in line
+    reads, feeds = (
+        np.bincount(a.time_map.rows.numpy()),
+        np.bincount(a.time_map.cols.numpy(), minlength=a.time_map.shape[1]),
+    )
+    assert (
+        "\n" not in line
+        and f"time map char_overlap {a.time_map.shape[0]} student x {a.time_map.shape[1]} teacher tokens" in line
+    )
+    assert (
+        f"{(reads > 1).sum()} student tokens read >1 teacher token" in line
+        and f"{(feeds > 1).sum()} teacher tokens feed >1 student token" in line
+    )
     assert (feeds > 1).sum() > 0 and "layer map ratio 2 student <- 3 teacher layers" in line
 
 
@@ -147,7 +170,9 @@ def test_a_webdataset_copy_rebuilds_the_same_map_and_the_store_verifies(xstore, 
     assert verify(xstore) == []  # the stored texts are checked too
     wds = zarr_to_wds(xstore, tmp_path / "x.wds")
     sid = _sample(xstore, "xtok", 2)
-    assert torch.equal(reconstruct(wds, "xtok", sid).time_map.dense(), reconstruct(xstore, "xtok", sid).time_map.dense())
+    assert torch.equal(
+        reconstruct(wds, "xtok", sid).time_map.dense(), reconstruct(xstore, "xtok", sid).time_map.dense()
+    )
 
 
 def _strip_records(store) -> None:
@@ -180,7 +205,24 @@ def _png_size(path) -> tuple[int, int]:
 def test_the_command_prints_the_summary_and_writes_a_png(xstore, tmp_path, capsys):
     out = tmp_path / "fig" / "align.png"
     sid = _sample(xstore)
-    assert main(["store", "show-alignment", str(xstore), "--teacher", "xtok", "--sample", sid, "--out", str(out), "--max-tokens", "40"]) == 0
+    assert (
+        main(
+            [
+                "store",
+                "show-alignment",
+                str(xstore),
+                "--teacher",
+                "xtok",
+                "--sample",
+                sid,
+                "--out",
+                str(out),
+                "--max-tokens",
+                "40",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out.splitlines()
     assert stdout[0].startswith(f"xtok / {sid} (shard 0): time map char_overlap") and stdout[1] == f"wrote {out}"
     w, h = _png_size(out)
@@ -189,7 +231,12 @@ def test_the_command_prints_the_summary_and_writes_a_png(xstore, tmp_path, capsy
 
 def test_a_calibrated_layer_map_is_drawn_beside_its_similarity(xstore, tmp_path):
     a = reconstruct(xstore, "xtok", _sample(xstore))
-    cka = dataclasses.replace(a, layer_map_source="runs/layermap.json", similarity=np.linspace(0, 1, 6).reshape(2, 3), layer_map=np.array([[0.6, 0.4, 0], [0, 0.3, 0.7]]))
+    cka = dataclasses.replace(
+        a,
+        layer_map_source="runs/layermap.json",
+        similarity=np.linspace(0, 1, 6).reshape(2, 3),
+        layer_map=np.array([[0.6, 0.4, 0], [0, 0.3, 0.7]]),
+    )
     assert "layer map CKA (layermap.json) 2 student <- 3 teacher layers, 2 mix >1 teacher layer" in summary(cka)
     w_plain, _ = _png_size(plot_alignment(a, tmp_path / "plain.png", max_tokens=20))
     w_cka, _ = _png_size(plot_alignment(cka, tmp_path / "cka.png", max_tokens=20))
@@ -209,18 +256,59 @@ def _fails(argv, capsys) -> str:
 
 
 def test_an_unknown_teacher_is_one_line_listing_the_teachers(xstore, tmp_path, capsys):
-    err = _fails(["store", "show-alignment", str(xstore), "--teacher", "nobody", "--sample", "x", "--out", str(tmp_path / "a.png")], capsys)
+    err = _fails(
+        [
+            "store",
+            "show-alignment",
+            str(xstore),
+            "--teacher",
+            "nobody",
+            "--sample",
+            "x",
+            "--out",
+            str(tmp_path / "a.png"),
+        ],
+        capsys,
+    )
     assert "has no teacher 'nobody'; it holds ['teacher-a', 'think', 'xtok']" in err
     assert not (tmp_path / "a.png").exists()
 
 
 def test_an_unknown_sample_is_one_line_naming_it(xstore, tmp_path, capsys):
-    err = _fails(["store", "show-alignment", str(xstore), "--teacher", "xtok", "--sample", "nope", "--out", str(tmp_path / "a.png")], capsys)
+    err = _fails(
+        [
+            "store",
+            "show-alignment",
+            str(xstore),
+            "--teacher",
+            "xtok",
+            "--sample",
+            "nope",
+            "--out",
+            str(tmp_path / "a.png"),
+        ],
+        capsys,
+    )
     assert "teacher 'xtok' holds no sample 'nope' (48 samples, e.g. " in err
 
 
 def test_a_start_past_the_sample_is_one_line(xstore, tmp_path, capsys):
-    err = _fails(["store", "show-alignment", str(xstore), "--teacher", "xtok", "--sample", _sample(xstore), "--out", str(tmp_path / "a.png"), "--start", "9999"], capsys)
+    err = _fails(
+        [
+            "store",
+            "show-alignment",
+            str(xstore),
+            "--teacher",
+            "xtok",
+            "--sample",
+            _sample(xstore),
+            "--out",
+            str(tmp_path / "a.png"),
+            "--start",
+            "9999",
+        ],
+        capsys,
+    )
     assert "--start 9999" in err
 
 
@@ -229,11 +317,31 @@ def test_an_older_store_whose_data_is_gone_says_what_is_missing_and_how_to_fix_i
     shutil.copytree(xstore, old)
     root = zarr.open_group(old, mode="r+")
     meta = root.attrs[KEY]
-    root.attrs[KEY] = {**meta, "store_spec": {**meta["store_spec"], "data": {**meta["store_spec"]["data"], "source": str(tmp_path / "gone.jsonl")}}}
+    root.attrs[KEY] = {
+        **meta,
+        "store_spec": {
+            **meta["store_spec"],
+            "data": {**meta["store_spec"]["data"], "source": str(tmp_path / "gone.jsonl")},
+        },
+    }
     _strip_records(old)
-    argv = ["store", "show-alignment", str(old), "--teacher", "xtok", "--sample", _sample(xstore), "--out", str(tmp_path / "a.png")]
+    argv = [
+        "store",
+        "show-alignment",
+        str(old),
+        "--teacher",
+        "xtok",
+        "--sample",
+        _sample(xstore),
+        "--out",
+        str(tmp_path / "a.png"),
+    ]
     err = _fails(argv, capsys)
-    assert "holds no text for sample" in err and "written before kvdistill recorded sample texts" in err and "re-dump into a new --store" in err
+    assert (
+        "holds no text for sample" in err
+        and "written before kvdistill recorded sample texts" in err
+        and "re-dump into a new --store" in err
+    )
     # An identity teacher needs no text: the stored tokens are its whole time map.
     assert main([*argv[:3], "--teacher", "teacher-a", *argv[5:]]) == 0
     assert "token strings decoded from the stored ids" in capsys.readouterr().out

@@ -50,9 +50,22 @@ def test_array_spec_refuses_an_empty_array():
 def jobs_config(tmp_path: Path, **over) -> JobsConfig:
     student = ModelSpec(name_or_path="Qwen/Qwen2-0.5B")
     kw = dict(
-        teachers=[ModelSpec(name_or_path="Qwen/Qwen2-7B", name="teacher-a"), ModelSpec(name_or_path="meta-llama/Llama-3.1-8B", name="teacher-b")],
+        teachers=[
+            ModelSpec(name_or_path="Qwen/Qwen2-7B", name="teacher-a"),
+            ModelSpec(name_or_path="meta-llama/Llama-3.1-8B", name="teacher-b"),
+        ],
         dump=DumpTask(student=student, store=str(tmp_path / "kv.zarr"), num_shards=4),
-        slurm=SlurmSpec(partition="gpu", account="proj", qos="high", gpus=2, cpus=12, mem="80G", time="02:30:00", max_parallel=3, extra=["--constraint=a100", "--exclusive"]),
+        slurm=SlurmSpec(
+            partition="gpu",
+            account="proj",
+            qos="high",
+            gpus=2,
+            cpus=12,
+            mem="80G",
+            time="02:30:00",
+            max_parallel=3,
+            extra=["--constraint=a100", "--exclusive"],
+        ),
         jobs_dir=str(tmp_path / "jobs"),
         train=TrainConfig(store=str(tmp_path / "kv.zarr"), student=student, out=str(tmp_path / "run")),
         train_slurm=SlurmSpec(nodes=2, gpus=4, cpus=32, mem="200G", time="1-00:00:00", requeue=False),
@@ -70,7 +83,9 @@ def test_scripts_are_valid_bash_with_the_configured_resources_and_dump_command(t
     jobs = tmp_path / "jobs"
     assert list(scripts) == ["dump-teacher-a", "dump-teacher-b", "finalize", "train"]
     for path in scripts.values():
-        assert subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True).returncode == 0, path.read_text()
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True).returncode == 0, (
+            path.read_text()
+        )
         assert path.read_text().startswith("#!/bin/bash\n") and "set -euo pipefail" in path.read_text()
     assert (jobs / "logs").is_dir()
 
@@ -95,7 +110,10 @@ def test_scripts_are_valid_bash_with_the_configured_resources_and_dump_command(t
         ]
         text = script.read_text()
         yaml = jobs / "configs" / f"dump-{t}.yaml"
-        assert f"exec {sys.executable} -m kvdistill dump --config {yaml} --shard $SLURM_ARRAY_TASK_ID --no-progress" in text
+        assert (
+            f"exec {sys.executable} -m kvdistill dump --config {yaml} --shard $SLURM_ARRAY_TASK_ID --no-progress"
+            in text
+        )
         assert "export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK" in text
         # The per-teacher config is the array's task 0 with an absolute store; --shard overrides.
         task = cfg.task(cfg.teachers[0 if t == "teacher-a" else 1], 0)
@@ -120,7 +138,7 @@ def test_scripts_are_valid_bash_with_the_configured_resources_and_dump_command(t
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in train
     assert "\ntrap '' USR1" in train
     assert (
-        f"srun bash -c 'trap \"\" USR1; exec {sys.executable} -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES "
+        f'srun bash -c \'trap "" USR1; exec {sys.executable} -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES '
         "--num_processes $((SLURM_NNODES * 4)) --machine_rank $SLURM_NODEID --main_process_ip $MASTER_ADDR "
         f"--main_process_port 29500 -m kvdistill train --recipe default --config {jobs}/configs/train.yaml --resume auto --no-progress'"
     ) in train  # requeue: false, so no --requeue-on-usr1
@@ -135,13 +153,20 @@ def test_cpu_only_dump_has_no_gres_and_single_process_training_runs_plain(tmp_pa
     )
     scripts = write_scripts(cfg)
     dump = sbatch_options(scripts["dump-teacher-a"])
-    assert "--array=0-3" in dump and not any(o.startswith(("--gres", "--partition", "--account", "--qos")) for o in dump)
+    assert "--array=0-3" in dump and not any(
+        o.startswith(("--gres", "--partition", "--account", "--qos")) for o in dump
+    )
     assert "--requeue" not in dump
     train = scripts["train"].read_text()
     assert "srun" not in train and "accelerate" not in train and "--ntasks-per-node" not in train
     # exec: the trainer is the batch shell, so SIGUSR1 (B:, 300 s before the limit) reaches it, and it requeues the job
-    assert f"exec {sys.executable} -m kvdistill train --recipe default --config {tmp_path}/jobs/configs/train.yaml --resume auto --requeue-on-usr1 --no-progress" in train
-    assert {"--gres=gpu:1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"} <= set(sbatch_options(scripts["train"]))
+    assert (
+        f"exec {sys.executable} -m kvdistill train --recipe default --config {tmp_path}/jobs/configs/train.yaml --resume auto --requeue-on-usr1 --no-progress"
+        in train
+    )
+    assert {"--gres=gpu:1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"} <= set(
+        sbatch_options(scripts["train"])
+    )
 
 
 def test_train_script_signal_requeue_and_resume_follow_train_slurm(tmp_path):
@@ -149,26 +174,44 @@ def test_train_script_signal_requeue_and_resume_follow_train_slurm(tmp_path):
     opts, text = sbatch_options(scripts["train"]), scripts["train"].read_text()
     assert not any(o.startswith(("--signal", "--requeue")) for o in opts) and "--open-mode=append" in opts
     assert "--config" in text and text.rstrip().endswith("--resume auto --no-progress")  # no --requeue-on-usr1
-    assert "--signal=B:USR1@90" in sbatch_options(write_scripts(jobs_config(tmp_path, train_slurm=SlurmSpec(gpus=1, signal_seconds=90)))["train"])
+    assert "--signal=B:USR1@90" in sbatch_options(
+        write_scripts(jobs_config(tmp_path, train_slurm=SlurmSpec(gpus=1, signal_seconds=90)))["train"]
+    )
 
 
 def test_a_train_signal_not_before_the_time_limit_or_a_foreign_resume_is_refused_naming_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match=r"train_slurm.signal_seconds: 300 s is not before the time limit 00:05:00 \(300 s\); lower it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train_slurm.signal_seconds: 300 s is not before the time limit 00:05:00 \(300 s\); lower it",
+    ):
         jobs_config(tmp_path, train_slurm=SlurmSpec(time="00:05:00"))
-    jobs_config(tmp_path, train=None, slurm=SlurmSpec(time="00:05:00"), train_slurm=SlurmSpec(time="00:05:00"))  # no training job: fine
+    jobs_config(
+        tmp_path, train=None, slurm=SlurmSpec(time="00:05:00"), train_slurm=SlurmSpec(time="00:05:00")
+    )  # no training job: fine
     with pytest.raises(ConfigError, match=r"SlurmSpec.signal_seconds: must lie in \[0, 65535\], got -1"):
         SlurmSpec(signal_seconds=-1)
     with pytest.raises(ConfigError, match=r"SlurmSpec.time: '4h' is not an sbatch time"):
         SlurmSpec(time="4h").time_seconds()
     cfg = jobs_config(tmp_path)
     cfg.train.resume = str(tmp_path / "old-run")
-    with pytest.raises(ValueError, match=r"train.sbatch resumes with --resume auto from train.out .* set train.out to the run directory"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.sbatch resumes with --resume auto from train.out .* set train.out to the run directory",
+    ):
         write_scripts(cfg)
 
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("30", 1800), ("30:15", 1815), ("02:30:00", 9000), ("1-12", 129600), ("1-00:30", 88200), ("1-00:00:05", 86405), ("UNLIMITED", None)],
+    [
+        ("30", 1800),
+        ("30:15", 1815),
+        ("02:30:00", 9000),
+        ("1-12", 129600),
+        ("1-00:30", 88200),
+        ("1-00:00:05", 86405),
+        ("UNLIMITED", None),
+    ],
 )
 def test_slurm_time_limits_read_in_every_sbatch_format(text, seconds):
     assert SlurmSpec(time=text).time_seconds() == seconds
@@ -183,10 +226,20 @@ def test_dry_run_submits_nothing_and_chains_dumps_to_finalize_to_train(tmp_path,
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch reachable: a dry run must not need one
     scripts = write_scripts(jobs_config(tmp_path))
     plan = submit(scripts, dry_run=True)
-    assert [(name, job) for name, _, job in plan] == [("dump-teacher-a", None), ("dump-teacher-b", None), ("finalize", None), ("train", None)]
+    assert [(name, job) for name, _, job in plan] == [
+        ("dump-teacher-a", None),
+        ("dump-teacher-b", None),
+        ("finalize", None),
+        ("train", None),
+    ]
     argv = {name: a for name, a, _ in plan}
     assert argv["dump-teacher-a"] == ["sbatch", "--parsable", str(scripts["dump-teacher-a"])]
-    assert argv["finalize"] == ["sbatch", "--parsable", "--dependency=afterok:<dump-teacher-a>:<dump-teacher-b>", str(scripts["finalize"])]
+    assert argv["finalize"] == [
+        "sbatch",
+        "--parsable",
+        "--dependency=afterok:<dump-teacher-a>:<dump-teacher-b>",
+        str(scripts["finalize"]),
+    ]
     assert argv["train"] == ["sbatch", "--parsable", "--dependency=afterok:<finalize>", str(scripts["train"])]
 
 
@@ -195,12 +248,7 @@ def fake_sbatch(tmp_path: Path, body: str) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     sbatch = bin_dir / "sbatch"
-    sbatch.write_text(
-        "#!/bin/bash\n"
-        f'echo "$*" >> {tmp_path}/argv.log\n'
-        f"n=$(wc -l < {tmp_path}/argv.log)\n"
-        f"{body}\n"
-    )
+    sbatch.write_text(f'#!/bin/bash\necho "$*" >> {tmp_path}/argv.log\nn=$(wc -l < {tmp_path}/argv.log)\n{body}\n')
     sbatch.chmod(0o755)
 
 
@@ -209,14 +257,22 @@ def test_submit_passes_real_job_ids_down_the_dependency_chain(tmp_path, monkeypa
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     scripts = write_scripts(jobs_config(tmp_path))
     done = submit(scripts, dry_run=False)
-    assert [(name, job) for name, _, job in done] == [("dump-teacher-a", "100"), ("dump-teacher-b", "101"), ("finalize", "102"), ("train", "103")]
+    assert [(name, job) for name, _, job in done] == [
+        ("dump-teacher-a", "100"),
+        ("dump-teacher-b", "101"),
+        ("finalize", "102"),
+        ("train", "103"),
+    ]
     assert done[2][1][2] == "--dependency=afterok:100:101"
     assert done[3][1][2] == "--dependency=afterok:102"
     assert len((tmp_path / "argv.log").read_text().splitlines()) == 4
 
 
 def test_sbatch_failure_raises_with_its_stderr_the_command_and_what_was_submitted(tmp_path, monkeypatch):
-    fake_sbatch(tmp_path, 'if [ "$n" = 2 ]; then echo "sbatch: error: invalid partition specified: gpu" >&2; exit 1; fi; echo $((99 + n))')
+    fake_sbatch(
+        tmp_path,
+        'if [ "$n" = 2 ]; then echo "sbatch: error: invalid partition specified: gpu" >&2; exit 1; fi; echo $((99 + n))',
+    )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     scripts = write_scripts(jobs_config(tmp_path))
     with pytest.raises(RuntimeError) as err:
@@ -267,7 +323,9 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 def _munge_works() -> bool:
-    return subprocess.run(f"{_which('munge')} -n | {_which('unmunge')}", shell=True, capture_output=True).returncode == 0
+    return (
+        subprocess.run(f"{_which('munge')} -n | {_which('unmunge')}", shell=True, capture_output=True).returncode == 0
+    )
 
 
 def _start_munged(state: Path) -> int | None:
@@ -283,9 +341,16 @@ def _start_munged(state: Path) -> int | None:
     run.mkdir(parents=True, exist_ok=True)
     shutil.chown(run, "munge", "munge")
     with open(state / "munged.start.log", "w") as log:
-        subprocess.run(["runuser", "-u", "munge", "--", _which("munged")], stdout=log, stderr=subprocess.STDOUT, check=False)
+        subprocess.run(
+            ["runuser", "-u", "munge", "--", _which("munged")], stdout=log, stderr=subprocess.STDOUT, check=False
+        )
     if not _wait(_munge_works, 10):
-        pytest.fail("munged did not start:\n" + _tail(state / "munged.start.log") + "\n" + _tail(Path("/var/log/munge/munged.log")))
+        pytest.fail(
+            "munged did not start:\n"
+            + _tail(state / "munged.start.log")
+            + "\n"
+            + _tail(Path("/var/log/munge/munged.log"))
+        )
     return int((run / "munged.pid").read_text())
 
 
@@ -296,7 +361,9 @@ def slurm_cluster(tmp_path_factory):
     exactly the daemons started here."""
     missing = [n for n in DAEMONS + CLIENTS + ("unmunge", "mungekey", "runuser") if not _which(n)]
     if missing:
-        pytest.skip(f"SLURM not installed (missing {', '.join(missing)}); `make test` installs slurm-wlm and munge as root")
+        pytest.skip(
+            f"SLURM not installed (missing {', '.join(missing)}); `make test` installs slurm-wlm and munge as root"
+        )
     if os.geteuid() != 0:
         pytest.skip("the single-node SLURM test runs slurmd / slurmctld as root (SlurmUser=root); run as root")
 
@@ -337,12 +404,20 @@ def slurm_cluster(tmp_path_factory):
         munged = _start_munged(state)
         if munged is not None:
             started["munged"] = munged
-        for name, argv in (("slurmctld", [_which("slurmctld"), "-f", str(conf_path)]), ("slurmd", [_which("slurmd"), "-f", str(conf_path), "-N", "localhost"])):
+        for name, argv in (
+            ("slurmctld", [_which("slurmctld"), "-f", str(conf_path)]),
+            ("slurmd", [_which("slurmd"), "-f", str(conf_path), "-N", "localhost"]),
+        ):
             with open(state / f"{name}.start.log", "w") as log:  # daemons: a file, never a pipe we would wait on
                 rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode
             pid_file = state / f"{name}.pid"
             if rc != 0 or not _wait(lambda p=pid_file: p.exists() and p.read_text().strip(), 10):
-                pytest.fail(f"{name} did not start (exit {rc}):\n" + _tail(state / f"{name}.start.log") + "\n" + _tail(state / f"{name}.log"))
+                pytest.fail(
+                    f"{name} did not start (exit {rc}):\n"
+                    + _tail(state / f"{name}.start.log")
+                    + "\n"
+                    + _tail(state / f"{name}.log")
+                )
             started[name] = int(pid_file.read_text())
 
         def idle() -> bool:
@@ -371,20 +446,40 @@ def _scontrol_job(job: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow  # a real single-node SLURM cluster
-def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slurm_cluster, make_model, tiny_data, tmp_path):
+def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(
+    slurm_cluster, make_model, tiny_data, tmp_path
+):
     state = slurm_cluster
     teachers = [
-        ModelSpec(name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)), name="teacher-a"),
-        ModelSpec(name_or_path=str(make_model("llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16)), name="teacher-b"),
+        ModelSpec(
+            name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)),
+            name="teacher-a",
+        ),
+        ModelSpec(
+            name_or_path=str(make_model("llama", layers=2, hidden=64, heads=4, kv_heads=1, head_dim=16)),
+            name="teacher-b",
+        ),
     ]
-    student = ModelSpec(name_or_path=str(make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1)), name="student")
+    student = ModelSpec(
+        name_or_path=str(make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1)),
+        name="student",
+    )
     store = tmp_path / "kv.zarr"
     cfg = JobsConfig(
         teachers=teachers,
         dump=DumpTask(student=student, store=str(store), data=tiny_data, num_shards=2, batch_size=8, device="cpu"),
         slurm=SlurmSpec(partition="debug", gpus=0, cpus=1, mem="1G", time="00:10:00", max_parallel=2),
         jobs_dir=str(tmp_path / "jobs"),
-        train=TrainConfig(store=str(store), student=student, out=str(tmp_path / "run"), max_steps=2, warmup_steps=0, batch_size=8, log_every=1, device="cpu"),
+        train=TrainConfig(
+            store=str(store),
+            student=student,
+            out=str(tmp_path / "run"),
+            max_steps=2,
+            warmup_steps=0,
+            batch_size=8,
+            log_every=1,
+            device="cpu",
+        ),
         train_slurm=SlurmSpec(partition="debug", gpus=0, cpus=1, mem="2G", time="00:10:00", requeue=False),
     )
     t0 = time.monotonic()
@@ -409,7 +504,10 @@ def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slu
     elapsed = time.monotonic() - t0
 
     records = {name: _scontrol_job(job) for name, job in jobs.items()}
-    failed = {name: [(r["JobId"], r["JobState"], r.get("ExitCode")) for r in recs if r["JobState"] != "COMPLETED"] for name, recs in records.items()}
+    failed = {
+        name: [(r["JobId"], r["JobState"], r.get("ExitCode")) for r in recs if r["JobState"] != "COMPLETED"]
+        for name, recs in records.items()
+    }
     assert not any(failed.values()), f"{failed}\n" + "\n".join(_tail(p, 15) for p in sorted(logs.glob("*.out")))
 
     # Every array ran one task per shard, each into its own log.
@@ -438,17 +536,30 @@ def test_dump_arrays_finalize_and_train_run_as_a_real_slurm_dependency_chain(slu
 
 
 @pytest.mark.slow  # a real single-node SLURM cluster
-def test_a_training_job_sent_usr1_requeues_itself_resumes_and_ends_as_an_uninterrupted_run(slurm_cluster, tiny_store, tmp_path):
+def test_a_training_job_sent_usr1_requeues_itself_resumes_and_ends_as_an_uninterrupted_run(
+    slurm_cluster, tiny_store, tmp_path
+):
     """`scancel --signal=USR1 --batch` is what `#SBATCH --signal=B:USR1@300` sends 300 s before the
     time limit. The trainer (the batch shell, by exec) finishes its step, saves a checkpoint,
     runs `scontrol requeue` and exits; the job comes back under the same id and `--resume auto`
     finishes the run. SLURM holds a requeued job ~2 min (BeginTime); the test releases it."""
     state = slurm_cluster
-    common = dict(store=str(tiny_store["store"]), student=tiny_store["student"], max_steps=40, batch_size=4, shuffle_buffer=16, warmup_steps=1, log_every=1, device="cpu")
+    common = dict(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        max_steps=40,
+        batch_size=4,
+        shuffle_buffer=16,
+        warmup_steps=1,
+        log_every=1,
+        device="cpu",
+    )
     run = tmp_path / "run"
     cfg = JobsConfig(
         teachers=tiny_store["teachers"],
-        dump=DumpTask(student=tiny_store["student"], store=str(tiny_store["store"]), data=tiny_store["data"], num_shards=2),
+        dump=DumpTask(
+            student=tiny_store["student"], store=str(tiny_store["store"]), data=tiny_store["data"], num_shards=2
+        ),
         jobs_dir=str(tmp_path / "jobs"),
         train=TrainConfig(out=str(run), **common),
         train_slurm=SlurmSpec(partition="debug", gpus=0, cpus=1, mem="2G", time="00:10:00"),
@@ -469,14 +580,18 @@ def test_a_training_job_sent_usr1_requeues_itself_resumes_and_ends_as_an_uninter
         return r
 
     if not _wait(lambda: step_logged(2), 90, 0.05):
-        pytest.fail(f"the training job did not reach step 2 in 90 s: {_scontrol_job(job)}\n{_tail(log)}\n{_tail(state / 'slurmctld.log')}")
+        pytest.fail(
+            f"the training job did not reach step 2 in 90 s: {_scontrol_job(job)}\n{_tail(log)}\n{_tail(state / 'slurmctld.log')}"
+        )
     record("step 2 logged")
     subprocess.run([_which("scancel"), "--signal=USR1", "--batch", job], check=True)
     record("USR1 sent")
     if not _wait(lambda: (r := _scontrol_job(job)[0])["JobState"] == "PENDING" and int(r["Restarts"]) >= 1, 60, 0.1):
         pytest.fail(f"the job was not requeued: {_scontrol_job(job)}\n{_tail(log)}")
     record("requeued (pending)")
-    subprocess.run([_which("scontrol"), "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the ~120 s BeginTime hold
+    subprocess.run(
+        [_which("scontrol"), "update", f"JobId={job}", "StartTime=now"], check=True
+    )  # skip the ~120 s BeginTime hold
     if not _wait(lambda: _scontrol_job(job)[0]["JobState"] == "COMPLETED", 120, 0.2):
         pytest.fail(f"the requeued job did not complete: {_scontrol_job(job)}\n{_tail(log, 40)}")
     rec = record("completed")
@@ -489,8 +604,12 @@ def test_a_training_job_sent_usr1_requeues_itself_resumes_and_ends_as_an_uninter
     assert f"kvdistill train: preempted (SIGUSR1) after step {step}: checkpoint {ckpt} is complete" in text
     assert f"SLURM job {job} requeued (`scontrol requeue {job}`)" in text
     assert f"resuming from {ckpt} at step {step}" in text
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 41))
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 41)
+    )
 
     train(TrainConfig(out=str(tmp_path / "straight"), **common), progress=False)
     _assert_bitwise_equal(_final_weights(run), _final_weights(tmp_path / "straight"))
-    print(f"SLURM USR1 -> requeue -> resume timeline (s): {timeline}; stopped after step {step}\n--- {log.name}:\n{text}")
+    print(
+        f"SLURM USR1 -> requeue -> resume timeline (s): {timeline}; stopped after step {step}\n--- {log.name}:\n{text}"
+    )

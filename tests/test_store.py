@@ -113,7 +113,10 @@ PLAIN_READER = textwrap.dedent(
 def test_store_opens_with_zarr_dask_and_pyarrow_alone_and_its_layout_is_consistent(tiny_store, examples):
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_READER, str(tiny_store["store"])],
-        capture_output=True, text=True, cwd="/", timeout=120,
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -219,7 +222,9 @@ def test_a_closed_shard_is_visible_complete_and_reads_back_what_was_written(tmp_
             w.write(sid, **s)
         assert not (store / "teachers" / "t" / shard_name(0)).exists()  # invisible until closed
         assert not shard_is_complete(store, "t", 0)
-        assert store.absolute() in w.tmp.parents and store.absolute() in w.lock.path.parents  # inside the store's own folder
+        assert (
+            store.absolute() in w.tmp.parents and store.absolute() in w.lock.path.parents
+        )  # inside the store's own folder
         assert sorted(p.name for p in store.parent.iterdir()) == ["s.zarr"]
     assert shard_is_complete(store, "t", 0)
     assert not (store / ".partial").exists()  # nothing left behind after a commit
@@ -328,7 +333,12 @@ def test_rerunning_a_complete_dump_task_is_a_no_op(store_copy, tiny_store):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("data_fingerprint", "0123456789abcdef"), ("num_shards", 3), ("kv_dtype", "float32"), ("tokenizer_fingerprint", "other")],
+    [
+        ("data_fingerprint", "0123456789abcdef"),
+        ("num_shards", 3),
+        ("kv_dtype", "float32"),
+        ("tokenizer_fingerprint", "other"),
+    ],
 )
 def test_init_store_refuses_a_store_built_for_another_setup_and_names_the_field(store_copy, field, value):
     spec = read_store_spec(store_copy)
@@ -375,7 +385,12 @@ def test_inspect_counts_shards_samples_tokens_and_bytes_per_teacher(tiny_store, 
     store = tiny_store["store"]
     info = inspect(store)
     index = pq.read_table(store / "index.parquet").to_pylist()
-    assert info["finalized"] is True and info["num_shards"] == 2 and info["kv_dtype"] == "float16" and info["compression_level"] == 1
+    assert (
+        info["finalized"] is True
+        and info["num_shards"] == 2
+        and info["kv_dtype"] == "float16"
+        and info["compression_level"] == 1
+    )
     assert info["geometry"] == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16}
     assert "K/V blosc-zstd level 1" in format_inspect(info).splitlines()[1]
     assert sorted(info["teachers"]) == sorted(TEACHER_WIDTH)
@@ -443,9 +458,24 @@ def test_array_tasks_that_start_together_initialise_one_store_without_racing(tmp
     from kvdistill.store import init_store, init_teacher, read_store_spec, read_teacher_specs
 
     geo = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=8)
-    spec = StoreSpec(student=ModelSpec(name_or_path="s"), geometry=geo, tokenizer_fingerprint="t", data=DataSpec(), data_fingerprint="d", num_shards=8)
-    tspec = TeacherSpec(name="t", model=ModelSpec(name_or_path="t"), geometry=geo, align=AlignSpec(), time_map="identity",
-                        layer_map=[[1.0, 0.0], [0.0, 1.0]], width=16, fingerprint="f")
+    spec = StoreSpec(
+        student=ModelSpec(name_or_path="s"),
+        geometry=geo,
+        tokenizer_fingerprint="t",
+        data=DataSpec(),
+        data_fingerprint="d",
+        num_shards=8,
+    )
+    tspec = TeacherSpec(
+        name="t",
+        model=ModelSpec(name_or_path="t"),
+        geometry=geo,
+        align=AlignSpec(),
+        time_map="identity",
+        layer_map=[[1.0, 0.0], [0.0, 1.0]],
+        width=16,
+        fingerprint="f",
+    )
     path = str(tmp_path / "race.zarr")
     with mp.get_context("spawn").Pool(4) as pool:  # library functions only: children import nothing of the tests
         pool.starmap(init_store, [(path, spec)] * 8)
@@ -464,9 +494,13 @@ def test_read_index_gives_every_shards_own_offsets_and_sample_ids(tiny_store):
 
 def test_a_stale_index_is_refused_naming_the_shard_and_the_fix(store_copy):
     t = pq.read_table(store_copy / "index.parquet")
-    keep = [not (row["teacher"] == "teacher-a" and row["shard"] == 1 and row["sample_index"] == 0) for row in t.to_pylist()]
+    keep = [
+        not (row["teacher"] == "teacher-a" and row["shard"] == 1 and row["sample_index"] == 0) for row in t.to_pylist()
+    ]
     pq.write_table(t.filter(keep), store_copy / "index.parquet")
-    with pytest.raises(StoreError, match=r"shard-00001: index.parquet lists \d+ samples / \d+ rows, the shard holds .*store finalize"):
+    with pytest.raises(
+        StoreError, match=r"shard-00001: index.parquet lists \d+ samples / \d+ rows, the shard holds .*store finalize"
+    ):
         ShardReader(store_copy, "teacher-a", 1, index=read_index(store_copy, ["teacher-a"])[("teacher-a", 1)])
 
 

@@ -20,8 +20,16 @@ from kvdistill.train.stream import KVStream, collate, shuffle_kv
 @pytest.fixture(scope="module")
 def quantised_store(tiny_store, tmp_path_factory):
     store = tmp_path_factory.mktemp("q") / "q.zarr"
-    task = DumpTask(student=tiny_store["student"], store=str(store), data=tiny_store["data"], num_shards=2, batch_size=8,
-                    device="cpu", kv_dtype="int8", teacher_kv_dtype={"teacher-b": "int4"})
+    task = DumpTask(
+        student=tiny_store["student"],
+        store=str(store),
+        data=tiny_store["data"],
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+        kv_dtype="int8",
+        teacher_kv_dtype={"teacher-b": "int4"},
+    )
     run_local(JobsConfig(teachers=tiny_store["teachers"], dump=task).tasks(), progress=False)
     finalize(store)
     return store
@@ -51,20 +59,45 @@ def test_the_reader_decodes_close_to_the_float16_store(tiny_store, quantised_sto
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound
 
 
-def test_a_quantised_store_verifies_and_trains_the_same_however_kv_reaches_the_device(tiny_store, quantised_store, tmp_path):
+def test_a_quantised_store_verifies_and_trains_the_same_however_kv_reaches_the_device(
+    tiny_store, quantised_store, tmp_path
+):
     """kv_transfer "stored" (codes to the device, dequantised there: what a GPU run does) and
     "decoded" (float32 from the reader threads: the CPU default) feed the same bits, so the
     same seeded run gives the same losses."""
     assert verify(quantised_store) == []
     runs = {
-        how: train(TrainConfig(store=str(quantised_store), student=tiny_store["student"], out=str(tmp_path / how), batch_size=8, max_steps=3, device="cpu", kv_transfer=how), progress=False)
+        how: train(
+            TrainConfig(
+                store=str(quantised_store),
+                student=tiny_store["student"],
+                out=str(tmp_path / how),
+                batch_size=8,
+                max_steps=3,
+                device="cpu",
+                kv_transfer=how,
+            ),
+            progress=False,
+        )
         for how in ("stored", "decoded")
     }
     assert runs["stored"]["steps"] == 3 and np.isfinite(runs["stored"]["mean_last_20_kv_k"])
     for term in ("mean_last_20_ce", "mean_last_20_kv_k", "mean_last_20_kv_v"):
         assert runs["stored"][term] == runs["decoded"][term], term
     # DataLoader worker processes collate the stored batches and hand QuantKV / bfloat16 over
-    workers = train(TrainConfig(store=str(quantised_store), student=tiny_store["student"], out=str(tmp_path / "w"), batch_size=8, max_steps=2, device="cpu", kv_transfer="stored", num_workers=2), progress=False)
+    workers = train(
+        TrainConfig(
+            store=str(quantised_store),
+            student=tiny_store["student"],
+            out=str(tmp_path / "w"),
+            batch_size=8,
+            max_steps=2,
+            device="cpu",
+            kv_transfer="stored",
+            num_workers=2,
+        ),
+        progress=False,
+    )
     assert workers["steps"] == 2 and np.isfinite(workers["mean_last_20_kv_v"])
 
 
@@ -86,7 +119,9 @@ def test_the_stream_moves_codes_and_the_device_batch_equals_the_decoded_one(quan
     r = ShardReader(quantised_store, "teacher-b", samples[0]["shard"])
     j = r.sample_ids.index(samples[0]["sample_id"])
     want = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), ("k", "v"))
-    assert np.array_equal(decoded[0]["kv"]["teacher-b"][0], want["k"]) and np.array_equal(decoded[0]["kv"]["teacher-b"][1], want["v"])
+    assert np.array_equal(decoded[0]["kv"]["teacher-b"][0], want["k"]) and np.array_equal(
+        decoded[0]["kv"]["teacher-b"][1], want["v"]
+    )
     # the shuffled-KV control dequantises the other sample's rows before resampling them
     shuffled = shuffle_kv(samples, seed=0)
     assert all(x.dtype == np.float32 for s in shuffled for pair in s["kv"].values() for x in pair)

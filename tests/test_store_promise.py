@@ -37,14 +37,36 @@ def shard_dir(store: Path, teacher: str, shard: int) -> Path:
 
 
 def train_argv(tiny_store, store: Path, out: Path) -> list[str]:
-    return ["train", "--store", str(store), "--student", tiny_store["student"].name_or_path, "--out", str(out),
-            "--batch-size", "8", "--max-steps", "1", "--device", "cpu", "--no-progress"]
+    return [
+        "train",
+        "--store",
+        str(store),
+        "--student",
+        tiny_store["student"].name_or_path,
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
 
 
 def dump_yaml(tiny_store, store: Path, tmp_path: Path) -> Path:
     """The config conftest dumped teacher-a shard 0 of tiny_store with, pointed at `store`."""
-    cfg = DumpConfig(teacher=tiny_store["teachers"][0], student=tiny_store["student"], store=str(store), data=tiny_store["data"],
-                     num_shards=2, batch_size=8, device="cpu", shard=0)
+    cfg = DumpConfig(
+        teacher=tiny_store["teachers"][0],
+        student=tiny_store["student"],
+        store=str(store),
+        data=tiny_store["data"],
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+        shard=0,
+    )
     return cfg.save(tmp_path / "dump.yaml")
 
 
@@ -81,7 +103,10 @@ def test_a_rerun_on_a_complete_shard_is_a_no_op_only_with_the_settings_it_was_du
     assert "already complete" not in out.out
     line = out.err.strip()
     assert "Traceback" not in line and "\n" not in line and line.startswith("kvdistill dump: "), line
-    assert "teacher teacher-a shard 0 of store" in line and "is complete, but was dumped with other settings than this run" in line
+    assert (
+        "teacher teacher-a shard 0 of store" in line
+        and "is complete, but was dumped with other settings than this run" in line
+    )
     said = {
         "student": "geometry.num_layers: store has 2, this run has 3",
         "data": "data_fingerprint: store has",
@@ -95,7 +120,10 @@ def test_a_rerun_on_a_complete_shard_is_a_no_op_only_with_the_settings_it_was_du
 def test_a_stale_shard_is_not_a_no_op_for_the_task_it_does_not_match(tiny_store, stale_store, tmp_path, capsys):
     # The store's teacher spec is this run's; the shard (copied from another setup) is not.
     capsys.readouterr()
-    assert main(["dump", "--config", str(dump_yaml(tiny_store, stale_store, tmp_path)), "--no-progress"]) == ExitCode.BAD_INPUT
+    assert (
+        main(["dump", "--config", str(dump_yaml(tiny_store, stale_store, tmp_path)), "--no-progress"])
+        == ExitCode.BAD_INPUT
+    )
     line = one_line(capsys, "dump")
     assert "teacher fingerprint (weights, template, alignment, codec): shard has" in line
     assert f"or delete {shard_dir(stale_store, 'teacher-a', 0)} and run this task again" in line
@@ -110,10 +138,24 @@ def stale_store(tiny_store, make_model, tmp_path) -> Path:
     geometry with other weights (same name, data, student): it reads like any other shard."""
     from kvdistill.dump.run import run_dump
 
-    other = ModelSpec(name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32, seed=7)), name="teacher-a")
+    other = ModelSpec(
+        name_or_path=str(make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32, seed=7)),
+        name="teacher-a",
+    )
     elsewhere = tmp_path / "elsewhere.zarr"
-    run_dump(DumpConfig(teacher=other, student=tiny_store["student"], store=str(elsewhere), data=tiny_store["data"], num_shards=2,
-                        batch_size=8, device="cpu", shard=0), progress=False)
+    run_dump(
+        DumpConfig(
+            teacher=other,
+            student=tiny_store["student"],
+            store=str(elsewhere),
+            data=tiny_store["data"],
+            num_shards=2,
+            batch_size=8,
+            device="cpu",
+            shard=0,
+        ),
+        progress=False,
+    )
     store = tmp_path / "stale.zarr"
     shutil.copytree(tiny_store["store"], store)
     shutil.rmtree(shard_dir(store, "teacher-a", 0))
@@ -179,7 +221,9 @@ def _drop_checksums(store: Path) -> None:
 
 @pytest.mark.parametrize("how", ["gone", "relabelled", "moved"])
 @pytest.mark.parametrize("checksums", [True, False], ids=["checksummed", "older-store"])
-def test_training_refuses_an_index_that_lost_or_relabelled_a_teachers_first_shard(tiny_store, store_copy, tmp_path, capsys, how, checksums):
+def test_training_refuses_an_index_that_lost_or_relabelled_a_teachers_first_shard(
+    tiny_store, store_copy, tmp_path, capsys, how, checksums
+):
     _rewrite_index(store_copy, how)
     if not checksums:
         _drop_checksums(store_copy)
@@ -187,10 +231,16 @@ def test_training_refuses_an_index_that_lost_or_relabelled_a_teachers_first_shar
     line = one_line(capsys, "train")
     if checksums:
         assert rc == ExitCode.INTEGRITY
-        assert f"{store_copy / 'index.parquet'} fails its checksum" in line and "changed since `kvdistill store finalize`" in line
+        assert (
+            f"{store_copy / 'index.parquet'} fails its checksum" in line
+            and "changed since `kvdistill store finalize`" in line
+        )
     else:
         assert rc == ExitCode.BAD_INPUT
-        assert "teacher 'teacher-a' shard-00000: index.parquet lists 0 samples / 0 rows" in line and "the shard records 24 /" in line
+        assert (
+            "teacher 'teacher-a' shard-00000: index.parquet lists 0 samples / 0 rows" in line
+            and "the shard records 24 /" in line
+        )
         assert f"run `kvdistill store verify {store_copy}`" in line
     assert not (tmp_path / "run" / "final").exists()
 
@@ -245,7 +295,9 @@ def test_read_index_decodes_a_flipped_index_parquet_or_refuses_it_naming_it(stor
             _with_timeout(lambda: read_index(store_copy, ["teacher-a", "teacher-b"]))
             decoded += 1
         except CorruptShard as e:
-            assert str(e).startswith(f"{f} does not decode (") and "index.parquet is corrupt; run `kvdistill store finalize" in str(e)
+            assert str(e).startswith(
+                f"{f} does not decode ("
+            ) and "index.parquet is corrupt; run `kvdistill store finalize" in str(e)
     assert 0 < decoded < len(data) // 3  # both kinds were exercised
 
 
@@ -279,14 +331,18 @@ def _offsets(data: bytes) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("kind", ["undecodable", "silent"])
-def test_a_flipped_byte_in_index_parquet_is_data_integrity_for_verify_and_train(tiny_store, store_copy, tmp_path, capsys, kind):
+def test_a_flipped_byte_in_index_parquet_is_data_integrity_for_verify_and_train(
+    tiny_store, store_copy, tmp_path, capsys, kind
+):
     f = store_copy / "index.parquet"
     data = f.read_bytes()
     f.write_bytes(_flipped(data, _offsets(data)[kind]))
     assert main(["store", "verify", str(store_copy), "--no-progress"]) == ExitCode.INTEGRITY
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err and "index.parquet" in out, out
-    assert main(train_argv(tiny_store, store_copy, tmp_path / "run")) == ExitCode.INTEGRITY  # was: 3 blaming the model, or 0
+    assert (
+        main(train_argv(tiny_store, store_copy, tmp_path / "run")) == ExitCode.INTEGRITY
+    )  # was: 3 blaming the model, or 0
     line = one_line(capsys, "train")
     assert f"data integrity: store {store_copy}: {f}" in line, line
 
@@ -305,12 +361,21 @@ def test_verify_names_an_index_parquet_pyarrow_cannot_read(store_copy, capsys):
 # --- 6. verify: a truncated metadata file is a problem; a folder that is no store is bad input -------
 
 
-@pytest.mark.parametrize("rel", [f"teachers/teacher-a/{shard_name(0)}/k/zarr.json", f"teachers/teacher-b/{shard_name(1)}/offsets/zarr.json",
-                                 f"teachers/teacher-a/{shard_name(1)}/zarr.json", "tokenizers/student/zarr.json"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        f"teachers/teacher-a/{shard_name(0)}/k/zarr.json",
+        f"teachers/teacher-b/{shard_name(1)}/offsets/zarr.json",
+        f"teachers/teacher-a/{shard_name(1)}/zarr.json",
+        "tokenizers/student/zarr.json",
+    ],
+)
 def test_verify_lists_a_truncated_zarr_json_as_a_problem_naming_it(store_copy, capsys, rel):
     f = store_copy / rel
     f.write_text(f.read_text()[:40])
-    assert main(["store", "verify", str(store_copy), "--no-progress"]) == ExitCode.INTEGRITY  # was: 3, naming no file (or 0)
+    assert (
+        main(["store", "verify", str(store_copy), "--no-progress"]) == ExitCode.INTEGRITY
+    )  # was: 3, naming no file (or 0)
     out, err = capsys.readouterr()
     assert f"{f}: not valid JSON (" in out, out
     assert err.strip().startswith("kvdistill store: verify found ") and "Traceback" not in err
@@ -319,7 +384,10 @@ def test_verify_lists_a_truncated_zarr_json_as_a_problem_naming_it(store_copy, c
 def test_verify_keeps_listing_after_a_truncated_array_metadata(store_copy):
     from kvdistill.store.verify import verify
 
-    for rel in (f"teachers/teacher-a/{shard_name(0)}/v/zarr.json", f"teachers/teacher-b/{shard_name(1)}/sample_ids/zarr.json"):
+    for rel in (
+        f"teachers/teacher-a/{shard_name(0)}/v/zarr.json",
+        f"teachers/teacher-b/{shard_name(1)}/sample_ids/zarr.json",
+    ):
         (store_copy / rel).write_text("{")
     found = {(p.teacher, p.shard) for p in verify(store_copy)}
     assert found == {("teacher-a", 0), ("teacher-b", 1)}

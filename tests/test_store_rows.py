@@ -27,8 +27,13 @@ N, CHUNK, SHARD = 203, 8, 32  # rows; the last zarr shard and its last chunk are
 def sharded(path, compressor: str, dtype=np.float16, data=None) -> tuple[zarr.Array, np.ndarray]:
     x = np.random.default_rng(0).normal(size=(N, 3, 4)).astype(dtype) if data is None else data
     a = zarr.open_group(path, mode="w").create_array(
-        "k", shape=x.shape, chunks=(CHUNK, 3, 4), shards=(SHARD, 3, 4), dtype=x.dtype,
-        compressors=[c for c in (COMPRESSORS[compressor](), Crc32cCodec()) if c is not None], config=WRITE_ALL,
+        "k",
+        shape=x.shape,
+        chunks=(CHUNK, 3, 4),
+        shards=(SHARD, 3, 4),
+        dtype=x.dtype,
+        compressors=[c for c in (COMPRESSORS[compressor](), Crc32cCodec()) if c is not None],
+        config=WRITE_ALL,
     )
     a[:] = x
     return a, x
@@ -96,7 +101,9 @@ def test_other_layouts_are_not_claimed(tmp_path):
     g = zarr.open_group(tmp_path / "o.zarr", mode="w")
     plain = g.create_array("plain", shape=(64, 3, 4), chunks=(8, 3, 4), dtype=np.float16)
     both_axes = g.create_array("both", shape=(64, 4, 4), chunks=(8, 2, 4), shards=(32, 4, 4), dtype=np.float16)
-    no_crc = g.create_array("no_crc", shape=(64, 4, 4), chunks=(8, 4, 4), shards=(32, 4, 4), dtype=np.float16)  # unchecked chunks
+    no_crc = g.create_array(
+        "no_crc", shape=(64, 4, 4), chunks=(8, 4, 4), shards=(32, 4, 4), dtype=np.float16
+    )  # unchecked chunks
     assert not ShardedRows.supports(plain) and not ShardedRows.supports(both_axes) and not ShardedRows.supports(no_crc)
     with pytest.raises(ValueError, match="read it with zarr"):
         ShardedRows(plain, tmp_path / "o.zarr" / "plain")
@@ -111,7 +118,14 @@ def test_shard_reader_decodes_every_codec_like_zarr_does(tmp_path, monkeypatch, 
         for j in range(40):
             T = int(rng.integers(5, 60))
             k, v = rng.normal(size=(2, T, L, D)).astype(np.float32)
-            w.write(f"s{j}", k, v, rng.integers(0, 500, T).astype(np.int32), rng.random(T) < 0.7, rng.integers(0, 3, T).astype(np.uint8))
+            w.write(
+                f"s{j}",
+                k,
+                v,
+                rng.integers(0, 500, T).astype(np.int32),
+                rng.random(T) < 0.7,
+                rng.integers(0, 3, T).astype(np.uint8),
+            )
     r = ShardReader(tmp_path / "s.zarr", "t", 0)
     assert {"k", "v", "input_ids", "loss_mask"} <= set(r.fast) and r.group["k"].shards[0] > r.group["k"].chunks[0]
     n = int(r.offsets[-1])
@@ -142,7 +156,9 @@ def test_a_flipped_byte_anywhere_in_a_chunk_fails_its_crc32c_naming_the_chunk_an
         bad = bytearray(raw)
         bad[at] ^= 0x10
         f.write_bytes(bytes(bad))
-        with pytest.raises(CorruptShard, match=r"array .*k: chunk 0 \(rows from 0\) in shard file .*c/0/0/0 fails its crc32c check") as e:
+        with pytest.raises(
+            CorruptShard, match=r"array .*k: chunk 0 \(rows from 0\) in shard file .*c/0/0/0 fails its crc32c check"
+        ) as e:
             rows(0, 8)
         assert isinstance(e.value, StoreError) and "store verify" in str(e.value)
         with pytest.raises(ValueError, match="checksum"):  # plain zarr refuses it too

@@ -62,8 +62,16 @@ def requantise(store: Path, teacher: str, codec: str) -> None:
         k = rows["k"]  # [N, L_s, D]
         w = ShardWriter(store, teacher, i, num_layers=k.shape[1], width=k.shape[2], codec=codec)
         for sid, a, b in zip(r.sample_ids, r.offsets[:-1], r.offsets[1:], strict=True):
-            w.write(sid, k[a:b].astype(np.float32), rows["v"][a:b].astype(np.float32), rows["input_ids"][a:b], rows["loss_mask"][a:b])
-        w.close(extra_attrs={key: attrs[key] for key in ("skipped", "fingerprint", "data_fingerprint") if key in attrs})
+            w.write(
+                sid,
+                k[a:b].astype(np.float32),
+                rows["v"][a:b].astype(np.float32),
+                rows["input_ids"][a:b],
+                rows["loss_mask"][a:b],
+            )
+        w.close(
+            extra_attrs={key: attrs[key] for key in ("skipped", "fingerprint", "data_fingerprint") if key in attrs}
+        )
     group = zarr.open_group(store / "teachers" / teacher, mode="r+")
     meta = group.attrs[KEY]
     group.attrs[KEY] = {**meta, "teacher_spec": {**meta["teacher_spec"], "kv_dtype": codec}}
@@ -167,12 +175,16 @@ def test_a_store_without_index_parquet_is_not_finalized(store_copy):
 
 def test_an_index_row_changed_is_a_disagreement_naming_teacher_shard_and_column(store_copy):
     table = pq.read_table(store_copy / INDEX).to_pydict()
-    j = next(j for j, (t, s) in enumerate(zip(table["teacher"], table["shard"], strict=True)) if (t, s) == ("teacher-a", 1))
+    j = next(
+        j for j, (t, s) in enumerate(zip(table["teacher"], table["shard"], strict=True)) if (t, s) == ("teacher-a", 1)
+    )
     table["row_stop"][j + 4] += 1
     pq.write_table(pa.table(table), store_copy / INDEX)
     problems = verify(store_copy)
     assert [(p.teacher, p.shard) for p in problems] == [("teacher-a", 1)]
-    assert problems[0].what.startswith("index.parquet disagrees with the shard on row_stop at 1 sample(s), first sample 4")
+    assert problems[0].what.startswith(
+        "index.parquet disagrees with the shard on row_stop at 1 sample(s), first sample 4"
+    )
 
 
 def test_a_shard_written_by_another_teacher_setup_is_stale(store_copy):
@@ -180,7 +192,9 @@ def test_a_shard_written_by_another_teacher_setup_is_stale(store_copy):
     problems = verify(store_copy)
     assert [(p.teacher, p.shard) for p in problems] == [("teacher-a", 1)]
     assert problems[0].what.startswith("stale: written by another teacher setup")
-    assert problems[0].fix.startswith("delete the shard (shard-00001 of teacher 'teacher-a'), re-run its dump task (`kvdistill dump")
+    assert problems[0].fix.startswith(
+        "delete the shard (shard-00001 of teacher 'teacher-a'), re-run its dump task (`kvdistill dump"
+    )
 
 
 def test_a_shard_holding_other_sample_ids_than_the_first_teacher_is_reported(store_copy):
@@ -215,7 +229,9 @@ def assert_stats_match_numpy(info, store: Path, teacher: str) -> None:
     want = numpy_stats(store, teacher)
     for a in ("k", "v"):
         for s in ("mean", "std", "absmax"):
-            np.testing.assert_allclose(info["teachers"][teacher][a][s], want[a][s], rtol=1e-3, atol=1e-6, err_msg=f"{teacher} {a} {s}")
+            np.testing.assert_allclose(
+                info["teachers"][teacher][a][s], want[a][s], rtol=1e-3, atol=1e-6, err_msg=f"{teacher} {a} {s}"
+            )
 
 
 def test_stats_per_layer_mean_std_absmax_agree_with_numpy_on_the_shard_rows(tiny_store):
@@ -252,14 +268,18 @@ def test_stats_of_an_unknown_teacher_is_an_error_listing_the_teachers(tiny_store
 
 # --- plan ---------------------------------------------------------------------------------------
 
-TEACHER = kv_geometry(Qwen2Config(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32))
+TEACHER = kv_geometry(
+    Qwen2Config(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+)
 STUDENT = kv_geometry(Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2))
 
 
 def test_plan_float16_matches_a_hand_computation():
     p = plan(TEACHER, STUDENT, num_samples=1000, mean_tokens=50.5, target_shard_bytes=2**20)
     assert p["rows"] == 50_500  # tokens on the student grid
-    assert p["raw_bytes_per_token"] == 2 * 2 * 2 * 32 * 2 + TOKEN_BYTES  # K+V x L_s x H_kv_t x d_t x float16 = 512, + tokens
+    assert (
+        p["raw_bytes_per_token"] == 2 * 2 * 2 * 32 * 2 + TOKEN_BYTES
+    )  # K+V x L_s x H_kv_t x d_t x float16 = 512, + tokens
     assert p["raw_bytes"] == 50_500 * 518
     assert p["compression_ratio"] == 1.3
     assert p["disk_bytes"] == pytest.approx(50_500 * 518 / 1.3)  # 19.2 MiB
@@ -269,12 +289,18 @@ def test_plan_float16_matches_a_hand_computation():
 
 def test_plan_int8_halves_the_bytes_and_takes_no_compression_by_default():
     p = plan(TEACHER, STUDENT, 1000, 50.5, codec_bytes_per_value=1.0, target_shard_bytes=2**20)
-    assert (p["raw_bytes_per_token"], p["compression_ratio"], p["disk_bytes"]) == (256 + TOKEN_BYTES, 1.0, 50_500 * 262)
+    assert (p["raw_bytes_per_token"], p["compression_ratio"], p["disk_bytes"]) == (
+        256 + TOKEN_BYTES,
+        1.0,
+        50_500 * 262,
+    )
     assert p["suggested_num_shards"] == 13  # ceil(12.33 MiB / 1 MiB)
 
 
 def test_plan_with_given_shards_keeps_the_suggestion_and_splits_rows_evenly():
-    mqa = kv_geometry(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16))
+    mqa = kv_geometry(
+        LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    )
     p = plan(mqa, STUDENT, 1000, 50.5, num_shards=4, target_shard_bytes=2**20, compression_ratio=2.0)
     assert p["raw_bytes_per_token"] == 2 * 2 * 1 * 16 * 2 + TOKEN_BYTES  # MQA: one kv head
     assert (p["num_shards"], p["rows_per_shard"], p["suggested_num_shards"]) == (4, 12_625, 4)
@@ -285,7 +311,10 @@ def test_plan_cli_tokenizes_the_data_with_the_student_and_prints_rows_gib_and_sh
     student = tiny_store["student"].name_or_path
     teachers = [t.name_or_path for t in tiny_store["teachers"]]
     tok = load_tokenizer(ModelSpec(name_or_path=student))
-    rows = sum(len(encode(tok, ModelSpec(name_or_path=student).prompt_template, ex)) for ex in load_examples(DataSpec(limit=12)))
+    rows = sum(
+        len(encode(tok, ModelSpec(name_or_path=student).prompt_template, ex))
+        for ex in load_examples(DataSpec(limit=12))
+    )
     argv = ["store", "plan", "--student", student, "--data", "synthetic", "--limit", "12", "--num-shards", "3"]
     assert main(argv + [x for t in teachers for x in ("--teacher", t)]) == 0
     out = capsys.readouterr().out
@@ -293,4 +322,6 @@ def test_plan_cli_tokenizes_the_data_with_the_student_and_prints_rows_gib_and_sh
     assert "3 shards of" in out and "suggested --num-shards 1" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
     a, b = (ModelSpec(name_or_path=t).short_name for t in teachers)
-    assert lines[a].split()[6] == "518" and lines[b].split()[6] == "134"  # raw bytes per token (K/V + 6 B of token arrays)
+    assert (
+        lines[a].split()[6] == "518" and lines[b].split()[6] == "134"
+    )  # raw bytes per token (K/V + 6 B of token arrays)

@@ -45,9 +45,31 @@ STREAM = textwrap.dedent(
 
 def _store(path, samples: int, tokens: int) -> int:
     geom = KVGeometry(num_layers=L, num_kv_heads=H, head_dim=d)
-    init_store(path, StoreSpec(student=ModelSpec("m"), geometry=geom, tokenizer_fingerprint="m", data=DataSpec(), data_fingerprint="m", num_shards=2))
+    init_store(
+        path,
+        StoreSpec(
+            student=ModelSpec("m"),
+            geometry=geom,
+            tokenizer_fingerprint="m",
+            data=DataSpec(),
+            data_fingerprint="m",
+            num_shards=2,
+        ),
+    )
     eye = [[float(i == j) for j in range(L)] for i in range(L)]
-    init_teacher(path, TeacherSpec(name="t", model=ModelSpec("m"), geometry=geom, align=AlignSpec(), time_map="identity", layer_map=eye, width=geom.width, fingerprint="m"))
+    init_teacher(
+        path,
+        TeacherSpec(
+            name="t",
+            model=ModelSpec("m"),
+            geometry=geom,
+            align=AlignSpec(),
+            time_map="identity",
+            layer_map=eye,
+            width=geom.width,
+            fingerprint="m",
+        ),
+    )
     rng = np.random.default_rng(0)
     rows = 0
     for s in range(2):
@@ -62,7 +84,13 @@ def _store(path, samples: int, tokens: int) -> int:
 
 def _stream(store, shuffle_buffer: int) -> dict:
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", STREAM, str(store), str(shuffle_buffer)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", STREAM, str(store), str(shuffle_buffer)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -19,7 +19,14 @@ from kvdistill.train.stream import KVStream, MicroBatches, _shuffled, collate, w
 TEACHERS = ["teacher-a", "teacher-b"]
 
 
-@given(n=st.integers(0, 200), start_frac=st.floats(0, 1), b=st.integers(1, 9), accum=st.integers(1, 3), world=st.integers(1, 4), drop=st.booleans())
+@given(
+    n=st.integers(0, 200),
+    start_frac=st.floats(0, 1),
+    b=st.integers(1, 9),
+    accum=st.integers(1, 3),
+    world=st.integers(1, 4),
+    drop=st.booleans(),
+)
 @settings(max_examples=300, deadline=None)
 def test_windows_cover_every_sample_once_and_do_not_depend_on_the_split(n, start_frac, b, accum, world, drop):
     start = round(start_frac * n)
@@ -57,11 +64,18 @@ def _steps(runs):
         for w, m, weight, ids, _ in plan:
             if weight:
                 out.setdefault(w, {})[(m, r)] = ids
-    return {w: [i for (m, r) in sorted(slots, key=lambda mr: mr[0] * world + mr[1]) for i in slots[(m, r)]] for w, slots in out.items()}
+    return {
+        w: [i for (m, r) in sorted(slots, key=lambda mr: mr[0] * world + mr[1]) for i in slots[(m, r)]]
+        for w, slots in out.items()
+    }
 
 
-@pytest.mark.parametrize(("world", "b", "accum", "workers"), [(2, 4, 1, 0), (2, 4, 1, 2), (1, 4, 2, 0), (3, 5, 1, 1), (2, 3, 2, 2)])
-def test_n_ranks_x_batch_b_train_the_samples_of_one_rank_x_batch_n_b_in_the_same_order(tiny_store, world, b, accum, workers):
+@pytest.mark.parametrize(
+    ("world", "b", "accum", "workers"), [(2, 4, 1, 0), (2, 4, 1, 2), (1, 4, 2, 0), (3, 5, 1, 1), (2, 3, 2, 2)]
+)
+def test_n_ranks_x_batch_b_train_the_samples_of_one_rank_x_batch_n_b_in_the_same_order(
+    tiny_store, world, b, accum, workers
+):
     one = _plan(tiny_store, b=b * world * accum)
     split = [_plan(tiny_store, world=world, rank=r, b=b, accum=accum, workers=workers) for r in range(world)]
     assert _steps(split) == _steps([one])
@@ -79,13 +93,20 @@ def test_the_order_is_the_shuffle_buffer_over_the_shards_in_their_seeded_order(t
     assert [s["sample_id"] for s in stream] == want
 
 
-@pytest.mark.parametrize(("world_from", "world_to", "workers"), [(1, 1, 0), (2, 2, 2), (2, 1, 0), (1, 2, 1), (2, 3, 0)])
+@pytest.mark.parametrize(
+    ("world_from", "world_to", "workers"), [(1, 1, 0), (2, 2, 2), (2, 1, 0), (1, 2, 1), (2, 3, 0)]
+)
 def test_a_resume_continues_the_global_order_on_any_number_of_processes(tiny_store, world_from, world_to, workers):
     G = 8
     full = _steps([_plan(tiny_store, world=world_from, rank=r, b=G // world_from) for r in range(world_from)])
     flat = [i for w in sorted(full) for i in full[w]]
     for steps_done in (1, 3, 5, 6):
-        rest = _steps([_plan(tiny_store, world=world_to, rank=r, b=-(-G // world_to), workers=workers, start=steps_done * G) for r in range(world_to)])
+        rest = _steps(
+            [
+                _plan(tiny_store, world=world_to, rank=r, b=-(-G // world_to), workers=workers, start=steps_done * G)
+                for r in range(world_to)
+            ]
+        )
         assert [i for w in sorted(rest) for i in rest[w]] == flat[steps_done * G :], steps_done
 
 
@@ -122,14 +143,20 @@ def test_each_rank_reads_only_its_own_samples(tiny_store, read):
 
 
 def test_resuming_past_the_end_of_the_epoch_names_the_mismatch(tiny_store):
-    with pytest.raises(StoreError, match="resumes after sample 50 of an epoch, but an epoch of store .* has 48 samples"):
+    with pytest.raises(
+        StoreError, match="resumes after sample 50 of an epoch, but an epoch of store .* has 48 samples"
+    ):
         _plan(tiny_store, start=50)
 
 
 def test_a_late_resume_starts_inside_the_last_shard_without_opening_the_first(tiny_store, monkeypatch):
     opened = []
     real_open = store_samples._ZarrShards.open
-    monkeypatch.setattr(store_samples._ZarrShards, "open", lambda self, root, index, shard: (opened.append(shard), real_open(self, root, index, shard))[1])
+    monkeypatch.setattr(
+        store_samples._ZarrShards,
+        "open",
+        lambda self, root, index, shard: (opened.append(shard), real_open(self, root, index, shard))[1],
+    )
     full = _plan(tiny_store, b=4, buffer=1, epoch=0)
     order = list(dict.fromkeys(opened))
     assert len(order) == 2  # the uninterrupted epoch opens both shards (24 samples each)

@@ -17,7 +17,10 @@ def test_a_stream_over_some_shards_yields_exactly_their_samples(tiny_store):
 
 
 def test_every_shard_named_is_the_same_stream_as_no_subset(tiny_store):
-    every, named = KVStream(tiny_store["store"], TEACHERS, seed=5), KVStream(tiny_store["store"], TEACHERS, seed=5, shards=[1, 0])
+    every, named = (
+        KVStream(tiny_store["store"], TEACHERS, seed=5),
+        KVStream(tiny_store["store"], TEACHERS, seed=5, shards=[1, 0]),
+    )
     for epoch in range(4):
         every.set_epoch(epoch)
         named.set_epoch(epoch)
@@ -41,7 +44,22 @@ def test_more_ranks_than_shards_still_split_every_global_batch(tiny_store):
     from kvdistill.train.stream import MicroBatches
 
     got = [
-        [i for b in MicroBatches(KVStream(tiny_store["store"], TEACHERS, shards=[1]), 4, lambda s: {"ids": [x["sample_id"] for x in s]}, rank=r, world_size=2) if b["weight"] for i in b["ids"]]
+        [
+            i
+            for b in MicroBatches(
+                KVStream(tiny_store["store"], TEACHERS, shards=[1]),
+                4,
+                lambda s: {"ids": [x["sample_id"] for x in s]},
+                rank=r,
+                world_size=2,
+            )
+            if b["weight"]
+            for i in b["ids"]
+        ]
         for r in range(2)
     ]
-    assert sorted(got[0] + got[1]) == sorted(ShardReader(tiny_store["store"], "teacher-a", 1).sample_ids) and got[0] and got[1]
+    assert (
+        sorted(got[0] + got[1]) == sorted(ShardReader(tiny_store["store"], "teacher-a", 1).sample_ids)
+        and got[0]
+        and got[1]
+    )

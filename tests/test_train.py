@@ -25,7 +25,17 @@ from kvdistill.train.stream import KVStream, collate
 
 
 def _train_cfg(tiny_store, out, **kw) -> TrainConfig:
-    base = dict(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(out), batch_size=8, max_steps=30, warmup_steps=3, log_every=1, device="cpu", shuffle_buffer=16)
+    base = dict(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out=str(out),
+        batch_size=8,
+        max_steps=30,
+        warmup_steps=3,
+        log_every=1,
+        device="cpu",
+        shuffle_buffer=16,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -50,7 +60,10 @@ def test_trainer_never_instantiates_a_teacher(tiny_store, tmp_path, monkeypatch)
     assert loaded == [tiny_store["student"].name_or_path]
     assert not teacher_paths & set(loaded)
     student_cfg = transformers.AutoConfig.from_pretrained(tiny_store["student"].name_or_path)
-    assert built and all(b == ("Qwen2ForCausalLM", student_cfg.num_hidden_layers, student_cfg.hidden_size) or b[0] == "Qwen2Model" for b in built)
+    assert built and all(
+        b == ("Qwen2ForCausalLM", student_cfg.num_hidden_layers, student_cfg.hidden_size) or b[0] == "Qwen2Model"
+        for b in built
+    )
     # Resident parameters: exactly student + adapters (64->32 and 16->32 per layer, for K and V).
     adapters = torch.load(tmp_path / "run" / "final" / "adapters.pt")
     student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
@@ -73,9 +86,18 @@ def test_end_to_end_dump_store_train_eval_kv_loss_falls(tiny_store, tmp_path):
         assert summary[f"mean_last_20_{term}"] == pytest.approx(np.mean([r[term] for r in rows[-20:]]))
     assert summary["mean_last_20_over"] == 20
     final = tmp_path / "kv" / "final"
-    assert (final / "config.json").exists() and (final / "adapters.pt").exists() and (final / "train_config.yaml").exists()
+    assert (
+        (final / "config.json").exists()
+        and (final / "adapters.pt").exists()
+        and (final / "train_config.yaml").exists()
+    )
     data = DataSpec(split="test", limit=8, synthetic=tiny_store["data"].synthetic)
-    result = evaluate(EvalConfig(model=str(tmp_path / "kv"), data=data, max_new_tokens=24, device="cpu", out=str(tmp_path / "eval.json")), progress=False)
+    result = evaluate(
+        EvalConfig(
+            model=str(tmp_path / "kv"), data=data, max_new_tokens=24, device="cpu", out=str(tmp_path / "eval.json")
+        ),
+        progress=False,
+    )
     assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0
     assert 1.0 < result["perplexity"] < 1e4
     preds = json.loads((tmp_path / "eval.json").read_text())["predictions"]
@@ -91,7 +113,11 @@ def test_ce_only_baseline_reads_no_kv_and_has_no_adapters(tiny_store, tmp_path):
 def test_training_refuses_a_store_built_for_another_student_tokenizer(tiny_store, tmp_path):
     rows = load_examples(DataSpec(synthetic=SyntheticSpec(n_train=50, n_test=5, seed=7)))
     other_tok = tiny.train_tokenizer(tiny.corpus(rows, ModelSpec(name_or_path="x").prompt_template), vocab_size=300)
-    other = tiny.save(tiny.build_model("qwen2", other_tok, layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16), other_tok, tmp_path / "other")
+    other = tiny.save(
+        tiny.build_model("qwen2", other_tok, layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16),
+        other_tok,
+        tmp_path / "other",
+    )
     with pytest.raises(StoreError, match="tokenizer"):
         train(_train_cfg(tiny_store, tmp_path / "x", student=ModelSpec(name_or_path=str(other))), progress=False)
 
@@ -108,7 +134,13 @@ def test_every_rank_reads_its_part_of_every_global_batch_and_together_they_cover
     teachers = ["teacher-a", "teacher-b"]
     seen = []
     for rank in range(3):
-        batches = MicroBatches(KVStream(tiny_store["store"], teachers, shuffle_buffer=4), 4, lambda s: {"ids": [x["sample_id"] for x in s]}, rank=rank, world_size=3)
+        batches = MicroBatches(
+            KVStream(tiny_store["store"], teachers, shuffle_buffer=4),
+            4,
+            lambda s: {"ids": [x["sample_id"] for x in s]},
+            rank=rank,
+            world_size=3,
+        )
         seen.append([i for b in batches if b["weight"] for i in b["ids"]])
     assert not set(seen[0]) & set(seen[1]) and not set(seen[1]) & set(seen[2])
     assert sorted(seen[0] + seen[1] + seen[2]) == sorted(ex.id for ex in load_examples(tiny_store["data"]))
@@ -166,7 +198,9 @@ def test_a_shard_rewritten_after_finalize_is_refused_until_finalize_runs_again(t
     doc = json.loads(meta.read_text())
     doc["attributes"]["kvdistill"]["host"] = "elsewhere"  # any change to the completion record
     meta.write_text(json.dumps(doc))
-    with pytest.raises(StoreError, match="rewritten after the store's metadata was consolidated; run `kvdistill store finalize"):
+    with pytest.raises(
+        StoreError, match="rewritten after the store's metadata was consolidated; run `kvdistill store finalize"
+    ):
         list(shard_samples(store, ["teacher-a"], [1]))
     finalize(store)
     assert len(list(shard_samples(store, ["teacher-a"], [1]))) == len(ShardReader(store, "teacher-a", 1))
@@ -182,7 +216,9 @@ def test_masked_ce_ignores_positions_outside_the_loss_mask():
     changed[0, 4:] += 100.0  # predicts targets 5 (masked out) and beyond: no effect
     changed[1, 2:] -= 50.0
     assert torch.allclose(base, masked_ce(changed, ids, mask))
-    ref = torch.nn.functional.cross_entropy(logits[0, 1:4], ids[0, 2:5], reduction="sum") + torch.nn.functional.cross_entropy(logits[1, 0:2], ids[1, 1:3], reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        logits[0, 1:4], ids[0, 2:5], reduction="sum"
+    ) + torch.nn.functional.cross_entropy(logits[1, 0:2], ids[1, 1:3], reduction="sum")
     assert torch.allclose(base, ref / 5)
 
 
@@ -219,7 +255,9 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_identical_to_an_uninte
     train(_train_cfg(tiny_store, tmp_path / "straight", **common), progress=False)
     train(_train_cfg(tiny_store, tmp_path / "cut", save_every=6, stop_at_step=8, **common), progress=False)
     assert (tmp_path / "cut" / "checkpoints" / "step-0000006" / "loader.json").exists()
-    train(_train_cfg(tiny_store, tmp_path / "cut", save_every=6, resume=str(tmp_path / "cut"), **common), progress=False)
+    train(
+        _train_cfg(tiny_store, tmp_path / "cut", save_every=6, resume=str(tmp_path / "cut"), **common), progress=False
+    )
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final").state_dict()
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "final").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -250,7 +288,10 @@ def test_padding_contributes_exactly_nothing_to_any_loss_term(tiny_store, kv_los
         return {k: v for k, v in out.items() if v.dim() == 0}
 
     before = losses(batch)
-    kv = {t: (k.masked_fill(pad[:, :, None, None], float("nan")), v.masked_fill(pad[:, :, None, None], float("nan"))) for t, (k, v) in batch["kv"].items()}
+    kv = {
+        t: (k.masked_fill(pad[:, :, None, None], float("nan")), v.masked_fill(pad[:, :, None, None], float("nan")))
+        for t, (k, v) in batch["kv"].items()
+    }
     after = losses({**batch, "input_ids": batch["input_ids"].masked_fill(pad, 7), "kv": kv})
     assert before.keys() == after.keys() == {"ce", "kv_k", "kv_v", "loss"}
     for name in before:
@@ -267,7 +308,9 @@ def test_each_kv_loss_kind_trains_with_a_finite_falling_loss(tiny_store, tmp_pat
 def test_lora_trains_only_adapters_and_its_checkpoint_reloads_and_evaluates_the_same(tiny_store, tmp_path):
     from peft import PeftModel
 
-    summary = train(_train_cfg(tiny_store, tmp_path / "lora", lora_r=4, lora_alpha=8, max_steps=8, lr=1e-2), progress=False)
+    summary = train(
+        _train_cfg(tiny_store, tmp_path / "lora", lora_r=4, lora_alpha=8, max_steps=8, lr=1e-2), progress=False
+    )
     assert np.isfinite(summary["mean_last_20_kv_k"])
     final = tmp_path / "lora" / "final"
     assert (final / "lora" / "adapter_config.json").exists() and (final / "config.json").exists()
@@ -276,12 +319,17 @@ def test_lora_trains_only_adapters_and_its_checkpoint_reloads_and_evaluates_the_
     # only attention projections moved (LoRA targets); the MLPs and embeddings are the base's
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])}
     assert changed and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
-    reloaded = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path), final / "lora").eval()
+    reloaded = PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path), final / "lora"
+    ).eval()
     ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reloaded(ids).logits, rtol=1e-5, atol=1e-5)
     data = DataSpec(split="test", limit=4, synthetic=tiny_store["data"].synthetic)
-    ppl = [evaluate(EvalConfig(model=str(p), data=data, max_new_tokens=8, device="cpu"), progress=False)["perplexity"] for p in (tmp_path / "lora", final)]
+    ppl = [
+        evaluate(EvalConfig(model=str(p), data=data, max_new_tokens=8, device="cpu"), progress=False)["perplexity"]
+        for p in (tmp_path / "lora", final)
+    ]
     assert ppl[0] == ppl[1] and np.isfinite(ppl[0])
 
 
@@ -319,9 +367,18 @@ def fresh_accelerator_state():
 
 
 @pytest.mark.parametrize("precision, want", [("auto", "no"), ("bf16", "bf16")])
-def test_mixed_precision_is_off_on_cpu_by_default_and_bf16_autocast_trains(tiny_store, tmp_path, precision, want, fresh_accelerator_state):
-    cfg = TrainConfig(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=2,
-                      device="cpu", mixed_precision=precision)
+def test_mixed_precision_is_off_on_cpu_by_default_and_bf16_autocast_trains(
+    tiny_store, tmp_path, precision, want, fresh_accelerator_state
+):
+    cfg = TrainConfig(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out=str(tmp_path / "run"),
+        batch_size=8,
+        max_steps=2,
+        device="cpu",
+        mixed_precision=precision,
+    )
     summary = train(cfg, progress=False)
     rank = json.loads((tmp_path / "run" / "ranks" / "rank-0.json").read_text())
     assert rank["mixed_precision"] == want
@@ -346,9 +403,16 @@ def test_eval_counts_generations_cut_off_by_the_budget_and_says_so(tiny_store, c
     result = evaluate(EvalConfig(model=model, data=data, max_new_tokens=3, device="cpu"), progress=False)
     assert result["n"] == 6 and result["hit_cap"] == 6 and result["accuracy_finished"] == 0.0
     assert result["hit_cap_correct"] == round(result["accuracy"] * 6)
-    assert main(["eval", "--model", model, "--limit", "6", "--max-new-tokens", "3", "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(["eval", "--model", model, "--limit", "6", "--max-new-tokens", "3", "--device", "cpu", "--no-progress"])
+        == 0
+    )
     err = capsys.readouterr().err
-    assert "warning: 6 of" in err and "reached --max-new-tokens 3 without finishing" in err and "raise --max-new-tokens" in err
+    assert (
+        "warning: 6 of" in err
+        and "reached --max-new-tokens 3 without finishing" in err
+        and "raise --max-new-tokens" in err
+    )
 
 
 def test_a_generation_that_ends_with_eos_is_finished_and_one_without_is_cut():
@@ -363,8 +427,13 @@ def test_a_generation_that_ends_with_eos_is_finished_and_one_without_is_cut():
 def test_warmup_ratio_sets_the_warm_up_as_a_fraction_of_max_steps(tiny_store, tmp_path):
     from kvdistill.schemas import ConfigError
 
-    assert TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40, warmup_ratio=0.25).warmup == 10
-    assert TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40, warmup_steps=7).warmup == 7
+    assert (
+        TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40, warmup_ratio=0.25).warmup
+        == 10
+    )
+    assert (
+        TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40, warmup_steps=7).warmup == 7
+    )
     with pytest.raises(ConfigError, match=r"TrainConfig.warmup_ratio: a fraction of max_steps in \[0, 1\), got 1.5"):
         TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", warmup_ratio=1.5)
     train(_train_cfg(tiny_store, tmp_path / "r", max_steps=8, warmup_ratio=0.5, log_every=1), progress=False)

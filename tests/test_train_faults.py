@@ -22,13 +22,34 @@ from kvdistill.store.lock import FileLock
 
 
 def _train(tiny_store, out, *extra: str) -> int:
-    return main(["train", "--store", str(tiny_store["store"]), "--student", tiny_store["student"].name_or_path, "--out", str(out),
-                 "--batch-size", "8", "--max-steps", "2", "--device", "cpu", "--no-progress", *extra])
+    return main(
+        [
+            "train",
+            "--store",
+            str(tiny_store["store"]),
+            "--student",
+            tiny_store["student"].name_or_path,
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
-def test_a_full_disk_while_saving_a_checkpoint_is_one_line_exit_5_and_leaves_no_partial(tiny_store, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_exit_5_and_leaves_no_partial(
+    tiny_store, tmp_path, monkeypatch, capsys
+):
     def full(*args, **kw):
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054")  # torch.save's words for ENOSPC
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4054"
+        )  # torch.save's words for ENOSPC
 
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr(checkpoint, "_free", lambda path: 4096)
@@ -43,7 +64,9 @@ def test_a_full_disk_while_saving_the_final_model_leaves_no_half_final(tiny_stor
 
     def full(accelerator, model, cfg, tokenizer, out, save_extra):
         real(accelerator, model, cfg, tokenizer, out, save_extra)
-        raise Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+        raise Exception(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(loop, "save_student", full)
     assert _train(tiny_store, tmp_path / "run") == ExitCode.ENVIRONMENT
@@ -65,16 +88,36 @@ def test_a_second_compare_on_one_folder_is_busy(tmp_path):
     from kvdistill.compare import run_compare
     from kvdistill.store.errors import ShardBusy
 
-    with FileLock(tmp_path / "cmp" / ".kvdistill.lock", "another compare"), pytest.raises(ShardBusy, match="compare directory .* is being written by"):
+    with (
+        FileLock(tmp_path / "cmp" / ".kvdistill.lock", "another compare"),
+        pytest.raises(ShardBusy, match="compare directory .* is being written by"),
+    ):
         run_compare(CompareConfig(out=str(tmp_path / "cmp")), progress=False)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_signal_while_kvdistill_starts_is_one_line_and_exit_143(tiny_store, tmp_path, sig):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvdistill", "train", "--store", str(tiny_store["store"]), "--student", tiny_store["student"].name_or_path,
-         "--out", str(tmp_path / "run"), "--max-steps", "2", "--device", "cpu", "--no-progress"],
-        stderr=subprocess.PIPE, text=True, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "kvdistill",
+            "train",
+            "--store",
+            str(tiny_store["store"]),
+            "--student",
+            tiny_store["student"].name_or_path,
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     time.sleep(0.6)  # python is up, the imports (torch, transformers: seconds) are not done
     proc.send_signal(sig)

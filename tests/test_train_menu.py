@@ -38,7 +38,17 @@ HEADS = {"teacher-a": (2, 32), "teacher-b": (1, 16)}
 
 
 def _cfg(tiny_store, out, **kw) -> TrainConfig:
-    base = dict(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(out), batch_size=8, max_steps=12, warmup_steps=2, log_every=1, device="cpu", shuffle_buffer=16)
+    base = dict(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out=str(out),
+        batch_size=8,
+        max_steps=12,
+        warmup_steps=2,
+        log_every=1,
+        device="cpu",
+        shuffle_buffer=16,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -68,7 +78,9 @@ def test_headwise_adapter_at_init_outputs_the_group_average_of_teacher_heads_wit
     a = HeadwiseAdapter(L, (h_t, d), (h_s, d))
     x = torch.randn(B, T, L, h_t * d)
     heads = x.view(B, T, L, h_t, d)
-    expected = torch.cat([(heads[..., 0, :] + heads[..., 1, :]) / 2, (heads[..., 2, :] + heads[..., 3, :]) / 2], dim=-1)
+    expected = torch.cat(
+        [(heads[..., 0, :] + heads[..., 1, :]) / 2, (heads[..., 2, :] + heads[..., 3, :]) / 2], dim=-1
+    )
     assert torch.equal(a(x), expected)  # exact: halves of sums, identity maps
     # GQA teacher 8 heads x 64 -> student 2 x 32: far fewer parameters than one flat map
     hw, flat = HeadwiseAdapter(L, (8, 64), (2, 32)), KVAdapter(L, 512, 64)
@@ -80,7 +92,9 @@ def test_headwise_adapter_at_init_outputs_the_group_average_of_teacher_heads_wit
 def test_headwise_adapter_is_refused_for_a_pca_projected_teacher(tiny_store):
     spec, teachers = open_specs(tiny_store["store"])
     pca = dict(teachers)
-    pca["teacher-a"] = dataclasses.replace(teachers["teacher-a"], width=8, projection={"dim": 8, "explained_variance": 0.9})
+    pca["teacher-a"] = dataclasses.replace(
+        teachers["teacher-a"], width=8, projection={"dim": 8, "explained_variance": 0.9}
+    )
     cfg = _cfg(tiny_store, "unused", adapter="headwise")
     build_distiller(cfg, _student(tiny_store), spec, teachers)  # the stored heads are intact: fine
     with pytest.raises(ValueError, match=r"teacher teacher-a: stored through a PCA projection.*--adapter flat"):
@@ -118,10 +132,22 @@ def test_each_fusion_and_adapter_trains_with_a_finite_falling_loss(tiny_store, f
 
 def test_a_router_run_with_attention_weights_and_annealing_logs_every_term_and_saves_the_router(tiny_store, tmp_path):
     out = tmp_path / "router"
-    cfg = _cfg(tiny_store, out, fusion="router", adapter="headwise", kv_attn_weight="student", kv_attn_warmup_steps=3, layer_anneal_steps=4, max_steps=6, save_every=4)
+    cfg = _cfg(
+        tiny_store,
+        out,
+        fusion="router",
+        adapter="headwise",
+        kv_attn_weight="student",
+        kv_attn_warmup_steps=3,
+        layer_anneal_steps=4,
+        max_steps=6,
+        save_every=4,
+    )
     train(cfg, progress=False)
     ckpt = safetensors.torch.load_file(out / "checkpoints" / "step-0000004" / "model.safetensors")
-    assert any(k.startswith("router.") for k in ckpt) and any(".mix" in k for k in ckpt)  # the checkpoint holds router and adapters
+    assert any(k.startswith("router.") for k in ckpt) and any(
+        ".mix" in k for k in ckpt
+    )  # the checkpoint holds router and adapters
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert len(rows) == 6
     for r in rows:
@@ -140,11 +166,25 @@ def test_a_router_run_with_attention_weights_and_annealing_logs_every_term_and_s
 
 
 @pytest.mark.parametrize("fusion,adapter", [("router", "flat"), ("similarity", "headwise"), ("fixed", "headwise")])
-def test_padding_contributes_exactly_nothing_to_any_term_attention_weighted_and_cka_included(tiny_store, fusion, adapter):
+def test_padding_contributes_exactly_nothing_to_any_term_attention_weighted_and_cka_included(
+    tiny_store, fusion, adapter
+):
     torch.manual_seed(0)
     model = Distiller(
-        _student(tiny_store).eval(), TEACHERS, 2, 32, fusion=fusion, adapter=adapter, teacher_heads=HEADS, student_heads=(2, 16),
-        router_entropy_weight=0.1, kv_attn_weight="student", kv_attn_warmup_steps=10, cka_weight=0.5, cka_layers=[0, 1], layer_anneal_steps=8,
+        _student(tiny_store).eval(),
+        TEACHERS,
+        2,
+        32,
+        fusion=fusion,
+        adapter=adapter,
+        teacher_heads=HEADS,
+        student_heads=(2, 16),
+        router_entropy_weight=0.1,
+        kv_attn_weight="student",
+        kv_attn_warmup_steps=10,
+        cka_weight=0.5,
+        cka_layers=[0, 1],
+        layer_anneal_steps=8,
     )
     assert model.student.config._attn_implementation == "eager"
     batch = _batch(tiny_store)
@@ -153,11 +193,16 @@ def test_padding_contributes_exactly_nothing_to_any_term_attention_weighted_and_
 
     def losses(b):
         with torch.no_grad():
-            out = model(b["input_ids"], b["attention_mask"], b["loss_mask"], b["kv"], step=4)  # mid warm-up, mid annealing
+            out = model(
+                b["input_ids"], b["attention_mask"], b["loss_mask"], b["kv"], step=4
+            )  # mid warm-up, mid annealing
         return {k: v for k, v in out.items() if v.dim() == 0}
 
     before = losses(batch)
-    kv = {t: (k.masked_fill(pad[:, :, None, None], float("nan")), v.masked_fill(pad[:, :, None, None], float("nan"))) for t, (k, v) in batch["kv"].items()}
+    kv = {
+        t: (k.masked_fill(pad[:, :, None, None], float("nan")), v.masked_fill(pad[:, :, None, None], float("nan")))
+        for t, (k, v) in batch["kv"].items()
+    }
     after = losses({**batch, "input_ids": batch["input_ids"].masked_fill(pad, 7), "kv": kv})
     terms = {"ce", "kv_k", "kv_v", "cka", "loss"} | ({"router_entropy"} if fusion == "router" else set())
     assert terms <= before.keys() and before.keys() == after.keys()
@@ -171,7 +216,9 @@ def test_padding_contributes_exactly_nothing_to_any_term_attention_weighted_and_
 def test_cka_loss_equals_one_minus_align_cka_and_is_differentiable():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 9, 2, 12, generator=g, dtype=torch.float64)
-    b = a @ torch.randn(12, 20, generator=g, dtype=torch.float64) + 0.5 * torch.randn(3, 9, 2, 20, generator=g, dtype=torch.float64)
+    b = a @ torch.randn(12, 20, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        3, 9, 2, 20, generator=g, dtype=torch.float64
+    )
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, 6:] = False
     mask[2, 4:] = False
@@ -223,9 +270,24 @@ def test_router_entropy_term_rewards_entropy(tiny_store):
     batch = _batch(tiny_store)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["kv"])
     torch.manual_seed(0)
-    m0 = Distiller(_student(tiny_store).eval(), TEACHERS, 2, 32, fusion="router", teacher_weights={"teacher-a": 0.9, "teacher-b": 0.1})
+    m0 = Distiller(
+        _student(tiny_store).eval(),
+        TEACHERS,
+        2,
+        32,
+        fusion="router",
+        teacher_weights={"teacher-a": 0.9, "teacher-b": 0.1},
+    )
     torch.manual_seed(0)
-    m1 = Distiller(_student(tiny_store).eval(), TEACHERS, 2, 32, fusion="router", teacher_weights={"teacher-a": 0.9, "teacher-b": 0.1}, router_entropy_weight=0.5)
+    m1 = Distiller(
+        _student(tiny_store).eval(),
+        TEACHERS,
+        2,
+        32,
+        fusion="router",
+        teacher_weights={"teacher-a": 0.9, "teacher-b": 0.1},
+        router_entropy_weight=0.5,
+    )
     o0, o1 = m0(*args), m1(*args)
     h = o1["router_entropy"]
     torch.testing.assert_close(h, torch.tensor(-(0.9 * np.log(0.9) + 0.1 * np.log(0.1)), dtype=torch.float32))
@@ -240,10 +302,19 @@ def test_router_entropy_term_rewards_entropy(tiny_store):
 
 
 def test_layer_anneal_schedule_at_hand_picked_steps():
-    expect = {0: [1.0, 0, 0], 25: [1.0, 0.5, 0], 50: [1.0, 1, 0], 60: [1.0, 1, 0.2], 100: [1.0, 1, 1], 500: [1.0, 1, 1]}
+    expect = {
+        0: [1.0, 0, 0],
+        25: [1.0, 0.5, 0],
+        50: [1.0, 1, 0],
+        60: [1.0, 1, 0.2],
+        100: [1.0, 1, 1],
+        500: [1.0, 1, 1],
+    }
     for step, w in expect.items():
         torch.testing.assert_close(layer_anneal_weights(3, step, 100), torch.tensor(w), msg=f"step {step}")
-    assert torch.equal(layer_anneal_weights(3, 7, 0), torch.ones(3)) and torch.equal(layer_anneal_weights(3, None, 100), torch.ones(3))
+    assert torch.equal(layer_anneal_weights(3, 7, 0), torch.ones(3)) and torch.equal(
+        layer_anneal_weights(3, None, 100), torch.ones(3)
+    )
 
 
 def test_attention_weight_warmup_goes_linearly_from_uniform_to_the_attention_weights():
@@ -262,8 +333,12 @@ def test_attention_key_weights_by_hand():
     w = attention_key_weights([p, p.flip(1)], mask)
     assert w.shape == (1, 3, 2)
     torch.testing.assert_close(w[0, :, 0], torch.tensor([1.25, 0.75, 0.0]))
-    two_heads = torch.cat([p, torch.tensor([[[[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1]]]])], dim=1)  # second head: all on key 0
-    torch.testing.assert_close(attention_key_weights([two_heads], mask)[0, :, 0], torch.tensor([1.625, 0.375, 0.0]) / 1.0)
+    two_heads = torch.cat(
+        [p, torch.tensor([[[[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1]]]])], dim=1
+    )  # second head: all on key 0
+    torch.testing.assert_close(
+        attention_key_weights([two_heads], mask)[0, :, 0], torch.tensor([1.625, 0.375, 0.0]) / 1.0
+    )
 
 
 # ----------------------------------------------------------------------------- diagnose
@@ -273,7 +348,15 @@ def test_diagnose_reports_every_term_with_gradient_norms_and_suggested_weights(t
     from kvdistill.cli import main
     from kvdistill.train.diagnose import diagnose, format_table
 
-    cfg = _cfg(tiny_store, tmp_path / "diag", fusion="router", router_entropy_weight=0.1, kv_weight=2.0, teacher_weights={"teacher-a": 3.0, "teacher-b": 1.0}, batch_size=4)
+    cfg = _cfg(
+        tiny_store,
+        tmp_path / "diag",
+        fusion="router",
+        router_entropy_weight=0.1,
+        kv_weight=2.0,
+        teacher_weights={"teacher-a": 3.0, "teacher-b": 1.0},
+        batch_size=4,
+    )
     result = diagnose(cfg, batches=2)
     with capsys.disabled():  # visible with pytest -s
         print("\n" + format_table(result))
@@ -297,21 +380,43 @@ def test_diagnose_reports_every_term_with_gradient_norms_and_suggested_weights(t
     assert "router_entropy" in printed and "suggested weights" in printed
 
 
-def test_loss_curve_compares_the_first_logged_value_with_the_mean_of_the_last_20_per_term_and_iteration(tmp_path, capsys):
+def test_loss_curve_compares_the_first_logged_value_with_the_mean_of_the_last_20_per_term_and_iteration(
+    tmp_path, capsys
+):
     from kvdistill.cli import main
     from kvdistill.train.diagnose import format_curve, loss_curve
 
     rows = []
     for i in range(30):  # kv_k falls 2.0 -> 0.55, kv_v flat at 1, codi rises 1 -> 1.29; steps 10..300
-        row = {"step": 10 * (i + 1), "epoch": 0, "lr": 1e-3, "tokens": 100 * i, "loss": 5.0 - 0.1 * i, "kv_k": 2.0 - 0.05 * i, "kv_v": 1.0,
-               "codi": 1.0 + 0.01 * i, "kv_k_iters": [3.0, 2.0 - 0.05 * i], "kv_k_layers": [1.0, 2.0], "route_k_a": 0.5}
+        row = {
+            "step": 10 * (i + 1),
+            "epoch": 0,
+            "lr": 1e-3,
+            "tokens": 100 * i,
+            "loss": 5.0 - 0.1 * i,
+            "kv_k": 2.0 - 0.05 * i,
+            "kv_v": 1.0,
+            "codi": 1.0 + 0.01 * i,
+            "kv_k_iters": [3.0, 2.0 - 0.05 * i],
+            "kv_k_layers": [1.0, 2.0],
+            "route_k_a": 0.5,
+        }
         if i % 10 == 9:
             row["val_kv_k"] = 9.0
         rows.append(json.dumps(row))
-    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 310, "kv_k": 0.')  # a killed run's cut-off row
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(rows) + '\n{"step": 310, "kv_k": 0.'
+    )  # a killed run's cut-off row
     curve = loss_curve(tmp_path)
     assert curve["steps"] == [10, 300] and curve["window"] == 20
-    assert list(curve["terms"]) == ["loss", "kv_k", "kv_v", "codi", "kv_k[iter 1]", "kv_k[iter 2]"]  # no val_, route_, layers, step...
+    assert list(curve["terms"]) == [
+        "loss",
+        "kv_k",
+        "kv_v",
+        "codi",
+        "kv_k[iter 1]",
+        "kv_k[iter 2]",
+    ]  # no val_, route_, layers, step...
     kv_k = curve["terms"]["kv_k"]
     last20 = sum(2.0 - 0.05 * i for i in range(10, 30)) / 20  # 1.025
     assert kv_k["n"] == 30 and kv_k["first"] == 2.0 and kv_k["mean_last"] == pytest.approx(last20)
@@ -319,10 +424,14 @@ def test_loss_curve_compares_the_first_logged_value_with_the_mean_of_the_last_20
     assert curve["terms"]["kv_v"]["change"] == 0 and curve["terms"]["kv_v"]["trend"] == "flat"
     assert curve["terms"]["codi"]["trend"] == "rises" and curve["terms"]["kv_k[iter 1]"]["trend"] == "flat"
     assert curve["terms"]["kv_k[iter 2]"]["mean_last"] == pytest.approx(last20)
-    assert loss_curve(tmp_path, window=5)["terms"]["kv_k"]["mean_last"] == pytest.approx(sum(2.0 - 0.05 * i for i in range(25, 30)) / 5)
+    assert loss_curve(tmp_path, window=5)["terms"]["kv_k"]["mean_last"] == pytest.approx(
+        sum(2.0 - 0.05 * i for i in range(25, 30)) / 5
+    )
     table = format_curve(curve)
     assert "kv_k[iter 2]" in table and "-48.8%" in table
-    assert main(["train", "diagnose", "--run", str(tmp_path), "--json", str(tmp_path / "c.json")]) == 0  # no store, no model
+    assert (
+        main(["train", "diagnose", "--run", str(tmp_path), "--json", str(tmp_path / "c.json")]) == 0
+    )  # no store, no model
     assert "kv_k[iter 2]" in capsys.readouterr().out
     assert json.loads((tmp_path / "c.json").read_text())["curve"]["terms"]["kv_k"]["trend"] == "falls"
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')

@@ -24,8 +24,16 @@ from kvdistill.train.student import load_student
 
 def _cfg(tiny_store, out, **kw) -> TrainConfig:
     base = dict(
-        store=str(tiny_store["store"]), student=tiny_store["student"], out=str(out), batch_size=8, max_steps=3,
-        warmup_steps=0, log_every=1, device="cpu", shuffle_buffer=1, seed=3,
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out=str(out),
+        batch_size=8,
+        max_steps=3,
+        warmup_steps=0,
+        log_every=1,
+        device="cpu",
+        shuffle_buffer=1,
+        seed=3,
     )
     return TrainConfig(**{**base, **kw})
 
@@ -45,7 +53,9 @@ EXACT = dict(kv_norm="none", cka_weight=0.0, kv_weight=1.0)
 
 def test_accumulating_four_micro_batches_of_two_equals_one_batch_of_eight(tiny_store, tmp_path):
     big = train(_cfg(tiny_store, tmp_path / "big", batch_size=8, **EXACT), progress=False)
-    acc = train(_cfg(tiny_store, tmp_path / "acc", batch_size=2, gradient_accumulation_steps=4, **EXACT), progress=False)
+    acc = train(
+        _cfg(tiny_store, tmp_path / "acc", batch_size=2, gradient_accumulation_steps=4, **EXACT), progress=False
+    )
     assert big["steps"] == acc["steps"] == 3 and big["effective_batch"] == acc["effective_batch"] == 8
     a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
     assert a.keys() == b.keys()
@@ -89,7 +99,15 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_kv_capture_inc
         _, student, spec, teachers = load_student(cfg)
         mode = cot_mode(cfg, student, spec, teachers)
         mode.model.train()
-        batch = collate([s for _, s in zip(range(4), KVStream(tiny_store["store"], list(teachers), shuffle_buffer=1), strict=False)], 0)
+        batch = collate(
+            [
+                s
+                for _, s in zip(
+                    range(4), KVStream(tiny_store["store"], list(teachers), shuffle_buffer=1), strict=False
+                )
+            ],
+            0,
+        )
         losses = mode.step(mode.model, batch, torch.device("cpu"), 0, None)
         losses["loss"].backward()
         grads[ckpt] = (
@@ -97,7 +115,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_kv_capture_inc
             {n: p.grad.clone() for n, p in mode.model.named_parameters() if p.grad is not None},
         )
         base = student.get_base_model()  # peft
-        on = base.is_activation_checkpointing if hasattr(type(base), "is_activation_checkpointing") else base.is_gradient_checkpointing
+        on = (
+            base.is_activation_checkpointing
+            if hasattr(type(base), "is_activation_checkpointing")
+            else base.is_gradient_checkpointing
+        )
         assert on == ckpt
     (l0, g0), (l1, g1) = grads[False], grads[True]
     assert l0 == pytest.approx(l1, rel=1e-6)
@@ -117,12 +139,16 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_store, tmp_path)
 def test_validation_on_held_out_shards_is_logged_and_keeps_the_best_checkpoint(tiny_store, tmp_path):
     run = tmp_path / "val"
     summary = train(
-        _cfg(tiny_store, run, batch_size=4, max_steps=6, eval_steps=2, val_shards=1, metric_for_best_model="val_loss"), progress=False
+        _cfg(tiny_store, run, batch_size=4, max_steps=6, eval_steps=2, val_shards=1, metric_for_best_model="val_loss"),
+        progress=False,
     )
     rows = _rows(run)
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [2, 4, 6]
-    assert all({"val_ce", "val_kv_k", "val_kv_v"} <= set(r) and all(math.isfinite(r[k]) for k in r if k.startswith("val_")) for r in val)
+    assert all(
+        {"val_ce", "val_kv_k", "val_kv_v"} <= set(r) and all(math.isfinite(r[k]) for k in r if k.startswith("val_"))
+        for r in val
+    )
     # The held-out shard is never trained on.
     rank = json.loads((run / "ranks" / "rank-0.json").read_text())
     assert rank["shards"] == [0] and "param_sha256" not in rank
@@ -159,7 +185,9 @@ def test_a_val_store_holding_the_training_data_is_refused_naming_val_shards(tiny
 
 def test_num_train_epochs_sets_the_steps_from_the_store(tiny_store, tmp_path):
     # 48 samples, batch 8 x accumulation 2: 3 steps an epoch.
-    summary = train(_cfg(tiny_store, tmp_path / "ep", num_train_epochs=2, gradient_accumulation_steps=2), progress=False)
+    summary = train(
+        _cfg(tiny_store, tmp_path / "ep", num_train_epochs=2, gradient_accumulation_steps=2), progress=False
+    )
     assert summary["steps"] == 6 and summary["epochs_started"] == 2
     half = train(_cfg(tiny_store, tmp_path / "half", num_train_epochs=0.5), progress=False)
     assert half["steps"] == 3  # 6 batches an epoch
@@ -180,7 +208,10 @@ def test_latent_mode_accumulates_too(latent_store, tmp_path):
     # CODI is standardised by the batch's teacher hidden std, a batch statistic: off here.
     common = dict(max_steps=2, kv_norm="none", codi_weight=0.0, teachers=["teacher-a"], seed=1, shuffle_buffer=1)
     big = train(latent_cfg(latent_store, tmp_path / "big", batch_size=4, **common), progress=False)
-    acc = train(latent_cfg(latent_store, tmp_path / "acc", batch_size=2, gradient_accumulation_steps=2, **common), progress=False)
+    acc = train(
+        latent_cfg(latent_store, tmp_path / "acc", batch_size=2, gradient_accumulation_steps=2, **common),
+        progress=False,
+    )
     assert big["steps"] == acc["steps"] == 2
     a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
     for k in a:
@@ -191,5 +222,8 @@ def test_an_unknown_best_model_metric_is_refused_before_any_step(tiny_store, tmp
     from kvdistill.schemas import ConfigError
 
     with pytest.raises(ConfigError, match=r"validates val_loss and val_<term> for terms \['ce', 'kv_k'"):
-        train(_cfg(tiny_store, tmp_path / "m", eval_steps=1, val_shards=1, metric_for_best_model="val_kvk"), progress=False)
+        train(
+            _cfg(tiny_store, tmp_path / "m", eval_steps=1, val_shards=1, metric_for_best_model="val_kvk"),
+            progress=False,
+        )
     assert not (tmp_path / "m" / "metrics.jsonl").exists()

@@ -39,11 +39,15 @@ for rec in wds.WebDataset({str(wds_store / "teachers" / "teacher-a" / "shard-000
     out.append([rec["__key__"], list(k.shape), str(k.dtype), json.loads(rec["json"])["tokens"]])
 print(json.dumps({{"records": out, "kvdistill": sorted(m for m in sys.modules if m.split(".")[0] == "kvdistill")}}))
 """
-    res = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout)
+    res = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
+    )
     assert res["kvdistill"] == []
     r = ShardReader(tiny_store["store"], "teacher-a", 1)
     assert [x[0] for x in res["records"]] == r.sample_ids
-    assert [x[1] for x in res["records"]] == [[int(b - a), 2, 64] for a, b in zip(r.offsets[:-1], r.offsets[1:], strict=True)]
+    assert [x[1] for x in res["records"]] == [
+        [int(b - a), 2, 64] for a, b in zip(r.offsets[:-1], r.offsets[1:], strict=True)
+    ]
     assert {x[2] for x in res["records"]} == {"float16"}
 
 
@@ -59,7 +63,17 @@ def test_wds_samples_equal_the_zarr_rows_for_every_teacher(tiny_store, wds_store
 
 
 def test_the_trainer_streams_a_webdataset_store(tiny_store, wds_store, tmp_path):
-    summary = train(TrainConfig(store=str(wds_store), student=tiny_store["student"], out=str(tmp_path / "run"), batch_size=8, max_steps=3, device="cpu"), progress=False)
+    summary = train(
+        TrainConfig(
+            store=str(wds_store),
+            student=tiny_store["student"],
+            out=str(tmp_path / "run"),
+            batch_size=8,
+            max_steps=3,
+            device="cpu",
+        ),
+        progress=False,
+    )
     assert summary["steps"] == 3 and np.isfinite(summary["mean_last_20_kv_k"])
 
 
@@ -79,18 +93,45 @@ def test_converting_back_gives_an_identical_verified_zarr_store(tiny_store, wds_
 def test_dump_tasks_write_one_tar_each_and_finalize_like_a_zarr_store(tiny_store, tmp_path):
     store = tmp_path / "direct"
     for t in tiny_store["teachers"]:
-        cfg = DumpConfig(teacher=t, student=tiny_store["student"], store=str(store), data=tiny_store["data"], num_shards=2, batch_size=8, device="cpu")
+        cfg = DumpConfig(
+            teacher=t,
+            student=tiny_store["student"],
+            store=str(store),
+            data=tiny_store["data"],
+            num_shards=2,
+            batch_size=8,
+            device="cpu",
+        )
         cfg.save(tmp_path / f"{t.name}.yaml")
         for shard in range(2):
-            assert main(["dump", "--config", str(tmp_path / f"{t.name}.yaml"), "--shard", str(shard), "--backend", "webdataset", "--no-progress"]) == 0
-    assert sorted(p.name for p in (store / "teachers" / "teacher-a").glob("*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
+            assert (
+                main(
+                    [
+                        "dump",
+                        "--config",
+                        str(tmp_path / f"{t.name}.yaml"),
+                        "--shard",
+                        str(shard),
+                        "--backend",
+                        "webdataset",
+                        "--no-progress",
+                    ]
+                )
+                == 0
+            )
+    assert sorted(p.name for p in (store / "teachers" / "teacher-a").glob("*.tar")) == [
+        "shard-00000.tar",
+        "shard-00001.tar",
+    ]
     assert main(["store", "finalize", str(store)]) == 0
     assert verify(store) == []
     for shard in range(2):  # the same records as the zarr dump of the same tasks
         want = list(shard_samples(tiny_store["store"], TEACHERS, [shard]))
         got = list(wds_samples(store, TEACHERS, shard))
         assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
-        assert all(np.array_equal(g["kv"][t][0], w["kv"][t][0]) for g, w in zip(got, want, strict=True) for t in TEACHERS)
+        assert all(
+            np.array_equal(g["kv"][t][0], w["kv"][t][0]) for g, w in zip(got, want, strict=True) for t in TEACHERS
+        )
 
 
 def test_an_object_dtype_npy_in_a_tar_is_refused_not_unpickled(tmp_path, wds_store):
@@ -128,13 +169,21 @@ def _stream_ids(store) -> list[str]:
 
 
 @pytest.mark.parametrize(("world", "workers"), [(2, 0), (1, 2), (2, 2)])
-def test_a_webdataset_store_splits_the_global_order_across_ranks_and_workers_as_zarr_does(tiny_store, wds_store, world, workers):
+def test_a_webdataset_store_splits_the_global_order_across_ranks_and_workers_as_zarr_does(
+    tiny_store, wds_store, world, workers
+):
     from torch.utils.data import DataLoader
 
     from kvdistill.train.stream import MicroBatches
 
     def ids(store, rank):
-        batches = MicroBatches(KVStream(store, TEACHERS, shuffle_buffer=4, seed=2), 4, lambda s: {"ids": [x["sample_id"] for x in s]}, rank=rank, world_size=world)
+        batches = MicroBatches(
+            KVStream(store, TEACHERS, shuffle_buffer=4, seed=2),
+            4,
+            lambda s: {"ids": [x["sample_id"] for x in s]},
+            rank=rank,
+            world_size=world,
+        )
         return [b["ids"] for b in DataLoader(batches, batch_size=None, num_workers=workers) if b["weight"]]
 
     parts = [ids(wds_store, r) for r in range(world)]

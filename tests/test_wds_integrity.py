@@ -32,8 +32,14 @@ def dumped(tiny_store, tmp_path_factory):
     """Both tiny teachers dumped straight into tars (the dump's WdsShardWriter), 2 shards, finalized."""
     store = tmp_path_factory.mktemp("wds-integrity") / "tiny.wds"
     base = DumpConfig(
-        teacher=tiny_store["teachers"][0], student=tiny_store["student"], store=str(store), data=tiny_store["data"],
-        num_shards=2, batch_size=8, device="cpu", backend="webdataset",
+        teacher=tiny_store["teachers"][0],
+        student=tiny_store["student"],
+        store=str(store),
+        data=tiny_store["data"],
+        num_shards=2,
+        batch_size=8,
+        device="cpu",
+        backend="webdataset",
     )
     run_local(dump_tasks(base, tiny_store["teachers"]), progress=False)
     finalize(store)
@@ -83,7 +89,10 @@ def test_random_flipped_bytes_in_any_tar_are_refused_by_the_trainers_stream_and_
         teacher, shard = tar.parent.name, int(tar.stem.removeprefix("shard-"))
         where = f"trial {trial}: {teacher} {tar.name}, bytes {offsets} of {len(original)}"
         assert _shards_with_problems(store) == {(teacher, shard)}, where
-        with pytest.raises(CorruptShard, match=rf"store {re.escape(str(store))}: teacher '{teacher}' shard-{shard:05d}: .*{re.escape(tar.name)}"):
+        with pytest.raises(
+            CorruptShard,
+            match=rf"store {re.escape(str(store))}: teacher '{teacher}' shard-{shard:05d}: .*{re.escape(tar.name)}",
+        ):
             _stream_everything(store)
         tar.write_bytes(original)
     assert verify(store) == []
@@ -95,7 +104,10 @@ def test_a_flipped_byte_in_a_member_is_refused_before_its_record_is_decoded_nami
     _flip(tar, [k4.offset_data + k4.size // 2])  # inside the K values: np.load would read it happily
     key = k4.name.removesuffix(".k.npy")
     read = []
-    with pytest.raises(CorruptShard, match=rf"teacher 'teacher-a' shard-00001: member {key}\.k\.npy of {re.escape(str(tar))} fails its crc32c"):
+    with pytest.raises(
+        CorruptShard,
+        match=rf"teacher 'teacher-a' shard-00001: member {key}\.k\.npy of {re.escape(str(tar))} fails its crc32c",
+    ):
         for s in wds_samples(store, ["teacher-a"], 1):
             read.append(s["sample_id"])
     assert len(read) == 4 and key not in read
@@ -118,8 +130,17 @@ def _outside_members(tar) -> dict[str, tuple[int, str]]:
     }
 
 
-@pytest.mark.parametrize("place", ["first header", "a later header", "a header checksum's trailing byte", "padding after a member",
-                                   "the end-of-archive blocks", "the last byte"])
+@pytest.mark.parametrize(
+    "place",
+    [
+        "first header",
+        "a later header",
+        "a header checksum's trailing byte",
+        "padding after a member",
+        "the end-of-archive blocks",
+        "the last byte",
+    ],
+)
 def test_a_flipped_byte_outside_every_member_is_refused_too(store, place):
     tar = _tar(store, "teacher-b", 0)
     offset, refusal = _outside_members(tar)[place]
@@ -133,8 +154,13 @@ def test_a_deleted_tar_is_refused_naming_it(store):
     tar = _tar(store, "teacher-b", 1)
     tar.unlink()
     problems = verify(store)
-    assert [(p.teacher, p.shard, p.what) for p in problems if p.shard == 1] == [("teacher-b", 1, "shard-00001.tar is missing (deleted or lost)")]
-    with pytest.raises(CorruptShard, match=rf"teacher 'teacher-b' shard-00001: tar {re.escape(str(tar))} is missing \(deleted or lost\)"):
+    assert [(p.teacher, p.shard, p.what) for p in problems if p.shard == 1] == [
+        ("teacher-b", 1, "shard-00001.tar is missing (deleted or lost)")
+    ]
+    with pytest.raises(
+        CorruptShard,
+        match=rf"teacher 'teacher-b' shard-00001: tar {re.escape(str(tar))} is missing \(deleted or lost\)",
+    ):
         _stream_everything(store)
 
 
@@ -146,11 +172,17 @@ def _cut_points(tar) -> dict[str, tuple[int, str]]:
         "inside a member": (ms[13].offset_data + 100, rf"does not parse after {13 // per_record} of {n} records"),
         "at a record boundary": (ms[5 * per_record].offset, rf"ends after 5 of {n} records"),
         "inside a record, between members": (ms[5 * per_record + 2].offset, rf"ends inside record 5 .* of {n}"),
-        "only the end-of-archive blocks": (ms[-1].offset_data + -(-ms[-1].size // 512) * 512, r"whole-file crc32c: \d+ bytes .* written as \d+ bytes"),
+        "only the end-of-archive blocks": (
+            ms[-1].offset_data + -(-ms[-1].size // 512) * 512,
+            r"whole-file crc32c: \d+ bytes .* written as \d+ bytes",
+        ),
     }
 
 
-@pytest.mark.parametrize("cut", ["inside a member", "at a record boundary", "inside a record, between members", "only the end-of-archive blocks"])
+@pytest.mark.parametrize(
+    "cut",
+    ["inside a member", "at a record boundary", "inside a record, between members", "only the end-of-archive blocks"],
+)
 def test_a_truncated_tar_is_refused_naming_how_far_it_got(store, cut):
     tar = _tar(store, "teacher-a", 0)
     size, refusal = _cut_points(tar)[cut]
@@ -167,7 +199,9 @@ def test_records_in_another_order_are_refused_even_with_a_matching_file_checksum
     with tarfile.open(tar) as tf:
         members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
     per_record = len(members) // json.loads(tar.with_suffix(".json").read_text())["samples"]
-    members = members[per_record : 2 * per_record] + members[:per_record] + members[2 * per_record :]  # records 0, 1 swapped
+    members = (
+        members[per_record : 2 * per_record] + members[:per_record] + members[2 * per_record :]
+    )  # records 0, 1 swapped
     with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
         for m, data in members:
             tf.addfile(m, io.BytesIO(data))
@@ -176,7 +210,9 @@ def test_records_in_another_order_are_refused_even_with_a_matching_file_checksum
     rec["crc32c"]["tar"], rec["crc32c"]["size"] = google_crc32c.value(tar.read_bytes()), tar.stat().st_size
     sidecar.write_text(json.dumps(rec))
     first, second = rec["sample_ids"][:2]
-    with pytest.raises(CorruptShard, match=rf"holds record '{second}' where its completion record lists '{first}' \(record 0 of"):
+    with pytest.raises(
+        CorruptShard, match=rf"holds record '{second}' where its completion record lists '{first}' \(record 0 of"
+    ):
         list(wds_samples(store, ["teacher-a"], 1))
     assert _shards_with_problems(store) == {("teacher-a", 1)}
 
@@ -189,7 +225,11 @@ def test_a_tar_written_without_checksums_is_refused_with_a_request_to_redump(sto
     with pytest.raises(StoreError, match="written by an older kvdistill.*re-dump this teacher into a new store") as e:
         _stream_everything(store)
     assert not isinstance(e.value, CorruptShard)
-    assert any("older kvdistill" in p.what and "re-dump" in p.fix for p in verify(store) if (p.teacher, p.shard) == ("teacher-a", 0))
+    assert any(
+        "older kvdistill" in p.what and "re-dump" in p.fix
+        for p in verify(store)
+        if (p.teacher, p.shard) == ("teacher-a", 0)
+    )
 
 
 def _write_and_hold(root, ready, done) -> None:
@@ -208,7 +248,10 @@ def test_a_second_writer_of_a_shard_in_another_process_fails_naming_the_first(tm
     first.start()
     try:
         assert ready.wait(30), "the first writer did not start"
-        with pytest.raises(ShardBusy, match=rf"teacher 't' shard-00000 .* is being written by pid {first.pid} on host {re.escape(socket.gethostname())}"):
+        with pytest.raises(
+            ShardBusy,
+            match=rf"teacher 't' shard-00000 .* is being written by pid {first.pid} on host {re.escape(socket.gethostname())}",
+        ):
             WdsShardWriter(root, "t", 0, num_layers=1, width=4)
         assert not _tar(root, "t", 0).exists()  # the refused writer touched nothing
     finally:

@@ -51,7 +51,9 @@ def test_z_dim_0_leaves_the_distiller_bit_identical_to_one_built_without_the_z_f
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
     # and it can fail: Z space on replaces the K/V terms
-    on = _distiller(tiny_store, z_dim=8)(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["kv"], step=3)
+    on = _distiller(tiny_store, z_dim=8)(
+        batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["kv"], step=3
+    )
     assert "z" in on and "kv_k" not in on and not torch.equal(on["loss"], a["loss"])
 
 
@@ -80,7 +82,9 @@ def test_each_z_loss_is_about_zero_for_identical_sides_positive_otherwise_and_bl
     assert torch.equal(standardize(raw, mask)[mask], standardize(torch.where(pad, 1e6, raw), mask)[mask])
 
 
-@pytest.mark.parametrize("kind, teacher_maps", [(k, "fixed") for k in Z_LOSSES] + [("barlow", "learned"), ("cca", "learned")])
+@pytest.mark.parametrize(
+    "kind, teacher_maps", [(k, "fixed") for k in Z_LOSSES] + [("barlow", "learned"), ("cca", "learned")]
+)
 def test_a_collapsed_z_scores_at_least_one_for_every_loss_with_the_default_guard(kind, teacher_maps):
     """Bound (train/zspace.py, guard 2): a Z constant over the tokens standardises to 0, so
     against a standardised, non-constant target it scores mse = mean var / (var + eps) >= 1 - 1e-4
@@ -91,7 +95,9 @@ def test_a_collapsed_z_scores_at_least_one_for_every_loss_with_the_default_guard
     mask[0, 50:] = False
     one_token = torch.randn(1, 1, 2, 32, generator=g)
     student = (one_token.expand(4, 64, 2, 32), (2 * one_token).expand(4, 64, 2, 32))  # the same K, V at every token
-    teachers = {t: (torch.randn(4, 64, 2, w, generator=g), torch.randn(4, 64, 2, w, generator=g)) for t, w in WIDTHS.items()}
+    teachers = {
+        t: (torch.randn(4, 64, 2, w, generator=g), torch.randn(4, 64, 2, w, generator=g)) for t, w in WIDTHS.items()
+    }
     out = zspace(student, teachers, mask)
     assert (out.per_layer >= 1 - 1e-4).all(), out.per_layer
     assert out.std < 1e-5 and out.erank == 0  # the collapse statistics see it
@@ -108,7 +114,9 @@ def _random_kv(g: torch.Generator, width: int) -> tuple[torch.Tensor, torch.Tens
     return torch.randn(8, 32, 2, width, generator=g), torch.randn(8, 32, 2, width, generator=g)
 
 
-def _optimise_maps(teacher_maps: str, kind: str, standardize: bool, steps: int = 150) -> tuple[tuple[float, float], tuple[float, float], float]:
+def _optimise_maps(
+    teacher_maps: str, kind: str, standardize: bool, steps: int = 150
+) -> tuple[tuple[float, float], tuple[float, float], float]:
     """Adam on the maps alone (no student) over independent random K/V, where nothing can be
     matched and the only way down is collapse. Returns the student's (z_std, z_erank) at init and
     at the end, and the teacher's z_std at the end."""
@@ -132,7 +140,9 @@ def _optimise_maps(teacher_maps: str, kind: str, standardize: bool, steps: int =
     return first, (out.std.item(), out.erank.item()), teacher_std
 
 
-@pytest.mark.parametrize("teacher_maps, kind", [("fixed", k) for k in Z_LOSSES] + [("learned", "barlow"), ("learned", "cca")])
+@pytest.mark.parametrize(
+    "teacher_maps, kind", [("fixed", k) for k in Z_LOSSES] + [("learned", "barlow"), ("learned", "cca")]
+)
 def test_maps_optimised_with_the_guard_keep_their_spread_and_rank(teacher_maps, kind):
     (std0, _), (std, erank), teacher_std = _optimise_maps(teacher_maps, kind, standardize=True)
     assert std > 0.5 * std0 and teacher_std > 0.5 and erank > 6, (std0, std, erank, teacher_std)  # of 8 dimensions
@@ -156,12 +166,16 @@ def test_dimensional_collapse_of_both_sides_is_cheap_unwhitened_and_costs_its_lo
     mask = torch.ones(8, n // 8, dtype=torch.bool)
     mask[:, -7:] = False
 
-    def honest() -> tuple[torch.Tensor, torch.Tensor]:  # per dimension an own shared factor, correlation 0.3 between sides
+    def honest() -> tuple[
+        torch.Tensor, torch.Tensor
+    ]:  # per dimension an own shared factor, correlation 0.3 between sides
         shared = torch.randn(8, n // 8, 1, z_dim, generator=g)
         side = [0.3**0.5 * shared + 0.7**0.5 * torch.randn(shared.shape, generator=g) for _ in range(2)]
         return side[0], side[1]
 
-    def collapsed(rank: int) -> tuple[torch.Tensor, torch.Tensor]:  # both sides: Z dimensions on `rank` shared directions
+    def collapsed(
+        rank: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # both sides: Z dimensions on `rank` shared directions
         a, _ = honest()
         a = a[..., :rank] @ torch.randn(rank, z_dim, generator=g)
         return a, a.clone()
@@ -229,7 +243,12 @@ def test_learned_maps_on_shared_factors_collapse_to_a_few_directions_unwhitened_
     erank0, erank, teacher_erank, _ = _optimise_shared(kind, whiten=False)
     assert erank0 > 7 and erank < 5 and teacher_erank < 5, (erank0, erank, teacher_erank)
     erank0, erank, teacher_erank, teacher_std = _optimise_shared(kind, whiten=True)
-    assert erank0 > 7 and erank > 0.8 * 8 and teacher_erank > 0.8 * 8 and teacher_std > 0.5, (erank0, erank, teacher_erank, teacher_std)
+    assert erank0 > 7 and erank > 0.8 * 8 and teacher_erank > 0.8 * 8 and teacher_std > 0.5, (
+        erank0,
+        erank,
+        teacher_erank,
+        teacher_std,
+    )
     assert ZSpace({"t": 24}, 16, 2, 8, loss=kind, teacher_maps="learned").whiten  # the default for learned maps
     assert not ZSpace({"t": 24}, 16, 2, 8, loss=kind).whiten  # fixed maps keep the plain loss
 
@@ -252,8 +271,20 @@ def test_train_config_refuses_z_space_where_it_cannot_serve_or_guard():
 
 def test_training_in_z_space_logs_finite_z_terms_saves_maps_and_sample_and_the_report_draws_it(tiny_store, tmp_path):
     run = tmp_path / "z"
-    cfg = TrainConfig(store=str(tiny_store["store"]), student=tiny_store["student"], out=str(run), batch_size=8, max_steps=20,
-                      warmup_steps=2, log_every=1, device="cpu", shuffle_buffer=16, fusion="similarity", z_dim=16, z_loss="cca")
+    cfg = TrainConfig(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out=str(run),
+        batch_size=8,
+        max_steps=20,
+        warmup_steps=2,
+        log_every=1,
+        device="cpu",
+        shuffle_buffer=16,
+        fusion="similarity",
+        z_dim=16,
+        z_loss="cca",
+    )
     summary = train(cfg, progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert len(rows) == 20 and all("kv_k" not in r for r in rows)

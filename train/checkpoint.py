@@ -18,7 +18,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Position", "save_checkpoint", "save_complete", "saving", "checkpoints", "latest_checkpoint", "find_resume", "load_checkpoint"]
+__all__ = [
+    "Position",
+    "save_checkpoint",
+    "save_complete",
+    "saving",
+    "checkpoints",
+    "latest_checkpoint",
+    "find_resume",
+    "load_checkpoint",
+]
 
 # accelerate's save_state warns on every checkpoint that it dropped a tied weight's duplicate
 # ("Removed shared tensor {'student.lm_head.weight'} ..."); expected for a tied student (it
@@ -52,7 +61,9 @@ def saving(what: str, path: Path) -> Iterator[None]:
         raise
     except Exception as e:
         if "No space left" in str(e) or _free(path) < DISK_FULL_BYTES:
-            raise OSError(errno.ENOSPC, f"no space left on the device writing {what} ({type(e).__name__}: {e})", str(path)) from e
+            raise OSError(
+                errno.ENOSPC, f"no space left on the device writing {what} ({type(e).__name__}: {e})", str(path)
+            ) from e
         raise
 
 
@@ -109,7 +120,11 @@ def save_checkpoint(accelerator, path: Path, pos: Position, end_of_epoch: bool) 
 
 def checkpoints(run: Path) -> list[Path]:
     """The complete checkpoints of a run directory, oldest first (step-N holding loader.json)."""
-    found = [p for p in (run / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / "loader.json").is_file()]
+    found = [
+        p
+        for p in (run / "checkpoints").glob("step-*")
+        if re.fullmatch(r"step-\d+", p.name) and (p / "loader.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 

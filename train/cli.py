@@ -42,7 +42,9 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.usage = "%(prog)s [--recipe NAME] [--config FILE] [--FIELD VALUE ...]" + ("" if suppress else " [diagnose ...]")
     default = argparse.SUPPRESS if suppress else None
     p.add_argument(
-        "--recipe", choices=recipe_names(), default=default,
+        "--recipe",
+        choices=recipe_names(),
+        default=default,
         help="a preset of train/recipes/ under --config and the flags (default: kava with --mode latent, else default)",
     )
     add_flags(p, TrainConfig, groups=TRAIN_GROUPS, suppress=suppress)
@@ -50,7 +52,9 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a student from the KV store (no teacher is loaded)", description=__doc__,
+        "train",
+        help="train a student from the KV store (no teacher is loaded)",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _train_flags(p)
@@ -67,16 +71,20 @@ def add_parser(sub) -> None:
     _train_flags(d, suppress=True)
     d.add_argument("--batches", type=int, default=4, help="batches to average over (default: 4)")
     d.add_argument(
-        "--checkpoint", metavar="RUN_DIR",
+        "--checkpoint",
+        metavar="RUN_DIR",
         help="diagnose a trained run's weights instead of the initialisation: a run directory (its final/), a final/ directory or "
         "RUN_DIR/checkpoints/step-N; the config is the run's train_config.yaml unless --config is given, and the run's loss curve follows",
     )
     d.add_argument(
-        "--run", metavar="RUN_DIR",
+        "--run",
+        metavar="RUN_DIR",
         help="only this: do RUN_DIR's logged loss terms fall (metrics.jsonl: first value vs the mean of the last 20, per term and "
         "per Jacobi iteration)? Builds no model and reads no store",
     )
-    d.add_argument("--json", metavar="OUT", help="also write the result (terms, suggested weights, curve) as JSON to OUT")
+    d.add_argument(
+        "--json", metavar="OUT", help="also write the result (terms, suggested weights, curve) as JSON to OUT"
+    )
     d.set_defaults(func=diagnose_main)
     e = sub.add_parser("eval", help="greedy-decode answers: accuracy and gold perplexity")
     add_flags(e, EvalConfig)

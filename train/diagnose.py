@@ -53,10 +53,30 @@ __all__ = ["diagnose", "format_table", "load_trained", "run_dir_of", "loss_curve
 def _terms(cfg: TrainConfig) -> tuple[str, dict[str, float], tuple[tuple[str, str], ...]]:
     """(the CE term, {term: its weight in the loss}, ((term, the config field to suggest a weight for), ...))."""
     if cfg.mode == "latent":
-        weights = {"ce_answer": cfg.ce_weight, "ce_cot": cfg.cot_weight, "codi": cfg.codi_weight, "kv": cfg.kv_weight, "kv_k": cfg.kv_weight, "kv_v": cfg.kv_weight}
+        weights = {
+            "ce_answer": cfg.ce_weight,
+            "ce_cot": cfg.cot_weight,
+            "codi": cfg.codi_weight,
+            "kv": cfg.kv_weight,
+            "kv_k": cfg.kv_weight,
+            "kv_v": cfg.kv_weight,
+        }
         return "ce_answer", weights, (("kv", "kv_weight"), ("codi", "codi_weight"), ("ce_cot", "cot_weight"))
-    weights = {"ce": cfg.ce_weight, "kv": cfg.kv_weight, "kv_k": cfg.kv_weight, "kv_v": cfg.kv_weight, "cka": cfg.cka_weight, "router_entropy": -cfg.router_entropy_weight, "z": cfg.kv_weight, "attn_kl": cfg.attn_kl_weight}
-    return "ce", weights, (("kv", "kv_weight"), ("z", "kv_weight"), ("cka", "cka_weight"), ("attn_kl", "attn_kl_weight"))
+    weights = {
+        "ce": cfg.ce_weight,
+        "kv": cfg.kv_weight,
+        "kv_k": cfg.kv_weight,
+        "kv_v": cfg.kv_weight,
+        "cka": cfg.cka_weight,
+        "router_entropy": -cfg.router_entropy_weight,
+        "z": cfg.kv_weight,
+        "attn_kl": cfg.attn_kl_weight,
+    }
+    return (
+        "ce",
+        weights,
+        (("kv", "kv_weight"), ("z", "kv_weight"), ("cka", "cka_weight"), ("attn_kl", "attn_kl_weight")),
+    )
 
 
 def _groups(mode: Mode) -> dict[str, list[torch.nn.Parameter]]:
@@ -82,7 +102,9 @@ def _norm(grads: tuple[torch.Tensor | None, ...]) -> float:
 
 def _cosine(a: tuple[torch.Tensor | None, ...], b: tuple[torch.Tensor | None, ...]) -> float | None:
     """cos(a, b) of two gradients given per parameter (None: zero); None when either is zero."""
-    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True) if x is not None and y is not None)
+    dot = sum(
+        float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True) if x is not None and y is not None
+    )
     na, nb = _norm(a), _norm(b)
     return dot / (na * nb) if na > 0 and nb > 0 else None
 
@@ -106,7 +128,11 @@ def diagnose(cfg: TrainConfig, batches: int = 4, checkpoint: str | Path | None =
     device = torch.device("cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "cuda")
     tokenizer, student, spec, teachers = load_student(cfg)
     pad_id = pad_token_id(tokenizer)
-    mode = latent_mode(cfg, student, spec, teachers, pad_id) if cfg.mode == "latent" else cot_mode(cfg, student, spec, teachers)
+    mode = (
+        latent_mode(cfg, student, spec, teachers, pad_id)
+        if cfg.mode == "latent"
+        else cot_mode(cfg, student, spec, teachers)
+    )
     loaded = load_trained(mode, cfg, checkpoint) if checkpoint is not None else None
     model = mode.model
     model.to(device).train()  # the mode train runs in (dropout on, as in its first step)
@@ -114,8 +140,15 @@ def diagnose(cfg: TrainConfig, batches: int = 4, checkpoint: str | Path | None =
     params = [p for ps in groups.values() for p in ps]
     bounds = list(itertools.accumulate(len(ps) for ps in groups.values()))
     stream = KVStream(
-        cfg.store, list(teachers), seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, shuffle_buffer_bytes=cfg.shuffle_buffer_bytes, read_kv=mode.read_kv, read_latent=mode.read_latent,
-        kv_as_stored=kv_as_stored(cfg.kv_transfer, device), shards=split_shards(cfg, spec.num_shards)[0],
+        cfg.store,
+        list(teachers),
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        shuffle_buffer_bytes=cfg.shuffle_buffer_bytes,
+        read_kv=mode.read_kv,
+        read_latent=mode.read_latent,
+        kv_as_stored=kv_as_stored(cfg.kv_transfer, device),
+        shards=split_shards(cfg, spec.num_shards)[0],
     )
     loader = train_loader(stream, cfg, pad_id, mode.control)  # as in train, the shuffled-KV control included
     ce_name, weights, suggest = _terms(cfg)
@@ -126,7 +159,13 @@ def diagnose(cfg: TrainConfig, batches: int = 4, checkpoint: str | Path | None =
         row["value"].append(value)
         for g, lo, hi in zip(groups, [0, *bounds[:-1]], bounds, strict=True):
             row[f"grad_{g}"].append(_norm(grads[lo:hi]))
-        cos = 1.0 if name == ce_name else None if ce_grads is None else _cosine(grads[: bounds[0]], ce_grads[: bounds[0]])
+        cos = (
+            1.0
+            if name == ce_name
+            else None
+            if ce_grads is None
+            else _cosine(grads[: bounds[0]], ce_grads[: bounds[0]])
+        )
         if cos is not None:
             row["cos_ce"].append(cos)
 
@@ -143,7 +182,10 @@ def diagnose(cfg: TrainConfig, batches: int = 4, checkpoint: str | Path | None =
             if name == "kv_k":
                 kv_k = grads
             if name == "kv_v" and kv_k is not None:  # the pair's gradient is the sum: no extra backward
-                both = tuple(None if a is None and b is None else (b if a is None else a if b is None else a + b) for a, b in zip(kv_k, grads, strict=True))
+                both = tuple(
+                    None if a is None and b is None else (b if a is None else a if b is None else a + b)
+                    for a, b in zip(kv_k, grads, strict=True)
+                )
                 record("kv", (terms["kv_k"] + value).item(), both, ce_grads)
                 kv_k = None
         n += 1
@@ -166,15 +208,31 @@ def diagnose(cfg: TrainConfig, batches: int = 4, checkpoint: str | Path | None =
             g = report[name]["grad_student"]
             suggested[field] = ce_ref / g if g > 0 and ce_ref > 0 else None
     return {
-        "mode": mode.name, "batches": n, "checkpoint": None if loaded is None else str(loaded), "ce_term": ce_name,
-        "groups": list(groups), "terms": report, "suggested": suggested,
+        "mode": mode.name,
+        "batches": n,
+        "checkpoint": None if loaded is None else str(loaded),
+        "ce_term": ce_name,
+        "groups": list(groups),
+        "terms": report,
+        "suggested": suggested,
     }
 
 
 # --------------------------------------------------------------------------- trained weights
 
 # Fields that decide which modules a run has: a config differing in one cannot load its weights.
-_STRUCTURE = ("mode", "lora_r", "lora_targets", "adapter", "fusion", "router_groups", "router_hidden", "teachers", "z_dim", "z_teacher_maps")
+_STRUCTURE = (
+    "mode",
+    "lora_r",
+    "lora_targets",
+    "adapter",
+    "fusion",
+    "router_groups",
+    "router_hidden",
+    "teachers",
+    "z_dim",
+    "z_teacher_maps",
+)
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -221,16 +279,22 @@ def load_trained(mode: Mode, cfg: TrainConfig, checkpoint: str | Path) -> Path:
     if (path / "final" / "config.json").is_file():
         path = path / "final"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a run directory with final/, a final/ directory, nor RUN_DIR/checkpoints/step-N")
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: neither a run directory with final/, a final/ directory, nor RUN_DIR/checkpoints/step-N"
+        )
     if cfg.lora_r > 0:
         from peft import set_peft_model_state_dict
 
         lora = path / "lora" / "adapter_model.safetensors"
         if not lora.is_file():
-            raise FileNotFoundError(f"{path} has no lora/adapter_model.safetensors: was it trained without LoRA? Diagnose it with its own config (--lora-r 0)")
+            raise FileNotFoundError(
+                f"{path} has no lora/adapter_model.safetensors: was it trained without LoRA? Diagnose it with its own config (--lora-r 0)"
+            )
         result = set_peft_model_state_dict(model.student, load_file(lora))
         if result.unexpected_keys:
-            raise ValueError(f"{lora}: LoRA weights {result.unexpected_keys[:4]} fit no module of this student; diagnose it with its own config")
+            raise ValueError(
+                f"{lora}: LoRA weights {result.unexpected_keys[:4]} fit no module of this student; diagnose it with its own config"
+            )
     else:
         from transformers import AutoModelForCausalLM
 
@@ -240,7 +304,9 @@ def load_trained(mode: Mode, cfg: TrainConfig, checkpoint: str | Path) -> Path:
     if mode.name == "latent":
         state = torch.load(path / LATENT_FILE, map_location="cpu")
         if state["slots"] != model.head.slots:
-            raise StoreError(f"{path / LATENT_FILE} has {state['slots']} latent slots, the store {cfg.store} {model.head.slots}; diagnose it on the store it was trained on")
+            raise StoreError(
+                f"{path / LATENT_FILE} has {state['slots']} latent slots, the store {cfg.store} {model.head.slots}; diagnose it on the store it was trained on"
+            )
         model.head.load_state_dict(state["head"])
         model.adapters.load_state_dict(state["adapters"])
         model.codi.load_state_dict(state["codi"])
@@ -303,16 +369,27 @@ def loss_curve(run_dir: str | Path, window: int = SUMMARY_WINDOW, tolerance: flo
         change = (last - first) / abs(first) if first != 0 else (0.0 if last == 0 else math.copysign(math.inf, last))
         trend = "falls" if change < -tolerance else "rises" if change > tolerance else "flat"
         terms[k] = {"n": len(xs), "first": first, "mean_last": last, "change": change, "trend": trend}
-    return {"run": str(run_dir), "steps": [rows[0].get("step"), rows[-1].get("step")], "window": window, "terms": terms}
+    return {
+        "run": str(run_dir),
+        "steps": [rows[0].get("step"), rows[-1].get("step")],
+        "window": window,
+        "terms": terms,
+    }
 
 
 def format_curve(curve: dict[str, Any]) -> str:
     """The curve as a plain-text table."""
     w = curve["window"]
     head = f"{'term':<18}{'logged':>8}{'first':>12}{f'mean last {w}':>14}{'change':>10}  trend"
-    lines = [f"{curve['run']}/metrics.jsonl, steps {curve['steps'][0]}..{curve['steps'][1]}: first logged value vs the mean of the last {w}", head, "-" * len(head)]
+    lines = [
+        f"{curve['run']}/metrics.jsonl, steps {curve['steps'][0]}..{curve['steps'][1]}: first logged value vs the mean of the last {w}",
+        head,
+        "-" * len(head),
+    ]
     for name, r in curve["terms"].items():
-        lines.append(f"{name:<18}{r['n']:>8}{r['first']:>12.5g}{r['mean_last']:>14.5g}{r['change']:>+10.1%}  {r['trend']}")
+        lines.append(
+            f"{name:<18}{r['n']:>8}{r['first']:>12.5g}{r['mean_last']:>14.5g}{r['change']:>+10.1%}  {r['trend']}"
+        )
     return "\n".join(lines)
 
 
@@ -323,20 +400,29 @@ def format_table(result: dict[str, Any]) -> str:
     head = f"{'term':<16}{'weight':>9}{'value':>12}{'|grad| student':>17}" + (f"{'|grad| head':>14}" if latent else "")
     head += f"{aux:>21}{'cos(CE)':>9}{'weight x |grad|':>17}{'vs CE':>8}"
     where = "at init" if result["checkpoint"] is None else f"at {result['checkpoint']}"
-    lines = [f"loss terms {where}, mode {result['mode']}, mean over {result['batches']} batch(es), step 0", head, "-" * len(head)]
+    lines = [
+        f"loss terms {where}, mode {result['mode']}, mean over {result['batches']} batch(es), step 0",
+        head,
+        "-" * len(head),
+    ]
 
     def num(x: float | None, fmt: str, width: int) -> str:
         return f"{'n/a':>{width}}" if x is None else f"{x:>{width}{fmt}}"
 
     for name, r in result["terms"].items():
         lines.append(
-            f"{name:<16}{r['weight']:>9.3g}{r['value']:>12.5g}{r['grad_student']:>17.4g}" + (f"{r['grad_head']:>14.4g}" if latent else "")
+            f"{name:<16}{r['weight']:>9.3g}{r['value']:>12.5g}{r['grad_student']:>17.4g}"
+            + (f"{r['grad_head']:>14.4g}" if latent else "")
             + f"{r['grad_adapters']:>21.4g}{num(r['cos_ce'], '.3f', 9)}{r['weighted_grad_student']:>17.4g}{num(r['vs_ce'], '.3g', 8)}"
         )
     ce = result["ce_term"]
-    lines.append(f"(kv = kv_k + kv_v, the pair kv_weight scales; cos(CE): cosine of the term's student gradient with {ce}'s; vs CE: weight x |grad| over {ce}'s)")
+    lines.append(
+        f"(kv = kv_k + kv_v, the pair kv_weight scales; cos(CE): cosine of the term's student gradient with {ce}'s; vs CE: weight x |grad| over {ce}'s)"
+    )
     if latent:
-        lines.append("(head: the latent slots' init + proj; adapt+codi: the KV adapters and CODI maps; weights: ce_answer ce_weight, ce_cot cot_weight, codi codi_weight)")
+        lines.append(
+            "(head: the latent slots' init + proj; adapt+codi: the KV adapters and CODI maps; weights: ce_answer ce_weight, ce_cot cot_weight, codi codi_weight)"
+        )
     else:
         lines.append("(router_entropy enters the loss with weight -router_entropy_weight)")
     if result["suggested"]:

@@ -35,7 +35,19 @@ from .quant import kv_to_device
 from .stream import shuffle_kv
 from .zspace import ZSpace, save_sample
 
-__all__ = ["fixed_weights", "KVAdapter", "HeadwiseAdapter", "Router", "Distiller", "build_distiller", "head_mixer_init", "LOSS_TERMS", "adapter_key", "cot_mode", "cot_counts"]
+__all__ = [
+    "fixed_weights",
+    "KVAdapter",
+    "HeadwiseAdapter",
+    "Router",
+    "Distiller",
+    "build_distiller",
+    "head_mixer_init",
+    "LOSS_TERMS",
+    "adapter_key",
+    "cot_mode",
+    "cot_counts",
+]
 
 # Every scalar loss term forward() may return (besides the total "loss").
 LOSS_TERMS = ("ce", "kv_k", "kv_v", "cka", "router_entropy", "attn_kl", "z")
@@ -116,12 +128,16 @@ class Router(nn.Module):
     groups 3: one weight vector per shallow / middle / deep third of the student layers
     (layer l is in group floor(3 l / L))."""
 
-    def __init__(self, hidden_size: int, init_weights: list[float], num_layers: int, groups: int = 1, width: int = 64) -> None:
+    def __init__(
+        self, hidden_size: int, init_weights: list[float], num_layers: int, groups: int = 1, width: int = 64
+    ) -> None:
         super().__init__()
         if groups not in (1, 3):
             raise ValueError(f"router groups must be 1 or 3, got {groups}")
         if num_layers < groups:
-            raise ValueError(f"router_groups {groups} needs at least {groups} student layers, the student has {num_layers}; use router_groups 1")
+            raise ValueError(
+                f"router_groups {groups} needs at least {groups} student layers, the student has {num_layers}; use router_groups 1"
+            )
         self.n, self.groups = len(init_weights), groups
         self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, groups * self.n))
         nn.init.zeros_(self.mlp[2].weight)
@@ -151,7 +167,9 @@ def _use_eager_attention(student: nn.Module) -> None:
         raise TypeError(f"kv_attn_weight 'student' needs a transformers model; got {type(base).__name__}")
     base.set_attn_implementation("eager")
     if base.config._attn_implementation != "eager":
-        raise ValueError(f"could not switch {type(base).__name__} to eager attention; kv_attn_weight 'student' needs it")
+        raise ValueError(
+            f"could not switch {type(base).__name__} to eager attention; kv_attn_weight 'student' needs it"
+        )
 
 
 class Distiller(nn.Module):
@@ -240,32 +258,52 @@ class Distiller(nn.Module):
         self.cka_weight, self.layer_anneal_steps = cka_weight, layer_anneal_steps
         self.cka_layers = self._resolve_layers(cka_layers, num_layers)
         if attn_kl_weight > 0 and kv_weight == 0:
-            raise ValueError("attn_kl_weight > 0 compares attention over the teacher keys, which kv_weight 0 does not read; set kv_weight > 0")
+            raise ValueError(
+                "attn_kl_weight > 0 compares attention over the teacher keys, which kv_weight 0 does not read; set kv_weight > 0"
+            )
         self.attn_kl_weight, self.attn_kl_warmup_steps = attn_kl_weight, attn_kl_warmup_steps
-        self.attn_layout = attention_layout(student) if attn_kl_weight > 0 else None  # per layer: heads, scaling, window
+        self.attn_layout = (
+            attention_layout(student) if attn_kl_weight > 0 else None
+        )  # per layer: heads, scaling, window
         self.adapters = nn.ModuleDict()
         self.router: Router | None = None
         self.zspace: ZSpace | None = None
         if kv_weight > 0 and z_dim > 0:  # Z space (train/zspace.py): its maps replace the adapters
             if adapter != "flat" or kv_attn_weight != "none" or attn_kl_weight > 0:
-                raise ValueError("z_dim > 0 has no adapters, token weights or student-space teacher keys: use adapter flat, kv_attn_weight none, attn_kl_weight 0")
-            self.zspace = ZSpace(dict(teacher_widths), student_width, num_layers, z_dim, loss=z_loss, teacher_maps=z_teacher_maps,
-                                 offdiag_weight=z_offdiag_weight, kv_norm=kv_norm)
+                raise ValueError(
+                    "z_dim > 0 has no adapters, token weights or student-space teacher keys: use adapter flat, kv_attn_weight none, attn_kl_weight 0"
+                )
+            self.zspace = ZSpace(
+                dict(teacher_widths),
+                student_width,
+                num_layers,
+                z_dim,
+                loss=z_loss,
+                teacher_maps=z_teacher_maps,
+                offdiag_weight=z_offdiag_weight,
+                kv_norm=kv_norm,
+            )
         if kv_weight > 0:
             for t, width in teacher_widths.items() if self.zspace is None else ():
                 heads_t = None
                 if adapter == "headwise":
                     if not teacher_heads or t not in teacher_heads or student_heads is None:
-                        raise ValueError(f"adapter 'headwise' needs teacher_heads[{t!r}] and student_heads as (num_kv_heads, head_dim)")
+                        raise ValueError(
+                            f"adapter 'headwise' needs teacher_heads[{t!r}] and student_heads as (num_kv_heads, head_dim)"
+                        )
                     heads_t = teacher_heads[t]
                     if heads_t[0] * heads_t[1] != width or student_heads[0] * student_heads[1] != student_width:
-                        raise ValueError(f"teacher {t}: heads {heads_t} do not make its width {width}, or student heads {student_heads} not {student_width}")
+                        raise ValueError(
+                            f"teacher {t}: heads {heads_t} do not make its width {width}, or student heads {student_heads} not {student_width}"
+                        )
                 self.adapters[adapter_key(t)] = nn.ModuleDict(
                     {p: _make_adapter(num_layers, width, student_width, heads_t, student_heads) for p in ("k", "v")}
                 )
             if fusion == "router":
                 hidden = hidden_size or student.config.hidden_size
-                self.router = Router(hidden, [self.fusion[t] for t in self.active], num_layers, router_groups, router_hidden)
+                self.router = Router(
+                    hidden, [self.fusion[t] for t in self.active], num_layers, router_groups, router_hidden
+                )
             if kv_attn_weight == "student":
                 _use_eager_attention(student)
         # kv_norm "layer_std": each side's K and V are standardised per layer by the statistics
@@ -284,17 +322,23 @@ class Distiller(nn.Module):
             raise ValueError(f"unknown cka_layers {spec!r}; choose middle, last or a list of layer indices")
         bad = [i for i in spec if not 0 <= i < num_layers]
         if bad or not spec:
-            raise ValueError(f"cka_layers {list(spec)}: indices must lie in 0..{num_layers - 1} (the student has {num_layers} layers)")
+            raise ValueError(
+                f"cka_layers {list(spec)}: indices must lie in 0..{num_layers - 1} (the student has {num_layers} layers)"
+            )
         return sorted(set(spec))
 
-    def route(self, z_s: torch.Tensor, z_t: torch.Tensor, teachers: list[str], router_w: torch.Tensor | None = None) -> torch.Tensor:
+    def route(
+        self, z_s: torch.Tensor, z_t: torch.Tensor, teachers: list[str], router_w: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fusion weights over teachers. fixed: the configured weights. similarity: per token
         and layer, softmax over teachers of cosine(student, adapted teacher) / temperature,
         detached (routing picks the target; it is not itself trained). router: the router's
         per-sample weights router_w [B, G, N] spread over each group's layers -> [N, B, 1, L]
         (trained through the KV loss)."""
         if self.fusion_mode == "fixed":
-            return torch.tensor([self.fusion[t] for t in teachers], dtype=z_t.dtype, device=z_t.device).view(-1, 1, 1, 1)
+            return torch.tensor([self.fusion[t] for t in teachers], dtype=z_t.dtype, device=z_t.device).view(
+                -1, 1, 1, 1
+            )
         if self.fusion_mode == "router":
             return router_w[:, self.router.layer_group].permute(2, 0, 1)[:, :, None, :]  # [N, B, 1, L]
         with torch.no_grad():
@@ -306,7 +350,13 @@ class Distiller(nn.Module):
         """The K/V terms are computed from the whole step's summed statistics (exact however the
         step is split): layer_std + mse without token weights (Z space standardises on its own).
         Else per micro-batch."""
-        return self.kv_norm == "layer_std" and self.kv_weight > 0 and self.zspace is None and self.kv_loss == "mse" and self.kv_attn_weight == "none"
+        return (
+            self.kv_norm == "layer_std"
+            and self.kv_weight > 0
+            and self.zspace is None
+            and self.kv_loss == "mse"
+            and self.kv_attn_weight == "none"
+        )
 
     def _norm_ready(self) -> bool:
         """Reference statistics are there (measured, or loaded with a checkpoint). Checked on the
@@ -341,7 +391,10 @@ class Distiller(nn.Module):
         for part in ("k", "v"):
             if f"kv.{part}" in groups:
                 per_layer = _mse_from_sums(groups[f"kv.{part}"])
-                out[f"kv_{part}"], out[f"kv_{part}_layers"] = (layer_w.to(per_layer.device) * per_layer).mean(), per_layer.detach()
+                out[f"kv_{part}"], out[f"kv_{part}_layers"] = (
+                    (layer_w.to(per_layer.device) * per_layer).mean(),
+                    per_layer.detach(),
+                )
                 loss = loss + self.kv_weight * out[f"kv_{part}"]
         cka = [1 - cka_from_sums(g) for name, g in sorted(groups.items()) if name.startswith("cka.")]
         if cka:
@@ -350,7 +403,15 @@ class Distiller(nn.Module):
         out["loss"] = loss
         return out
 
-    def forward(self, input_ids, attention_mask, loss_mask, kv: dict[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None, shares: dict[str, float] | None = None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        loss_mask,
+        kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        step: int | None = None,
+        shares: dict[str, float] | None = None,
+    ):
         """shares (the trainer's step): {unit: this micro-batch's share of the step's count, x the
         number of processes}, scaling each term by what it is a mean over (`UNITS`), so the
         step's gradient is the one of its whole global batch; with them also "sums" (CKA's
@@ -391,11 +452,25 @@ class Distiller(nn.Module):
                 loss = loss - self.router_entropy_weight * entropy * share["samples"]
         tok_w = None
         if self.kv_attn_weight == "student":
-            tok_w = warmup_mix(attention_key_weights(res.attentions, mask), step, self.kv_attn_warmup_steps).to(logits.dtype)
-        layer_w = layer_anneal_weights(self.num_layers, step, self.layer_anneal_steps).to(device=logits.device, dtype=logits.dtype)
+            tok_w = warmup_mix(attention_key_weights(res.attentions, mask), step, self.kv_attn_warmup_steps).to(
+                logits.dtype
+            )
+        layer_w = layer_anneal_weights(self.num_layers, step, self.layer_anneal_steps).to(
+            device=logits.device, dtype=logits.dtype
+        )
         if self.zspace is not None:  # Z space (train/zspace.py): fusion and the loss in Z replace kv_k / kv_v
-            zo = self.zspace((student_kv["k"], student_kv["v"]), {t: kv[t] for t in teachers}, mask, lambda z_s, z_t: self.route(z_s, z_t, teachers, router_w))
-            out["z"], out["z_layers"], out["z_std"], out["z_erank"] = (layer_w * zo.per_layer).mean(), zo.per_layer.detach(), zo.std, zo.erank
+            zo = self.zspace(
+                (student_kv["k"], student_kv["v"]),
+                {t: kv[t] for t in teachers},
+                mask,
+                lambda z_s, z_t: self.route(z_s, z_t, teachers, router_w),
+            )
+            out["z"], out["z_layers"], out["z_std"], out["z_erank"] = (
+                (layer_w * zo.per_layer).mean(),
+                zo.per_layer.detach(),
+                zo.std,
+                zo.erank,
+            )
             if self.fusion_mode != "fixed":
                 for t, wt in zip(teachers, zo.weights, strict=True):
                     out[f"route_z_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
@@ -406,19 +481,34 @@ class Distiller(nn.Module):
             raw_s = student_kv[part]  # [B, T, L, D_s]
             adapted = [self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)) for t in teachers]
             if self.exact_kv:  # the window's statistics (`window`): sums here, the loss from their totals
-                x, a = raw_s[mask].double(), torch.stack([t[mask] for t in adapted]).double()  # [M, L, D], [N, M, L, D]
+                x, a = (
+                    raw_s[mask].double(),
+                    torch.stack([t[mask] for t in adapted]).double(),
+                )  # [M, L, D], [N, M, L, D]
                 own = torch.stack([layer_moments(x), *(layer_moments(t) for t in a)])  # [1 + N, 3, L], with graph
                 moments[part] = own.detach()  # the next step's reference
                 # the reference the similarity routing and CKA's teacher mix standardise by (detached):
                 # the previous step's whole batch; a batch on its own before any: its own
                 ref = self.norm_moments[i] if self._norm_ready() else own.detach()
-                w = self.route(standardize(raw_s, ref[0]).detach(), torch.stack([standardize(t, ref[1 + j]) for j, t in enumerate(adapted)]).detach(), teachers, router_w)
-                sums.update(_mse_sums(part, x, a, own, w.expand(w.shape[0], *mask.shape, w.shape[-1])[:, mask].double()))
+                w = self.route(
+                    standardize(raw_s, ref[0]).detach(),
+                    torch.stack([standardize(t, ref[1 + j]) for j, t in enumerate(adapted)]).detach(),
+                    teachers,
+                    router_w,
+                )
+                sums.update(
+                    _mse_sums(part, x, a, own, w.expand(w.shape[0], *mask.shape, w.shape[-1])[:, mask].double())
+                )
                 z_s = raw_s  # CKA is blind to the student side's standardisation
-                target = (w[..., None] * torch.stack([t / moment_std(ref[1 + j])[1].to(t.dtype)[:, None] for j, t in enumerate(adapted)])).sum(0)
+                target = (
+                    w[..., None]
+                    * torch.stack([t / moment_std(ref[1 + j])[1].to(t.dtype)[:, None] for j, t in enumerate(adapted)])
+                ).sum(0)
             else:  # per micro-batch (README: approximate under accumulation / several processes)
                 z_s = layer_std_norm(raw_s, mask) if self.kv_norm == "layer_std" else raw_s
-                z_t = torch.stack([layer_std_norm(a, mask) if self.kv_norm == "layer_std" else a for a in adapted])  # [N, B, T, L, D_s]
+                z_t = torch.stack(
+                    [layer_std_norm(a, mask) if self.kv_norm == "layer_std" else a for a in adapted]
+                )  # [N, B, T, L, D_s]
                 w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
                 target = (w[..., None] * z_t).sum(0)
                 _, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss, weights=tok_w)
@@ -432,7 +522,9 @@ class Distiller(nn.Module):
                 # train it), so their norm, hence A_t's sharpness, would drift freely (issue 26).
                 # The student's scale is the reference because it sets A_s's temperature and no
                 # adapter can move it; when the adapted keys already have it, nothing changes.
-                k_target = attention_target_keys(raw_s.detach(), torch.stack(adapted).detach(), w.detach(), mask)  # [B, T, L, D_s]
+                k_target = attention_target_keys(
+                    raw_s.detach(), torch.stack(adapted).detach(), w.detach(), mask
+                )  # [B, T, L, D_s]
             if self.fusion_mode != "fixed":  # mean routing weight per teacher, over real tokens
                 for t, wt in zip(teachers, w, strict=True):
                     out[f"route_{part}_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
@@ -441,12 +533,20 @@ class Distiller(nn.Module):
         if self.attn_kl_weight > 0:
             per_layer = self._attn_kl_layers(cap, student_kv["k"], k_target, mask)
             out["attn_kl"], out["attn_kl_layers"] = per_layer.mean(), per_layer.detach()
-            loss = loss + self.attn_kl_weight * linear_ramp(step, self.attn_kl_warmup_steps) * out["attn_kl"] * share["tokens"]
+            loss = (
+                loss
+                + self.attn_kl_weight * linear_ramp(step, self.attn_kl_warmup_steps) * out["attn_kl"] * share["tokens"]
+            )
         out["loss"] = loss
         if shares is None:  # a batch on its own (no trainer window): its window terms are the batch's
             if sums:
                 window = self.window(sums, step)
-                out.update({k: v.to(loss.dtype) if k == "loss" or v.dim() == 0 else v.detach().float() for k, v in window.items()})
+                out.update(
+                    {
+                        k: v.to(loss.dtype) if k == "loss" or v.dim() == 0 else v.detach().float()
+                        for k, v in window.items()
+                    }
+                )
                 out["loss"] = loss + window["loss"].to(loss.dtype)
             return out
         if sums:  # the trainer sums them over the window (train/loop.py optimizer_step)
@@ -457,7 +557,11 @@ class Distiller(nn.Module):
 
     def _cka_sums(self, part: str, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """`cka_sums` of a, b [B, T, L, D] over real tokens, per CKA layer, keyed "cka.<part>.<layer>.<stat>"."""
-        return {f"cka.{part}.{i}.{k}": v for i in self.cka_layers for k, v in cka_sums(a[:, :, i][mask], b[:, :, i][mask]).items()}
+        return {
+            f"cka.{part}.{i}.{k}": v
+            for i in self.cka_layers
+            for k, v in cka_sums(a[:, :, i][mask], b[:, :, i][mask]).items()
+        }
 
     def _attn_kl_layers(self, cap: dict, k_s: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per layer [L]: the mean over the batch's real query tokens of `attention_kl` between the
@@ -473,7 +577,9 @@ class Distiller(nn.Module):
         return torch.stack(per_layer)
 
 
-def _mse_sums(part: str, x: torch.Tensor, a: torch.Tensor, own: torch.Tensor, wt: torch.Tensor) -> dict[str, torch.Tensor]:
+def _mse_sums(
+    part: str, x: torch.Tensor, a: torch.Tensor, own: torch.Tensor, wt: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Sums over the real tokens (float64, with graph) from which `_mse_from_sums` computes, per
     layer, mean over tokens and channels of (std(s) - sum_n w_n std(a_n))^2, std(x) = (x - mean)
     / sqrt(var + eps) with the mean and var of all the summed tokens: x [M, L, D] the student's
@@ -484,10 +590,19 @@ def _mse_sums(part: str, x: torch.Tensor, a: torch.Tensor, own: torch.Tensor, wt
     pair = torch.einsum("nmld,kmld->nkml", a, a)  # [N, N, M, L] a_n . a_k
     ww = wt[:, None] * wt[None]  # [N, N, M, L]
     out = {
-        "n": x.new_tensor(float(x.shape[0])), "nd": own[0, 2, 0],
-        "s1": own[0, 0], "s2": own[0, 1], "a1": own[1:, 0], "a2": own[1:, 1],  # [L], [L], [N, L], [N, L]
-        "w": wt.sum(1), "ws": (wt * x.sum(-1)).sum(1), "wa": (wt * sa).sum(1), "wsa": (wt * torch.einsum("mld,nmld->nml", x, a)).sum(1),  # [N, L]
-        "ww": ww.sum(2), "wwa": (ww * sa[:, None]).sum(2), "wwaa": (ww * pair).sum(2),  # [N, N, L]; wwa[n, k] = sum w_n w_k 1^T a_n
+        "n": x.new_tensor(float(x.shape[0])),
+        "nd": own[0, 2, 0],
+        "s1": own[0, 0],
+        "s2": own[0, 1],
+        "a1": own[1:, 0],
+        "a2": own[1:, 1],  # [L], [L], [N, L], [N, L]
+        "w": wt.sum(1),
+        "ws": (wt * x.sum(-1)).sum(1),
+        "wa": (wt * sa).sum(1),
+        "wsa": (wt * torch.einsum("mld,nmld->nml", x, a)).sum(1),  # [N, L]
+        "ww": ww.sum(2),
+        "wwa": (ww * sa[:, None]).sum(2),
+        "wwaa": (ww * pair).sum(2),  # [N, N, L]; wwa[n, k] = sum w_n w_k 1^T a_n
     }
     return {f"kv.{part}.{k}": v for k, v in out.items()}
 
@@ -503,7 +618,12 @@ def _mse_from_sums(g: dict[str, torch.Tensor], eps: float = 1e-6) -> torch.Tenso
     sd_a = ((g["a2"] / nd - mu_a**2).clamp_min(0) + eps).sqrt()
     ss = (g["s2"] - 2 * mu_s * g["s1"] + nd * mu_s**2) / sd_s**2
     sa = (g["wsa"] - mu_a * g["ws"] - mu_s * g["wa"] + d * mu_s * mu_a * g["w"]) / (sd_s * sd_a)  # [N, L]
-    aa = (g["wwaa"] - mu_a[None] * g["wwa"] - mu_a[:, None] * g["wwa"].transpose(0, 1) + d * mu_a[:, None] * mu_a[None] * g["ww"]) / (sd_a[:, None] * sd_a[None])
+    aa = (
+        g["wwaa"]
+        - mu_a[None] * g["wwa"]
+        - mu_a[:, None] * g["wwa"].transpose(0, 1)
+        + d * mu_a[:, None] * mu_a[None] * g["ww"]
+    ) / (sd_a[:, None] * sd_a[None])
     return (ss - 2 * sa.sum(0) + aa.sum((0, 1))) / nd
 
 
@@ -529,17 +649,28 @@ def _cot_unit(term: str) -> str:
     return {"ce": "ce_tokens", "router_entropy": "samples"}.get(term, "tokens")
 
 
-def _cot_step(model, batch: dict[str, Any], device, step: int, shares: dict[str, float] | None) -> dict[str, torch.Tensor]:
+def _cot_step(
+    model, batch: dict[str, Any], device, step: int, shares: dict[str, float] | None
+) -> dict[str, torch.Tensor]:
     kv = kv_to_device(batch["kv"], device)  # int8 / int4 dequantised there
     return model(
-        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device), kv, step=step, shares=shares
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        batch["loss_mask"].to(device),
+        kv,
+        step=step,
+        shares=shares,
     )
 
 
 def _cot_save(unwrapped: Distiller, state: dict, out: Path) -> None:
-    torch.save({k.removeprefix("adapters."): v for k, v in state.items() if k.startswith("adapters.")}, out / "adapters.pt")
+    torch.save(
+        {k.removeprefix("adapters."): v for k, v in state.items() if k.startswith("adapters.")}, out / "adapters.pt"
+    )
     if unwrapped.router is not None:
-        torch.save({k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")}, out / "router.pt")
+        torch.save(
+            {k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")}, out / "router.pt"
+        )
     if unwrapped.zspace is not None:  # its maps (the fixed ones too: buffers) and the last batch's Z for the report
         maps = {k.removeprefix("zspace."): v for k, v in state.items() if k.startswith("zspace.")}
         torch.save({"teachers": unwrapped.zspace.teachers, **maps}, out / "zspace.pt")
@@ -556,7 +687,9 @@ def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
     ]
     if model.router is not None:
         groups.append({"params": model.router.parameters(), "lr": cfg.router_lr})
-    if model.zspace is not None:  # the learned maps into Z (fixed teacher maps are buffers); the loss is blind to their
+    if (
+        model.zspace is not None
+    ):  # the learned maps into Z (fixed teacher maps are buffers); the loss is blind to their
         # scale (standardised Z), so weight decay would only shrink them towards the standardisation's eps floor
         groups.append({"params": model.zspace.parameters(), "lr": cfg.adapter_lr, "weight_decay": 0.0})
     return Mode(

@@ -40,7 +40,15 @@ from kvdistill.schemas import DEFAULT_TEMPLATE, EvalConfig, ModelSpec, TrainConf
 from .answers import answers_match, extract_answer
 
 __all__ = [
-    "resolve_checkpoint", "evaluate", "greedy_generate", "default_max_new_tokens", "left_pad", "generated_lengths", "sequence_nll", "hidden_nll", "plain_head",
+    "resolve_checkpoint",
+    "evaluate",
+    "greedy_generate",
+    "default_max_new_tokens",
+    "left_pad",
+    "generated_lengths",
+    "sequence_nll",
+    "hidden_nll",
+    "plain_head",
 ]
 
 # Float32 logits of one chunk of the perplexity pass: 64 MiB (~110 tokens at a 150k
@@ -62,7 +70,11 @@ def generated_lengths(new_tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Tokens generated per row of new_tokens [B, G], up to and including the first EOS
     (a row without EOS ran to the budget: all G)."""
     is_eos = new_tokens == eos_id
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], new_tokens.shape[1], dtype=torch.long))
+    first = torch.where(
+        is_eos.any(1),
+        is_eos.float().argmax(1) + 1,
+        torch.full_like(is_eos[:, 0], new_tokens.shape[1], dtype=torch.long),
+    )
     return first.long()
 
 
@@ -77,7 +89,9 @@ def default_max_new_tokens(gold_lengths: list[int]) -> int:
     + 16, rounded up. A model that writes like the data finishes, with room for a longer
     chain than any gold one; a fixed 64 cut most GSM8K chains (48-214 tokens) short."""
     if not gold_lengths:
-        raise ValueError("no eval examples to size max_new_tokens from; check --data / --split / --limit, or give --max-new-tokens")
+        raise ValueError(
+            "no eval examples to size max_new_tokens from; check --data / --split / --limit, or give --max-new-tokens"
+        )
     return -(-5 * max(gold_lengths) // 4) + 16  # ceil(1.25 L) in integers: no float rounding
 
 
@@ -95,7 +109,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.inference_mode()
-def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+def greedy_generate(
+    model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int
+) -> torch.Tensor:
     """Greedy continuations of left-padded prompts ids [B, P] (mask [B, P]) with the KV cache:
     new tokens [B, G] (G <= max_new_tokens, the longest row), `pad_id` after a row's EOS.
 
@@ -110,7 +126,9 @@ def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]: left padding shifts no position
     cache = DynamicCache(config=model.config)
     kw = {cache_kwarg(model): cache, "use_cache": True}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw).logits[:, -1]  # [B, V]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw).logits[
+        :, -1
+    ]  # [B, V]
     pos = pos[:, -1:]  # [B, 1]
     G = 0
     for step in range(max_new_tokens):
@@ -154,11 +172,15 @@ def plain_head(model) -> bool:
     device = model.get_output_embeddings().weight.device
     ids = torch.arange(1, 5, device=device)[None] % model.get_output_embeddings().weight.shape[0]  # [1, 4]
     full = model(input_ids=ids, use_cache=False).logits[:, -1].float()
-    mine = model.get_output_embeddings()(decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[:, -1]).float()
+    mine = model.get_output_embeddings()(
+        decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
+    ).float()
     return bool(torch.allclose(full, mine, rtol=1e-3, atol=1e-3))
 
 
-def sequence_nll(model, ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, plain: bool = True) -> tuple[float, int]:
+def sequence_nll(
+    model, ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, plain: bool = True
+) -> tuple[float, int]:
     """(summed next-token NLL, tokens) over the positions whose *target* is in loss_mask [B, T]
     (train.losses.masked_ce's tokens, summed instead of averaged). plain (`plain_head`): the
     decoder runs without its LM head and `hidden_nll` scores the masked positions only, in
@@ -166,7 +188,9 @@ def sequence_nll(model, ids: torch.Tensor, attention_mask: torch.Tensor, loss_ma
     sel = loss_mask[:, 1:].bool()  # [B, T - 1]: position t predicts token t + 1
     targets = ids[:, 1:][sel]
     if plain:
-        hidden = decoder(model)(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, T, H]
+        hidden = decoder(model)(
+            input_ids=ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # [B, T, H]
         return hidden_nll(model, hidden[:, :-1][sel], targets).item(), int(sel.sum())
     logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits  # [B, T, V]
     return F.cross_entropy(logits[:, :-1][sel].float(), targets, reduction="sum").item(), int(sel.sum())
@@ -191,7 +215,17 @@ def _budget(cfg: EvalConfig, gold_lengths: list[int]) -> int:
     return cfg.max_new_tokens if cfg.max_new_tokens is not None else default_max_new_tokens(gold_lengths)
 
 
-def _finish(cfg: EvalConfig, preds: list[dict], nll: float, n_tok: int, forwards: int, gen_tokens: int, t0: float, loop_s: float, **extra) -> dict[str, Any]:
+def _finish(
+    cfg: EvalConfig,
+    preds: list[dict],
+    nll: float,
+    n_tok: int,
+    forwards: int,
+    gen_tokens: int,
+    t0: float,
+    loop_s: float,
+    **extra,
+) -> dict[str, Any]:
     n = max(1, len(preds))
     cut = [p for p in preds if p["hit_cap"]]
     result = {
@@ -228,8 +262,16 @@ def _setup(cfg: EvalConfig, ckpt: str, template: str):
 
 def _prediction(ex, text: str, g: int, forwards: int, capped: bool) -> dict[str, Any]:
     pred = extract_answer(text)
-    return {"id": ex.id, "gold": ex.answer, "pred": pred, "correct": answers_match(pred, ex.answer), "text": text, "generated_tokens": g,
-            "forward_passes": forwards, "hit_cap": capped}
+    return {
+        "id": ex.id,
+        "gold": ex.answer,
+        "pred": pred,
+        "correct": answers_match(pred, ex.answer),
+        "text": text,
+        "generated_tokens": g,
+        "forward_passes": forwards,
+        "hit_cap": capped,
+    }
 
 
 @torch.inference_mode()
@@ -272,7 +314,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             gen_tokens += g
         bar.update(len(rows))
     bar.close()
-    return _finish(cfg, preds, nll, n_tok, forwards, gen_tokens, t0, time.perf_counter() - t_loop, max_new_tokens=budget)
+    return _finish(
+        cfg, preds, nll, n_tok, forwards, gen_tokens, t0, time.perf_counter() - t_loop, max_new_tokens=budget
+    )
 
 
 def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
@@ -287,7 +331,9 @@ def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
     device, tok, model, examples, pad_id = _setup(cfg, ckpt, template)
     head = head.to(device)
     enc = [encode(tok, template, ex) for ex in examples]
-    budget = _budget(cfg, [int((e.segment_ids == 2).sum()) for e in enc])  # the answer + EOS: all a latent model writes
+    budget = _budget(
+        cfg, [int((e.segment_ids == 2).sum()) for e in enc]
+    )  # the answer + EOS: all a latent model writes
 
     t_loop = time.perf_counter()
     preds, nll, n_tok, forwards, gen_tokens = [], 0.0, 0, 0, 0
@@ -305,14 +351,32 @@ def _evaluate_latent(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
         nll += hidden_nll(model, run["hidden"][:, P + head.slots - 1 : -1][sel], a[sel]).item()
         n_tok += int(sel.sum())
         # Greedy answers from the question alone (left-padded).
-        p_ids, p_mask = left_pad(tok([prompt_text(template, ex.question) for ex in batch], add_special_tokens=False)["input_ids"], pad_id)
-        gen = latent_generate(model, head, p_ids.to(device), p_mask.to(device), iterations, budget, tok.eos_token_id, pad_id)
+        p_ids, p_mask = left_pad(
+            tok([prompt_text(template, ex.question) for ex in batch], add_special_tokens=False)["input_ids"], pad_id
+        )
+        gen = latent_generate(
+            model, head, p_ids.to(device), p_mask.to(device), iterations, budget, tok.eos_token_id, pad_id
+        )
         texts = tok.batch_decode(gen["tokens"], skip_special_tokens=True)
         capped = (~finished(gen["tokens"], tok.eos_token_id)).tolist()
-        for ex, text, g, f, cap in zip(batch, texts, gen["lengths"].tolist(), gen["forwards_per_row"].tolist(), capped, strict=True):
+        for ex, text, g, f, cap in zip(
+            batch, texts, gen["lengths"].tolist(), gen["forwards_per_row"].tolist(), capped, strict=True
+        ):
             preds.append(_prediction(ex, text, g, f, cap))
             forwards += f
             gen_tokens += g
         bar.update(len(batch))
     bar.close()
-    return _finish(cfg, preds, nll, n_tok, forwards, gen_tokens, t0, time.perf_counter() - t_loop, max_new_tokens=budget, slots=head.slots, iterations=iterations)
+    return _finish(
+        cfg,
+        preds,
+        nll,
+        n_tok,
+        forwards,
+        gen_tokens,
+        t0,
+        time.perf_counter() - t_loop,
+        max_new_tokens=budget,
+        slots=head.slots,
+        iterations=iterations,
+    )

@@ -53,7 +53,16 @@ from .losses import layer_std_norm, masked_ce, masked_kv_loss
 from .mode import Mode
 from .stream import KVStream, shuffle_latent
 
-__all__ = ["LatentHead", "LatentStudent", "jacobi", "latent_generate", "split_segments", "load_latent", "latent_mode", "latent_counts"]
+__all__ = [
+    "LatentHead",
+    "LatentStudent",
+    "jacobi",
+    "latent_generate",
+    "split_segments",
+    "load_latent",
+    "latent_mode",
+    "latent_counts",
+]
 
 LATENT_FILE = "latent.pt"
 
@@ -66,7 +75,9 @@ class LatentHead(nn.Module):
         super().__init__()
         self.hidden, self.slots = hidden, slots
         self.init = nn.Parameter(torch.randn(slots, hidden) * scale)
-        self.proj = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.LayerNorm(hidden))
+        self.proj = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.LayerNorm(hidden)
+        )
         with torch.no_grad():  # start at the scale of the token embeddings
             self.proj[-1].weight.fill_(scale)
 
@@ -79,7 +90,9 @@ def _run(student, embeds, mask, *, past=None, positions=None, use_cache=False):
     """One decoder forward on input embeddings: (final-norm hidden [B, S, H], logits, cache)."""
     pos = _positions(mask)[:, -embeds.shape[1] :] if positions is None else positions
     stack = decoder(student)
-    out = stack(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache, **{cache_kwarg(stack): past})
+    out = stack(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=use_cache, **{cache_kwarg(stack): past}
+    )
     logits = student.get_output_embeddings()(out.last_hidden_state)
     return out.last_hidden_state, logits, output_cache(out)
 
@@ -119,7 +132,9 @@ def jacobi(
         if capture:
             with capture_kv(student) as cap:
                 hidden, logits, cache = _run(student, embeds, m, use_cache=use_cache and last)
-            kv.append((torch.stack(cap["k"], dim=2)[:, P : P + M], torch.stack(cap["v"], dim=2)[:, P : P + M]))  # [B, M, L, D]
+            kv.append(
+                (torch.stack(cap["k"], dim=2)[:, P : P + M], torch.stack(cap["v"], dim=2)[:, P : P + M])
+            )  # [B, M, L, D]
         else:
             hidden, logits, cache = _run(student, embeds, m, use_cache=use_cache and last)
         if not last:
@@ -128,7 +143,9 @@ def jacobi(
 
 
 @torch.no_grad()
-def latent_generate(student, head, q_ids, q_mask, iterations: int, max_new_tokens: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+def latent_generate(
+    student, head, q_ids, q_mask, iterations: int, max_new_tokens: int, eos_id: int, pad_id: int
+) -> dict[str, Any]:
     """Greedy answers after T Jacobi iterations, with the KV cache.
 
     Returns {"tokens": [B, G] (pad after EOS), "lengths": [B] tokens generated up to and
@@ -155,7 +172,12 @@ def latent_generate(student, head, q_ids, q_mask, iterations: int, max_new_token
         _, logits, cache = _run(student, emb(tok[:, None]), mask, past=cache, positions=pos, use_cache=True)
         forwards += 1
         nxt = logits[:, -1].argmax(-1)
-    return {"tokens": torch.stack(tokens, dim=1), "lengths": lengths, "forwards": forwards, "forwards_per_row": iterations + lengths - 1}
+    return {
+        "tokens": torch.stack(tokens, dim=1),
+        "lengths": lengths,
+        "forwards": forwards,
+        "forwards_per_row": iterations + lengths - 1,
+    }
 
 
 def split_segments(input_ids: torch.Tensor, segment_ids: torch.Tensor, pad_id: int):
@@ -165,7 +187,9 @@ def split_segments(input_ids: torch.Tensor, segment_ids: torch.Tensor, pad_id: i
     a_rows = [ids[seg == 2] for ids, seg in zip(input_ids, segment_ids, strict=True)]
     empty = [i for i, (q, a) in enumerate(zip(q_rows, a_rows, strict=True)) if not len(q) or not len(a)]
     if empty:
-        raise ValueError(f"batch rows {empty} have no question or no answer tokens (segment_ids 0 / 2); latent mode needs both")
+        raise ValueError(
+            f"batch rows {empty} have no question or no answer tokens (segment_ids 0 / 2); latent mode needs both"
+        )
     P, A = max(len(q) for q in q_rows), max(len(a) for a in a_rows)
     B = len(q_rows)
     q = input_ids.new_full((B, P), pad_id)
@@ -210,13 +234,21 @@ class LatentStudent(nn.Module):
         self.iterations, self.pad_id = iterations, pad_id
         self.teachers = list(teacher_widths)
         self.weights = fixed_weights(teacher_weights, self.teachers)
-        self.kv_weight, self.codi_weight, self.answer_weight, self.cot_weight = kv_weight, codi_weight, answer_weight, cot_weight
+        self.kv_weight, self.codi_weight, self.answer_weight, self.cot_weight = (
+            kv_weight,
+            codi_weight,
+            answer_weight,
+            cot_weight,
+        )
         self.kv_norm, self.kv_loss = kv_norm, kv_loss
         self.adapters = nn.ModuleDict()
         if kv_weight > 0:
             for t, width in teacher_widths.items():
                 self.adapters[adapter_key(t)] = nn.ModuleDict(
-                    {"k": KVAdapter(num_layers, width, student_width), "v": KVAdapter(num_layers, width, student_width)}
+                    {
+                        "k": KVAdapter(num_layers, width, student_width),
+                        "v": KVAdapter(num_layers, width, student_width),
+                    }
                 )
         self.codi = nn.ModuleDict()
         if codi_weight > 0:
@@ -231,7 +263,9 @@ class LatentStudent(nn.Module):
     def _norm(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return layer_std_norm(x, mask) if self.kv_norm == "layer_std" else x
 
-    def kv_terms(self, student_kv: list[tuple[torch.Tensor, torch.Tensor]], latent: dict[str, dict]) -> dict[str, torch.Tensor]:
+    def kv_terms(
+        self, student_kv: list[tuple[torch.Tensor, torch.Tensor]], latent: dict[str, dict]
+    ) -> dict[str, torch.Tensor]:
         """KV losses of the T iterations' slot K/V [B, M, L, D_s] against every teacher's
         stored latent K/V [B, M, L, D_t], over slots with latent_mask."""
         out: dict[str, torch.Tensor] = {}
@@ -261,15 +295,27 @@ class LatentStudent(nn.Module):
             if self.weights[t] == 0:
                 continue
             h_t = latent[t]["hidden"].to(h_s.dtype)  # [B, H_t]
-            loss = loss + self.weights[t] * F.smooth_l1_loss(self.codi[adapter_key(t)](h_s), h_t) / h_t.std().clamp_min(1e-6)
+            loss = loss + self.weights[t] * F.smooth_l1_loss(
+                self.codi[adapter_key(t)](h_s), h_t
+            ) / h_t.std().clamp_min(1e-6)
         return loss
 
-    def forward(self, input_ids, attention_mask, loss_mask, segment_ids, latent: dict[str, dict], shares: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        loss_mask,
+        segment_ids,
+        latent: dict[str, dict],
+        shares: dict[str, float] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """shares: as Distiller.forward's (gradient accumulation), over LATENT_UNITS."""
         share = dict.fromkeys(LATENT_UNITS, 1.0) if shares is None else shares
         q, qm, a, am = split_segments(input_ids, segment_ids, self.pad_id)
         P, M = q.shape[1], self.head.slots
-        run = jacobi(self.student, self.head, q, qm, self.iterations, tail_ids=a, tail_mask=am, capture=self.kv_weight > 0)
+        run = jacobi(
+            self.student, self.head, q, qm, self.iterations, tail_ids=a, tail_mask=am, capture=self.kv_weight > 0
+        )
         logits = run["logits"][:, P + M - 1 : -1]  # predicts answer tokens 0..A-1
         nll = F.cross_entropy(logits.float().transpose(1, 2), a, reduction="none")  # [B, A]
         out = {"ce_answer": (nll * am).sum() / am.sum().clamp_min(1)}
@@ -306,7 +352,9 @@ def load_latent(checkpoint: str | Path) -> tuple[LatentHead, int]:
     """(latent head, trained Jacobi iterations) from a checkpoint dir holding latent.pt."""
     path = Path(checkpoint) / LATENT_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{checkpoint} has no {LATENT_FILE}; it is not a latent-mode checkpoint (train with --mode latent)")
+        raise FileNotFoundError(
+            f"{checkpoint} has no {LATENT_FILE}; it is not a latent-mode checkpoint (train with --mode latent)"
+        )
     state = torch.load(path, map_location="cpu")
     head = LatentHead(state["hidden"], state["slots"])
     head.load_state_dict(state["head"])
@@ -323,9 +371,13 @@ def latent_shapes(cfg: TrainConfig, teachers: dict[str, Any]) -> tuple[int, dict
         )
     slots = {t: s.latent.slots for t, s in teachers.items()}
     if len(set(slots.values())) != 1:
-        raise StoreError(f"store {cfg.store}: teachers hold different latent slot counts {slots}; dump them with one LatentSpec.slots")
+        raise StoreError(
+            f"store {cfg.store}: teachers hold different latent slot counts {slots}; dump them with one LatentSpec.slots"
+        )
     sample = next(iter(KVStream(cfg.store, list(teachers), shuffle_buffer=1, read_kv=False, read_latent=True)))
-    hidden = {t: (None if lat.get("hidden") is None else int(lat["hidden"].shape[-1])) for t, lat in sample["latent"].items()}
+    hidden = {
+        t: (None if lat.get("hidden") is None else int(lat["hidden"].shape[-1])) for t, lat in sample["latent"].items()
+    }
     return next(iter(slots.values())), hidden
 
 
@@ -349,11 +401,19 @@ def _latent_unit(term: str) -> str:
     return {"ce_answer": "answer_tokens", "ce_cot": "ce_tokens", "codi": "samples"}.get(term, "slots")
 
 
-def _latent_step(model, batch: dict[str, Any], device, step: int, shares: dict[str, float] | None) -> dict[str, torch.Tensor]:
-    latent = {t: {k: (None if x is None else x.to(device)) for k, x in lat.items()} for t, lat in batch["latent"].items()}
+def _latent_step(
+    model, batch: dict[str, Any], device, step: int, shares: dict[str, float] | None
+) -> dict[str, torch.Tensor]:
+    latent = {
+        t: {k: (None if x is None else x.to(device)) for k, x in lat.items()} for t, lat in batch["latent"].items()
+    }
     return model(
-        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device),
-        batch["segment_ids"].to(device), latent, shares=shares,
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        batch["loss_mask"].to(device),
+        batch["segment_ids"].to(device),
+        latent,
+        shares=shares,
     )
 
 

@@ -67,7 +67,16 @@ from .stream import KVStream, train_loader
 from .student import load_student, param_hash, save_student
 from .validation import Best, validate, validation_loader
 
-__all__ = ["train", "optimizer_step", "split_shards", "planned_steps", "stop_signals", "mixed_precision", "summary_terms", "open_metrics"]
+__all__ = [
+    "train",
+    "optimizer_step",
+    "split_shards",
+    "planned_steps",
+    "stop_signals",
+    "mixed_precision",
+    "summary_terms",
+    "open_metrics",
+]
 
 
 def open_metrics(cfg: TrainConfig, out: Path) -> tuple[IO[str], int]:
@@ -158,7 +167,9 @@ def _preempted(cfg: TrainConfig, accelerator, signum: int, path: Path, step: int
         then = "continue with the same command and --resume auto (--requeue-on-usr1: a SLURM job requeues itself)"
     else:  # SLURM requeues a preempted job itself (#SBATCH --requeue); a cancelled one stays cancelled
         then = "continue with the same command and --resume auto (a preempted SLURM job with --requeue comes back by itself)"
-    return Preempted(message=f"preempted ({name}) after step {step}: checkpoint {path} is complete (saved in {seconds:.1f} s); {then}")
+    return Preempted(
+        message=f"preempted ({name}) after step {step}: checkpoint {path} is complete (saved in {seconds:.1f} s); {then}"
+    )
 
 
 def _no_window(cfg: TrainConfig, batches, pos: Position) -> None:
@@ -175,7 +186,10 @@ def _no_window(cfg: TrainConfig, batches, pos: Position) -> None:
 def _check_fsdp(accelerator) -> None:
     """`accelerate launch` asked for FSDP, but accelerate made it another run (it shards only on
     GPUs and NPU / XPU / HPU; a CPU process group stays MULTI_CPU, i.e. DDP, silently)."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and accelerator.distributed_type != DistributedType.FSDP
+    ):
         raise ConfigError(
             f"accelerate launch asked for FSDP, but this run is {accelerator.distributed_type.value}: accelerate shards only on GPUs "
             "(and NPU / XPU / HPU); on the CPU it would be DDP with the whole model on every process. Use --multi_gpu for CPU DDP"
@@ -206,7 +220,9 @@ def run_lock(accelerator, out: Path, what: str = "run directory") -> Iterator[No
     run on the same --out stops with ShardBusy (exit 6) naming the owner, on every rank."""
     lock, busy = None, None
     if accelerator.is_main_process:
-        lock = FileLock(out / ".kvdistill.lock", f"{what} {out}", fix="wait for that run to finish, or train into another --out")
+        lock = FileLock(
+            out / ".kvdistill.lock", f"{what} {out}", fix="wait for that run to finish, or train into another --out"
+        )
         try:
             lock.acquire()
         except ShardBusy as e:
@@ -229,22 +245,33 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     accelerator = Accelerator(
         # --device auto without a GPU is the CPU: `accelerate launch --multi_gpu` then runs CPU
         # DDP over gloo (without cpu=True every process would train alone, as rank 0 of 1)
-        cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()), mixed_precision=mixed_precision(cfg), log_with=trackers or None, project_dir=str(Path(cfg.out) / "trackers") if trackers else None
+        cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
+        mixed_precision=mixed_precision(cfg),
+        log_with=trackers or None,
+        project_dir=str(Path(cfg.out) / "trackers") if trackers else None,
     )
     _check_fsdp(accelerator)
     with run_lock(accelerator, Path(cfg.out)):
         return _train_locked(cfg, progress, got, accelerator, trackers, t0)
 
 
-def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator, trackers, t0: float) -> dict[str, Any]:
+def _train_locked(
+    cfg: TrainConfig, progress: bool, got: list[int], accelerator, trackers, t0: float
+) -> dict[str, Any]:
     set_seed(cfg.seed)
     out = Path(cfg.out)
     tokenizer, student, spec, teachers = load_student(cfg)
     pad_id = pad_token_id(tokenizer)
-    mode = latent_mode(cfg, student, spec, teachers, pad_id) if cfg.mode == "latent" else cot_mode(cfg, student, spec, teachers)
+    mode = (
+        latent_mode(cfg, student, spec, teachers, pad_id)
+        if cfg.mode == "latent"
+        else cot_mode(cfg, student, spec, teachers)
+    )
     metric = (cfg.metric_for_best_model or "val_loss").removeprefix("val_")
     if metric not in ("loss", *mode.finite):  # before any step, not at the first validation
-        raise ConfigError(f"TrainConfig.metric_for_best_model: mode {mode.name} validates val_loss and val_<term> for terms {list(mode.finite)}, not {cfg.metric_for_best_model!r}")
+        raise ConfigError(
+            f"TrainConfig.metric_for_best_model: mode {mode.name} validates val_loss and val_<term> for terms {list(mode.finite)}, not {cfg.metric_for_best_model!r}"
+        )
     train_shards, val_shards = split_shards(cfg, spec.num_shards)
     world = accelerator.num_processes
     stream = KVStream(
@@ -258,7 +285,9 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
         kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
         shards=train_shards,
     )
-    loader = train_loader(stream, cfg, pad_id, mode.control, rank=accelerator.process_index, world_size=world)  # kv_control "shuffled": each sample gets another's teacher K/V
+    loader = train_loader(
+        stream, cfg, pad_id, mode.control, rank=accelerator.process_index, world_size=world
+    )  # kv_control "shuffled": each sample gets another's teacher K/V
     max_steps = planned_steps(cfg, loader.dataset)
     warmup = cfg.warmup_over(max_steps)
     opt = torch.optim.AdamW(mode.param_groups, weight_decay=cfg.weight_decay)
@@ -267,7 +296,11 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
     # and is saved / restored with the checkpoints.
     sched = get_cosine_schedule_with_warmup(opt, warmup, max_steps)
     accelerator.register_for_checkpointing(sched)
-    val_loader = validation_loader(cfg, mode, tokenizer, student, list(teachers), val_shards, accelerator, pad_id) if cfg.eval_steps else None
+    val_loader = (
+        validation_loader(cfg, mode, tokenizer, student, list(teachers), val_shards, accelerator, pad_id)
+        if cfg.eval_steps
+        else None
+    )
     # Each rank's loader yields its part of every global batch (train/stream.py), so the loaders
     # are not handed to accelerate.
     model, opt = accelerator.prepare(mode.model, opt)
@@ -279,20 +312,27 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
         accelerator.init_trackers(out.name, config=tracker_config(cfg.to_dict()))
     ckpt_in = find_resume(cfg.resume, out)
     if cfg.resume == "auto" and ckpt_in is None:
-        accelerator.print(f"--resume auto: no complete checkpoint in {out / 'checkpoints'}; starting at step 0", flush=True)
+        accelerator.print(
+            f"--resume auto: no complete checkpoint in {out / 'checkpoints'}; starting at step 0", flush=True
+        )
     pos = load_checkpoint(accelerator, ckpt_in) if ckpt_in else Position()
     if ckpt_in:
-        accelerator.print(f"resuming from {ckpt_in} at step {pos.step} (epoch {pos.epoch}, sample {pos.samples_in_epoch})", flush=True)
+        accelerator.print(
+            f"resuming from {ckpt_in} at step {pos.step} (epoch {pos.epoch}, sample {pos.samples_in_epoch})",
+            flush=True,
+        )
     accum = cfg.gradient_accumulation_steps
     if progress and accelerator.is_main_process:
         print(
             f"kvdistill train: mode {mode.name}, {max_steps} steps of an effective batch {cfg.batch_size} x {accum} (accumulation) "
-            f"x {world} (processes) = {cfg.batch_size * accum * world} samples", flush=True,
+            f"x {world} (processes) = {cfg.batch_size * accum * world} samples",
+            flush=True,
         )
         if stream.buffer_size < cfg.shuffle_buffer:
             print(
                 f"kvdistill train: shuffle buffer capped at {stream.buffer_size} of --shuffle-buffer {cfg.shuffle_buffer} samples by "
-                f"--shuffle-buffer-bytes {cfg.shuffle_buffer_bytes} ({stream.sample_bytes / 2**20:.1f} MiB a sample as stored)", flush=True,
+                f"--shuffle-buffer-bytes {cfg.shuffle_buffer_bytes} ({stream.sample_bytes / 2**20:.1f} MiB a sample as stored)",
+                flush=True,
             )
     metrics_f, logged = open_metrics(cfg, out) if accelerator.is_main_process else (None, 0)
     best = Best.resume(out, cfg) if ckpt_in else Best(cfg.metric_for_best_model)
@@ -305,12 +345,19 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
         if not ckpt_in:
             samples_log.write_text("")
     last = min(max_steps, cfg.stop_at_step or max_steps)
-    bar = tqdm(total=max_steps, initial=pos.step, desc=f"train {mode.name} {out.name}", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=max_steps,
+        initial=pos.step,
+        desc=f"train {mode.name} {out.name}",
+        disable=not (progress and accelerator.is_main_process),
+    )
     model.train()
     stop = 0  # the signal that stopped the run
     while pos.step < last and not stop:
         batches = loader.dataset
-        batches.set_epoch(pos.epoch, pos.samples_in_epoch)  # resuming mid-epoch: after the samples trained, reading none of them
+        batches.set_epoch(
+            pos.epoch, pos.samples_in_epoch
+        )  # resuming mid-epoch: after the samples trained, reading none of them
         if not batches.windows():
             if pos.samples_in_epoch:  # a checkpoint taken at the epoch's end, in the (epoch, all of it) form
                 pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
@@ -332,9 +379,25 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
                 samples_read += len(b["sample_ids"])
             if samples_log:
                 with samples_log.open("a") as f:
-                    f.write(json.dumps({"step": pos.step, "epoch": pos.epoch, "sample_ids": [i for b in real for i in b["sample_ids"]]}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "step": pos.step,
+                                "epoch": pos.epoch,
+                                "sample_ids": [i for b in real for i in b["sample_ids"]],
+                            }
+                        )
+                        + "\n"
+                    )
             window = []
-            row = {"step": pos.step, "epoch": pos.epoch, "lr": sched.get_last_lr()[0], **({} if kv_weight is None else {"kv_weight": kv_weight}), "tokens": pos.tokens, **row}
+            row = {
+                "step": pos.step,
+                "epoch": pos.epoch,
+                "lr": sched.get_last_lr()[0],
+                **({} if kv_weight is None else {"kv_weight": kv_weight}),
+                "tokens": pos.tokens,
+                **row,
+            }
             validated = bool(val_loader is not None and pos.step % cfg.eval_steps == 0)
             if validated:
                 row.update(validate(mode, model, val_loader, accelerator, pos.step, cfg.val_batches))
@@ -343,7 +406,9 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
             history.append(row)  # O(1): the first row and the last SUMMARY_WINDOW are all the summary reads
             if len(history) > SUMMARY_WINDOW + 1:
                 del history[1]
-            log_now = pos.step > logged and (pos.step % cfg.log_every == 0 or pos.step == max_steps or validated)  # replayed steps are logged already
+            log_now = pos.step > logged and (
+                pos.step % cfg.log_every == 0 or pos.step == max_steps or validated
+            )  # replayed steps are logged already
             if metrics_f and log_now:
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
@@ -379,12 +444,21 @@ def _train_locked(cfg: TrainConfig, progress: bool, got: list[int], accelerator,
     (out / "ranks" / f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))
     accelerator.wait_for_everyone()
     # Like a checkpoint: written into .final.partial, renamed once complete (a full disk leaves no half final/).
-    save_complete(accelerator, final, "the final model", lambda partial: save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra))
+    save_complete(
+        accelerator,
+        final,
+        "the final model",
+        lambda partial: save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra),
+    )
     if metrics_f:
         metrics_f.close()
     if trackers:
         accelerator.end_training()  # flushes and closes the trackers
-    val = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history and any(k.startswith("val_") for k in history[-1]) else {}
+    val = (
+        {k: v for k, v in history[-1].items() if k.startswith("val_")}
+        if history and any(k.startswith("val_") for k in history[-1])
+        else {}
+    )
     return {
         "run": str(out),
         "checkpoint": str(final),
@@ -412,7 +486,9 @@ def _peak_memory(device) -> dict[str, float]:
     return out
 
 
-def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig, window: list[dict[str, Any]], step: int) -> dict[str, Any]:
+def optimizer_step(
+    mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig, window: list[dict[str, Any]], step: int
+) -> dict[str, Any]:
     """One optimizer step over `window`: this rank's micro-batches of one global batch (gradient
     accumulation: gradients sync across ranks on the last one only). Its update is that of the
     whole global batch as one batch, however it is split over micro-batches and ranks:
@@ -431,12 +507,18 @@ def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig,
     counts = [{u: c * b["weight"] for u, c in mode.counts(b).items()} for b in window]
     units = list(counts[0])
     tokens = sum(float(b["attention_mask"].sum()) * b["weight"] for b in window)  # the run's real tokens, logged
-    both = _sum_ranks(accelerator, torch.tensor([*(sum(c[u] for c in counts) for u in units), tokens], dtype=torch.float64)).tolist()
+    both = _sum_ranks(
+        accelerator, torch.tensor([*(sum(c[u] for c in counts) for u in units), tokens], dtype=torch.float64)
+    ).tolist()
     total, tokens = dict(zip(units, both[:-1], strict=True)), int(both[-1])
     shares = [{u: world * c[u] / total[u] if total[u] else 0.0 for u in units} for c in counts]
     if mode.norm_missing is not None and mode.norm_missing():
         mode.update_norm(_pre_pass(mode, model, window, accelerator, step, "moments"))
-    pre = _pre_pass(mode, model, window, accelerator, step, "sums") if mode.window is not None and len(window) > 1 else None
+    pre = (
+        _pre_pass(mode, model, window, accelerator, step, "sums")
+        if mode.window is not None and len(window) > 1
+        else None
+    )
     opt.zero_grad(set_to_none=True)
     logged: dict[str, torch.Tensor] = {}
     totals: dict[str, dict[str, torch.Tensor]] = {"sums": {}, "moments": {}}
@@ -463,7 +545,14 @@ def optimizer_step(mode: Mode, model, opt, sched, accelerator, cfg: TrainConfig,
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     sched.step()
-    got = _sum_ranks(accelerator, {**{f"t.{k}": v for k, v in logged.items()}, **{f"s.{k}": v for k, v in totals["sums"].items()}, **{f"m.{k}": v for k, v in totals["moments"].items()}})
+    got = _sum_ranks(
+        accelerator,
+        {
+            **{f"t.{k}": v for k, v in logged.items()},
+            **{f"s.{k}": v for k, v in totals["sums"].items()},
+            **{f"m.{k}": v for k, v in totals["moments"].items()},
+        },
+    )
     if totals["moments"]:
         mode.update_norm({k[2:]: v for k, v in got.items() if k.startswith("m.")})
     row: dict[str, Any] = {}
@@ -492,8 +581,12 @@ def _schedule_kv_weight(cfg: TrainConfig, mode: Mode, step: int, max_steps: int)
     if cfg.kv_weight_schedule == "constant":
         return None
     weight = cfg.kv_weight_at(step, max_steps)
-    if not weight > 0:  # kv_weight_at keeps it > 0 before the last planned step ends; a weight 0 would switch the K/V terms off
-        raise RuntimeError(f"kv_weight schedule {cfg.kv_weight_schedule}: weight {weight} at step {step + 1} of {max_steps}")
+    if (
+        not weight > 0
+    ):  # kv_weight_at keeps it > 0 before the last planned step ends; a weight 0 would switch the K/V terms off
+        raise RuntimeError(
+            f"kv_weight schedule {cfg.kv_weight_schedule}: weight {weight} at step {step + 1} of {max_steps}"
+        )
     mode.model.kv_weight = weight
     return weight
 
@@ -508,7 +601,9 @@ def _sum_ranks(accelerator, x):
         if not x:
             return {}
         keys = sorted(x)
-        flat = _sum_ranks(accelerator, torch.cat([torch.as_tensor(x[k], dtype=torch.float64).reshape(-1) for k in keys]))
+        flat = _sum_ranks(
+            accelerator, torch.cat([torch.as_tensor(x[k], dtype=torch.float64).reshape(-1) for k in keys])
+        )
         out, at = {}, 0
         for k in keys:
             shape = torch.as_tensor(x[k]).shape
@@ -521,18 +616,24 @@ def _sum_ranks(accelerator, x):
     return x.cpu()
 
 
-def _window_grads(mode: Mode, at: dict[str, torch.Tensor], step: int, window: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def _window_grads(
+    mode: Mode, at: dict[str, torch.Tensor], step: int, window: list[dict[str, Any]]
+) -> dict[str, torch.Tensor]:
     """d (window terms' loss) / d (each summed statistic), at the window's totals `at`; a
     non-finite window term stops the run like any other."""
     leaves = {k: v.detach().double().requires_grad_() for k, v in at.items()}
     with torch.enable_grad():
         terms = mode.window(leaves, step)
-        _check_finite(terms, mode.finite, step, {"sample_ids": [i for b in window if b["weight"] for i in b["sample_ids"]]})
+        _check_finite(
+            terms, mode.finite, step, {"sample_ids": [i for b in window if b["weight"] for i in b["sample_ids"]]}
+        )
         grads = torch.autograd.grad(terms["loss"], list(leaves.values()), allow_unused=True)
     return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), grads, strict=True)}
 
 
-def _pre_pass(mode: Mode, model, window: list[dict[str, Any]], accelerator, step: int, what: str) -> dict[str, torch.Tensor]:
+def _pre_pass(
+    mode: Mode, model, window: list[dict[str, Any]], accelerator, step: int, what: str
+) -> dict[str, torch.Tensor]:
     """The window's `what` ("sums" or "moments"), every micro-batch and rank, from no-grad
     forwards that leave the random state as they found it (the real forwards then draw the
     same dropout masks)."""
@@ -584,11 +685,15 @@ def planned_steps(cfg: TrainConfig, batches) -> int:
         return cfg.max_steps
     per_epoch = len(batches.windows(start=0))
     if per_epoch < 1:
-        raise StoreError(f"store {cfg.store}: {len(batches.stream)} training samples make no global batch of {cfg.batch_size} x {batches.accumulation} x {batches.world_size}; lower --batch-size")
+        raise StoreError(
+            f"store {cfg.store}: {len(batches.stream)} training samples make no global batch of {cfg.batch_size} x {batches.accumulation} x {batches.world_size}; lower --batch-size"
+        )
     return max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
 
-def _after_step(cfg: TrainConfig, accelerator, got: list[int], out: Path, pos: Position, last: int, end_of_epoch: bool) -> tuple[Path, int, float, bool]:
+def _after_step(
+    cfg: TrainConfig, accelerator, got: list[int], out: Path, pos: Position, last: int, end_of_epoch: bool
+) -> tuple[Path, int, float, bool]:
     """End of an optimizer step: save_every's checkpoint of this step; then, unless it is the
     run's last step, the stop signal every rank agreed on, with its checkpoint.
     (this step's checkpoint path, signal or 0, seconds its save took, whether the loop ends)."""
@@ -603,7 +708,9 @@ def _after_step(cfg: TrainConfig, accelerator, got: list[int], out: Path, pos: P
         return ckpt, 0, 0.0, False
     t0 = time.perf_counter()
     if accelerator.is_main_process:
-        print(f"kvdistill train: {signal.Signals(stop).name} after step {pos.step}: saving checkpoint {ckpt}", flush=True)
+        print(
+            f"kvdistill train: {signal.Signals(stop).name} after step {pos.step}: saving checkpoint {ckpt}", flush=True
+        )
     if not saved:
         save_checkpoint(accelerator, ckpt, pos, end_of_epoch)
     return ckpt, stop, time.perf_counter() - t0, True

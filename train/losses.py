@@ -102,7 +102,9 @@ def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     (Song et al. 2012), HSIC(x, y) / sqrt(HSIC(x, x) HSIC(y, y)). Needs N >= 4. Returns a 0-d
     tensor in x's dtype."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"debiased_cka needs x [N, D1] and y [N, D2] over the same tokens, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"debiased_cka needs x [N, D1] and y [N, D2] over the same tokens, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     if x.shape[0] < 4:
         raise ValueError(f"debiased CKA needs at least 4 real tokens, got {x.shape[0]}; use a larger batch")
     a, b = _hsic_terms(x.double()), _hsic_terms(y.double())
@@ -125,9 +127,21 @@ def cka_sums(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     x, y = x.double(), y.double()
     sx, sy = (x * x).sum(dim=1), (y * y).sum(dim=1)  # [N] = diag of the Gram matrices
     return {
-        "n": x.new_tensor(float(len(x))), "cx": x.sum(0), "cy": y.sum(0), "xx": x.T @ x, "yy": y.T @ y, "xy": x.T @ y,
-        "sx": sx.sum(), "sy": sy.sum(), "sxx": (sx * sx).sum(), "syy": (sy * sy).sum(), "sxy": (sx * sy).sum(),
-        "sx_x": sx @ x, "sy_y": sy @ y, "sy_x": sy @ x, "sx_y": sx @ y,
+        "n": x.new_tensor(float(len(x))),
+        "cx": x.sum(0),
+        "cy": y.sum(0),
+        "xx": x.T @ x,
+        "yy": y.T @ y,
+        "xy": x.T @ y,
+        "sx": sx.sum(),
+        "sy": sy.sum(),
+        "sxx": (sx * sx).sum(),
+        "syy": (sy * sy).sum(),
+        "sxy": (sx * sy).sum(),
+        "sx_x": sx @ x,
+        "sy_y": sy @ y,
+        "sy_x": sy @ x,
+        "sx_y": sx @ y,
     }
 
 
@@ -156,7 +170,9 @@ def cka_from_sums(s: dict[str, torch.Tensor]) -> torch.Tensor:
 def layer_moments(x: torch.Tensor) -> torch.Tensor:
     """[3, L] per layer of x [N, L, D] (real tokens only): the sum, the sum of squares and the
     count of its values (sums: any split of a batch adds up to the whole)."""
-    return torch.stack([x.sum(dim=(0, 2)), (x * x).sum(dim=(0, 2)), x.new_full((x.shape[1],), float(x.shape[0] * x.shape[2]))])
+    return torch.stack(
+        [x.sum(dim=(0, 2)), (x * x).sum(dim=(0, 2)), x.new_full((x.shape[1],), float(x.shape[0] * x.shape[2]))]
+    )
 
 
 def moment_std(moments: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +189,9 @@ def standardize(x: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
     return (x - mean.to(x.dtype)[:, None]) / std.to(x.dtype)[:, None]
 
 
-def attention_key_weights(attentions: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+def attention_key_weights(
+    attentions: list[torch.Tensor] | tuple[torch.Tensor, ...], mask: torch.Tensor
+) -> torch.Tensor:
     """Per-token, per-layer weights [B, T, L] from the student's attention probabilities
     (one [B, H, T_q, T_k] per layer): the attention mass each key position receives, averaged
     over heads and over the sample's real queries, then divided by its mean over the sample's
@@ -211,7 +229,9 @@ def layer_anneal_weights(num_layers: int, step: int | None, anneal_steps: int) -
     return (step * (num_layers - 1) / anneal_steps - layers + 1).clamp(0, 1).float()
 
 
-def attention_log_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scaling: float, sliding_window: int | None = None) -> torch.Tensor:
+def attention_log_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scaling: float, sliding_window: int | None = None
+) -> torch.Tensor:
     """log softmax(q k^T * scaling + causal / padding mask), as eager attention computes its
     probabilities: q [B, H_q, T, d] and k [B, H_kv, T, d] post-RoPE (query head h reads kv head
     h // (H_q / H_kv), the GQA grouping), mask [B, T] real tokens. Returns [B, H_kv, G, T_q, T_k],
@@ -230,7 +250,12 @@ def attention_log_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, sc
 
 
 def attention_kl(
-    q: torch.Tensor, k_s: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, scaling: float, sliding_window: int | None = None
+    q: torch.Tensor,
+    k_s: torch.Tensor,
+    k_t: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Per query token KL(A_t || A_s), A_s the attention of queries q over the student's keys
     k_s, A_t that of the same queries over target keys k_t (all post-RoPE, shapes as in
@@ -246,7 +271,9 @@ def attention_kl(
     return torch.where(mask, kl, 0.0)
 
 
-def attention_target_keys(k_s: torch.Tensor, adapted: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attention_target_keys(
+    k_s: torch.Tensor, adapted: torch.Tensor, w: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """The keys the attention-KL target A_t reads, [B, T, L, D] float, with a fixed temperature:
     each teacher's adapted keys adapted [N, B, T, L, D] centred and scaled per sample and layer
     onto the student's keys k_s [B, T, L, D] on the same tokens (mean and std over the sample's

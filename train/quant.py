@@ -38,7 +38,9 @@ class QuantKV:
     part: str  # k | v
     width: int  # D
     codes: torch.Tensor  # [B, T, L, D] int8 or [B, T, L, ceil(D/2)] uint8 (two int4 codes a byte)
-    scale: torch.Tensor  # float16; k: [B, G + 1, L, D] (group G is all zeros: padding rows), v: [B, T, L, ceil(D/GROUP)]
+    scale: (
+        torch.Tensor
+    )  # float16; k: [B, G + 1, L, D] (group G is all zeros: padding rows), v: [B, T, L, ceil(D/GROUP)]
     zero: torch.Tensor | None  # int4: shaped like scale
     group: torch.Tensor | None  # k: [B, T] long, the scale group of every row (G for padding)
 
@@ -49,7 +51,9 @@ class QuantKV:
 
     def to(self, device, non_blocking: bool = False) -> QuantKV:
         move = lambda x: None if x is None else x.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, codes=move(self.codes), scale=move(self.scale), zero=move(self.zero), group=move(self.group))
+        return replace(
+            self, codes=move(self.codes), scale=move(self.scale), zero=move(self.zero), group=move(self.group)
+        )
 
     def dequantise(self) -> torch.Tensor:
         """float32 [B, T, L, D] on the tensors' device."""
@@ -72,8 +76,13 @@ class QuantKV:
 def collate_quant(rows: list[QuantRows], T: int) -> QuantKV:
     """Samples' stored rows (one teacher, one part) -> a batch right-padded to T rows."""
     head = rows[0]
-    if any((r.codec, r.part, r.width, r.codes.shape[1:]) != (head.codec, head.part, head.width, head.codes.shape[1:]) for r in rows):
-        raise ValueError(f"samples of one teacher's {head.part} hold differently stored rows; was the teacher dumped into one store with one codec?")
+    if any(
+        (r.codec, r.part, r.width, r.codes.shape[1:]) != (head.codec, head.part, head.width, head.codes.shape[1:])
+        for r in rows
+    ):
+        raise ValueError(
+            f"samples of one teacher's {head.part} hold differently stored rows; was the teacher dumped into one store with one codec?"
+        )
     B = len(rows)
     codes = torch.zeros((B, T, *head.codes.shape[1:]), dtype=torch.from_numpy(head.codes[:0]).dtype)
     params = ("scale", "zero") if head.zero is not None else ("scale",)
@@ -100,7 +109,9 @@ def kv_to_device(kv: dict[str, tuple], device) -> dict[str, tuple[torch.Tensor, 
     int8 / int4 `QuantKV`), then cast or dequantised there."""
     out = {}
     for t, pair in kv.items():
-        out[t] = tuple(x.to(device).dequantise() if isinstance(x, QuantKV) else x.to(device).to(torch.float32) for x in pair)
+        out[t] = tuple(
+            x.to(device).dequantise() if isinstance(x, QuantKV) else x.to(device).to(torch.float32) for x in pair
+        )
     return out
 
 

@@ -63,7 +63,9 @@ def resolve_trackers(report_to: list[str]) -> list[str]:
                 "(metrics.jsonl is always written)"
             )
         if name not in available:
-            raise ValueError(f"report_to: tracker {name!r} is not installed; `pip install {name}` or drop it from report_to")
+            raise ValueError(
+                f"report_to: tracker {name!r} is not installed; `pip install {name}` or drop it from report_to"
+            )
         if name not in out:
             out.append(name)
     return out
@@ -103,14 +105,18 @@ def tracker_values(row: dict[str, Any]) -> dict[str, float]:
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{run} has no metrics.jsonl; point `kvdistill report` at a training run directory (--out of `kvdistill train`)")
+        raise FileNotFoundError(
+            f"{run} has no metrics.jsonl; point `kvdistill report` at a training run directory (--out of `kvdistill train`)"
+        )
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i} is not JSON ({e}); was the run killed mid-write? remove that line") from e
+                raise ValueError(
+                    f"{path}:{i} is not JSON ({e}); was the run killed mid-write? remove that line"
+                ) from e
     return rows
 
 
@@ -200,7 +206,11 @@ def _validation(run: Path, rows: list[dict[str, Any]]) -> str:
         cells: list[Any] = [r["step"]]
         for t in terms:
             tr, va = r.get(t), r.get(f"val_{t}")
-            gap = f"{100 * (va / tr - 1):+.1f}%" if isinstance(tr, (int, float)) and isinstance(va, (int, float)) and tr else "-"
+            gap = (
+                f"{100 * (va / tr - 1):+.1f}%"
+                if isinstance(tr, (int, float)) and isinstance(va, (int, float)) and tr
+                else "-"
+            )
             cells += [tr, va, gap]
         table.append(cells)
     best = run / "best" / "best.json"
@@ -220,7 +230,13 @@ def _heatmap(rows: list[dict[str, Any]], key: str) -> str:
     fig = Figure(figsize=(10, 0.4 * width + 2))
     ax = fig.subplots()
     steps = [r["step"] for r in have]
-    im = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, width - 0.5))
+    im = ax.imshow(
+        grid,
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, width - 0.5),
+    )
     ax.set(title=f"{key} per student layer", xlabel="step", ylabel="layer")
     ax.yaxis.get_major_locator().set_params(integer=True)
     fig.colorbar(im, ax=ax)
@@ -261,7 +277,9 @@ def _zspace(run: Path, rows: list[dict[str, Any]]) -> str:
     if not path.exists():
         if any("z" in r for r in rows):
             return _missing(f"Z space on, but no {path}: the Z sample is written with final/, when the run ends")
-        return "<p>Z space off (--z-dim N fuses and distils in a common Z space).</p>"  # a setting, not a missing piece
+        return (
+            "<p>Z space off (--z-dim N fuses and distils in a common Z space).</p>"  # a setting, not a missing piece
+        )
     with np.load(path) as data:
         z, sources = data["z"], [str(s) for s in data["sources"]]  # [S, n, L, Z]
     _, n, num_layers, z_dim = z.shape
@@ -276,13 +294,21 @@ def _zspace(run: Path, rows: list[dict[str, Any]]) -> str:
         share = s**2 / max((s**2).sum(), 1e-30)
         for i, name in enumerate(sources):
             ax.scatter(pc[i, :, 0], pc[i, :, -1], s=6, alpha=0.5, label=name)
-        ax.set(title=f"layer {layer}: PC1 {share[0]:.0%}, PC2 {share[1] if len(share) > 1 else 0:.0%}", xlabel="PC1", ylabel="PC2")
+        ax.set(
+            title=f"layer {layer}: PC1 {share[0]:.0%}, PC2 {share[1] if len(share) > 1 else 0:.0%}",
+            xlabel="PC1",
+            ylabel="PC2",
+        )
         ax.legend(markerscale=2, fontsize=8)
     fig.tight_layout()
-    table = _table(["source", "mean per-dim std", "effective rank (mean over layers)"],
-                   [[name, float(z[i].std(axis=0).mean()), _erank_layers(z[i])] for i, name in enumerate(sources)])
-    note = (f"<p>{n} real tokens of the last training batch per source, Z of width {z_dim}, standardised per dimension as the "
-            "loss sees it. A collapsed side shows as a point (std 0) or a line (effective rank near 1).</p>")
+    table = _table(
+        ["source", "mean per-dim std", "effective rank (mean over layers)"],
+        [[name, float(z[i].std(axis=0).mean()), _erank_layers(z[i])] for i, name in enumerate(sources)],
+    )
+    note = (
+        f"<p>{n} real tokens of the last training batch per source, Z of width {z_dim}, standardised per dimension as the "
+        "loss sees it. A collapsed side shows as a point (std 0) or a line (effective rank near 1).</p>"
+    )
     return note + _png(fig) + table
 
 
@@ -336,17 +362,42 @@ def _compare_section(compare: dict[str, Any]) -> str:
     conf = int(round(100 * compare["confidence"]))
     alpha = compare.get("alpha", 0.05)
     base = compare.get("baseline", "ce")
-    header = ["arm", "seeds", f"accuracy (mean ± {conf}% CI)", f"Δ accuracy vs {base}", "p (paired t)", "p (Holm)", "p (bootstrap)", "d_z", "MDE",
-              f"perplexity (mean ± {conf}% CI)", f"Δ perplexity vs {base}", "p (Holm)"]
+    header = [
+        "arm",
+        "seeds",
+        f"accuracy (mean ± {conf}% CI)",
+        f"Δ accuracy vs {base}",
+        "p (paired t)",
+        "p (Holm)",
+        "p (bootstrap)",
+        "d_z",
+        "MDE",
+        f"perplexity (mean ± {conf}% CI)",
+        f"Δ perplexity vs {base}",
+        "p (Holm)",
+    ]
     rows = []
     for name, arm in compare["arms"].items():
         vs = arm.get("vs_baseline") or {}
         acc, ppl = vs.get("accuracy") or {}, vs.get("perplexity") or {}
         mark = lambda s: " *" if s.get("p_holm") is not None and s["p_holm"] < alpha else ""  # noqa: E731
         boot = acc.get("bootstrap") or {}
-        rows.append([name, len(arm["runs"]), _ci(arm["accuracy"]), _ci(acc or None) + mark(acc), _p(acc.get("p")), _p(acc.get("p_holm")),
-                     _p(boot.get("p")), _fmt(acc.get("d_z"), 2), _fmt(acc.get("mde")), _ci(arm["perplexity"]), _ci(ppl or None) + mark(ppl),
-                     _p(ppl.get("p_holm"))])
+        rows.append(
+            [
+                name,
+                len(arm["runs"]),
+                _ci(arm["accuracy"]),
+                _ci(acc or None) + mark(acc),
+                _p(acc.get("p")),
+                _p(acc.get("p_holm")),
+                _p(boot.get("p")),
+                _fmt(acc.get("d_z"), 2),
+                _fmt(acc.get("mde")),
+                _ci(arm["perplexity"]),
+                _ci(ppl or None) + mark(ppl),
+                _p(ppl.get("p_holm")),
+            ]
+        )
     note = (
         f"<p>n = {compare['seeds']} seeds per arm, {compare.get('n_eval', '?')} test questions per run. CI half-width = t x s / sqrt(n), "
         f"with s the sample standard deviation and t = {compare['t_quantile']:.4f} the two-sided {conf}% Student t quantile at n - 1 "
@@ -364,7 +415,12 @@ def _compare_section(compare: dict[str, Any]) -> str:
             vals = [r[metric] for r in arm["runs"]]
             ax.plot(vals, [i] * len(vals), "o", color="#999", ms=4)
             ax.errorbar(arm[metric]["mean"], i, xerr=arm[metric]["ci"], fmt="s", color="C0", capsize=4)
-        ax.set(yticks=range(len(names)), yticklabels=names, title=f"{metric}: seeds (grey), mean ± {conf}% CI", xlabel=metric)
+        ax.set(
+            yticks=range(len(names)),
+            yticklabels=names,
+            title=f"{metric}: seeds (grey), mean ± {conf}% CI",
+            xlabel=metric,
+        )
         ax.invert_yaxis()
     ax = axes[2]  # paired differences: one point per seed
     others = [n for n in names if n != base]
@@ -373,10 +429,20 @@ def _compare_section(compare: dict[str, Any]) -> str:
         ax.plot(d["values"], [i] * len(d["values"]), "o", color="#999", ms=4)
         ax.errorbar(d["mean"], i, xerr=d["ci"], fmt="s", color="C1", capsize=4)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set(yticks=range(len(others)), yticklabels=others, title=f"Δ accuracy vs {base} per seed, mean ± {conf}% CI", xlabel=f"arm - {base} (same seed)")
+    ax.set(
+        yticks=range(len(others)),
+        yticklabels=others,
+        title=f"Δ accuracy vs {base} per seed, mean ± {conf}% CI",
+        xlabel=f"arm - {base} (same seed)",
+    )
     ax.invert_yaxis()
     fig.tight_layout()
-    return _table(header, rows) + note + _png(fig) + (_curve_section(compare["curve"], conf) if compare.get("curve") else "")
+    return (
+        _table(header, rows)
+        + note
+        + _png(fig)
+        + (_curve_section(compare["curve"], conf) if compare.get("curve") else "")
+    )
 
 
 def _curve_section(curve: dict[str, Any], conf: int) -> str:
@@ -388,9 +454,21 @@ def _curve_section(curve: dict[str, Any], conf: int) -> str:
         for s, p in zip(steps, pts.values(), strict=True):
             ax.plot([s * (1 + 0.03 * (k - 0.5))] * len(p["seeds"]), p["seeds"], "o", color=f"C{k}", alpha=0.35, ms=4)
         means = [p["accuracy"]["mean"] for p in pts.values()]
-        ax.errorbar(steps, means, yerr=[p["accuracy"]["ci"] for p in pts.values()], fmt="-s", color=f"C{k}", capsize=4, label=name)
-    ax.set(xscale="log", xlabel="optimizer steps (each budget its own run and schedule)", ylabel="test accuracy",
-           title=f"sample efficiency: seeds (points), mean ± {conf}% CI")
+        ax.errorbar(
+            steps,
+            means,
+            yerr=[p["accuracy"]["ci"] for p in pts.values()],
+            fmt="-s",
+            color=f"C{k}",
+            capsize=4,
+            label=name,
+        )
+    ax.set(
+        xscale="log",
+        xlabel="optimizer steps (each budget its own run and schedule)",
+        ylabel="test accuracy",
+        title=f"sample efficiency: seeds (points), mean ± {conf}% CI",
+    )
     ax.legend()
     fig.tight_layout()
     rows = []
@@ -400,10 +478,24 @@ def _curve_section(curve: dict[str, Any], conf: int) -> str:
             worth = curve["baseline_steps_equivalent"].get(name, {}).get(s)
             said = "-"
             if worth:
-                said = {"within": lambda w: f"{w['steps']:.0f}", "above": lambda w: f"> {w['at_least']}", "below": lambda w: f"<= {w['at_most']}"}[worth["bound"]](worth)
+                said = {
+                    "within": lambda w: f"{w['steps']:.0f}",
+                    "above": lambda w: f"> {w['at_least']}",
+                    "below": lambda w: f"<= {w['at_most']}",
+                }[worth["bound"]](worth)
             rows.append([name, s, _ci(p["accuracy"]), _ci(vs), _p(vs["p"]) if vs else "-", said])
     base = curve["baseline"]
-    table = _table(["arm", "steps", "accuracy", f"Δ vs {base} (same budget)", "p (paired t)", f"{base} steps to the same accuracy"], rows)
+    table = _table(
+        [
+            "arm",
+            "steps",
+            "accuracy",
+            f"Δ vs {base} (same budget)",
+            "p (paired t)",
+            f"{base} steps to the same accuracy",
+        ],
+        rows,
+    )
     return f"<h3>Sample efficiency ({curve['seeds']} seeds per budget)</h3>" + table + _png(fig)
 
 
@@ -413,23 +505,53 @@ def run_report(run: str | Path, compare: str | Path | None = None) -> str:
     rows = read_metrics(run)
     sections: list[tuple[str, str]] = []
     cfg_file = run / "train_config.yaml"
-    sections.append(("Config", f"<pre>{html.escape(cfg_file.read_text())}</pre>" if cfg_file.exists() else _missing(f"no train_config.yaml in {run}")))
+    sections.append(
+        (
+            "Config",
+            f"<pre>{html.escape(cfg_file.read_text())}</pre>"
+            if cfg_file.exists()
+            else _missing(f"no train_config.yaml in {run}"),
+        )
+    )
     if not rows:
         sections.append(("Losses", _missing("metrics.jsonl is empty: the run logged no step yet")))
     else:
         terms = _scalar_terms(rows)
         last = rows[-1]
         summary = _table(["step", *terms], [[last["step"], *[last.get(t) for t in terms]]])
-        sections.append(("Losses", f"<p>{len(rows)} logged steps; last row:</p>{summary}" + (_curves(rows, terms) if terms else _missing("no scalar terms logged"))))
+        sections.append(
+            (
+                "Losses",
+                f"<p>{len(rows)} logged steps; last row:</p>{summary}"
+                + (_curves(rows, terms) if terms else _missing("no scalar terms logged")),
+            )
+        )
         sections.append(("Validation", _validation(run, rows)))
         layer_terms = _layer_terms(rows)
-        sections.append(("Per-layer loss", "".join(_heatmap(rows, k) for k in layer_terms) if layer_terms else _missing("no per-layer terms (kv_k_layers, ...) logged: a CE-only run has none")))
+        sections.append(
+            (
+                "Per-layer loss",
+                "".join(_heatmap(rows, k) for k in layer_terms)
+                if layer_terms
+                else _missing("no per-layer terms (kv_k_layers, ...) logged: a CE-only run has none"),
+            )
+        )
         routes = sorted({k for r in rows for k in r if k.startswith("route_")})
-        sections.append(("Routing weights", _routes(rows, routes) if routes else _missing("no routing weights logged: fixed fusion (or CE only) routes nothing")))
+        sections.append(
+            (
+                "Routing weights",
+                _routes(rows, routes)
+                if routes
+                else _missing("no routing weights logged: fixed fusion (or CE only) routes nothing"),
+            )
+        )
     sections.append(("Z space", _zspace(run, rows)))
     evals, unreadable = _evals(run)
     if evals:
-        table = _table(["file", "n", "accuracy", "perplexity"], [[f, e.get("n"), e["accuracy"], e["perplexity"]] for f, e in evals.items()])
+        table = _table(
+            ["file", "n", "accuracy", "perplexity"],
+            [[f, e.get("n"), e["accuracy"], e["perplexity"]] for f, e in evals.items()],
+        )
     else:
         table = _missing(f"no evaluation JSON in {run}; run `kvdistill eval --model {run} --out {run}/eval.json`")
     if unreadable:

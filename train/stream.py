@@ -27,7 +27,17 @@ from kvdistill.store.codecs import QuantRows
 
 from .quant import collate_quant
 
-__all__ = ["KVStream", "MicroBatches", "Window", "windows", "collate", "train_loader", "derangement", "shuffle_kv", "shuffle_latent"]
+__all__ = [
+    "KVStream",
+    "MicroBatches",
+    "Window",
+    "windows",
+    "collate",
+    "train_loader",
+    "derangement",
+    "shuffle_kv",
+    "shuffle_latent",
+]
 
 
 class KVStream(IterableDataset):
@@ -107,7 +117,9 @@ class KVStream(IterableDataset):
         `epoch_order(epoch)`'s shards, of the j-th sample trained on."""
         if epoch not in self._orders:
             rng = random.Random(f"{self.seed}-{epoch}")
-            self._orders = {epoch: np.fromiter(_shuffled(range(len(self)), self.buffer_size, rng), dtype=np.int64, count=len(self))}
+            self._orders = {
+                epoch: np.fromiter(_shuffled(range(len(self)), self.buffer_size, rng), dtype=np.int64, count=len(self))
+            }
         return self._orders[epoch]
 
     @property
@@ -130,7 +142,11 @@ class KVStream(IterableDataset):
         if self.shuffle_buffer_bytes is None:
             return self.shuffle_buffer
         mean = self.sample_bytes
-        return self.shuffle_buffer if mean <= 0 else min(self.shuffle_buffer, max(1, int(self.shuffle_buffer_bytes // mean)))
+        return (
+            self.shuffle_buffer
+            if mean <= 0
+            else min(self.shuffle_buffer, max(1, int(self.shuffle_buffer_bytes // mean)))
+        )
 
     def samples(self, epoch: int, outputs: list[int]) -> Iterator[dict[str, Any]]:
         """The samples at indices `outputs` of the epoch's global order, in that order. Reads only
@@ -146,7 +162,9 @@ class KVStream(IterableDataset):
             while p not in held:
                 nxt = next(got, None)
                 if nxt is None:
-                    raise StoreError(f"store {self.store}: the shards ended before sample {p} of the epoch's order; run `kvdistill store verify` and `finalize` again")
+                    raise StoreError(
+                        f"store {self.store}: the shards ended before sample {p} of the epoch's order; run `kvdistill store verify` and `finalize` again"
+                    )
                 held[nxt[0]] = nxt[1]
             uses[p] -= 1
             yield held[p] if uses[p] else held.pop(p)
@@ -158,7 +176,9 @@ class KVStream(IterableDataset):
         """Samples per shard (index.parquet); rows per shard in _shard_rows."""
         if self._shard_counts is None:
             index = read_index(self.store, self.teachers[:1])
-            got = {s: index.get((self.teachers[0], s), (np.zeros(1, np.int64), [])) for s in range(self.spec.num_shards)}
+            got = {
+                s: index.get((self.teachers[0], s), (np.zeros(1, np.int64), [])) for s in range(self.spec.num_shards)
+            }
             self._shard_rows = {s: int(offsets[-1] - offsets[0]) for s, (offsets, _) in got.items()}
             self._shard_counts = {s: len(ids) for s, (_, ids) in got.items()}
         return self._shard_counts
@@ -169,7 +189,13 @@ class KVStream(IterableDataset):
         # trainer's device, so the read, collate and the copy move stored-size bytes
         # (train/quant.py); else the store decodes them to float32 on its reader threads.
         samples = shard_samples(
-            self.store, self.teachers, shards, read_kv=self.read_kv, read_latent=self.read_latent, decode=not self.kv_as_stored, keep=keep
+            self.store,
+            self.teachers,
+            shards,
+            read_kv=self.read_kv,
+            read_latent=self.read_latent,
+            decode=not self.kv_as_stored,
+            keep=keep,
         )
         for p, sample in zip(keep.tolist(), samples, strict=False):
             # A sample's K/V are views into its read span; its own copy lets the span go once the
@@ -192,7 +218,9 @@ class Window:
     slices: tuple[tuple[tuple[int, int], ...], ...]
 
 
-def windows(n: int, start: int, batch_size: int, accumulation: int, world: int, drop_short: bool = False) -> list[Window]:
+def windows(
+    n: int, start: int, batch_size: int, accumulation: int, world: int, drop_short: bool = False
+) -> list[Window]:
     """The optimizer steps of an epoch of n samples, from sample `start` on (a resumed epoch):
     global batches of batch_size x accumulation x world consecutive samples of the global order,
     each split into micro-batch m of rank r = its (m x world + r)-th batch_size samples. So
@@ -210,7 +238,10 @@ def windows(n: int, start: int, batch_size: int, accumulation: int, world: int, 
         slots = micros * world
         sizes = [k // slots + (s < k % slots) for s in range(slots)]
         bounds = np.concatenate([[0], np.cumsum(sizes)]) + w0
-        slices = tuple(tuple((int(bounds[m * world + r]), int(bounds[m * world + r + 1])) for r in range(world)) for m in range(micros))
+        slices = tuple(
+            tuple((int(bounds[m * world + r]), int(bounds[m * world + r + 1])) for r in range(world))
+            for m in range(micros)
+        )
         out.append(Window(w0, k, micros, slices))
     return out
 
@@ -224,7 +255,17 @@ class MicroBatches(IterableDataset):
     forward / backward). DataLoader workers take turns by micro-batch, so the DataLoader yields
     them in order. `start`: the epoch's samples already trained (a resumed checkpoint)."""
 
-    def __init__(self, stream: KVStream, batch_size: int, collate_fn, *, accumulation: int = 1, rank: int = 0, world_size: int = 1, drop_short: bool = False) -> None:
+    def __init__(
+        self,
+        stream: KVStream,
+        batch_size: int,
+        collate_fn,
+        *,
+        accumulation: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_short: bool = False,
+    ) -> None:
         self.stream, self.batch_size, self.collate_fn = stream, batch_size, collate_fn
         self.accumulation, self.rank, self.world_size, self.drop_short = accumulation, rank, world_size, drop_short
         self.epoch, self.start = 0, 0
@@ -295,7 +336,9 @@ def _check_shards(shards: list[int], num_shards: int, store: str | Path) -> list
 def _own(x: np.ndarray | QuantRows) -> np.ndarray | QuantRows:
     """x in memory of its own (a copy of a view)."""
     if isinstance(x, QuantRows):
-        return dataclasses.replace(x, codes=x.codes.copy(), scale=x.scale.copy(), zero=None if x.zero is None else x.zero.copy())
+        return dataclasses.replace(
+            x, codes=x.codes.copy(), scale=x.scale.copy(), zero=None if x.zero is None else x.zero.copy()
+        )
     return x.copy() if x.base is not None else x
 
 
@@ -321,7 +364,9 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
             kv[t] = tuple(collate_quant([s["kv"][t][p] for s in samples], T) for p in (0, 1))
             continue
         shape = (B, T, *k0.shape[1:])
-        dtype = k0.dtype if isinstance(k0, torch.Tensor) else torch.from_numpy(k0[:0]).dtype  # as stored: cast on the device
+        dtype = (
+            k0.dtype if isinstance(k0, torch.Tensor) else torch.from_numpy(k0[:0]).dtype
+        )  # as stored: cast on the device
         kv[t] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
@@ -333,7 +378,14 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
                 continue
             kv[t][0][i, :n] = torch.as_tensor(k)
             kv[t][1][i, :n] = torch.as_tensor(v)
-    batch = {"sample_ids": [s["sample_id"] for s in samples], "shards": sorted({s["shard"] for s in samples}), "input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "kv": kv}
+    batch = {
+        "sample_ids": [s["sample_id"] for s in samples],
+        "shards": sorted({s["shard"] for s in samples}),
+        "input_ids": ids,
+        "attention_mask": attn,
+        "loss_mask": loss_mask,
+        "kv": kv,
+    }
     if "latent" in samples[0]:
         seg = torch.full((B, T), -1, dtype=torch.long)
         for i, s in enumerate(samples):
@@ -346,7 +398,9 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
                 "k": torch.from_numpy(np.stack([r["k"] for r in rows]).astype(np.float32)),
                 "v": torch.from_numpy(np.stack([r["v"] for r in rows]).astype(np.float32)),
                 "mask": torch.from_numpy(np.stack([r["mask"] for r in rows])),
-                "hidden": torch.from_numpy(np.stack([r["hidden"] for r in rows]).astype(np.float32)) if "hidden" in x0 else None,
+                "hidden": torch.from_numpy(np.stack([r["hidden"] for r in rows]).astype(np.float32))
+                if "hidden" in x0
+                else None,
             }
     return batch
 
@@ -355,7 +409,9 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     """A uniformly random permutation of range(n) with no fixed point (rejection sampling:
     about e tries on average)."""
     if n < 2:
-        raise ValueError(f"cannot derange {n} item(s): every sample needs another one to take K/V from; use batch_size >= 2")
+        raise ValueError(
+            f"cannot derange {n} item(s): every sample needs another one to take K/V from; use batch_size >= 2"
+        )
     while True:
         perm = rng.permutation(n)
         if not (perm == np.arange(n)).any():
@@ -399,12 +455,23 @@ def shuffle_latent(samples: list[dict[str, Any]], seed: int) -> list[dict[str, A
     perm = _batch_derangement(samples, seed)
     out = []
     for s, j in zip(samples, perm, strict=True):
-        latent = {t: {**x, **{n: samples[j]["latent"][t][n] for n in ("k", "v", "mask")}} for t, x in s["latent"].items()}
+        latent = {
+            t: {**x, **{n: samples[j]["latent"][t][n] for n in ("k", "v", "mask")}} for t, x in s["latent"].items()
+        }
         out.append({**s, "latent": latent, "kv_from": samples[j]["sample_id"]})
     return out
 
 
-def train_loader(stream: KVStream, cfg, pad_id: int, control=shuffle_kv, *, rank: int = 0, world_size: int = 1, accumulation: int | None = None) -> DataLoader:
+def train_loader(
+    stream: KVStream,
+    cfg,
+    pad_id: int,
+    control=shuffle_kv,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    accumulation: int | None = None,
+) -> DataLoader:
     """The trainer's DataLoader over `stream` (TrainConfig cfg) on rank `rank` of `world_size`:
     this rank's padded micro-batches (`MicroBatches`), and with kv_control "shuffled" the
     negative control `control` (shuffle_kv, or shuffle_latent in latent mode) applied before
@@ -415,7 +482,15 @@ def train_loader(stream: KVStream, cfg, pad_id: int, control=shuffle_kv, *, rank
         return collate(control(samples, cfg.seed) if cfg.kv_control == "shuffled" else samples, pad_id)
 
     accumulation = cfg.gradient_accumulation_steps if accumulation is None else accumulation
-    batches = MicroBatches(stream, cfg.batch_size, collate_fn, accumulation=accumulation, rank=rank, world_size=world_size, drop_short=cfg.kv_control == "shuffled")
+    batches = MicroBatches(
+        stream,
+        cfg.batch_size,
+        collate_fn,
+        accumulation=accumulation,
+        rank=rank,
+        world_size=world_size,
+        drop_short=cfg.kv_control == "shuffled",
+    )
     # Its own generator: each epoch's iterator draws a seed from it, and from the global RNG a
     # checkpoint restores that draw would shift every dropout mask after a mid-epoch resume.
     # (The stream orders samples with its own seeded RNGs, so this seed changes no sample.)

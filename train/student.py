@@ -70,7 +70,9 @@ def load_student(cfg: TrainConfig) -> tuple[Any, nn.Module, Any, dict]:
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets)
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets
+        )
         student = get_peft_model(student, lora)
     return tokenizer, student, spec, teachers
 

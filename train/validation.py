@@ -24,7 +24,16 @@ from .student import check_store, save_student
 __all__ = ["validation_loader", "validate", "Best"]
 
 
-def validation_loader(cfg: TrainConfig, mode: Mode, tokenizer, student, teachers: list[str], val_shards: list[int], accelerator, pad_id: int):
+def validation_loader(
+    cfg: TrainConfig,
+    mode: Mode,
+    tokenizer,
+    student,
+    teachers: list[str],
+    val_shards: list[int],
+    accelerator,
+    pad_id: int,
+):
     """Batches of the held-out data, in store order, with the true teacher K/V (no control):
     global batches of batch_size x processes split across ranks like training's, so every rank
     runs the same number of batches. A val_store holding the training data (the same path, or
@@ -35,7 +44,11 @@ def validation_loader(cfg: TrainConfig, mode: Mode, tokenizer, student, teachers
         train_spec, _ = open_specs(cfg.store)
         same = Path(cfg.val_store).resolve() == Path(cfg.store).resolve()
         if same or val_spec.data_fingerprint == train_spec.data_fingerprint:
-            why = "is the training store" if same else f"holds the training store's data (data fingerprint {val_spec.data_fingerprint})"
+            why = (
+                "is the training store"
+                if same
+                else f"holds the training store's data (data fingerprint {val_spec.data_fingerprint})"
+            )
             raise ConfigError(
                 f"TrainConfig.val_store: {cfg.val_store} {why}, so validation would measure samples the run trains on; "
                 "hold out the training store's last shards with --val-shards N instead, or dump a held-out split into a second store"
@@ -51,7 +64,13 @@ def validation_loader(cfg: TrainConfig, mode: Mode, tokenizer, student, teachers
         shards=None if cfg.val_store else val_shards,
     )
     return train_loader(
-        stream, dataclasses.replace(cfg, kv_control="none"), pad_id, mode.control, rank=accelerator.process_index, world_size=accelerator.num_processes, accumulation=1
+        stream,
+        dataclasses.replace(cfg, kv_control="none"),
+        pad_id,
+        mode.control,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        accumulation=1,
     )
 
 
@@ -79,7 +98,9 @@ def validate(mode: Mode, model, loader, accelerator, step: int, max_batches: int
     model.train()
     keys = sorted(sums)
     if accelerator.num_processes > 1:
-        both = torch.tensor([[sums[k] for k in keys], [weights[k] for k in keys]], dtype=torch.float64, device=accelerator.device)
+        both = torch.tensor(
+            [[sums[k] for k in keys], [weights[k] for k in keys]], dtype=torch.float64, device=accelerator.device
+        )
         both = accelerator.reduce(both, reduction="sum").cpu()
         sums, weights = dict(zip(keys, both[0].tolist(), strict=True)), dict(zip(keys, both[1].tolist(), strict=True))
     return {f"val_{k}": round(sums[k] / weights[k], 6) for k in keys if weights[k] > 0}
@@ -104,17 +125,23 @@ class Best:
         if not self.metric:
             return False
         if self.metric not in row:
-            raise ConfigError(f"metric_for_best_model {self.metric!r} is not among the validation metrics {sorted(k for k in row if k.startswith('val_'))}")
+            raise ConfigError(
+                f"metric_for_best_model {self.metric!r} is not among the validation metrics {sorted(k for k in row if k.startswith('val_'))}"
+            )
         return row[self.metric] < self.value
 
-    def save(self, accelerator, model, cfg: TrainConfig, tokenizer, mode: Mode, out: Path, step: int, row: dict[str, Any]) -> None:
+    def save(
+        self, accelerator, model, cfg: TrainConfig, tokenizer, mode: Mode, out: Path, step: int, row: dict[str, Any]
+    ) -> None:
         """Into .best.partial, renamed over RUN_DIR/best once complete (`save_complete`)."""
         self.value, self.step = row[self.metric], step
 
         def write(partial: Path) -> None:
             save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra)
             if accelerator.is_main_process:
-                (partial / "best.json").write_text(json.dumps({"metric": self.metric, "value": self.value, "step": step}))
+                (partial / "best.json").write_text(
+                    json.dumps({"metric": self.metric, "value": self.value, "step": step})
+                )
 
         save_complete(accelerator, out / "best", "the best model", write)
 

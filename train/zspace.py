@@ -88,7 +88,17 @@ from torch import nn
 from .losses import layer_std_norm
 from .report import ZSPACE_SAMPLE
 
-__all__ = ["Z_LOSSES", "SAMPLE_TOKENS", "ZMap", "ZSpace", "ZOut", "standardize", "z_loss", "collapse_stats", "save_sample"]
+__all__ = [
+    "Z_LOSSES",
+    "SAMPLE_TOKENS",
+    "ZMap",
+    "ZSpace",
+    "ZOut",
+    "standardize",
+    "z_loss",
+    "collapse_stats",
+    "save_sample",
+]
 
 Z_LOSSES = ("mse", "cosine", "barlow", "cca")
 SAMPLE_TOKENS = 512  # real tokens per source in the Z sample the report draws
@@ -148,7 +158,12 @@ def _whitened_cross(c_ab: torch.Tensor, c_aa: torch.Tensor, c_bb: torch.Tensor, 
 
 
 def z_loss(
-    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, kind: str = "mse", offdiag_weight: float = 0.005, whiten: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "mse",
+    offdiag_weight: float = 0.005,
+    whiten: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss in Z (module docstring) between a, b [B, T, L, Z] over the real tokens of mask
     [B, T] (padded positions are selected away: even NaN there cannot leak in).
@@ -249,7 +264,9 @@ class ZSpace(nn.Module):
         self.loss, self.offdiag_weight, self.kv_norm, self.standardize = loss, offdiag_weight, kv_norm, standardize
         self.whiten = teacher_maps == "learned" if whiten is None else whiten
         self.student_map = ZMap(num_layers, student_width, z_dim, learned=True)
-        self.teacher_maps = nn.ModuleList(ZMap(num_layers, w, z_dim, learned=teacher_maps == "learned") for w in teacher_widths.values())
+        self.teacher_maps = nn.ModuleList(
+            ZMap(num_layers, w, z_dim, learned=teacher_maps == "learned") for w in teacher_widths.values()
+        )
         self.sample: dict[str, torch.Tensor] | None = None  # the last training batch's Z, per source [n, L, Z]
 
     def _in(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -259,7 +276,9 @@ class ZSpace(nn.Module):
     def _std(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return standardize(z, mask) if self.standardize else z
 
-    def embed(self, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, teacher: str | None = None) -> torch.Tensor:
+    def embed(
+        self, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, teacher: str | None = None
+    ) -> torch.Tensor:
         """The raw Z [B, T, L, Z] of (k, v) [B, T, L, D]: the student's (teacher None) or a teacher's."""
         zmap = self.student_map if teacher is None else self.teacher_maps[self.teachers.index(teacher)]
         return zmap(self._in(kv[0], mask), self._in(kv[1], mask))
@@ -275,13 +294,17 @@ class ZSpace(nn.Module):
         fused, in order); route(z_s, z_t [N, B, T, L, Z]) -> fusion weights (None: equal)."""
         raw_s = self.embed(student_kv, mask)
         z_s = self._std(raw_s, mask)
-        z_t = torch.stack([self._std(self.embed(kv, mask, t), mask) for t, kv in teacher_kv.items()])  # [N, B, T, L, Z]
+        z_t = torch.stack(
+            [self._std(self.embed(kv, mask, t), mask) for t, kv in teacher_kv.items()]
+        )  # [N, B, T, L, Z]
         w = route(z_s, z_t) if route is not None else z_t.new_full((len(z_t), 1, 1, 1), 1 / len(z_t))
         target = self._std((w[..., None] * z_t).sum(0), mask)
         _, per_layer = z_loss(z_s, target, mask, self.loss, self.offdiag_weight, self.whiten)
         std, erank = collapse_stats(raw_s, mask)
         if self.training:
-            self.sample = _pick(mask, {**dict(zip(teacher_kv, z_t, strict=True)), "fused target": target, "student": z_s})
+            self.sample = _pick(
+                mask, {**dict(zip(teacher_kv, z_t, strict=True)), "fused target": target, "student": z_s}
+            )
         return ZOut(z_s, target, w, per_layer, std, erank)
 
 

@@ -18,8 +18,17 @@ from kvdistill.align import flatten_heads, rotate, unflatten_heads
 from kvdistill.schemas import KVGeometry
 
 __all__ = [
-    "kv_geometry", "decoder", "cache_kwarg", "output_cache", "capture_kv", "rope_heads", "attention_layout", "forward_kv",
-    "KVBuffer", "forward_kv_packed", "forward_kv_importance",
+    "kv_geometry",
+    "decoder",
+    "cache_kwarg",
+    "output_cache",
+    "capture_kv",
+    "rope_heads",
+    "attention_layout",
+    "forward_kv",
+    "KVBuffer",
+    "forward_kv_packed",
+    "forward_kv_importance",
 ]
 
 
@@ -123,7 +132,9 @@ def rope_heads(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_hea
     cos, sin = rope  # [B or 1, T, d]
     x = unflatten_heads(x, num_heads).transpose(1, 2).float()  # [B, H, T, d]
     if cos.shape[-1] != x.shape[-1]:
-        raise ValueError(f"RoPE over {cos.shape[-1]} of {x.shape[-1]} head dims (partial rotary) is not supported by the attention KL term")
+        raise ValueError(
+            f"RoPE over {cos.shape[-1]} of {x.shape[-1]} head dims (partial rotary) is not supported by the attention KL term"
+        )
     return rotate(x, cos[:, None].float(), sin[:, None].float())
 
 
@@ -178,7 +189,9 @@ class KVBuffer:
         return flat[:n].view(shape)
 
 
-def forward_kv_packed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, buffer: KVBuffer | None = None) -> torch.Tensor:
+def forward_kv_packed(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, buffer: KVBuffer | None = None
+) -> torch.Tensor:
     """`forward_kv` with K and V side by side: kv [B, T, L, 2D], K in [..., :D], V in [..., D:],
     the same values bit for bit. Each layer's projection output is copied into place by its hook
     and freed, no stack at the end; with `buffer` the memory is reused across calls, so the
@@ -194,7 +207,11 @@ def forward_kv_packed(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             if state["kv"] is None:
                 B, T, D = x.shape
                 shape = (B, T, L, 2 * D)
-                state["kv"] = buffer.take(shape, x.dtype, x.device) if buffer is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
+                state["kv"] = (
+                    buffer.take(shape, x.dtype, x.device)
+                    if buffer is not None
+                    else torch.empty(shape, dtype=x.dtype, device=x.device)
+                )
             D = x.shape[-1]
             state["kv"][:, :, i, part * D : (part + 1) * D].copy_(x)
             state["filled"] += 1
@@ -216,7 +233,9 @@ def forward_kv_packed(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         for h in handles:
             h.remove()
     if state["filled"] != 2 * L:  # a buffer left partly unwritten would hand on stale K/V
-        raise RuntimeError(f"captured {state['filled']} of {2 * L} K/V projections of {type(model).__name__}'s {L} layers in one forward")
+        raise RuntimeError(
+            f"captured {state['filled']} of {2 * L} K/V projections of {type(model).__name__}'s {L} layers in one forward"
+        )
     return state["kv"]
 
 

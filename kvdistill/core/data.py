@@ -64,8 +64,7 @@ def parse_gsm8k_answer(text: str, where: str) -> tuple[str, str]:
     reasoning = reasoning.strip()
     if not reasoning:
         raise DataError(
-            f"{where}: answer has no reasoning before '####'; a reasoning trace is needed to "
-            f"distil ({GSM8K_FORMAT})"
+            f"{where}: answer has no reasoning before '####'; a reasoning trace is needed to distil ({GSM8K_FORMAT})"
         )
     raw = "".join(tail.split())
     if not _GOLD_NUMBER.fullmatch(raw):
@@ -78,10 +77,7 @@ def parse_gsm8k_answer(text: str, where: str) -> tuple[str, str]:
 
 def _row_to_example(row: Any, where: str, default_id: str) -> Example:
     if not isinstance(row, dict):
-        raise DataError(
-            f"{where}: expected a JSON object with keys 'question' and 'answer', "
-            f"got {type(row).__name__}"
-        )
+        raise DataError(f"{where}: expected a JSON object with keys 'question' and 'answer', got {type(row).__name__}")
     for key in ("question", "answer"):
         if key not in row:
             raise DataError(
@@ -132,9 +128,7 @@ def _load_parquet(path: Path) -> list[Example]:
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: cannot read as parquet: {e}") from e
-    return [
-        _row_to_example(r, f"{path} row {i}", f"{path.stem}-{i:06d}") for i, r in enumerate(rows)
-    ]
+    return [_row_to_example(r, f"{path} row {i}", f"{path.stem}-{i:06d}") for i, r in enumerate(rows)]
 
 
 def _load_datasets(spec: DataSpec) -> list[Example]:
@@ -295,9 +289,7 @@ def synthetic_examples(spec: SyntheticSpec, split: str) -> list[Example]:
     problems (only the reasoning text differs): parallel corpora.
     """
     if split not in SYNTHETIC_SPLITS:
-        raise DataError(
-            f"synthetic data: unknown split {split!r}; valid splits are {list(SYNTHETIC_SPLITS)}"
-        )
+        raise DataError(f"synthetic data: unknown split {split!r}; valid splits are {list(SYNTHETIC_SPLITS)}")
 
     def generate(which: str, n: int, exclude: set[str]) -> list[Example]:
         # String seeds are hashed with sha512 by `random`, so streams are stable across runs.

@@ -23,8 +23,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from kvdistill.schemas import ModelSpec
 
 __all__ = [
-    "resolve_device", "load_model", "load_config", "load_tokenizer", "require_eos", "tokenizer_fingerprint", "model_fingerprint",
-    "tokenizer_files", "tokenizer_from_files",
+    "resolve_device",
+    "load_model",
+    "load_config",
+    "load_tokenizer",
+    "require_eos",
+    "tokenizer_fingerprint",
+    "model_fingerprint",
+    "tokenizer_files",
+    "tokenizer_from_files",
 ]
 
 
@@ -35,7 +42,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 # What marks a folder as holding a model's parts (for the messages that say which is missing).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -48,11 +63,15 @@ def _check_source(spec: ModelSpec, role: str | None, need: str) -> None:
     path = Path(p).expanduser()
     if not path.exists():
         if p.startswith(("/", ".", "~")) or "\\" in p:  # a path, never a hub id
-            raise FileNotFoundError(f"{role or 'model'} {p}: no such folder; give an existing checkpoint folder or a hub id (org/name)")
+            raise FileNotFoundError(
+                f"{role or 'model'} {p}: no such folder; give an existing checkpoint folder or a hub id (org/name)"
+            )
         return  # maybe a hub id: from_pretrained fetches it, _fetching explains a failure
     who = f"{role or 'model'} {p}"
     if not path.is_dir():
-        raise FileNotFoundError(f"{who}: a file, not a checkpoint folder; give the folder that holds config.json, the tokenizer and the weights")
+        raise FileNotFoundError(
+            f"{who}: a file, not a checkpoint folder; give the folder that holds config.json, the tokenizer and the weights"
+        )
     names = sorted(f.name for f in path.iterdir())
     has_config = "config.json" in names
     has_tokenizer = any(n in names for n in _TOKENIZER_FILES) or any(n.endswith(".tiktoken") for n in names)
@@ -60,7 +79,9 @@ def _check_source(spec: ModelSpec, role: str | None, need: str) -> None:
     fix = "give a checkpoint folder (config.json, the tokenizer and the weights, as save_pretrained writes them)"
     held = f"it holds {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else "it is empty"
     if not has_config and not has_tokenizer and not has_weights:
-        raise FileNotFoundError(f"{who}: the folder holds no model (no config.json, no tokenizer, no weights: {held}); {fix}")
+        raise FileNotFoundError(
+            f"{who}: the folder holds no model (no config.json, no tokenizer, no weights: {held}); {fix}"
+        )
     if need == "tokenizer" and not has_tokenizer:
         raise FileNotFoundError(
             f"{who}: the folder holds no tokenizer (no tokenizer.json or tokenizer_config.json: {held}); "
@@ -93,7 +114,9 @@ def _fetching(spec: ModelSpec, role: str | None):
         causes = list(_causes(e))
         who = f"{role or 'model'} {p}: no such folder"
         if any(isinstance(c, HFValidationError) for c in causes):
-            raise FileNotFoundError(f"{who}, and not a hub id (name or org/name); give an existing checkpoint folder or a hub id") from e
+            raise FileNotFoundError(
+                f"{who}, and not a hub id (name or org/name); give an existing checkpoint folder or a hub id"
+            ) from e
         if any(isinstance(c, RepositoryNotFoundError) and not isinstance(c, GatedRepoError) for c in causes):
             raise FileNotFoundError(
                 f"{who}, and the hub has no repo {p} (a private one needs `hf auth login`); give an existing checkpoint folder or a hub id"

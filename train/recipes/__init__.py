@@ -38,7 +38,9 @@ def load_recipe(name: str) -> dict[str, Any]:
     data = load_yaml(path.read_text()) or {}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(data, dict) or set(data) - known:
-        raise ConfigError(f"recipe {path}: a mapping of TrainConfig fields, got unknown field(s) {sorted(set(data) - known) if isinstance(data, dict) else data!r}")
+        raise ConfigError(
+            f"recipe {path}: a mapping of TrainConfig fields, got unknown field(s) {sorted(set(data) - known) if isinstance(data, dict) else data!r}"
+        )
     return data
 
 
@@ -47,7 +49,9 @@ def default_recipe(mode: str | None) -> str:
     return "kava" if mode == "latent" else "default"
 
 
-def train_config(overrides: dict[str, Any] | None = None, *, recipe: str | None = None, config: str | Path | None = None) -> TrainConfig:
+def train_config(
+    overrides: dict[str, Any] | None = None, *, recipe: str | None = None, config: str | Path | None = None
+) -> TrainConfig:
     """recipe < the `config` file < `overrides` (dotted keys, e.g. "student.name_or_path"; None:
     not given). recipe None: default_recipe of the mode the file or the overrides set."""
     overrides = overrides or {}
