@@ -59,7 +59,7 @@ from kvdistill.schemas import (
     SyntheticSpec,
     TeacherSpec,
 )
-from kvdistill.store import ShardWriter, codecs, finalize, init_store, init_teacher, read_kv
+from kvdistill.store import ShardWriter, codecs, finalize, init_store, init_teacher, kv_rows
 from kvdistill.store.rows import ShardedRows
 from kvdistill.store.samples import READ_SPAN_CHUNKS, read_spans
 from kvdistill.store.writer import CHUNK_BYTES, CHUNKS_PER_SHARD
@@ -171,7 +171,7 @@ def write(path: Path, codec: str, compressor: str, kv: dict[str, np.ndarray]) ->
 
 
 def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tuple[dict[str, list], float]:
-    """Rows [bounds[i], bounds[i + 1]) block by block with ShardReader's `read_kv`, the arrays
+    """Rows [bounds[i], bounds[i + 1]) block by block with ShardReader's `kv_rows`, the arrays
     read by `reader`: "rows" (store/rows.py, what ShardReader uses), "rows-nocrc" (the same
     with its crc32c check of every chunk off: the check's cost) or "zarr" (zarr's own
     slicing), decoded (float16 stays float16, the others float32) on the CPU; or "codes":
@@ -194,7 +194,7 @@ def read(path: Path, codec: str, bounds: list[int], D: int, reader: str) -> tupl
     for part, arrays in opened.items():
         fast = arrays[""] if reader != "zarr" else None
         out[part] = [
-            read_kv(arrays, codec, part, r0, r1, D, fast, decode=reader != "codes")
+            kv_rows(arrays, codec, part, r0, r1, D, fast, decode=reader != "codes")
             for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True)
         ]
     return out, time.perf_counter() - t0  # the trainer takes blocks as they come: no concatenation timed
@@ -502,7 +502,7 @@ def main() -> None:
         "\nvs raw16: logical 16-bit K+V bytes / stored bytes (raw float16 and raw bfloat16 are the same size); "
         "vs bf16: stored bytes of the best bfloat16 variant / stored bytes.\n"
         "MB/s: write = encode + compress + zarr append; read = store/rows.py read + decompress + decode chunk by chunk "
-        "(ShardReader's read_kv), logical float16 MB/s, "
+        "(ShardReader's kv_rows), logical float16 MB/s, "
         f"in the stream's read spans ({READ_SPAN_CHUNKS} chunks of whole samples), page cache dropped (cold) or not "
         "(warm); raw = open().read() of the same files, MB/s of "
         "stored bytes; read/raw = raw cold time / read cold time for the same stored bytes (read cold x stored / "

@@ -2,7 +2,7 @@
 
     run_dump(DumpConfig(teacher=..., student=..., data=..., store="out.zarr", shard=3, num_shards=8))
 
-The recipe `_run_dump`, one function per step:
+The steps of `_run_dump`, one function each:
 
 1. `_preflight`: load the data and take this task's contiguous slice (identical for every
    teacher), render and tokenize each sample for the student (the grid K/V is stored on) and for

@@ -3,11 +3,12 @@
 layout.py    names, paths, the index schema, store / teacher specs, the dump's tokenizers
 errors.py    StoreError and its kinds (the CLI maps them to exit codes)
 writer.py    ShardWriter and the one-writer-per-shard protocol (both backends); lock.py
-reader.py    ShardReader, read_kv, open_root, read_index; rows.py (checked chunk reads)
+rows.py      read layer 1: one array's rows, every chunk checked
+reader.py    read layer 2: ShardReader (one shard), kv_rows, open_root, read_index
 codecs.py    K/V codecs: float16 / bfloat16 / int8 / int4
 index.py     finalize: index.parquet and consolidated metadata
 summary.py   inspect / format_inspect
-samples.py   a zarr store's samples in the trainer's format, read ahead
+samples.py   read layer 3: a zarr store's samples in the trainer's format, read ahead
 wds.py       the webdataset backend (writer, checked reader, convert)
 backend.py   open_shard_writer / shard_samples / read_sample: either backend behind one call
 verify.py, stats.py, plan.py, cli.py   `kvdistill store verify / stats / plan / ...`
@@ -28,7 +29,7 @@ from .layout import (
     shard_is_complete,
     shard_name,
 )
-from .reader import ShardReader, open_root, read_index, read_kv
+from .reader import ShardReader, kv_rows, open_root, read_index
 from .summary import format_inspect, inspect
 from .wds import WdsShardWriter, wds_samples, wds_stream, wds_to_zarr, zarr_to_wds
 from .writer import ShardWriter, compression
@@ -62,7 +63,7 @@ __all__ = [
     "inspect",
     "open_root",
     "read_index",
-    "read_kv",
+    "kv_rows",
     "read_store_spec",
     "read_teacher_specs",
     "shard_is_complete",

@@ -1,6 +1,7 @@
-"""Reading a zarr store: one shard's rows (ShardReader), K/V decoding (read_kv), and the
-store-wide metadata a reader opens once (open_root: consolidated metadata; read_index:
-index.parquet)."""
+"""Read layer 2 of 3, one shard: a zarr shard's rows by name (ShardReader), K/V rows decoded
+(kv_rows), and the store-wide metadata a reader opens once (open_root: consolidated metadata;
+read_index: index.parquet). Below it store/rows.py (layer 1, checked byte reads of one array);
+above it store/samples.py (layer 3, whole samples for the trainer)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .errors import CorruptShard, StoreError
 from .layout import INDEX, KEY, shard_attrs, shard_name, teacher_dir
 from .rows import ShardedRows, ZarrRows, checked_reader
 
-__all__ = ["ShardReader", "read_kv", "read_index", "index_damage", "index_error", "read_index_table", "open_root"]
+__all__ = ["ShardReader", "kv_rows", "read_index", "index_damage", "index_error", "read_index_table", "open_root"]
 
 
 class ShardReader:
@@ -156,10 +157,10 @@ class ShardReader:
         aux = self.attrs["scales"][part] if codec in ("int8", "int4") else []
         # Scales and zeros through store/rows.py too where their layout allows (zarr otherwise).
         arrays = {"": self.reader(part), **{a: self.reader(f"{part}_{a}") for a in aux}}
-        return read_kv(arrays, codec, part, start, stop, self.attrs["width"], self.fast.get(part), decode)
+        return kv_rows(arrays, codec, part, start, stop, self.attrs["width"], self.fast.get(part), decode)
 
 
-def read_kv(
+def kv_rows(
     arrays: dict[str, zarr.Array | ShardedRows],
     codec: str,
     part: str,

@@ -1,4 +1,6 @@
-"""Row ranges of a sharded zarr v3 array read straight from its shard files: the K/V hot loop.
+"""Read layer 1 of 3, one array: row ranges of a sharded zarr v3 array read straight from its
+shard files, every chunk checked (the K/V hot loop). store/reader.py (layer 2) reads a shard's
+arrays through it; store/samples.py (layer 3) turns those rows into samples.
 
 zarr is the reference reader of the store and every tool opens it with zarr alone. For the
 training stream's reads (a few thousand contiguous rows of `k` / `v` at a time) zarr's generic

@@ -1,5 +1,6 @@
-"""A zarr store's samples in the trainer's format, every teacher zipped (backend.shard_samples
-reads either backend through here or store/wds.py).
+"""Read layer 3 of 3, samples: a zarr store's samples in the trainer's format, every teacher
+zipped, read through store/reader.py (layer 2, one shard's rows) and store/rows.py (layer 1, one
+array's checked bytes). backend.shard_samples reads either backend through here or store/wds.py.
 
 Reads are sequential blocks of whole samples (one read per array per span of about one zarr
 shard of rows), never a random access per sample, and run one step ahead in background

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-from kvdistill.store import ShardReader, ShardWriter, StoreError, codecs, read_kv, writer
+from kvdistill.store import ShardReader, ShardWriter, StoreError, codecs, kv_rows, writer
 from kvdistill.store.errors import CorruptShard
 from kvdistill.store.rows import ShardedRows, missing_chunks
 
@@ -136,7 +136,7 @@ def test_shard_reader_decodes_every_codec_like_zarr_does(tmp_path, monkeypatch, 
         for part in ("k", "v"):
             names = r.attrs["scales"][part] if codec in ("int8", "int4") else []
             arrays = {"": r.group[part], **{s: r.group[f"{part}_{s}"] for s in names}}
-            want = read_kv(arrays, codec, part, a, b, D)  # zarr alone
+            want = kv_rows(arrays, codec, part, a, b, D)  # zarr alone
             got = r.rows(a, b, (part,))[part]
             assert got.dtype == want.dtype and np.array_equal(got, want), (part, a, b)
 
