@@ -11,7 +11,12 @@ What it downloads, and from where:
   github.com/openai/grade-school-math (`OUT/gsm8k/`), or copied from `--gsm8k-dir` when you
   already have them (a machine that reaches only a package registry).
 
-    python bench/fetch_real.py --out real          # then: ls real/smollm2-135m real/gsm8k
+With `--student-layers N` it also writes the real pair's student, `OUT/smollm2-135m-Nl/`: the
+teacher pruned to N of its layers, evenly spaced (first and last kept), every kept weight the
+teacher's own (embeddings, norms, head too): the DistilBERT / Minitron habit of recovering a
+pruned model by distillation. Nothing is downloaded for it.
+
+    python bench/fetch_real.py --out real --student-layers 8   # then: ls real/smollm2-135m-8l
 """
 
 from __future__ import annotations
@@ -87,6 +92,39 @@ def _convert(gguf: Path, dst: Path) -> None:
     )
 
 
+def kept_layers(num_layers: int, keep: int) -> list[int]:
+    """`keep` of `num_layers` layer indices, evenly spaced, the first and the last among them."""
+    if not 1 <= keep <= num_layers:
+        raise SystemExit(f"--student-layers {keep}: choose 1..{num_layers} (the teacher has {num_layers} layers)")
+    if keep == 1:
+        return [num_layers - 1]
+    return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+
+
+def prune_student(teacher: Path, keep: int) -> Path:
+    """The teacher with only `kept_layers` of its decoder layers, saved beside it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    layers = kept_layers(model.config.num_hidden_layers, keep)
+    dst = teacher.parent / f"{teacher.name}-{len(layers)}l"
+    if (dst / "config.json").exists():
+        print(f"student: {dst} exists, kept")
+        return dst
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in layers)
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i  # the cache slot of each kept layer
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(dst)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"student: {dst} ({n / 1e6:.1f}M parameters, teacher layers {layers})")
+    return dst
+
+
 def fetch_gsm8k(out: Path, local: Path | None) -> Path:
     dst = out / "gsm8k"
     dst.mkdir(parents=True, exist_ok=True)
@@ -110,10 +148,15 @@ def main() -> None:
         "--gsm8k-dir", type=Path, default=None, help="a local folder with GSM8K's train.jsonl and test.jsonl"
     )
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument(
+        "--student-layers", type=int, default=0, help="also write the teacher pruned to this many layers (0: none)"
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_model:
-        fetch_model(args.out)
+        teacher = fetch_model(args.out)
+        if args.student_layers:
+            prune_student(teacher, args.student_layers)
     fetch_gsm8k(args.out, args.gsm8k_dir)
 
 
