@@ -69,13 +69,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from kvdistill import demo, tiny
 from kvdistill.core.data import load_examples
-from kvdistill.core.models import pad_token_id
 from kvdistill.jobs import dump_tasks, run_local
 from kvdistill.schemas import (
     DEFAULT_TEMPLATE,
@@ -88,11 +85,6 @@ from kvdistill.schemas import (
 )
 from kvdistill.store import finalize
 from kvdistill.train import distiller, loop
-from kvdistill.train.distiller import cot_mode
-from kvdistill.train.latent import latent_mode
-from kvdistill.train.quant import kv_as_stored
-from kvdistill.train.stream import KVStream, train_loader
-from kvdistill.train.student import load_student
 
 SIZES = {
     "demo": {"student": demo.STUDENT, "teachers": demo.TEACHERS},
@@ -191,36 +183,19 @@ def _sync(device: str) -> None:
 
 
 class Run:
-    """One configuration, set up as train/loop.py's `_train` sets it up (same functions, same
-    order), stepped with the loop's `optimizer_step`; its loader starts a new epoch when spent."""
+    """One configuration, set up with train/loop.py's own setup (`build_mode`, `training_loader`,
+    `optimizer_and_schedule`), stepped with the loop's `optimizer_step`; its loader starts a new
+    epoch when spent."""
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator) -> None:
-        set_seed(cfg.seed)
         self.cfg, self.accelerator = cfg, accelerator
-        tokenizer, student, spec, teachers = load_student(cfg)
-        pad_id = pad_token_id(tokenizer)
-        self.mode = (
-            latent_mode(cfg, student, spec, teachers, pad_id)
-            if cfg.mode == "latent"
-            else cot_mode(cfg, student, spec, teachers)
-        )
-        train_shards, _ = loop.split_shards(cfg, spec.num_shards)
-        opt = torch.optim.AdamW(self.mode.param_groups, weight_decay=cfg.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, cfg.warmup, cfg.max_steps)  # stepped once per step, as in train
-        self.stream = KVStream(
-            cfg.store,
-            list(teachers),
-            seed=cfg.seed,
-            shuffle_buffer=cfg.shuffle_buffer,
-            shuffle_buffer_bytes=cfg.shuffle_buffer_bytes,
-            read_kv=self.mode.read_kv,
-            read_latent=self.mode.read_latent,
-            kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
-            shards=train_shards,
-        )
-        self.loader = train_loader(self.stream, cfg, pad_id, self.mode.control)
+        built = loop.build_mode(cfg)
+        self.mode = built.mode
+        self.loader = loop.training_loader(cfg, built, accelerator.device)
+        self.stream = self.loader.dataset.stream
+        steps = loop.planned_steps(cfg, self.loader.dataset)
+        opt, self.sched = loop.optimizer_and_schedule(cfg, self.mode, steps)  # stepped once per step, as in train
         self.model, self.opt = accelerator.prepare(self.mode.model, opt)
-        self.sched = sched
         self.model.train()
         self.epoch, self.step_no = 0, 0
         self.batches: Iterator = iter(self.loader)

@@ -14,7 +14,9 @@ The steps of `_run_dump`, one function each:
 3. `_dump_batches`, per length-sorted padded batch: `_forward` (teacher-forced decoder stack
    only, no LM head, under inference_mode: pre-RoPE K and V), `align_batch` (align/batch.py:
    layer map and projection on the padded batch, one stacked time map onto the student's tokens
-   that drops the padding: identity / char overlap / per-segment resampling), `_write_batch` on a
+   that drops the padding: identity / char overlap / per-segment resampling), with
+   `--logits-top-k K` `_top_logits` (the LM head on the final hidden states of the teacher
+   positions the student rows are aligned to, in chunks: top-K log-probs), `_write_batch` on a
    writer thread.
 4. `_commit`: the shard becomes visible atomically.
 
@@ -35,6 +37,14 @@ one such map more memory and eager's slower kernels) and every sample also gets 
 K/V compressed by R-KV (align/rkv.py) on the teacher's own time grid (compression replaces the
 time map here), layer-mapped / projected like the full K/V, plus the final-norm hidden state
 before the first answer token (CODI). The full K/V are written too.
+
+With `--logits-top-k K` (the offline-logits baseline, beside K/V in the same shard) each student
+row also gets the teacher's K most likely next tokens and their log-probs. Only a teacher with
+the student's tokenizer whose time map gives every student row one teacher position (identity,
+or segment_linear with equal segment lengths) has logits that belong to the student's rows;
+anything else is refused in the preflight, and a head the dump cannot reproduce (checked on a
+probe against the model's own logits) once the teacher is loaded, both before the store is
+touched.
 """
 
 from __future__ import annotations
@@ -61,7 +71,15 @@ from kvdistill.align.cka import layer_map_from_json
 from kvdistill.align.layers import ratio_layer_map
 from kvdistill.align.pipeline import resolve_time_map
 from kvdistill.align.time import TimeMap
-from kvdistill.core.capture import KVBuffer, forward_kv_importance, forward_kv_packed, kv_geometry
+from kvdistill.core.capture import (
+    KVBuffer,
+    forward_kv_importance,
+    forward_kv_packed,
+    head_mismatch,
+    kv_geometry,
+    output_head,
+    top_log_probs,
+)
 from kvdistill.core.data import DataError, data_fingerprint, load_examples
 from kvdistill.core.models import (
     load_config,
@@ -152,21 +170,15 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
         _check_complete(cfg, plan, lambda: _load_teacher(cfg, device))
         return DumpResult(name, cfg.shard, "already complete")
     teacher = _load_teacher(cfg, device)
+    head = _logits_head(cfg, plan, teacher, device)  # refused here if the dump cannot reproduce its logits
     spec, tspec = _write_metadata(cfg, plan, teacher)
     maps = _DeviceMaps.of(plan, device)
     phases = {"load": time.perf_counter() - t0, "forward": 0.0, "align": 0.0, "write": 0.0}
+    if head is not None:
+        phases["logits"] = 0.0
     clock = _Clock(device, phases)
     try:
-        w = open_shard_writer(
-            cfg.store,
-            name,
-            cfg.shard,
-            spec,
-            width=plan.width,
-            codec=plan.codec,
-            latent_slots=cfg.latent.slots if cfg.latent else None,
-            on_busy=cfg.on_busy,
-        )
+        w = _open_writer(cfg, plan, spec, head)
     except ShardComplete:  # on_busy="wait": the writer we waited for completed the shard
         _check_complete(cfg, plan, lambda: teacher)
         return DumpResult(name, cfg.shard, "already complete")
@@ -179,7 +191,7 @@ def _run_dump(cfg: DumpConfig, progress: bool) -> DumpResult:
             disable=not progress,
         )
         with host_memory_kept(device):
-            _dump_batches(cfg, plan, teacher, maps, w, clock, bar)
+            _dump_batches(cfg, plan, teacher, maps, w, clock, bar, head)
         with clock("write"):
             _commit(cfg, plan, tspec, w)
         bar.close()
@@ -216,6 +228,7 @@ class _Plan:
     projection_info: dict | None
     width: int  # D stored per layer for K (and V): the projection's dim, else D_t
     codec: str
+    logits_top_k: int  # K: top-K teacher log-probs stored per student row; 0 = none
     pad_id: int  # the teacher tokenizer's
     pairs: list[tuple[Encoded, Encoded]]  # (student grid, teacher input), sorted by student length
     skipped: list[str]  # ids over max_len (on_too_long "skip")
@@ -246,15 +259,14 @@ def _preflight(cfg: DumpConfig) -> _Plan:
         same_tokenizer=s_fp == t_fp,
         same_text=cfg.teacher.prompt_template == cfg.student.prompt_template,
     )
-    g_t, g_s = (
-        kv_geometry(load_config(cfg.teacher, role="teacher")),
-        kv_geometry(load_config(cfg.student, role="student")),
-    )
+    t_config = load_config(cfg.teacher, role="teacher")
+    g_t, g_s = kv_geometry(t_config), kv_geometry(load_config(cfg.student, role="student"))
     W, similarity = load_layer_map(cfg.align.layer_map, g_t.num_layers, g_s.num_layers)  # [L_s, L_t]
     proj, proj_info = _projection(cfg, W, g_t.width)
     pairs, skipped = _encode_samples(cfg, shard_examples, s_tok, t_tok, kind)
     if not pairs and not cfg.allow_empty:
         raise DataError(_empty_message(cfg, len(examples), len(shard_examples)))
+    _check_logits(cfg, kind, s_fp == t_fp, pairs, t_config.vocab_size)
     # Length-sorted batches cut padding. The order depends only on the student's tokens, so it
     # is the same for every teacher (the trainer zips shards positionally).
     pairs.sort(key=lambda p: len(p[0]))
@@ -272,6 +284,7 @@ def _preflight(cfg: DumpConfig) -> _Plan:
         projection_info=proj_info,
         width=proj_info["dim"] if proj_info else g_t.width,
         codec=cfg.teacher_kv_dtype.get(cfg.teacher.short_name, cfg.kv_dtype),
+        logits_top_k=cfg.teacher_top_k,
         pad_id=pad_token_id(t_tok),
         pairs=pairs,
         skipped=skipped,
@@ -345,6 +358,43 @@ def _encode_samples(cfg: DumpConfig, examples: list[Example], s_tok, t_tok, kind
     return pairs, skipped
 
 
+def _check_logits(cfg: DumpConfig, kind: str, same_tokenizer: bool, pairs: list, vocab_size: int) -> None:
+    """--logits-top-k only where the teacher's next-token log-probs belong to the student's rows:
+    the same tokenizer (so the same vocabulary), and a time map that gives every student token
+    exactly one teacher token with weight 1 (identity; segment_linear where every segment has as
+    many tokens on both sides). Anything else is refused, never skipped."""
+    top_k, name = cfg.teacher_top_k, cfg.teacher.short_name
+    if not top_k:
+        return
+    drop = f"drop --logits-top-k for teacher {name} (in a job of several teachers: --teacher-logits-top-k {name}=0)"
+    if cfg.backend != "zarr":
+        raise ValueError(
+            f"teacher {name}: teacher logits are stored by the zarr backend only; use --backend zarr, or {drop}"
+        )
+    if not same_tokenizer:
+        raise ValueError(
+            f"{drop}: its tokens are not the student's (another tokenizer), so its log-probs are over another vocabulary"
+        )
+    if top_k > vocab_size:
+        raise ValueError(
+            f"teacher {name}: --logits-top-k {top_k} exceeds its vocabulary of {vocab_size} tokens; lower it"
+        )
+    if kind not in ("identity", "segment_linear"):
+        raise ValueError(
+            f"{drop}: its time map {kind} mixes teacher tokens into each student token; logits need one teacher "
+            "token per student token (use --time-map auto: identity for the same text)"
+        )
+    if kind == "segment_linear":
+        for s, t in pairs:
+            n_s, n_t = (np.bincount(x.segment_ids, minlength=len(SEGMENTS)).tolist() for x in (s, t))
+            if n_s != n_t:
+                raise ValueError(
+                    f"{drop}: sample {s.sample_id} has {n_s} student / {n_t} teacher tokens per segment (prompt, "
+                    "reasoning, answer), so its segment_linear time map interpolates; logits need one teacher token "
+                    "per student token (segments of equal length: the same text per segment)"
+                )
+
+
 def _empty_message(cfg: DumpConfig, n_data: int, n_rows: int) -> str:
     """Why this task would write no sample, and the fix."""
     where = f"teacher {cfg.teacher.short_name} shard {cfg.shard}: data {cfg.data.source}"
@@ -369,6 +419,36 @@ def _load_teacher(cfg: DumpConfig, device: torch.device):
     if cfg.latent is not None:  # only eager attention returns the probabilities R-KV scores with
         teacher.set_attn_implementation("eager")
     return teacher
+
+
+def _logits_head(cfg: DumpConfig, plan: _Plan, teacher, device: torch.device):
+    """(head, V) that turns the teacher's final hidden states into its logits (core/capture.py
+    `output_head`), checked on a probe (the shard's shortest sample, at most 64 tokens) against
+    the model's own forward; None without --logits-top-k. A head it does not reproduce is refused."""
+    if not plan.logits_top_k:
+        return None
+    name = cfg.teacher.short_name
+    head, V = output_head(teacher)
+    if plan.pairs:
+        ids = torch.as_tensor(plan.pairs[0][1].input_ids[:64], dtype=torch.long, device=device)[None]  # [1, T]
+        err = head_mismatch(teacher, head, ids, torch.ones_like(ids))
+        if err > 1e-2:
+            raise ValueError(
+                f"drop --logits-top-k for teacher {name}: its logits are not its output embedding of the final hidden "
+                f"state with a scaling kvdistill knows ({type(teacher).__name__}: {err:.2g} of the largest logit off "
+                "on a probe)"
+            )
+    return head, V
+
+
+def _open_writer(cfg: DumpConfig, plan: _Plan, spec: StoreSpec, head):
+    """The shard's writer in the store's backend; with logits (zarr only: `_check_logits`) one
+    that also stores them."""
+    args = {"width": plan.width, "codec": plan.codec, "on_busy": cfg.on_busy}
+    args["latent_slots"] = cfg.latent.slots if cfg.latent else None
+    if head is not None:
+        args |= {"logits_top_k": plan.logits_top_k, "vocab_size": head[1]}
+    return open_shard_writer(cfg.store, cfg.teacher.short_name, cfg.shard, spec, **args)
 
 
 def _write_metadata(cfg: DumpConfig, plan: _Plan, teacher) -> tuple[StoreSpec, TeacherSpec]:
@@ -465,12 +545,20 @@ def _teacher_spec(cfg: DumpConfig, plan: _Plan, teacher) -> TeacherSpec:
         fingerprint=model_fingerprint(
             teacher,
             cfg.teacher,
-            [cfg.align.to_dict(), W, plan.projection_info, plan.codec, cfg.latent and cfg.latent.to_dict()],
+            [
+                cfg.align.to_dict(),
+                W,
+                plan.projection_info,
+                plan.codec,
+                cfg.latent and cfg.latent.to_dict(),
+                *([{"logits_top_k": plan.logits_top_k}] if plan.logits_top_k else []),  # older stores' stay valid
+            ],
         ),
         kv_dtype=plan.codec,
         layer_similarity=plan.similarity,
         projection=plan.projection_info,
         latent=cfg.latent,
+        logits_top_k=plan.logits_top_k,
     )
 
 
@@ -502,16 +590,17 @@ class _Captured(NamedTuple):
     k: torch.Tensor  # [B, T_pad, L_t, D_t] pre-RoPE
     v: torch.Tensor  # [B, T_pad, L_t, D_t]
     importance: torch.Tensor | None  # [B, L_t, H_t, T_pad]: attention the answer pays each key (latent mode)
-    hidden: torch.Tensor | None  # [B, T_pad, H] after the final norm (latent mode)
+    hidden: torch.Tensor | None  # [B, T_pad, H] after the final norm (latent mode, logits)
 
 
 _Batch = list[tuple[Encoded, Encoded]]  # (student grid, teacher input) per sample
 
 
-def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, clock: _Clock, bar) -> None:
+def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, clock: _Clock, bar, head=None) -> None:
     """Forward, align and write every batch; returns once the last write is done. Pipelined: the
     time map of batch i+1 is built on a CPU thread while batch i runs, and batch i's compression
-    and store writes overlap batch i+1's forward (at most one batch waits: bounded memory)."""
+    and store writes overlap batch i+1's forward (at most one batch waits: bounded memory).
+    head: (output head, V) with --logits-top-k (`_logits_head`), else None."""
     batches = [plan.pairs[i : i + cfg.batch_size] for i in range(0, len(plan.pairs), cfg.batch_size)]
     # The teacher's K/V land in one buffer sized for the largest padded batch, reused by every
     # batch (core/capture.py: KVBuffer says why). Each batch's aligned K/V are new tensors, so
@@ -533,17 +622,24 @@ def _dump_batches(cfg: DumpConfig, plan: _Plan, teacher, maps: _DeviceMaps, w, c
             ids, mask = _teacher_inputs(batch, plan.pad_id, maps.device)  # [B, T_pad]
             with torch.inference_mode():
                 with clock("forward"):
-                    captured = _forward(teacher, batch, ids, mask, buffer, latent=cfg.latent is not None)
+                    captured = _forward(
+                        teacher, batch, ids, mask, buffer, latent=cfg.latent is not None, hidden=head is not None
+                    )
                 with clock("align"):
                     latent = None if cfg.latent is None else _compress(cfg, batch, captured, maps)
-                    kv = align_batch(
-                        captured.kv, maps.layer_map, time_map.result(), maps.projection
-                    )  # [sum T_s, L_s, 2D]
+                    tmap = time_map.result()
+                    kv = align_batch(captured.kv, maps.layer_map, tmap, maps.projection)  # [sum T_s, L_s, 2D]
+                logits = None
+                if head is not None:
+                    with clock("logits"):
+                        logits = _top_logits(
+                            cfg.teacher.short_name, batch, captured.hidden, tmap, head, plan.logits_top_k
+                        )
                 with clock("write"):
                     kv = kv.to(maps.transfer_dtype).cpu().numpy()
                     if pending is not None:
                         pending.result()  # re-raises a writer error here
-                    pending = writer.submit(_write_batch, w, batch, kv, latent, plan.width, plan.examples)
+                    pending = writer.submit(_write_batch, w, batch, kv, latent, plan.width, plan.examples, logits)
             bar.update(sum(len(t) for _, t in batch))
         with clock("write"):
             if pending is not None:
@@ -570,18 +666,41 @@ def _teacher_inputs(batch: _Batch, pad_id: int, device: torch.device) -> tuple[t
 
 
 def _forward(
-    teacher, batch: _Batch, ids: torch.Tensor, mask: torch.Tensor, buffer: KVBuffer, latent: bool
+    teacher, batch: _Batch, ids: torch.Tensor, mask: torch.Tensor, buffer: KVBuffer, latent: bool, hidden: bool = False
 ) -> _Captured:
     """Teacher-forced decoder pass capturing every layer's K and V (into `buffer`: valid until the
     next batch's forward); in latent mode also what R-KV scores with (the attention the answer
-    tokens pay each key) and the final hidden states."""
+    tokens pay each key) and the final hidden states, which `hidden` (logits) asks for too."""
     if not latent:
-        kv = forward_kv_packed(teacher, ids, mask, buffer)  # [B, T_pad, L_t, 2D_t]
+        if hidden:
+            kv, h = forward_kv_packed(teacher, ids, mask, buffer, hidden=True)  # [B, T_pad, L_t, 2D_t], [B, T_pad, H]
+        else:
+            kv, h = forward_kv_packed(teacher, ids, mask, buffer), None
         D = kv.shape[-1] // 2
-        return _Captured(kv, kv[..., :D], kv[..., D:], None, None)
+        return _Captured(kv, kv[..., :D], kv[..., D:], None, h)
     answers, _ = pad_batch([t.segment_ids == ANSWER for _, t in batch], 0)  # [B, T_pad]
     k, v, importance, hidden = forward_kv_importance(teacher, ids, mask, answers.bool().to(ids.device))
     return _Captured(torch.cat([k, v], dim=-1), k, v, importance, hidden)
+
+
+def _top_logits(
+    name: str, batch: _Batch, hidden: torch.Tensor, tmap: TimeMap, head, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-K next tokens at the position each student row is aligned to: hidden
+    [B, T_pad, H] -> ids [sum T_s, K] int32, log-probs [sum T_s, K] float16 (samples in batch
+    order, as align_batch's rows). The head runs only on those positions, in chunks."""
+    T_s = tmap.shape[0]
+    if tmap.nnz != T_s or not bool((tmap.weights == 1).all()):  # the preflight rules it out; never averaged
+        row = int(tmap.rows[tmap.weights != 1].min())
+        ends = np.cumsum([len(s) for s, _ in batch])
+        j = int(np.searchsorted(ends, row, side="right"))
+        raise ValueError(
+            f"drop --logits-top-k for teacher {name}: sample {batch[j][0].sample_id} token {row - (ends[j] - len(batch[j][0]))} "
+            f"is aligned to several teacher tokens ({tmap.kind} time map); logits need one teacher token per student token"
+        )
+    at = tmap.cols.to(hidden.device)  # [sum T_s] flat index (b * T_pad + t) of each row's teacher position
+    ids, lp = top_log_probs(*head, hidden.reshape(-1, hidden.shape[-1]).index_select(0, at), top_k)
+    return ids.to(torch.int32).cpu().numpy(), lp.to(torch.float16).cpu().numpy()
 
 
 def _compress(cfg: DumpConfig, batch: _Batch, captured: _Captured, maps: _DeviceMaps) -> dict[str, np.ndarray]:
@@ -623,9 +742,11 @@ def _write_batch(
     latent: dict[str, np.ndarray] | None,
     width: int,
     examples: dict[str, dict[str, str]],
+    logits: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
-    """kv [sum T_s, L_s, 2D] (K then V, samples in batch order) and the latent arrays [B, ...]
-    -> one record per sample, with the sample's text. Runs on the writer thread."""
+    """kv [sum T_s, L_s, 2D] (K then V, samples in batch order), the latent arrays [B, ...] and
+    the logits (ids, lp) [sum T_s, K] -> one record per sample, with the sample's text. Runs on
+    the writer thread."""
     start = 0
     for b, (s, _) in enumerate(batch):
         sample_kv = kv[start : start + len(s)]  # [T_s, L_s, 2D]
@@ -639,6 +760,11 @@ def _write_batch(
             }
             if "hidden" in latent:
                 lat["hidden"] = latent["hidden"][b]
+        rows = (
+            {}
+            if logits is None
+            else {"logits": (logits[0][start : start + len(s)], logits[1][start : start + len(s)])}
+        )
         w.write(
             s.sample_id,
             sample_kv[..., :width],
@@ -648,6 +774,7 @@ def _write_batch(
             s.segment_ids,
             lat,
             examples[s.sample_id],
+            **rows,  # only a ShardWriter with logits_top_k takes them
         )
         start += len(s)
 

@@ -3,7 +3,7 @@ from the store alone (no teacher weights, no dump re-run) and drawn.
 
     a = reconstruct("out.zarr", "teacher-a", "gsm8k-train-12")
     print(summary(a))
-    plot_alignment(a, "fig.png", max_tokens=64)
+    plot_alignment(a, "fig.png", max_tokens=64)   # alignment_figure(a): the matplotlib Figure
 
 The time map is rebuilt exactly as the dump built it: the sample's stored text (question,
 reasoning, answer) rendered with the student's and the teacher's prompt templates, tokenized by
@@ -39,8 +39,9 @@ from kvdistill.store import open_specs, read_sample
 from kvdistill.store.errors import StoreError
 from kvdistill.store.layout import read_tokenizer
 
-__all__ = ["SampleAlignment", "reconstruct", "summary", "plot_alignment", "visible"]
+__all__ = ["SampleAlignment", "reconstruct", "summary", "alignment_figure", "plot_alignment", "visible"]
 
+DPI = 120  # the PNG's; the figure's sizes are in inches
 REDUMP = "re-dump into a new --store with this kvdistill (it records both tokenizers and each sample's text)"
 
 
@@ -244,9 +245,19 @@ def window(a: SampleAlignment, max_tokens: int, start: int = 0) -> tuple[int, in
 
 
 def plot_alignment(a: SampleAlignment, out: str | Path, max_tokens: int = 64, start: int = 0) -> Path:
-    """PNG: the time map (student tokens x teacher tokens, token strings on the axes, segment
-    boundaries dashed) beside the layer map (weights written in), and the CKA similarity of a
-    calibrated map. Long samples: student tokens [start, start + max_tokens), said in the title."""
+    """PNG of `alignment_figure` at `out` (`output_path`)."""
+    fig = alignment_figure(a, max_tokens, start)
+    out = output_path(out, a.teacher, a.sample_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+def alignment_figure(a: SampleAlignment, max_tokens: int = 64, start: int = 0):
+    """The time map (student tokens x teacher tokens, token strings on the axes, segment
+    boundaries dashed) beside the layer map (weights written in where the cells hold them), and
+    the CKA similarity of a calibrated map. Long samples: student tokens [start, start +
+    max_tokens), said in the title. Layer panels grow with the layer counts (`_layer_cell`)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
     T_s, T_t = a.time_map.shape
@@ -256,10 +267,12 @@ def plot_alignment(a: SampleAlignment, out: str | Path, max_tokens: int = 64, st
     L_s, L_t = a.layer_map.shape
     side = [a.layer_map] + ([a.similarity] if a.similarity is not None else [])
     cell = 0.16  # inches per token
-    fig = Figure(
-        figsize=(max(5.0, cell * n_c + 2.5) + 3.2 * len(side), max(4.5, cell * n_r + 2.5)), layout="constrained"
-    )
-    gs = fig.add_gridspec(1, 1 + len(side), width_ratios=[max(n_c, 20) * cell] + [3.0] * len(side))
+    lcell = _layer_cell(L_s, L_t)  # inches per layer: a layer panel grows with the layer counts
+    panel = max(2.2, lcell * L_t)  # its width
+    width = max(5.0, cell * n_c + 2.5) + (panel + 1.1) * len(side)
+    height = max(4.5, cell * n_r + 2.5, lcell * L_s + 2.6)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    gs = fig.add_gridspec(1, 1 + len(side), width_ratios=[max(n_c, 20) * cell] + [panel] * len(side))
 
     ax = fig.add_subplot(gs[0, 0])
     im = ax.imshow(A, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
@@ -298,28 +311,28 @@ def plot_alignment(a: SampleAlignment, out: str | Path, max_tokens: int = 64, st
     fig.colorbar(im, ax=ax, shrink=0.3, location="bottom", label="weight")
 
     W = a.layer_map
-    axw = fig.add_subplot(gs[0, 1])
-    axw.imshow(W, cmap="Greens", vmin=0.0, vmax=1.0, interpolation="nearest")
-    _cells(axw, W, L_s * L_t <= 1024)
-    _layer_axes(axw, L_s, L_t)
+    axw, caxw = _layer_panel(fig, gs[0, 1], lcell * L_s, height)
+    imw = axw.imshow(W, cmap="Greens", vmin=0.0, vmax=1.0, interpolation="nearest")
+    written = _cells(axw, W, lcell * 72)
+    _layer_axes(axw, L_s, L_t, lcell * 72)
     how = (
         "ratio: l_s(L_t-1)/(L_s-1), interpolated"
         if a.layer_map_source == "ratio"
         else f"CKA top-k: {Path(a.layer_map_source).name}"
     )
-    axw.set_title(f"layer map W [{L_s} x {L_t}]\n{how}", fontsize=9)
+    said = "" if written else "\n(cells too small to write in: the colour says it)"
+    axw.set_title(f"layer map W [{L_s} x {L_t}]\n{how}{said}", fontsize=9)
+    fig.colorbar(imw, cax=caxw, orientation="horizontal", label="weight")
     if a.similarity is not None:
-        axs = fig.add_subplot(gs[0, 2])
-        axs.imshow(a.similarity, cmap="viridis", interpolation="nearest")
+        axs, caxs = _layer_panel(fig, gs[0, 2], lcell * L_s, height)
+        ims = axs.imshow(a.similarity, cmap="viridis", interpolation="nearest")
         for s, t in zip(*np.nonzero(W > 0), strict=True):
-            axs.add_patch(_box(s, t))
-        _layer_axes(axs, L_s, L_t)
+            axs.add_patch(_box(s, t, lw=min(1.2, lcell * 6)))
+        _layer_axes(axs, L_s, L_t, lcell * 72)
+        fig.colorbar(ims, cax=caxs, orientation="horizontal", label="CKA")
         axs.set_title("CKA similarity\n(boxes: the chosen layers)", fontsize=9)
     fig.suptitle(f"{Path(a.store).name}: teacher {a.teacher}, sample {a.sample_id} (shard {a.shard})", fontsize=10)
-    out = output_path(out, a.teacher, a.sample_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    return fig
 
 
 def output_path(out: str | Path, teacher: str, sample_id: str) -> Path:
@@ -346,31 +359,71 @@ def output_path(out: str | Path, teacher: str, sample_id: str) -> Path:
     return out
 
 
-def _cells(ax, W: np.ndarray, write: bool) -> None:
-    if not write:
-        return
-    for s, t in zip(*np.nonzero(W), strict=True):
-        ax.text(
-            t,
-            s,
-            f"{W[s, t]:.2f}".rstrip("0").rstrip("."),
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if W[s, t] > 0.6 else "black",
-        )
+# A layer panel's square cells: 0.3 in for small models, smaller for deep ones so that the panel's
+# long side stays within 6 in (30 layers: 0.2 in, room for a weight like .52 and a tick label).
+LAYER_CELL_MAX, LAYER_PANEL_MAX = 0.3, 6.0
+_DIGIT = 0.62  # a digit's width in DejaVu Sans, in ems
+_LAYER_FONT = 7.0  # points: layer tick labels and the weights written in the cells
 
 
-def _layer_axes(ax, L_s: int, L_t: int) -> None:
+def _layer_cell(L_s: int, L_t: int) -> float:
+    """Inches per layer cell of the layer-map panels."""
+    return min(LAYER_CELL_MAX, LAYER_PANEL_MAX / max(L_s, L_t))
+
+
+def _weight(w: float) -> str:
+    """A weight as few characters as it takes: 1, .5, .25."""
+    return f"{w:.2f}".rstrip("0").rstrip(".").removeprefix("0") or "0"
+
+
+def _cells(ax, W: np.ndarray, cell_pt: float) -> bool:
+    """Write each nonzero weight in its cell, at a size that fits the cell (down to 5 pt); False,
+    writing nothing, when even that does not fit (a deep model's map: its colour says it)."""
+    where = list(zip(*np.nonzero(W), strict=True))
+    if not where:
+        return True
+    longest = max(len(_weight(W[s, t])) for s, t in where)
+    size = min(_LAYER_FONT, (cell_pt - 3) / (_DIGIT * longest), 0.7 * cell_pt)
+    if size < 5:
+        return False
+    for s, t in where:
+        white = W[s, t] > 0.6
+        ax.text(t, s, _weight(W[s, t]), ha="center", va="center", fontsize=size, color="white" if white else "black")
+    return True
+
+
+def layer_ticks(n: int, cell_pt: float, need_pt: float) -> list[int]:
+    """The labelled layers of an axis of n cells of cell_pt points: every k-th layer (k = 1, 2, 5,
+    10, ...) such that at most 12 labels show, each with need_pt points of room, and the last
+    layer when it has room to spare."""
+    step = next(k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n <= 12 * k and k * cell_pt >= need_pt)
+    ticks = list(range(0, n, step))
+    if ticks[-1] != n - 1 and (n - 1 - ticks[-1]) * cell_pt >= 1.5 * need_pt:
+        ticks.append(n - 1)
+    return ticks
+
+
+def _layer_panel(fig, slot, tall: float, height: float):
+    """(axes, colour-bar axes) of a layer panel in its grid column: the map at the top, beside
+    the first tokens, `tall` inches high, its colour bar under it (a figure `height` inches high)."""
+    rows = slot.subgridspec(3, 1, height_ratios=[tall, 0.12, max(0.1, height - tall - 2.4)])
+    return fig.add_subplot(rows[0]), fig.add_subplot(rows[1])
+
+
+def _layer_axes(ax, L_s: int, L_t: int, cell_pt: float) -> None:
     ax.set_anchor("N")  # at the top, beside the first tokens
-    ax.set_xlabel("teacher layer")
-    ax.set_ylabel("student layer")
-    step_s, step_t = max(1, L_s // 16), max(1, L_t // 16)
-    ax.set_yticks(range(0, L_s, step_s))
-    ax.set_xticks(range(0, L_t, step_t))
+    ax.set_xlabel("teacher layer", fontsize=8)
+    ax.set_ylabel("student layer", fontsize=8)
+    wide = _DIGIT * _LAYER_FONT * len(str(max(L_s, L_t) - 1)) + 4  # points a label takes along the x axis
+    ax.set_xticks(layer_ticks(L_t, cell_pt, wide))
+    ax.set_yticks(layer_ticks(L_s, cell_pt, _LAYER_FONT + 3))
+    ax.set_xticks(range(L_t), minor=True)  # every layer marked, every k-th named
+    ax.set_yticks(range(L_s), minor=True)
+    ax.tick_params(labelsize=_LAYER_FONT)
+    ax.tick_params(which="minor", length=2)
 
 
-def _box(s: int, t: int):
+def _box(s: int, t: int, lw: float = 1.2):
     from matplotlib.patches import Rectangle
 
-    return Rectangle((t - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2)
+    return Rectangle((t - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", lw=lw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvdistill.schemas import JobsConfig, TrainConfig
+from kvdistill.schemas import JobsConfig, JobsLocalConfig, JobsSlurmConfig, JobsStatusConfig, TrainConfig
 from kvdistill.schemas.base import _over, apply_overrides, read_config
 from kvdistill.schemas.cli import add_flags, config_from_args, flags_of
 
@@ -15,27 +15,25 @@ class SubmitError(RuntimeError):
     """sbatch is missing or refused a job; the message holds its output and what was already submitted."""
 
 
-FLAGS = flags_of(JobsConfig)
+FLAGS = flags_of(JobsConfig)  # the fields the two share; train_settings reads the --train.FIELD ones
+LOCAL_FLAGS = flags_of(JobsLocalConfig)
+SLURM_FLAGS = flags_of(JobsSlurmConfig)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("jobs", help="run dump arrays locally or on SLURM; status of a store", description=__doc__)
     jsub = p.add_subparsers(dest="jobs_command", required=True)
     local = jsub.add_parser("local", help="run every dump task here as N processes, then finalize")
-    add_flags(local, JobsConfig)
-    local.add_argument("--no-finalize", action="store_true", help="do not finalize the store afterwards")
+    add_flags(local, JobsLocalConfig)
     local.set_defaults(func=local_main)
     slurm = jsub.add_parser(
         "slurm", help="write sbatch scripts (one array per teacher, finalize, train); --submit submits them"
     )
-    add_flags(slurm, JobsConfig)
-    slurm.add_argument(
-        "--submit", action="store_true", help="submit with sbatch (default: print what would be submitted)"
-    )
+    add_flags(slurm, JobsSlurmConfig)
     slurm.set_defaults(func=slurm_main)
     status = jsub.add_parser("status", help="per teacher x shard: complete / partial / missing, and what to resubmit")
-    status.add_argument("--store", required=True, help="the zarr store")
-    status.add_argument("--config", help="the jobs config (names teachers that have not started yet)")
+    # Its --config is a field (the jobs config to read), not a JobsStatusConfig file.
+    add_flags(status, JobsStatusConfig, config=False, progress=False)
     status.set_defaults(func=status_main)
 
 
@@ -44,9 +42,9 @@ def local_main(args: argparse.Namespace) -> int:
 
     from .local import run_local
 
-    cfg = config_from_args(JobsConfig, args, FLAGS)
+    cfg = config_from_args(JobsLocalConfig, args, LOCAL_FLAGS)
     run_local(cfg.tasks(), workers=cfg.workers, progress=not args.no_progress)
-    if not args.no_finalize:
+    if cfg.finalize:
         finalize(cfg.dump.store)
         print(format_inspect(inspect(cfg.dump.store)))
     return 0
@@ -67,18 +65,18 @@ def train_settings(args: argparse.Namespace) -> dict[str, Any] | None:
 def slurm_main(args: argparse.Namespace) -> int:
     from .slurm import submit, write_scripts
 
-    cfg = config_from_args(JobsConfig, args, FLAGS)
+    cfg = config_from_args(JobsSlurmConfig, args, SLURM_FLAGS)
     # Only what the user set goes to the job's config, so the recipe of its mode sits under it.
     scripts = write_scripts(cfg, args.config, train=train_settings(args) if cfg.train is not None else None)
     for name, path in scripts.items():
         print(f"wrote {name}: {path}")
     try:
-        submitted = submit(scripts, dry_run=not args.submit)
+        submitted = submit(scripts, dry_run=not cfg.submit)
     except RuntimeError as e:  # submit raises only for sbatch missing or failing
         raise SubmitError(str(e)) from e
     for name, argv, job_id in submitted:
         print(f"{name}: {' '.join(argv)}" + (f"  -> job {job_id}" if job_id else "  (not submitted)"))
-    if not args.submit:
+    if not cfg.submit:
         print("nothing submitted; add --submit to submit these")
     return 0
 
@@ -86,6 +84,7 @@ def slurm_main(args: argparse.Namespace) -> int:
 def status_main(args: argparse.Namespace) -> int:
     from .status import format_status, status
 
-    cfg = JobsConfig.load(args.config) if args.config else None
-    print(format_status(status(args.store, cfg)))
+    opts = config_from_args(JobsStatusConfig, args, config=False)
+    cfg = JobsConfig.load(opts.config) if opts.config else None
+    print(format_status(status(opts.store, cfg)))
     return 0

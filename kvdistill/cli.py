@@ -13,7 +13,7 @@ from kvdistill.dump import cli as dump_cli
 from kvdistill.errors import ExitCode, Preempted, release_early_signals
 from kvdistill.jobs import cli as jobs_cli
 from kvdistill.jobs.local import LocalRunError
-from kvdistill.schemas import CompareConfig, ConfigError, DemoConfig
+from kvdistill.schemas import CompareConfig, ConfigError, DemoConfig, ReportConfig
 from kvdistill.schemas.cli import add_flags, config_from_args
 from kvdistill.store import cli as store_cli
 from kvdistill.store.errors import CorruptShard, ShardBusy, StoreError
@@ -48,7 +48,8 @@ def compare_main(args: argparse.Namespace) -> int:
 def report_main(args: argparse.Namespace) -> int:
     from kvdistill.train.report import write_report
 
-    print(f"wrote {write_report(args.run, args.out, args.compare)}")
+    cfg = config_from_args(ReportConfig, args, config=False)
+    print(f"wrote {write_report(cfg.run_dir, cfg.out, cfg.compare)}")
     return 0
 
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     dump_cli.add_parser(sub)
     dump_cli.add_align_parser(sub)
-    store_cli.add_parser(sub, plan_main=dump_cli.plan_main, show_alignment_main=dump_cli.show_alignment_main)
+    dump_cli.add_store_parsers(store_cli.add_parser(sub))
     jobs_cli.add_parser(sub)
     train_cli.add_parser(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data and tiny models (CPU, no network)")
@@ -74,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report", help="one self-contained HTML page for a training run (curves, per-layer heatmap, routing, eval)"
     )
-    report.add_argument("run", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")
-    report.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
-    report.add_argument("--compare", metavar="DIR", help="a `kvdistill compare` output directory: add its table")
+    add_flags(report, ReportConfig, config=False, progress=False)
     report.set_defaults(func=report_main)
     _debug_flag(parser)
     return parser

@@ -82,6 +82,7 @@ def option(
     aliases: tuple[str, ...] | Mapping[str, str | tuple[str, ...]] = (),
     instead_of: str | None = None,
     factory: Callable[[], Any] | None = None,
+    positional: bool = False,
 ) -> Any:
     """A dataclass field with what the CLI shows for it (schemas/cli.py reads the metadata).
 
@@ -91,8 +92,9 @@ def option(
     group and aliases count only on the fields of the subcommand's own record. instead_of:
     this field, when set, replaces that one (`warmup_ratio` instead of `warmup_steps`): a
     config layer that sets the other one drops a lower layer's value of this one (see build).
-    factory: a default_factory."""
-    metadata = {"help": help, "group": group, "aliases": aliases, "instead_of": instead_of}
+    factory: a default_factory. positional: on the command line a bare argument, in field order
+    (`kvdistill store verify STORE`), not a flag; only a subcommand's own plain fields."""
+    metadata = {"help": help, "group": group, "aliases": aliases, "instead_of": instead_of, "positional": positional}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -13,7 +13,10 @@ parses:
     list[record]     items: a YAML mapping of its fields, or the record's one required field
 
 `--config file.yaml` gives the whole record; each flag given overrides the file, a flag left
-unset does not. Help texts show the record's real defaults."""
+unset does not. A field declared `option(..., positional=True)` is a bare argument instead
+(`kvdistill store verify STORE`); a small tool's record may go without `--config`
+(`add_flags(..., config=False)`: its required fields are then required flags). Help texts
+show the record's real defaults."""
 
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class Flag:
     tp: Any  # the field's annotation
     help: str
     group: str | None  # --help section; None: the parser's own options
+    positional: bool = False  # a bare argument (names: just the key), not a flag
 
 
 def _record(tp: Any) -> type[Record] | None:
@@ -74,12 +78,12 @@ def flags_of(cls: type[Record]) -> list[Flag]:
             leaves = list(_leaves(sub, f"{f.name}."))
             group = f.metadata.get("group") or f.name
             names = {f"{f.name}.{k}": (v,) if isinstance(v, str) else tuple(v) for k, v in dict(aliases).items()}
+        positional = bool(f.metadata.get("positional"))
+        if positional and (sub is not None or aliases):
+            raise TypeError(f"{cls.__name__}.{f.name}: a positional field is a plain one, without aliases")
         for key, tp, leaf in leaves:
-            out.append(
-                Flag(
-                    key, ("--" + key.replace("_", "-"), *names.get(key, ())), tp, leaf.metadata.get("help", ""), group
-                )
-            )
+            names_ = (key,) if positional else ("--" + key.replace("_", "-"), *names.get(key, ()))
+            out.append(Flag(key, names_, tp, leaf.metadata.get("help", ""), group, positional))
     unknown = {
         a
         for f in dataclasses.fields(cls)
@@ -202,9 +206,10 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _default(cls: type[Record], key: str) -> str:
+def _default(cls: type[Record], key: str, config: bool = True) -> str:
     """The default of a dotted field of a record class, as help text. A nested default comes
-    from the parent's default instance (EvalConfig.data.split is "test", not DataSpec's)."""
+    from the parent's default instance (EvalConfig.data.split is "test", not DataSpec's).
+    config: the command has --config, which may give a required field instead."""
     *parents, leaf = key.split(".")
     obj, unset = None, ""
     for p in parents:
@@ -226,7 +231,7 @@ def _default(cls: type[Record], key: str) -> str:
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
         else:
-            return f" (required{when or ' unless in --config'})"
+            return f" (required{when or (' unless in --config' if config else '')})"
     shown = "" if value is None else _show(value)
     return f" (default{when}: {shown})" if shown else ""
 
@@ -239,19 +244,26 @@ def add_flags(
     record: type[Record],
     groups: dict[str, str | None] | None = None,
     suppress: bool = False,
+    config: bool = True,
+    progress: bool = True,
 ) -> list[Flag]:
-    """`--config`, a flag per field of `record`, `--no-progress`; returns the Flags.
+    """`--config`, a flag per field of `record` (a positional field: a bare argument),
+    `--no-progress`; returns the Flags.
 
     groups: --help sections in this order, title -> description (None: a record field's
-    help); the others follow in field order. suppress: a flag not given sets nothing (for a subcommand's subparser, so that it
-    does not reset what its parent parsed, e.g. `train --config x diagnose`)."""
+    help); the others follow in field order. suppress: a flag not given sets nothing (for a
+    subcommand's subparser, so that it does not reset what its parent parsed, e.g. `train
+    --config x diagnose`). config: False for a tool of a few flags (no file; a required field
+    is a required flag). progress: False for a command that shows no progress bar."""
     default = argparse.SUPPRESS if suppress else None
-    if parser.usage is None:
-        parser.usage = "%(prog)s [--config FILE] [--FIELD VALUE ...]"
-    parser.add_argument(
-        "--config", metavar="FILE", default=default, help="YAML or JSON file with the config; flags override it"
-    )
     flags = flags_of(record)
+    if config:
+        if parser.usage is None:
+            bare = "".join(f" {f.key.upper()}" for f in flags if f.positional)
+            parser.usage = f"%(prog)s [--config FILE] [--FIELD VALUE ...]{bare}"
+        parser.add_argument(
+            "--config", metavar="FILE", default=default, help="YAML or JSON file with the config; flags override it"
+        )
     helps = {f.name: f.metadata.get("help") for f in dataclasses.fields(record)}  # a record field's group: its help
     sections = {
         title: parser.add_argument_group(title, helps.get(title) if about is None else about)
@@ -264,19 +276,23 @@ def add_flags(
             if flag.group not in sections:
                 sections[flag.group] = parser.add_argument_group(flag.group, helps.get(flag.group))
             target = sections[flag.group]
-        _add(target, flag, record, default)
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        default=default if suppress else False,
-        help="no progress bars (logs, CI)",
-    )
+        _add(target, flag, record, default, config)
+    if progress:
+        parser.add_argument(
+            "--no-progress",
+            action="store_true",
+            default=default if suppress else False,
+            help="no progress bars (logs, CI)",
+        )
     return flags
 
 
-def _add(target: Any, flag: Flag, record: type[Record], default: Any) -> None:
-    help_ = (flag.help + _default(record, flag.key)).replace("%", "%%")
-    kw: dict[str, Any] = {"dest": flag.key, "default": default, "help": help_}
+def _add(target: Any, flag: Flag, record: type[Record], default: Any, config: bool) -> None:
+    shown = _default(record, flag.key, config)
+    required = shown.startswith(" (required")
+    if flag.positional and required:
+        shown = ""  # a bare argument: the usage line shows it is required
+    help_ = (flag.help + shown).replace("%", "%%")
     arms = (
         [a for a in get_args(flag.tp) if a is not type(None)]
         if get_origin(flag.tp) in (Union, types.UnionType)
@@ -284,6 +300,17 @@ def _add(target: Any, flag: Flag, record: type[Record], default: Any) -> None:
     )
     tp = arms[0] if len(arms) == 1 else flag.tp
     leaf = flag.key.rsplit(".", 1)[-1].upper()
+    if flag.positional:
+        if tp not in (str, int, float) and get_origin(tp) is not Literal:
+            raise TypeError(f"{record.__name__}.{flag.key}: a positional field is a str, int, float or Literal")
+        choices = {"choices": get_args(tp)} if get_origin(tp) is Literal else {}
+        # Optional (it has a default): it may be left out, and then sets nothing.
+        nargs = {} if required else {"nargs": "?", "default": default}
+        target.add_argument(flag.key, metavar=leaf, type=_value(tp), help=help_, **choices, **nargs)
+        return
+    kw: dict[str, Any] = {"dest": flag.key, "default": default, "help": help_}
+    if not config and shown == " (required)":
+        kw["required"] = True  # no --config that could give it
     if tp is bool:
         target.add_argument(*flag.names, action=argparse.BooleanOptionalAction, **kw)
     elif get_origin(tp) is Literal:
@@ -297,8 +324,14 @@ def _add(target: Any, flag: Flag, record: type[Record], default: Any) -> None:
 
 
 def config_from_args(
-    cls: type[Record], args: argparse.Namespace, flags: list[Flag] | None = None, base: dict[str, Any] | None = None
+    cls: type[Record],
+    args: argparse.Namespace,
+    flags: list[Flag] | None = None,
+    base: dict[str, Any] | None = None,
+    config: bool = True,
 ) -> Record:
-    """The record: `base` (a recipe) < `--config` file < the flags given."""
+    """The record: `base` (a recipe) < `--config` file < the flags given. config: False when the
+    record took no --config (add_flags(config=False)); a `--config` the parser has is another
+    record's (train diagnose's is TrainConfig's) or a field's own (jobs status's)."""
     overrides = {f.key: getattr(args, f.key, None) for f in (flags if flags is not None else flags_of(cls))}
-    return build(cls, getattr(args, "config", None), overrides, base)
+    return build(cls, getattr(args, "config", None) if config else None, overrides, base)

@@ -33,6 +33,19 @@ __all__ = [
     "EvalConfig",
     "DemoConfig",
     "CompareConfig",
+    "StoreToolConfig",
+    "StoreFinalizeConfig",
+    "StoreInspectConfig",
+    "StoreVerifyConfig",
+    "StoreStatsConfig",
+    "StoreConvertConfig",
+    "ShowAlignmentConfig",
+    "PlanConfig",
+    "ReportConfig",
+    "DiagnoseConfig",
+    "JobsStatusConfig",
+    "JobsLocalConfig",
+    "JobsSlurmConfig",
 ]
 
 # Bump when the on-disk store layout changes; readers refuse stores of another version.
@@ -267,9 +280,11 @@ class TeacherSpec(Record):
     layer_similarity: list[list[float]] | None = None  # [L_s][L_t] CKA, when calibrated
     projection: dict[str, Any] | None = None  # PCA: dim and explained variance, when used
     latent: LatentSpec | None = None  # compressed reasoning KV stored per sample (latent_* arrays)
+    logits_top_k: int = 0  # K: top-K teacher log-probs per row (logits_ids / logits_lp arrays); 0 = none
 
     def validate(self) -> None:
         self.check_min(1, "width")
+        _check_top_k(self, "logits_top_k", self.logits_top_k)
 
 
 @dataclass(kw_only=True)
@@ -299,6 +314,15 @@ class DumpTask(Record):
     teacher_projection: dict[str, str] = option(
         factory=dict,
         help="PCA .npz per teacher (each teacher needs its own fit), e.g. teacher-a=a-pca32.npz; overrides --projection",
+    )
+    # The offline-logits baseline (DistillKit, Megatron-Core: k ~ 32-128) beside K/V in one store.
+    logits_top_k: int = option(
+        0,
+        help="also store each teacher's top-K log-probs per student token (logits_ids int32 + logits_lp float16: "
+        "6K bytes a token); 1-1024, only for a teacher with the student's tokenizer and a one-to-one time map",
+    )
+    teacher_logits_top_k: dict[str, int] = option(
+        factory=dict, help="top-K per teacher, overriding --logits-top-k, e.g. other-tok=0"
     )
     backend: Literal["zarr", "webdataset"] = option(
         "zarr", help="how shards are stored; webdataset: one .tar per task (float16 / float32)"
@@ -333,6 +357,9 @@ class DumpTask(Record):
 
     def validate(self) -> None:
         self.check_min(1, "num_shards", "batch_size", "max_len")
+        _check_top_k(self, "logits_top_k", self.logits_top_k)
+        for name, k in self.teacher_logits_top_k.items():
+            _check_top_k(self, f"teacher_logits_top_k[{name}]", k)
         if not 0 <= self.compression_level <= 9:
             raise ConfigError(
                 f"{type(self).__name__}.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}"
@@ -356,11 +383,26 @@ class DumpConfig(DumpTask):
         if not 0 <= self.shard < self.num_shards:
             raise ConfigError(f"DumpConfig.shard: need 0 <= shard < num_shards, got {self.shard} of {self.num_shards}")
 
+    @property
+    def teacher_top_k(self) -> int:
+        """This teacher's logits top-K: teacher_logits_top_k's, else logits_top_k (0: none)."""
+        return self.teacher_logits_top_k.get(self.teacher.short_name, self.logits_top_k)
+
     def resolved(self) -> DumpConfig:
         """This teacher's task: its own PCA projection (teacher_projection) in `align`."""
         own = self.teacher_projection.get(self.teacher.short_name)
         return (
             self if own is None else dataclasses.replace(self, align=dataclasses.replace(self.align, projection=own))
+        )
+
+
+MAX_LOGITS_TOP_K = 1024  # the offline-logits habit is k ~ 32-128; more is the full distribution's cost
+
+
+def _check_top_k(rec: Record, name: str, k: int) -> None:
+    if not 0 <= k <= MAX_LOGITS_TOP_K:
+        raise ConfigError(
+            f"{type(rec).__name__}.{name}: top-K log-probs per token, 1 to {MAX_LOGITS_TOP_K} (0: none), got {k}"
         )
 
 
@@ -575,6 +617,19 @@ class TrainConfig(Record):
         group="KV loss",
     )
     ce_weight: float = option(1.0, help="weight of the CE loss", group="KV loss")
+    # Offline logits distillation (`dump --logits-top-k K`): the teachers' stored top-K log-probs.
+    logits_weight: float = option(
+        0.0,
+        help="> 0: add the KL from each teacher's stored top-k next-token distribution (dump --logits-top-k) to the "
+        "student's, on the CE positions, teachers mixed by teacher_weights (0 with kv_weight 0: the offline-logits "
+        "baseline)",
+        group="KV loss",
+    )
+    logits_temperature: float = option(
+        1.0,
+        help="softmax temperature of the logits term (both sides; the term is scaled by its square)",
+        group="KV loss",
+    )
     kv_norm: Literal["layer_std", "none"] = option(
         "layer_std", help="standardise K/V per layer before the loss, or not", group="KV loss"
     )
@@ -642,7 +697,8 @@ class TrainConfig(Record):
     warmup_steps: int = option(20, help="linear warm-up steps of the cosine schedule", group="optimisation")
     warmup_ratio: float | None = option(
         None,
-        help="warm-up over this fraction of --max-steps instead (e.g. 0.05); replaces --warmup-steps",
+        help="warm-up over this fraction of the run's steps instead (--max-steps, or those of --num-train-epochs; e.g. 0.05); "
+        "replaces --warmup-steps",
         group="optimisation",
         instead_of="warmup_steps",
     )
@@ -701,6 +757,12 @@ class TrainConfig(Record):
         group="checkpointing",
         aliases=("--save-steps",),
     )
+    save_total_limit: int | None = option(
+        None,
+        help="keep only the last N checkpoints in RUN_DIR/checkpoints, deleting older ones after each save "
+        "(RUN_DIR/best and final are never touched; default: keep all)",
+        group="checkpointing",
+    )
     stop_at_step: int | None = option(
         None, help="stop cleanly after this step (a time-limited job); --resume goes on", group="checkpointing"
     )
@@ -755,14 +817,10 @@ class TrainConfig(Record):
         1.0, help="latent mode: teacher-mode CE on the written chain, same backbone", group="latent"
     )
 
-    @property
-    def warmup(self) -> int:
-        """Warm-up steps of the schedule over max_steps (`warmup_over`)."""
-        return self.warmup_over(self.max_steps)
-
     def warmup_over(self, steps: int) -> int:
-        """Warm-up steps of a schedule of `steps` optimizer steps (the trainer's: num_train_epochs
-        included): warmup_ratio x steps when a ratio is set, else warmup_steps."""
+        """Warm-up steps of a schedule of `steps` optimizer steps, the run's planned ones
+        (`train.loop.planned_steps`: num_train_epochs included): warmup_ratio x steps when a ratio
+        is set, else warmup_steps. The one warm-up rule (train.loop.optimizer_and_schedule)."""
         return round(self.warmup_ratio * steps) if self.warmup_ratio is not None else self.warmup_steps
 
     def kv_weight_at(self, step: int, steps: int) -> float:
@@ -784,7 +842,8 @@ class TrainConfig(Record):
         self.check_min(1, "max_steps", "batch_size")
         if self.latent_iterations < 1:
             raise ConfigError(f"TrainConfig.latent_iterations: must be >= 1, got {self.latent_iterations}")
-        self.check_min(0, "codi_weight", "cot_weight", "kv_weight", "kv_weight_final", "ce_weight")
+        self.check_min(0, "codi_weight", "cot_weight", "kv_weight", "kv_weight_final", "ce_weight", "logits_weight")
+        self.check_min(0, "logits_temperature", strict=True)
         if self.kv_weight_schedule != "constant" and self.kv_weight == 0:
             raise ConfigError(
                 f"TrainConfig.kv_weight_schedule {self.kv_weight_schedule!r}: kv_weight 0 (the CE-only baseline) has nothing to decay; "
@@ -824,6 +883,11 @@ class TrainConfig(Record):
             raise ConfigError(f"TrainConfig.num_train_epochs: must be > 0, got {self.num_train_epochs}")
         if self.val_batches is not None and self.val_batches < 1:
             raise ConfigError(f"TrainConfig.val_batches: must be >= 1, got {self.val_batches}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(
+                f"TrainConfig.save_total_limit: keeps the last N >= 1 checkpoints, got {self.save_total_limit}; "
+                "leave it unset to keep them all"
+            )
         if self.val_shards and self.val_store:
             raise ConfigError(
                 "TrainConfig: give val_shards (held out of the training store) or val_store (a second store), not both"
@@ -886,6 +950,7 @@ class TrainConfig(Record):
                 "layer_anneal_steps": (self.layer_anneal_steps, 0),
                 "attn_kl_weight": (self.attn_kl_weight, 0.0),
                 "z_dim": (self.z_dim, 0),
+                "logits_weight": (self.logits_weight, 0.0),
             }
             bad = {k: v for k, (v, off) in cot_only.items() if v != off}
             if bad:
@@ -1046,3 +1111,198 @@ class CompareConfig(Record):
             raise ConfigError(
                 "CompareConfig.eval_data: with your own `store`, name the evaluation data (eval_data: {source: ..., split: test} in --config)"
             )
+
+
+# --- the flags of the tools: `store ...`, `report`, `train diagnose`, `jobs status` -----------------
+
+
+@dataclass
+class StoreToolConfig(Record):
+    """A `kvdistill store` tool: the store it reads, first on the command line."""
+
+    store: str = option(help="path to the store, e.g. out.zarr", positional=True)
+
+
+@dataclass
+class StoreFinalizeConfig(StoreToolConfig):
+    """`kvdistill store finalize STORE`: check every shard is complete, write index.parquet."""
+
+
+@dataclass
+class StoreInspectConfig(StoreToolConfig):
+    """`kvdistill store inspect STORE`: teachers, shards, rows, tokens, bytes on disk."""
+
+    json: bool = option(False, help="print JSON instead of a table")
+
+
+@dataclass
+class StoreVerifyConfig(StoreToolConfig):
+    """`kvdistill store verify STORE`: re-read every byte; exit 4 on any problem."""
+
+
+@dataclass
+class StoreStatsConfig(StoreToolConfig):
+    """`kvdistill store stats STORE`: per-layer mean / std / absmax of every teacher's K and V."""
+
+    teacher: list[str] | None = option(None, help="only these teachers (repeatable; default: all)")
+    png: str | None = option(None, help="also plot per-layer std and absmax to this PNG")
+    json: bool = option(False, help="print JSON instead of a table")
+
+
+@dataclass
+class StoreConvertConfig(Record):
+    """`kvdistill store convert SRC DST`: a store copied into another backend or K/V codec."""
+
+    src: str = option(help="a finalized store of either backend", positional=True)
+    dst: str = option(
+        help="the new store (must not exist, or be an empty directory; removed again if the conversion fails)",
+        positional=True,
+    )
+    to: Literal["zarr", "webdataset"] | None = option(None, help="backend of DST (default: the other one than SRC's)")
+    kv_dtype: KVDtype | None = option(
+        None,
+        help="store every teacher's K/V in this codec (default: each teacher's own); webdataset holds float16 / float32 only",
+    )
+    compression_level: int | None = option(
+        None, help="blosc-zstd level of DST's K/V chunks, 0 (none) to 9 (zarr only; default: SRC's)"
+    )
+    blosc_shuffle: Literal["byte", "bit"] | None = option(
+        None, help="blosc shuffle of DST's K/V chunks (zarr only; default: SRC's)"
+    )
+
+    def validate(self) -> None:
+        if self.compression_level is not None and not 0 <= self.compression_level <= 9:
+            raise ConfigError(
+                f"StoreConvertConfig.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}"
+            )
+
+
+@dataclass
+class ShowAlignmentConfig(StoreToolConfig):
+    """`kvdistill store show-alignment STORE`: one sample's time map and layer map, drawn."""
+
+    teacher: str = option(help="teacher name in the store (`kvdistill store inspect` lists them)")
+    sample: str = option(help="sample id (index.parquet's sample_id column, e.g. synth-train-3)")
+    out: str = option(
+        help="image to write, e.g. alignment.png (no suffix: .png is added; an existing folder: "
+        "FOLDER/alignment-TEACHER-SAMPLE.png)"
+    )
+    max_tokens: int = option(64, help="draw at most this many student tokens (the title says so when cut)")
+    start: int = option(0, help="first student token drawn")
+
+
+@dataclass(kw_only=True)
+class PlanConfig(DumpTask):
+    """`kvdistill store plan`: a store sized before dumping it, from the models' configs and the
+    student's tokenizer (no weights). It takes dump's flags, so a dump's command line (--teacher
+    repeated) sizes as is. Of those, the student, the data, --num-shards, --kv-dtype,
+    --teacher-kv-dtype, --projection, --teacher-projection, --logits-top-k,
+    --teacher-logits-top-k and --backend change the plan; the others are accepted and change
+    nothing in it."""
+
+    teachers: list[ModelSpec] = option(
+        help="the teachers: hub ids or checkpoint directories (repeatable), or each a mapping of ModelSpec fields",
+        aliases=("--teacher",),
+        group="plan",
+    )
+    store: str | None = option(None, help="not read: the plan sizes a store that does not exist yet")
+    num_shards: int | None = option(
+        None, help="shards per teacher (default: the suggestion, the largest teacher's at --target-shard-gib)"
+    )
+    target_shard_gib: float = option(1.0, help="suggest shards of about this size on disk, in GiB", group="plan")
+    compression: float | None = option(
+        None,
+        help="expected compression ratio (default: 1.3 for float codecs, 1.0 quantised or webdataset)",
+        group="plan",
+    )
+    pca: int | None = option(
+        None,
+        help="size a store projected to D dims per layer before fitting the projection "
+        "(`kvdistill align calibrate --pca D`; a --projection file gives its own D)",
+        group="plan",
+    )
+    json: bool = option(
+        False,
+        help="print one JSON object (the plan per teacher, and every storage option under 'options')",
+        group="plan",
+    )
+
+    def validate(self) -> None:
+        # Named by flag, before the dump's own checks: these are the plan's numbers.
+        def bad(flag: str, value: float, rule: str) -> ConfigError:
+            return ConfigError(f"{flag} {value:g}: {rule}")
+
+        if self.num_shards is not None and self.num_shards < 1:
+            raise bad(
+                "--num-shards", self.num_shards, "must be >= 1 (shards per teacher); leave it out for the suggestion"
+            )
+        if not (math.isfinite(self.target_shard_gib) and self.target_shard_gib * 2**30 >= 1):
+            raise bad("--target-shard-gib", self.target_shard_gib, "must be a finite size > 0 in GiB, e.g. 1 or 0.5")
+        if self.compression is not None and not (math.isfinite(self.compression) and self.compression > 0):
+            raise bad(
+                "--compression",
+                self.compression,
+                "must be a finite ratio > 0 (raw bytes / bytes on disk, e.g. 1.3); leave it out for the codec's default",
+            )
+        if self.pca is not None and self.pca < 1:
+            raise bad(
+                "--pca", self.pca, "must be >= 1 (dims kept per layer); leave it out for the teachers' own width"
+            )
+        if not self.teachers:
+            raise ConfigError("PlanConfig.teachers: name at least one teacher (--teacher T, repeatable)")
+        super().validate()
+
+
+@dataclass
+class ReportConfig(Record):
+    """`kvdistill report RUN_DIR`: one self-contained HTML page for a training run."""
+
+    run_dir: str = option(help="a training run directory (holds metrics.jsonl)", positional=True)
+    out: str | None = option(None, help="HTML file to write (default: RUN_DIR/report.html)")
+    compare: str | None = option(None, help="a `kvdistill compare` output directory: add its table")
+
+
+@dataclass
+class DiagnoseConfig(Record):
+    """`kvdistill train diagnose`: what it measures; what it builds is the TrainConfig of `train`'s flags."""
+
+    batches: int = option(4, help="batches to average over")
+    checkpoint: str | None = option(
+        None,
+        help="diagnose a trained run's weights instead of the initialisation: a run directory (its final/), a final/ "
+        "directory or RUN_DIR/checkpoints/step-N; the config is the run's train_config.yaml unless --config is given, "
+        "and the run's loss curve follows",
+    )
+    run: str | None = option(
+        None,
+        help="only this: do RUN_DIR's logged loss terms fall (metrics.jsonl: first value vs the mean of the last 20, "
+        "per term and per Jacobi iteration)? Builds no model and reads no store",
+    )
+    json: str | None = option(
+        None, help="also write the result (terms, suggested weights, curve) as JSON to this file"
+    )
+
+    def validate(self) -> None:
+        self.check_min(1, "batches")
+
+
+@dataclass
+class JobsStatusConfig(Record):
+    """`kvdistill jobs status`: per teacher x shard of a store, complete / partial / missing."""
+
+    store: str = option(help="the store")
+    config: str | None = option(None, help="the jobs config (names teachers that have not started yet)")
+
+
+@dataclass
+class JobsLocalConfig(JobsConfig):
+    """`kvdistill jobs local`: every dump task of a jobs config on this machine, then finalize."""
+
+    finalize: bool = option(True, help="finalize the store afterwards")
+
+
+@dataclass
+class JobsSlurmConfig(JobsConfig):
+    """`kvdistill jobs slurm`: sbatch scripts of a jobs config, submitted with --submit."""
+
+    submit: bool = option(False, help="submit with sbatch (otherwise print what would be submitted)")

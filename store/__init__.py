@@ -9,7 +9,9 @@ codecs.py    K/V codecs: float16 / bfloat16 / int8 / int4
 index.py     finalize: index.parquet and consolidated metadata
 summary.py   inspect / format_inspect
 samples.py   read layer 3: a zarr store's samples in the trainer's format, read ahead
-wds.py       the webdataset backend (writer, checked reader, convert)
+wds_writer.py  WdsShardWriter: the webdataset backend's tars and their completion records
+wds_reader.py  a webdataset shard's records, every byte checked (tar_records), as samples
+convert.py     `kvdistill store convert`: either backend to either
 backend.py   open_shard_writer / shard_samples / read_sample: either backend behind one call
 verify.py, stats.py, plan.py, cli.py   `kvdistill store verify / stats / plan / ...`
 """
@@ -17,6 +19,7 @@ verify.py, stats.py, plan.py, cli.py   `kvdistill store verify / stats / plan / 
 from kvdistill.schemas import StoreSpec, TeacherSpec
 
 from .backend import open_shard_writer, read_sample, shard_samples
+from .convert import wds_to_zarr, zarr_to_wds
 from .errors import StoreError
 from .index import finalize
 from .layout import (
@@ -31,7 +34,8 @@ from .layout import (
 )
 from .reader import ShardReader, kv_rows, open_root, read_index
 from .summary import format_inspect, inspect
-from .wds import WdsShardWriter, wds_samples, wds_stream, wds_to_zarr, zarr_to_wds
+from .wds_reader import wds_samples
+from .wds_writer import WdsShardWriter
 from .writer import ShardWriter, compression
 
 
@@ -48,7 +52,6 @@ __all__ = [
     "is_wds_store",
     "WdsShardWriter",
     "wds_samples",
-    "wds_stream",
     "wds_to_zarr",
     "zarr_to_wds",
     "ShardReader",

@@ -21,19 +21,11 @@ import pyarrow as pa
 from kvdistill.schemas import StoreSpec
 
 from .errors import CorruptShard, StoreError
-from .layout import (
-    INDEX,
-    is_wds_store,
-    read_store_spec,
-    shard_attrs,
-    shard_is_complete,
-    shard_name,
-    tar_path,
-    teacher_dir,
-)
+from .layout import INDEX, is_wds_store, read_store_spec, shard_attrs, shard_is_complete, shard_name, teacher_dir
 from .reader import ShardReader, index_damage, read_index_table
-from .samples import check_latent_sample, contract_latent, zarr_samples
-from .wds import WdsShardWriter, decode_record, tar_records, wds_shard_samples
+from .samples import zarr_samples
+from .wds_reader import tar_sample, tar_samples
+from .wds_writer import WdsShardWriter
 from .writer import ShardWriter, compression
 
 __all__ = ["open_shard_writer", "shard_samples", "read_sample"]
@@ -49,12 +41,16 @@ def open_shard_writer(
     codec: str = "float16",
     latent_slots: int | None = None,
     on_busy: str = "fail",
+    logits_top_k: int = 0,
+    vocab_size: int | None = None,
 ) -> ShardWriter | WdsShardWriter:
     """The writer of one shard of `teacher` in the backend `spec.backend`, with the spec's student
     layers (and, for zarr, its compression). Both writers take write(sample_id, k, v, input_ids,
     loss_mask, segment_ids, latent), close(extra_attrs) and abort(), and are context managers
     that discard the shard on an exception; both refuse a shard another live writer owns
-    (ShardBusy, or wait with on_busy="wait") and one that is complete (ShardComplete)."""
+    (ShardBusy, or wait with on_busy="wait") and one that is complete (ShardComplete).
+    logits_top_k > 0 (zarr only; StoreError for webdataset): the writer also takes the teacher's
+    top-k log-probs, write(..., logits=(ids, lp)), over a vocabulary of vocab_size."""
     args = {
         "num_layers": spec.geometry.num_layers,
         "width": width,
@@ -63,8 +59,11 @@ def open_shard_writer(
         "on_busy": on_busy,
     }
     if spec.backend == "webdataset":
+        if logits_top_k:
+            raise StoreError("teacher logits are stored by the zarr backend only; use --backend zarr")
         return WdsShardWriter(store, teacher, shard, **args)
-    return ShardWriter(store, teacher, shard, **args, **compression(spec))
+    logits = {"logits_top_k": logits_top_k, "vocab_size": vocab_size} if logits_top_k else {}
+    return ShardWriter(store, teacher, shard, **args, **logits, **compression(spec))
 
 
 def shard_samples(
@@ -76,6 +75,7 @@ def shard_samples(
     read_latent: bool = False,
     decode: bool = True,
     keep: np.ndarray | None = None,
+    read_logits: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """The samples of `shards`, in this order, every teacher zipped; every chunk / tar checked as
     it is read (CorruptShard on damage). Each sample:
@@ -88,43 +88,27 @@ def shard_samples(
     skips reading K/V of a zarr store ("kv" is {}); a webdataset record carries them anyway.
     With read_latent also "segment_ids" [T] and "latent": {teacher: {"k", "v" [M, L_s, D]
     float32, "mask" [M] bool, "hidden" [H] float32 (only if stored)}} (StoreError if a teacher
-    has none).
+    has none). With read_logits also "logits": {teacher: (ids [T, K] int32, lp [T, K] float16)}
+    for every teacher that stores them (zarr only; store/samples.py says which rows).
 
     keep: only the samples at these positions of the sequence (sorted, distinct; None: all), in
-    sequence order: a trainer rank's share of the global sample order. A zarr store opens no
-    shard and reads no chunk that holds none of them; webdataset tars stream whole, checked,
-    and the other samples are dropped."""
+    sequence order: a trainer rank's share of the global sample order. Neither backend opens a
+    shard that holds none of them; a zarr store reads no chunk that holds none of them, a
+    webdataset tar streams whole, checked, and its other samples are dropped."""
     if is_wds_store(store):
-        samples = _tar_samples(store, teachers, shards, read_latent)
-        return samples if keep is None else _kept(samples, keep)
-    return zarr_samples(store, teachers, shards, read_kv=read_kv, read_latent=read_latent, decode=decode, keep=keep)
-
-
-def _kept(samples: Iterator[dict[str, Any]], keep: np.ndarray) -> Iterator[dict[str, Any]]:
-    """The samples at positions `keep` (sorted) of the sequence."""
-    wanted = iter(keep.tolist())
-    nxt = next(wanted, None)
-    for p, sample in enumerate(samples):
-        if nxt is None:
-            return
-        if p == nxt:
-            yield sample
-            nxt = next(wanted, None)
-
-
-def _tar_samples(
-    store: str | Path, teachers: list[str], shards: list[int], read_latent: bool
-) -> Iterator[dict[str, Any]]:
-    """A webdataset store's samples in the zarr path's form: latent records only with read_latent."""
-    for sample in wds_shard_samples(store, teachers, shards):
-        sample.pop("example", None)  # the sample's text: for tools (show-alignment), not the trainer
-        if read_latent:
-            check_latent_sample(sample, teachers, sample["shard"])
-            sample["latent"] = {t: contract_latent(x) for t, x in sample["latent"].items()}
-        else:
-            sample.pop("latent", None)
-            sample.pop("segment_ids", None)
-        yield sample
+        if read_logits:
+            raise StoreError(f"store {store}: a webdataset store holds no teacher logits (zarr only)")
+        return tar_samples(store, teachers, shards, read_latent=read_latent, keep=keep)
+    return zarr_samples(
+        store,
+        teachers,
+        shards,
+        read_kv=read_kv,
+        read_latent=read_latent,
+        decode=decode,
+        keep=keep,
+        read_logits=read_logits,
+    )
 
 
 def read_sample(store: str | Path, teacher: str, sample_id: str) -> dict[str, Any]:
@@ -139,18 +123,7 @@ def read_sample(store: str | Path, teacher: str, sample_id: str) -> dict[str, An
     store = Path(store)
     shard, j = _locate(store, teacher, sample_id)
     if is_wds_store(store):
-        for record in tar_records(tar_path(store, teacher, shard)):
-            if record["__key__"] == sample_id:
-                r = decode_record(record)
-                return {
-                    "shard": shard,
-                    "input_ids": r["input_ids"],
-                    "segment_ids": r.get("segment_ids"),
-                    "example": r.get("example"),
-                }
-        raise StoreError(
-            f"store {store}: teacher {teacher!r} {tar_path(store, teacher, shard).name} lacks sample {sample_id!r} its record lists"
-        )
+        return tar_sample(store, teacher, shard, sample_id)
     r = ShardReader(store, teacher, shard)
     names = ("input_ids", *(("segment_ids",) if "segment_ids" in r.names else ()))
     rows = r.rows(int(r.offsets[j]), int(r.offsets[j + 1]), names)

@@ -22,10 +22,15 @@ Layout (self-describing: plain `zarr.open_group` and `pyarrow.parquet` read all 
           latent_pos  [n, M, L_t, H_t] int32  kept teacher positions per teacher layer and
                                     KV head, ascending; -1 = padding
           codi_hidden [n, H_t] float32  teacher's final-norm hidden state before the answer
+          logits_ids  [N, K] int32  teacher spec `logits_top_k` = K > 0 only: per row, the K most
+                                    likely next tokens of the teacher (student = teacher vocabulary),
+                                    descending, at the teacher position the row is aligned to
+          logits_lp   [N, K] float16  their log-probs (log_softmax at temperature 1 over the full
+                                    vocabulary; the tail mass is 1 - sum(exp(lp)))
           examples    [n] str       per sample, JSON {"question", "reasoning", "answer"}: the
                                     text the dump rendered with each side's prompt template
                                     (absent in stores written before kvdistill recorded it)
-        shard-00000.tar, shard-00000.json   webdataset backend (store/wds.py): the records and
+        shard-00000.tar, shard-00000.json   webdataset backend (store/wds_writer.py): the records and
                                     their completion record
       tokenizers/student/           the tokenizers the dump tokenized with, one zarr array of
       tokenizers/teachers/<name>/   bytes per file (tokenizer.json, ...); attrs["kvdistill"] =
@@ -219,6 +224,9 @@ def shard_record_problems(attrs: dict, spec: StoreSpec, tspec: TeacherSpec, shar
         out.append(f"stale: K/V stored as {attrs['codec']}, the teacher's codec is {tspec.kv_dtype}")
     if attrs.get("width") not in (None, tspec.width):
         out.append(f"K/V width {attrs['width']} in its record, the teacher spec says {tspec.width}")
+    top_k = (attrs.get("logits") or {}).get("top_k", 0)
+    if top_k != tspec.logits_top_k:
+        out.append(f"stale: holds top-{top_k} logits, the teacher spec says top-{tspec.logits_top_k} (0: none)")
     return out
 
 

@@ -9,7 +9,7 @@ for each student layer at its stored width: its own D_t = H_kv_t * d_t, or the P
 D of `dump --projection` (`kvdistill align calibrate --pca D`), plus its token arrays
 (input_ids int32, loss_mask and segment_ids uint8: TOKEN_BYTES) and each sample's text:
 
-    raw bytes per token = 2 * L_s * D * bytes per value + TOKEN_BYTES
+    raw bytes per token = 2 * L_s * D * bytes per value + TOKEN_BYTES (+ K * LOGIT_BYTES with logits top-K)
     bytes on disk       = (rows * raw bytes per token + samples * text bytes) / compression ratio
 
 Bytes per value come from the codec (`codec_bytes_per_value`: int8 / int4 include their
@@ -32,6 +32,7 @@ __all__ = [
     "COMPRESSION",
     "COMPACT",
     "TOKEN_BYTES",
+    "LOGIT_BYTES",
     "codec_bytes_per_value",
     "plan",
     "format_plan",
@@ -44,6 +45,7 @@ KV_DTYPES = ("float32", *codecs.CODECS)
 # close to incompressible already.
 COMPRESSION = {"float": 1.3, "quantised": 1.0}
 TOKEN_BYTES = 6  # input_ids int32 + loss_mask + segment_ids, per row and teacher
+LOGIT_BYTES = 4 + 2  # per stored top-K entry: logits_ids int32 + logits_lp float16 (dump --logits-top-k K)
 # The compact setting: PCA to 1/8 of the teacher's K/V width, int4 codes. On the embedded default
 # it kept all of the distillation gain (perplexity 1.05 [0.99, 1.13], 10 seeds paired); 1/16
 # halves the bytes and kept 0.92 [0.84, 0.99] (bench/compact.py, BENCHMARKS.md).
@@ -68,9 +70,10 @@ def plan(
     compression_ratio: float | None = None,
     stored_width: int | None = None,
     text_bytes_per_sample: float = 0.0,
+    logits_top_k: int = 0,
 ) -> dict[str, Any]:
     """Size estimate of one teacher's part of a store. `stored_width`: the PCA dimension when
-    projected (default: the teacher's own width). `compression_ratio` defaults to 1.3 for
+    projected (default: the teacher's own width); `logits_top_k`: K top log-probs per token too. `compression_ratio` defaults to 1.3 for
     float codecs (>= 2 bytes per value) and 1.0 for quantised ones; `num_shards` defaults to
     the suggestion: the fewest shards of at most `target_shard_bytes` on disk each."""
     for name, value in (("num_samples", num_samples), ("mean_tokens", mean_tokens)):
@@ -95,7 +98,8 @@ def plan(
             f"plan: stored_width must be in [1, {H_t * d_t}] (the teacher's K/V width), got {stored_width}"
         )
     rows = round(num_samples * mean_tokens)  # tokens on the student grid
-    raw_per_token = 2 * L_s * D * codec_bytes_per_value + TOKEN_BYTES  # K and V, every student layer
+    logits_per_token = logits_top_k * LOGIT_BYTES  # teacher top-K ids and log-probs
+    raw_per_token = 2 * L_s * D * codec_bytes_per_value + TOKEN_BYTES + logits_per_token  # K and V, every layer
     text = num_samples * text_bytes_per_sample  # each sample's question / reasoning / answer, as JSON
     disk = (rows * raw_per_token + text) / compression_ratio
     suggested = max(1, math.ceil(disk / target_shard_bytes))
@@ -112,6 +116,8 @@ def plan(
         "stored_width": D,
         "bytes_per_value": codec_bytes_per_value,
         "raw_bytes_per_token": raw_per_token,
+        "logits_top_k": logits_top_k,
+        "logits_bytes_per_token": logits_per_token,
         "raw_bytes": rows * raw_per_token + text,
         "compression_ratio": compression_ratio,
         "disk_bytes": disk,
@@ -149,6 +155,10 @@ def format_plan(plans: dict[str, dict[str, Any]], codec: str = "float16") -> str
             f"{name:<24} {geom:>16} {p['raw_bytes_per_token']:>12,.0f} {p['compression_ratio']:>6.2f} "
             f"{_size(p['raw_bytes']):>11} {_size(p['disk_bytes']):>11} {_size(p['disk_bytes_per_shard']):>11}"
         )
+        if p.get("logits_top_k"):
+            lines.append(
+                f"{'':<24} of which top-{p['logits_top_k']} logits: {p['logits_bytes_per_token']:,} B/token raw"
+            )
     total = sum(p["disk_bytes"] for p in plans.values())
     suggested = max(p["suggested_num_shards"] for p in plans.values())
     target = max(p["target_shard_bytes"] for p in plans.values())

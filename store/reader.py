@@ -20,7 +20,18 @@ from .errors import CorruptShard, StoreError
 from .layout import INDEX, KEY, shard_attrs, shard_name, teacher_dir
 from .rows import ShardedRows, ZarrRows, checked_reader
 
-__all__ = ["ShardReader", "kv_rows", "read_index", "index_damage", "index_error", "read_index_table", "open_root"]
+LOGITS = ("logits_ids", "logits_lp")  # a teacher's top-K next tokens [rows, K] int32 and log-probs float16
+
+__all__ = [
+    "LOGITS",
+    "ShardReader",
+    "kv_rows",
+    "read_index",
+    "index_damage",
+    "index_error",
+    "read_index_table",
+    "open_root",
+]
 
 
 class ShardReader:
@@ -116,6 +127,11 @@ class ShardReader:
                 f"{self.dir} has no segment_ids (written before kvdistill stored them); re-dump this "
                 "teacher into a new --store to use latent mode"
             )
+        if any(n in LOGITS for n in names) and not self.logits_top_k:
+            raise StoreError(
+                f"{self.dir} holds no teacher logits; re-dump this teacher with `kvdistill dump --logits-top-k K` "
+                "(its tokenizer must be the student's) into a new --store or under another --teacher-name"
+            )
         return {n: self._kv(n, start, stop, decode) if n in ("k", "v") else self.reader(n)[start:stop] for n in names}
 
     def examples(self, j0: int = 0, j1: int | None = None) -> list[dict[str, str]] | None:
@@ -124,6 +140,12 @@ class ShardReader:
         if "examples" not in self._arrays:
             return None
         return [json.loads(str(x)) for x in self.reader("examples")[j0:j1]]
+
+    @property
+    def logits_top_k(self) -> int:
+        """K of the stored top-K teacher log-probs (logits_ids int32, logits_lp float16 [rows, K],
+        read with `rows(..., LOGITS)`); 0: none."""
+        return (self.attrs.get("logits") or {}).get("top_k", 0)
 
     @property
     def has_latent(self) -> bool:

@@ -1,6 +1,6 @@
 """Read layer 3 of 3, samples: a zarr store's samples in the trainer's format, every teacher
 zipped, read through store/reader.py (layer 2, one shard's rows) and store/rows.py (layer 1, one
-array's checked bytes). backend.shard_samples reads either backend through here or store/wds.py.
+array's checked bytes). backend.shard_samples reads either backend through here or store/wds_reader.py.
 
 Reads are sequential blocks of whole samples (one read per array per span of about one zarr
 shard of rows), never a random access per sample, and run one step ahead in background
@@ -19,7 +19,7 @@ import zarr
 from . import codecs
 from .errors import StoreError
 from .layout import shard_name
-from .reader import ShardReader, open_root, read_index
+from .reader import LOGITS, ShardReader, open_root, read_index
 
 __all__ = ["READ_SPAN_CHUNKS", "read_spans", "zarr_samples", "contract_latent", "check_latent_sample"]
 
@@ -44,14 +44,22 @@ def zarr_samples(
     read_latent: bool = False,
     decode: bool = True,
     keep: np.ndarray | None = None,
+    read_logits: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """The samples of `shards`, in this order (backend.shard_samples documents the format). Reads
     run one step ahead in a background thread, across shard boundaries too: while the caller
     consumes a span, the next span (or the next shard's opening, token arrays and first span) is
     read, and every teacher's K and V of a span are read concurrently (the K/V reader
     decompresses outside the GIL). keep: only the samples at these sorted positions of the
-    sequence (`read_units` decides what is read for them)."""
-    return _ZarrShards(Path(store), list(teachers), read_kv, read_latent, decode).samples(list(shards), keep)
+    sequence (`read_units` decides what is read for them).
+
+    read_logits: each sample also gets "logits": {teacher: (ids [T, K] int32, lp [T, K] float16)}
+    for every teacher that stores them (`dump --logits-top-k K`; the teacher spec's logits_top_k
+    says which do): row t is the teacher's next-token distribution at student position t, i.e. it
+    predicts input_ids[t + 1]. StoreError if none of `teachers` stores logits."""
+    return _ZarrShards(Path(store), list(teachers), read_kv, read_latent, decode, read_logits).samples(
+        list(shards), keep
+    )
 
 
 def read_units(off: np.ndarray, wanted: np.ndarray, span: int, gap: int) -> Iterator[tuple[int, int]]:
@@ -71,9 +79,11 @@ def read_units(off: np.ndarray, wanted: np.ndarray, span: int, gap: int) -> Iter
 
 
 class _ZarrShards:
-    def __init__(self, store: Path, teachers: list[str], read_kv: bool, read_latent: bool, decode: bool) -> None:
+    def __init__(
+        self, store: Path, teachers: list[str], read_kv: bool, read_latent: bool, decode: bool, read_logits: bool
+    ) -> None:
         self.store, self.teachers = store, teachers
-        self.read_kv, self.read_latent, self.decode = read_kv, read_latent, decode
+        self.read_kv, self.read_latent, self.decode, self.read_logits = read_kv, read_latent, decode, read_logits
 
     def open(self, root: zarr.Group, index: dict, shard: int) -> dict[str, Any]:
         """One shard, ready to read: every teacher's reader, the token arrays, the read spans."""
@@ -100,11 +110,18 @@ class _ZarrShards:
         token_names = ("input_ids", "loss_mask", "segment_ids") if self.read_latent else ("input_ids", "loss_mask")
         # What this run does not read is still checked (crc32c only, no decoding), so damage
         # anywhere in a shard is refused; K/V a run never uses (CE only) are left alone.
+        logits = [t for t, r in zip(self.teachers, readers, strict=True) if r.logits_top_k] if self.read_logits else []
+        if self.read_logits and not logits:
+            raise StoreError(
+                f"{shard_name(shard)}: none of teachers {self.teachers} stores logits; re-dump a teacher with the "
+                "student's tokenizer with `kvdistill dump --logits-top-k K`"
+            )
         for j, r in enumerate(readers):
             kv = {n for n in r.names if n in ("k", "v") or n.startswith(("k_", "v_"))}
             latent = {n for n in r.names if n.startswith(("latent_", "codi_"))} if self.read_latent else set()
+            read = set(LOGITS) if self.teachers[j] in logits else set()  # read (and checked) below
             r.check_unread(
-                (set(token_names) if j == 0 else set()) | kv | latent
+                (set(token_names) if j == 0 else set()) | kv | latent | read
             )  # tokens come from the first teacher's shard
         off = first.offsets
         # Read spans of about one zarr shard (READ_SPAN_CHUNKS chunks): each read has a fixed
@@ -120,11 +137,12 @@ class _ZarrShards:
             "spans": list(read_spans(off, span)),
             "span": span,
             "gap": first.array("k").chunks[0] if self.read_kv else span,
+            "logits": logits,
         }
 
     def samples(self, shards: list[int], keep: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
         n_parts = 2 * len(self.teachers) if self.read_kv else 0
-        workers = max(1, n_parts + (len(self.teachers) if self.read_latent else 0))
+        workers = max(1, n_parts + len(self.teachers) * (self.read_latent + self.read_logits))
         with (
             ThreadPoolExecutor(1, thread_name_prefix="kvdistill-ahead") as ahead,
             ThreadPoolExecutor(workers, thread_name_prefix="kvdistill-arrays") as arrays,
@@ -132,14 +150,23 @@ class _ZarrShards:
 
             def read(
                 sh: dict[str, Any], j0: int, j1: int
-            ) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]]]:
+            ) -> tuple[list[np.ndarray | codecs.QuantRows], list[dict[str, np.ndarray]], dict[str, dict]]:
                 r0, r1 = int(sh["off"][j0]), int(sh["off"][j1])
                 parts = [(r, p) for r in sh["readers"] for p in ("k", "v")] if self.read_kv else []
                 # decode=False: K/V stay as stored (16-bit floats, int8 / int4 codes + scales), so
                 # the read, the trainer's collate and its device copy move stored-size bytes.
                 kv = [arrays.submit(r.rows, r0, r1, (p,), self.decode) for r, p in parts]
                 latent = [arrays.submit(r.latent, j0, j1) for r in sh["readers"]] if self.read_latent else []
-                return [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)], [f.result() for f in latent]
+                logits = {
+                    t: arrays.submit(r.rows, r0, r1, LOGITS)
+                    for t, r in zip(self.teachers, sh["readers"], strict=True)
+                    if t in sh["logits"]
+                }
+                return (
+                    [f.result()[p] for f, (_, p) in zip(kv, parts, strict=True)],
+                    [f.result() for f in latent],
+                    {t: f.result() for t, f in logits.items()},
+                )
 
             # Consolidated metadata and index.parquet, read once: opening a shard then reads no
             # metadata, offsets or sample ids from disk (a few ms a shard and teacher otherwise).
@@ -159,8 +186,8 @@ class _ZarrShards:
             pending = ahead.submit(fetch)
             while (got := pending.result()) is not None:
                 pending = ahead.submit(fetch)
-                (sh, j0, j1, want), (blocks, latent) = got
-                yield from self.span_samples(sh, j0, j1, blocks, latent, want)
+                (sh, j0, j1, want), (blocks, latent, logits) = got
+                yield from self.span_samples(sh, j0, j1, blocks, latent, want, logits)
 
     def span_samples(
         self,
@@ -170,6 +197,7 @@ class _ZarrShards:
         blocks: list,
         latent: list[dict[str, np.ndarray]],
         want: np.ndarray | None = None,
+        logits: dict[str, dict[str, np.ndarray]] | None = None,
     ) -> Iterator[dict[str, Any]]:
         off, tokens = sh["off"], sh["tokens"]
         r0 = int(off[j0])
@@ -185,6 +213,8 @@ class _ZarrShards:
                 if self.read_kv
                 else {},
             }
+            if self.read_logits:
+                sample["logits"] = {t: (x["logits_ids"][a:b], x["logits_lp"][a:b]) for t, x in logits.items()}
             if self.read_latent:
                 sample["segment_ids"] = tokens["segment_ids"][r0 + a : r0 + b]
                 sample["latent"] = {

@@ -16,6 +16,9 @@ Checks, per teacher and shard (each problem names its teacher, shard, what and t
 - decoded K/V are finite (no NaN / Inf), read through `ShardReader.rows`;
 - segment_ids, where stored, have one entry per row, each 0 / 1 / 2; examples (the samples'
   texts), where stored, one JSON {question, reasoning, answer} per sample;
+- teacher logits (teacher spec `logits_top_k` K > 0): logits_ids int32 / logits_lp float16
+  [rows, K] are there; ids lie in the vocabulary the record names, log-probs are finite, <= 0
+  and descend along each row;
 - latent mode (teacher spec `latent`): latent_k / latent_v [samples, M, L_s, width], latent_mask
   [samples, M], latent_pos [samples, M, L_t, H_t] and codi_hidden [samples, H] are there with
   M the spec's slots; the mask is exactly where latent_pos >= 0 (-1 elsewhere), real slots come
@@ -32,6 +35,7 @@ a store, its metadata files included, is a Problem.
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +71,8 @@ from .writer import EXAMPLE_KEYS
 __all__ = ["Problem", "verify", "format_problems"]
 
 REQUIRED = ("k", "v", "input_ids", "loss_mask", "offsets", "sample_ids")
+# The tail of a reader's error that sends the user to `kvdistill store verify` (store/rows.py, reader.py).
+_SENDS_TO_VERIFY = re.compile(r"(; | \()(run |re-dump this shard \()?`kvdistill store verify[^`]*`[^;]*$")
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,10 @@ class Problem:
     shard: int | None
     what: str
     fix: str
+
+    def __post_init__(self) -> None:
+        # A reader's error read here points the user to `store verify` itself; `fix` says what to do instead.
+        object.__setattr__(self, "what", _SENDS_TO_VERIFY.sub("", self.what))
 
     @property
     def where(self) -> str:
@@ -374,6 +384,8 @@ def _verify_shard(
             report(f"segment_ids hold {int(seg.max())}; only 0 (prompt), 1 (reasoning), 2 (answer) exist")
     if "examples" in group and "examples" not in undecodable:
         _check_examples(group["examples"], samples, report)
+    if tspec.logits_top_k and not undecodable & {"logits_ids", "logits_lp"}:
+        _check_logits(group, attrs, tspec.logits_top_k, rows, report)
     if tspec.latent is not None and sound and not any(u.startswith(("latent_", "codi_")) for u in undecodable):
         if "latent" not in attrs or any(a not in group for a in ("latent_k", "latent_v", "latent_mask", "latent_pos")):
             report("lacks the latent arrays its teacher spec asks for (latent_k, latent_v, latent_mask, latent_pos)")
@@ -388,6 +400,34 @@ def _verify_shard(
                     lat, tspec, L_s, width, samples, offsets, tokens, bool(attrs["latent"].get("hidden")), report
                 )
     return (ids, offsets) if sound else None
+
+
+def _check_logits(group, attrs: dict, top_k: int, rows: int, report) -> None:
+    """The teacher's top-K log-probs: both arrays [rows, K] of their dtypes, ids inside the
+    vocabulary (the shard record's vocab_size), log-probs finite, <= 0, descending per row."""
+    missing = [a for a in ("logits_ids", "logits_lp") if a not in group]
+    if missing:
+        report(f"lacks {' and '.join(missing)}, which its teacher spec's logits_top_k {top_k} asks for")
+        return
+    ids, lp = group["logits_ids"], group["logits_lp"]
+    for a, dtype in ((ids, np.int32), (lp, np.float16)):
+        if a.shape != (rows, top_k) or a.dtype != dtype:
+            report(f"{a.basename} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} ({rows}, {top_k})")
+            return
+    try:
+        ids, lp = ids[:], lp[:].astype(np.float32)
+    except Exception as e:  # any codec error of a corrupt chunk is a finding
+        report(f"logits do not decode ({_decode_error(e)})")
+        return
+    vocab = (attrs.get("logits") or {}).get("vocab_size")
+    if ids.size and (ids.min() < 0 or (vocab is not None and ids.max() >= vocab)):
+        report(f"logits_ids hold ids outside the teacher's vocabulary [0, {vocab})")
+    bad = ~np.isfinite(lp).all(axis=1) | (lp > 0).any(axis=1) | (np.diff(lp, axis=1) > 0).any(axis=1)  # [rows]
+    if bad.any():
+        report(
+            f"logits_lp of row {int(np.flatnonzero(bad)[0])} do not descend, or are not finite log-probs <= 0 "
+            f"({int(bad.sum())} such rows)"
+        )
 
 
 def _check_examples(arr, samples: int, report) -> None:
@@ -470,11 +510,11 @@ def _check_latent(
 def _verify_tar(
     path: Path, spec: StoreSpec, tspec: TeacherSpec, i: int, report
 ) -> tuple[list[str], np.ndarray] | None:
-    """A webdataset shard, read once through the readers' own check (wds.tar_records): every
+    """A webdataset shard, read once through the readers' own check (wds_reader.tar_records): every
     member's crc32c, the records' order and count, the whole file's crc32c and size, each a
     Problem; then every sound record decoded (pickle-free): lengths, shapes, finiteness and the
     latent arrays against the completion record."""
-    from .wds import OLD_FIX, decode_record, latent_record, read_sidecar, tar_records
+    from .wds_reader import OLD_FIX, decode_record, latent_record, read_sidecar, tar_records
 
     name = tspec.name
     tar, sidecar = tar_path(path, name, i), sidecar_path(path, name, i)
@@ -488,7 +528,7 @@ def _verify_tar(
             report("missing", redo)
         return None
 
-    def problem(what: str, kind: type = CorruptShard) -> None:  # wds.tar_records' findings, as Problems
+    def problem(what: str, kind: type = CorruptShard) -> None:  # wds_reader.tar_records' findings, as Problems
         report(what, None if kind is CorruptShard else OLD_FIX)
 
     attrs = read_sidecar(tar, problem)

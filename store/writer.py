@@ -118,6 +118,10 @@ class ShardWriter:
     (store/layout.py). The latent K/V keep the codec's float member: float32 as
     float32, bfloat16 as its bits, float16 / int8 / int4 as float16 (M rows per sample are a
     small part of the shard, and int8 / int4 scale groups of 32 rows would straddle samples).
+
+    With `logits_top_k=K` every write also takes `logits=(ids, lp)`: the teacher's K most likely
+    next tokens per row ([T, K] vocabulary ids below `vocab_size`, and their log-probs, descending),
+    stored as `logits_ids` int32 and `logits_lp` float16 [rows, K], chunked by rows like K / V.
     """
 
     def __init__(
@@ -133,6 +137,8 @@ class ShardWriter:
         compression_level: int = 1,
         blosc_shuffle: str = "byte",
         on_busy: str = "fail",
+        logits_top_k: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
         if codec not in ("float32", *codecs.CODECS):
             raise ValueError(f"unknown K/V codec {codec!r}; choose one of {['float32', *codecs.CODECS]}")
@@ -140,6 +146,8 @@ class ShardWriter:
             raise ValueError(f"compression_level: blosc levels are 0 (none) to 9, got {compression_level}")
         if blosc_shuffle not in _SHUFFLE:
             raise ValueError(f"blosc_shuffle: 'byte' or 'bit', got {blosc_shuffle!r}")
+        if logits_top_k < 0 or (logits_top_k and vocab_size is not None and not 0 < logits_top_k <= vocab_size):
+            raise ValueError(f"logits_top_k: 0 (none) or 1 to the vocabulary's {vocab_size}, got {logits_top_k}")
         self.path, self.teacher, self.shard = Path(path), teacher, shard
         self.final = teacher_dir(path, teacher) / shard_name(shard)
         self.closed = False
@@ -157,6 +165,9 @@ class ShardWriter:
         self.arrays: dict[str, zarr.Array] = {}
         self.aux: dict[str, list[str]] = {"k": [], "v": []}  # scale arrays per part
         self._buf: dict[str, list[np.ndarray]] = {n: [] for n in ("k", "v", "input_ids", "loss_mask")}
+        self.K, self.V = logits_top_k, vocab_size
+        if self.K:
+            self._buf |= {"logits_ids": [], "logits_lp": []}
         kv_empty = np.zeros((0, num_layers, width), np.float16 if codec == "float16" else np.float32)
         # An empty shard still gets every array (with the codec's layout).
         self._empty = {
@@ -165,6 +176,8 @@ class ShardWriter:
             "input_ids": np.zeros(0, np.int32),
             "loss_mask": np.zeros(0, np.bool_),
             "segment_ids": np.zeros(0, np.uint8),
+            "logits_ids": np.zeros((0, self.K), np.int32),
+            "logits_lp": np.zeros((0, self.K), np.float16),
         }
         self._buf_rows = 0
         self.rows = 0
@@ -189,16 +202,19 @@ class ShardWriter:
         segment_ids: np.ndarray | None = None,
         latent: dict[str, np.ndarray] | None = None,
         example: dict[str, str] | None = None,
+        logits: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """k, v: [T, L, D]; input_ids, loss_mask, segment_ids: [T]; latent: see the class
         docstring; example: the sample's {"question", "reasoning", "answer"} (every sample of a
-        shard or none), stored as JSON in `examples`. Encoded with the codec at flush."""
+        shard or none), stored as JSON in `examples`; logits: (ids, log-probs) [T, K], exactly
+        when the writer has logits_top_k. Encoded with the codec at flush."""
         T = len(input_ids)
         if k.shape != (T, self.L, self.D) or v.shape != (T, self.L, self.D) or len(loss_mask) != T:
             raise ValueError(
                 f"sample {sample_id}: expected k, v of shape {(T, self.L, self.D)} and {T} mask "
                 f"entries, got k {k.shape}, v {v.shape}, mask {len(loss_mask)}"
             )
+        top = self._check_logits(sample_id, T, logits)
         if self.has_segments is None:
             self.has_segments = segment_ids is not None
             if self.has_segments:
@@ -217,6 +233,9 @@ class ShardWriter:
         self._buf["v"].append(np.ascontiguousarray(v, dtype=kv_dtype))
         self._buf["input_ids"].append(np.asarray(input_ids, dtype=np.int32))
         self._buf["loss_mask"].append(np.asarray(loss_mask, dtype=np.bool_))
+        if top is not None:
+            self._buf["logits_ids"].append(top[0])
+            self._buf["logits_lp"].append(top[1])
         self._buf_rows += T
         self.rows += T
         self.sample_ids.append(sample_id)
@@ -224,6 +243,30 @@ class ShardWriter:
         if self._buf_rows >= self.shard_rows:
             with names_path(self.tmp):
                 self._flush(final=False)
+
+    def _check_logits(
+        self, sample_id: str, T: int, logits: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """A sample's (ids int32, log-probs float16) [T, K], checked against the writer's K and vocabulary."""
+        if (logits is None) != (self.K == 0):
+            raise ValueError(
+                f"sample {sample_id}: "
+                + (
+                    "logits given but the writer has no logits_top_k"
+                    if self.K == 0
+                    else f"the writer stores the top {self.K} log-probs per token; pass logits=(ids, lp)"
+                )
+            )
+        if logits is None:
+            return None
+        ids, lp = np.asarray(logits[0]), np.asarray(logits[1])
+        if ids.shape != (T, self.K) or lp.shape != (T, self.K):
+            raise ValueError(
+                f"sample {sample_id}: logits ids {ids.shape} / lp {lp.shape}, expected {(T, self.K)} each"
+            )
+        if ids.size and (ids.min() < 0 or (self.V is not None and ids.max() >= self.V)):
+            raise ValueError(f"sample {sample_id}: logits ids outside the vocabulary [0, {self.V})")
+        return np.ascontiguousarray(ids, dtype=np.int32), np.ascontiguousarray(lp, dtype=np.float16)
 
     def _add_example(self, sample_id: str, example: dict[str, str] | None) -> None:
         if not self.sample_ids:
@@ -429,6 +472,7 @@ class ShardWriter:
                 if self.M is not None
                 else {}
             ),
+            **({"logits": {"top_k": self.K, "vocab_size": self.V}} if self.K else {}),
             **(extra_attrs or {}),
         }
         self.final.parent.mkdir(parents=True, exist_ok=True)

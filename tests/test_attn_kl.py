@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvdistill.core.capture import attention_layout, capture_kv, forward_kv, rope_heads
 from kvdistill.schemas import ConfigError, ModelSpec, TrainConfig
-from kvdistill.train.distiller import Distiller
+from kvdistill.train.distiller import Distiller, KVShapes
 from kvdistill.train.losses import attention_kl, attention_log_probs, linear_ramp
 
 CONFIGS = {
@@ -64,9 +64,16 @@ def _batch(lengths=LENGTHS, seed: int = 0, left: bool = False):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def _distiller(student, widths, **kw):
+def _cfg(**kw) -> TrainConfig:
+    """The loss options given; the CKA and router entropy terms off unless given."""
+    kw = {"cka_weight": 0.0, "router_entropy_weight": 0.0, **kw}
+    return TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", **kw)
+
+
+def _distiller(student, widths, teacher_heads=None, student_heads=None, **kw):
     kw = {"kv_norm": "layer_std", "attn_kl_weight": 1.0, **kw}
-    return Distiller(student, widths, student.config.num_hidden_layers, 16, **kw)  # D_s = 2 kv heads x 8
+    shapes = KVShapes(widths, student.config.num_hidden_layers, 16, teacher_heads or {}, student_heads)
+    return Distiller(_cfg(**kw), student, shapes)  # D_s = 2 kv heads x 8
 
 
 def _teacher_kv(widths, B, T, seed: int = 1):
@@ -348,7 +355,7 @@ def test_the_weight_ramps_linearly_from_zero_over_its_warm_up():
 def test_off_by_default_and_then_costs_nothing():
     model = _model()
     ids, mask = _batch()
-    out = Distiller(model, {"t": 24}, 2, 16)(ids, mask, mask, _teacher_kv({"t": 24}, *ids.shape))
+    out = Distiller(_cfg(), model, KVShapes({"t": 24}, 2, 16))(ids, mask, mask, _teacher_kv({"t": 24}, *ids.shape))
     assert (
         "attn_kl" not in out
         and TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o").attn_kl_weight == 0.0

@@ -21,19 +21,32 @@ import yaml
 from kvdistill import cli as top_cli
 from kvdistill.cli import build_parser, main
 from kvdistill.dump import cli as dump_cli
+from kvdistill.errors import ExitCode
 from kvdistill.jobs import cli as jobs_cli
 from kvdistill.schemas import (
     CalibrateConfig,
     CompareConfig,
     DemoConfig,
+    DiagnoseConfig,
     DumpConfig,
+    DumpTask,
     EvalConfig,
-    JobsConfig,
+    JobsLocalConfig,
+    JobsSlurmConfig,
+    JobsStatusConfig,
     ModelSpec,
+    PlanConfig,
     Record,
+    ReportConfig,
+    ShowAlignmentConfig,
+    StoreConvertConfig,
+    StoreFinalizeConfig,
+    StoreInspectConfig,
+    StoreStatsConfig,
+    StoreVerifyConfig,
     TrainConfig,
 )
-from kvdistill.schemas.cli import config_from_args
+from kvdistill.schemas.cli import config_from_args, flags_of
 from kvdistill.store import ShardReader, shard_is_complete, shard_name
 from kvdistill.train import cli as train_cli
 from kvdistill.train.recipes import load_recipe, recipe_names, train_config
@@ -212,8 +225,21 @@ COMMANDS = {
     "eval": EvalConfig,
     "demo": DemoConfig,
     "compare": CompareConfig,
-    "jobs local": JobsConfig,
-    "jobs slurm": JobsConfig,
+    "jobs local": JobsLocalConfig,
+    "jobs slurm": JobsSlurmConfig,
+    "store plan": PlanConfig,
+}
+# The tools: a few flags each, no --config (add_flags(config=False)); a positional field is a bare argument.
+TOOLS = {
+    "store finalize": StoreFinalizeConfig,
+    "store inspect": StoreInspectConfig,
+    "store convert": StoreConvertConfig,
+    "store verify": StoreVerifyConfig,
+    "store stats": StoreStatsConfig,
+    "store show-alignment": ShowAlignmentConfig,
+    "report": ReportConfig,
+    "train diagnose": DiagnoseConfig,  # beside train's flags (COMMANDS), which build what it diagnoses
+    "jobs status": JobsStatusConfig,
 }
 RECORD_OF = {
     dump_cli.main: DumpConfig,
@@ -221,8 +247,9 @@ RECORD_OF = {
     train_cli.eval_main: EvalConfig,
     top_cli.demo_main: DemoConfig,
     top_cli.compare_main: CompareConfig,
-    jobs_cli.local_main: JobsConfig,
-    jobs_cli.slurm_main: JobsConfig,
+    jobs_cli.local_main: JobsLocalConfig,
+    jobs_cli.slurm_main: JobsSlurmConfig,
+    dump_cli.plan_main: PlanConfig,
 }
 
 
@@ -261,6 +288,7 @@ SAMPLE = {
     "SlurmSpec.time": "1:00:00",
     "DumpTask.backend": "zarr",
     "DumpConfig.backend": "zarr",  # webdataset refuses a compression level
+    "PlanConfig.backend": "zarr",
     "TrainConfig.mode": "cot",  # latent mode refuses the cot-only fusion / adapter settings
     "TrainConfig.router_groups": 3,
     "TrainConfig.z_dim": 0,  # Z space on refuses the adapter / attention settings sampled here (its own flags still round-trip)
@@ -304,7 +332,9 @@ def _sample(owner: type, f: dataclasses.Field, tp: Any) -> Any:
         if typing.get_origin(args[1]) is dict:  # arm_overrides
             return {"kv-cos": {"kv_loss": "cosine", "lr": 0.01}}
         value = (
-            typing.get_args(args[1])[-1] if typing.get_origin(args[1]) is Literal else {str: "x", float: 0.75}[args[1]]
+            typing.get_args(args[1])[-1]
+            if typing.get_origin(args[1]) is Literal
+            else {str: "x", float: 0.75, int: 3}[args[1]]
         )
         return {"a": value, "b": value}
     raise AssertionError(f"no sample for {owner.__name__}.{f.name}: {tp}")
@@ -330,18 +360,28 @@ def _set(data: dict, key: str, value: Any) -> None:
     data[leaf] = value
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_field_of_every_config_record_is_one_flag_of_its_name_and_round_trips(command):
+@pytest.mark.parametrize(
+    "command, cls",
+    [*COMMANDS.items(), *TOOLS.items()],
+    ids=[f"{c}: {r.__name__}" for c, r in [*COMMANDS.items(), *TOOLS.items()]],
+)
+def test_every_field_of_every_config_record_is_one_flag_of_its_name_and_round_trips(command, cls):
     """flag value -> config -> YAML -> config, for every leaf field at once: `--field-name` for
-    field_name, `--parent.field-name` for a nested record's."""
-    cls = COMMANDS[command]
-    argv, expected = command.split(), {}
+    field_name, `--parent.field-name` for a nested record's, a bare argument for a positional one."""
+    bare, argv, expected = [], [], {}
     for key, owner, f, tp in _leaves(cls):
         value = _sample(owner, f, tp)
         _set(expected, key, value)
         flag = "--" + key.replace("_", "-")
-        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, _text(value)]
-    cfg = _config(argv)
+        if f.metadata.get("positional"):
+            bare.append(_text(value))
+        else:
+            argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, _text(value)]
+    argv = [*command.split(), *bare, *argv]
+    if cls in TOOLS.values():
+        cfg = config_from_args(cls, build_parser().parse_args(argv), config=False)
+    else:
+        cfg = _config(argv)
     assert cfg == cls.from_dict(expected)
     assert type(cfg).from_yaml(cfg.to_yaml()) == cfg
     parser_dests = {a.dest for p in _parsers(build_parser()) if p.prog == f"kvdistill {command}" for a in p._actions}
@@ -357,7 +397,7 @@ def _parsers(parser):
 
 
 def _literal_flags():
-    for command, cls in COMMANDS.items():
+    for command, cls in [*COMMANDS.items(), *TOOLS.items()]:
         for key, _, _, tp in _leaves(cls):
             inner = _arms(tp)
             inner = typing.get_args(inner[0]) if typing.get_origin(inner[0]) is list else inner
@@ -372,6 +412,95 @@ def test_a_literal_field_refuses_a_value_outside_its_choices_with_exit_2(command
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "invalid choice: 'no-such-choice'" in err
+
+
+def test_every_flag_of_every_command_is_a_field_of_its_record():
+    """No hand-written flags: besides -h, --config, --no-progress, --debug and train's --recipe
+    (the layer under --config), a command's every argument is a field of its record(s)."""
+    records: dict[str, list[type[Record]]] = {}
+    for command, cls in [*COMMANDS.items(), *TOOLS.items()]:
+        records.setdefault(command, []).append(cls)
+    machinery = {"help", "config", "no_progress", "debug", "recipe"}
+    for p in _parsers(build_parser()):
+        keys = {f.key for cls in records.get(p.prog.removeprefix("kvdistill").strip(), []) for f in flags_of(cls)}
+        stray = {a.dest for a in p._actions if not isinstance(a, argparse._SubParsersAction)} - keys - machinery
+        assert not stray, f"{p.prog}: arguments of no record: {sorted(stray)}"
+
+
+def _actions(prog: str) -> dict[str, argparse.Action]:
+    (parser,) = [p for p in _parsers(build_parser()) if p.prog == prog]
+    return {a.dest: a for a in parser._actions}
+
+
+def test_store_plan_has_every_flag_of_dump_under_the_same_names_and_help():
+    dump, plan = _actions("kvdistill dump"), _actions("kvdistill store plan")
+    own = {"store", "num_shards"}  # plan's own: it sizes a store not yet written and suggests the shard count
+    for f in flags_of(DumpTask):
+        if f.key not in own:
+            assert (plan[f.key].option_strings, plan[f.key].help) == (dump[f.key].option_strings, dump[f.key].help)
+    assert plan["teachers"].option_strings == ["--teachers", "--teacher"]  # README: --teacher, repeated
+
+
+def test_store_plan_sizes_what_dumps_flags_change_per_teacher(make_model, tmp_path, capsys):
+    """A dump's command line sizes as is: --teacher-kv-dtype, --teacher-projection (the file's
+    D), --teacher-logits-top-k, --backend change the plan; a flag that changes no stored byte
+    (--batch-size) changes nothing."""
+    from kvdistill.store.plan import codec_bytes_per_value
+
+    teacher = make_model("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, head_dim=32)  # D_t = 64
+    student = make_model("qwen2", layers=2, hidden=32, heads=2, kv_heads=2, head_dim=16, seed=1)  # L_s = 2
+    pca = tmp_path / "a-pca8.npz"
+    np.savez(pca, k_components=np.zeros((2, 64, 8), np.float32))  # [L_s, D_t, D]
+    argv = ["store", "plan", "--student", str(student), "--data", "synthetic", "--limit", "6", "--json"]
+    argv += [
+        "--teacher",
+        f"{{name_or_path: {teacher}, name: a}}",
+        "--teacher",
+        f"{{name_or_path: {teacher}, name: b}}",
+    ]
+
+    def plan(*flags: str) -> dict:
+        assert main([*argv, *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    got = plan(
+        "--kv-dtype",
+        "int8",
+        "--teacher-kv-dtype",
+        "b=float16",
+        "--teacher-projection",
+        f"a={pca}",
+        "--teacher-logits-top-k",
+        "b=32",
+    )
+    a, b = got["teachers"]["a"], got["teachers"]["b"]
+    assert (a["stored_width"], b["stored_width"]) == (8, 64)
+    assert (a["logits_bytes_per_token"], b["logits_bytes_per_token"]) == (0, 32 * (4 + 2))
+    assert (a["bytes_per_value"], b["bytes_per_value"]) == (codec_bytes_per_value("int8", 2, 8), 2.0)
+    assert (a["compression_ratio"], b["compression_ratio"]) == (1.0, 1.3)  # quantised codes, float16
+    assert got["kv_dtype"] == "int8" and got["teacher_kv_dtype"] == {"b": "float16"}
+    assert "pca8-int4" in {o["name"] for o in got["options"]}  # the file's D among the options
+    wds = plan("--backend", "webdataset")
+    assert {t["compression_ratio"] for t in wds["teachers"].values()} == {1.0}  # tars hold K/V uncompressed
+    assert plan("--batch-size", "3", "--device", "cpu", "--store", "x.zarr") == plan()
+
+
+def test_a_tool_needs_its_required_flag_and_takes_no_config_file(capsys):
+    for argv, said in [
+        (["jobs", "status"], "the following arguments are required: --store"),
+        (["store", "inspect"], "the following arguments are required: STORE"),
+        (["store", "inspect", "s.zarr", "--config", "x.yaml"], "unrecognized arguments: --config"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_tool_refuses_a_number_out_of_range_naming_the_field_with_exit_2(capsys):
+    assert main(["store", "convert", "a.zarr", "b.zarr", "--compression-level", "12"]) == ExitCode.USAGE
+    assert "StoreConvertConfig.compression_level: blosc levels are 0 (none) to 9, got 12" in capsys.readouterr().err
+    assert main(["train", "diagnose", "--batches", "0"]) == ExitCode.USAGE
+    assert "DiagnoseConfig.batches: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_list_of_literals_names_the_bad_item_and_a_mapping_needs_name_value_pairs(capsys):
@@ -558,7 +687,7 @@ def test_a_recipe_sits_under_the_config_file_which_sits_under_the_flags(tmp_path
     assert cfg.lora_r == 8  # the flag over the file over the recipe
     assert cfg.weight_decay == 0.0 and kava["weight_decay"] == 0.1  # the file over the recipe
     assert (cfg.mode, cfg.grad_clip, cfg.lora_alpha, cfg.lora_dropout) == ("latent", 2.0, 32, 0.1)  # the recipe
-    assert (cfg.warmup_steps, cfg.warmup_ratio, cfg.warmup) == (
+    assert (cfg.warmup_steps, cfg.warmup_ratio, cfg.warmup_over(cfg.max_steps)) == (
         3,
         None,
         3,
@@ -576,7 +705,7 @@ def test_a_recipe_sits_under_the_config_file_which_sits_under_the_flags(tmp_path
 
 def test_mode_latent_takes_the_kava_recipe_unless_another_is_named():
     latent = _config(["train", *BASE["train"], "--mode", "latent", "--max-steps", "300"])
-    assert (latent.lora_r, latent.weight_decay, latent.grad_clip, latent.warmup) == (128, 0.1, 2.0, 15)  # 5% warm-up
+    assert (latent.lora_r, latent.weight_decay, latent.grad_clip, latent.warmup_over(300)) == (128, 0.1, 2.0, 15)  # 5%
     assert _config(["train", *BASE["train"], "--recipe", "kava"]) == latent.__class__.from_dict(
         {**latent.to_dict(), "max_steps": 200}
     )

@@ -23,7 +23,7 @@ from kvdistill.compare import (
     t_cdf_two_sided,
     t_quantile,
 )
-from kvdistill.schemas import CompareConfig, ConfigError, DataSpec, TrainConfig
+from kvdistill.schemas import CompareConfig, ConfigError, DataSpec, ModelSpec, TrainConfig
 from kvdistill.train import distiller, loop
 from kvdistill.train.report import (
     read_metrics,
@@ -332,15 +332,66 @@ def test_report_picks_up_every_term_layers_routes_and_eval(tmp_path):
     page = run_report(run)
     imgs = _images(page)
     assert len(imgs) == 4 and all(i.startswith(b"\x89PNG") for i in imgs)  # curves, 2 heatmaps, routes
-    for term in ("ce", "kv_k", "kv_v", "cka", "lr", "loss"):
-        assert f"<th>{term}</th>" in page
-    assert "kv_weight: 1.0" in page and "0.625" in page and "eval.json" in page and "notes.json" not in page
+    results = page.split("<h2>Results</h2>")[1].split("<h2>")[0]
+    for term in ("kv_k", "kv_v", "loss"):
+        assert f"<td>{term}</td>" in results
+    # term, first, final, lowest, at step: a falling term's lowest is its last, a rising one's its first
+    assert "<tr><td>ce</td><td>2</td><td>0.4</td><td>0.4</td><td>5</td></tr>" in results
+    assert "<tr><td>cka</td><td>0.1</td><td>0.5</td><td>0.1</td><td>1</td></tr>" in results
+    assert "<td>lr</td>" not in results  # a schedule: drawn, not a result
+    assert "kv_weight: 1.0" in page and "0.625" in results and "eval.json" in results and "notes.json" not in page
     after = page.split("<h2>Losses")[1]
     assert "missing" not in after.split("<h2>Validation")[0] + after.split("<h2>Per-layer loss")[1]
     assert "no validation logged: train with --eval-steps N" in after  # said, not left out unseen
     (run / "eval").mkdir()
     (run / "eval" / "killed.json").write_text('{"accuracy": 0.5, "perpl')  # an eval killed mid-write
     assert "left out, not readable as JSON" in run_report(run) and "eval/killed.json" in run_report(run)
+
+
+def test_report_opens_on_the_results_and_folds_the_config_at_the_end(tmp_path):
+    rows = [{"step": s, "epoch": 0, "tokens": 1000 * s, "lr": 1e-3, "ce": 4.0 - s, "loss": 5.0 - s} for s in (1, 2, 3)]
+    rows[-1] |= {"val_ce": 1.5, "val_loss": 2.5}
+    run = _fake_run(tmp_path / "run", rows, config=False)
+    cfg = TrainConfig(
+        store="teachers.zarr",
+        student=ModelSpec(name_or_path="org/tiny-student"),
+        out=str(run),
+        teachers=["teacher-a", "teacher-b"],
+        fusion="router",
+        lora_r=4,
+        max_steps=3,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+    )
+    cfg.save(run / "train_config.yaml")
+    (run / "final").mkdir()
+    (run / "best").mkdir()
+    (run / "best" / "best.json").write_text(json.dumps({"metric": "val_loss", "value": 2.5, "step": 3}))
+    (run / "summary.json").write_text(json.dumps({"tokens": 3000, "seconds": 1.5, "peak_rss_mib": 2048.0}))
+    (run / "eval.json").write_text(json.dumps({"n": 200, "accuracy": 0.5, "perplexity": 3.25}))
+    page = run_report(run)
+    headings = re.findall(r"<h2>([^<]+)</h2>", page)
+    assert headings[0] == "Results" and headings[-1] == "Config" and headings.index("Losses") == 1
+    results = page.split("<h2>Results</h2>")[1].split("<h2>")[0]
+    for said in (
+        "student org/tiny-student (LoRA r 4 on q_proj, k_proj, v_proj, o_proj), from teachers teacher-a, teacher-b",
+        "mode cot: loss ce x 1 + kv x 1 + cka x 0.05; K/V mse after layer_std norm, adapter flat, fusion router",
+        "3 optimizer steps of 3",
+        "3,000 tokens",
+        "effective batch 16 = 8 x 2 (accumulation) x 1 (processes); finished",
+        "teachers.zarr",
+        "2,000 tokens/s",
+        "2,048 MiB resident",
+        "val_loss 2.5 at step 3",
+        "<tr><td>ce</td><td>3</td><td>1</td><td>1</td><td>3</td><td>1.5</td><td>1.5</td><td>3</td></tr>",
+        "<tr><td>eval.json</td><td>200</td><td>0.500</td><td>3.25</td></tr>",
+    ):
+        assert said in results, said
+    assert "<img" not in results and "fusion_temperature" not in results  # plots and the full config come after
+    config = page.split("<h2>Config</h2>")[1]
+    assert config.startswith("<details><summary>") and "fusion_temperature: 0.1" in config  # folded, all of it
+    (run / "summary.json").unlink()
+    assert "not recorded: no summary.json" in run_report(run)
 
 
 def test_report_states_missing_pieces_and_refuses_a_dir_without_metrics(tmp_path):

@@ -347,7 +347,7 @@ def test_a_field_set_above_drops_the_field_below_that_stands_in_for_it(where, tm
     path.write_text(yaml.safe_dump(minimal_train(**({"warmup_steps": 5, "max_steps": 50} if where == "file" else {}))))
     flags = {"warmup_steps": 5, "max_steps": 50} if where == "flag" else {}
     cfg = build(TrainConfig, path, flags, base={"warmup_ratio": 0.05, "num_train_epochs": 2.0})
-    assert (cfg.warmup_ratio, cfg.warmup, cfg.num_train_epochs, cfg.max_steps) == (None, 5, None, 50)
+    assert (cfg.warmup_ratio, cfg.warmup_over(50), cfg.num_train_epochs, cfg.max_steps) == (None, 5, None, 50)
     kept = build(TrainConfig, path, {"warmup_ratio": 0.1}, base={"warmup_steps": 5})
     assert (kept.warmup_ratio, kept.warmup_steps) == (0.1, 5)  # a stand-in set above keeps what it stands in for
 

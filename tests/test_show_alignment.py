@@ -15,13 +15,21 @@ import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvdistill.align.layers import apply_layer_map, ratio_layer_map
-from kvdistill.align.time import char_overlap_time_map, segment_time_map
+from kvdistill.align.time import char_overlap_time_map, identity_time_map, segment_time_map
 from kvdistill.cli import main
 from kvdistill.core.capture import forward_kv
 from kvdistill.core.data import load_examples
 from kvdistill.core.prompts import encode
 from kvdistill.dump.run import run_dump
-from kvdistill.dump.show_alignment import plot_alignment, reconstruct, summary, visible, window
+from kvdistill.dump.show_alignment import (
+    SampleAlignment,
+    alignment_figure,
+    plot_alignment,
+    reconstruct,
+    summary,
+    visible,
+    window,
+)
 from kvdistill.errors import ExitCode
 from kvdistill.schemas import DEFAULT_TEMPLATE, DumpConfig, ModelSpec
 from kvdistill.store import ShardReader, finalize, zarr_to_wds
@@ -241,6 +249,60 @@ def test_a_calibrated_layer_map_is_drawn_beside_its_similarity(xstore, tmp_path)
     w_plain, _ = _png_size(plot_alignment(a, tmp_path / "plain.png", max_tokens=20))
     w_cka, _ = _png_size(plot_alignment(cka, tmp_path / "cka.png", max_tokens=20))
     assert w_cka > w_plain  # one more panel
+
+
+def _deep(L_s: int, L_t: int) -> SampleAlignment:
+    """A short sample onto a deep teacher: a CKA similarity [L_s, L_t] and its top-2 layer map."""
+    rng = np.random.default_rng(0)
+    sim = rng.uniform(0.05, 1.0, (L_s, L_t))
+    W = np.zeros_like(sim)
+    for s, row in enumerate(sim):
+        top = np.argsort(row)[-2:]
+        W[s, top] = row[top] / row[top].sum()
+    T = 12
+    tokens = [f"tok{i}" for i in range(T)]
+    seg = np.zeros(T, np.uint8)
+    return SampleAlignment(
+        "deep.zarr", "teacher-30", "x", 0, "identity", identity_time_map(T), tokens, tokens, seg, seg, W,
+        "runs/layermap.json", sim,
+    )  # fmt: skip
+
+
+def _every_kth(ticks: list[int], n: int) -> bool:
+    """0, k, 2k, ... up to the last layer (at most 12 of them), and maybe the last layer n - 1."""
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1
+    body = ticks[:-1] if ticks[-1] == n - 1 and (n - 1) % step else ticks
+    return body == list(range(0, n, step)) and len(body) <= 12
+
+
+@pytest.mark.parametrize("L_s, L_t", [(10, 30), (30, 30), (48, 80)])
+def test_a_deep_teachers_layer_panels_name_every_kth_layer_and_no_label_overlaps(L_s, L_t):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    a = _deep(L_s, L_t)
+    fig = alignment_figure(a)
+    FigureCanvasAgg(fig).draw()
+    r = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_title().startswith(("layer map", "CKA"))]
+    assert len(panels) == 2
+    for ax in panels:
+        x = [int(t.get_text()) for t in ax.get_xticklabels()]
+        y = [int(t.get_text()) for t in ax.get_yticklabels()]
+        assert _every_kth(x, L_t) and _every_kth(y, L_s)
+        if L_t == 30:
+            assert x == [0, 5, 10, 15, 20, 25, 29]
+        if L_s == 10:
+            assert y == list(range(10))
+        for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+            boxes = [t.get_window_extent(r) for t in labels]
+            assert not any(p.overlaps(q) for p, q in zip(boxes, boxes[1:], strict=False)), labels
+    cell = np.diff(panels[0].transData.transform([(0, 0), (1, 0)])[:, 0])[0]  # pixels per layer
+    texts = panels[0].texts
+    if L_t <= 30:  # each weight written inside its cell (.52: a 30-layer map's cells hold it)
+        assert len(texts) == np.count_nonzero(a.layer_map)
+        assert all(t.get_window_extent(r).width < cell and t.get_window_extent(r).height < cell for t in texts)
+    else:  # an 80-layer map's cells do not: the title says the colour tells the weight
+        assert len(texts) == 0 and "cells too small to write in" in panels[0].get_title()
 
 
 def test_inspect_points_at_the_command(xstore, capsys):

@@ -272,11 +272,12 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_bitwise_identical_to_an_uninte
 def test_padding_contributes_exactly_nothing_to_any_loss_term(tiny_store, kv_loss):
     """Perturb every padded position (teacher K/V to NaN, pad token ids to another token): every
     loss term is bit-for-bit unchanged."""
-    from kvdistill.train.distiller import Distiller
+    from kvdistill.train.distiller import Distiller, KVShapes
 
     torch.manual_seed(0)
     student = transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path).eval()
-    model = Distiller(student, {"teacher-a": 64, "teacher-b": 16}, 2, 32, kv_loss=kv_loss)
+    cfg = TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", kv_loss=kv_loss, cka_weight=0.0)
+    model = Distiller(cfg, student, KVShapes({"teacher-a": 64, "teacher-b": 16}, 2, 32))
     samples = list(KVStream(tiny_store["store"], ["teacher-a", "teacher-b"], shuffle_buffer=1))[:6]
     batch = collate(samples, pad_id=0)
     pad = ~batch["attention_mask"].bool()
@@ -334,15 +335,16 @@ def test_lora_trains_only_adapters_and_its_checkpoint_reloads_and_evaluates_the_
 
 
 def test_similarity_routing_weights_sum_to_one_and_favour_the_teacher_that_matches_the_student():
-    from kvdistill.train.distiller import Distiller
+    from kvdistill.train.distiller import Distiller, KVShapes
 
-    model = Distiller(torch.nn.Linear(1, 1), {"a": 8, "b": 8}, 3, 8, fusion="similarity", temperature=0.05)
+    base, shapes = dict(store="s", student=ModelSpec(name_or_path="x"), out="o"), KVShapes({"a": 8, "b": 8}, 3, 8)
+    model = Distiller(TrainConfig(**base, fusion="similarity", fusion_temperature=0.05), torch.nn.Linear(1, 1), shapes)
     z_s = torch.randn(2, 5, 3, 8)
     z_t = torch.stack([z_s + 0.01 * torch.randn_like(z_s), torch.randn_like(z_s)])  # a ~ student, b unrelated
     w = model.route(z_s, z_t, ["a", "b"])  # [2, B, T, L]
     torch.testing.assert_close(w.sum(0), torch.ones(2, 5, 3))
     assert (w[0] > 0.9).float().mean() > 0.95 and not w.requires_grad
-    fixed = Distiller(torch.nn.Linear(1, 1), {"a": 8, "b": 8}, 3, 8, teacher_weights={"a": 3.0, "b": 1.0})
+    fixed = Distiller(TrainConfig(**base, teacher_weights={"a": 3.0, "b": 1.0}), torch.nn.Linear(1, 1), shapes)
     assert fixed.route(z_s, z_t, ["a", "b"]).flatten().tolist() == [0.75, 0.25]
 
 
@@ -427,13 +429,9 @@ def test_a_generation_that_ends_with_eos_is_finished_and_one_without_is_cut():
 def test_warmup_ratio_sets_the_warm_up_as_a_fraction_of_max_steps(tiny_store, tmp_path):
     from kvdistill.schemas import ConfigError
 
-    assert (
-        TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40, warmup_ratio=0.25).warmup
-        == 10
-    )
-    assert (
-        TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40, warmup_steps=7).warmup == 7
-    )
+    base = dict(store="s", student=ModelSpec(name_or_path="x"), out="o", max_steps=40)
+    assert TrainConfig(**base, warmup_ratio=0.25).warmup_over(40) == 10
+    assert TrainConfig(**base, warmup_steps=7).warmup_over(40) == 7
     with pytest.raises(ConfigError, match=r"TrainConfig.warmup_ratio: a fraction of max_steps in \[0, 1\), got 1.5"):
         TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", warmup_ratio=1.5)
     train(_train_cfg(tiny_store, tmp_path / "r", max_steps=8, warmup_ratio=0.5, log_every=1), progress=False)

@@ -13,12 +13,13 @@ import torch
 import transformers
 
 from kvdistill.align.cka import linear_cka
-from kvdistill.schemas import TrainConfig
+from kvdistill.schemas import ModelSpec, TrainConfig
 from kvdistill.store import open_specs
 from kvdistill.train.distiller import (
     Distiller,
     HeadwiseAdapter,
     KVAdapter,
+    KVShapes,
     Router,
     build_distiller,
     head_mixer_init,
@@ -170,15 +171,11 @@ def test_padding_contributes_exactly_nothing_to_any_term_attention_weighted_and_
     tiny_store, fusion, adapter
 ):
     torch.manual_seed(0)
-    model = Distiller(
-        _student(tiny_store).eval(),
-        TEACHERS,
-        2,
-        32,
+    cfg = _cfg(
+        tiny_store,
+        "unused",
         fusion=fusion,
         adapter=adapter,
-        teacher_heads=HEADS,
-        student_heads=(2, 16),
         router_entropy_weight=0.1,
         kv_attn_weight="student",
         kv_attn_warmup_steps=10,
@@ -186,6 +183,7 @@ def test_padding_contributes_exactly_nothing_to_any_term_attention_weighted_and_
         cka_layers=[0, 1],
         layer_anneal_steps=8,
     )
+    model = Distiller(cfg, _student(tiny_store).eval(), KVShapes(TEACHERS, 2, 32, HEADS, (2, 16)))
     assert model.student.config._attn_implementation == "eager"
     batch = _batch(tiny_store)
     pad = ~batch["attention_mask"].bool()
@@ -237,12 +235,15 @@ def test_cka_loss_equals_one_minus_align_cka_and_is_differentiable():
 
 
 def test_cka_layers_resolve_to_student_layers_and_bad_indices_are_refused():
-    lin = torch.nn.Linear(1, 1)
-    assert Distiller(lin, {"a": 8}, 4, 8).cka_layers == [2]
-    assert Distiller(lin, {"a": 8}, 4, 8, cka_layers="last").cka_layers == [3]
-    assert Distiller(lin, {"a": 8}, 4, 8, cka_layers=[3, 0]).cka_layers == [0, 3]
+    def cka_layers(layers):  # of a Distiller over a 4-layer student
+        cfg = TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", cka_layers=layers)
+        return Distiller(cfg, torch.nn.Linear(1, 1), KVShapes({"a": 8}, 4, 8)).cka_layers
+
+    assert cka_layers("middle") == [2]
+    assert cka_layers("last") == [3]
+    assert cka_layers([3, 0]) == [0, 3]
     with pytest.raises(ValueError, match="0..3"):
-        Distiller(lin, {"a": 8}, 4, 8, cka_layers=[4])
+        cka_layers([4])
 
 
 # ----------------------------------------------------------------------------- router
@@ -270,23 +271,18 @@ def test_router_entropy_term_rewards_entropy(tiny_store):
     batch = _batch(tiny_store)
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["kv"])
     torch.manual_seed(0)
-    m0 = Distiller(
-        _student(tiny_store).eval(),
-        TEACHERS,
-        2,
-        32,
+    cfg = _cfg(
+        tiny_store,
+        "unused",
         fusion="router",
         teacher_weights={"teacher-a": 0.9, "teacher-b": 0.1},
+        cka_weight=0.0,
+        router_entropy_weight=0.0,
     )
+    m0 = Distiller(cfg, _student(tiny_store).eval(), KVShapes(TEACHERS, 2, 32))
     torch.manual_seed(0)
     m1 = Distiller(
-        _student(tiny_store).eval(),
-        TEACHERS,
-        2,
-        32,
-        fusion="router",
-        teacher_weights={"teacher-a": 0.9, "teacher-b": 0.1},
-        router_entropy_weight=0.5,
+        dataclasses.replace(cfg, router_entropy_weight=0.5), _student(tiny_store).eval(), KVShapes(TEACHERS, 2, 32)
     )
     o0, o1 = m0(*args), m1(*args)
     h = o1["router_entropy"]

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from kvdistill.schemas import ConfigError, TrainConfig
-from kvdistill.train.distiller import Distiller
+from kvdistill.train.distiller import Distiller, KVShapes
 from kvdistill.train.loop import train
 from kvdistill.train.report import ZSPACE_SAMPLE, run_report
 from kvdistill.train.stream import KVStream, collate
@@ -32,7 +32,15 @@ def _batch(tiny_store, n: int = 6):
 def _distiller(tiny_store, seed: int = 0, **kw) -> Distiller:
     torch.manual_seed(seed)
     student = transformers.AutoModelForCausalLM.from_pretrained(tiny_store["student"].name_or_path)
-    return Distiller(student, WIDTHS, 2, 32, cka_weight=0.05, fusion="similarity", **kw)
+    cfg = TrainConfig(
+        store=str(tiny_store["store"]),
+        student=tiny_store["student"],
+        out="unused",
+        cka_weight=0.05,
+        fusion="similarity",
+        **kw,
+    )
+    return Distiller(cfg, student, KVShapes(WIDTHS, 2, 32))
 
 
 def test_z_dim_0_leaves_the_distiller_bit_identical_to_one_built_without_the_z_fields(tiny_store):

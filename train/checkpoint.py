@@ -3,7 +3,9 @@
 A checkpoint holds what `accelerator.save_state` writes (model + adapters, optimizer,
 scheduler, RNG states) and loader.json, the stream position to continue from. It is written
 into the hidden sibling .step-N.partial and renamed once every rank's files are in, so a
-process killed while saving leaves only the .partial, which resume never picks.
+process killed while saving leaves only the .partial, which resume never picks. With
+--save-total-limit N, older checkpoints are deleted once a new one is in place, the last N kept
+(`prune_checkpoints`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,11 @@ __all__ = [
     "save_complete",
     "saving",
     "checkpoints",
+    "prune_checkpoints",
     "latest_checkpoint",
     "find_resume",
     "load_checkpoint",
 ]
-
-# accelerate's save_state warns on every checkpoint that it dropped a tied weight's duplicate
-# ("Removed shared tensor {'student.lm_head.weight'} ..."); expected for a tied student (it
-# reloads bit for bit: tests/test_resume.py), so it is not printed on every save.
-logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in str(record.msg))
 
 # A save that fails with less than this free where it writes ran out of disk (torch.save and
 # safetensors report it in their own words, e.g. "unexpected pos", not as an OSError).
@@ -103,6 +101,25 @@ def save_complete(accelerator, path: Path, what: str, write: Callable[[Path], No
     accelerator.wait_for_everyone()
 
 
+@contextmanager
+def _tied_weights_quiet() -> Iterator[None]:
+    """For one save_state: accelerate's safetensors writer drops the second name of a tensor
+    stored twice and logs it ("Removed shared tensor {'student.lm_head.weight'} while saving ..."),
+    on every checkpoint of a student with tied embeddings. That is expected: load_state ties the
+    weight back, bit for bit (tests/test_checkpoint_limit.py, tests/test_resume.py). Only that
+    message, only during our save: the filter is removed after it."""
+    log = logging.getLogger("accelerate.utils.other")
+
+    def keep(record: logging.LogRecord) -> bool:  # accelerate's logger puts "[RANK n] " first
+        return not re.match(r"(\[RANK \d+\] )?Removed shared tensor ", str(record.msg))
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 def save_checkpoint(accelerator, path: Path, pos: Position, end_of_epoch: bool) -> None:
     """Every rank takes part. A checkpoint on an epoch's last batch is saved as (epoch + 1,
     sample 0): (epoch, all its samples) would make a resume skip a whole epoch to train nothing."""
@@ -110,7 +127,8 @@ def save_checkpoint(accelerator, path: Path, pos: Position, end_of_epoch: bool) 
         pos = Position(pos.step, pos.epoch + 1, pos.tokens, 0)
 
     def write(partial: Path) -> None:
-        accelerator.save_state(str(partial))
+        with _tied_weights_quiet():
+            accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (partial / "loader.json").write_text(json.dumps(asdict(pos)))
@@ -126,6 +144,29 @@ def checkpoints(run: Path) -> list[Path]:
         if re.fullmatch(r"step-\d+", p.name) and (p / "loader.json").is_file()
     ]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def prune_checkpoints(accelerator, run: Path, keep: int, newest: Path) -> list[Path]:
+    """--save-total-limit: after `newest` (the checkpoint just saved, complete on every rank) is
+    in place, all but the last `keep` complete checkpoints of `run` are deleted, `newest` always
+    among those kept, so a kill at any point leaves a resumable run. RUN_DIR/best and final live
+    outside checkpoints/ and are never touched. The main process deletes (each first renamed to
+    a hidden .step-N.deleting, which `checkpoints` never lists, so a kill mid-delete leaves no
+    half checkpoint to resume from; the next prune finishes it); the others wait. Returns what
+    was deleted (main process; [] elsewhere)."""
+    gone: list[Path] = []
+    if accelerator.is_main_process:
+        older = [p for p in checkpoints(run) if p != newest]
+        gone = older[: max(0, len(older) - (keep - 1))]
+        for p in gone:
+            hidden = p.with_name(f".{p.name}.deleting")
+            if hidden.exists():  # a kill mid-delete left it, and the step was saved again since
+                shutil.rmtree(hidden)
+            p.rename(hidden)
+        for p in (run / "checkpoints").glob(".step-*.deleting"):  # these, and any a kill left
+            shutil.rmtree(p)
+    accelerator.wait_for_everyone()
+    return gone
 
 
 def latest_checkpoint(path: Path) -> Path:

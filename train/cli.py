@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from kvdistill.schemas import EvalConfig, TrainConfig
+from kvdistill.schemas import DiagnoseConfig, EvalConfig, TrainConfig
 from kvdistill.schemas.cli import add_flags, config_from_args, flags_of
 
 from .recipes import recipe_names, train_config
@@ -69,22 +69,8 @@ def add_parser(sub) -> None:
     )
     # SUPPRESS: a flag not given after `diagnose` leaves what `train` parsed before it (its --config too).
     _train_flags(d, suppress=True)
-    d.add_argument("--batches", type=int, default=4, help="batches to average over (default: 4)")
-    d.add_argument(
-        "--checkpoint",
-        metavar="RUN_DIR",
-        help="diagnose a trained run's weights instead of the initialisation: a run directory (its final/), a final/ directory or "
-        "RUN_DIR/checkpoints/step-N; the config is the run's train_config.yaml unless --config is given, and the run's loss curve follows",
-    )
-    d.add_argument(
-        "--run",
-        metavar="RUN_DIR",
-        help="only this: do RUN_DIR's logged loss terms fall (metrics.jsonl: first value vs the mean of the last 20, per term and "
-        "per Jacobi iteration)? Builds no model and reads no store",
-    )
-    d.add_argument(
-        "--json", metavar="OUT", help="also write the result (terms, suggested weights, curve) as JSON to OUT"
-    )
+    # --config and --no-progress are train's: the file is a TrainConfig.
+    add_flags(d, DiagnoseConfig, config=False, progress=False)
     d.set_defaults(func=diagnose_main)
     e = sub.add_parser("eval", help="greedy-decode answers: accuracy and gold perplexity")
     add_flags(e, EvalConfig)
@@ -110,22 +96,23 @@ def diagnose_main(args: argparse.Namespace) -> int:
 
     from .diagnose import diagnose, format_curve, format_table, loss_curve, run_dir_of
 
+    opts = config_from_args(DiagnoseConfig, args, config=False)
     result: dict = {}
-    if args.run:
-        result["curve"] = loss_curve(args.run)
+    if opts.run:
+        result["curve"] = loss_curve(opts.run)
     else:
-        run = run_dir_of(args.checkpoint) if args.checkpoint else None
+        run = run_dir_of(opts.checkpoint) if opts.checkpoint else None
         if run is not None and getattr(args, "config", None) is None:  # the run's own config
             args.config = str(run / "train_config.yaml")
-        result = diagnose(config_of(args), batches=args.batches, checkpoint=args.checkpoint)
+        result = diagnose(config_of(args), batches=opts.batches, checkpoint=opts.checkpoint)
         print(format_table(result))
         if run is not None and (run / "metrics.jsonl").is_file():
             result["curve"] = loss_curve(run)
     if "curve" in result:
-        print(("\n" if not args.run else "") + format_curve(result["curve"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(("\n" if not opts.run else "") + format_curve(result["curve"]))
+    if opts.json:
+        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.json).write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -1,6 +1,6 @@
 """`kvdistill train diagnose`: the loss terms and their gradients, before any step is taken.
 
-Builds exactly what `train` builds (`student.load_student` + the mode: `distiller.cot_mode`,
+Builds exactly what `train` builds (`loop.build_mode`: `student.load_student` + `distiller.cot_mode`,
 student, store checks, LoRA, adapters, router; or `latent.latent_mode`, the latent head, KV
 adapters and CODI maps), runs a few batches of the same stream through it without stepping,
 and reports per term its value, the norm of its gradient w.r.t. the student's trainable
@@ -33,19 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 
-from kvdistill.core.models import pad_token_id
+from kvdistill.core.models import resolve_device
 from kvdistill.schemas import ConfigError, TrainConfig
 from kvdistill.store import StoreError
 
-from .distiller import cot_mode
-from .latent import LATENT_FILE, latent_mode
-from .loop import SUMMARY_WINDOW, split_shards
+from .latent import LATENT_FILE
+from .loop import SUMMARY_WINDOW, build_mode, training_loader
 from .mode import Mode
-from .quant import kv_as_stored
-from .stream import KVStream, train_loader
-from .student import load_student
 
 __all__ = ["diagnose", "format_table", "load_trained", "run_dir_of", "loss_curve", "format_curve"]
 
@@ -124,33 +119,16 @@ def diagnose(cfg: TrainConfig, batches: int = 4, checkpoint: str | Path | None =
     scales; "vs_ce" is weighted_grad_student over CE's."""
     if batches < 1:
         raise ValueError(f"--batches must be >= 1, got {batches}")
-    set_seed(cfg.seed)
-    device = torch.device("cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "cuda")
-    tokenizer, student, spec, teachers = load_student(cfg)
-    pad_id = pad_token_id(tokenizer)
-    mode = (
-        latent_mode(cfg, student, spec, teachers, pad_id)
-        if cfg.mode == "latent"
-        else cot_mode(cfg, student, spec, teachers)
-    )
+    device = resolve_device(cfg.device)
+    built = build_mode(cfg)
+    mode = built.mode
     loaded = load_trained(mode, cfg, checkpoint) if checkpoint is not None else None
     model = mode.model
     model.to(device).train()  # the mode train runs in (dropout on, as in its first step)
     groups = _groups(mode)
     params = [p for ps in groups.values() for p in ps]
     bounds = list(itertools.accumulate(len(ps) for ps in groups.values()))
-    stream = KVStream(
-        cfg.store,
-        list(teachers),
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        shuffle_buffer_bytes=cfg.shuffle_buffer_bytes,
-        read_kv=mode.read_kv,
-        read_latent=mode.read_latent,
-        kv_as_stored=kv_as_stored(cfg.kv_transfer, device),
-        shards=split_shards(cfg, spec.num_shards)[0],
-    )
-    loader = train_loader(stream, cfg, pad_id, mode.control)  # as in train, the shuffled-KV control included
+    loader = training_loader(cfg, built, device)  # as in train, the shuffled-KV control included
     ce_name, weights, suggest = _terms(cfg)
     acc: dict[str, dict[str, list[float]]] = {}
 

@@ -1,11 +1,10 @@
-"""The student plus what turns stored teacher K/V into its targets: per-teacher, per-layer
-adapters (flat or head-wise), fusion over teachers (fixed, similarity or a learned router),
-and the losses. One module, so DDP / FSDP wrap one forward."""
+"""The student plus what turns stored teacher K/V into its targets, built from the TrainConfig
+and the store's `KVShapes`: per-teacher, per-layer adapters (train/adapters.py), fusion over
+teachers (train/fusion.py) or the common Z space (train/zspace.py), and the loss terms (here;
+their math in train/losses.py). One module, so DDP / FSDP wrap one forward."""
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,10 @@ import torch
 from torch import nn
 
 from kvdistill.core.capture import attention_layout, capture_kv, rope_heads
+from kvdistill.schemas import ConfigError, TrainConfig
 
+from .adapters import HeadwiseAdapter, KVAdapter, KVShapes, adapter_key, head_mixer_init, make_adapters
+from .fusion import Router, fixed_weights, fusion_weights, router_entropy
 from .losses import (
     attention_key_weights,
     attention_kl,
@@ -28,6 +30,7 @@ from .losses import (
     masked_kv_loss,
     moment_std,
     standardize,
+    topk_kl,
     warmup_mix,
 )
 from .mode import Mode
@@ -36,128 +39,23 @@ from .stream import shuffle_kv
 from .zspace import ZSpace, save_sample
 
 __all__ = [
-    "fixed_weights",
-    "KVAdapter",
-    "HeadwiseAdapter",
-    "Router",
     "Distiller",
+    "KVShapes",
     "build_distiller",
-    "head_mixer_init",
     "LOSS_TERMS",
-    "adapter_key",
     "cot_mode",
     "cot_counts",
+    # the parts, importable from here too (they live in train/adapters.py and train/fusion.py)
+    "KVAdapter",
+    "HeadwiseAdapter",
+    "head_mixer_init",
+    "adapter_key",
+    "Router",
+    "fixed_weights",
 ]
 
 # Every scalar loss term forward() may return (besides the total "loss").
-LOSS_TERMS = ("ce", "kv_k", "kv_v", "cka", "router_entropy", "attn_kl", "z")
-
-
-def fixed_weights(teacher_weights: dict[str, float] | None, teachers: list[str]) -> dict[str, float]:
-    """Fixed fusion weights over `teachers`, normalised to sum 1 (default: equal)."""
-    w = teacher_weights or dict.fromkeys(teachers, 1.0)
-    unknown = sorted(set(w) - set(teachers))
-    if unknown or not any(w.get(t, 0) > 0 for t in teachers):
-        raise ValueError(f"teacher_weights {w} must name only teachers {teachers} with some weight > 0")
-    total = sum(w.get(t, 0.0) for t in teachers)
-    return {t: w.get(t, 0.0) / total for t in teachers}
-
-
-class KVAdapter(nn.Module):
-    """Per-layer linear map D_t -> D_s on x [B, T, L, D_t]; identity (no parameters) when equal."""
-
-    def __init__(self, num_layers: int, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.d_in, self.d_out = d_in, d_out
-        if d_in == d_out:
-            self.weight = None
-        else:
-            w = torch.empty(num_layers, d_in, d_out)
-            for layer in w:  # semi-orthogonal: preserves the teacher's geometry at init
-                nn.init.orthogonal_(layer)
-            self.weight = nn.Parameter(w)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
-            return x
-        return torch.einsum("btld,lde->btle", x.to(self.weight.dtype), self.weight)
-
-
-def head_mixer_init(h_t: int, h_s: int) -> torch.Tensor:
-    """[H_s, H_t] row-stochastic: student head j averages the teacher heads whose slice of
-    [0, 1) (head i covers [i / H_t, (i + 1) / H_t)) overlaps its own, weighted by the overlap.
-    H_t a multiple of H_s: the plain group average of its H_t / H_s teacher heads (the GQA
-    grouping); H_s a multiple of H_t: a copy of the one teacher head it lies in."""
-    edges_t = torch.arange(h_t + 1, dtype=torch.float64) / h_t
-    edges_s = torch.arange(h_s + 1, dtype=torch.float64) / h_s
-    lo = torch.maximum(edges_s[:-1, None], edges_t[None, :-1])
-    hi = torch.minimum(edges_s[1:, None], edges_t[None, 1:])
-    overlap = (hi - lo).clamp_min(0)  # [H_s, H_t]
-    return (overlap / overlap.sum(dim=1, keepdim=True)).float()
-
-
-class HeadwiseAdapter(nn.Module):
-    """Keeps the head structure: x [B, T, L, H_t * d_t] -> [B, T, L, H_s * d_s] by a per-layer
-    head mixer [L, H_s, H_t] (init `head_mixer_init`), then a per-(layer, student head) linear
-    map d_t -> d_s (identity when d_t == d_s, semi-orthogonal otherwise).
-    L * H_s * (H_t + d_t * d_s) parameters instead of the flat L * H_t * d_t * H_s * d_s."""
-
-    def __init__(self, num_layers: int, teacher_heads: tuple[int, int], student_heads: tuple[int, int]) -> None:
-        super().__init__()
-        (self.h_t, self.d_t), (self.h_s, self.d_s) = teacher_heads, student_heads
-        self.mix = nn.Parameter(head_mixer_init(self.h_t, self.h_s).repeat(num_layers, 1, 1))  # [L, H_s, H_t]
-        proj = torch.empty(num_layers, self.h_s, self.d_t, self.d_s)
-        for m in proj.view(-1, self.d_t, self.d_s):
-            if self.d_t == self.d_s:
-                nn.init.eye_(m)
-            else:
-                nn.init.orthogonal_(m)
-        self.proj = nn.Parameter(proj)  # [L, H_s, d_t, d_s]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, L, _ = x.shape
-        x = x.to(self.proj.dtype).view(B, T, L, self.h_t, self.d_t)
-        mixed = torch.einsum("btlhd,ljh->btljd", x, self.mix)  # [B, T, L, H_s, d_t]
-        return torch.einsum("btljd,ljde->btlje", mixed, self.proj).reshape(B, T, L, self.h_s * self.d_s)
-
-
-class Router(nn.Module):
-    """Teacher weights per sample from the student's pooled last hidden state: an MLP
-    hidden -> GELU -> groups * N logits, softmax over the N teachers. The last layer starts
-    at zero weight and bias log(initial weights), so the router begins as the fixed fusion.
-    groups 3: one weight vector per shallow / middle / deep third of the student layers
-    (layer l is in group floor(3 l / L))."""
-
-    def __init__(
-        self, hidden_size: int, init_weights: list[float], num_layers: int, groups: int = 1, width: int = 64
-    ) -> None:
-        super().__init__()
-        if groups not in (1, 3):
-            raise ValueError(f"router groups must be 1 or 3, got {groups}")
-        if num_layers < groups:
-            raise ValueError(
-                f"router_groups {groups} needs at least {groups} student layers, the student has {num_layers}; use router_groups 1"
-            )
-        self.n, self.groups = len(init_weights), groups
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, groups * self.n))
-        nn.init.zeros_(self.mlp[2].weight)
-        with torch.no_grad():
-            self.mlp[2].bias.copy_(torch.tensor([math.log(w) for w in init_weights]).repeat(groups))
-        self.register_buffer("layer_group", torch.arange(num_layers) * groups // num_layers, persistent=False)  # [L]
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled [B, hidden] -> teacher weights [B, G, N] (rows sum to 1)."""
-        return torch.softmax(self.mlp(pooled).view(len(pooled), self.groups, self.n), dim=-1)
-
-
-def adapter_key(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)  # nn.ModuleDict keys may not hold "."
-
-
-def _make_adapter(num_layers: int, width: int, student_width: int, heads_t, heads_s) -> nn.Module:
-    if heads_t is None:
-        return KVAdapter(num_layers, width, student_width)
-    return HeadwiseAdapter(num_layers, heads_t, heads_s)
+LOSS_TERMS = ("ce", "kv_k", "kv_v", "cka", "router_entropy", "attn_kl", "z", "logits")
 
 
 def _use_eager_attention(student: nn.Module) -> None:
@@ -170,6 +68,19 @@ def _use_eager_attention(student: nn.Module) -> None:
         raise ValueError(
             f"could not switch {type(base).__name__} to eager attention; kv_attn_weight 'student' needs it"
         )
+
+
+def _cka_layers(layers: str | list[int], num_layers: int) -> list[int]:
+    """cfg.cka_layers as student layer indices (TrainConfig checked the rest; the layer count is the store's)."""
+    if layers == "middle":
+        return [num_layers // 2]
+    if layers == "last":
+        return [num_layers - 1]
+    if any(i >= num_layers for i in layers):
+        raise ValueError(
+            f"cka_layers {list(layers)}: indices must lie in 0..{num_layers - 1} (the student has {num_layers} layers)"
+        )
+    return sorted(set(layers))
 
 
 class Distiller(nn.Module):
@@ -204,146 +115,74 @@ class Distiller(nn.Module):
     (`attention_target_keys`: logits need a scale, and the adapters' is one no loss holds), rotated
     by the student's own RoPE at its positions. A_t is the detached target; the term trains the
     student only (not adapters or router). Computed whenever the weight is > 0, also while the
-    ramp is 0."""
+    ramp is 0.
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher_widths: dict[str, int],
-        num_layers: int,
-        student_width: int,
-        *,
-        teacher_weights: dict[str, float] | None = None,
-        kv_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        kv_norm: str = "layer_std",
-        kv_loss: str = "mse",
-        fusion: str = "fixed",
-        temperature: float = 0.1,
-        adapter: str = "flat",
-        teacher_heads: dict[str, tuple[int, int]] | None = None,
-        student_heads: tuple[int, int] | None = None,
-        router_groups: int = 1,
-        router_hidden: int = 64,
-        router_entropy_weight: float = 0.0,
-        hidden_size: int | None = None,
-        kv_attn_weight: str = "none",
-        kv_attn_warmup_steps: int = 1000,
-        cka_weight: float = 0.0,
-        cka_layers: str | list[int] = "middle",
-        layer_anneal_steps: int = 0,
-        z_dim: int = 0,
-        z_loss: str = "mse",
-        z_teacher_maps: str = "fixed",
-        z_offdiag_weight: float = 0.005,
-        attn_kl_weight: float = 0.0,
-        attn_kl_warmup_steps: int = 0,
-    ) -> None:
+    logits_weight > 0 adds logits_weight * LOGITS ("logits"), the offline logits distillation
+    (`dump --logits-top-k K`): on the CE positions, the mean of `topk_kl` between each teacher's
+    stored top-K next-token log-probs and the student's logits at logits_temperature, mixed over
+    the teachers that store them by their teacher_weights. With kv_weight 0 it is the offline-logits
+    baseline (no K/V read); with both, K/V and logits from the same store.
+
+    Every option is read from `cfg` (a TrainConfig, validated when it was made) where it is
+    used; what needs the store's `KVShapes` or the student is checked where it is built, once:
+    the teachers of teacher_weights (`fixed_weights`), cka_layers (`_cka_layers`), head-wise
+    adapters (`make_adapters`), router_groups (`Router`), eager attention."""
+
+    def __init__(self, cfg: TrainConfig, student: nn.Module, shapes: KVShapes) -> None:
         super().__init__()
+        self.cfg = cfg
         self.student = student
-        self.teachers = list(teacher_widths)
-        self.fusion = fixed_weights(teacher_weights, self.teachers)
-        self.active = [t for t in self.teachers if self.fusion[t] > 0]
-        self.kv_weight, self.ce_weight, self.kv_norm, self.kv_loss = kv_weight, ce_weight, kv_norm, kv_loss
-        if fusion not in ("fixed", "similarity", "router"):
-            raise ValueError(f"unknown fusion {fusion!r}; choose fixed, similarity or router")
-        if adapter not in ("flat", "headwise"):
-            raise ValueError(f"unknown adapter {adapter!r}; choose flat or headwise")
-        if kv_attn_weight not in ("none", "student"):
-            raise ValueError(f"unknown kv_attn_weight {kv_attn_weight!r}; choose none or student")
-        self.fusion_mode, self.temperature = fusion, temperature
-        self.num_layers = num_layers
-        self.router_entropy_weight = router_entropy_weight
-        self.kv_attn_weight, self.kv_attn_warmup_steps = kv_attn_weight, kv_attn_warmup_steps
-        self.cka_weight, self.layer_anneal_steps = cka_weight, layer_anneal_steps
-        self.cka_layers = self._resolve_layers(cka_layers, num_layers)
-        if attn_kl_weight > 0 and kv_weight == 0:
-            raise ValueError(
-                "attn_kl_weight > 0 compares attention over the teacher keys, which kv_weight 0 does not read; set kv_weight > 0"
-            )
-        self.attn_kl_weight, self.attn_kl_warmup_steps = attn_kl_weight, attn_kl_warmup_steps
-        self.attn_layout = (
-            attention_layout(student) if attn_kl_weight > 0 else None
-        )  # per layer: heads, scaling, window
-        self.adapters = nn.ModuleDict()
-        self.router: Router | None = None
+        self.kv_weight = cfg.kv_weight  # the one in force: --kv-weight-schedule sets it per step (train/loop.py)
+        self.num_layers = shapes.num_layers
+        self.teachers = list(shapes.teacher_widths)
+        self.weights = fixed_weights(cfg.teacher_weights, self.teachers)
+        self.active = [t for t in self.teachers if self.weights[t] > 0]  # the teachers fused, in order
+        self.cka_layers = _cka_layers(cfg.cka_layers, shapes.num_layers)
+        self.attn_layout = attention_layout(student) if cfg.attn_kl_weight > 0 else None  # per layer: heads, ...
+        # Registered in this order, the state dict's and parameters()': student, adapters, zspace, router.
+        self.adapters = nn.ModuleDict()  # adapter_key(teacher) -> {"k", "v": adapter}
         self.zspace: ZSpace | None = None
-        if kv_weight > 0 and z_dim > 0:  # Z space (train/zspace.py): its maps replace the adapters
-            if adapter != "flat" or kv_attn_weight != "none" or attn_kl_weight > 0:
-                raise ValueError(
-                    "z_dim > 0 has no adapters, token weights or student-space teacher keys: use adapter flat, kv_attn_weight none, attn_kl_weight 0"
-                )
-            self.zspace = ZSpace(
-                dict(teacher_widths),
-                student_width,
-                num_layers,
-                z_dim,
-                loss=z_loss,
-                teacher_maps=z_teacher_maps,
-                offdiag_weight=z_offdiag_weight,
-                kv_norm=kv_norm,
-            )
-        if kv_weight > 0:
-            for t, width in teacher_widths.items() if self.zspace is None else ():
-                heads_t = None
-                if adapter == "headwise":
-                    if not teacher_heads or t not in teacher_heads or student_heads is None:
-                        raise ValueError(
-                            f"adapter 'headwise' needs teacher_heads[{t!r}] and student_heads as (num_kv_heads, head_dim)"
-                        )
-                    heads_t = teacher_heads[t]
-                    if heads_t[0] * heads_t[1] != width or student_heads[0] * student_heads[1] != student_width:
-                        raise ValueError(
-                            f"teacher {t}: heads {heads_t} do not make its width {width}, or student heads {student_heads} not {student_width}"
-                        )
-                self.adapters[adapter_key(t)] = nn.ModuleDict(
-                    {p: _make_adapter(num_layers, width, student_width, heads_t, student_heads) for p in ("k", "v")}
-                )
-            if fusion == "router":
-                hidden = hidden_size or student.config.hidden_size
-                self.router = Router(
-                    hidden, [self.fusion[t] for t in self.active], num_layers, router_groups, router_hidden
-                )
-            if kv_attn_weight == "student":
-                _use_eager_attention(student)
+        self.router: Router | None = None
+        if cfg.kv_weight > 0:
+            self._build_targets(shapes)
         # kv_norm "layer_std": each side's K and V are standardised per layer by the statistics
         # of the previous optimizer step's whole window (every micro-batch and rank; `update_norm`),
         # fixed within a step, so a step's loss does not depend on how its batch is split. Saved
         # in checkpoints. [K|V, student + active teachers, (sum, sum of squares, count), L].
-        self.register_buffer("norm_moments", torch.zeros(2, 1 + len(self.active), 3, num_layers, dtype=torch.float64))
+        self.register_buffer(
+            "norm_moments", torch.zeros(2, 1 + len(self.active), 3, shapes.num_layers, dtype=torch.float64)
+        )
 
-    @staticmethod
-    def _resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
-        if spec == "middle":
-            return [num_layers // 2]
-        if spec == "last":
-            return [num_layers - 1]
-        if isinstance(spec, str):
-            raise ValueError(f"unknown cka_layers {spec!r}; choose middle, last or a list of layer indices")
-        bad = [i for i in spec if not 0 <= i < num_layers]
-        if bad or not spec:
-            raise ValueError(
-                f"cka_layers {list(spec)}: indices must lie in 0..{num_layers - 1} (the student has {num_layers} layers)"
+    def _build_targets(self, shapes: KVShapes) -> None:
+        """What turns teacher K/V into targets, in the order their random init draws: the Z
+        space's maps or the adapters, then the router."""
+        cfg = self.cfg
+        if cfg.z_dim > 0:  # Z space (train/zspace.py): its maps replace the adapters
+            self.zspace = ZSpace(
+                dict(shapes.teacher_widths),
+                shapes.student_width,
+                shapes.num_layers,
+                cfg.z_dim,
+                loss=cfg.z_loss,
+                teacher_maps=cfg.z_teacher_maps,
+                offdiag_weight=cfg.z_offdiag_weight,
+                kv_norm=cfg.kv_norm,
             )
-        return sorted(set(spec))
+        else:
+            self.adapters.update(make_adapters(cfg.adapter, shapes))
+        if cfg.fusion == "router":
+            init = [self.weights[t] for t in self.active]
+            hidden = self.student.config.hidden_size
+            self.router = Router(hidden, init, shapes.num_layers, cfg.router_groups, cfg.router_hidden)
+        if cfg.kv_attn_weight == "student":
+            _use_eager_attention(self.student)
 
     def route(
         self, z_s: torch.Tensor, z_t: torch.Tensor, teachers: list[str], router_w: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Fusion weights over teachers. fixed: the configured weights. similarity: per token
-        and layer, softmax over teachers of cosine(student, adapted teacher) / temperature,
-        detached (routing picks the target; it is not itself trained). router: the router's
-        per-sample weights router_w [B, G, N] spread over each group's layers -> [N, B, 1, L]
-        (trained through the KV loss)."""
-        if self.fusion_mode == "fixed":
-            return torch.tensor([self.fusion[t] for t in teachers], dtype=z_t.dtype, device=z_t.device).view(
-                -1, 1, 1, 1
-            )
-        if self.fusion_mode == "router":
-            return router_w[:, self.router.layer_group].permute(2, 0, 1)[:, :, None, :]  # [N, B, 1, L]
-        with torch.no_grad():
-            cos = torch.nn.functional.cosine_similarity(z_s[None], z_t, dim=-1)  # [N, B, T, L]
-            return torch.softmax(cos / self.temperature, dim=0)
+        """`fusion_weights` over `teachers` (their fixed weights, and the router's layer groups)."""
+        groups = None if self.router is None else self.router.layer_group
+        return fusion_weights(self.cfg, z_s, z_t, [self.weights[t] for t in teachers], router_w, groups)
 
     @property
     def exact_kv(self) -> bool:
@@ -351,11 +190,11 @@ class Distiller(nn.Module):
         step is split): layer_std + mse without token weights (Z space standardises on its own).
         Else per micro-batch."""
         return (
-            self.kv_norm == "layer_std"
+            self.cfg.kv_norm == "layer_std"
             and self.kv_weight > 0
             and self.zspace is None
-            and self.kv_loss == "mse"
-            and self.kv_attn_weight == "none"
+            and self.cfg.kv_loss == "mse"
+            and self.cfg.kv_attn_weight == "none"
         )
 
     def _norm_ready(self) -> bool:
@@ -387,7 +226,7 @@ class Distiller(nn.Module):
             groups.setdefault(name, {})[stat] = v
         out: dict[str, torch.Tensor] = {}
         loss = 0.0
-        layer_w = layer_anneal_weights(self.num_layers, step, self.layer_anneal_steps).double()
+        layer_w = layer_anneal_weights(self.num_layers, step, self.cfg.layer_anneal_steps).double()
         for part in ("k", "v"):
             if f"kv.{part}" in groups:
                 per_layer = _mse_from_sums(groups[f"kv.{part}"])
@@ -399,7 +238,7 @@ class Distiller(nn.Module):
         cka = [1 - cka_from_sums(g) for name, g in sorted(groups.items()) if name.startswith("cka.")]
         if cka:
             out["cka"] = torch.stack(cka).mean()
-            loss = loss + self.cka_weight * out["cka"]
+            loss = loss + self.cfg.cka_weight * out["cka"]
         out["loss"] = loss
         return out
 
@@ -411,148 +250,190 @@ class Distiller(nn.Module):
         kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
         step: int | None = None,
         shares: dict[str, float] | None = None,
+        logits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         """shares (the trainer's step): {unit: this micro-batch's share of the step's count, x the
         number of processes}, scaling each term by what it is a mean over (`UNITS`), so the
         step's gradient is the one of its whole global batch; with them also "sums" (CKA's
         statistics, `window`) and "moments" (the standardisation's, `update_norm`), which the
         trainer sums over the step. Without (a batch on its own): CKA is the batch's and in "loss".
+        logits: the teachers' stored top-K {teacher: (ids, lp) [B, T, K]} (logits_weight > 0).
         Terms are returned unscaled."""
-        mask = attention_mask.bool()
-        share = _shares(shares)
-        if self.kv_weight == 0:
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
-            out = {"ce": masked_ce(logits, input_ids, loss_mask)}
-            out["loss"] = self.ce_weight * out["ce"] * share["ce_tokens"]
+        cfg, mask, share = self.cfg, attention_mask.bool(), _shares(shares)
+        if self.kv_weight == 0:  # the CE-only baseline: no K/V captured
+            student_logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+            out = {"ce": masked_ce(student_logits, input_ids, loss_mask)}
+            out["loss"] = cfg.ce_weight * out["ce"] * share["ce_tokens"]
+            if cfg.logits_weight > 0:
+                out["logits"] = self._logits_term(student_logits, loss_mask, logits)
+                out["loss"] = out["loss"] + cfg.logits_weight * out["logits"] * share["ce_tokens"]
             return out
-        extra = {}
-        if self.router is not None:
-            extra["output_hidden_states"] = True  # the pooled state comes from this same forward
-        if self.kv_attn_weight == "student":
-            extra["output_attentions"] = True
-        with capture_kv(self.student, queries=self.attn_kl_weight > 0) as cap:
-            res = self.student(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        logits = res.logits
-        student_kv = {"k": torch.stack(cap["k"], dim=2), "v": torch.stack(cap["v"], dim=2)}  # [B, T, L, D_s]
-        out = {"ce": masked_ce(logits, input_ids, loss_mask)}
-        sums: dict[str, torch.Tensor] = {}  # window statistics (CKA): summed over the window by the trainer
-        moments: dict[str, torch.Tensor] = {}
-        loss = self.ce_weight * out["ce"] * share["ce_tokens"]
-        teachers = self.active
+        res, cap, student_kv = self._student_forward(input_ids, attention_mask)
+        dtype = res.logits.dtype
+        out = {"ce": masked_ce(res.logits, input_ids, loss_mask)}
+        loss = cfg.ce_weight * out["ce"] * share["ce_tokens"]
+        if cfg.logits_weight > 0:
+            out["logits"] = self._logits_term(res.logits, loss_mask, logits)
+            loss = loss + cfg.logits_weight * out["logits"] * share["ce_tokens"]
+        sums: dict[str, torch.Tensor] = {}  # window statistics (CKA, exact K/V): summed over the window by the trainer
+        moments: dict[str, torch.Tensor] = {}  # the standardisation's, for `update_norm`
         router_w = None
         if self.router is not None:
-            h = res.hidden_states[-1]  # [B, T, hidden]
-            n = mask.sum(dim=1, keepdim=True).clamp_min(1)
-            pooled = torch.where(mask[..., None], h, 0.0).sum(dim=1) / n  # [B, hidden]; mean over real tokens
-            # [B, G, N]; detached: the router learns, the student is not pushed around by it
-            router_w = self.router(pooled.detach().to(self.router.mlp[0].weight.dtype))
-            entropy = -(router_w * torch.log(router_w.clamp_min(1e-12))).sum(-1).mean()
-            out["router_entropy"] = entropy
-            if self.router_entropy_weight:
-                loss = loss - self.router_entropy_weight * entropy * share["samples"]
-        tok_w = None
-        if self.kv_attn_weight == "student":
-            tok_w = warmup_mix(attention_key_weights(res.attentions, mask), step, self.kv_attn_warmup_steps).to(
-                logits.dtype
-            )
-        layer_w = layer_anneal_weights(self.num_layers, step, self.layer_anneal_steps).to(
-            device=logits.device, dtype=logits.dtype
-        )
+            router_w = self._router_weights(res.hidden_states[-1], mask)  # [B, G, N]
+            out["router_entropy"] = router_entropy(router_w)
+            if cfg.router_entropy_weight:
+                loss = loss - cfg.router_entropy_weight * out["router_entropy"] * share["samples"]
+        tok_w = None  # [B, T, L] token weights of the per-token K/V loss
+        if cfg.kv_attn_weight == "student":
+            tok_w = warmup_mix(attention_key_weights(res.attentions, mask), step, cfg.kv_attn_warmup_steps).to(dtype)
+        layer_w = layer_anneal_weights(self.num_layers, step, cfg.layer_anneal_steps).to(res.logits.device, dtype)
         if self.zspace is not None:  # Z space (train/zspace.py): fusion and the loss in Z replace kv_k / kv_v
-            zo = self.zspace(
-                (student_kv["k"], student_kv["v"]),
-                {t: kv[t] for t in teachers},
-                mask,
-                lambda z_s, z_t: self.route(z_s, z_t, teachers, router_w),
-            )
-            out["z"], out["z_layers"], out["z_std"], out["z_erank"] = (
-                (layer_w * zo.per_layer).mean(),
-                zo.per_layer.detach(),
-                zo.std,
-                zo.erank,
-            )
-            if self.fusion_mode != "fixed":
-                for t, wt in zip(teachers, zo.weights, strict=True):
-                    out[f"route_z_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
+            zo, z_terms = self._z_terms(student_kv, kv, mask, router_w, layer_w)
+            out.update(z_terms)
             loss = loss + self.kv_weight * out["z"] * share["tokens"]
-            if self.cka_weight > 0:
+            if cfg.cka_weight > 0:
                 sums.update(self._cka_sums("z", zo.student, zo.target, mask))
         for i, part in enumerate(("k", "v") if self.zspace is None else ()):
             raw_s = student_kv[part]  # [B, T, L, D_s]
-            adapted = [self.adapters[adapter_key(t)][part](kv[t][i].to(logits.dtype)) for t in teachers]
+            adapted = [self.adapters[adapter_key(t)][part](kv[t][i].to(dtype)) for t in self.active]  # N x raw_s
             if self.exact_kv:  # the window's statistics (`window`): sums here, the loss from their totals
-                x, a = (
-                    raw_s[mask].double(),
-                    torch.stack([t[mask] for t in adapted]).double(),
-                )  # [M, L, D], [N, M, L, D]
-                own = torch.stack([layer_moments(x), *(layer_moments(t) for t in a)])  # [1 + N, 3, L], with graph
-                moments[part] = own.detach()  # the next step's reference
-                # the reference the similarity routing and CKA's teacher mix standardise by (detached):
-                # the previous step's whole batch; a batch on its own before any: its own
-                ref = self.norm_moments[i] if self._norm_ready() else own.detach()
-                w = self.route(
-                    standardize(raw_s, ref[0]).detach(),
-                    torch.stack([standardize(t, ref[1 + j]) for j, t in enumerate(adapted)]).detach(),
-                    teachers,
-                    router_w,
-                )
-                sums.update(
-                    _mse_sums(part, x, a, own, w.expand(w.shape[0], *mask.shape, w.shape[-1])[:, mask].double())
-                )
+                part_sums, moments[part], w, target = self._kv_sums(i, part, raw_s, adapted, mask, router_w)
+                sums.update(part_sums)
                 z_s = raw_s  # CKA is blind to the student side's standardisation
-                target = (
-                    w[..., None]
-                    * torch.stack([t / moment_std(ref[1 + j])[1].to(t.dtype)[:, None] for j, t in enumerate(adapted)])
-                ).sum(0)
             else:  # per micro-batch (README: approximate under accumulation / several processes)
-                z_s = layer_std_norm(raw_s, mask) if self.kv_norm == "layer_std" else raw_s
-                z_t = torch.stack(
-                    [layer_std_norm(a, mask) if self.kv_norm == "layer_std" else a for a in adapted]
-                )  # [N, B, T, L, D_s]
-                w = self.route(z_s, z_t, teachers, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
-                target = (w[..., None] * z_t).sum(0)
-                _, per_layer = masked_kv_loss(z_s, target, mask, self.kv_loss, weights=tok_w)
-                term = (layer_w * per_layer).mean()
-                out[f"kv_{part}"], out[f"kv_{part}_layers"] = term, per_layer.detach()
-                loss = loss + self.kv_weight * term * share["tokens"]
-            if part == "k" and self.attn_kl_weight > 0:
-                # A_t's keys: the same fusion, each teacher's adapted keys first put on the student's
-                # own per-sample, per-layer key mean and std (detached). Not the raw adapter outputs:
-                # the layer_std KV loss is blind to an adapter's scale (and attention KL does not
-                # train it), so their norm, hence A_t's sharpness, would drift freely (issue 26).
-                # The student's scale is the reference because it sets A_s's temperature and no
-                # adapter can move it; when the adapted keys already have it, nothing changes.
-                k_target = attention_target_keys(
-                    raw_s.detach(), torch.stack(adapted).detach(), w.detach(), mask
-                )  # [B, T, L, D_s]
-            if self.fusion_mode != "fixed":  # mean routing weight per teacher, over real tokens
-                for t, wt in zip(teachers, w, strict=True):
-                    out[f"route_{part}_{t}"] = wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
-            if self.cka_weight > 0:
+                per_layer, w, z_s, target = self._kv_batch(raw_s, adapted, mask, router_w, tok_w)
+                out[f"kv_{part}"], out[f"kv_{part}_layers"] = (layer_w * per_layer).mean(), per_layer.detach()
+                loss = loss + self.kv_weight * out[f"kv_{part}"] * share["tokens"]
+            if part == "k" and cfg.attn_kl_weight > 0:
+                k_target = self._attn_target_keys(raw_s, adapted, w, mask)  # [B, T, L, D_s]
+            out.update(self._route_means(part, w, mask))
+            if cfg.cka_weight > 0:
                 sums.update(self._cka_sums(part, z_s, target, mask))
-        if self.attn_kl_weight > 0:
+        if cfg.attn_kl_weight > 0:
             per_layer = self._attn_kl_layers(cap, student_kv["k"], k_target, mask)
             out["attn_kl"], out["attn_kl_layers"] = per_layer.mean(), per_layer.detach()
-            loss = (
-                loss
-                + self.attn_kl_weight * linear_ramp(step, self.attn_kl_warmup_steps) * out["attn_kl"] * share["tokens"]
-            )
+            ramp = linear_ramp(step, cfg.attn_kl_warmup_steps)
+            loss = loss + cfg.attn_kl_weight * ramp * out["attn_kl"] * share["tokens"]
         out["loss"] = loss
         if shares is None:  # a batch on its own (no trainer window): its window terms are the batch's
-            if sums:
-                window = self.window(sums, step)
-                out.update(
-                    {
-                        k: v.to(loss.dtype) if k == "loss" or v.dim() == 0 else v.detach().float()
-                        for k, v in window.items()
-                    }
-                )
-                out["loss"] = loss + window["loss"].to(loss.dtype)
-            return out
+            return self._with_window(out, sums, step)
         if sums:  # the trainer sums them over the window (train/loop.py optimizer_step)
             out["sums"] = sums
         if moments:
             out["moments"] = moments
+        return out
+
+    def _logits_term(self, student_logits, loss_mask, logits) -> torch.Tensor:
+        """The offline logits term: per teacher that stores them, the mean `topk_kl` over the CE
+        positions (row t of the store predicts token t + 1, as the student's logits at t do),
+        mixed by the teachers' fixed weights renormalised over those teachers."""
+        if not logits:
+            raise ValueError("logits_weight > 0 needs the teachers' stored logits in the batch (read_logits)")
+        keep = loss_mask[:, 1:]  # [B, T - 1]: the target token is in reasoning + answer
+        s = student_logits[:, :-1][keep]  # [N, V]
+        w = {t: self.weights[t] for t in logits if self.weights.get(t, 0) > 0}
+        total = sum(w.values())
+        term = student_logits.new_zeros((), dtype=torch.float32)
+        for t, wt in w.items():
+            ids, lp = logits[t]
+            kl = topk_kl(s, ids[:, :-1][keep], lp[:, :-1][keep], self.cfg.logits_temperature)
+            term = term + (wt / total) * kl.sum() / keep.sum().clamp_min(1)
+        return term
+
+    def _student_forward(self, input_ids, attention_mask) -> tuple[Any, dict, dict[str, torch.Tensor]]:
+        """The student's output (hidden states for the router, attentions for token weights), what
+        `capture_kv` caught (queries too for attention KL) and its K/V {"k", "v": [B, T, L, D_s]}."""
+        extra = {}
+        if self.router is not None:
+            extra["output_hidden_states"] = True  # the pooled state comes from this same forward
+        if self.cfg.kv_attn_weight == "student":
+            extra["output_attentions"] = True
+        with capture_kv(self.student, queries=self.cfg.attn_kl_weight > 0) as cap:
+            res = self.student(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return res, cap, {"k": torch.stack(cap["k"], dim=2), "v": torch.stack(cap["v"], dim=2)}
+
+    def _router_weights(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The router's teacher weights [B, G, N] from the last hidden state h [B, T, hidden],
+        mean-pooled over real tokens and detached: the router learns, the student is not pushed
+        around by it."""
+        n = mask.sum(dim=1, keepdim=True).clamp_min(1)
+        pooled = torch.where(mask[..., None], h, 0.0).sum(dim=1) / n  # [B, hidden]
+        return self.router(pooled.detach().to(self.router.mlp[0].weight.dtype))
+
+    def _z_terms(self, student_kv, kv, mask, router_w, layer_w) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The Z space's output (`ZOut`) and its terms: "z" (annealed over layers), "z_layers",
+        the student's collapse statistics, and the routing means."""
+        zo = self.zspace(
+            (student_kv["k"], student_kv["v"]),
+            {t: kv[t] for t in self.active},
+            mask,
+            lambda z_s, z_t: self.route(z_s, z_t, self.active, router_w),
+        )
+        terms = {"z": (layer_w * zo.per_layer).mean(), "z_layers": zo.per_layer.detach()}
+        terms["z_std"], terms["z_erank"] = zo.std, zo.erank
+        return zo, {**terms, **self._route_means("z", zo.weights, mask)}
+
+    def _kv_sums(
+        self, i, part, raw_s, adapted, mask, router_w
+    ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K|V (part, index i) for `window`: this batch's `_mse_sums`, its `layer_moments` [1 + N, 3, L]
+        (detached: the next step's reference), the fusion weights and the fused target CKA compares
+        (each teacher on its reference std). raw_s [B, T, L, D_s], adapted N x raw_s."""
+        x, a = raw_s[mask].double(), torch.stack([t[mask] for t in adapted]).double()  # [M, L, D], [N, M, L, D]
+        own = torch.stack([layer_moments(x), *(layer_moments(t) for t in a)])  # [1 + N, 3, L], with graph
+        # the reference the similarity routing and CKA's teacher mix standardise by (detached):
+        # the previous step's whole batch; a batch on its own before any: its own
+        ref = self.norm_moments[i] if self._norm_ready() else own.detach()
+        w = self.route(
+            standardize(raw_s, ref[0]).detach(),
+            torch.stack([standardize(t, ref[1 + j]) for j, t in enumerate(adapted)]).detach(),
+            self.active,
+            router_w,
+        )
+        sums = _mse_sums(part, x, a, own, w.expand(w.shape[0], *mask.shape, w.shape[-1])[:, mask].double())
+        on_ref = torch.stack([t / moment_std(ref[1 + j])[1].to(t.dtype)[:, None] for j, t in enumerate(adapted)])
+        return sums, own.detach(), w, (w[..., None] * on_ref).sum(0)
+
+    def _kv_batch(self, raw_s, adapted, mask, router_w, tok_w) -> tuple[torch.Tensor, ...]:
+        """K|V per micro-batch: the per-layer loss [L] of the (kv_norm) standardised student and
+        fused target, the fusion weights, and the student side and target CKA compares."""
+        z_s = layer_std_norm(raw_s, mask) if self.cfg.kv_norm == "layer_std" else raw_s
+        z_t = torch.stack(
+            [layer_std_norm(a, mask) if self.cfg.kv_norm == "layer_std" else a for a in adapted]
+        )  # [N, B, T, L, D_s]
+        w = self.route(z_s, z_t, self.active, router_w)  # [N, B, T, L], [N, B, 1, L] or [N, 1, 1, 1]
+        target = (w[..., None] * z_t).sum(0)
+        _, per_layer = masked_kv_loss(z_s, target, mask, self.cfg.kv_loss, weights=tok_w)
+        return per_layer, w, z_s, target
+
+    @staticmethod
+    def _attn_target_keys(raw_s, adapted, w, mask) -> torch.Tensor:
+        """A_t's keys [B, T, L, D_s]: the same fusion, each teacher's adapted keys first put on the
+        student's own per-sample, per-layer key mean and std (detached). Not the raw adapter outputs:
+        the layer_std KV loss is blind to an adapter's scale (and attention KL does not train it), so
+        their norm, hence A_t's sharpness, would drift freely (issue 26). The student's scale is the
+        reference because it sets A_s's temperature and no adapter can move it; when the adapted keys
+        already have it, nothing changes."""
+        return attention_target_keys(raw_s.detach(), torch.stack(adapted).detach(), w.detach(), mask)
+
+    def _route_means(self, part: str, w: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ "route_{part}_{teacher}": each teacher's mean fusion weight over real tokens; none for fixed fusion."""
+        if self.cfg.fusion == "fixed":
+            return {}
+        return {
+            f"route_{part}_{t}": wt.expand(mask.shape + wt.shape[2:])[mask].mean().detach()
+            for t, wt in zip(self.active, w, strict=True)
+        }
+
+    def _with_window(self, out: dict, sums: dict[str, torch.Tensor], step: int | None) -> dict:
+        """A batch on its own: the terms `window` computes from its sums, their loss added to out's."""
+        if not sums:
+            return out
+        loss, window = out["loss"], self.window(sums, step)
+        out.update(
+            {k: v.to(loss.dtype) if k == "loss" or v.dim() == 0 else v.detach().float() for k, v in window.items()}
+        )
+        out["loss"] = loss + window["loss"].to(loss.dtype)
         return out
 
     def _cka_sums(self, part: str, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -646,13 +527,14 @@ def cot_counts(batch: dict[str, Any]) -> dict[str, float]:
 
 
 def _cot_unit(term: str) -> str:
-    return {"ce": "ce_tokens", "router_entropy": "samples"}.get(term, "tokens")
+    return {"ce": "ce_tokens", "logits": "ce_tokens", "router_entropy": "samples"}.get(term, "tokens")
 
 
 def _cot_step(
     model, batch: dict[str, Any], device, step: int, shares: dict[str, float] | None
 ) -> dict[str, torch.Tensor]:
     kv = kv_to_device(batch["kv"], device)  # int8 / int4 dequantised there
+    logits = {t: (ids.to(device), lp.to(device)) for t, (ids, lp) in batch.get("logits", {}).items()}
     return model(
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
@@ -660,6 +542,7 @@ def _cot_step(
         kv,
         step=step,
         shares=shares,
+        logits=logits or None,
     )
 
 
@@ -678,8 +561,11 @@ def _cot_save(unwrapped: Distiller, state: dict, out: Path) -> None:
             save_sample(unwrapped.zspace.sample, out)
 
 
-def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
-    """The written-chain mode: a Distiller over `student`, K/V read per token."""
+def cot_mode(cfg: TrainConfig, student: nn.Module, spec, teachers: dict) -> Mode:
+    """The written-chain mode: a Distiller over `student`, K/V (and the teachers' stored logits,
+    logits_weight > 0) read per token."""
+    if cfg.logits_weight > 0:
+        _check_logits(cfg, teachers)
     model = build_distiller(cfg, student, spec, teachers)
     groups = [
         {"params": model.student.parameters(), "lr": cfg.lr},
@@ -698,60 +584,39 @@ def cot_mode(cfg, student: nn.Module, spec, teachers: dict) -> Mode:
         param_groups=groups,
         read_kv=cfg.kv_weight > 0,
         read_latent=False,
+        read_logits=cfg.logits_weight > 0,
         control=shuffle_kv,
         step=_cot_step,
         counts=cot_counts,
         unit_of=_cot_unit,
         save_extra=_cot_save,
         finite=LOSS_TERMS,
-        postfix=("ce", "kv_k", "kv_v", "z"),
-        summary={"ce": "ce", "kv_k": "kv_k", "kv_v": "kv_v", **({"z": "z"} if model.zspace is not None else {})},
-        window=model.window if model.kv_weight > 0 and (model.cka_weight > 0 or model.exact_kv) else None,
+        postfix=("ce", "kv_k", "kv_v", "z", "logits"),
+        summary={
+            "ce": "ce",
+            "kv_k": "kv_k",
+            "kv_v": "kv_v",
+            **({"z": "z"} if model.zspace is not None else {}),
+            **({"logits": "logits"} if cfg.logits_weight > 0 else {}),
+        },
+        window=model.window if cfg.kv_weight > 0 and (cfg.cka_weight > 0 or model.exact_kv) else None,
         norm_missing=model.norm_missing,
         update_norm=model.update_norm,
     )
 
 
-def build_distiller(cfg, student: nn.Module, spec, teachers: dict) -> Distiller:
+def _check_logits(cfg: TrainConfig, teachers: dict) -> None:
+    """logits_weight > 0 needs a weighted teacher that stores logits (their ids are the student's
+    vocabulary: the dump stores logits only for a teacher with the store's student tokenizer)."""
+    weights = fixed_weights(cfg.teacher_weights, list(teachers))
+    if not any(s.logits_top_k > 0 and weights[t] > 0 for t, s in teachers.items()):
+        raise ConfigError(
+            f"logits_weight {cfg.logits_weight}: none of the teachers {sorted(teachers)} with weight > 0 stores logits; "
+            "re-dump one with `kvdistill dump --logits-top-k 64`, or set logits_weight 0"
+        )
+
+
+def build_distiller(cfg: TrainConfig, student: nn.Module, spec, teachers: dict) -> Distiller:
     """The Distiller `train` builds from a TrainConfig, the store's StoreSpec and the chosen
-    TeacherSpecs. Refuses the head-wise adapter for a teacher stored through a PCA projection."""
-    heads = None
-    if cfg.adapter == "headwise" and cfg.kv_weight > 0:
-        for name, t in teachers.items():
-            if t.projection is not None or t.width != t.geometry.width:
-                raise ValueError(
-                    f"teacher {name}: stored through a PCA projection (width {t.width}, its own K/V are "
-                    f"{t.geometry.num_kv_heads} heads x {t.geometry.head_dim}), so its head structure is gone and "
-                    "adapter 'headwise' cannot map heads; use --adapter flat, or re-dump this teacher without align.projection"
-                )
-        heads = {name: (t.geometry.num_kv_heads, t.geometry.head_dim) for name, t in teachers.items()}
-    return Distiller(
-        student,
-        {t: s.width for t, s in teachers.items()},
-        spec.geometry.num_layers,
-        spec.geometry.width,
-        teacher_weights=cfg.teacher_weights,
-        kv_weight=cfg.kv_weight,
-        ce_weight=cfg.ce_weight,
-        kv_norm=cfg.kv_norm,
-        kv_loss=cfg.kv_loss,
-        fusion=cfg.fusion,
-        temperature=cfg.fusion_temperature,
-        adapter=cfg.adapter,
-        teacher_heads=heads,
-        student_heads=(spec.geometry.num_kv_heads, spec.geometry.head_dim),
-        router_groups=cfg.router_groups,
-        router_hidden=cfg.router_hidden,
-        router_entropy_weight=cfg.router_entropy_weight,
-        kv_attn_weight=cfg.kv_attn_weight,
-        kv_attn_warmup_steps=cfg.kv_attn_warmup_steps,
-        cka_weight=cfg.cka_weight,
-        cka_layers=cfg.cka_layers,
-        layer_anneal_steps=cfg.layer_anneal_steps,
-        z_dim=cfg.z_dim,
-        z_loss=cfg.z_loss,
-        z_teacher_maps=cfg.z_teacher_maps,
-        z_offdiag_weight=cfg.z_offdiag_weight,
-        attn_kl_weight=cfg.attn_kl_weight,
-        attn_kl_warmup_steps=cfg.attn_kl_warmup_steps,
-    )
+    TeacherSpecs."""
+    return Distiller(cfg, student, KVShapes.of_store(spec, teachers))

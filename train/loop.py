@@ -2,6 +2,10 @@
 
     train(TrainConfig(store="out.zarr", student=ModelSpec("path/or/hub-id"), out="runs/a"))
 
+Read in the order it runs: `_train` (the whole run on one screen), `_setup`, `_start`, `_epoch`
+and `_step`, `_finish`. `build_mode`, `training_loader` and `optimizer_and_schedule` are the
+setup `train diagnose` and bench/train.py build too.
+
 setup: accelerate (CPU, one GPU, DDP, FSDP); the student (train/student.py: checked against
 the store, LoRA, gradient checkpointing); the mode (train/mode.py: `cot` the written chain
 through a Distiller, `latent` KaVa latent slots); AdamW + cosine schedule (stepped once per
@@ -10,13 +14,14 @@ sample order per epoch; each step's global batch split across ranks and micro-ba
 kv_control "shuffled" deranges each micro-batch's teacher K/V: the negative control). train:
 optimizer steps of gradient_accumulation_steps micro-batches per rank, the update that of the
 whole global batch (`optimizer_step`); grad clipping; metrics (the run's, over every rank)
-every `log_every` steps to metrics.jsonl
-(and the accelerate trackers of `report_to`); validation every `eval_steps` on held-out
-shards or a second store, RUN_DIR/best on `metric_for_best_model`. save: RUN_DIR/final, a
-Hugging Face checkpoint (+ adapters.pt / router.pt / latent.pt) and train_config.yaml.
+every `log_every` steps to metrics.jsonl (and the accelerate trackers of `report_to`);
+validation every `eval_steps` on held-out shards or a second store, RUN_DIR/best on
+`metric_for_best_model`. save: RUN_DIR/final, a Hugging Face checkpoint (+ adapters.pt /
+router.pt / latent.pt) and train_config.yaml.
 
 checkpoints (`save_every`, and on a stop signal): RUN_DIR/checkpoints/step-N, complete or
-absent (train/checkpoint.py). resume: a checkpoint, a run directory's latest one, or "auto"
+absent (train/checkpoint.py); `save_total_limit` N keeps the last N of them. resume: a
+checkpoint, a run directory's latest one, or "auto"
 (the latest in RUN_DIR if any, else step 0); bitwise exact on the same number of processes,
 to float tolerance on another; the stream starts after the samples of the epoch the checkpoint
 had consumed, reading none of them; metrics.jsonl and trackers append.
@@ -39,25 +44,35 @@ import signal
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from kvdistill.core.models import pad_token_id
+from kvdistill.core.models import pad_token_id, resolve_device
 from kvdistill.errors import Preempted
 from kvdistill.schemas import ConfigError, TrainConfig
 from kvdistill.store import StoreError
 from kvdistill.store.errors import ShardBusy
 from kvdistill.store.lock import FileLock
 
-from .checkpoint import Position, find_resume, load_checkpoint, save_checkpoint, save_complete
+from .checkpoint import (
+    Position,
+    find_resume,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_complete,
+)
 from .distiller import cot_mode
 from .latent import latent_mode
 from .mode import Mode
@@ -69,6 +84,10 @@ from .validation import Best, validate, validation_loader
 
 __all__ = [
     "train",
+    "build_mode",
+    "Built",
+    "training_loader",
+    "optimizer_and_schedule",
     "optimizer_step",
     "split_shards",
     "planned_steps",
@@ -202,7 +221,7 @@ def mixed_precision(cfg: TrainConfig) -> str | None:
         return cfg.mixed_precision
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):
         return None
-    gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    gpu = resolve_device(cfg.device).type == "cuda"
     return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
 
 
@@ -243,73 +262,185 @@ def _train(cfg: TrainConfig, progress: bool, got: list[int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     trackers = resolve_trackers(cfg.report_to)  # before any work: a missing tracker fails fast
     accelerator = Accelerator(
-        # --device auto without a GPU is the CPU: `accelerate launch --multi_gpu` then runs CPU
-        # DDP over gloo (without cpu=True every process would train alone, as rank 0 of 1)
-        cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
+        # the CPU (--device cpu, or auto without a GPU) is asked for: `accelerate launch --multi_gpu`
+        # then runs CPU DDP over gloo (without cpu=True every process would train alone, as rank 0 of 1)
+        cpu=_device(cfg).type == "cpu",
         mixed_precision=mixed_precision(cfg),
         log_with=trackers or None,
         project_dir=str(Path(cfg.out) / "trackers") if trackers else None,
     )
     _check_fsdp(accelerator)
     with run_lock(accelerator, Path(cfg.out)):
-        return _train_locked(cfg, progress, got, accelerator, trackers, t0)
+        run = _setup(cfg, accelerator, trackers)
+        state = _start(run, progress)
+        bar = tqdm(
+            total=run.max_steps,
+            initial=state.pos.step,
+            desc=f"train {run.mode.name} {run.out.name}",
+            disable=not (progress and accelerator.is_main_process),
+        )
+        run.model.train()
+        while state.pos.step < run.last and not state.stop:
+            _epoch(run, state, got, bar)
+        bar.close()
+        if state.stop:
+            _close(run, state)
+            raise _preempted(cfg, accelerator, state.stop, state.ckpt, state.pos.step, state.save_s)
+        return _finish(run, state, t0)
 
 
-def _train_locked(
-    cfg: TrainConfig, progress: bool, got: list[int], accelerator, trackers, t0: float
-) -> dict[str, Any]:
+def _device(cfg: TrainConfig) -> torch.device:
+    """cfg.device by the one rule (`resolve_device`). accelerate puts each process on the GPU of
+    its local rank, so a GPU index it would silently ignore is refused."""
+    device = resolve_device(cfg.device)
+    if device.index is not None:
+        raise ConfigError(
+            f"TrainConfig.device {cfg.device}: accelerate puts each process on the GPU of its local rank; "
+            f"pick the GPU with CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
+        )
+    return device
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Built:
+    """What `build_mode` builds: the student (its tokenizer, pad id), the store's StoreSpec, the
+    teachers it learns from ({name: TeacherSpec}), and the mode wrapping the student."""
+
+    mode: Mode
+    tokenizer: Any
+    student: nn.Module
+    spec: Any
+    teachers: dict[str, Any]
+    pad_id: int
+
+
+def build_mode(cfg: TrainConfig) -> Built:
+    """The student and its mode, built one way for train, `train diagnose` and bench/train.py:
+    seeded with cfg.seed first (the same initial weights in each), `load_student` (checked against
+    the store), then `latent_mode` (cfg.mode latent) or `cot_mode`."""
     set_seed(cfg.seed)
-    out = Path(cfg.out)
     tokenizer, student, spec, teachers = load_student(cfg)
     pad_id = pad_token_id(tokenizer)
-    mode = (
-        latent_mode(cfg, student, spec, teachers, pad_id)
-        if cfg.mode == "latent"
-        else cot_mode(cfg, student, spec, teachers)
+    if cfg.mode == "latent":
+        mode = latent_mode(cfg, student, spec, teachers, pad_id)
+    else:
+        mode = cot_mode(cfg, student, spec, teachers)
+    return Built(mode, tokenizer, student, spec, teachers, pad_id)
+
+
+def training_loader(cfg: TrainConfig, built: Built, device, rank: int = 0, world_size: int = 1):
+    """The training batches of rank `rank` of `world_size` (train/stream.py: one global sample
+    order per epoch, each global batch split across ranks and micro-batches; kv_control
+    "shuffled" gives each sample another's teacher K/V), from the store's training shards
+    (`split_shards`), reading what the mode reads, K/V made ready for `device` (cfg.kv_transfer).
+    `loader.dataset.stream` is the KVStream."""
+    stream = KVStream(
+        cfg.store,
+        list(built.teachers),
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        shuffle_buffer_bytes=cfg.shuffle_buffer_bytes,
+        read_kv=built.mode.read_kv,
+        read_latent=built.mode.read_latent,
+        read_logits=built.mode.read_logits,
+        kv_as_stored=kv_as_stored(cfg.kv_transfer, device),
+        shards=split_shards(cfg, built.spec.num_shards)[0],
     )
+    return train_loader(stream, cfg, built.pad_id, built.mode.control, rank=rank, world_size=world_size)
+
+
+def optimizer_and_schedule(cfg: TrainConfig, mode: Mode, max_steps: int):
+    """(AdamW over the mode's parameter groups, the cosine schedule over the run's `max_steps`
+    (`planned_steps`) with cfg.warmup_over(max_steps) warm-up steps). The schedule is not for
+    accelerator.prepare: its AcceleratedScheduler steps once per process at every optimizer step,
+    N times too fast; `optimizer_step` steps it once, and checkpoints save and restore it."""
+    opt = torch.optim.AdamW(mode.param_groups, weight_decay=cfg.weight_decay)
+    return opt, get_cosine_schedule_with_warmup(opt, cfg.warmup_over(max_steps), max_steps)
+
+
+@dataclass
+class _Run:
+    """What `_setup` builds, read by every later piece of the run."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    trackers: list
+    built: Built
+    model: nn.Module  # mode.model, prepared (DDP / FSDP)
+    opt: Any
+    sched: Any
+    loader: Any
+    val_loader: Any  # None without eval_steps
+    max_steps: int  # planned: the LR and KV-weight schedules' length
+    last: int  # the step this invocation stops after (stop_at_step)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def mode(self) -> Mode:
+        return self.built.mode
+
+
+def _setup(cfg: TrainConfig, accelerator, trackers: list) -> _Run:
+    """The student and its mode, the batches, optimizer and schedule, validation, all prepared;
+    RUN_DIR/train_config.yaml written and the trackers started."""
+    built = build_mode(cfg)
+    mode = built.mode
     metric = (cfg.metric_for_best_model or "val_loss").removeprefix("val_")
     if metric not in ("loss", *mode.finite):  # before any step, not at the first validation
         raise ConfigError(
             f"TrainConfig.metric_for_best_model: mode {mode.name} validates val_loss and val_<term> for terms {list(mode.finite)}, not {cfg.metric_for_best_model!r}"
         )
-    train_shards, val_shards = split_shards(cfg, spec.num_shards)
     world = accelerator.num_processes
-    stream = KVStream(
-        cfg.store,
-        list(teachers),
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        shuffle_buffer_bytes=cfg.shuffle_buffer_bytes,
-        read_kv=mode.read_kv,
-        read_latent=mode.read_latent,
-        kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
-        shards=train_shards,
-    )
-    loader = train_loader(
-        stream, cfg, pad_id, mode.control, rank=accelerator.process_index, world_size=world
-    )  # kv_control "shuffled": each sample gets another's teacher K/V
+    # Each rank's loader yields its part of every global batch, so loaders are not handed to accelerate.
+    loader = training_loader(cfg, built, accelerator.device, rank=accelerator.process_index, world_size=world)
     max_steps = planned_steps(cfg, loader.dataset)
-    warmup = cfg.warmup_over(max_steps)
-    opt = torch.optim.AdamW(mode.param_groups, weight_decay=cfg.weight_decay)
-    # Not handed to accelerator.prepare: its AcceleratedScheduler steps the schedule once per
-    # process at every optimizer step, N times too fast. It steps once per optimizer step here
-    # and is saved / restored with the checkpoints.
-    sched = get_cosine_schedule_with_warmup(opt, warmup, max_steps)
+    opt, sched = optimizer_and_schedule(cfg, mode, max_steps)
     accelerator.register_for_checkpointing(sched)
-    val_loader = (
-        validation_loader(cfg, mode, tokenizer, student, list(teachers), val_shards, accelerator, pad_id)
-        if cfg.eval_steps
-        else None
-    )
-    # Each rank's loader yields its part of every global batch (train/stream.py), so the loaders
-    # are not handed to accelerate.
+    val_loader = None
+    if cfg.eval_steps:
+        val_shards = split_shards(cfg, built.spec.num_shards)[1]
+        val_loader = validation_loader(
+            cfg, mode, built.tokenizer, built.student, list(built.teachers), val_shards, accelerator, built.pad_id
+        )
     model, opt = accelerator.prepare(mode.model, opt)
-
+    out = Path(cfg.out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.yaml")
     if trackers:
         accelerator.init_trackers(out.name, config=tracker_config(cfg.to_dict()))
+    last = min(max_steps, cfg.stop_at_step or max_steps)
+    return _Run(cfg, accelerator, trackers, built, model, opt, sched, loader, val_loader, max_steps, last)
+
+
+@dataclass
+class _State:
+    """What the run tracks as it goes."""
+
+    pos: Position
+    best: Best
+    metrics_f: IO[str] | None  # metrics.jsonl (main process)
+    logged: int  # the last step metrics.jsonl held at the start: replayed steps are not logged again
+    samples_log: Path | None  # --record-samples
+    history: History = field(default_factory=lambda: History())
+    shards_read: set[int] = field(default_factory=set)
+    samples_read: int = 0
+    stop: int = 0  # the signal that stopped the run
+    ckpt: Path | None = None  # the last step's checkpoint path (saved when stopped)
+    save_s: float = 0.0  # seconds the stop's checkpoint took
+    tokens_at_start: int = 0  # tokens trained before this process (a resumed run)
+
+
+def _start(run: _Run, progress: bool) -> _State:
+    """Where the run starts: a checkpoint's position (--resume), else step 0; metrics.jsonl,
+    RUN_DIR/best and the sample log continued or begun."""
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
     ckpt_in = find_resume(cfg.resume, out)
     if cfg.resume == "auto" and ckpt_in is None:
         accelerator.print(
@@ -321,160 +452,168 @@ def _train_locked(
             f"resuming from {ckpt_in} at step {pos.step} (epoch {pos.epoch}, sample {pos.samples_in_epoch})",
             flush=True,
         )
-    accum = cfg.gradient_accumulation_steps
     if progress and accelerator.is_main_process:
-        print(
-            f"kvdistill train: mode {mode.name}, {max_steps} steps of an effective batch {cfg.batch_size} x {accum} (accumulation) "
-            f"x {world} (processes) = {cfg.batch_size * accum * world} samples",
-            flush=True,
-        )
-        if stream.buffer_size < cfg.shuffle_buffer:
-            print(
-                f"kvdistill train: shuffle buffer capped at {stream.buffer_size} of --shuffle-buffer {cfg.shuffle_buffer} samples by "
-                f"--shuffle-buffer-bytes {cfg.shuffle_buffer_bytes} ({stream.sample_bytes / 2**20:.1f} MiB a sample as stored)",
-                flush=True,
-            )
+        _announce(run)
     metrics_f, logged = open_metrics(cfg, out) if accelerator.is_main_process else (None, 0)
     best = Best.resume(out, cfg) if ckpt_in else Best(cfg.metric_for_best_model)
-    history: list[dict[str, Any]] = []
-    shards_read: set[int] = set()
-    samples_read = 0
     samples_log = (out / "ranks" / f"samples-rank-{accelerator.process_index}.jsonl") if cfg.record_samples else None
     if samples_log:
         samples_log.parent.mkdir(parents=True, exist_ok=True)
         if not ckpt_in:
             samples_log.write_text("")
-    last = min(max_steps, cfg.stop_at_step or max_steps)
-    bar = tqdm(
-        total=max_steps,
-        initial=pos.step,
-        desc=f"train {mode.name} {out.name}",
-        disable=not (progress and accelerator.is_main_process),
-    )
-    model.train()
-    stop = 0  # the signal that stopped the run
-    while pos.step < last and not stop:
-        batches = loader.dataset
-        batches.set_epoch(
-            pos.epoch, pos.samples_in_epoch
-        )  # resuming mid-epoch: after the samples trained, reading none of them
-        if not batches.windows():
-            if pos.samples_in_epoch:  # a checkpoint taken at the epoch's end, in the (epoch, all of it) form
-                pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
-                continue
-            _no_window(cfg, batches, pos)
-        window: list[dict[str, Any]] = []
-        for batch in loader:
-            window.append(batch)
-            if batch["micro"] < batch["micros"] - 1:
-                continue
-            kv_weight = _schedule_kv_weight(cfg, mode, pos.step, max_steps)
-            row = optimizer_step(mode, model, opt, sched, accelerator, cfg, window, pos.step)
-            pos.step += 1
-            pos.tokens += row.pop("tokens")
-            pos.samples_in_epoch += batch["window_size"]
-            real = [b for b in window if b["weight"]]
-            for b in real:
-                shards_read.update(b["shards"])
-                samples_read += len(b["sample_ids"])
-            if samples_log:
-                with samples_log.open("a") as f:
-                    f.write(
-                        json.dumps(
-                            {
-                                "step": pos.step,
-                                "epoch": pos.epoch,
-                                "sample_ids": [i for b in real for i in b["sample_ids"]],
-                            }
-                        )
-                        + "\n"
-                    )
-            window = []
-            row = {
-                "step": pos.step,
-                "epoch": pos.epoch,
-                "lr": sched.get_last_lr()[0],
-                **({} if kv_weight is None else {"kv_weight": kv_weight}),
-                "tokens": pos.tokens,
-                **row,
-            }
-            validated = bool(val_loader is not None and pos.step % cfg.eval_steps == 0)
-            if validated:
-                row.update(validate(mode, model, val_loader, accelerator, pos.step, cfg.val_batches))
-                if best.improves(row):
-                    best.save(accelerator, model, cfg, tokenizer, mode, out, pos.step, row)
-            history.append(row)  # O(1): the first row and the last SUMMARY_WINDOW are all the summary reads
-            if len(history) > SUMMARY_WINDOW + 1:
-                del history[1]
-            log_now = pos.step > logged and (
-                pos.step % cfg.log_every == 0 or pos.step == max_steps or validated
-            )  # replayed steps are logged already
-            if metrics_f and log_now:
-                metrics_f.write(json.dumps(row) + "\n")
-                metrics_f.flush()
-            if trackers and log_now:
-                accelerator.log(tracker_values(row), step=pos.step)
-            bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in mode.postfix if k in row})
-            ckpt, stop, save_s, done = _after_step(cfg, accelerator, got, out, pos, last, batch["last"])
-            if done:
-                break
-        pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
-    bar.close()
-    if stop:
-        if metrics_f:
-            metrics_f.close()
-        if trackers:
-            accelerator.end_training()
-        raise _preempted(cfg, accelerator, stop, ckpt, pos.step, save_s)
+    return _State(pos, best, metrics_f, logged, samples_log, tokens_at_start=pos.tokens)
 
-    final = out / "final"
-    unwrapped = accelerator.unwrap_model(model)
+
+def _announce(run: _Run) -> None:
+    cfg, accum, world = run.cfg, run.cfg.gradient_accumulation_steps, run.accelerator.num_processes
+    stream = run.loader.dataset.stream
+    print(
+        f"kvdistill train: mode {run.mode.name}, {run.max_steps} steps of an effective batch {cfg.batch_size} x {accum} (accumulation) "
+        f"x {world} (processes) = {cfg.batch_size * accum * world} samples",
+        flush=True,
+    )
+    if stream.buffer_size < cfg.shuffle_buffer:
+        print(
+            f"kvdistill train: shuffle buffer capped at {stream.buffer_size} of --shuffle-buffer {cfg.shuffle_buffer} samples by "
+            f"--shuffle-buffer-bytes {cfg.shuffle_buffer_bytes} ({stream.sample_bytes / 2**20:.1f} MiB a sample as stored)",
+            flush=True,
+        )
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _epoch(run: _Run, state: _State, got: list[int], bar) -> None:
+    """The optimizer steps of one epoch, from where `state.pos` stands in it, until the epoch
+    ends, the run's last step, or a stop signal (`state.stop`)."""
+    pos, batches = state.pos, run.loader.dataset
+    batches.set_epoch(pos.epoch, pos.samples_in_epoch)  # resuming mid-epoch: after the samples trained, reading none
+    if not batches.windows():
+        if not pos.samples_in_epoch:
+            _no_window(run.cfg, batches, pos)  # raises
+        # a checkpoint taken at the epoch's end, in the (epoch, all of it) form: not iterated (the
+        # loader's generator would draw this epoch's seed), on to the next epoch
+        pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+        return
+    window: list[dict[str, Any]] = []
+    for batch in run.loader:
+        window.append(batch)
+        if batch["micro"] < batch["micros"] - 1:
+            continue
+        row = _step(run, state, window, batch["window_size"])
+        window = []
+        bar.update(1)
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in run.mode.postfix if k in row})
+        state.ckpt, state.stop, state.save_s, done = _after_step(
+            run.cfg, run.accelerator, got, run.out, pos, run.last, batch["last"]
+        )
+        if done:
+            break
+    pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+
+
+def _step(run: _Run, state: _State, window: list[dict[str, Any]], window_size: int) -> dict[str, Any]:
+    """One optimizer step over `window` and what follows it: the position moved on, what was read
+    tallied, validation (and RUN_DIR/best), the row logged. Returns the row."""
+    cfg, pos = run.cfg, state.pos
+    kv_weight = _schedule_kv_weight(cfg, run.mode, pos.step, run.max_steps)
+    row = optimizer_step(run.mode, run.model, run.opt, run.sched, run.accelerator, cfg, window, pos.step)
+    pos.step += 1
+    pos.tokens += row.pop("tokens")
+    pos.samples_in_epoch += window_size
+    real = [b for b in window if b["weight"]]
+    for b in real:
+        state.shards_read.update(b["shards"])
+        state.samples_read += len(b["sample_ids"])
+    if state.samples_log:
+        with state.samples_log.open("a") as f:
+            ids = [i for b in real for i in b["sample_ids"]]
+            f.write(json.dumps({"step": pos.step, "epoch": pos.epoch, "sample_ids": ids}) + "\n")
+    row = {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "lr": run.sched.get_last_lr()[0],
+        **({} if kv_weight is None else {"kv_weight": kv_weight}),
+        "tokens": pos.tokens,
+        **row,
+    }
+    validated = bool(run.val_loader is not None and pos.step % cfg.eval_steps == 0)
+    if validated:
+        row.update(validate(run.mode, run.model, run.val_loader, run.accelerator, pos.step, cfg.val_batches))
+        if state.best.improves(row):
+            state.best.save(run.accelerator, run.model, cfg, run.built.tokenizer, run.mode, run.out, pos.step, row)
+    state.history.append(row)
+    # replayed steps (a resume from before metrics.jsonl's last row) are logged already
+    if pos.step > state.logged and (pos.step % cfg.log_every == 0 or pos.step == run.max_steps or validated):
+        if state.metrics_f:
+            state.metrics_f.write(json.dumps(row) + "\n")
+            state.metrics_f.flush()
+        if run.trackers:
+            run.accelerator.log(tracker_values(row), step=pos.step)
+    return row
+
+
+# ----------------------------------------------------------------------------- finish
+
+
+def _close(run: _Run, state: _State) -> None:
+    if state.metrics_f:
+        state.metrics_f.close()
+    if run.trackers:
+        run.accelerator.end_training()  # flushes and closes the trackers
+
+
+def _finish(run: _Run, state: _State, t0: float) -> dict[str, Any]:
+    """RUN_DIR/ranks/rank-N.json (what each rank read), RUN_DIR/final, metrics and trackers
+    closed; the run summary."""
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
     (out / "ranks").mkdir(parents=True, exist_ok=True)
     record = {
         "process_index": accelerator.process_index,
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": accelerator.mixed_precision,
-        "shards": sorted(shards_read),
-        "samples": samples_read,
+        "shards": sorted(state.shards_read),
+        "samples": state.samples_read,
     }
     if cfg.hash_params:  # under DDP every rank ends with the same parameters
-        record["param_sha256"] = param_hash(unwrapped)
+        record["param_sha256"] = param_hash(accelerator.unwrap_model(run.model))
     (out / "ranks" / f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))
     accelerator.wait_for_everyone()
     # Like a checkpoint: written into .final.partial, renamed once complete (a full disk leaves no half final/).
+    final = out / "final"
     save_complete(
         accelerator,
         final,
         "the final model",
-        lambda partial: save_student(accelerator, model, cfg, tokenizer, partial, mode.save_extra),
+        lambda partial: save_student(accelerator, run.model, cfg, run.built.tokenizer, partial, run.mode.save_extra),
     )
-    if metrics_f:
-        metrics_f.close()
-    if trackers:
-        accelerator.end_training()  # flushes and closes the trackers
-    val = (
-        {k: v for k, v in history[-1].items() if k.startswith("val_")}
-        if history and any(k.startswith("val_") for k in history[-1])
-        else {}
-    )
-    return {
+    _close(run, state)
+    last_row = state.history.tail[-1] if state.history.tail else {}
+    val = {k: v for k, v in last_row.items() if k.startswith("val_")}
+    pos, world = state.pos, accelerator.num_processes
+    summary = {
         "run": str(out),
         "checkpoint": str(final),
-        "mode": mode.name,
-        **mode.result,
+        "mode": run.mode.name,
+        **run.mode.result,
         "steps": pos.step,
         "epochs_started": pos.epoch,
         "tokens": pos.tokens,
-        "effective_batch": cfg.batch_size * accum * world,
-        "teachers": list(teachers),
-        **summary_terms(history, mode.summary),
+        "effective_batch": cfg.batch_size * cfg.gradient_accumulation_steps * world,
+        "teachers": list(run.built.teachers),
+        **summary_terms(state.history, run.mode.summary),
         **({"last_validation": val} if val else {}),
-        **best.summary(),
+        **state.best.summary(),
         **_peak_memory(accelerator.device),
         "seconds": time.perf_counter() - t0,
+        "tokens_this_run": pos.tokens - state.tokens_at_start,  # what `seconds` trained (a resumed run: less)
     }
+    if accelerator.is_main_process:  # RUN_DIR/summary.json: the report's results (train/report.py)
+        tmp = out / ".summary.json.partial"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(out / "summary.json")
+    return summary
 
 
 def _peak_memory(device) -> dict[str, float]:
@@ -700,7 +839,7 @@ def _after_step(
     ckpt = out / "checkpoints" / f"step-{pos.step:07d}"
     saved = bool(cfg.save_every and pos.step % cfg.save_every == 0)
     if saved:
-        save_checkpoint(accelerator, ckpt, pos, end_of_epoch)
+        _save(cfg, accelerator, out, ckpt, pos, end_of_epoch)
     if pos.step >= last:
         return ckpt, 0, 0.0, True
     stop = _agreed_signal(accelerator, got)
@@ -712,24 +851,45 @@ def _after_step(
             f"kvdistill train: {signal.Signals(stop).name} after step {pos.step}: saving checkpoint {ckpt}", flush=True
         )
     if not saved:
-        save_checkpoint(accelerator, ckpt, pos, end_of_epoch)
+        _save(cfg, accelerator, out, ckpt, pos, end_of_epoch)
     return ckpt, stop, time.perf_counter() - t0, True
+
+
+def _save(cfg: TrainConfig, accelerator, out: Path, ckpt: Path, pos: Position, end_of_epoch: bool) -> None:
+    """This step's checkpoint; then, with save_total_limit, the older ones beyond it pruned."""
+    save_checkpoint(accelerator, ckpt, pos, end_of_epoch)
+    if cfg.save_total_limit:
+        prune_checkpoints(accelerator, out, cfg.save_total_limit, ckpt)
 
 
 SUMMARY_WINDOW = 20
 
 
-def summary_terms(history: list[dict[str, Any]], terms: dict[str, str]) -> dict[str, Any]:
+class History:
+    """What the run summary reads of the logged rows, in memory that does not grow with the run:
+    each key's first and last value, and the last SUMMARY_WINDOW rows (`tail`)."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}
+        self.tail: deque[dict[str, Any]] = deque(maxlen=SUMMARY_WINDOW)
+
+    def append(self, row: dict[str, Any]) -> None:
+        for k, v in row.items():
+            self.first.setdefault(k, v)
+        self.last.update(row)
+        self.tail.append(row)
+
+
+def summary_terms(history: History, terms: dict[str, str]) -> dict[str, Any]:
     """The run summary's loss figures, named for what they are: per term (summary name -> key in
     the logged records) `last_<name>`, its value at the last logged step, `mean_last_20_<name>`,
     its mean over the last min(20, logged) records (a smoother figure), and `first_<name>`;
     None for a term the run did not log. `mean_last_20_over` says how many records that was."""
-    tail = history[-SUMMARY_WINDOW:]
-    out: dict[str, Any] = {f"mean_last_{SUMMARY_WINDOW}_over": len(tail)}
+    out: dict[str, Any] = {f"mean_last_{SUMMARY_WINDOW}_over": len(history.tail)}
     for name, key in terms.items():
-        vals = [r[key] for r in tail if key in r]
-        logged = [r[key] for r in history if key in r]
-        out[f"last_{name}"] = logged[-1] if logged else None
+        vals = [r[key] for r in history.tail if key in r]
+        out[f"last_{name}"] = history.last.get(key)
         out[f"mean_last_{SUMMARY_WINDOW}_{name}"] = sum(vals) / len(vals) if vals else None
-        out[f"first_{name}"] = logged[0] if logged else None
+        out[f"first_{name}"] = history.first.get(key)
     return out

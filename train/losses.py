@@ -24,6 +24,7 @@ __all__ = [
     "attention_log_probs",
     "attention_kl",
     "linear_ramp",
+    "topk_kl",
 ]
 
 
@@ -306,3 +307,29 @@ def linear_ramp(step: int | None, ramp_steps: int) -> float:
     if step is None or ramp_steps <= 0:
         return 1.0
     return min(step / ramp_steps, 1.0)
+
+
+def topk_kl(
+    student_logits: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Forward KL(teacher || student) on the teacher's stored top-K tokens, per position: the
+    offline top-k logits loss (DistillKit's offline formulation, Megatron-Core's offline logits).
+
+    student_logits [N, V]; ids [N, K] vocabulary ids (the store's logits_ids); lp [N, K] the
+    teacher's log-probs there (logits_lp). With T = temperature:
+        p = softmax(lp / T) over the K tokens (renormalised: the K stored tokens are its support),
+        log q = log_softmax(student_logits / T) over the full vocabulary, gathered at ids,
+        loss [N] = T^2 * sum_k p_k (log p_k - log q_k)    (T^2 keeps gradients comparable across T).
+    The teacher is a constant: no gradient reaches lp.
+
+    What it omits: the teacher's tail mass outside its top K (1 - sum exp(lp), dropped by the
+    renormalisation) and so any pull on the student's mass there; q is not renormalised, so mass
+    the student puts outside the support still costs it (log q_k is smaller). It equals the full
+    KL when K = V, and is 0 when the student's distribution over the support equals the teacher's
+    renormalised one and puts no mass outside it."""
+    T = float(temperature)
+    if T <= 0:
+        raise ValueError(f"topk_kl: temperature must be > 0, got {temperature}")
+    log_p = torch.log_softmax(lp.detach().float() / T, dim=-1)  # [N, K]
+    log_q = torch.log_softmax(student_logits.float() / T, dim=-1).gather(-1, ids.long())  # [N, K]
+    return T * T * (log_p.exp() * (log_p - log_q)).sum(-1)

@@ -37,6 +37,7 @@ class Mode:
     postfix: tuple[str, ...]  # terms on the progress bar
     summary: dict[str, str]  # run summary name -> logged term
     result: dict[str, Any] = field(default_factory=dict)  # extra keys of the run summary
+    read_logits: bool = False  # the stream reads the teachers' stored top-k logits too (logits_weight > 0)
     # Terms that are not a mean over a unit (CKA, layer_std K/V): step returns their statistics as
     # "sums" (sums over the batch's rows, with graph); window(the whole step's summed "sums", every
     # rank; step) -> {"loss": their part of the loss, term: value}. The trainer sums them first.

@@ -3,13 +3,16 @@
     kvdistill report runs/kv               # -> runs/kv/report.html
     kvdistill report runs/kv --compare compare-out --out kv.html
 
-The page shows the run's train_config.yaml, a curve per scalar term of metrics.jsonl (the
+The page opens on the results: what was trained (student, teachers, mode and loss weights, steps,
+tokens, the store), each logged term's first, final and lowest value (validation too), the best
+checkpoint, the evaluation JSON(s) found in the run directory, and tokens/s and peak memory from
+the run's summary.json where the run left one. Then a curve per scalar term of metrics.jsonl (the
 source of truth; any term a trainer adds is picked up) with its validation values (`val_<term>`)
 drawn on it, a validation table (train vs validation per evaluation, the gap, the best
 checkpoint), a heatmap over steps for every
 per-layer list (`kv_k_layers`, `kv_v_layers`, ...), the routing weights (`route_k_<teacher>`,
 `route_v_<teacher>`), a 2-D PCA of a Z-space run's
-Z sample (train/zspace.py), the evaluation JSON(s) found in the run directory, and a compare table.
+Z sample (train/zspace.py), and a compare table; last, train_config.yaml, folded.
 Plots are matplotlib (Agg) PNGs embedded as base64, so the file travels alone. A piece that is
 missing is said so on the page; only a directory without metrics.jsonl is an error.
 """
@@ -25,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from matplotlib.figure import Figure
+
+from kvdistill.schemas.base import load_yaml
 
 __all__ = [
     "resolve_trackers",
@@ -41,6 +47,16 @@ __all__ = [
 _AXES = ("step", "epoch", "tokens")
 # A Z-space run's sample of Z, in RUN_DIR/final (train/zspace.py save_sample); drawn by `_zspace`.
 ZSPACE_SAMPLE = "zspace_sample.npz"
+# The run summary `kvdistill train` ends with (train/loop.py), where saved as RUN_DIR/summary.json:
+# the only record of the run's wall time and peak memory.
+RUN_SUMMARY = "summary.json"
+# Logged settings that follow a schedule: drawn, but no result.
+_SCHEDULES = ("lr", "kv_weight")
+# Loss weights named in the results' recipe line, per mode (TrainConfig fields).
+_WEIGHTS = {
+    "cot": ("ce_weight", "kv_weight", "cka_weight", "attn_kl_weight"),
+    "latent": ("cot_weight", "codi_weight", "kv_weight"),
+}
 
 
 # ----------------------------------------------------------------------------- trackers
@@ -316,6 +332,180 @@ def _erank_layers(z: np.ndarray) -> float:
     return float(np.mean([_erank(z[:, layer]) for layer in range(z.shape[1])]))
 
 
+# ----------------------------------------------------------------------------- results
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
+    """train_config.yaml as a dict, and why it could not be read ({} and None when absent: the
+    Config section says so)."""
+    if not path.exists():
+        return {}, None
+    try:
+        data = load_yaml(path.read_text())
+    except yaml.YAMLError as e:
+        return {}, f"{path} does not parse as YAML ({e})"
+    return (data, None) if isinstance(data, dict) else ({}, f"{path} holds no mapping of settings")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object the run left, or None when absent or unreadable (`_evals` lists the latter)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _trained(cfg: dict[str, Any], summary: dict[str, Any]) -> str:
+    student = cfg.get("student")
+    name = student.get("name_or_path") if isinstance(student, dict) else student
+    if not name:
+        return _missing("not recorded (no student in train_config.yaml)")
+    text = f"student {name}"
+    if cfg.get("lora_r"):
+        text += f" (LoRA r {cfg['lora_r']} on {', '.join(cfg.get('lora_targets') or [])})"
+    teachers = cfg.get("teachers") or summary.get("teachers")
+    text += f", from teachers {', '.join(teachers)}" if teachers else ", from every teacher in the store"
+    return html.escape(text)
+
+
+def _recipe(cfg: dict[str, Any]) -> str:
+    mode = cfg.get("mode", "cot")
+    weights = [f"{w.removesuffix('_weight')} x {cfg[w]:g}" for w in _WEIGHTS.get(mode, ()) if cfg.get(w)]
+    text = f"mode {mode}: loss " + (" + ".join(weights) if weights else "(weights not recorded)")
+    if mode == "cot" and cfg.get("kv_weight"):
+        text += f"; K/V {cfg.get('kv_loss', '?')} after {cfg.get('kv_norm', '?')} norm"
+        text += f", adapter {cfg.get('adapter', '?')}, fusion {cfg.get('fusion', '?')}"
+        if cfg.get("z_dim"):
+            text += f", in a Z space of width {cfg['z_dim']}"
+    if mode == "latent":
+        text += f"; {cfg.get('latent_iterations', '?')} Jacobi iterations"
+    if cfg.get("kv_control", "none") != "none":
+        text += f"; control: {cfg['kv_control']} teacher K/V"
+    return html.escape(text)
+
+
+def _progress(run: Path, cfg: dict[str, Any], last: dict[str, Any]) -> str:
+    if not last:
+        return _missing("no step logged yet")
+    text = f"{last['step']} optimizer steps"
+    if cfg.get("max_steps"):
+        text += f" of {cfg['max_steps']}"
+    elif cfg.get("num_train_epochs"):
+        text += f" ({cfg['num_train_epochs']} epochs planned)"
+    if "epoch" in last:
+        text += f" (the last in epoch {last['epoch']}, counted from 0)"
+    if isinstance(last.get("tokens"), int):
+        text += f", {last['tokens']:,} tokens"
+    rank = _read_json(run / "ranks" / "rank-0.json") or {}
+    if cfg.get("batch_size"):
+        b, a, n = cfg["batch_size"], cfg.get("gradient_accumulation_steps", 1), rank.get("num_processes", 1)
+        text += f"; effective batch {b * a * n} = {b} x {a} (accumulation) x {n} (processes)"
+    text += "; finished (final/ written)" if (run / "final").is_dir() else ""
+    out = html.escape(text)
+    if not (run / "final").is_dir():
+        out += _missing("not finished: no final/ yet (still running, preempted or failed)")
+    return out
+
+
+def _speed(run: Path, summary: dict[str, Any] | None) -> tuple[str, str]:
+    """(tokens/s, peak memory) from the run summary, or what is missing."""
+    if summary is None:
+        return (
+            _missing(f"not recorded: no {RUN_SUMMARY} in {run} (the run summary `kvdistill train` ends with)"),
+            _missing(f"not recorded (no {RUN_SUMMARY})"),
+        )
+    speed = _missing(f"{RUN_SUMMARY} has no seconds / tokens")
+    tokens = summary.get("tokens_this_run", summary.get("tokens"))  # a resumed run: what its last process trained
+    if summary.get("seconds") and tokens:
+        speed = html.escape(
+            f"{tokens / summary['seconds']:,.0f} tokens/s ({tokens:,} tokens in "
+            f"{summary['seconds']:,.0f} s, loading and saving included)"
+        )
+    memory = _missing(f"{RUN_SUMMARY} has no peak_rss_mib")
+    if summary.get("peak_rss_mib") is not None:
+        memory = f"{summary['peak_rss_mib']:,.0f} MiB resident (host, main process)"
+        if summary.get("peak_device_mib") is not None:
+            memory += f", {summary['peak_device_mib']:,.0f} MiB allocated on the device"
+    return speed, memory
+
+
+def _metrics_table(rows: list[dict[str, Any]]) -> str:
+    """Each logged term (schedules aside): first, final and lowest value with its step, and the
+    same for its validation value where validated."""
+    terms = [t for t in _scalar_terms(rows) if t not in _SCHEDULES]
+    if not terms:
+        return _missing("no scalar terms logged")
+    validated = any(f"val_{t}" in r for r in rows for t in terms)
+    header = ["term", "first", "final", "lowest", "at step"]
+    header += ["final validation", "lowest validation", "at step"] if validated else []
+    table = []
+    for t in terms:
+        x, y = _series(rows, t)
+        lo = int(np.argmin(y))
+        cells: list[Any] = [t, y[0], y[-1], y[lo], x[lo]]
+        if validated:
+            vx, vy = _series(rows, f"val_{t}")
+            vlo = int(np.argmin(vy)) if vy else 0
+            cells += [vy[-1], vy[vlo], vx[vlo]] if vy else [None, None, None]
+        table.append(cells)
+    return _table(header, table, first_left=True)
+
+
+def _results(
+    run: Path,
+    rows: list[dict[str, Any]],
+    cfg: dict[str, Any],
+    cfg_problem: str | None,
+    evals: dict[str, dict[str, Any]],
+    unreadable: dict[str, str],
+) -> str:
+    """The page's opening: what was trained, how far, on which store, how fast, and what came of it."""
+    summary = _read_json(run / RUN_SUMMARY)
+    speed, memory = _speed(run, summary)
+    store = cfg.get("store") or (summary or {}).get("store")
+    facts = [
+        ("trained", _trained(cfg, summary or {})),
+        ("recipe", _recipe(cfg) if cfg else _missing("not recorded (no train_config.yaml)")),
+        ("progress", _progress(run, cfg, rows[-1] if rows else {})),
+        ("store", html.escape(str(store)) if store else _missing("not recorded")),
+        ("throughput", speed),
+        ("peak memory", memory),
+    ]
+    if cfg.get("val_store"):
+        facts.insert(4, ("validation store", html.escape(str(cfg["val_store"]))))
+    best = _read_json(run / "best" / "best.json")
+    if best:
+        said = f"{run / 'best'}: {best.get('metric')} {_fmt(best.get('value'))} at step {best.get('step')}"
+        facts.append(("best checkpoint", html.escape(said)))
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in facts)
+    out = (_missing(cfg_problem) if cfg_problem else "") + f'<table class="facts">{body}</table>'
+    out += "<h3>Logged terms</h3>" + (_metrics_table(rows) if rows else _missing("metrics.jsonl is empty"))
+    if evals:
+        table = _table(
+            ["file", "n", "accuracy", "perplexity"],
+            [[f, e.get("n"), _fmt_share(e["accuracy"]), e["perplexity"]] for f, e in evals.items()],
+            first_left=True,
+        )
+    else:
+        table = _missing(f"no evaluation JSON in {run}; run `kvdistill eval --model {run} --out {run}/eval.json`")
+    if unreadable:
+        listed = "; ".join(f"{f} ({why})" for f, why in unreadable.items())
+        table += _missing(f"left out, not readable as JSON (an interrupted eval? re-run it): {listed}")
+    return out + "<h3>Evaluation</h3>" + table
+
+
+def _config_section(path: Path) -> str:
+    """The config, folded: every setting is there, none in the way of the results."""
+    if not path.exists():
+        return _missing(f"no train_config.yaml in {path.parent}")
+    text = path.read_text()
+    said = f"{path.name}: every setting of the run ({len(text.splitlines())} lines)"
+    return f"<details><summary>{html.escape(said)}</summary><pre>{html.escape(text)}</pre></details>"
+
+
 # ----------------------------------------------------------------------------- HTML
 
 
@@ -327,10 +517,15 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return html.escape(str(x))
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _fmt_share(x: Any) -> Any:
+    return f"{x:.3f}" if isinstance(x, float) else x  # accuracy 0.0 reads 0.000, not 0
+
+
+def _table(header: list[str], rows: list[list[Any]], first_left: bool = False) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    cls = ' class="names"' if first_left else ""
+    return f"<table{cls}><tr>{head}</tr>{body}</table>"
 
 
 def _missing(what: str) -> str:
@@ -340,9 +535,15 @@ def _missing(what: str) -> str:
 def _page(title: str, sections: list[tuple[str, str]]) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "table{border-collapse:collapse;display:block;overflow-x:auto;max-width:100%}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"
         ".missing{color:#a60;font-style:italic}img{max-width:100%}"
+        ".facts th,.facts td{border:none;background:none;text-align:left;vertical-align:top;padding:2px 12px 2px 0}"
+        ".facts th{white-space:nowrap}"
+        ".facts .missing{display:inline;margin:0 0 0 .5em}"
+        ".names td:first-child,.names th:first-child{text-align:left}"
+        "details summary{cursor:pointer;color:#246}h3{margin-top:1.5em}"
     )
     body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
     return f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>'
@@ -500,29 +701,22 @@ def _curve_section(curve: dict[str, Any], conf: int) -> str:
 
 
 def run_report(run: str | Path, compare: str | Path | None = None) -> str:
-    """The HTML page for one training run (and a compare directory's table)."""
+    """The HTML page for one training run (and a compare directory's table): the results first,
+    then the curves and tables behind them, the config last, folded."""
     run = Path(run)
     rows = read_metrics(run)
-    sections: list[tuple[str, str]] = []
     cfg_file = run / "train_config.yaml"
-    sections.append(
-        (
-            "Config",
-            f"<pre>{html.escape(cfg_file.read_text())}</pre>"
-            if cfg_file.exists()
-            else _missing(f"no train_config.yaml in {run}"),
-        )
-    )
+    cfg, cfg_problem = _read_config(cfg_file)
+    evals, unreadable = _evals(run)
+    sections: list[tuple[str, str]] = [("Results", _results(run, rows, cfg, cfg_problem, evals, unreadable))]
     if not rows:
         sections.append(("Losses", _missing("metrics.jsonl is empty: the run logged no step yet")))
     else:
         terms = _scalar_terms(rows)
-        last = rows[-1]
-        summary = _table(["step", *terms], [[last["step"], *[last.get(t) for t in terms]]])
         sections.append(
             (
                 "Losses",
-                f"<p>{len(rows)} logged steps; last row:</p>{summary}"
+                f"<p>{len(rows)} logged steps.</p>"
                 + (_curves(rows, terms) if terms else _missing("no scalar terms logged")),
             )
         )
@@ -546,20 +740,9 @@ def run_report(run: str | Path, compare: str | Path | None = None) -> str:
             )
         )
     sections.append(("Z space", _zspace(run, rows)))
-    evals, unreadable = _evals(run)
-    if evals:
-        table = _table(
-            ["file", "n", "accuracy", "perplexity"],
-            [[f, e.get("n"), e["accuracy"], e["perplexity"]] for f, e in evals.items()],
-        )
-    else:
-        table = _missing(f"no evaluation JSON in {run}; run `kvdistill eval --model {run} --out {run}/eval.json`")
-    if unreadable:
-        listed = "; ".join(f"{f} ({why})" for f, why in unreadable.items())
-        table += _missing(f"left out, not readable as JSON (an interrupted eval? re-run it): {listed}")
-    sections.append(("Evaluation", table))
     if compare is not None:
         sections.append(("Comparison", _compare_file_section(Path(compare))))
+    sections.append(("Config", _config_section(cfg_file)))
     return _page(f"kvdistill run {run}", sections)
 
 
@@ -572,7 +755,8 @@ def _compare_file_section(compare: Path) -> str:
 
 def compare_report(compare: dict[str, Any]) -> str:
     """The HTML page of a `kvdistill compare` result (compare.json's content)."""
-    cfg = f"<pre>{html.escape(json.dumps(compare['config'], indent=1))}</pre>"
+    cfg = json.dumps(compare["config"], indent=1)
+    cfg = f"<details><summary>the compare config</summary><pre>{html.escape(cfg)}</pre></details>"
     return _page("kvdistill compare", [("Arms over seeds", _compare_section(compare)), ("Config", cfg)])
 
 

@@ -55,6 +55,8 @@ class KVStream(IterableDataset):
     be made float32 on the trainer's device: float16 / float32 numpy arrays, bfloat16 as
     torch.bfloat16 tensors, int8 / int4 as `store.codecs.QuantRows` (`.decode()` gives float32);
     without, float16 / float32 as stored and the other codecs decoded to float32 numpy arrays.
+    With read_logits also "logits": {teacher: (ids [T, K] int32, lp [T, K] float16)} for every
+    teacher that stores them (`dump --logits-top-k`).
 
     With read_latent (KaVa latent mode) also "segment_ids" [T] and "latent": {teacher: {"k",
     "v": [M, L, D] float32, "mask": [M] bool, "hidden": [H] (only if stored)}}; every teacher
@@ -70,6 +72,7 @@ class KVStream(IterableDataset):
         shuffle_buffer: int = 256,
         read_kv: bool = True,
         read_latent: bool = False,
+        read_logits: bool = False,
         kv_as_stored: bool = True,
         shards: list[int] | None = None,
         shuffle_buffer_bytes: int | None = None,
@@ -84,7 +87,7 @@ class KVStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.shuffle_buffer_bytes = seed, shuffle_buffer, shuffle_buffer_bytes
         self.read_kv = read_kv
         self.kv_as_stored = kv_as_stored
-        self.read_latent = read_latent
+        self.read_latent, self.read_logits = read_latent, read_logits
         if read_latent:
             plain = [t for t in teachers if known[t].latent is None]
             if plain:
@@ -133,6 +136,7 @@ class KVStream(IterableDataset):
         n = sum(self._counts()[s] for s in pool)
         rows = sum(self._shard_rows[s] for s in pool)
         per_row = sum(_bytes_per_row(x.kv_dtype, len(x.layer_map), x.width) for x in self._specs.values())
+        per_row += sum(6 * x.logits_top_k for x in self._specs.values()) if self.read_logits else 0  # int32 + float16
         return rows * per_row / n if n else 0.0
 
     @property
@@ -194,6 +198,7 @@ class KVStream(IterableDataset):
             shards,
             read_kv=self.read_kv,
             read_latent=self.read_latent,
+            read_logits=self.read_logits,
             decode=not self.kv_as_stored,
             keep=keep,
         )
@@ -351,7 +356,8 @@ def _as_stored(x: np.ndarray | QuantRows) -> np.ndarray | torch.Tensor | QuantRo
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-pad to the longest sample; masks mark real tokens. Never truncates. "kv": {teacher:
     (k, v)} [B, T, L, D] as stored (float16, bfloat16 or float32 tensors; int8 / int4 as
-    `train.quant.QuantKV`); `kv_to_device` moves them and makes them float32 there. Samples read with
+    `train.quant.QuantKV`); `kv_to_device` moves them and makes them float32 there. Samples read
+    with read_logits give "logits": {teacher: (ids [B, T, K] long, lp [B, T, K] float32)}; with
     read_latent also give "segment_ids" [B, T] long (padding -1) and "latent": {teacher: {"k",
     "v" [B, M, L, D] float32, "mask" [B, M] bool, "hidden" [B, H] float32 or None}}."""
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
@@ -386,6 +392,16 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "loss_mask": loss_mask,
         "kv": kv,
     }
+    if "logits" in samples[0]:  # {teacher: (ids, lp) [B, T, K]}: padding rows 0, outside every loss mask
+        batch["logits"] = {}
+        for t, (ids0, _) in samples[0]["logits"].items():
+            ids_t = torch.zeros((B, T, ids0.shape[1]), dtype=torch.long)
+            lp_t = torch.zeros((B, T, ids0.shape[1]), dtype=torch.float32)
+            for i, s in enumerate(samples):
+                n = len(s["input_ids"])
+                ids_t[i, :n] = torch.from_numpy(s["logits"][t][0].astype(np.int64))
+                lp_t[i, :n] = torch.from_numpy(s["logits"][t][1].astype(np.float32))
+            batch["logits"][t] = (ids_t, lp_t)
     if "latent" in samples[0]:
         seg = torch.full((B, T), -1, dtype=torch.long)
         for i, s in enumerate(samples):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,11 @@ def load_student(cfg: TrainConfig) -> tuple[Any, nn.Module, Any, dict]:
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets
         )
-        student = get_peft_model(student, lora)
+        with warnings.catch_warnings():  # peft's PeftModel reads transformers' deprecated name; nothing of ours to fix
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            student = get_peft_model(student, lora)
     return tokenizer, student, spec, teachers
 
 

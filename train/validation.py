@@ -60,6 +60,7 @@ def validation_loader(
         shuffle_buffer=1,
         read_kv=mode.read_kv,
         read_latent=mode.read_latent,
+        read_logits=mode.read_logits,
         kv_as_stored=kv_as_stored(cfg.kv_transfer, accelerator.device),
         shards=None if cfg.val_store else val_shards,
     )

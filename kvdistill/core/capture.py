@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -29,6 +30,9 @@ __all__ = [
     "KVBuffer",
     "forward_kv_packed",
     "forward_kv_importance",
+    "output_head",
+    "head_mismatch",
+    "top_log_probs",
 ]
 
 
@@ -190,13 +194,18 @@ class KVBuffer:
 
 
 def forward_kv_packed(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, buffer: KVBuffer | None = None
-) -> torch.Tensor:
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    buffer: KVBuffer | None = None,
+    hidden: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`forward_kv` with K and V side by side: kv [B, T, L, 2D], K in [..., :D], V in [..., D:],
     the same values bit for bit. Each layer's projection output is copied into place by its hook
     and freed, no stack at the end; with `buffer` the memory is reused across calls, so the
     result is only valid until the next call with that buffer. Inference only (the copies cut
-    the autograd graph)."""
+    the autograd graph). hidden=True: (kv, the final-norm hidden states [B, T, H]), what
+    `output_head` turns into logits."""
     layers = decoder(model).layers
     L = len(layers)
     state: dict = {"kv": None, "filled": 0}
@@ -228,7 +237,7 @@ def forward_kv_packed(
             else:
                 handles.append(attn.k_proj.register_forward_hook(hook(0, i, heads=False)))
             handles.append(attn.v_proj.register_forward_hook(hook(1, i, heads=False)))
-        decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -236,7 +245,7 @@ def forward_kv_packed(
         raise RuntimeError(
             f"captured {state['filled']} of {2 * L} K/V projections of {type(model).__name__}'s {L} layers in one forward"
         )
-    return state["kv"]
+    return (state["kv"], out.last_hidden_state) if hidden else state["kv"]
 
 
 def forward_kv_importance(
@@ -276,3 +285,65 @@ def forward_kv_importance(
             h.remove()
     k, v = torch.stack(cap["k"], dim=2), torch.stack(cap["v"], dim=2)
     return k, v, torch.stack(imp, dim=1), out.last_hidden_state
+
+
+# --- the output head: top-K log-probs of the teacher (the offline-logits store) -------------------
+
+LOGITS_CHUNK_BYTES = 1 << 28  # float32 logits of one chunk of positions: 256 MiB (~450 rows of a 150k vocabulary)
+
+
+def output_head(model) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """(head, V): head maps hidden [N, H] (the decoder's final-norm output) to logits [N, V] as the
+    model's own forward makes them: its output embedding, then the post-processing some families
+    apply (Cohere's logit_scale, Granite's logits_scaling, Gemma 2 / 3's final_logit_softcapping).
+    Any other head is caught by `head_mismatch` on a probe, never guessed."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    linear, config = model.get_output_embeddings(), model.config
+    if linear is None:
+        raise TypeError(f"{type(model).__name__} has no output head (a causal LM's lm_head)")
+    scale = getattr(model, "logit_scale", None)  # Cohere: logits * logit_scale
+    divide = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 / 3: cap * tanh(logits / cap)
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        x = linear(h)
+        if scale is not None:
+            x = x * scale
+        if divide is not None:
+            x = x / divide
+        if cap is not None:
+            x = torch.tanh(x / cap) * cap
+        return x
+
+    return head, linear.weight.shape[0]
+
+
+@torch.inference_mode()
+def head_mismatch(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """max |model(...).logits - head(decoder(...))| on a probe batch [B, T], relative to the
+    largest logit: ~0 when `head` is the model's own (the same operations in the same dtype)."""
+    want = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()  # [B, T, V]
+    h = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    got = head(h).float()
+    return float((want - got).abs().max() / want.abs().max().clamp_min(1e-6))
+
+
+def top_log_probs(
+    head, V: int, hidden: torch.Tensor, k: int, chunk_bytes: int = LOGITS_CHUNK_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, H] -> (ids [N, k] int64, log-probs [N, k] float32) of the k most likely next
+    tokens at each position, descending: log_softmax at temperature 1 over the full vocabulary
+    (`output_head`'s V), in float32. Chunks of positions, never all N x V logits at once (150k x
+    16k positions would be 10 GB)."""
+    rows = max(1, chunk_bytes // (4 * V))
+    ids, lps = [], []
+    for a in range(0, hidden.shape[0], rows):
+        x = head(hidden[a : a + rows]).float()  # [n, V]
+        top, idx = x.topk(k, dim=-1)  # sorted, descending
+        lps.append(top - torch.logsumexp(x, dim=-1, keepdim=True))  # log_softmax is x - logsumexp(x)
+        ids.append(idx)
+    if not ids:
+        return hidden.new_zeros((0, k), dtype=torch.int64), hidden.new_zeros((0, k), dtype=torch.float32)
+    return torch.cat(ids), torch.cat(lps)

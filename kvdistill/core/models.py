@@ -20,7 +20,7 @@ from huggingface_hub.errors import (
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kvdistill.schemas import ModelSpec
+from kvdistill.schemas import ConfigError, ModelSpec
 
 __all__ = [
     "resolve_device",
@@ -36,9 +36,24 @@ __all__ = [
 
 
 def resolve_device(device: str) -> torch.device:
+    """--device as a torch device, the one rule of every stage (dump, calibrate, train, diagnose,
+    eval): "auto" is the GPU when torch sees one, else the CPU; "cpu", "cuda", "cuda:N" as written
+    (an index is kept). A CUDA device torch does not see is refused here, naming the fix, rather
+    than at the first tensor moved ("Torch not compiled with CUDA enabled")."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        got = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r}: not a device ({e}); use auto, cpu, cuda or cuda:N") from None
+    if got.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
+    if got.type == "cuda" and got.index is not None and got.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...); "
+            "pick one of them, or check CUDA_VISIBLE_DEVICES"
+        )
+    return got
 
 
 # What marks a folder as holding a model's parts (for the messages that say which is missing).
