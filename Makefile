@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The import contracts of pyproject.toml ([tool.importlinter]). import-linter finds modules under
 # the root package's folder: kvdistill/<stage> are links to the top-level stage folders.
@@ -43,5 +44,6 @@ slurm-packages:
 
 test: $(STAMP) slurm-packages
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(MAKE) --no-print-directory imports
 	$(VENV)/bin/python -m pytest

@@ -44,7 +44,7 @@ class TimeMap:
         n = self.rows.shape
         if self.rows.ndim != 1 or self.cols.shape != n or self.weights.shape != n:
             raise ValueError(
-                f"TimeMap needs 1-D rows/cols/weights of one length, got "
+                "TimeMap needs 1-D rows/cols/weights of one length, got "
                 f"{tuple(self.rows.shape)}, {tuple(self.cols.shape)}, {tuple(self.weights.shape)}"
             )
         first = self._first()

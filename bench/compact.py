@@ -214,8 +214,8 @@ def frontier(args: argparse.Namespace) -> None:
     kv, offsets = real_kv(args.model, args.data, args.samples, STUDENT_05B.num_layers)
     n_cal = int(offsets[len(offsets) // 2])  # PCA on the first half of the samples, errors on the rest
     print(
-        f"[frontier] {args.model}: {len(offsets) - 1} samples, {offsets[-1]:,} tokens, K/V {kv['k'].shape[1:]} after the "
-        f"ratio layer map; PCA fitted on {n_cal:,} tokens ({time.perf_counter() - t0:.0f}s)",
+        f"[frontier] {args.model}: {len(offsets) - 1} samples, {offsets[-1]:,} tokens, K/V {kv['k'].shape[1:]} after"
+        f" the ratio layer map; PCA fitted on {n_cal:,} tokens ({time.perf_counter() - t0:.0f}s)",
         flush=True,
     )
     D_real, D_7b = kv["k"].shape[-1], TEACHER_7B.width
@@ -298,9 +298,10 @@ HEADER = (
 
 def _row(r: dict) -> str:
     return (
-        f"{r['option']:<20} {r['dim_7b']:>6} {r['bytes_7b_raw']:>9,.0f} {r['bytes_7b_disk']:>10,.0f} {49152 / r['bytes_7b_disk']:>8.1f}x "
-        f"{r['ev_k']:>5.3f} {r['ev_v']:>5.3f} {r['err_k']:>6.3f} {r['err_v']:>6.3f} {_rate(r, 'stream_per_cpu_second'):>10} "
-        f"{_rate(r, 'stream_dequant_cpu_tokens_per_s'):>13}"
+        f"{r['option']:<20} {r['dim_7b']:>6} {r['bytes_7b_raw']:>9,.0f} {r['bytes_7b_disk']:>10,.0f}"
+        f" {49152 / r['bytes_7b_disk']:>8.1f}x {r['ev_k']:>5.3f} {r['ev_v']:>5.3f} {r['err_k']:>6.3f}"
+        f" {r['err_v']:>6.3f} {_rate(r, 'stream_per_cpu_second'):>10}"
+        f" {_rate(r, 'stream_dequant_cpu_tokens_per_s'):>13}"
     )
 
 
@@ -408,8 +409,8 @@ def gain(args: argparse.Namespace) -> None:
                     boots.append(g_arm[i].mean() / g_full[i].mean())
             lo, hi = np.percentile(boots, [2.5, 97.5])
             print(
-                f"{name:<22} {metric:<11} {g_arm.mean():>+8.3f} {g_full.mean():>+12.3f} {g_arm.mean() / g_full.mean():>6.2f} "
-                f"{f'[{lo:.2f}, {hi:.2f}]':>16} {len(seeds):>5}"
+                f"{name:<22} {metric:<11} {g_arm.mean():>+8.3f} {g_full.mean():>+12.3f}"
+                f" {g_arm.mean() / g_full.mean():>6.2f} {f'[{lo:.2f}, {hi:.2f}]':>16} {len(seeds):>5}"
             )
 
 

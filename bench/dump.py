@@ -234,7 +234,9 @@ def main() -> None:
         "--workers",
         type=int,
         default=None,
-        help="also time the local executor with 1 vs this many workers (0: skip; CPU only; default 2, 0 with --teacher)",
+        help=(
+            "also time the local executor with 1 vs this many workers (0: skip; CPU only; default 2, 0 with --teacher)"
+        ),
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="teacher dtype (default: bfloat16 on a GPU, float32 on CPU)")
@@ -271,10 +273,10 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
     bare = Bare(teacher, student, data, args.batch_size, args.device)
     n = len(load_examples(data))
     print(
-        f"teacher {what}; {n} samples of {args.data or 'synthetic'}, batch {args.batch_size}, {args.threads} threads, "
-        f"device {args.device}, {dtype}, attention {bare.model.config._attn_implementation}\n"
-        f"padded batches (the dump's): {len(bare.work)}, {bare.tokens:,} tokens, {bare.padded:,} with padding\n"
-        f"start-up: imports {IMPORTS_S:.1f}s, teacher load {bare.load_s:.1f}s, warm-up forward {bare.warmup_s:.1f}s (this process)\n"
+        f"teacher {what}; {n} samples of {args.data or 'synthetic'}, batch {args.batch_size}, {args.threads} threads,"
+        f" device {args.device}, {dtype}, attention {bare.model.config._attn_implementation}\npadded batches (the"
+        f" dump's): {len(bare.work)}, {bare.tokens:,} tokens, {bare.padded:,} with padding\nstart-up: imports"
+        f" {IMPORTS_S:.1f}s, teacher load {bare.load_s:.1f}s, warm-up forward {bare.warmup_s:.1f}s (this process)\n"
     )
 
     def dump(kind: str, tag: str = ""):
@@ -299,12 +301,14 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
         f_bares.append(bare.faults)
         idents.append(dump("identity", tag=f"rep{i}" if i else ""))
     print(
-        f"{'repeat':<7} {'bare s':>7} {'dump forward s':>15} {'steady s':>9} {'fwd vs bare':>12} {'steady vs bare':>15} {'page faults bare / dump task':>29}"
+        f"{'repeat':<7} {'bare s':>7} {'dump forward s':>15} {'steady s':>9} {'fwd vs bare':>12}"
+        f" {'steady vs bare':>15} {'page faults bare / dump task':>29}"
     )
     for i, (sb, fb, r) in enumerate(zip(s_bares, f_bares, idents, strict=True)):
         st = r.phases["forward"] + r.phases["align"] + r.phases["write"]
         print(
-            f"{i:<7} {sb:>7.2f} {r.phases['forward']:>15.2f} {st:>9.2f} {sb / r.phases['forward']:>12.2f} {sb / st:>15.2f} {fb:>14,} / {r.faults:>12,}"
+            f"{i:<7} {sb:>7.2f} {r.phases['forward']:>15.2f} {st:>9.2f} {sb / r.phases['forward']:>12.2f}"
+            f" {sb / st:>15.2f} {fb:>14,} / {r.faults:>12,}"
         )
     print()
     results = {"identity": idents[-1]}
@@ -319,7 +323,8 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
     print(f"{'path':<34} {'tokens/s':>10} {'vs bare':>8}")
     print(f"{'bare teacher forward':<34} {rate['bare']:>10,.0f} {1.0:>8.2f}")
     print(
-        f"{'kvdistill dump (forward phase)':<34} {r.teacher_tokens / r.phases['forward']:>10,.0f} {s_bare / r.phases['forward']:>8.2f}"
+        f"{'kvdistill dump (forward phase)':<34} {r.teacher_tokens / r.phases['forward']:>10,.0f}"
+        f" {s_bare / r.phases['forward']:>8.2f}"
     )
     print(f"{'kvdistill dump (steady state)':<34} {rate['dump']:>10,.0f} {rate['dump'] / rate['bare']:>8.2f}")
     print(
@@ -336,19 +341,22 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
     for kind, res in results.items():
         ph = res.phases
         print(
-            f"{kind:<16} {ph['load']:>7.2f} {ph['forward']:>10.2f} {ph['align']:>8.2f} {ph['align'] / ph['forward']:>14.1%} {ph['write']:>8.2f}"
+            f"{kind:<16} {ph['load']:>7.2f} {ph['forward']:>10.2f} {ph['align']:>8.2f}"
+            f" {ph['align'] / ph['forward']:>14.1%} {ph['write']:>8.2f}"
         )
     print()
     for store in sorted({specs[kind][2] for kind in results}):
         for name, t in inspect(root / store)["teachers"].items():
             print(
-                f"store {name:<16} {t['bytes_per_token']:>8.1f} bytes/token (compression {t['compression_ratio']:.2f}x)"
+                f"store {name:<16} {t['bytes_per_token']:>8.1f} bytes/token (compression"
+                f" {t['compression_ratio']:.2f}x)"
             )
     if args.naive:
         naive_bytes = sum(f.stat().st_size for f in (root / "naive").iterdir())
         print(f"naive torch.save files   {naive_bytes / tok_naive:>8.1f} bytes/token (teacher depth, uncompressed)")
     print(
-        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (this process; workers not included)"
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (this process; workers not"
+        " included)"
     )
     if args.workers > 1 and args.device == "cpu":
         # The same 4 shards of one teacher: 1 process using every core vs N processes splitting them.
@@ -369,8 +377,8 @@ def run(args: argparse.Namespace, root: Path, dtype: str) -> None:
             run_local(cfg.tasks(), workers=n, progress=False)
             seconds[n] = time.perf_counter() - t0
         print(
-            f"\nlocal executor, 4 shards: 1 worker {seconds[1]:.1f}s, {args.workers} workers {seconds[args.workers]:.1f}s "
-            f"-> {seconds[1] / seconds[args.workers]:.2f}x (process start-up included)"
+            f"\nlocal executor, 4 shards: 1 worker {seconds[1]:.1f}s, {args.workers} workers"
+            f" {seconds[args.workers]:.1f}s -> {seconds[1] / seconds[args.workers]:.2f}x (process start-up included)"
         )
 
 

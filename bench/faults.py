@@ -213,7 +213,8 @@ class Row:
     def add(self, t: Trial) -> Trial:
         self.trials.append(t)
         print(
-            f"  {time.strftime('%H:%M:%S')} [{self.case}] {len(self.trials)}: {t.what} -> {t.got}  {'ok' if t.ok else 'FAILED'}",
+            f"  {time.strftime('%H:%M:%S')} [{self.case}] {len(self.trials)}: {t.what} -> {t.got} "
+            f" {'ok' if t.ok else 'FAILED'}",
             flush=True,
         )
         return t
@@ -329,8 +330,9 @@ class World:
                 "summary": r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "",
             }
             print(
-                f"reference dump{' ' + ' '.join(key) if key else ''}: {ref['summary']}; wall {walls[0]:.1f} s / {walls[1]:.1f} s; "
-                f"shard {ref['bytes'] / 1e6:.1f} MB; the two dumps byte-equal: {ref['deterministic']}",
+                f"reference dump{' ' + ' '.join(key) if key else ''}: {ref['summary']}; wall {walls[0]:.1f} s /"
+                f" {walls[1]:.1f} s; shard {ref['bytes'] / 1e6:.1f} MB; the two dumps byte-equal:"
+                f" {ref['deterministic']}",
                 flush=True,
             )
         return self._refs[key]
@@ -366,7 +368,10 @@ def shard_dir(store: Path, teacher: str = TEACHER, shard: int = 0) -> Path:
 def compare(got: dict[str, bytes], want: dict[str, bytes]) -> str:
     """'' when byte-equal, else the first difference."""
     if got.keys() != want.keys():
-        return f"files differ: missing {sorted(want.keys() - got.keys())[:3]}, extra {sorted(got.keys() - want.keys())[:3]}"
+        return (
+            f"files differ: missing {sorted(want.keys() - got.keys())[:3]}, extra"
+            f" {sorted(got.keys() - want.keys())[:3]}"
+        )
     bad = [k for k in want if got[k] != want[k]]
     return f"{len(bad)} file(s) differ, e.g. {bad[0]}" if bad else ""
 
@@ -430,10 +435,8 @@ def case_kill(w: World, n: int, rng: random.Random) -> list[Row]:
         r = w.dump(store)
         if r.returncode != 0:
             problems.append(f"rerun exit {r.returncode}")
-        elif (
-            diff := compare(files(shard_dir(store)), ref["files"])
-            if shard_dir(store).exists()
-            else "no shard after the rerun"
+        elif diff := (
+            compare(files(shard_dir(store)), ref["files"]) if shard_dir(store).exists() else "no shard after the rerun"
         ):
             problems.append(diff)
         if left := left_over(store):
@@ -801,7 +804,10 @@ def case_metadata(w: World, n: int, rng: random.Random) -> list[Row]:
             shutil.rmtree(store, ignore_errors=True)
     finally:
         child.close()
-    flip_v.notes = f"subprocess; zarr and webdataset stores alternating; {decoded} of {n} flipped files still decode (only the checksum tells)"
+    flip_v.notes = (
+        f"subprocess; zarr and webdataset stores alternating; {decoded} of {n} flipped files still decode (only the"
+        " checksum tells)"
+    )
     flip_t.notes = f"in process, {steps} steps x {TRAIN_BATCH}"
     trunc.notes = "subprocess; the zarr float16 store; a random zarr.json under teachers/*/shard-*/"
     return [flip_v, flip_t, trunc]
@@ -1134,7 +1140,10 @@ def main() -> None:
     p.add_argument(
         "--cases",
         default="1,2,3,4,5,T,M",
-        help="comma-separated subset of 1,2,3,4,5,T,M (T: the trainer's disk full and run-directory race; M: index.parquet and shard metadata damaged)",
+        help=(
+            "comma-separated subset of 1,2,3,4,5,T,M (T: the trainer's disk full and run-directory race; M:"
+            " index.parquet and shard metadata damaged)"
+        ),
     )
     p.add_argument("--samples", type=int, default=150, help="samples of the big dump (cases 1, 2, 4)")
     p.add_argument("--kills", type=int, default=None, help="case 1 trials (default 20; --quick 3)")
@@ -1163,7 +1172,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     where = machine()
     print(
-        f"kvdistill fault campaign: {where}; seed {args.seed}; cases {','.join(sorted(cases))}{' (quick)' if quick else ''}",
+        f"kvdistill fault campaign: {where}; seed {args.seed}; cases"
+        f" {','.join(sorted(cases))}{' (quick)' if quick else ''}",
         flush=True,
     )
     root = args.dir or Path(tempfile.mkdtemp(prefix="kvdistill-bench-faults-"))

@@ -117,7 +117,8 @@ def main() -> None:
         for n in runs:
             print(f"  {n:>14}: " + " ".join(f"{r['lr'] / peak:.3f}" for r in rows[n]))
         print(
-            f"\nagainst {ref}:  {'max |dw|':>10} {'max |dW|/|W|':>13} {'max term diff':>14} {'same samples':>13} {'same tokens':>12}"
+            f"\nagainst {ref}:  {'max |dw|':>10} {'max |dW|/|W|':>13} {'max term diff':>14} {'same samples':>13}"
+            f" {'same tokens':>12}"
         )
         w0 = _weights(dirs[ref])
         for n in list(runs)[1:]:
@@ -133,7 +134,8 @@ def main() -> None:
             samples = [_samples(d) for d in (dirs[n], dirs[ref])]
             same_tokens = [r["tokens"] for r in rows[n]] == [r["tokens"] for r in rows[ref]]
             print(
-                f"  {n:>14}:  {dw:10.2e} {rel:13.2e} {terms:14.2e} {str(samples[0] == samples[1]):>13} {str(same_tokens):>12}"
+                f"  {n:>14}:  {dw:10.2e} {rel:13.2e} {terms:14.2e} {str(samples[0] == samples[1]):>13}"
+                f" {str(same_tokens):>12}"
             )
 
 

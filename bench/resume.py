@@ -134,7 +134,8 @@ def main() -> None:
         size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
         batches = args.samples // args.batch_size
         print(
-            f"store: {args.samples:,} samples, {size / 2**20:.0f} MiB, {batches} batches of {args.batch_size} an epoch, shuffle buffer {args.shuffle_buffer}"
+            f"store: {args.samples:,} samples, {size / 2**20:.0f} MiB, {batches} batches of {args.batch_size} an"
+            f" epoch, shuffle buffer {args.shuffle_buffer}"
         )
         print(f"{'checkpoint at':>14} {'replay s':>9} {'resume s':>9} {'speed-up':>9}")
         for frac in (0.1, 0.5, 0.9):
@@ -150,7 +151,8 @@ def main() -> None:
             print(f"{f'batch {n} ({frac:.0%})':>14} {a:9.2f} {b:9.2f} {a / b:8.1f}x")
         chunk = ShardReader(store, "t", 0).array("k").chunks[0]
         print(
-            f"\nread amplification, one epoch, global batch {args.batch_size} split over N ranks (chunks of {chunk} rows, ~{chunk / args.tokens:.1f} samples):"
+            f"\nread amplification, one epoch, global batch {args.batch_size} split over N ranks (chunks of {chunk}"
+            f" rows, ~{chunk / args.tokens:.1f} samples):"
         )
         print(f"{'ranks':>6} {'rows read / used':>17} {'chunk rows decoded / used':>26}")
         for world in (1, 2, 4, 8):

@@ -408,17 +408,19 @@ def measure_stream(
 
 
 HEADER = (
-    f"{'codec':<9} {'compressor':<22} {'stored MB':>9} {'vs raw16':>8} {'vs bf16':>7} {'write':>6} "
-    f"{'read cold':>9} {'warm':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'no crc':>7} {'zarr/raw':>8} {'codes/raw':>9} {'dequant':>7} {'err K':>7} {'err V':>7}"
+    f"{'codec':<9} {'compressor':<22} {'stored MB':>9} {'vs raw16':>8} {'vs bf16':>7} {'write':>6} {'read cold':>9}"
+    f" {'warm':>6} {'raw cold':>8} {'warm':>6} {'read/raw':>8} {'no crc':>7} {'zarr/raw':>8} {'codes/raw':>9}"
+    f" {'dequant':>7} {'err K':>7} {'err V':>7}"
 )
 
 
 def row(r: dict, bf16_stored: int) -> str:
     deq = f"{r['dequant']:>7.0f}"
     return (
-        f"{r['codec']:<9} {r['compressor']:<22} {r['stored'] / 1e6:>9.2f} {r['ratio']:>7.2f}x {bf16_stored / r['stored']:>6.2f}x "
-        f"{r['write']:>6.0f} {r['read_cold']:>9.0f} {r['read_warm']:>6.0f} "
-        f"{r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_vs_raw']:>7.0%} {r['nocrc_vs_raw']:>6.0%} {r['zarr_vs_raw']:>7.0%} {r['codes_vs_raw']:>8.0%} {deq} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
+        f"{r['codec']:<9} {r['compressor']:<22} {r['stored'] / 1e6:>9.2f} {r['ratio']:>7.2f}x"
+        f" {bf16_stored / r['stored']:>6.2f}x {r['write']:>6.0f} {r['read_cold']:>9.0f} {r['read_warm']:>6.0f}"
+        f" {r['raw_cold']:>8.0f} {r['raw_warm']:>6.0f} {r['read_vs_raw']:>7.0%} {r['nocrc_vs_raw']:>6.0%}"
+        f" {r['zarr_vs_raw']:>7.0%} {r['codes_vs_raw']:>8.0%} {deq} {r['err_k']:>7.3%} {r['err_v']:>7.3%}"
     )
 
 
@@ -447,7 +449,10 @@ def main() -> None:
         "--stream-spans",
         type=int,
         default=12,
-        help="the stream's store holds the samples repeated to at least this many read spans (0: do not time the stream)",
+        help=(
+            "the stream's store holds the samples repeated to at least this many read spans (0: do not time the"
+            " stream)"
+        ),
     )
     p.add_argument(
         "--compressors", default=",".join(COMPRESSORS), help="comma-separated subset of " + ", ".join(COMPRESSORS)
@@ -459,9 +464,9 @@ def main() -> None:
     kv = {"k": k, "v": v}
     N, L, D = k.shape
     print(
-        f"K/V of a {'trained (' + str(args.steps) + ' steps)' if args.steps else 'RANDOM-INIT'} Qwen2 teacher {TEACHER}: "
-        f"{args.samples} samples, N={N} rows, L={L}, D={D}; raw 16-bit K+V {N * L * D * 4 / 1e6:.2f} MB; "
-        f"MB/s are float16 bytes delivered, best of {args.repeats}\n"
+        f"K/V of a {'trained (' + str(args.steps) + ' steps)' if args.steps else 'RANDOM-INIT'} Qwen2 teacher"
+        f" {TEACHER}: {args.samples} samples, N={N} rows, L={L}, D={D}; raw 16-bit K+V {N * L * D * 4 / 1e6:.2f} MB;"
+        f" MB/s are float16 bytes delivered, best of {args.repeats}\n"
     )
     root = args.dir or Path(tempfile.mkdtemp(prefix="kvdistill-bench-store-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -499,31 +504,32 @@ def main() -> None:
     for c in chosen:
         print(row(best[c], bf16))
     print(
-        "\nvs raw16: logical 16-bit K+V bytes / stored bytes (raw float16 and raw bfloat16 are the same size); "
-        "vs bf16: stored bytes of the best bfloat16 variant / stored bytes.\n"
-        "MB/s: write = encode + compress + zarr append; read = store/rows.py read + decompress + decode chunk by chunk "
-        "(ShardReader's kv_rows), logical float16 MB/s, "
-        f"in the stream's read spans ({READ_SPAN_CHUNKS} chunks of whole samples), page cache dropped (cold) or not "
-        "(warm); raw = open().read() of the same files, MB/s of "
-        "stored bytes; read/raw = raw cold time / read cold time for the same stored bytes (read cold x stored / "
-        "logical / raw cold); no crc = read/raw with store/rows.py's crc32c check of every chunk turned off (its cost, "
-        "side by side); zarr/raw = the same with zarr's own slicing as the reader; codes/raw = the same "
-        "for what the training stream reads: K/V as stored (bfloat16 bit patterns, int8 / int4 codes and scales; "
-        "float16 as read/raw); dequant = torch making those float32 on this CPU (int8 / int4 dequantised, 16-bit floats cast), "
-        "logical MB/s (the trainer's side: on a GPU it runs on the device)."
+        "\nvs raw16: logical 16-bit K+V bytes / stored bytes (raw float16 and raw bfloat16 are the same size); vs"
+        " bf16: stored bytes of the best bfloat16 variant / stored bytes.\nMB/s: write = encode + compress + zarr"
+        " append; read = store/rows.py read + decompress + decode chunk by chunk (ShardReader's kv_rows), logical"
+        f" float16 MB/s, in the stream's read spans ({READ_SPAN_CHUNKS} chunks of whole samples), page cache dropped"
+        " (cold) or not (warm); raw = open().read() of the same files, MB/s of stored bytes; read/raw = raw cold time"
+        " / read cold time for the same stored bytes (read cold x stored / logical / raw cold); no crc = read/raw"
+        " with store/rows.py's crc32c check of every chunk turned off (its cost, side by side); zarr/raw = the same"
+        " with zarr's own slicing as the reader; codes/raw = the same for what the training stream reads: K/V as"
+        " stored (bfloat16 bit patterns, int8 / int4 codes and scales; float16 as read/raw); dequant = torch making"
+        " those float32 on this CPU (int8 / int4 dequantised, 16-bit floats cast), logical MB/s (the trainer's side:"
+        " on a GPU it runs on the device)."
     )
     if streams:
         print(
-            f"\nthe training stream (KVStream over a real store written by ShardWriter, the samples repeated to >= {args.stream_spans} read spans, "
-            "cold; raw = open().read() of its files; first = seconds to the first sample, included in read)"
+            "\nthe training stream (KVStream over a real store written by ShardWriter, the samples repeated to >="
+            f" {args.stream_spans} read spans, cold; raw = open().read() of its files; first = seconds to the first"
+            " sample, included in read)"
         )
         print(
-            f"{'codec':<9} {'teachers':>8} {'shards':>6} {'samples':>7} {'stored MB':>9} {'first s':>7} {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}"
+            f"{'codec':<9} {'teachers':>8} {'shards':>6} {'samples':>7} {'stored MB':>9} {'first s':>7}"
+            f" {'read MB/s':>9} {'raw MB/s':>9} {'read/raw':>8}"
         )
     for r in streams:
         print(
-            f"{r['codec']:<9} {r['teachers']:>8} {r['shards']:>6} {r['samples']:>7} {r['stored'] / 1e6:>9.2f} {r['first']:>7.3f} "
-            f"{r['read']:>9.0f} {r['raw']:>9.0f} {r['read_vs_raw']:>7.0%}"
+            f"{r['codec']:<9} {r['teachers']:>8} {r['shards']:>6} {r['samples']:>7} {r['stored'] / 1e6:>9.2f}"
+            f" {r['first']:>7.3f} {r['read']:>9.0f} {r['raw']:>9.0f} {r['read_vs_raw']:>7.0%}"
         )
     # Targets are judged on what a user gets: the store's own compressor (ShardWriter's: byte
     # shuffle, whole-chunk blocks, zstd level 1) when it was measured, else the smallest variant.
@@ -544,12 +550,16 @@ def main() -> None:
         logical = r["read_cold"] / r["raw_cold"]
         if c != "float16":  # the stream reads them as stored; the trainer makes them float32 on its device
             frac = r["codes_vs_raw"]
-            how = f"the training stream's read: as stored, made float32 on the trainer's device; decoded to float32 on this CPU: {r['read_vs_raw']:.0%}"
+            how = (
+                "the training stream's read: as stored, made float32 on the trainer's device; decoded to float32 on"
+                f" this CPU: {r['read_vs_raw']:.0%}"
+            )
         else:
             frac = r["read_vs_raw"]
             how = f"{logical:.0%} counting logical float16 MB/s against stored MB/s"
         print(
-            f"  {c:<9} {r['compressor']}: read >= 50% of raw read rate: {frac:.0%} of the raw rate on the same stored bytes ({how})  {'met' if frac >= 0.5 else 'MISSED'}"
+            f"  {c:<9} {r['compressor']}: read >= 50% of raw read rate: {frac:.0%} of the raw rate on the same stored"
+            f" bytes ({how})  {'met' if frac >= 0.5 else 'MISSED'}"
         )
 
 

@@ -420,10 +420,15 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         for n, t in result["geometry"]["teachers"].items()
     )
     lines = [
-        f"### {result['size']} student: {g['arch']} {g['layers']} layers, hidden {g['hidden']}, {g['heads']} q / {g['kv_heads']} kv heads, "
-        f"head_dim {g['head_dim']}; teachers {teachers}",
+        (
+            f"### {result['size']} student: {g['arch']} {g['layers']} layers, hidden {g['hidden']}, {g['heads']} q /"
+            f" {g['kv_heads']} kv heads, head_dim {g['head_dim']}; teachers {teachers}"
+        ),
         "",
-        "| config | what | s/step | min-max | vs a | vs a, best of rounds | data wait | wait / step | peak RSS MiB | RSS above start MiB | peak device MiB |",
+        (
+            "| config | what | s/step | min-max | vs a | vs a, best of rounds | data wait | wait / step | peak RSS MiB"
+            " | RSS above start MiB | peak device MiB |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in result["rows"].items():
@@ -434,8 +439,8 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
             else "- | - | -"
         )
         lines.append(
-            f"| {name} | {r['what']} | {r['s_per_step']:.3f} | {r['s_min']:.3f}-{r['s_max']:.3f} | {r['vs_a']:.2f}x | {r['vs_a_best']:.2f}x | "
-            f"{r['wait'] * 1e3:.1f} ms | {r['wait_share']:.1%} | {mem} |"
+            f"| {name} | {r['what']} | {r['s_per_step']:.3f} | {r['s_min']:.3f}-{r['s_max']:.3f} | {r['vs_a']:.2f}x |"
+            f" {r['vs_a_best']:.2f}x | {r['wait'] * 1e3:.1f} ms | {r['wait_share']:.1%} | {mem} |"
         )
     split = result["split"]
     if split:
@@ -443,9 +448,8 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         totals = {n: sum(split[n].values()) for n in names}
         lines += [
             "",
-            f"Split of a step (median per part over {args.split_steps} instrumented steps each, interleaved; sum of the parts "
-            + ", ".join(f"{n} {totals[n]:.3f}" for n in names)
-            + "):",
+            f"Split of a step (median per part over {args.split_steps} instrumented steps each, interleaved; sum of"
+            " the parts " + ", ".join(f"{n} {totals[n]:.3f}" for n in names) + "):",
             "",
             "| part | "
             + " | ".join(f"{n} s/step | {n} share" for n in names)
@@ -465,8 +469,8 @@ def targets(result: dict[str, Any], device: str) -> list[str]:
     if "b" in rows and result["base"] == "a" and (result["size"] == "large" or device == "cuda"):
         r, best = rows["b"]["vs_a"], rows["b"]["vs_a_best"]
         out.append(
-            f"b <= {limit:.2f}x a ({result['size']} student, {device}): {r:.2f}x (median of paired rounds; best of rounds {best:.2f}x)  "
-            f"{'met' if r <= limit else 'MISSED'}"
+            f"b <= {limit:.2f}x a ({result['size']} student, {device}): {r:.2f}x (median of paired rounds; best of"
+            f" rounds {best:.2f}x)  {'met' if r <= limit else 'MISSED'}"
         )
     for name in ("a", "b"):
         if name in rows:
@@ -542,8 +546,9 @@ def main() -> None:
     )
     hf_logging.disable_progress_bar()
     print(
-        f"bench/train.py: {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, {args.samples} samples; "
-        f"{args.repeats} rounds x {args.steps} steps per configuration after {args.warmup} warm-up steps; load average {os.getloadavg()}",
+        f"bench/train.py: {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, {args.samples}"
+        f" samples; {args.repeats} rounds x {args.steps} steps per configuration after {args.warmup} warm-up steps;"
+        f" load average {os.getloadavg()}",
         flush=True,
     )
     root = args.dir or Path(tempfile.mkdtemp(prefix="kvdistill-bench-train-"))

@@ -43,10 +43,12 @@ def add_store_parsers(ssub) -> None:
         ShowAlignmentConfig,
         show_alignment_main,
         help="draw one sample's time map (student x teacher tokens) and layer map, rebuilt from the store alone",
-        description="Rebuild the alignment one sample of TEACHER was stored with: its time map A[student token, teacher token] "
-        "(identity, char_overlap or segment_linear, as the dump chose) from the sample's stored text and the tokenizers the "
-        "store recorded, and the layer map W[student layer, teacher layer] (ratio or calibrated CKA) from the teacher spec. "
-        "No teacher weights are loaded. Prints a one-line summary and writes a PNG.",
+        description=(
+            "Rebuild the alignment one sample of TEACHER was stored with: its time map A[student token, teacher token]"
+            " (identity, char_overlap or segment_linear, as the dump chose) from the sample's stored text and the"
+            " tokenizers the store recorded, and the layer map W[student layer, teacher layer] (ratio or calibrated"
+            " CKA) from the teacher spec. No teacher weights are loaded. Prints a one-line summary and writes a PNG."
+        ),
     )
 
 
@@ -182,7 +184,10 @@ def add_align_parser(sub) -> None:
     p = sub.add_parser(
         "align",
         help="alignment tools: calibrate a CKA layer map / PCA projection",
-        description="Calibrate a CKA layer map (and optional PCA) for a teacher and a student: it runs both models, so it is part of the dump stage.",
+        description=(
+            "Calibrate a CKA layer map (and optional PCA) for a teacher and a student: it runs both models, so it is"
+            " part of the dump stage."
+        ),
     )
     asub = p.add_subparsers(dest="align_command", required=True)
     c = asub.add_parser(

@@ -327,8 +327,8 @@ def _projection(cfg: DumpConfig, W: torch.Tensor, D_t: int) -> tuple[dict[str, t
     if fitted is None or fitted.shape != tuple(W.shape) or not np.allclose(fitted, W.numpy(), atol=1e-6):
         why = "records no layer map (an older calibrate)" if fitted is None else "was fitted under another layer map"
         raise ValueError(
-            f"projection {cfg.align.projection} {why}; this dump uses --layer-map {cfg.align.layer_map}. Refit it under "
-            f"that map: `kvdistill align calibrate --pca D --pca-layer-map {cfg.align.layer_map}`"
+            f"projection {cfg.align.projection} {why}; this dump uses --layer-map {cfg.align.layer_map}. Refit it"
+            f" under that map: `kvdistill align calibrate --pca D --pca-layer-map {cfg.align.layer_map}`"
         )
     info = {
         "dim": dim,
@@ -373,7 +373,8 @@ def _check_logits(cfg: DumpConfig, kind: str, same_tokenizer: bool, pairs: list,
         )
     if not same_tokenizer:
         raise ValueError(
-            f"{drop}: its tokens are not the student's (another tokenizer), so its log-probs are over another vocabulary"
+            f"{drop}: its tokens are not the student's (another tokenizer), so its log-probs are over another"
+            " vocabulary"
         )
     if top_k > vocab_size:
         raise ValueError(
@@ -486,15 +487,16 @@ def _check_complete(cfg: DumpConfig, plan: _Plan, load_teacher) -> None:
         )
     if sorted(attrs.get("skipped", [])) != sorted(plan.skipped):
         differ.append(
-            f"samples skipped over max_len: shard skipped {len(attrs.get('skipped', []))} (max_len {attrs.get('max_len')}), "
-            f"this run skips {len(plan.skipped)} (max_len {cfg.max_len})"
+            f"samples skipped over max_len: shard skipped {len(attrs.get('skipped', []))} (max_len"
+            f" {attrs.get('max_len')}), this run skips {len(plan.skipped)} (max_len {cfg.max_len})"
         )
     if not differ:  # the teacher only when all else agrees: loading it is the expensive part
         tspec = _teacher_spec(cfg, plan, load_teacher())
         differ += [f"teacher spec {d}" for d in teacher_spec_differences(cfg.store, tspec)]
         if attrs.get("fingerprint") not in (None, tspec.fingerprint):
             differ.append(
-                f"teacher fingerprint (weights, template, alignment, codec): shard has {attrs['fingerprint']!r}, this run has {tspec.fingerprint!r}"
+                f"teacher fingerprint (weights, template, alignment, codec): shard has {attrs['fingerprint']!r}, this"
+                f" run has {tspec.fingerprint!r}"
             )
     if not differ:
         return
@@ -507,13 +509,12 @@ def _check_complete(cfg: DumpConfig, plan: _Plan, load_teacher) -> None:
         )
     else:  # the store and the teacher's spec agree with this run; the shard does not (stale, or other settings)
         fix = (
-            f"run with the settings the shard was dumped with (the task is then a no-op), or delete {where} and run this "
-            "task again to redo it with these, then `kvdistill store finalize`"
+            f"run with the settings the shard was dumped with (the task is then a no-op), or delete {where} and run"
+            " this task again to redo it with these, then `kvdistill store finalize`"
         )
     raise StoreError(
-        f"teacher {name} shard {shard} of store {cfg.store} is complete, but was dumped with other settings than this run:\n  "
-        + "\n  ".join(differ)
-        + f"\n{fix}"
+        f"teacher {name} shard {shard} of store {cfg.store} is complete, but was dumped with other settings than this"
+        " run:\n  " + "\n  ".join(differ) + f"\n{fix}"
     )
 
 
@@ -695,8 +696,9 @@ def _top_logits(
         ends = np.cumsum([len(s) for s, _ in batch])
         j = int(np.searchsorted(ends, row, side="right"))
         raise ValueError(
-            f"drop --logits-top-k for teacher {name}: sample {batch[j][0].sample_id} token {row - (ends[j] - len(batch[j][0]))} "
-            f"is aligned to several teacher tokens ({tmap.kind} time map); logits need one teacher token per student token"
+            f"drop --logits-top-k for teacher {name}: sample {batch[j][0].sample_id} token"
+            f" {row - (ends[j] - len(batch[j][0]))} is aligned to several teacher tokens ({tmap.kind} time map);"
+            " logits need one teacher token per student token"
         )
     at = tmap.cols.to(hidden.device)  # [sum T_s] flat index (b * T_pad + t) of each row's teacher position
     ids, lp = top_log_probs(*head, hidden.reshape(-1, hidden.shape[-1]).index_select(0, at), top_k)
@@ -728,7 +730,8 @@ def _codi_hidden(name: str, batch: _Batch, hidden: torch.Tensor) -> np.ndarray:
         first = int(np.argmax(t.segment_ids == ANSWER))
         if first == 0:
             raise ValueError(
-                f"teacher {name}: sample {s.sample_id} starts with its answer; no token precedes it for the CODI hidden state"
+                f"teacher {name}: sample {s.sample_id} starts with its answer; no token precedes it for the CODI"
+                " hidden state"
             )
         before_answer.append(first - 1)
     at = torch.as_tensor(before_answer, device=hidden.device)

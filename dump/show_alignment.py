@@ -89,8 +89,9 @@ def reconstruct(store: str | Path, teacher: str, sample_id: str) -> SampleAlignm
             rec["segment_ids"] is not None and not np.array_equal(s.segment_ids, rec["segment_ids"])
         ):
             raise StoreError(
-                f"store {store}: sample {sample_id!r} tokenizes to other student tokens than teacher {teacher!r}'s shard holds "
-                f"({len(s)} vs {len(ids)}); the student tokenizer or template differs from the dump's, so its time map cannot be rebuilt; {REDUMP}"
+                f"store {store}: sample {sample_id!r} tokenizes to other student tokens than teacher {teacher!r}'s"
+                f" shard holds ({len(s)} vs {len(ids)}); the student tokenizer or template differs from the dump's, so"
+                f" its time map cannot be rebuilt; {REDUMP}"
             )
         # identity: the dump fed the teacher the student's tokens (same tokenizer, same text)
         t_tok = s_tok if kind == "identity" else _tokenizer(store, spec, teacher, tspec.model, notes)
@@ -128,22 +129,23 @@ def _tokenizer(store, spec: StoreSpec, teacher: str | None, model: ModelSpec, no
         tok = tokenizer_from_files(files)
         if tokenizer_fingerprint(tok) != fp:
             raise StoreError(
-                f"store {store}: the recorded {role} tokenizer loads as another tokenizer (fingerprint {tokenizer_fingerprint(tok)}, "
-                f"recorded {fp}): this transformers / tokenizers version reads its files differently; use the versions of the dump"
+                f"store {store}: the recorded {role} tokenizer loads as another tokenizer (fingerprint"
+                f" {tokenizer_fingerprint(tok)}, recorded {fp}): this transformers / tokenizers version reads its"
+                " files differently; use the versions of the dump"
             )
         return tok
     try:
         tok = load_tokenizer(model, role="student" if teacher is None else "teacher")
     except (OSError, ValueError) as e:
         raise StoreError(
-            f"store {store} holds no copy of the {role} tokenizer (written before kvdistill recorded tokenizers) and its recorded "
-            f"path {model.name_or_path} does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {REDUMP}, "
-            f"or make {model.name_or_path} available again"
+            f"store {store} holds no copy of the {role} tokenizer (written before kvdistill recorded tokenizers) and"
+            f" its recorded path {model.name_or_path} does not load ({type(e).__name__}:"
+            f" {str(e).splitlines()[0] if str(e) else ''}); {REDUMP}, or make {model.name_or_path} available again"
         ) from e
     if teacher is None and tokenizer_fingerprint(tok) != spec.tokenizer_fingerprint:
         raise StoreError(
-            f"store {store} holds no copy of the student tokenizer and the one at {model.name_or_path} is not the dump's "
-            f"(fingerprint {tokenizer_fingerprint(tok)}, store {spec.tokenizer_fingerprint}); {REDUMP}"
+            f"store {store} holds no copy of the student tokenizer and the one at {model.name_or_path} is not the"
+            f" dump's (fingerprint {tokenizer_fingerprint(tok)}, store {spec.tokenizer_fingerprint}); {REDUMP}"
         )
     notes.append(
         f"{role} tokenizer from {model.name_or_path} (no copy in the store"
@@ -171,8 +173,8 @@ def _example(
         ) from e
     if data_fingerprint(examples) != spec.data_fingerprint:
         raise StoreError(
-            f"{where} and its data {spec.data.source} changed since the dump (fingerprint {data_fingerprint(examples)}, "
-            f"store {spec.data_fingerprint}); {REDUMP}"
+            f"{where} and its data {spec.data.source} changed since the dump (fingerprint"
+            f" {data_fingerprint(examples)}, store {spec.data_fingerprint}); {REDUMP}"
         )
     ex = next((e for e in examples if e.id == sample_id), None)
     if ex is None:
@@ -214,10 +216,11 @@ def summary(a: SampleAlignment) -> str:
     mixed = int(((W > 0).sum(1) > 1).sum())
     layer = "ratio" if a.layer_map_source == "ratio" else f"CKA ({Path(a.layer_map_source).name})"
     return (
-        f"{a.teacher} / {a.sample_id} (shard {a.shard}): time map {_kind(a)} {T_s} student x {T_t} teacher tokens, {A.nnz} weights; "
-        f"{int((per_row > 1).sum())} student tokens read >1 teacher token (max {int(per_row.max()) if T_s else 0}), "
-        f"{int((per_col > 1).sum())} teacher tokens feed >1 student token, {int((per_col == 0).sum())} feed none; layer map {layer} {W.shape[0]} student <- {W.shape[1]} teacher layers, "
-        f"{mixed} mix >1 teacher layer" + (f" [{'; '.join(a.notes)}]" if a.notes else "")
+        f"{a.teacher} / {a.sample_id} (shard {a.shard}): time map {_kind(a)} {T_s} student x {T_t} teacher tokens,"
+        f" {A.nnz} weights; {int((per_row > 1).sum())} student tokens read >1 teacher token (max"
+        f" {int(per_row.max()) if T_s else 0}), {int((per_col > 1).sum())} teacher tokens feed >1 student token,"
+        f" {int((per_col == 0).sum())} feed none; layer map {layer} {W.shape[0]} student <- {W.shape[1]} teacher"
+        f" layers, {mixed} mix >1 teacher layer" + (f" [{'; '.join(a.notes)}]" if a.notes else "")
     )
 
 
@@ -351,7 +354,8 @@ def output_path(out: str | Path, teacher: str, sample_id: str) -> Path:
     formats = FigureCanvasBase.get_supported_filetypes()
     if out.suffix[1:].lower() not in formats:
         raise ConfigError(
-            f"--out {given}: matplotlib writes no {out.suffix} files; give a .png (or one of {', '.join(sorted(formats))})"
+            f"--out {given}: matplotlib writes no {out.suffix} files; give a .png (or one of"
+            f" {', '.join(sorted(formats))})"
         )
     parent = next((d for d in out.parents if d.exists()), None)
     if parent is not None and not parent.is_dir():

@@ -149,7 +149,10 @@ def write_scripts(
         )
         body = [
             'if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK; fi',
-            f"exec {py} -m kvdistill dump --config {shlex.quote(str(yaml))} --shard $SLURM_ARRAY_TASK_ID --no-progress",
+            (
+                f"exec {py} -m kvdistill dump --config {shlex.quote(str(yaml))} --shard $SLURM_ARRAY_TASK_ID"
+                " --no-progress"
+            ),
         ]
         scripts[f"dump-{name}"] = _write(jobs / f"dump-{name}.sbatch", _script(header, sbatch, body))
 
@@ -210,7 +213,10 @@ def _write_train(cfg: JobsConfig, jobs: Path, py: str, store: str, settings: Map
         sbatch.append(f"#SBATCH --signal={'B:' if single else ''}USR1@{res.signal_seconds}")
     header = [
         f"kvdistill train from {store} into {train.out}.",
-        f"Its TrainConfig, as `kvdistill train` builds it: recipe {recipe} (train/recipes/{recipe}.yaml) < {path.name}",
+        (
+            f"Its TrainConfig, as `kvdistill train` builds it: recipe {recipe} (train/recipes/{recipe}.yaml) <"
+            f" {path.name}"
+        ),
         "(the fields set for this job) < the flags below.",
         "Submitted with --dependency=afterok:<finalize>.",
         "SIGUSR1 (the time limit's warning) or SIGTERM (preemption): the trainer finishes its step, saves a",

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=demo_main)
     compare = sub.add_parser(
         "compare",
-        help="train and evaluate arms (ce, kv-*, shuffled control) over seeds: mean, 95%% CI, paired difference to the baseline arm (--baseline, default ce)",
+        help=(
+            "train and evaluate arms (ce, kv-*, shuffled control) over seeds: mean, 95%% CI, paired difference to the"
+            " baseline arm (--baseline, default ce)"
+        ),
     )
     add_flags(compare, CompareConfig)
     compare.set_defaults(func=compare_main)
@@ -123,9 +126,12 @@ def explain(e: BaseException) -> tuple[ExitCode, str] | None:
         return ExitCode.INTEGRITY, f"data integrity: {e}"
     if isinstance(e, ValueError) and str(e).startswith("Stored and computed checksum do not match"):
         # zarr's crc32c codec (a plain zarr / dask read, e.g. `store stats`); it does not name the chunk.
-        return ExitCode.INTEGRITY, (
-            f"data integrity: a chunk fails its crc32c check ({e}); `kvdistill store verify STORE` names it, "
-            "then re-dump that shard"
+        return (
+            ExitCode.INTEGRITY,
+            (
+                f"data integrity: a chunk fails its crc32c check ({e}); `kvdistill store verify STORE` names it, "
+                "then re-dump that shard"
+            ),
         )
     if isinstance(e, ShardBusy):
         return ExitCode.BUSY, f"busy: {e}"
@@ -134,9 +140,12 @@ def explain(e: BaseException) -> tuple[ExitCode, str] | None:
     if isinstance(e, json.JSONDecodeError):
         # json.loads does not know the file; a reader that knows it should raise StoreError naming it.
         where = getattr(e, "filename", None) or "a JSON file (a store's zarr.json?)"
-        return ExitCode.BAD_INPUT, (
-            f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): it is truncated or corrupt; "
-            "`kvdistill store verify STORE` checks a store, then re-dump the shard or restore the file"
+        return (
+            ExitCode.BAD_INPUT,
+            (
+                f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): it is truncated or corrupt;"
+                " `kvdistill store verify STORE` checks a store, then re-dump the shard or restore the file"
+            ),
         )
     if isinstance(e, OSError) and e.errno in _ENVIRONMENT:
         what, fix = _ENVIRONMENT[e.errno]

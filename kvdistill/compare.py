@@ -239,14 +239,16 @@ def arm_configs(
     unknown = [a for a in [*cfg.arms, *cfg.curve_arms] if a not in arms]
     if unknown:
         raise ConfigError(
-            f"CompareConfig.arms / curve_arms: unknown arm(s) {unknown}; known: {sorted(arms)} (define more in arm_overrides)"
+            f"CompareConfig.arms / curve_arms: unknown arm(s) {unknown}; known: {sorted(arms)} (define more in"
+            " arm_overrides)"
         )
     managed = {"store", "student", "out", "seed", "max_steps", "device"}  # set per run by compare
     for where, overrides in [("train", cfg.train), *((f"arm {a!r}", arms[a]) for a in cfg.arms)]:
         clash = sorted(managed & set(overrides) - ({"store"} if where.startswith("arm") else set()))
         if clash:
             raise ConfigError(
-                f"CompareConfig {where}: {clash} are set by compare itself (store/student, out, seeds, steps, device); drop them"
+                f"CompareConfig {where}: {clash} are set by compare itself (store/student, out, seeds, steps, device);"
+                " drop them"
             )
     for name in {*cfg.arms, *cfg.curve_arms}:
         if "store" in arms[name]:
@@ -288,8 +290,8 @@ def _check_same_data(arm: str, arm_store: str, store: str) -> None:
     for field in ("data_fingerprint", "tokenizer_fingerprint"):
         if getattr(ours, field) != getattr(theirs, field):
             raise ConfigError(
-                f"compare arm {arm!r}: its store {arm_store} has another {field} than {store}; an arm's own store must hold "
-                "the same data for the same student (dump it with the same --data and --student)"
+                f"compare arm {arm!r}: its store {arm_store} has another {field} than {store}; an arm's own store must"
+                " hold the same data for the same student (dump it with the same --data and --student)"
             )
 
 
@@ -374,7 +376,8 @@ def _train_and_eval(
                 }
             )  # final_*: runs of older versions
             print(
-                f"[compare] {name}{label} seed {seed}: accuracy {ev['accuracy']:.3f}, perplexity {ev['perplexity']:.3f}",
+                f"[compare] {name}{label} seed {seed}: accuracy {ev['accuracy']:.3f}, perplexity"
+                f" {ev['perplexity']:.3f}",
                 flush=True,
             )
     return runs
@@ -408,7 +411,8 @@ def _arm_stats(
                 for r in rs:
                     if sorted(r["correct"]) != ids:
                         raise ConfigError(
-                            f"compare: run {r['run']} was evaluated on other questions than {baseline}'s; delete its eval.json and re-run"
+                            f"compare: run {r['run']} was evaluated on other questions than {baseline}'s; delete its"
+                            " eval.json and re-run"
                         )
                 arm["vs_baseline"]["accuracy"]["bootstrap"] = bootstrap_paired(
                     _matrix(rs, ids), _matrix([base[r["seed"]] for r in rs], ids), bootstrap
@@ -581,9 +585,12 @@ def format_compare(result: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "",
-        f"{result['seeds']} seeds per arm, {result.get('n_eval', '?')} test questions; mean ± {conf}% CI (Student t, t = {result['t_quantile']:.3f}); "
-        f"Δ: paired difference to {result.get('baseline', 'ce')}; * significant (Holm-adjusted paired t, p < {alpha}); MDE: smallest Δ accuracy a paired t-test "
-        f"with these seeds detects with power {result.get('power', POWER)}",
+        (
+            f"{result['seeds']} seeds per arm, {result.get('n_eval', '?')} test questions; mean ± {conf}% CI (Student"
+            f" t, t = {result['t_quantile']:.3f}); Δ: paired difference to {result.get('baseline', 'ce')}; *"
+            f" significant (Holm-adjusted paired t, p < {alpha}); MDE: smallest Δ accuracy a paired t-test with these"
+            f" seeds detects with power {result.get('power', POWER)}"
+        ),
     ]
     for r in rows:
         lines.append("  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))]))

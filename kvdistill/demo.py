@@ -242,9 +242,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
                 "model": name,
                 "accuracy": ev["accuracy"],
                 "perplexity": ev["perplexity"],
-                "kv_loss_mean_last_20": (ts["mean_last_20_kv_k"] + ts["mean_last_20_kv_v"]) / 2
-                if ts.get("mean_last_20_kv_k") is not None
-                else None,
+                "kv_loss_mean_last_20": (
+                    (ts["mean_last_20_kv_k"] + ts["mean_last_20_kv_v"]) / 2
+                    if ts.get("mean_last_20_kv_k") is not None
+                    else None
+                ),
             }
         )
     summary = {
@@ -351,9 +353,11 @@ def run_latent_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
                 "perplexity": ev["perplexity"],
                 "forward_passes_per_question": ev["forward_passes_per_question"],
                 "generated_tokens_per_question": ev["generated_tokens_per_question"],
-                "kv_loss_mean_last_20": (ts["mean_last_20_kv_k"] + ts["mean_last_20_kv_v"]) / 2
-                if ts.get("mean_last_20_kv_k") is not None
-                else None,
+                "kv_loss_mean_last_20": (
+                    (ts["mean_last_20_kv_k"] + ts["mean_last_20_kv_v"]) / 2
+                    if ts.get("mean_last_20_kv_k") is not None
+                    else None
+                ),
             }
         )
     lap("eval")
@@ -379,15 +383,20 @@ def format_latent_summary(s: dict[str, Any]) -> str:
     c = s["config"]
     lines = [
         "",
-        f"latent: M = {c['latent_slots']} slots, T = {c['latent_iterations']} Jacobi iterations; perplexity: latent = gold answer "
-        "| question + latents, cot = gold reasoning + answer | question",
-        f"{'model':<12} {'mode':<7} {'accuracy':>9} {'perplexity':>11} {'fwd/question':>13} {'tokens/question':>16} {'KV loss, last 20':>17}",
+        (
+            f"latent: M = {c['latent_slots']} slots, T = {c['latent_iterations']} Jacobi iterations; perplexity:"
+            " latent = gold answer | question + latents, cot = gold reasoning + answer | question"
+        ),
+        (
+            f"{'model':<12} {'mode':<7} {'accuracy':>9} {'perplexity':>11} {'fwd/question':>13}"
+            f" {'tokens/question':>16} {'KV loss, last 20':>17}"
+        ),
     ]
     for r in s["results"]:
         kv = f"{r['kv_loss_mean_last_20']:.4f}" if r["kv_loss_mean_last_20"] is not None else "-"
         lines.append(
-            f"{r['model']:<12} {r['mode']:<7} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f} {r['forward_passes_per_question']:>13.1f} "
-            f"{r['generated_tokens_per_question']:>16.1f} {kv:>17}"
+            f"{r['model']:<12} {r['mode']:<7} {r['accuracy']:>9.3f} {r['perplexity']:>11.3f}"
+            f" {r['forward_passes_per_question']:>13.1f} {r['generated_tokens_per_question']:>16.1f} {kv:>17}"
         )
     st = s["store"]
     lines.append(

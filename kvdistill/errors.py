@@ -42,7 +42,10 @@ def release_early_signals(command: str) -> None:
         name = signal.Signals(max(_EARLY)).name
         _EARLY.clear()
         raise Preempted(
-            message=f"preempted ({name}) while starting, before `kvdistill {command}` did any work: nothing was written; re-run the same command"
+            message=(
+                f"preempted ({name}) while starting, before `kvdistill {command}` did any work: nothing was written;"
+                " re-run the same command"
+            )
         )
 
 
@@ -66,4 +69,5 @@ class ExitCode(IntEnum):
     INTEGRITY = 4  # a corrupt or missing chunk; `store verify` found problems
     ENVIRONMENT = 5  # disk full, quota, read-only file system, permission denied
     BUSY = 6  # another live writer owns the shard
-    PREEMPTED = 143  # SIGTERM (128 + 15); train: also SIGUSR1, after saving a checkpoint. dump: the partial shard was discarded
+    # SIGTERM (128 + 15); train: also SIGUSR1, after saving a checkpoint. dump: the partial shard was discarded
+    PREEMPTED = 143

@@ -41,7 +41,10 @@ ARCHS = {
 # Qwen2's pre-tokenizer split (one token per digit keeps arithmetic learnable). transformers
 # rebuilds Qwen2-family tokenizers with exactly this split and NFC on load, so we train with it:
 # then the tokenizer behaves the same whichever class AutoTokenizer picks for a checkpoint.
-SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:

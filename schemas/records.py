@@ -102,8 +102,10 @@ class ModelSpec(Record):
     dtype: Dtype = option("float32", help="dtype the weights are loaded in")
     prompt_template: str = option(
         DEFAULT_TEMPLATE,
-        help="prompt template with {question}, {reasoning} and {answer} in this order "
-        "(a teacher's and the student's may differ: K/V are then aligned per segment)",
+        help=(
+            "prompt template with {question}, {reasoning} and {answer} in this order "
+            "(a teacher's and the student's may differ: K/V are then aligned per segment)"
+        ),
     )
     name: str | None = option(None, help="short name in the store (default: last path component)")
 
@@ -178,8 +180,10 @@ class AlignSpec(Record):
 
     layer_map: str = option(
         "ratio",
-        help="'ratio' (student layer l reads teacher layer l (L_t - 1) / (L_s - 1), interpolated) "
-        "or a layermap.json from `kvdistill align calibrate` (CKA top-k)",
+        help=(
+            "'ratio' (student layer l reads teacher layer l (L_t - 1) / (L_s - 1), interpolated) "
+            "or a layermap.json from `kvdistill align calibrate` (CKA top-k)"
+        ),
     )
     time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = option(
         "auto",
@@ -249,8 +253,10 @@ class LatentSpec(Record):
 
     slots: int = option(
         24,
-        help="M: latent tokens, i.e. kept reasoning positions per (layer, KV head); "
-        "needs eager attention (T^2 memory per layer)",
+        help=(
+            "M: latent tokens, i.e. kept reasoning positions per (layer, KV head); "
+            "needs eager attention (T^2 memory per layer)"
+        ),
     )
     lam: float = option(0.1, help="R-KV score = lambda * importance + (1 - lambda) * redundancy")
     codi_hidden: bool = option(
@@ -308,18 +314,24 @@ class DumpTask(Record):
     )
     kv_dtype: KVDtype = option(
         "float16",
-        help="codec of the stored K/V of every teacher not in teacher_kv_dtype (int8 / int4: KIVI-style, scales beside)",
+        help=(
+            "codec of the stored K/V of every teacher not in teacher_kv_dtype (int8 / int4: KIVI-style, scales beside)"
+        ),
     )
     teacher_kv_dtype: dict[str, KVDtype] = option(factory=dict, help="codec per teacher, e.g. teacher-a=int8")
     teacher_projection: dict[str, str] = option(
         factory=dict,
-        help="PCA .npz per teacher (each teacher needs its own fit), e.g. teacher-a=a-pca32.npz; overrides --projection",
+        help=(
+            "PCA .npz per teacher (each teacher needs its own fit), e.g. teacher-a=a-pca32.npz; overrides --projection"
+        ),
     )
     # The offline-logits baseline (DistillKit, Megatron-Core: k ~ 32-128) beside K/V in one store.
     logits_top_k: int = option(
         0,
-        help="also store each teacher's top-K log-probs per student token (logits_ids int32 + logits_lp float16: "
-        "6K bytes a token); 1-1024, only for a teacher with the student's tokenizer and a one-to-one time map",
+        help=(
+            "also store each teacher's top-K log-probs per student token (logits_ids int32 + logits_lp float16: "
+            "6K bytes a token); 1-1024, only for a teacher with the student's tokenizer and a one-to-one time map"
+        ),
     )
     teacher_logits_top_k: dict[str, int] = option(
         factory=dict, help="top-K per teacher, overriding --logits-top-k, e.g. other-tok=0"
@@ -347,12 +359,16 @@ class DumpTask(Record):
     # A duplicated or requeued array task finds the (teacher, shard) owned by a live writer.
     on_busy: Literal["fail", "wait"] = option(
         "fail",
-        help="another live writer owns this (teacher, shard): fail at once naming it, or wait until it finishes or dies",
+        help=(
+            "another live writer owns this (teacher, shard): fail at once naming it, or wait until it finishes or dies"
+        ),
     )
     allow_empty: bool = option(
         False,
-        help="write a shard even when it gets no sample (more shards than rows, every sample skipped); "
-        "without it that is an error, as an empty shard is almost always a wrong path or filter",
+        help=(
+            "write a shard even when it gets no sample (more shards than rows, every sample skipped); "
+            "without it that is an error, as an empty shard is almost always a wrong path or filter"
+        ),
     )
 
     def validate(self) -> None:
@@ -362,12 +378,14 @@ class DumpTask(Record):
             _check_top_k(self, f"teacher_logits_top_k[{name}]", k)
         if not 0 <= self.compression_level <= 9:
             raise ConfigError(
-                f"{type(self).__name__}.compression_level: blosc levels are 0 (none) to 9, got {self.compression_level}"
+                f"{type(self).__name__}.compression_level: blosc levels are 0 (none) to 9, got"
+                f" {self.compression_level}"
             )
         if self.backend == "webdataset" and (self.compression_level, self.blosc_shuffle) != (1, "byte"):
             raise ConfigError(
-                f"{type(self).__name__}.compression_level / blosc_shuffle: webdataset tars store K/V uncompressed, so level "
-                f"{self.compression_level} / {self.blosc_shuffle} shuffle would be ignored; drop them, or use backend zarr"
+                f"{type(self).__name__}.compression_level / blosc_shuffle: webdataset tars store K/V uncompressed, so"
+                f" level {self.compression_level} / {self.blosc_shuffle} shuffle would be ignored; drop them, or use"
+                " backend zarr"
             )
 
 
@@ -485,8 +503,8 @@ class JobsConfig(Record):
         limit = self.train_slurm.time_seconds() if self.train is not None and self.train_slurm.signal_seconds else None
         if limit is not None and self.train_slurm.signal_seconds >= limit:
             raise ConfigError(
-                f"JobsConfig.train_slurm.signal_seconds: {self.train_slurm.signal_seconds} s is not before the time limit "
-                f"{self.train_slurm.time} ({limit} s); lower it or raise train_slurm.time"
+                f"JobsConfig.train_slurm.signal_seconds: {self.train_slurm.signal_seconds} s is not before the time"
+                f" limit {self.train_slurm.time} ({limit} s); lower it or raise train_slurm.time"
             )
 
     def task(self, teacher: ModelSpec, shard: int) -> DumpConfig:
@@ -514,13 +532,17 @@ class CalibrateConfig(Record):
     out: str = option("layermap.json", help="layer map JSON (a heatmap .png is written beside it)")
     pca: int | None = option(
         None,
-        help="also fit a D-dim PCA per layer of the layer-mapped teacher K and V, for `dump --projection` "
-        "(the compact store: D = teacher K/V width / 8 with `dump --kv-dtype int4`; `kvdistill store plan` sizes it)",
+        help=(
+            "also fit a D-dim PCA per layer of the layer-mapped teacher K and V, for `dump --projection` (the compact"
+            " store: D = teacher K/V width / 8 with `dump --kv-dtype int4`; `kvdistill store plan` sizes it)"
+        ),
     )
     pca_layer_map: str = option(
         "calibrated",
-        help="the layer map the PCA is fitted under, which must be the one the dump uses (it is recorded and "
-        "checked): 'calibrated' (the map this run writes), 'ratio', or a layermap.json",
+        help=(
+            "the layer map the PCA is fitted under, which must be the one the dump uses (it is recorded and "
+            "checked): 'calibrated' (the map this run writes), 'ratio', or a layermap.json"
+        ),
     )
     time_map: Literal["auto", "identity", "char_overlap", "segment_linear"] = option(
         "auto", help="teacher tokens onto the student's (auto: from the data)"
@@ -534,7 +556,8 @@ class CalibrateConfig(Record):
             raise ConfigError(f"CalibrateConfig.pca: must be >= 1 or null, got {self.pca}")
         if self.pca_layer_map not in ("calibrated", "ratio") and not self.pca_layer_map.endswith(".json"):
             raise ConfigError(
-                f"CalibrateConfig.pca_layer_map: 'calibrated', 'ratio' or a layermap .json file, got {self.pca_layer_map!r}"
+                "CalibrateConfig.pca_layer_map: 'calibrated', 'ratio' or a layermap .json file, got"
+                f" {self.pca_layer_map!r}"
             )
         self.check_min(1, "batch_size")
 
@@ -556,8 +579,10 @@ class TrainConfig(Record):
     )
     fusion: Literal["fixed", "similarity", "router"] = option(
         "fixed",
-        help="fixed: teacher_weights; similarity: per token, softmax of cosine to the student's K/V / temperature; "
-        "router: a small MLP on the student's pooled last hidden state, softmax per sample",
+        help=(
+            "fixed: teacher_weights; similarity: per token, softmax of cosine to the student's K/V / temperature; "
+            "router: a small MLP on the student's pooled last hidden state, softmax per sample"
+        ),
         group="fusion",
     )
     fusion_temperature: float = option(0.1, help="softmax temperature of similarity routing", group="fusion")
@@ -575,8 +600,10 @@ class TrainConfig(Record):
     router_lr: float = option(1e-3, help="router learning rate", group="fusion", aliases=("--router-learning-rate",))
     adapter: Literal["flat", "headwise"] = option(
         "flat",
-        help="teacher K/V onto the student's width: flat, one D_t x D_s map per layer; headwise, a teacher "
-        "kv-head mixer + per-head d_t x d_s map",
+        help=(
+            "teacher K/V onto the student's width: flat, one D_t x D_s map per layer; headwise, a teacher "
+            "kv-head mixer + per-head d_t x d_s map"
+        ),
         group="KV loss",
     )
     kv_attn_weight: Literal["none", "student"] = option(
@@ -596,8 +623,11 @@ class TrainConfig(Record):
     )
     attn_kl_weight: float = option(
         0.0,
-        help="weight of the attention KL: KL(teacher || student attention) of the student's queries over the fused "
-        "adapted teacher keys vs its own keys, per layer, over real tokens (0: off; mode cot only; needs kv_weight > 0)",
+        help=(
+            "weight of the attention KL: KL(teacher || student attention) of the student's queries over the fused"
+            " adapted teacher keys vs its own keys, per layer, over real tokens (0: off; mode cot only; needs"
+            " kv_weight > 0)"
+        ),
         group="KV loss",
     )
     attn_kl_warmup_steps: int = option(
@@ -607,22 +637,30 @@ class TrainConfig(Record):
     # KV weight over training (issue 26: the KV gain is an early one): `kv_weight_at`.
     kv_weight_schedule: Literal["constant", "linear", "cosine"] = option(
         "constant",
-        help="KV weight over the run: constant (kv_weight), or a linear / cosine decay from kv_weight at the first "
-        "step to kv_weight_final as the planned steps end (like the LR schedule); every K/V term it weights (and Z) follows it",
+        help=(
+            "KV weight over the run: constant (kv_weight), or a linear / cosine decay from kv_weight at the first step"
+            " to kv_weight_final as the planned steps end (like the LR schedule); every K/V term it weights (and Z)"
+            " follows it"
+        ),
         group="KV loss",
     )
     kv_weight_final: float = option(
         0.0,
-        help="the KV weight a linear / cosine --kv-weight-schedule ends at: an absolute weight like kv_weight, not a fraction of it",
+        help=(
+            "the KV weight a linear / cosine --kv-weight-schedule ends at: an absolute weight like kv_weight, not a"
+            " fraction of it"
+        ),
         group="KV loss",
     )
     ce_weight: float = option(1.0, help="weight of the CE loss", group="KV loss")
     # Offline logits distillation (`dump --logits-top-k K`): the teachers' stored top-K log-probs.
     logits_weight: float = option(
         0.0,
-        help="> 0: add the KL from each teacher's stored top-k next-token distribution (dump --logits-top-k) to the "
-        "student's, on the CE positions, teachers mixed by teacher_weights (0 with kv_weight 0: the offline-logits "
-        "baseline)",
+        help=(
+            "> 0: add the KL from each teacher's stored top-k next-token distribution (dump --logits-top-k) to the"
+            " student's, on the CE positions, teachers mixed by teacher_weights (0 with kv_weight 0: the"
+            " offline-logits baseline)"
+        ),
         group="KV loss",
     )
     logits_temperature: float = option(
@@ -640,21 +678,27 @@ class TrainConfig(Record):
     # h_s([K, V]) into Z; fusion and the loss in Z replace kv_k / kv_v.
     z_dim: int = option(
         0,
-        help="> 0: fuse and distil in a common Z space of this width (very different teachers): per layer, maps of each "
-        "teacher's and the student's [K, V] into Z; the Z loss (weighted by kv_weight) replaces the K and V losses. "
-        "0: off (mode cot only)",
+        help=(
+            "> 0: fuse and distil in a common Z space of this width (very different teachers): per layer, maps of each"
+            " teacher's and the student's [K, V] into Z; the Z loss (weighted by kv_weight) replaces the K and V"
+            " losses. 0: off (mode cot only)"
+        ),
         group="Z space",
     )
     z_loss: Literal["mse", "cosine", "barlow", "cca"] = option(
         "mse",
-        help="loss in Z between the student and the fused target: mse, cosine, barlow (Barlow Twins cross-correlation "
-        "towards identity) or cca (per-dimension correlation + soft decorrelation of each side)",
+        help=(
+            "loss in Z between the student and the fused target: mse, cosine, barlow (Barlow Twins cross-correlation "
+            "towards identity) or cca (per-dimension correlation + soft decorrelation of each side)"
+        ),
         group="Z space",
     )
     z_teacher_maps: Literal["fixed", "learned"] = option(
         "fixed",
-        help="teacher maps into Z: fixed (frozen random semi-orthogonal: Z is anchored by the teachers, no collapse) "
-        "or learned (needs z_loss barlow or cca, scored on whitened Z, so a collapse costs what a miss does)",
+        help=(
+            "teacher maps into Z: fixed (frozen random semi-orthogonal: Z is anchored by the teachers, no collapse) "
+            "or learned (needs z_loss barlow or cca, scored on whitened Z, so a collapse costs what a miss does)"
+        ),
         group="Z space",
     )
     z_offdiag_weight: float = option(
@@ -697,8 +741,10 @@ class TrainConfig(Record):
     warmup_steps: int = option(20, help="linear warm-up steps of the cosine schedule", group="optimisation")
     warmup_ratio: float | None = option(
         None,
-        help="warm-up over this fraction of the run's steps instead (--max-steps, or those of --num-train-epochs; e.g. 0.05); "
-        "replaces --warmup-steps",
+        help=(
+            "warm-up over this fraction of the run's steps instead (--max-steps, or those of --num-train-epochs; e.g."
+            " 0.05); replaces --warmup-steps"
+        ),
         group="optimisation",
         instead_of="warmup_steps",
     )
@@ -710,8 +756,11 @@ class TrainConfig(Record):
     shuffle_buffer_bytes: int = option(
         2**30,
         group="data",
-        help="caps the shuffle buffer in bytes: it holds at most this many bytes of K/V as stored (a mean sample of the "
-        "store, every teacher read), so fewer than --shuffle-buffer samples at large widths; computed from the store alone",
+        help=(
+            "caps the shuffle buffer in bytes: it holds at most this many bytes of K/V as stored (a mean sample of the"
+            " store, every teacher read), so fewer than --shuffle-buffer samples at large widths; computed from the"
+            " store alone"
+        ),
     )
     num_workers: int = option(0, help="dataloader worker processes", group="data")
     # "stored": as the store holds them (float16 / bfloat16 in 16 bits, int8 / int4 codes +
@@ -720,8 +769,10 @@ class TrainConfig(Record):
     # accelerator, decoded on CPU (there the device *is* the CPU).
     kv_transfer: Literal["auto", "stored", "decoded"] = option(
         "auto",
-        help="how K/V reach the device: stored (as the store holds them, made float32 there), decoded "
-        "(float32 from the reader threads), auto (stored on an accelerator, decoded on CPU)",
+        help=(
+            "how K/V reach the device: stored (as the store holds them, made float32 there), decoded "
+            "(float32 from the reader threads), auto (stored on an accelerator, decoded on CPU)"
+        ),
         group="data",
     )
     log_every: int = option(10, help="write metrics every N steps", group="logging", aliases=("--logging-steps",))
@@ -737,8 +788,10 @@ class TrainConfig(Record):
     )
     metric_for_best_model: str | None = option(
         None,
-        help="keep RUN_DIR/best: the checkpoint with the lowest value of this validation metric (val_loss, val_ce, "
-        "val_kv_k, ...); needs --eval-steps",
+        help=(
+            "keep RUN_DIR/best: the checkpoint with the lowest value of this validation metric (val_loss, val_ce, "
+            "val_kv_k, ...); needs --eval-steps"
+        ),
         group="validation",
     )
     hash_params: bool = option(
@@ -753,14 +806,19 @@ class TrainConfig(Record):
     )
     save_every: int = option(
         0,
-        help="checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps (0: only the final model)",
+        help=(
+            "checkpoint (model, adapters, optimizer, scheduler, RNG, loader position) every N steps (0: only the final"
+            " model)"
+        ),
         group="checkpointing",
         aliases=("--save-steps",),
     )
     save_total_limit: int | None = option(
         None,
-        help="keep only the last N checkpoints in RUN_DIR/checkpoints, deleting older ones after each save "
-        "(RUN_DIR/best and final are never touched; default: keep all)",
+        help=(
+            "keep only the last N checkpoints in RUN_DIR/checkpoints, deleting older ones after each save "
+            "(RUN_DIR/best and final are never touched; default: keep all)"
+        ),
         group="checkpointing",
     )
     stop_at_step: int | None = option(
@@ -768,43 +826,55 @@ class TrainConfig(Record):
     )
     resume: str | None = option(
         None,
-        help="auto (the latest complete checkpoint in --out if there is one, else a fresh start: what train.sbatch runs), "
-        "a run directory (its latest checkpoint) or a checkpoint directory",
+        help=(
+            "auto (the latest complete checkpoint in --out if there is one, else a fresh start: what train.sbatch"
+            " runs), a run directory (its latest checkpoint) or a checkpoint directory"
+        ),
         group="checkpointing",
     )
     # SIGTERM / SIGUSR1 always save a checkpoint and exit 143 (train.sbatch sets this when
     # train_slurm.requeue).
     requeue_on_usr1: bool = option(
         False,
-        help="on SIGUSR1 under SLURM, after the checkpoint: `scontrol requeue $SLURM_JOB_ID` "
-        "(SIGTERM / SIGUSR1 always save and exit 143)",
+        help=(
+            "on SIGUSR1 under SLURM, after the checkpoint: `scontrol requeue $SLURM_JOB_ID` "
+            "(SIGTERM / SIGUSR1 always save and exit 143)"
+        ),
         group="checkpointing",
     )
     device: str = option("auto", help="auto | cpu | cuda", group="models")
     # bf16 matmuls are ~6x slower on CPU.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto",
-        help="autocast: auto = bf16 on a GPU that has it, none on CPU, or accelerate's setting when run "
-        "by `accelerate launch`",
+        help=(
+            "autocast: auto = bf16 on a GPU that has it, none on CPU, or accelerate's setting when run "
+            "by `accelerate launch`"
+        ),
         group="models",
     )
     report_to: list[str] = option(
         factory=list,
-        help="trackers besides metrics.jsonl (the source of truth), through accelerate: tensorboard, wandb, "
-        "...; all / auto: every one installed",
+        help=(
+            "trackers besides metrics.jsonl (the source of truth), through accelerate: tensorboard, wandb, "
+            "...; all / auto: every one installed"
+        ),
         group="logging",
     )
     # Each epoch's last batch is dropped when short (a one-sample batch cannot be deranged).
     kv_control: Literal["none", "shuffled"] = option(
         "none",
-        help="shuffled: a negative control; each sample is supervised with the teacher K/V of another sample "
-        "of its batch (seeded derangement), resampled in time to its own length",
+        help=(
+            "shuffled: a negative control; each sample is supervised with the teacher K/V of another sample "
+            "of its batch (seeded derangement), resampled in time to its own length"
+        ),
         group="KV loss",
     )
     mode: Literal["cot", "latent"] = option(
         "cot",
-        help="cot: KV loss on the written chain; latent (KaVa): question -> M latent slots "
-        "refined by Jacobi iterations -> answer, M from the store",
+        help=(
+            "cot: KV loss on the written chain; latent (KaVa): question -> M latent slots "
+            "refined by Jacobi iterations -> answer, M from the store"
+        ),
         group="latent",
     )
     latent_iterations: int = option(
@@ -846,8 +916,8 @@ class TrainConfig(Record):
         self.check_min(0, "logits_temperature", strict=True)
         if self.kv_weight_schedule != "constant" and self.kv_weight == 0:
             raise ConfigError(
-                f"TrainConfig.kv_weight_schedule {self.kv_weight_schedule!r}: kv_weight 0 (the CE-only baseline) has nothing to decay; "
-                "set kv_weight > 0 (the starting weight) or kv_weight_schedule constant"
+                f"TrainConfig.kv_weight_schedule {self.kv_weight_schedule!r}: kv_weight 0 (the CE-only baseline) has"
+                " nothing to decay; set kv_weight > 0 (the starting weight) or kv_weight_schedule constant"
             )
         if self.kv_weight_schedule == "constant" and self.kv_weight_final != 0:
             raise ConfigError(
@@ -859,7 +929,8 @@ class TrainConfig(Record):
                 raise ConfigError(f"TrainConfig.teacher_weights[{name!r}]: must be >= 0, got {w}")
         if self.router_groups not in (1, 3):
             raise ConfigError(
-                f"TrainConfig.router_groups: 1 (one weight vector) or 3 (shallow / middle / deep), got {self.router_groups}"
+                "TrainConfig.router_groups: 1 (one weight vector) or 3 (shallow / middle / deep), got"
+                f" {self.router_groups}"
             )
         if self.router_hidden < 1:
             raise ConfigError(f"TrainConfig.router_hidden: must be >= 1, got {self.router_hidden}")
@@ -867,13 +938,15 @@ class TrainConfig(Record):
             raise ConfigError(f"TrainConfig.cka_weight: must be >= 0, got {self.cka_weight}")
         if isinstance(self.cka_layers, list) and (not self.cka_layers or min(self.cka_layers) < 0):
             raise ConfigError(
-                f"TrainConfig.cka_layers: 'middle', 'last' or a non-empty list of student layer indices >= 0, got {self.cka_layers}"
+                "TrainConfig.cka_layers: 'middle', 'last' or a non-empty list of student layer indices >= 0, got"
+                f" {self.cka_layers}"
             )
         self.check_min(0, "kv_attn_warmup_steps", "layer_anneal_steps")
         self.check_min(0, "attn_kl_weight", "attn_kl_warmup_steps")
         if self.attn_kl_weight > 0 and self.kv_weight == 0:
             raise ConfigError(
-                "TrainConfig.attn_kl_weight: the attention KL reads the teacher keys, which kv_weight 0 does not; set kv_weight > 0 or attn_kl_weight 0"
+                "TrainConfig.attn_kl_weight: the attention KL reads the teacher keys, which kv_weight 0 does not; set"
+                " kv_weight > 0 or attn_kl_weight 0"
             )
         self.check_min(0, "lr", "adapter_lr", "router_lr", "fusion_temperature", strict=True)
         self.check_min(0, "weight_decay", "grad_clip", "warmup_steps", "lora_r", "save_every", "num_workers", "seed")
@@ -894,7 +967,8 @@ class TrainConfig(Record):
             )
         if self.eval_steps and not (self.val_shards or self.val_store):
             raise ConfigError(
-                "TrainConfig.eval_steps: validation needs held-out data: set val_shards N (the store's last N shards) or val_store PATH"
+                "TrainConfig.eval_steps: validation needs held-out data: set val_shards N (the store's last N shards)"
+                " or val_store PATH"
             )
         if self.metric_for_best_model and not self.eval_steps:
             raise ConfigError(
@@ -902,7 +976,8 @@ class TrainConfig(Record):
             )
         if self.metric_for_best_model and not self.metric_for_best_model.startswith("val_"):
             raise ConfigError(
-                f"TrainConfig.metric_for_best_model: a validation metric such as val_loss or val_ce, got {self.metric_for_best_model!r}"
+                "TrainConfig.metric_for_best_model: a validation metric such as val_loss or val_ce, got"
+                f" {self.metric_for_best_model!r}"
             )
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"TrainConfig.warmup_ratio: a fraction of max_steps in [0, 1), got {self.warmup_ratio}")
@@ -920,7 +995,8 @@ class TrainConfig(Record):
                 else ("kv_weight > 0", f"kv_weight {self.kv_weight}")
             )
             raise ConfigError(
-                f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs {need}, got {got}"
+                f"TrainConfig.kv_control: 'shuffled' swaps K/V between the samples of a batch, so it needs {need}, got"
+                f" {got}"
             )
         self.check_min(0, "z_dim", "z_offdiag_weight")
         if self.z_dim > 0:  # the Z space replaces the adapters and the K / V losses: what needs them is refused
@@ -933,14 +1009,15 @@ class TrainConfig(Record):
             clash = {k: v for k, (v, ok) in needs.items() if not ok}
             if clash:
                 raise ConfigError(
-                    f"TrainConfig.z_dim {self.z_dim}: the Z space needs kv_weight > 0 (it weights the Z term) and has no adapters, "
-                    f"per-token attention weights or student-space teacher keys; got {clash}. Set z_dim 0, or kv_weight > 0, "
-                    "adapter flat, kv_attn_weight none and attn_kl_weight 0"
+                    f"TrainConfig.z_dim {self.z_dim}: the Z space needs kv_weight > 0 (it weights the Z term) and has"
+                    f" no adapters, per-token attention weights or student-space teacher keys; got {clash}. Set z_dim"
+                    " 0, or kv_weight > 0, adapter flat, kv_attn_weight none and attn_kl_weight 0"
                 )
             if self.z_teacher_maps == "learned" and self.z_loss in ("mse", "cosine"):
                 raise ConfigError(
-                    f"TrainConfig.z_teacher_maps 'learned' with z_loss {self.z_loss!r}: both sides could collapse together to a low "
-                    "loss; use z_loss barlow or cca (their correlation terms prevent it) or z_teacher_maps fixed"
+                    f"TrainConfig.z_teacher_maps 'learned' with z_loss {self.z_loss!r}: both sides could collapse"
+                    " together to a low loss; use z_loss barlow or cca (their correlation terms prevent it) or"
+                    " z_teacher_maps fixed"
                 )
         if self.mode == "latent":  # options of the written-chain trainer that latent mode does not have
             cot_only = {
@@ -955,8 +1032,9 @@ class TrainConfig(Record):
             bad = {k: v for k, (v, off) in cot_only.items() if v != off}
             if bad:
                 raise ConfigError(
-                    f"TrainConfig: {bad} apply to mode 'cot' only; latent mode fuses teachers with fixed weights through flat "
-                    "adapters and has no attention weighting, attention KL, layer annealing or Z space. Drop them or train with --mode cot"
+                    f"TrainConfig: {bad} apply to mode 'cot' only; latent mode fuses teachers with fixed weights"
+                    " through flat adapters and has no attention weighting, attention KL, layer annealing or Z space."
+                    " Drop them or train with --mode cot"
                 )
 
 
@@ -991,7 +1069,9 @@ class DemoConfig(Record):
     out: str = option("demo-out", help="output directory (models, store.zarr, runs, summary.json, training.png)")
     data: DataSpec = option(
         factory=lambda: DataSpec(synthetic=SyntheticSpec(n_test=1000)),
-        help="the data set (1,000 test questions: with 200, one run's accuracy carries about +-0.03 of sampling noise)",
+        help=(
+            "the data set (1,000 test questions: with 200, one run's accuracy carries about +-0.03 of sampling noise)"
+        ),
     )
     num_shards: int = option(2, help="shards per teacher")
     teacher_steps: int = option(300, help="CE steps for each tiny teacher")
@@ -1001,13 +1081,17 @@ class DemoConfig(Record):
     kv_weight: float = option(1.0, help="KV loss weight of the distilled student")
     extra_teachers: list[Literal["cross-tokenizer", "dual-prompt"]] = option(
         factory=list,
-        help="cross-tokenizer: a Llama teacher with its own, larger BPE vocabulary (char-overlap time map); "
-        "dual-prompt: teacher-qwen2 again under a step-by-step template (per-segment resampling)",
+        help=(
+            "cross-tokenizer: a Llama teacher with its own, larger BPE vocabulary (char-overlap time map); "
+            "dual-prompt: teacher-qwen2 again under a step-by-step template (per-segment resampling)"
+        ),
     )
     mode: Literal["cot", "latent"] = option(
         "cot",
-        help="latent (KaVa): dump with R-KV compression to latent_slots, train latent students with and without "
-        "the KV loss, compare with a CoT student",
+        help=(
+            "latent (KaVa): dump with R-KV compression to latent_slots, train latent students with and without "
+            "the KV loss, compare with a CoT student"
+        ),
     )
     latent_slots: int = option(8, help="latent mode: M, compressed reasoning slots per teacher")
     latent_iterations: int = option(3, help="latent mode: Jacobi iterations T")
@@ -1032,8 +1116,10 @@ class CompareConfig(Record):
     out: str = option("compare-out", help="output directory (runs/<arm>/seed-<n>, compare.json, compare.html)")
     seeds: int = option(
         10,
-        help="seeds 0 .. seeds-1 per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom); "
-        "a seed sets the shuffle order and the adapters' init",
+        help=(
+            "seeds 0 .. seeds-1 per arm (>= 2: the CI is Student t with seeds - 1 degrees of freedom); "
+            "a seed sets the shuffle order and the adapters' init"
+        ),
     )
     arms: list[str] = option(
         factory=lambda: list(COMPARE_ARMS),
@@ -1044,14 +1130,18 @@ class CompareConfig(Record):
     )
     arm_overrides: dict[str, dict[str, Any]] = option(
         factory=dict,
-        help="adds or replaces arms: name -> TrainConfig overrides, e.g. kv-cos={kv_loss: cosine}; an arm may set "
-        "its own store holding the same data (e.g. stored compactly: kv-int4={fusion: fixed, store: int4.zarr})",
+        help=(
+            "adds or replaces arms: name -> TrainConfig overrides, e.g. kv-cos={kv_loss: cosine}; an arm may set "
+            "its own store holding the same data (e.g. stored compactly: kv-int4={fusion: fixed, store: int4.zarr})"
+        ),
     )
     steps: int = option(300, help="optimizer steps per run")
     curve_steps: list[int] = option(
         factory=list,
-        help="sample efficiency: also train curve_arms at these step budgets (e.g. 100,1000), each a run "
-        "with its own schedule, and report accuracy against steps and the baseline's steps each arm's accuracy is worth",
+        help=(
+            "sample efficiency: also train curve_arms at these step budgets (e.g. 100,1000), each a run with its own"
+            " schedule, and report accuracy against steps and the baseline's steps each arm's accuracy is worth"
+        ),
     )
     curve_arms: list[str] = option(
         factory=lambda: ["ce", "kv-fixed"], help="arms trained at every curve_steps budget (with the baseline)"
@@ -1065,8 +1155,10 @@ class CompareConfig(Record):
     )
     demo: DemoConfig = option(
         factory=DemoConfig,
-        help="the embedded default: `kvdistill demo` with this config is run first for its teachers "
-        "and store, or reused when its summary.json records the same config",
+        help=(
+            "the embedded default: `kvdistill demo` with this config is run first for its teachers "
+            "and store, or reused when its summary.json records the same config"
+        ),
         aliases={"out": "--demo-out"},
     )
     store: str | None = option(
@@ -1090,7 +1182,8 @@ class CompareConfig(Record):
             raise ConfigError(f"CompareConfig.curve_steps: every budget must be >= 1, got {self.curve_steps}")
         if self.curve_steps and self.baseline not in self.curve_arms:
             raise ConfigError(
-                f"CompareConfig.curve_arms: the curve is read against the baseline {self.baseline!r}; add it to {self.curve_arms}"
+                f"CompareConfig.curve_arms: the curve is read against the baseline {self.baseline!r}; add it to"
+                f" {self.curve_arms}"
             )
         if self.curve_seeds is not None and self.curve_seeds < 2:
             raise ConfigError(
@@ -1100,7 +1193,8 @@ class CompareConfig(Record):
         self.check_min(1, "max_new_tokens")
         if self.baseline not in self.arms:
             raise ConfigError(
-                f"CompareConfig.arms: differences are paired against the baseline {self.baseline!r}; add it to {self.arms}"
+                f"CompareConfig.arms: differences are paired against the baseline {self.baseline!r}; add it to"
+                f" {self.arms}"
             )
         dup = sorted({a for a in self.arms if self.arms.count(a) > 1})
         if dup:
@@ -1109,7 +1203,8 @@ class CompareConfig(Record):
             raise ConfigError("CompareConfig: give `store` and `student` together (or neither, for the demo's)")
         if self.store is not None and self.eval_data is None:
             raise ConfigError(
-                "CompareConfig.eval_data: with your own `store`, name the evaluation data (eval_data: {source: ..., split: test} in --config)"
+                "CompareConfig.eval_data: with your own `store`, name the evaluation data (eval_data: {source: ...,"
+                " split: test} in --config)"
             )
 
 
@@ -1161,7 +1256,10 @@ class StoreConvertConfig(Record):
     to: Literal["zarr", "webdataset"] | None = option(None, help="backend of DST (default: the other one than SRC's)")
     kv_dtype: KVDtype | None = option(
         None,
-        help="store every teacher's K/V in this codec (default: each teacher's own); webdataset holds float16 / float32 only",
+        help=(
+            "store every teacher's K/V in this codec (default: each teacher's own); webdataset holds float16 / float32"
+            " only"
+        ),
     )
     compression_level: int | None = option(
         None, help="blosc-zstd level of DST's K/V chunks, 0 (none) to 9 (zarr only; default: SRC's)"
@@ -1184,8 +1282,10 @@ class ShowAlignmentConfig(StoreToolConfig):
     teacher: str = option(help="teacher name in the store (`kvdistill store inspect` lists them)")
     sample: str = option(help="sample id (index.parquet's sample_id column, e.g. synth-train-3)")
     out: str = option(
-        help="image to write, e.g. alignment.png (no suffix: .png is added; an existing folder: "
-        "FOLDER/alignment-TEACHER-SAMPLE.png)"
+        help=(
+            "image to write, e.g. alignment.png (no suffix: .png is added; an existing folder: "
+            "FOLDER/alignment-TEACHER-SAMPLE.png)"
+        )
     )
     max_tokens: int = option(64, help="draw at most this many student tokens (the title says so when cut)")
     start: int = option(0, help="first student token drawn")
@@ -1217,8 +1317,10 @@ class PlanConfig(DumpTask):
     )
     pca: int | None = option(
         None,
-        help="size a store projected to D dims per layer before fitting the projection "
-        "(`kvdistill align calibrate --pca D`; a --projection file gives its own D)",
+        help=(
+            "size a store projected to D dims per layer before fitting the projection "
+            "(`kvdistill align calibrate --pca D`; a --projection file gives its own D)"
+        ),
         group="plan",
     )
     json: bool = option(
@@ -1242,7 +1344,8 @@ class PlanConfig(DumpTask):
             raise bad(
                 "--compression",
                 self.compression,
-                "must be a finite ratio > 0 (raw bytes / bytes on disk, e.g. 1.3); leave it out for the codec's default",
+                "must be a finite ratio > 0 (raw bytes / bytes on disk, e.g. 1.3); leave it out for the codec's"
+                " default",
             )
         if self.pca is not None and self.pca < 1:
             raise bad(
@@ -1269,14 +1372,18 @@ class DiagnoseConfig(Record):
     batches: int = option(4, help="batches to average over")
     checkpoint: str | None = option(
         None,
-        help="diagnose a trained run's weights instead of the initialisation: a run directory (its final/), a final/ "
-        "directory or RUN_DIR/checkpoints/step-N; the config is the run's train_config.yaml unless --config is given, "
-        "and the run's loss curve follows",
+        help=(
+            "diagnose a trained run's weights instead of the initialisation: a run directory (its final/), a final/"
+            " directory or RUN_DIR/checkpoints/step-N; the config is the run's train_config.yaml unless --config is"
+            " given, and the run's loss curve follows"
+        ),
     )
     run: str | None = option(
         None,
-        help="only this: do RUN_DIR's logged loss terms fall (metrics.jsonl: first value vs the mean of the last 20, "
-        "per term and per Jacobi iteration)? Builds no model and reads no store",
+        help=(
+            "only this: do RUN_DIR's logged loss terms fall (metrics.jsonl: first value vs the mean of the last 20, "
+            "per term and per Jacobi iteration)? Builds no model and reads no store"
+        ),
     )
     json: str | None = option(
         None, help="also write the result (terms, suggested weights, curve) as JSON to this file"

@@ -164,8 +164,8 @@ def _locate(store: Path, teacher: str, sample_id: str) -> tuple[int, int]:
         skipped |= dict.fromkeys(attrs.get("skipped", []), attrs.get("max_len"))
     if sample_id in skipped:
         raise StoreError(
-            f"store {store}: sample {sample_id!r} was skipped by teacher {teacher!r}'s dump (over max_len {skipped[sample_id]}); "
-            "pick another sample (`kvdistill store inspect` counts them)"
+            f"store {store}: sample {sample_id!r} was skipped by teacher {teacher!r}'s dump (over max_len"
+            f" {skipped[sample_id]}); pick another sample (`kvdistill store inspect` counts them)"
         )
     some = ", ".join(repr(x) for x in ids[:3]) or "none"
     raise StoreError(

@@ -52,12 +52,14 @@ def add_parser(sub) -> argparse._SubParsersAction:
         StoreConvertConfig,
         convert_main,
         help="copy a store into a new one of the other backend (zarr <-> webdataset), or of another K/V codec",
-        description="Copy every record of SRC, in order and checked as it is read, into the new store DST. K/V keep their "
-        "codec where the target holds it (zarr: any; webdataset tars: float16 / float32): an int8 / int4 / bfloat16 teacher "
-        "goes into webdataset only with --kv-dtype float16 or float32 (stored decoded). zarr -> zarr, a teacher whose codec "
-        "stays is copied as stored, bit for bit (int8 / int4 codes with their scales and zeros, bfloat16 bits), never "
-        "decoded and quantised again: e.g. to change --compression-level or --blosc-shuffle. A teacher whose codec "
-        "changes (--kv-dtype) is decoded to float and encoded again.",
+        description=(
+            "Copy every record of SRC, in order and checked as it is read, into the new store DST. K/V keep their"
+            " codec where the target holds it (zarr: any; webdataset tars: float16 / float32): an int8 / int4 /"
+            " bfloat16 teacher goes into webdataset only with --kv-dtype float16 or float32 (stored decoded). zarr ->"
+            " zarr, a teacher whose codec stays is copied as stored, bit for bit (int8 / int4 codes with their scales"
+            " and zeros, bfloat16 bits), never decoded and quantised again: e.g. to change --compression-level or"
+            " --blosc-shuffle. A teacher whose codec changes (--kv-dtype) is decoded to float and encoded again."
+        ),
     )
     add_tool(
         ssub,
@@ -65,7 +67,10 @@ def add_parser(sub) -> argparse._SubParsersAction:
         StoreVerifyConfig,
         verify_main,
         progress=True,
-        help="re-read everything: shards complete, checksums, NaN/Inf, shapes, same samples per teacher, index; exit 4 on any problem",
+        help=(
+            "re-read everything: shards complete, checksums, NaN/Inf, shapes, same samples per teacher, index; exit 4"
+            " on any problem"
+        ),
     )
     add_tool(
         ssub,
@@ -114,7 +119,8 @@ def verify_main(args: argparse.Namespace) -> int:
     if problems:
         print(format_problems(problems))
         print(
-            f"kvdistill store: verify found {len(problems)} problem(s) in {cfg.store}; each is listed above with its fix",
+            f"kvdistill store: verify found {len(problems)} problem(s) in {cfg.store}; each is listed above with"
+            " its fix",
             file=sys.stderr,
         )
         return ExitCode.INTEGRITY

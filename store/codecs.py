@@ -346,7 +346,8 @@ class QuantRows:
         lo, hi = scale_rows(self.codec, self.part, self.first_row, self.first_row + len(self.codes))
         if len(self.scale) != hi - lo:
             raise ValueError(
-                f"{self.codec} {self.part}: rows [{self.first_row}, {self.first_row + len(self.codes)}) need {hi - lo} scale rows, got {len(self.scale)}"
+                f"{self.codec} {self.part}: rows [{self.first_row}, {self.first_row + len(self.codes)}) need {hi - lo}"
+                f" scale rows, got {len(self.scale)}"
             )
 
     def __len__(self) -> int:

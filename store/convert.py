@@ -81,7 +81,8 @@ def convert(
         raise ValueError(f"kv_dtype: one of {['float32', *codecs.CODECS]}, got {kv_dtype!r}")
     if backend == "webdataset" and kv_dtype is not None and kv_dtype not in WDS_CODECS:
         raise StoreError(
-            f"--kv-dtype {kv_dtype}: webdataset tars hold float16 or float32 K/V; pass --kv-dtype float16 or float32, or convert to zarr"
+            f"--kv-dtype {kv_dtype}: webdataset tars hold float16 or float32 K/V; pass --kv-dtype float16 or float32,"
+            " or convert to zarr"
         )
     if compression_level is not None and not (isinstance(compression_level, int) and 0 <= compression_level <= 9):
         raise ValueError(f"compression_level: blosc levels are 0 (none) to 9, got {compression_level!r}")
@@ -89,7 +90,8 @@ def convert(
         raise ValueError(f"blosc_shuffle: 'byte' or 'bit', got {blosc_shuffle!r}")
     if backend == "webdataset" and (compression_level, blosc_shuffle) != (None, None):
         raise StoreError(
-            "--compression-level / --blosc-shuffle: webdataset tars store K/V uncompressed; drop them, or convert to zarr"
+            "--compression-level / --blosc-shuffle: webdataset tars store K/V uncompressed; drop them, or convert to"
+            " zarr"
         )
     if not teachers:
         raise StoreError(f"{src} holds no teachers; nothing to convert")
@@ -99,14 +101,16 @@ def convert(
     }  # only without kv_dtype
     if unfit:
         what = (
-            f"teacher {next(iter(unfit))!r} is stored as {next(iter(unfit.values()))}, which webdataset tars cannot hold"
+            f"teacher {next(iter(unfit))!r} is stored as {next(iter(unfit.values()))}, which webdataset tars cannot"
+            " hold"
             if len(unfit) == 1
             else "teachers "
             + ", ".join(f"{n!r} ({c})" for n, c in unfit.items())
             + " are stored in codecs webdataset tars cannot hold"
         )
         raise StoreError(
-            f"{what}; pass --kv-dtype float16 or float32 to store {'it' if len(unfit) == 1 else 'them'} decoded, or keep the zarr store"
+            f"{what}; pass --kv-dtype float16 or float32 to store {'it' if len(unfit) == 1 else 'them'} decoded, or"
+            " keep the zarr store"
         )
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise StoreError(f"{dst} exists; convert writes a new store: pick another path or delete it")
@@ -247,7 +251,8 @@ def _copy_shard(src: Path, dst: Path, teacher: str, shard: int, level: dict[str,
                         crc = zlib.crc32(np.ascontiguousarray(block).tobytes(), crc)
                 if name in want and crc != want[name]:
                     raise CorruptShard(
-                        f"{r.dir}: array {name!r} reads back with crc32 {crc:08x}, its record says {want[name]:08x}; run `kvdistill store verify {src}`"
+                        f"{r.dir}: array {name!r} reads back with crc32 {crc:08x}, its record says {want[name]:08x};"
+                        f" run `kvdistill store verify {src}`"
                     )
             group.attrs.update(dict(zarr.open_group(r.dir, mode="r").attrs))  # the completion record (KEY), last
             final.parent.mkdir(parents=True, exist_ok=True)

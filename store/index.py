@@ -77,8 +77,9 @@ def _finalize(path: Path) -> Path:
     ]
     if empty:
         raise StoreError(
-            f"cannot finalize {path}: teacher(s) {empty} hold 0 rows in all {spec.num_shards} shard(s); the dumps read no "
-            "samples (an empty data file or a filter that left none?): fix the data, delete the store and dump again"
+            f"cannot finalize {path}: teacher(s) {empty} hold 0 rows in all {spec.num_shards} shard(s); the dumps read"
+            " no samples (an empty data file or a filter that left none?): fix the data, delete the store and dump"
+            " again"
         )
     cols: dict[str, list] = {k: [] for k in INDEX_COLUMNS}
     for i in range(spec.num_shards):
@@ -88,9 +89,10 @@ def _finalize(path: Path) -> Path:
             attrs = shard_attrs(teacher_dir(path, name) / shard_name(i)) or {}
             if (len(r), int(r.offsets[-1])) != (attrs.get("samples"), attrs.get("rows")):
                 raise StoreError(
-                    f"cannot finalize {path}: teacher {name!r} {shard_name(i)} holds {len(r)} samples / {int(r.offsets[-1])} rows, "
-                    f"its completion record says {attrs.get('samples')} / {attrs.get('rows')}; run `kvdistill store verify {path}`, "
-                    "delete the shard and re-run its dump task, then finalize again"
+                    f"cannot finalize {path}: teacher {name!r} {shard_name(i)} holds {len(r)} samples /"
+                    f" {int(r.offsets[-1])} rows, its completion record says {attrs.get('samples')} /"
+                    f" {attrs.get('rows')}; run `kvdistill store verify {path}`, delete the shard and re-run its dump"
+                    " task, then finalize again"
                 )
             if first is None:
                 first = (name, r.sample_ids, r.offsets)
@@ -117,10 +119,11 @@ def _finalize(path: Path) -> Path:
             ]
     if stale:
         raise StoreError(
-            f"cannot finalize {path}: {len(stale)} problem(s) with shards that do not match the store (`kvdistill store verify` "
-            "lists them too):\n  "
+            f"cannot finalize {path}: {len(stale)} problem(s) with shards that do not match the store (`kvdistill"
+            " store verify` lists them too):\n  "
             + "\n  ".join(stale)
-            + "\ndelete each of those shards and re-run its dump task (`kvdistill dump --teacher-name T --shard I ...`), then finalize again"
+            + "\ndelete each of those shards and re-run its dump task (`kvdistill dump --teacher-name T --shard I"
+            " ...`), then finalize again"
         )
     tmp = path / f".{INDEX}.tmp"
     pq.write_table(pa.table(cols, schema=INDEX_SCHEMA), tmp)  # typed even with no rows at all
@@ -178,12 +181,14 @@ def metadata_problems(path: str | Path) -> list[str]:
         want = record["index"]
         if _sha256(data) != want["sha256"]:
             out.append(
-                f"{f} fails its checksum ({len(data)} bytes, sha256 {_sha256(data)[:16]}..., finalize wrote {want['bytes']} bytes, "
-                f"sha256 {want['sha256'][:16]}...): corrupt, or changed since `kvdistill store finalize`"
+                f"{f} fails its checksum ({len(data)} bytes, sha256 {_sha256(data)[:16]}..., finalize wrote"
+                f" {want['bytes']} bytes, sha256 {want['sha256'][:16]}...): corrupt, or changed since `kvdistill store"
+                " finalize`"
             )
     if _consolidated_sha256(_root_doc(path)) != record["consolidated_sha256"]:
         out.append(
-            f"the consolidated metadata in {path / 'zarr.json'} fails its checksum: corrupt, or rewritten since `kvdistill store finalize`"
+            f"the consolidated metadata in {path / 'zarr.json'} fails its checksum: corrupt, or rewritten since"
+            " `kvdistill store finalize`"
         )
     return out
 
@@ -222,7 +227,8 @@ def check_finalized(path: str | Path, teachers: list[str] | None = None) -> None
             have, want = (len(ids), int(offsets[-1])), (attrs.get("samples"), attrs.get("rows"))
             if have != want or int(offsets[0]) != 0:
                 problems.append(
-                    f"{where}: index.parquet lists {have[0]} samples / {have[1]} rows from row {int(offsets[0])}, the shard records {want[0]} / {want[1]} from row 0"
+                    f"{where}: index.parquet lists {have[0]} samples / {have[1]} rows from row {int(offsets[0])}, the"
+                    f" shard records {want[0]} / {want[1]} from row 0"
                 )
     problems += [
         f"teacher {name!r} {shard_name(i)}: index.parquet lists {len(ids)} samples of a shard the store does not hold"
@@ -232,7 +238,8 @@ def check_finalized(path: str | Path, teachers: list[str] | None = None) -> None
         raise StoreError(
             f"store {path} does not match its index.parquet, or holds shards that do not match the store:\n  "
             + "\n  ".join(problems)
-            + f"\nrun `kvdistill store verify {path}`; re-dump what it names, then `kvdistill store finalize {path}` again"
+            + f"\nrun `kvdistill store verify {path}`; re-dump what it names, then `kvdistill store finalize {path}`"
+            " again"
         )
 
 

@@ -214,11 +214,13 @@ def shard_record_problems(attrs: dict, spec: StoreSpec, tspec: TeacherSpec, shar
         out.append(f"holds {shard_name(attrs.get('shard', shard))} of teacher {attrs.get('teacher')!r}, not this one")
     if attrs.get("fingerprint") not in (None, tspec.fingerprint):
         out.append(
-            f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, teacher spec has {tspec.fingerprint})"
+            f"stale: written by another teacher setup (fingerprint {attrs['fingerprint']}, teacher spec has"
+            f" {tspec.fingerprint})"
         )
     if attrs.get("data_fingerprint") not in (None, spec.data_fingerprint):
         out.append(
-            f"stale: written from other data (data fingerprint {attrs['data_fingerprint']}, store has {spec.data_fingerprint})"
+            f"stale: written from other data (data fingerprint {attrs['data_fingerprint']}, store has"
+            f" {spec.data_fingerprint})"
         )
     if attrs.get("codec") not in (None, tspec.kv_dtype):
         out.append(f"stale: K/V stored as {attrs['codec']}, the teacher's codec is {tspec.kv_dtype}")
@@ -310,7 +312,8 @@ def _init_teacher(path: Path, spec: TeacherSpec, arrays: dict[str, np.ndarray] |
         raise StoreError(
             f"store {path}: teacher {spec.name!r} already holds shards of another teacher setup:\n  "
             + "\n  ".join(problems)
-            + "\ngive this teacher another name (--teacher-name) or use a new --store (a teacher with no complete shard "
+            + "\ngive this teacher another name (--teacher-name) or use a new --store (a teacher with no complete"
+            " shard "
             "yet is re-initialised by the next run)"
         )
 
@@ -355,7 +358,8 @@ def read_teacher_specs(path: str | Path) -> dict[str, TeacherSpec]:
             attrs = group_attrs(d, f"restore it from a copy, or dump teacher {d.name!r} into a new --store")
             if KEY not in attrs:
                 raise StoreError(
-                    f"{d / 'zarr.json'}: teacher {d.name!r} has no '{KEY}' record (not initialised); delete {d} and dump it again"
+                    f"{d / 'zarr.json'}: teacher {d.name!r} has no '{KEY}' record (not initialised); delete {d} and"
+                    " dump it again"
                 )
             out[d.name] = TeacherSpec.from_dict(attrs[KEY]["teacher_spec"])
     return out

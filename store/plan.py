@@ -73,7 +73,8 @@ def plan(
     logits_top_k: int = 0,
 ) -> dict[str, Any]:
     """Size estimate of one teacher's part of a store. `stored_width`: the PCA dimension when
-    projected (default: the teacher's own width); `logits_top_k`: K top log-probs per token too. `compression_ratio` defaults to 1.3 for
+    projected (default: the teacher's own width); `logits_top_k`: K top log-probs per token too.
+    `compression_ratio` defaults to 1.3 for
     float codecs (>= 2 bytes per value) and 1.0 for quantised ones; `num_shards` defaults to
     the suggestion: the fewest shards of at most `target_shard_bytes` on disk each."""
     for name, value in (("num_samples", num_samples), ("mean_tokens", mean_tokens)):
@@ -143,9 +144,14 @@ def format_plan(plans: dict[str, dict[str, Any]], codec: str = "float16") -> str
     first = next(iter(plans.values()))
     n = first["num_shards"]
     lines = [
-        f"{first['samples']:,} samples x {first['mean_tokens']:.1f} student tokens = {first['rows']:,} rows "
-        f"per teacher; K/V as {codec}; {n} shards of ~{math.ceil(first['rows'] / n):,} rows",
-        f"{'teacher':<24} {'L_s x H_kv x d':>16} {'B/token raw':>12} {'ratio':>6} {'raw':>11} {'on disk':>11} {'per shard':>11}",
+        (
+            f"{first['samples']:,} samples x {first['mean_tokens']:.1f} student tokens = {first['rows']:,} rows "
+            f"per teacher; K/V as {codec}; {n} shards of ~{math.ceil(first['rows'] / n):,} rows"
+        ),
+        (
+            f"{'teacher':<24} {'L_s x H_kv x d':>16} {'B/token raw':>12} {'ratio':>6} {'raw':>11} {'on disk':>11}"
+            f" {'per shard':>11}"
+        ),
     ]
     for name, p in plans.items():
         geom = f"{p['student_layers']} x {p['teacher_kv_heads']} x {p['teacher_head_dim']}"
@@ -202,11 +208,13 @@ def options(
             {
                 "name": name,
                 "codec": codec,
-                "projection": "none"
-                if fraction is None and dims is None
-                else f"width/{fraction}"
-                if fraction
-                else f"{dims} dims",
+                "projection": (
+                    "none"
+                    if fraction is None and dims is None
+                    else f"width/{fraction}"
+                    if fraction
+                    else f"{dims} dims"
+                ),
                 "compact": fraction == COMPACT["fraction"] and codec == COMPACT["codec"],
                 "stored_width": widths,
                 "bytes_per_token": per_token,
@@ -227,7 +235,10 @@ def format_options(opts: list[dict[str, Any]]) -> str:
         + f" {'total on disk':>14} {'vs float16':>10}"
     )
     lines = [
-        "storage options (compact: `kvdistill align calibrate --pca D` + `kvdistill dump --projection PCA.npz --kv-dtype int4`):",
+        (
+            "storage options (compact: `kvdistill align calibrate --pca D` + `kvdistill dump --projection PCA.npz"
+            " --kv-dtype int4`):"
+        ),
         head,
     ]
     for o in opts:

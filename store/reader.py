@@ -79,8 +79,9 @@ class ShardReader:
             self.offsets, self.sample_ids = index
             if len(self.sample_ids) != attrs["samples"] or int(self.offsets[-1]) != attrs["rows"]:
                 raise StoreError(
-                    f"{self.dir}: index.parquet lists {len(self.sample_ids)} samples / {int(self.offsets[-1])} rows, "
-                    f"the shard holds {attrs['samples']} / {attrs['rows']}; run `kvdistill store finalize {path}` again"
+                    f"{self.dir}: index.parquet lists {len(self.sample_ids)} samples / {int(self.offsets[-1])} rows,"
+                    f" the shard holds {attrs['samples']} / {attrs['rows']}; run `kvdistill store finalize {path}`"
+                    " again"
                 )
 
     def check_unread(self, read: set[str]) -> None:
@@ -95,11 +96,13 @@ class ShardReader:
                 got = r[:]
                 if name == "offsets" and not np.array_equal(got, self.offsets):
                     raise StoreError(
-                        f"{self.dir}: its offsets differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again"
+                        f"{self.dir}: its offsets differ from index.parquet; run `kvdistill store verify`, then"
+                        " `kvdistill store finalize` again"
                     )
                 if name == "sample_ids" and [str(x) for x in got] != self.sample_ids:
                     raise StoreError(
-                        f"{self.dir}: its sample ids differ from index.parquet; run `kvdistill store verify`, then `kvdistill store finalize` again"
+                        f"{self.dir}: its sample ids differ from index.parquet; run `kvdistill store verify`, then"
+                        " `kvdistill store finalize` again"
                     )
 
     def array(self, name: str) -> zarr.Array:

@@ -133,7 +133,8 @@ class ZarrRows:
             return self.array[sl]
         except (ValueError, RuntimeError, OSError) as e:  # zarr: "Stored and computed checksum do not match"
             raise CorruptShard(
-                f"{describe(self.path)}: a chunk fails its crc32c check or does not decode ({e}); run `kvdistill store verify`"
+                f"{describe(self.path)}: a chunk fails its crc32c check or does not decode ({e}); run `kvdistill store"
+                " verify`"
             ) from e
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
@@ -201,13 +202,15 @@ class ShardedRows:
         f.seek(0, os.SEEK_END)
         if f.tell() < n:
             raise CorruptShard(
-                f"{self.where}: shard file {name}: {f.tell()} bytes, shorter than its {n}-byte index (truncated?); run `kvdistill store verify`"
+                f"{self.where}: shard file {name}: {f.tell()} bytes, shorter than its {n}-byte index (truncated?); run"
+                " `kvdistill store verify`"
             )
         f.seek(-n, os.SEEK_END)
         raw = f.read(n)
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise CorruptShard(
-                f"{self.where}: shard file {name}: its chunk index fails its crc32c check (corrupt or truncated); run `kvdistill store verify`"
+                f"{self.where}: shard file {name}: its chunk index fails its crc32c check (corrupt or truncated); run"
+                " `kvdistill store verify`"
             )
         return np.frombuffer(raw[:-4], "<u8").reshape(self.per_shard, 2)
 
@@ -243,14 +246,17 @@ class ShardedRows:
                     name = self._shard_file(s)
                     if not name.exists():  # ShardWriter writes every shard file: this one was lost
                         raise CorruptShard(
-                            f"{self.where}: shard file {name} (rows {base}-{base + self.shard_rows - 1}) is missing (deleted or lost); run `kvdistill store verify`"
+                            f"{self.where}: shard file {name} (rows {base}-{base + self.shard_rows - 1}) is missing"
+                            " (deleted or lost); run `kvdistill store verify`"
                         )
                     f = files.enter_context(open(name, "rb"))
                     index, fd = self._index(f, name)[c0:c1], f.fileno()
                     for c, (off, nbytes) in zip(range(c0, c1), index, strict=True):
                         if off == _MISSING:  # every chunk is written (write_empty_chunks): this one was lost
                             raise CorruptShard(
-                                f"{self.where}: chunk {base // self.chunk_rows + c} (rows from {base + c * self.chunk_rows}) is missing from shard file {name}; run `kvdistill store verify`"
+                                f"{self.where}: chunk {base // self.chunk_rows + c} (rows from"
+                                f" {base + c * self.chunk_rows}) is missing from shard file {name}; run `kvdistill"
+                                " store verify`"
                             )
                         futures.append(
                             _pool().submit(
@@ -287,7 +293,8 @@ class ShardedRows:
                     row0 = s * self.shard_rows + c * self.chunk_rows
                     if off == _MISSING:
                         raise CorruptShard(
-                            f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) is missing from shard file {name}; run `kvdistill store verify`"
+                            f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) is missing from shard"
+                            f" file {name}; run `kvdistill store verify`"
                         )
                     self._checked(os.pread(f.fileno(), int(nbytes), int(off)), int(nbytes), name, row0)
 
@@ -345,5 +352,6 @@ class ShardedRows:
                 raise ValueError(f"{len(data)} bytes, expected {self.chunk_bytes}")
         except (RuntimeError, ValueError) as e:
             raise CorruptShard(
-                f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name} does not decode ({e}); run `kvdistill store verify`"
+                f"{self.where}: chunk {row0 // self.chunk_rows} (rows from {row0}) in shard file {name} does not"
+                f" decode ({e}); run `kvdistill store verify`"
             ) from e

@@ -209,9 +209,11 @@ class _ZarrShards:
                 "shard": sh["shard"],
                 "input_ids": tokens["input_ids"][r0 + a : r0 + b],
                 "loss_mask": tokens["loss_mask"][r0 + a : r0 + b],
-                "kv": {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)}
-                if self.read_kv
-                else {},
+                "kv": (
+                    {t: (blocks[2 * n][a:b], blocks[2 * n + 1][a:b]) for n, t in enumerate(self.teachers)}
+                    if self.read_kv
+                    else {}
+                ),
             }
             if self.read_logits:
                 sample["logits"] = {t: (x["logits_ids"][a:b], x["logits_lp"][a:b]) for t, x in logits.items()}

@@ -125,7 +125,8 @@ def stats(path: str | Path, teachers: list[str] | None = None) -> dict[str, Any]
         if "checksum" not in str(e):
             raise
         raise CorruptShard(
-            f"store {path}: a K/V chunk fails its crc32c check ({e}); run `kvdistill store verify {path}` to find which"
+            f"store {path}: a K/V chunk fails its crc32c check ({e}); run `kvdistill store verify {path}` to find"
+            " which"
         ) from e
     for name, kv in computed.items():
         for a, st in kv.items():

@@ -81,19 +81,23 @@ def format_inspect(info: dict[str, Any]) -> str:
     fp = info["fingerprints"]
     lines = [
         f"store {info['store']}  ({'finalized' if info['finalized'] else 'NOT finalized'})",
-        f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x "
-        f"{g['head_dim']} dims; {info['num_shards']} shards; K/V blosc-zstd level {info['compression_level']}, {info['blosc_shuffle']} shuffle; "
-        f"tokenizer {fp['tokenizer']}, data {fp['data']}",
-        f"{'teacher':<20} {'time map':<14} {'codec':<8} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} "
-        f"{'bytes':>12} {'B/token':>9} {'ratio':>6} {'top-k':>5} {'latent':>6}  fingerprint",
+        (
+            f"student {info['student']}: {g['num_layers']} layers x {g['num_kv_heads']} kv heads x {g['head_dim']}"
+            f" dims; {info['num_shards']} shards; K/V blosc-zstd level {info['compression_level']},"
+            f" {info['blosc_shuffle']} shuffle; tokenizer {fp['tokenizer']}, data {fp['data']}"
+        ),
+        (
+            f"{'teacher':<20} {'time map':<14} {'codec':<8} {'width':>6} {'shards':>8} {'samples':>8} {'tokens':>10} "
+            f"{'bytes':>12} {'B/token':>9} {'ratio':>6} {'top-k':>5} {'latent':>6}  fingerprint"
+        ),
     ]
     for name, t in info["teachers"].items():
         partial = f" ({t['shards_partial']} partial)" if t["shards_partial"] else ""
         lines.append(
-            f"{name:<20} {t['time_map']:<14} {t['codec']:<8} {t['width']:>6} {t['shards_complete']:>4}/{info['num_shards']:<3} "
-            f"{t['samples']:>8} {t['tokens']:>10} {t['bytes']:>12,} {t['bytes_per_token']:>9.1f} "
-            f"{t['compression_ratio']:>6.2f} {t['logits_top_k'] or '-':>5} {t['latent_slots'] or '-':>6}  "
-            f"{t['fingerprint']}{partial}"
+            f"{name:<20} {t['time_map']:<14} {t['codec']:<8} {t['width']:>6}"
+            f" {t['shards_complete']:>4}/{info['num_shards']:<3} {t['samples']:>8} {t['tokens']:>10} {t['bytes']:>12,}"
+            f" {t['bytes_per_token']:>9.1f} {t['compression_ratio']:>6.2f} {t['logits_top_k'] or '-':>5}"
+            f" {t['latent_slots'] or '-':>6}  {t['fingerprint']}{partial}"
         )
     for name, t in info["teachers"].items():
         if t["logits_top_k"]:
@@ -102,11 +106,12 @@ def format_inspect(info: dict[str, Any]) -> str:
                 f"({t['logits_bytes_per_token']:.1f} per token) of its {t['bytes']:,}"
             )
     lines.append(
-        f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers); "
-        "ratio = plain float16 bytes / bytes on disk; top-k = teacher log-probs stored per token (dump --logits-top-k); "
-        "latent = M compressed reasoning slots per sample (KaVa latent mode)"
+        f"total {info['bytes']:,} bytes on disk, {info['bytes_per_token']:.1f} bytes per token (all teachers); ratio ="
+        " plain float16 bytes / bytes on disk; top-k = teacher log-probs stored per token (dump --logits-top-k);"
+        " latent = M compressed reasoning slots per sample (KaVa latent mode)"
     )
     lines.append(
-        "one sample's time map and layer map, drawn: kvdistill store show-alignment STORE --teacher T --sample ID --out fig.png"
+        "one sample's time map and layer map, drawn: kvdistill store show-alignment STORE --teacher T --sample ID"
+        " --out fig.png"
     )
     return "\n".join(lines)

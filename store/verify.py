@@ -486,7 +486,8 @@ def _check_latent(
     wrong = ~np.all((real == mask[:, :, None, None]) & (real | (pos == -1)), axis=(1, 2, 3))  # [n]
     if wrong.any():
         report(
-            f"latent_mask disagrees with latent_pos >= 0, or padding positions are not -1 (first in sample {int(np.flatnonzero(wrong)[0])})"
+            "latent_mask disagrees with latent_pos >= 0, or padding positions are not -1 (first in sample"
+            f" {int(np.flatnonzero(wrong)[0])})"
         )
         return
     if np.any(mask[:, 1:] & ~mask[:, :-1]):
@@ -556,7 +557,8 @@ def _verify_tar(
         k, v = s["k"], s["v"]
         if len(s["input_ids"]) != T or len(s["loss_mask"]) != T:
             report(
-                f"record {j} ({sid}) has {len(s['input_ids'])} tokens / {len(s['loss_mask'])} mask entries, its completion record {T}"
+                f"record {j} ({sid}) has {len(s['input_ids'])} tokens / {len(s['loss_mask'])} mask entries, its"
+                f" completion record {T}"
             )
             continue
         if k.shape != (T, L_s, width) or v.shape != k.shape:
@@ -621,7 +623,8 @@ def _check_values(path, name, i, rows, L_s, width, kv, step, report) -> None:
                 x = block[a]  # [stop - start, L_s, width]
                 if x.shape != (stop - start, L_s, width):
                     report(
-                        f"{a} decodes to rows of shape {x.shape[1:]}, expected ({L_s}, {width}) (student layers, teacher width)"
+                        f"{a} decodes to rows of shape {x.shape[1:]}, expected ({L_s}, {width}) (student layers,"
+                        " teacher width)"
                     )
                     return
                 nonfinite = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)  # [rows]

@@ -127,7 +127,8 @@ def read_sidecar(tar: Path, problem: OnProblem) -> dict[str, Any] | None:
     sums = attrs.get("crc32c") if isinstance(attrs, dict) else None
     if sums is None:
         problem(
-            f"{tar.name} was written by an older kvdistill, without per-record checksums, so it cannot be checked while it streams",
+            f"{tar.name} was written by an older kvdistill, without per-record checksums, so it cannot be checked"
+            " while it streams",
             StoreError,
         )
         return None
@@ -198,7 +199,8 @@ def tar_records(
                 record, good = {"__key__": key, "__url__": str(tar), "__index__": j}, True
             if key != record["__key__"] or suffix not in slot or suffix in record:
                 damaged(
-                    f"holds member {item['fname']!r} where record {j} ({ids[j]!r}) of {n} should have members {members}"
+                    f"holds member {item['fname']!r} where record {j} ({ids[j]!r}) of {n} should have members"
+                    f" {members}"
                 )
                 break
             data = item["data"]
@@ -214,7 +216,8 @@ def tar_records(
                 record = None
         if sound and record is not None:
             damaged(
-                f"ends inside record {j} ({ids[j]!r}) of {n}: it has members {sorted(k for k in record if not k.startswith('__'))} of {members}"
+                f"ends inside record {j} ({ids[j]!r}) of {n}: it has members"
+                f" {sorted(k for k in record if not k.startswith('__'))} of {members}"
             )
         elif sound and j != n:
             damaged(f"ends after {j} of {n} records (truncated, or a damaged header ended it early)")
@@ -225,8 +228,8 @@ def tar_records(
             return
     if (stream.crc, stream.size) != (sums["tar"], sums["size"]):
         problem(
-            f"tar {tar} fails its whole-file crc32c: {stream.size} bytes with crc32c {stream.crc:08x}, "
-            f"written as {sums['size']} bytes with {sums['tar']:08x} (a damaged header, padding or end block, or a changed file)"
+            f"tar {tar} fails its whole-file crc32c: {stream.size} bytes with crc32c {stream.crc:08x}, written as"
+            f" {sums['size']} bytes with {sums['tar']:08x} (a damaged header, padding or end block, or a changed file)"
         )
 
 
@@ -250,7 +253,8 @@ def decode_record(sample: dict[str, Any]) -> dict[str, Any]:
             out[name] = np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False)
         except ValueError as e:  # object arrays need pickle: refused
             raise StoreError(
-                f"{sample.get('__url__')}: {sample['__key__']}.{name}.npy cannot be read without pickle ({e}); refusing it"
+                f"{sample.get('__url__')}: {sample['__key__']}.{name}.npy cannot be read without pickle ({e});"
+                " refusing it"
             ) from e
     return out
 

@@ -78,7 +78,8 @@ class WdsShardWriter:
     ) -> None:
         if codec not in WDS_CODECS:
             raise ValueError(
-                f"the webdataset backend stores float16 or float32 K/V, not {codec!r}; use the zarr backend for quantised codecs"
+                f"the webdataset backend stores float16 or float32 K/V, not {codec!r}; use the zarr backend for"
+                " quantised codecs"
             )
         self.root, self.teacher, self.shard = Path(root), teacher, shard
         self.final = tar_path(self.root, teacher, shard)
@@ -89,7 +90,8 @@ class WdsShardWriter:
         try:
             if self.final.exists():  # a tar without its record: not complete, and not ours to overwrite
                 raise StoreError(
-                    f"{self.final} exists without its completion record {self.sidecar.name}; delete it to re-dump the shard"
+                    f"{self.final} exists without its completion record {self.sidecar.name}; delete it to re-dump the"
+                    " shard"
                 )
             self.sidecar.unlink(missing_ok=True)  # a record whose tar never arrived (killed between the two)
             self.tmp = partial_dir(root, teacher) / f"{shard_name(shard)}.{socket.gethostname()}-{os.getpid()}.tar"
@@ -117,8 +119,8 @@ class WdsShardWriter:
         out = np.ascontiguousarray(x, dtype=self.dtype)
         if out.dtype != x.dtype and np.isinf(out).any() and np.isfinite(x).all():
             raise ValueError(
-                f"sample {sample_id}: {name} holds values up to {float(np.abs(x).max()):.4g}, beyond {self.codec}'s range; "
-                "store it as float32 (or in a zarr store as bfloat16)"
+                f"sample {sample_id}: {name} holds values up to {float(np.abs(x).max()):.4g}, beyond {self.codec}'s"
+                " range; store it as float32 (or in a zarr store as bfloat16)"
             )
         return out
 
@@ -173,7 +175,8 @@ class WdsShardWriter:
             self.has_segments = segment_ids is not None
         if (segment_ids is not None) != self.has_segments or (segment_ids is not None and len(segment_ids) != T):
             raise ValueError(
-                f"sample {sample_id}: segment_ids must be given for every sample of a shard or for none, one per token ({T})"
+                f"sample {sample_id}: segment_ids must be given for every sample of a shard or for none, one per token"
+                f" ({T})"
             )
         if segment_ids is not None:
             out["segment_ids.npy"] = np.asarray(segment_ids, dtype=np.uint8)
@@ -193,8 +196,8 @@ class WdsShardWriter:
             or len(pos) != M
         ):
             raise ValueError(
-                f"sample {sample_id}: latent k {latent['k'].shape}, v {latent['v'].shape}, mask {mask.shape}, pos {pos.shape}; "
-                f"expected {(M, self.L, self.D)}, ({M},), ({M}, L_t, H_t)"
+                f"sample {sample_id}: latent k {latent['k'].shape}, v {latent['v'].shape}, mask {mask.shape}, pos"
+                f" {pos.shape}; expected {(M, self.L, self.D)}, ({M},), ({M}, L_t, H_t)"
             )
         if not np.array_equal(np.all(pos >= 0, axis=(1, 2)), mask):
             raise ValueError(

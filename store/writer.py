@@ -398,9 +398,9 @@ class ShardWriter:
                 chunks=chunks,
                 shards=(chunks[0] * CHUNKS_PER_SHARD, *chunks[1:]),
                 dtype=data.dtype,
-                compressors=_kv_codec(chunks[0] * data[:1].nbytes, self.level, self.shuffle)
-                if data.ndim > 1
-                else SMALL_CODECS,
+                compressors=(
+                    _kv_codec(chunks[0] * data[:1].nbytes, self.level, self.shuffle) if data.ndim > 1 else SMALL_CODECS
+                ),
                 config=WRITE_ALL,
             )
             if suffix:
@@ -509,7 +509,8 @@ def acquire_shard(path: str | Path, teacher: str, shard: int, on_busy: str = "fa
     try:
         if shard_is_complete(path, teacher, shard) or (teacher_dir(path, teacher) / shard_name(shard)).exists():
             raise ShardComplete(
-                f"teacher {teacher!r} {shard_name(shard)} of store {path} is complete already; a complete shard is never rewritten"
+                f"teacher {teacher!r} {shard_name(shard)} of store {path} is complete already; a complete shard is"
+                " never rewritten"
             )
         for stale in partial_attempts(path, teacher, shard):  # a killed earlier attempt's: no live writer holds it
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()

@@ -319,7 +319,7 @@ def test_the_target_attention_does_not_follow_the_k_adapters_scale_which_no_loss
         return _target_attention(dist, model, ids, mask, kv, monkeypatch)
 
     ref, ref_a = run(lambda n: torch.ones(1))
-    variants = {f"x{c}": (lambda n, c=c: torch.tensor([c])) for c in (0.25, 4.0)}
+    variants = {f"x{c}": lambda n, c=c: torch.tensor([c]) for c in (0.25, 4.0)}
     variants["per teacher and layer"] = lambda n: (
         torch.tensor([0.25, 4.0]) if "teacher_b" not in n else torch.tensor([3.0, 0.5])
     )

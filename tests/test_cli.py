@@ -291,7 +291,9 @@ SAMPLE = {
     "PlanConfig.backend": "zarr",
     "TrainConfig.mode": "cot",  # latent mode refuses the cot-only fusion / adapter settings
     "TrainConfig.router_groups": 3,
-    "TrainConfig.z_dim": 0,  # Z space on refuses the adapter / attention settings sampled here (its own flags still round-trip)
+    "TrainConfig.z_dim": (
+        0
+    ),  # Z space on refuses the adapter / attention settings sampled here (its own flags still round-trip)
     "TrainConfig.val_shards": 0,  # with val_store: one source of validation data
     "TrainConfig.metric_for_best_model": "val_ce",
     "CompareConfig.arms": ["ce", "kv-fixed"],

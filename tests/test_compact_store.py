@@ -202,7 +202,8 @@ def test_store_plan_matches_the_bytes_of_a_real_dumped_store(compact, capsys):
     compact_opt = next(o for o in got["options"] if o["compact"])
     assert compact_opt["name"] == "pca/8-int4" and compact_opt["stored_width"] == {planned_name(got): 8}
     by_name = {o["name"]: o for o in got["options"]}
-    # int4 at 16 dims on 2 student layers: codes 2 x 2 x 16 / 2 + key scales/zeros amortised over 32 rows + value scales
+    # int4 at 16 dims on 2 student layers: codes 2 x 2 x 16 / 2 + key scales/zeros amortised over 32 rows
+    # + value scales
     want = codecs.bytes_per_row("int4", 2, 16) + 6
     assert by_name["pca16-int4"]["bytes_per_token"][planned_name(got)] == pytest.approx(want)
     assert by_name["float16"]["bytes_per_token"][planned_name(got)] == 2 * 2 * 64 * 2 + 6

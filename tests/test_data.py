@@ -30,10 +30,14 @@ from kvdistill.core.data import (  # noqa: E402
 from kvdistill.schemas import DataSpec, Example, SyntheticSpec  # noqa: E402
 
 GSM8K_ROW = {
-    "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as "
-    "many clips in May. How many clips did Natalia sell altogether in April and May?",
-    "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
+    "question": (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as "
+        "many clips in May. How many clips did Natalia sell altogether in April and May?"
+    ),
+    "answer": (
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+    ),
 }
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 

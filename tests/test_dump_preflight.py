@@ -90,7 +90,10 @@ def test_more_shards_than_rows_is_an_error_naming_the_counts_unless_allowed(tiny
     data = DataSpec.from_dict({**tiny_store["data"].to_dict(), "limit": 1})  # shard 0 of 2 gets no row
     with pytest.raises(
         DataError,
-        match=r"teacher teacher-a shard 0: data synthetic has 1 rows for 2 shards.*use fewer shards \(at most 1\) or --allow-empty",
+        match=(
+            r"teacher teacher-a shard 0: data synthetic has 1 rows for 2 shards.*use fewer shards \(at most 1\) or"
+            r" --allow-empty"
+        ),
     ):
         run_dump(_cfg(tiny_store, tmp_path, data=data, num_shards=2), progress=False)
     assert not (tmp_path / "s.zarr").exists()

@@ -279,7 +279,8 @@ def test_sbatch_refusing_a_job_exits_5_in_one_line(tmp_path, monkeypatch, capsys
 
     def refuse(scripts, *, dry_run):
         raise RuntimeError(
-            "`sbatch --parsable x.sbatch` failed (exit 1): sbatch: error: invalid partition specified: gpu\nalready submitted: nothing"
+            "`sbatch --parsable x.sbatch` failed (exit 1): sbatch: error: invalid partition specified: gpu\nalready"
+            " submitted: nothing"
         )
 
     monkeypatch.setattr(slurm, "submit", refuse)
@@ -300,7 +301,8 @@ def test_a_shard_owned_by_another_writer_exits_6(tmp_path, monkeypatch, capsys):
 
     def busy(cfg, progress=True):
         raise ShardBusy(
-            f"store {cfg.store}: teacher t shard 0 is being written by host n1 pid 4242 since 12:00; wait (--config on_busy: wait) or kill it"
+            f"store {cfg.store}: teacher t shard 0 is being written by host n1 pid 4242 since 12:00; wait (--config"
+            " on_busy: wait) or kill it"
         )
 
     monkeypatch.setattr(run, "run_dump", busy)

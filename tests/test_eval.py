@@ -132,9 +132,14 @@ GSM8K_ROWS = [
         "answer": "3+4=<<3+4=7>>7\n#### 7",
     },
     {
-        "question": "A shop sells 12 pens a day for 5 days, then 20 pens a day for 3 days. Each pen costs $2. How much money does it make?",
-        "answer": "12*5=<<12*5=60>>60 pens in the first 5 days.\n20*3=<<20*3=60>>60 pens in the next 3 days.\n"
-        "60+60=<<60+60=120>>120 pens in all.\n120*2=<<120*2=240>>240 dollars.\n#### 240",
+        "question": (
+            "A shop sells 12 pens a day for 5 days, then 20 pens a day for 3 days. Each pen costs $2. How much money"
+            " does it make?"
+        ),
+        "answer": (
+            "12*5=<<12*5=60>>60 pens in the first 5 days.\n20*3=<<20*3=60>>60 pens in the next 3 days.\n"
+            "60+60=<<60+60=120>>120 pens in all.\n120*2=<<120*2=240>>240 dollars.\n#### 240"
+        ),
     },
     {"question": "What is 9 minus 2?", "answer": "9-2=<<9-2=7>>7\n#### 7"},
 ]

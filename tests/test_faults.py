@@ -238,7 +238,10 @@ def test_a_deleted_chunk_file_is_refused_naming_it_never_read_as_zeros(codec_sto
         assert any(f"chunk file {f} is missing (deleted or lost)" in w for w in found), found
         with pytest.raises(
             CorruptShard,
-            match=rf"teacher 'teacher-b' shard-00001: array {array}: .*{f.relative_to(store / 'teachers' / 'teacher-b' / shard_name(1) / array)}.* is missing",
+            match=(
+                rf"teacher 'teacher-b' shard-00001: array {array}:"
+                rf" .*{f.relative_to(store / 'teachers' / 'teacher-b' / shard_name(1) / array)}.* is missing"
+            ),
         ):
             stream_all(store)
         if array in ("v", "k_scale"):  # `store stats` reads K/V with dask through plain zarr: refused first

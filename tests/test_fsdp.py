@@ -89,7 +89,8 @@ def test_the_fsdp_config_on_two_cpu_processes_is_refused_with_one_line_by_each_r
         )  # and the launcher's output shows it
     assert not (out / "final").exists() and not (out / "ranks").exists()
     print(
-        f"fsdp config on CPU, plain accelerate: ranks exit {codes}, launcher exit {code}; {time.monotonic() - t0:.1f} s"
+        f"fsdp config on CPU, plain accelerate: ranks exit {codes}, launcher exit {code};"
+        f" {time.monotonic() - t0:.1f} s"
     )
 
 
@@ -165,6 +166,6 @@ def test_the_trainers_fsdp2_path_on_cpu_with_accelerate_patched_to_shard_matches
     assert logits.shape == (1, ids["input_ids"].shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
     print(
-        f"fsdp on CPU (accelerate patched): FSDP on both ranks; weights vs DDP after {STEPS} steps: max |diff| {worst:.3g} "
-        f"(bit for bit: {bitwise}); FSDP run {t1 - t0:.1f} s, DDP run {t2 - t1:.1f} s"
+        f"fsdp on CPU (accelerate patched): FSDP on both ranks; weights vs DDP after {STEPS} steps: max |diff|"
+        f" {worst:.3g} (bit for bit: {bitwise}); FSDP run {t1 - t0:.1f} s, DDP run {t2 - t1:.1f} s"
     )

@@ -71,7 +71,10 @@ def test_a_failing_task_does_not_stop_the_others_and_is_named(tiny_store, tmp_pa
     cfg = JobsConfig(teachers=[*cfg.teachers, bad], dump=cfg.dump)
     with pytest.raises(
         LocalRunError,
-        match=r"(?s)2 of 6 dump tasks failed.*teacher broken shard 0: FileNotFoundError: teacher .*no-such-model: no such folder",
+        match=(
+            r"(?s)2 of 6 dump tasks failed.*teacher broken shard 0: FileNotFoundError: teacher .*no-such-model: no"
+            r" such folder"
+        ),
     ):
         run_local(cfg.tasks(), workers=1, progress=False)
     for t in tiny_store["teachers"]:

@@ -224,8 +224,11 @@ def test_an_interpolating_segment_map_is_refused_naming_the_sample(logits_store,
     )
     with pytest.raises(
         ValueError,
-        match=r"drop --logits-top-k for teacher think .*: sample synth-train-\d+ has \[\d+, \d+, \d+\] student / \[\d+, \d+, \d+\] "
-        r"teacher tokens per segment \(prompt, reasoning, answer\), so its segment_linear time map interpolates",
+        match=(
+            r"drop --logits-top-k for teacher think .*: sample synth-train-\d+ has \[\d+, \d+, \d+\] student / \[\d+,"
+            r" \d+, \d+\] "
+            r"teacher tokens per segment \(prompt, reasoning, answer\), so its segment_linear time map interpolates"
+        ),
     ):
         run_dump(cfg, progress=False)
     assert not (tmp_path / "x.zarr").exists()

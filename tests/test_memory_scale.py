@@ -251,8 +251,8 @@ def test_chunked_perplexity_stays_small_at_a_150k_vocabulary(wide_vocab):
         lambda: masked_ce(model(input_ids=ids[:4], attention_mask=attn[:4]).logits, ids[:4], lmask[:4]).item()
     )
     print(
-        f"perplexity pass, batch 64 x 64, vocab 150k: chunked peak {peak / MiB:.0f} MiB (full logits {full / MiB:.0f} MiB); "
-        f"full logits of 4 rows {peak4 / MiB:.0f} MiB"
+        f"perplexity pass, batch 64 x 64, vocab 150k: chunked peak {peak / MiB:.0f} MiB (full logits {full / MiB:.0f}"
+        f" MiB); full logits of 4 rows {peak4 / MiB:.0f} MiB"
     )
     assert n == int(lmask[:, 1:].sum()) and np.isfinite(nll)
     assert peak < 400 * MiB and peak < full / 10

@@ -143,7 +143,8 @@ def test_two_nodes_of_one_process_end_with_the_weights_of_two_processes_on_one_n
         assert metrics(out)[-1]["step"] == steps
     worst, bitwise = compare_weights(final_weights(nodes_out), final_weights(one_out), rtol=1e-5, atol=1e-6)
     print(
-        f"2 nodes x 1 vs 1 node x 2: max |diff| {worst:.3g} (bit for bit: {bitwise}); 2 nodes {t1 - t0:.1f} s, one node {t2 - t1:.1f} s"
+        f"2 nodes x 1 vs 1 node x 2: max |diff| {worst:.3g} (bit for bit: {bitwise}); 2 nodes {t1 - t0:.1f} s, one"
+        f" node {t2 - t1:.1f} s"
     )
 
 

@@ -243,19 +243,22 @@ def test_an_unknown_field_is_refused_with_the_list_of_valid_fields():
 
 def test_a_missing_required_field_is_named():
     assert config_error(DumpConfig, {"store": "s"}) == "DumpConfig: missing required field(s) ['student', 'teacher']"
-    assert config_error(DumpConfig, minimal_dump(teacher={})) == (
-        "DumpConfig.teacher: missing required field(s) ['name_or_path']"
+    assert (
+        config_error(DumpConfig, minimal_dump(teacher={}))
+        == "DumpConfig.teacher: missing required field(s) ['name_or_path']"
     )
     with pytest.raises(ConfigError, match="DumpConfig: missing required field"):
         DumpConfig.from_yaml("")
 
 
 def test_a_literal_violation_lists_the_allowed_values():
-    assert config_error(DumpConfig, minimal_dump(on_too_long="ignore")) == (
-        "DumpConfig.on_too_long: expected one of 'error' | 'skip', got 'ignore'"
+    assert (
+        config_error(DumpConfig, minimal_dump(on_too_long="ignore"))
+        == "DumpConfig.on_too_long: expected one of 'error' | 'skip', got 'ignore'"
     )
-    assert config_error(DumpConfig, minimal_dump(teacher={"name_or_path": "t", "dtype": "int8"})) == (
-        "DumpConfig.teacher.dtype: expected one of 'float32' | 'bfloat16' | 'float16', got 'int8'"
+    assert (
+        config_error(DumpConfig, minimal_dump(teacher={"name_or_path": "t", "dtype": "int8"}))
+        == "DumpConfig.teacher.dtype: expected one of 'float32' | 'bfloat16' | 'float16', got 'int8'"
     )
 
 

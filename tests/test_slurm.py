@@ -133,15 +133,18 @@ def test_scripts_are_valid_bash_with_the_configured_resources_and_dump_command(t
     opts = sbatch_options(scripts["train"])
     assert {"--nodes=2", "--ntasks-per-node=1", "--gres=gpu:4", "--cpus-per-task=32", "--mem=200G"} <= set(opts)
     assert "--requeue" not in opts
-    # multi-process: SIGUSR1 goes to every step's processes (no B:); the ranks take it, the shells and launchers ignore it
+    # multi-process: SIGUSR1 goes to every step's processes (no B:); the ranks take it, the shells and
+    # launchers ignore it
     assert {"--signal=USR1@300", "--open-mode=append"} <= set(opts)
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in train
     assert "\ntrap '' USR1" in train
     assert (
-        f'srun bash -c \'trap "" USR1; exec {sys.executable} -m accelerate.commands.launch --multi_gpu --num_machines $SLURM_NNODES '
+        f'srun bash -c \'trap "" USR1; exec {sys.executable} -m accelerate.commands.launch --multi_gpu --num_machines'
+        " $SLURM_NNODES "
         "--num_processes $((SLURM_NNODES * 4)) --machine_rank $SLURM_NODEID --main_process_ip $MASTER_ADDR "
-        f"--main_process_port 29500 -m kvdistill train --recipe default --config {jobs}/configs/train.yaml --resume auto --no-progress'"
-    ) in train  # requeue: false, so no --requeue-on-usr1
+        f"--main_process_port 29500 -m kvdistill train --recipe default --config {jobs}/configs/train.yaml --resume"
+        " auto --no-progress'" in train
+    )  # requeue: false, so no --requeue-on-usr1
     assert TrainConfig.load(jobs / "configs" / "train.yaml").store == str(tmp_path / "kv.zarr")
 
 
@@ -161,8 +164,8 @@ def test_cpu_only_dump_has_no_gres_and_single_process_training_runs_plain(tmp_pa
     assert "srun" not in train and "accelerate" not in train and "--ntasks-per-node" not in train
     # exec: the trainer is the batch shell, so SIGUSR1 (B:, 300 s before the limit) reaches it, and it requeues the job
     assert (
-        f"exec {sys.executable} -m kvdistill train --recipe default --config {tmp_path}/jobs/configs/train.yaml --resume auto --requeue-on-usr1 --no-progress"
-        in train
+        f"exec {sys.executable} -m kvdistill train --recipe default --config {tmp_path}/jobs/configs/train.yaml"
+        " --resume auto --requeue-on-usr1 --no-progress" in train
     )
     assert {"--gres=gpu:1", "--requeue", "--signal=B:USR1@300", "--open-mode=append"} <= set(
         sbatch_options(scripts["train"])
@@ -271,7 +274,8 @@ def test_submit_passes_real_job_ids_down_the_dependency_chain(tmp_path, monkeypa
 def test_sbatch_failure_raises_with_its_stderr_the_command_and_what_was_submitted(tmp_path, monkeypatch):
     fake_sbatch(
         tmp_path,
-        'if [ "$n" = 2 ]; then echo "sbatch: error: invalid partition specified: gpu" >&2; exit 1; fi; echo $((99 + n))',
+        'if [ "$n" = 2 ]; then echo "sbatch: error: invalid partition specified: gpu" >&2; exit 1; fi; echo $((99'
+        " + n))",
     )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     scripts = write_scripts(jobs_config(tmp_path))
@@ -581,7 +585,8 @@ def test_a_training_job_sent_usr1_requeues_itself_resumes_and_ends_as_an_uninter
 
     if not _wait(lambda: step_logged(2), 90, 0.05):
         pytest.fail(
-            f"the training job did not reach step 2 in 90 s: {_scontrol_job(job)}\n{_tail(log)}\n{_tail(state / 'slurmctld.log')}"
+            "the training job did not reach step 2 in 90 s:"
+            f" {_scontrol_job(job)}\n{_tail(log)}\n{_tail(state / 'slurmctld.log')}"
         )
     record("step 2 logged")
     subprocess.run([_which("scancel"), "--signal=USR1", "--batch", job], check=True)

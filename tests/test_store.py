@@ -73,8 +73,7 @@ def file_mtimes(path: Path) -> dict[str, int]:
 
 # --- the on-disk format, read without kvdistill ------------------------------------------------
 
-PLAIN_READER = textwrap.dedent(
-    """
+PLAIN_READER = textwrap.dedent("""
     import json, sys
     import dask.array as da
     import numpy as np
@@ -92,7 +91,9 @@ PLAIN_READER = textwrap.dedent(
             k, v = s["k"][:], s["v"][:]
             lazy = da.from_zarr(s["k"])  # dask over the same sharded array, chunk by chunk
             shards[sname] = {
-                "dask_equal": bool((lazy.astype("float32").sum(axis=(1, 2)).compute() == k.astype("float32").sum(axis=(1, 2))).all()),
+                "dask_equal": bool(
+                    (lazy.astype("float32").sum(axis=(1, 2)).compute() == k.astype("float32").sum(axis=(1, 2))).all()
+                ),
                 "k_shape": list(k.shape), "v_shape": list(v.shape), "dtype": str(k.dtype),
                 "finite": bool(np.isfinite(k).all() and np.isfinite(v).all()),
                 "input_ids": len(s["input_ids"][:]), "loss_mask": len(s["loss_mask"][:]),
@@ -106,8 +107,7 @@ PLAIN_READER = textwrap.dedent(
     assert "kvdistill" not in sys.modules, loaded
     out["kvdistill_modules"] = loaded
     print(json.dumps(out))
-    """
-)
+    """)
 
 
 def test_store_opens_with_zarr_dask_and_pyarrow_alone_and_its_layout_is_consistent(tiny_store, examples):

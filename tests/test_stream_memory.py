@@ -21,8 +21,7 @@ pytestmark = pytest.mark.slow  # streams a 400 MiB store in subprocesses
 
 L, H, d = 4, 2, 64  # D = 128: a float32 K+V row is 4 KiB decoded
 
-STREAM = textwrap.dedent(
-    """
+STREAM = textwrap.dedent("""
     import json, sys
     from torch.utils.data import DataLoader
     from kvdistill.train.stream import KVStream, collate
@@ -39,8 +38,7 @@ STREAM = textwrap.dedent(
         rows += int(batch["attention_mask"].sum())
         peak = max(peak, rss())
     print(json.dumps({"rows": rows, "growth": peak - base}))
-    """
-)
+    """)
 
 
 def _store(path, samples: int, tokens: int) -> int:

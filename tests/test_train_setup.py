@@ -31,8 +31,9 @@ def test_train_refuses_a_gpu_index_that_accelerate_would_ignore(monkeypatch):
     cfg = TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", device="cuda:1")
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=1 and --device cuda"):
         loop._device(cfg)
-    assert loop._device(TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", device="cuda")).type == (
-        "cuda"
+    assert (
+        loop._device(TrainConfig(store="s", student=ModelSpec(name_or_path="x"), out="o", device="cuda")).type
+        == "cuda"
     )
 
 

@@ -34,7 +34,8 @@ def test_converted_tars_hold_the_zarr_records_and_open_with_plain_webdataset(tin
 import io, json, sys
 import numpy as np, webdataset as wds
 out = []
-for rec in wds.WebDataset({str(wds_store / "teachers" / "teacher-a" / "shard-00001.tar")!r}, shardshuffle=False, empty_check=False):
+tar = {str(wds_store / "teachers" / "teacher-a" / "shard-00001.tar")!r}
+for rec in wds.WebDataset(tar, shardshuffle=False, empty_check=False):
     k = np.load(io.BytesIO(rec["k.npy"]), allow_pickle=False)
     out.append([rec["__key__"], list(k.shape), str(k.dtype), json.loads(rec["json"])["tokens"]])
 print(json.dumps({{"records": out, "kvdistill": sorted(m for m in sys.modules if m.split(".")[0] == "kvdistill")}}))

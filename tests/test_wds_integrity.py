@@ -250,7 +250,10 @@ def test_a_second_writer_of_a_shard_in_another_process_fails_naming_the_first(tm
         assert ready.wait(30), "the first writer did not start"
         with pytest.raises(
             ShardBusy,
-            match=rf"teacher 't' shard-00000 .* is being written by pid {first.pid} on host {re.escape(socket.gethostname())}",
+            match=(
+                rf"teacher 't' shard-00000 .* is being written by pid {first.pid} on host"
+                rf" {re.escape(socket.gethostname())}"
+            ),
         ):
             WdsShardWriter(root, "t", 0, num_layers=1, width=4)
         assert not _tar(root, "t", 0).exists()  # the refused writer touched nothing

@@ -124,8 +124,9 @@ def make_adapters(kind: str, shapes: KVShapes) -> nn.ModuleDict:
             raise ValueError("adapter 'headwise' needs the student's (num_kv_heads, head_dim): KVShapes.student_heads")
         elif name not in shapes.teacher_heads:
             raise ValueError(
-                f"teacher {name}: stored through a PCA projection (width {width}), so its head structure is gone and "
-                "adapter 'headwise' cannot map heads; use --adapter flat, or re-dump this teacher without align.projection"
+                f"teacher {name}: stored through a PCA projection (width {width}), so its head structure is gone and"
+                " adapter 'headwise' cannot map heads; use --adapter flat, or re-dump this teacher without"
+                " align.projection"
             )
         else:
             heads = shapes.teacher_heads[name]

@@ -17,9 +17,7 @@ __all__ = ["normalize_number", "extract_answer", "answers_match"]
 # ("12-3" is twelve minus three, not twelve and minus three). Thousands commas count only
 # in correct groups of three, so "1,2,3" is three numbers and "1,000" is one.
 _NUMBER = re.compile(
-    r"(?:(?<![\w)\]])[-+])?\$?"
-    r"(?:(?<!\d)\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
-    r"|(?:(?<![\w)\]])[-+])?\$?\.\d+"
+    r"(?:(?<![\w)\]])[-+])?\$?" r"(?:(?<!\d)\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?" r"|(?:(?<![\w)\]])[-+])?\$?\.\d+"
 )
 _ANSWER_CUE = re.compile(r"answer\s*(?:is\b|:)", re.IGNORECASE)
 

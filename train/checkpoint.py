@@ -197,8 +197,9 @@ def load_checkpoint(accelerator, ckpt: Path) -> Position:
     pos = json.loads((ckpt / "loader.json").read_text())
     if "batches_in_epoch" in pos:
         raise ValueError(
-            f"checkpoint {ckpt} was written by an earlier kvdistill whose sample order depended on the number of processes; "
-            "it cannot continue in the global order: start the run again (or train on from its weights with a new --out)"
+            f"checkpoint {ckpt} was written by an earlier kvdistill whose sample order depended on the number of"
+            " processes; it cannot continue in the global order: start the run again (or train on from its weights"
+            " with a new --out)"
         )
     accelerator.load_state(str(ckpt))
     return Position(**pos)

@@ -45,7 +45,9 @@ def _train_flags(p: argparse.ArgumentParser, suppress: bool = False) -> None:
         "--recipe",
         choices=recipe_names(),
         default=default,
-        help="a preset of train/recipes/ under --config and the flags (default: kava with --mode latent, else default)",
+        help=(
+            "a preset of train/recipes/ under --config and the flags (default: kava with --mode latent, else default)"
+        ),
     )
     add_flags(p, TrainConfig, groups=TRAIN_GROUPS, suppress=suppress)
 
@@ -62,10 +64,15 @@ def add_parser(sub) -> None:
     tsub = p.add_subparsers(dest="train_command", required=False, metavar="{diagnose}", prog=p.prog)
     d = tsub.add_parser(
         "diagnose",
-        help="loss terms and their gradient norms at init (or a trained run's: --checkpoint), with suggested weights (no step is taken)",
-        description="Build what `train` builds (either mode), run a few batches without stepping, and print each loss term's value, "
-        "its gradient norms on the student and on the mode's own modules, its gradient's cosine with CE's, and weights that balance "
-        "it with CE. Flags may come before `diagnose` or after it.",
+        help=(
+            "loss terms and their gradient norms at init (or a trained run's: --checkpoint), with suggested weights"
+            " (no step is taken)"
+        ),
+        description=(
+            "Build what `train` builds (either mode), run a few batches without stepping, and print each loss term's"
+            " value, its gradient norms on the student and on the mode's own modules, its gradient's cosine with CE's,"
+            " and weights that balance it with CE. Flags may come before `diagnose` or after it."
+        ),
     )
     # SUPPRESS: a flag not given after `diagnose` leaves what `train` parsed before it (its --config too).
     _train_flags(d, suppress=True)
@@ -122,16 +129,17 @@ def eval_main(args: argparse.Namespace) -> int:
     cfg = config_from_args(EvalConfig, args, EVAL_FLAGS)
     result = evaluate(cfg, progress=not args.no_progress)
     print(
-        f"{result['model']} ({result['mode']}): accuracy {result['accuracy']:.3f} on {result['n']} questions, "
-        f"perplexity {result['perplexity']:.3f}, {result['forward_passes_per_question']:.1f} forward passes and "
-        f"{result['generated_tokens_per_question']:.1f} generated tokens per question (budget {result['max_new_tokens']}), "
-        f"{result['questions_per_second']:.2f} questions/s"
+        f"{result['model']} ({result['mode']}): accuracy {result['accuracy']:.3f} on {result['n']} questions,"
+        f" perplexity {result['perplexity']:.3f}, {result['forward_passes_per_question']:.1f} forward passes and"
+        f" {result['generated_tokens_per_question']:.1f} generated tokens per question (budget"
+        f" {result['max_new_tokens']}), {result['questions_per_second']:.2f} questions/s"
     )
     if result["hit_cap"]:
         print(
-            f"warning: {result['hit_cap']} of {result['n']} generations reached --max-new-tokens {result['max_new_tokens']} without "
-            f"finishing ({result['hit_cap_correct']} of them scored correct from a cut-off text; accuracy on finished "
-            f"generations only: {result['accuracy_finished']:.3f}); raise --max-new-tokens to let them finish",
+            f"warning: {result['hit_cap']} of {result['n']} generations reached --max-new-tokens"
+            f" {result['max_new_tokens']} without finishing ({result['hit_cap_correct']} of them scored correct from a"
+            f" cut-off text; accuracy on finished generations only: {result['accuracy_finished']:.3f}); raise"
+            " --max-new-tokens to let them finish",
             file=sys.stderr,
         )
     return 0

@@ -173,7 +173,7 @@ def diagnose(cfg: TrainConfig, batches: int = 4, checkpoint: str | Path | None =
     order = [x for t in mode.finite for x in ((t, "kv") if t == "kv_v" else (t,)) if x in acc]
     report: dict[str, dict[str, float | None]] = {}
     for name in order:
-        r: dict[str, float | None] = {k: (sum(v) / len(v) if v else None) for k, v in acc[name].items()}
+        r: dict[str, float | None] = {k: sum(v) / len(v) if v else None for k, v in acc[name].items()}
         r["weight"] = weights[name]
         r["weighted_grad_student"] = abs(weights[name]) * r["grad_student"]
         report[name] = r
@@ -235,8 +235,9 @@ def _check_structure(cfg: TrainConfig, run: Path) -> None:
     for field, was, now in pairs:
         if was != now:
             raise ConfigError(
-                f"--checkpoint {run} was trained with {field} = {was!r}, this config has {now!r}, so its weights do not fit; "
-                f"diagnose it with its own config (leave out --config and that flag, or pass --config {saved_file})"
+                f"--checkpoint {run} was trained with {field} = {was!r}, this config has {now!r}, so its weights do"
+                " not fit; diagnose it with its own config (leave out --config and that flag, or pass --config"
+                f" {saved_file})"
             )
 
 
@@ -258,7 +259,8 @@ def load_trained(mode: Mode, cfg: TrainConfig, checkpoint: str | Path) -> Path:
         path = path / "final"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"--checkpoint {checkpoint}: neither a run directory with final/, a final/ directory, nor RUN_DIR/checkpoints/step-N"
+            f"--checkpoint {checkpoint}: neither a run directory with final/, a final/ directory, nor"
+            " RUN_DIR/checkpoints/step-N"
         )
     if cfg.lora_r > 0:
         from peft import set_peft_model_state_dict
@@ -266,12 +268,14 @@ def load_trained(mode: Mode, cfg: TrainConfig, checkpoint: str | Path) -> Path:
         lora = path / "lora" / "adapter_model.safetensors"
         if not lora.is_file():
             raise FileNotFoundError(
-                f"{path} has no lora/adapter_model.safetensors: was it trained without LoRA? Diagnose it with its own config (--lora-r 0)"
+                f"{path} has no lora/adapter_model.safetensors: was it trained without LoRA? Diagnose it with its own"
+                " config (--lora-r 0)"
             )
         result = set_peft_model_state_dict(model.student, load_file(lora))
         if result.unexpected_keys:
             raise ValueError(
-                f"{lora}: LoRA weights {result.unexpected_keys[:4]} fit no module of this student; diagnose it with its own config"
+                f"{lora}: LoRA weights {result.unexpected_keys[:4]} fit no module of this student; diagnose it with"
+                " its own config"
             )
     else:
         from transformers import AutoModelForCausalLM
@@ -283,7 +287,8 @@ def load_trained(mode: Mode, cfg: TrainConfig, checkpoint: str | Path) -> Path:
         state = torch.load(path / LATENT_FILE, map_location="cpu")
         if state["slots"] != model.head.slots:
             raise StoreError(
-                f"{path / LATENT_FILE} has {state['slots']} latent slots, the store {cfg.store} {model.head.slots}; diagnose it on the store it was trained on"
+                f"{path / LATENT_FILE} has {state['slots']} latent slots, the store {cfg.store} {model.head.slots};"
+                " diagnose it on the store it was trained on"
             )
         model.head.load_state_dict(state["head"])
         model.adapters.load_state_dict(state["adapters"])
@@ -360,7 +365,10 @@ def format_curve(curve: dict[str, Any]) -> str:
     w = curve["window"]
     head = f"{'term':<18}{'logged':>8}{'first':>12}{f'mean last {w}':>14}{'change':>10}  trend"
     lines = [
-        f"{curve['run']}/metrics.jsonl, steps {curve['steps'][0]}..{curve['steps'][1]}: first logged value vs the mean of the last {w}",
+        (
+            f"{curve['run']}/metrics.jsonl, steps {curve['steps'][0]}..{curve['steps'][1]}: first logged value vs the"
+            f" mean of the last {w}"
+        ),
         head,
         "-" * len(head),
     ]
@@ -391,15 +399,18 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{name:<16}{r['weight']:>9.3g}{r['value']:>12.5g}{r['grad_student']:>17.4g}"
             + (f"{r['grad_head']:>14.4g}" if latent else "")
-            + f"{r['grad_adapters']:>21.4g}{num(r['cos_ce'], '.3f', 9)}{r['weighted_grad_student']:>17.4g}{num(r['vs_ce'], '.3g', 8)}"
+            + f"{r['grad_adapters']:>21.4g}{num(r['cos_ce'], '.3f', 9)}"
+            + f"{r['weighted_grad_student']:>17.4g}{num(r['vs_ce'], '.3g', 8)}"
         )
     ce = result["ce_term"]
     lines.append(
-        f"(kv = kv_k + kv_v, the pair kv_weight scales; cos(CE): cosine of the term's student gradient with {ce}'s; vs CE: weight x |grad| over {ce}'s)"
+        f"(kv = kv_k + kv_v, the pair kv_weight scales; cos(CE): cosine of the term's student gradient with {ce}'s; vs"
+        f" CE: weight x |grad| over {ce}'s)"
     )
     if latent:
         lines.append(
-            "(head: the latent slots' init + proj; adapt+codi: the KV adapters and CODI maps; weights: ce_answer ce_weight, ce_cot cot_weight, codi codi_weight)"
+            "(head: the latent slots' init + proj; adapt+codi: the KV adapters and CODI maps; weights: ce_answer"
+            " ce_weight, ce_cot cot_weight, codi codi_weight)"
         )
     else:
         lines.append("(router_entropy enters the loss with weight -router_entropy_weight)")

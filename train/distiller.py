@@ -611,8 +611,8 @@ def _check_logits(cfg: TrainConfig, teachers: dict) -> None:
     weights = fixed_weights(cfg.teacher_weights, list(teachers))
     if not any(s.logits_top_k > 0 and weights[t] > 0 for t, s in teachers.items()):
         raise ConfigError(
-            f"logits_weight {cfg.logits_weight}: none of the teachers {sorted(teachers)} with weight > 0 stores logits; "
-            "re-dump one with `kvdistill dump --logits-top-k 64`, or set logits_weight 0"
+            f"logits_weight {cfg.logits_weight}: none of the teachers {sorted(teachers)} with weight > 0 stores"
+            " logits; re-dump one with `kvdistill dump --logits-top-k 64`, or set logits_weight 0"
         )
 
 

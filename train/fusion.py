@@ -37,7 +37,8 @@ class Router(nn.Module):
         super().__init__()
         if num_layers < groups:
             raise ValueError(
-                f"router_groups {groups} needs at least {groups} student layers, the student has {num_layers}; use router_groups 1"
+                f"router_groups {groups} needs at least {groups} student layers, the student has {num_layers}; use"
+                " router_groups 1"
             )
         self.n, self.groups = len(init_weights), groups
         self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, groups * self.n))

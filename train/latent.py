@@ -372,11 +372,12 @@ def latent_shapes(cfg: TrainConfig, teachers: dict[str, Any]) -> tuple[int, dict
     slots = {t: s.latent.slots for t, s in teachers.items()}
     if len(set(slots.values())) != 1:
         raise StoreError(
-            f"store {cfg.store}: teachers hold different latent slot counts {slots}; dump them with one LatentSpec.slots"
+            f"store {cfg.store}: teachers hold different latent slot counts {slots}; dump them with one"
+            " LatentSpec.slots"
         )
     sample = next(iter(KVStream(cfg.store, list(teachers), shuffle_buffer=1, read_kv=False, read_latent=True)))
     hidden = {
-        t: (None if lat.get("hidden") is None else int(lat["hidden"].shape[-1])) for t, lat in sample["latent"].items()
+        t: None if lat.get("hidden") is None else int(lat["hidden"].shape[-1]) for t, lat in sample["latent"].items()
     }
     return next(iter(slots.values())), hidden
 
@@ -405,7 +406,7 @@ def _latent_step(
     model, batch: dict[str, Any], device, step: int, shares: dict[str, float] | None
 ) -> dict[str, torch.Tensor]:
     latent = {
-        t: {k: (None if x is None else x.to(device)) for k, x in lat.items()} for t, lat in batch["latent"].items()
+        t: {k: None if x is None else x.to(device) for k, x in lat.items()} for t, lat in batch["latent"].items()
     }
     return model(
         batch["input_ids"].to(device),

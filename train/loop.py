@@ -168,7 +168,10 @@ def _slurm_requeue() -> str:
         return f"`{shlex.join(argv)}` failed ({e}): resubmit the job (it runs with --resume auto) to continue"
     if done.returncode != 0:
         why = (done.stderr or done.stdout).strip() or "no output"
-        return f"`{shlex.join(argv)}` failed (exit {done.returncode}: {why}): resubmit the job (it runs with --resume auto) to continue"
+        return (
+            f"`{shlex.join(argv)}` failed (exit {done.returncode}: {why}): resubmit the job (it runs with --resume"
+            " auto) to continue"
+        )
     # SLURM ends the running job with SIGTERM now; this process is done, so let it print and exit.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -185,9 +188,14 @@ def _preempted(cfg: TrainConfig, accelerator, signum: int, path: Path, step: int
     elif signum == signal.SIGUSR1:
         then = "continue with the same command and --resume auto (--requeue-on-usr1: a SLURM job requeues itself)"
     else:  # SLURM requeues a preempted job itself (#SBATCH --requeue); a cancelled one stays cancelled
-        then = "continue with the same command and --resume auto (a preempted SLURM job with --requeue comes back by itself)"
+        then = (
+            "continue with the same command and --resume auto (a preempted SLURM job with --requeue comes back by"
+            " itself)"
+        )
     return Preempted(
-        message=f"preempted ({name}) after step {step}: checkpoint {path} is complete (saved in {seconds:.1f} s); {then}"
+        message=(
+            f"preempted ({name}) after step {step}: checkpoint {path} is complete (saved in {seconds:.1f} s); {then}"
+        )
     )
 
 
@@ -196,9 +204,9 @@ def _no_window(cfg: TrainConfig, batches, pos: Position) -> None:
     if not n:
         raise StoreError(f"store {cfg.store} yielded no samples to train on")
     raise StoreError(
-        f"store {cfg.store}: epoch {pos.epoch} from sample {pos.samples_in_epoch} of {n} makes no whole global batch of "
-        f"{cfg.batch_size} x {batches.accumulation} (accumulation) x {batches.world_size} (processes), which kv_control shuffled "
-        "needs; lower --batch-size"
+        f"store {cfg.store}: epoch {pos.epoch} from sample {pos.samples_in_epoch} of {n} makes no whole global batch"
+        f" of {cfg.batch_size} x {batches.accumulation} (accumulation) x {batches.world_size} (processes), which"
+        " kv_control shuffled needs; lower --batch-size"
     )
 
 
@@ -210,8 +218,9 @@ def _check_fsdp(accelerator) -> None:
         and accelerator.distributed_type != DistributedType.FSDP
     ):
         raise ConfigError(
-            f"accelerate launch asked for FSDP, but this run is {accelerator.distributed_type.value}: accelerate shards only on GPUs "
-            "(and NPU / XPU / HPU); on the CPU it would be DDP with the whole model on every process. Use --multi_gpu for CPU DDP"
+            f"accelerate launch asked for FSDP, but this run is {accelerator.distributed_type.value}: accelerate"
+            " shards only on GPUs (and NPU / XPU / HPU); on the CPU it would be DDP with the whole model on every"
+            " process. Use --multi_gpu for CPU DDP"
         )
 
 
@@ -394,7 +403,8 @@ def _setup(cfg: TrainConfig, accelerator, trackers: list) -> _Run:
     metric = (cfg.metric_for_best_model or "val_loss").removeprefix("val_")
     if metric not in ("loss", *mode.finite):  # before any step, not at the first validation
         raise ConfigError(
-            f"TrainConfig.metric_for_best_model: mode {mode.name} validates val_loss and val_<term> for terms {list(mode.finite)}, not {cfg.metric_for_best_model!r}"
+            f"TrainConfig.metric_for_best_model: mode {mode.name} validates val_loss and val_<term> for terms"
+            f" {list(mode.finite)}, not {cfg.metric_for_best_model!r}"
         )
     world = accelerator.num_processes
     # Each rank's loader yields its part of every global batch, so loaders are not handed to accelerate.
@@ -468,14 +478,15 @@ def _announce(run: _Run) -> None:
     cfg, accum, world = run.cfg, run.cfg.gradient_accumulation_steps, run.accelerator.num_processes
     stream = run.loader.dataset.stream
     print(
-        f"kvdistill train: mode {run.mode.name}, {run.max_steps} steps of an effective batch {cfg.batch_size} x {accum} (accumulation) "
-        f"x {world} (processes) = {cfg.batch_size * accum * world} samples",
+        f"kvdistill train: mode {run.mode.name}, {run.max_steps} steps of an effective batch {cfg.batch_size} x"
+        f" {accum} (accumulation) x {world} (processes) = {cfg.batch_size * accum * world} samples",
         flush=True,
     )
     if stream.buffer_size < cfg.shuffle_buffer:
         print(
-            f"kvdistill train: shuffle buffer capped at {stream.buffer_size} of --shuffle-buffer {cfg.shuffle_buffer} samples by "
-            f"--shuffle-buffer-bytes {cfg.shuffle_buffer_bytes} ({stream.sample_bytes / 2**20:.1f} MiB a sample as stored)",
+            f"kvdistill train: shuffle buffer capped at {stream.buffer_size} of --shuffle-buffer {cfg.shuffle_buffer}"
+            f" samples by --shuffle-buffer-bytes {cfg.shuffle_buffer_bytes} ({stream.sample_bytes / 2**20:.1f} MiB a"
+            " sample as stored)",
             flush=True,
         )
 
@@ -767,7 +778,7 @@ def _window_grads(
             terms, mode.finite, step, {"sample_ids": [i for b in window if b["weight"] for i in b["sample_ids"]]}
         )
         grads = torch.autograd.grad(terms["loss"], list(leaves.values()), allow_unused=True)
-    return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), grads, strict=True)}
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)}
 
 
 def _pre_pass(
@@ -825,7 +836,8 @@ def planned_steps(cfg: TrainConfig, batches) -> int:
     per_epoch = len(batches.windows(start=0))
     if per_epoch < 1:
         raise StoreError(
-            f"store {cfg.store}: {len(batches.stream)} training samples make no global batch of {cfg.batch_size} x {batches.accumulation} x {batches.world_size}; lower --batch-size"
+            f"store {cfg.store}: {len(batches.stream)} training samples make no global batch of {cfg.batch_size} x"
+            f" {batches.accumulation} x {batches.world_size}; lower --batch-size"
         )
     return max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 

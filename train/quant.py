@@ -81,7 +81,8 @@ def collate_quant(rows: list[QuantRows], T: int) -> QuantKV:
         for r in rows
     ):
         raise ValueError(
-            f"samples of one teacher's {head.part} hold differently stored rows; was the teacher dumped into one store with one codec?"
+            f"samples of one teacher's {head.part} hold differently stored rows; was the teacher dumped into one store"
+            " with one codec?"
         )
     B = len(rows)
     codes = torch.zeros((B, T, *head.codes.shape[1:]), dtype=torch.from_numpy(head.codes[:0]).dtype)

@@ -122,7 +122,8 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(
-            f"{run} has no metrics.jsonl; point `kvdistill report` at a training run directory (--out of `kvdistill train`)"
+            f"{run} has no metrics.jsonl; point `kvdistill report` at a training run directory (--out of `kvdistill"
+            " train`)"
         )
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
@@ -233,7 +234,10 @@ def _validation(run: Path, rows: list[dict[str, Any]]) -> str:
     note = ""
     if best.exists():
         b = json.loads(best.read_text())
-        note = f"<p>best checkpoint ({html.escape(str(run / 'best'))}): {html.escape(b['metric'])} = {_fmt(b['value'])} at step {b['step']}</p>"
+        note = (
+            f"<p>best checkpoint ({html.escape(str(run / 'best'))}): {html.escape(b['metric'])} = {_fmt(b['value'])}"
+            f" at step {b['step']}</p>"
+        )
     return note + _table(header, table)
 
 
@@ -293,8 +297,8 @@ def _zspace(run: Path, rows: list[dict[str, Any]]) -> str:
     if not path.exists():
         if any("z" in r for r in rows):
             return _missing(f"Z space on, but no {path}: the Z sample is written with final/, when the run ends")
-        return (
-            "<p>Z space off (--z-dim N fuses and distils in a common Z space).</p>"  # a setting, not a missing piece
+        return (  # a setting, not a missing piece
+            "<p>Z space off (--z-dim N fuses and distils in a common Z space).</p>"
         )
     with np.load(path) as data:
         z, sources = data["z"], [str(s) for s in data["sources"]]  # [S, n, L, Z]
@@ -322,8 +326,8 @@ def _zspace(run: Path, rows: list[dict[str, Any]]) -> str:
         [[name, float(z[i].std(axis=0).mean()), _erank_layers(z[i])] for i, name in enumerate(sources)],
     )
     note = (
-        f"<p>{n} real tokens of the last training batch per source, Z of width {z_dim}, standardised per dimension as the "
-        "loss sees it. A collapsed side shows as a point (std 0) or a line (effective rank near 1).</p>"
+        f"<p>{n} real tokens of the last training batch per source, Z of width {z_dim}, standardised per dimension as"
+        " the loss sees it. A collapsed side shows as a point (std 0) or a line (effective rank near 1).</p>"
     )
     return note + _png(fig) + table
 
@@ -546,7 +550,11 @@ def _page(title: str, sections: list[tuple[str, str]]) -> str:
         "details summary{cursor:pointer;color:#246}h3{margin-top:1.5em}"
     )
     body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
-    return f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>'
+    return (
+        "<!DOCTYPE html><html><head><meta"
+        f' charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style></head>'
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
 
 
 def _ci(stat: dict[str, Any] | None, digits: int = 3) -> str:
@@ -600,12 +608,13 @@ def _compare_section(compare: dict[str, Any]) -> str:
             ]
         )
     note = (
-        f"<p>n = {compare['seeds']} seeds per arm, {compare.get('n_eval', '?')} test questions per run. CI half-width = t x s / sqrt(n), "
-        f"with s the sample standard deviation and t = {compare['t_quantile']:.4f} the two-sided {conf}% Student t quantile at n - 1 "
-        f"degrees of freedom. Δ: the mean over seeds of (arm - {base}) on the same seed, with its own CI; p: two-sided paired t-test, "
-        f"Holm-adjusted over the arms; * marks Holm p &lt; {alpha}. Bootstrap: seeds, then questions, resampled with replacement "
-        "(paired). d_z: mean / sd of the paired differences. MDE: the smallest true Δ accuracy a paired t-test with these seeds "
-        f"detects with power {compare.get('power', 0.8)} at level {alpha}, at the observed sd.</p>"
+        f"<p>n = {compare['seeds']} seeds per arm, {compare.get('n_eval', '?')} test questions per run. CI half-width"
+        f" = t x s / sqrt(n), with s the sample standard deviation and t = {compare['t_quantile']:.4f} the two-sided"
+        f" {conf}% Student t quantile at n - 1 degrees of freedom. Δ: the mean over seeds of (arm - {base}) on the"
+        " same seed, with its own CI; p: two-sided paired t-test, Holm-adjusted over the arms; * marks Holm p &lt;"
+        f" {alpha}. Bootstrap: seeds, then questions, resampled with replacement (paired). d_z: mean / sd of the"
+        " paired differences. MDE: the smallest true Δ accuracy a paired t-test with these seeds detects with power"
+        f" {compare.get('power', 0.8)} at level {alpha}, at the observed sd.</p>"
     )
     names = list(compare["arms"])
     fig = Figure(figsize=(15, 0.5 * len(rows) + 2))
@@ -725,18 +734,22 @@ def run_report(run: str | Path, compare: str | Path | None = None) -> str:
         sections.append(
             (
                 "Per-layer loss",
-                "".join(_heatmap(rows, k) for k in layer_terms)
-                if layer_terms
-                else _missing("no per-layer terms (kv_k_layers, ...) logged: a CE-only run has none"),
+                (
+                    "".join(_heatmap(rows, k) for k in layer_terms)
+                    if layer_terms
+                    else _missing("no per-layer terms (kv_k_layers, ...) logged: a CE-only run has none")
+                ),
             )
         )
         routes = sorted({k for r in rows for k in r if k.startswith("route_")})
         sections.append(
             (
                 "Routing weights",
-                _routes(rows, routes)
-                if routes
-                else _missing("no routing weights logged: fixed fusion (or CE only) routes nothing"),
+                (
+                    _routes(rows, routes)
+                    if routes
+                    else _missing("no routing weights logged: fixed fusion (or CE only) routes nothing")
+                ),
             )
         )
     sections.append(("Z space", _zspace(run, rows)))

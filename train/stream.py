@@ -167,7 +167,8 @@ class KVStream(IterableDataset):
                 nxt = next(got, None)
                 if nxt is None:
                     raise StoreError(
-                        f"store {self.store}: the shards ended before sample {p} of the epoch's order; run `kvdistill store verify` and `finalize` again"
+                        f"store {self.store}: the shards ended before sample {p} of the epoch's order; run `kvdistill"
+                        " store verify` and `finalize` again"
                     )
                 held[nxt[0]] = nxt[1]
             uses[p] -= 1
@@ -283,8 +284,8 @@ class MicroBatches(IterableDataset):
         start = self.start if start is None else start
         if not 0 <= start <= n:
             raise StoreError(
-                f"a checkpoint resumes after sample {start} of an epoch, but an epoch of store {self.stream.store} has {n} samples; "
-                "resume with the store (and --val-shards) of the run that wrote it"
+                f"a checkpoint resumes after sample {start} of an epoch, but an epoch of store {self.stream.store} has"
+                f" {n} samples; resume with the store (and --val-shards) of the run that wrote it"
             )
         return windows(n, start, self.batch_size, self.accumulation, self.world_size, self.drop_short)
 
@@ -333,7 +334,8 @@ def _check_shards(shards: list[int], num_shards: int, store: str | Path) -> list
     bad = [s for s in out if not 0 <= s < num_shards]
     if bad or len(set(out)) != len(out) or not out:
         raise ValueError(
-            f"shards {list(shards)}: need distinct shard indices in 0..{num_shards - 1} of store {store} (at least one)"
+            f"shards {list(shards)}: need distinct shard indices in 0..{num_shards - 1} of store {store} (at least"
+            " one)"
         )
     return out
 
@@ -414,9 +416,11 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
                 "k": torch.from_numpy(np.stack([r["k"] for r in rows]).astype(np.float32)),
                 "v": torch.from_numpy(np.stack([r["v"] for r in rows]).astype(np.float32)),
                 "mask": torch.from_numpy(np.stack([r["mask"] for r in rows])),
-                "hidden": torch.from_numpy(np.stack([r["hidden"] for r in rows]).astype(np.float32))
-                if "hidden" in x0
-                else None,
+                "hidden": (
+                    torch.from_numpy(np.stack([r["hidden"] for r in rows]).astype(np.float32))
+                    if "hidden" in x0
+                    else None
+                ),
             }
     return batch
 

@@ -50,8 +50,9 @@ def validation_loader(
                 else f"holds the training store's data (data fingerprint {val_spec.data_fingerprint})"
             )
             raise ConfigError(
-                f"TrainConfig.val_store: {cfg.val_store} {why}, so validation would measure samples the run trains on; "
-                "hold out the training store's last shards with --val-shards N instead, or dump a held-out split into a second store"
+                f"TrainConfig.val_store: {cfg.val_store} {why}, so validation would measure samples the run trains on;"
+                " hold out the training store's last shards with --val-shards N instead, or dump a held-out split"
+                " into a second store"
             )
     stream = KVStream(
         store,
@@ -127,7 +128,8 @@ class Best:
             return False
         if self.metric not in row:
             raise ConfigError(
-                f"metric_for_best_model {self.metric!r} is not among the validation metrics {sorted(k for k in row if k.startswith('val_'))}"
+                f"metric_for_best_model {self.metric!r} is not among the validation metrics"
+                f" {sorted(k for k in row if k.startswith('val_'))}"
             )
         return row[self.metric] < self.value
 

@@ -100,9 +100,9 @@ def capture_kv(model, queries: bool = False):
             rope = kwargs.get("position_embeddings")
             if rope is None:
                 raise TypeError(
-                    f"layer {i}: {type(module).__name__} was not handed position_embeddings=(cos, sin) by its decoder layer, "
-                    "so the attention KL term cannot rebuild its RoPE; it supports Llama / Qwen2 / Qwen3-style attention. "
-                    "Set attn_kl_weight 0 for this student"
+                    f"layer {i}: {type(module).__name__} was not handed position_embeddings=(cos, sin) by its decoder"
+                    " layer, so the attention KL term cannot rebuild its RoPE; it supports Llama / Qwen2 /"
+                    " Qwen3-style attention. Set attn_kl_weight 0 for this student"
                 )
             out["rope"][i] = rope
 
@@ -137,7 +137,8 @@ def rope_heads(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_hea
     x = unflatten_heads(x, num_heads).transpose(1, 2).float()  # [B, H, T, d]
     if cos.shape[-1] != x.shape[-1]:
         raise ValueError(
-            f"RoPE over {cos.shape[-1]} of {x.shape[-1]} head dims (partial rotary) is not supported by the attention KL term"
+            f"RoPE over {cos.shape[-1]} of {x.shape[-1]} head dims (partial rotary) is not supported by the attention"
+            " KL term"
         )
     return rotate(x, cos[:, None].float(), sin[:, None].float())
 
@@ -243,7 +244,8 @@ def forward_kv_packed(
             h.remove()
     if state["filled"] != 2 * L:  # a buffer left partly unwritten would hand on stale K/V
         raise RuntimeError(
-            f"captured {state['filled']} of {2 * L} K/V projections of {type(model).__name__}'s {L} layers in one forward"
+            f"captured {state['filled']} of {2 * L} K/V projections of {type(model).__name__}'s {L} layers in one"
+            " forward"
         )
     return (state["kv"], out.last_hidden_state) if hidden else state["kv"]
 

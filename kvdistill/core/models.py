@@ -85,7 +85,8 @@ def _check_source(spec: ModelSpec, role: str | None, need: str) -> None:
     who = f"{role or 'model'} {p}"
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{who}: a file, not a checkpoint folder; give the folder that holds config.json, the tokenizer and the weights"
+            f"{who}: a file, not a checkpoint folder; give the folder that holds config.json, the tokenizer and the"
+            " weights"
         )
     names = sorted(f.name for f in path.iterdir())
     has_config = "config.json" in names
@@ -134,13 +135,14 @@ def _fetching(spec: ModelSpec, role: str | None):
             ) from e
         if any(isinstance(c, RepositoryNotFoundError) and not isinstance(c, GatedRepoError) for c in causes):
             raise FileNotFoundError(
-                f"{who}, and the hub has no repo {p} (a private one needs `hf auth login`); give an existing checkpoint folder or a hub id"
+                f"{who}, and the hub has no repo {p} (a private one needs `hf auth login`); give an existing"
+                " checkpoint folder or a hub id"
             ) from e
         if any(isinstance(c, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for c in causes):
             if hf_constants.is_offline_mode():
                 raise FileNotFoundError(
-                    f"{who}, and not a hub id that can be fetched offline (HF_HUB_OFFLINE is set and the hub cache holds no copy); "
-                    "give an existing checkpoint folder, or fetch it once online"
+                    f"{who}, and not a hub id that can be fetched offline (HF_HUB_OFFLINE is set and the hub cache"
+                    " holds no copy); give an existing checkpoint folder, or fetch it once online"
                 ) from e
             raise FileNotFoundError(
                 f"{who}, and it could not be fetched from the hub (no connection, and the hub cache holds no copy); "
@@ -199,9 +201,9 @@ def require_eos(tok, role: str, spec: ModelSpec) -> None:
     there is no pad token): a tokenizer without one is refused, naming whose it is."""
     if tok.eos_token_id is None:
         raise ValueError(
-            f"the {role} tokenizer ({spec.name_or_path}) has no eos_token; every sample ends with EOS so generation "
-            "can stop. Add one to the tokenizer (tokenizer.eos_token = '...' or add_special_tokens({'eos_token': ...}), "
-            "then save_pretrained), or use another tokenizer"
+            f"the {role} tokenizer ({spec.name_or_path}) has no eos_token; every sample ends with EOS so generation"
+            " can stop. Add one to the tokenizer (tokenizer.eos_token = '...' or add_special_tokens({'eos_token':"
+            " ...}), then save_pretrained), or use another tokenizer"
         )
 
 

@@ -39,7 +39,8 @@ def load_recipe(name: str) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(data, dict) or set(data) - known:
         raise ConfigError(
-            f"recipe {path}: a mapping of TrainConfig fields, got unknown field(s) {sorted(set(data) - known) if isinstance(data, dict) else data!r}"
+            f"recipe {path}: a mapping of TrainConfig fields, got unknown field(s)"
+            f" {sorted(set(data) - known) if isinstance(data, dict) else data!r}"
         )
     return data
 
