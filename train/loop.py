@@ -1,4 +1,5 @@
-"""The training recipe, both modes: a student learns from the KV store; no teacher is built.
+"""The training loop, both modes: a student learns from the KV store; no teacher is built.
+(A *recipe* is a named TrainConfig base in train/recipes/, `kvdistill train --recipe kava`.)
 
     train(TrainConfig(store="out.zarr", student=ModelSpec("path/or/hub-id"), out="runs/a"))
 
@@ -235,7 +236,7 @@ def mixed_precision(cfg: TrainConfig) -> str | None:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """The recipe (module docstring), for either mode. Raises Preempted (exit code 143) after
+    """The training loop (module docstring), for either mode. Raises Preempted (exit code 143) after
     SIGTERM / SIGUSR1, once the checkpoint of the step that was running is complete."""
     with stop_signals() as got:
         return _train(cfg, progress, got)
