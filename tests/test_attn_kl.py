@@ -252,7 +252,7 @@ def test_gradient_checkpointing_gives_the_same_term_and_gradient():
     for ckpt in (False, True):
         model = _model().train()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(5)
         dist = _distiller(model, {"t": 24})
         out = dist(ids, mask, mask, kv)
