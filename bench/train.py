@@ -283,7 +283,9 @@ class Split:
             (distiller, "masked_ce", "CE loss"),
             (distiller, "layer_std_norm", "layer-std norm"),
             (distiller, "masked_kv_loss", "KV loss (MSE)"),
-            (distiller, "masked_cka_loss", "CKA term"),
+            (distiller, "_mse_sums", "KV loss (MSE)"),  # the exact (layer_std) path: sums per micro-batch
+            (distiller, "cka_sums", "CKA term"),
+            (distiller, "cka_from_sums", "CKA term"),
             (run.accelerator, "backward", "backward"),
             (run.accelerator, "clip_grad_norm_", "optimizer"),
             (run.opt, "zero_grad", "optimizer"),
