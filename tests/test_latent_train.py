@@ -22,6 +22,7 @@ from kvdistill.schemas import (
     TrainConfig,
 )
 from kvdistill.store import StoreError
+from kvdistill.train.adapters import KVShapes
 from kvdistill.train.eval import evaluate
 from kvdistill.train.latent import (
     LatentStudent,
@@ -69,9 +70,10 @@ def _model(path, tokenizer, iterations=3, widths=None, hidden=None, **kw):
     widths = widths or {"t": 32}
     hidden = hidden or {t: 48 for t in widths}
     torch.manual_seed(0)
-    return LatentStudent(
-        _student(path), M, iterations, widths, hidden, 2, 32, pad_id=tokenizer.pad_token_id, **kw
-    ).eval()
+    cfg = TrainConfig(
+        store="s", student={"name_or_path": "x"}, out="o", mode="latent", latent_iterations=iterations, **kw
+    )
+    return LatentStudent(cfg, _student(path), KVShapes(widths, 2, 32), M, hidden, pad_id=tokenizer.pad_token_id).eval()
 
 
 class _Calls:

@@ -25,6 +25,16 @@ from kvdistill.train.zspace import Z_LOSSES, ZSpace, collapse_stats, standardize
 WIDTHS = {"teacher-a": 64, "teacher-b": 16}  # tiny_store's teachers (K width), student 2 layers x 32
 
 
+def _zspace(widths: dict[str, int], student_width: int, z_dim: int, *, standardize=True, whiten=None, **cfg):
+    """A ZSpace over 2 layers, from a TrainConfig with these z_* / kv_norm fields. Learned maps
+    with mse / cosine, which TrainConfig refuses, are set after its validation: the tests show
+    the collapse that refusal prevents."""
+    maps = cfg.pop("z_teacher_maps", "fixed")
+    cfg = TrainConfig(store="s", student={"name_or_path": "x"}, out="o", z_dim=z_dim, **cfg)
+    cfg.z_teacher_maps = maps
+    return ZSpace(cfg, KVShapes(widths, 2, student_width), standardize=standardize, whiten=whiten)
+
+
 def _batch(tiny_store, n: int = 6):
     return collate(list(KVStream(tiny_store["store"], list(WIDTHS), shuffle_buffer=1))[:n], pad_id=0)
 
@@ -98,7 +108,7 @@ def test_a_collapsed_z_scores_at_least_one_for_every_loss_with_the_default_guard
     against a standardised, non-constant target it scores mse = mean var / (var + eps) >= 1 - 1e-4
     here, cosine 1, barlow and cca >= 1 (whitened too), where identical sides score ~0 (test above)."""
     g = torch.Generator().manual_seed(0)
-    zspace = ZSpace(WIDTHS, 32, 2, 8, loss=kind, teacher_maps=teacher_maps)  # the default guard: standardised Z
+    zspace = _zspace(WIDTHS, 32, 8, z_loss=kind, z_teacher_maps=teacher_maps)  # the default guard: standardised Z
     mask = torch.ones(4, 64, dtype=torch.bool)
     mask[0, 50:] = False
     one_token = torch.randn(1, 1, 2, 32, generator=g)
@@ -130,7 +140,9 @@ def _optimise_maps(
     at the end, and the teacher's z_std at the end."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    zspace = ZSpace({"t": 24}, 16, 2, 8, loss=kind, teacher_maps=teacher_maps, kv_norm="none", standardize=standardize)
+    zspace = _zspace(
+        {"t": 24}, 16, 8, z_loss=kind, z_teacher_maps=teacher_maps, kv_norm="none", standardize=standardize
+    )
     mask = torch.ones(8, 32, dtype=torch.bool)
     mask[:, 28:] = False
     opt = torch.optim.Adam(zspace.parameters(), lr=1e-2)
@@ -224,7 +236,7 @@ def _optimise_shared(kind: str, whiten: bool, steps: int = 150) -> tuple[float, 
     """Adam on learned teacher and student maps (no student model) over `_shared_kv`; the
     student's z_erank at init, and at the end the student's z_erank, the teacher's and its z_std."""
     torch.manual_seed(0)
-    zspace = ZSpace({"t": 24}, 16, 2, 8, loss=kind, teacher_maps="learned", kv_norm="none", whiten=whiten)
+    zspace = _zspace({"t": 24}, 16, 8, z_loss=kind, z_teacher_maps="learned", kv_norm="none", whiten=whiten)
     mask = torch.ones(8, 64, dtype=torch.bool)
     mask[:, 60:] = False
     opt = torch.optim.Adam(zspace.parameters(), lr=1e-2)
@@ -257,8 +269,8 @@ def test_learned_maps_on_shared_factors_collapse_to_a_few_directions_unwhitened_
         teacher_erank,
         teacher_std,
     )
-    assert ZSpace({"t": 24}, 16, 2, 8, loss=kind, teacher_maps="learned").whiten  # the default for learned maps
-    assert not ZSpace({"t": 24}, 16, 2, 8, loss=kind).whiten  # fixed maps keep the plain loss
+    assert _zspace({"t": 24}, 16, 8, z_loss=kind, z_teacher_maps="learned").whiten  # the default for learned maps
+    assert not _zspace({"t": 24}, 16, 8, z_loss=kind).whiten  # fixed maps keep the plain loss
 
 
 def test_train_config_refuses_z_space_where_it_cannot_serve_or_guard():

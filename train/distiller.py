@@ -158,16 +158,7 @@ class Distiller(nn.Module):
         space's maps or the adapters, then the router."""
         cfg = self.cfg
         if cfg.z_dim > 0:  # Z space (train/zspace.py): its maps replace the adapters
-            self.zspace = ZSpace(
-                dict(shapes.teacher_widths),
-                shapes.student_width,
-                shapes.num_layers,
-                cfg.z_dim,
-                loss=cfg.z_loss,
-                teacher_maps=cfg.z_teacher_maps,
-                offdiag_weight=cfg.z_offdiag_weight,
-                kv_norm=cfg.kv_norm,
-            )
+            self.zspace = ZSpace(cfg, shapes)
         else:
             self.adapters.update(make_adapters(cfg.adapter, shapes))
         if cfg.fusion == "router":

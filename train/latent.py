@@ -48,7 +48,8 @@ from kvdistill.core.capture import cache_kwarg, capture_kv, decoder, output_cach
 from kvdistill.schemas import TrainConfig
 from kvdistill.store import StoreError
 
-from .distiller import KVAdapter, adapter_key, fixed_weights
+from .adapters import KVAdapter, KVShapes, adapter_key
+from .fusion import fixed_weights
 from .losses import layer_std_norm, masked_ce, masked_kv_loss
 from .mode import Mode
 from .stream import KVStream, shuffle_latent
@@ -209,49 +210,35 @@ class LatentStudent(nn.Module):
 
     def __init__(
         self,
+        cfg: TrainConfig,
         student: nn.Module,
+        shapes: KVShapes,
         slots: int,
-        iterations: int,
-        teacher_widths: dict[str, int],
         teacher_hidden: dict[str, int | None],
-        num_layers: int,
-        student_width: int,
         *,
         pad_id: int,
-        teacher_weights: dict[str, float] | None = None,
-        kv_weight: float = 1.0,
-        codi_weight: float = 10.0,
-        answer_weight: float = 1.0,
-        cot_weight: float = 1.0,
-        kv_norm: str = "layer_std",
-        kv_loss: str = "mse",
     ) -> None:
+        """From the TrainConfig (validated there): latent_iterations T, teacher_weights, kv_weight,
+        codi_weight, ce_weight (on the answer), cot_weight, kv_norm, kv_loss."""
         super().__init__()
         self.student = student
         emb = student.get_input_embeddings().weight
         hidden = emb.shape[1]
         self.head = LatentHead(hidden, slots, scale=float(emb.detach().std()))
-        self.iterations, self.pad_id = iterations, pad_id
-        self.teachers = list(teacher_widths)
-        self.weights = fixed_weights(teacher_weights, self.teachers)
-        self.kv_weight, self.codi_weight, self.answer_weight, self.cot_weight = (
-            kv_weight,
-            codi_weight,
-            answer_weight,
-            cot_weight,
-        )
-        self.kv_norm, self.kv_loss = kv_norm, kv_loss
+        self.iterations, self.pad_id = cfg.latent_iterations, pad_id
+        self.teachers = list(shapes.teacher_widths)
+        self.weights = fixed_weights(cfg.teacher_weights, self.teachers)
+        self.cfg = cfg
+        self.kv_weight = cfg.kv_weight  # the one in force: --kv-weight-schedule sets it per step (train/loop.py)
         self.adapters = nn.ModuleDict()
-        if kv_weight > 0:
-            for t, width in teacher_widths.items():
+        if cfg.kv_weight > 0:
+            L, D_s = shapes.num_layers, shapes.student_width
+            for t, width in shapes.teacher_widths.items():
                 self.adapters[adapter_key(t)] = nn.ModuleDict(
-                    {
-                        "k": KVAdapter(num_layers, width, student_width),
-                        "v": KVAdapter(num_layers, width, student_width),
-                    }
+                    {"k": KVAdapter(L, width, D_s), "v": KVAdapter(L, width, D_s)}
                 )
         self.codi = nn.ModuleDict()
-        if codi_weight > 0:
+        if cfg.codi_weight > 0:
             for t, h_t in teacher_hidden.items():
                 if h_t is None:
                     raise StoreError(
@@ -261,7 +248,7 @@ class LatentStudent(nn.Module):
                 self.codi[adapter_key(t)] = nn.Identity() if h_t == hidden else nn.Linear(hidden, h_t, bias=False)
 
     def _norm(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return layer_std_norm(x, mask) if self.kv_norm == "layer_std" else x
+        return layer_std_norm(x, mask) if self.cfg.kv_norm == "layer_std" else x
 
     def kv_terms(
         self, student_kv: list[tuple[torch.Tensor, torch.Tensor]], latent: dict[str, dict]
@@ -279,7 +266,7 @@ class LatentStudent(nn.Module):
                         continue
                     mask = latent[t]["mask"].bool()
                     target = self._norm(self.adapters[adapter_key(t)][part](latent[t][part].to(z[i].dtype)), mask)
-                    loss, per_layer = masked_kv_loss(self._norm(z[i], mask), target, mask, self.kv_loss)
+                    loss, per_layer = masked_kv_loss(self._norm(z[i], mask), target, mask, self.cfg.kv_loss)
                     loss_i = loss_i + self.weights[t] * loss
                     layers = layers + self.weights[t] * per_layer.detach() / T
                 iters.append(loss_i)
@@ -319,14 +306,14 @@ class LatentStudent(nn.Module):
         logits = run["logits"][:, P + M - 1 : -1]  # predicts answer tokens 0..A-1
         nll = F.cross_entropy(logits.float().transpose(1, 2), a, reduction="none")  # [B, A]
         out = {"ce_answer": (nll * am).sum() / am.sum().clamp_min(1)}
-        loss = self.answer_weight * out["ce_answer"] * share["answer_tokens"]
-        if self.cot_weight > 0:  # teacher mode: the written chain, same backbone
+        loss = self.cfg.ce_weight * out["ce_answer"] * share["answer_tokens"]
+        if self.cfg.cot_weight > 0:  # teacher mode: the written chain, same backbone
             chain = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
             out["ce_cot"] = masked_ce(chain, input_ids, loss_mask)
-            loss = loss + self.cot_weight * out["ce_cot"] * share["ce_tokens"]
-        if self.codi_weight > 0:
+            loss = loss + self.cfg.cot_weight * out["ce_cot"] * share["ce_tokens"]
+        if self.cfg.codi_weight > 0:
             out["codi"] = self.codi_term(run["hidden"][:, P + M - 1], latent)
-            loss = loss + self.codi_weight * out["codi"] * share["samples"]
+            loss = loss + self.cfg.codi_weight * out["codi"] * share["samples"]
         if self.kv_weight > 0:
             out.update(self.kv_terms(run["kv"], latent))
             loss = loss + self.kv_weight * (out["kv_k"] + out["kv_v"]) * share["slots"]
@@ -425,23 +412,7 @@ def _latent_save(unwrapped: LatentStudent, state: dict, out: Path) -> None:
 def latent_mode(cfg: TrainConfig, student: nn.Module, spec, teachers: dict[str, Any], pad_id: int) -> Mode:
     """KaVa latent mode: a LatentStudent over `student`, the stream reading compressed K/V."""
     slots, teacher_hidden = latent_shapes(cfg, teachers)
-    model = LatentStudent(
-        student,
-        slots,
-        cfg.latent_iterations,
-        {t: s.width for t, s in teachers.items()},
-        teacher_hidden,
-        spec.geometry.num_layers,
-        spec.geometry.width,
-        pad_id=pad_id,
-        teacher_weights=cfg.teacher_weights,
-        kv_weight=cfg.kv_weight,
-        codi_weight=cfg.codi_weight,
-        answer_weight=cfg.ce_weight,
-        cot_weight=cfg.cot_weight,
-        kv_norm=cfg.kv_norm,
-        kv_loss=cfg.kv_loss,
-    )
+    model = LatentStudent(cfg, student, KVShapes.of_store(spec, teachers), slots, teacher_hidden, pad_id=pad_id)
     groups = [
         {"params": [p for p in model.student.parameters() if p.requires_grad], "lr": cfg.lr},
         {"params": list(model.head.parameters()), "lr": cfg.lr},

@@ -85,6 +85,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvdistill.schemas import TrainConfig
+
+from .adapters import KVShapes
 from .losses import layer_std_norm
 from .report import ZSPACE_SAMPLE
 
@@ -228,49 +231,33 @@ class ZOut:
 
 
 class ZSpace(nn.Module):
-    """The maps into Z and the loss there (module docstring): g_i per teacher (in `teachers`
-    order: `teacher_maps[i]`), h_s for the student (`student_map`).
+    """The maps into Z and the loss there (module docstring): g_i per teacher (in
+    `shapes.teacher_widths` order: `teacher_maps[i]`), h_s for the student (`student_map`).
 
-    teacher_widths: teacher -> the width D of its K (and of its V) as stored. loss: one of Z_LOSSES.
-    teacher_maps: "fixed" (frozen random semi-orthogonal, the default guard) or "learned".
-    offdiag_weight: lambda of barlow / cca. kv_norm: "layer_std" standardises K and V per layer
-    before the maps. standardize False drops the per-dimension standardisation of every Z (the
-    collapse guard 2; tests switch it off to show the collapse it prevents). whiten: barlow / cca
-    on the whitened sides (guard 3), None: on with learned teacher maps, off with fixed ones
-    (tests switch it off with learned maps to show the dimensional collapse it prevents)."""
+    From the TrainConfig (validated there): z_dim, z_loss (one of Z_LOSSES), z_teacher_maps
+    ("fixed": frozen random semi-orthogonal, the default guard; or "learned"), z_offdiag_weight
+    (lambda of barlow / cca), kv_norm ("layer_std" standardises K and V per layer before the
+    maps). standardize False drops the per-dimension standardisation of every Z (the collapse
+    guard 2; tests switch it off to show the collapse it prevents). whiten: barlow / cca on the
+    whitened sides (guard 3), None: on with learned teacher maps, off with fixed ones (tests
+    switch it off with learned maps to show the dimensional collapse it prevents)."""
 
     def __init__(
-        self,
-        teacher_widths: dict[str, int],
-        student_width: int,
-        num_layers: int,
-        z_dim: int,
-        *,
-        loss: str = "mse",
-        teacher_maps: str = "fixed",
-        offdiag_weight: float = 0.005,
-        kv_norm: str = "layer_std",
-        standardize: bool = True,
-        whiten: bool | None = None,
+        self, cfg: TrainConfig, shapes: KVShapes, *, standardize: bool = True, whiten: bool | None = None
     ) -> None:
         super().__init__()
-        if z_dim < 1:
-            raise ValueError(f"z_dim must be >= 1, got {z_dim}")
-        if loss not in Z_LOSSES:
-            raise ValueError(f"unknown z_loss {loss!r}; choose one of {list(Z_LOSSES)}")
-        if teacher_maps not in ("fixed", "learned"):
-            raise ValueError(f"unknown z_teacher_maps {teacher_maps!r}; choose fixed or learned")
-        self.teachers = list(teacher_widths)
-        self.loss, self.offdiag_weight, self.kv_norm, self.standardize = loss, offdiag_weight, kv_norm, standardize
-        self.whiten = teacher_maps == "learned" if whiten is None else whiten
-        self.student_map = ZMap(num_layers, student_width, z_dim, learned=True)
-        self.teacher_maps = nn.ModuleList(
-            ZMap(num_layers, w, z_dim, learned=teacher_maps == "learned") for w in teacher_widths.values()
-        )
+        learned = cfg.z_teacher_maps == "learned"
+        self.teachers = list(shapes.teacher_widths)
+        self.cfg = cfg
+        self.standardize = standardize
+        self.whiten = learned if whiten is None else whiten
+        L, Z = shapes.num_layers, cfg.z_dim
+        self.student_map = ZMap(L, shapes.student_width, Z, learned=True)
+        self.teacher_maps = nn.ModuleList(ZMap(L, w, Z, learned=learned) for w in shapes.teacher_widths.values())
         self.sample: dict[str, torch.Tensor] | None = None  # the last training batch's Z, per source [n, L, Z]
 
     def _in(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = layer_std_norm(x, mask) if self.kv_norm == "layer_std" else x
+        x = layer_std_norm(x, mask) if self.cfg.kv_norm == "layer_std" else x
         return torch.where(mask[:, :, None, None], x, 0.0)  # padding (even NaN) reaches no map, nor its gradient
 
     def _std(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -299,7 +286,7 @@ class ZSpace(nn.Module):
         )  # [N, B, T, L, Z]
         w = route(z_s, z_t) if route is not None else z_t.new_full((len(z_t), 1, 1, 1), 1 / len(z_t))
         target = self._std((w[..., None] * z_t).sum(0), mask)
-        _, per_layer = z_loss(z_s, target, mask, self.loss, self.offdiag_weight, self.whiten)
+        _, per_layer = z_loss(z_s, target, mask, self.cfg.z_loss, self.cfg.z_offdiag_weight, self.whiten)
         std, erank = collapse_stats(raw_s, mask)
         if self.training:
             self.sample = _pick(
