@@ -909,6 +909,13 @@ class TrainConfig(Record):
         return self.kv_weight_final + (self.kv_weight - self.kv_weight_final) * d
 
     def validate(self) -> None:
+        self._check_terms()
+        self._check_optimisation()
+        self._check_kv_control_and_z()
+        self._check_latent()
+
+    def _check_terms(self) -> None:
+        """The loss terms' weights, schedule, fusion and router options."""
         self.check_min(1, "max_steps", "batch_size")
         if self.latent_iterations < 1:
             raise ConfigError(f"TrainConfig.latent_iterations: must be >= 1, got {self.latent_iterations}")
@@ -948,6 +955,9 @@ class TrainConfig(Record):
                 "TrainConfig.attn_kl_weight: the attention KL reads the teacher keys, which kv_weight 0 does not; set"
                 " kv_weight > 0 or attn_kl_weight 0"
             )
+
+    def _check_optimisation(self) -> None:
+        """Optimizer, schedule, validation, checkpoints, LoRA and reading."""
         self.check_min(0, "lr", "adapter_lr", "router_lr", "fusion_temperature", strict=True)
         self.check_min(0, "weight_decay", "grad_clip", "warmup_steps", "lora_r", "save_every", "num_workers", "seed")
         self.check_min(1, "gradient_accumulation_steps")
@@ -984,6 +994,9 @@ class TrainConfig(Record):
         self.check_min(1, "lora_alpha", "shuffle_buffer", "shuffle_buffer_bytes", "log_every", "stop_at_step")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"TrainConfig.lora_dropout: must lie in [0, 1), got {self.lora_dropout}")
+
+    def _check_kv_control_and_z(self) -> None:
+        """The teachers' weights, the shuffled-K/V control and the Z space, against the rest."""
         if self.teacher_weights and not any(w > 0 for w in self.teacher_weights.values()):
             raise ConfigError(
                 f"TrainConfig.teacher_weights: give some teacher a weight > 0, got {self.teacher_weights}"
@@ -1019,7 +1032,10 @@ class TrainConfig(Record):
                     " together to a low loss; use z_loss barlow or cca (their correlation terms prevent it) or"
                     " z_teacher_maps fixed"
                 )
-        if self.mode == "latent":  # options of the written-chain trainer that latent mode does not have
+
+    def _check_latent(self) -> None:
+        """Options of the written-chain trainer that latent mode does not have."""
+        if self.mode == "latent":
             cot_only = {
                 "fusion": (self.fusion, "fixed"),
                 "adapter": (self.adapter, "flat"),
