@@ -21,7 +21,14 @@ from .errors import StoreError
 from .layout import shard_name
 from .reader import LOGITS, ShardReader, open_root, read_index
 
-__all__ = ["READ_SPAN_CHUNKS", "read_spans", "zarr_samples", "contract_latent", "check_latent_sample"]
+__all__ = [
+    "READ_SPAN_CHUNKS",
+    "read_spans",
+    "kept_per_shard",
+    "zarr_samples",
+    "contract_latent",
+    "check_latent_sample",
+]
 
 READ_SPAN_CHUNKS = 16  # rows per K/V read: this many zarr chunks (one zarr shard), whole samples
 
@@ -171,7 +178,7 @@ class _ZarrShards:
             # Consolidated metadata and index.parquet, read once: opening a shard then reads no
             # metadata, offsets or sample ids from disk (a few ms a shard and teacher otherwise).
             root, index = open_root(self.store), read_index(self.store, self.teachers)
-            wanted = _per_shard(shards, keep, [len(index.get((self.teachers[0], s), ((), []))[1]) for s in shards])
+            wanted = kept_per_shard(shards, keep, index, self.teachers[0])
             units = (
                 (sh, j0, j1, want)
                 for shard, want in wanted
@@ -226,11 +233,15 @@ class _ZarrShards:
             yield sample
 
 
-def _per_shard(shards: list[int], keep: np.ndarray | None, counts: list[int]) -> list[tuple[int, np.ndarray | None]]:
+def kept_per_shard(
+    shards: list[int], keep: np.ndarray | None, index: dict, teacher: str
+) -> list[tuple[int, np.ndarray | None]]:
     """[(shard, its sample indices to yield, None: all)] for the sorted positions `keep` of the
-    sequence of `shards`; a shard holding none of them is left out (never opened)."""
+    sequence of `shards` (their sample counts: `teacher`'s in the store's index, (teacher, shard) ->
+    (.., offsets)); a shard holding none of them is left out (never opened). Both backends' readers."""
     if keep is None:
         return [(s, None) for s in shards]
+    counts = [len(index.get((teacher, s), ((), []))[1]) for s in shards]
     ends = np.cumsum(counts)
     out = []
     for s, end, n in zip(shards, ends.tolist(), counts, strict=True):

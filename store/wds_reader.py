@@ -38,7 +38,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from .errors import CorruptShard, StoreError
 from .layout import shard_name, tar_path
 from .reader import read_index
-from .samples import _per_shard, check_latent_sample, contract_latent
+from .samples import check_latent_sample, contract_latent, kept_per_shard
 
 __all__ = [
     "tar_records",
@@ -331,7 +331,7 @@ def tar_samples(
         wanted = [(s, None) for s in shards]
     else:
         index = read_index(store, teachers[:1])
-        wanted = _per_shard(shards, keep, [len(index.get((teachers[0], s), ((), []))[1]) for s in shards])
+        wanted = kept_per_shard(shards, keep, index, teachers[0])
     for shard, want in wanted:
         mine = None if want is None else set(want.tolist())
         for j, sample in enumerate(wds_samples(store, teachers, shard)):
