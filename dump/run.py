@@ -340,8 +340,11 @@ def _projection(cfg: DumpConfig, W: torch.Tensor, D_t: int) -> tuple[dict[str, t
 
 def _encode_samples(cfg: DumpConfig, examples: list[Example], s_tok, t_tok, kind: str) -> tuple[list, list[str]]:
     """(student grid, teacher input) Encoded pairs of the samples within max_len, and the ids of
-    those skipped over it (on_too_long "skip"; "error" raises naming the sample)."""
+    those skipped over it (on_too_long "skip"; "error" raises naming the sample). Under "skip"
+    a sample is also skipped when it is over max_len for another of `length_teachers`, so every
+    teacher of the store skips the same samples (the store needs them to hold the same)."""
     name = cfg.teacher.short_name
+    others = _other_lengths(cfg) if cfg.on_too_long == "skip" else []
     pairs, skipped = [], []
     for ex in examples:
         s = encode(s_tok, cfg.student.prompt_template, ex)
@@ -354,8 +357,26 @@ def _encode_samples(cfg: DumpConfig, examples: list[Example], s_tok, t_tok, kind
                 )
             skipped.append(ex.id)
             continue
+        if any(length(ex) > cfg.max_len for length in others):
+            skipped.append(ex.id)
+            continue
         pairs.append((s, t))
     return pairs, skipped
+
+
+def _other_lengths(cfg: DumpConfig) -> list:
+    """ex -> its token count for each other teacher of `length_teachers` (tokenizer and template
+    only; a tokenizer shared by several teachers is loaded once)."""
+    tokenizers: dict[tuple[str, str | None], object] = {}
+    out = []
+    for spec in cfg.length_teachers:
+        if spec.short_name == cfg.teacher.short_name:
+            continue
+        key = (spec.name_or_path, spec.revision)
+        if key not in tokenizers:
+            tokenizers[key] = load_tokenizer(spec, role="teacher")
+        out.append(lambda ex, tok=tokenizers[key], template=spec.prompt_template: len(encode(tok, template, ex)))
+    return out
 
 
 def _check_logits(cfg: DumpConfig, kind: str, same_tokenizer: bool, pairs: list, vocab_size: int) -> None:

@@ -24,8 +24,13 @@ class LocalRunError(RuntimeError):
 
 
 def dump_tasks(base: DumpConfig, teachers: list[ModelSpec]) -> list[DumpConfig]:
-    """One task per teacher x shard, in array order (task id = teacher_index * N + shard)."""
-    return [dataclasses.replace(base, teacher=t, shard=i) for t in teachers for i in range(base.num_shards)]
+    """One task per teacher x shard, in array order (task id = teacher_index * N + shard); every
+    task knows every teacher (`DumpConfig.length_teachers`: one skip rule for all of them)."""
+    return [
+        dataclasses.replace(base, teacher=t, shard=i, length_teachers=list(teachers))
+        for t in teachers
+        for i in range(base.num_shards)
+    ]
 
 
 def _init_worker(threads: int) -> None:

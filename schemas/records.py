@@ -395,6 +395,14 @@ class DumpConfig(DumpTask):
 
     teacher: ModelSpec = option(help="the teacher whose K/V are dumped", aliases=TEACHER_FLAGS)
     shard: int = option(0, help="this task's shard index (SLURM: $SLURM_ARRAY_TASK_ID)")
+    length_teachers: list[ModelSpec] = option(
+        factory=list,
+        help=(
+            "every teacher of the store (jobs local / slurm set it): with --on-too-long skip, a sample over --max-len"
+            " for any of them (their tokenizers and templates are read, no weights) is skipped by this one too, so"
+            " every teacher holds the same samples. Empty: this teacher's own length decides"
+        ),
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -508,7 +516,9 @@ class JobsConfig(Record):
             )
 
     def task(self, teacher: ModelSpec, shard: int) -> DumpConfig:
-        return DumpConfig(teacher=teacher, shard=shard, **{f: getattr(self.dump, f) for f in _fields(DumpTask)})
+        """One array task; every task knows every teacher (`DumpConfig.length_teachers`)."""
+        shared = {f: getattr(self.dump, f) for f in _fields(DumpTask)}
+        return DumpConfig(teacher=teacher, shard=shard, length_teachers=list(self.teachers), **shared)
 
     def tasks(self) -> list[DumpConfig]:
         """Array order: task id = teacher_index * num_shards + shard."""

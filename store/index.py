@@ -95,13 +95,9 @@ def _finalize(path: Path) -> Path:
                     " task, then finalize again"
                 )
             if first is None:
-                first = (name, r.sample_ids, r.offsets)
+                first = (name, r.sample_ids, r.offsets, attrs)
             elif r.sample_ids != first[1] or not np.array_equal(r.offsets, first[2]):
-                raise StoreError(
-                    f"{shard_name(i)}: teacher {name!r} holds other samples (or lengths) than "
-                    f"teacher {first[0]!r}; every teacher must be dumped from the same data, "
-                    "split, num_shards and student tokenizer"
-                )
+                raise StoreError(_other_samples(i, (name, r.sample_ids, attrs), first))
             n = len(r)
             cols["teacher"] += [name] * n
             cols["shard"] += [i] * n
@@ -252,3 +248,24 @@ class _TarIndex:
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+
+def _other_samples(shard: int, this: tuple, first: tuple) -> str:
+    """Why teacher `this` (name, sample ids, shard attrs) of a shard holds other samples than
+    teacher `first`, and the fix: skips over max_len that only one of them made, or other data."""
+    (name, ids, attrs), (name0, ids0, _, attrs0) = this, first
+    head = f"{shard_name(shard)}: teacher {name!r} holds other samples (or lengths) than teacher {name0!r}"
+    only = {name: sorted(set(ids0) - set(ids)), name0: sorted(set(ids) - set(ids0))}  # skipped by one only
+    skipped = {name: set(attrs.get("skipped", [])), name0: set(attrs0.get("skipped", []))}
+    if any(only.values()) and all(set(miss) <= skipped[t] for t, miss in only.items()):
+        who = "; ".join(
+            f"{t!r} skipped {len(miss)} over max_len {a.get('max_len')} that the other holds (e.g. {miss[0]!r})"
+            for (t, miss), a in zip(only.items(), (attrs, attrs0), strict=True)
+            if miss
+        )
+        return (
+            f"{head}: {who}. Dump every teacher of a store in one jobs config (or pass --length-teachers with all"
+            " of them): a sample too long for any teacher is then skipped by all; or raise --max-len. Delete the"
+            " teachers' shards and re-run their dump tasks, then finalize"
+        )
+    return f"{head}; every teacher must be dumped from the same data, split, num_shards and student tokenizer"

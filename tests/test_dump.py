@@ -13,6 +13,7 @@ from kvdistill.core.capture import forward_kv
 from kvdistill.core.data import load_examples
 from kvdistill.core.prompts import encode
 from kvdistill.dump.run import partition, run_dump
+from kvdistill.jobs import dump_tasks, run_local
 from kvdistill.schemas import (
     DEFAULT_TEMPLATE,
     AlignSpec,
@@ -21,7 +22,7 @@ from kvdistill.schemas import (
     ModelSpec,
     TrainConfig,
 )
-from kvdistill.store import ShardReader, finalize, inspect, read_teacher_specs
+from kvdistill.store import ShardReader, StoreError, finalize, inspect, read_teacher_specs
 from kvdistill.train.loop import train
 
 
@@ -134,6 +135,36 @@ def test_training_runs_on_a_cross_tokenizer_and_dual_prompt_store(tiny_store, tm
     )
     assert summary["steps"] == 4 and summary["teachers"] == ["other-tok", "teacher-a", "teacher-a-think"]
     assert np.isfinite(summary["mean_last_20_kv_k"]) and summary["mean_last_20_kv_k"] > 0
+
+
+def test_teachers_of_one_job_skip_the_same_samples_and_apart_finalize_names_the_skips(tiny_store, tmp_path):
+    """A dual-prompt teacher's longer template is over --max-len on samples its plain twin fits.
+    Dumped as one job (dump_tasks / jobs configs set length_teachers) both skip them and the store
+    finalizes; dumped apart, each by its own length, finalize refuses naming the skips and the fix."""
+    plain = tiny_store["teachers"][0]
+    think = ModelSpec(name_or_path=plain.name_or_path, name="think", prompt_template=THINK)
+    rows = load_examples(tiny_store["data"])
+    s_tok, t_tok = (AutoTokenizer.from_pretrained(m.name_or_path) for m in (tiny_store["student"], plain))
+    fits = [max(len(encode(s_tok, DEFAULT_TEMPLATE, e)), len(encode(t_tok, plain.prompt_template, e))) for e in rows]
+    longer = [len(encode(t_tok, THINK, ex)) for ex in rows]
+    limit = sorted(longer)[len(longer) // 2]
+    over = {ex.id for ex, a, b in zip(rows, fits, longer, strict=True) if max(a, b) > limit}
+    assert {ex.id for ex, a in zip(rows, fits, strict=True) if a > limit} < over  # the think template alone skips some
+
+    together = tmp_path / "together"
+    base = _cfg(tiny_store, together, max_len=limit, on_too_long="skip", num_shards=2)
+    run_local(dump_tasks(base, [plain, think]), progress=False)
+    finalize(base.store)
+    for name in ("teacher-a", "think"):
+        readers = [ShardReader(base.store, name, i) for i in range(2)]
+        assert {sid for r in readers for sid in r.attrs["skipped"]} == over
+        assert {sid for r in readers for sid in r.sample_ids} == {ex.id for ex in rows} - over
+
+    apart = tmp_path / "apart"
+    for t in (plain, think):
+        run_dump(_cfg(tiny_store, apart, teacher=t, max_len=limit, on_too_long="skip"), progress=False)
+    with pytest.raises(StoreError, match=rf"'think' skipped \d+ over max_len {limit} that the other holds.*one jobs"):
+        finalize(apart / "s.zarr")
 
 
 def test_a_dual_prompt_teacher_is_resampled_per_segment_with_endpoints_exact(tiny_store, tmp_path):
