@@ -19,6 +19,8 @@ What it does:
    The primary measure is the perplexity of the gold reasoning + answer of the test questions
    (compare.json: paired deltas with 95% CIs, Holm p, MDE); accuracy too.
 3. prints each arm's store bytes per token (what it reads: logits, K/V, both).
+4. evaluates the references once on the same questions (reference.json): the teacher, and the
+   pruned student before any recovery step.
 
 Nothing in the tests or the default paths uses this; it needs bench/fetch_real.py's folders.
 """
@@ -36,8 +38,9 @@ from fetch_real import prune_student  # noqa: E402
 
 from kvdistill.compare import run_compare  # noqa: E402
 from kvdistill.jobs import dump_tasks, run_local  # noqa: E402
-from kvdistill.schemas import AlignSpec, CompareConfig, DataSpec, DumpConfig, ModelSpec  # noqa: E402
+from kvdistill.schemas import AlignSpec, CompareConfig, DataSpec, DumpConfig, EvalConfig, ModelSpec  # noqa: E402
 from kvdistill.store import finalize, inspect  # noqa: E402
+from kvdistill.train.eval import evaluate  # noqa: E402
 
 THINK = "Solve it step by step.\nQuestion: {question}\nReasoning:\n{reasoning}\nFinal answer: {answer}"
 ARMS = {
@@ -83,6 +86,23 @@ def bytes_per_token(store: Path) -> dict[str, float]:
     return out
 
 
+def references(args: argparse.Namespace, models: dict[str, Path], eval_data: DataSpec) -> dict[str, dict]:
+    """Accuracy and perplexity of the teacher and the un-recovered student on the compare's questions
+    (each evaluated once; kept in reference.json and reused)."""
+    path = args.out / "reference.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    for name, model in models.items():
+        if name not in done:
+            out = args.out / f"reference-{name}.json"
+            cfg = EvalConfig(
+                model=str(model), data=eval_data, max_new_tokens=args.max_new_tokens, out=str(out), device=args.device
+            )
+            r = evaluate(cfg, progress=True)
+            done[name] = {"accuracy": r["accuracy"], "perplexity": r["perplexity"], "n": r["n"]}
+            path.write_text(json.dumps(done, indent=1))
+    return done
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--real", type=Path, default=Path("real"), help="bench/fetch_real.py's --out")
@@ -108,6 +128,7 @@ def main() -> None:
     store = args.out / "store.zarr"
     dump(args, teacher, student, store)
     arms = args.arms.split(",")
+    eval_data = DataSpec(source=str(args.real / "gsm8k" / "test.jsonl"), limit=args.test_rows)
     cfg = CompareConfig(
         out=str(args.out / "compare"),
         seeds=args.seeds,
@@ -117,7 +138,7 @@ def main() -> None:
         train={"batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": 0.05},
         store=str(store),
         student=ModelSpec(name_or_path=str(student), name="student"),
-        eval_data=DataSpec(source=str(args.real / "gsm8k" / "test.jsonl"), limit=args.test_rows),
+        eval_data=eval_data,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
     )
@@ -127,6 +148,10 @@ def main() -> None:
     for k, v in sizes.items():
         print(f"  {k:<24} {v:>10,.1f}")
     (args.out / "bytes_per_token.json").write_text(json.dumps(sizes, indent=1))
+    refs = references(args, {"teacher": teacher, "student-before-recovery": student}, eval_data)
+    print("\nreferences on the same questions:")
+    for name, r in refs.items():
+        print(f"  {name:<26} accuracy {r['accuracy']:.3f}  perplexity {r['perplexity']:,.3f}  (n {r['n']})")
 
 
 if __name__ == "__main__":
