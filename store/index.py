@@ -97,7 +97,7 @@ def _finalize(path: Path) -> Path:
             if first is None:
                 first = (name, r.sample_ids, r.offsets, attrs)
             elif r.sample_ids != first[1] or not np.array_equal(r.offsets, first[2]):
-                raise StoreError(_other_samples(i, (name, r.sample_ids, attrs), first))
+                raise StoreError(_other_samples(i, (name, r.sample_ids, r.offsets, attrs), first))
             n = len(r)
             cols["teacher"] += [name] * n
             cols["shard"] += [i] * n
@@ -251,9 +251,9 @@ class _TarIndex:
 
 
 def _other_samples(shard: int, this: tuple, first: tuple) -> str:
-    """Why teacher `this` (name, sample ids, shard attrs) of a shard holds other samples than
-    teacher `first`, and the fix: skips over max_len that only one of them made, or other data."""
-    (name, ids, attrs), (name0, ids0, _, attrs0) = this, first
+    """Why teacher `this` (name, sample ids, offsets, shard attrs) of a shard holds other samples
+    than teacher `first` (the same), and the fix: skips over max_len only one of them made, or other data."""
+    (name, ids, _, attrs), (name0, ids0, _, attrs0) = this, first
     head = f"{shard_name(shard)}: teacher {name!r} holds other samples (or lengths) than teacher {name0!r}"
     only = {name: sorted(set(ids0) - set(ids)), name0: sorted(set(ids) - set(ids0))}  # skipped by one only
     skipped = {name: set(attrs.get("skipped", [])), name0: set(attrs0.get("skipped", []))}
