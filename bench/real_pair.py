@@ -2,8 +2,11 @@
 paired over seeds on real GSM8K.
 
     python bench/fetch_real.py --out real --student-layers 8        # SmolLM2-135M + its 8-layer student + GSM8K
-    OMP_NUM_THREADS=2 python bench/real_pair.py --real real --out real-pair --train-rows 2000 \\
-        --test-rows 500 --steps 300 --seeds 5
+    OMP_NUM_THREADS=2 python bench/real_pair.py --real real --out real-pair --train-rows 800 --test-rows 500 \\
+        --max-len 2048 --steps 48 --batch-size 8 --lr 2e-4 --max-new-tokens 128 --seeds 5
+
+(the sizing of BENCHMARKS.md "A real pair": on 2 CPU cores, one process, a run takes 10.6-15.3 min,
+the dump 18 min and the references 18 min: ~5 h for 20 runs; larger --train-rows / --steps suit a GPU, --device cuda).
 
 What it does:
 1. dumps two teachers into one store: SmolLM2-135M-Instruct under the default template, with its
