@@ -220,6 +220,12 @@ def test_masked_ce_ignores_positions_outside_the_loss_mask():
         logits[0, 1:4], ids[0, 2:5], reduction="sum"
     ) + torch.nn.functional.cross_entropy(logits[1, 0:2], ids[1, 1:3], reduction="sum")
     assert torch.allclose(base, ref / 5)
+    changed[0, 0] = changed[1, 3:] = float("nan")  # a pad or prompt row holding NaN: selected away
+    assert torch.allclose(base, masked_ce(changed, ids, mask))
+    empty = logits.clone().requires_grad_()  # no target in the loss mask: 0, and a zero gradient
+    loss = masked_ce(empty, ids, torch.zeros_like(mask))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(empty.grad, torch.zeros_like(logits))
 
 
 @settings(deadline=None, max_examples=25)

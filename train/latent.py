@@ -50,7 +50,7 @@ from kvdistill.store import StoreError
 
 from .adapters import KVAdapter, KVShapes, adapter_key
 from .fusion import fixed_weights
-from .losses import layer_std_norm, masked_ce, masked_kv_loss
+from .losses import layer_std_norm, masked_ce, masked_kv_loss, rows_ce
 from .mode import Mode
 from .stream import KVStream, shuffle_latent
 
@@ -304,8 +304,7 @@ class LatentStudent(nn.Module):
             self.student, self.head, q, qm, self.iterations, tail_ids=a, tail_mask=am, capture=self.kv_weight > 0
         )
         logits = run["logits"][:, P + M - 1 : -1]  # predicts answer tokens 0..A-1
-        nll = F.cross_entropy(logits.float().transpose(1, 2), a, reduction="none")  # [B, A]
-        out = {"ce_answer": (nll * am).sum() / am.sum().clamp_min(1)}
+        out = {"ce_answer": rows_ce(logits, a, am)}
         loss = self.cfg.ce_weight * out["ce_answer"] * share["answer_tokens"]
         if self.cfg.cot_weight > 0:  # teacher mode: the written chain, same backbone
             chain = self.student(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "masked_ce",
+    "rows_ce",
     "layer_std_norm",
     "masked_kv_loss",
     "debiased_cka",
@@ -30,10 +31,17 @@ __all__ = [
 
 def masked_ce(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Next-token CE on positions whose *target* token is in loss_mask (reasoning + answer)."""
-    targets = input_ids[:, 1:]
-    mask = loss_mask[:, 1:].float()
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")  # [B, T-1]
-    return (nll * mask).sum() / mask.sum().clamp_min(1.0)
+    return rows_ce(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
+
+
+def rows_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean CE of logits [B, T, V] against targets [B, T] over the positions where mask [B, T] is
+    set, computed on those rows only: a prompt or a pad costs no softmax over the vocabulary, and
+    nothing there (not even NaN) reaches the loss. (cross_entropy over the transposed [B, V, T]
+    at every position made a CPU step 1.44x slower at a 49k vocabulary: bench/ce.py.)"""
+    keep = mask.bool()
+    nll = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    return nll / keep.sum().clamp_min(1)
 
 
 def layer_std_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
