@@ -280,7 +280,7 @@ class Split:
                 handles += self.hook(a, "adapters")
         patches = [
             (distiller, "kv_to_device", "K/V to device"),
-            (distiller, "masked_ce", "CE loss"),
+            (distiller, "rows_ce", "CE loss"),
             (distiller, "layer_std_norm", "layer-std norm"),
             (distiller, "masked_kv_loss", "KV loss (MSE)"),
             (distiller, "_mse_sums", "KV loss (MSE)"),  # the exact (layer_std) path: sums per micro-batch

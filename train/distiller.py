@@ -26,9 +26,9 @@ from .losses import (
     layer_moments,
     layer_std_norm,
     linear_ramp,
-    masked_ce,
     masked_kv_loss,
     moment_std,
+    rows_ce,
     standardize,
     topk_kl,
     warmup_mix,
@@ -253,19 +253,11 @@ class Distiller(nn.Module):
         cfg, mask, share = self.cfg, attention_mask.bool(), _shares(shares)
         if self.kv_weight == 0:  # the CE-only baseline: no K/V captured
             student_logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
-            out = {"ce": masked_ce(student_logits, input_ids, loss_mask)}
-            out["loss"] = cfg.ce_weight * out["ce"] * share["ce_tokens"]
-            if cfg.logits_weight > 0:
-                out["logits"] = self._logits_term(student_logits, loss_mask, logits)
-                out["loss"] = out["loss"] + cfg.logits_weight * out["logits"] * share["ce_tokens"]
+            out, out["loss"] = self._ce_terms(student_logits, input_ids, loss_mask, logits, share)
             return out
         res, cap, student_kv = self._student_forward(input_ids, attention_mask)
         dtype = res.logits.dtype
-        out = {"ce": masked_ce(res.logits, input_ids, loss_mask)}
-        loss = cfg.ce_weight * out["ce"] * share["ce_tokens"]
-        if cfg.logits_weight > 0:
-            out["logits"] = self._logits_term(res.logits, loss_mask, logits)
-            loss = loss + cfg.logits_weight * out["logits"] * share["ce_tokens"]
+        out, loss = self._ce_terms(res.logits, input_ids, loss_mask, logits, share)
         sums: dict[str, torch.Tensor] = {}  # window statistics (CKA, exact K/V): summed over the window by the trainer
         moments: dict[str, torch.Tensor] = {}  # the standardisation's, for `update_norm`
         router_w = None
@@ -314,17 +306,29 @@ class Distiller(nn.Module):
             out["moments"] = moments
         return out
 
-    def _logits_term(self, student_logits, loss_mask, logits) -> torch.Tensor:
+    def _ce_terms(self, student_logits, input_ids, loss_mask, logits, share) -> tuple[dict, torch.Tensor]:
+        """CE and, with logits_weight, the offline logits term, both over the positions whose
+        target token is in loss_mask (reasoning + answer; position t predicts token t + 1), on the
+        student's logits rows gathered once for both. Returns (terms, their weighted loss)."""
+        keep = loss_mask[:, 1:].bool()  # [B, T - 1]
+        rows = student_logits[:, :-1][keep]  # [N, V]
+        out = {"ce": rows_ce(rows, input_ids[:, 1:][keep])}
+        loss = self.cfg.ce_weight * out["ce"] * share["ce_tokens"]
+        if self.cfg.logits_weight > 0:
+            out["logits"] = self._logits_term(rows, keep, logits)
+            loss = loss + self.cfg.logits_weight * out["logits"] * share["ce_tokens"]
+        return out, loss
+
+    def _logits_term(self, s, keep, logits) -> torch.Tensor:
         """The offline logits term: per teacher that stores them, the mean `topk_kl` over the CE
-        positions (row t of the store predicts token t + 1, as the student's logits at t do),
-        mixed by the teachers' fixed weights renormalised over those teachers."""
+        positions keep [B, T - 1] (row t of the store predicts token t + 1, as the student's
+        logits at t do; s [N, V] the student's logits there), mixed by the teachers' fixed weights
+        renormalised over those teachers."""
         if not logits:
             raise ValueError("logits_weight > 0 needs the teachers' stored logits in the batch (read_logits)")
-        keep = loss_mask[:, 1:]  # [B, T - 1]: the target token is in reasoning + answer
-        s = student_logits[:, :-1][keep]  # [N, V]
         w = {t: self.weights[t] for t in logits if self.weights.get(t, 0) > 0}
         total = sum(w.values())
-        term = student_logits.new_zeros((), dtype=torch.float32)
+        term = s.new_zeros((), dtype=torch.float32)
         for t, wt in w.items():
             ids, lp = logits[t]
             kl = topk_kl(s, ids[:, :-1][keep], lp[:, :-1][keep], self.cfg.logits_temperature)
